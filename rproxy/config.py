@@ -1,0 +1,727 @@
+"""
+The configuration: YAML in, frozen attrs objects out.
+
+Every value a user writes is checked here, once, and every problem is
+reported with the path of the key that holds it, e.g.
+C{frontends[1].listen: port 70000 out of range}.  Unknown keys are errors
+(with a did-you-mean), because a misspelt key silently ignored is a proxy
+that does something other than what its operator believes.
+
+Nothing outside this module parses durations, addresses or endpoint
+strings; the rest of rproxy only ever sees the typed objects below.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import attrs
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "GlobalConfig",
+    "AdminConfig",
+    "ServerConfig",
+    "HealthCheckConfig",
+    "PassiveConfig",
+    "BackendConfig",
+    "FrontendConfig",
+    "Config",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+    "ALGORITHMS",
+]
+
+
+class ConfigError(Exception):
+    """
+    The configuration is invalid.
+
+    @ivar errors: one line per problem, each starting with the key path.
+    """
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+ALGORITHMS = (
+    "round-robin",
+    "weighted-round-robin",
+    "least-connections",
+    "random",
+    "p2c",
+    "ip-hash",
+    "hash",
+)
+HEALTH_TYPES = ("tcp", "http", "none")
+PROTOCOLS = ("tcp",)
+FUTURE_PROTOCOLS = ("http",)
+ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(value: object) -> float:
+    """
+    Parse a duration: a number of seconds, or a string such as C{250ms},
+    C{5s}, C{2m}, C{1h}, C{1d}.
+
+    @raise ValueError: with a message fit to follow a key path.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 5s or 250ms, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(f"invalid duration {value!r} (use e.g. 250ms, 5s, 2m, 1h)")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 5s or 250ms, got {value!r}")
+    if seconds < 0:
+        raise ValueError(f"duration must not be negative, got {value!r}")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """
+    Parse a size in bytes: an integer, or a string such as C{64k}, C{10M},
+    C{1GiB} (binary multiples).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 64k or 10M, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE.match(value)
+        if match is None:
+            raise ValueError(f"invalid size {value!r} (use e.g. 512, 64k, 10M, 1G)")
+        unit = (match.group(2) or "").lower()[:1]
+        size = int(match.group(1)) * _SIZE_UNITS[unit]
+    else:
+        raise ValueError(f"expected a size such as 64k or 10M, got {value!r}")
+    if size < 0:
+        raise ValueError(f"size must not be negative, got {value!r}")
+    return size
+
+
+def parse_hostport(value: str, allow_zero: bool = False) -> tuple[str, int]:
+    """
+    Split C{host:port} or C{[v6addr]:port}.
+
+    @raise ValueError: if there is no port or it is out of range.
+    """
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"invalid address {value!r} (expected [ipv6]:port)")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"invalid address {value!r} (expected host:port)")
+    if not port_text.isdigit():
+        raise ValueError(f"invalid port {port_text!r} in {value!r}")
+    port = int(port_text)
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return host, port
+
+
+def split_endpoint(description: str) -> list[str]:
+    """
+    Split a Twisted endpoint description on unescaped colons.
+    """
+    parts, current, escaped = [], [], False
+    for char in description:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def normalize_listen(value: str) -> str:
+    """
+    Check a listen address and return it as a Twisted endpoint string.
+
+    C{host:port} becomes C{tcp:port:interface=host}; endpoint strings are
+    checked for a known type and a port in range.
+    """
+    value = value.strip()
+    first = value.split(":", 1)[0]
+    if first not in ENDPOINT_TYPES and ":" in value:
+        host, port = parse_hostport(value, allow_zero=True)
+        if host in ("", "*", "0.0.0.0"):
+            return f"tcp:{port}"
+        escaped = host.replace(":", "\\:")
+        return f"tcp:{port}:interface={escaped}"
+    if first not in ENDPOINT_TYPES:
+        if value.isdigit():
+            raise ValueError(f"{value!r} is not an address; write tcp:{value} or 127.0.0.1:{value}")
+        raise ValueError(
+            f"unknown endpoint type {first!r} (expected host:port or one of "
+            + ", ".join(ENDPOINT_TYPES)
+            + ")"
+        )
+    parts = split_endpoint(value)
+    if first in ("tcp", "tcp6", "ssl"):
+        positional = [p for p in parts[1:] if "=" not in p]
+        keyword = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        port_text = keyword.get("port", positional[0] if positional else None)
+        if port_text is None:
+            raise ValueError(f"no port in {value!r}")
+        if not port_text.isdigit():
+            raise ValueError(f"invalid port {port_text!r}")
+        if int(port_text) > 65535:
+            raise ValueError(f"port {int(port_text)} out of range")
+    elif first == "unix" and len(parts) < 2:
+        raise ValueError(f"no path in {value!r}")
+    return value
+
+
+# --- typed configuration -------------------------------------------------
+
+
+@attrs.frozen
+class GlobalConfig:
+    workers: int = 1
+    max_connections: int = 10000
+    backlog: int = 511
+    connect_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    grace_period: float = 30.0
+
+
+@attrs.frozen
+class AdminConfig:
+    listen: str | None = "tcp:18081:interface=127.0.0.1"
+    api_key: str | None = None
+
+
+@attrs.frozen
+class ServerConfig:
+    """
+    One server of a backend.  C{name} defaults to the address and is the
+    server's identity: a reload that keeps the name keeps the server's
+    state (health, counters, open connections).
+    """
+
+    name: str
+    address: str
+    host: str
+    port: int
+    weight: int = 1
+    backup: bool = False
+    max_connections: int = 0
+
+
+@attrs.frozen
+class HealthCheckConfig:
+    type: str = "tcp"
+    path: str = "/"
+    expect_status: int = 200
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    headers: tuple[tuple[str, str], ...] = ()
+    host: str | None = None
+    jitter: float = 0.1
+
+
+@attrs.frozen
+class PassiveConfig:
+    consecutive_failures: int = 5
+    ejection: float = 30.0
+    max_ejection: float = 300.0
+    max_ejection_percent: int = 50
+
+
+@attrs.frozen
+class BackendConfig:
+    name: str
+    servers: tuple[ServerConfig, ...]
+    algorithm: str = "round-robin"
+    hash_key: str = "source_ip"
+    source: str = "static"
+    health_check: HealthCheckConfig = HealthCheckConfig()
+    passive: PassiveConfig = PassiveConfig()
+    queue_size: int = 1024
+    queue_timeout: float = 5.0
+
+
+@attrs.frozen
+class FrontendConfig:
+    name: str
+    listen: str
+    backend: str
+    protocol: str = "tcp"
+    max_connections: int = 0
+    queue_size: int = 128
+    queue_timeout: float = 5.0
+    retries: int = 2
+    connect_timeout: float = 5.0
+    idle_timeout: float = 60.0
+
+
+@attrs.frozen
+class Config:
+    global_: GlobalConfig = GlobalConfig()
+    admin: AdminConfig = AdminConfig()
+    backends: tuple[BackendConfig, ...] = ()
+    frontends: tuple[FrontendConfig, ...] = ()
+
+    def backend(self, name: str) -> BackendConfig:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        raise KeyError(name)
+
+
+# --- the reader ----------------------------------------------------------
+
+_MISSING = object()
+
+
+class _Section:
+    """
+    A mapping being read at a key path.  Reading records which keys were
+    used, so that L{finish} can report the rest as unknown.
+    """
+
+    def __init__(self, data: object, path: str, errors: list[str]) -> None:
+        self.path = path
+        self.errors = errors
+        self.ok = isinstance(data, dict)
+        if data is None:
+            data, self.ok = {}, True
+        if not self.ok:
+            errors.append(f"{path or 'config'}: expected a mapping, got {_kind(data)}")
+            data = {}
+        self.data: dict[Any, Any] = data  # type: ignore[assignment]
+        self.used: set[str] = set()
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> None:
+        self.errors.append(f"{self.key_path(key)}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str) -> object:
+        self.used.add(key)
+        return self.data.get(key, _MISSING)
+
+    def value(
+        self,
+        key: str,
+        convert: Callable[[object], Any],
+        default: object = _MISSING,
+    ) -> Any:
+        raw = self.raw(key)
+        if raw is _MISSING:
+            if default is _MISSING:
+                self.error(key, "required")
+            return None if default is _MISSING else default
+        try:
+            return convert(raw)
+        except ValueError as e:
+            self.error(key, str(e))
+            return None if default is _MISSING else default
+
+    def section(self, key: str) -> _Section:
+        raw = self.raw(key)
+        return _Section(None if raw is _MISSING else raw, self.key_path(key), self.errors)
+
+    def items(self, key: str) -> list[tuple[str, object]]:
+        """
+        The elements of a list under C{key}, each with its path.
+        """
+        raw = self.raw(key)
+        if raw is _MISSING or raw is None:
+            return []
+        if not isinstance(raw, list):
+            self.error(key, f"expected a list, got {_kind(raw)}")
+            return []
+        return [(f"{self.key_path(key)}[{i}]", item) for i, item in enumerate(raw)]
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key in self.used:
+                continue
+            if not isinstance(key, str):
+                self.errors.append(f"{self.path or 'config'}: key {key!r} is not a string")
+                continue
+            known = sorted(self.used)
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.error(key, f"unknown key{hint}")
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
+
+
+def _int(low: int | None = None, high: int | None = None) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {_kind(value)} {value!r}")
+        if low is not None and value < low:
+            raise ValueError(f"{value} is below the minimum {low}")
+        if high is not None and value > high:
+            raise ValueError(f"{value} is above the maximum {high}")
+        return value
+
+    return convert
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {_kind(value)} {value!r}")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_kind(value)} {value!r}")
+    return value
+
+
+def _choice(options: Iterable[str]) -> Callable[[object], str]:
+    options = tuple(options)
+
+    def convert(value: object) -> str:
+        if value not in options:
+            close = difflib.get_close_matches(str(value), options, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}{hint}")
+        return value  # type: ignore[return-value]
+
+    return convert
+
+
+def _duration(value: object) -> float:
+    return parse_duration(value)
+
+
+def _listen(value: object) -> str:
+    return normalize_listen(_str(value))
+
+
+def _name(value: object) -> str:
+    text = _str(value)
+    if not re.match(r"^[A-Za-z0-9_.-]+$", text):
+        raise ValueError(f"{text!r} may only hold letters, digits, '_', '.' and '-'")
+    return text
+
+
+def _hash_key(value: object) -> str:
+    text = _str(value)
+    if text == "source_ip":
+        return text
+    kind, sep, name = text.partition(":")
+    if kind in ("header", "cookie") and sep and name:
+        return text
+    raise ValueError(f"{text!r} is not source_ip, header:NAME or cookie:NAME")
+
+
+def _read_global(section: _Section) -> GlobalConfig:
+    d = GlobalConfig()
+    result = GlobalConfig(
+        workers=section.value("workers", _int(1, 1), d.workers),
+        max_connections=section.value("max_connections", _int(1), d.max_connections),
+        backlog=section.value("backlog", _int(1, 65535), d.backlog),
+        connect_timeout=section.value("connect_timeout", _duration, d.connect_timeout),
+        idle_timeout=section.value("idle_timeout", _duration, d.idle_timeout),
+        grace_period=section.value("grace_period", _duration, d.grace_period),
+    )
+    section.finish()
+    return result
+
+
+def _read_admin(section: _Section) -> AdminConfig:
+    d = AdminConfig()
+    listen = section.raw("listen")
+    if listen is None:
+        admin_listen = None
+    elif listen is _MISSING:
+        admin_listen = d.listen
+    else:
+        try:
+            admin_listen = _listen(listen)
+        except ValueError as e:
+            section.error("listen", str(e))
+            admin_listen = d.listen
+    result = AdminConfig(
+        listen=admin_listen,
+        api_key=section.value("api_key", _str, None),
+    )
+    section.finish()
+    return result
+
+
+def _read_server(path: str, raw: object, errors: list[str]) -> ServerConfig | None:
+    if isinstance(raw, str):
+        raw = {"address": raw}
+    section = _Section(raw, path, errors)
+    if not section.ok:
+        return None
+    address = section.value("address", _str)
+    host, port = "", 0
+    if address is not None:
+        try:
+            host, port = parse_hostport(address)
+        except ValueError as e:
+            section.error("address", str(e))
+            address = None
+    server = ServerConfig(
+        name=section.value("name", _name, address or ""),
+        address=address or "",
+        host=host,
+        port=port,
+        weight=section.value("weight", _int(0, 1000), 1),
+        backup=section.value("backup", _bool, False),
+        max_connections=section.value("max_connections", _int(0), 0),
+    )
+    section.finish()
+    return server if address else None
+
+
+def _read_health(section: _Section) -> HealthCheckConfig:
+    d = HealthCheckConfig()
+    headers: list[tuple[str, str]] = []
+    header_section = section.section("headers")
+    for key, value in header_section.data.items():
+        header_section.used.add(key)
+        if not isinstance(key, str) or not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", key):
+            header_section.errors.append(f"{header_section.path}: invalid header name {key!r}")
+        elif not isinstance(value, (str, int)) or any(c in str(value) for c in "\r\n\0"):
+            header_section.error(key, "header value must be a single-line string")
+        else:
+            headers.append((key, str(value)))
+    result = HealthCheckConfig(
+        type=section.value("type", _choice(HEALTH_TYPES), d.type),
+        path=section.value("path", _path, d.path),
+        expect_status=section.value("expect_status", _int(100, 599), d.expect_status),
+        interval=section.value("interval", _duration, d.interval),
+        timeout=section.value("timeout", _duration, d.timeout),
+        rise=section.value("rise", _int(1, 100), d.rise),
+        fall=section.value("fall", _int(1, 100), d.fall),
+        headers=tuple(headers),
+        host=section.value("host", _str, None),
+        jitter=section.value("jitter", _fraction, d.jitter),
+    )
+    if result.interval <= 0:
+        section.error("interval", "must be greater than zero")
+    if result.timeout <= 0:
+        section.error("timeout", "must be greater than zero")
+    section.finish()
+    return result
+
+
+def _path(value: object) -> str:
+    text = _str(value)
+    if not text.startswith("/") or any(c in text for c in " \r\n\0"):
+        raise ValueError(f"{text!r} must start with / and hold no spaces or control characters")
+    return text
+
+
+def _fraction(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"expected a number from 0 to 1, got {value!r}")
+    return float(value)
+
+
+def _read_passive(section: _Section) -> PassiveConfig:
+    d = PassiveConfig()
+    result = PassiveConfig(
+        consecutive_failures=section.value("consecutive_failures", _int(0), d.consecutive_failures),
+        ejection=section.value("ejection", _duration, d.ejection),
+        max_ejection=section.value("max_ejection", _duration, d.max_ejection),
+        max_ejection_percent=section.value("max_ejection_percent", _int(0, 100), d.max_ejection_percent),
+    )
+    section.finish()
+    return result
+
+
+def _read_backend(path: str, raw: object, errors: list[str]) -> BackendConfig | None:
+    section = _Section(raw, path, errors)
+    if not section.ok:
+        return None
+    name = section.value("name", _name)
+    servers = []
+    seen: set[str] = set()
+    for server_path, server_raw in section.items("servers"):
+        server = _read_server(server_path, server_raw, errors)
+        if server is None:
+            continue
+        if server.name in seen:
+            errors.append(f"{server_path}: duplicate server name {server.name!r}")
+            continue
+        seen.add(server.name)
+        servers.append(server)
+    source = section.value("source", _choice(("static", "postgres")), "static")
+    if source == "postgres":
+        section.error("source", "postgres needs the stores support, which this version lacks")
+    elif not section.has("servers"):
+        section.error("servers", "required")
+    health_raw = section.raw("health_check")
+    if health_raw in ("none", False):
+        health = HealthCheckConfig(type="none")
+    else:
+        health = _read_health(
+            _Section(None if health_raw is _MISSING else health_raw, section.key_path("health_check"), errors)
+        )
+    algorithm = section.value("algorithm", _choice(ALGORITHMS), "round-robin")
+    hash_key = section.value("hash_key", _hash_key, "source_ip")
+    if algorithm == "ip-hash" and hash_key != "source_ip":
+        section.error("hash_key", "ip-hash always hashes source_ip; use algorithm: hash")
+    backend = BackendConfig(
+        name=name or "",
+        servers=tuple(servers),
+        algorithm=algorithm,
+        hash_key=hash_key,
+        source=source,
+        health_check=health,
+        passive=_read_passive(section.section("passive")),
+        queue_size=section.value("queue_size", _int(0), 1024),
+        queue_timeout=section.value("queue_timeout", _duration, 5.0),
+    )
+    section.finish()
+    return backend if name else None
+
+
+def _read_frontend(
+    path: str, raw: object, errors: list[str], global_: GlobalConfig
+) -> FrontendConfig | None:
+    section = _Section(raw, path, errors)
+    if not section.ok:
+        return None
+    name = section.value("name", _name)
+    protocol = section.value("protocol", _choice(PROTOCOLS + FUTURE_PROTOCOLS), "tcp")
+    if protocol in FUTURE_PROTOCOLS:
+        section.error("protocol", f"{protocol!r} frontends are not available in this version")
+    frontend = FrontendConfig(
+        name=name or "",
+        listen=section.value("listen", _listen),
+        backend=section.value("backend", _name),
+        protocol=protocol,
+        max_connections=section.value("max_connections", _int(0), 0),
+        queue_size=section.value("queue_size", _int(0), 128),
+        queue_timeout=section.value("queue_timeout", _duration, 5.0),
+        retries=section.value("retries", _int(0, 10), 2),
+        connect_timeout=section.value("connect_timeout", _duration, global_.connect_timeout),
+        idle_timeout=section.value("idle_timeout", _duration, global_.idle_timeout),
+    )
+    section.finish()
+    if not (name and frontend.listen and frontend.backend):
+        return None
+    return frontend
+
+
+def parse_config(data: object) -> Config:
+    """
+    Build a L{Config} from parsed YAML.
+
+    @raise ConfigError: listing every problem found, each with its key path.
+    """
+    errors: list[str] = []
+    top = _Section(data, "", errors)
+    global_ = _read_global(top.section("global"))
+    admin = _read_admin(top.section("admin"))
+
+    backends: list[BackendConfig] = []
+    for path, raw in top.items("backends"):
+        backend = _read_backend(path, raw, errors)
+        if backend is None:
+            continue
+        if any(b.name == backend.name for b in backends):
+            errors.append(f"{path}.name: duplicate backend name {backend.name!r}")
+            continue
+        backends.append(backend)
+
+    frontends: list[FrontendConfig] = []
+    names = {b.name for b in backends}
+    for path, raw in top.items("frontends"):
+        frontend = _read_frontend(path, raw, errors, global_)
+        if frontend is None:
+            continue
+        if any(f.name == frontend.name for f in frontends):
+            errors.append(f"{path}.name: duplicate frontend name {frontend.name!r}")
+            continue
+        if frontend.backend not in names:
+            close = difflib.get_close_matches(frontend.backend, sorted(names), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errors.append(f"{path}.backend: no backend named {frontend.backend!r}{hint}")
+            continue
+        if any(f.listen == frontend.listen for f in frontends):
+            errors.append(f"{path}.listen: {frontend.listen!r} is already used by another frontend")
+            continue
+        frontends.append(frontend)
+    for later in ("stores", "api_keys", "tunnels", "token_pools"):
+        if top.has(later):
+            top.raw(later)
+            errors.append(f"{later}: not available in this version of rproxy")
+    top.finish()
+    if errors:
+        raise ConfigError(errors)
+    return Config(global_=global_, admin=admin, backends=tuple(backends), frontends=tuple(frontends))
+
+
+def load_config(path: str) -> Config:
+    """
+    Read and validate the YAML file at C{path}.
+
+    @raise ConfigError: the file cannot be read, is not YAML, or is invalid.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([f"{path}: invalid YAML{where}: {problem}"]) from None
+    return parse_config(data)
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> Config:
+    """
+    Build a L{Config} from a Python mapping (for tests and embedding).
+    """
+    return parse_config(dict(data))

@@ -1,0 +1,135 @@
+"""
+Prometheus metrics.
+
+The data path keeps plain integer counters on its own objects (frontends,
+servers, connections); nothing on a per-byte or per-connection path calls
+into prometheus-client.  At scrape time L{StateCollector} reads those
+counters and yields the metric families, so a scrape always shows live
+values, open connections' bytes included, and forwarding pays nothing for
+being measured.
+
+Events that are rare (health checks, reloads) use prometheus-client
+objects directly.  Everything lives in one L{CollectorRegistry} per
+service, passed in, never the global one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from rproxy.service import RProxyService
+
+__all__ = ["Metrics", "StateCollector"]
+
+
+class StateCollector:
+    """
+    Yields the live state of a service as metric families.
+    """
+
+    def __init__(self, service: RProxyService) -> None:
+        self._service = service
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        service = self._service
+        now = service.clock.seconds()
+        total = CounterMetricFamily(
+            "rproxy_frontend_connections", "Client connections accepted", labels=["frontend"]
+        )
+        active = GaugeMetricFamily(
+            "rproxy_frontend_connections_active", "Client connections open", labels=["frontend"]
+        )
+        waiting = GaugeMetricFamily(
+            "rproxy_frontend_connections_waiting",
+            "Client connections waiting for a frontend slot",
+            labels=["frontend"],
+        )
+        refused = CounterMetricFamily(
+            "rproxy_frontend_connections_refused",
+            "Client connections closed without reaching a server",
+            labels=["frontend"],
+        )
+        errors = CounterMetricFamily(
+            "rproxy_frontend_connect_errors", "Failed connections to servers", labels=["frontend"]
+        )
+        fbytes = CounterMetricFamily(
+            "rproxy_frontend_bytes",
+            "Bytes relayed; in = from clients, out = to clients",
+            labels=["frontend", "direction"],
+        )
+        for frontend in service.all_frontends():
+            name = frontend.name
+            total.add_metric([name], frontend.total)
+            active.add_metric([name], len(frontend.connections) - len(frontend.waiting))
+            waiting.add_metric([name], len(frontend.waiting))
+            refused.add_metric([name], frontend.refused_total)
+            errors.add_metric([name], frontend.connect_errors)
+            from_clients, from_servers = frontend.bytes_totals()
+            fbytes.add_metric([name, "in"], from_clients)
+            fbytes.add_metric([name, "out"], from_servers)
+        yield from (total, active, waiting, refused, errors, fbytes)
+
+        up = GaugeMetricFamily(
+            "rproxy_server_up", "1 when the server can take connections", labels=["backend", "server"]
+        )
+        sactive = GaugeMetricFamily(
+            "rproxy_server_connections_active", "Connections open to the server", labels=["backend", "server"]
+        )
+        stotal = CounterMetricFamily(
+            "rproxy_server_connections", "Connections made to the server", labels=["backend", "server"]
+        )
+        serrors = CounterMetricFamily(
+            "rproxy_server_connect_errors", "Failed connections to the server", labels=["backend", "server"]
+        )
+        sbytes = CounterMetricFamily(
+            "rproxy_server_bytes",
+            "Bytes relayed by closed connections; in = from the server",
+            labels=["backend", "server", "direction"],
+        )
+        ejections = CounterMetricFamily(
+            "rproxy_server_ejections", "Passive ejections of the server", labels=["backend", "server"]
+        )
+        queue = GaugeMetricFamily(
+            "rproxy_backend_queue_waiting", "Connections waiting for a server slot", labels=["backend"]
+        )
+        for pool in service.pools.values():
+            queue.add_metric([pool.name], pool.waiting)
+            for server in pool.servers:
+                labels = [pool.name, server.name]
+                up.add_metric(labels, 1 if server.usable(now) else 0)
+                sactive.add_metric(labels, server.active)
+                stotal.add_metric(labels, server.total)
+                serrors.add_metric(labels, server.connect_failures)
+                sbytes.add_metric(labels + ["in"], server.bytes_in)
+                sbytes.add_metric(labels + ["out"], server.bytes_out)
+                ejections.add_metric(labels, server.ejections)
+        yield from (up, sactive, stotal, serrors, sbytes, ejections, queue)
+
+
+class Metrics:
+    """
+    The metric families of one service.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.health_check_duration = Histogram(
+            "rproxy_health_check_duration_seconds",
+            "Duration of active health checks",
+            ["backend", "server", "result"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "rproxy_config_reloads", "Configuration reloads by result", ["result"], registry=registry
+        )
+
+    def watch(self, service: RProxyService) -> None:
+        self.registry.register(StateCollector(service))  # type: ignore[arg-type]

@@ -1,0 +1,422 @@
+"""
+Pools of servers: who is up, who is busy, who gets the next connection.
+
+A L{Pool} is the runtime side of one C{backends:} entry.  It owns its
+L{Server}s, asks its balancer to choose among the ones that can take a
+connection, keeps a bounded FIFO of connections waiting for a server slot
+when every server is at its C{max_connections}, and applies passive
+ejection (consecutive connect failures take a server out for a cooldown
+that grows each time it happens again).
+
+Invariants:
+  - C{Server.active} counts the connections a server holds right now: it
+    goes up in L{Pool.acquire} and down in L{Pool.release}, exactly once
+    each per connection.
+  - A server that is down, ejected, draining (removed by a reload) or full
+    is never picked.
+  - Backups are picked only when no primary can be.
+  - Passive ejection never takes out more than C{max_ejection_percent} of
+    the pool's servers.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from typing import Callable, Iterable
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from rproxy.balance import Balancer, make_balancer
+from rproxy.config import BackendConfig, ServerConfig
+
+__all__ = ["Server", "Pool", "NoServerAvailable", "QueueFull", "QueueTimeout"]
+
+
+class NoServerAvailable(Exception):
+    """
+    No server of the pool is up.
+    """
+
+
+class QueueFull(Exception):
+    """
+    Every server is at its connection limit and the wait queue is full.
+    """
+
+
+class QueueTimeout(Exception):
+    """
+    A connection waited C{queue_timeout} for a server slot and got none.
+    """
+
+
+@attrs.define(eq=False)
+class Server:
+    """
+    One backend server and its live state.
+    """
+
+    config: ServerConfig
+    pool_name: str
+    up: bool = True
+    draining: bool = False
+    active: int = 0
+    total: int = 0
+    connect_failures: int = 0
+    consecutive_failures: int = 0
+    check_failures: int = 0
+    ejected_until: float = 0.0
+    ejections: int = 0
+    last_ejection_end: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    down_reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def weight(self) -> int:
+        return self.config.weight
+
+    @property
+    def host(self) -> str:
+        return self.config.host
+
+    @property
+    def port(self) -> int:
+        return self.config.port
+
+    def ejected(self, now: float) -> bool:
+        return self.ejected_until > now
+
+    def full(self) -> bool:
+        limit = self.config.max_connections
+        return limit > 0 and self.active >= limit
+
+    def usable(self, now: float) -> bool:
+        """
+        Up, not ejected and not draining (it may still be full).
+        """
+        return self.up and not self.draining and not self.ejected_until > now
+
+    def state(self, now: float) -> str:
+        if self.draining:
+            return "draining"
+        if not self.up:
+            return "down"
+        if self.ejected(now):
+            return "ejected"
+        return "up"
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    deferred: defer.Deferred[Server]
+    key: bytes | None
+    exclude: frozenset[str]
+    timeout: IDelayedCall | None = None
+
+
+class Pool:
+    """
+    The servers of one backend, with their balancer and wait queue.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: BackendConfig,
+        clock: IReactorTime,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._clock = clock
+        self._rng = rng
+        self.config = config
+        self.balancer: Balancer = make_balancer(config.algorithm, rng)
+        self.servers: list[Server] = [Server(s, config.name) for s in config.servers]
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._wake: IDelayedCall | None = None
+        self.queue_full_total = 0
+        self.queue_timeout_total = 0
+        self.no_server_total = 0
+        self._listeners: list[Callable[[Server, bool, str], None]] = []
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # -- choosing --------------------------------------------------------
+
+    def candidates(self, exclude: Iterable[str] = ()) -> list[Server]:
+        """
+        The servers that could take a connection now: usable and not full;
+        primaries if any of them qualifies, else backups.
+        """
+        now = self._clock.seconds()
+        primaries: list[Server] = []
+        backups: list[Server] = []
+        for s in self.servers:
+            if s.usable(now) and not s.full() and s.name not in exclude:
+                (backups if s.config.backup else primaries).append(s)
+        return primaries or backups
+
+    def pick(self, key: bytes | None = None, exclude: Iterable[str] = ()) -> Server | None:
+        """
+        Choose a server without taking a slot on it.
+        """
+        chosen = self.balancer.pick(self.candidates(exclude), key)
+        return chosen  # type: ignore[return-value]
+
+    def any_up(self, exclude: Iterable[str] = ()) -> bool:
+        """
+        Whether some server is usable (perhaps full), not counting excluded ones.
+        """
+        now = self._clock.seconds()
+        return any(s.usable(now) and s.name not in exclude for s in self.servers)
+
+    def acquire(self, key: bytes | None = None, exclude: Iterable[str] = ()) -> defer.Deferred[Server]:
+        """
+        Take a connection slot on a server, waiting in the queue if every
+        usable server is full.
+
+        @return: a Deferred firing with the L{Server} (whose C{active} is
+            already counted) or failing with L{NoServerAvailable},
+            L{QueueFull} or L{QueueTimeout}.  Cancelling it leaves the
+            queue.
+        """
+        exclude = frozenset(exclude)
+        server = self.pick(key, exclude)
+        if server is not None:
+            self._take(server)
+            return defer.succeed(server)
+        if not self.any_up(exclude):
+            self.no_server_total += 1
+            return defer.fail(NoServerAvailable(f"no server of backend {self.name!r} is up"))
+        if len(self._waiters) >= self.config.queue_size:
+            self.queue_full_total += 1
+            return defer.fail(QueueFull(f"backend {self.name!r}: every server is full and the queue too"))
+
+        def cancel(d: defer.Deferred[Server]) -> None:
+            self._drop_waiter(waiter)
+
+        waiter = _Waiter(defer.Deferred(cancel), key, exclude)
+
+        def expire() -> None:
+            waiter.timeout = None
+            self._drop_waiter(waiter)
+            self.queue_timeout_total += 1
+            waiter.deferred.errback(
+                QueueTimeout(f"backend {self.name!r}: no server slot within {self.config.queue_timeout}s")
+            )
+
+        waiter.timeout = self._clock.callLater(self.config.queue_timeout, expire)
+        self._waiters.append(waiter)
+        return waiter.deferred
+
+    def _take(self, server: Server) -> None:
+        server.active += 1
+        server.total += 1
+
+    def _drop_waiter(self, waiter: _Waiter) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+        if waiter.timeout is not None and waiter.timeout.active():
+            waiter.timeout.cancel()
+        waiter.timeout = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def release(self, server: Server) -> None:
+        """
+        Give back the slot taken by L{acquire}.
+        """
+        server.active -= 1
+        self._serve_waiters()
+
+    def _serve_waiters(self) -> None:
+        while self._waiters:
+            waiter = self._waiters[0]
+            server = self.pick(waiter.key, waiter.exclude)
+            if server is None:
+                if not self.any_up(waiter.exclude):
+                    self._drop_waiter(waiter)
+                    self.no_server_total += 1
+                    waiter.deferred.errback(NoServerAvailable(f"no server of backend {self.name!r} is up"))
+                    continue
+                return
+            self._drop_waiter(waiter)
+            self._take(server)
+            waiter.deferred.callback(server)
+
+    # -- health ----------------------------------------------------------
+
+    def on_state_change(self, listener: Callable[[Server, bool, str], None]) -> None:
+        """
+        Call C{listener(server, up, reason)} whenever a server goes up or down.
+        """
+        self._listeners.append(listener)
+
+    def set_up(self, server: Server, up: bool, reason: str) -> None:
+        """
+        Record the verdict of the active health check.
+        """
+        if server.up == up:
+            return
+        server.up = up
+        server.down_reason = "" if up else reason
+        if up:
+            self.log.info(
+                "server {server} of backend {backend} is up: {reason}",
+                server=server.name, backend=self.name, reason=reason,
+            )
+            self._serve_waiters()
+        else:
+            self.log.warn(
+                "server {server} of backend {backend} is down: {reason}",
+                server=server.name, backend=self.name, reason=reason,
+            )
+        for listener in self._listeners:
+            listener(server, up, reason)
+
+    def record_success(self, server: Server) -> None:
+        """
+        A connection to C{server} was established.
+        """
+        server.consecutive_failures = 0
+        if server.ejections and self._clock.seconds() - server.last_ejection_end > self.config.passive.max_ejection:
+            server.ejections = 0
+
+    def record_failure(self, server: Server, reason: str) -> None:
+        """
+        A connection to C{server} failed; eject it after enough in a row.
+        """
+        server.connect_failures += 1
+        server.consecutive_failures += 1
+        passive = self.config.passive
+        now = self._clock.seconds()
+        if (
+            passive.consecutive_failures == 0
+            or server.consecutive_failures < passive.consecutive_failures
+            or server.ejected(now)
+        ):
+            return
+        ejected = sum(1 for s in self.servers if s.ejected(now))
+        if (ejected + 1) * 100 > passive.max_ejection_percent * len(self.servers):
+            return
+        server.ejections += 1
+        cooldown = min(passive.ejection * server.ejections, max(passive.max_ejection, passive.ejection))
+        server.ejected_until = now + cooldown
+        server.last_ejection_end = server.ejected_until
+        server.consecutive_failures = 0
+        self.log.warn(
+            "server {server} of backend {backend} ejected for {cooldown}s after "
+            "{count} consecutive failures: {reason}",
+            server=server.name, backend=self.name, cooldown=cooldown,
+            count=passive.consecutive_failures, reason=reason,
+        )
+        self._schedule_wake(cooldown)
+
+    def _schedule_wake(self, delay: float) -> None:
+        """
+        Re-examine the queue when an ejection ends.
+        """
+        if self._wake is not None and self._wake.active():
+            if self._wake.getTime() <= self._clock.seconds() + delay:
+                return
+            self._wake.cancel()
+
+        def wake() -> None:
+            self._wake = None
+            self._serve_waiters()
+
+        self._wake = self._clock.callLater(delay, wake)
+
+    # -- reload ----------------------------------------------------------
+
+    def update(self, config: BackendConfig) -> list[Server]:
+        """
+        Apply a new configuration of this backend in place.
+
+        Servers are matched by name: kept ones keep their state and their
+        open connections; new ones start up; removed ones are marked
+        draining and returned, so their open connections finish untouched.
+        """
+        if config.algorithm != self.config.algorithm:
+            self.balancer = make_balancer(config.algorithm, self._rng)
+        old = {s.name: s for s in self.servers}
+        servers = []
+        for server_config in config.servers:
+            server = old.pop(server_config.name, None)
+            if server is None:
+                server = Server(server_config, config.name)
+            else:
+                server.config = server_config
+            servers.append(server)
+        for server in old.values():
+            server.draining = True
+        self.servers = servers
+        self.config = config
+        self._serve_waiters()
+        return list(old.values())
+
+    def close(self) -> None:
+        """
+        Fail every waiter and cancel timers (the pool is going away).
+        """
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake = None
+        while self._waiters:
+            waiter = self._waiters[0]
+            self._drop_waiter(waiter)
+            waiter.deferred.errback(NoServerAvailable(f"backend {self.name!r} was removed"))
+
+    # -- reporting -------------------------------------------------------
+
+    def healthy_count(self) -> int:
+        now = self._clock.seconds()
+        return sum(1 for s in self.servers if s.usable(now))
+
+    def stats(self) -> dict[str, object]:
+        """
+        The pool as the VK gateway's C{/stats} shows it.
+        """
+        now = self._clock.seconds()
+        return {
+            "name": self.name,
+            "load_balancer": self.config.algorithm,
+            "total_backends": len(self.servers),
+            "healthy_backends": self.healthy_count(),
+            "waiting": len(self._waiters),
+            "backends": [
+                {
+                    "server_id": s.name,
+                    "server_name": s.name,
+                    "server_url": s.config.address,
+                    "weight": s.weight,
+                    "backup": s.config.backup,
+                    "state": s.state(now),
+                    "is_healthy": s.usable(now),
+                    "reason": s.down_reason,
+                    "consecutive_failures": max(s.consecutive_failures, s.check_failures),
+                    "active_connections": s.active,
+                    "total_connections": s.total,
+                    "connect_failures": s.connect_failures,
+                    "ejections": s.ejections,
+                    "bytes_in": s.bytes_in,
+                    "bytes_out": s.bytes_out,
+                }
+                for s in self.servers
+            ],
+        }

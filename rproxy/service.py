@@ -1,0 +1,294 @@
+"""
+The service: every runtime object, built from one L{Config}.
+
+L{RProxyService} builds pools, health checkers, frontends and the admin
+site from a configuration, and applies a new configuration as a diff
+(L{RProxyService.reload}): new frontends start listening, removed ones stop
+accepting and drain, frontends whose listen address changed are replaced
+the same way, pools are updated in place (servers matched by name keep
+their state), and no connection in flight is cut.
+
+Stopping (SIGTERM under twistd) stops accepting everywhere, reports
+not-ready, lets open connections finish for up to C{grace_period}, then
+closes what is left.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rproxy.admin import build_admin_site
+from rproxy.config import Config, ConfigError, load_config
+from rproxy.health import HealthChecker, Prober, make_prober
+from rproxy.metrics import Metrics
+from rproxy.pool import Pool, Server
+from rproxy.tcp import ConnectionLimit, TCPFrontend
+from rproxy.transport import server_endpoint
+
+__all__ = ["RProxyService", "build_service"]
+
+
+class RProxyService(MultiService):
+    """
+    Runs one configuration; see the module docstring.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        clock: Any = None,
+        config_path: str | None = None,
+        registry: CollectorRegistry | None = None,
+        prober: Prober | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.config_path = config_path
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.metrics.watch(self)
+        self._prober = prober if prober is not None else make_prober(reactor)
+        self._rng = rng
+        self.limit = ConnectionLimit(config.global_.max_connections)
+        self.pools: dict[str, Pool] = {}
+        self.checkers: dict[str, HealthChecker] = {}
+        self.frontends: dict[str, TCPFrontend] = {}
+        self.ports: dict[str, IListeningPort] = {}
+        self.retired: set[TCPFrontend] = set()
+        self.admin_port: IListeningPort | None = None
+        self._admin_listen: str | None = None
+        self.stopping = False
+        self._reloading: defer.Deferred[None] | None = None
+
+    # -- start -----------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.ready: defer.Deferred[None] = defer.Deferred.fromCoroutine(self._apply(self.config))
+        self.ready.addErrback(self._log_failure, "starting")
+
+    def _log_failure(self, failure: Failure, what: str) -> None:
+        self.log.failure("rproxy: {what} failed", failure, what=what)
+
+    async def _apply(self, new: Config) -> None:
+        """
+        Bring the running objects from whatever they are to C{new}.
+        """
+        old_pools = dict(self.pools)
+        self.limit.limit = new.global_.max_connections
+
+        for backend in new.backends:
+            pool = self.pools.get(backend.name)
+            if pool is None:
+                pool = Pool(backend, self.clock, self._rng)
+                self.pools[backend.name] = pool
+                checker = HealthChecker(pool, self.clock, self._prober, self._observe_check, self._rng)
+                self.checkers[backend.name] = checker
+                checker.start()
+            else:
+                pool.update(backend)
+                self.checkers[backend.name].sync()
+
+        wanted = {f.name: f for f in new.frontends}
+        stopping: list[defer.Deferred[Any]] = []
+        for name, frontend in list(self.frontends.items()):
+            target = wanted.get(name)
+            if target is None or target.listen != frontend.config.listen:
+                stopping.append(self._retire(frontend))
+        await defer.gatherResults(stopping, consumeErrors=True)
+
+        for config in new.frontends:
+            frontend = self.frontends.get(config.name)
+            pool = self.pools[config.backend]
+            if frontend is not None:
+                frontend.config = config
+                frontend.pool = pool
+                continue
+            frontend = TCPFrontend(config, pool, self.reactor, self.clock, self.limit)
+            self.frontends[config.name] = frontend
+            await self._listen(frontend)
+
+        for name in set(old_pools) - {b.name for b in new.backends}:
+            self.checkers.pop(name).stop()
+            self.pools.pop(name).close()
+
+        if new.admin.listen != self._admin_listen:
+            if self.admin_port is not None:
+                await self.admin_port.stopListening()
+                self.admin_port = None
+            self._admin_listen = new.admin.listen
+            if new.admin.listen is not None:
+                endpoint = server_endpoint(self.reactor, new.admin.listen)
+                try:
+                    self.admin_port = await endpoint.listen(build_admin_site(self))
+                except Exception as e:
+                    self.log.error(
+                        "admin: cannot listen on {listen}: {why}", listen=new.admin.listen, why=e
+                    )
+        self.config = new
+
+    async def _listen(self, frontend: TCPFrontend) -> None:
+        endpoint = server_endpoint(self.reactor, frontend.config.listen, self.config.global_.backlog)
+        try:
+            port = await endpoint.listen(frontend)
+        except Exception as e:
+            self.log.error(
+                "frontend {frontend}: cannot listen on {listen}: {why}",
+                frontend=frontend.name, listen=frontend.config.listen, why=e,
+            )
+            return
+        self.ports[frontend.name] = port
+        self.log.info(
+            "frontend {frontend} listening on {listen}, backend {backend}",
+            frontend=frontend.name, listen=frontend.config.listen, backend=frontend.config.backend,
+        )
+
+    def _retire(self, frontend: TCPFrontend) -> defer.Deferred[Any]:
+        """
+        Stop accepting on C{frontend} and let its connections drain in the
+        background; fires once its port is closed.
+        """
+        del self.frontends[frontend.name]
+        port = self.ports.pop(frontend.name, None)
+        self.retired.add(frontend)
+        draining = frontend.drain(self.config.global_.grace_period)
+        draining.addBoth(lambda _: self.retired.discard(frontend))
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+    def _observe_check(self, server: Server, seconds: float, ok: bool) -> None:
+        self.metrics.health_check_duration.labels(
+            server.pool_name, server.name, "ok" if ok else "failed"
+        ).observe(seconds)
+
+    # -- reload ----------------------------------------------------------
+
+    def reload(self, new: Config) -> defer.Deferred[None]:
+        """
+        Apply C{new} as a diff against the running configuration.
+        """
+        d = defer.Deferred.fromCoroutine(self._apply(new))
+
+        def done(result: Any) -> Any:
+            ok = not isinstance(result, Failure)
+            self.metrics.reloads.labels("ok" if ok else "failed").inc()
+            if ok:
+                self.log.info("configuration reloaded")
+            return result
+
+        return d.addBoth(done)
+
+    def reload_from_file(self) -> defer.Deferred[None]:
+        """
+        Re-read the configuration file (SIGHUP); an invalid file is logged
+        and the running configuration stays.
+        """
+        if self.config_path is None:
+            return defer.succeed(None)
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            self.metrics.reloads.labels("invalid").inc()
+            for line in e.errors:
+                self.log.error("reload rejected: {error}", error=line)
+            self.log.error("reload rejected; keeping the running configuration")
+            return defer.succeed(None)
+        d = self.reload(new)
+        d.addErrback(self._log_failure, "reload")
+        return d
+
+    # -- stop ------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self.stopping = True
+        self.log.info(
+            "rproxy stopping: no new connections; draining for up to {grace}s",
+            grace=self.config.global_.grace_period,
+        )
+        for checker in self.checkers.values():
+            checker.stop()
+        frontends = list(self.frontends.values())
+        await defer.gatherResults([self._retire(f) for f in frontends], consumeErrors=True)
+        waits = [f.drain(self.config.global_.grace_period) for f in list(self.retired)]
+        await defer.gatherResults(waits, consumeErrors=True)
+        for pool in self.pools.values():
+            pool.close()
+        if self.admin_port is not None:
+            await self.admin_port.stopListening()
+            self.admin_port = None
+        await defer.maybeDeferred(super().stopService)
+        self.log.info("rproxy stopped")
+
+    # -- reporting -------------------------------------------------------
+
+    def all_frontends(self) -> list[TCPFrontend]:
+        return list(self.frontends.values()) + list(self.retired)
+
+    def port_of(self, frontend: str) -> int:
+        """
+        The TCP port a frontend listens on (useful with port 0).
+        """
+        return self.ports[frontend].getHost().port  # type: ignore[no-any-return]
+
+    def readiness_problems(self) -> list[str]:
+        if self.stopping:
+            return ["shutting down"]
+        problems = []
+        for frontend in self.frontends.values():
+            if frontend.name not in self.ports:
+                problems.append(f"frontend {frontend.name}: not listening")
+            elif frontend.pool.healthy_count() == 0:
+                problems.append(f"frontend {frontend.name}: no server of backend {frontend.pool.name} is up")
+        return problems
+
+    def health_detail(self) -> dict[str, Any]:
+        problems = self.readiness_problems()
+        return {
+            "status": "ok" if not problems else "degraded",
+            "problems": problems,
+            "frontends": [
+                {
+                    "name": f.name,
+                    "protocol": f.config.protocol,
+                    "listen": f.config.listen,
+                    "backend": f.pool.name,
+                    "listening": f.name in self.ports,
+                    "active_connections": f.active,
+                    "waiting": len(f.waiting),
+                    "total_connections": f.total,
+                }
+                for f in self.frontends.values()
+            ],
+            "backends": [pool.stats() for pool in self.pools.values()],
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {"pools": [pool.stats() for pool in self.pools.values()]}
+
+
+def build_service(
+    config: Config, reactor: Any, config_path: str | None = None, **kwargs: Any
+) -> RProxyService:
+    """
+    The service for C{config}; twistd's C{makeService} calls this.
+    """
+    return RProxyService(config, reactor, config_path=config_path, **kwargs)
+

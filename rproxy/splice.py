@@ -1,0 +1,118 @@
+"""
+The one bidirectional pump.
+
+Two L{SpliceEnd} protocols, one per connection, forward each other's bytes.
+Whoever the two ends are (a client and a backend, an agent's data
+connection and a public client, an upgraded WebSocket), the rules are the
+same:
+
+  - Backpressure: each transport is registered as the streaming producer
+    of the other, so when one side's write buffer passes Twisted's
+    C{bufferSize} (64 KiB) the other side stops reading until it drains.
+    Memory per spliced pair is bounded by about two buffers plus one read.
+  - Half-close: a FIN from one side (C{readConnectionLost}) becomes a
+    write shutdown towards the other side; the pair closes when both
+    directions have finished.
+  - Teardown: when either connection is lost, the other is closed after
+    it has flushed what it holds.
+
+Before L{splice} is called the end's reading must be paused (its bytes stay
+in the kernel), which is how the frontend holds a client while it picks
+and connects to a backend.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["SpliceEnd", "splice"]
+
+
+@implementer(IHalfCloseableProtocol)
+class SpliceEnd(Protocol):
+    """
+    One side of a splice.
+
+    @ivar received: bytes read from this side's connection (and so
+        written to the peer).
+    """
+
+    peer: SpliceEnd | None = None
+    received = 0
+    read_closed = False
+    lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        peer = self.peer
+        if peer is not None:
+            peer.transport.write(data)  # type: ignore[union-attr]
+        else:
+            self.unspliced_data(data)
+
+    def unspliced_data(self, data: bytes) -> None:
+        """
+        Bytes arrived before the splice was made (reading should have been
+        paused); subclasses decide.  The default drops the connection.
+        """
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        self.read_closed = True
+        peer = self.peer
+        if peer is None:
+            self.unspliced_eof()
+        elif peer.read_closed:
+            _close_pair(self, peer)
+        else:
+            peer.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    def unspliced_eof(self) -> None:
+        """
+        The connection sent FIN before the splice was made.
+        """
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.read_closed and self.read_closed:
+            _close_pair(self, peer)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        peer = self.peer
+        if peer is not None and not peer.lost:
+            peer.transport.unregisterProducer()  # type: ignore[union-attr]
+            peer.transport.loseConnection()  # type: ignore[union-attr]
+        self.end_lost(reason)
+
+    def end_lost(self, reason: Failure) -> None:
+        """
+        Called once this end's connection is gone; for subclasses.
+        """
+
+
+def _close_pair(a: SpliceEnd, b: SpliceEnd) -> None:
+    # A transport with a registered producer may wait for that producer
+    # instead of closing; unregister first so both really close.
+    for end in (a, b):
+        if not end.lost:
+            end.transport.unregisterProducer()  # type: ignore[union-attr]
+    for end in (a, b):
+        if not end.lost:
+            end.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def splice(a: SpliceEnd, b: SpliceEnd) -> None:
+    """
+    Join two connected ends and resume reading on both.
+    """
+    a.peer = b
+    b.peer = a
+    a.transport.registerProducer(b.transport, True)  # type: ignore[union-attr]
+    b.transport.registerProducer(a.transport, True)  # type: ignore[union-attr]
+    a.transport.resumeProducing()  # type: ignore[union-attr]
+    b.transport.resumeProducing()  # type: ignore[union-attr]

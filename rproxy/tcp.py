@@ -1,0 +1,432 @@
+"""
+The L4 (TCP) frontend.
+
+For each accepted client connection: hold its bytes (reading paused), take
+a frontend slot (waiting in a bounded queue past C{max_connections}), take
+a server slot from the pool (waiting in the pool's queue when every server
+is full), connect with C{connect_timeout}, and on failure try another
+server, at most C{retries} more times.  Once connected, the two
+connections are spliced (L{rproxy.splice}).  A connection idle for
+C{idle_timeout} in both directions is closed.
+
+L{TCPFrontend} is the factory; it knows its open connections so that a
+reload or a shutdown can drain them.
+"""
+
+from __future__ import annotations
+
+import collections
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.protocol import ClientFactory, Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rproxy.config import FrontendConfig
+from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
+from rproxy.splice import SpliceEnd, splice
+from rproxy.transport import connect_tcp
+
+__all__ = ["TCPFrontend", "ClientConnection", "ConnectionLimit"]
+
+
+class ConnectionLimit:
+    """
+    A count shared by every frontend of the process (C{global.max_connections}).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def full(self) -> bool:
+        return self.active >= self.limit
+
+
+class BackendConnection(SpliceEnd):
+    """
+    The connection to the chosen server.
+    """
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        _nodelay(self.transport)
+        self.client.backend_connected(self)
+
+    def end_lost(self, reason: Failure) -> None:
+        self.client.backend_lost(self)
+
+
+class _BackendFactory(ClientFactory):
+    protocol = None  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+
+    def buildProtocol(self, addr: object) -> BackendConnection:
+        return BackendConnection(self.client)
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        self.client.connect_failed(reason)
+
+
+class ClientConnection(SpliceEnd):
+    """
+    An accepted client connection of a TCP frontend.
+    """
+
+    server: Server | None = None
+    pool: Pool
+    backend: BackendConnection | None = None
+    _acquiring: defer.Deferred[Server] | None = None
+    _connector: object = None
+    _idle: IDelayedCall | None = None
+    _queue_timer: IDelayedCall | None = None
+    _quiet_ticks = 0
+    _last_total = -1
+    counted = False
+    closing = False
+
+    def __init__(self, frontend: TCPFrontend) -> None:
+        self.frontend = frontend
+        self.tried: list[str] = []
+
+    # -- lifecycle -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        _nodelay(self.transport)
+        self.frontend.admit(self)
+
+    def start(self) -> None:
+        """
+        The frontend gave this connection a slot: find it a server.
+        """
+        self.counted = True
+        self._arm_idle()
+        self._acquire()
+
+    def _acquire(self) -> None:
+        pool = self.pool = self.frontend.pool
+        key = None
+        if pool.config.algorithm in ("ip-hash", "hash"):
+            key = self.transport.getPeer().host.encode()  # type: ignore[union-attr]
+        d = pool.acquire(key, self.tried)
+        self._acquiring = d
+        d.addCallbacks(self._connect, self._no_server)
+
+    def _no_server(self, reason: Failure) -> None:
+        self._acquiring = None
+        if reason.check(defer.CancelledError):
+            return
+        self.frontend.refused(self, reason.value)
+        if reason.check(NoServerAvailable, QueueFull, QueueTimeout):
+            self.frontend.log.info(
+                "frontend {frontend}: closing {peer}: {why}",
+                frontend=self.frontend.name, peer=_peer(self.transport), why=reason.getErrorMessage(),
+            )
+        else:
+            self.frontend.log.failure("frontend {frontend}: choosing a server failed", reason, frontend=self.frontend.name)
+        self._abort()
+
+    def _connect(self, server: Server) -> None:
+        self._acquiring = None
+        if self.lost:
+            self.pool.release(server)
+            return
+        self.server = server
+        self.tried.append(server.name)
+        frontend = self.frontend
+        self._connector = connect_tcp(
+            frontend.reactor, server.host, server.port, _BackendFactory(self), frontend.config.connect_timeout
+        )
+
+    def connect_failed(self, reason: Failure) -> None:
+        self._connector = None
+        server = self.server
+        assert server is not None
+        self.server = None
+        pool = self.pool
+        if self.lost or reason.check(error.UserError):
+            # we gave up (the client left), the server did nothing wrong
+            pool.release(server)
+            return
+        why = reason.getErrorMessage()
+        pool.record_failure(server, why)
+        pool.release(server)
+        self.frontend.connect_errors += 1
+        if len(self.tried) <= self.frontend.config.retries and pool.any_up(self.tried):
+            self._acquire()
+            return
+        self.frontend.log.info(
+            "frontend {frontend}: closing {peer}: connecting to {server} failed: {why}",
+            frontend=self.frontend.name, peer=_peer(self.transport), server=server.name, why=why,
+        )
+        self._abort()
+
+    def backend_connected(self, backend: BackendConnection) -> None:
+        self._connector = None
+        assert self.server is not None
+        self.pool.record_success(self.server)
+        if self.lost:
+            backend.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self.backend = backend
+        splice(self, backend)
+
+    # -- teardown --------------------------------------------------------
+
+    def _abort(self) -> None:
+        self.closing = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def unspliced_data(self, data: bytes) -> None:
+        # Reading is paused until the splice; bytes here mean the
+        # transport delivered what it had already read.  Keep nothing.
+        self._abort()
+
+    def unspliced_eof(self) -> None:
+        # The client gave up before we reached a server.
+        self._cancel_pending()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _cancel_pending(self) -> None:
+        if self._acquiring is not None:
+            d, self._acquiring = self._acquiring, None
+            d.cancel()
+        if self._connector is not None:
+            connector, self._connector = self._connector, None
+            connector.stopConnecting()  # type: ignore[attr-defined]
+        if self._queue_timer is not None and self._queue_timer.active():
+            self._queue_timer.cancel()
+        self._queue_timer = None
+
+    def end_lost(self, reason: Failure) -> None:
+        self._cancel_pending()
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        self.frontend.forget(self)
+
+    def backend_lost(self, backend: BackendConnection) -> None:
+        server = self.server
+        if server is not None:
+            self.server = None
+            server.bytes_out += self.received
+            server.bytes_in += backend.received
+            self.pool.release(server)
+
+    # -- idle timeout ----------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        timeout = self.frontend.config.idle_timeout
+        if timeout > 0:
+            self._idle = self.frontend.clock.callLater(timeout / 4, self._idle_tick)
+
+    def _idle_tick(self) -> None:
+        """
+        Checked four times per C{idle_timeout}, so a connection is closed
+        after between 1 and 1.25 times C{idle_timeout} of silence, at no
+        cost per byte.
+        """
+        self._idle = None
+        total = self.received + (self.backend.received if self.backend is not None else 0)
+        if total != self._last_total:
+            self._last_total = total
+            self._quiet_ticks = 0
+        else:
+            self._quiet_ticks += 1
+            if self._quiet_ticks >= 4:
+                self.frontend.idle_closed += 1
+                self.frontend.log.info(
+                    "frontend {frontend}: closing {peer}: idle for {timeout}s",
+                    frontend=self.frontend.name, peer=_peer(self.transport), timeout=self.frontend.config.idle_timeout,
+                )
+                self.closing = True
+                for end in (self, self.backend):
+                    if end is not None and not end.lost:
+                        end.transport.abortConnection()  # type: ignore[union-attr]
+                return
+        self._arm_idle()
+
+
+class TCPFrontend(Factory):
+    """
+    The factory of one C{protocol: tcp} frontend.
+    """
+
+    log = Logger()
+    noisy = False
+
+    def __init__(
+        self,
+        config: FrontendConfig,
+        pool: Pool,
+        reactor: IReactorTCP,
+        clock: IReactorTime,
+        limit: ConnectionLimit | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.reactor = reactor
+        self.clock = clock
+        self.limit = limit or ConnectionLimit(2**31)
+        self.connections: set[ClientConnection] = set()
+        self.waiting: collections.deque[ClientConnection] = collections.deque()
+        self.active = 0
+        self.total = 0
+        self.refused_total = 0
+        self.connect_errors = 0
+        self.idle_closed = 0
+        self.closed_bytes_in = 0
+        self.closed_bytes_out = 0
+        self.accepting = True
+        self._drained: list[defer.Deferred[None]] = []
+        self._drain_timer: IDelayedCall | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def buildProtocol(self, addr: object) -> ClientConnection:
+        return ClientConnection(self)
+
+    # -- admission -------------------------------------------------------
+
+    def _has_slot(self) -> bool:
+        limit = self.config.max_connections
+        return (limit == 0 or self.active < limit) and not self.limit.full()
+
+    def admit(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+        self.total += 1
+        if not self.accepting:
+            self.refused_total += 1
+            conn._abort()
+            return
+        if self._has_slot() and not self.waiting:
+            self._start(conn)
+            return
+        if len(self.waiting) >= self.config.queue_size:
+            self.refused_total += 1
+            self.log.info(
+                "frontend {frontend}: refusing {peer}: {limit} connections open and the queue is full",
+                frontend=self.name, peer=_peer(conn.transport), limit=self.active,
+            )
+            conn._abort()
+            return
+        self.waiting.append(conn)
+
+        def expire() -> None:
+            conn._queue_timer = None
+            try:
+                self.waiting.remove(conn)
+            except ValueError:
+                return
+            self.refused_total += 1
+            conn._abort()
+
+        conn._queue_timer = self.clock.callLater(self.config.queue_timeout, expire)
+
+    def _start(self, conn: ClientConnection) -> None:
+        self.active += 1
+        self.limit.active += 1
+        conn.start()
+
+    def refused(self, conn: ClientConnection, why: object) -> None:
+        self.refused_total += 1
+
+    def forget(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        try:
+            self.waiting.remove(conn)
+        except ValueError:
+            pass
+        self.closed_bytes_out += conn.received
+        if conn.backend is not None:
+            self.closed_bytes_in += conn.backend.received
+        if conn.counted:
+            conn.counted = False
+            self.active -= 1
+            self.limit.active -= 1
+            while self.waiting and self._has_slot():
+                waiter = self.waiting.popleft()
+                if waiter._queue_timer is not None and waiter._queue_timer.active():
+                    waiter._queue_timer.cancel()
+                waiter._queue_timer = None
+                self._start(waiter)
+        if not self.connections and self._drained:
+            if self._drain_timer is not None and self._drain_timer.active():
+                self._drain_timer.cancel()
+            self._drain_timer = None
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    # -- reporting -------------------------------------------------------
+
+    def bytes_totals(self) -> tuple[int, int]:
+        """
+        (from clients, from servers), open connections included.
+        """
+        out, back = self.closed_bytes_out, self.closed_bytes_in
+        for conn in self.connections:
+            out += conn.received
+            if conn.backend is not None:
+                back += conn.backend.received
+        return out, back
+
+    # -- draining --------------------------------------------------------
+
+    def drain(self, grace: float) -> defer.Deferred[None]:
+        """
+        Stop admitting, let open connections finish for up to C{grace}
+        seconds, then abort what is left.  The caller stops listening.
+        May be called again; every call's Deferred fires when drained.
+        """
+        self.accepting = False
+        for conn in list(self.waiting):
+            conn._abort()
+        done: defer.Deferred[None] = defer.Deferred()
+        if not self.connections:
+            done.callback(None)
+            return done
+        self._drained.append(done)
+        if self._drain_timer is None:
+            self._drain_timer = self.clock.callLater(grace, self._drain_expired)
+        return done
+
+    def _drain_expired(self) -> None:
+        self._drain_timer = None
+        if self.connections:
+            self.log.info(
+                "frontend {frontend}: grace period over, closing {n} connections",
+                frontend=self.name, n=len(self.connections),
+            )
+        for conn in list(self.connections):
+            conn.closing = True
+            for end in (conn, conn.backend):
+                if end is not None and not end.lost:
+                    end.transport.abortConnection()  # type: ignore[union-attr]
+
+
+def _nodelay(transport: object) -> None:
+    set_nodelay = getattr(transport, "setTcpNoDelay", None)
+    if set_nodelay is not None:
+        try:
+            set_nodelay(True)
+        except OSError:
+            pass
+
+
+def _peer(transport: object) -> str:
+    try:
+        peer = transport.getPeer()  # type: ignore[attr-defined]
+        return f"{peer.host}:{peer.port}"
+    except Exception:
+        return "?"
+

@@ -1,0 +1,232 @@
+"""
+TCP transports that send at once.
+
+Twisted's C{FileDescriptor.write} never sends: it appends to a buffer,
+registers the socket for writability (one C{epoll_ctl}), waits for the next
+reactor turn, sends, and unregisters (a second C{epoll_ctl}).  For a proxy,
+which writes every chunk it reads, that is most of the cost of a splice.
+The transports here try C{send()} right away when nothing is queued (what
+asyncio and uvloop do) and fall back to Twisted's buffered path for
+whatever the kernel does not take, so ordering, backpressure (producer
+pausing) and connection teardown stay Twisted's own.
+
+How it hooks in, using only public classes and their documented hooks:
+  - L{ImmediateSendPort} is a C{tcp.Port} whose C{transport} class
+    attribute (the documented way to choose the server transport) is
+    L{ImmediateSendServer}.
+  - L{ImmediateSendConnector} is a C{tcp.Connector} whose
+    C{_makeTransport} hook builds an L{ImmediateSendClient}.
+
+Invariant that makes the fast path safe: the base class's write buffer is
+non-empty only while the descriptor is registered for writing
+(C{startWriting} was called and C{stopWriting} was not called since), since
+C{doWrite} calls C{stopWriting} exactly when it has emptied the buffer.  We
+track that registration ourselves (C{_rpQueued}) by wrapping the two
+methods, so we never read the base class's private buffer attributes.
+
+Only plain TCP takes the fast path; a transport on which TLS was started
+(C{startTLS}) writes through the TLS layer as before.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from twisted.internet import defer, tcp
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTCP,
+    IStreamServerEndpoint,
+)
+from zope.interface import implementer
+
+from rproxy.config import split_endpoint
+from twisted.internet.posixbase import PosixReactorBase
+
+__all__ = [
+    "ImmediateSendServer",
+    "ImmediateSendClient",
+    "ImmediateSendPort",
+    "ImmediateSendConnector",
+    "listen_tcp",
+    "connect_tcp",
+    "supports_immediate_send",
+]
+
+_RETRY_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR})
+
+
+class _ImmediateSendMixin:
+    """
+    Send at once when nothing is queued; queue the rest as usual.
+    """
+
+    # True while registered for writability, i.e. while the buffered
+    # path holds data or a close/half-close is pending.
+    _rpQueued = False
+    # Set once the connection is closing, aborting or half-closed for
+    # writing: from then on every write takes the base class's path.
+    _rpNoFast = False
+    immediateSends = 0
+
+    def startWriting(self) -> None:
+        self._rpQueued = True
+        super().startWriting()  # type: ignore[misc]
+
+    def stopWriting(self) -> None:
+        self._rpQueued = False
+        super().stopWriting()  # type: ignore[misc]
+
+    def loseConnection(self, *args: Any, **kwargs: Any) -> None:
+        self._rpNoFast = True
+        super().loseConnection(*args, **kwargs)  # type: ignore[misc]
+
+    def loseWriteConnection(self) -> None:
+        self._rpNoFast = True
+        super().loseWriteConnection()  # type: ignore[misc]
+
+    def abortConnection(self) -> None:
+        self._rpNoFast = True
+        super().abortConnection()  # type: ignore[misc]
+
+    def write(self, data: bytes) -> None:
+        if (
+            self._rpQueued
+            or self._rpNoFast
+            or self.TLS  # type: ignore[attr-defined]
+            or not self.connected  # type: ignore[attr-defined]
+            or type(data) is not bytes
+        ):
+            super().write(data)  # type: ignore[misc]
+            return
+        try:
+            sent = self.socket.send(data)  # type: ignore[attr-defined]
+        except OSError as e:
+            if e.errno not in _RETRY_LATER:
+                # Let the buffered path meet the error and close the
+                # connection the usual way, from doWrite.
+                super().write(data)  # type: ignore[misc]
+                return
+            sent = 0
+        if sent == len(data):
+            return
+        super().write(data[sent:] if sent else data)  # type: ignore[misc]
+
+
+class ImmediateSendServer(_ImmediateSendMixin, tcp.Server):
+    """
+    An accepted TCP connection that sends at once when it can.
+    """
+
+
+class ImmediateSendClient(_ImmediateSendMixin, tcp.Client):
+    """
+    An outgoing TCP connection that sends at once when it can.
+    """
+
+
+class ImmediateSendPort(tcp.Port):
+    """
+    A listening TCP port whose connections are L{ImmediateSendServer}s.
+    """
+
+    transport = ImmediateSendServer
+
+
+class ImmediateSendConnector(tcp.Connector):
+    """
+    A connector whose connections are L{ImmediateSendClient}s.
+    """
+
+    def _makeTransport(self) -> tcp.Client:
+        return ImmediateSendClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+def supports_immediate_send(reactor: object) -> bool:
+    """
+    Whether C{reactor} runs real sockets through C{tcp.Port}/C{tcp.Connector}
+    (the posix reactors); test reactors do not.
+    """
+    return isinstance(reactor, PosixReactorBase)
+
+
+def listen_tcp(
+    reactor: IReactorTCP,
+    port: int,
+    factory: IProtocolFactory,
+    backlog: int = 511,
+    interface: str = "",
+) -> IListeningPort:
+    """
+    Listen like C{reactor.listenTCP}, with immediate-send connections when
+    the reactor allows it.
+    """
+    if not supports_immediate_send(reactor):
+        return reactor.listenTCP(port, factory, backlog, interface)
+    listening = ImmediateSendPort(port, factory, backlog, interface, reactor)
+    listening.startListening()
+    return listening
+
+
+def connect_tcp(
+    reactor: IReactorTCP,
+    host: str,
+    port: int,
+    factory: Any,
+    timeout: float = 30,
+    bindAddress: tuple[str, int] | None = None,
+) -> Any:
+    """
+    Connect like C{reactor.connectTCP}, with an immediate-send connection
+    when the reactor allows it.
+    """
+    if not supports_immediate_send(reactor):
+        return reactor.connectTCP(host, port, factory, timeout, bindAddress)
+    connector = ImmediateSendConnector(host, port, factory, timeout, bindAddress, reactor)
+    connector.connect()
+    return connector
+
+
+@implementer(IStreamServerEndpoint)
+class TCPServerEndpoint:
+    """
+    A stream server endpoint for plain TCP whose connections send at once.
+    """
+
+    def __init__(self, reactor: IReactorTCP, port: int, backlog: int = 511, interface: str = "") -> None:
+        self._reactor = reactor
+        self._port = port
+        self._backlog = backlog
+        self._interface = interface
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        return defer.execute(listen_tcp, self._reactor, self._port, factory, self._backlog, self._interface)
+
+
+
+
+def server_endpoint(reactor: Any, description: str, backlog: int = 511) -> IStreamServerEndpoint:
+    """
+    The endpoint for a listen string from the configuration.
+
+    Plain C{tcp:} descriptions get an immediate-send L{TCPServerEndpoint};
+    every other type (C{ssl:}, C{unix:}, C{tcp6:}, ...) goes to Twisted's
+    C{serverFromString}.
+    """
+    if description.startswith("tcp:"):
+        parts = split_endpoint(description[4:])
+        positional = [p for p in parts if "=" not in p]
+        keyword = dict(p.split("=", 1) for p in parts if "=" in p)
+        if set(keyword) <= {"port", "interface", "backlog"} and len(positional) <= 1:
+            port = int(keyword.get("port", positional[0] if positional else "0"))
+            return TCPServerEndpoint(
+                reactor,
+                port,
+                int(keyword.get("backlog", backlog)),
+                keyword.get("interface", ""),
+            )
+    return serverFromString(reactor, description)
+
