@@ -1,0 +1,194 @@
+"""
+Tests for L{rproxy.config}.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from rproxy.config import ConfigError, load_config, parse_config, parse_duration, parse_size
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def minimal(**extra: object) -> dict[str, object]:
+    data: dict[str, object] = {
+        "backends": [{"name": "web", "servers": ["127.0.0.1:9001", {"address": "127.0.0.1:9002", "weight": 3}]}],
+        "frontends": [{"name": "web", "listen": "tcp:8080", "backend": "web"}],
+    }
+    data.update(extra)
+    return data
+
+
+class ConfigErrorTests(SynchronousTestCase):
+    def errors(self, data: object) -> list[str]:
+        exc = self.assertRaises(ConfigError, parse_config, data)
+        return exc.errors
+
+    def test_port_out_of_range(self) -> None:
+        """
+        A listen port over 65535 is reported with the frontend's index.
+        """
+        data = minimal()
+        data["frontends"] = [
+            {"name": "a", "listen": "tcp:8080", "backend": "web"},
+            {"name": "b", "listen": "tcp:70000", "backend": "web"},
+        ]
+        self.assertEqual(self.errors(data), ["frontends[1].listen: port 70000 out of range"])
+
+    def test_host_port_out_of_range(self) -> None:
+        """
+        host:port addresses are checked too, for listeners and servers.
+        """
+        data = minimal()
+        data["frontends"][0]["listen"] = "127.0.0.1:99999"  # type: ignore[index]
+        data["backends"][0]["servers"][0] = "127.0.0.1:0"  # type: ignore[index]
+        self.assertEqual(
+            self.errors(data),
+            [
+                "backends[0].servers[0].address: port 0 out of range",
+                "frontends[0].listen: port 99999 out of range",
+            ],
+        )
+
+    def test_unknown_key_did_you_mean(self) -> None:
+        """
+        Unknown keys are errors, with the closest known key suggested.
+        """
+        data = minimal(globl={})
+        data["frontends"][0]["bakend"] = "web"  # type: ignore[index]
+        self.assertEqual(
+            self.errors(data),
+            [
+                "frontends[0].bakend: unknown key (did you mean 'backend'?)",
+                "globl: unknown key (did you mean 'global'?)",
+            ],
+        )
+
+    def test_missing_backend(self) -> None:
+        """
+        A frontend naming a backend that does not exist is an error.
+        """
+        data = minimal()
+        data["frontends"][0]["backend"] = "wbe"  # type: ignore[index]
+        self.assertEqual(
+            self.errors(data), ["frontends[0].backend: no backend named 'wbe' (did you mean 'web'?)"]
+        )
+
+    def test_bad_types_and_values(self) -> None:
+        """
+        Wrong types, unknown choices and bad durations name their key.
+        """
+        data = minimal(**{"global": {"connect_timeout": "5 parsecs", "backlog": "many"}})
+        data["backends"][0]["algorithm"] = "round-robbin"  # type: ignore[index]
+        data["backends"][0]["health_check"] = {"rise": 0}  # type: ignore[index]
+        self.assertEqual(
+            self.errors(data),
+            [
+                "global.backlog: expected an integer, got a string 'many'",
+                "global.connect_timeout: invalid duration '5 parsecs' (use e.g. 250ms, 5s, 2m, 1h)",
+                "backends[0].health_check.rise: 0 is below the minimum 1",
+                "backends[0].algorithm: 'round-robbin' is not one of round-robin, weighted-round-robin,"
+                " least-connections, random, p2c, ip-hash, hash (did you mean 'round-robin'?)",
+            ],
+        )
+
+    def test_duplicates(self) -> None:
+        """
+        Duplicate names of backends, frontends and servers are errors.
+        """
+        data = minimal()
+        data["backends"].append({"name": "web", "servers": ["127.0.0.1:1"]})  # type: ignore[attr-defined]
+        data["backends"][0]["servers"].append("127.0.0.1:9001")  # type: ignore[index]
+        data["frontends"].append({"name": "web", "listen": "tcp:81", "backend": "web"})  # type: ignore[attr-defined]
+        self.assertEqual(
+            self.errors(data),
+            [
+                "backends[0].servers[2]: duplicate server name '127.0.0.1:9001'",
+                "backends[1].name: duplicate backend name 'web'",
+                "frontends[1].name: duplicate frontend name 'web'",
+            ],
+        )
+
+    def test_not_a_mapping(self) -> None:
+        """
+        A document that is not a mapping is reported as such.
+        """
+        self.assertEqual(self.errors([1, 2]), ["config: expected a mapping, got a list"])
+        self.assertEqual(
+            self.errors({"frontends": {"name": "x"}}), ["frontends: expected a list, got a mapping"]
+        )
+
+    def test_later_sections_refused(self) -> None:
+        """
+        Sections this version does not implement are refused, not ignored.
+        """
+        self.assertEqual(self.errors(minimal(tunnels=[])), ["tunnels: not available in this version of rproxy"])
+
+    def test_invalid_yaml(self) -> None:
+        """
+        A YAML syntax error names the file and the line.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("frontends:\n  - name: [unclosed\n")
+        exc = self.assertRaises(ConfigError, load_config, path)
+        self.assertEqual(len(exc.errors), 1)
+        self.assertTrue(exc.errors[0].startswith(f"{path}: invalid YAML at line 3"), exc.errors[0])
+
+    def test_missing_file(self) -> None:
+        """
+        A missing file is a config error, not a traceback.
+        """
+        exc = self.assertRaises(ConfigError, load_config, "/nonexistent/rproxy.yaml")
+        self.assertEqual(exc.errors, ["/nonexistent/rproxy.yaml: cannot read: No such file or directory"])
+
+
+class ConfigValueTests(SynchronousTestCase):
+    def test_durations(self) -> None:
+        """
+        Durations accept ms, s, m, h and bare seconds.
+        """
+        self.assertEqual(
+            [parse_duration(v) for v in ("250ms", "5s", "2m", "1h", 3, 1.5, "0.5s", "5")],
+            [0.25, 5.0, 120.0, 3600.0, 3.0, 1.5, 0.5, 5.0],
+        )
+        for bad in ("-1s", "s", True, None, "1y"):
+            self.assertRaises(ValueError, parse_duration, bad)
+
+    def test_sizes(self) -> None:
+        """
+        Sizes accept k, M, G (binary multiples).
+        """
+        self.assertEqual([parse_size(v) for v in (512, "64k", "10M", "1G", "2MiB")],
+                         [512, 65536, 10485760, 1073741824, 2097152])
+        self.assertRaises(ValueError, parse_size, "ten")
+
+    def test_defaults_and_normalisation(self) -> None:
+        """
+        host:port listeners become endpoint strings; defaults match HAProxy's.
+        """
+        config = parse_config(minimal())
+        frontend = config.frontends[0]
+        self.assertEqual(frontend.listen, "tcp:8080")
+        self.assertEqual(parse_config(minimal(frontends=[
+            {"name": "web", "listen": "127.0.0.1:0", "backend": "web"}])).frontends[0].listen,
+            "tcp:0:interface=127.0.0.1")
+        backend = config.backends[0]
+        self.assertEqual(
+            (backend.health_check.interval, backend.health_check.timeout,
+             backend.health_check.rise, backend.health_check.fall),
+            (2.0, 1.0, 2, 3),
+        )
+        self.assertEqual([s.weight for s in backend.servers], [1, 3])
+        self.assertEqual(backend.servers[1].name, "127.0.0.1:9002")
+
+    def test_shipped_example(self) -> None:
+        """
+        etc/rproxy.yaml is valid.
+        """
+        config = load_config(os.path.join(ROOT, "etc", "rproxy.yaml"))
+        self.assertEqual([f.name for f in config.frontends], ["web"])
