@@ -648,6 +648,15 @@ def _read_frontend(
     return frontend
 
 
+def _ephemeral(listen: str) -> bool:
+    """
+    Whether a listen string asks for port 0 (any free port), which two
+    frontends may both do.
+    """
+    parts = split_endpoint(listen)
+    return len(parts) > 1 and parts[1] in ("0", "port=0")
+
+
 def parse_config(data: object) -> Config:
     """
     Build a L{Config} from parsed YAML.
@@ -683,7 +692,7 @@ def parse_config(data: object) -> Config:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             errors.append(f"{path}.backend: no backend named {frontend.backend!r}{hint}")
             continue
-        if any(f.listen == frontend.listen for f in frontends):
+        if not _ephemeral(frontend.listen) and any(f.listen == frontend.listen for f in frontends):
             errors.append(f"{path}.listen: {frontend.listen!r} is already used by another frontend")
             continue
         frontends.append(frontend)

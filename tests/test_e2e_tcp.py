@@ -1,0 +1,363 @@
+"""
+End-to-end tests of the TCP frontend on loopback: real sockets, port 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import socket
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from rproxy.config import config_from_mapping
+from tests.support import (
+    Client,
+    ServiceMixin,
+    StreamFactory,
+    async_test,
+    backends_config,
+    connect,
+    listen,
+    turn,
+    wait_for,
+)
+
+
+def buffered(transport: Any) -> int:
+    """
+    Bytes a Twisted transport holds in its write buffer (test introspection).
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+class TCPFrontendTests(ServiceMixin, TestCase):
+    timeout = 60
+
+    async def greet(self, port: int) -> tuple[Client, str]:
+        client = await connect(port)
+        self.client_cleanup(client)
+        line = await client.read_until(b"\n")
+        return client, line.decode().strip()
+
+    @async_test
+    async def test_round_robin_and_echo(self) -> None:
+        """Connections go to three backends in turn and bytes flow both ways."""
+        ports = []
+        for name in ("a", "b", "c"):
+            _, port = await self.backend(name)
+            ports.append(port.getHost().port)
+        service = await self.start_service(backends_config(*ports))
+        front = service.port_of("web")
+        names = []
+        for _ in range(6):
+            client, name = await self.greet(front)
+            names.append(name)
+            client.transport.write(b"ping\n")
+            self.assertEqual(await client.read_until(b"ping\n"), b"ping\n")
+            client.transport.loseConnection()
+            await client.closed
+        self.assertEqual(names, ["a", "b", "c", "a", "b", "c"])
+        await wait_for(lambda: service.frontends["web"].active == 0)
+        stats = service.stats()["pools"][0]
+        self.assertEqual([s["total_connections"] for s in stats["backends"]], [2, 2, 2])
+        self.assertEqual([s["bytes_out"] for s in stats["backends"]], [10, 10, 10])
+
+    @async_test
+    async def test_half_close(self) -> None:
+        """
+        The client's FIN reaches the backend as a FIN, and the backend's
+        reply after it still reaches the client.
+        """
+        _, port = await self.backend("a")
+        service = await self.start_service(backends_config(port.getHost().port))
+        client, _ = await self.greet(service.port_of("web"))
+        client.transport.write(b"last words")
+        client.transport.loseWriteConnection()
+        await client.closed
+        self.assertEqual(bytes(client.data), b"last wordsbye")
+
+    @async_test
+    async def test_kill_backend_mid_run(self) -> None:
+        """
+        With one of three backends killed mid-run (listener closed, its
+        connections reset), every new connection still succeeds and the
+        open connections to the others keep working.
+        """
+        factories, ports = [], []
+        for name in ("a", "b", "c"):
+            f, port = await self.backend(name)
+            factories.append(f)
+            ports.append(port)
+        service = await self.start_service(
+            backends_config(*(p.getHost().port for p in ports), passive={"consecutive_failures": 2})
+        )
+        front = service.port_of("web")
+        survivors = []
+        for _ in range(3):
+            client, name = await self.greet(front)
+            survivors.append((client, name))
+        await ports[1].stopListening()
+        for conn in list(factories[1].connections):
+            conn.transport.abortConnection()
+        seen = collections.Counter()
+        for _ in range(30):
+            client, name = await self.greet(front)
+            seen[name] += 1
+            client.transport.write(b"x\n")
+            await client.read_until(b"x\n")
+            client.transport.loseConnection()
+            await client.closed
+        self.assertEqual(set(seen), {"a", "c"})
+        self.assertEqual(sum(seen.values()), 30)
+        for client, name in survivors:
+            if name == "b":
+                await client.closed
+                continue
+            client.transport.write(b"still here\n")
+            self.assertEqual(await client.read_until(b"\n"), b"still here\n")
+        dead = service.pools["web"].servers[1]
+        self.assertGreaterEqual(dead.connect_failures, 2)
+        self.assertGreaterEqual(dead.ejections, 1)
+
+    @async_test
+    async def test_no_server_up_closes_client(self) -> None:
+        """With no server reachable, the client is closed and it is counted."""
+        port = await listen(StreamFactory(0))
+        dead = port.getHost().port
+        await port.stopListening()
+        service = await self.start_service(backends_config(dead, passive={"consecutive_failures": 0}))
+        client = await connect(service.port_of("web"))
+        await client.closed
+        self.assertEqual(bytes(client.data), b"")
+        self.assertEqual(service.frontends["web"].connect_errors, 1)
+        self.assertEqual(service.pools["web"].servers[0].connect_failures, 1)
+
+    @async_test
+    async def test_slow_reader_backpressure(self) -> None:
+        """
+        50 MiB from a backend to a client that stops reading: the backend is
+        paused (it cannot write more than the socket buffers and the proxy's
+        bounded buffers hold), the proxy buffers at most about 128 KiB, and
+        once the client reads again every byte arrives intact.
+        """
+        size = 50 * 1024 * 1024
+        stream = StreamFactory(size)
+        port = await listen(stream)
+        self.addCleanup(port.stopListening)
+        service = await self.start_service(backends_config(port.getHost().port))
+        client = Client(keep=False)
+        await connect(service.port_of("web"), client)
+        self.client_cleanup(client)
+        client.transport.pauseProducing()
+        await wait_for(lambda: bool(stream.instances) and stream.instances[0].paused)
+        backend = stream.instances[0]
+        # let everything settle, then check nothing moves while paused
+        previous = -1
+        while backend.sent != previous:
+            previous = backend.sent
+            await turn(delay=0.2)
+        conn = next(iter(service.frontends["web"].connections))
+        self.assertLess(backend.sent, 32 * 1024 * 1024)
+        self.assertLessEqual(buffered(conn.transport), 128 * 1024)
+        self.assertLessEqual(buffered(conn.backend.transport), 128 * 1024)
+        client.transport.resumeProducing()
+        await client.closed
+        self.assertEqual(client.count, size)
+        self.assertEqual(client.hash.hexdigest(), stream.digest())
+
+    @async_test
+    async def test_frontend_limit_queue(self) -> None:
+        """
+        Past max_connections, connections wait in the queue and start when
+        a slot frees; past the queue they are closed at once.
+        """
+        _, port = await self.backend("a")
+        data = backends_config(port.getHost().port)
+        data["frontends"][0].update(max_connections=1, queue_size=1, queue_timeout="10s")
+        service = await self.start_service(data)
+        front = service.port_of("web")
+        first, _ = await self.greet(front)
+        second = await connect(front)
+        self.client_cleanup(second)
+        await wait_for(lambda: len(service.frontends["web"].waiting) == 1)
+        third = await connect(front)
+        await third.closed
+        self.assertEqual(bytes(third.data), b"")
+        self.assertEqual(bytes(second.data), b"")
+        first.transport.loseConnection()
+        self.assertEqual(await second.read_until(b"\n"), b"a\n")
+        self.assertEqual(service.frontends["web"].refused_total, 1)
+
+    @async_test
+    async def test_server_limit_queue_timeout(self) -> None:
+        """
+        A server at its max_connections makes new connections wait for
+        queue_timeout, then closes them.
+        """
+        _, port = await self.backend("a")
+        data = backends_config(port.getHost().port, queue_timeout="300ms")
+        data["backends"][0]["servers"][0]["max_connections"] = 1
+        service = await self.start_service(data)
+        front = service.port_of("web")
+        await self.greet(front)
+        waiting = await connect(front)
+        await wait_for(lambda: service.pools["web"].waiting == 1)
+        await waiting.closed
+        self.assertEqual(bytes(waiting.data), b"")
+        self.assertEqual(service.pools["web"].queue_timeout_total, 1)
+
+    @async_test
+    async def test_idle_timeout(self) -> None:
+        """A connection silent both ways for idle_timeout is closed."""
+        _, port = await self.backend("a")
+        data = backends_config(port.getHost().port)
+        data["frontends"][0]["idle_timeout"] = "200ms"
+        service = await self.start_service(data)
+        client, _ = await self.greet(service.port_of("web"))
+        started = service.clock.seconds()
+        await client.closed
+        elapsed = service.clock.seconds() - started
+        self.assertTrue(0.15 <= elapsed <= 0.6, elapsed)
+        self.assertEqual(service.frontends["web"].idle_closed, 1)
+
+    @async_test
+    async def test_reload_under_traffic(self) -> None:
+        """
+        A reload that removes a server, adds one, changes the algorithm and
+        adds a frontend cuts no connection in flight: 20 clients doing
+        round trips all finish, and the new frontend serves.
+        """
+        ports = []
+        for name in ("a", "b", "c"):
+            _, port = await self.backend(name)
+            ports.append(port.getHost().port)
+        data = backends_config(ports[0], ports[1])
+        service = await self.start_service(data)
+        front = service.port_of("web")
+        clients = []
+        for _ in range(20):
+            client, name = await self.greet(front)
+            clients.append(client)
+
+        async def traffic(client: Client, rounds: int) -> int:
+            done = 0
+            for i in range(rounds):
+                message = b"%d\n" % i
+                client.transport.write(message)
+                self.assertEqual(await client.read_until(message), message)
+                done += 1
+            return done
+
+        from twisted.internet import defer
+
+        work = defer.gatherResults(
+            [defer.Deferred.fromCoroutine(traffic(c, 50)) for c in clients], consumeErrors=True
+        )
+        await turn(delay=0.05)
+        new = backends_config(ports[1], ports[2], algorithm="least-connections")
+        new["backends"][0]["servers"] = [
+            {"address": f"127.0.0.1:{ports[1]}", "name": "s1"},
+            {"address": f"127.0.0.1:{ports[2]}", "name": "s2"},
+        ]
+        new["frontends"].append({"name": "extra", "listen": "tcp:0:interface=127.0.0.1", "backend": "web"})
+        new["admin"] = {"listen": "tcp:0:interface=127.0.0.1"}
+        new["global"] = {"grace_period": "2s"}
+        await service.reload(config_from_mapping(new))
+        self.assertEqual(await work, [50] * 20)
+        self.assertEqual(service.port_of("web"), front)
+        _, name = await self.greet(service.port_of("extra"))
+        self.assertIn(name, ("b", "c"))
+        self.assertEqual(service.pools["web"].config.algorithm, "least-connections")
+        self.assertEqual([s.name for s in service.pools["web"].servers], ["s1", "s2"])
+
+
+class AdminTests(ServiceMixin, TestCase):
+    timeout = 30
+
+    async def get(self, port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+        client = await connect(port)
+        client.transport.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        await client.closed
+        head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        return int(lines[0].split()[1]), headers, body
+
+    @async_test
+    async def test_probes_stats_metrics(self) -> None:
+        """
+        /livez, /readyz, /health, /stats and /metrics answer; /readyz turns
+        503 naming the frontend once its only server is down.
+        """
+        _, port = await self.backend("a")
+        service = await self.start_service(backends_config(port.getHost().port))
+        admin = service.admin_port.getHost().port
+        self.assertEqual((await self.get(admin, "/livez"))[0], 200)
+        status, _, body = await self.get(admin, "/readyz")
+        self.assertEqual((status, json.loads(body)["status"]), (200, "ready"))
+        client = await connect(service.port_of("web"))
+        self.client_cleanup(client)
+        await client.read_until(b"\n")
+        client.transport.write(b"12345")
+        await client.read_until(b"12345")
+        status, headers, body = await self.get(admin, "/metrics")
+        text = body.decode()
+        self.assertEqual(status, 200)
+        self.assertIn("text/plain", headers["content-type"])
+        for line in (
+            'rproxy_frontend_connections_total{frontend="web"} 1.0',
+            'rproxy_frontend_connections_active{frontend="web"} 1.0',
+            'rproxy_frontend_bytes_total{direction="in",frontend="web"} 5.0',
+            'rproxy_frontend_bytes_total{direction="out",frontend="web"} 7.0',
+            'rproxy_server_up{backend="web",server="s0"} 1.0',
+            'rproxy_server_connections_active{backend="web",server="s0"} 1.0',
+        ):
+            self.assertIn(line, text)
+        status, _, body = await self.get(admin, "/stats")
+        pool = json.loads(body)["pools"][0]
+        self.assertEqual(
+            (pool["load_balancer"], pool["total_backends"], pool["healthy_backends"]), ("round-robin", 1, 1)
+        )
+        self.assertEqual(pool["backends"][0]["server_id"], "s0")
+        service.pools["web"].set_up(service.pools["web"].servers[0], False, "test")
+        status, headers, body = await self.get(admin, "/readyz")
+        self.assertEqual(status, 503)
+        self.assertEqual(json.loads(body)["problems"], ["frontend web: no server of backend web is up"])
+        status, _, body = await self.get(admin, "/health")
+        self.assertEqual((status, json.loads(body)["status"]), (503, "degraded"))
+        self.assertEqual((await self.get(admin, "/nope"))[0], 404)
+        self.assertIn('rproxy_server_up{backend="web",server="s0"} 0.0', (await self.get(admin, "/metrics"))[2].decode())
+
+
+class ImmediateSendTests(ServiceMixin, TestCase):
+    @async_test
+    async def test_write_sends_without_reactor_turn(self) -> None:
+        """
+        On an idle immediate-send connection, write() puts the bytes on the
+        wire before returning: the peer socket can read them at once.
+        """
+        from twisted.internet.protocol import Factory, Protocol
+
+        from rproxy.transport import ImmediateSendServer, listen_tcp
+        from tests.support import reactor
+
+        accepted: list[Protocol] = []
+
+        class Hold(Protocol):
+            def connectionMade(self) -> None:
+                accepted.append(self)
+
+        port = listen_tcp(reactor, 0, Factory.forProtocol(Hold), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(sock.close)
+        await wait_for(lambda: bool(accepted))
+        server = accepted[0]
+        self.assertIsInstance(server.transport, ImmediateSendServer)
+        server.transport.write(b"now")
+        sock.settimeout(1.0)
+        self.assertEqual(sock.recv(10), b"now")
+        server.transport.loseConnection()
+        await turn()
