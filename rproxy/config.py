@@ -643,7 +643,7 @@ def _read_frontend(
         idle_timeout=section.value("idle_timeout", _duration, global_.idle_timeout),
     )
     section.finish()
-    if not (name and frontend.listen and frontend.backend):
+    if not (name and frontend.backend):
         return None
     return frontend
 
@@ -692,7 +692,9 @@ def parse_config(data: object) -> Config:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             errors.append(f"{path}.backend: no backend named {frontend.backend!r}{hint}")
             continue
-        if not _ephemeral(frontend.listen) and any(f.listen == frontend.listen for f in frontends):
+        if frontend.listen and not _ephemeral(frontend.listen) and any(
+            f.listen == frontend.listen for f in frontends
+        ):
             errors.append(f"{path}.listen: {frontend.listen!r} is already used by another frontend")
             continue
         frontends.append(frontend)

@@ -139,6 +139,8 @@ class RProxyService(MultiService):
                     self.log.error(
                         "admin: cannot listen on {listen}: {why}", listen=new.admin.listen, why=e
                     )
+                else:
+                    self.log.info("admin listening on {address}", address=_address(self.admin_port))
         self.config = new
 
     async def _listen(self, frontend: TCPFrontend) -> None:
@@ -153,8 +155,8 @@ class RProxyService(MultiService):
             return
         self.ports[frontend.name] = port
         self.log.info(
-            "frontend {frontend} listening on {listen}, backend {backend}",
-            frontend=frontend.name, listen=frontend.config.listen, backend=frontend.config.backend,
+            "frontend {frontend} listening on {address}, backend {backend}",
+            frontend=frontend.name, address=_address(port), backend=frontend.config.backend,
         )
 
     def _retire(self, frontend: TCPFrontend) -> defer.Deferred[Any]:
@@ -282,6 +284,13 @@ class RProxyService(MultiService):
 
     def stats(self) -> dict[str, Any]:
         return {"pools": [pool.stats() for pool in self.pools.values()]}
+
+
+def _address(port: IListeningPort) -> str:
+    host = port.getHost()
+    if hasattr(host, "port"):
+        return f"{host.host}:{host.port}"
+    return str(getattr(host, "name", host))
 
 
 def build_service(

@@ -11,6 +11,7 @@ import signal
 import sys
 from typing import Any
 
+from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from rproxy.config import ConfigError, load_config
@@ -40,19 +41,32 @@ def makeService(options: Options) -> RProxyService:
     from twisted.internet import reactor
 
     service = build_service(options["parsed"], reactor, config_path=options["config"])
-    _install_sighup(reactor, service)
+    _install_signals(reactor, service)
     return service
 
 
-def _install_sighup(reactor: Any, service: RProxyService) -> None:
+def _install_signals(reactor: Any, service: RProxyService) -> None:
     """
-    SIGHUP re-reads the configuration file, from the reactor thread.
+    SIGHUP re-reads the configuration file.  SIGTERM stops the reactor,
+    which stops the service (draining connections for up to grace_period)
+    and exits 0: a requested, completed shutdown is a success, unlike
+    twistd's default of re-raising the signal once stopped.
     """
 
-    def handler(signum: int, frame: object) -> None:
+    def reload(signum: int, frame: object) -> None:
         reactor.callFromThread(service.reload_from_file)
 
+    def stop() -> None:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass  # a second SIGTERM while draining
+
+    def terminate(signum: int, frame: object) -> None:
+        reactor.callFromThread(stop)
+
     def install() -> None:
-        signal.signal(signal.SIGHUP, handler)
+        signal.signal(signal.SIGHUP, reload)
+        signal.signal(signal.SIGTERM, terminate)
 
     reactor.callWhenRunning(install)

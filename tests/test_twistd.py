@@ -1,0 +1,172 @@
+"""
+rproxy as a user runs it: a C{twistd -n rproxy} child process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from typing import Any
+
+import yaml
+from twisted.internet import error, protocol
+from twisted.trial.unittest import TestCase
+
+from tests.support import ServiceMixin, async_test, connect, reactor, wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Child(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = ""
+        self.exit_code: int | None = None
+        self.ended = False
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data.decode("utf-8", "replace")
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended = True
+        self.exit_code = reason.value.exitCode
+
+    async def line(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        found: list[re.Match[str]] = []
+
+        def check() -> bool:
+            match = re.search(pattern, self.output)
+            if match:
+                found.append(match)
+            return bool(match) or self.ended
+
+        await wait_for(check, timeout, step=0.02)
+        if not found:
+            raise AssertionError(f"no {pattern!r} in output:\n{self.output}")
+        return found[0]
+
+
+class TwistdTests(ServiceMixin, TestCase):
+    timeout = 60
+
+    def write_config(self, data: dict[str, Any]) -> str:
+        path = getattr(self, "_config_path", None)
+        if path is None:
+            path = self._config_path = os.path.abspath(self.mktemp()) + ".yaml"
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            yaml.safe_dump(data, f)
+        return path
+
+    def spawn(self, path: str) -> Child:
+        child = Child()
+        # the same entry point as the twistd script, from this interpreter
+        launcher = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; sys.exit(run())"
+        args = [sys.executable, "-c", launcher, "-n", "--pidfile=", "rproxy", "--config", path]
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        process = reactor.spawnProcess(child, sys.executable, args, env=env, path=ROOT)
+
+        async def stop() -> None:
+            if not child.ended:
+                process.signalProcess("KILL")
+                await wait_for(lambda: child.ended)
+
+        from twisted.internet import defer
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(stop()))
+        self.process = process
+        return child
+
+    def config(self, backend_port: int, **global_: Any) -> dict[str, Any]:
+        return {
+            "global": global_ or {"grace_period": "10s"},
+            "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+            "backends": [{"name": "web", "servers": [f"127.0.0.1:{backend_port}"],
+                          "health_check": {"type": "tcp", "interval": "200ms"}}],
+            "frontends": [{"name": "web", "listen": "127.0.0.1:0", "backend": "web"}],
+        }
+
+    async def start(self, data: dict[str, Any]) -> tuple[Child, int]:
+        child = self.spawn(self.write_config(data))
+        match = await child.line(r"frontend web listening on 127\.0\.0\.1:(\d+)")
+        await child.line(r"admin listening on")
+        return child, int(match.group(1))
+
+    @async_test
+    async def test_bad_config_exits_without_traceback(self) -> None:
+        """An invalid file stops twistd with the key path, exit 1, no traceback."""
+        path = self.write_config({
+            "backends": [{"name": "web", "servers": ["127.0.0.1:1"]}],
+            "frontends": [{"name": "a", "listen": "tcp:8080", "backend": "web"},
+                          {"name": "b", "listen": "tcp:70000", "backend": "web"}],
+        })
+        child = self.spawn(path)
+        await wait_for(lambda: child.ended, 30)
+        self.assertEqual(child.exit_code, 1)
+        self.assertIn("rproxy: frontends[1].listen: port 70000 out of range", child.output)
+        self.assertNotIn("Traceback", child.output)
+
+    @async_test
+    async def test_sigterm_drains(self) -> None:
+        """
+        SIGTERM stops accepting at once, lets an open connection finish,
+        and exits 0 as soon as it has.
+        """
+        _, port = await self.backend("a")
+        child, front = await self.start(self.config(port.getHost().port))
+        client = await connect(front)
+        self.client_cleanup(client)
+        await client.read_until(b"a\n")
+        self.process.signalProcess("TERM")
+        await child.line("rproxy stopping")
+        with self.assertRaises(error.ConnectionRefusedError):
+            await connect(front)
+        client.transport.write(b"still served\n")
+        self.assertEqual(await client.read_until(b"\n"), b"still served\n")
+        self.assertFalse(child.ended)
+        client.transport.loseConnection()
+        await wait_for(lambda: child.ended, 10)
+        self.assertEqual(child.exit_code, 0)
+        self.assertNotIn("Traceback", child.output)
+
+    @async_test
+    async def test_sigterm_grace_period_ends(self) -> None:
+        """Connections still open after grace_period are closed; exit 0."""
+        _, port = await self.backend("a")
+        child, front = await self.start(self.config(port.getHost().port, grace_period="300ms"))
+        client = await connect(front)
+        await client.read_until(b"a\n")
+        self.process.signalProcess("TERM")
+        await client.closed
+        await wait_for(lambda: child.ended, 10)
+        self.assertEqual(child.exit_code, 0)
+        self.assertIn("grace period over, closing 1 connections", child.output)
+
+    @async_test
+    async def test_sighup_reload(self) -> None:
+        """
+        SIGHUP with an invalid file logs the problem and keeps running the
+        old configuration; with a valid one, a new frontend starts.
+        """
+        _, port = await self.backend("a")
+        data = self.config(port.getHost().port)
+        child, front = await self.start(data)
+        self.write_config({"frontends": [{"name": "web", "listen": "nowhere", "backend": "web"}]})
+        os.kill(self.process.pid, signal.SIGHUP)
+        await child.line("reload rejected; keeping the running configuration")
+        self.assertIn("frontends[0].listen: unknown endpoint type 'nowhere'", child.output)
+        client = await connect(front)
+        self.client_cleanup(client)
+        await client.read_until(b"a\n")
+        data["frontends"].append({"name": "extra", "listen": "127.0.0.1:0", "backend": "web"})
+        self.write_config(data)
+        os.kill(self.process.pid, signal.SIGHUP)
+        match = await child.line(r"frontend extra listening on 127\.0\.0\.1:(\d+)")
+        other = await connect(int(match.group(1)))
+        self.client_cleanup(other)
+        await other.read_until(b"a\n")
+        client.transport.write(b"old connection untouched\n")
+        await client.read_until(b"untouched\n")
