@@ -181,6 +181,18 @@ class Pool:
         now = self._clock.seconds()
         return any(s.usable(now) and s.name not in exclude for s in self.servers)
 
+    def try_acquire(self, key: bytes | None = None, exclude: Iterable[str] = ()) -> Server | None:
+        """
+        Take a connection slot on a server if one is free now, without
+        waiting (the common case, with no Deferred to pay for).
+        """
+        if self._waiters:
+            return None  # first come, first served
+        server = self.pick(key, exclude)
+        if server is not None:
+            self._take(server)
+        return server
+
     def acquire(self, key: bytes | None = None, exclude: Iterable[str] = ()) -> defer.Deferred[Server]:
         """
         Take a connection slot on a server, waiting in the queue if every
@@ -192,7 +204,7 @@ class Pool:
             queue.
         """
         exclude = frozenset(exclude)
-        server = self.pick(key, exclude)
+        server = None if self._waiters else self.pick(key, exclude)
         if server is not None:
             self._take(server)
             return defer.succeed(server)

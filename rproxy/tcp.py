@@ -52,7 +52,6 @@ class BackendConnection(SpliceEnd):
         self.client = client
 
     def connectionMade(self) -> None:
-        self.transport.pauseProducing()  # type: ignore[union-attr]
         _nodelay(self.transport)
         self.client.backend_connected(self)
 
@@ -74,9 +73,18 @@ class _BackendFactory(ClientFactory):
         self.client.connect_failed(reason)
 
 
+# What a client may send before its server is connected; past this its
+# reading is paused (the rest waits in the kernel).
+EARLY_DATA_LIMIT = 64 * 1024
+
+
 class ClientConnection(SpliceEnd):
     """
     An accepted client connection of a TCP frontend.
+
+    Bytes the client sends before the server connection is up are kept
+    (up to L{EARLY_DATA_LIMIT}, then reading pauses) and written to the
+    server first; a FIN sent that early is passed on after them.
     """
 
     server: Server | None = None
@@ -84,10 +92,12 @@ class ClientConnection(SpliceEnd):
     backend: BackendConnection | None = None
     _acquiring: defer.Deferred[Server] | None = None
     _connector: object = None
-    _idle: IDelayedCall | None = None
     _queue_timer: IDelayedCall | None = None
-    _quiet_ticks = 0
-    _last_total = -1
+    _early: list[bytes] | None = None
+    _early_size = 0
+    _paused = False
+    quiet_ticks = 0
+    last_total = -1
     counted = False
     closing = False
 
@@ -98,7 +108,6 @@ class ClientConnection(SpliceEnd):
     # -- lifecycle -------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.transport.pauseProducing()  # type: ignore[union-attr]
         _nodelay(self.transport)
         self.frontend.admit(self)
 
@@ -107,7 +116,6 @@ class ClientConnection(SpliceEnd):
         The frontend gave this connection a slot: find it a server.
         """
         self.counted = True
-        self._arm_idle()
         self._acquire()
 
     def _acquire(self) -> None:
@@ -115,6 +123,10 @@ class ClientConnection(SpliceEnd):
         key = None
         if pool.config.algorithm in ("ip-hash", "hash"):
             key = self.transport.getPeer().host.encode()  # type: ignore[union-attr]
+        server = pool.try_acquire(key, self.tried)
+        if server is not None:
+            self._connect(server)
+            return
         d = pool.acquire(key, self.tried)
         self._acquiring = d
         d.addCallbacks(self._connect, self._no_server)
@@ -130,7 +142,9 @@ class ClientConnection(SpliceEnd):
                 frontend=self.frontend.name, peer=_peer(self.transport), why=reason.getErrorMessage(),
             )
         else:
-            self.frontend.log.failure("frontend {frontend}: choosing a server failed", reason, frontend=self.frontend.name)
+            self.frontend.log.failure(
+                "frontend {frontend}: choosing a server failed", reason, frontend=self.frontend.name
+            )
         self._abort()
 
     def _connect(self, server: Server) -> None:
@@ -176,23 +190,37 @@ class ClientConnection(SpliceEnd):
             backend.transport.abortConnection()  # type: ignore[union-attr]
             return
         self.backend = backend
+        early, self._early = self._early, None
+        if early:
+            backend.transport.writeSequence(early)  # type: ignore[union-attr]
         splice(self, backend)
+        if self.read_closed:
+            backend.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    # -- before the splice -----------------------------------------------
+
+    def unspliced_data(self, data: bytes) -> None:
+        if self._early is None:
+            self._early = []
+        self._early.append(data)
+        self._early_size += len(data)
+        if self._early_size >= EARLY_DATA_LIMIT and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def unspliced_eof(self) -> None:
+        # The client half-closed before we reached a server: what it sent
+        # still goes to the server, followed by the FIN.  If it sent
+        # nothing, there is nothing to deliver.
+        if not self._early_size:
+            self._cancel_pending()
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     # -- teardown --------------------------------------------------------
 
     def _abort(self) -> None:
         self.closing = True
         self.transport.abortConnection()  # type: ignore[union-attr]
-
-    def unspliced_data(self, data: bytes) -> None:
-        # Reading is paused until the splice; bytes here mean the
-        # transport delivered what it had already read.  Keep nothing.
-        self._abort()
-
-    def unspliced_eof(self) -> None:
-        # The client gave up before we reached a server.
-        self._cancel_pending()
-        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _cancel_pending(self) -> None:
         if self._acquiring is not None:
@@ -207,9 +235,7 @@ class ClientConnection(SpliceEnd):
 
     def end_lost(self, reason: Failure) -> None:
         self._cancel_pending()
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        self._early = None
         self.frontend.forget(self)
 
     def backend_lost(self, backend: BackendConnection) -> None:
@@ -220,38 +246,11 @@ class ClientConnection(SpliceEnd):
             server.bytes_in += backend.received
             self.pool.release(server)
 
-    # -- idle timeout ----------------------------------------------------
-
-    def _arm_idle(self) -> None:
-        timeout = self.frontend.config.idle_timeout
-        if timeout > 0:
-            self._idle = self.frontend.clock.callLater(timeout / 4, self._idle_tick)
-
-    def _idle_tick(self) -> None:
-        """
-        Checked four times per C{idle_timeout}, so a connection is closed
-        after between 1 and 1.25 times C{idle_timeout} of silence, at no
-        cost per byte.
-        """
-        self._idle = None
-        total = self.received + (self.backend.received if self.backend is not None else 0)
-        if total != self._last_total:
-            self._last_total = total
-            self._quiet_ticks = 0
-        else:
-            self._quiet_ticks += 1
-            if self._quiet_ticks >= 4:
-                self.frontend.idle_closed += 1
-                self.frontend.log.info(
-                    "frontend {frontend}: closing {peer}: idle for {timeout}s",
-                    frontend=self.frontend.name, peer=_peer(self.transport), timeout=self.frontend.config.idle_timeout,
-                )
-                self.closing = True
-                for end in (self, self.backend):
-                    if end is not None and not end.lost:
-                        end.transport.abortConnection()  # type: ignore[union-attr]
-                return
-        self._arm_idle()
+    def idle_abort(self) -> None:
+        self.closing = True
+        for end in (self, self.backend):
+            if end is not None and not end.lost:
+                end.transport.abortConnection()  # type: ignore[union-attr]
 
 
 class TCPFrontend(Factory):
@@ -287,6 +286,7 @@ class TCPFrontend(Factory):
         self.accepting = True
         self._drained: list[defer.Deferred[None]] = []
         self._drain_timer: IDelayedCall | None = None
+        self._sweep: IDelayedCall | None = None
 
     @property
     def name(self) -> str:
@@ -335,7 +335,39 @@ class TCPFrontend(Factory):
     def _start(self, conn: ClientConnection) -> None:
         self.active += 1
         self.limit.active += 1
+        if self._sweep is None and self.config.idle_timeout > 0:
+            self._sweep = self.clock.callLater(self.config.idle_timeout / 4, self._idle_sweep)
         conn.start()
+
+    def _idle_sweep(self) -> None:
+        """
+        Close connections silent both ways for C{idle_timeout}.
+
+        One timer per frontend, four ticks per C{idle_timeout}: a connection
+        whose byte counts did not move for four ticks in a row is closed,
+        so after between 1 and 1.25 times C{idle_timeout} of silence, at no
+        cost per connection or per byte.
+        """
+        self._sweep = None
+        timeout = self.config.idle_timeout
+        for conn in list(self.connections):
+            if not conn.counted:
+                continue
+            total = conn.received + (conn.backend.received if conn.backend is not None else 0)
+            if total != conn.last_total:
+                conn.last_total = total
+                conn.quiet_ticks = 0
+                continue
+            conn.quiet_ticks += 1
+            if conn.quiet_ticks >= 4:
+                self.idle_closed += 1
+                self.log.info(
+                    "frontend {frontend}: closing {peer}: idle for {timeout}s",
+                    frontend=self.name, peer=_peer(conn.transport), timeout=timeout,
+                )
+                conn.idle_abort()
+        if self.active and timeout > 0:
+            self._sweep = self.clock.callLater(timeout / 4, self._idle_sweep)
 
     def refused(self, conn: ClientConnection, why: object) -> None:
         self.refused_total += 1
@@ -359,6 +391,9 @@ class TCPFrontend(Factory):
                     waiter._queue_timer.cancel()
                 waiter._queue_timer = None
                 self._start(waiter)
+        if not self.active and self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         if not self.connections and self._drained:
             if self._drain_timer is not None and self._drain_timer.active():
                 self._drain_timer.cancel()
@@ -408,10 +443,7 @@ class TCPFrontend(Factory):
                 frontend=self.name, n=len(self.connections),
             )
         for conn in list(self.connections):
-            conn.closing = True
-            for end in (conn, conn.backend):
-                if end is not None and not end.lost:
-                    end.transport.abortConnection()  # type: ignore[union-attr]
+            conn.idle_abort()
 
 
 def _nodelay(transport: object) -> None:

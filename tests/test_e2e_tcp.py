@@ -79,6 +79,24 @@ class TCPFrontendTests(ServiceMixin, TestCase):
         self.assertEqual(bytes(client.data), b"last wordsbye")
 
     @async_test
+    async def test_early_data_and_fin(self) -> None:
+        """
+        Bytes and a FIN sent before the server connection is up reach the
+        server in order, and the server's answer still comes back.
+        """
+        _, port = await self.backend("a")
+        service = await self.start_service(backends_config(port.getHost().port))
+
+        class Eager(Client):
+            def connectionMade(self) -> None:
+                self.transport.write(b"early bytes")
+                self.transport.loseWriteConnection()
+
+        client = await connect(service.port_of("web"), Eager())
+        await client.closed
+        self.assertEqual(bytes(client.data), b"a\nearly bytesbye")
+
+    @async_test
     async def test_kill_backend_mid_run(self) -> None:
         """
         With one of three backends killed mid-run (listener closed, its
