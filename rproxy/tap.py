@@ -38,6 +38,11 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> RProxyService:
+    if "twisted.internet.reactor" not in sys.modules:
+        # no --reactor given: use rproxy's epoll reactor (rproxy/reactor.py)
+        from rproxy import reactor as rproxy_reactor
+
+        rproxy_reactor.install()
     from twisted.internet import reactor
 
     service = build_service(options["parsed"], reactor, config_path=options["config"])

@@ -11,3 +11,11 @@ rproxy = ServiceMaker(
     "rproxy: TCP/HTTP load balancer, reverse tunnel and token-pool proxy",
     "rproxy",
 )
+
+from twisted.application.reactors import Reactor  # noqa: E402
+
+rproxy_epoll = Reactor(
+    "rproxy-epoll",
+    "rproxy.reactor",
+    "epoll reactor with a lean dispatch loop (rproxy's default)",
+)
