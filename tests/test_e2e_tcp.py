@@ -152,6 +152,36 @@ class TCPFrontendTests(ServiceMixin, TestCase):
         self.assertEqual(service.frontends["web"].connect_errors, 1)
         self.assertEqual(service.pools["web"].servers[0].connect_failures, 1)
 
+    def silent_server(self) -> int:
+        """
+        A loopback port whose listener never accepts: connects to it either
+        hang or complete in the kernel, and nothing is ever answered.
+        """
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(0)
+        self.addCleanup(sock.close)
+        return sock.getsockname()[1]
+
+    @async_test
+    async def test_client_leaves_before_server_answers(self) -> None:
+        """
+        A client that goes away while its server is silent frees the server
+        slot (at once if the connect was still pending, else when the
+        half-closed pair goes idle) and is not counted as a server failure.
+        """
+        data = backends_config(self.silent_server())
+        data["frontends"][0].update(connect_timeout="30s", idle_timeout="300ms")
+        service = await self.start_service(data)
+        server = service.pools["web"].servers[0]
+        client = await connect(service.port_of("web"))
+        await wait_for(lambda: server.active == 1)
+        client.transport.loseConnection()
+        await client.closed
+        await wait_for(lambda: server.active == 0)
+        self.assertEqual(server.connect_failures, 0)
+        self.assertEqual(service.frontends["web"].active, 0)
+
     @async_test
     async def test_slow_reader_backpressure(self) -> None:
         """
