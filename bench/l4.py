@@ -130,13 +130,25 @@ frontends:
     )
 
 
+def start_portforward(work: str, port: int, backend: int) -> subprocess.Popen[bytes]:
+    """
+    Twisted's stock splice (twistd portforward), for reference.
+    """
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return subprocess.Popen(
+        ["taskset", "-c", PROXY_CORE, twistd, "-n", "--pidfile=", "portforward",
+         "-p", f"tcp:{port}:interface=127.0.0.1", "-h", "127.0.0.1", "-d", str(backend)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work,
+    )
+
+
 def wrk(port: int, duration: int, connections: int, close: bool) -> tuple[float, str]:
     args = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
     if close:
         args += ["-H", "Connection: close"]
     out = subprocess.run(args + [f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p99 = re.search(r"99%\s+(\S+)", out)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
     errors = re.search(r"Socket errors: (.*)", out)
     return rate, (p99.group(1) if p99 else "?") + (f" errors: {errors.group(1)}" if errors else "")
 
@@ -160,13 +172,15 @@ def main() -> None:
     os.chmod(work, 0o755)  # nginx workers run as nobody
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        nginx_port, haproxy_port, rproxy_port = free_port(), free_port(), free_port()
+        nginx_port, haproxy_port, rproxy_port, pf_port = free_port(), free_port(), free_port(), free_port()
         procs.append(start_nginx(work, nginx_port))
         procs.append(start_haproxy(work, haproxy_port, nginx_port))
         procs.append(start_rproxy(work, rproxy_port, nginx_port))
-        for port in (nginx_port, haproxy_port, rproxy_port):
+        procs.append(start_portforward(work, pf_port, nginx_port))
+        for port in (nginx_port, haproxy_port, rproxy_port, pf_port):
             wait_port(port)
-        targets = [("direct", nginx_port), ("haproxy", haproxy_port), ("rproxy", rproxy_port)]
+        targets = [("direct", nginx_port), ("haproxy", haproxy_port), ("portfwd", pf_port),
+                   ("rproxy", rproxy_port)]
         results: dict[str, dict[str, float]] = {name: {} for name, _ in targets}
         for name, port in targets:  # warm up
             wrk(port, 2, args.connections, False)
@@ -177,8 +191,14 @@ def main() -> None:
             mb = max(bulk(port) for _ in range(3))
             results[name] = {"ka": ka, "close": cl, "bulk": mb}
             print(f"{name:8} {ka:17.0f} {ka_p99:>10} {cl:12.0f} {cl_p99:>10} {mb:10.0f}")
-        r, h = results["rproxy"], results["haproxy"]
+        r, h, pf = results["rproxy"], results["haproxy"], results["portfwd"]
         print()
+        print("portforward/haproxy (Twisted's stock splice, for reference): "
+              f"keep-alive {pf['ka'] / h['ka']:.2f}, new connections {pf['close'] / h['close']:.2f}, "
+              f"bulk {pf['bulk'] / h['bulk']:.2f}")
+        print("haproxy/direct (1.00 means the load generator, not HAProxy, is the limit): "
+              f"keep-alive {h['ka'] / results['direct']['ka']:.2f}, "
+              f"new connections {h['close'] / results['direct']['close']:.2f}")
         print("rproxy/haproxy ratios (targets: keep-alive >= 0.60, new connections >= 0.30, bulk >= 0.75)")
         for key, label, target in (("ka", "keep-alive", 0.60), ("close", "new connections", 0.30),
                                    ("bulk", "bulk", 0.75)):

@@ -72,17 +72,18 @@ class RoundRobin:
 
     def __init__(self) -> None:
         self._turn = 0
-        self._for: tuple[tuple[str, int], ...] = ()
+        self._for: list[Candidate] = []
+        self._weights: list[int] = []
         self._sequence: list[int] = []
 
     def pick(self, candidates: Sequence[Candidate], key: bytes | None = None) -> Candidate | None:
         candidates = _weighted(candidates)
         if not candidates:
             return None
-        identity = tuple((c.name, c.weight) for c in candidates)
-        if identity != self._for:
-            self._for = identity
-            self._sequence = [i for i, c in enumerate(candidates) for _ in range(max(c.weight, 1))]
+        weights = [c.weight for c in candidates]
+        if candidates != self._for or weights != self._weights:
+            self._for, self._weights = list(candidates), weights
+            self._sequence = [i for i, w in enumerate(weights) for _ in range(max(w, 1))]
         turn = self._turn
         self._turn = turn + 1
         return candidates[self._sequence[turn % len(self._sequence)]]

@@ -192,7 +192,7 @@ class ClientConnection(SpliceEnd):
         self.backend = backend
         early, self._early = self._early, None
         if early:
-            backend.transport.writeSequence(early)  # type: ignore[union-attr]
+            backend.transport.write(b"".join(early))  # type: ignore[union-attr]
         splice(self, backend)
         if self.read_closed:
             backend.transport.loseWriteConnection()  # type: ignore[union-attr]
@@ -447,6 +447,8 @@ class TCPFrontend(Factory):
 
 
 def _nodelay(transport: object) -> None:
+    if getattr(transport, "noDelay", False):
+        return  # rproxy.transport sockets have it on from the start
     set_nodelay = getattr(transport, "setTcpNoDelay", None)
     if set_nodelay is not None:
         try:

@@ -35,11 +35,12 @@ import os
 import socket
 from typing import Any
 
-from twisted.internet import defer, error, tcp
+from twisted.internet import defer, error, main, tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
     IListeningPort,
     IProtocolFactory,
     IReadWriteDescriptor,
@@ -67,7 +68,10 @@ _RETRY_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.
 
 class _ImmediateSendMixin:
     """
-    Send at once when nothing is queued; queue the rest as usual.
+    Send at once when nothing is queued; queue the rest as usual.  Closing
+    and half-closing with nothing queued also happen without the round trip
+    through the reactor's write registration that Twisted makes to flush an
+    empty buffer.
     """
 
     # True while registered for writability, i.e. while the buffered
@@ -76,7 +80,11 @@ class _ImmediateSendMixin:
     # Set once the connection is closing, aborting or half-closed for
     # writing: from then on every write takes the base class's path.
     _rpNoFast = False
-    immediateSends = 0
+    # Writing was shut down by the fast half-close: later writes are
+    # dropped, as Twisted drops writes after loseWriteConnection.
+    _rpWriteClosed = False
+    # The fast close is scheduled; nothing is left to flush.
+    _rpClosing = False
 
     def startWriting(self) -> None:
         self._rpQueued = True
@@ -86,17 +94,59 @@ class _ImmediateSendMixin:
         self._rpQueued = False
         super().stopWriting()  # type: ignore[misc]
 
+    def _rpIdle(self) -> bool:
+        """
+        Connected, plain TCP, nothing buffered, not closing.
+        """
+        return (
+            not self._rpQueued
+            and self.connected  # type: ignore[attr-defined]
+            and not self.disconnecting  # type: ignore[attr-defined]
+            and not self.TLS  # type: ignore[attr-defined]
+        )
+
     def loseConnection(self, *args: Any, **kwargs: Any) -> None:
+        if self._rpIdle() and self.producer is None:  # type: ignore[attr-defined]
+            # Nothing to flush: close on the next reactor turn (as
+            # abortConnection does, but orderly: FIN, not RST).
+            self._rpNoFast = True
+            self._rpClosing = True
+            self.disconnecting = True
+            self.stopReading()  # type: ignore[attr-defined]
+            self.reactor.callLater(  # type: ignore[attr-defined]
+                0, self.connectionLost, Failure(main.CONNECTION_DONE)
+            )
+            return
         self._rpNoFast = True
         super().loseConnection(*args, **kwargs)  # type: ignore[misc]
 
     def loseWriteConnection(self) -> None:
+        if self._rpIdle() and not self._rpWriteClosed:
+            # Nothing to flush: send the FIN now and tell the protocol.
+            self._rpNoFast = True
+            self._rpWriteClosed = True
+            try:
+                self.socket.shutdown(socket.SHUT_WR)  # type: ignore[attr-defined]
+            except OSError:
+                pass
+            protocol = IHalfCloseableProtocol(self.protocol, None)  # type: ignore[attr-defined]
+            if protocol is not None:
+                protocol.writeConnectionLost()
+            return
         self._rpNoFast = True
         super().loseWriteConnection()  # type: ignore[misc]
 
     def abortConnection(self) -> None:
         self._rpNoFast = True
         super().abortConnection()  # type: ignore[misc]
+
+    def unregisterProducer(self) -> None:
+        if self._rpClosing:
+            # the base class would register for writing to finish a
+            # close that is already scheduled
+            self.producer = None
+            return
+        super().unregisterProducer()  # type: ignore[misc]
 
     def write(self, data: bytes) -> None:
         if (
@@ -106,7 +156,8 @@ class _ImmediateSendMixin:
             or not self.connected  # type: ignore[attr-defined]
             or type(data) is not bytes
         ):
-            super().write(data)  # type: ignore[misc]
+            if not self._rpWriteClosed:
+                super().write(data)  # type: ignore[misc]
             return
         try:
             sent = self.socket.send(data)  # type: ignore[attr-defined]
@@ -121,6 +172,10 @@ class _ImmediateSendMixin:
             return
         super().write(data[sent:] if sent else data)  # type: ignore[misc]
 
+    def writeSequence(self, iovec: Any) -> None:
+        if not self._rpWriteClosed:
+            super().writeSequence(iovec)  # type: ignore[misc]
+
 
 class ImmediateSendServer(_ImmediateSendMixin, tcp.Server):
     """
@@ -131,6 +186,8 @@ class ImmediateSendServer(_ImmediateSendMixin, tcp.Server):
     # shared, so close alone sends the FIN (after any unsent data), one
     # system call fewer per connection.
     _shouldShutdown = False
+    # TCP_NODELAY is already on (inherited from ImmediateSendPort).
+    noDelay = True
 
 
 class ImmediateSendClient(_ImmediateSendMixin, tcp.Client):
@@ -149,6 +206,7 @@ class ImmediateSendConnection(_ImmediateSendMixin, tcp.Connection):
     """
 
     _shouldShutdown = False
+    noDelay = True  # set by PendingConnect before connecting
 
     def __init__(self, skt: socket.socket, protocol: Any, reactor: Any, peer: Any) -> None:
         super().__init__(skt, protocol, reactor)
@@ -188,6 +246,7 @@ class PendingConnect:
         self.timer: Any = None
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setblocking(False)
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = self.socket.connect_ex((host, port))
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             self.timer = reactor.callLater(0, self._fail, error.getConnectError((err, os.strerror(err))))
@@ -249,10 +308,17 @@ class PendingConnect:
 
 class ImmediateSendPort(tcp.Port):
     """
-    A listening TCP port whose connections are L{ImmediateSendServer}s.
+    A listening TCP port whose connections are L{ImmediateSendServer}s,
+    with Nagle's algorithm off (accepted sockets inherit TCP_NODELAY from
+    the listening socket, saving a system call per connection).
     """
 
     transport = ImmediateSendServer
+
+    def createInternetSocket(self) -> socket.socket:
+        skt = super().createInternetSocket()
+        skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return skt
 
 
 class ImmediateSendConnector(tcp.Connector):
