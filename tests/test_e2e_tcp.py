@@ -5,6 +5,7 @@ End-to-end tests of the TCP frontend on loopback: real sockets, port 0.
 from __future__ import annotations
 
 import collections
+import os
 import json
 import socket
 from typing import Any
@@ -409,3 +410,124 @@ class ImmediateSendTests(ServiceMixin, TestCase):
         self.assertEqual(sock.recv(10), b"now")
         server.transport.loseConnection()
         await turn()
+
+
+class ProbeTests(ServiceMixin, TestCase):
+    """
+    The real probes against real servers on loopback.
+    """
+
+    @async_test
+    async def test_http_probe_status_and_headers(self) -> None:
+        """
+        The http check sends the configured headers and passes only on the
+        expected status.
+        """
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        from rproxy.config import HealthCheckConfig, ServerConfig
+        from rproxy.health import ProbeFailed, http_probe
+        from rproxy.pool import Server
+        from tests.support import reactor
+
+        seen: list[bytes | None] = []
+
+        class Health(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                secret = request.getHeader(b"x-kv-secret")
+                seen.append(secret)
+                request.setResponseCode(200 if secret == b"s3cret" else 403)
+                return b"ok"
+
+        site = Site(Health())
+        site.log = lambda request: None  # type: ignore[method-assign]
+        port = await listen(site)
+        self.addCleanup(port.stopListening)
+        config = ServerConfig(name="w", address="x", host="127.0.0.1", port=port.getHost().port)
+        server = Server(config, "web")
+        good = HealthCheckConfig(type="http", path="/health", headers=(("X-KV-SECRET", "s3cret"),))
+        await http_probe(reactor, server, good)
+        bad = HealthCheckConfig(type="http", path="/health", headers=(("X-KV-SECRET", "wrong"),))
+        with self.assertRaises(ProbeFailed) as caught:
+            await http_probe(reactor, server, bad)
+        self.assertEqual(str(caught.exception), "status 403, expected 200")
+        self.assertEqual(seen, [b"s3cret", b"wrong"])
+
+    @async_test
+    async def test_tcp_checks_take_dead_server_down(self) -> None:
+        """
+        Active tcp checks mark a server whose port closed as down after
+        fall checks, and back up after rise checks once it listens again.
+        """
+        from tests.support import EchoFactory, reactor
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        factory, port = await self.backend("a")
+        number = port.getHost().port
+        data = backends_config(number)
+        data["backends"][0]["health_check"] = {"type": "tcp", "interval": "50ms", "timeout": "1s",
+                                               "rise": 2, "fall": 2, "jitter": 0}
+        service = await self.start_service(data)
+        server = service.pools["web"].servers[0]
+        await port.stopListening()
+        await wait_for(lambda: not server.up)
+        self.assertEqual(server.down_reason.split(":")[0], "tcp check failed")
+        again = await TCP4ServerEndpoint(reactor, number, interface="127.0.0.1").listen(EchoFactory("a"))
+        self.addCleanup(again.stopListening)
+        await wait_for(lambda: server.up)
+
+
+class ListenerTypesTests(ServiceMixin, TestCase):
+    """
+    Listen addresses are Twisted endpoint strings: unix: and ssl: work.
+    """
+
+    @async_test
+    async def test_unix_listener(self) -> None:
+        """A unix: frontend proxies to a TCP backend."""
+        import os
+
+        from twisted.internet.endpoints import UNIXClientEndpoint
+        from twisted.internet.protocol import Factory
+
+        from tests.support import reactor
+
+        _, port = await self.backend("a")
+        path = os.path.abspath(self.mktemp())
+        data = backends_config(port.getHost().port)
+        data["frontends"][0]["listen"] = f"unix:{path}"
+        await self.start_service(data)
+        client = Client()
+        await UNIXClientEndpoint(reactor, path).connect(Factory.forProtocol(lambda: client))
+        self.client_cleanup(client)
+        self.assertEqual(await client.read_until(b"\n"), b"a\n")
+
+    @async_test
+    async def test_ssl_listener(self) -> None:
+        """An ssl: frontend terminates TLS and splices the plain bytes."""
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+        from twisted.internet.protocol import Factory
+
+        from tests.support import reactor, self_signed_pem
+
+        pem = os.path.abspath(self.mktemp())
+        cert = self_signed_pem(pem)
+        _, port = await self.backend("a")
+        data = backends_config(port.getHost().port)
+        data["frontends"][0]["listen"] = f"ssl:0:interface=127.0.0.1:privateKey={pem}"
+        service = await self.start_service(data)
+        client = Client()
+        options = ssl.optionsForClientTLS(
+            "localhost", trustRoot=ssl.Certificate.loadPEM(cert)
+        )
+        await SSL4ClientEndpoint(reactor, "127.0.0.1", service.port_of("web"), options).connect(
+            Factory.forProtocol(lambda: client)
+        )
+        self.client_cleanup(client)
+        self.assertEqual(await client.read_until(b"\n"), b"a\n")
+        client.transport.write(b"secret\n")
+        self.assertEqual(await client.read_until(b"\n"), b"secret\n")
