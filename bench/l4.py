@@ -182,7 +182,7 @@ def main() -> None:
         targets = [("direct", nginx_port), ("haproxy", haproxy_port), ("portfwd", pf_port),
                    ("rproxy", rproxy_port)]
         results: dict[str, dict[str, float]] = {name: {} for name, _ in targets}
-        for name, port in targets:  # warm up
+        for _, port in targets:  # warm up
             wrk(port, 2, args.connections, False)
         print(f"{'path':8} {'keep-alive req/s':>17} {'p99':>10} {'close req/s':>12} {'p99':>10} {'bulk MB/s':>10}")
         for name, port in targets:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 __all__ = [
     "Candidate",

@@ -15,7 +15,7 @@ return a Deferred; tests inject their own.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 from twisted.internet import defer, protocol

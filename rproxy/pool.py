@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import random
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 from twisted.internet import defer

@@ -16,6 +16,7 @@ reload or a shutdown can drain them.
 from __future__ import annotations
 
 import collections
+
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Factory

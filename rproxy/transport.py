@@ -43,15 +43,15 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IListeningPort,
     IProtocolFactory,
-    IReadWriteDescriptor,
     IReactorTCP,
+    IReadWriteDescriptor,
     IStreamServerEndpoint,
 )
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rproxy.config import split_endpoint
-from twisted.internet.posixbase import PosixReactorBase
 
 __all__ = [
     "ImmediateSendServer",

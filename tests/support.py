@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
-from twisted.internet import defer, protocol, reactor as _reactor
+from twisted.internet import defer, protocol
+from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.internet.task import deferLater
@@ -252,7 +254,7 @@ def self_signed_pem(path: str, hostname: str = "localhost") -> bytes:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

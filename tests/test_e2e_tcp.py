@@ -5,8 +5,8 @@ End-to-end tests of the TCP frontend on loopback: real sockets, port 0.
 from __future__ import annotations
 
 import collections
-import os
 import json
+import os
 import socket
 from typing import Any
 
@@ -462,8 +462,9 @@ class ProbeTests(ServiceMixin, TestCase):
         Active tcp checks mark a server whose port closed as down after
         fall checks, and back up after rise checks once it listens again.
         """
-        from tests.support import EchoFactory, reactor
         from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        from tests.support import EchoFactory, reactor
 
         factory, port = await self.backend("a")
         number = port.getHost().port

@@ -4,12 +4,13 @@ Tests for L{rproxy.health}.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.config import BackendConfig, HealthCheckConfig, ServerConfig
 from rproxy.health import HealthChecker, HealthState, ProbeFailed
@@ -128,7 +129,7 @@ class HealthCheckerTests(SynchronousTestCase):
                 if name == "a" and not d.called:
                     times.append(self.clock.seconds())
                     d.callback(None)
-        gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         self.assertTrue(gaps)
         for gap in gaps:
             self.assertTrue(1.79 <= gap <= 2.21, gap)
