@@ -289,6 +289,8 @@ class Config:
     admin: AdminConfig = AdminConfig()
     backends: tuple[BackendConfig, ...] = ()
     frontends: tuple[FrontendConfig, ...] = ()
+    api_keys: tuple[Any, ...] = ()  # rproxy.tunnel.config.ApiKeyConfig
+    tunnels: tuple[Any, ...] = ()  # rproxy.tunnel.config.TunnelConfig
 
     def backend(self, name: str) -> BackendConfig:
         for backend in self.backends:
@@ -699,14 +701,25 @@ def parse_config(data: object) -> Config:
             errors.append(f"{path}.listen: {frontend.listen!r} is already used by another frontend")
             continue
         frontends.append(frontend)
-    for later in ("stores", "api_keys", "tunnels", "token_pools"):
+    from rproxy.tunnel.config import read_api_keys, read_tunnels
+
+    api_keys = read_api_keys(top)
+    tunnels = read_tunnels(top)
+    for later in ("stores", "token_pools"):
         if top.has(later):
             top.raw(later)
             errors.append(f"{later}: not available in this version of rproxy")
     top.finish()
     if errors:
         raise ConfigError(errors)
-    return Config(global_=global_, admin=admin, backends=tuple(backends), frontends=tuple(frontends))
+    return Config(
+        global_=global_,
+        admin=admin,
+        backends=tuple(backends),
+        frontends=tuple(frontends),
+        api_keys=api_keys,
+        tunnels=tunnels,
+    )
 
 
 def load_config(path: str) -> Config:

@@ -113,6 +113,29 @@ class StateCollector:
                 ejections.add_metric(labels, server.ejections)
         yield from (up, sactive, stotal, serrors, sbytes, ejections, queue)
 
+        agents = GaugeMetricFamily("rproxy_tunnel_agents", "Agents logged in", labels=["tunnel"])
+        streams = GaugeMetricFamily("rproxy_tunnel_streams_active", "Spliced streams open", labels=["tunnel"])
+        opened = CounterMetricFamily("rproxy_tunnel_streams_opened", "Streams opened", labels=["tunnel"])
+        failed = CounterMetricFamily(
+            "rproxy_tunnel_streams_failed", "Public connections closed without a stream", labels=["tunnel"]
+        )
+        refused = CounterMetricFamily(
+            "rproxy_tunnel_proxy_refused", "Proxy connections refused (forged, replayed, late)", labels=["tunnel"]
+        )
+        tbytes = CounterMetricFamily(
+            "rproxy_tunnel_bytes", "Bytes of closed streams; in = from public clients", labels=["tunnel", "direction"]
+        )
+        for tunnel in service.tunnels.values():
+            name = tunnel.name
+            agents.add_metric([name], len(tunnel.registry.agents))
+            streams.add_metric([name], sum(len(a.streams) for a in tunnel.registry.agents.values()))
+            opened.add_metric([name], tunnel.streams_opened)
+            failed.add_metric([name], tunnel.streams_failed)
+            refused.add_metric([name], tunnel.proxy_refused)
+            tbytes.add_metric([name, "in"], tunnel.bytes_in)
+            tbytes.add_metric([name, "out"], tunnel.bytes_out)
+        yield from (agents, streams, opened, failed, refused, tbytes)
+
 
 class Metrics:
     """
@@ -126,6 +149,13 @@ class Metrics:
             "Duration of active health checks",
             ["backend", "server", "result"],
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )
+        self.tunnel_open_latency = Histogram(
+            "rproxy_tunnel_open_seconds",
+            "Time from a public connection to its spliced agent stream",
+            ["tunnel"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=registry,
         )
         self.reloads = Counter(

@@ -32,6 +32,8 @@ from rproxy.metrics import Metrics
 from rproxy.pool import Pool, Server
 from rproxy.tcp import ConnectionLimit, TCPFrontend
 from rproxy.transport import server_endpoint
+from rproxy.tunnel.registry import StaticKeys
+from rproxy.tunnel.server import TunnelServer
 
 __all__ = ["RProxyService", "build_service"]
 
@@ -69,6 +71,7 @@ class RProxyService(MultiService):
         self.frontends: dict[str, TCPFrontend] = {}
         self.ports: dict[str, IListeningPort] = {}
         self.retired: set[TCPFrontend] = set()
+        self.tunnels: dict[str, TunnelServer] = {}
         self.admin_port: IListeningPort | None = None
         self._admin_listen: str | None = None
         self.stopping = False
@@ -121,6 +124,21 @@ class RProxyService(MultiService):
             frontend = TCPFrontend(config, pool, self.reactor, self.clock, self.limit)
             self.frontends[config.name] = frontend
             await self._listen(frontend)
+
+        keys = StaticKeys(new.api_keys)
+        wanted_tunnels = {t.name: t for t in new.tunnels}
+        for name, tunnel in list(self.tunnels.items()):
+            if wanted_tunnels.get(name) != tunnel.config:
+                del self.tunnels[name]
+                await tunnel.stop()
+            else:
+                tunnel.keys = keys
+        for tunnel_config in new.tunnels:
+            if tunnel_config.name not in self.tunnels:
+                tunnel = TunnelServer(tunnel_config, keys, self.reactor, self.clock, self._rng)
+                tunnel.observe_open = self.metrics.tunnel_open_latency.labels(tunnel_config.name).observe
+                self.tunnels[tunnel_config.name] = tunnel
+                await tunnel.start()
 
         for name in set(old_pools) - {b.name for b in new.backends}:
             self.checkers.pop(name).stop()
@@ -233,6 +251,8 @@ class RProxyService(MultiService):
         await defer.gatherResults(waits, consumeErrors=True)
         for pool in self.pools.values():
             pool.close()
+        for tunnel in list(self.tunnels.values()):
+            await tunnel.stop()
         if self.admin_port is not None:
             await self.admin_port.stopListening()
             self.admin_port = None

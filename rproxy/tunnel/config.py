@@ -1,0 +1,234 @@
+"""
+Configuration of tunnels (server side), static API keys, and the agent.
+
+Read with the same key-path reader as the rest of the configuration
+(L{rproxy.config}); see DESIGN.md for the contract.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import attrs
+import yaml
+
+from rproxy.config import (
+    ConfigError,
+    _choice,
+    _duration,
+    _int,
+    _listen,
+    _name,
+    _Section,
+    _str,
+    parse_hostport,
+)
+
+__all__ = ["ApiKeyConfig", "TunnelConfig", "TLSConfig", "AgentConfig", "ServiceConfig", "load_agent_config"]
+
+TUNNEL_ALGORITHMS = ("random", "round-robin", "least-connections", "model")
+
+
+@attrs.frozen
+class ApiKeyConfig:
+    key: str = attrs.field(repr=False)
+    level: int = -1
+    name: str = "default"
+
+
+@attrs.frozen
+class TLSConfig:
+    cert: str
+    key: str
+
+
+@attrs.frozen
+class TunnelConfig:
+    name: str
+    control: str = "tcp:17000"
+    proxy: str = "tcp:17001"
+    public: str = "tcp:18080"
+    mode: str = "tcp"
+    algorithm: str = "random"
+    tls: TLSConfig | None = None
+    heartbeat_timeout: float = 30.0
+    open_timeout: float = 5.0
+    max_pending: int = 1024
+    service: str | None = None
+
+
+def _file(value: object) -> str:
+    path = _str(value)
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file {path!r}")
+    return path
+
+
+def _read_tls(section: _Section) -> TLSConfig | None:
+    if not section.data:
+        section.finish()
+        return None
+    tls = TLSConfig(cert=section.value("cert", _file), key=section.value("key", _file))
+    section.finish()
+    return tls if tls.cert and tls.key else None
+
+
+def read_api_keys(top: _Section) -> tuple[ApiKeyConfig, ...]:
+    keys: list[ApiKeyConfig] = []
+    for path, raw in top.items("api_keys"):
+        section = _Section(raw, path, top.errors)
+        if not section.ok:
+            continue
+        key = ApiKeyConfig(
+            key=section.value("key", _str) or "",
+            level=section.value("level", _int(-1), -1),
+            name=section.value("name", _str, "default"),
+        )
+        section.finish()
+        if key.key:
+            keys.append(key)
+    return tuple(keys)
+
+
+def read_tunnels(top: _Section) -> tuple[TunnelConfig, ...]:
+    tunnels: list[TunnelConfig] = []
+    for path, raw in top.items("tunnels"):
+        section = _Section(raw, path, top.errors)
+        if not section.ok:
+            continue
+        d = TunnelConfig(name="")
+        mode = section.value("mode", _choice(("tcp", "http")), "tcp")
+        if mode == "http":
+            section.error("mode", "http (model-aware routing) is not available in this version")
+        algorithm = section.value("algorithm", _choice(TUNNEL_ALGORITHMS), d.algorithm)
+        if algorithm == "model" and mode != "http":
+            section.error("algorithm", "model routing needs mode: http")
+        tunnel = TunnelConfig(
+            name=section.value("name", _name) or "",
+            control=section.value("control", _listen, d.control),
+            proxy=section.value("proxy", _listen, d.proxy),
+            public=section.value("public", _listen, d.public),
+            mode=mode,
+            algorithm=algorithm,
+            tls=_read_tls(section.section("tls")),
+            heartbeat_timeout=section.value("heartbeat_timeout", _duration, d.heartbeat_timeout),
+            open_timeout=section.value("open_timeout", _duration, d.open_timeout),
+            max_pending=section.value("max_pending", _int(1), d.max_pending),
+            service=section.value("service", _name, None),
+        )
+        section.finish()
+        if tunnel.name and any(t.name == tunnel.name for t in tunnels):
+            top.errors.append(f"{path}.name: duplicate tunnel name {tunnel.name!r}")
+        elif tunnel.name:
+            tunnels.append(tunnel)
+    return tuple(tunnels)
+
+
+# -- the agent -----------------------------------------------------------
+
+
+@attrs.frozen
+class ServiceConfig:
+    name: str
+    host: str
+    port: int
+
+
+@attrs.frozen
+class AgentConfig:
+    control: tuple[str, int]
+    proxy: tuple[str, int]
+    api_key: str = attrs.field(repr=False)
+    services: tuple[ServiceConfig, ...]
+    agent_id: str | None = None
+    state_dir: str = "~/.rproxy-agent"
+    ca: str | None = None
+    server_name: str | None = None
+    models: tuple[str, ...] = ()
+    models_from: str | None = None
+    heartbeat_interval: float = 10.0
+    pool_count: int = 0
+    reconnect_initial: float = 1.0
+    reconnect_max: float = 60.0
+    connect_timeout: float = 5.0
+
+
+def _hostport(value: object) -> tuple[str, int]:
+    return parse_hostport(_str(value))
+
+
+def _model_name(value: object) -> str:
+    text = _str(value)
+    if len(text) > 256 or not re.match(r"^[\x21-\x7e]+$", text):
+        raise ValueError(f"{text!r} is not a model name (printable ASCII, no spaces)")
+    return text
+
+
+def parse_agent_config(data: object) -> AgentConfig:
+    errors: list[str] = []
+    top = _Section(data, "", errors)
+    server = top.section("server")
+    control = server.value("control", _hostport, ("127.0.0.1", 17000))
+    proxy = server.value("proxy", _hostport, ("127.0.0.1", 17001))
+    server.finish()
+    tls = top.section("tls")
+    ca = tls.value("ca", _file, None)
+    server_name = tls.value("server_name", _str, None)
+    tls.finish()
+    services = []
+    for path, raw in top.items("services"):
+        section = _Section(raw, path, errors)
+        if not section.ok:
+            continue
+        name = section.value("name", _name)
+        local = section.value("local", _hostport)
+        section.finish()
+        if name and local:
+            services.append(ServiceConfig(name, local[0], local[1]))
+    if not services and not any(e.startswith("services") for e in errors):
+        errors.append("services: at least one service is required")
+    models = []
+    for path, raw in top.items("models"):
+        try:
+            models.append(_model_name(raw))
+        except ValueError as e:
+            errors.append(f"{path}: {e}")
+    reconnect = top.section("reconnect")
+    initial = reconnect.value("initial", _duration, 1.0)
+    maximum = reconnect.value("max", _duration, 60.0)
+    reconnect.finish()
+    config = AgentConfig(
+        control=control,
+        proxy=proxy,
+        api_key=top.value("api_key", _str) or "",
+        services=tuple(services),
+        agent_id=top.value("agent_id", _name, None),
+        state_dir=top.value("state_dir", _str, "~/.rproxy-agent"),
+        ca=ca,
+        server_name=server_name,
+        models=tuple(models),
+        models_from=top.value("models_from", _str, None),
+        heartbeat_interval=top.value("heartbeat_interval", _duration, 10.0),
+        pool_count=top.value("pool_count", _int(0, 64), 0),
+        reconnect_initial=initial,
+        reconnect_max=maximum,
+        connect_timeout=top.value("connect_timeout", _duration, 5.0),
+    )
+    top.finish()
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def load_agent_config(path: str) -> AgentConfig:
+    try:
+        with open(path, "rb") as f:
+            data: Any = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: invalid YAML: {e}"]) from None
+    return parse_agent_config(data)
+

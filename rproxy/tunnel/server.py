@@ -1,0 +1,465 @@
+"""
+The tunnel server: control, proxy and public ports of one C{tunnels:} entry.
+
+  - L{ControlProtocol}: an agent logs in (API key), sends heartbeats and
+    model updates, and receives C{request_new_proxy_conn}.
+  - L{PublicProtocol}: a user's connection.  Its early bytes are kept
+    (bounded; reading pauses past the bound) while the server asks an agent
+    for a data connection; if the agent does not deliver one within
+    C{open_timeout}, the next agent is asked; with none left the user is
+    closed.
+  - L{ProxyProtocol}: an agent's data connection.  Its first frame must
+    claim a pending open with the right one-time secret; then it is
+    spliced with the public connection (L{rproxy.splice}).
+
+Every malformed frame closes only the connection that sent it, with the
+reason logged.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rproxy.splice import SpliceEnd, splice
+from rproxy.transport import server_endpoint
+from rproxy.tunnel.config import TunnelConfig
+from rproxy.tunnel.registry import AgentSession, Pending, Registry, StaticKeys, TooManyPending
+from rproxy.tunnel.wire import (
+    MAX_FRAME,
+    Error,
+    FrameDecoder,
+    Heartbeat,
+    Login,
+    LoginResult,
+    ModelsUpdate,
+    NewProxyConn,
+    ProtocolError,
+    RequestNewProxyConn,
+    encode,
+)
+
+__all__ = ["TunnelServer"]
+
+EARLY_DATA_LIMIT = 64 * 1024
+LOGIN_TIMEOUT = 10.0
+
+
+def _peer(transport: Any) -> str:
+    try:
+        peer = transport.getPeer()
+        return f"{peer.host}:{peer.port}"
+    except Exception:  # noqa: BLE001 - unix sockets and test transports
+        return "?"
+
+
+class ControlProtocol(Protocol):
+    """
+    One agent's control connection.
+    """
+
+    session: AgentSession | None = None
+    _login_timer: IDelayedCall | None = None
+
+    def __init__(self, server: TunnelServer) -> None:
+        self.server = server
+        self.decoder = FrameDecoder(MAX_FRAME)
+
+    def connectionMade(self) -> None:
+        self._login_timer = self.server.clock.callLater(LOGIN_TIMEOUT, self.drop, "no login in time")
+
+    def send(self, message: Any) -> None:
+        self.transport.write(encode(message))  # type: ignore[union-attr]
+
+    def drop(self, why: str) -> None:
+        self.server.log.info(
+            "tunnel {tunnel}: closing control connection {peer}: {why}",
+            tunnel=self.server.name, peer=_peer(self.transport), why=why,
+        )
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+            for message in messages:
+                self.handle(message)
+        except ProtocolError as e:
+            self.server.log.warn(
+                "tunnel {tunnel}: malformed frame from {peer}: {why}",
+                tunnel=self.server.name, peer=_peer(self.transport), why=str(e),
+            )
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def handle(self, message: Any) -> None:
+        if self.transport.disconnecting:  # type: ignore[union-attr]
+            return
+        if self.session is None:
+            if not isinstance(message, Login):
+                raise ProtocolError(f"expected login, got {message.type}")
+            self.login(message)
+            return
+        session = self.session
+        session.last_seen = self.server.clock.seconds()
+        if isinstance(message, Heartbeat):
+            session.heartbeat = message
+            session.last_heartbeat = session.last_seen
+        elif isinstance(message, ModelsUpdate):
+            session.models = message.models
+        elif isinstance(message, Error):
+            self.server.log.info(
+                "tunnel {tunnel}: agent {agent} reports: {message}",
+                tunnel=self.server.name, agent=session.agent_id, message=message.message,
+            )
+        else:
+            raise ProtocolError(f"unexpected {message.type} on a control connection")
+
+    def login(self, login: Login) -> None:
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+        key = self.server.keys.check(login.api_key or login.token or "")
+        if key is None:
+            self.server.logins_failed += 1
+            self.send(LoginResult(ok=False, agent_id=login.agent_id, error="invalid api key"))
+            self.drop(f"agent {login.agent_id!r}: invalid api key")
+            return
+        now = self.server.clock.seconds()
+        session = AgentSession(
+            agent_id=login.agent_id, peer=_peer(self.transport), key_name=key.name, level=key.level,
+            connected_at=now, last_seen=now, control=self, system_info=login.system_info,
+            devices=login.devices, models=login.models,
+        )
+        self.session = session
+        old = self.server.registry.add(session)
+        if old is not None:
+            self.server.log.info(
+                "tunnel {tunnel}: agent {agent} logged in again from {peer}; replacing its old session",
+                tunnel=self.server.name, agent=login.agent_id, peer=session.peer,
+            )
+            self.server.drop_session(old, "replaced by a new login")
+        else:
+            self.server.log.info(
+                "tunnel {tunnel}: agent {agent} logged in from {peer} (key {key}, models {models})",
+                tunnel=self.server.name, agent=login.agent_id, peer=session.peer, key=key.name,
+                models=",".join(login.models) or "-",
+            )
+        self.send(LoginResult(ok=True, agent_id=login.agent_id,
+                              heartbeat_interval=self.server.heartbeat_interval))
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+        if self.session is not None:
+            self.server.drop_session(self.session, "control connection closed")
+
+
+class PublicProtocol(SpliceEnd):
+    """
+    A user's connection on the public port.
+    """
+
+    pending: Pending | None = None
+    agent: AgentSession | None = None
+    proxy: ProxyProtocol | None = None
+    _early: list[bytes] | None = None
+    _early_size = 0
+    _paused = False
+
+    def __init__(self, server: TunnelServer) -> None:
+        self.server = server
+        self.tried: set[str] = set()
+
+    def connectionMade(self) -> None:
+        self.server.public_connections.add(self)
+        self.started = self.server.clock.seconds()
+        self.request_stream()
+
+    def request_stream(self) -> None:
+        server = self.server
+        agent = server.registry.pick(self.tried)
+        if agent is None:
+            server.streams_failed += 1
+            why = "no agent is connected" if not self.tried else "no agent answered"
+            server.log.info(
+                "tunnel {tunnel}: closing public {peer}: {why}",
+                tunnel=server.name, peer=_peer(self.transport), why=why,
+            )
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.tried.add(agent.agent_id)
+        try:
+            pending = server.registry.open(agent, self)
+        except TooManyPending as e:
+            server.streams_failed += 1
+            server.log.warn("tunnel {tunnel}: closing public {peer}: {why}",
+                            tunnel=server.name, peer=_peer(self.transport), why=str(e))
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self.pending = pending
+        pending.timer = server.clock.callLater(server.config.open_timeout, self.open_timed_out, pending)
+        agent.control.send(RequestNewProxyConn(pending.conn_id, pending.secret, server.config.service))
+
+    def open_timed_out(self, pending: Pending) -> None:
+        pending.timer = None
+        self.server.registry.forget(pending)
+        pending.agent.failed_total += 1
+        self.pending = None
+        self.server.log.info(
+            "tunnel {tunnel}: agent {agent} did not open a stream within {timeout}s",
+            tunnel=self.server.name, agent=pending.agent.agent_id, timeout=self.server.config.open_timeout,
+        )
+        self.request_stream()
+
+    def attach(self, proxy: ProxyProtocol, pending: Pending, rest: bytes) -> None:
+        """
+        The agent delivered: splice, after the bytes each side sent early.
+        """
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        self.pending = None
+        self.agent = pending.agent
+        self.proxy = proxy
+        proxy.public = self
+        pending.agent.streams.add(self)
+        pending.agent.opened_total += 1
+        server = self.server
+        server.streams_opened += 1
+        server.observe_open(server.clock.seconds() - self.started)
+        early, self._early = self._early, None
+        if early:
+            proxy.transport.write(b"".join(early))  # type: ignore[union-attr]
+        if rest:
+            self.transport.write(rest)  # type: ignore[union-attr]
+        splice(self, proxy)
+        if self.read_closed:
+            proxy.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    def unspliced_data(self, data: bytes) -> None:
+        if self._early is None:
+            self._early = []
+        self._early.append(data)
+        self._early_size += len(data)
+        if self._early_size >= EARLY_DATA_LIMIT and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def unspliced_eof(self) -> None:
+        if not self._early_size:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def end_lost(self, reason: Failure) -> None:
+        self.server.public_connections.discard(self)
+        if self.pending is not None:
+            if self.pending.timer is not None and self.pending.timer.active():
+                self.pending.timer.cancel()
+            self.server.registry.forget(self.pending)
+            self.pending = None
+        if self.agent is not None:
+            self.agent.streams.discard(self)
+            if self.proxy is not None:
+                self.server.bytes_in += self.received
+                self.server.bytes_out += self.proxy.received
+
+    def abort(self) -> None:
+        for end in (self, self.proxy):
+            if end is not None and not end.lost:
+                end.transport.abortConnection()  # type: ignore[union-attr]
+
+
+class ProxyProtocol(SpliceEnd):
+    """
+    An agent's data connection on the proxy port.
+    """
+
+    public: PublicProtocol | None = None
+    _timer: IDelayedCall | None = None
+
+    def __init__(self, server: TunnelServer) -> None:
+        self.server = server
+        self.decoder: FrameDecoder | None = FrameDecoder(1024)
+
+    def connectionMade(self) -> None:
+        self._timer = self.server.clock.callLater(
+            max(self.server.config.open_timeout, 1.0), self.refuse, "no new_proxy_conn frame in time"
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer is not None:
+            SpliceEnd.dataReceived(self, data)
+            return
+        if self.decoder is None:
+            return
+        try:
+            messages = self.decoder.feed(data, limit=1)
+        except ProtocolError as e:
+            self.refuse(f"malformed first frame: {e}")
+            return
+        if not messages:
+            return
+        message = messages[0]
+        rest = self.decoder.rest()
+        self.decoder = None
+        if not isinstance(message, NewProxyConn):
+            self.refuse(f"expected new_proxy_conn, got {message.type}")
+            return
+        pending = self.server.registry.claim(message.conn_id, message.secret)
+        if pending is None:
+            self.server.proxy_refused += 1
+            self.refuse("unknown, replayed or expired conn id, or wrong secret")
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.received += len(rest)
+        pending.public.attach(self, pending, rest)
+
+    def refuse(self, why: str) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.decoder = None
+        self.server.log.warn(
+            "tunnel {tunnel}: refusing proxy connection from {peer}: {why}",
+            tunnel=self.server.name, peer=_peer(self.transport), why=why,
+        )
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def end_lost(self, reason: Failure) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+class _Factory(Factory):
+    noisy = False
+
+    def __init__(self, server: TunnelServer, protocol: type) -> None:
+        self.server = server
+        self.protocol_class = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self.protocol_class(self.server)  # type: ignore[no-any-return]
+
+
+class TunnelServer:
+    """
+    The three listeners and the state of one tunnel.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: TunnelConfig,
+        keys: StaticKeys,
+        reactor: Any,
+        clock: Any,
+        rng: random.Random | None = None,
+        heartbeat_interval: float = 10.0,
+    ) -> None:
+        self.config = config
+        self.keys = keys
+        self.reactor = reactor
+        self.clock = clock
+        self.heartbeat_interval = heartbeat_interval
+        self.registry = Registry(config.algorithm, config.max_pending, rng)
+        self.ports: dict[str, IListeningPort] = {}
+        self.public_connections: set[PublicProtocol] = set()
+        self.streams_opened = 0
+        self.streams_failed = 0
+        self.proxy_refused = 0
+        self.logins_failed = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.open_latencies: list[float] = []
+        self._sweep: IDelayedCall | None = None
+        self.observe_open = lambda seconds: None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def _endpoint(self, listen: str, tls: bool) -> Any:
+        if tls and self.config.tls is not None and listen.startswith("tcp:"):
+            def esc(path: str) -> str:
+                return path.replace("\\", "\\\\").replace(":", "\\:")
+
+            listen = "ssl:" + listen[4:] + f":privateKey={esc(self.config.tls.key)}:certKey={esc(self.config.tls.cert)}"
+        return server_endpoint(self.reactor, listen)
+
+    async def start(self) -> None:
+        for role, listen, cls, tls in (
+            ("control", self.config.control, ControlProtocol, True),
+            ("proxy", self.config.proxy, ProxyProtocol, True),
+            ("public", self.config.public, PublicProtocol, False),
+        ):
+            try:
+                port = await self._endpoint(listen, tls).listen(_Factory(self, cls))
+            except Exception as e:  # noqa: BLE001 - reported, the rest still starts
+                self.log.error("tunnel {tunnel}: cannot listen on {role} {listen}: {why}",
+                               tunnel=self.name, role=role, listen=listen, why=e)
+                continue
+            self.ports[role] = port
+            host = port.getHost()
+            self.log.info("tunnel {tunnel} {role} listening on {address}", tunnel=self.name, role=role,
+                          address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', host)}")
+        self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        self._sweep = self.clock.callLater(max(self.config.heartbeat_timeout / 4, 0.05), self.sweep)
+
+    def sweep(self) -> None:
+        """
+        Drop agents silent for C{heartbeat_timeout}.
+        """
+        now = self.clock.seconds()
+        for session in list(self.registry.agents.values()):
+            if now - session.last_seen >= self.config.heartbeat_timeout:
+                self.drop_session(session, f"no heartbeat for {self.config.heartbeat_timeout}s")
+        self._schedule_sweep()
+
+    def drop_session(self, session: AgentSession, why: str) -> None:
+        """
+        Forget C{session}, close its control connection and its streams.
+        """
+        current = self.registry.remove(session)
+        if current:
+            self.log.info("tunnel {tunnel}: agent {agent} dropped: {why}",
+                          tunnel=self.name, agent=session.agent_id, why=why)
+        for stream in list(session.streams):
+            stream.abort()
+        session.streams.clear()
+        control = session.control
+        if isinstance(control, ControlProtocol) and control.session is session:
+            control.session = None
+            control.transport.loseConnection()  # type: ignore[union-attr]
+        for public in list(self.public_connections):
+            pending = public.pending
+            if pending is not None and pending.agent is session:
+                if pending.timer is not None and pending.timer.active():
+                    pending.timer.cancel()
+                public.pending = None
+                public.request_stream()
+
+    def port_of(self, role: str) -> int:
+        return self.ports[role].getHost().port  # type: ignore[no-any-return]
+
+    async def stop(self) -> None:
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+        await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports.values()],
+                                  consumeErrors=True)
+        self.ports.clear()
+        for session in list(self.registry.agents.values()):
+            self.drop_session(session, "tunnel stopping")
+        for public in list(self.public_connections):
+            public.abort()
+
+    def agents(self) -> list[dict[str, Any]]:
+        now = self.clock.seconds()
+        return [a.describe(now) for a in sorted(self.registry.agents.values(), key=lambda a: a.agent_id)]

@@ -1,0 +1,326 @@
+"""
+The tunnel's wire protocol, as a sans-I/O codec.
+
+Frames
+======
+Every message is one frame: a 4-byte big-endian unsigned length, then that
+many bytes of UTF-8 JSON holding one object with a C{"type"} field.  A
+frame longer than the decoder's C{max_frame} (64 KiB by default), a body
+that is not a JSON object, an unknown type, or a field of the wrong type or
+size is a L{ProtocolError}: the connection that sent it is closed with the
+reason logged, and nothing else is affected.
+
+Control connection (agent -> server, port 17000)
+================================================
+  agent  -> login           {version, api_key | token, agent_id, system_info,
+                             devices, models}
+  server -> login_result    {ok, agent_id, error, heartbeat_interval}
+  agent  -> heartbeat       {cpu, memory, disk, load, active_streams}
+  agent  -> models_update   {models}
+  server -> request_new_proxy_conn {conn_id, secret, service}
+  either -> error           {message}
+
+The first frame must be C{login}, with C{version} equal to L{VERSION}; an
+agent that logs in again with the id of a live session replaces it at once.
+
+Proxy connection (agent -> server, port 17001)
+==============================================
+The first frame is C{new_proxy_conn {conn_id, secret}}; every byte after
+it belongs to the proxied stream.  The server only accepts a conn_id it
+asked the agent for over that agent's control connection, with the same
+one-time secret, once, and before C{open_timeout}: forged, replayed and
+late frames close the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "VERSION",
+    "MAX_FRAME",
+    "ProtocolError",
+    "Login",
+    "LoginResult",
+    "Heartbeat",
+    "RequestNewProxyConn",
+    "NewProxyConn",
+    "ModelsUpdate",
+    "Error",
+    "FrameDecoder",
+    "encode",
+]
+
+VERSION = 1
+MAX_FRAME = 64 * 1024
+_HEADER = struct.Struct(">I")
+_MAX_TEXT = 256
+_MAX_ITEMS = 256
+
+
+class ProtocolError(Exception):
+    """
+    The peer sent something this protocol does not allow.
+    """
+
+
+def _text(data: dict[str, Any], key: str, required: bool = True, limit: int = _MAX_TEXT) -> str | None:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise ProtocolError(f"{key}: required")
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise ProtocolError(f"{key}: expected a string of at most {limit} characters")
+    return value
+
+
+def _number(data: dict[str, Any], key: str) -> float:
+    value = data.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"{key}: expected a number")
+    return float(value)
+
+
+def _models(data: dict[str, Any], key: str = "models") -> tuple[str, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or len(value) > _MAX_ITEMS:
+        raise ProtocolError(f"{key}: expected a list of at most {_MAX_ITEMS} names")
+    models = []
+    for item in value:
+        if isinstance(item, dict):  # OpenAI-style {"id": ...}
+            item = item.get("id")
+        if not isinstance(item, str) or not item or len(item) > _MAX_TEXT:
+            raise ProtocolError(f"{key}: every model must be a non-empty string")
+        models.append(item)
+    return tuple(models)
+
+
+def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{key}: expected an object")
+    return value
+
+
+def _items(data: dict[str, Any], key: str) -> tuple[Any, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or len(value) > _MAX_ITEMS:
+        raise ProtocolError(f"{key}: expected a list of at most {_MAX_ITEMS} entries")
+    return tuple(value)
+
+
+@attrs.frozen
+class Login:
+    agent_id: str
+    api_key: str | None = None
+    token: str | None = None
+    version: int = VERSION
+    system_info: dict[str, Any] = attrs.field(factory=dict)
+    devices: tuple[Any, ...] = ()
+    models: tuple[str, ...] = ()
+    type = "login"
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> Login:
+        version = d.get("version")
+        if version != VERSION:
+            raise ProtocolError(f"version: this server speaks version {VERSION}, not {version!r}")
+        login = cls(
+            agent_id=_text(d, "agent_id") or "",
+            api_key=_text(d, "api_key", required=False),
+            token=_text(d, "token", required=False, limit=4096),
+            system_info=_mapping(d, "system_info"),
+            devices=_items(d, "devices"),
+            models=_models(d),
+        )
+        if not login.agent_id:
+            raise ProtocolError("agent_id: must not be empty")
+        if login.api_key is None and login.token is None:
+            raise ProtocolError("login needs api_key or token")
+        return login
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "agent_id": self.agent_id, "api_key": self.api_key,
+            "token": self.token, "system_info": self.system_info, "devices": list(self.devices),
+            "models": list(self.models),
+        }
+
+
+@attrs.frozen
+class LoginResult:
+    ok: bool
+    agent_id: str = ""
+    error: str | None = None
+    heartbeat_interval: float = 10.0
+    type = "login_result"
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> LoginResult:
+        ok = d.get("ok")
+        if not isinstance(ok, bool):
+            raise ProtocolError("ok: expected true or false")
+        return cls(ok=ok, agent_id=_text(d, "agent_id", required=False) or "",
+                   error=_text(d, "error", required=False, limit=1024),
+                   heartbeat_interval=_number(d, "heartbeat_interval") or 10.0)
+
+    def body(self) -> dict[str, Any]:
+        return {"ok": self.ok, "agent_id": self.agent_id, "error": self.error,
+                "heartbeat_interval": self.heartbeat_interval}
+
+
+@attrs.frozen
+class Heartbeat:
+    cpu: float = 0.0
+    memory: float = 0.0
+    disk: float = 0.0
+    load: float = 0.0
+    active_streams: int = 0
+    type = "heartbeat"
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> Heartbeat:
+        return cls(cpu=_number(d, "cpu"), memory=_number(d, "memory"), disk=_number(d, "disk"),
+                   load=_number(d, "load"), active_streams=int(_number(d, "active_streams")))
+
+    def body(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class RequestNewProxyConn:
+    conn_id: str
+    secret: str
+    service: str | None = None
+    type = "request_new_proxy_conn"
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> RequestNewProxyConn:
+        return cls(conn_id=_text(d, "conn_id") or "", secret=_text(d, "secret") or "",
+                   service=_text(d, "service", required=False))
+
+    def body(self) -> dict[str, Any]:
+        return {"conn_id": self.conn_id, "secret": self.secret, "service": self.service}
+
+
+@attrs.frozen
+class NewProxyConn:
+    conn_id: str
+    secret: str
+    type = "new_proxy_conn"
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> NewProxyConn:
+        return cls(conn_id=_text(d, "conn_id") or "", secret=_text(d, "secret") or "")
+
+    def body(self) -> dict[str, Any]:
+        return {"conn_id": self.conn_id, "secret": self.secret}
+
+
+@attrs.frozen
+class ModelsUpdate:
+    models: tuple[str, ...] = ()
+    type = "models_update"
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> ModelsUpdate:
+        return cls(models=_models(d))
+
+    def body(self) -> dict[str, Any]:
+        return {"models": list(self.models)}
+
+
+@attrs.frozen
+class Error:
+    message: str
+    type = "error"
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> Error:
+        return cls(message=_text(d, "message", limit=1024) or "")
+
+    def body(self) -> dict[str, Any]:
+        return {"message": self.message}
+
+
+Message = Login | LoginResult | Heartbeat | RequestNewProxyConn | NewProxyConn | ModelsUpdate | Error
+_TYPES: dict[str, Any] = {
+    cls.type: cls
+    for cls in (Login, LoginResult, Heartbeat, RequestNewProxyConn, NewProxyConn, ModelsUpdate, Error)
+}
+
+
+def encode(message: Message) -> bytes:
+    """
+    One frame holding C{message}.
+    """
+    body = dict(message.body(), type=message.type)
+    data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    return _HEADER.pack(len(data)) + data
+
+
+def decode_body(data: bytes) -> Message:
+    """
+    Parse one frame's body.
+
+    @raise ProtocolError: not a JSON object of a known type with valid fields.
+    """
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("frame is not UTF-8 JSON") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("frame is not a JSON object")
+    kind = body.get("type")
+    cls = _TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
+    return cls.parse(body)  # type: ignore[no-any-return]
+
+
+class FrameDecoder:
+    """
+    Feed bytes in, take messages out.
+
+    Holds at most one partial frame, never more than C{max_frame} + 4
+    bytes; after a L{ProtocolError} it must not be fed again.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes, limit: int | None = None) -> list[Message]:
+        """
+        Add C{data}; return the complete messages now available (at most
+        C{limit} of them: the rest of the bytes stay for L{rest}).
+
+        @raise ProtocolError: on an oversized or malformed frame.
+        """
+        buffer = self._buffer
+        buffer += data
+        messages: list[Message] = []
+        while len(buffer) >= 4 and (limit is None or len(messages) < limit):
+            (size,) = _HEADER.unpack_from(buffer)
+            if size > self.max_frame:
+                raise ProtocolError(f"frame of {size} bytes exceeds the limit of {self.max_frame}")
+            if len(buffer) < 4 + size:
+                break
+            body = bytes(buffer[4 : 4 + size])
+            del buffer[: 4 + size]
+            messages.append(decode_body(body))
+        return messages
+
+    def rest(self) -> bytes:
+        """
+        Bytes after the frames taken so far (the stream after a proxy
+        connection's first frame); the decoder is empty afterwards.
+        """
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        return rest

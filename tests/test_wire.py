@@ -1,0 +1,99 @@
+"""
+Tests for L{rproxy.tunnel.wire}.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from rproxy.tunnel.wire import (
+    VERSION,
+    FrameDecoder,
+    Heartbeat,
+    Login,
+    LoginResult,
+    ModelsUpdate,
+    NewProxyConn,
+    ProtocolError,
+    RequestNewProxyConn,
+    encode,
+)
+
+
+def raw(body: object) -> bytes:
+    data = json.dumps(body).encode()
+    return struct.pack(">I", len(data)) + data
+
+
+class CodecTests(SynchronousTestCase):
+    def test_round_trip(self) -> None:
+        """Every message survives encode and decode."""
+        messages = [
+            Login(agent_id="gpu-01", api_key="k", system_info={"os": "linux"}, devices=({"gpu": "a"},),
+                  models=("llama3",)),
+            LoginResult(ok=True, agent_id="gpu-01", heartbeat_interval=10.0),
+            Heartbeat(cpu=12.5, memory=40.0, disk=3.0, load=0.5, active_streams=2),
+            RequestNewProxyConn(conn_id="c1", secret="s"),
+            NewProxyConn(conn_id="c1", secret="s"),
+            ModelsUpdate(models=("a", "b")),
+        ]
+        decoder = FrameDecoder()
+        self.assertEqual(decoder.feed(b"".join(encode(m) for m in messages)), messages)
+
+    def test_byte_at_a_time(self) -> None:
+        """Frames split anywhere are reassembled."""
+        data = encode(Heartbeat(cpu=1.0)) + encode(ModelsUpdate(models=("m",)))
+        decoder = FrameDecoder()
+        out = []
+        for i in range(len(data)):
+            out += decoder.feed(data[i : i + 1])
+        self.assertEqual(out, [Heartbeat(cpu=1.0), ModelsUpdate(models=("m",))])
+
+    def test_rest_after_first_frame(self) -> None:
+        """A proxy connection's stream bytes after its first frame are kept."""
+        decoder = FrameDecoder()
+        messages = decoder.feed(encode(NewProxyConn(conn_id="c", secret="s")) + b"GET / HTTP/1.1\r\n", limit=1)
+        self.assertEqual(messages, [NewProxyConn(conn_id="c", secret="s")])
+        self.assertEqual(decoder.rest(), b"GET / HTTP/1.1\r\n")
+
+    def test_openai_model_objects(self) -> None:
+        """Models may be given as OpenAI {"id": ...} objects."""
+        body = {"type": "models_update", "models": [{"id": "llama3", "object": "model"}, "qwen"]}
+        self.assertEqual(FrameDecoder().feed(raw(body)), [ModelsUpdate(models=("llama3", "qwen"))])
+
+
+class MalformedTests(SynchronousTestCase):
+    def check(self, data: bytes, message: str) -> None:
+        exc = self.assertRaises(ProtocolError, FrameDecoder(max_frame=1024).feed, data)
+        self.assertEqual(str(exc), message)
+
+    def test_oversized(self) -> None:
+        """A frame over the limit is refused from its header alone."""
+        self.check(struct.pack(">I", 1025), "frame of 1025 bytes exceeds the limit of 1024")
+
+    def test_not_json(self) -> None:
+        """Bytes that are not JSON."""
+        self.check(struct.pack(">I", 3) + b"\xff\x00{", "frame is not UTF-8 JSON")
+
+    def test_not_object(self) -> None:
+        """JSON that is not an object."""
+        self.check(raw([1, 2]), "frame is not a JSON object")
+
+    def test_unknown_type(self) -> None:
+        """Unknown message types."""
+        self.check(raw({"type": "rm -rf"}), "unknown message type 'rm -rf'")
+        self.check(raw({"kind": "login"}), "unknown message type 'None'")
+
+    def test_bad_fields(self) -> None:
+        """Fields of the wrong type or size."""
+        self.check(raw({"type": "heartbeat", "cpu": "lots"}), "cpu: expected a number")
+        self.check(raw({"type": "new_proxy_conn", "conn_id": 5, "secret": "s"}),
+                   "conn_id: expected a string of at most 256 characters")
+        self.check(raw({"type": "models_update", "models": [""]}), "models: every model must be a non-empty string")
+        self.check(raw({"type": "login", "version": VERSION, "agent_id": "a"}), "login needs api_key or token")
+        self.check(raw({"type": "login", "version": 99, "agent_id": "a", "api_key": "k"}),
+                   "version: this server speaks version 1, not 99")
+        self.check(raw({"type": "login_result", "ok": "yes"}), "ok: expected true or false")
