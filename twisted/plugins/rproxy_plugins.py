@@ -12,6 +12,13 @@ rproxy = ServiceMaker(
     "rproxy",
 )
 
+rproxy_agent = ServiceMaker(
+    "rproxy-agent",
+    "rproxy.tunnel.agenttap",
+    "rproxy tunnel agent: exposes local services through an rproxy tunnel",
+    "rproxy-agent",
+)
+
 from twisted.application.reactors import Reactor  # noqa: E402
 
 rproxy_epoll = Reactor(

@@ -1,0 +1,385 @@
+"""
+The agent: dials the server's control port from behind NAT and opens data
+connections on request.
+
+  - L{AgentService} keeps the control connection up with a
+    C{ClientService}: reconnects back off from C{reconnect.initial}
+    doubling to C{reconnect.max}, with full jitter.
+  - L{AgentControl} logs in, sends a heartbeat every
+    C{heartbeat_interval} (CPU, memory and disk usage, load, streams), and
+    answers C{request_new_proxy_conn} by connecting to the local service,
+    then to the proxy port, sending C{new_proxy_conn} first and splicing.
+  - With C{pool_count} > 0 nothing is opened in advance yet (see the
+    README); the setting is accepted for forward compatibility.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import socket
+import uuid
+from typing import Any
+
+from twisted.application.internet import ClientService
+from twisted.application.service import MultiService
+from twisted.internet import ssl
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rproxy.splice import SpliceEnd, splice
+from rproxy.transport import connect_tcp
+from rproxy.tunnel.config import AgentConfig, ServiceConfig
+from rproxy.tunnel.wire import (
+    MAX_FRAME,
+    Error,
+    FrameDecoder,
+    Heartbeat,
+    Login,
+    LoginResult,
+    NewProxyConn,
+    ProtocolError,
+    RequestNewProxyConn,
+    encode,
+)
+
+__all__ = ["AgentService", "SystemStats", "full_jitter"]
+
+
+def full_jitter(initial: float, maximum: float, rng: random.Random | None = None) -> Any:
+    """
+    A C{ClientService} retry policy: a random delay between 0 and
+    C{min(maximum, initial * 2 ** attempts)} ("full jitter").
+    """
+    rng = rng or random.Random()
+
+    def policy(attempts: int) -> float:
+        return rng.uniform(0, min(maximum, initial * 2 ** min(attempts, 32)))
+
+    return policy
+
+
+class SystemStats:
+    """
+    CPU, memory and disk usage in percent, from /proc and statvfs.
+    """
+
+    def __init__(self, proc: str = "/proc", disk_path: str = "/") -> None:
+        self.proc = proc
+        self.disk_path = disk_path
+        self._last: tuple[int, int] | None = None
+
+    def _cpu_times(self) -> tuple[int, int] | None:
+        try:
+            with open(os.path.join(self.proc, "stat")) as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    def cpu(self) -> float:
+        now = self._cpu_times()
+        last, self._last = self._last, now
+        if now is None or last is None or now[0] == last[0]:
+            return 0.0
+        total, idle = now[0] - last[0], now[1] - last[1]
+        return round(100.0 * (total - idle) / total, 2)
+
+    def memory(self) -> float:
+        values: dict[str, int] = {}
+        try:
+            with open(os.path.join(self.proc, "meminfo")) as f:
+                for line in f:
+                    name, _, rest = line.partition(":")
+                    values[name] = int(rest.split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        total = values.get("MemTotal", 0)
+        available = values.get("MemAvailable", values.get("MemFree", 0))
+        return round(100.0 * (total - available) / total, 2) if total else 0.0
+
+    def disk(self) -> float:
+        try:
+            st = os.statvfs(self.disk_path)
+        except OSError:
+            return 0.0
+        total = st.f_blocks * st.f_frsize
+        free = st.f_bavail * st.f_frsize
+        return round(100.0 * (total - free) / total, 2) if total else 0.0
+
+    def load(self) -> float:
+        try:
+            return round(os.getloadavg()[0], 2)
+        except OSError:
+            return 0.0
+
+    def system_info(self) -> dict[str, Any]:
+        return {
+            "hostname": socket.gethostname(),
+            "os": platform.system(),
+            "release": platform.release(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count() or 0,
+            "python": platform.python_version(),
+        }
+
+
+class LocalEnd(SpliceEnd):
+    """
+    The agent's connection to its local service.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def connectionMade(self) -> None:
+        self.stream.local_connected(self)
+
+    def end_lost(self, reason: Failure) -> None:
+        self.stream.ended()
+
+
+class ProxyEnd(SpliceEnd):
+    """
+    The agent's data connection to the server's proxy port.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def connectionMade(self) -> None:
+        self.stream.proxy_connected(self)
+
+    def end_lost(self, reason: Failure) -> None:
+        self.stream.ended()
+
+
+class _OneShot(ClientFactory):
+    noisy = False
+
+    def __init__(self, build: Any, failed: Any) -> None:
+        self.build = build
+        self.failed = failed
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self.build()  # type: ignore[no-any-return]
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        self.failed(reason)
+
+
+class Stream:
+    """
+    One requested stream: local service first, then the proxy port.
+    """
+
+    def __init__(self, control: AgentControl, request: RequestNewProxyConn, service: ServiceConfig) -> None:
+        self.control = control
+        self.request = request
+        self.service = service
+        self.local: LocalEnd | None = None
+        self.proxy: ProxyEnd | None = None
+        self.done = False
+
+    def start(self) -> None:
+        agent = self.control.agent
+        connect_tcp(
+            agent.reactor, self.service.host, self.service.port,
+            _OneShot(lambda: LocalEnd(self), self.local_failed), agent.config.connect_timeout,
+        )
+
+    def local_failed(self, reason: Failure) -> None:
+        self.done = True
+        self.control.agent.log.warn(
+            "agent: local service {service} unreachable: {why}",
+            service=self.service.name, why=reason.getErrorMessage(),
+        )
+        self.control.send(Error(f"local service {self.service.name} unreachable"))
+
+    def local_connected(self, local: LocalEnd) -> None:
+        self.local = local
+        local.transport.pauseProducing()  # type: ignore[union-attr]
+        agent = self.control.agent
+        endpoint = agent.endpoint(agent.config.proxy)
+        d = endpoint.connect(Factory.forProtocol(lambda: ProxyEnd(self)))
+        d.addErrback(self.proxy_failed)
+
+    def proxy_failed(self, reason: Failure) -> None:
+        self.control.agent.log.warn("agent: cannot reach the proxy port: {why}", why=reason.getErrorMessage())
+        if self.local is not None:
+            self.local.transport.loseConnection()  # type: ignore[union-attr]
+
+    def proxy_connected(self, proxy: ProxyEnd) -> None:
+        self.proxy = proxy
+        if self.local is None or self.local.lost:
+            proxy.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        proxy.transport.write(encode(NewProxyConn(self.request.conn_id, self.request.secret)))  # type: ignore[union-attr]
+        self.control.streams.add(self)
+        splice(self.local, proxy)
+
+    def ended(self) -> None:
+        self.control.streams.discard(self)
+
+
+class AgentControl(Protocol):
+    """
+    The control connection, seen from the agent.
+    """
+
+    logged_in = False
+    _heartbeat: IDelayedCall | None = None
+
+    def __init__(self, agent: AgentService) -> None:
+        self.agent = agent
+        self.decoder = FrameDecoder(MAX_FRAME)
+        self.streams: set[Stream] = set()
+
+    def connectionMade(self) -> None:
+        agent = self.agent
+        self.send(Login(
+            agent_id=agent.agent_id, api_key=agent.config.api_key,
+            system_info=agent.stats.system_info(), models=agent.config.models,
+        ))
+
+    def send(self, message: Any) -> None:
+        self.transport.write(encode(message))  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            for message in self.decoder.feed(data):
+                self.handle(message)
+        except ProtocolError as e:
+            self.agent.log.warn("agent: malformed frame from the server: {why}", why=str(e))
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def handle(self, message: Any) -> None:
+        if isinstance(message, LoginResult):
+            if not message.ok:
+                self.agent.log.error("agent: login refused: {why}", why=message.error)
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
+            self.logged_in = True
+            self.agent.log.info("agent {agent}: logged in", agent=self.agent.agent_id)
+            self.agent.connected(self)
+            self._schedule_heartbeat(0)
+        elif isinstance(message, RequestNewProxyConn) and self.logged_in:
+            service = self.agent.service_for(message.service)
+            if service is None:
+                self.send(Error(f"no local service named {message.service!r}"))
+                return
+            Stream(self, message, service).start()
+        elif isinstance(message, Error):
+            self.agent.log.warn("agent: server says: {message}", message=message.message)
+        else:
+            raise ProtocolError(f"unexpected {message.type} from the server")
+
+    def _schedule_heartbeat(self, delay: float) -> None:
+        self._heartbeat = self.agent.clock.callLater(delay, self._beat)
+
+    def _beat(self) -> None:
+        stats = self.agent.stats
+        try:
+            self.send(Heartbeat(cpu=stats.cpu(), memory=stats.memory(), disk=stats.disk(),
+                                load=stats.load(), active_streams=len(self.streams)))
+        except Exception:  # noqa: BLE001 - a heartbeat must never stop the loop
+            self.agent.log.failure("agent: heartbeat failed")
+        self._schedule_heartbeat(self.agent.config.heartbeat_interval)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.cancel()
+        self._heartbeat = None
+        if self.logged_in:
+            self.agent.log.info("agent {agent}: control connection lost", agent=self.agent.agent_id)
+        self.agent.disconnected(self)
+
+
+class _ControlFactory(Factory):
+    noisy = False
+
+    def __init__(self, agent: AgentService) -> None:
+        self.agent = agent
+
+    def buildProtocol(self, addr: object) -> AgentControl:
+        return AgentControl(self.agent)
+
+
+class AgentService(MultiService):
+    """
+    Keeps an agent logged in to its server.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: AgentConfig, reactor: Any, clock: Any = None,
+                 rng: random.Random | None = None, stats: SystemStats | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.stats = stats or SystemStats()
+        self.agent_id = config.agent_id or _stored_agent_id(config.state_dir)
+        self.control: AgentControl | None = None
+        self._tls: Any = None
+        if config.ca is not None:
+            with open(config.ca, "rb") as f:
+                authority = ssl.Certificate.loadPEM(f.read())
+            hostname = config.server_name or config.control[0]
+            self._tls = ssl.optionsForClientTLS(hostname, trustRoot=authority)
+        self.client = ClientService(
+            self.endpoint(config.control),
+            _ControlFactory(self),
+            retryPolicy=full_jitter(config.reconnect_initial, config.reconnect_max, rng),
+            clock=self.clock,
+        )
+        self.client.setServiceParent(self)
+
+    def endpoint(self, address: tuple[str, int]) -> Any:
+        endpoint = HostnameEndpoint(self.reactor, address[0], address[1], timeout=self.config.connect_timeout)
+        if self._tls is not None:
+            endpoint = wrapClientTLS(self._tls, endpoint)
+        return endpoint
+
+    def service_for(self, name: str | None) -> ServiceConfig | None:
+        if name is None:
+            return self.config.services[0]
+        for service in self.config.services:
+            if service.name == name:
+                return service
+        return None
+
+    def connected(self, control: AgentControl) -> None:
+        self.control = control
+
+    def disconnected(self, control: AgentControl) -> None:
+        if self.control is control:
+            self.control = None
+
+
+def _stored_agent_id(state_dir: str) -> str:
+    """
+    The agent id kept in C{state_dir}, made once.
+    """
+    directory = os.path.expanduser(state_dir)
+    path = os.path.join(directory, "agent_id")
+    try:
+        with open(path) as f:
+            stored = f.read().strip()
+        if stored:
+            return stored
+    except OSError:
+        pass
+    agent_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(agent_id + "\n")
+    except OSError:
+        pass
+    return agent_id
