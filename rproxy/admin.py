@@ -7,12 +7,15 @@ The admin port: a plain twisted.web resource tree.
   /health, /healthz JSON detail of frontends and backends
   /stats            JSON per backend, in the VK gateway's shape
   /metrics          Prometheus text
+  /api/v1/agents    tunnel agents (bearer admin.api_key when set)
+  /api/v1/models    models served by logged-in agents (same)
 
 Probes and metrics need no key.  Errors are JSON C{{"error": "..."}}.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +86,43 @@ class MetricsPage(_Leaf):
         return generate_latest(self.service.registry)
 
 
+class _ApiLeaf(_Leaf):
+    """
+    /api/v1 resources: when C{admin.api_key} is set they need
+    C{Authorization: Bearer <api_key>} (compared in constant time).
+    """
+
+    def render(self, request: Request) -> bytes:
+        expected = self.service.config.admin.api_key
+        if expected is not None:
+            header = request.getHeader(b"authorization") or b""
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), expected.encode()):
+                request.setHeader(b"www-authenticate", b'Bearer realm="rproxy"')
+                return _json(request, 401, {"error": "missing or invalid bearer token"})
+        return super().render(request)
+
+
+class Agents(_ApiLeaf):
+    def render_get(self, request: Request) -> bytes:
+        return _json(request, 200, {
+            "tunnels": [{"name": t.name, "agents": t.agents()} for t in self.service.tunnels.values()]
+        })
+
+
+class Models(_ApiLeaf):
+    def render_get(self, request: Request) -> bytes:
+        models: dict[str, set[str]] = {}
+        for tunnel in self.service.tunnels.values():
+            for agent in tunnel.registry.agents.values():
+                for model in agent.models:
+                    models.setdefault(model, set()).add(f"{tunnel.name}/{agent.agent_id}")
+        return _json(request, 200, {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "agents": sorted(a)} for m, a in sorted(models.items())],
+        })
+
+
 class AdminRoot(Resource):
     """
     The root of the admin tree; unknown paths answer JSON 404.
@@ -97,6 +137,12 @@ class AdminRoot(Resource):
         self.putChild(b"healthz", health)
         self.putChild(b"stats", Stats(service))
         self.putChild(b"metrics", MetricsPage(service))
+        v1 = _Branch()
+        v1.putChild(b"agents", Agents(service))
+        v1.putChild(b"models", Models(service))
+        api = _Branch()
+        api.putChild(b"v1", v1)
+        self.putChild(b"api", api)
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return _NotFound()
@@ -105,8 +151,17 @@ class AdminRoot(Resource):
         return _json(
             request,
             200,
-            {"endpoints": ["/livez", "/readyz", "/health", "/healthz", "/stats", "/metrics"]},
+            {"endpoints": ["/livez", "/readyz", "/health", "/healthz", "/stats", "/metrics",
+                           "/api/v1/agents", "/api/v1/models"]},
         )
+
+
+class _Branch(Resource):
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return _NotFound()
+
+    def render(self, request: Request) -> bytes:
+        return _json(request, 404, {"error": "not found"})
 
 
 class _NotFound(Resource):

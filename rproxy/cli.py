@@ -3,6 +3,10 @@ rproxyctl: operator commands.
 
   rproxyctl check-config FILE      validate a configuration without starting
   rproxyctl reload PIDFILE|PID     ask a running rproxy to re-read its file (SIGHUP)
+  rproxyctl monitor [-c FILE]      print the tunnel agents table and exit
+  rproxyctl cert [--name N] [--out DIR]
+                                   write a self-signed development pair
+                                   (cert.pem, key.pem) for tunnel TLS
 """
 
 from __future__ import annotations
@@ -45,6 +49,106 @@ def reload(target: str) -> int:
     return 0
 
 
+def _admin_url(config_path: str) -> tuple[str, str | None]:
+    from rproxy.config import split_endpoint
+
+    config = load_config(config_path)
+    listen = config.admin.listen or "tcp:18081"
+    parts = split_endpoint(listen)
+    keyword = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    positional = [p for p in parts[1:] if "=" not in p]
+    port = keyword.get("port", positional[0] if positional else "18081")
+    host = keyword.get("interface", "127.0.0.1")
+    host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}", config.admin.api_key
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{int(seconds)}s ago"
+    if seconds < 7200:
+        return f"{int(seconds // 60)}m ago"
+    return f"{int(seconds // 3600)}h ago"
+
+
+def monitor(config_path: str) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        base, key = _admin_url(config_path)
+    except ConfigError as e:
+        print("\n".join(e.errors), file=sys.stderr)
+        return 1
+    request = urllib.request.Request(base + "/api/v1/agents")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"rproxyctl: cannot read {base}/api/v1/agents: {e}", file=sys.stderr)
+        return 1
+    print(f"{'Tunnel':10} {'Agent ID':22} {'CPU (%)':>8} {'Memory (%)':>11} {'Disk (%)':>9} {'Streams':>8}  Last Heartbeat")
+    print("-" * 90)
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    for tunnel in body.get("tunnels", []):
+        for agent in tunnel.get("agents", []):
+            print(
+                f"{tunnel['name'][:10]:10} {agent['id'][:22]:22} {pct(agent['cpu']):>8} {pct(agent['memory']):>11} "
+                f"{pct(agent['disk']):>9} {agent['active_streams']:>8}  {_ago(agent['last_heartbeat_ago'])}"
+            )
+    return 0
+
+
+def cert(name: str, out: str) -> int:
+    """
+    What the seed's create_cert.sh does: a self-signed pair for development.
+    """
+    import datetime
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    os.makedirs(out, exist_ok=True)
+    cert_path, key_path = os.path.join(out, "cert.pem"), os.path.join(out, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    print(f"wrote {cert_path} and {key_path} (self-signed for {name!r}, 365 days); "
+          f"agents trust it with tls: {{ca: {cert_path}, server_name: {name}}}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rproxyctl", description="rproxy operator commands")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,9 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file")
     rel = sub.add_parser("reload", help="send SIGHUP to a running rproxy")
     rel.add_argument("target", help="pid or pidfile (twistd writes twistd.pid)")
+    mon = sub.add_parser("monitor", help="print the tunnel agents table")
+    mon.add_argument("-c", "--config", default="etc/rproxy.yaml", help="rproxy's configuration (admin port, key)")
+    crt = sub.add_parser("cert", help="write a self-signed development certificate and key")
+    crt.add_argument("--name", default="localhost", help="host name the agents will verify")
+    crt.add_argument("--out", default=".", help="directory for cert.pem and key.pem")
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "monitor":
+        return monitor(args.config)
+    if args.command == "cert":
+        return cert(args.name, args.out)
     return reload(args.target)
 
 

@@ -314,3 +314,102 @@ class TunnelTests(ServiceMixin, TestCase):
         self.assertEqual((described["id"], described["cpu"], described["disk"]), ("hb", 42.0, 7.5))
 
 
+
+
+class TunnelAdminTests(ServiceMixin, TestCase):
+    """
+    The admin side of tunnels: /api/v1/agents, /api/v1/models, rproxyctl.
+    """
+
+    async def get(self, path: str, key: str | None = None) -> tuple[int, Any]:
+        import json
+
+        port = self.service.admin_port.getHost().port
+        client = await connect(port)
+        auth = f"Authorization: Bearer {key}\r\n" if key else ""
+        client.transport.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n".encode())
+        await client.closed
+        head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(body)
+
+    async def start_tunnel(self, tls: bool = False, **tunnel: Any) -> Any:
+        self.service = await self.start_service({
+            "admin": {"listen": "tcp:0:interface=127.0.0.1", "api_key": "admin-secret"},
+            "api_keys": [{"key": "good-key", "level": -1, "name": "shared"}],
+            "tunnels": [{"name": "gpu", "control": "tcp:0:interface=127.0.0.1",
+                         "proxy": "tcp:0:interface=127.0.0.1", "public": "tcp:0:interface=127.0.0.1"}],
+        })
+        self.tunnel = self.service.tunnels["gpu"]
+        return self.service
+
+    @async_test
+    async def test_agents_and_models_api(self) -> None:
+        """The agents and models endpoints list live agents, behind the admin key."""
+        await self.start_tunnel()
+        fake = FakeAgent()
+        await connect(self.tunnel.port_of("control"), fake)  # type: ignore[arg-type]
+        self.addCleanup(lambda: None if fake.lost else fake.transport.abortConnection())
+        fake.send(Login(agent_id="gpu-01", api_key="good-key", models=("llama3", "qwen2")))
+        fake.send(Heartbeat(cpu=45.0, memory=60.0, disk=30.0))
+        await wait_for(lambda: "gpu-01" in self.tunnel.registry.agents
+                       and self.tunnel.registry.agents["gpu-01"].heartbeat is not None)
+        status, body = await self.get("/api/v1/agents")
+        self.assertEqual((status, body), (401, {"error": "missing or invalid bearer token"}))
+        status, body = await self.get("/api/v1/agents", "wrong")
+        self.assertEqual(status, 401)
+        status, body = await self.get("/api/v1/agents", "admin-secret")
+        self.assertEqual(status, 200)
+        [agent] = body["tunnels"][0]["agents"]
+        self.assertEqual((agent["id"], agent["cpu"], agent["models"]), ("gpu-01", 45.0, ["llama3", "qwen2"]))
+        status, body = await self.get("/api/v1/models", "admin-secret")
+        self.assertEqual([m["id"] for m in body["data"]], ["llama3", "qwen2"])
+        self.assertEqual(body["data"][0]["agents"], ["gpu/gpu-01"])
+
+    @async_test
+    async def test_monitor_prints_agent_table(self) -> None:
+        """rproxyctl monitor prints the seed's agent table and exits 0."""
+        import sys
+
+        import yaml
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        await self.start_tunnel()
+        fake = FakeAgent()
+        await connect(self.tunnel.port_of("control"), fake)  # type: ignore[arg-type]
+        self.addCleanup(lambda: None if fake.lost else fake.transport.abortConnection())
+        fake.send(Login(agent_id="6e1131b4", api_key="good-key"))
+        fake.send(Heartbeat(cpu=45.0, memory=60.0, disk=30.0))
+        await wait_for(lambda: "6e1131b4" in self.tunnel.registry.agents
+                       and self.tunnel.registry.agents["6e1131b4"].heartbeat is not None)
+        path = os.path.abspath(self.mktemp())
+        admin_port = self.service.admin_port.getHost().port
+        with open(path, "w") as f:
+            yaml.safe_dump({"admin": {"listen": f"tcp:{admin_port}:interface=127.0.0.1",
+                                      "api_key": "admin-secret"}}, f)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "rproxy.cli", "monitor", "-c", path], env=dict(os.environ, PYTHONPATH=root),
+            path=root, reactor=reactor,
+        )
+        self.assertEqual((code, err), (0, b""))
+        lines = out.decode().splitlines()
+        self.assertTrue(lines[0].startswith("Tunnel     Agent ID"), lines[0])
+        self.assertRegex(lines[2], r"^gpu\s+6e1131b4\s+45\.00\s+60\.00\s+30\.00\s+0\s+\ds ago$")
+
+
+class CertTests(TestCase):
+    def test_cert_pair_loads(self) -> None:
+        """rproxyctl cert writes a pair that Twisted loads and that names the host."""
+        from twisted.internet import ssl
+
+        from rproxy.cli import cert
+
+        out = self.mktemp()
+        self.assertEqual(cert("tunnel.example", out), 0)
+        with open(os.path.join(out, "cert.pem"), "rb") as f:
+            cert_pem = f.read()
+        with open(os.path.join(out, "key.pem"), "rb") as f:
+            key_pem = f.read()
+        loaded = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem)
+        self.assertEqual(loaded.getSubject().commonName, b"tunnel.example")
+        self.assertEqual(os.stat(os.path.join(out, "key.pem")).st_mode & 0o777, 0o600)

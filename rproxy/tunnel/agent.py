@@ -9,8 +9,6 @@ connections on request.
     C{heartbeat_interval} (CPU, memory and disk usage, load, streams), and
     answers C{request_new_proxy_conn} by connecting to the local service,
     then to the proxy port, sending C{new_proxy_conn} first and splicing.
-  - With C{pool_count} > 0 nothing is opened in advance yet (see the
-    README); the setting is accepted for forward compatibility.
 """
 
 from __future__ import annotations
