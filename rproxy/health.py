@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -253,7 +255,14 @@ class _HTTPProbe(protocol.Protocol):
 
 def _probe(reactor: object, server: Server, timeout: float, build: Callable[[defer.Deferred[object]], protocol.Protocol]) -> defer.Deferred[object]:
     done: defer.Deferred[object] = defer.Deferred()
-    endpoint = HostnameEndpoint(reactor, server.host, server.port, timeout=max(timeout, 0.001))
+    endpoint: Any
+    if isIPAddress(server.host):
+        # no name resolution (HostnameEndpoint would use a resolver thread)
+        endpoint = TCP4ClientEndpoint(reactor, server.host, server.port, timeout=max(timeout, 0.001))
+    elif isIPv6Address(server.host):
+        endpoint = TCP6ClientEndpoint(reactor, server.host, server.port, timeout=max(timeout, 0.001))
+    else:
+        endpoint = HostnameEndpoint(reactor, server.host, server.port, timeout=max(timeout, 0.001))
     factory = protocol.Factory.forProtocol(lambda: build(done))
     factory.noisy = False
     connecting = endpoint.connect(factory)

@@ -147,6 +147,14 @@ class Pool:
         self.queue_timeout_total = 0
         self.no_server_total = 0
         self._listeners: list[Callable[[Server, bool, str], None]] = []
+        # candidates() without exclusions is cached while nothing that
+        # decides it changes: _version moves on every up/down, ejection and
+        # reload; the cache also ends when the next ejection does.  Pools
+        # with per-server limits are not cached (fullness changes per
+        # connection).
+        self._version = 0
+        self._cache: tuple[int, float, list[Server]] | None = None
+        self._limited = any(s.max_connections for s in config.servers)
 
     @property
     def name(self) -> str:
@@ -160,12 +168,21 @@ class Pool:
         primaries if any of them qualifies, else backups.
         """
         now = self._clock.seconds()
+        cacheable = not exclude and not self._limited
+        if cacheable:
+            cache = self._cache
+            if cache is not None and cache[0] == self._version and now < cache[1]:
+                return cache[2]
         primaries: list[Server] = []
         backups: list[Server] = []
         for s in self.servers:
             if s.usable(now) and not s.full() and s.name not in exclude:
                 (backups if s.config.backup else primaries).append(s)
-        return primaries or backups
+        result = primaries or backups
+        if cacheable:
+            until = min((s.ejected_until for s in self.servers if s.ejected_until > now), default=float("inf"))
+            self._cache = (self._version, until, result)
+        return result
 
     def pick(self, key: bytes | None = None, exclude: Iterable[str] = ()) -> Server | None:
         """
@@ -286,6 +303,7 @@ class Pool:
         if server.up == up:
             return
         server.up = up
+        self._version += 1
         server.down_reason = "" if up else reason
         if up:
             self.log.info(
@@ -327,6 +345,7 @@ class Pool:
         if (ejected + 1) * 100 > passive.max_ejection_percent * len(self.servers):
             return
         server.ejections += 1
+        self._version += 1
         cooldown = min(passive.ejection * server.ejections, max(passive.max_ejection, passive.ejection))
         server.ejected_until = now + cooldown
         server.last_ejection_end = server.ejected_until
@@ -379,6 +398,8 @@ class Pool:
             server.draining = True
         self.servers = servers
         self.config = config
+        self._limited = any(s.max_connections for s in config.servers)
+        self._version += 1
         self._serve_waiters()
         return list(old.values())
 

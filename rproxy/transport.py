@@ -31,6 +31,7 @@ Only plain TCP takes the fast path; a transport on which TLS was started
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 from typing import Any
@@ -48,6 +49,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -63,6 +65,7 @@ __all__ = [
     "supports_immediate_send",
 ]
 
+_log = Logger()
 _RETRY_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR})
 
 
@@ -113,9 +116,7 @@ class _ImmediateSendMixin:
             self._rpClosing = True
             self.disconnecting = True
             self.stopReading()  # type: ignore[attr-defined]
-            self.reactor.callLater(  # type: ignore[attr-defined]
-                0, self.connectionLost, Failure(main.CONNECTION_DONE)
-            )
+            _close_soon(self)
             return
         self._rpNoFast = True
         super().loseConnection(*args, **kwargs)  # type: ignore[misc]
@@ -175,6 +176,33 @@ class _ImmediateSendMixin:
     def writeSequence(self, iovec: Any) -> None:
         if not self._rpWriteClosed:
             super().writeSequence(iovec)  # type: ignore[misc]
+
+
+# One Failure for every orderly fast close, as Twisted's reactor shares one
+# per reason: its parents (used by every check()) are computed once.
+_CONNECTION_DONE = Failure(main.CONNECTION_DONE)
+_closing: dict[Any, list[Any]] = {}
+
+
+def _close_soon(transport: Any) -> None:
+    """
+    Finish C{transport}'s close on the next reactor turn; all closes asked
+    for during one turn share one timed call.
+    """
+    reactor = transport.reactor
+    batch = _closing.get(reactor)
+    if batch is None:
+        batch = _closing[reactor] = []
+        reactor.callLater(0, _finish_closes, reactor)
+    batch.append(transport)
+
+
+def _finish_closes(reactor: Any) -> None:
+    for transport in _closing.pop(reactor, ()):
+        try:
+            transport.connectionLost(_CONNECTION_DONE)
+        except Exception:  # noqa: BLE001 - one protocol's bug must not keep others open
+            _log.failure("closing {transport}", transport=transport)
 
 
 class ImmediateSendServer(_ImmediateSendMixin, tcp.Server):
@@ -241,11 +269,11 @@ class PendingConnect:
         self.reactor = reactor
         self.factory = factory
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.peer = (IPv6Address if family == socket.AF_INET6 else IPv4Address)("TCP", host, port)
+        self.peer = _address(family, host, port)
         self.done = False
         self.timer: Any = None
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
-        self.socket.setblocking(False)
+        # non-blocking from socket(2) on, saving an ioctl
+        self.socket = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = self.socket.connect_ex((host, port))
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
@@ -267,8 +295,10 @@ class PendingConnect:
         if err:
             self._fail(error.getConnectError((err, os.strerror(err))))
             return None
-        self.done = True
+        # unregister while fileno() is still valid: the epoll reactor looks
+        # up a selectable whose fileno() is -1 by scanning all of them
         self.reactor.removeWriter(self)
+        self.done = True
         self.timer.cancel()
         protocol = self.factory.buildProtocol(self.peer)
         transport = ImmediateSendConnection(self.socket, protocol, self.reactor, self.peer)
@@ -298,10 +328,10 @@ class PendingConnect:
     def _fail(self, reason: Exception) -> None:
         if self.done:
             return
+        self.reactor.removeWriter(self)  # before done: see doWrite
         self.done = True
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
-        self.reactor.removeWriter(self)
         self.socket.close()
         self.factory.clientConnectionFailed(self, Failure(reason))
 
@@ -328,6 +358,19 @@ class ImmediateSendConnector(tcp.Connector):
 
     def _makeTransport(self) -> tcp.Client:
         return ImmediateSendClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_ip(host: str) -> bool:
+    return isIPAddress(host) or isIPv6Address(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(family: int, host: str, port: int) -> IPv4Address | IPv6Address:
+    """
+    The (immutable) address of a server, made once per server.
+    """
+    return (IPv6Address if family == socket.AF_INET6 else IPv4Address)("TCP", host, port)
 
 
 def supports_immediate_send(reactor: object) -> bool:
@@ -370,7 +413,7 @@ def connect_tcp(
     """
     if not supports_immediate_send(reactor):
         return reactor.connectTCP(host, port, factory, timeout, bindAddress)
-    if bindAddress is None and (isIPAddress(host) or isIPv6Address(host)):
+    if bindAddress is None and _is_ip(host):
         return PendingConnect(reactor, host, port, factory, timeout)
     connector = ImmediateSendConnector(host, port, factory, timeout, bindAddress, reactor)
     connector.connect()
