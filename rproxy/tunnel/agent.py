@@ -23,6 +23,7 @@ from typing import Any
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
@@ -203,8 +204,13 @@ class Stream:
         self.local = local
         local.transport.pauseProducing()  # type: ignore[union-attr]
         agent = self.control.agent
-        endpoint = agent.endpoint(agent.config.proxy)
-        d = endpoint.connect(Factory.forProtocol(lambda: ProxyEnd(self)))
+        if agent.plain_proxy:
+            # plain TCP to an IP: the immediate-send transport, no wrapper
+            host, port = agent.config.proxy
+            connect_tcp(agent.reactor, host, port, _OneShot(lambda: ProxyEnd(self), self.proxy_failed),
+                        agent.config.connect_timeout)
+            return
+        d = agent.endpoint(agent.config.proxy).connect(Factory.forProtocol(lambda: ProxyEnd(self)))
         d.addErrback(self.proxy_failed)
 
     def proxy_failed(self, reason: Failure) -> None:
@@ -330,6 +336,7 @@ class AgentService(MultiService):
                 authority = ssl.Certificate.loadPEM(f.read())
             hostname = config.server_name or config.control[0]
             self._tls = ssl.optionsForClientTLS(hostname, trustRoot=authority)
+        self.plain_proxy = self._tls is None and (isIPAddress(config.proxy[0]) or isIPv6Address(config.proxy[0]))
         self.client = ClientService(
             self.endpoint(config.control),
             _ControlFactory(self),
