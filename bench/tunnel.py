@@ -65,7 +65,7 @@ def main() -> None:
     os.chmod(work, 0o755)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        nginx, l4_port, control, proxy, public = (free_port() for _ in range(5))
+        nginx, l4_port, control, proxy, public, control2, proxy2, public2 = (free_port() for _ in range(8))
         procs.append(start_nginx(work, nginx))
         with open(os.path.join(work, "rproxy.yaml"), "w") as f:
             f.write(f"""
@@ -76,12 +76,15 @@ backends: [{{name: be, servers: ["127.0.0.1:{nginx}"]}}]
 frontends: [{{name: fe, listen: "127.0.0.1:{l4_port}", backend: be}}]
 tunnels:
   - {{name: t, control: "127.0.0.1:{control}", proxy: "127.0.0.1:{proxy}", public: "127.0.0.1:{public}"}}
+  - {{name: pooled, control: "127.0.0.1:{control2}", proxy: "127.0.0.1:{proxy2}", public: "127.0.0.1:{public2}"}}
 """)
-        with open(os.path.join(work, "agent.yaml"), "w") as f:
-            f.write(f"""
-server: {{control: "127.0.0.1:{control}", proxy: "127.0.0.1:{proxy}"}}
+        for name, (c, p, pool) in {"agent": (control, proxy, 0), "agent2": (control2, proxy2, 4)}.items():
+            with open(os.path.join(work, f"{name}.yaml"), "w") as f:
+                f.write(f"""
+server: {{control: "127.0.0.1:{c}", proxy: "127.0.0.1:{p}"}}
 api_key: bench-key
-agent_id: bench-agent
+agent_id: bench-{name}
+pool_count: {pool}
 services: [{{name: web, local: "127.0.0.1:{nginx}"}}]
 """)
         procs.append(twistd(work, "rproxy", ["rproxy", "-c", os.path.join(work, "rproxy.yaml")]))
@@ -89,16 +92,18 @@ services: [{{name: web, local: "127.0.0.1:{nginx}"}}]
             wait_port(port)
         # The agent runs where the service runs (core 1, with nginx): in a
         # deployment it is on the service's machine, not the proxy's.
-        procs.append(twistd(work, "agent", ["rproxy-agent", "-c", os.path.join(work, "agent.yaml")], LOAD_CORE))
+        for name in ("agent", "agent2"):
+            procs.append(twistd(work, name, ["rproxy-agent", "-c", os.path.join(work, f"{name}.yaml")], LOAD_CORE))
         deadline = time.time() + 20
-        while True:  # wait until the agent has logged in and a stream works
-            try:
-                open_times(public, 1)
-                break
-            except (OSError, SystemExit):
-                if time.time() > deadline:
-                    raise SystemExit("bench: the agent did not come up; see " + work) from None
-                time.sleep(0.2)
+        for port in (public, public2):
+            while True:  # wait until the agent has logged in and a stream works
+                try:
+                    open_times(port, 1)
+                    break
+                except (OSError, SystemExit):
+                    if time.time() > deadline:
+                        raise SystemExit("bench: an agent did not come up; see " + work) from None
+                    time.sleep(0.2)
         targets = [("direct", nginx), ("l4", l4_port), ("tunnel", public)]
         results: dict[str, dict[str, float]] = {}
         for _, port in targets:
@@ -110,14 +115,16 @@ services: [{{name: web, local: "127.0.0.1:{nginx}"}}]
             p50, p99 = open_times(port, args.opens)
             results[name] = {"ka": ka, "bulk": mb}
             print(f"{name:8} {ka:17.0f} {ka_p99:>10} {mb:10.0f} {p50:12.3f} {p99:12.3f}")
+        p50, p99 = open_times(public2, args.opens)
+        print(f"{'pooled':8} {'':>17} {'':>10} {'':>10} {p50:12.3f} {p99:12.3f}   (agent pool_count: 4)")
         t, l4r = results["tunnel"], results["l4"]
         print()
         print("tunnel/L4 ratios (targets: keep-alive >= 0.80, bulk >= 0.80)")
         for key, label in (("ka", "keep-alive"), ("bulk", "bulk")):
             ratio = t[key] / l4r[key]
             print(f"  {label:12} {ratio:5.2f}  {'ok' if ratio >= 0.8 else 'BELOW TARGET'}")
-        print("open times: the tunnel adds a control round trip and an agent-side connect")
-        print("(pool_count, pre-opened connections, is not in this version)")
+        print("open times: the tunnel adds a control round trip, an agent-side connect to the")
+        print("proxy port (saved by pool_count) and one to the local service")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -304,6 +304,41 @@ class TunnelTests(ServiceMixin, TestCase):
         self.assertEqual(await client.read_until(b"\n"), b"a\n")
 
     @async_test
+    async def test_pooled_connections(self) -> None:
+        """
+        With pool_count, the agent keeps connections open in advance; a
+        public client is served from the pool (no request round trip) and
+        the pool is refilled.
+        """
+        await self.start_tunnel()
+        await self.start_agent("a", pool_count=3)
+        session = self.tunnel.registry.agents["a"]
+        await wait_for(lambda: len(session.idle) == 3)
+        for i in range(5):
+            client = await self.public()
+            client.transport.write(b"early %d\n" % i)
+            self.assertEqual(await client.read_until(b"\n"), b"a\n")
+            self.assertEqual(await client.read_until(b"\n"), b"early %d\n" % i)
+            client.transport.loseConnection()
+            await client.closed
+        self.assertEqual(self.tunnel.streams_from_pool, 5)
+        await wait_for(lambda: len(session.idle) == 3)
+        self.assertEqual(session.pool_pending, 0)
+
+    @async_test
+    async def test_pool_dies_with_agent(self) -> None:
+        """An agent's idle pooled connections are closed when it is dropped."""
+        await self.start_tunnel()
+        agent, _ = await self.start_agent("a", pool_count=2)
+        session = self.tunnel.registry.agents["a"]
+        await wait_for(lambda: len(session.idle) == 2)
+        idle = list(session.idle)
+        await agent.stopService()
+        await wait_for(lambda: all(p.lost for p in idle))
+        self.assertEqual(session.idle, [])
+        self.assertEqual(self.tunnel.registry.pending, {})
+
+    @async_test
     async def test_heartbeat_message_updates_session(self) -> None:
         """Heartbeat fields land in the session the admin API shows."""
         await self.start_tunnel()

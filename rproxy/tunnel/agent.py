@@ -43,6 +43,7 @@ from rproxy.tunnel.wire import (
     NewProxyConn,
     ProtocolError,
     RequestNewProxyConn,
+    StartStream,
     encode,
 )
 
@@ -145,14 +146,40 @@ class LocalEnd(SpliceEnd):
 
 class ProxyEnd(SpliceEnd):
     """
-    The agent's data connection to the server's proxy port.
+    The agent's data connection to the server's proxy port.  A pooled one
+    reads frames until C{start_stream}, then keeps what follows for the
+    local service.
     """
+
+    decoder: FrameDecoder | None = None
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
 
     def connectionMade(self) -> None:
         self.stream.proxy_connected(self)
+
+    def unspliced_data(self, data: bytes) -> None:
+        if self.decoder is None:
+            self.stream.early.append(data)
+            return
+        try:
+            messages = self.decoder.feed(data, limit=1)
+        except ProtocolError as e:
+            self.stream.control.agent.log.warn("agent: bad frame on a pooled connection: {why}", why=str(e))
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if not messages:
+            return
+        rest = self.decoder.rest()
+        self.decoder = None
+        if not isinstance(messages[0], StartStream):
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if rest:
+            self.stream.early.append(rest)
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.stream.start_pooled(messages[0])
 
     def end_lost(self, reason: Failure) -> None:
         self.stream.ended()
@@ -183,9 +210,27 @@ class Stream:
         self.service = service
         self.local: LocalEnd | None = None
         self.proxy: ProxyEnd | None = None
+        self.early: list[bytes] = []
         self.done = False
 
     def start(self) -> None:
+        if self.request.pool:
+            # pooled: the proxy connection first, the local one on start_stream
+            self._connect_proxy()
+            return
+        self._connect_local()
+
+    def start_pooled(self, start: StartStream) -> None:
+        self.control.pooled.discard(self)
+        service = self.control.agent.service_for(start.service)
+        if service is None:
+            assert self.proxy is not None
+            self.proxy.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self.service = service
+        self._connect_local()
+
+    def _connect_local(self) -> None:
         agent = self.control.agent
         connect_tcp(
             agent.reactor, self.service.host, self.service.port,
@@ -194,6 +239,8 @@ class Stream:
 
     def local_failed(self, reason: Failure) -> None:
         self.done = True
+        if self.proxy is not None:
+            self.proxy.transport.abortConnection()  # type: ignore[union-attr]
         self.control.agent.log.warn(
             "agent: local service {service} unreachable: {why}",
             service=self.service.name, why=reason.getErrorMessage(),
@@ -202,7 +249,20 @@ class Stream:
 
     def local_connected(self, local: LocalEnd) -> None:
         self.local = local
+        if self.proxy is not None:  # pooled: the proxy side is ready
+            if self.proxy.lost:
+                local.transport.loseConnection()  # type: ignore[union-attr]
+                return
+            if self.early:
+                local.transport.write(b"".join(self.early))  # type: ignore[union-attr]
+                self.early = []
+            self.control.streams.add(self)
+            splice(local, self.proxy)
+            return
         local.transport.pauseProducing()  # type: ignore[union-attr]
+        self._connect_proxy()
+
+    def _connect_proxy(self) -> None:
         agent = self.control.agent
         if agent.plain_proxy:
             # plain TCP to an IP: the immediate-send transport, no wrapper
@@ -220,6 +280,11 @@ class Stream:
 
     def proxy_connected(self, proxy: ProxyEnd) -> None:
         self.proxy = proxy
+        if self.request.pool:
+            proxy.decoder = FrameDecoder(1024)
+            proxy.transport.write(encode(NewProxyConn(self.request.conn_id, self.request.secret)))  # type: ignore[union-attr]
+            self.control.pooled.add(self)
+            return
         if self.local is None or self.local.lost:
             proxy.transport.loseConnection()  # type: ignore[union-attr]
             return
@@ -229,6 +294,7 @@ class Stream:
 
     def ended(self) -> None:
         self.control.streams.discard(self)
+        self.control.pooled.discard(self)
 
 
 class AgentControl(Protocol):
@@ -243,12 +309,14 @@ class AgentControl(Protocol):
         self.agent = agent
         self.decoder = FrameDecoder(MAX_FRAME)
         self.streams: set[Stream] = set()
+        self.pooled: set[Stream] = set()
 
     def connectionMade(self) -> None:
         agent = self.agent
         self.send(Login(
             agent_id=agent.agent_id, api_key=agent.config.api_key,
             system_info=agent.stats.system_info(), models=agent.config.models,
+            pool_count=agent.config.pool_count,
         ))
 
     def send(self, message: Any) -> None:
@@ -299,6 +367,10 @@ class AgentControl(Protocol):
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.cancel()
         self._heartbeat = None
+        for stream in list(self.pooled):  # idle pooled connections die with the session
+            if stream.proxy is not None:
+                stream.proxy.transport.abortConnection()  # type: ignore[union-attr]
+        self.pooled.clear()
         if self.logged_in:
             self.agent.log.info("agent {agent}: control connection lost", agent=self.agent.agent_id)
         self.agent.disconnected(self)

@@ -216,8 +216,6 @@ def parse_agent_config(data: object) -> AgentConfig:
         reconnect_max=maximum,
         connect_timeout=top.value("connect_timeout", _duration, 5.0),
     )
-    if config.pool_count:
-        errors.append("pool_count: connections opened in advance are not available in this version; use 0")
     if config.models_from is not None:
         errors.append("models_from: not available in this version; list the models under models:")
     top.finish()

@@ -52,6 +52,9 @@ class AgentSession:
     heartbeat: Heartbeat | None = None
     last_heartbeat: float | None = None
     streams: set[Any] = attrs.field(factory=set)
+    pool_count: int = 0
+    idle: list[Any] = attrs.field(factory=list)
+    pool_pending: int = 0
     opening: int = 0
     opened_total: int = 0
     failed_total: int = 0
@@ -77,6 +80,7 @@ class AgentSession:
             "disk": hb.disk if hb else None,
             "load": hb.load if hb else None,
             "active_streams": len(self.streams),
+            "pooled_idle": len(self.idle),
             "streams_opened": self.opened_total,
             "streams_failed": self.failed_total,
         }
@@ -148,7 +152,9 @@ class Registry:
             return False
         del self.agents[session.agent_id]
         for conn_id in [c for c, p in self.pending.items() if p.agent is session]:
-            del self.pending[conn_id]
+            pending = self.pending.pop(conn_id)
+            if pending.public is None and pending.timer is not None and pending.timer.active():
+                pending.timer.cancel()
         return True
 
     def pick(self, exclude: set[str]) -> AgentSession | None:
@@ -171,7 +177,8 @@ class Registry:
 
     def open(self, agent: AgentSession, public: Any) -> Pending:
         """
-        A new one-time (conn_id, secret) for C{public} through C{agent}.
+        A new one-time (conn_id, secret) for C{public} through C{agent}, or
+        for a pooled connection when C{public} is None.
 
         @raise TooManyPending: C{max_pending} opens are already waiting.
         """
@@ -180,7 +187,10 @@ class Registry:
         conn_id = secrets.token_hex(16)
         pending = Pending(conn_id, secrets.token_urlsafe(24), agent, public)
         self.pending[conn_id] = pending
-        agent.opening += 1
+        if public is None:
+            agent.pool_pending += 1
+        else:
+            agent.opening += 1
         return pending
 
     def claim(self, conn_id: str, secret: str) -> Pending | None:
@@ -192,8 +202,15 @@ class Registry:
         if pending is None or not hmac.compare_digest(pending.secret.encode(), secret.encode()):
             return None
         del self.pending[conn_id]
-        pending.agent.opening -= 1
+        self._uncount(pending)
         return pending
+
+    @staticmethod
+    def _uncount(pending: Pending) -> None:
+        if pending.public is None:
+            pending.agent.pool_pending -= 1
+        else:
+            pending.agent.opening -= 1
 
     def forget(self, pending: Pending) -> None:
         """
@@ -201,4 +218,4 @@ class Registry:
         """
         if self.pending.get(pending.conn_id) is pending:
             del self.pending[pending.conn_id]
-            pending.agent.opening -= 1
+            self._uncount(pending)

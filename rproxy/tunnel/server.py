@@ -42,6 +42,7 @@ from rproxy.tunnel.wire import (
     NewProxyConn,
     ProtocolError,
     RequestNewProxyConn,
+    StartStream,
     encode,
 )
 
@@ -132,7 +133,7 @@ class ControlProtocol(Protocol):
         session = AgentSession(
             agent_id=login.agent_id, peer=_peer(self.transport), key_name=key.name, level=key.level,
             connected_at=now, last_seen=now, control=self, system_info=login.system_info,
-            devices=login.devices, models=login.models,
+            devices=login.devices, models=login.models, pool_count=login.pool_count,
         )
         self.session = session
         old = self.server.registry.add(session)
@@ -150,6 +151,7 @@ class ControlProtocol(Protocol):
             )
         self.send(LoginResult(ok=True, agent_id=login.agent_id,
                               heartbeat_interval=self.server.heartbeat_interval))
+        self.server.refill_pool(session)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._login_timer is not None and self._login_timer.active():
@@ -192,6 +194,17 @@ class PublicProtocol(SpliceEnd):
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         self.tried.add(agent.agent_id)
+        while agent.idle:
+            proxy = agent.idle.pop()
+            if proxy.lost:
+                continue
+            # a pooled connection: no round trip to the agent
+            proxy.pooled_by = None
+            proxy.transport.write(encode(StartStream(server.config.service)))  # type: ignore[union-attr]
+            server.streams_from_pool += 1
+            self.attach(proxy, agent, b"")
+            server.refill_pool(agent)
+            return
         try:
             pending = server.registry.open(agent, self)
         except TooManyPending as e:
@@ -215,18 +228,19 @@ class PublicProtocol(SpliceEnd):
         )
         self.request_stream()
 
-    def attach(self, proxy: ProxyProtocol, pending: Pending, rest: bytes) -> None:
+    def attach(self, proxy: ProxyProtocol, agent: AgentSession, rest: bytes) -> None:
         """
         The agent delivered: splice, after the bytes each side sent early.
         """
-        if pending.timer is not None and pending.timer.active():
+        pending = self.pending
+        if pending is not None and pending.timer is not None and pending.timer.active():
             pending.timer.cancel()
         self.pending = None
-        self.agent = pending.agent
+        self.agent = agent
         self.proxy = proxy
         proxy.public = self
-        pending.agent.streams.add(self)
-        pending.agent.opened_total += 1
+        agent.streams.add(self)
+        agent.opened_total += 1
         server = self.server
         server.streams_opened += 1
         server.observe_open(server.clock.seconds() - self.started)
@@ -277,6 +291,7 @@ class ProxyProtocol(SpliceEnd):
     """
 
     public: PublicProtocol | None = None
+    pooled_by: AgentSession | None = None
     _timer: IDelayedCall | None = None
 
     def __init__(self, server: TunnelServer) -> None:
@@ -293,6 +308,8 @@ class ProxyProtocol(SpliceEnd):
             SpliceEnd.dataReceived(self, data)
             return
         if self.decoder is None:
+            if self.pooled_by is not None:
+                self.refuse("data on an idle pooled connection")
             return
         try:
             messages = self.decoder.feed(data, limit=1)
@@ -314,8 +331,18 @@ class ProxyProtocol(SpliceEnd):
             return
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        self._timer = None
+        if pending.public is None:
+            if pending.timer is not None and pending.timer.active():
+                pending.timer.cancel()
+            if rest:
+                self.refuse("data on an idle pooled connection")
+                return
+            self.pooled_by = pending.agent
+            pending.agent.idle.append(self)
+            return
         self.received += len(rest)
-        pending.public.attach(self, pending, rest)
+        pending.public.attach(self, pending.agent, rest)
 
     def refuse(self, why: str) -> None:
         if self._timer is not None and self._timer.active():
@@ -332,6 +359,12 @@ class ProxyProtocol(SpliceEnd):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self.pooled_by is not None:
+            try:
+                self.pooled_by.idle.remove(self)
+            except ValueError:
+                pass
+            self.pooled_by = None
 
 
 class _Factory(Factory):
@@ -370,6 +403,7 @@ class TunnelServer:
         self.ports: dict[str, IListeningPort] = {}
         self.public_connections: set[PublicProtocol] = set()
         self.streams_opened = 0
+        self.streams_from_pool = 0
         self.streams_failed = 0
         self.proxy_refused = 0
         self.logins_failed = 0
@@ -433,6 +467,10 @@ class TunnelServer:
         for stream in list(session.streams):
             stream.abort()
         session.streams.clear()
+        for proxy in list(session.idle):
+            proxy.pooled_by = None
+            proxy.transport.abortConnection()  # type: ignore[union-attr]
+        session.idle.clear()
         control = session.control
         if isinstance(control, ControlProtocol) and control.session is session:
             control.session = None
@@ -444,6 +482,27 @@ class TunnelServer:
                     pending.timer.cancel()
                 public.pending = None
                 public.request_stream()
+
+    def refill_pool(self, session: AgentSession) -> None:
+        """
+        Ask C{session}'s agent for pooled connections up to its pool_count.
+        """
+        while (
+            session.pool_count
+            and self.registry.agents.get(session.agent_id) is session
+            and len(session.idle) + session.pool_pending < session.pool_count
+        ):
+            try:
+                pending = self.registry.open(session, None)
+            except TooManyPending:
+                return
+
+            def expire(pending: Pending = pending) -> None:
+                pending.timer = None
+                self.registry.forget(pending)
+
+            pending.timer = self.clock.callLater(self.config.open_timeout, expire)
+            session.control.send(RequestNewProxyConn(pending.conn_id, pending.secret, self.config.service, pool=True))
 
     def port_of(self, role: str) -> int:
         return self.ports[role].getHost().port  # type: ignore[no-any-return]

@@ -13,15 +13,22 @@ reason logged, and nothing else is affected.
 Control connection (agent -> server, port 17000)
 ================================================
   agent  -> login           {version, api_key | token, agent_id, system_info,
-                             devices, models}
+                             devices, models, pool_count}
   server -> login_result    {ok, agent_id, error, heartbeat_interval}
   agent  -> heartbeat       {cpu, memory, disk, load, active_streams}
   agent  -> models_update   {models}
-  server -> request_new_proxy_conn {conn_id, secret, service}
+  server -> request_new_proxy_conn {conn_id, secret, service, pool}
   either -> error           {message}
 
 The first frame must be C{login}, with C{version} equal to L{VERSION}; an
 agent that logs in again with the id of a live session replaces it at once.
+
+Pooled connections (frp's pool_count): an agent that logs in with
+C{pool_count} N gets N C{request_new_proxy_conn} with C{pool: true} at once,
+and one more each time a pooled connection is used.  It opens each one and
+sends C{new_proxy_conn} as usual, then waits; when the server attaches a
+public connection it sends C{start_stream {service}} on that connection,
+and the agent connects the local service and splices.
 
 Proxy connection (agent -> server, port 17001)
 ==============================================
@@ -50,6 +57,7 @@ __all__ = [
     "RequestNewProxyConn",
     "NewProxyConn",
     "ModelsUpdate",
+    "StartStream",
     "Error",
     "FrameDecoder",
     "encode",
@@ -57,6 +65,7 @@ __all__ = [
 
 VERSION = 1
 MAX_FRAME = 64 * 1024
+MAX_POOL = 64
 _HEADER = struct.Struct(">I")
 _MAX_TEXT = 256
 _MAX_ITEMS = 256
@@ -123,6 +132,7 @@ class Login:
     system_info: dict[str, Any] = attrs.field(factory=dict)
     devices: tuple[Any, ...] = ()
     models: tuple[str, ...] = ()
+    pool_count: int = 0
     type = "login"
 
     @classmethod
@@ -137,7 +147,10 @@ class Login:
             system_info=_mapping(d, "system_info"),
             devices=_items(d, "devices"),
             models=_models(d),
+            pool_count=int(_number(d, "pool_count")),
         )
+        if not 0 <= login.pool_count <= MAX_POOL:
+            raise ProtocolError(f"pool_count: must be from 0 to {MAX_POOL}")
         if not login.agent_id:
             raise ProtocolError("agent_id: must not be empty")
         if login.api_key is None and login.token is None:
@@ -148,7 +161,7 @@ class Login:
         return {
             "version": self.version, "agent_id": self.agent_id, "api_key": self.api_key,
             "token": self.token, "system_info": self.system_info, "devices": list(self.devices),
-            "models": list(self.models),
+            "models": list(self.models), "pool_count": self.pool_count,
         }
 
 
@@ -197,15 +210,37 @@ class RequestNewProxyConn:
     conn_id: str
     secret: str
     service: str | None = None
+    pool: bool = False
     type = "request_new_proxy_conn"
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> RequestNewProxyConn:
+        pool = d.get("pool", False)
+        if not isinstance(pool, bool):
+            raise ProtocolError("pool: expected true or false")
         return cls(conn_id=_text(d, "conn_id") or "", secret=_text(d, "secret") or "",
-                   service=_text(d, "service", required=False))
+                   service=_text(d, "service", required=False), pool=pool)
 
     def body(self) -> dict[str, Any]:
-        return {"conn_id": self.conn_id, "secret": self.secret, "service": self.service}
+        return {"conn_id": self.conn_id, "secret": self.secret, "service": self.service, "pool": self.pool}
+
+
+@attrs.frozen
+class StartStream:
+    """
+    Server -> agent, on an idle pooled proxy connection: a public
+    connection is now attached; connect the local service and splice.
+    """
+
+    service: str | None = None
+    type = "start_stream"
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> StartStream:
+        return cls(service=_text(d, "service", required=False))
+
+    def body(self) -> dict[str, Any]:
+        return {"service": self.service}
 
 
 @attrs.frozen
@@ -248,10 +283,12 @@ class Error:
         return {"message": self.message}
 
 
-Message = Login | LoginResult | Heartbeat | RequestNewProxyConn | NewProxyConn | ModelsUpdate | Error
+Message = (
+    Login | LoginResult | Heartbeat | RequestNewProxyConn | NewProxyConn | StartStream | ModelsUpdate | Error
+)
 _TYPES: dict[str, Any] = {
     cls.type: cls
-    for cls in (Login, LoginResult, Heartbeat, RequestNewProxyConn, NewProxyConn, ModelsUpdate, Error)
+    for cls in (Login, LoginResult, Heartbeat, RequestNewProxyConn, NewProxyConn, StartStream, ModelsUpdate, Error)
 }
 
 
