@@ -1,0 +1,253 @@
+"""
+A strict, sans-I/O reader of HTTP/1.x requests.
+
+Bytes go in (L{RequestReader.feed}); events come out: a L{RequestHead},
+zero or more L{Body} chunks, then L{EndOfMessage}, per request, in order,
+for as many pipelined requests as the bytes hold; or an L{Upgrade} with the
+bytes that follow an upgrade request's head.  Anything malformed or
+ambiguous raises L{HTTPError} with the status to answer (then close):
+
+  400  malformed or ambiguous framing: llhttp in strict mode refuses
+       Content-Length with Transfer-Encoding, differing or malformed
+       Content-Length, Transfer-Encoding other than a final chunked, bad
+       chunk sizes or extensions, obs-fold, bare CR or LF, whitespace
+       before the colon, NUL and other control bytes, invalid header
+       names; on top of it this reader refuses Transfer-Encoding on
+       HTTP/1.0, a missing or repeated Host on HTTP/1.1, a Host that is
+       not a host[:port], and header names that only differ from
+       Transfer-Encoding or Content-Length by "_" or "-" (servers that
+       fold "_" into "-" would frame the body differently);
+  413  a body longer than C{max_body};
+  414  a request target longer than C{max_target};
+  431  more than C{max_headers} header fields, or a head larger than
+       C{max_head} bytes;
+  505  an HTTP version other than 1.0 and 1.1.
+
+httptools (llhttp) does the byte-level parsing: it is strict by default
+and the issue's expected choice; this module adds limits and the checks
+above, and turns callbacks into events.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+import httptools
+
+__all__ = ["HTTPError", "RequestHead", "Body", "EndOfMessage", "Upgrade", "RequestReader"]
+
+_FRAMING = (b"transfer-encoding", b"content-length")
+_HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{1,5})?$")
+
+
+class HTTPError(Exception):
+    """
+    The request must be refused with C{status} (and the connection closed).
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+@attrs.define
+class RequestHead:
+    method: bytes
+    target: bytes
+    version: tuple[int, int]
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool = True
+    chunked: bool = False
+    content_length: int | None = None
+    upgrade: bool = False
+    # a body on a method whose body some servers ignore (GET, HEAD): the
+    # proxy forwards it once and does not reuse that upstream connection
+    suspicious_body: bool = False
+
+    def header(self, name: bytes) -> bytes | None:
+        """
+        The first value of header C{name} (lower case), or None.
+        """
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+@attrs.frozen
+class Body:
+    data: bytes
+
+
+@attrs.frozen
+class EndOfMessage:
+    pass
+
+
+@attrs.frozen
+class Upgrade:
+    """
+    The head was an upgrade (or CONNECT) request; C{rest} are the bytes
+    after it, which belong to the upgraded protocol.
+    """
+
+    rest: bytes
+
+
+_END = EndOfMessage()
+
+
+class RequestReader:
+    """
+    Feed request bytes in, take events out.  Not reusable after an error.
+    """
+
+    def __init__(
+        self,
+        max_target: int = 8192,
+        max_head: int = 64 * 1024,
+        max_headers: int = 100,
+        max_body: int | None = None,
+    ) -> None:
+        self.max_target = max_target
+        self.max_head = max_head
+        self.max_headers = max_headers
+        self.max_body = max_body
+        self._parser = httptools.HttpRequestParser(self)
+        self._events: list[object] = []
+        self._error: HTTPError | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._in_head = False
+        self._head_fed = 0
+        self._target = bytearray()
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._body_size = 0
+        self._in_body = False
+
+    def _fail(self, status: int, reason: str) -> None:
+        # httptools wraps exceptions raised in callbacks; keep ours to
+        # re-raise it from feed()
+        self._error = HTTPError(status, reason)
+        raise self._error
+
+    # -- httptools callbacks ----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset()
+        self._in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+        self._head_size += len(url)
+        if len(self._target) > self.max_target:
+            self._fail(414, "URI Too Long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.max_head:
+            self._fail(431, "Request Header Fields Too Large")
+        if len(self._headers) >= self.max_headers:
+            self._fail(431, "Request Header Fields Too Large")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        major, minor = (int(x) for x in parser.get_http_version().split("."))
+        headers = self._headers
+        chunked = False
+        content_length: int | None = None
+        hosts = []
+        for name, value in headers:
+            lower = name.lower()
+            squashed = lower.replace(b"_", b"").replace(b"-", b"")
+            if squashed in (b"transferencoding", b"contentlength") and lower not in _FRAMING:
+                # Transfer_Encoding, Content__Length...: a server that folds
+                # "_" into "-" would frame the body differently
+                self._fail(400, f"suspicious header name {name[:40]!r}")
+            if lower == b"transfer-encoding":
+                chunked = True
+            elif lower == b"content-length":
+                content_length = int(value)
+            elif lower == b"host":
+                hosts.append(value)
+        if (major, minor) not in ((1, 0), (1, 1)):
+            self._fail(505, "HTTP Version Not Supported")
+        if chunked and (major, minor) < (1, 1):
+            self._fail(400, "Transfer-Encoding on HTTP/1.0")
+        if (major, minor) >= (1, 1) and len(hosts) != 1:
+            self._fail(400, "missing Host" if not hosts else "repeated Host")
+        if hosts and not _HOST.match(hosts[0]):
+            self._fail(400, "invalid Host")
+        if self.max_body is not None and content_length is not None and content_length > self.max_body:
+            self._fail(413, "Content Too Large")
+        self._events.append(
+            RequestHead(
+                method=parser.get_method(),
+                target=bytes(self._target),
+                version=(major, minor),
+                headers=headers,
+                keep_alive=parser.should_keep_alive(),
+                chunked=chunked,
+                content_length=content_length,
+                upgrade=bool(parser.should_upgrade()),
+                suspicious_body=(chunked or bool(content_length)) and parser.get_method() in (b"GET", b"HEAD"),
+            )
+        )
+        self._in_head = False
+        self._in_body = True
+
+    def on_body(self, data: bytes) -> None:
+        self._body_size += len(data)
+        if self.max_body is not None and self._body_size > self.max_body:
+            self._fail(413, "Content Too Large")
+        self._events.append(Body(data))
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._events.append(_END)
+
+    # -- the interface ----------------------------------------------------
+
+    def feed(self, data: bytes) -> list[object]:
+        """
+        Parse C{data}; return the events it completes.
+
+        @raise HTTPError: the request must be refused.
+        """
+        continuing = self._in_head
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            self._events.append(Upgrade(data[offset:]))
+        except httptools.HttpParserError as e:
+            if self._error is not None:
+                raise self._error from None
+            raise HTTPError(400, f"Bad Request: {e}") from None
+        if continuing and self._in_head:
+            # httptools keeps a partial header line to itself: count what
+            # a head that spans feeds has taken, so a head trickling in
+            # (slowloris) is bounded by max_head plus one read
+            self._head_fed += len(data)
+            if self._head_fed > self.max_head:
+                self._error = HTTPError(431, "Request Header Fields Too Large")
+                raise self._error
+        events, self._events = self._events, []
+        return events
+
+    @property
+    def in_body(self) -> bool:
+        """
+        Whether a request's body is being read (for timeouts: the head
+        timeout no longer applies).
+        """
+        return self._in_body
