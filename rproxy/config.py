@@ -61,8 +61,8 @@ ALGORITHMS = (
     "hash",
 )
 HEALTH_TYPES = ("tcp", "http", "none")
-PROTOCOLS = ("tcp",)
-FUTURE_PROTOCOLS = ("http",)
+PROTOCOLS = ("tcp", "http")
+FUTURE_PROTOCOLS: tuple[str, ...] = ()
 ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -270,6 +270,32 @@ class BackendConfig:
 
 
 @attrs.frozen
+class HTTPOptions:
+    """
+    Settings of a C{protocol: http} frontend (key C{http:}).
+    """
+
+    max_target: int = 8192
+    max_head: int = 64 * 1024
+    max_headers: int = 100
+    max_body: int | None = 1024**3
+    header_timeout: float = 10.0
+    response_timeout: float = 60.0
+    retries: int = 2
+    host_header: str = "client"
+    direct_routes: bool = False
+
+
+@attrs.frozen
+class RouteConfig:
+    backend: str
+    host: str | None = None
+    path_prefix: str | None = None
+    set_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+
+
+@attrs.frozen
 class FrontendConfig:
     name: str
     listen: str
@@ -281,6 +307,8 @@ class FrontendConfig:
     retries: int = 2
     connect_timeout: float = 5.0
     idle_timeout: float = 60.0
+    http: HTTPOptions = HTTPOptions()
+    routes: tuple[Any, ...] = ()  # rproxy.http.routes.Route
 
 
 @attrs.frozen
@@ -633,11 +661,15 @@ def _read_frontend(
     protocol = section.value("protocol", _choice(PROTOCOLS + FUTURE_PROTOCOLS), "tcp")
     if protocol in FUTURE_PROTOCOLS:
         section.error("protocol", f"{protocol!r} frontends are not available in this version")
+    http = _read_http(section.section("http"))
+    routes = _read_routes(section, protocol)
     frontend = FrontendConfig(
         name=name or "",
         listen=section.value("listen", _listen),
         backend=section.value("backend", _name),
         protocol=protocol,
+        http=http,
+        routes=routes,
         max_connections=section.value("max_connections", _int(0), 0),
         queue_size=section.value("queue_size", _int(0), 128),
         queue_timeout=section.value("queue_timeout", _duration, 5.0),
@@ -649,6 +681,73 @@ def _read_frontend(
     if not (name and frontend.backend):
         return None
     return frontend
+
+
+def _size(value: object) -> int:
+    return parse_size(value)
+
+
+def _read_http(section: _Section) -> HTTPOptions:
+    d = HTTPOptions()
+    max_body = section.raw("max_body")
+    if max_body is None or max_body is _MISSING:
+        body_limit = None if max_body is None else d.max_body
+    else:
+        try:
+            body_limit = parse_size(max_body)
+        except ValueError as e:
+            section.error("max_body", str(e))
+            body_limit = d.max_body
+    options = HTTPOptions(
+        max_target=section.value("max_target", _size, d.max_target),
+        max_head=section.value("max_head", _size, d.max_head),
+        max_headers=section.value("max_headers", _int(1, 10000), d.max_headers),
+        max_body=body_limit,
+        header_timeout=section.value("header_timeout", _duration, d.header_timeout),
+        response_timeout=section.value("response_timeout", _duration, d.response_timeout),
+        retries=section.value("retries", _int(0, 10), d.retries),
+        host_header=section.value("host_header", _choice(("client", "server")), d.host_header),
+        direct_routes=section.value("direct_routes", _bool, d.direct_routes),
+    )
+    section.finish()
+    return options
+
+
+def _read_routes(section: _Section, protocol: str) -> tuple[Any, ...]:
+    from rproxy.http.routes import Route
+
+    routes = []
+    for path, raw in section.items("routes"):
+        if protocol != "http":
+            section.errors.append(f"{path}: routes need protocol: http")
+            continue
+        route = _Section(raw, path, section.errors)
+        if not route.ok:
+            continue
+        set_headers = route.section("set_headers")
+        pairs = []
+        for key, value in set_headers.data.items():
+            set_headers.used.add(key)
+            if not isinstance(key, str) or not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", key):
+                set_headers.errors.append(f"{set_headers.path}: invalid header name {key!r}")
+            elif not isinstance(value, (str, int)) or any(c in str(value) for c in "\r\n\0"):
+                set_headers.error(key, "header value must be a single-line string")
+            else:
+                pairs.append((key, str(value)))
+        remove = []
+        for item_path, item in route.items("remove_headers"):
+            if isinstance(item, str) and item:
+                remove.append(item)
+            else:
+                section.errors.append(f"{item_path}: expected a header name")
+        host = route.value("host", _str, None)
+        prefix = route.value("path_prefix", _path, None)
+        backend = route.value("backend", _name)
+        route.finish()
+        if backend:
+            routes.append(Route(backend=backend, host=host, path_prefix=prefix,
+                                set_headers=tuple(pairs), remove_headers=tuple(remove)))
+    return tuple(routes)
 
 
 def _ephemeral(listen: str) -> bool:
@@ -690,6 +789,9 @@ def parse_config(data: object) -> Config:
         if any(f.name == frontend.name for f in frontends):
             errors.append(f"{path}.name: duplicate frontend name {frontend.name!r}")
             continue
+        for i, route in enumerate(frontend.routes):
+            if route.backend not in names:
+                errors.append(f"{path}.routes[{i}].backend: no backend named {route.backend!r}")
         if frontend.backend not in names:
             close = difflib.get_close_matches(frontend.backend, sorted(names), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

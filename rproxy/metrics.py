@@ -19,7 +19,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 if TYPE_CHECKING:
     from rproxy.service import RProxyService
@@ -135,6 +140,38 @@ class StateCollector:
             tbytes.add_metric([name, "in"], tunnel.bytes_in)
             tbytes.add_metric([name, "out"], tunnel.bytes_out)
         yield from (agents, streams, opened, failed, refused, tbytes)
+
+        from rproxy.http.frontend import DURATION_BUCKETS, HTTPFrontend
+
+        requests = CounterMetricFamily(
+            "rproxy_http_requests", "HTTP requests answered", labels=["frontend", "backend", "code"]
+        )
+        active_requests = GaugeMetricFamily("rproxy_http_requests_active", "HTTP requests in flight",
+                                            labels=["frontend"])
+        retries = CounterMetricFamily("rproxy_http_retries", "Requests retried on another connection",
+                                      labels=["frontend"])
+        duration = HistogramMetricFamily("rproxy_http_request_duration_seconds",
+                                         "From request head to the end of the response", labels=["frontend"])
+        for frontend in service.all_frontends():
+            if not isinstance(frontend, HTTPFrontend):
+                continue
+            for (backend, code), count in sorted(frontend.requests.items()):
+                requests.add_metric([frontend.name, backend, str(code)], count)
+            active_requests.add_metric([frontend.name], frontend.active_requests)
+            retries.add_metric([frontend.name], frontend.retries_total)
+            cumulative, buckets = 0, []
+            for bound, count in zip(DURATION_BUCKETS, frontend.duration_buckets, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            duration.add_metric([frontend.name], buckets, frontend.duration_sum)
+        upstream = CounterMetricFamily("rproxy_http_upstream_connections",
+                                       "Upstream connections: opened, or reused from the keep-alive pool",
+                                       labels=["kind"])
+        upstream.add_metric(["opened"], service.upstreams.opened)
+        upstream.add_metric(["reused"], service.upstreams.reused)
+        idle = GaugeMetricFamily("rproxy_http_upstream_idle", "Idle keep-alive upstream connections")
+        idle.add_metric([], service.upstreams.idle_count())
+        yield from (requests, active_requests, retries, duration, upstream, idle)
 
 
 class Metrics:

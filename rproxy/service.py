@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from rproxy.admin import build_admin_site
 from rproxy.config import Config, ConfigError, load_config
 from rproxy.health import HealthChecker, Prober, make_prober
+from rproxy.http.frontend import HTTPFrontend, UpstreamPool
 from rproxy.metrics import Metrics
 from rproxy.pool import Pool, Server
 from rproxy.tcp import ConnectionLimit, TCPFrontend
@@ -72,6 +73,7 @@ class RProxyService(MultiService):
         self.ports: dict[str, IListeningPort] = {}
         self.retired: set[TCPFrontend] = set()
         self.tunnels: dict[str, TunnelServer] = {}
+        self.upstreams = UpstreamPool(reactor, self.clock)
         self.admin_port: IListeningPort | None = None
         self._admin_listen: str | None = None
         self.stopping = False
@@ -110,7 +112,7 @@ class RProxyService(MultiService):
         stopping: list[defer.Deferred[Any]] = []
         for name, frontend in list(self.frontends.items()):
             target = wanted.get(name)
-            if target is None or target.listen != frontend.config.listen:
+            if target is None or target.listen != frontend.config.listen or target.protocol != frontend.config.protocol:
                 stopping.append(self._retire(frontend))
         await defer.gatherResults(stopping, consumeErrors=True)
 
@@ -120,8 +122,13 @@ class RProxyService(MultiService):
             if frontend is not None:
                 frontend.config = config
                 frontend.pool = pool
+                if isinstance(frontend, HTTPFrontend):
+                    frontend.configure(config)
                 continue
-            frontend = TCPFrontend(config, pool, self.reactor, self.clock, self.limit)
+            if config.protocol == "http":
+                frontend = HTTPFrontend(config, self.pools, self.reactor, self.clock, self.upstreams, self.limit)
+            else:
+                frontend = TCPFrontend(config, pool, self.reactor, self.clock, self.limit)
             self.frontends[config.name] = frontend
             await self._listen(frontend)
 
@@ -253,6 +260,7 @@ class RProxyService(MultiService):
             pool.close()
         for tunnel in list(self.tunnels.values()):
             await tunnel.stop()
+        self.upstreams.close()
         if self.admin_port is not None:
             await self.admin_port.stopListening()
             self.admin_port = None

@@ -247,6 +247,13 @@ class ClientConnection(SpliceEnd):
             server.bytes_in += backend.received
             self.pool.release(server)
 
+    def activity(self) -> int | None:
+        """
+        Bytes moved so far both ways, for the idle sweep (None: not idle
+        however quiet, which HTTP uses while a request is in flight).
+        """
+        return self.received + (self.backend.received if self.backend is not None else 0)
+
     def idle_abort(self) -> None:
         self.closing = True
         for end in (self, self.backend):
@@ -354,7 +361,10 @@ class TCPFrontend(Factory):
         for conn in list(self.connections):
             if not conn.counted:
                 continue
-            total = conn.received + (conn.backend.received if conn.backend is not None else 0)
+            total = conn.activity()
+            if total is None:
+                conn.quiet_ticks = 0
+                continue
             if total != conn.last_total:
                 conn.last_total = total
                 conn.quiet_ticks = 0

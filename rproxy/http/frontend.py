@@ -1,0 +1,944 @@
+"""
+The HTTP/1.1 frontend: a reverse proxy with per-server keep-alive pools.
+
+One L{HTTPConnection} per client connection reads requests with the strict
+L{RequestReader}; requests are served one at a time, in order (pipelined
+ones wait, their bytes bounded: past L{QUEUE_LIMIT} buffered body bytes the
+client is paused).  Each request becomes an L{Exchange}: route, take a
+server slot from the pool, take an idle upstream connection of that server
+or open one, send the rewritten head, stream the body, stream the response
+back, and return the upstream connection to the pool if both messages were
+complete and both sides allow keep-alive.
+
+Bodies stream both ways with backpressure: the client's transport is the
+producer of the upstream transport while a request body flows, and the
+upstream's transport is the producer of the client's while a response
+body flows.
+
+Errors are answered, never a traceback: 400/413/414/431/505 from the
+reader, 404 no route, 502 connect failure or invalid or lost upstream
+response, 503 no server up (Retry-After), 504 C{response_timeout}.
+Idempotent requests not yet sent are retried on another server after a
+connect failure, and on a new connection after a reused one turned out to
+be closed, within C{retries} and a retry budget.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+from typing import Any
+
+import httptools
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.python.failure import Failure
+
+from rproxy.http.headers import error_response, request_head, response_head
+from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader, Upgrade
+from rproxy.http.routes import Route, RouteTable, direct_target
+from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
+from rproxy.tcp import TCPFrontend, _nodelay, _peer
+from rproxy.transport import connect_tcp
+
+__all__ = ["HTTPFrontend", "HTTPConnection", "UpstreamPool"]
+
+QUEUE_LIMIT = 256 * 1024
+# request duration histogram buckets (seconds); the last is +Inf
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    float("inf"))
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_CHUNK_END = b"0\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class UpstreamConnection(Protocol):
+    """
+    One connection to a server; serves one exchange at a time.
+    """
+
+    exchange: Exchange | None = None
+    parser: Any = None
+    reused = False
+    lost = False
+    idle_since = 0.0
+
+    def __init__(self, upstreams: UpstreamPool, server: Server, pool: Pool) -> None:
+        self.upstreams = upstreams
+        self.server = server
+        self.pool = pool
+        self._connected: defer.Deferred[UpstreamConnection] | None = None
+
+    def connectionMade(self) -> None:
+        _nodelay(self.transport)
+        d, self._connected = self._connected, None
+        if d is not None:
+            d.callback(self)
+
+    # -- one response ------------------------------------------------------
+
+    def start(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.reason_phrase = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.informational = False
+
+    def on_status(self, status: bytes) -> None:
+        self.reason_phrase += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= 200:
+            raise ValueError("too many response headers")
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.informational = True  # 103 and friends are not forwarded
+            self.headers = []
+            self.reason_phrase = b""
+            return
+        self.status = status
+        if self.exchange is not None:
+            self.exchange.response_head(self, status, self.reason_phrase, self.headers,
+                                        self.parser.should_keep_alive())
+
+    def on_body(self, data: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.response_body(data)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        if self.exchange is not None:
+            self.exchange.response_end()
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # bytes from an idle server: it cannot be trusted with a request
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if exchange.upgraded:
+            exchange.client.transport.write(data)  # type: ignore[union-attr]
+            return
+        exchange.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            if self.exchange is not None:
+                self.exchange.switch_protocols(data[offset:])
+        except (httptools.HttpParserError, ValueError) as e:
+            if self.exchange is not None:
+                self.exchange.upstream_failed(f"invalid response: {e}", invalid=True)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = True
+        self.upstreams.discard(self)
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if exchange.upgraded:
+            exchange.client.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        if self.parser is not None and exchange.response_started and not exchange.response_done:
+            # a close-delimited body ends here
+            try:
+                self.parser.feed_data(b"")
+            except httptools.HttpParserError:
+                pass
+            if exchange.close_delimited and not exchange.response_done:
+                exchange.response_end()
+                return
+        if not exchange.response_done:
+            exchange.upstream_failed(reason.getErrorMessage() if reason else "connection lost")
+
+
+class _UpstreamFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, conn: UpstreamConnection, d: defer.Deferred[UpstreamConnection]) -> None:
+        self.conn = conn
+        self.d = d
+
+    def buildProtocol(self, addr: object) -> UpstreamConnection:
+        return self.conn
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        if not self.d.called:
+            self.d.errback(reason)
+
+
+class UpstreamPool:
+    """
+    Idle keep-alive connections per server, shared by the HTTP frontends.
+    """
+
+    def __init__(self, reactor: Any, clock: Any, max_idle: int = 32, idle_timeout: float = 60.0) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.idle: dict[Server, list[UpstreamConnection]] = collections.defaultdict(list)
+        self.opened = 0
+        self.reused = 0
+        self._sweep: IDelayedCall | None = None
+
+    def get(self, server: Server, pool: Pool, timeout: float) -> defer.Deferred[UpstreamConnection]:
+        idle = self.idle.get(server)
+        while idle:
+            conn = idle.pop()
+            if not conn.lost:
+                conn.reused = True
+                self.reused += 1
+                return defer.succeed(conn)
+        self.opened += 1
+        d: defer.Deferred[UpstreamConnection] = defer.Deferred()
+        conn = UpstreamConnection(self, server, pool)
+        conn._connected = d
+        connector = connect_tcp(self.reactor, server.host, server.port, _UpstreamFactory(conn, d), timeout)
+
+        def cancel(result: Any) -> Any:
+            if isinstance(result, Failure) and result.check(defer.CancelledError):
+                connector.stopConnecting()
+            return result
+
+        d.addErrback(cancel)
+        return d
+
+    def put(self, conn: UpstreamConnection) -> None:
+        if conn.lost or conn.server.draining:
+            conn.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        idle = self.idle[conn.server]
+        if len(idle) >= self.max_idle:
+            conn.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        conn.exchange = None
+        conn.idle_since = self.clock.seconds()
+        idle.append(conn)
+        if self._sweep is None:
+            self._sweep = self.clock.callLater(self.idle_timeout / 2, self.sweep)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        idle = self.idle.get(conn.server)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def sweep(self) -> None:
+        self._sweep = None
+        cutoff = self.clock.seconds() - self.idle_timeout
+        for idle in self.idle.values():
+            for conn in [c for c in idle if c.idle_since <= cutoff]:
+                idle.remove(conn)
+                conn.transport.loseConnection()  # type: ignore[union-attr]
+        if any(self.idle.values()):
+            self._sweep = self.clock.callLater(self.idle_timeout / 2, self.sweep)
+
+    def close(self) -> None:
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+        for idle in self.idle.values():
+            for conn in idle:
+                conn.transport.loseConnection()  # type: ignore[union-attr]
+            idle.clear()
+
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self.idle.values())
+
+
+class Exchange:
+    """
+    One request and its response.
+    """
+
+    upstream: UpstreamConnection | None = None
+    server: Server | None = None
+    pool: Pool | None = None
+    route: Route | None = None
+    ready_for_body = False
+    request_done = False
+    response_started = False
+    response_done = False
+    close_delimited = False
+    got_bytes = False
+    upgraded = False
+    switching = False
+    finished = False
+    status = 0
+    _pending: defer.Deferred[Any] | None = None
+    _timer: IDelayedCall | None = None
+
+    def __init__(self, client: HTTPConnection, head: RequestHead) -> None:
+        self.client = client
+        self.frontend = client.frontend
+        self.head = head
+        self.target = head.target
+        self.tried: list[str] = []
+        self.attempts = 0
+        self.started = self.frontend.clock.seconds()
+        self.pinned: str | None = None
+        self.body_buffer: list[bytes] = []
+        self.framing = "none"
+        self.keep_upstream = False
+        self.upgrade_rest = b""
+
+    # -- request side ------------------------------------------------------
+
+    def begin(self) -> None:
+        frontend = self.frontend
+        head = self.head
+        if head.method == b"CONNECT":
+            self.fail(405, "CONNECT is not supported")
+            return
+        direct = direct_target(head.target) if frontend.direct_routes else None
+        if direct is not None:
+            name, self.target = direct
+            self.pinned = name
+            pool = next((p for p in frontend.pools.values() if any(s.name == name for s in p.servers)), None)
+            if pool is None:
+                self.fail(404, f"no server named {name}")
+                return
+            self.pool = pool
+            self.route = Route(backend=pool.name)
+        else:
+            route = frontend.routes.match(head.header(b"host"), head.target)
+            if route is None:
+                self.fail(404, "no route")
+                return
+            self.route = route
+            self.pool = frontend.pools[route.backend]
+        self.acquire()
+
+    def acquire(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        if self.pinned is not None:
+            server = next((s for s in pool.servers if s.name == self.pinned), None)
+            if server is None or not server.usable(self.frontend.clock.seconds()):
+                self.fail(503, f"server {self.pinned} is not up", retry_after=True)
+                return
+            server.active += 1
+            server.total += 1
+            self.got_server(server)
+            return
+        server = pool.try_acquire(None, self.tried)
+        if server is not None:
+            self.got_server(server)
+            return
+        d = pool.acquire(None, self.tried)
+        self._pending = d
+        d.addCallbacks(self.got_server, self.no_server)
+
+    def no_server(self, reason: Failure) -> None:
+        self._pending = None
+        if reason.check(defer.CancelledError):
+            return
+        if reason.check(NoServerAvailable, QueueFull, QueueTimeout):
+            self.fail(503, reason.getErrorMessage(), retry_after=True)
+        else:
+            self.frontend.log.failure("choosing a server failed", reason)
+            self.fail(502, "no server")
+
+    def got_server(self, server: Server) -> None:
+        self._pending = None
+        if self.finished:
+            assert self.pool is not None
+            self.pool.release(server)
+            return
+        self.server = server
+        self.tried.append(server.name)
+        self.attempts += 1
+        d = self.frontend.upstreams.get(server, self.pool, self.frontend.config.connect_timeout)  # type: ignore[arg-type]
+        self._pending = d
+        d.addCallbacks(self.connected, self.connect_failed)
+
+    def connect_failed(self, reason: Failure) -> None:
+        self._pending = None
+        if reason.check(defer.CancelledError):
+            return
+        server, pool = self.server, self.pool
+        assert server is not None and pool is not None
+        self.server = None
+        pool.record_failure(server, reason.getErrorMessage())
+        pool.release(server)
+        self.frontend.connect_errors += 1
+        if self.finished:
+            return
+        if self.may_retry() and pool.any_up(self.tried):
+            self.frontend.retries_total += 1
+            self.acquire()
+            return
+        self.fail(502, f"cannot connect to {server.name}")
+
+    def may_retry(self) -> bool:
+        return (
+            self.pinned is None
+            and self.head.method in IDEMPOTENT
+            and not self.head.has_body
+            and self.attempts <= self.frontend.config.http.retries
+            and self.frontend.retry_budget_allows()
+        )
+
+    def connected(self, upstream: UpstreamConnection) -> None:
+        self._pending = None
+        assert self.server is not None and self.pool is not None
+        if not upstream.reused:
+            self.pool.record_success(self.server)
+        if self.finished:
+            upstream.transport.loseConnection()  # type: ignore[union-attr]
+            self.release_server()
+            return
+        self.upstream = upstream
+        upstream.start(self)
+        head = self.head
+        client = self.client
+        http = self.frontend.config.http
+        route = self.route
+        data = request_head(
+            head.method, self.target, head.headers,
+            client_ip=client.peer_host, proto=self.frontend.scheme,
+            chunked=head.chunked, content_length=head.content_length,
+            upgrade=head.upgrade,
+            host=self.server.host.encode() if http.host_header == "server" else None,
+            set_headers=[(k.encode(), v.encode()) for k, v in (route.set_headers if route else ())],
+            remove_headers=[k.encode() for k in (route.remove_headers if route else ())],
+        )
+        upstream.transport.write(data)  # type: ignore[union-attr]
+        self.arm_timer(self.frontend.config.http.response_timeout)
+        self.ready_for_body = True
+        if head.has_body and (head.header(b"expect") or b"").lower() == b"100-continue":
+            client.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+        if head.has_body:
+            upstream.transport.registerProducer(client.transport, True)  # type: ignore[union-attr]
+        if self.upgrade_rest:
+            upstream.transport.write(self.upgrade_rest)  # type: ignore[union-attr]
+        client.pump()
+
+    def send_body(self, data: bytes) -> None:
+        assert self.upstream is not None
+        self.upstream.transport.write(_chunk(data) if self.head.chunked else data)  # type: ignore[union-attr]
+
+    def end_request(self) -> None:
+        self.request_done = True
+        upstream = self.upstream
+        if upstream is None:
+            return
+        if self.head.has_body:
+            upstream.transport.unregisterProducer()  # type: ignore[union-attr]
+        if self.head.chunked:
+            upstream.transport.write(_CHUNK_END)  # type: ignore[union-attr]
+        if self.response_done:
+            self.complete()
+
+    # -- response side -----------------------------------------------------
+
+    def response_head(self, upstream: UpstreamConnection, status: int, reason_phrase: bytes,
+                      headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        self.cancel_timer()
+        self.response_started = True
+        self.status = status
+        head = self.head
+        lowered = {n.lower(): v for n, v in headers}
+        no_body = head.method == b"HEAD" or status in (204, 304) or 100 <= status < 200
+        if status == 101:
+            if not head.upgrade:
+                self.upstream_failed("101 Switching Protocols to a request that did not ask", invalid=True)
+                return
+            self.switching = True  # the head goes out in switch_protocols
+            return
+        if no_body:
+            self.framing = "none"
+        elif b"transfer-encoding" in lowered:
+            self.framing = "chunked" if head.version >= (1, 1) else "close"
+        elif b"content-length" in lowered:
+            self.framing = "length"
+        else:
+            self.close_delimited = True
+            self.framing = "chunked" if head.version >= (1, 1) else "close"
+        self.keep_upstream = keep_alive and not self.close_delimited and not head.suspicious_body
+        close = not head.keep_alive or self.framing == "close" or self.client.closing_after_response
+        self.client.closing_after_response = close
+        length = None
+        if self.framing == "length" or (self.framing == "none" and b"content-length" in lowered):
+            try:
+                length = int(lowered[b"content-length"])
+            except (KeyError, ValueError):
+                length = None
+        data = response_head(status, reason_phrase, headers, version=head.version, framing=self.framing,
+                             content_length=length, close=close)
+        client = self.client
+        client.transport.write(data)  # type: ignore[union-attr]
+        client.transport.registerProducer(upstream.transport, True)  # type: ignore[union-attr]
+        if no_body:
+            # llhttp does not know this response has no body (HEAD): it is
+            # complete now; any byte that follows is an error
+            self.response_end()
+
+    def response_body(self, data: bytes) -> None:
+        if self.response_done:
+            return
+        self.client.delivered += len(data)
+        if self.framing == "chunked":
+            self.client.transport.write(_chunk(data))  # type: ignore[union-attr]
+        elif self.framing != "none":
+            self.client.transport.write(data)  # type: ignore[union-attr]
+
+    def response_end(self) -> None:
+        if self.response_done or self.switching:
+            return
+        self.response_done = True
+        self.cancel_timer()
+        self.client.transport.unregisterProducer()  # type: ignore[union-attr]
+        if self.framing == "chunked":
+            self.client.transport.write(_CHUNK_END)  # type: ignore[union-attr]
+        if self.request_done or not self.ready_for_body:
+            self.complete()
+        else:
+            # the server answered before the request body ended: do not
+            # reuse that connection, and stop reading the client
+            self.keep_upstream = False
+            self.client.closing_after_response = True
+            self.complete()
+
+    def switch_protocols(self, rest: bytes) -> None:
+        """
+        101 from the server: splice the two connections from now on.
+        """
+        upstream, client = self.upstream, self.client
+        assert upstream is not None
+        if not self.switching or self.finished:
+            self.upstream_failed("unexpected protocol switch", invalid=True)
+            return
+        self.cancel_timer()
+        self.switching = False
+        self.upgraded = True
+        self.response_started = self.response_done = True
+        head = response_head(101, upstream.reason_phrase, upstream.headers, version=(1, 1), framing="none",
+                             upgrade=True)
+        client.transport.write(head)  # type: ignore[union-attr]
+        if rest:
+            client.transport.write(rest)  # type: ignore[union-attr]
+        if self.head.has_body:
+            upstream.transport.unregisterProducer()  # type: ignore[union-attr]
+        client.transport.registerProducer(upstream.transport, True)  # type: ignore[union-attr]
+        upstream.transport.registerProducer(client.transport, True)  # type: ignore[union-attr]
+        client.upgraded(self)
+        self.frontend.count(self)
+
+    # -- endings -----------------------------------------------------------
+
+    def complete(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            if self.keep_upstream and self.request_done and not upstream.lost:
+                self.frontend.upstreams.put(upstream)
+            else:
+                upstream.exchange = None
+                upstream.transport.loseConnection()  # type: ignore[union-attr]
+        self.release_server(ok=self.status < 500)
+        self.frontend.count(self)
+        self.client.exchange_done(self)
+
+    def release_server(self, ok: bool = True) -> None:
+        server, pool = self.server, self.pool
+        self.server = None
+        if server is not None and pool is not None:
+            if self.pinned is not None:
+                server.active -= 1
+            else:
+                pool.release(server)
+
+    def upstream_failed(self, why: str, invalid: bool = False) -> None:
+        upstream, server, pool = self.upstream, self.server, self.pool
+        if self.finished:
+            return
+        self.cancel_timer()
+        self.upstream = None
+        if upstream is not None:
+            upstream.exchange = None
+            if not upstream.lost:
+                upstream.transport.abortConnection()  # type: ignore[union-attr]
+        if self.response_started:
+            # the head is out: all the client can be told is a cut
+            self.finished = True
+            self.release_server()
+            self.frontend.count(self)
+            self.client.abort()
+            return
+        retry = (
+            upstream is not None and upstream.reused and not self.got_bytes and self.may_retry()
+        )
+        if server is not None and pool is not None:
+            pool.release(server)
+            self.server = None
+            if not retry:
+                pool.record_failure(server, why)
+        if retry:
+            # a kept-alive connection the server had closed: try a fresh one
+            self.ready_for_body = False
+            self.frontend.retries_total += 1
+            self.tried = self.tried[:-1]
+            self.acquire()
+            return
+        self.fail(502, f"upstream: {why}")
+
+    def arm_timer(self, timeout: float) -> None:
+        if timeout > 0:
+            self._timer = self.frontend.clock.callLater(timeout, self.timed_out)
+
+    def cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def timed_out(self) -> None:
+        self._timer = None
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.exchange = None
+            upstream.transport.abortConnection()  # type: ignore[union-attr]
+        self.release_server()
+        self.fail(504, f"no response within {self.frontend.config.http.response_timeout}s")
+
+    def fail(self, status: int, message: str, retry_after: bool = False) -> None:
+        """
+        Answer the client with an error and close its connection.
+        """
+        if self.finished and status != 504:
+            return
+        self.finished = True
+        self.status = status
+        self.cancel_timer()
+        if self._pending is not None:
+            d, self._pending = self._pending, None
+            d.cancel()
+        self.frontend.count(self)
+        self.client.send_error(status, message, retry_after)
+
+    def abandon(self) -> None:
+        """
+        The client went away.
+        """
+        if self.finished:
+            return
+        self.finished = True
+        self.cancel_timer()
+        if self._pending is not None:
+            d, self._pending = self._pending, None
+            d.cancel()
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.exchange = None
+            if not upstream.lost:
+                upstream.transport.abortConnection()  # type: ignore[union-attr]
+        self.release_server()
+
+
+class HTTPConnection(Protocol):
+    """
+    A client connection of an HTTP frontend.
+    """
+
+    exchange: Exchange | None = None
+    backend = None  # (TCPFrontend's bookkeeping)
+    counted = False
+    closing = False
+    closing_after_response = False
+    upgraded_exchange: Exchange | None = None
+    lost = False
+    _queue_timer: IDelayedCall | None = None
+    _head_timer: IDelayedCall | None = None
+    quiet_ticks = 0
+    last_total = -1
+
+    def __init__(self, frontend: HTTPFrontend) -> None:
+        self.frontend = frontend
+        http = frontend.config.http
+        self.reader = RequestReader(http.max_target, http.max_head, http.max_headers, http.max_body)
+        self.events: collections.deque[Any] = collections.deque()
+        self.queued = 0
+        self.paused = False
+        self.received = 0
+        self.delivered = 0
+
+    def connectionMade(self) -> None:
+        _nodelay(self.transport)
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.peer_host = getattr(peer, "host", "unix")
+        self.frontend.admit(self)
+
+    def start(self) -> None:
+        self.counted = True
+        self._arm_head_timer()
+        self.pump()
+
+    def _arm_head_timer(self) -> None:
+        timeout = self.frontend.config.http.header_timeout
+        if timeout > 0 and self._head_timer is None:
+            self._head_timer = self.frontend.clock.callLater(timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.exchange is None and self.upgraded_exchange is None and not self.events:
+            if self.received:
+                self.send_error(408, "request head not received in time")
+            else:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def activity(self) -> int | None:
+        if self.exchange is not None or self.upgraded_exchange is not None:
+            return None
+        return self.received + self.delivered
+
+    def idle_abort(self) -> None:
+        self.closing = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _abort(self) -> None:
+        self.idle_abort()
+
+    # -- reading -----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        upgraded = self.upgraded_exchange
+        if upgraded is not None:
+            if upgraded.upstream is not None:
+                upgraded.upstream.transport.write(data)  # type: ignore[union-attr]
+            return
+        if self.closing:
+            return
+        try:
+            events = self.reader.feed(data)
+        except HTTPError as e:
+            self.events.clear()
+            if self.exchange is not None and self.exchange.response_started:
+                self.abort()
+            else:
+                if self.exchange is not None:
+                    self.exchange.abandon()
+                    self.exchange = None
+                self.frontend.count_status(e.status)
+                self.send_error(e.status, e.reason)
+            return
+        for event in events:
+            if isinstance(event, Body):
+                self.queued += len(event.data)
+            self.events.append(event)
+        if self.queued > QUEUE_LIMIT and not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.pump()
+
+    def pump(self) -> None:
+        """
+        Hand queued events to the current exchange, starting the next one
+        when the previous has finished.
+        """
+        if not self.counted or self.closing:
+            return
+        events = self.events
+        while events:
+            event = events[0]
+            exchange = self.exchange
+            if isinstance(event, RequestHead):
+                if exchange is not None or self.closing_after_response:
+                    break
+                events.popleft()
+                if self._head_timer is not None and self._head_timer.active():
+                    self._head_timer.cancel()
+                self._head_timer = None
+                self.exchange = Exchange(self, event)
+                self.frontend.active_requests += 1
+                self.exchange.begin()
+            elif exchange is None:
+                events.popleft()  # the rest of a request already answered
+                if isinstance(event, Body):
+                    self.queued -= len(event.data)
+            elif isinstance(event, Body):
+                if not exchange.ready_for_body:
+                    break
+                events.popleft()
+                self.queued -= len(event.data)
+                exchange.send_body(event.data)
+            elif isinstance(event, EndOfMessage):
+                if not exchange.ready_for_body and not exchange.finished:
+                    if exchange.head.has_body:
+                        break
+                    exchange.request_done = True
+                    events.popleft()
+                    continue
+                events.popleft()
+                exchange.end_request()
+            elif isinstance(event, Upgrade):
+                events.popleft()
+                exchange.upgrade_rest = event.rest
+                if exchange.upstream is not None:
+                    exchange.upstream.transport.write(event.rest)  # type: ignore[union-attr]
+            else:
+                events.popleft()
+        if self.paused and self.queued < QUEUE_LIMIT // 2:
+            self.paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        if self.exchange is exchange:
+            self.exchange = None
+            self.frontend.active_requests -= 1
+        if self.closing_after_response or not exchange.head.keep_alive:
+            self.closing = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._arm_head_timer()
+        self.pump()
+
+    def upgraded(self, exchange: Exchange) -> None:
+        self.upgraded_exchange = exchange
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
+        self._head_timer = None
+        if self.exchange is exchange:
+            self.exchange = None
+            self.frontend.active_requests -= 1
+        rest = [e for e in self.events if isinstance(e, Upgrade)]
+        self.events.clear()
+        for event in rest:
+            if exchange.upstream is not None and event.rest:
+                exchange.upstream.transport.write(event.rest)  # type: ignore[union-attr]
+
+    # -- answering ---------------------------------------------------------
+
+    def send_error(self, status: int, message: str, retry_after: bool = False) -> None:
+        if self.exchange is not None:
+            self.exchange = None
+            self.frontend.active_requests -= 1
+        self.closing = True
+        self.events.clear()
+        extra = [(b"Retry-After", b"1")] if retry_after else []
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
+        self._head_timer = None
+        self.frontend.log.info(
+            "frontend {frontend}: {status} for {peer}: {message}",
+            frontend=self.frontend.name, status=status, peer=_peer(self.transport), message=message,
+        )
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+        self.transport.write(error_response(status, message, extra=extra))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        self.closing = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = True
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
+        self._head_timer = None
+        for exchange in (self.exchange, self.upgraded_exchange):
+            if exchange is None:
+                continue
+            if exchange is self.exchange:
+                self.frontend.active_requests -= 1
+            if exchange.upgraded and exchange.upstream is not None:
+                exchange.upstream.transport.loseConnection()  # type: ignore[union-attr]
+                exchange.release_server()
+            else:
+                exchange.abandon()
+        self.exchange = self.upgraded_exchange = None
+        self.frontend.forget(self)  # type: ignore[arg-type]
+
+
+class HTTPFrontend(TCPFrontend):
+    """
+    The factory of one C{protocol: http} frontend.  Admission, limits and
+    draining are the TCP frontend's.
+    """
+
+    def __init__(self, config: Any, pools: dict[str, Pool], reactor: Any, clock: Any,
+                 upstreams: UpstreamPool, limit: Any = None) -> None:
+        pool = pools[config.backend] if config.backend else next(iter(pools.values()))
+        super().__init__(config, pool, reactor, clock, limit)
+        self.pools = pools
+        self.upstreams = upstreams
+        self.configure(config)
+        self.active_requests = 0
+        self.retries_total = 0
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.duration_buckets = [0] * len(DURATION_BUCKETS)
+        self.duration_sum = 0.0
+        self.duration_count = 0
+        self._retry_window = 0.0
+        self._window_requests = 0
+        self._window_retries = 0
+
+    def configure(self, config: Any) -> None:
+        self.config = config
+        self.routes = RouteTable(config.routes, config.backend)
+        self.direct_routes = config.http.direct_routes
+        self.scheme = b"https" if config.listen.startswith("ssl:") else b"http"
+
+    def buildProtocol(self, addr: object) -> HTTPConnection:  # type: ignore[override]
+        return HTTPConnection(self)
+
+    def retry_budget_allows(self) -> bool:
+        """
+        Retries may add at most 20% to the request rate (and always 3 per
+        second), so that an outage does not multiply load.
+        """
+        now = self.clock.seconds()
+        if now - self._retry_window >= 1.0:
+            self._retry_window, self._window_requests, self._window_retries = now, 0, 0
+        allowed = max(3, self._window_requests // 5)
+        if self._window_retries >= allowed:
+            return False
+        self._window_retries += 1
+        return True
+
+    def count(self, exchange: Exchange) -> None:
+        backend = exchange.pool.name if exchange.pool is not None else "-"
+        self.requests[(backend, exchange.status)] += 1
+        self._window_requests += 1
+        seconds = self.clock.seconds() - exchange.started
+        self.duration_sum += seconds
+        self.duration_count += 1
+        self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+
+    def count_status(self, status: int) -> None:
+        self.requests[("-", status)] += 1
+
+    def bytes_totals(self) -> tuple[int, int]:
+        out, back = self.closed_bytes_out, self.closed_bytes_in
+        for conn in self.connections:
+            out += conn.received
+            back += getattr(conn, "delivered", 0)
+        return out, back
+
+    def forget(self, conn: Any) -> None:
+        self.closed_bytes_in += getattr(conn, "delivered", 0)
+        super().forget(conn)
+
+    def drain(self, grace: float) -> defer.Deferred[None]:
+        # idle keep-alive connections have nothing to finish
+        for conn in list(self.connections):
+            if isinstance(conn, HTTPConnection) and conn.exchange is None and conn.upgraded_exchange is None:
+                conn.closing = True
+                conn.transport.loseConnection()  # type: ignore[union-attr]
+        return super().drain(grace)
+

@@ -1,0 +1,378 @@
+"""
+End-to-end tests of the HTTP frontend against real twisted.web backends on
+loopback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from tests.support import Client, ServiceMixin, async_test, connect, listen, wait_for
+from tests.test_http_reader import MALFORMED
+
+
+class Backend(Resource):
+    """
+    /echo: JSON of what arrived; /big?n=: n bytes; /chunked: three chunks;
+    /status/N; /slow: never answers; /nobody: 204.
+    """
+
+    isLeaf = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.requests: list[dict[str, Any]] = []
+        self.pending: list[Any] = []
+
+    def render(self, request: Any) -> Any:
+        path = request.path.decode()
+        body = request.content.read()
+        self.requests.append({"path": path, "method": request.method.decode(), "body": len(body)})
+        request.setHeader(b"x-backend", self.name.encode())
+        if path == "/big":
+            n = int(request.args[b"n"][0])
+            request.setHeader(b"content-length", str(n).encode())
+            block = b"x" * 65536
+            sent = 0
+            while sent < n:
+                request.write(block[: n - sent])
+                sent += min(len(block), n - sent)
+            return b""
+        if path == "/chunked":
+            for part in (b"one,", b"two,", b"three"):
+                request.write(part)
+            request.finish()
+            return NOT_DONE_YET
+        if path.startswith("/status/"):
+            request.setResponseCode(int(path.rsplit("/", 1)[1]))
+            return b""
+        if path == "/slow":
+            self.pending.append(request)
+            return NOT_DONE_YET
+        if path == "/nobody":
+            request.setResponseCode(204)
+            return b""
+        headers = {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
+        return json.dumps({
+            "backend": self.name, "path": path, "method": request.method.decode(), "headers": headers,
+            "body_sha256": hashlib.sha256(body).hexdigest(), "body_length": len(body),
+            "uri": request.uri.decode(),
+        }).encode()
+
+
+class CountingSite(Site):
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource)
+        self.connections = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        self.connections += 1
+        return super().buildProtocol(addr)
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class RawRecorder(protocol.Protocol):
+    """
+    A backend that only records bytes (the malformed-request table).
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received += data
+
+
+class RawFactory(protocol.Factory):
+    protocol = RawRecorder
+    noisy = False
+
+    def __init__(self) -> None:
+        self.received = b""
+
+
+class WebSocketish(protocol.Protocol):
+    """
+    Answers an Upgrade with 101, then echoes.
+    """
+
+    buffer = b""
+    upgraded = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.upgraded:
+            self.transport.write(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            head, _, rest = self.buffer.partition(b"\r\n\r\n")
+            self.factory.heads.append(head)
+            self.upgraded = True
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\n\r\n")
+            if rest:
+                self.transport.write(rest)
+
+
+class HTTPTests(ServiceMixin, TestCase):
+    timeout = 60
+
+    async def start(self, n: int = 1, http: dict[str, Any] | None = None, **frontend: Any) -> Any:
+        self.backends = []
+        ports = []
+        for i in range(n):
+            resource = Backend(f"b{i}")
+            site = CountingSite(resource)
+            port = await listen(site)
+            self.addCleanup(port.stopListening)
+            self.backends.append((resource, site))
+            ports.append(port.getHost().port)
+        config = {
+            "backends": [{"name": "web", "servers": [{"address": f"127.0.0.1:{p}", "name": f"s{i}"}
+                                                     for i, p in enumerate(ports)],
+                          "health_check": {"type": "none"}}],
+            "frontends": [dict({"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
+                                "backend": "web", "http": http or {}}, **frontend)],
+        }
+        self.service = await self.start_service(config)
+        self.port = self.service.port_of("web")
+        return self.service
+
+    async def request(self, raw: bytes, until: bytes | None = None) -> tuple[Client, bytes]:
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        client.transport.write(raw)
+        if until is None:
+            await client.closed
+            return client, bytes(client.data)
+        return client, await client.read_until(until)
+
+    async def response(self, client: Client) -> tuple[int, dict[bytes, bytes], bytes]:
+        """
+        Read one response (Content-Length or chunked) off a client.
+        """
+        head = await client.read_until(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                k, _, v = line.partition(b":")
+                headers[k.strip().lower()] = v.strip()
+        if b"content-length" in headers:
+            n = int(headers[b"content-length"])
+            await wait_for(lambda: len(client.data) >= n or client.lost)
+            body = bytes(client.data[:n])
+            del client.data[:n]
+        elif headers.get(b"transfer-encoding") == b"chunked":
+            body = b""
+            while True:
+                size_line = await client.read_until(b"\r\n")
+                size = int(size_line.strip(), 16)
+                await wait_for(lambda: len(client.data) >= size + 2 or client.lost)
+                body += bytes(client.data[:size])
+                del client.data[: size + 2]
+                if size == 0:
+                    break
+        else:
+            body = b""
+        return status, headers, body
+
+    @async_test
+    async def test_keep_alive_reuses_upstream(self) -> None:
+        """
+        Ten requests on one client connection, then ten more on another,
+        use one upstream connection: the backend counts its connections.
+        """
+        await self.start()
+        for _ in range(2):
+            client = await connect(self.port)
+            self.client_cleanup(client)
+            for i in range(10):
+                client.transport.write(b"GET /echo?i=%d HTTP/1.1\r\nHost: example.com\r\n\r\n" % i)
+                status, headers, body = await self.response(client)
+                self.assertEqual((status, json.loads(body)["uri"]), (200, f"/echo?i={i}"))
+            client.transport.loseConnection()
+            await client.closed
+        self.assertEqual(self.backends[0][1].connections, 1)
+        self.assertEqual((self.service.upstreams.opened, self.service.upstreams.reused), (1, 19))
+
+    @async_test
+    async def test_headers(self) -> None:
+        """
+        X-Forwarded-For is appended, X-Forwarded-Proto/Host set, Via added,
+        Host kept, and Connection-named and hop-by-hop fields stripped.
+        """
+        await self.start()
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        client.transport.write(
+            b"GET /echo HTTP/1.1\r\nHost: api.example.com\r\nX-Forwarded-For: 10.1.2.3\r\n"
+            b"Connection: keep-alive, X-Secret-Hop\r\nX-Secret-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
+            b"Proxy-Connection: keep-alive\r\nTE: trailers\r\nX-Kept: yes\r\n\r\n")
+        status, headers, body = await self.response(client)
+        self.assertEqual((status, headers[b"via"]), (200, b"1.1 rproxy"))
+        seen = json.loads(body)["headers"]
+        self.assertEqual(seen["x-forwarded-for"], "10.1.2.3, 127.0.0.1")
+        self.assertEqual((seen["x-forwarded-proto"], seen["x-forwarded-host"]), ("http", "api.example.com"))
+        self.assertEqual((seen["host"], seen["via"], seen["x-kept"]), ("api.example.com", "1.1 rproxy", "yes"))
+        for gone in ("x-secret-hop", "keep-alive", "proxy-connection", "te"):
+            self.assertNotIn(gone, seen)
+
+    @async_test
+    async def test_pipelining_in_order(self) -> None:
+        """Pipelined requests are answered in order."""
+        await self.start()
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        client.transport.write(b"".join(
+            b"GET /echo?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(5)))
+        for i in range(5):
+            _, _, body = await self.response(client)
+            self.assertEqual(json.loads(body)["uri"], f"/echo?n={i}")
+
+    @async_test
+    async def test_bodies_both_ways(self) -> None:
+        """Content-Length and chunked request bodies and responses stream through."""
+        await self.start()
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        payload = b"p" * 300000
+        client.transport.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(payload)
+                               + payload)
+        _, _, body = await self.response(client)
+        self.assertEqual(json.loads(body)["body_sha256"], hashlib.sha256(payload).hexdigest())
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (b"a" * 1000, b"b" * 70000)) + b"0\r\n\r\n"
+        client.transport.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+        _, _, body = await self.response(client)
+        self.assertEqual(json.loads(body)["body_length"], 71000)
+        client.transport.write(b"GET /chunked HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = await self.response(client)
+        self.assertEqual((status, headers[b"transfer-encoding"], body), (200, b"chunked", b"one,two,three"))
+        client.transport.write(b"GET /big?n=5000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = await self.response(client)
+        self.assertEqual((status, len(body)), (200, 5000000))
+
+    @async_test
+    async def test_head_204_and_http10(self) -> None:
+        """HEAD and 204 have no body; an HTTP/1.0 client gets its response and a close."""
+        await self.start()
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        client.transport.write(b"HEAD /big?n=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await client.read_until(b"\r\n\r\n")
+        self.assertIn(b"Content-Length: 1000", head)
+        client.transport.write(b"GET /nobody HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = await self.response(client)
+        self.assertEqual((status, body), (204, b""))
+        _, raw = await self.request(b"GET /echo HTTP/1.0\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.0 200"), raw[:40])
+        self.assertIn(b'"path": "/echo"', raw)
+
+    @async_test
+    async def test_error_codes(self) -> None:
+        """400, 404, 413, 414, 431, 502, 503 and 504 are answered as JSON."""
+        await self.start(http={"max_body": "1k", "max_target": 100, "max_head": "2k",
+                               "response_timeout": "300ms", "direct_routes": True})
+        cases = [
+            (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (b"GET /backend/nope/x HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+            (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", 413),
+            (b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+            (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 3000 + b"\r\n\r\n", 431),
+            (b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n", 504),
+        ]
+        for raw, status in cases:
+            _, response = await self.request(raw)
+            self.assertTrue(response.startswith(b"HTTP/1.1 %d " % status), (status, response[:60]))
+            self.assertIn(b'{"error": ', response)
+        self.service.pools["web"].set_up(self.service.pools["web"].servers[0], False, "test")
+        _, response = await self.request(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(response.startswith(b"HTTP/1.1 503 "), response[:60])
+        self.assertIn(b"Retry-After: 1", response)
+
+    @async_test
+    async def test_502_when_server_refuses_and_retry(self) -> None:
+        """
+        A GET whose first server refuses is retried on the next (within the
+        retry budget: 3 per second at least); with none left the client
+        gets 502; the client's connection survives retried successes.
+        """
+        await self.start(n=1)
+        dead = await listen(RawFactory())
+        dead_port = dead.getHost().port
+        await dead.stopListening()
+        live = self.service.config.backends[0].servers[0].address
+        from rproxy.config import config_from_mapping
+
+        new = {
+            "admin": {"listen": "tcp:0:interface=127.0.0.1"}, "global": {"grace_period": "2s"},
+            "backends": [{"name": "web", "algorithm": "round-robin", "health_check": {"type": "none"},
+                          "passive": {"consecutive_failures": 0},
+                          "servers": [{"address": f"127.0.0.1:{dead_port}", "name": "dead"},
+                                      {"address": live, "name": "s0"}]}],
+            "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
+                           "backend": "web"}],
+        }
+        await self.service.reload(config_from_mapping(new))
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        for _ in range(3):
+            client.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, body = await self.response(client)
+            self.assertEqual((status, headers.get(b"x-backend")), (200, b"b0"), body)
+        self.assertGreaterEqual(self.service.frontends["web"].retries_total, 1)
+        new["backends"][0]["servers"] = [{"address": f"127.0.0.1:{dead_port}", "name": "dead"}]
+        await self.service.reload(config_from_mapping(new))
+        _, response = await self.request(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(response.startswith(b"HTTP/1.1 502 "), response[:60])
+
+    @async_test
+    async def test_malformed_table_reaches_no_backend(self) -> None:
+        """
+        Every request of the malformed table is answered 400 and closed,
+        and the backend sees no byte of any of them.
+        """
+        raw_backend = RawFactory()
+        port = await listen(raw_backend)
+        self.addCleanup(port.stopListening)
+        self.service = await self.start_service({
+            "backends": [{"name": "web", "servers": [f"127.0.0.1:{port.getHost().port}"],
+                          "health_check": {"type": "none"}}],
+            "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
+                           "backend": "web"}],
+        })
+        self.port = self.service.port_of("web")
+        for description, raw in MALFORMED:
+            _, response = await self.request(raw)
+            self.assertTrue(response.startswith(b"HTTP/1.1 400 "), (description, response[:60]))
+        self.assertEqual(raw_backend.received, b"")
+
+    @async_test
+    async def test_websocket_upgrade(self) -> None:
+        """An upgrade answered 101 becomes a two-way splice."""
+        factory = protocol.Factory.forProtocol(WebSocketish)
+        factory.heads = []  # type: ignore[attr-defined]
+        port = await listen(factory)
+        self.addCleanup(port.stopListening)
+        self.service = await self.start_service({
+            "backends": [{"name": "web", "servers": [f"127.0.0.1:{port.getHost().port}"],
+                          "health_check": {"type": "none"}}],
+            "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
+                           "backend": "web"}],
+        })
+        self.port = self.service.port_of("web")
+        client, head = await self.request(
+            b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            until=b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        self.assertIn(b"Upgrade: websocket", factory.heads[0])  # type: ignore[attr-defined]
+        client.transport.write(b"\x81\x05hello")
+        self.assertEqual(await client.read_until(b"hello"), b"\x81\x05hello")
