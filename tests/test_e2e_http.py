@@ -176,7 +176,7 @@ class HTTPTests(ServiceMixin, TestCase):
             while True:
                 size_line = await client.read_until(b"\r\n")
                 size = int(size_line.strip(), 16)
-                await wait_for(lambda: len(client.data) >= size + 2 or client.lost)
+                await wait_for(lambda size=size: len(client.data) >= size + 2 or client.lost)
                 body += bytes(client.data[:size])
                 del client.data[: size + 2]
                 if size == 0:
