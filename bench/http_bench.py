@@ -1,0 +1,120 @@
+"""
+HTTP benchmark: rproxy's HTTP frontend against HAProxy (mode http,
+nbthread 1, http-reuse always) and twisted.web.proxy.ReverseProxyResource,
+with nginx (100-byte responses) as the backend, in one run.  Proxies on
+core 0, wrk and nginx on core 1.  Prints keep-alive and Connection: close
+req/s, p99 latency, and the ratios the issue names.
+
+    bench/http.sh [--duration 10] [--connections 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from l4 import PROXY_CORE, ROOT, free_port, need, start_nginx, wait_port, wrk  # noqa: E402
+
+REVERSE_PROXY = """
+import sys
+from twisted.internet import reactor
+from twisted.web.proxy import ReverseProxyResource
+from twisted.web.server import Site
+site = Site(ReverseProxyResource("127.0.0.1", int(sys.argv[2]), b""))
+site.log = lambda request: None
+reactor.listenTCP(int(sys.argv[1]), site, interface="127.0.0.1")
+reactor.run()
+"""
+
+
+def start_haproxy_http(work: str, port: int, backend: int) -> subprocess.Popen[bytes]:
+    conf = os.path.join(work, "haproxy-http.cfg")
+    with open(conf, "w") as f:
+        f.write(f"""
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    server s1 127.0.0.1:{backend}
+""")
+    return subprocess.Popen(["taskset", "-c", PROXY_CORE, "haproxy", "-f", conf, "-db"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=50)
+    args = parser.parse_args()
+    need("nginx", "haproxy", "wrk", "taskset")
+    work = tempfile.mkdtemp(prefix="rproxy-http-bench-")
+    os.chmod(work, 0o755)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        nginx, haproxy, rproxy, twisted_web = (free_port() for _ in range(4))
+        procs.append(start_nginx(work, nginx))
+        procs.append(start_haproxy_http(work, haproxy, nginx))
+        with open(os.path.join(work, "rproxy.yaml"), "w") as f:
+            f.write(f"""
+global: {{max_connections: 20000}}
+admin: {{listen: null}}
+backends: [{{name: be, servers: ["127.0.0.1:{nginx}"]}}]
+frontends: [{{name: fe, protocol: http, listen: "127.0.0.1:{rproxy}", backend: be}}]
+""")
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        procs.append(subprocess.Popen(
+            ["taskset", "-c", PROXY_CORE, twistd, "-n", "--pidfile=", "rproxy", "-c",
+             os.path.join(work, "rproxy.yaml")],
+            stdout=open(os.path.join(work, "rproxy.log"), "wb"), stderr=subprocess.STDOUT, cwd=ROOT))
+        procs.append(subprocess.Popen(
+            ["taskset", "-c", PROXY_CORE, sys.executable, "-c", REVERSE_PROXY, str(twisted_web), str(nginx)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in (nginx, haproxy, rproxy, twisted_web):
+            wait_port(port)
+        targets = [("direct", nginx), ("haproxy", haproxy), ("twistweb", twisted_web), ("rproxy", rproxy)]
+        for _, port in targets:
+            wrk(port, 2, args.connections, False)
+        results = {}
+        print(f"{'path':9} {'keep-alive req/s':>17} {'p99':>10} {'close req/s':>12} {'p99':>10}")
+        for name, port in targets:
+            ka, ka_p99 = wrk(port, args.duration, args.connections, False)
+            cl, cl_p99 = wrk(port, args.duration, args.connections, True)
+            results[name] = (ka, cl, ka_p99)
+            print(f"{name:9} {ka:17.0f} {ka_p99:>10} {cl:12.0f} {cl_p99:>10}")
+        r, h, t = results["rproxy"], results["haproxy"], results["twistweb"]
+        print()
+        print("targets: keep-alive >= 0.35 of HAProxy and >= 8x ReverseProxyResource; "
+              "new connections >= 0.45 of HAProxy; p99 (keep-alive) <= 3x HAProxy's")
+        print(f"  keep-alive rproxy/haproxy  {r[0] / h[0]:5.2f}")
+        print(f"  keep-alive rproxy/twisted  {r[0] / t[0]:5.1f}x")
+        print(f"  close      rproxy/haproxy  {r[1] / h[1]:5.2f}")
+        print(f"  p99 keep-alive: rproxy {r[2]}, haproxy {h[2]}")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
