@@ -188,7 +188,22 @@ class ConfigValueTests(SynchronousTestCase):
 
     def test_shipped_example(self) -> None:
         """
-        etc/rproxy.yaml is valid.
+        etc/rproxy.yaml is valid, and so is its commented HTTP example once
+        uncommented.
         """
-        config = load_config(os.path.join(ROOT, "etc", "rproxy.yaml"))
+        path = os.path.join(ROOT, "etc", "rproxy.yaml")
+        config = load_config(path)
         self.assertEqual([f.name for f in config.frontends], ["web"])
+        self.assertEqual([t.name for t in config.tunnels], ["gpu"])
+        with open(path) as f:
+            text = f.read()
+        start, end = text.index("  # - name: web-http"), text.index("# Static API keys")
+        block = "\n".join(
+            line.replace("  # ", "  ", 1) if line.startswith("  # ") else line
+            for line in text[start:end].splitlines()
+        )
+        uncommented = self.mktemp()
+        with open(uncommented, "w") as f:
+            f.write(text[:start] + block + "\n\n" + text[end:])
+        http = load_config(uncommented).frontends[1]
+        self.assertEqual((http.name, http.protocol, http.routes[0].host), ("web-http", "http", "api.example.com"))
