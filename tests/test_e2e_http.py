@@ -299,6 +299,25 @@ class HTTPTests(ServiceMixin, TestCase):
         self.assertIn(b"Retry-After: 1", response)
 
     @async_test
+    async def test_slow_head_gets_408(self) -> None:
+        """
+        A head still incomplete after header_timeout (slowloris) gets 408
+        and is closed; an idle keep-alive connection is simply closed.
+        """
+        await self.start(http={"header_timeout": "200ms"})
+        started = self.service.clock.seconds()
+        _, response = await self.request(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Slow: aaa")
+        self.assertTrue(response.startswith(b"HTTP/1.1 408 "), response[:60])
+        self.assertLess(self.service.clock.seconds() - started, 2.0)
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        client.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, _ = await self.response(client)
+        self.assertEqual(status, 200)
+        await client.closed
+        self.assertEqual(bytes(client.data), b"")
+
+    @async_test
     async def test_502_when_server_refuses_and_retry(self) -> None:
         """
         A GET whose first server refuses is retried on the next (within the

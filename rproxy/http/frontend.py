@@ -130,6 +130,7 @@ class UpstreamConnection(Protocol):
             exchange.client.transport.write(data)  # type: ignore[union-attr]
             return
         exchange.got_bytes = True
+        exchange.batch = []
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -137,8 +138,11 @@ class UpstreamConnection(Protocol):
             if self.exchange is not None:
                 self.exchange.switch_protocols(data[offset:])
         except (httptools.HttpParserError, ValueError) as e:
+            exchange.flush()
             if self.exchange is not None:
                 self.exchange.upstream_failed(f"invalid response: {e}", invalid=True)
+        finally:
+            exchange.flush()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
@@ -274,10 +278,12 @@ class Exchange:
     upgraded = False
     switching = False
     finished = False
+    # client writes made while one upstream read is parsed go out in one
+    # send(); flushed at the end of that read and before the exchange ends
+    batch: list[bytes] | None = None
+    deadline: float | None = None
     status = 0
     _pending: defer.Deferred[Any] | None = None
-    _timer: IDelayedCall | None = None
-
     def __init__(self, client: HTTPConnection, head: RequestHead) -> None:
         self.client = client
         self.frontend = client.frontend
@@ -442,6 +448,18 @@ class Exchange:
 
     # -- response side -----------------------------------------------------
 
+    def write(self, data: bytes) -> None:
+        batch = self.batch
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.client.transport.write(data)  # type: ignore[union-attr]
+
+    def flush(self) -> None:
+        batch, self.batch = self.batch, None
+        if batch:
+            self.client.transport.write(b"".join(batch))  # type: ignore[union-attr]
+
     def response_head(self, upstream: UpstreamConnection, status: int, reason_phrase: bytes,
                       headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         self.cancel_timer()
@@ -477,7 +495,7 @@ class Exchange:
         data = response_head(status, reason_phrase, headers, version=head.version, framing=self.framing,
                              content_length=length, close=close)
         client = self.client
-        client.transport.write(data)  # type: ignore[union-attr]
+        self.write(data)
         client.transport.registerProducer(upstream.transport, True)  # type: ignore[union-attr]
         if no_body:
             # llhttp does not know this response has no body (HEAD): it is
@@ -489,9 +507,9 @@ class Exchange:
             return
         self.client.delivered += len(data)
         if self.framing == "chunked":
-            self.client.transport.write(_chunk(data))  # type: ignore[union-attr]
+            self.write(_chunk(data))
         elif self.framing != "none":
-            self.client.transport.write(data)  # type: ignore[union-attr]
+            self.write(data)
 
     def response_end(self) -> None:
         if self.response_done or self.switching:
@@ -500,7 +518,8 @@ class Exchange:
         self.cancel_timer()
         self.client.transport.unregisterProducer()  # type: ignore[union-attr]
         if self.framing == "chunked":
-            self.client.transport.write(_CHUNK_END)  # type: ignore[union-attr]
+            self.write(_CHUNK_END)
+        self.flush()
         if self.request_done or not self.ready_for_body:
             self.complete()
         else:
@@ -516,6 +535,7 @@ class Exchange:
         """
         upstream, client = self.upstream, self.client
         assert upstream is not None
+        self.flush()
         if not self.switching or self.finished:
             self.upstream_failed("unexpected protocol switch", invalid=True)
             return
@@ -563,6 +583,7 @@ class Exchange:
                 pool.release(server)
 
     def upstream_failed(self, why: str, invalid: bool = False) -> None:
+        self.flush()
         upstream, server, pool = self.upstream, self.server, self.pool
         if self.finished:
             return
@@ -598,15 +619,14 @@ class Exchange:
 
     def arm_timer(self, timeout: float) -> None:
         if timeout > 0:
-            self._timer = self.frontend.clock.callLater(timeout, self.timed_out)
+            self.deadline = self.frontend.clock.seconds() + timeout
+            self.frontend.watch_deadlines()
 
     def cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self.deadline = None
 
     def timed_out(self) -> None:
-        self._timer = None
+        self.deadline = None
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
@@ -663,7 +683,7 @@ class HTTPConnection(Protocol):
     upgraded_exchange: Exchange | None = None
     lost = False
     _queue_timer: IDelayedCall | None = None
-    _head_timer: IDelayedCall | None = None
+    head_deadline: float | None = None
     quiet_ticks = 0
     last_total = -1
 
@@ -690,13 +710,14 @@ class HTTPConnection(Protocol):
 
     def _arm_head_timer(self) -> None:
         timeout = self.frontend.config.http.header_timeout
-        if timeout > 0 and self._head_timer is None:
-            self._head_timer = self.frontend.clock.callLater(timeout, self._head_timed_out)
+        if timeout > 0 and self.head_deadline is None:
+            self.head_deadline = self.frontend.clock.seconds() + timeout
+            self.frontend.watch_deadlines()
 
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
+    def head_timed_out(self) -> None:
+        self.head_deadline = None
         if self.exchange is None and self.upgraded_exchange is None and not self.events:
-            if self.received:
+            if self.reader.in_head:
                 self.send_error(408, "request head not received in time")
             else:
                 self.transport.loseConnection()  # type: ignore[union-attr]
@@ -761,9 +782,7 @@ class HTTPConnection(Protocol):
                 if exchange is not None or self.closing_after_response:
                     break
                 events.popleft()
-                if self._head_timer is not None and self._head_timer.active():
-                    self._head_timer.cancel()
-                self._head_timer = None
+                self.head_deadline = None
                 self.exchange = Exchange(self, event)
                 self.frontend.active_requests += 1
                 self.exchange.begin()
@@ -810,9 +829,7 @@ class HTTPConnection(Protocol):
 
     def upgraded(self, exchange: Exchange) -> None:
         self.upgraded_exchange = exchange
-        if self._head_timer is not None and self._head_timer.active():
-            self._head_timer.cancel()
-        self._head_timer = None
+        self.head_deadline = None
         if self.exchange is exchange:
             self.exchange = None
             self.frontend.active_requests -= 1
@@ -831,9 +848,7 @@ class HTTPConnection(Protocol):
         self.closing = True
         self.events.clear()
         extra = [(b"Retry-After", b"1")] if retry_after else []
-        if self._head_timer is not None and self._head_timer.active():
-            self._head_timer.cancel()
-        self._head_timer = None
+        self.head_deadline = None
         self.frontend.log.info(
             "frontend {frontend}: {status} for {peer}: {message}",
             frontend=self.frontend.name, status=status, peer=_peer(self.transport), message=message,
@@ -848,9 +863,7 @@ class HTTPConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
-        if self._head_timer is not None and self._head_timer.active():
-            self._head_timer.cancel()
-        self._head_timer = None
+        self.head_deadline = None
         for exchange in (self.exchange, self.upgraded_exchange):
             if exchange is None:
                 continue
@@ -884,6 +897,7 @@ class HTTPFrontend(TCPFrontend):
         self.duration_buckets = [0] * len(DURATION_BUCKETS)
         self.duration_sum = 0.0
         self.duration_count = 0
+        self._deadlines: IDelayedCall | None = None
         self._retry_window = 0.0
         self._window_requests = 0
         self._window_retries = 0
@@ -896,6 +910,41 @@ class HTTPFrontend(TCPFrontend):
 
     def buildProtocol(self, addr: object) -> HTTPConnection:  # type: ignore[override]
         return HTTPConnection(self)
+
+    def watch_deadlines(self) -> None:
+        """
+        Make sure the deadline sweep runs (header and response timeouts).
+        """
+        if self._deadlines is None:
+            http = self.config.http
+            timeouts = [t for t in (http.header_timeout, http.response_timeout) if t > 0]
+            tick = min(1.0, max(0.02, min(timeouts, default=1.0) / 4))
+            self._deadlines = self.clock.callLater(tick, self._sweep_deadlines, tick)
+
+    def _sweep_deadlines(self, tick: float) -> None:
+        """
+        One timer per frontend instead of two per request: a request head
+        or a response is late by at most a quarter of its timeout.
+        """
+        self._deadlines = None
+        now = self.clock.seconds()
+        pending = False
+        for conn in list(self.connections):
+            if not isinstance(conn, HTTPConnection):
+                continue
+            if conn.head_deadline is not None:
+                if now >= conn.head_deadline:
+                    conn.head_timed_out()
+                else:
+                    pending = True
+            exchange = conn.exchange
+            if exchange is not None and exchange.deadline is not None:
+                if now >= exchange.deadline:
+                    exchange.timed_out()
+                else:
+                    pending = True
+        if pending:
+            self._deadlines = self.clock.callLater(tick, self._sweep_deadlines, tick)
 
     def retry_budget_allows(self) -> bool:
         """
@@ -933,6 +982,10 @@ class HTTPFrontend(TCPFrontend):
     def forget(self, conn: Any) -> None:
         self.closed_bytes_in += getattr(conn, "delivered", 0)
         super().forget(conn)
+        if not self.connections and self._deadlines is not None:
+            if self._deadlines.active():
+                self._deadlines.cancel()
+            self._deadlines = None
 
     def drain(self, grace: float) -> defer.Deferred[None]:
         # idle keep-alive connections have nothing to finish

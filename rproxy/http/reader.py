@@ -245,6 +245,13 @@ class RequestReader:
         return events
 
     @property
+    def in_head(self) -> bool:
+        """
+        Whether part of a request head has arrived but not all of it.
+        """
+        return self._in_head
+
+    @property
     def in_body(self) -> bool:
         """
         Whether a request's body is being read (for timeouts: the head
