@@ -196,14 +196,24 @@ class UpstreamPool:
         self.reused = 0
         self._sweep: IDelayedCall | None = None
 
-    def get(self, server: Server, pool: Pool, timeout: float) -> defer.Deferred[UpstreamConnection]:
+    def take_idle(self, server: Server) -> UpstreamConnection | None:
+        """
+        An idle keep-alive connection to C{server}, if there is one (the
+        common case, with no Deferred to pay for).
+        """
         idle = self.idle.get(server)
         while idle:
             conn = idle.pop()
             if not conn.lost:
                 conn.reused = True
                 self.reused += 1
-                return defer.succeed(conn)
+                return conn
+        return None
+
+    def get(self, server: Server, pool: Pool, timeout: float) -> defer.Deferred[UpstreamConnection]:
+        conn = self.take_idle(server)
+        if conn is not None:
+            return defer.succeed(conn)
         self.opened += 1
         d: defer.Deferred[UpstreamConnection] = defer.Deferred()
         conn = UpstreamConnection(self, server, pool)
@@ -364,6 +374,10 @@ class Exchange:
         self.server = server
         self.tried.append(server.name)
         self.attempts += 1
+        idle = self.frontend.upstreams.take_idle(server)
+        if idle is not None:
+            self.connected(idle)
+            return
         d = self.frontend.upstreams.get(server, self.pool, self.frontend.config.connect_timeout)  # type: ignore[arg-type]
         self._pending = d
         d.addCallbacks(self.connected, self.connect_failed)
