@@ -299,6 +299,32 @@ class HTTPTests(ServiceMixin, TestCase):
         self.assertIn(b"Retry-After: 1", response)
 
     @async_test
+    async def test_consecutive_5xx_eject_server(self) -> None:
+        """
+        A server answering 5xx five times in a row is ejected (Envoy's
+        defaults); the others take the traffic; a success resets the count.
+        """
+        await self.start(n=2)
+        pool = self.service.pools["web"]
+        s0, s1 = pool.servers
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        for _ in range(4):
+            client.transport.write(b"GET /status/500 HTTP/1.1\r\nHost: x\r\n\r\n")
+            await self.response(client)
+        self.assertEqual((s0.ejections, s1.ejections), (0, 0))
+        for _ in range(10):
+            client.transport.write(b"GET /status/503 HTTP/1.1\r\nHost: x\r\n\r\n")
+            await self.response(client)
+        now = self.service.clock.seconds()
+        # both would qualify; max_ejection_percent (50%) keeps one serving
+        self.assertEqual(sorted(s.ejected(now) for s in pool.servers), [False, True])
+        for _ in range(4):
+            client.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, _ = await self.response(client)
+            self.assertEqual(status, 200)
+
+    @async_test
     async def test_slow_head_gets_408(self) -> None:
         """
         A head still incomplete after header_timeout (slowloris) gets 408

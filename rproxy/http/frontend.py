@@ -587,10 +587,18 @@ class Exchange:
         self.frontend.count(self)
         self.client.exchange_done(self)
 
-    def release_server(self, ok: bool = True) -> None:
+    def release_server(self, ok: bool | None = None) -> None:
+        """
+        Give back the server slot; C{ok} False (a 5xx answer) or True (any
+        other) feeds passive outlier ejection, None leaves it alone.
+        """
         server, pool = self.server, self.pool
         self.server = None
         if server is not None and pool is not None:
+            if ok is False:
+                pool.record_failure(server, f"answered {self.status}")
+            elif ok:
+                pool.record_success(server)
             if self.pinned is not None:
                 server.active -= 1
             else:
