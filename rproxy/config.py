@@ -284,6 +284,9 @@ class HTTPOptions:
     retries: int = 2
     host_header: str = "client"
     direct_routes: bool = False
+    sticky_cookie: str | None = None
+    cors: bool = False
+    access_log: str = "off"
 
 
 @attrs.frozen
@@ -708,9 +711,19 @@ def _read_http(section: _Section) -> HTTPOptions:
         retries=section.value("retries", _int(0, 10), d.retries),
         host_header=section.value("host_header", _choice(("client", "server")), d.host_header),
         direct_routes=section.value("direct_routes", _bool, d.direct_routes),
+        sticky_cookie=section.value("sticky_cookie", _cookie_name, None),
+        cors=section.value("cors", _bool, d.cors),
+        access_log=section.value("access_log", _choice(("off", "combined", "json")), d.access_log),
     )
     section.finish()
     return options
+
+
+def _cookie_name(value: object) -> str:
+    text = _str(value)
+    if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", text):
+        raise ValueError(f"{text!r} is not a cookie name")
+    return text
 
 
 def _read_routes(section: _Section, protocol: str) -> tuple[Any, ...]:

@@ -210,6 +210,20 @@ class Pool:
             self._take(server)
         return server
 
+    def try_acquire_named(self, name: str) -> Server | None:
+        """
+        Take a slot on the server called C{name} if it can take one now
+        (a sticky cookie's server); None if it is unknown, down or full.
+        """
+        now = self._clock.seconds()
+        for server in self.servers:
+            if server.name == name:
+                if server.usable(now) and not server.full():
+                    self._take(server)
+                    return server
+                return None
+        return None
+
     def acquire(self, key: bytes | None = None, exclude: Iterable[str] = ()) -> defer.Deferred[Server]:
         """
         Take a connection slot on a server, waiting in the queue if every

@@ -325,6 +325,98 @@ class HTTPTests(ServiceMixin, TestCase):
             self.assertEqual(status, 200)
 
     @async_test
+    async def test_sticky_cookie(self) -> None:
+        """
+        With sticky_cookie, the first response names its server in a cookie
+        and requests carrying it stay there while it is up.
+        """
+        await self.start(n=3, http={"sticky_cookie": "RPSRV"})
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        client.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        _, headers, _ = await self.response(client)
+        cookie = headers[b"set-cookie"].split(b";")[0]
+        name, _, server = cookie.partition(b"=")
+        self.assertEqual(name, b"RPSRV")
+        backend_of = {b"s0": b"b0", b"s1": b"b1", b"s2": b"b2"}
+        for _ in range(6):
+            client.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nCookie: a=1; " + cookie + b"\r\n\r\n")
+            _, headers, _ = await self.response(client)
+            self.assertEqual(headers[b"x-backend"], backend_of[server])
+            self.assertNotIn(b"set-cookie", headers)
+        pool = self.service.pools["web"]
+        pool.set_up(next(s for s in pool.servers if s.name == server.decode()), False, "test")
+        client.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nCookie: " + cookie + b"\r\n\r\n")
+        _, headers, _ = await self.response(client)
+        self.assertNotEqual(headers[b"x-backend"], backend_of[server])
+        self.assertIn(b"set-cookie", headers)
+
+    @async_test
+    async def test_hash_by_header(self) -> None:
+        """hash_key header:NAME sends each key to one server."""
+        await self.start(n=3)
+        from rproxy.config import config_from_mapping
+
+        config = {
+            "admin": {"listen": "tcp:0:interface=127.0.0.1"}, "global": {"grace_period": "2s"},
+            "backends": [{"name": "web", "algorithm": "hash", "hash_key": "header:X-User",
+                          "health_check": {"type": "none"},
+                          "servers": [{"address": s.address, "name": s.name}
+                                      for s in self.service.config.backends[0].servers]}],
+            "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
+                           "backend": "web"}],
+        }
+        await self.service.reload(config_from_mapping(config))
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        seen: dict[bytes, set[bytes]] = {}
+        for i in range(40):
+            user = b"user-%d" % (i % 8)
+            client.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-User: " + user + b"\r\n\r\n")
+            _, headers, _ = await self.response(client)
+            seen.setdefault(user, set()).add(headers[b"x-backend"])
+        self.assertTrue(all(len(backends) == 1 for backends in seen.values()), seen)
+        self.assertGreater(len(set().union(*seen.values())), 1)
+
+    @async_test
+    async def test_cors(self) -> None:
+        """With cors, preflights are answered here and responses carry the headers."""
+        await self.start(http={"cors": True})
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        client.transport.write(b"OPTIONS /echo HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n"
+                               b"Access-Control-Request-Method: POST\r\n"
+                               b"Access-Control-Request-Headers: content-type\r\n\r\n")
+        status, headers, _ = await self.response(client)
+        self.assertEqual((status, headers[b"access-control-allow-origin"],
+                          headers[b"access-control-allow-headers"]), (204, b"*", b"content-type"))
+        self.assertEqual(self.backends[0][0].requests, [])
+        client.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n\r\n")
+        status, headers, _ = await self.response(client)
+        self.assertEqual((status, headers[b"access-control-allow-origin"]), (200, b"*"))
+
+    @async_test
+    async def test_access_log(self) -> None:
+        """access_log json writes one structured line per request."""
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        await self.start(http={"access_log": "json"})
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        client.transport.write(b"GET /echo?q=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: probe/1\r\n\r\n")
+        await self.response(client)
+        await wait_for(lambda: any(e.get("log_namespace") == "rproxy.access" for e in events))
+        [record] = [json.loads(e["record"]) for e in events if e.get("log_namespace") == "rproxy.access"]
+        self.assertEqual(
+            {k: record[k] for k in ("method", "target", "status", "backend", "server", "user_agent")},
+            {"method": "GET", "target": "/echo?q=1", "status": 200, "backend": "web", "server": "s0",
+             "user_agent": "probe/1"},
+        )
+
+    @async_test
     async def test_slow_head_gets_408(self) -> None:
         """
         A head still incomplete after header_timeout (slowloris) gets 408

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import bisect
 import collections
+import json
+import time
 from typing import Any
 
 import httptools
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rproxy.http.headers import error_response, request_head, response_head
@@ -50,6 +53,29 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
                     float("inf"))
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _CHUNK_END = b"0\r\n\r\n"
+
+
+# The access log has a namespace of its own, so that it can be routed apart.
+_access = Logger(namespace="rproxy.access")
+
+CORS_HEADERS = [
+    (b"Access-Control-Allow-Origin", b"*"),
+    (b"Access-Control-Expose-Headers", b"*"),
+]
+
+
+def _cookie(head: RequestHead, name: bytes) -> bytes | None:
+    """
+    The value of cookie C{name} in the request, or None.
+    """
+    for key, value in head.headers:
+        if key.lower() != b"cookie":
+            continue
+        for part in value.split(b";"):
+            cookie_name, eq, cookie_value = part.strip().partition(b"=")
+            if eq and cookie_name == name:
+                return cookie_value.strip().strip(b'"')
+    return None
 
 
 def _chunk(data: bytes) -> bytes:
@@ -316,6 +342,14 @@ class Exchange:
         if head.method == b"CONNECT":
             self.fail(405, "CONNECT is not supported")
             return
+        if (
+            frontend.config.http.cors
+            and head.method == b"OPTIONS"
+            and head.header(b"origin") is not None
+            and head.header(b"access-control-request-method") is not None
+        ):
+            self.preflight()
+            return
         direct = direct_target(head.target) if frontend.direct_routes else None
         if direct is not None:
             name, self.target = direct
@@ -347,13 +381,36 @@ class Exchange:
             server.total += 1
             self.got_server(server)
             return
-        server = pool.try_acquire(None, self.tried)
+        sticky = self.frontend.config.http.sticky_cookie
+        if sticky is not None and not self.tried:
+            wanted = _cookie(self.head, sticky.encode())
+            if wanted:
+                server = pool.try_acquire_named(wanted.decode("ascii", "replace"))
+                if server is not None:
+                    self.got_server(server)
+                    return
+        key = self.hash_key(pool)
+        server = pool.try_acquire(key, self.tried)
         if server is not None:
             self.got_server(server)
             return
-        d = pool.acquire(None, self.tried)
+        d = pool.acquire(key, self.tried)
         self._pending = d
         d.addCallbacks(self.got_server, self.no_server)
+
+    def hash_key(self, pool: Pool) -> bytes | None:
+        """
+        The consistent-hash key of this request for C{pool} (source_ip,
+        header:NAME or cookie:NAME); None for other algorithms.
+        """
+        if pool.config.algorithm not in ("ip-hash", "hash"):
+            return None
+        kind, _, name = pool.config.hash_key.partition(":")
+        if kind == "header":
+            return self.head.header(name.lower().encode())
+        if kind == "cookie":
+            return _cookie(self.head, name.encode())
+        return self.client.peer_host.encode()
 
     def no_server(self, reason: Failure) -> None:
         self._pending = None
@@ -506,8 +563,16 @@ class Exchange:
                 length = int(lowered[b"content-length"])
             except (KeyError, ValueError):
                 length = None
+        extra = []
+        sticky = self.frontend.config.http.sticky_cookie
+        if sticky is not None and self.server is not None and self.pinned is None:
+            name = self.server.name.encode()
+            if _cookie(head, sticky.encode()) != name:
+                extra.append((b"Set-Cookie", sticky.encode() + b"=" + name + b"; Path=/; HttpOnly"))
+        if self.frontend.config.http.cors:
+            extra += CORS_HEADERS
         data = response_head(status, reason_phrase, headers, version=head.version, framing=self.framing,
-                             content_length=length, close=close)
+                             content_length=length, close=close, extra=extra)
         client = self.client
         self.write(data)
         client.transport.registerProducer(upstream.transport, True)  # type: ignore[union-attr]
@@ -656,6 +721,26 @@ class Exchange:
             upstream.transport.abortConnection()  # type: ignore[union-attr]
         self.release_server()
         self.fail(504, f"no response within {self.frontend.config.http.response_timeout}s")
+
+    def preflight(self) -> None:
+        """
+        Answer a CORS preflight here (the VK gateway's permissive CORS).
+        """
+        self.finished = True
+        self.status = 204
+        requested = self.head.header(b"access-control-request-headers")
+        headers = [
+            (b"Access-Control-Allow-Origin", b"*"),
+            (b"Access-Control-Allow-Methods", b"GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"),
+            (b"Access-Control-Allow-Headers", requested or b"*"),
+            (b"Access-Control-Max-Age", b"86400"),
+        ]
+        close = not self.head.keep_alive
+        self.client.transport.write(response_head(  # type: ignore[union-attr]
+            204, b"No Content", headers, version=self.head.version, framing="none", close=close))
+        self.request_done = True
+        self.frontend.count(self)
+        self.client.exchange_done(self)
 
     def fail(self, status: int, message: str, retry_after: bool = False) -> None:
         """
@@ -984,12 +1069,38 @@ class HTTPFrontend(TCPFrontend):
 
     def count(self, exchange: Exchange) -> None:
         backend = exchange.pool.name if exchange.pool is not None else "-"
+        if self.config.http.access_log != "off":
+            self.log_access(exchange, backend)
         self.requests[(backend, exchange.status)] += 1
         self._window_requests += 1
         seconds = self.clock.seconds() - exchange.started
         self.duration_sum += seconds
         self.duration_count += 1
         self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+
+    def log_access(self, exchange: Exchange, backend: str) -> None:
+        head = exchange.head
+        seconds = self.clock.seconds() - exchange.started
+        server = exchange.tried[-1] if exchange.tried else "-"
+        if self.config.http.access_log == "json":
+            record = {
+                "client": exchange.client.peer_host, "method": head.method.decode("latin-1"),
+                "target": head.target.decode("latin-1"), "version": f"{head.version[0]}.{head.version[1]}",
+                "status": exchange.status, "bytes": exchange.client.delivered, "backend": backend,
+                "server": server, "duration": round(seconds, 6), "frontend": self.name,
+                "user_agent": (head.header(b"user-agent") or b"").decode("latin-1"),
+            }
+            _access.info("{record}", record=json.dumps(record, sort_keys=True))
+            return
+        when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(self.clock.seconds()))
+        referer = (head.header(b"referer") or b"-").decode("latin-1")
+        agent = (head.header(b"user-agent") or b"-").decode("latin-1")
+        line = (
+            f'{exchange.client.peer_host} - - [{when}] "{head.method.decode("latin-1")} '
+            f'{head.target.decode("latin-1")} HTTP/{head.version[0]}.{head.version[1]}" {exchange.status} '
+            f'{exchange.client.delivered} "{referer}" "{agent}" {backend}/{server} {seconds:.6f}'
+        )
+        _access.info("{line}", line=line)
 
     def count_status(self, status: int) -> None:
         self.requests[("-", status)] += 1
