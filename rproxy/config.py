@@ -257,6 +257,18 @@ class PassiveConfig:
 
 
 @attrs.frozen
+class UpstreamTLSConfig:
+    """
+    TLS to a backend's servers: verified against C{ca} (default: the
+    system's roots) for C{server_name} (default: each server's host).
+    """
+
+    ca: str | None = None
+    server_name: str | None = None
+    verify: bool = True
+
+
+@attrs.frozen
 class BackendConfig:
     name: str
     servers: tuple[ServerConfig, ...]
@@ -267,6 +279,7 @@ class BackendConfig:
     passive: PassiveConfig = PassiveConfig()
     queue_size: int = 1024
     queue_timeout: float = 5.0
+    tls: UpstreamTLSConfig | None = None
 
 
 @attrs.frozen
@@ -312,6 +325,9 @@ class FrontendConfig:
     idle_timeout: float = 60.0
     http: HTTPOptions = HTTPOptions()
     routes: tuple[Any, ...] = ()  # rproxy.http.routes.Route
+    # TLS termination: (cert, key) files, the first the default, the
+    # others chosen by SNI
+    tls: tuple[tuple[str, str], ...] = ()
 
 
 @attrs.frozen
@@ -649,9 +665,62 @@ def _read_backend(path: str, raw: object, errors: list[str]) -> BackendConfig | 
         passive=_read_passive(section.section("passive")),
         queue_size=section.value("queue_size", _int(0), 1024),
         queue_timeout=section.value("queue_timeout", _duration, 5.0),
+        tls=_read_upstream_tls(section),
     )
     section.finish()
     return backend if name else None
+
+
+def _file(value: object) -> str:
+    path = _str(value)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r}: {e.strerror}") from None
+    return path
+
+
+def _read_upstream_tls(section: _Section) -> UpstreamTLSConfig | None:
+    raw = section.raw("tls")
+    if raw is _MISSING or raw is None or raw is False:
+        return None
+    if raw is True:
+        return UpstreamTLSConfig()
+    tls = _Section(raw, section.key_path("tls"), section.errors)
+    config = UpstreamTLSConfig(
+        ca=tls.value("ca", _file, None),
+        server_name=tls.value("server_name", _str, None),
+        verify=tls.value("verify", _bool, True),
+    )
+    tls.finish()
+    return config
+
+
+def _read_frontend_tls(section: _Section) -> tuple[tuple[str, str], ...]:
+    raw = section.raw("tls")
+    if raw is _MISSING or raw is None:
+        return ()
+    tls = _Section(raw, section.key_path("tls"), section.errors)
+    pairs = []
+    cert, key = tls.value("cert", _file), tls.value("key", _file)
+    if cert and key:
+        pairs.append((cert, key))
+    for path, item in tls.items("sni"):
+        extra = _Section(item, path, section.errors)
+        cert, key = extra.value("cert", _file), extra.value("key", _file)
+        extra.finish()
+        if cert and key:
+            pairs.append((cert, key))
+    tls.finish()
+    for cert, key in pairs:
+        try:
+            from rproxy.tls import load_pair
+
+            load_pair(cert, key)
+        except Exception as e:  # noqa: BLE001 - any load failure is a config error
+            section.errors.append(f"{section.key_path('tls')}: cannot load {cert} / {key}: {e}")
+    return tuple(pairs)
 
 
 def _read_frontend(
@@ -666,6 +735,7 @@ def _read_frontend(
         section.error("protocol", f"{protocol!r} frontends are not available in this version")
     http = _read_http(section.section("http"))
     routes = _read_routes(section, protocol)
+    tls = _read_frontend_tls(section)
     frontend = FrontendConfig(
         name=name or "",
         listen=section.value("listen", _listen),
@@ -673,6 +743,7 @@ def _read_frontend(
         protocol=protocol,
         http=http,
         routes=routes,
+        tls=tls,
         max_connections=section.value("max_connections", _int(0), 0),
         queue_size=section.value("queue_size", _int(0), 128),
         queue_timeout=section.value("queue_timeout", _duration, 5.0),

@@ -32,6 +32,7 @@ from rproxy.http.frontend import HTTPFrontend, UpstreamPool
 from rproxy.metrics import Metrics
 from rproxy.pool import Pool, Server
 from rproxy.tcp import ConnectionLimit, TCPFrontend
+from rproxy.tls import server_tls_factory
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.registry import StaticKeys
 from rproxy.tunnel.server import TunnelServer
@@ -170,8 +171,11 @@ class RProxyService(MultiService):
 
     async def _listen(self, frontend: TCPFrontend) -> None:
         endpoint = server_endpoint(self.reactor, frontend.config.listen, self.config.global_.backlog)
+        factory: Any = frontend
+        if frontend.config.tls:
+            factory = server_tls_factory(frontend, list(frontend.config.tls))
         try:
-            port = await endpoint.listen(frontend)
+            port = await endpoint.listen(factory)
         except Exception as e:
             self.log.error(
                 "frontend {frontend}: cannot listen on {listen}: {why}",

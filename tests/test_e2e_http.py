@@ -121,7 +121,7 @@ class WebSocketish(protocol.Protocol):
                 self.transport.write(rest)
 
 
-class HTTPTests(ServiceMixin, TestCase):
+class HTTPHelpers(ServiceMixin):
     timeout = 60
 
     async def start(self, n: int = 1, http: dict[str, Any] | None = None, **frontend: Any) -> Any:
@@ -185,6 +185,8 @@ class HTTPTests(ServiceMixin, TestCase):
             body = b""
         return status, headers, body
 
+
+class HTTPTests(HTTPHelpers, TestCase):
     @async_test
     async def test_keep_alive_reuses_upstream(self) -> None:
         """
@@ -513,3 +515,78 @@ class HTTPTests(ServiceMixin, TestCase):
         self.assertIn(b"Upgrade: websocket", factory.heads[0])  # type: ignore[attr-defined]
         client.transport.write(b"\x81\x05hello")
         self.assertEqual(await client.read_until(b"hello"), b"\x81\x05hello")
+
+
+class HTTPTLSTests(HTTPHelpers, TestCase):
+    """
+    TLS termination with SNI, and verified TLS to servers.
+    """
+
+    def pem(self, hostname: str) -> tuple[str, bytes]:
+        import os
+
+        from tests.support import self_signed_pem
+
+        path = os.path.abspath(self.mktemp())
+        return path, self_signed_pem(path, hostname)
+
+    async def tls_get(self, port: int, hostname: str, trust: bytes) -> bytes:
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+
+        from tests.support import reactor
+
+        client = Client()
+        options = ssl.optionsForClientTLS(hostname, trustRoot=ssl.Certificate.loadPEM(trust))
+        factory = protocol.Factory.forProtocol(lambda: client)
+        await SSL4ClientEndpoint(reactor, "127.0.0.1", port, options).connect(factory)
+        self.client_cleanup(client)
+        client.transport.write(b"GET /echo HTTP/1.1\r\nHost: " + hostname.encode() + b"\r\n\r\n")
+        status, headers, body = await self.response(client)
+        self.assertEqual(status, 200)
+        return body
+
+    @async_test
+    async def test_termination_with_sni(self) -> None:
+        """
+        The certificate follows the client's SNI (each client verifies its
+        host name), and the server learns the scheme was https.
+        """
+        a_path, a_cert = self.pem("a.example")
+        b_path, b_cert = self.pem("b.example")
+        await self.start(tls={"cert": a_path, "key": a_path, "sni": [{"cert": b_path, "key": b_path}]})
+        for hostname, cert in (("a.example", a_cert), ("b.example", b_cert)):
+            body = await self.tls_get(self.port, hostname, cert)
+            self.assertEqual(json.loads(body)["headers"]["x-forwarded-proto"], "https")
+
+    @async_test
+    async def test_upstream_tls_verified(self) -> None:
+        """
+        TLS to a server verifies its certificate: the right CA works, a
+        wrong one is a 502 and nothing is sent.
+        """
+        from twisted.internet import ssl
+
+        from tests.support import reactor
+
+        server_path, server_cert = self.pem("localhost")
+        other_path, _ = self.pem("localhost")
+        with open(server_path, "rb") as f:
+            private = ssl.PrivateCertificate.loadPEM(f.read())
+        resource = Backend("secure")
+        site = CountingSite(resource)
+        port = reactor.listenSSL(0, site, private.options(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        for ca, expected in ((server_path, b"200"), (other_path, b"502")):
+            service = await self.start_service({
+                "backends": [{"name": "web", "servers": [f"127.0.0.1:{port.getHost().port}"],
+                              "health_check": {"type": "none"},
+                              "tls": {"ca": ca, "server_name": "localhost"}}],
+                "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
+                               "backend": "web"}],
+            })
+            self.port = service.port_of("web")
+            _, response = await self.request(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            self.assertEqual(response.split(b" ")[1], expected, response[:80])
+            await service.stopService()
+        self.assertEqual(len(resource.requests), 1)

@@ -36,6 +36,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from rproxy.http.headers import error_response, request_head, response_head
@@ -43,6 +44,7 @@ from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, Reque
 from rproxy.http.routes import Route, RouteTable, direct_target
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
 from rproxy.tcp import TCPFrontend, _nodelay, _peer
+from rproxy.tls import client_tls_options
 from rproxy.transport import connect_tcp
 
 __all__ = ["HTTPFrontend", "HTTPConnection", "UpstreamPool"]
@@ -221,6 +223,7 @@ class UpstreamPool:
         self.opened = 0
         self.reused = 0
         self._sweep: IDelayedCall | None = None
+        self._tls_cache: dict[Any, Any] = {}
 
     def take_idle(self, server: Server) -> UpstreamConnection | None:
         """
@@ -244,7 +247,11 @@ class UpstreamPool:
         d: defer.Deferred[UpstreamConnection] = defer.Deferred()
         conn = UpstreamConnection(self, server, pool)
         conn._connected = d
-        connector = connect_tcp(self.reactor, server.host, server.port, _UpstreamFactory(conn, d), timeout)
+        factory: Any = _UpstreamFactory(conn, d)
+        tls = pool.config.tls
+        if tls is not None:
+            factory = TLSMemoryBIOFactory(self._tls_options(tls, server), True, factory)
+        connector = connect_tcp(self.reactor, server.host, server.port, factory, timeout)
 
         def cancel(result: Any) -> Any:
             if isinstance(result, Failure) and result.check(defer.CancelledError):
@@ -253,6 +260,13 @@ class UpstreamPool:
 
         d.addErrback(cancel)
         return d
+
+    def _tls_options(self, tls: Any, server: Server) -> Any:
+        key = (tls, tls.server_name or server.host)
+        options = self._tls_cache.get(key)
+        if options is None:
+            options = self._tls_cache[key] = client_tls_options(key[1], tls.ca, tls.verify)
+        return options
 
     def put(self, conn: UpstreamConnection) -> None:
         if conn.lost or conn.server.draining:
@@ -1013,7 +1027,7 @@ class HTTPFrontend(TCPFrontend):
         self.config = config
         self.routes = RouteTable(config.routes, config.backend)
         self.direct_routes = config.http.direct_routes
-        self.scheme = b"https" if config.listen.startswith("ssl:") else b"http"
+        self.scheme = b"https" if config.listen.startswith("ssl:") or config.tls else b"http"
 
     def buildProtocol(self, addr: object) -> HTTPConnection:  # type: ignore[override]
         return HTTPConnection(self)
