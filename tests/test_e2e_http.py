@@ -590,3 +590,184 @@ class HTTPTLSTests(HTTPHelpers, TestCase):
             self.assertEqual(response.split(b" ")[1], expected, response[:80])
             await service.stopService()
         self.assertEqual(len(resource.requests), 1)
+
+
+class StreamingResponder(protocol.Protocol):
+    """
+    A raw HTTP server: answers GET /download with SIZE bytes streamed as a
+    push producer, and POST /upload by hashing the body as it arrives; it
+    can stop reading (paused) to test backpressure towards the client.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.instances.append(self)
+        self.buffer = b""
+        self.head_done = False
+        self.body_left = 0
+        self.hash = hashlib.sha256()
+        self.sent = 0
+        self.paused = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.head_done:
+            self.buffer += data
+            if b"\r\n\r\n" not in self.buffer:
+                return
+            head, _, data = self.buffer.partition(b"\r\n\r\n")
+            self.head_done = True
+            if head.startswith(b"GET /download"):
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.factory.size)
+                self.transport.registerProducer(self, True)
+                self.resumeProducing()
+                return
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    self.body_left = int(line.split(b":")[1])
+        if self.body_left:
+            self.factory.received += len(data)
+            self.hash.update(data)
+            self.body_left -= len(data)
+            if self.body_left == 0:
+                digest = self.hash.hexdigest().encode()
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(digest), digest))
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        chunk = self.factory.chunk
+        while not self.paused and self.sent < self.factory.size:
+            self.transport.write(chunk)
+            self.sent += len(chunk)
+        if self.sent >= self.factory.size:
+            self.transport.unregisterProducer()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class StreamingTests(HTTPHelpers, TestCase):
+    size = 100 * 1024 * 1024
+
+    async def start_streaming(self) -> Any:
+        factory = protocol.Factory.forProtocol(StreamingResponder)
+        factory.instances, factory.received, factory.size = [], 0, self.size  # type: ignore[attr-defined]
+        factory.chunk = bytes(range(256)) * 256  # type: ignore[attr-defined]
+        port = await listen(factory)
+        self.addCleanup(port.stopListening)
+        self.service = await self.start_service({
+            "backends": [{"name": "web", "servers": [f"127.0.0.1:{port.getHost().port}"],
+                          "health_check": {"type": "none"}}],
+            "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
+                           "backend": "web"}],
+        })
+        self.port = self.service.port_of("web")
+        return factory
+
+    def proxy_buffered(self) -> int:
+        from tests.test_e2e_tcp import buffered
+
+        total = 0
+        for conn in self.service.frontends["web"].connections:
+            total += buffered(conn.transport)
+        for idle in self.service.upstreams.idle.values():
+            total += sum(buffered(c.transport) for c in idle)
+        return total
+
+    @async_test
+    async def test_download_100mib_slow_reader(self) -> None:
+        """
+        100 MiB to a client that stops reading: the server is paused, the
+        proxy holds little, and every byte arrives once the client reads.
+        """
+        from tests.support import turn
+
+        factory = await self.start_streaming()
+        client = Client()
+        await connect(self.port, client)
+        self.client_cleanup(client)
+        client.transport.pauseProducing()
+        client.transport.write(b"GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_for(lambda: bool(factory.instances) and factory.instances[0].paused)
+        server = factory.instances[0]
+        previous = -1
+        while server.sent != previous:
+            previous = server.sent
+            await turn(delay=0.2)
+        self.assertLess(server.sent, 32 * 1024 * 1024)
+        self.assertLess(self.proxy_buffered(), 512 * 1024)
+        client.transport.resumeProducing()
+        expected = hashlib.sha256()
+        for _ in range(self.size // len(factory.chunk)):
+            expected.update(factory.chunk)
+        head_end = -1
+
+        def complete() -> bool:
+            nonlocal head_end
+            if head_end < 0:
+                head_end = client.data.find(b"\r\n\r\n")
+            return head_end >= 0 and len(client.data) >= head_end + 4 + self.size
+
+        await wait_for(complete, timeout=60)
+        self.assertTrue(bytes(client.data[:16]).startswith(b"HTTP/1.1 200"))
+        body = memoryview(client.data)[head_end + 4 :]
+        self.assertEqual(len(body), self.size)
+        self.assertEqual(hashlib.sha256(body).hexdigest(), expected.hexdigest())
+        body.release()
+
+    @async_test
+    async def test_upload_100mib_slow_server(self) -> None:
+        """
+        A 100 MiB upload to a server that stops reading pauses the client;
+        once the server reads again the whole body arrives intact.
+        """
+        from tests.support import turn
+
+        factory = await self.start_streaming()
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        client.transport.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % self.size)
+        await wait_for(lambda: bool(factory.instances))
+        server = factory.instances[0]
+        server.transport.pauseProducing()  # the server stops reading
+        chunk = b"u" * 65536
+        sent = 0
+        expected = hashlib.sha256()
+
+        class Pump:
+            """Writes the body as the client transport asks for more."""
+
+            paused = False
+
+            def resumeProducing(self) -> None:
+                nonlocal sent
+                self.paused = False
+                while not self.paused and sent < StreamingTests.size:
+                    client.transport.write(chunk)
+                    expected.update(chunk)
+                    sent += len(chunk)
+                if sent >= StreamingTests.size:
+                    client.transport.unregisterProducer()
+
+            def pauseProducing(self) -> None:
+                self.paused = True
+
+            def stopProducing(self) -> None:
+                self.paused = True
+
+        pump = Pump()
+        client.transport.registerProducer(pump, True)
+        pump.resumeProducing()
+        previous = -1
+        while sent != previous:
+            previous = sent
+            await turn(delay=0.2)
+        self.assertLess(sent, 32 * 1024 * 1024)
+        self.assertLess(self.proxy_buffered(), 512 * 1024)
+        server.transport.resumeProducing()
+        answer = await client.read_until(b"\r\n\r\n", timeout=60)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
+        await wait_for(lambda: len(client.data) >= 64)
+        self.assertEqual(bytes(client.data[:64]).decode(), expected.hexdigest())
+        self.assertEqual(factory.received, self.size)
