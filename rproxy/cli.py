@@ -113,37 +113,18 @@ def cert(name: str, out: str) -> int:
     """
     What the seed's create_cert.sh does: a self-signed pair for development.
     """
-    import datetime
     import os
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from rproxy.tls import self_signed
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    cert_pem, key_pem = self_signed(name)
     os.makedirs(out, exist_ok=True)
     cert_path, key_path = os.path.join(out, "cert.pem"), os.path.join(out, "key.pem")
     with open(cert_path, "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+        f.write(cert_pem)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(key_pem)
     print(f"wrote {cert_path} and {key_path} (self-signed for {name!r}, 365 days); "
           f"agents trust it with tls: {{ca: {cert_path}, server_name: {name}}}")
     return 0

@@ -28,7 +28,11 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["SpliceEnd", "splice"]
+__all__ = ["SpliceEnd", "EarlyDataEnd", "splice", "EARLY_DATA_LIMIT"]
+
+# What an end may receive before it is spliced; past this its reading is
+# paused (the rest waits in the kernel).
+EARLY_DATA_LIMIT = 64 * 1024
 
 
 @implementer(IHalfCloseableProtocol)
@@ -116,3 +120,40 @@ def splice(a: SpliceEnd, b: SpliceEnd) -> None:
     b.transport.registerProducer(a.transport, True)  # type: ignore[union-attr]
     a.transport.resumeProducing()  # type: ignore[union-attr]
     b.transport.resumeProducing()  # type: ignore[union-attr]
+
+
+class EarlyDataEnd(SpliceEnd):
+    """
+    An end that keeps the bytes it receives before the splice (up to
+    L{EARLY_DATA_LIMIT}, then reading pauses), and hands them to its peer
+    first when L{join} splices them; a FIN received that early follows them.
+    """
+
+    _early: list[bytes] | None = None
+    _early_size = 0
+    _paused = False
+
+    def unspliced_data(self, data: bytes) -> None:
+        if self._early is None:
+            self._early = []
+        self._early.append(data)
+        self._early_size += len(data)
+        if self._early_size >= EARLY_DATA_LIMIT and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def unspliced_eof(self) -> None:
+        # with nothing received there is nothing to deliver
+        if not self._early_size:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def join(self, peer: SpliceEnd) -> None:
+        """
+        Write the early bytes to C{peer}, splice, and pass on an early FIN.
+        """
+        early, self._early = self._early, None
+        if early:
+            peer.transport.write(b"".join(early))  # type: ignore[union-attr]
+        splice(self, peer)
+        if self.read_closed:
+            peer.transport.loseWriteConnection()  # type: ignore[union-attr]

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from rproxy.config import FrontendConfig
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
-from rproxy.splice import SpliceEnd, splice
+from rproxy.splice import EarlyDataEnd, SpliceEnd
 from rproxy.transport import connect_tcp
 
 __all__ = ["TCPFrontend", "ClientConnection", "ConnectionLimit"]
@@ -74,12 +74,7 @@ class _BackendFactory(ClientFactory):
         self.client.connect_failed(reason)
 
 
-# What a client may send before its server is connected; past this its
-# reading is paused (the rest waits in the kernel).
-EARLY_DATA_LIMIT = 64 * 1024
-
-
-class ClientConnection(SpliceEnd):
+class ClientConnection(EarlyDataEnd):
     """
     An accepted client connection of a TCP frontend.
 
@@ -94,9 +89,6 @@ class ClientConnection(SpliceEnd):
     _acquiring: defer.Deferred[Server] | None = None
     _connector: object = None
     _queue_timer: IDelayedCall | None = None
-    _early: list[bytes] | None = None
-    _early_size = 0
-    _paused = False
     quiet_ticks = 0
     last_total = -1
     counted = False
@@ -191,23 +183,9 @@ class ClientConnection(SpliceEnd):
             backend.transport.abortConnection()  # type: ignore[union-attr]
             return
         self.backend = backend
-        early, self._early = self._early, None
-        if early:
-            backend.transport.write(b"".join(early))  # type: ignore[union-attr]
-        splice(self, backend)
-        if self.read_closed:
-            backend.transport.loseWriteConnection()  # type: ignore[union-attr]
+        self.join(backend)
 
     # -- before the splice -----------------------------------------------
-
-    def unspliced_data(self, data: bytes) -> None:
-        if self._early is None:
-            self._early = []
-        self._early.append(data)
-        self._early_size += len(data)
-        if self._early_size >= EARLY_DATA_LIMIT and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def unspliced_eof(self) -> None:
         # The client half-closed before we reached a server: what it sent

@@ -19,7 +19,14 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-__all__ = ["SNIServerCreator", "load_pair", "server_tls_factory", "client_tls_options", "names_of"]
+__all__ = [
+    "SNIServerCreator",
+    "load_pair",
+    "server_tls_factory",
+    "client_tls_options",
+    "names_of",
+    "self_signed",
+]
 
 
 def load_pair(cert_path: str, key_path: str) -> tuple[ssl.PrivateCertificate, bytes]:
@@ -106,3 +113,35 @@ def client_tls_options(server_name: str, ca: str | None, verify: bool) -> Any:
             root = ssl.Certificate.loadPEM(f.read())
         return ssl.optionsForClientTLS(server_name, trustRoot=root)
     return ssl.optionsForClientTLS(server_name)
+
+
+def self_signed(hostname: str, days: int = 365) -> tuple[bytes, bytes]:
+    """
+    A self-signed certificate for C{hostname} (also a CA, so that clients
+    can trust it directly) and its key, both PEM; for development and tests
+    (what the seed's create_cert.sh does).
+    """
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem

@@ -27,7 +27,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rproxy.splice import SpliceEnd, splice
+from rproxy.splice import EarlyDataEnd, SpliceEnd
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.config import TunnelConfig
 from rproxy.tunnel.registry import AgentSession, Pending, Registry, StaticKeys, TooManyPending
@@ -48,7 +48,6 @@ from rproxy.tunnel.wire import (
 
 __all__ = ["TunnelServer"]
 
-EARLY_DATA_LIMIT = 64 * 1024
 LOGIN_TIMEOUT = 10.0
 
 
@@ -160,7 +159,7 @@ class ControlProtocol(Protocol):
             self.server.drop_session(self.session, "control connection closed")
 
 
-class PublicProtocol(SpliceEnd):
+class PublicProtocol(EarlyDataEnd):
     """
     A user's connection on the public port.
     """
@@ -168,9 +167,6 @@ class PublicProtocol(SpliceEnd):
     pending: Pending | None = None
     agent: AgentSession | None = None
     proxy: ProxyProtocol | None = None
-    _early: list[bytes] | None = None
-    _early_size = 0
-    _paused = False
 
     def __init__(self, server: TunnelServer) -> None:
         self.server = server
@@ -244,27 +240,9 @@ class PublicProtocol(SpliceEnd):
         server = self.server
         server.streams_opened += 1
         server.observe_open(server.clock.seconds() - self.started)
-        early, self._early = self._early, None
-        if early:
-            proxy.transport.write(b"".join(early))  # type: ignore[union-attr]
         if rest:
             self.transport.write(rest)  # type: ignore[union-attr]
-        splice(self, proxy)
-        if self.read_closed:
-            proxy.transport.loseWriteConnection()  # type: ignore[union-attr]
-
-    def unspliced_data(self, data: bytes) -> None:
-        if self._early is None:
-            self._early = []
-        self._early.append(data)
-        self._early_size += len(data)
-        if self._early_size >= EARLY_DATA_LIMIT and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()  # type: ignore[union-attr]
-
-    def unspliced_eof(self) -> None:
-        if not self._early_size:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+        self.join(proxy)
 
     def end_lost(self, reason: Failure) -> None:
         self.server.public_connections.discard(self)
