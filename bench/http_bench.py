@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from l4 import PROXY_CORE, ROOT, free_port, need, start_nginx, wait_port, wrk  # noqa: E402
+from l4 import PROXY_CORE, ROOT, free_port, need, start_nginx, stop_all, wait_port, wrk  # noqa: E402
 
 REVERSE_PROXY = """
 import sys
@@ -106,14 +104,7 @@ frontends: [{{name: fe, protocol: http, listen: "127.0.0.1:{rproxy}", backend: b
         print(f"  close      rproxy/haproxy  {r[1] / h[1]:5.2f}")
         print(f"  p99 keep-alive: rproxy {r[2]}, haproxy {h[2]}")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, work)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,20 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise SystemExit(f"bench: nothing listens on {port} after {timeout}s")
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]], work: str) -> None:
+    """
+    SIGTERM every process (SIGKILL after 10 s) and remove the work folder.
+    """
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
@@ -205,14 +219,7 @@ def main() -> None:
             ratio = r[key] / h[key]
             print(f"  {label:16} {ratio:5.2f}  {'ok' if ratio >= target else 'BELOW TARGET'}")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, work)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +24,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from l4 import LOAD_CORE, PROXY_CORE, ROOT, bulk, free_port, need, start_nginx, wait_port, wrk  # noqa: E402
+from l4 import (  # noqa: E402
+    LOAD_CORE,
+    PROXY_CORE,
+    ROOT,
+    bulk,
+    free_port,
+    need,
+    start_nginx,
+    stop_all,
+    wait_port,
+    wrk,
+)
 
 
 def twistd(work: str, name: str, args: list[str], core: str = PROXY_CORE) -> subprocess.Popen[bytes]:
@@ -126,14 +135,7 @@ services: [{{name: web, local: "127.0.0.1:{nginx}"}}]
         print("open times: the tunnel adds a control round trip, an agent-side connect to the")
         print("proxy port (saved by pool_count) and one to the local service")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, work)
 
 
 if __name__ == "__main__":
