@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,6 +32,34 @@ site.log = lambda request: None
 reactor.listenTCP(int(sys.argv[1]), site, interface="127.0.0.1")
 reactor.run()
 """
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def idle_clients(port: int, count: int) -> list[socket.socket]:
+    """
+    C{count} client connections that each made one request and now idle.
+    """
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+        sockets.append(sock)
+    for sock in sockets:
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < 100:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    time.sleep(1.0)  # let the proxy settle before measuring
+    return sockets
 
 
 def start_haproxy_http(work: str, port: int, backend: int) -> subprocess.Popen[bytes]:
@@ -59,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--idle", type=int, default=5000)
     args = parser.parse_args()
     need("nginx", "haproxy", "wrk", "taskset")
     work = tempfile.mkdtemp(prefix="rproxy-http-bench-")
@@ -103,6 +134,15 @@ frontends: [{{name: fe, protocol: http, listen: "127.0.0.1:{rproxy}", backend: b
         print(f"  keep-alive rproxy/twisted  {r[0] / t[0]:5.1f}x")
         print(f"  close      rproxy/haproxy  {r[1] / h[1]:5.2f}")
         print(f"  p99 keep-alive: rproxy {r[2]}, haproxy {h[2]}")
+        print()
+        rproxy_proc = procs[2]
+        before = rss_kib(rproxy_proc.pid)
+        sockets = idle_clients(rproxy, args.idle)
+        after = rss_kib(rproxy_proc.pid)
+        print(f"rproxy RSS: {before / 1024:.1f} MiB, with {len(sockets)} idle keep-alive clients "
+              f"{after / 1024:.1f} MiB ({(after - before) * 1024 / max(len(sockets), 1):.0f} bytes each)")
+        for sock in sockets:
+            sock.close()
     finally:
         stop_all(procs, work)
 
