@@ -214,7 +214,7 @@ class UpstreamPool:
     Idle keep-alive connections per server, shared by the HTTP frontends.
     """
 
-    def __init__(self, reactor: Any, clock: Any, max_idle: int = 32, idle_timeout: float = 60.0) -> None:
+    def __init__(self, reactor: Any, clock: Any, max_idle: int = 256, idle_timeout: float = 60.0) -> None:
         self.reactor = reactor
         self.clock = clock
         self.max_idle = max_idle
@@ -551,7 +551,12 @@ class Exchange:
         self.response_started = True
         self.status = status
         head = self.head
-        lowered = {n.lower(): v for n, v in headers}
+        lowered: dict[bytes, bytes] = {}
+        for name, value in headers:
+            if len(name) in (14, 17):  # content-length, transfer-encoding
+                lower = name.lower()
+                if lower in (b"content-length", b"transfer-encoding"):
+                    lowered[lower] = value
         no_body = head.method == b"HEAD" or status in (204, 304) or 100 <= status < 200
         if status == 101:
             if not head.upgrade:

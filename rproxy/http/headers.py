@@ -59,11 +59,29 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
+_HOP_BY_HOP_KEEP_UPGRADE = HOP_BY_HOP - {b"upgrade"}
+
+
 def _kept(headers: list[tuple[bytes, bytes]], keep_upgrade: bool) -> list[tuple[bytes, bytes]]:
-    drop = HOP_BY_HOP | connection_tokens(headers)
-    if keep_upgrade:
-        drop = drop - {b"upgrade"}
-    return [(n, v) for n, v in headers if n.lower() not in drop]
+    # one pass, lower-casing each name once; Connection's tokens (rare
+    # beyond keep-alive/close) only cost a second pass when present
+    drop = _HOP_BY_HOP_KEEP_UPGRADE if keep_upgrade else HOP_BY_HOP
+    kept = []
+    named: set[bytes] | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower in drop:
+            if lower == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")} - {b"", b"keep-alive", b"close"}
+                if tokens:
+                    named = tokens if named is None else named | tokens
+            continue
+        kept.append((lower, name, value))
+    if named:
+        if keep_upgrade:
+            named.discard(b"upgrade")
+        return [(n, v) for lower, n, v in kept if lower not in named]
+    return [(n, v) for _, n, v in kept]
 
 
 def request_head(

@@ -38,6 +38,13 @@ import httptools
 __all__ = ["HTTPError", "RequestHead", "Body", "EndOfMessage", "Upgrade", "RequestReader"]
 
 _FRAMING = (b"transfer-encoding", b"content-length")
+_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+# common fields with nothing to check, skipped at once
+_ORDINARY = frozenset({
+    b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"connection", b"cookie",
+    b"authorization", b"content-type", b"referer", b"origin", b"cache-control", b"x-forwarded-for",
+    b"if-none-match", b"if-modified-since", b"pragma",
+})
 _HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{1,5})?$")
 
 
@@ -161,13 +168,19 @@ class RequestReader:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        major, minor = (int(x) for x in parser.get_http_version().split("."))
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            major, minor = (int(x) for x in parser.get_http_version().split("."))
+        else:
+            major, minor = version
         headers = self._headers
         chunked = False
         content_length: int | None = None
         hosts = []
         for name, value in headers:
             lower = name.lower()
+            if lower in _ORDINARY:
+                continue
             if (
                 lower[:1] in (b"t", b"c")
                 and lower not in _FRAMING
@@ -192,9 +205,10 @@ class RequestReader:
             self._fail(400, "invalid Host")
         if self.max_body is not None and content_length is not None and content_length > self.max_body:
             self._fail(413, "Content Too Large")
+        method = parser.get_method()
         self._events.append(
             RequestHead(
-                method=parser.get_method(),
+                method=method,
                 target=bytes(self._target),
                 version=(major, minor),
                 headers=headers,
@@ -202,7 +216,7 @@ class RequestReader:
                 chunked=chunked,
                 content_length=content_length,
                 upgrade=bool(parser.should_upgrade()),
-                suspicious_body=(chunked or bool(content_length)) and parser.get_method() in (b"GET", b"HEAD"),
+                suspicious_body=(chunked or bool(content_length)) and method in (b"GET", b"HEAD"),
             )
         )
         self._in_head = False
