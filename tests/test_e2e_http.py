@@ -33,12 +33,16 @@ class Backend(Resource):
         self.pending: list[Any] = []
 
     def render(self, request: Any) -> Any:
-        path = request.path.decode()
+        path = request.path.decode("latin-1")
         body = request.content.read()
-        self.requests.append({"path": path, "method": request.method.decode(), "body": len(body)})
+        self.requests.append({"path": path, "method": request.method.decode("latin-1"), "body": len(body)})
         request.setHeader(b"x-backend", self.name.encode())
         if path == "/big":
-            n = int(request.args[b"n"][0])
+            try:
+                n = int(request.args[b"n"][0])
+            except (KeyError, ValueError):
+                request.setResponseCode(400)
+                return b"bad n"
             request.setHeader(b"content-length", str(n).encode())
             block = b"x" * 65536
             sent = 0
@@ -52,7 +56,8 @@ class Backend(Resource):
             request.finish()
             return NOT_DONE_YET
         if path.startswith("/status/"):
-            request.setResponseCode(int(path.rsplit("/", 1)[1]))
+            code = path.rsplit("/", 1)[1]
+            request.setResponseCode(int(code) if code.isdigit() and 100 <= int(code) < 600 else 400)
             return b""
         if path == "/slow":
             self.pending.append(request)
@@ -60,11 +65,12 @@ class Backend(Resource):
         if path == "/nobody":
             request.setResponseCode(204)
             return b""
-        headers = {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
+        headers = {k.decode("latin-1").lower(): v[0].decode("latin-1")
+                   for k, v in request.requestHeaders.getAllRawHeaders()}
         return json.dumps({
-            "backend": self.name, "path": path, "method": request.method.decode(), "headers": headers,
+            "backend": self.name, "path": path, "method": request.method.decode("latin-1"), "headers": headers,
             "body_sha256": hashlib.sha256(body).hexdigest(), "body_length": len(body),
-            "uri": request.uri.decode(),
+            "uri": request.uri.decode("latin-1"),
         }).encode()
 
 
