@@ -208,3 +208,17 @@ class ConfigValueTests(SynchronousTestCase):
             f.write(text[:start] + block + "\n\n" + text[end:])
         http = load_config(uncommented).frontends[1]
         self.assertEqual((http.name, http.protocol, http.routes[0].host), ("web-http", "http", "api.example.com"))
+
+
+class PackagingTests(SynchronousTestCase):
+    def test_every_package_is_shipped(self) -> None:
+        """pyproject.toml lists every rproxy package, so pip install . ships them."""
+        import tomllib
+
+        with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+            listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+        found = set()
+        for directory, _, files in os.walk(os.path.join(ROOT, "rproxy")):
+            if "__init__.py" in files:
+                found.add(os.path.relpath(directory, ROOT).replace(os.sep, "."))
+        self.assertEqual(found - listed, set())

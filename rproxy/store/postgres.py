@@ -1,0 +1,136 @@
+"""
+PostgreSQL through txpostgres: schema migrations and the API key store.
+
+Migrations are the numbered SQL files in C{rproxy/store/migrations}
+(C{NNN_name.sql}); each is applied once, in its own transaction, in order,
+while holding a session advisory lock, so several rproxy processes starting
+together apply each exactly once.  Only parameterized SQL is used, and keys
+are stored as SHA-256 digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+
+__all__ = ["migrations", "migrate", "PostgresKeys", "KeyRecord", "digest"]
+
+log = Logger()
+MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+_LOCK = 0x72_70_72_6F_78_79  # "rproxy"
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """
+    (version, name, SQL) of every shipped migration, in order.
+    """
+    found = []
+    for entry in sorted(os.listdir(MIGRATIONS)):
+        match = re.match(r"^(\d+)_([a-z0-9_]+)\.sql$", entry)
+        if match:
+            with open(os.path.join(MIGRATIONS, entry), encoding="utf-8") as f:
+                found.append((int(match.group(1)), match.group(2), f.read()))
+    return found
+
+
+async def migrate(conn: Any) -> list[int]:
+    """
+    Bring the database to the newest schema; return the versions applied.
+
+    @param conn: a connected C{txpostgres.Connection}.
+    """
+    applied: list[int] = []
+    await conn.runOperation("SELECT pg_advisory_lock(%s)", (_LOCK,))
+    try:
+        await conn.runOperation(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        rows = await conn.runQuery("SELECT version FROM schema_migrations")
+        done = {row[0] for row in rows}
+        for version, name, sql in migrations():
+            if version in done:
+                continue
+
+            def apply(cursor: Any, version: int = version, name: str = name, sql: str = sql) -> Any:
+                # txpostgres cursors answer with Deferreds: one statement at a time
+                d = cursor.execute(sql)
+                d.addCallback(lambda _: cursor.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
+                ))
+                return d
+
+            await conn.runInteraction(apply)
+            applied.append(version)
+            log.info("applied migration {version} {name}", version=version, name=name)
+    finally:
+        await conn.runOperation("SELECT pg_advisory_unlock(%s)", (_LOCK,))
+    return applied
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+@attrs.frozen
+class KeyRecord:
+    id: int
+    name: str
+    level: int
+    created_at: Any = None
+    revoked_at: Any = None
+
+
+class PostgresKeys:
+    """
+    API keys in the C{api_keys} table.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def check(self, key: str) -> KeyRecord | None:
+        """
+        The live key C{key}, or None; looked up by its digest (an index
+        lookup on a hash, so the time does not depend on the key's text).
+        """
+        rows = await self.conn.runQuery(
+            "SELECT id, name, level FROM api_keys WHERE digest = %s AND revoked_at IS NULL",
+            (digest(key),),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return KeyRecord(id=row[0], name=row[1], level=row[2])
+
+    async def create(self, name: str, level: int = -1) -> tuple[KeyRecord, str]:
+        """
+        A new key; the plain key is returned here, once, and never stored.
+        """
+        key = "rpk_" + secrets.token_urlsafe(32)
+        rows = await self.conn.runQuery(
+            "INSERT INTO api_keys (digest, name, level) VALUES (%s, %s, %s) RETURNING id, created_at",
+            (digest(key), name, level),
+        )
+        return KeyRecord(id=rows[0][0], name=name, level=level, created_at=rows[0][1]), key
+
+    async def revoke(self, key_id: int) -> bool:
+        rows = await self.conn.runQuery(
+            "UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL RETURNING id",
+            (key_id,),
+        )
+        return bool(rows)
+
+    async def list(self, limit: int = 100, after: int = 0) -> list[KeyRecord]:
+        rows = await self.conn.runQuery(
+            "SELECT id, name, level, created_at, revoked_at FROM api_keys WHERE id > %s ORDER BY id LIMIT %s",
+            (after, limit),
+        )
+        return [KeyRecord(*row) for row in rows]
