@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-__all__ = ["migrations", "migrate", "PostgresKeys", "KeyRecord", "digest"]
+__all__ = ["migrations", "migrate", "PostgresKeys", "KeyRecord", "digest", "connection"]
 
 log = Logger()
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
@@ -73,6 +73,27 @@ async def migrate(conn: Any) -> list[int]:
     finally:
         await conn.runOperation("SELECT pg_advisory_unlock(%s)", (_LOCK,))
     return applied
+
+
+def connection(reactor: Any, detector: Any = None) -> Any:
+    """
+    A txpostgres connection that reports a server going away as a lost
+    connection (one warning) instead of an unhandled error from the reactor.
+    """
+    import psycopg2
+    from twisted.internet import main
+    from txpostgres import txpostgres
+
+    class Connection(txpostgres.Connection):  # type: ignore[misc]
+        def doRead(self) -> Any:
+            try:
+                return super().doRead()
+            except psycopg2.OperationalError as e:
+                text = str(e).strip().splitlines()
+                log.warn("PostgreSQL connection lost: {why}", why=text[0] if text else "closed")
+                return main.CONNECTION_LOST
+
+    return Connection(reactor=reactor, detector=detector)
 
 
 def digest(key: str) -> bytes:

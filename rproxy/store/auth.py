@@ -1,0 +1,125 @@
+"""
+API key checks in the seed's order: Redis cache, then PostgreSQL, then the
+static keys of the configuration when the database cannot be reached.
+
+  - A hit in Redis answers without touching PostgreSQL (TTL
+    C{auth_cache_ttl}, 300 s by default); a refused key is cached too, for a
+    short C{negative_ttl}, so a flood of bad keys does not reach the
+    database.
+  - Redis down: PostgreSQL answers.  PostgreSQL down: the cache answers
+    what it holds, the static keys the rest.
+  - Revoking deletes the cache entry (Redis is shared, so every rproxy
+    process sees it at once) and publishes the digest on
+    C{rproxy:revoked} for processes that keep caches of their own.
+
+Keys are cached and logged only as SHA-256 digests.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from rproxy.store.postgres import KeyRecord, PostgresKeys, digest
+
+__all__ = ["KeyChain"]
+
+log = Logger()
+REVOKED_CHANNEL = "rproxy:revoked"
+
+
+def _cache_key(key_digest: bytes) -> str:
+    return "rproxy:key:" + key_digest.hex()
+
+
+class KeyChain:
+    def __init__(
+        self,
+        static: Any,
+        postgres: PostgresKeys | None = None,
+        redis: Any = None,
+        clock: Any = None,
+        ttl: float = 300.0,
+        negative_ttl: float = 5.0,
+        timeout: float = 1.0,
+    ) -> None:
+        self.static = static
+        self.postgres = postgres
+        self.redis = redis
+        self.clock = clock
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.timeout = timeout
+        self.redis_errors = 0
+        self.postgres_errors = 0
+        self.cache_hits = 0
+
+    async def _bounded(self, d: defer.Deferred[Any]) -> Any:
+        if self.clock is not None:
+            d.addTimeout(self.timeout, self.clock)
+        return await d
+
+    async def check(self, key: str) -> Any:
+        """
+        The key's record (C{name}, C{level}), or None if it is not valid.
+        """
+        key_digest = digest(key)
+        if self.redis is not None:
+            try:
+                cached = await self._bounded(self.redis.get(_cache_key(key_digest)))
+            except Exception as e:  # noqa: BLE001 - Redis down: go on to PostgreSQL
+                self.redis_errors += 1
+                log.warn("auth: Redis unavailable ({why}); asking PostgreSQL", why=type(e).__name__)
+            else:
+                if cached == "-":
+                    self.cache_hits += 1
+                    return None
+                if cached:
+                    self.cache_hits += 1
+                    data = json.loads(cached)
+                    return KeyRecord(id=data["id"], name=data["name"], level=data["level"])
+        if self.postgres is not None:
+            try:
+                record = await self._bounded(defer.Deferred.fromCoroutine(self.postgres.check(key)))
+            except Exception as e:  # noqa: BLE001 - PostgreSQL down: static keys
+                self.postgres_errors += 1
+                log.warn("auth: PostgreSQL unavailable ({why}); using static keys", why=type(e).__name__)
+            else:
+                await self._remember(key_digest, record)
+                return record
+        return self.static.check(key)
+
+    async def _remember(self, key_digest: bytes, record: KeyRecord | None) -> None:
+        if self.redis is None:
+            return
+        value = "-" if record is None else json.dumps({"id": record.id, "name": record.name, "level": record.level})
+        ttl = self.negative_ttl if record is None else self.ttl
+        try:
+            await self._bounded(self.redis.set(_cache_key(key_digest), value, expire=max(1, int(ttl))))
+        except Exception:  # noqa: BLE001 - a cache that cannot be written is only slower
+            self.redis_errors += 1
+
+    async def revoke(self, key_id: int) -> bool:
+        """
+        Revoke in PostgreSQL, then drop the cached entry everywhere.
+        """
+        assert self.postgres is not None
+        rows = await self.postgres.conn.runQuery(
+            "UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL RETURNING digest",
+            (key_id,),
+        )
+        if not rows:
+            return False
+        key_digest = bytes(rows[0][0])
+        if self.redis is not None:
+            try:
+                await self._bounded(self.redis.delete(_cache_key(key_digest)))
+                await self._bounded(self.redis.publish(REVOKED_CHANNEL, key_digest.hex()))
+            except Exception:  # noqa: BLE001 - the TTL bounds how long a stale entry lives
+                self.redis_errors += 1
+                log.error("auth: revoked key {id} may stay cached for up to {ttl}s: Redis unavailable",
+                          id=key_id, ttl=self.ttl)
+        return True
