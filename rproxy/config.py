@@ -331,11 +331,25 @@ class FrontendConfig:
 
 
 @attrs.frozen
+class StoresConfig:
+    """
+    PostgreSQL and/or Redis; C{DATABASE_URL} and C{REDIS_URL} override the
+    file.  Absent: embedded mode, everything from the YAML file.
+    """
+
+    postgres_dsn: str | None = None
+    pool_size: int = 4
+    redis_url: str | None = None
+    auth_cache_ttl: float = 300.0
+
+
+@attrs.frozen
 class Config:
     global_: GlobalConfig = GlobalConfig()
     admin: AdminConfig = AdminConfig()
     backends: tuple[BackendConfig, ...] = ()
     frontends: tuple[FrontendConfig, ...] = ()
+    stores: StoresConfig | None = None
     api_keys: tuple[Any, ...] = ()  # rproxy.tunnel.config.ApiKeyConfig
     tunnels: tuple[Any, ...] = ()  # rproxy.tunnel.config.TunnelConfig
 
@@ -834,6 +848,29 @@ def _read_routes(section: _Section, protocol: str) -> tuple[Any, ...]:
     return tuple(routes)
 
 
+def _read_stores(top: _Section) -> StoresConfig | None:
+    import os
+
+    raw = top.raw("stores")
+    env_dsn, env_redis = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
+    if (raw is _MISSING or raw is None) and not (env_dsn or env_redis):
+        return None
+    section = _Section(None if raw is _MISSING else raw, "stores", top.errors)
+    postgres = section.section("postgres")
+    dsn = postgres.value("dsn", _str, None)
+    pool_size = postgres.value("pool_size", _int(1, 100), 4)
+    postgres.finish()
+    redis = section.section("redis")
+    url = redis.value("url", _str, None)
+    ttl = redis.value("auth_cache_ttl", _duration, 300.0)
+    redis.finish()
+    section.finish()
+    url = env_redis or url
+    if url is not None and not url.startswith("redis://"):
+        top.errors.append(f"stores.redis.url: {url!r} is not a redis://host:port/db URL")
+    return StoresConfig(postgres_dsn=env_dsn or dsn, pool_size=pool_size, redis_url=url, auth_cache_ttl=ttl)
+
+
 def _ephemeral(listen: str) -> bool:
     """
     Whether a listen string asks for port 0 (any free port), which two
@@ -891,7 +928,8 @@ def parse_config(data: object) -> Config:
 
     api_keys = read_api_keys(top)
     tunnels = read_tunnels(top)
-    for later in ("stores", "token_pools"):
+    stores = _read_stores(top)
+    for later in ("token_pools",):
         if top.has(later):
             top.raw(later)
             errors.append(f"{later}: not available in this version of rproxy")
@@ -905,6 +943,7 @@ def parse_config(data: object) -> Config:
         frontends=tuple(frontends),
         api_keys=api_keys,
         tunnels=tunnels,
+        stores=stores,
     )
 
 

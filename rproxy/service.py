@@ -31,6 +31,7 @@ from rproxy.health import HealthChecker, Prober, make_prober
 from rproxy.http.frontend import HTTPFrontend, UpstreamPool
 from rproxy.metrics import Metrics
 from rproxy.pool import Pool, Server
+from rproxy.store.manager import Stores
 from rproxy.tcp import ConnectionLimit, TCPFrontend
 from rproxy.tls import server_tls_factory
 from rproxy.transport import server_endpoint
@@ -74,6 +75,7 @@ class RProxyService(MultiService):
         self.ports: dict[str, IListeningPort] = {}
         self.retired: set[TCPFrontend] = set()
         self.tunnels: dict[str, TunnelServer] = {}
+        self.stores: Stores | None = None
         self.upstreams = UpstreamPool(reactor, self.clock)
         self.admin_port: IListeningPort | None = None
         self._admin_listen: str | None = None
@@ -133,7 +135,15 @@ class RProxyService(MultiService):
             self.frontends[config.name] = frontend
             await self._listen(frontend)
 
-        keys = StaticKeys(new.api_keys)
+        keys: Any = StaticKeys(new.api_keys)
+        if new.stores is not None:
+            if self.stores is None:
+                self.stores = Stores(new.stores, keys, self.reactor, self.clock, self._rng)
+                self.stores.start()
+            elif new.stores != self.stores.config:
+                self.log.warn("stores: changes to stores: take effect after a restart")
+            self.stores.keys.static = keys
+            keys = self.stores.keys
         wanted_tunnels = {t.name: t for t in new.tunnels}
         for name, tunnel in list(self.tunnels.items()):
             if wanted_tunnels.get(name) != tunnel.config:
@@ -265,6 +275,8 @@ class RProxyService(MultiService):
         for tunnel in list(self.tunnels.values()):
             await tunnel.stop()
         self.upstreams.close()
+        if self.stores is not None:
+            await self.stores.stop()
         if self.admin_port is not None:
             await self.admin_port.stopListening()
             self.admin_port = None
@@ -298,6 +310,7 @@ class RProxyService(MultiService):
         return {
             "status": "ok" if not problems else "degraded",
             "problems": problems,
+            "stores": self.stores.status() if self.stores is not None else "embedded",
             "frontends": [
                 {
                     "name": f.name,

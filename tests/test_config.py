@@ -126,7 +126,7 @@ class ConfigErrorTests(SynchronousTestCase):
         """
         Sections this version does not implement are refused, not ignored.
         """
-        self.assertEqual(self.errors(minimal(stores={})), ["stores: not available in this version of rproxy"])
+        self.assertEqual(self.errors(minimal(token_pools=[])), ["token_pools: not available in this version of rproxy"])
 
     def test_invalid_yaml(self) -> None:
         """

@@ -75,10 +75,11 @@ async def migrate(conn: Any) -> list[int]:
     return applied
 
 
-def connection(reactor: Any, detector: Any = None) -> Any:
+def connection(reactor: Any, detector: Any = None, on_lost: Any = None) -> Any:
     """
     A txpostgres connection that reports a server going away as a lost
-    connection (one warning) instead of an unhandled error from the reactor.
+    connection (one warning, then C{on_lost(connection)}) instead of an
+    unhandled error from the reactor.
     """
     import psycopg2
     from twisted.internet import main
@@ -92,6 +93,11 @@ def connection(reactor: Any, detector: Any = None) -> Any:
                 text = str(e).strip().splitlines()
                 log.warn("PostgreSQL connection lost: {why}", why=text[0] if text else "closed")
                 return main.CONNECTION_LOST
+
+        def connectionLost(self, reason: Any) -> None:
+            super().connectionLost(reason)
+            if on_lost is not None:
+                on_lost(self)
 
     return Connection(reactor=reactor, detector=detector)
 

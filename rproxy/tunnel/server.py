@@ -18,6 +18,7 @@ reason logged.
 
 from __future__ import annotations
 
+import inspect
 import random
 from typing import Any
 
@@ -66,6 +67,8 @@ class ControlProtocol(Protocol):
 
     session: AgentSession | None = None
     _login_timer: IDelayedCall | None = None
+    _checking = False
+    lost = False
 
     def __init__(self, server: TunnelServer) -> None:
         self.server = server
@@ -100,6 +103,8 @@ class ControlProtocol(Protocol):
         if self.transport.disconnecting:  # type: ignore[union-attr]
             return
         if self.session is None:
+            if self._checking:
+                raise ProtocolError(f"{message.type} before the login was answered")
             if not isinstance(message, Login):
                 raise ProtocolError(f"expected login, got {message.type}")
             self.login(message)
@@ -122,7 +127,25 @@ class ControlProtocol(Protocol):
     def login(self, login: Login) -> None:
         if self._login_timer is not None and self._login_timer.active():
             self._login_timer.cancel()
-        key = self.server.keys.check(login.api_key or login.token or "")
+        self._checking = True
+        result = self.server.keys.check(login.api_key or login.token or "")
+        if inspect.iscoroutine(result):
+            d: defer.Deferred[Any] = defer.Deferred.fromCoroutine(result)
+        else:
+            d = defer.succeed(result)
+        d.addCallback(self.checked, login)
+        d.addErrback(self._check_failed, login)
+
+    def _check_failed(self, failure: Failure, login: Login) -> None:
+        self.server.log.failure("tunnel {tunnel}: checking the key of {agent} failed", failure,
+                                tunnel=self.server.name, agent=login.agent_id)
+        if not self.lost:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def checked(self, key: Any, login: Login) -> None:
+        self._checking = False
+        if self.lost:
+            return
         if key is None:
             self.server.logins_failed += 1
             self.send(LoginResult(ok=False, agent_id=login.agent_id, error="invalid api key"))
@@ -153,6 +176,7 @@ class ControlProtocol(Protocol):
         self.server.refill_pool(session)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = True
         if self._login_timer is not None and self._login_timer.active():
             self._login_timer.cancel()
         if self.session is not None:

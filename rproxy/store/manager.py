@@ -1,0 +1,147 @@
+"""
+The running connections to PostgreSQL and Redis, kept up in the
+background, and the key chain built on them.
+
+Nothing here blocks startup or traffic: PostgreSQL is connected (and
+migrated) with retries and backoff, Redis reconnects by itself; while either
+is down the key chain skips it (L{rproxy.store.auth}).  States are reported
+for /health and /readyz.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+from urllib.parse import urlparse
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from rproxy.config import StoresConfig
+from rproxy.store.auth import KeyChain
+from rproxy.store.postgres import PostgresKeys, connection, migrate
+
+__all__ = ["Stores"]
+
+log = Logger()
+
+
+class Stores:
+    def __init__(self, config: StoresConfig, static_keys: Any, reactor: Any, clock: Any,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock
+        self._rng = rng or random.Random()
+        self.keys = KeyChain(static_keys, clock=clock, ttl=config.auth_cache_ttl)
+        self.postgres_state = "off" if config.postgres_dsn is None else "connecting"
+        self.redis_state = "off" if config.redis_url is None else "connecting"
+        self._conn: Any = None
+        self._retry: IDelayedCall | None = None
+        self._ping: IDelayedCall | None = None
+        self._attempts = 0
+        self._stopped = False
+        self._redis: Any = None
+
+    def start(self) -> None:
+        if self.config.postgres_dsn is not None:
+            self._connect_postgres()
+        if self.config.redis_url is not None:
+            import txredisapi
+
+            url = urlparse(self.config.redis_url)
+            dbid = int((url.path or "/0").lstrip("/") or 0)
+            self._redis = txredisapi.lazyConnection(url.hostname or "127.0.0.1", url.port or 6379, dbid=dbid,
+                                                    password=url.password, reconnect=True)
+            self.keys.redis = self._redis
+            self._schedule_ping(0)
+
+    # -- PostgreSQL ----------------------------------------------------------
+
+    def _connect_postgres(self) -> None:
+        self._retry = None
+        if self._stopped:
+            return
+        conn = connection(self.reactor, on_lost=self._postgres_lost)
+        d = defer.Deferred.fromCoroutine(self._open(conn))
+        d.addErrback(self._postgres_failed)
+
+    async def _open(self, conn: Any) -> None:
+        await conn.connect(self.config.postgres_dsn)
+        self._conn = conn
+        await migrate(conn)
+        self.keys.postgres = PostgresKeys(conn)
+        self._attempts = 0
+        if self.postgres_state != "up":
+            log.info("stores: PostgreSQL is up")
+        self.postgres_state = "up"
+
+    def _postgres_failed(self, failure: Any) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - it is already broken
+                pass
+            self._conn = None
+        self.keys.postgres = None
+        self._attempts += 1
+        delay = self._rng.uniform(0, min(30.0, 0.5 * 2 ** min(self._attempts, 8)))
+        if self.postgres_state != "down":
+            log.warn("stores: PostgreSQL unavailable ({why}); static keys and cached data serve; retrying",
+                     why=failure.getErrorMessage().strip().splitlines()[0] if failure.getErrorMessage() else "?")
+        self.postgres_state = "down"
+        if not self._stopped:
+            self._retry = self.clock.callLater(delay, self._connect_postgres)
+
+    def _postgres_lost(self, conn: Any) -> None:
+        if conn is not self._conn or self._stopped:
+            return
+        self._conn = None
+        self.keys.postgres = None
+        self.postgres_state = "down"
+        log.warn("stores: PostgreSQL connection lost; retrying")
+        self._attempts = 1
+        self._retry = self.clock.callLater(0.5, self._connect_postgres)
+
+    # -- Redis -----------------------------------------------------------------
+
+    def _schedule_ping(self, delay: float) -> None:
+        if not self._stopped:
+            self._ping = self.clock.callLater(delay, self._do_ping)
+
+    def _do_ping(self) -> None:
+        self._ping = None
+        d = self._redis.ping()
+        d.addTimeout(1.0, self.clock)
+
+        def up(_: Any) -> None:
+            if self.redis_state != "up":
+                log.info("stores: Redis is up")
+            self.redis_state = "up"
+
+        def down(failure: Any) -> None:
+            if self.redis_state != "down":
+                log.warn("stores: Redis unavailable; auth goes to PostgreSQL")
+            self.redis_state = "down"
+
+        d.addCallbacks(up, down)
+        d.addBoth(lambda _: self._schedule_ping(2.0))
+
+    # -- the service -----------------------------------------------------------
+
+    def status(self) -> dict[str, str]:
+        return {"postgres": self.postgres_state, "redis": self.redis_state}
+
+    async def stop(self) -> None:
+        self._stopped = True
+        for call in (self._retry, self._ping):
+            if call is not None and call.active():
+                call.cancel()
+        self._retry = self._ping = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._redis is not None:
+            await self._redis.disconnect()
+            self._redis = None
