@@ -4,6 +4,7 @@ rproxyctl: operator commands.
   rproxyctl check-config FILE      validate a configuration without starting
   rproxyctl reload PIDFILE|PID     ask a running rproxy to re-read its file (SIGHUP)
   rproxyctl monitor [-c FILE]      print the tunnel agents table and exit
+  rproxyctl migrate [-c FILE]      apply the PostgreSQL schema migrations
   rproxyctl cert [--name N] [--out DIR]
                                    write a self-signed development pair
                                    (cert.pem, key.pem) for tunnel TLS
@@ -130,6 +131,45 @@ def cert(name: str, out: str) -> int:
     return 0
 
 
+def migrate_command(config_path: str) -> int:
+    """
+    Apply the schema migrations to stores.postgres (DATABASE_URL wins).
+    """
+    import os
+
+    from twisted.internet import defer, task
+
+    dsn = os.environ.get("DATABASE_URL")
+    if dsn is None:
+        try:
+            config = load_config(config_path)
+        except ConfigError as e:
+            print("\n".join(e.errors), file=sys.stderr)
+            return 1
+        dsn = config.stores.postgres_dsn if config.stores is not None else None
+    if not dsn:
+        print("rproxyctl: no database: set stores.postgres.dsn or DATABASE_URL", file=sys.stderr)
+        return 1
+    async def run(reactor: object) -> None:
+        from rproxy.store.postgres import connection, migrate
+
+        conn = connection(reactor)
+        try:
+            await conn.connect(dsn)
+        except Exception as e:  # noqa: BLE001 - reported as one line
+            print(f"rproxyctl: cannot connect to PostgreSQL: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+            raise SystemExit(1) from None
+        try:
+            applied = await migrate(conn)
+        finally:
+            conn.close()
+        print(f"applied migrations {', '.join(map(str, applied))}" if applied else "schema is up to date")
+
+    # react() runs the reactor and exits the process: 0, or SystemExit's code
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rproxyctl", description="rproxy operator commands")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     rel.add_argument("target", help="pid or pidfile (twistd writes twistd.pid)")
     mon = sub.add_parser("monitor", help="print the tunnel agents table")
     mon.add_argument("-c", "--config", default="etc/rproxy.yaml", help="rproxy's configuration (admin port, key)")
+    mig = sub.add_parser("migrate", help="apply the PostgreSQL schema migrations")
+    mig.add_argument("-c", "--config", default="etc/rproxy.yaml", help="rproxy's configuration (stores.postgres)")
     crt = sub.add_parser("cert", help="write a self-signed development certificate and key")
     crt.add_argument("--name", default="localhost", help="host name the agents will verify")
     crt.add_argument("--out", default=".", help="directory for cert.pem and key.pem")
@@ -147,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(args.file)
     if args.command == "monitor":
         return monitor(args.config)
+    if args.command == "migrate":
+        return migrate_command(args.config)
     if args.command == "cert":
         return cert(args.name, args.out)
     return reload(args.target)

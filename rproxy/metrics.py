@@ -173,6 +173,18 @@ class StateCollector:
         idle.add_metric([], service.upstreams.idle_count())
         yield from (requests, active_requests, retries, duration, upstream, idle)
 
+        store_up = GaugeMetricFamily("rproxy_store_up", "1 when the store answers (stores: configured)",
+                                     labels=["store"])
+        auth = CounterMetricFamily("rproxy_auth_fallbacks", "Key checks that found a store down", labels=["store"])
+        if service.stores is not None:
+            for store, state in service.stores.status().items():
+                if state != "off":
+                    store_up.add_metric([store], 1 if state == "up" else 0)
+            chain = service.stores.keys
+            auth.add_metric(["redis"], chain.redis_errors)
+            auth.add_metric(["postgres"], chain.postgres_errors)
+        yield from (store_up, auth)
+
 
 class Metrics:
     """

@@ -68,6 +68,11 @@ class StoresTests(ServiceMixin, TestCase):
         self.assertFalse((await self.login("static-key", "b")).ok)
         self.assertFalse((await self.login("wrong", "c")).ok)
         self.assertEqual(service.health_detail()["stores"], {"postgres": "up", "redis": "up"})
+        from prometheus_client.exposition import generate_latest
+
+        text = generate_latest(service.registry).decode()
+        self.assertIn('rproxy_store_up{store="postgres"} 1.0', text)
+        self.assertIn('rproxy_store_up{store="redis"} 1.0', text)
         self.assertEqual(service.tunnels["t"].registry.agents["a"].key_name, "team")
 
     @async_test
@@ -87,3 +92,32 @@ class StoresTests(ServiceMixin, TestCase):
         # the refusal above was cached briefly (negative TTL 5s); a new key is not
         fresh = await self.create_key("fresh")
         self.assertTrue((await self.login(fresh, "c")).ok)
+
+
+class MigrateCommandTests(TestCase):
+    timeout = 120
+
+    @async_test
+    async def test_rproxyctl_migrate(self) -> None:
+        """rproxyctl migrate applies the schema once, then reports it up to date."""
+        import os
+        import sys
+
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        pg = started(PostgresServer)
+        self.addCleanup(pg.close)  # type: ignore[attr-defined]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=root, DATABASE_URL=pg.dsn)  # type: ignore[attr-defined]
+        outputs = []
+        for _ in range(2):
+            out, err, code = await getProcessOutputAndValue(
+                sys.executable, ["-m", "rproxy.cli", "migrate"], env=env, path=root, reactor=reactor)
+            outputs.append((code, out.decode().strip()))
+        self.assertEqual(outputs, [(0, "applied migrations 1"), (0, "schema is up to date")])
+        pg.stop()  # type: ignore[attr-defined]
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "rproxy.cli", "migrate"], env=env, path=root, reactor=reactor)
+        self.assertEqual(code, 1)
+        self.assertTrue(err.decode().startswith("rproxyctl: cannot connect to PostgreSQL"), err)
+        self.assertNotIn(b"Traceback", err)
