@@ -9,6 +9,7 @@ The admin port: a plain twisted.web resource tree.
   /metrics          Prometheus text
   /api/v1/agents    tunnel agents (bearer admin.api_key when set)
   /api/v1/models    models served by logged-in agents (same)
+  /api/v1/keys      POST/GET/DELETE API keys in PostgreSQL (same)
 
 Probes and metrics need no key.  Errors are JSON C{{"error": "..."}}.
 """
@@ -20,8 +21,9 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet import defer
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 if TYPE_CHECKING:
     from rproxy.service import RProxyService
@@ -123,6 +125,104 @@ class Models(_ApiLeaf):
         })
 
 
+class Keys(_ApiLeaf):
+    """
+    /api/v1/keys: POST {"name", "level"} -> {"id", "key"} (the plain key
+    shown once); GET ?limit=&after= lists; DELETE /api/v1/keys/{id} revokes.
+    Needs stores.postgres; 503 while it is down.
+    """
+
+    def render(self, request: Request) -> Any:
+        expected = self.service.config.admin.api_key
+        if expected is not None:
+            header = request.getHeader(b"authorization") or b""
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), expected.encode()):
+                request.setHeader(b"www-authenticate", b'Bearer realm="rproxy"')
+                return _json(request, 401, {"error": "missing or invalid bearer token"})
+        stores = self.service.stores
+        keys = stores.keys.postgres if stores is not None else None
+        if keys is None:
+            return _json(request, 503, {"error": "the key store (stores.postgres) is not available"})
+        path = [p for p in request.postpath if p]
+        method = request.method
+        if method == b"POST" and not path:
+            work = self._create(request, keys)
+        elif method == b"GET" and not path:
+            work = self._list(request, keys)
+        elif method == b"DELETE" and len(path) == 1:
+            work = self._revoke(request, path[0])
+        else:
+            request.setHeader(b"allow", b"GET, POST, DELETE")
+            return _json(request, 405 if not path or len(path) == 1 else 404, {"error": "not allowed here"})
+        # the client may leave while the database answers
+        request.notifyFinish().addErrback(lambda _: setattr(request, "rproxy_gone", True))
+        d = defer.Deferred.fromCoroutine(work)
+
+        def failed(failure: Any) -> None:
+            self.service.log.failure("admin: key operation failed", failure)
+            _finish(request, 503, {"error": "the key store is not available"})
+
+        d.addErrback(failed)
+        return NOT_DONE_YET
+
+    async def _create(self, request: Request, keys: Any) -> None:
+        try:
+            body = json.loads(request.content.read(65536) or b"{}")
+        except ValueError:
+            _finish(request, 400, {"error": "the body must be a JSON object"})
+            return
+        if not isinstance(body, dict):
+            _finish(request, 400, {"error": "the body must be a JSON object"})
+            return
+        name, level = body.get("name"), body.get("level", -1)
+        if not isinstance(name, str) or not 1 <= len(name) <= 100:
+            _finish(request, 400, {"error": "name: a string of 1 to 100 characters is required"})
+            return
+        if isinstance(level, bool) or not isinstance(level, int) or level < -1:
+            _finish(request, 400, {"error": "level: an integer >= -1 is required"})
+            return
+        record, plain = await keys.create(name, level)
+        _finish(request, 201, {"id": record.id, "key": plain, "name": name, "level": level})
+
+    async def _list(self, request: Request, keys: Any) -> None:
+        try:
+            limit = int(request.args.get(b"limit", [b"100"])[0])
+            after = int(request.args.get(b"after", [b"0"])[0])
+        except ValueError:
+            _finish(request, 400, {"error": "limit and after must be integers"})
+            return
+        if not 1 <= limit <= 1000:
+            _finish(request, 400, {"error": "limit must be from 1 to 1000"})
+            return
+        records = await keys.list(limit=limit, after=after)
+        items = [
+            {"id": r.id, "name": r.name, "level": r.level,
+             "created_at": r.created_at.isoformat() if r.created_at else None,
+             "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None}
+            for r in records
+        ]
+        page = {"keys": items, "next_after": items[-1]["id"] if len(items) == limit else None}
+        _finish(request, 200, page)
+
+    async def _revoke(self, request: Request, raw_id: bytes) -> None:
+        if not raw_id.isdigit():
+            _finish(request, 400, {"error": "the key id must be an integer"})
+            return
+        assert self.service.stores is not None
+        if await self.service.stores.keys.revoke(int(raw_id)):
+            _finish(request, 200, {"id": int(raw_id), "revoked": True})
+        else:
+            _finish(request, 404, {"error": "no live key with that id"})
+
+
+def _finish(request: Request, status: int, body: Any) -> None:
+    if request.finished or getattr(request, "rproxy_gone", False):
+        return
+    request.write(_json(request, status, body))
+    request.finish()
+
+
 class AdminRoot(Resource):
     """
     The root of the admin tree; unknown paths answer JSON 404.
@@ -140,6 +240,7 @@ class AdminRoot(Resource):
         v1 = _Branch()
         v1.putChild(b"agents", Agents(service))
         v1.putChild(b"models", Models(service))
+        v1.putChild(b"keys", Keys(service))
         api = _Branch()
         api.putChild(b"v1", v1)
         self.putChild(b"api", api)

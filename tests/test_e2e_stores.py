@@ -121,3 +121,62 @@ class MigrateCommandTests(TestCase):
         self.assertEqual(code, 1)
         self.assertTrue(err.decode().startswith("rproxyctl: cannot connect to PostgreSQL"), err)
         self.assertNotIn(b"Traceback", err)
+
+
+class KeysAPITests(ServiceMixin, TestCase):
+    timeout = 120
+
+    async def call(self, method: str, path: str, body: bytes = b"", key: str | None = "adm") -> tuple[int, Any]:
+        import json
+
+        client = await connect(self.service.admin_port.getHost().port)
+        auth = f"Authorization: Bearer {key}\r\n" if key else ""
+        client.transport.write(
+            f"{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await client.closed
+        head, _, payload = bytes(client.data).partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(payload)
+
+    @async_test
+    async def test_keys_api(self) -> None:
+        """
+        POST creates a key shown once, GET lists with pagination, DELETE
+        revokes (and the tunnel refuses the key at once); bad input is a
+        clear 4xx; no admin key, 401.
+        """
+        pg = started(PostgresServer)
+        self.addCleanup(pg.close)  # type: ignore[attr-defined]
+        self.service = await self.start_service({
+            "admin": {"listen": "tcp:0:interface=127.0.0.1", "api_key": "adm"},
+            "stores": {"postgres": {"dsn": pg.dsn}},  # type: ignore[attr-defined]
+            "tunnels": [{"name": "t", "control": "tcp:0:interface=127.0.0.1",
+                         "proxy": "tcp:0:interface=127.0.0.1", "public": "tcp:0:interface=127.0.0.1"}],
+        })
+        await wait_for(lambda: self.service.stores.postgres_state == "up", timeout=20)
+        self.assertEqual((await self.call("GET", "/api/v1/keys", key=None))[0], 401)
+        status, created = await self.call("POST", "/api/v1/keys", b'{"name": "team\'; DROP TABLE x", "level": 2}')
+        self.assertEqual((status, created["name"], created["level"]), (201, "team'; DROP TABLE x", 2))
+        self.assertTrue(created["key"].startswith("rpk_"))
+        for bad in (b"not json", b"[1]", b'{"level": 1}', b'{"name": "x", "level": -5}', b'{"name": ""}'):
+            self.assertEqual((await self.call("POST", "/api/v1/keys", bad))[0], 400, bad)
+        for i in range(3):
+            await self.call("POST", "/api/v1/keys", b'{"name": "k%d"}' % i)
+        status, page = await self.call("GET", "/api/v1/keys?limit=2")
+        self.assertEqual((status, len(page["keys"]), page["next_after"]), (200, 2, page["keys"][1]["id"]))
+        self.assertNotIn("key", page["keys"][0])
+        status, rest = await self.call("GET", f"/api/v1/keys?limit=2&after={page['next_after']}")
+        self.assertEqual([k["name"] for k in rest["keys"]], ["k1", "k2"])
+        fake = FakeAgent()
+        await connect(self.service.tunnels["t"].port_of("control"), fake)  # type: ignore[arg-type]
+        self.addCleanup(lambda: None if fake.lost else fake.transport.abortConnection())
+        fake.send(Login(agent_id="a", api_key=created["key"]))
+        await wait_for(lambda: bool(fake.messages))
+        self.assertTrue(fake.messages[0].ok)
+        self.assertEqual((await self.call("DELETE", f"/api/v1/keys/{created['id']}"))[0], 200)
+        self.assertEqual((await self.call("DELETE", f"/api/v1/keys/{created['id']}"))[0], 404)
+        self.assertEqual((await self.call("DELETE", "/api/v1/keys/abc"))[0], 400)
+        again = FakeAgent()
+        await connect(self.service.tunnels["t"].port_of("control"), again)  # type: ignore[arg-type]
+        again.send(Login(agent_id="a2", api_key=created["key"]))
+        await wait_for(lambda: again.lost)
+        self.assertFalse(again.messages[0].ok)
