@@ -1,0 +1,180 @@
+"""
+Events (the seed's Kafka topics) through Redis Streams.
+
+L{EventSink} appends events to a stream (C{XADD ... MAXLEN ~ N}) without
+ever blocking traffic: events wait in a bounded in-memory buffer while Redis
+is down, and past the bound they are dropped and counted.
+
+L{EventConsumer} reads a stream as one member of a consumer group, writes
+each event to PostgreSQL and acknowledges it only after the write
+committed; entries another consumer read but never acknowledged (it
+crashed) are claimed again after C{claim_idle} seconds.  Delivery is at
+least once, so writes are idempotent (keyed by the stream entry id).
+
+Each event is one stream field C{data} holding JSON.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+__all__ = ["EventSink", "EventConsumer", "HEARTBEATS", "REQUESTS", "write_heartbeat"]
+
+HEARTBEATS = "client-heartbeats"
+REQUESTS = "request-message"
+log = Logger()
+
+
+class EventSink:
+    def __init__(self, redis: Any, clock: Any, maxlen: int = 100_000, buffer_limit: int = 10_000) -> None:
+        self.redis = redis
+        self.clock = clock
+        self.maxlen = maxlen
+        self.buffer_limit = buffer_limit
+        self.buffer: collections.deque[tuple[str, str]] = collections.deque()
+        self.sent = 0
+        self.dropped = 0
+        self._flushing = False
+        self._retry: IDelayedCall | None = None
+
+    def emit(self, stream: str, event: dict[str, Any]) -> None:
+        """
+        Queue C{event} for C{stream}; returns at once.
+        """
+        if len(self.buffer) >= self.buffer_limit:
+            self.dropped += 1
+            return
+        self.buffer.append((stream, json.dumps(event, separators=(",", ":"))))
+        if not self._flushing and self._retry is None:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._retry = None
+        self._flushing = True
+        defer.Deferred.fromCoroutine(self._drain()).addErrback(self._failed)
+
+    async def _drain(self) -> None:
+        while self.buffer:
+            stream, data = self.buffer[0]
+            d = self.redis.execute_command("XADD", stream, "MAXLEN", "~", str(self.maxlen), "*", "data", data)
+            d.addTimeout(1.0, self.clock)
+            await d
+            self.buffer.popleft()
+            self.sent += 1
+        self._flushing = False
+
+    def _failed(self, failure: Any) -> None:
+        self._flushing = False
+        if self._retry is None:
+            log.warn("events: Redis unavailable ({why}); {n} events buffered",
+                     why=failure.type.__name__, n=len(self.buffer))
+            self._retry = self.clock.callLater(1.0, self._flush)
+
+    def stop(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+
+class EventConsumer:
+    """
+    One member of consumer group C{group} on C{stream}.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        stream: str,
+        group: str,
+        name: str,
+        handle: Callable[[str, dict[str, Any]], Awaitable[None]],
+        clock: Any,
+        batch: int = 100,
+        claim_idle: float = 30.0,
+    ) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.group = group
+        self.name = name
+        self.handle = handle
+        self.clock = clock
+        self.batch = batch
+        self.claim_idle = claim_idle
+        self.processed = 0
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.execute_command("XGROUP", "CREATE", self.stream, self.group, "0", "MKSTREAM")
+        except Exception as e:  # noqa: BLE001 - BUSYGROUP: it exists already
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def poll(self) -> int:
+        """
+        Claim stale entries, read new ones, handle and acknowledge them;
+        return how many were handled.  Run it periodically.
+        """
+        await self.ensure_group()
+        handled = 0
+        claimed = await self.redis.execute_command(
+            "XAUTOCLAIM", self.stream, self.group, self.name, str(int(self.claim_idle * 1000)), "0-0",
+            "COUNT", str(self.batch),
+        )
+        handled += await self._handle_entries(claimed[1] if claimed else [])
+        reply = await self.redis.execute_command(
+            "XREADGROUP", "GROUP", self.group, self.name, "COUNT", str(self.batch), "STREAMS", self.stream, ">",
+        )
+        for _, entries in reply or []:
+            handled += await self._handle_entries(entries)
+        return handled
+
+    async def _handle_entries(self, entries: list[Any]) -> int:
+        count = 0
+        for entry_id, fields in entries:
+            values = dict(zip(fields[::2], fields[1::2], strict=False))
+            raw = values.get("data")
+            try:
+                event = json.loads(raw if isinstance(raw, str) else json.dumps(raw))
+            except (TypeError, ValueError):
+                log.warn("events: dropping malformed entry {id} of {stream}", id=entry_id, stream=self.stream)
+                await self.redis.execute_command("XACK", self.stream, self.group, entry_id)
+                continue
+            await self.handle(entry_id, event)  # committed before the ack
+            await self.redis.execute_command("XACK", self.stream, self.group, entry_id)
+            count += 1
+            self.processed += 1
+        return count
+
+
+def write_heartbeat(conn: Any) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    """
+    A handler writing heartbeat events to PostgreSQL idempotently (the
+    stream entry id is unique in the heartbeats table), and the agent's
+    last_seen.
+    """
+
+    async def handle(entry_id: str, event: dict[str, Any]) -> None:
+        def work(cursor: Any) -> Any:
+            d = cursor.execute(
+                "INSERT INTO heartbeats (agent_id, at, cpu, memory, disk, load, active_streams, event_id)"
+                " VALUES (%s, to_timestamp(%s), %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING",
+                (event["agent_id"], event["at"], event.get("cpu", 0), event.get("memory", 0),
+                 event.get("disk", 0), event.get("load", 0), event.get("active_streams", 0), entry_id),
+            )
+            d.addCallback(lambda _: cursor.execute(
+                "INSERT INTO agents (id, first_seen, last_seen) VALUES (%s, to_timestamp(%s), to_timestamp(%s))"
+                " ON CONFLICT (id) DO UPDATE SET last_seen = GREATEST(agents.last_seen, EXCLUDED.last_seen)",
+                (event["agent_id"], event["at"], event["at"]),
+            ))
+            return d
+
+        await conn.runInteraction(work)
+
+    return handle
