@@ -151,9 +151,11 @@ class RProxyService(MultiService):
                 await tunnel.stop()
             else:
                 tunnel.keys = keys
+                tunnel.events = self.stores.events if self.stores is not None else None
         for tunnel_config in new.tunnels:
             if tunnel_config.name not in self.tunnels:
                 tunnel = TunnelServer(tunnel_config, keys, self.reactor, self.clock, self._rng)
+                tunnel.events = self.stores.events if self.stores is not None else None
                 tunnel.observe_open = self.metrics.tunnel_open_latency.labels(tunnel_config.name).observe
                 self.tunnels[tunnel_config.name] = tunnel
                 await tunnel.start()

@@ -12,7 +12,7 @@ from twisted.trial.unittest import TestCase
 from rproxy.store.postgres import PostgresKeys, connection, migrate
 from rproxy.tunnel.wire import Login
 from tests.servers import PostgresServer, RedisServer
-from tests.support import ServiceMixin, async_test, connect, reactor, wait_for
+from tests.support import ServiceMixin, async_test, connect, reactor, turn, wait_for
 from tests.test_e2e_tunnel import FakeAgent
 from tests.test_servers import started
 
@@ -74,6 +74,38 @@ class StoresTests(ServiceMixin, TestCase):
         self.assertIn('rproxy_store_up{store="postgres"} 1.0', text)
         self.assertIn('rproxy_store_up{store="redis"} 1.0', text)
         self.assertEqual(service.tunnels["t"].registry.agents["a"].key_name, "team")
+
+    @async_test
+    async def test_heartbeats_written_through_the_stream(self) -> None:
+        """An agent's heartbeats reach the heartbeats and agents tables through Redis Streams."""
+        from rproxy.tunnel.wire import Heartbeat
+
+        plain = await self.create_key("team")
+        service = await self.start()
+        await wait_for(lambda: service.stores.status() == {"postgres": "up", "redis": "up"}, timeout=20)
+        fake = FakeAgent()
+        await connect(service.tunnels["t"].port_of("control"), fake)  # type: ignore[arg-type]
+        self.addCleanup(lambda: None if fake.lost else fake.transport.abortConnection())
+        fake.send(Login(agent_id="gpu-09", api_key=plain))
+        await wait_for(lambda: bool(fake.messages))
+        for cpu in (10.0, 20.0, 30.0):
+            fake.send(Heartbeat(cpu=cpu, memory=50.0, disk=5.0))
+        conn = connection(reactor)
+        await conn.connect(self.pg.dsn)  # type: ignore[attr-defined]
+        self.addCleanup(conn.close)
+        rows: list[Any] = []
+
+        async def written() -> None:
+            rows[:] = await conn.runQuery("SELECT count(*), max(cpu) FROM heartbeats WHERE agent_id = 'gpu-09'")
+
+        for _ in range(100):
+            await written()
+            if rows and rows[0][0] == 3:
+                break
+            await turn(delay=0.1)
+        self.assertEqual(rows, [(3, 30.0)])
+        agents = await conn.runQuery("SELECT id FROM agents")
+        self.assertEqual(agents, [("gpu-09",)])
 
     @async_test
     async def test_postgres_down_at_startup(self) -> None:

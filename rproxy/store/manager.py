@@ -10,7 +10,9 @@ for /health and /readyz.
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 from typing import Any
 from urllib.parse import urlparse
 
@@ -19,6 +21,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from rproxy.config import StoresConfig
+from rproxy.events import HEARTBEATS, EventConsumer, EventSink, write_heartbeat
 from rproxy.store.auth import KeyChain
 from rproxy.store.postgres import PostgresKeys, connection, migrate
 
@@ -43,6 +46,9 @@ class Stores:
         self._attempts = 0
         self._stopped = False
         self._redis: Any = None
+        self.events: EventSink | None = None
+        self._consumer: EventConsumer | None = None
+        self._consume_call: IDelayedCall | None = None
 
     def start(self) -> None:
         if self.config.postgres_dsn is not None:
@@ -55,7 +61,10 @@ class Stores:
             self._redis = txredisapi.lazyConnection(url.hostname or "127.0.0.1", url.port or 6379, dbid=dbid,
                                                     password=url.password, reconnect=True)
             self.keys.redis = self._redis
+            self.events = EventSink(self._redis, self.clock)
             self._schedule_ping(0)
+            if self.config.postgres_dsn is not None:
+                self._consume_call = self.clock.callLater(1.0, self._consume)
 
     # -- PostgreSQL ----------------------------------------------------------
 
@@ -104,6 +113,36 @@ class Stores:
         self._attempts = 1
         self._retry = self.clock.callLater(0.5, self._connect_postgres)
 
+    # -- events ----------------------------------------------------------------
+
+    def _consume(self) -> None:
+        """
+        Write what the event streams hold to PostgreSQL, once a second,
+        while both are up; failures are logged and retried next time.
+        """
+        self._consume_call = None
+        if self._stopped:
+            return
+        if self._conn is None or self.postgres_state != "up" or self.redis_state != "up":
+            self._consume_call = self.clock.callLater(1.0, self._consume)
+            return
+        if self._consumer is None or self._consumer_conn is not self._conn:
+            self._consumer_conn = self._conn
+            self._consumer = EventConsumer(self._redis, HEARTBEATS, "rproxy-writers",
+                                           f"{socket.gethostname()}-{os.getpid()}",
+                                           write_heartbeat(self._conn), self.clock)
+        d = defer.Deferred.fromCoroutine(self._consumer.poll())
+
+        def failed(failure: Any) -> None:
+            log.warn("events: writing to PostgreSQL failed ({why}); will retry",
+                     why=failure.getErrorMessage().strip().splitlines()[0] if failure.getErrorMessage() else "?")
+
+        d.addErrback(failed)
+        d.addBoth(lambda _: None if self._stopped else setattr(
+            self, "_consume_call", self.clock.callLater(1.0, self._consume)))
+
+    _consumer_conn: Any = None
+
     # -- Redis -----------------------------------------------------------------
 
     def _schedule_ping(self, delay: float) -> None:
@@ -135,10 +174,12 @@ class Stores:
 
     async def stop(self) -> None:
         self._stopped = True
-        for call in (self._retry, self._ping):
+        if self.events is not None:
+            self.events.stop()
+        for call in (self._retry, self._ping, self._consume_call):
             if call is not None and call.active():
                 call.cancel()
-        self._retry = self._ping = None
+        self._retry = self._ping = self._consume_call = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None

@@ -28,6 +28,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rproxy.events import HEARTBEATS
 from rproxy.splice import EarlyDataEnd, SpliceEnd
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.config import TunnelConfig
@@ -114,6 +115,13 @@ class ControlProtocol(Protocol):
         if isinstance(message, Heartbeat):
             session.heartbeat = message
             session.last_heartbeat = session.last_seen
+            events = self.server.events
+            if events is not None:
+                events.emit(HEARTBEATS, {
+                    "agent_id": session.agent_id, "at": session.last_seen, "cpu": message.cpu,
+                    "memory": message.memory, "disk": message.disk, "load": message.load,
+                    "active_streams": message.active_streams,
+                })
         elif isinstance(message, ModelsUpdate):
             session.models = message.models
         elif isinstance(message, Error):
@@ -414,6 +422,7 @@ class TunnelServer:
         self.open_latencies: list[float] = []
         self._sweep: IDelayedCall | None = None
         self.observe_open = lambda seconds: None
+        self.events: Any = None  # rproxy.events.EventSink, with stores
 
     @property
     def name(self) -> str:
