@@ -94,15 +94,23 @@ class _ApiLeaf(_Leaf):
     C{Authorization: Bearer <api_key>} (compared in constant time).
     """
 
-    def render(self, request: Request) -> bytes:
+    def unauthorized(self, request: Request) -> bytes | None:
+        """
+        The 401 answer when the bearer token is missing or wrong, else None.
+        """
         expected = self.service.config.admin.api_key
-        if expected is not None:
-            header = request.getHeader(b"authorization") or b""
-            scheme, _, token = header.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), expected.encode()):
-                request.setHeader(b"www-authenticate", b'Bearer realm="rproxy"')
-                return _json(request, 401, {"error": "missing or invalid bearer token"})
-        return super().render(request)
+        if expected is None:
+            return None
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected.encode()):
+            return None
+        request.setHeader(b"www-authenticate", b'Bearer realm="rproxy"')
+        return _json(request, 401, {"error": "missing or invalid bearer token"})
+
+    def render(self, request: Request) -> bytes:
+        refused = self.unauthorized(request)
+        return refused if refused is not None else super().render(request)
 
 
 class Agents(_ApiLeaf):
@@ -133,13 +141,9 @@ class Keys(_ApiLeaf):
     """
 
     def render(self, request: Request) -> Any:
-        expected = self.service.config.admin.api_key
-        if expected is not None:
-            header = request.getHeader(b"authorization") or b""
-            scheme, _, token = header.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), expected.encode()):
-                request.setHeader(b"www-authenticate", b'Bearer realm="rproxy"')
-                return _json(request, 401, {"error": "missing or invalid bearer token"})
+        refused = self.unauthorized(request)
+        if refused is not None:
+            return refused
         stores = self.service.stores
         keys = stores.keys.postgres if stores is not None else None
         if keys is None:

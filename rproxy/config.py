@@ -303,15 +303,6 @@ class HTTPOptions:
 
 
 @attrs.frozen
-class RouteConfig:
-    backend: str
-    host: str | None = None
-    path_prefix: str | None = None
-    set_headers: tuple[tuple[str, str], ...] = ()
-    remove_headers: tuple[str, ...] = ()
-
-
-@attrs.frozen
 class FrontendConfig:
     name: str
     listen: str

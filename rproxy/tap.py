@@ -20,30 +20,54 @@ from rproxy.service import RProxyService, build_service
 __all__ = ["Options", "makeService"]
 
 
-class Options(usage.Options):
+class ConfigOptions(usage.Options):
+    """
+    C{--config/-c FILE}, read with C{load}; an invalid file stops twistd
+    with one line per problem (prefixed with C{prog}), exit 1, no traceback.
+    """
+
     synopsis = "[-c CONFIG]"
+    prog = "rproxy"
+
+    def load(self, path: str) -> Any:
+        raise NotImplementedError
+
+    def postOptions(self) -> None:
+        try:
+            self["parsed"] = self.load(self["config"])
+        except ConfigError as e:
+            for line in e.errors:
+                print(f"{self.prog}: {line}", file=sys.stderr)
+            print(f"{self.prog}: {self['config']}: invalid configuration, not starting", file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+class Options(ConfigOptions):
     longdesc = "Run rproxy from a YAML configuration file (SIGHUP reloads it)."
     optParameters = [
         ["config", "c", "etc/rproxy.yaml", "The YAML configuration file."],
     ]
 
-    def postOptions(self) -> None:
-        try:
-            self["parsed"] = load_config(self["config"])
-        except ConfigError as e:
-            for line in e.errors:
-                print(f"rproxy: {line}", file=sys.stderr)
-            print(f"rproxy: {self['config']}: invalid configuration, not starting", file=sys.stderr)
-            raise SystemExit(1) from None
+    def load(self, path: str) -> Any:
+        return load_config(path)
 
 
-def makeService(options: Options) -> RProxyService:
+def global_reactor() -> Any:
+    """
+    The reactor twistd runs: rproxy's epoll reactor (rproxy/reactor.py)
+    unless --reactor installed another.
+    """
     if "twisted.internet.reactor" not in sys.modules:
-        # no --reactor given: use rproxy's epoll reactor (rproxy/reactor.py)
         from rproxy import reactor as rproxy_reactor
 
         rproxy_reactor.install()
     from twisted.internet import reactor
+
+    return reactor
+
+
+def makeService(options: Options) -> RProxyService:
+    reactor = global_reactor()
 
     service = build_service(options["parsed"], reactor, config_path=options["config"])
     _install_signals(reactor, service)

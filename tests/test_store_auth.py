@@ -68,7 +68,7 @@ class KeyChainTests(TestCase):
         self.assertEqual((await chain.check(plain)).name, "team-b")
         self.assertGreaterEqual(chain.redis_errors, 1)
         self.redis.start()  # type: ignore[attr-defined]
-        from tests.support import wait_for
+        from tests.support import turn
 
         async def cached() -> bool:
             before = chain.cache_hits
@@ -78,7 +78,7 @@ class KeyChainTests(TestCase):
         for _ in range(50):
             if await cached():
                 break
-            await wait_for(lambda: True, timeout=0.1)
+            await turn(delay=0.1)
         self.assertGreaterEqual(chain.cache_hits, 1)
 
     @async_test
