@@ -319,6 +319,48 @@ class FrontendConfig:
     # TLS termination: (cert, key) files, the first the default, the
     # others chosen by SNI
     tls: tuple[tuple[str, str], ...] = ()
+    token_pool: str | None = None
+
+
+@attrs.frozen
+class Credential:
+    username: str
+    password: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class TokenPoolConfig:
+    """
+    A pool of bearer tokens obtained by logging in upstream (key
+    C{token_pools:}); the defaults speak DolphinDB's REST login.
+    """
+
+    name: str
+    host: str
+    port: int
+    credentials: tuple[Credential, ...]
+    tls: UpstreamTLSConfig | None = None
+    login_path: str = "/api/login"
+    # the JSON login body: field -> template with {username} and {password}
+    login_body: tuple[tuple[str, str], ...] = (("username", "{username}"), ("password", "{password}"))
+    login_headers: tuple[tuple[str, str], ...] = ()
+    # where the token is in the JSON answer (dotted; numbers index lists)
+    token_field: str = "result.0"
+    # a field that must hold ok_value when present (DolphinDB: code "0")
+    ok_field: str | None = "code"
+    ok_value: str = "0"
+    # a field with the token's lifetime in seconds, if the upstream says
+    expires_field: str | None = None
+    sessions_per_credential: int = 1
+    ttl: float = 3600.0
+    refresh_before: float = 300.0
+    queue_timeout: float = 30.0
+    max_waiters: int = 1024
+    login_timeout: float = 10.0
+    login_concurrency: int = 8
+    max_login_failures: int = 5
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
 
 
 @attrs.frozen
@@ -343,6 +385,7 @@ class Config:
     stores: StoresConfig | None = None
     api_keys: tuple[Any, ...] = ()  # rproxy.tunnel.config.ApiKeyConfig
     tunnels: tuple[Any, ...] = ()  # rproxy.tunnel.config.TunnelConfig
+    token_pools: tuple[TokenPoolConfig, ...] = ()
 
     def backend(self, name: str) -> BackendConfig:
         for backend in self.backends:
@@ -755,7 +798,10 @@ def _read_frontend(
         retries=section.value("retries", _int(0, 10), 2),
         connect_timeout=section.value("connect_timeout", _duration, global_.connect_timeout),
         idle_timeout=section.value("idle_timeout", _duration, global_.idle_timeout),
+        token_pool=section.value("token_pool", _name, None),
     )
+    if frontend.token_pool is not None and protocol != "http":
+        section.error("token_pool", "token pools need protocol: http")
     section.finish()
     if not (name and frontend.backend):
         return None
@@ -920,10 +966,22 @@ def parse_config(data: object) -> Config:
     api_keys = read_api_keys(top)
     tunnels = read_tunnels(top)
     stores = _read_stores(top)
-    for later in ("token_pools",):
-        if top.has(later):
-            top.raw(later)
-            errors.append(f"{later}: not available in this version of rproxy")
+    token_pools: list[TokenPoolConfig] = []
+    for path, raw in top.items("token_pools"):
+        pool = _read_token_pool(path, raw, errors)
+        if pool is None:
+            continue
+        if any(p.name == pool.name for p in token_pools):
+            errors.append(f"{path}.name: duplicate token pool name {pool.name!r}")
+            continue
+        token_pools.append(pool)
+    pool_names = sorted(p.name for p in token_pools)
+    for frontend in frontends:
+        if frontend.token_pool is not None and frontend.token_pool not in pool_names:
+            close = difflib.get_close_matches(frontend.token_pool, pool_names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errors.append(f"{_frontend_path(top, frontend.name)}.token_pool: no token pool named "
+                          f"{frontend.token_pool!r}{hint}")
     top.finish()
     if errors:
         raise ConfigError(errors)
@@ -935,7 +993,163 @@ def parse_config(data: object) -> Config:
         api_keys=api_keys,
         tunnels=tunnels,
         stores=stores,
+        token_pools=tuple(token_pools),
     )
+
+
+def _frontend_path(top: _Section, name: str) -> str:
+    for i, raw in enumerate(top.data.get("frontends") or []):
+        if isinstance(raw, dict) and raw.get("name") == name:
+            return f"frontends[{i}]"
+    return "frontends"
+
+
+def _header_pairs(section: _Section) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for key, value in section.data.items():
+        section.used.add(key)
+        if not isinstance(key, str) or not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", key):
+            section.errors.append(f"{section.path}: invalid header name {key!r}")
+        elif not isinstance(value, (str, int)) or any(c in str(value) for c in "\r\n\0"):
+            section.error(key, "header value must be a single-line string")
+        else:
+            pairs.append((key, str(value)))
+    return tuple(pairs)
+
+
+def _field_path(value: object) -> str:
+    text = _str(value)
+    if not text or any(not part for part in text.split(".")):
+        raise ValueError(f"{text!r} is not a dotted field path such as result.0")
+    return text
+
+
+def _read_credentials_file(path: str) -> tuple[list[Credential], list[str]]:
+    """
+    C{username:password} per line; blank lines and C{#} comments skipped.
+    """
+    credentials, problems = [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        return [], [f"cannot read {path!r}: {getattr(e, 'strerror', None) or e}"]
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        username, sep, password = line.partition(":")
+        if not sep or not username:
+            problems.append(f"{path} line {number}: expected username:password")
+            continue
+        credentials.append(Credential(username=username, password=password))
+    return credentials, problems
+
+
+def _read_token_pool(path: str, raw: object, errors: list[str]) -> TokenPoolConfig | None:
+    section = _Section(raw, path, errors)
+    if not section.ok:
+        return None
+    d = TokenPoolConfig(name="", host="", port=0, credentials=())
+    name = section.value("name", _name)
+    upstream = section.section("upstream")
+    address = upstream.value("address", _str)
+    host, port = "", 0
+    if address:
+        try:
+            host, port = parse_hostport(address)
+        except ValueError as e:
+            upstream.error("address", str(e))
+    tls = _read_upstream_tls(upstream)
+    upstream.finish()
+
+    login = section.section("login")
+    login_path = login.value("path", _path, d.login_path)
+    body = d.login_body
+    raw_body = login.raw("body")
+    if raw_body is not _MISSING and raw_body is not None:
+        if not isinstance(raw_body, dict) or not raw_body:
+            login.error("body", f"expected a mapping of JSON fields, got {_kind(raw_body)}")
+        else:
+            pairs = []
+            for key, value in raw_body.items():
+                if not isinstance(key, str) or not isinstance(value, str):
+                    login.errors.append(f"{login.key_path('body')}: field {key!r} needs a string value")
+                    continue
+                pairs.append((key, value))
+            body = tuple(pairs)
+    headers = _header_pairs(login.section("headers"))
+    token_field = login.value("token", _field_path, d.token_field)
+    ok_field = login.value("ok_field", _field_path, d.ok_field) if login.raw("ok_field") is not None else None
+    ok_value = login.value("ok_value", lambda v: _str(v) if not isinstance(v, int) else str(v), d.ok_value)
+    expires_field = login.value("expires_in", _field_path, None)
+    login.finish()
+
+    credentials = []
+    for item_path, item in section.items("credentials"):
+        cred = _Section(item, item_path, errors)
+        username = cred.value("username", _str)
+        password = cred.value("password", lambda v: str(v) if isinstance(v, (str, int)) else _str(v))
+        cred.finish()
+        if username and password is not None:
+            credentials.append(Credential(username=username, password=password))
+    cred_file = section.value("credentials_file", _str, None)
+    if cred_file is not None:
+        more, problems = _read_credentials_file(cred_file)
+        credentials += more
+        for problem in problems:
+            section.error("credentials_file", problem)
+    seen = set()
+    for credential in credentials:
+        if credential.username in seen:
+            section.error("credentials", f"username {credential.username!r} is listed twice")
+        seen.add(credential.username)
+
+    retry = section.section("retry")
+    retry_initial = retry.value("initial", _duration, d.retry_initial)
+    retry_max = retry.value("max", _duration, d.retry_max)
+    retry.finish()
+    ttl = section.value("ttl", _duration, d.ttl)
+    refresh_before = section.value("refresh_before", _duration, d.refresh_before)
+    config = TokenPoolConfig(
+        name=name or "",
+        host=host,
+        port=port,
+        credentials=tuple(credentials),
+        tls=tls,
+        login_path=login_path,
+        login_body=body,
+        login_headers=headers,
+        token_field=token_field,
+        ok_field=ok_field,
+        ok_value=ok_value,
+        expires_field=expires_field,
+        sessions_per_credential=section.value("sessions_per_credential", _int(1, 1000), 1),
+        ttl=ttl,
+        refresh_before=refresh_before,
+        queue_timeout=section.value("queue_timeout", _duration, d.queue_timeout),
+        max_waiters=section.value("max_waiters", _int(0, 1_000_000), d.max_waiters),
+        login_timeout=section.value("login_timeout", _duration, d.login_timeout),
+        login_concurrency=section.value("login_concurrency", _int(1, 1000), d.login_concurrency),
+        max_login_failures=section.value("max_login_failures", _int(1, 1000), d.max_login_failures),
+        retry_initial=retry_initial,
+        retry_max=retry_max,
+    )
+    if ttl is not None and ttl <= 0:
+        section.error("ttl", "must be more than 0s")
+    elif ttl is not None and refresh_before is not None and refresh_before >= ttl:
+        section.error("refresh_before", f"must be less than ttl ({ttl:g}s)")
+    if retry_initial is not None and retry_max is not None and retry_initial > retry_max:
+        retry.error("initial", f"is more than retry.max ({retry_max:g}s)")
+    if not credentials and not section.has("credentials_file") and name:
+        section.error("credentials", "required (or credentials_file): at least one username and password")
+    elif not credentials and cred_file is not None and not any(e.startswith(f"{path}.credentials_file") for e in errors):
+        section.error("credentials_file", f"{cred_file} holds no username:password line")
+    section.finish()
+    # an invalid pool still has its name, so that frontends naming it get
+    # no second error
+    return config if name else None
+
 
 
 def load_config(path: str) -> Config:

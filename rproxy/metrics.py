@@ -173,6 +173,48 @@ class StateCollector:
         idle.add_metric([], service.upstreams.idle_count())
         yield from (requests, active_requests, retries, duration, upstream, idle)
 
+        from rproxy.tokenpool import WAIT_BUCKETS
+
+        tokens_total = GaugeMetricFamily("rproxy_tokens_total", "Tokens held (logged in, not expired)",
+                                         labels=["pool"])
+        tokens_in_use = GaugeMetricFamily("rproxy_tokens_in_use", "Tokens leased to client connections",
+                                          labels=["pool"])
+        tokens_available = GaugeMetricFamily("rproxy_tokens_available", "Tokens free to lease", labels=["pool"])
+        token_waiters = GaugeMetricFamily("rproxy_token_waiters", "Client connections waiting for a token",
+                                          labels=["pool"])
+        logins = CounterMetricFamily("rproxy_token_logins", "First logins of token sessions by outcome",
+                                     labels=["pool", "outcome"])
+        refreshes = CounterMetricFamily("rproxy_token_refreshes",
+                                        "Logins renewing a token (before expiry or after a 401) by outcome",
+                                        labels=["pool", "outcome"])
+        unauthorized = CounterMetricFamily("rproxy_token_unauthorized", "Upstream 401 answers to pooled tokens",
+                                           labels=["pool"])
+        timeouts = CounterMetricFamily("rproxy_token_wait_timeouts", "Waits for a token that timed out",
+                                       labels=["pool"])
+        out = GaugeMetricFamily("rproxy_token_credentials_out",
+                                "Credentials taken out of the pool (login keeps being refused)", labels=["pool"])
+        wait = HistogramMetricFamily("rproxy_token_wait_seconds", "Time client connections waited for a token",
+                                     labels=["pool"])
+        for name, tokens in service.token_pools.items():
+            counts = tokens.counts()
+            tokens_total.add_metric([name], counts["total"])
+            tokens_in_use.add_metric([name], counts["in_use"])
+            tokens_available.add_metric([name], counts["available"])
+            token_waiters.add_metric([name], counts["waiting"])
+            for outcome in ("ok", "refused", "error"):
+                logins.add_metric([name, outcome], tokens.logins[outcome])
+                refreshes.add_metric([name, outcome], tokens.refreshes[outcome])
+            unauthorized.add_metric([name], tokens.unauthorized_total)
+            timeouts.add_metric([name], tokens.timeouts)
+            out.add_metric([name], len({s.credential.username for s in tokens.sessions if s.out}))
+            cumulative, buckets = 0, []
+            for bound, count in zip(WAIT_BUCKETS, tokens.wait_buckets, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            wait.add_metric([name], buckets, tokens.wait_sum)
+        yield from (tokens_total, tokens_in_use, tokens_available, token_waiters, logins, refreshes,
+                    unauthorized, timeouts, out, wait)
+
         store_up = GaugeMetricFamily("rproxy_store_up", "1 when the store answers (stores: configured)",
                                      labels=["store"])
         auth = CounterMetricFamily("rproxy_auth_fallbacks", "Key checks that found a store down", labels=["store"])

@@ -34,6 +34,7 @@ from rproxy.pool import Pool, Server
 from rproxy.store.manager import Stores
 from rproxy.tcp import ConnectionLimit, TCPFrontend
 from rproxy.tls import server_tls_factory
+from rproxy.tokenpool import HTTPLogin, TokenPool
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.registry import StaticKeys
 from rproxy.tunnel.server import TunnelServer
@@ -75,6 +76,7 @@ class RProxyService(MultiService):
         self.ports: dict[str, IListeningPort] = {}
         self.retired: set[TCPFrontend] = set()
         self.tunnels: dict[str, TunnelServer] = {}
+        self.token_pools: dict[str, TokenPool] = {}
         self.stores: Stores | None = None
         self.upstreams = UpstreamPool(reactor, self.clock)
         self.admin_port: IListeningPort | None = None
@@ -111,6 +113,8 @@ class RProxyService(MultiService):
                 pool.update(backend)
                 self.checkers[backend.name].sync()
 
+        self._apply_token_pools(new)
+
         wanted = {f.name: f for f in new.frontends}
         stopping: list[defer.Deferred[Any]] = []
         for name, frontend in list(self.frontends.items()):
@@ -127,9 +131,11 @@ class RProxyService(MultiService):
                 frontend.pool = pool
                 if isinstance(frontend, HTTPFrontend):
                     frontend.configure(config)
+                    frontend.tokens = self.token_pools.get(config.token_pool) if config.token_pool else None
                 continue
             if config.protocol == "http":
                 frontend = HTTPFrontend(config, self.pools, self.reactor, self.clock, self.upstreams, self.limit)
+                frontend.tokens = self.token_pools.get(config.token_pool) if config.token_pool else None
             else:
                 frontend = TCPFrontend(config, pool, self.reactor, self.clock, self.limit)
             self.frontends[config.name] = frontend
@@ -180,6 +186,23 @@ class RProxyService(MultiService):
                 else:
                     self.log.info("admin listening on {address}", address=_address(self.admin_port))
         self.config = new
+
+    def _apply_token_pools(self, new: Config) -> None:
+        """
+        Start new token pools; a changed one is replaced by a new pool for
+        new connections while the old one serves its leases and waiters
+        until none is left.
+        """
+        wanted = {p.name: p for p in new.token_pools}
+        for name, pool in list(self.token_pools.items()):
+            if wanted.get(name) != pool.config:
+                del self.token_pools[name]
+                pool.retire()
+        for config in new.token_pools:
+            if config.name not in self.token_pools:
+                pool = TokenPool(config, HTTPLogin(config, self.reactor), self.clock, self._rng)
+                self.token_pools[config.name] = pool
+                pool.start()
 
     async def _listen(self, frontend: TCPFrontend) -> None:
         endpoint = server_endpoint(self.reactor, frontend.config.listen, self.config.global_.backlog)
@@ -274,6 +297,8 @@ class RProxyService(MultiService):
         await defer.gatherResults(waits, consumeErrors=True)
         for pool in self.pools.values():
             pool.close()
+        for tokens in self.token_pools.values():
+            tokens.stop()
         for tunnel in list(self.tunnels.values()):
             await tunnel.stop()
         self.upstreams.close()
@@ -305,6 +330,9 @@ class RProxyService(MultiService):
                 problems.append(f"frontend {frontend.name}: not listening")
             elif frontend.pool.healthy_count() == 0:
                 problems.append(f"frontend {frontend.name}: no server of backend {frontend.pool.name} is up")
+            tokens = getattr(frontend, "tokens", None)
+            if tokens is not None and not tokens.has_token():
+                problems.append(f"frontend {frontend.name}: token pool {tokens.name} holds no token yet")
         return problems
 
     def health_detail(self) -> dict[str, Any]:
@@ -327,6 +355,7 @@ class RProxyService(MultiService):
                 for f in self.frontends.values()
             ],
             "backends": [pool.stats() for pool in self.pools.values()],
+            "token_pools": {name: pool.status() for name, pool in self.token_pools.items()},
         }
 
     def stats(self) -> dict[str, Any]:

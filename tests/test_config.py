@@ -122,11 +122,51 @@ class ConfigErrorTests(SynchronousTestCase):
             self.errors({"frontends": {"name": "x"}}), ["frontends: expected a list, got a mapping"]
         )
 
-    def test_later_sections_refused(self) -> None:
+    def test_token_pool_errors(self) -> None:
         """
-        Sections this version does not implement are refused, not ignored.
+        Token pools: key paths for a bad address, a refresh that is not
+        before the ttl, a missing credential, a frontend naming an unknown
+        pool (with a hint) and a tcp frontend asking for one.
         """
-        self.assertEqual(self.errors(minimal(token_pools=[])), ["token_pools: not available in this version of rproxy"])
+        data = minimal(token_pools=[
+            {"name": "dolphin", "upstream": {"address": "127.0.0.1:99999"}, "ttl": "60s",
+             "refresh_before": "90s", "credentials": [{"username": "u1", "password": "p1"}]},
+            {"name": "empty", "upstream": {"address": "127.0.0.1:8848"}},
+        ])
+        data["frontends"] = [
+            {"name": "web", "listen": "tcp:8080", "backend": "web", "protocol": "http", "token_pool": "dolphn"},
+            {"name": "raw", "listen": "tcp:8081", "backend": "web", "token_pool": "dolphin"},
+        ]
+        self.assertEqual(
+            self.errors(data),
+            [
+                "frontends[1].token_pool: token pools need protocol: http",
+                "token_pools[0].upstream.address: port 99999 out of range",
+                "token_pools[0].refresh_before: must be less than ttl (60s)",
+                "token_pools[1].credentials: required (or credentials_file): at least one username and password",
+                "frontends[0].token_pool: no token pool named 'dolphn' (did you mean 'dolphin'?)",
+            ],
+        )
+
+    def test_token_pool_credentials_file(self) -> None:
+        """
+        credentials_file holds username:password lines (the password may
+        hold colons); a bad line is reported with its number.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("# pool accounts\nu1:p:1\n\nu2:p2\n")
+        data = minimal(token_pools=[{"name": "d", "upstream": {"address": "127.0.0.1:8848"},
+                                     "credentials_file": path, "sessions_per_credential": 3}])
+        config = parse_config(data)
+        pool = config.token_pools[0]
+        self.assertEqual([(c.username, c.password) for c in pool.credentials], [("u1", "p:1"), ("u2", "p2")])
+        self.assertEqual(pool.sessions_per_credential, 3)
+        self.assertEqual((pool.login_path, pool.token_field, pool.ttl), ("/api/login", "result.0", 3600.0))
+        self.assertNotIn("p2", repr(pool))
+        with open(path, "a") as f:
+            f.write("nocolon\n")
+        self.assertEqual(self.errors(data), [f"token_pools[0].credentials_file: {path} line 5: expected username:password"])
 
     def test_invalid_yaml(self) -> None:
         """

@@ -45,6 +45,7 @@ from rproxy.http.routes import Route, RouteTable, direct_target
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
 from rproxy.tcp import TCPFrontend, _nodelay, _peer
 from rproxy.tls import client_tls_options
+from rproxy.tokenpool import Lease, NoTokens, TokenPool, TokenQueueFull, TokenQueueTimeout
 from rproxy.transport import connect_tcp
 
 __all__ = ["HTTPFrontend", "HTTPConnection", "UpstreamPool"]
@@ -333,7 +334,9 @@ class Exchange:
     batch: list[bytes] | None = None
     deadline: float | None = None
     status = 0
+    token: str | None = None  # the bearer token this request carries (token pools)
     _pending: defer.Deferred[Any] | None = None
+
     def __init__(self, client: HTTPConnection, head: RequestHead) -> None:
         self.client = client
         self.frontend = client.frontend
@@ -364,6 +367,51 @@ class Exchange:
         ):
             self.preflight()
             return
+        tokens = frontend.tokens
+        if tokens is not None:
+            lease = self.client.lease
+            if lease is None:
+                lease = tokens.try_lease()
+                if lease is None:
+                    self._wait_token(tokens.lease())
+                    return
+                self.client.lease = lease
+            elif not lease.ready():
+                self._wait_token(lease.wait())
+                return
+            self.token = lease.token
+        self.dispatch()
+
+    def _wait_token(self, d: defer.Deferred[Lease]) -> None:
+        self._pending = d
+        d.addCallbacks(self._leased, self._no_token)
+
+    def _leased(self, lease: Lease) -> None:
+        self._pending = None
+        client = self.client
+        if client.lease is None:
+            if client.lost:
+                lease.release()
+                return
+            client.lease = lease
+        if self.finished:
+            return
+        self.token = lease.token
+        self.dispatch()
+
+    def _no_token(self, reason: Failure) -> None:
+        self._pending = None
+        if reason.check(defer.CancelledError):
+            return
+        if reason.check(TokenQueueTimeout, TokenQueueFull, NoTokens):
+            self.fail(503, reason.getErrorMessage(), retry_after=True)
+        else:
+            self.frontend.log.failure("leasing a token failed", reason)
+            self.fail(502, "no token")
+
+    def dispatch(self) -> None:
+        frontend = self.frontend
+        head = self.head
         direct = direct_target(head.target) if frontend.direct_routes else None
         if direct is not None:
             name, self.target = direct
@@ -501,7 +549,7 @@ class Exchange:
             chunked=head.chunked, content_length=head.content_length,
             upgrade=head.upgrade,
             host=self.server.host.encode() if http.host_header == "server" else None,
-            set_headers=[(k.encode(), v.encode()) for k, v in (route.set_headers if route else ())],
+            set_headers=self.set_headers(route),
             remove_headers=[k.encode() for k in (route.remove_headers if route else ())],
         )
         upstream.transport.write(data)  # type: ignore[union-attr]
@@ -514,6 +562,13 @@ class Exchange:
         if self.upgrade_rest:
             upstream.transport.write(self.upgrade_rest)  # type: ignore[union-attr]
         client.pump()
+
+    def set_headers(self, route: Route | None) -> list[tuple[bytes, bytes]]:
+        headers = [(k.encode(), v.encode()) for k, v in route.set_headers] if route else []
+        if self.token is not None:
+            # replaces whatever Authorization the client sent
+            headers.append((b"Authorization", b"Bearer " + self.token.encode("ascii")))
+        return headers
 
     def send_body(self, data: bytes) -> None:
         assert self.upstream is not None
@@ -550,6 +605,8 @@ class Exchange:
         self.cancel_timer()
         self.response_started = True
         self.status = status
+        if status == 401 and self.token is not None and self.client.lease is not None:
+            self.client.lease.unauthorized(self.token)
         head = self.head
         lowered: dict[bytes, bytes] = {}
         for name, value in headers:
@@ -807,6 +864,7 @@ class HTTPConnection(Protocol):
     closing = False
     closing_after_response = False
     upgraded_exchange: Exchange | None = None
+    lease: Lease | None = None  # the token-pool lease held for the connection's life
     lost = False
     _queue_timer: IDelayedCall | None = None
     head_deadline: float | None = None
@@ -1001,6 +1059,8 @@ class HTTPConnection(Protocol):
             else:
                 exchange.abandon()
         self.exchange = self.upgraded_exchange = None
+        if self.lease is not None:
+            self.lease.release()
         self.frontend.forget(self)  # type: ignore[arg-type]
 
 
@@ -1016,6 +1076,7 @@ class HTTPFrontend(TCPFrontend):
         super().__init__(config, pool, reactor, clock, limit)
         self.pools = pools
         self.upstreams = upstreams
+        self.tokens: TokenPool | None = None
         self.configure(config)
         self.active_requests = 0
         self.retries_total = 0
