@@ -96,6 +96,10 @@ http {{
         listen 127.0.0.1:{port} backlog=4096;
         location = / {{ default_type text/plain; return 200 "{'x' * 99}\\n"; }}
         location = /big.bin {{ root {work}; sendfile on; }}
+        location = /api/login {{
+            default_type application/json;
+            return 200 '{{"code": "0", "message": "", "result": ["bench-token"]}}';
+        }}
     }}
 }}
 """)

@@ -228,8 +228,8 @@ class ConfigValueTests(SynchronousTestCase):
 
     def test_shipped_example(self) -> None:
         """
-        etc/rproxy.yaml is valid, and so is its commented HTTP example once
-        uncommented.
+        etc/rproxy.yaml is valid, and so are its commented HTTP and token
+        pool examples once uncommented.
         """
         path = os.path.join(ROOT, "etc", "rproxy.yaml")
         config = load_config(path)
@@ -243,11 +243,18 @@ class ConfigValueTests(SynchronousTestCase):
             for line in text[start:end].splitlines()
             if "tls:" not in line
         )
+        pools_at = text.index("# token_pools:")
+        pools = "\n".join(line[2:] for line in text[pools_at:].splitlines())
+        rest = text[end:pools_at] + pools
         uncommented = self.mktemp()
         with open(uncommented, "w") as f:
-            f.write(text[:start] + block + "\n\n" + text[end:])
-        http = load_config(uncommented).frontends[1]
+            f.write(text[:start] + block + "\n\n" + rest)
+        config = load_config(uncommented)
+        http = config.frontends[1]
         self.assertEqual((http.name, http.protocol, http.routes[0].host), ("web-http", "http", "api.example.com"))
+        self.assertEqual(http.token_pool, "dolphin")
+        [pool] = config.token_pools
+        self.assertEqual((pool.name, pool.port, pool.token_field, pool.refresh_before), ("dolphin", 8848, "result.0", 300.0))
 
 
 class PackagingTests(SynchronousTestCase):
