@@ -416,6 +416,49 @@ class TokenPoolE2ETests(ServiceMixin, TestCase):
         holder.transport.loseConnection()  # type: ignore[attr-defined]
         await wait_for(lambda: not old.running)
 
+    @async_test
+    async def test_login_over_tls(self) -> None:
+        """
+        upstream.tls: the login goes over TLS, verified against the given
+        CA for the given name; a wrong name fails verification and the
+        pool holds nothing.
+        """
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import SSL4ServerEndpoint
+
+        from tests.support import self_signed_pem
+
+        pem = self.mktemp()
+        cert = self_signed_pem(pem, "db.test")
+        ca = self.mktemp()
+        with open(ca, "wb") as f:
+            f.write(cert)
+        with open(pem, "rb") as f:
+            options = ssl.PrivateCertificate.loadPEM(f.read()).options()
+        upstream = Upstream({"u0": "p0"})
+        site = Site(upstream)
+        tls_port = await SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(site)
+        self.addCleanup(tls_port.stopListening)
+        plain = await listen(site)
+        self.addCleanup(plain.stopListening)
+        config = self.config(plain.getHost().port, 1)
+        config["token_pools"][0]["upstream"] = {"address": f"127.0.0.1:{tls_port.getHost().port}",
+                                                "tls": {"ca": ca, "server_name": "db.test"}}
+        service = await self.start_service(config)
+        pool = service.token_pools["dolphin"]
+        await wait_for(pool.has_token)
+        client = await self.client(service)
+        self.assertEqual((await http(client, "/q", "c"))[0], 200)
+
+        config["token_pools"][0]["upstream"]["tls"]["server_name"] = "other.test"
+        from rproxy.config import config_from_mapping
+
+        await service.reload(config_from_mapping(config))
+        wrong = service.token_pools["dolphin"]
+        await wait_for(lambda: wrong.logins["error"] >= 1)
+        self.assertFalse(wrong.has_token())
+        self.assertEqual(upstream.logins, 1)
+
 
 async def listen_on(factory: Any, port: int) -> Any:
     from twisted.internet.endpoints import TCP4ServerEndpoint
