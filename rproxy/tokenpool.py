@@ -34,16 +34,16 @@ from typing import Any
 from urllib.parse import quote
 
 import attrs
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from rproxy.config import Credential, TokenPoolConfig
+from rproxy.httpclient import fetch
 from rproxy.tls import client_tls_options
 
 __all__ = [
@@ -581,35 +581,6 @@ def parse_login_answer(config: TokenPoolConfig, status: int, body: bytes) -> Log
     return LoginResult(token=token, ttl=ttl)
 
 
-class _BoundedBody(protocol.Protocol):
-    """
-    Collects a response body of at most C{MAX_LOGIN_ANSWER} bytes.
-    """
-
-    def __init__(self, finished: defer.Deferred[bytes]) -> None:
-        self.finished = finished
-        self.parts: list[bytes] = []
-        self.size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.finished.called:
-            return
-        self.size += len(data)
-        if self.size > MAX_LOGIN_ANSWER:
-            self.finished.errback(ValueError(f"login answer larger than {MAX_LOGIN_ANSWER} bytes"))
-            self.transport.stopProducing()  # type: ignore[union-attr]
-            return
-        self.parts.append(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.finished.called:
-            return
-        if reason is None or reason.check(ResponseDone):
-            self.finished.callback(b"".join(self.parts))
-        else:
-            self.finished.errback(ValueError(f"login answer cut short: {reason.getErrorMessage()}"))
-
-
 @implementer(IPolicyForHTTPS)
 class _TLSPolicy:
     def __init__(self, config: TokenPoolConfig) -> None:
@@ -658,36 +629,8 @@ class HTTPLogin:
         return result
 
     async def _login(self, credential: Credential) -> LoginResult:
-        headers = Headers({b"content-type": [b"application/json"], b"accept": [b"application/json"]})
+        headers = {b"content-type": b"application/json", b"accept": b"application/json"}
         for name, value in self.config.login_headers:
-            headers.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])
-        producer = _BytesProducer(self.body(credential))
-        response = await self.agent.request(b"POST", self.url, headers, producer)
-        finished: defer.Deferred[bytes] = defer.Deferred()
-        response.deliverBody(_BoundedBody(finished))
-        body = await finished
-        return parse_login_answer(self.config, response.code, body)
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """
-    A request body already in memory (a login body is a few hundred bytes).
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
+            headers[name.encode("latin-1")] = value.encode("latin-1")
+        status, body = await fetch(self.agent, b"POST", self.url, headers, self.body(credential), MAX_LOGIN_ANSWER)
+        return parse_login_answer(self.config, status, body)

@@ -148,6 +148,22 @@ class ConfigErrorTests(SynchronousTestCase):
             ],
         )
 
+    def test_tunnel_http_keys(self) -> None:
+        """
+        mode: http options are refused on a tcp tunnel; model routing needs
+        mode: http; the body limit is bounded.
+        """
+        data = minimal(tunnels=[
+            {"name": "a", "strict_models": False, "algorithm": "model"},
+            {"name": "b", "mode": "http", "model_body_limit": "1M", "control": "tcp:17100",
+             "proxy": "tcp:17101", "public": "tcp:18100"},
+        ])
+        self.assertEqual(self.errors(data), [
+            "tunnels[0].algorithm: model routing needs mode: http",
+            "tunnels[0].strict_models: applies to mode: http only",
+            "tunnels[1].model_body_limit: at most 60k (the bytes held before an agent is chosen)",
+        ])
+
     def test_token_pool_credentials_file(self) -> None:
         """
         credentials_file holds username:password lines (the password may

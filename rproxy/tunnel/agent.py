@@ -13,6 +13,7 @@ connections on request.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -22,7 +23,7 @@ from typing import Any
 
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
-from twisted.internet import ssl
+from twisted.internet import defer, ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
@@ -40,6 +41,7 @@ from rproxy.tunnel.wire import (
     Heartbeat,
     Login,
     LoginResult,
+    ModelsUpdate,
     NewProxyConn,
     ProtocolError,
     RequestNewProxyConn,
@@ -315,7 +317,7 @@ class AgentControl(Protocol):
         agent = self.agent
         self.send(Login(
             agent_id=agent.agent_id, api_key=agent.config.api_key,
-            system_info=agent.stats.system_info(), models=agent.config.models,
+            system_info=agent.stats.system_info(), models=agent.models,
             pool_count=agent.config.pool_count,
         ))
 
@@ -402,6 +404,10 @@ class AgentService(MultiService):
         self.stats = stats or SystemStats()
         self.agent_id = config.agent_id or _stored_agent_id(config.state_dir)
         self.control: AgentControl | None = None
+        # the advertised models: config.models, or what models_from answers
+        self.models: tuple[str, ...] = config.models
+        self._models_timer: IDelayedCall | None = None
+        self._web: Any = None
         self._tls: Any = None
         if config.ca is not None:
             with open(config.ca, "rb") as f:
@@ -434,9 +440,85 @@ class AgentService(MultiService):
     def connected(self, control: AgentControl) -> None:
         self.control = control
 
+    # -- models_from ---------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self.config.models_from is not None:
+            self._poll_models()
+
+    def stopService(self) -> Any:
+        if self._models_timer is not None and self._models_timer.active():
+            self._models_timer.cancel()
+        self._models_timer = None
+        return super().stopService()
+
+    def _poll_models(self) -> None:
+        self._models_timer = None
+        d = defer.Deferred.fromCoroutine(self._fetch_models())
+        d.addTimeout(self.config.connect_timeout, self.clock)
+        d.addCallbacks(self._got_models, self._models_failed)
+        d.addBoth(self._next_poll)
+
+    async def _fetch_models(self) -> tuple[str, ...]:
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        from rproxy.httpclient import fetch
+
+        if self._web is None:
+            self._web = Agent(self.reactor, pool=HTTPConnectionPool(self.reactor, persistent=False),
+                              connectTimeout=self.config.connect_timeout)
+        url = self.config.models_from.encode("ascii")  # type: ignore[union-attr]
+        status, body = await fetch(self._web, b"GET", url, {b"accept": b"application/json"}, None, 1024 * 1024)
+        if status != 200:
+            raise ValueError(f"answered {status}")
+        return models_in(body)
+
+    def _got_models(self, models: tuple[str, ...]) -> None:
+        if models == self.models:
+            return
+        self.log.info("agent {agent}: models now {models}", agent=self.agent_id, models=",".join(models) or "-")
+        self.models = models
+        if self.control is not None:
+            self.control.send(ModelsUpdate(models))
+
+    def _models_failed(self, failure: Failure) -> None:
+        self.log.warn("agent: cannot read the model list from {url}: {why}", url=self.config.models_from,
+                      why=failure.getErrorMessage() or failure.type.__name__)
+
+    def _next_poll(self, _: Any) -> None:
+        if self.running:
+            self._models_timer = self.clock.callLater(self.config.heartbeat_interval, self._poll_models)
+
     def disconnected(self, control: AgentControl) -> None:
         if self.control is control:
             self.control = None
+
+
+def models_in(body: bytes) -> tuple[str, ...]:
+    """
+    The model names in an OpenAI-style C{/v1/models} answer
+    (C{{"data": [{"id": ...}]}}) or Ollama's C{/api/tags}
+    (C{{"models": [{"name": ...}]}}); at most 256, each a plain name.
+
+    @raise ValueError: the answer is neither.
+    """
+    document = json.loads(body)
+    if not isinstance(document, dict):
+        raise ValueError("not a JSON object")
+    entries = document.get("data")
+    key = "id"
+    if not isinstance(entries, list):
+        entries, key = document.get("models"), "name"
+    if not isinstance(entries, list):
+        raise ValueError('no "data" (OpenAI) or "models" (Ollama) list')
+    models: list[str] = []
+    for entry in entries[:256]:
+        name = entry.get(key) if isinstance(entry, dict) else None
+        if isinstance(name, str) and 0 < len(name) <= 256 and name.isprintable() and " " not in name:
+            if name not in models:
+                models.append(name)
+    return tuple(models)
 
 
 def _stored_agent_id(state_dir: str) -> str:

@@ -16,12 +16,14 @@ import yaml
 
 from rproxy.config import (
     ConfigError,
+    _bool,
     _choice,
     _duration,
     _int,
     _listen,
     _name,
     _Section,
+    _size,
     _str,
     parse_hostport,
 )
@@ -57,6 +59,10 @@ class TunnelConfig:
     open_timeout: float = 5.0
     max_pending: int = 1024
     service: str | None = None
+    # mode: http
+    strict_models: bool = True  # unknown model: 404 (false: any agent)
+    model_body_limit: int = 16 * 1024  # JSON bodies read for their "model" field
+    header_timeout: float = 10.0
 
 
 def _file(value: object) -> str:
@@ -100,8 +106,6 @@ def read_tunnels(top: _Section) -> tuple[TunnelConfig, ...]:
             continue
         d = TunnelConfig(name="")
         mode = section.value("mode", _choice(("tcp", "http")), "tcp")
-        if mode == "http":
-            section.error("mode", "http (model-aware routing) is not available in this version")
         algorithm = section.value("algorithm", _choice(TUNNEL_ALGORITHMS), d.algorithm)
         if algorithm == "model" and mode != "http":
             section.error("algorithm", "model routing needs mode: http")
@@ -117,7 +121,16 @@ def read_tunnels(top: _Section) -> tuple[TunnelConfig, ...]:
             open_timeout=section.value("open_timeout", _duration, d.open_timeout),
             max_pending=section.value("max_pending", _int(1), d.max_pending),
             service=section.value("service", _name, None),
+            strict_models=section.value("strict_models", _bool, True),
+            model_body_limit=section.value("model_body_limit", _size, d.model_body_limit),
+            header_timeout=section.value("header_timeout", _duration, d.header_timeout),
         )
+        if tunnel.mode != "http":
+            for key in ("strict_models", "model_body_limit", "header_timeout"):
+                if section.has(key):
+                    section.error(key, "applies to mode: http only")
+        if tunnel.model_body_limit > 60 * 1024:
+            section.error("model_body_limit", "at most 60k (the bytes held before an agent is chosen)")
         section.finish()
         if tunnel.name and any(t.name == tunnel.name for t in tunnels):
             top.errors.append(f"{path}.name: duplicate tunnel name {tunnel.name!r}")
@@ -216,8 +229,8 @@ def parse_agent_config(data: object) -> AgentConfig:
         reconnect_max=maximum,
         connect_timeout=top.value("connect_timeout", _duration, 5.0),
     )
-    if config.models_from is not None:
-        errors.append("models_from: not available in this version; list the models under models:")
+    if config.models_from is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", config.models_from):
+        errors.append(f"models_from: {config.models_from!r} is not an http:// or https:// URL")
     top.finish()
     if errors:
         raise ConfigError(errors)

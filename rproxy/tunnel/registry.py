@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import random
 import secrets
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -58,6 +59,13 @@ class AgentSession:
     opening: int = 0
     opened_total: int = 0
     failed_total: int = 0
+    # SHA-256 of the key the agent logged in with: public requests that
+    # present a dedicated key (level >= 0) reach only its agents
+    key_digest: bytes = b""
+
+    @property
+    def dedicated(self) -> bool:
+        return self.level >= 0
 
     @property
     def load(self) -> int:
@@ -157,21 +165,39 @@ class Registry:
                 pending.timer.cancel()
         return True
 
-    def pick(self, exclude: set[str]) -> AgentSession | None:
+    def pick(
+        self,
+        exclude: set[str],
+        eligible: Callable[[AgentSession], bool] | None = None,
+        model: str | None = None,
+    ) -> AgentSession | None:
         """
-        Choose an agent for a new public connection, not one of C{exclude}.
+        Choose an agent for a new public connection, not one of C{exclude}
+        and, if given, one that C{eligible} accepts.  With C{model}, only
+        agents serving it, the least busy first.
         """
-        candidates = [a for a in self.agents.values() if a.agent_id not in exclude]
+        candidates = [
+            a for a in self.agents.values()
+            if a.agent_id not in exclude and (eligible is None or eligible(a))
+        ]
+        if model is not None:
+            candidates = [a for a in candidates if model in a.models]
         if not candidates:
             return None
+        if model is not None or self.algorithm in ("least-connections", "model"):
+            low = min(a.load for a in candidates)
+            return self._rng.choice([a for a in candidates if a.load == low])
         if self.algorithm == "round-robin":
             candidates.sort(key=lambda a: a.agent_id)
             self._turn += 1
             return candidates[self._turn % len(candidates)]
-        if self.algorithm == "least-connections":
-            low = min(a.load for a in candidates)
-            return self._rng.choice([a for a in candidates if a.load == low])
         return self._rng.choice(candidates)
+
+    def serves(self, model: str, eligible: Callable[[AgentSession], bool] | None = None) -> bool:
+        """
+        Whether any logged-in agent (that C{eligible} accepts) serves C{model}.
+        """
+        return any(model in a.models and (eligible is None or eligible(a)) for a in self.agents.values())
 
     # -- pending opens ---------------------------------------------------
 

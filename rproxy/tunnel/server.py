@@ -18,8 +18,12 @@ reason logged.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import inspect
+import json
 import random
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -28,7 +32,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rproxy.events import HEARTBEATS
+from rproxy.events import HEARTBEATS, REQUESTS
+from rproxy.http.headers import error_response
+from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader
 from rproxy.splice import EarlyDataEnd, SpliceEnd
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.config import TunnelConfig
@@ -59,6 +65,22 @@ def _peer(transport: Any) -> str:
         return f"{peer.host}:{peer.port}"
     except Exception:  # noqa: BLE001 - unix sockets and test transports
         return "?"
+
+
+def _shared(agent: AgentSession) -> bool:
+    return not agent.dedicated
+
+
+def _model_of(body: bytes) -> str | None:
+    """
+    The C{model} field of a JSON request body, if it has one.
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    model = document.get("model") if isinstance(document, dict) else None
+    return model if isinstance(model, str) and model else None
 
 
 class ControlProtocol(Protocol):
@@ -164,6 +186,7 @@ class ControlProtocol(Protocol):
             agent_id=login.agent_id, peer=_peer(self.transport), key_name=key.name, level=key.level,
             connected_at=now, last_seen=now, control=self, system_info=login.system_info,
             devices=login.devices, models=login.models, pool_count=login.pool_count,
+            key_digest=hashlib.sha256((login.api_key or login.token or "").encode("utf-8")).digest(),
         )
         self.session = session
         old = self.server.registry.add(session)
@@ -194,11 +217,31 @@ class ControlProtocol(Protocol):
 class PublicProtocol(EarlyDataEnd):
     """
     A user's connection on the public port.
+
+    In C{mode: http} the request head is read first (strictly, as the HTTP
+    frontend does): the model comes from an C{X-Model} header or the
+    C{model} field of a JSON body (read up to C{model_body_limit}); a
+    bearer key of level >= 0 (dedicated) limits the choice to the agents
+    logged in with that key, any other request goes to agents with shared
+    keys.  The request goes to the agent unchanged but for
+    C{Connection: close}, so that each request on the client's side is
+    routed on its own (HAProxy's httpclose); upgrades keep their
+    Connection field.
     """
 
     pending: Pending | None = None
     agent: AgentSession | None = None
     proxy: ProxyProtocol | None = None
+    # mode: http
+    reader: RequestReader | None = None
+    head: RequestHead | None = None
+    model: str | None = None
+    eligible: Callable[[AgentSession], bool] | None = None
+    key_name: str | None = None
+    _head_timer: IDelayedCall | None = None
+    _body: list[bytes] | None = None
+    _body_size = 0
+    _routing = False
 
     def __init__(self, server: TunnelServer) -> None:
         self.server = server
@@ -207,14 +250,152 @@ class PublicProtocol(EarlyDataEnd):
     def connectionMade(self) -> None:
         self.server.public_connections.add(self)
         self.started = self.server.clock.seconds()
+        config = self.server.config
+        if config.mode == "http":
+            self.reader = RequestReader(8192, 64 * 1024, 100, None)
+            self.eligible = _shared
+            self._head_timer = self.server.clock.callLater(config.header_timeout, self._head_timed_out)
+            return
         self.request_stream()
+
+    # -- mode: http --------------------------------------------------------
+
+    def unspliced_data(self, data: bytes) -> None:
+        EarlyDataEnd.unspliced_data(self, data)
+        reader = self.reader
+        if reader is None or self._routing:
+            return
+        try:
+            events = reader.feed(data)
+        except HTTPError as e:
+            self.http_error(e.status, e.reason)
+            return
+        for event in events:
+            if isinstance(event, RequestHead):
+                self.head = event
+                if self._head_timer is not None and self._head_timer.active():
+                    self._head_timer.cancel()
+                self._head_timer = None
+                model = event.header(b"x-model")
+                content_type = (event.header(b"content-type") or b"").lower()
+                if model is not None or not event.has_body or b"json" not in content_type:
+                    self.route(model)
+                    return
+                self._body = []
+            elif isinstance(event, Body) and self._body is not None:
+                self._body.append(event.data)
+                self._body_size += len(event.data)
+                if self._body_size > self.server.config.model_body_limit:
+                    self.route(None)  # too large to look into
+                    return
+            elif isinstance(event, EndOfMessage) and self._body is not None:
+                self.route(_model_of(b"".join(self._body)))
+                return
+        if self.head is not None and self._paused:
+            self.route(None)  # the early-data bound came first
+
+    def unspliced_eof(self) -> None:
+        if self.reader is not None and not self._routing:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        EarlyDataEnd.unspliced_eof(self)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._routing:
+            self.http_error(408, "request head not received in time")
+
+    def http_error(self, status: int, message: str, retry_after: bool = False) -> None:
+        self._routing = True
+        self._early = None
+        extra = [(b"Retry-After", b"1")] if retry_after else []
+        self.server.log.info("tunnel {tunnel}: {status} for public {peer}: {message}",
+                             tunnel=self.server.name, status=status, peer=_peer(self.transport), message=message)
+        self.transport.write(error_response(status, message, extra=extra))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def route(self, model: bytes | str | None) -> None:
+        """
+        The head (and what body was needed) is in: check the bearer key,
+        then choose an agent.
+        """
+        self._routing = True
+        self._body = None
+        if isinstance(model, bytes):
+            model = model.decode("utf-8", "replace")
+        self.model = model.strip() if model else None
+        head = self.head
+        assert head is not None
+        auth = head.header(b"authorization") or b""
+        if auth[:7].lower() != b"bearer " or not auth[7:].strip():
+            self.routed()
+            return
+        presented = auth[7:].strip().decode("latin-1")
+        result = self.server.keys.check(presented)
+        d = defer.Deferred.fromCoroutine(result) if inspect.iscoroutine(result) else defer.succeed(result)
+        d.addCallback(self._key_checked, presented)
+        d.addErrback(self._key_failed)
+
+    def _key_failed(self, failure: Failure) -> None:
+        self.server.log.failure("tunnel {tunnel}: checking a public bearer key failed", failure,
+                                tunnel=self.server.name)
+        if not self.lost:
+            self.http_error(503, "cannot check the key now", retry_after=True)
+
+    def _key_checked(self, key: Any, presented: str) -> None:
+        if self.lost:
+            return
+        if key is not None:
+            self.key_name = key.name
+            if key.level >= 0:
+                digest = hashlib.sha256(presented.encode("utf-8")).digest()
+                self.eligible = lambda agent: agent.dedicated and hmac.compare_digest(agent.key_digest, digest)
+        self.routed()
+
+    def routed(self) -> None:
+        server = self.server
+        if self.model is not None and not server.registry.serves(self.model, self.eligible):
+            if server.config.strict_models:
+                server.streams_failed += 1
+                self.http_error(404, f"model {self.model!r} is not served by any agent")
+                return
+            self.model = None  # the seed's fallback: any agent
+        self.request_stream()
+
+    def rewrite_head(self) -> None:
+        """
+        Ask the agent's service to close after this request (see the class
+        docstring), keeping the rest of the bytes as they came.
+        """
+        early = self._early
+        head = self.head
+        if not early or head is None or head.upgrade:
+            return
+        data = b"".join(early)
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        lines = data[:end].split(b"\r\n")
+        kept = [lines[0]] + [
+            line for line in lines[1:]
+            if line.split(b":", 1)[0].strip().lower() not in (b"connection", b"keep-alive", b"proxy-connection")
+        ]
+        kept.append(b"Connection: close")
+        self._early = [b"\r\n".join(kept) + data[end:]]
+
+    # -- choosing and opening ----------------------------------------------
 
     def request_stream(self) -> None:
         server = self.server
-        agent = server.registry.pick(self.tried)
+        agent = server.registry.pick(self.tried, self.eligible, self.model)
         if agent is None:
             server.streams_failed += 1
             why = "no agent is connected" if not self.tried else "no agent answered"
+            if self.reader is not None:
+                if self.model is not None and not self.tried:
+                    why = f"no agent serving {self.model!r} is connected"
+                self.http_error(503, why, retry_after=True)
+                return
             server.log.info(
                 "tunnel {tunnel}: closing public {peer}: {why}",
                 tunnel=server.name, peer=_peer(self.transport), why=why,
@@ -272,12 +453,26 @@ class PublicProtocol(EarlyDataEnd):
         server = self.server
         server.streams_opened += 1
         server.observe_open(server.clock.seconds() - self.started)
+        if self.reader is not None:
+            self.rewrite_head()
+            self.reader = None
+            if self.key_name is not None and not agent.dedicated and server.events is not None:
+                head = self.head
+                server.events.emit(REQUESTS, {
+                    "tunnel": server.name, "agent_id": agent.agent_id, "key": self.key_name,
+                    "model": self.model, "at": server.clock.seconds(), "client": _peer(self.transport),
+                    "method": head.method.decode("latin-1") if head else "",
+                    "target": head.target.decode("latin-1")[:512] if head else "",
+                })
         if rest:
             self.transport.write(rest)  # type: ignore[union-attr]
         self.join(proxy)
 
     def end_lost(self, reason: Failure) -> None:
         self.server.public_connections.discard(self)
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
+        self._head_timer = None
         if self.pending is not None:
             if self.pending.timer is not None and self.pending.timer.active():
                 self.pending.timer.cancel()

@@ -1,0 +1,282 @@
+"""
+End-to-end tests of a tunnel in C{mode: http}: model-aware routing, access
+levels by bearer key, streaming, and agents reading their model list from
+their local service; the real server, real agents and twisted.web local
+services on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from rproxy.tunnel.agent import AgentService, models_in
+from rproxy.tunnel.config import parse_agent_config
+from tests.support import ServiceMixin, async_test, connect, listen, reactor, wait_for
+
+
+class LocalService(Resource):
+    """
+    What an agent exposes: /v1/models lists C{models}; /sse streams one
+    event now and the next when the test says; anything else answers JSON
+    naming the agent and echoing the Connection header and body size.
+    """
+
+    isLeaf = True
+
+    def __init__(self, name: str, models: list[str]) -> None:
+        super().__init__()
+        self.name = name
+        self.models = models
+        self.streams: list[Any] = []
+
+    def render(self, request: Any) -> Any:
+        if request.path == b"/v1/models":
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}).encode()
+        if request.path == b"/sse":
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(b"data: first\n\n")
+            self.streams.append(request)
+            return NOT_DONE_YET
+        body = request.content.read()
+        return json.dumps({
+            "agent": self.name,
+            "connection": (request.getHeader(b"connection") or b"").decode(),
+            "body": len(body),
+        }).encode()
+
+
+class TunnelHTTPTests(ServiceMixin, TestCase):
+    timeout = 60
+
+    async def start_tunnel(self, **tunnel: Any) -> Any:
+        config: dict[str, Any] = {
+            "name": "gpu", "control": "tcp:0:interface=127.0.0.1", "proxy": "tcp:0:interface=127.0.0.1",
+            "public": "tcp:0:interface=127.0.0.1", "open_timeout": "2s", "mode": "http",
+        }
+        config.update(tunnel)
+        service = await self.start_service({
+            "api_keys": [{"key": "good-key", "level": -1, "name": "shared"},
+                         {"key": "team-key", "level": 0, "name": "team"}],
+            "tunnels": [config],
+        })
+        self.tunnel = service.tunnels["gpu"]
+        return service
+
+    async def start_agent(self, name: str, models: list[str], key: str = "good-key",
+                          **extra: Any) -> tuple[AgentService, LocalService]:
+        local = LocalService(name, models)
+        site = Site(local)
+        site.noisy = False
+        port = await listen(site)
+        self.addCleanup(port.stopListening)
+        data: dict[str, Any] = {
+            "server": {"control": f"127.0.0.1:{self.tunnel.port_of('control')}",
+                       "proxy": f"127.0.0.1:{self.tunnel.port_of('proxy')}"},
+            "api_key": key,
+            "agent_id": name,
+            "services": [{"name": "web", "local": f"127.0.0.1:{port.getHost().port}"}],
+            "heartbeat_interval": "100ms",
+            "reconnect": {"initial": "50ms", "max": "200ms"},
+            "models": models,
+        }
+        data.update(extra)
+        if "models_from" in data:
+            data["models_from"] = data["models_from"].format(port=port.getHost().port)
+            del data["models"]
+        agent = AgentService(parse_agent_config(data), reactor)
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        await wait_for(lambda: agent.control is not None and name in self.tunnel.registry.agents)
+        return agent, local
+
+    async def request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        """
+        Send C{raw} on a new public connection; read until it closes.
+        """
+        client = await connect(self.tunnel.port_of("public"))
+        self.client_cleanup(client)
+        client.transport.write(raw)  # type: ignore[attr-defined]
+        await client.closed
+        head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        return int(lines[0].split()[1]), headers, body
+
+    async def chat(self, model: str | None, key: str | None = None, header: bool = False) -> tuple[int, Any]:
+        body = json.dumps({"model": model, "messages": []} if model and not header else {"messages": []}).encode()
+        extra = f"Authorization: Bearer {key}\r\n" if key else ""
+        if header and model:
+            extra += f"X-Model: {model}\r\n"
+        status, _, answer = await self.request(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nContent-Type: application/json\r\n"
+            + extra.encode() + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        return status, json.loads(answer)
+
+    @async_test
+    async def test_model_routing(self) -> None:
+        """
+        A JSON body's model field or an X-Model header picks among the
+        agents serving that model; no model: any agent; an unknown model:
+        404 JSON.  Each request reaches the agent with Connection: close,
+        and the client's connection closes after its response.
+        """
+        await self.start_tunnel()
+        await self.start_agent("a", ["llama3"])
+        await self.start_agent("b", ["qwen2", "mistral"])
+        for _ in range(3):
+            status, answer = await self.chat("qwen2")
+            self.assertEqual((status, answer["agent"]), (200, "b"))
+            status, answer = await self.chat("llama3")
+            self.assertEqual((status, answer["agent"]), (200, "a"))
+            status, answer = await self.chat("mistral", header=True)
+            self.assertEqual((status, answer["agent"]), (200, "b"))
+        self.assertEqual(answer["connection"], "close")
+        seen = set()
+        for _ in range(12):
+            status, answer = await self.chat(None)
+            seen.add(answer["agent"])
+        self.assertEqual(seen, {"a", "b"})
+        status, answer = await self.chat("gpt-9")
+        self.assertEqual(status, 404)
+        self.assertEqual(answer, {"error": "model 'gpt-9' is not served by any agent"})
+
+    @async_test
+    async def test_lenient_models_and_no_agent(self) -> None:
+        """
+        strict_models: false sends an unknown model to any agent (the
+        seed's fallback); with no agent at all the answer is 503 JSON with
+        Retry-After.
+        """
+        await self.start_tunnel(strict_models=False)
+        status, headers, body = await self.request(b"GET / HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        self.assertEqual((status, headers["retry-after"]), (503, "1"))
+        self.assertEqual(json.loads(body), {"error": "no agent is connected"})
+        await self.start_agent("a", ["llama3"])
+        status, answer = await self.chat("gpt-9")
+        self.assertEqual((status, answer["agent"]), (200, "a"))
+
+    @async_test
+    async def test_least_outstanding_first(self) -> None:
+        """
+        Among agents serving a model the one with the fewest open streams
+        is chosen.
+        """
+        await self.start_tunnel()
+        await self.start_agent("a", ["llama3"])
+        await self.start_agent("b", ["llama3"])
+        stream = await connect(self.tunnel.port_of("public"))
+        self.client_cleanup(stream)
+        stream.transport.write(b"GET /sse HTTP/1.1\r\nHost: gpu\r\nX-Model: llama3\r\n\r\n")  # type: ignore[attr-defined]
+        await stream.read_until(b"data: first\n\n")
+        busy = next(a for a in self.tunnel.registry.agents.values() if a.streams)
+        for _ in range(4):
+            status, answer = await self.chat("llama3")
+            self.assertEqual(status, 200)
+            self.assertNotEqual(answer["agent"], busy.agent_id)
+
+    @async_test
+    async def test_event_stream_is_not_buffered(self) -> None:
+        """
+        Server-sent events reach the client as the service writes them.
+        """
+        await self.start_tunnel()
+        _, local = await self.start_agent("a", ["llama3"])
+        client = await connect(self.tunnel.port_of("public"))
+        self.client_cleanup(client)
+        body = b'{"model": "llama3", "stream": true}'
+        client.transport.write(  # type: ignore[attr-defined]
+            b"POST /sse HTTP/1.1\r\nHost: gpu\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await client.read_until(b"data: first\n\n")
+        self.assertEqual(len(local.streams), 1)
+        local.streams[0].write(b"data: second\n\n")
+        await client.read_until(b"data: second\n\n")
+        local.streams[0].finish()
+        await client.closed
+
+    @async_test
+    async def test_access_levels(self) -> None:
+        """
+        A dedicated key (level >= 0) reaches only the agents logged in with
+        it; requests without it never reach those agents; a shared key's
+        requests are recorded as events; a dedicated key with no agent
+        online gets 503.
+        """
+        await self.start_tunnel()
+        events: list[tuple[str, dict[str, Any]]] = []
+
+        class Sink:
+            def emit(self, stream: str, fields: dict[str, Any]) -> None:
+                events.append((stream, fields))
+
+        self.tunnel.events = Sink()
+        status, answer = await self.chat("llama3", key="team-key")
+        self.assertEqual(status, 404)  # nothing serves it for that key yet
+        await self.start_agent("shared", ["llama3"])
+        status, _, body = await self.request(b"GET / HTTP/1.1\r\nHost: gpu\r\nAuthorization: Bearer team-key\r\n\r\n")
+        self.assertEqual(status, 503)
+        await self.start_agent("team", ["llama3"], key="team-key")
+        for _ in range(4):
+            self.assertEqual((await self.chat("llama3", key="team-key"))[1]["agent"], "team")
+            self.assertEqual((await self.chat("llama3"))[1]["agent"], "shared")
+            self.assertEqual((await self.chat("llama3", key="good-key"))[1]["agent"], "shared")
+            self.assertEqual((await self.chat("llama3", key="unknown"))[1]["agent"], "shared")
+        requests = [fields for stream, fields in events if stream == "request-message"]
+        self.assertEqual(len(requests), 4)  # the shared key's, not the anonymous or dedicated ones
+        fields = requests[0]
+        self.assertEqual((fields["key"], fields["agent_id"], fields["model"], fields["method"], fields["target"]),
+                         ("shared", "shared", "llama3", "POST", "/v1/chat/completions"))
+
+    @async_test
+    async def test_bad_requests(self) -> None:
+        """
+        A malformed request head gets 400 and never reaches an agent; a
+        head that does not arrive within header_timeout gets 408.
+        """
+        await self.start_tunnel(header_timeout="300ms")
+        agent, _ = await self.start_agent("a", ["llama3"])
+        status, _, body = await self.request(
+            b"POST / HTTP/1.1\r\nHost: gpu\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertEqual(status, 400)
+        client = await connect(self.tunnel.port_of("public"))
+        self.client_cleanup(client)
+        client.transport.write(b"GET / HTTP/1.1\r\nHost:")  # type: ignore[attr-defined]
+        await client.closed
+        self.assertIn(b"408", bytes(client.data))
+        self.assertEqual(self.tunnel.streams_opened, 0)
+
+    @async_test
+    async def test_models_from_the_local_service(self) -> None:
+        """
+        models_from: the agent reads its models from the service's
+        /v1/models and tells the server when the list changes.
+        """
+        await self.start_tunnel()
+        agent, local = await self.start_agent("a", ["llama3"], models_from="http://127.0.0.1:{port}/v1/models")
+        session = self.tunnel.registry.agents["a"]
+        await wait_for(lambda: session.models == ("llama3",))
+        local.models = ["llama3", "qwen2"]
+        await wait_for(lambda: session.models == ("llama3", "qwen2"))
+        status, answer = await self.chat("qwen2")
+        self.assertEqual((status, answer["agent"]), (200, "a"))
+        self.assertEqual(agent.models, ("llama3", "qwen2"))
+
+
+class ModelListTests(TestCase):
+    def test_shapes(self) -> None:
+        """
+        OpenAI's and Ollama's list shapes; junk names are skipped; other
+        documents are errors.
+        """
+        self.assertEqual(models_in(b'{"data": [{"id": "a"}, {"id": "b"}, {"id": "a"}, {"id": "x y"}, 5]}'),
+                         ("a", "b"))
+        self.assertEqual(models_in(b'{"models": [{"name": "llama3:8b"}]}'), ("llama3:8b",))
+        for bad in (b"[]", b'{"data": 1}', b"nope"):
+            self.assertRaises(ValueError, models_in, bad)
+
