@@ -10,6 +10,9 @@ The admin port: a plain twisted.web resource tree.
   /api/v1/agents    tunnel agents (bearer admin.api_key when set)
   /api/v1/models    models served by logged-in agents (same)
   /api/v1/keys      POST/GET/DELETE API keys in PostgreSQL (same)
+  /api/v1/backends  CRUD on the backends table (same)
+  /api/v1/stats     requests and bytes per key and agent (same)
+  /api/v1/agents/known  agents in PostgreSQL with their last heartbeat
 
 Probes and metrics need no key.  Errors are JSON C{{"error": "..."}}.
 """
@@ -114,6 +117,11 @@ class _ApiLeaf(_Leaf):
 
 
 class Agents(_ApiLeaf):
+    def render(self, request: Request) -> Any:
+        if request.postpath == [b"known"]:
+            return self.known.render(request)
+        return super().render(request)
+
     def render_get(self, request: Request) -> bytes:
         return _json(request, 200, {
             "tunnels": [{"name": t.name, "agents": t.agents()} for t in self.service.tunnels.values()]
@@ -220,6 +228,198 @@ class Keys(_ApiLeaf):
             _finish(request, 404, {"error": "no live key with that id"})
 
 
+class _StoreApi(_ApiLeaf):
+    """
+    An /api/v1 resource over PostgreSQL: C{handle(request, path)} is a
+    coroutine that answers with L{_finish}; 503 while the store is down.
+    """
+
+    methods = b"GET"
+
+    def store(self) -> Any:
+        stores = self.service.stores
+        return None if stores is None or stores.postgres_state != "up" else stores
+
+    def render(self, request: Request) -> Any:
+        refused = self.unauthorized(request)
+        if refused is not None:
+            return refused
+        stores = self.store()
+        if stores is None:
+            return _json(request, 503, {"error": "the database (stores.postgres) is not available"})
+        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        request.notifyFinish().addErrback(lambda _: setattr(request, "rproxy_gone", True))
+        d = defer.Deferred.fromCoroutine(self.handle(request, stores, path))
+
+        def failed(failure: Any) -> None:
+            self.service.log.failure("admin: database operation failed", failure)
+            _finish(request, 503, {"error": "the database is not available"})
+
+        d.addErrback(failed)
+        return NOT_DONE_YET
+
+    async def handle(self, request: Request, stores: Any, path: list[str]) -> None:
+        raise NotImplementedError
+
+    def not_allowed(self, request: Request) -> None:
+        request.setHeader(b"allow", self.methods)
+        _finish(request, 405, {"error": "method not allowed here"})
+
+
+def _page(request: Request, default: int = 100) -> tuple[int, str] | None:
+    try:
+        limit = int(request.args.get(b"limit", [str(default).encode()])[0])
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        _finish(request, 400, {"error": "limit must be an integer from 1 to 1000"})
+        return None
+    after = request.args.get(b"after", [b""])[0].decode("utf-8", "replace")
+    return limit, after
+
+
+def _body(request: Request) -> Any:
+    raw = request.content.read(65537)
+    if len(raw) > 65536:
+        _finish(request, 413, {"error": "the body is larger than 64 KiB"})
+        return None
+    try:
+        body = json.loads(raw or b"null")
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        _finish(request, 400, {"error": "the body must be a JSON object"})
+        return None
+    return body
+
+
+class Backends(_StoreApi):
+    """
+    /api/v1/backends: the backends table (the VK gateway's config.local).
+    GET ?pool=&limit=&after= lists; POST creates; GET, PATCH (or PUT) and
+    DELETE /api/v1/backends/{server_id}.  Pools with C{source: postgres}
+    follow the table within a second.
+    """
+
+    methods = b"GET, POST, PATCH, PUT, DELETE"
+
+    async def handle(self, request: Request, stores: Any, path: list[str]) -> None:
+        from rproxy.store.backends import BackendError, validate
+
+        table = stores.backends
+        method = request.method
+        if len(path) > 1:
+            _finish(request, 404, {"error": "not found"})
+        elif not path and method == b"GET":
+            page = _page(request)
+            if page is None:
+                return
+            pool = request.args.get(b"pool", [None])[0]
+            rows = await table.list(page[0], page[1], pool.decode("utf-8", "replace") if pool else None)
+            _finish(request, 200, {"backends": rows,
+                                   "next_after": rows[-1]["server_id"] if len(rows) == page[0] else None})
+        elif not path and method == b"POST":
+            body = _body(request)
+            if body is None:
+                return
+            try:
+                fields = validate(body)
+            except BackendError as e:
+                _finish(request, 400, {"error": str(e)})
+                return
+            row = await table.create(fields)
+            if row is None:
+                _finish(request, 409, {"error": f"server_id {fields['server_id']!r} exists"})
+            else:
+                _finish(request, 201, row)
+        elif path and method == b"GET":
+            row = await table.get(path[0])
+            _finish(request, 200, row) if row else _finish(request, 404, {"error": "no such server_id"})
+        elif path and method in (b"PATCH", b"PUT"):
+            body = _body(request)
+            if body is None:
+                return
+            try:
+                fields = validate(body, partial=True)
+            except BackendError as e:
+                _finish(request, 400, {"error": str(e)})
+                return
+            row = await table.update(path[0], fields)
+            _finish(request, 200, row) if row else _finish(request, 404, {"error": "no such server_id"})
+        elif path and method == b"DELETE":
+            if await table.delete(path[0]):
+                _finish(request, 200, {"server_id": path[0], "deleted": True})
+            else:
+                _finish(request, 404, {"error": "no such server_id"})
+        else:
+            self.not_allowed(request)
+
+
+class StatsApi(_StoreApi):
+    """
+    /api/v1/stats?hours=24&key=&agent=: requests and bytes per key and
+    agent (from the request records of shared keys), summed over the last
+    C{hours}.
+    """
+
+    async def handle(self, request: Request, stores: Any, path: list[str]) -> None:
+        if path or request.method not in (b"GET", b"HEAD"):
+            self.not_allowed(request) if not path else _finish(request, 404, {"error": "not found"})
+            return
+        try:
+            hours = float(request.args.get(b"hours", [b"24"])[0])
+        except ValueError:
+            hours = -1
+        if not 0 < hours <= 24 * 366:
+            _finish(request, 400, {"error": "hours must be a number from 0 to 8784"})
+            return
+        key = request.args.get(b"key", [b""])[0].decode("utf-8", "replace") or None
+        agent = request.args.get(b"agent", [b""])[0].decode("utf-8", "replace") or None
+        rows = await stores.connection().runQuery(
+            "SELECT key_name, agent_id, sum(requests), sum(bytes_in), sum(bytes_out),"
+            " min(period_start), max(period_start) FROM stats"
+            " WHERE period_start >= now() - make_interval(secs => %s)"
+            " AND (%s::text IS NULL OR key_name = %s) AND (%s::text IS NULL OR agent_id = %s)"
+            " GROUP BY key_name, agent_id ORDER BY key_name, agent_id LIMIT 1000",
+            (hours * 3600, key, key, agent, agent),
+        )
+        _finish(request, 200, {"hours": hours, "stats": [
+            {"key": k, "agent": a, "requests": int(r), "bytes_in": int(i), "bytes_out": int(o),
+             "first_period": first.isoformat(), "last_period": last.isoformat()}
+            for k, a, r, i, o, first, last in rows
+        ]})
+
+
+class KnownAgents(_StoreApi):
+    """
+    /api/v1/agents/known: every agent the database has seen, with its
+    last heartbeat, newest first (paginated by C{after}, a last_seen).
+    """
+
+    async def handle(self, request: Request, stores: Any, path: list[str]) -> None:
+        page = _page(request)
+        if page is None:
+            return
+        limit, after = page
+        rows = await stores.connection().runQuery(
+            "SELECT a.id, a.first_seen, a.last_seen, a.system_info, a.models,"
+            " h.at, h.cpu, h.memory, h.disk, h.load, h.active_streams FROM agents a"
+            " LEFT JOIN LATERAL (SELECT * FROM heartbeats WHERE agent_id = a.id ORDER BY at DESC LIMIT 1) h"
+            " ON true WHERE (%s = '' OR a.id > %s) ORDER BY a.id LIMIT %s",
+            (after, after, limit),
+        )
+        agents = []
+        for agent_id, first, last, info, models, at, cpu, memory, disk, load, streams in rows:
+            agents.append({
+                "id": agent_id, "first_seen": first.isoformat(), "last_seen": last.isoformat(),
+                "system_info": info, "models": models,
+                "last_heartbeat": None if at is None else {
+                    "at": at.isoformat(), "cpu": cpu, "memory": memory, "disk": disk, "load": load,
+                    "active_streams": streams},
+            })
+        _finish(request, 200, {"agents": agents, "next_after": agents[-1]["id"] if len(agents) == limit else None})
+
+
 def _finish(request: Request, status: int, body: Any) -> None:
     if request.finished or getattr(request, "rproxy_gone", False):
         return
@@ -242,7 +442,11 @@ class AdminRoot(Resource):
         self.putChild(b"stats", Stats(service))
         self.putChild(b"metrics", MetricsPage(service))
         v1 = _Branch()
-        v1.putChild(b"agents", Agents(service))
+        agents = Agents(service)
+        agents.known = KnownAgents(service)
+        v1.putChild(b"agents", agents)
+        v1.putChild(b"backends", Backends(service))
+        v1.putChild(b"stats", StatsApi(service))
         v1.putChild(b"models", Models(service))
         v1.putChild(b"keys", Keys(service))
         api = _Branch()
@@ -257,7 +461,8 @@ class AdminRoot(Resource):
             request,
             200,
             {"endpoints": ["/livez", "/readyz", "/health", "/healthz", "/stats", "/metrics",
-                           "/api/v1/agents", "/api/v1/models"]},
+                           "/api/v1/agents", "/api/v1/agents/known", "/api/v1/models", "/api/v1/keys",
+                           "/api/v1/backends", "/api/v1/stats"]},
         )
 
 

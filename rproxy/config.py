@@ -372,6 +372,8 @@ class StoresConfig:
 
     postgres_dsn: str | None = None
     pool_size: int = 4
+    resync_interval: float = 30.0  # full re-read of live backends (source: postgres)
+    heartbeat_retention: float = 7 * 86400.0  # heartbeats older than this are deleted, hourly
     redis_url: str | None = None
     auth_cache_ttl: float = 300.0
 
@@ -688,9 +690,7 @@ def _read_backend(path: str, raw: object, errors: list[str]) -> BackendConfig | 
         seen.add(server.name)
         servers.append(server)
     source = section.value("source", _choice(("static", "postgres")), "static")
-    if source == "postgres":
-        section.error("source", "postgres needs the stores support, which this version lacks")
-    elif not section.has("servers"):
+    if source == "static" and not section.has("servers"):
         section.error("servers", "required")
     health_raw = section.raw("health_check")
     if health_raw in ("none", False):
@@ -896,6 +896,8 @@ def _read_stores(top: _Section) -> StoresConfig | None:
     postgres = section.section("postgres")
     dsn = postgres.value("dsn", _str, None)
     pool_size = postgres.value("pool_size", _int(1, 100), 4)
+    resync = postgres.value("resync_interval", _duration, 30.0)
+    retention = postgres.value("heartbeat_retention", _duration, 7 * 86400.0)
     postgres.finish()
     redis = section.section("redis")
     url = redis.value("url", _str, None)
@@ -905,7 +907,8 @@ def _read_stores(top: _Section) -> StoresConfig | None:
     url = env_redis or url
     if url is not None and not url.startswith("redis://"):
         top.errors.append(f"stores.redis.url: {url!r} is not a redis://host:port/db URL")
-    return StoresConfig(postgres_dsn=env_dsn or dsn, pool_size=pool_size, redis_url=url, auth_cache_ttl=ttl)
+    return StoresConfig(postgres_dsn=env_dsn or dsn, pool_size=pool_size, redis_url=url, auth_cache_ttl=ttl,
+                        resync_interval=resync or 30.0, heartbeat_retention=retention or 7 * 86400.0)
 
 
 def _ephemeral(listen: str) -> bool:
@@ -966,6 +969,11 @@ def parse_config(data: object) -> Config:
     api_keys = read_api_keys(top)
     tunnels = read_tunnels(top)
     stores = _read_stores(top)
+    if stores is None or stores.postgres_dsn is None:
+        for i, backend in enumerate(backends):
+            if backend.source == "postgres":
+                errors.append(f"{_backend_path(top, backend.name, i)}.source: postgres needs stores.postgres.dsn "
+                              "(or DATABASE_URL)")
     token_pools: list[TokenPoolConfig] = []
     for path, raw in top.items("token_pools"):
         pool = _read_token_pool(path, raw, errors)
@@ -995,6 +1003,13 @@ def parse_config(data: object) -> Config:
         stores=stores,
         token_pools=tuple(token_pools),
     )
+
+
+def _backend_path(top: _Section, name: str, default: int) -> str:
+    for i, raw in enumerate(top.data.get("backends") or []):
+        if isinstance(raw, dict) and raw.get("name") == name:
+            return f"backends[{i}]"
+    return f"backends[{default}]"
 
 
 def _frontend_path(top: _Section, name: str) -> str:

@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-__all__ = ["EventSink", "EventConsumer", "HEARTBEATS", "REQUESTS", "write_heartbeat"]
+__all__ = ["EventSink", "EventConsumer", "HEARTBEATS", "REQUESTS", "write_heartbeat", "write_request"]
 
 HEARTBEATS = "client-heartbeats"
 REQUESTS = "request-message"
@@ -176,5 +176,34 @@ def write_heartbeat(conn: Any) -> Callable[[str, dict[str, Any]], Awaitable[None
             return d
 
         await conn.runInteraction(work)
+
+    return handle
+
+
+def write_request(conn: Any) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    """
+    A handler writing request records to PostgreSQL and adding them to the
+    per-minute stats of their key and agent, once per stream entry (a
+    record delivered again changes nothing).
+    """
+
+    async def handle(entry_id: str, event: dict[str, Any]) -> None:
+        await conn.runOperation(
+            "WITH fresh AS ("
+            " INSERT INTO request_events (event_id, at, tunnel, key_name, agent_id, model, method, target,"
+            "  bytes_in, bytes_out, duration)"
+            " VALUES (%s, to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (event_id) DO NOTHING"
+            " RETURNING at, key_name, agent_id, bytes_in, bytes_out)"
+            " INSERT INTO stats (period_start, key_name, agent_id, requests, bytes_in, bytes_out)"
+            " SELECT date_trunc('minute', at), key_name, agent_id, 1, bytes_in, bytes_out FROM fresh"
+            " ON CONFLICT (period_start, key_name, agent_id) DO UPDATE SET"
+            "  requests = stats.requests + 1, bytes_in = stats.bytes_in + EXCLUDED.bytes_in,"
+            "  bytes_out = stats.bytes_out + EXCLUDED.bytes_out",
+            (entry_id, float(event["at"]), str(event.get("tunnel", "")), str(event["key"]),
+             str(event["agent_id"]), event.get("model"), str(event.get("method", ""))[:16],
+             str(event.get("target", ""))[:512], int(event.get("bytes_in", 0)), int(event.get("bytes_out", 0)),
+             float(event.get("duration", 0))),
+        )
 
     return handle

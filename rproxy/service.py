@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import attrs
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -31,6 +32,7 @@ from rproxy.health import HealthChecker, Prober, make_prober
 from rproxy.http.frontend import HTTPFrontend, UpstreamPool
 from rproxy.metrics import Metrics
 from rproxy.pool import Pool, Server
+from rproxy.store.backends import LiveBackends
 from rproxy.store.manager import Stores
 from rproxy.tcp import ConnectionLimit, TCPFrontend
 from rproxy.tls import server_tls_factory
@@ -77,6 +79,7 @@ class RProxyService(MultiService):
         self.retired: set[TCPFrontend] = set()
         self.tunnels: dict[str, TunnelServer] = {}
         self.token_pools: dict[str, TokenPool] = {}
+        self.live_servers: dict[str, tuple[Any, ...]] = {}  # source: postgres pools, as last read
         self.stores: Stores | None = None
         self.upstreams = UpstreamPool(reactor, self.clock)
         self.admin_port: IListeningPort | None = None
@@ -102,6 +105,8 @@ class RProxyService(MultiService):
         self.limit.limit = new.global_.max_connections
 
         for backend in new.backends:
+            if backend.source == "postgres" and backend.name in self.live_servers:
+                backend = attrs.evolve(backend, servers=self.live_servers[backend.name])
             pool = self.pools.get(backend.name)
             if pool is None:
                 pool = Pool(backend, self.clock, self._rng)
@@ -145,6 +150,8 @@ class RProxyService(MultiService):
         if new.stores is not None:
             if self.stores is None:
                 self.stores = Stores(new.stores, keys, self.reactor, self.clock, self._rng)
+                self.stores.live = LiveBackends(self.clock, self._postgres_pools, self.apply_servers,
+                                                new.stores.resync_interval)
                 self.stores.start()
             elif new.stores != self.stores.config:
                 self.log.warn("stores: changes to stores: take effect after a restart")
@@ -169,6 +176,11 @@ class RProxyService(MultiService):
         for name in set(old_pools) - {b.name for b in new.backends}:
             self.checkers.pop(name).stop()
             self.pools.pop(name).close()
+            self.live_servers.pop(name, None)
+        if self.stores is not None and self.stores.live is not None:
+            for name in self._postgres_pools():
+                if name not in self.live_servers:
+                    self.stores.live.sync(name)
 
         if new.admin.listen != self._admin_listen:
             if self.admin_port is not None:
@@ -203,6 +215,27 @@ class RProxyService(MultiService):
                 pool = TokenPool(config, HTTPLogin(config, self.reactor), self.clock, self._rng)
                 self.token_pools[config.name] = pool
                 pool.start()
+
+    def _postgres_pools(self) -> list[str]:
+        return [name for name, pool in self.pools.items() if pool.config.source == "postgres"]
+
+    def apply_servers(self, name: str, servers: tuple[Any, ...]) -> None:
+        """
+        The servers of a C{source: postgres} pool as the backends table now
+        has them; applied like a reload (servers that stay keep their state
+        and connections).
+        """
+        pool = self.pools.get(name)
+        if pool is None or pool.config.source != "postgres":
+            return
+        first = name not in self.live_servers
+        self.live_servers[name] = servers
+        if pool.config.servers == servers and not first:
+            return
+        pool.update(attrs.evolve(pool.config, servers=servers))
+        self.checkers[name].sync()
+        self.log.info("backend {backend}: {count} server(s) from PostgreSQL: {servers}", backend=name,
+                      count=len(servers), servers=", ".join(f"{s.name}={s.address}" for s in servers) or "-")
 
     async def _listen(self, frontend: TCPFrontend) -> None:
         endpoint = server_endpoint(self.reactor, frontend.config.listen, self.config.global_.backlog)

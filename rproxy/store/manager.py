@@ -21,8 +21,16 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from rproxy.config import StoresConfig
-from rproxy.events import HEARTBEATS, EventConsumer, EventSink, write_heartbeat
+from rproxy.events import (
+    HEARTBEATS,
+    REQUESTS,
+    EventConsumer,
+    EventSink,
+    write_heartbeat,
+    write_request,
+)
 from rproxy.store.auth import KeyChain
+from rproxy.store.backends import LiveBackends, PostgresBackends
 from rproxy.store.postgres import PostgresKeys, connection, migrate
 
 __all__ = ["Stores"]
@@ -49,6 +57,12 @@ class Stores:
         self.events: EventSink | None = None
         self._consumer: EventConsumer | None = None
         self._consume_call: IDelayedCall | None = None
+        # set by the service before start(): live pools (source: postgres)
+        self.live: LiveBackends | None = None
+        self.backends: PostgresBackends | None = None
+        self._retention: IDelayedCall | None = None
+        self.heartbeats_deleted = 0
+        self.requests_deleted = 0
 
     def start(self) -> None:
         if self.config.postgres_dsn is not None:
@@ -81,6 +95,11 @@ class Stores:
         self._conn = conn
         await migrate(conn)
         self.keys.postgres = PostgresKeys(conn)
+        self.backends = PostgresBackends(conn)
+        if self.live is not None:
+            await self.live.attach(conn)
+        if self._retention is None:
+            self._retention = self.clock.callLater(0, self._prune)
         self._attempts = 0
         if self.postgres_state != "up":
             log.info("stores: PostgreSQL is up")
@@ -94,6 +113,9 @@ class Stores:
                 pass
             self._conn = None
         self.keys.postgres = None
+        self.backends = None
+        if self.live is not None:
+            self.live.detach()
         self._attempts += 1
         delay = self._rng.uniform(0, min(30.0, 0.5 * 2 ** min(self._attempts, 8)))
         if self.postgres_state != "down":
@@ -108,10 +130,44 @@ class Stores:
             return
         self._conn = None
         self.keys.postgres = None
+        self.backends = None
+        if self.live is not None:
+            self.live.detach()
         self.postgres_state = "down"
         log.warn("stores: PostgreSQL connection lost; retrying")
         self._attempts = 1
         self._retry = self.clock.callLater(0.5, self._connect_postgres)
+
+    # -- heartbeat retention ---------------------------------------------------
+
+    def _prune(self) -> None:
+        """
+        Delete heartbeats older than C{heartbeat_retention}; hourly.
+        """
+        self._retention = None
+        if self._stopped:
+            return
+        conn = self._conn
+        if conn is not None and self.postgres_state == "up":
+            d = conn.runQuery(
+                "WITH gone AS (DELETE FROM heartbeats WHERE at < now() - make_interval(secs => %s) RETURNING 1),"
+                " old AS (DELETE FROM request_events WHERE at < now() - make_interval(secs => %s) RETURNING 1)"
+                " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM old)",
+                (self.config.heartbeat_retention, self.config.heartbeat_retention),
+            )
+
+            def pruned(rows: Any) -> None:
+                heartbeats, requests = rows[0]
+                self.heartbeats_deleted += heartbeats
+                self.requests_deleted += requests
+                if heartbeats or requests:
+                    log.info("stores: deleted {heartbeats} heartbeat(s) and {requests} request record(s) older "
+                             "than {days:g} day(s)", heartbeats=heartbeats, requests=requests,
+                             days=self.config.heartbeat_retention / 86400)
+
+            d.addCallbacks(pruned, lambda f: log.warn("stores: heartbeat retention failed: {why}",
+                                                      why=f.getErrorMessage().strip()))
+        self._retention = self.clock.callLater(3600.0, self._prune)
 
     # -- events ----------------------------------------------------------------
 
@@ -128,10 +184,12 @@ class Stores:
             return
         if self._consumer is None or self._consumer_conn is not self._conn:
             self._consumer_conn = self._conn
-            self._consumer = EventConsumer(self._redis, HEARTBEATS, "rproxy-writers",
-                                           f"{socket.gethostname()}-{os.getpid()}",
+            me = f"{socket.gethostname()}-{os.getpid()}"
+            self._consumer = EventConsumer(self._redis, HEARTBEATS, "rproxy-writers", me,
                                            write_heartbeat(self._conn), self.clock)
-        d = defer.Deferred.fromCoroutine(self._consumer.poll())
+            self._request_consumer = EventConsumer(self._redis, REQUESTS, "rproxy-writers", me,
+                                                   write_request(self._conn), self.clock)
+        d = defer.Deferred.fromCoroutine(self._poll_both())
 
         def failed(failure: Any) -> None:
             log.warn("events: writing to PostgreSQL failed ({why}); will retry",
@@ -142,6 +200,12 @@ class Stores:
             self, "_consume_call", self.clock.callLater(1.0, self._consume)))
 
     _consumer_conn: Any = None
+    _request_consumer: EventConsumer | None = None
+
+    async def _poll_both(self) -> None:
+        assert self._consumer is not None and self._request_consumer is not None
+        await self._consumer.poll()
+        await self._request_consumer.poll()
 
     # -- Redis -----------------------------------------------------------------
 
@@ -169,6 +233,12 @@ class Stores:
 
     # -- the service -----------------------------------------------------------
 
+    def connection(self) -> Any:
+        """
+        The PostgreSQL connection while it is up (else None).
+        """
+        return self._conn if self.postgres_state == "up" else None
+
     def status(self) -> dict[str, str]:
         return {"postgres": self.postgres_state, "redis": self.redis_state}
 
@@ -176,10 +246,12 @@ class Stores:
         self._stopped = True
         if self.events is not None:
             self.events.stop()
-        for call in (self._retry, self._ping, self._consume_call):
+        for call in (self._retry, self._ping, self._consume_call, self._retention):
             if call is not None and call.active():
                 call.cancel()
-        self._retry = self._ping = self._consume_call = None
+        self._retry = self._ping = self._consume_call = self._retention = None
+        if self.live is not None:
+            self.live.stop()
         if self._conn is not None:
             self._conn.close()
             self._conn = None

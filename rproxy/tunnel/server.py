@@ -242,6 +242,7 @@ class PublicProtocol(EarlyDataEnd):
     _body: list[bytes] | None = None
     _body_size = 0
     _routing = False
+    recorded = False
 
     def __init__(self, server: TunnelServer) -> None:
         self.server = server
@@ -456,14 +457,8 @@ class PublicProtocol(EarlyDataEnd):
         if self.reader is not None:
             self.rewrite_head()
             self.reader = None
-            if self.key_name is not None and not agent.dedicated and server.events is not None:
-                head = self.head
-                server.events.emit(REQUESTS, {
-                    "tunnel": server.name, "agent_id": agent.agent_id, "key": self.key_name,
-                    "model": self.model, "at": server.clock.seconds(), "client": _peer(self.transport),
-                    "method": head.method.decode("latin-1") if head else "",
-                    "target": head.target.decode("latin-1")[:512] if head else "",
-                })
+            # requests with a shared key are recorded when their stream ends
+            self.recorded = self.key_name is not None and not agent.dedicated
         if rest:
             self.transport.write(rest)  # type: ignore[union-attr]
         self.join(proxy)
@@ -483,6 +478,22 @@ class PublicProtocol(EarlyDataEnd):
             if self.proxy is not None:
                 self.server.bytes_in += self.received
                 self.server.bytes_out += self.proxy.received
+            if self.recorded:
+                self.record()
+
+    def record(self) -> None:
+        """
+        A request made with a shared key, for the event stream (stats).
+        """
+        server, head, agent = self.server, self.head, self.agent
+        if server.events is None or head is None or agent is None:
+            return
+        server.events.emit(REQUESTS, {
+            "tunnel": server.name, "agent_id": agent.agent_id, "key": self.key_name, "model": self.model,
+            "at": self.started, "duration": round(server.clock.seconds() - self.started, 6),
+            "method": head.method.decode("latin-1"), "target": head.target.decode("latin-1")[:512],
+            "bytes_in": self.received, "bytes_out": self.proxy.received if self.proxy is not None else 0,
+        })
 
     def abort(self) -> None:
         for end in (self, self.proxy):
