@@ -154,6 +154,38 @@ class LiveBackendTests(ServiceMixin, AdminCalls, TestCase):
         self.assertEqual(service.stores.live.notifications, 0)
 
     @async_test
+    async def test_postgres_down_keeps_the_servers(self) -> None:
+        """
+        With PostgreSQL stopped the live pool keeps its servers and traffic
+        flows; once it is back, changes apply again without a restart.  The
+        pool_size connections serve queries side by side: a slow one does
+        not hold up another.
+        """
+        import time
+
+        _, port = await self.backend("steady")
+        _, other = await self.backend("later")
+        service = await self.start()
+        await self.call("POST", "/api/v1/backends", {"server_id": "s1", "pool": "live",
+                                                     "address": f"127.0.0.1:{port.getHost().port}"})
+        await wait_for(lambda: len(service.pools["live"].servers) == 1, timeout=2)
+        conn = service.stores.connection()
+        slow = conn.runQuery("SELECT pg_sleep(1)")
+        started = time.monotonic()
+        await conn.runQuery("SELECT 1")
+        self.assertLess(time.monotonic() - started, 0.5)
+        await slow
+        self.pg.stop()  # type: ignore[attr-defined]
+        await wait_for(lambda: service.stores.postgres_state == "down", timeout=20)
+        self.assertEqual(await self.greeting(), b"steady")
+        self.assertEqual((await self.call("GET", "/api/v1/backends"))[0], 503)
+        self.pg.start()  # type: ignore[attr-defined]
+        await wait_for(lambda: service.stores.postgres_state == "up", timeout=40)
+        await self.call("PATCH", "/api/v1/backends/s1", {"address": f"127.0.0.1:{other.getHost().port}"})
+        await wait_for(lambda: service.pools["live"].servers[0].config.port == other.getHost().port, timeout=2)
+        self.assertEqual(await self.greeting(), b"later")
+
+    @async_test
     async def test_backends_api_input(self) -> None:
         """
         Bad input gets a clear 4xx and changes nothing; text that looks

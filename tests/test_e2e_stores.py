@@ -146,7 +146,7 @@ class MigrateCommandTests(TestCase):
             out, err, code = await getProcessOutputAndValue(
                 sys.executable, ["-m", "rproxy.cli", "migrate"], env=env, path=root, reactor=reactor)
             outputs.append((code, out.decode().strip()))
-        self.assertEqual(outputs, [(0, "applied migrations 1"), (0, "schema is up to date")])
+        self.assertEqual(outputs, [(0, "applied migrations 1, 2"), (0, "schema is up to date")])
         pg.stop()  # type: ignore[attr-defined]
         out, err, code = await getProcessOutputAndValue(
             sys.executable, ["-m", "rproxy.cli", "migrate"], env=env, path=root, reactor=reactor)

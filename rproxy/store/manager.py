@@ -31,7 +31,7 @@ from rproxy.events import (
 )
 from rproxy.store.auth import KeyChain
 from rproxy.store.backends import LiveBackends, PostgresBackends
-from rproxy.store.postgres import PostgresKeys, connection, migrate
+from rproxy.store.postgres import ConnectionSet, PostgresKeys, connection, migrate
 
 __all__ = ["Stores"]
 
@@ -86,14 +86,18 @@ class Stores:
         self._retry = None
         if self._stopped:
             return
-        conn = connection(self.reactor, on_lost=self._postgres_lost)
-        d = defer.Deferred.fromCoroutine(self._open(conn))
+        d = defer.Deferred.fromCoroutine(self._open())
         d.addErrback(self._postgres_failed)
 
-    async def _open(self, conn: Any) -> None:
-        await conn.connect(self.config.postgres_dsn)
-        self._conn = conn
-        await migrate(conn)
+    async def _open(self) -> None:
+        connections = [connection(self.reactor, on_lost=self._postgres_lost) for _ in range(self.config.pool_size)]
+        self._conn = conn = ConnectionSet(connections)
+        results = await defer.DeferredList([c.connect(self.config.postgres_dsn) for c in connections],
+                                           consumeErrors=True)
+        for ok, result in results:
+            if not ok:
+                result.raiseException()
+        await migrate(conn.first)  # the advisory lock belongs to one session
         self.keys.postgres = PostgresKeys(conn)
         self.backends = PostgresBackends(conn)
         if self.live is not None:
@@ -107,11 +111,8 @@ class Stores:
 
     def _postgres_failed(self, failure: Any) -> None:
         if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:  # noqa: BLE001 - it is already broken
-                pass
-            self._conn = None
+            broken, self._conn = self._conn, None
+            broken.close()
         self.keys.postgres = None
         self.backends = None
         if self.live is not None:
@@ -126,9 +127,10 @@ class Stores:
             self._retry = self.clock.callLater(delay, self._connect_postgres)
 
     def _postgres_lost(self, conn: Any) -> None:
-        if conn is not self._conn or self._stopped:
+        if self._conn is None or conn not in self._conn or self._stopped:
             return
-        self._conn = None
+        lost, self._conn = self._conn, None
+        lost.close()  # the others too: the set reconnects as a whole
         self.keys.postgres = None
         self.backends = None
         if self.live is not None:
@@ -253,8 +255,8 @@ class Stores:
         if self.live is not None:
             self.live.stop()
         if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            conn, self._conn = self._conn, None
+            conn.close()
         if self._redis is not None:
             await self._redis.disconnect()
             self._redis = None

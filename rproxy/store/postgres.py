@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-__all__ = ["migrations", "migrate", "PostgresKeys", "KeyRecord", "digest", "connection"]
+__all__ = ["migrations", "migrate", "PostgresKeys", "KeyRecord", "digest", "connection", "ConnectionSet"]
 
 log = Logger()
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
@@ -100,6 +100,60 @@ def connection(reactor: Any, detector: Any = None, on_lost: Any = None) -> Any:
                 on_lost(self)
 
     return Connection(reactor=reactor, detector=detector)
+
+
+class ConnectionSet:
+    """
+    C{pool_size} connections behind one connection's interface: each query
+    or interaction runs on a free connection (waiting for one when all are
+    busy), so a slow write does not hold up a key lookup.  NOTIFY observers
+    and session-level work (migrations, LISTEN) use the first connection.
+    """
+
+    def __init__(self, connections: list[Any]) -> None:
+        import collections
+
+        from twisted.internet import defer
+
+        self.connections = list(connections)
+        self.first = self.connections[0]
+        self._free = collections.deque(self.connections)
+        self._slots = defer.DeferredSemaphore(len(self.connections))
+
+    def __contains__(self, conn: object) -> bool:
+        return any(conn is c for c in self.connections)
+
+    def _on_free(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        conn = self._free.popleft()
+        d = getattr(conn, method)(*args, **kwargs)
+
+        def back(result: Any) -> Any:
+            self._free.append(conn)
+            return result
+
+        return d.addBoth(back)
+
+    def runQuery(self, *args: Any, **kwargs: Any) -> Any:
+        return self._slots.run(self._on_free, "runQuery", *args, **kwargs)
+
+    def runOperation(self, *args: Any, **kwargs: Any) -> Any:
+        return self._slots.run(self._on_free, "runOperation", *args, **kwargs)
+
+    def runInteraction(self, *args: Any, **kwargs: Any) -> Any:
+        return self._slots.run(self._on_free, "runInteraction", *args, **kwargs)
+
+    def addNotifyObserver(self, observer: Any) -> None:
+        self.first.addNotifyObserver(observer)
+
+    def removeNotifyObserver(self, observer: Any) -> None:
+        self.first.removeNotifyObserver(observer)
+
+    def close(self) -> None:
+        for conn in self.connections:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
 
 
 def digest(key: str) -> bytes:
