@@ -67,11 +67,15 @@ class Livez(_Leaf):
 
 class Readyz(_Leaf):
     def render_get(self, request: Request) -> bytes:
-        problems = self.service.readiness_problems()
+        service = self.service
+        problems = service.readiness_problems()
+        # stores that are down do not make rproxy unready (it serves from
+        # static keys and cached data) but are shown
+        stores = service.stores.status() if service.stores is not None else "embedded"
         if problems:
             request.setHeader(b"retry-after", b"1")
-            return _json(request, 503, {"status": "unavailable", "problems": problems})
-        return _json(request, 200, {"status": "ready"})
+            return _json(request, 503, {"status": "unavailable", "problems": problems, "stores": stores})
+        return _json(request, 200, {"status": "ready", "stores": stores})
 
 
 class Health(_Leaf):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +30,8 @@ from twisted.logger import Logger
 __all__ = ["EventSink", "EventConsumer", "HEARTBEATS", "REQUESTS", "write_heartbeat", "write_request"]
 
 HEARTBEATS = "client-heartbeats"
+BATCH = 256
+FLUSH_DELAY = 0.01
 REQUESTS = "request-message"
 log = Logger()
 
@@ -38,11 +42,13 @@ class EventSink:
         self.clock = clock
         self.maxlen = maxlen
         self.buffer_limit = buffer_limit
-        self.buffer: collections.deque[tuple[str, str]] = collections.deque()
+        self.buffer: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self.sent = 0
         self.dropped = 0
         self._flushing = False
         self._retry: IDelayedCall | None = None
+        self._prefix = f"{os.getpid()}-{secrets.token_hex(4)}-"
+        self._serial = 0
 
     def emit(self, stream: str, event: dict[str, Any]) -> None:
         """
@@ -51,9 +57,16 @@ class EventSink:
         if len(self.buffer) >= self.buffer_limit:
             self.dropped += 1
             return
-        self.buffer.append((stream, json.dumps(event, separators=(",", ":"))))
+        self._serial += 1
+        # an id of its own, so that an XADD repeated after a failure is
+        # still written once (the consumer's inserts are keyed by it);
+        # serialised with its batch, in one call, when it is sent
+        event["_id"] = f"{self._prefix}{self._serial}"
+        self.buffer.append((stream, event))
         if not self._flushing and self._retry is None:
-            self._flush()
+            # gather what else comes in the next few milliseconds into the
+            # same XADDs
+            self._retry = self.clock.callLater(FLUSH_DELAY, self._flush)
 
     def _flush(self) -> None:
         self._retry = None
@@ -61,13 +74,28 @@ class EventSink:
         defer.Deferred.fromCoroutine(self._drain()).addErrback(self._failed)
 
     async def _drain(self) -> None:
-        while self.buffer:
-            stream, data = self.buffer[0]
-            d = self.redis.execute_command("XADD", stream, "MAXLEN", "~", str(self.maxlen), "*", "data", data)
+        # what is buffered goes out as few stream entries as possible: the
+        # events of one stream, up to BATCH of them, as one entry holding a
+        # JSON list (one XADD, one round trip), the entries pipelined
+        buffer, maxlen = self.buffer, str(self.maxlen)
+        while buffer:
+            taken = min(len(buffer), BATCH * 8)
+            batches: dict[str, list[dict[str, Any]]] = {}
+            for i in range(taken):
+                stream, event = buffer[i]
+                batches.setdefault(stream, []).append(event)
+            commands = []
+            for stream, items in batches.items():
+                for start in range(0, len(items), BATCH):
+                    data = json.dumps(items[start:start + BATCH], separators=(",", ":"), default=str)
+                    commands.append(self.redis.execute_command(
+                        "XADD", stream, "MAXLEN", "~", maxlen, "*", "data", data))
+            d = defer.gatherResults(commands, consumeErrors=True)
             d.addTimeout(1.0, self.clock)
             await d
-            self.buffer.popleft()
-            self.sent += 1
+            for _ in range(taken):
+                buffer.popleft()
+            self.sent += taken
         self._flushing = False
 
     def _failed(self, failure: Any) -> None:
@@ -141,15 +169,25 @@ class EventConsumer:
             values = dict(zip(fields[::2], fields[1::2], strict=False))
             raw = values.get("data")
             try:
-                event = json.loads(raw if isinstance(raw, str) else json.dumps(raw))
+                decoded = json.loads(raw if isinstance(raw, str) else json.dumps(raw))
+                events = decoded if isinstance(decoded, list) else [decoded]
+                if not all(isinstance(e, dict) for e in events):
+                    raise ValueError("not an event")
             except (TypeError, ValueError):
                 log.warn("events: dropping malformed entry {id} of {stream}", id=entry_id, stream=self.stream)
                 await self.redis.execute_command("XACK", self.stream, self.group, entry_id)
                 continue
-            await self.handle(entry_id, event)  # committed before the ack
-            await self.redis.execute_command("XACK", self.stream, self.group, entry_id)
-            count += 1
-            self.processed += 1
+            for i, event in enumerate(events):
+                try:
+                    await self.handle(f"{entry_id}#{i}" if len(events) > 1 else entry_id, event)
+                except (KeyError, TypeError, ValueError) as e:
+                    # a malformed event is dropped; the others of the entry are written
+                    log.warn("events: dropping malformed event in {id} of {stream}: {why}",
+                             id=entry_id, stream=self.stream, why=repr(e))
+                    continue
+                count += 1
+                self.processed += 1
+            await self.redis.execute_command("XACK", self.stream, self.group, entry_id)  # after the commits
         return count
 
 
@@ -166,7 +204,8 @@ def write_heartbeat(conn: Any) -> Callable[[str, dict[str, Any]], Awaitable[None
                 "INSERT INTO heartbeats (agent_id, at, cpu, memory, disk, load, active_streams, event_id)"
                 " VALUES (%s, to_timestamp(%s), %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING",
                 (event["agent_id"], event["at"], event.get("cpu", 0), event.get("memory", 0),
-                 event.get("disk", 0), event.get("load", 0), event.get("active_streams", 0), entry_id),
+                 event.get("disk", 0), event.get("load", 0), event.get("active_streams", 0),
+                 event.get("_id", entry_id)),
             )
             d.addCallback(lambda _: cursor.execute(
                 "INSERT INTO agents (id, first_seen, last_seen) VALUES (%s, to_timestamp(%s), to_timestamp(%s))"
@@ -200,7 +239,7 @@ def write_request(conn: Any) -> Callable[[str, dict[str, Any]], Awaitable[None]]
             " ON CONFLICT (period_start, key_name, agent_id) DO UPDATE SET"
             "  requests = stats.requests + 1, bytes_in = stats.bytes_in + EXCLUDED.bytes_in,"
             "  bytes_out = stats.bytes_out + EXCLUDED.bytes_out",
-            (entry_id, float(event["at"]), str(event.get("tunnel", "")), str(event["key"]),
+            (str(event.get("_id", entry_id)), float(event["at"]), str(event.get("tunnel", "")), str(event["key"]),
              str(event["agent_id"]), event.get("model"), str(event.get("method", ""))[:16],
              str(event.get("target", ""))[:512], int(event.get("bytes_in", 0)), int(event.get("bytes_out", 0)),
              float(event.get("duration", 0))),

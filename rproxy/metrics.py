@@ -218,6 +218,22 @@ class StateCollector:
         store_up = GaugeMetricFamily("rproxy_store_up", "1 when the store answers (stores: configured)",
                                      labels=["store"])
         auth = CounterMetricFamily("rproxy_auth_fallbacks", "Key checks that found a store down", labels=["store"])
+        events_sent = CounterMetricFamily("rproxy_events_sent", "Events written to Redis Streams",
+                                          labels=[])
+        events_dropped = CounterMetricFamily("rproxy_events_dropped",
+                                             "Events dropped because the buffer was full (Redis down or slow)",
+                                             labels=[])
+        events_buffered = GaugeMetricFamily("rproxy_events_buffered", "Events waiting to be written to Redis")
+        live_syncs = CounterMetricFamily("rproxy_live_backend_reads", "Reads of source: postgres pools",
+                                         labels=[])
+        sink = service.stores.events if service.stores is not None else None
+        if sink is not None:
+            events_sent.add_metric([], sink.sent)
+            events_dropped.add_metric([], sink.dropped)
+            events_buffered.add_metric([], len(sink.buffer))
+        if service.stores is not None and service.stores.live is not None:
+            live_syncs.add_metric([], service.stores.live.syncs)
+        yield from (events_sent, events_dropped, events_buffered, live_syncs)
         if service.stores is not None:
             for store, state in service.stores.status().items():
                 if state != "off":

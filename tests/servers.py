@@ -124,6 +124,16 @@ class PostgresServer:
         )
         _wait_port(self.port, 30, "PostgreSQL", self.log)
 
+    def pids(self) -> list[int]:
+        """
+        The postmaster's pid (backends fork from it), for benchmarks that pin it.
+        """
+        try:
+            with open(os.path.join(self.data, "postmaster.pid")) as f:
+                return [int(f.readline())]
+        except (OSError, ValueError):
+            return []
+
     def stop(self) -> None:
         subprocess.run(
             self.prefix + [self.pg_ctl, "-D", self.data, "-m", "fast", "-w", "-t", "30", "stop"],
@@ -164,6 +174,9 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         _wait_port(self.port, 15, "Redis", self.log)
+
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process is not None else []
 
     def stop(self) -> None:
         if self.process is not None:

@@ -306,12 +306,20 @@ class StatsTests(ServiceMixin, AdminCalls, TestCase):
         [known] = body["agents"]
         self.assertEqual(known["id"], "gpu-7")
         self.assertIn("cpu", known["last_heartbeat"])
+        self.assertEqual(await self.call("GET", "/readyz", key=None),
+                         (200, {"status": "ready", "stores": {"postgres": "up", "redis": "up"}}))
+        from prometheus_client.exposition import generate_latest
+
+        text = generate_latest(service.registry).decode()
+        sent = float(text.split("\nrproxy_events_sent_total ")[1].split()[0])
+        self.assertGreaterEqual(sent, 5)  # the request records, and heartbeats
+        self.assertIn("rproxy_events_dropped_total 0.0", text)
 
     @async_test
     async def test_request_record_counts_once(self) -> None:
         """
-        A record delivered twice (a consumer crashed before its ack) counts
-        once in stats.
+        A record delivered twice (a consumer crashed before its ack, or the
+        sink repeated an XADD) counts once in stats.
         """
         conn = connection(reactor)
         await conn.connect(self.pg.dsn)  # type: ignore[attr-defined]
@@ -322,8 +330,11 @@ class StatsTests(ServiceMixin, AdminCalls, TestCase):
                  "bytes_in": 10, "bytes_out": 20, "method": "POST", "target": "/v1/x"}
         for entry_id in ("1-0", "1-0", "2-0"):
             await handle(entry_id, event)
+        # an XADD repeated after a Redis failure: a new entry, the same _id
+        for entry_id in ("3-0", "4-0"):
+            await handle(entry_id, dict(event, _id="p-1"))
         rows = await conn.runQuery("SELECT requests, bytes_in, bytes_out FROM stats")
-        self.assertEqual(rows, [(2, 20, 40)])
+        self.assertEqual(rows, [(3, 30, 60)])
 
     @async_test
     async def test_heartbeat_retention(self) -> None:
