@@ -30,14 +30,14 @@ from twisted.logger import Logger
 __all__ = ["EventSink", "EventConsumer", "HEARTBEATS", "REQUESTS", "write_heartbeat", "write_request"]
 
 HEARTBEATS = "client-heartbeats"
-BATCH = 256
+BATCH = 100
 FLUSH_DELAY = 0.01
 REQUESTS = "request-message"
 log = Logger()
 
 
 class EventSink:
-    def __init__(self, redis: Any, clock: Any, maxlen: int = 100_000, buffer_limit: int = 10_000) -> None:
+    def __init__(self, redis: Any, clock: Any, maxlen: int = 10_000, buffer_limit: int = 10_000) -> None:
         self.redis = redis
         self.clock = clock
         self.maxlen = maxlen
