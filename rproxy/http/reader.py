@@ -121,7 +121,9 @@ class RequestReader:
         max_head: int = 64 * 1024,
         max_headers: int = 100,
         max_body: int | None = None,
+        require_host: bool = True,
     ) -> None:
+        self.require_host = require_host
         self.max_target = max_target
         self.max_head = max_head
         self.max_headers = max_headers
@@ -199,7 +201,7 @@ class RequestReader:
             self._fail(505, "HTTP Version Not Supported")
         if chunked and (major, minor) < (1, 1):
             self._fail(400, "Transfer-Encoding on HTTP/1.0")
-        if (major, minor) >= (1, 1) and len(hosts) != 1:
+        if (major, minor) >= (1, 1) and len(hosts) != 1 and (hosts or self.require_host):
             self._fail(400, "missing Host" if not hosts else "repeated Host")
         if hosts and not _HOST.match(hosts[0]):
             self._fail(400, "invalid Host")
