@@ -47,7 +47,8 @@ class PostgresTests(TestCase):
         tables = await first.runQuery(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1")
         self.assertEqual([t[0] for t in tables],
-                         ["agents", "api_keys", "backends", "heartbeats", "schema_migrations", "stats"])
+                         ["agents", "api_keys", "backends", "heartbeats", "request_events", "schema_migrations",
+                          "stats"])
 
     @async_test
     async def test_keys(self) -> None:
