@@ -246,6 +246,8 @@ class HealthCheckConfig:
     headers: tuple[tuple[str, str], ...] = ()
     host: str | None = None
     jitter: float = 0.1
+    # the backend's TLS settings: http checks of a TLS backend speak TLS
+    tls: UpstreamTLSConfig | None = None
 
 
 @attrs.frozen
@@ -715,6 +717,8 @@ def _read_backend(path: str, raw: object, errors: list[str]) -> BackendConfig | 
         queue_timeout=section.value("queue_timeout", _duration, 5.0),
         tls=_read_upstream_tls(section),
     )
+    if backend.tls is not None and backend.health_check.type == "http":
+        backend = attrs.evolve(backend, health_check=attrs.evolve(backend.health_check, tls=backend.tls))
     section.finish()
     return backend if name else None
 

@@ -21,7 +21,12 @@ from typing import Any
 import attrs
 from twisted.internet import defer, protocol
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -253,7 +258,8 @@ class _HTTPProbe(protocol.Protocol):
             self.done.errback(ProbeFailed("connection closed before a status line"))
 
 
-def _probe(reactor: object, server: Server, timeout: float, build: Callable[[defer.Deferred[object]], protocol.Protocol]) -> defer.Deferred[object]:
+def _probe(reactor: object, server: Server, timeout: float, build: Callable[[defer.Deferred[object]], protocol.Protocol],
+           tls: Any = None) -> defer.Deferred[object]:
     done: defer.Deferred[object] = defer.Deferred()
     endpoint: Any
     if isIPAddress(server.host):
@@ -263,6 +269,10 @@ def _probe(reactor: object, server: Server, timeout: float, build: Callable[[def
         endpoint = TCP6ClientEndpoint(reactor, server.host, server.port, timeout=max(timeout, 0.001))
     else:
         endpoint = HostnameEndpoint(reactor, server.host, server.port, timeout=max(timeout, 0.001))
+    if tls is not None:
+        from rproxy.tls import client_tls_options
+
+        endpoint = wrapClientTLS(client_tls_options(tls.server_name or server.host, tls.ca, tls.verify), endpoint)
     factory = protocol.Factory.forProtocol(lambda: build(done))
     factory.noisy = False
     connecting = endpoint.connect(factory)
@@ -297,7 +307,8 @@ def http_probe(reactor: object, server: Server, config: HealthCheckConfig) -> de
     lines = [f"GET {config.path} HTTP/1.1", f"Host: {host}", "Connection: close", "User-Agent: rproxy-health"]
     lines += [f"{name}: {value}" for name, value in config.headers]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return _probe(reactor, server, config.timeout, lambda d: _HTTPProbe(request, config.expect_status, d))
+    return _probe(reactor, server, config.timeout, lambda d: _HTTPProbe(request, config.expect_status, d),
+                  tls=config.tls)
 
 
 def make_prober(reactor: object) -> Prober:

@@ -598,6 +598,43 @@ class HTTPTLSTests(HTTPHelpers, TestCase):
         self.assertEqual(len(resource.requests), 1)
 
 
+    @async_test
+    async def test_http_health_check_over_tls(self) -> None:
+        """
+        An http health check of a TLS backend speaks TLS and verifies the
+        server: the right CA brings the server up, a wrong one keeps it
+        down.
+        """
+        from twisted.internet import ssl
+
+        from tests.support import reactor, wait_for
+
+        server_path, _ = self.pem("localhost")
+        other_path, _ = self.pem("localhost")
+        with open(server_path, "rb") as f:
+            private = ssl.PrivateCertificate.loadPEM(f.read())
+        resource = Backend("secure")
+        port = reactor.listenSSL(0, CountingSite(resource), private.options(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        check = {"type": "http", "path": "/status/200", "interval": "100ms", "timeout": "1s", "rise": 1, "fall": 1}
+        service = await self.start_service({
+            "backends": [
+                {"name": "good", "servers": [f"127.0.0.1:{port.getHost().port}"], "health_check": check,
+                 "tls": {"ca": server_path, "server_name": "localhost"}},
+                {"name": "bad", "servers": [f"127.0.0.1:{port.getHost().port}"], "health_check": check,
+                 "tls": {"ca": other_path, "server_name": "localhost"}},
+            ],
+            "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
+                           "backend": "good"}],
+        })
+        good, bad = service.pools["good"].servers[0], service.pools["bad"].servers[0]
+        await wait_for(lambda: not bad.up)  # servers start up; one failed check (fall 1) takes it down
+        await wait_for(lambda: len(resource.requests) >= 3)  # only the good check gets through TLS
+        self.assertTrue(good.up)
+        self.assertFalse(bad.up)
+        self.assertEqual({r["path"] for r in resource.requests}, {"/status/200"})
+
+
 class StreamingResponder(protocol.Protocol):
     """
     A raw HTTP server: answers GET /download with SIZE bytes streamed as a
