@@ -199,6 +199,18 @@ def write_heartbeat(conn: Any) -> Callable[[str, dict[str, Any]], Awaitable[None
     """
 
     async def handle(entry_id: str, event: dict[str, Any]) -> None:
+        if event.get("kind") == "agent":
+            # a login or a models update: the agent's description
+            await conn.runOperation(
+                "INSERT INTO agents (id, first_seen, last_seen, system_info, models)"
+                " VALUES (%s, to_timestamp(%s), to_timestamp(%s), %s, %s)"
+                " ON CONFLICT (id) DO UPDATE SET last_seen = GREATEST(agents.last_seen, EXCLUDED.last_seen),"
+                " system_info = EXCLUDED.system_info, models = EXCLUDED.models",
+                (str(event["agent_id"]), float(event["at"]), float(event["at"]),
+                 json.dumps(event.get("system_info") or {}), json.dumps(list(event.get("models") or []))),
+            )
+            return
+
         def work(cursor: Any) -> Any:
             d = cursor.execute(
                 "INSERT INTO heartbeats (agent_id, at, cpu, memory, disk, load, active_streams, event_id)"

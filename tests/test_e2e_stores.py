@@ -126,6 +126,48 @@ class StoresTests(ServiceMixin, TestCase):
         self.assertTrue((await self.login(fresh, "c")).ok)
 
 
+    @async_test
+    async def test_postgres_stopped_mid_run(self) -> None:
+        """
+        PostgreSQL stopped while rproxy runs: a key already cached in Redis
+        still logs in, and so do static keys; PostgreSQL back, new keys
+        work again, without a restart.  The agent's system info and models
+        reach the agents table.
+        """
+        plain = await self.create_key("team")
+        service = await self.start()
+        await wait_for(lambda: service.stores.status() == {"postgres": "up", "redis": "up"}, timeout=20)
+        self.assertTrue((await self.login(plain, "a")).ok)  # now cached in Redis
+        self.pg.stop()  # type: ignore[attr-defined]
+        await wait_for(lambda: service.stores.postgres_state == "down", timeout=20)
+        self.assertTrue((await self.login(plain, "b")).ok)
+        self.assertTrue((await self.login("static-key", "c")).ok)
+        self.assertEqual(service.health_detail()["stores"], {"postgres": "down", "redis": "up"})
+        self.pg.start()  # type: ignore[attr-defined]
+        await wait_for(lambda: service.stores.postgres_state == "up", timeout=60)
+        fresh = await self.create_key("fresh")
+        self.assertTrue((await self.login(fresh, "d")).ok)
+        conn = connection(reactor)
+        await conn.connect(self.pg.dsn)  # type: ignore[attr-defined]
+        self.addCleanup(conn.close)
+
+        async def stored() -> Any:
+            rows = await conn.runQuery("SELECT models, system_info FROM agents WHERE id = 'gpu-info'")
+            return rows[0] if rows else None
+
+        fake = FakeAgent()
+        await connect(self.service.tunnels["t"].port_of("control"), fake)  # type: ignore[arg-type]
+        self.addCleanup(lambda: None if fake.lost else fake.transport.abortConnection())
+        fake.send(Login(agent_id="gpu-info", api_key=fresh, models=("llama3",), system_info={"os": "linux"}))
+        row = None
+        for _ in range(100):
+            row = await stored()
+            if row:
+                break
+            await turn(delay=0.1)
+        self.assertEqual(row, (["llama3"], {"os": "linux"}))
+
+
 class MigrateCommandTests(TestCase):
     timeout = 120
 

@@ -146,6 +146,7 @@ class ControlProtocol(Protocol):
                 })
         elif isinstance(message, ModelsUpdate):
             session.models = message.models
+            self.server.describe_agent(session)
         elif isinstance(message, Error):
             self.server.log.info(
                 "tunnel {tunnel}: agent {agent} reports: {message}",
@@ -204,6 +205,7 @@ class ControlProtocol(Protocol):
             )
         self.send(LoginResult(ok=True, agent_id=login.agent_id,
                               heartbeat_interval=self.server.heartbeat_interval))
+        self.server.describe_agent(session)
         self.server.refill_pool(session)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -672,6 +674,17 @@ class TunnelServer:
             if now - session.last_seen >= self.config.heartbeat_timeout:
                 self.drop_session(session, f"no heartbeat for {self.config.heartbeat_timeout}s")
         self._schedule_sweep()
+
+    def describe_agent(self, session: AgentSession) -> None:
+        """
+        An agent's system info and models, for the agents table (through
+        the event stream, like its heartbeats).
+        """
+        if self.events is not None:
+            self.events.emit(HEARTBEATS, {
+                "kind": "agent", "agent_id": session.agent_id, "at": self.clock.seconds(),
+                "system_info": session.system_info, "models": list(session.models),
+            })
 
     def drop_session(self, session: AgentSession, why: str) -> None:
         """
