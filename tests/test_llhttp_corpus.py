@@ -112,6 +112,20 @@ def unescape(value: str) -> bytes:
     return value.replace("\\t", "\t").replace("\\f", "\f").encode("utf-8")
 
 
+def span_of(line: str) -> tuple[str, bytes] | None:
+    """
+    A log line's span: C{span[kind]="text"}, or C{span[kind]=cr} / C{=lf}
+    for a lone control byte.
+    """
+    quoted = re.match(r'off=\d+ len=\d+ span\[(\w+)\]="(.*)"$', line)
+    if quoted:
+        return quoted.group(1), unescape(quoted.group(2))
+    bare = re.match(r"off=\d+ len=\d+ span\[(\w+)\]=(cr|lf)$", line)
+    if bare:
+        return bare.group(1), b"\r" if bare.group(2) == "cr" else b"\n"
+    return None
+
+
 def expected_messages(log: list[str]) -> tuple[list[dict[str, Any]], bool]:
     """
     The complete messages of a log, and whether it ends in an error.
@@ -127,9 +141,9 @@ def expected_messages(log: list[str]) -> tuple[list[dict[str, Any]], bool]:
             current = {"method": b"", "url": b"", "headers": [], "body": b""}
             last_span = None
             continue
-        span = re.match(r'off=\d+ len=\d+ span\[(\w+)\]="(.*)"$', line)
+        span = span_of(line)
         if span and current is not None:
-            kind, value = span.group(1), unescape(span.group(2))
+            kind, value = span
             if kind == "header_field":
                 if last_span == "header_field":
                     current["headers"][-1][0] += value

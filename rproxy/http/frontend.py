@@ -129,7 +129,13 @@ class UpstreamConnection(Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
-            self.informational = True  # 103 and friends are not forwarded
+            # interim responses (103 Early Hints...) go on to HTTP/1.1
+            # clients; 100 Continue does not: rproxy answers Expect itself
+            self.informational = True
+            exchange = self.exchange
+            if status != 100 and exchange is not None and exchange.head.version >= (1, 1):
+                exchange.write(response_head(status, self.reason_phrase, self.headers, version=(1, 1),
+                                             framing="none"))
             self.headers = []
             self.reason_phrase = b""
             return
@@ -572,7 +578,8 @@ class Exchange:
 
     def send_body(self, data: bytes) -> None:
         assert self.upstream is not None
-        self.upstream.transport.write(_chunk(data) if self.head.chunked else data)  # type: ignore[union-attr]
+        if data:  # (an empty chunk would read as the end of a chunked body)
+            self.upstream.transport.write(_chunk(data) if self.head.chunked else data)  # type: ignore[union-attr]
 
     def end_request(self) -> None:
         self.request_done = True
@@ -602,6 +609,9 @@ class Exchange:
 
     def response_head(self, upstream: UpstreamConnection, status: int, reason_phrase: bytes,
                       headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        if status == 101 and not self.head.upgrade:
+            self.upstream_failed("101 Switching Protocols to a request that did not ask", invalid=True)
+            return
         self.cancel_timer()
         self.response_started = True
         self.status = status
@@ -616,9 +626,6 @@ class Exchange:
                     lowered[lower] = value
         no_body = head.method == b"HEAD" or status in (204, 304) or 100 <= status < 200
         if status == 101:
-            if not head.upgrade:
-                self.upstream_failed("101 Switching Protocols to a request that did not ask", invalid=True)
-                return
             self.switching = True  # the head goes out in switch_protocols
             return
         if no_body:
@@ -658,7 +665,8 @@ class Exchange:
             self.response_end()
 
     def response_body(self, data: bytes) -> None:
-        if self.response_done:
+        if self.response_done or not data:
+            # (an empty chunk would read as the end of a chunked body)
             return
         self.client.delivered += len(data)
         if self.framing == "chunked":
