@@ -974,9 +974,9 @@ def parse_config(data: object) -> Config:
     tunnels = read_tunnels(top)
     stores = _read_stores(top)
     if stores is None or stores.postgres_dsn is None:
-        for i, backend in enumerate(backends):
+        for backend in backends:
             if backend.source == "postgres":
-                errors.append(f"{_backend_path(top, backend.name, i)}.source: postgres needs stores.postgres.dsn "
+                errors.append(f"{_item_path(top, 'backends', backend.name)}.source: postgres needs stores.postgres.dsn "
                               "(or DATABASE_URL)")
     token_pools: list[TokenPoolConfig] = []
     for path, raw in top.items("token_pools"):
@@ -992,7 +992,7 @@ def parse_config(data: object) -> Config:
         if frontend.token_pool is not None and frontend.token_pool not in pool_names:
             close = difflib.get_close_matches(frontend.token_pool, pool_names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            errors.append(f"{_frontend_path(top, frontend.name)}.token_pool: no token pool named "
+            errors.append(f"{_item_path(top, 'frontends', frontend.name)}.token_pool: no token pool named "
                           f"{frontend.token_pool!r}{hint}")
     top.finish()
     if errors:
@@ -1009,18 +1009,14 @@ def parse_config(data: object) -> Config:
     )
 
 
-def _backend_path(top: _Section, name: str, default: int) -> str:
-    for i, raw in enumerate(top.data.get("backends") or []):
+def _item_path(top: _Section, key: str, name: str) -> str:
+    """
+    The key path of the element of list C{key} named C{name}.
+    """
+    for i, raw in enumerate(top.data.get(key) or []):
         if isinstance(raw, dict) and raw.get("name") == name:
-            return f"backends[{i}]"
-    return f"backends[{default}]"
-
-
-def _frontend_path(top: _Section, name: str) -> str:
-    for i, raw in enumerate(top.data.get("frontends") or []):
-        if isinstance(raw, dict) and raw.get("name") == name:
-            return f"frontends[{i}]"
-    return "frontends"
+            return f"{key}[{i}]"
+    return key
 
 
 def _header_pairs(section: _Section) -> tuple[tuple[str, str], ...]:

@@ -159,11 +159,8 @@ class StateCollector:
                 requests.add_metric([frontend.name, backend, str(code)], count)
             active_requests.add_metric([frontend.name], frontend.active_requests)
             retries.add_metric([frontend.name], frontend.retries_total)
-            cumulative, buckets = 0, []
-            for bound, count in zip(DURATION_BUCKETS, frontend.duration_buckets, strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            duration.add_metric([frontend.name], buckets, frontend.duration_sum)
+            duration.add_metric([frontend.name], _buckets(DURATION_BUCKETS, frontend.duration_buckets),
+                                frontend.duration_sum)
         upstream = CounterMetricFamily("rproxy_http_upstream_connections",
                                        "Upstream connections: opened, or reused from the keep-alive pool",
                                        labels=["kind"])
@@ -207,11 +204,7 @@ class StateCollector:
             unauthorized.add_metric([name], tokens.unauthorized_total)
             timeouts.add_metric([name], tokens.timeouts)
             out.add_metric([name], len({s.credential.username for s in tokens.sessions if s.out}))
-            cumulative, buckets = 0, []
-            for bound, count in zip(WAIT_BUCKETS, tokens.wait_buckets, strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            wait.add_metric([name], buckets, tokens.wait_sum)
+            wait.add_metric([name], _buckets(WAIT_BUCKETS, tokens.wait_buckets), tokens.wait_sum)
         yield from (tokens_total, tokens_in_use, tokens_available, token_waiters, logins, refreshes,
                     unauthorized, timeouts, out, wait)
 
@@ -242,6 +235,17 @@ class StateCollector:
             auth.add_metric(["redis"], chain.redis_errors)
             auth.add_metric(["postgres"], chain.postgres_errors)
         yield from (store_up, auth)
+
+
+def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
+    """
+    Per-bucket counts as Prometheus' cumulative (le, count) pairs.
+    """
+    cumulative, buckets = 0, []
+    for bound, count in zip(bounds, counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return buckets
 
 
 class Metrics:

@@ -148,6 +148,19 @@ class ConfigErrorTests(SynchronousTestCase):
             ],
         )
 
+    def test_live_backend_needs_postgres(self) -> None:
+        """
+        source: postgres without stores.postgres is an error at its path;
+        with it, the backend needs no servers.
+        """
+        data = minimal()
+        data["backends"].append({"name": "live", "source": "postgres"})  # type: ignore[attr-defined]
+        self.assertEqual(self.errors(data),
+                         ["backends[1].source: postgres needs stores.postgres.dsn (or DATABASE_URL)"])
+        data["stores"] = {"postgres": {"dsn": "host=127.0.0.1", "resync_interval": "5s"}}
+        config = parse_config(data)
+        self.assertEqual((config.backend("live").servers, config.stores.resync_interval), ((), 5.0))
+
     def test_tunnel_http_keys(self) -> None:
         """
         mode: http options are refused on a tcp tunnel; model routing needs

@@ -126,6 +126,24 @@ def span_of(line: str) -> tuple[str, bytes] | None:
     return None
 
 
+def add_span(message: dict[str, Any], span: tuple[str, bytes], last: str | None) -> str:
+    """
+    Add a log span to the message being read (a header field's pieces
+    join; a value follows its field); return the span's kind.
+    """
+    kind, value = span
+    if kind == "header_field":
+        if last == "header_field":
+            message["headers"][-1][0] += value
+        else:
+            message["headers"].append([value, b""])
+    elif kind == "header_value":
+        message["headers"][-1][1] += value
+    elif kind in ("method", "url", "body") and kind in message:
+        message[kind] += value
+    return kind
+
+
 def expected_messages(log: list[str]) -> tuple[list[dict[str, Any]], bool]:
     """
     The complete messages of a log, and whether it ends in an error.
@@ -143,17 +161,7 @@ def expected_messages(log: list[str]) -> tuple[list[dict[str, Any]], bool]:
             continue
         span = span_of(line)
         if span and current is not None:
-            kind, value = span
-            if kind == "header_field":
-                if last_span == "header_field":
-                    current["headers"][-1][0] += value
-                else:
-                    current["headers"].append([value, b""])
-            elif kind == "header_value":
-                current["headers"][-1][1] += value
-            elif kind in ("method", "url", "body"):
-                current[kind] += value
-            last_span = kind
+            last_span = add_span(current, span, last_span)
             continue
         if " message complete" in line and current is not None:
             messages.append(current)

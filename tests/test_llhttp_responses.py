@@ -25,7 +25,7 @@ from twisted.internet import protocol
 from twisted.trial.unittest import TestCase
 
 from tests.support import ServiceMixin, async_test, connect, listen
-from tests.test_llhttp_corpus import load_cases, raw_input, span_of
+from tests.test_llhttp_corpus import add_span, load_cases, raw_input, span_of
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "corpora", "llhttp",
                       "response")
@@ -62,17 +62,7 @@ def expected_response(log: list[str]) -> dict[str, Any]:
             break  # only the first response counts
         span = span_of(line)
         if span:
-            kind, value = span
-            if kind == "header_field":
-                if last == "header_field":
-                    out["headers"][-1][0] += value
-                else:
-                    out["headers"].append([value, b""])
-            elif kind == "header_value":
-                out["headers"][-1][1] += value
-            elif kind == "body":
-                out["body"] += value
-            last = kind
+            last = add_span(out, span, last)
             continue
         head = re.search(r"headers complete status=(\d+)", line)
         if head:
