@@ -20,7 +20,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from l4 import PROXY_CORE, ROOT, free_port, need, start_nginx, stop_all, wait_port, wrk  # noqa: E402
+from l4 import (  # noqa: E402
+    PROXY_CORE,
+    ROOT,
+    free_port,
+    need,
+    start_haproxy,
+    start_nginx,
+    stop_all,
+    wait_port,
+    wrk,
+)
 
 REVERSE_PROXY = """
 import sys
@@ -63,26 +73,7 @@ def idle_clients(port: int, count: int) -> list[socket.socket]:
 
 
 def start_haproxy_http(work: str, port: int, backend: int) -> subprocess.Popen[bytes]:
-    conf = os.path.join(work, "haproxy-http.cfg")
-    with open(conf, "w") as f:
-        f.write(f"""
-global
-    nbthread 1
-    maxconn 8000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    http-reuse always
-frontend fe
-    bind 127.0.0.1:{port}
-    default_backend be
-backend be
-    server s1 127.0.0.1:{backend}
-""")
-    return subprocess.Popen(["taskset", "-c", PROXY_CORE, "haproxy", "-f", conf, "-db"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return start_haproxy(work, port, backend, mode="http")
 
 
 def main() -> None:

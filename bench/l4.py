@@ -107,19 +107,24 @@ http {{
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_haproxy(work: str, port: int, backend: int) -> subprocess.Popen[bytes]:
-    conf = os.path.join(work, "haproxy.cfg")
+def start_haproxy(work: str, port: int, backend: int, mode: str = "tcp") -> subprocess.Popen[bytes]:
+    """
+    HAProxy on the proxy core, one thread, C{mode} tcp or http (http keeps
+    server connections alive: http-reuse always).
+    """
+    conf = os.path.join(work, f"haproxy-{mode}.cfg")
+    reuse = "    http-reuse always\n" if mode == "http" else ""
     with open(conf, "w") as f:
         f.write(f"""
 global
     nbthread 1
     maxconn 8000
 defaults
-    mode tcp
+    mode {mode}
     timeout connect 5s
     timeout client 60s
     timeout server 60s
-frontend fe
+{reuse}frontend fe
     bind 127.0.0.1:{port}
     default_backend be
 backend be

@@ -121,6 +121,14 @@ class _ApiLeaf(_Leaf):
 
 
 class Agents(_ApiLeaf):
+    """
+    /api/v1/agents: the live agents; /api/v1/agents/known: the database's.
+    """
+
+    def __init__(self, service: RProxyService) -> None:
+        super().__init__(service)
+        self.known = KnownAgents(service)
+
     def render(self, request: Request) -> Any:
         if request.postpath == [b"known"]:
             return self.known.render(request)
@@ -446,9 +454,7 @@ class AdminRoot(Resource):
         self.putChild(b"stats", Stats(service))
         self.putChild(b"metrics", MetricsPage(service))
         v1 = _Branch()
-        agents = Agents(service)
-        agents.known = KnownAgents(service)
-        v1.putChild(b"agents", agents)
+        v1.putChild(b"agents", Agents(service))
         v1.putChild(b"backends", Backends(service))
         v1.putChild(b"stats", StatsApi(service))
         v1.putChild(b"models", Models(service))

@@ -46,7 +46,7 @@ class EventSink:
         self.sent = 0
         self.dropped = 0
         self._flushing = False
-        self._retry: IDelayedCall | None = None
+        self._timer: IDelayedCall | None = None
         self._prefix = f"{os.getpid()}-{secrets.token_hex(4)}-"
         self._serial = 0
 
@@ -63,13 +63,13 @@ class EventSink:
         # serialised with its batch, in one call, when it is sent
         event["_id"] = f"{self._prefix}{self._serial}"
         self.buffer.append((stream, event))
-        if not self._flushing and self._retry is None:
+        if not self._flushing and self._timer is None:
             # gather what else comes in the next few milliseconds into the
             # same XADDs
-            self._retry = self.clock.callLater(FLUSH_DELAY, self._flush)
+            self._timer = self.clock.callLater(FLUSH_DELAY, self._flush)
 
     def _flush(self) -> None:
-        self._retry = None
+        self._timer = None
         self._flushing = True
         defer.Deferred.fromCoroutine(self._drain()).addErrback(self._failed)
 
@@ -100,15 +100,15 @@ class EventSink:
 
     def _failed(self, failure: Any) -> None:
         self._flushing = False
-        if self._retry is None:
+        if self._timer is None:
             log.warn("events: Redis unavailable ({why}); {n} events buffered",
                      why=failure.type.__name__, n=len(self.buffer))
-            self._retry = self.clock.callLater(1.0, self._flush)
+            self._timer = self.clock.callLater(1.0, self._flush)
 
     def stop(self) -> None:
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
 
 class EventConsumer:

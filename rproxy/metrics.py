@@ -203,7 +203,7 @@ class StateCollector:
                 refreshes.add_metric([name, outcome], tokens.refreshes[outcome])
             unauthorized.add_metric([name], tokens.unauthorized_total)
             timeouts.add_metric([name], tokens.timeouts)
-            out.add_metric([name], len({s.credential.username for s in tokens.sessions if s.out}))
+            out.add_metric([name], len(tokens.credentials_out()))
             wait.add_metric([name], _buckets(WAIT_BUCKETS, tokens.wait_buckets), tokens.wait_sum)
         yield from (tokens_total, tokens_in_use, tokens_available, token_waiters, logins, refreshes,
                     unauthorized, timeouts, out, wait)

@@ -272,13 +272,19 @@ class TokenPool:
         now = self.clock.seconds()
         return any(s.usable(now) for s in self.sessions)
 
+    def credentials_out(self) -> list[str]:
+        """
+        The usernames taken out of the pool (their logins keep being refused).
+        """
+        return sorted({s.credential.username for s in self.sessions if s.out})
+
     def status(self) -> dict[str, Any]:
         counts = self.counts()
         return {
             "status": "healthy" if counts["total"] else "unavailable",
             "pool": counts,
             "sessions": len(self.sessions),
-            "credentials_out": sorted({s.credential.username for s in self.sessions if s.out}),
+            "credentials_out": self.credentials_out(),
             "logging_in": sum(1 for s in self.sessions if s.logging_in),
         }
 

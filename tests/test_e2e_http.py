@@ -151,6 +151,18 @@ class HTTPHelpers(ServiceMixin):
         self.port = self.service.port_of("web")
         return self.service
 
+    async def proxy_to(self, server_port: int) -> Any:
+        """
+        An HTTP frontend in front of the one server listening on C{server_port}.
+        """
+        self.service = await self.start_service({
+            "backends": [{"name": "web", "servers": [f"127.0.0.1:{server_port}"], "health_check": {"type": "none"}}],
+            "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
+                           "backend": "web"}],
+        })
+        self.port = self.service.port_of("web")
+        return self.service
+
     async def request(self, raw: bytes, until: bytes | None = None) -> tuple[Client, bytes]:
         client = await connect(self.port)
         self.client_cleanup(client)
@@ -488,13 +500,7 @@ class HTTPTests(HTTPHelpers, TestCase):
         raw_backend = RawFactory()
         port = await listen(raw_backend)
         self.addCleanup(port.stopListening)
-        self.service = await self.start_service({
-            "backends": [{"name": "web", "servers": [f"127.0.0.1:{port.getHost().port}"],
-                          "health_check": {"type": "none"}}],
-            "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
-                           "backend": "web"}],
-        })
-        self.port = self.service.port_of("web")
+        await self.proxy_to(port.getHost().port)
         for description, raw in MALFORMED:
             _, response = await self.request(raw)
             self.assertTrue(response.startswith(b"HTTP/1.1 400 "), (description, response[:60]))
@@ -507,13 +513,7 @@ class HTTPTests(HTTPHelpers, TestCase):
         factory.heads = []  # type: ignore[attr-defined]
         port = await listen(factory)
         self.addCleanup(port.stopListening)
-        self.service = await self.start_service({
-            "backends": [{"name": "web", "servers": [f"127.0.0.1:{port.getHost().port}"],
-                          "health_check": {"type": "none"}}],
-            "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
-                           "backend": "web"}],
-        })
-        self.port = self.service.port_of("web")
+        await self.proxy_to(port.getHost().port)
         client, head = await self.request(
             b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
             until=b"\r\n\r\n")
@@ -699,13 +699,7 @@ class StreamingTests(HTTPHelpers, TestCase):
         factory.chunk = bytes(range(256)) * 256  # type: ignore[attr-defined]
         port = await listen(factory)
         self.addCleanup(port.stopListening)
-        self.service = await self.start_service({
-            "backends": [{"name": "web", "servers": [f"127.0.0.1:{port.getHost().port}"],
-                          "health_check": {"type": "none"}}],
-            "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
-                           "backend": "web"}],
-        })
-        self.port = self.service.port_of("web")
+        await self.proxy_to(port.getHost().port)
         return factory
 
     def proxy_buffered(self) -> int:

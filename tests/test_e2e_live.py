@@ -16,9 +16,9 @@ from twisted.web.server import Site
 
 from rproxy.events import write_request
 from rproxy.store.postgres import PostgresKeys, connection, migrate
-from tests.servers import PostgresServer, RedisServer
+from tests.servers import PostgresServer
 from tests.support import ServiceMixin, async_test, connect, listen, reactor, turn, wait_for
-from tests.test_servers import started
+from tests.test_servers import BothServers, started
 
 
 class AdminCalls:
@@ -231,14 +231,8 @@ class Local(Resource):
         return b'{"ok": true}'
 
 
-class StatsTests(ServiceMixin, AdminCalls, TestCase):
+class StatsTests(BothServers, ServiceMixin, AdminCalls, TestCase):
     timeout = 120
-
-    def setUp(self) -> None:
-        self.pg = started(PostgresServer)
-        self.addCleanup(self.pg.close)  # type: ignore[attr-defined]
-        self.redis = started(RedisServer)
-        self.addCleanup(self.redis.close)  # type: ignore[attr-defined]
 
     @async_test
     async def test_request_records_and_agents(self) -> None:

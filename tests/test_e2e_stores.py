@@ -11,20 +11,14 @@ from twisted.trial.unittest import TestCase
 
 from rproxy.store.postgres import PostgresKeys, connection, migrate
 from rproxy.tunnel.wire import Login
-from tests.servers import PostgresServer, RedisServer
+from tests.servers import PostgresServer
 from tests.support import ServiceMixin, async_test, connect, reactor, turn, wait_for
 from tests.test_e2e_tunnel import FakeAgent
-from tests.test_servers import started
+from tests.test_servers import BothServers, started
 
 
-class StoresTests(ServiceMixin, TestCase):
+class StoresTests(BothServers, ServiceMixin, TestCase):
     timeout = 120
-
-    def setUp(self) -> None:
-        self.pg = started(PostgresServer)
-        self.addCleanup(self.pg.close)  # type: ignore[attr-defined]
-        self.redis = started(RedisServer)
-        self.addCleanup(self.redis.close)  # type: ignore[attr-defined]
 
     async def create_key(self, name: str) -> str:
         conn = connection(reactor)

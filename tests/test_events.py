@@ -13,23 +13,16 @@ from twisted.trial.unittest import TestCase
 
 from rproxy.events import HEARTBEATS, EventConsumer, EventSink, write_heartbeat
 from rproxy.store.postgres import connection, migrate
-from tests.servers import PostgresServer, RedisServer
 from tests.support import async_test, reactor, wait_for
-from tests.test_servers import started
+from tests.test_servers import BothServers
 
 
 def beat(agent: str, at: float, cpu: float = 1.0) -> dict[str, Any]:
     return {"agent_id": agent, "at": at, "cpu": cpu, "memory": 2.0, "disk": 3.0, "load": 0.5, "active_streams": 1}
 
 
-class EventTests(TestCase):
+class EventTests(BothServers, TestCase):
     timeout = 120
-
-    def setUp(self) -> None:
-        self.pg = started(PostgresServer)
-        self.addCleanup(self.pg.close)  # type: ignore[attr-defined]
-        self.redis = started(RedisServer)
-        self.addCleanup(self.redis.close)  # type: ignore[attr-defined]
 
     async def setup(self) -> tuple[Any, Any]:
         import txredisapi

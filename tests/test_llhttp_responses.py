@@ -25,7 +25,7 @@ from twisted.internet import protocol
 from twisted.trial.unittest import TestCase
 
 from tests.support import ServiceMixin, async_test, connect, listen
-from tests.test_llhttp_corpus import add_span, load_cases, raw_input, span_of
+from tests.test_llhttp_corpus import add_span, corpus_cases, raw_input, span_of
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "corpora", "llhttp",
                       "response")
@@ -155,45 +155,38 @@ class LLHTTPResponseCorpusTests(ServiceMixin, TestCase):
                            "http": {"retries": 0, "response_timeout": "2s"}}],
         })
         problems, checked = [], 0
-        for name in sorted(os.listdir(CORPUS)):
-            if not name.endswith(".md"):
+        for name, case in corpus_cases(CORPUS, "response"):
+            kind = case["meta"].get("type", "")
+            factory.script = raw_input(case["http"])  # type: ignore[attr-defined]
+            expected = expected_response(case["log"])
+            client = await connect(service.port_of("f"))
+            client.transport.write(b"GET /case HTTP/1.1\r\nHost: corpus\r\nConnection: close\r\n\r\n")  # type: ignore[attr-defined]
+            await client.closed
+            status, parsed = parse_client_side(bytes(client.data))
+            where = f"{name}: {case['title']}"
+            checked += 1
+            # leniencies about what follows a response, which rproxy never reads
+            lenient = kind.startswith("response-lenient") and kind not in (
+                "response-lenient-data-after-close", "response-lenient-keep-alive")
+            if (name, case["title"]) in STRICTER or lenient or expected["error"] and expected["error_in_head"]:
+                if status != 502:
+                    problems.append(f"{where}: got {status}, expected 502")
                 continue
-            for case in load_cases(os.path.join(CORPUS, name)):
-                meta = case["meta"]
-                kind = meta.get("type", "")
-                if meta.get("mode") == "loose" or kind != "response" and not kind.startswith("response-lenient") \
-                        or "pause" in meta or "skipBody" in meta:
-                    continue
-                factory.script = raw_input(case["http"])  # type: ignore[attr-defined]
-                expected = expected_response(case["log"])
-                client = await connect(service.port_of("f"))
-                client.transport.write(b"GET /case HTTP/1.1\r\nHost: corpus\r\nConnection: close\r\n\r\n")  # type: ignore[attr-defined]
-                await client.closed
-                status, parsed = parse_client_side(bytes(client.data))
-                where = f"{name}: {case['title']}"
-                checked += 1
-                # leniencies about what follows a response, which rproxy never reads
-                lenient = kind.startswith("response-lenient") and kind not in (
-                    "response-lenient-data-after-close", "response-lenient-keep-alive")
-                if (name, case["title"]) in STRICTER or lenient or expected["error"] and expected["error_in_head"]:
-                    if status != 502:
-                        problems.append(f"{where}: got {status}, expected 502")
-                    continue
-                if expected["error"]:
-                    # refused after its head: 502, or a cut the client can see
-                    if status != 502 and parsed.complete:
-                        problems.append(f"{where}: a refused response reached the client complete")
-                    continue
-                if (name, case["title"]) in DIFFERENT:
-                    if status != DIFFERENT[(name, case["title"])][0]:
-                        problems.append(f"{where}: got {status}, expected {DIFFERENT[(name, case['title'])][0]}")
-                    continue
-                if status != expected["status"]:
-                    problems.append(f"{where}: got status {status}, expected {expected['status']}")
-                    continue
-                if end_to_end(parsed.headers) != end_to_end(expected["headers"]):
-                    problems.append(f"{where}: headers {end_to_end(parsed.headers)} != {end_to_end(expected['headers'])}")
-                if parsed.body != expected["body"]:
-                    problems.append(f"{where}: body {parsed.body[:80]!r} != {expected['body'][:80]!r}")
+            if expected["error"]:
+                # refused after its head: 502, or a cut the client can see
+                if status != 502 and parsed.complete:
+                    problems.append(f"{where}: a refused response reached the client complete")
+                continue
+            if (name, case["title"]) in DIFFERENT:
+                if status != DIFFERENT[(name, case["title"])][0]:
+                    problems.append(f"{where}: got {status}, expected {DIFFERENT[(name, case['title'])][0]}")
+                continue
+            if status != expected["status"]:
+                problems.append(f"{where}: got status {status}, expected {expected['status']}")
+                continue
+            if end_to_end(parsed.headers) != end_to_end(expected["headers"]):
+                problems.append(f"{where}: headers {end_to_end(parsed.headers)} != {end_to_end(expected['headers'])}")
+            if parsed.body != expected["body"]:
+                problems.append(f"{where}: body {parsed.body[:80]!r} != {expected['body'][:80]!r}")
         self.assertGreater(checked, 40)
         self.assertEqual(problems, [], "\n".join(problems))

@@ -6,6 +6,7 @@ txpostgres and txredisapi, survive a stop and start, and go away.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -20,6 +21,19 @@ def started(cls: type) -> object:
         if os.environ.get("RPROXY_ALLOW_MISSING_SERVERS"):
             raise SkipTest(str(e)) from None
         raise
+
+
+class BothServers:
+    """
+    A test case mixin: a fresh PostgreSQL (C{self.pg}) and Redis
+    (C{self.redis}) for each test, closed afterwards.
+    """
+
+    def setUp(self) -> None:
+        self.pg: Any = started(PostgresServer)
+        self.addCleanup(self.pg.close)  # type: ignore[attr-defined]
+        self.redis: Any = started(RedisServer)
+        self.addCleanup(self.redis.close)  # type: ignore[attr-defined]
 
 
 class ServersTests(TestCase):

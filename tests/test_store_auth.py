@@ -11,19 +11,12 @@ from rproxy.store.auth import KeyChain
 from rproxy.store.postgres import PostgresKeys, migrate
 from rproxy.tunnel.config import ApiKeyConfig
 from rproxy.tunnel.registry import StaticKeys
-from tests.servers import PostgresServer, RedisServer
 from tests.support import async_test, reactor
-from tests.test_servers import started
+from tests.test_servers import BothServers
 
 
-class KeyChainTests(TestCase):
+class KeyChainTests(BothServers, TestCase):
     timeout = 120
-
-    def setUp(self) -> None:
-        self.pg = started(PostgresServer)
-        self.addCleanup(self.pg.close)  # type: ignore[attr-defined]
-        self.redis = started(RedisServer)
-        self.addCleanup(self.redis.close)  # type: ignore[attr-defined]
 
     async def chain(self) -> KeyChain:
         import txredisapi

@@ -82,7 +82,8 @@ def _cookie(head: RequestHead, name: bytes) -> bytes | None:
 
 
 def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
+    # nothing for no data: an empty chunk would read as the end of the body
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
 
 
 class UpstreamConnection(Protocol):
@@ -578,8 +579,7 @@ class Exchange:
 
     def send_body(self, data: bytes) -> None:
         assert self.upstream is not None
-        if data:  # (an empty chunk would read as the end of a chunked body)
-            self.upstream.transport.write(_chunk(data) if self.head.chunked else data)  # type: ignore[union-attr]
+        self.upstream.transport.write(_chunk(data) if self.head.chunked else data)  # type: ignore[union-attr]
 
     def end_request(self) -> None:
         self.request_done = True
@@ -665,8 +665,7 @@ class Exchange:
             self.response_end()
 
     def response_body(self, data: bytes) -> None:
-        if self.response_done or not data:
-            # (an empty chunk would read as the end of a chunked body)
+        if self.response_done:
             return
         self.client.delivered += len(data)
         if self.framing == "chunked":
