@@ -247,6 +247,52 @@ class HTTPTests(HTTPHelpers, TestCase):
             self.assertNotIn(gone, seen)
 
     @async_test
+    async def test_routes(self) -> None:
+        """
+        Routes by exact host, C{*.suffix} host and path prefix, first match
+        wins, the frontend's backend otherwise; a route's header rules
+        apply to its requests only.
+        """
+        backends = {}
+        for name in ("web", "api", "wild"):
+            resource = Backend(name)
+            port = await listen(CountingSite(resource))
+            self.addCleanup(port.stopListening)
+            backends[name] = port.getHost().port
+        self.service = await self.start_service({
+            "backends": [{"name": name, "servers": [f"127.0.0.1:{port}"], "health_check": {"type": "none"}}
+                         for name, port in backends.items()],
+            "frontends": [{
+                "name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1", "backend": "web",
+                "routes": [
+                    {"host": "api.example.com", "path_prefix": "/v1/", "backend": "api",
+                     "set_headers": {"X-Route": "api"}, "remove_headers": ["X-Secret"]},
+                    {"host": "*.example.com", "backend": "wild"},
+                ],
+            }],
+        })
+        self.port = self.service.port_of("web")
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        cases = [
+            (b"API.example.com:80", b"/v1/echo", "api"),
+            (b"api.example.com", b"/v2/echo", "wild"),
+            (b"www.example.com", b"/v1/echo", "wild"),
+            (b"example.com", b"/v1/echo", "web"),
+        ]
+        for host, target, backend in cases:
+            client.transport.write(b"GET %s HTTP/1.1\r\nHost: %s\r\nX-Secret: s\r\nX-Route: client\r\n\r\n"
+                                   % (target, host))
+            status, headers, body = await self.response(client)
+            self.assertEqual((status, headers[b"x-backend"]), (200, backend.encode()), (host, target))
+            seen = json.loads(body)["headers"]
+            if backend == "api":
+                self.assertNotIn("x-secret", seen)
+                self.assertEqual(seen["x-route"], "api")
+            else:
+                self.assertEqual((seen["x-secret"], seen["x-route"]), ("s", "client"))
+
+    @async_test
     async def test_pipelining_in_order(self) -> None:
         """Pipelined requests are answered in order."""
         await self.start()

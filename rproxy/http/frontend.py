@@ -39,9 +39,9 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from rproxy.http.headers import error_response, request_head, response_head
+from rproxy.http.headers import error_response, finish_response_head, request_head, response_fields, response_head
 from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader, Upgrade
-from rproxy.http.routes import Route, RouteTable, direct_target
+from rproxy.http.routes import RouteTable, Rule, direct_target
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
 from rproxy.tcp import TCPFrontend, _nodelay, _peer
 from rproxy.tls import client_tls_options
@@ -56,6 +56,7 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
                     float("inf"))
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _CHUNK_END = b"0\r\n\r\n"
+_AUTHORIZATION = frozenset({b"authorization"})
 
 
 # The access log has a namespace of its own, so that it can be routed apart.
@@ -326,7 +327,7 @@ class Exchange:
     upstream: UpstreamConnection | None = None
     server: Server | None = None
     pool: Pool | None = None
-    route: Route | None = None
+    route: Rule | None = None  # None for a direct route
     ready_for_body = False
     request_done = False
     response_started = False
@@ -428,7 +429,6 @@ class Exchange:
                 self.fail(404, f"no server named {name}")
                 return
             self.pool = pool
-            self.route = Route(backend=pool.name)
         else:
             route = frontend.routes.match(head.header(b"host"), head.target)
             if route is None:
@@ -479,7 +479,7 @@ class Exchange:
             return self.head.header(name.lower().encode())
         if kind == "cookie":
             return _cookie(self.head, name.encode())
-        return self.client.peer_host.encode()
+        return self.client.peer_ip
 
     def no_server(self, reason: Failure) -> None:
         self._pending = None
@@ -550,14 +550,18 @@ class Exchange:
         client = self.client
         http = self.frontend.config.http
         route = self.route
+        set_headers, remove = (route.set_headers, route.remove) if route is not None else ((), frozenset())
+        if self.token is not None:
+            # replaces whatever Authorization the client sent
+            set_headers = (*set_headers, (b"Authorization", b"Bearer " + self.token.encode("ascii")))
+            remove = remove | _AUTHORIZATION
         data = request_head(
             head.method, self.target, head.headers,
-            client_ip=client.peer_host, proto=self.frontend.scheme,
+            client_ip=client.peer_ip, proto=self.frontend.scheme,
             chunked=head.chunked, content_length=head.content_length,
             upgrade=head.upgrade,
             host=self.server.host.encode() if http.host_header == "server" else None,
-            set_headers=self.set_headers(route),
-            remove_headers=[k.encode() for k in (route.remove_headers if route else ())],
+            set_headers=set_headers, remove=remove,
         )
         upstream.transport.write(data)  # type: ignore[union-attr]
         self.arm_timer(self.frontend.config.http.response_timeout)
@@ -569,13 +573,6 @@ class Exchange:
         if self.upgrade_rest:
             upstream.transport.write(self.upgrade_rest)  # type: ignore[union-attr]
         client.pump()
-
-    def set_headers(self, route: Route | None) -> list[tuple[bytes, bytes]]:
-        headers = [(k.encode(), v.encode()) for k, v in route.set_headers] if route else []
-        if self.token is not None:
-            # replaces whatever Authorization the client sent
-            headers.append((b"Authorization", b"Bearer " + self.token.encode("ascii")))
-        return headers
 
     def send_body(self, data: bytes) -> None:
         assert self.upstream is not None
@@ -617,47 +614,43 @@ class Exchange:
         self.status = status
         if status == 401 and self.token is not None and self.client.lease is not None:
             self.client.lease.unauthorized(self.token)
-        head = self.head
-        lowered: dict[bytes, bytes] = {}
-        for name, value in headers:
-            if len(name) in (14, 17):  # content-length, transfer-encoding
-                lower = name.lower()
-                if lower in (b"content-length", b"transfer-encoding"):
-                    lowered[lower] = value
-        no_body = head.method == b"HEAD" or status in (204, 304) or 100 <= status < 200
         if status == 101:
             self.switching = True  # the head goes out in switch_protocols
             return
+        head = self.head
+        lines, length_field, encoded = response_fields(headers)
+        no_body = status in (204, 304) or head.method == b"HEAD" or status < 200
         if no_body:
-            self.framing = "none"
-        elif b"transfer-encoding" in lowered:
-            self.framing = "chunked" if head.version >= (1, 1) else "close"
-        elif b"content-length" in lowered:
-            self.framing = "length"
+            framing = "none"
+        elif encoded:
+            framing = "chunked" if head.version >= (1, 1) else "close"
+        elif length_field is not None:
+            framing = "length"
         else:
             self.close_delimited = True
-            self.framing = "chunked" if head.version >= (1, 1) else "close"
+            framing = "chunked" if head.version >= (1, 1) else "close"
+        self.framing = framing
         self.keep_upstream = keep_alive and not self.close_delimited and not head.suspicious_body
-        close = not head.keep_alive or self.framing == "close" or self.client.closing_after_response
-        self.client.closing_after_response = close
+        client = self.client
+        close = not head.keep_alive or framing == "close" or client.closing_after_response
+        client.closing_after_response = close
         length = None
-        if self.framing == "length" or (self.framing == "none" and b"content-length" in lowered):
+        if length_field is not None and (framing == "length" or framing == "none"):
             try:
-                length = int(lowered[b"content-length"])
-            except (KeyError, ValueError):
+                length = int(length_field)
+            except ValueError:
                 length = None
-        extra = []
-        sticky = self.frontend.config.http.sticky_cookie
+        http = self.frontend.config.http
+        extra: list[tuple[bytes, bytes]] = []
+        sticky = http.sticky_cookie
         if sticky is not None and self.server is not None and self.pinned is None:
             name = self.server.name.encode()
             if _cookie(head, sticky.encode()) != name:
                 extra.append((b"Set-Cookie", sticky.encode() + b"=" + name + b"; Path=/; HttpOnly"))
-        if self.frontend.config.http.cors:
+        if http.cors:
             extra += CORS_HEADERS
-        data = response_head(status, reason_phrase, headers, version=head.version, framing=self.framing,
-                             content_length=length, close=close, extra=extra)
-        client = self.client
-        self.write(data)
+        self.write(finish_response_head(status, reason_phrase, lines, version=head.version, framing=framing,
+                                        content_length=length, close=close, extra=extra))
         client.transport.registerProducer(upstream.transport, True)  # type: ignore[union-attr]
         if no_body:
             # llhttp does not know this response has no body (HEAD): it is
@@ -892,6 +885,7 @@ class HTTPConnection(Protocol):
         _nodelay(self.transport)
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer_host = getattr(peer, "host", "unix")
+        self.peer_ip = self.peer_host.encode("ascii", "replace")
         self.frontend.admit(self)
 
     def start(self) -> None:

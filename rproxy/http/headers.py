@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["HOP_BY_HOP", "request_head", "response_head", "connection_tokens"]
+__all__ = ["HOP_BY_HOP", "request_head", "response_head", "response_fields", "finish_response_head",
+           "connection_tokens"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -59,29 +60,26 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
-_HOP_BY_HOP_KEEP_UPGRADE = HOP_BY_HOP - {b"upgrade"}
+def _named(value: bytes, named: set[bytes] | None) -> set[bytes] | None:
+    """
+    Add the field names a Connection field lists (beyond keep-alive and
+    close, which name no field) to C{named}.
+    """
+    tokens = {t.strip().lower() for t in value.split(b",")} - {b"", b"keep-alive", b"close"}
+    if not tokens:
+        return named
+    return tokens if named is None else named | tokens
 
 
-def _kept(headers: list[tuple[bytes, bytes]], keep_upgrade: bool) -> list[tuple[bytes, bytes]]:
-    # one pass, lower-casing each name once; Connection's tokens (rare
-    # beyond keep-alive/close) only cost a second pass when present
-    drop = _HOP_BY_HOP_KEEP_UPGRADE if keep_upgrade else HOP_BY_HOP
-    kept = []
-    named: set[bytes] | None = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower in drop:
-            if lower == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")} - {b"", b"keep-alive", b"close"}
-                if tokens:
-                    named = tokens if named is None else named | tokens
-            continue
-        kept.append((lower, name, value))
-    if named:
-        if keep_upgrade:
-            named.discard(b"upgrade")
-        return [(n, v) for lower, n, v in kept if lower not in named]
-    return [(n, v) for _, n, v in kept]
+def _drop_named(lines: list[bytes], named: set[bytes], first: int) -> list[bytes]:
+    # rare: Connection named a field; lines[first:] are "Name: value"
+    return lines[:first] + [line for line in lines[first:] if line.partition(b":")[0].lower() not in named]
+
+
+# The fields a request's rewrite looks at; every other field is copied
+# as it is (unless a route removes it), lower-casing its name once.
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"host"})
+_REQUEST_SPECIAL = HOP_BY_HOP | _FORWARDED
 
 
 def request_head(
@@ -89,52 +87,100 @@ def request_head(
     target: bytes,
     headers: list[tuple[bytes, bytes]],
     *,
-    client_ip: str,
+    client_ip: bytes,
     proto: bytes,
     chunked: bool,
     content_length: int | None,
     upgrade: bool = False,
     host: bytes | None = None,
     set_headers: Iterable[tuple[bytes, bytes]] = (),
-    remove_headers: Iterable[bytes] = (),
+    remove: frozenset[bytes] = frozenset(),
 ) -> bytes:
     """
     The request head to send upstream (HTTP/1.1, keep-alive unless upgrading).
+
+    @param remove: lower-case names of fields to drop (a route's
+        C{remove_headers} and the names of C{set_headers}).
     """
-    remove = {n.lower() for n in remove_headers} | {n.lower() for n, _ in set_headers}
-    out = []
-    forwarded_for = []
-    original_host = b""
-    for name, value in _kept(headers, upgrade):
-        lower = name.lower()
-        if lower == b"x-forwarded-for":
-            forwarded_for.append(value)
-            continue
-        if lower in (b"x-forwarded-proto", b"x-forwarded-host", b"via") or lower in remove:
-            if lower == b"via":
-                out.append((name, value))
-            continue
-        if lower == b"host":
-            original_host = value
-            if host is not None:
-                value = host
-        out.append((name, value))
-    forwarded_for.append(client_ip.encode("ascii"))
-    out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
-    out.append((b"X-Forwarded-Proto", proto))
-    if original_host:
-        out.append((b"X-Forwarded-Host", original_host))
-    out.append((b"Via", b"1.1 rproxy"))
-    out.extend(set_headers)
-    if chunked:
-        out.append((b"Transfer-Encoding", b"chunked"))
-    elif content_length is not None:
-        out.append((b"Content-Length", str(content_length).encode()))
-    if upgrade:
-        out.append((b"Connection", b"upgrade"))
     lines = [method + b" " + target + b" HTTP/1.1"]
-    lines += [n + b": " + v for n, v in out]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    forwarded_for = b""
+    original_host = b""
+    named: set[bytes] | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _REQUEST_SPECIAL:
+            if lower == b"host":
+                original_host = value
+                if lower in remove:
+                    continue
+                if host is not None:
+                    value = host
+            elif lower == b"x-forwarded-for":
+                forwarded_for += value + b", "
+                continue
+            elif lower == b"connection":
+                named = _named(value, named)
+                continue
+            elif lower != b"upgrade" or not upgrade:
+                continue  # hop-by-hop, framing, or set by rproxy below
+        elif lower in remove:
+            continue
+        lines.append(name + b": " + value)
+    if named:
+        if upgrade:
+            named.discard(b"upgrade")
+        lines = _drop_named(lines, named, 1)
+    lines.append(b"X-Forwarded-For: " + forwarded_for + client_ip)
+    lines.append(b"X-Forwarded-Proto: " + proto)
+    if original_host:
+        lines.append(b"X-Forwarded-Host: " + original_host)
+    lines.append(b"Via: 1.1 rproxy")
+    for name, value in set_headers:
+        lines.append(name + b": " + value)
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+    elif content_length is not None:
+        lines.append(b"Content-Length: %d" % content_length)
+    if upgrade:
+        lines.append(b"Connection: upgrade")
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+def response_fields(
+    headers: list[tuple[bytes, bytes]], upgrade: bool = False
+) -> tuple[list[bytes], bytes | None, bool]:
+    """
+    One pass over a response's fields: the C{Name: value} lines to pass
+    on (hop-by-hop and framing fields dropped), the Content-Length value
+    (or None) and whether Transfer-Encoding was present.
+    """
+    lines: list[bytes] = []
+    length: bytes | None = None
+    encoded = False
+    named: set[bytes] | None = None
+    for name, value in headers:
+        if len(name) in _HOP_LENGTHS:
+            lower = name.lower()
+            if lower in HOP_BY_HOP:
+                if lower == b"content-length":
+                    length = value
+                elif lower == b"transfer-encoding":
+                    encoded = True
+                elif lower == b"connection":
+                    named = _named(value, named)
+                elif lower == b"upgrade" and upgrade:
+                    lines.append(name + b": " + value)
+                continue
+        lines.append(name + b": " + value)
+    if named:
+        if upgrade:
+            named.discard(b"upgrade")
+        lines = _drop_named(lines, named, 0)
+    return lines, length, encoded
+
+
+_HOP_LENGTHS = frozenset(len(name) for name in HOP_BY_HOP)
 
 
 def response_head(
@@ -155,23 +201,50 @@ def response_head(
     @param framing: C{"length"} (Content-Length), C{"chunked"}, C{"close"}
         (the body ends when the connection does) or C{"none"} (no body).
     """
-    out = _kept(headers, upgrade)
-    out.append((b"Via", b"1.1 rproxy"))
-    out.extend(extra)
-    if framing == "length":
-        out.append((b"Content-Length", str(content_length).encode()))
+    return finish_response_head(status, reason_phrase, response_fields(headers, upgrade)[0], version=version,
+                                framing=framing, content_length=content_length, close=close, upgrade=upgrade,
+                                extra=extra)
+
+
+def finish_response_head(
+    status: int,
+    reason_phrase: bytes,
+    lines: list[bytes],
+    *,
+    version: tuple[int, int],
+    framing: str,
+    content_length: int | None = None,
+    close: bool = False,
+    upgrade: bool = False,
+    extra: Iterable[tuple[bytes, bytes]] = (),
+) -> bytes:
+    """
+    L{response_head} from the lines L{response_fields} kept (C{lines}
+    is extended in place).
+    """
+    lines.append(b"Via: 1.1 rproxy")
+    for name, value in extra:
+        lines.append(name + b": " + value)
+    if framing == "length" or (framing == "none" and content_length is not None):
+        # (a HEAD response's Content-Length is the entity's length)
+        lines.append(b"Content-Length: %d" % content_length)  # type: ignore[str-bytes-safe]
     elif framing == "chunked":
-        out.append((b"Transfer-Encoding", b"chunked"))
-    elif framing == "none" and content_length is not None:
-        out.append((b"Content-Length", str(content_length).encode()))  # HEAD: the entity's length
+        lines.append(b"Transfer-Encoding: chunked")
     if upgrade:
-        out.append((b"Connection", b"upgrade"))
+        lines.append(b"Connection: upgrade")
     elif close:
-        out.append((b"Connection", b"close"))
+        lines.append(b"Connection: close")
     elif version == (1, 0):
-        out.append((b"Connection", b"keep-alive"))
-    line = b"HTTP/%d.%d %d %s" % (version[0], version[1], status, reason_phrase or reason(status))
-    return b"\r\n".join([line] + [n + b": " + v for n, v in out]) + b"\r\n\r\n"
+        lines.append(b"Connection: keep-alive")
+    lines.append(b"\r\n")
+    if version == (1, 1) and not reason_phrase and status in _STATUS_LINES:
+        first = _STATUS_LINES[status]
+    else:
+        first = b"HTTP/%d.%d %d %s" % (version[0], version[1], status, reason_phrase or reason(status))
+    return first + b"\r\n" + b"\r\n".join(lines)
+
+
+_STATUS_LINES = {status: b"HTTP/1.1 %d %s" % (status, phrase) for status, phrase in _REASONS.items()}
 
 
 def error_response(status: int, message: str, version: tuple[int, int] = (1, 1),
