@@ -39,7 +39,13 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from rproxy.http.headers import error_response, finish_response_head, request_head, response_fields, response_head
+from rproxy.http.headers import (
+    error_response,
+    finish_response_head,
+    request_head,
+    response_fields,
+    response_head,
+)
 from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader, Upgrade
 from rproxy.http.routes import RouteTable, Rule, direct_target
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
