@@ -538,6 +538,33 @@ class HTTPTests(HTTPHelpers, TestCase):
         self.assertTrue(response.startswith(b"HTTP/1.1 502 "), response[:60])
 
     @async_test
+    async def test_oversized_response_head_is_502(self) -> None:
+        """
+        A server's head is bounded like a client's: one that never ends
+        (bytes streamed without a blank line) or has too many fields gets
+        the client a 502, and the proxy stops reading that server.
+        """
+        class EndlessHead(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                # 1 MiB of fields and no blank line
+                self.transport.write(b"HTTP/1.1 200 OK\r\n" + (b"X-Filler: " + b"f" * 1000 + b"\r\n") * 1024)
+
+        class ManyFields(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.write(b"HTTP/1.1 200 OK\r\n" + b"X-F: 1\r\n" * 201 + b"Content-Length: 0\r\n\r\n")
+
+        for backend in (EndlessHead, ManyFields):
+            factory = protocol.Factory.forProtocol(backend)
+            factory.noisy = False
+            port = await listen(factory)
+            self.addCleanup(port.stopListening)
+            await self.proxy_to(port.getHost().port)
+            _, response = await self.request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(response.startswith(b"HTTP/1.1 502 "), (backend, response[:60]))
+            self.assertEqual(self.service.upstreams.idle_count(), 0)
+            await self.service.stopService()
+
+    @async_test
     async def test_malformed_table_reaches_no_backend(self) -> None:
         """
         Every request of the malformed table is answered 400 and closed,

@@ -57,6 +57,7 @@ from rproxy.transport import connect_tcp
 __all__ = ["HTTPFrontend", "HTTPConnection", "UpstreamPool"]
 
 QUEUE_LIMIT = 256 * 1024
+MAX_RESPONSE_FIELDS = 200
 # request duration histogram buckets (seconds); the last is +Inf
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     float("inf"))
@@ -100,9 +101,13 @@ class UpstreamConnection(Protocol):
 
     exchange: Exchange | None = None
     parser: Any = None
+    # the parser read its last response to the end and can read the next
+    # (not after a HEAD answer, whose body llhttp would wait for)
+    parser_clean = False
     reused = False
     lost = False
     idle_since = 0.0
+    head_bytes = 0  # bytes read of the current response head
 
     def __init__(self, upstreams: UpstreamPool, server: Server, pool: Pool) -> None:
         self.upstreams = upstreams
@@ -120,7 +125,10 @@ class UpstreamConnection(Protocol):
 
     def start(self, exchange: Exchange) -> None:
         self.exchange = exchange
-        self.parser = httptools.HttpResponseParser(self)
+        if not self.parser_clean:
+            self.parser = httptools.HttpResponseParser(self)
+        self.parser_clean = False
+        self.head_bytes = 0
         self.status = 0
         self.reason_phrase = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -130,11 +138,12 @@ class UpstreamConnection(Protocol):
         self.reason_phrase += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self.headers) >= 200:
-            raise ValueError("too many response headers")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if len(self.headers) > MAX_RESPONSE_FIELDS:
+            raise ValueError(f"more than {MAX_RESPONSE_FIELDS} header fields")
+        self.head_bytes = -1  # the head is complete
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # interim responses (103 Early Hints...) go on to HTTP/1.1
@@ -146,6 +155,7 @@ class UpstreamConnection(Protocol):
                                              framing="none"))
             self.headers = []
             self.reason_phrase = b""
+            self.head_bytes = 0
             return
         self.status = status
         if self.exchange is not None:
@@ -160,6 +170,7 @@ class UpstreamConnection(Protocol):
         if self.informational:
             self.informational = False
             return
+        self.parser_clean = True
         if self.exchange is not None:
             self.exchange.response_end()
 
@@ -175,6 +186,12 @@ class UpstreamConnection(Protocol):
         exchange.got_bytes = True
         exchange.batch = []
         try:
+            if self.head_bytes >= 0:
+                # llhttp sets no limit on a head: a server's is bounded
+                # like a client's (max_head)
+                self.head_bytes += len(data)
+                if self.head_bytes > exchange.frontend.config.http.max_head + len(data):
+                    raise ValueError("response head too large")
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0] if upgrade.args else len(data)
@@ -186,6 +203,12 @@ class UpstreamConnection(Protocol):
                 self.exchange.upstream_failed(f"invalid response: {e}", invalid=True)
         finally:
             exchange.flush()
+        if exchange.response_started and not (exchange.response_done or exchange.producing or exchange.finished):
+            # a body longer than this read: the client's transport pauses
+            # this one while it cannot keep up (a response read whole
+            # needs no producer)
+            exchange.producing = True
+            exchange.client.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
@@ -343,6 +366,7 @@ class Exchange:
     upgraded = False
     switching = False
     finished = False
+    producing = False  # the upstream transport is the client's producer
     # client writes made while one upstream read is parsed go out in one
     # send(); flushed at the end of that read and before the exchange ends
     batch: list[bytes] | None = None
@@ -657,7 +681,6 @@ class Exchange:
             extra += CORS_HEADERS
         self.write(finish_response_head(status, reason_phrase, lines, version=head.version, framing=framing,
                                         content_length=length, close=close, extra=extra))
-        client.transport.registerProducer(upstream.transport, True)  # type: ignore[union-attr]
         if no_body:
             # llhttp does not know this response has no body (HEAD): it is
             # complete now; any byte that follows is an error
@@ -677,7 +700,9 @@ class Exchange:
             return
         self.response_done = True
         self.cancel_timer()
-        self.client.transport.unregisterProducer()  # type: ignore[union-attr]
+        if self.producing:
+            self.producing = False
+            self.client.transport.unregisterProducer()  # type: ignore[union-attr]
         if self.framing == "chunked":
             self.write(_CHUNK_END)
         self.flush()
@@ -876,6 +901,7 @@ class HTTPConnection(Protocol):
     head_deadline: float | None = None
     quiet_ticks = 0
     last_total = -1
+    pumping = False
 
     def __init__(self, frontend: HTTPFrontend) -> None:
         self.frontend = frontend
@@ -936,8 +962,9 @@ class HTTPConnection(Protocol):
             return
         if self.closing:
             return
+        reader = self.reader
         try:
-            events = self.reader.feed(data)
+            events = reader.feed(data)
         except HTTPError as e:
             self.events.clear()
             if self.exchange is not None and self.exchange.response_started:
@@ -949,10 +976,9 @@ class HTTPConnection(Protocol):
                 self.frontend.count_status(e.status)
                 self.send_error(e.status, e.reason)
             return
-        for event in events:
-            if isinstance(event, Body):
-                self.queued += len(event.data)
-            self.events.append(event)
+        self.events.extend(events)
+        if reader.body_fed:
+            self.queued += reader.body_fed
         if self.queued > QUEUE_LIMIT and not self.paused:
             self.paused = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
@@ -963,31 +989,44 @@ class HTTPConnection(Protocol):
         Hand queued events to the current exchange, starting the next one
         when the previous has finished.
         """
-        if not self.counted or self.closing:
+        if not self.counted or self.closing or self.pumping:
+            # (a pump further up the stack looks at the queue again when
+            # the call that led here returns)
             return
+        self.pumping = True
+        try:
+            self._pump()
+        finally:
+            self.pumping = False
+        if self.paused and self.queued < QUEUE_LIMIT // 2:
+            self.paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _pump(self) -> None:
         events = self.events
-        while events:
+        while events and not self.closing:
             event = events[0]
             exchange = self.exchange
-            if isinstance(event, RequestHead):
+            kind = type(event)
+            if kind is RequestHead:
                 if exchange is not None or self.closing_after_response:
                     break
                 events.popleft()
                 self.head_deadline = None
-                self.exchange = Exchange(self, event)
+                self.exchange = exchange = Exchange(self, event)
                 self.frontend.active_requests += 1
-                self.exchange.begin()
+                exchange.begin()
             elif exchange is None:
                 events.popleft()  # the rest of a request already answered
-                if isinstance(event, Body):
+                if kind is Body:
                     self.queued -= len(event.data)
-            elif isinstance(event, Body):
+            elif kind is Body:
                 if not exchange.ready_for_body:
                     break
                 events.popleft()
                 self.queued -= len(event.data)
                 exchange.send_body(event.data)
-            elif isinstance(event, EndOfMessage):
+            elif kind is EndOfMessage:
                 if not exchange.ready_for_body and not exchange.finished:
                     if exchange.head.has_body:
                         break
@@ -1003,9 +1042,6 @@ class HTTPConnection(Protocol):
                     exchange.upstream.transport.write(event.rest)  # type: ignore[union-attr]
             else:
                 events.popleft()
-        if self.paused and self.queued < QUEUE_LIMIT // 2:
-            self.paused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def exchange_done(self, exchange: Exchange) -> None:
         if self.exchange is exchange:

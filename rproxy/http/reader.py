@@ -131,6 +131,8 @@ class RequestReader:
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[object] = []
         self._error: HTTPError | None = None
+        # body bytes in the events of the last feed()
+        self.body_fed = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -226,6 +228,7 @@ class RequestReader:
 
     def on_body(self, data: bytes) -> None:
         self._body_size += len(data)
+        self.body_fed += len(data)
         if self.max_body is not None and self._body_size > self.max_body:
             self._fail(413, "Content Too Large")
         self._events.append(Body(data))
@@ -243,6 +246,7 @@ class RequestReader:
         @raise HTTPError: the request must be refused.
         """
         continuing = self._in_head
+        self.body_fed = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
