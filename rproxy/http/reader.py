@@ -45,6 +45,8 @@ _ORDINARY = frozenset({
     b"authorization", b"content-type", b"referer", b"origin", b"cache-control", b"x-forwarded-for",
     b"if-none-match", b"if-modified-since", b"pragma",
 })
+# Host values already found valid (a few per site; cleared when large)
+_valid_hosts: set[bytes] = set()
 _HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{1,5})?$")
 
 
@@ -59,19 +61,44 @@ class HTTPError(Exception):
         self.reason = reason
 
 
-@attrs.define
 class RequestHead:
-    method: bytes
-    target: bytes
-    version: tuple[int, int]
-    headers: list[tuple[bytes, bytes]]
-    keep_alive: bool = True
-    chunked: bool = False
-    content_length: int | None = None
-    upgrade: bool = False
-    # a body on a method whose body some servers ignore (GET, HEAD): the
-    # proxy forwards it once and does not reuse that upstream connection
-    suspicious_body: bool = False
+    """
+    A request's head as the reader validated it.
+
+    @ivar suspicious_body: a body on a method whose body some servers
+        ignore (GET, HEAD): the proxy forwards it once and does not reuse
+        that upstream connection.
+    """
+
+    # a plain class: one is made per request, and a positional __init__
+    # over slots is the cheapest way to make one
+    __slots__ = ("method", "target", "version", "headers", "keep_alive", "chunked", "content_length", "upgrade",
+                 "suspicious_body")
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        version: tuple[int, int],
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool = True,
+        chunked: bool = False,
+        content_length: int | None = None,
+        upgrade: bool = False,
+        suspicious_body: bool = False,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.chunked = chunked
+        self.content_length = content_length
+        self.upgrade = upgrade
+        self.suspicious_body = suspicious_body
+
+    def __repr__(self) -> str:
+        return f"RequestHead({self.method!r}, {self.target!r}, {self.version!r}, {len(self.headers)} fields)"
 
     def header(self, name: bytes) -> bytes | None:
         """
@@ -87,9 +114,24 @@ class RequestHead:
         return self.chunked or bool(self.content_length)
 
 
-@attrs.frozen
 class Body:
-    data: bytes
+    """
+    Some bytes of a request body (one per llhttp callback).
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Body and other.data == self.data
+
+    def __hash__(self) -> int:
+        return hash(self.data)
+
+    def __repr__(self) -> str:
+        return f"Body({self.data!r})"
 
 
 @attrs.frozen
@@ -138,7 +180,7 @@ class RequestReader:
     def _reset(self) -> None:
         self._in_head = False
         self._head_fed = 0
-        self._target = bytearray()
+        self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
         self._body_size = 0
@@ -157,9 +199,9 @@ class RequestReader:
         self._in_head = True
 
     def on_url(self, url: bytes) -> None:
-        self._target += url
+        target = self._target = self._target + url if self._target else url
         self._head_size += len(url)
-        if len(self._target) > self.max_target:
+        if len(target) > self.max_target:
             self._fail(414, "URI Too Long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -174,53 +216,47 @@ class RequestReader:
         parser = self._parser
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
-            major, minor = (int(x) for x in parser.get_http_version().split("."))
-        else:
-            major, minor = version
+            self._fail(505, "HTTP Version Not Supported")
         headers = self._headers
         chunked = False
         content_length: int | None = None
-        hosts = []
+        host = None
+        hosts = 0
         for name, value in headers:
             lower = name.lower()
             if lower in _ORDINARY:
                 continue
-            if (
+            if lower == b"host":
+                host = value
+                hosts += 1
+            elif lower == b"transfer-encoding":
+                chunked = True
+            elif lower == b"content-length":
+                content_length = int(value)
+            elif (
                 lower[:1] in (b"t", b"c")
-                and lower not in _FRAMING
                 and lower.replace(b"_", b"").replace(b"-", b"") in (b"transferencoding", b"contentlength")
             ):
                 # Transfer_Encoding, Content__Length...: a server that folds
                 # "_" into "-" would frame the body differently
                 self._fail(400, f"suspicious header name {name[:40]!r}")
-            if lower == b"transfer-encoding":
-                chunked = True
-            elif lower == b"content-length":
-                content_length = int(value)
-            elif lower == b"host":
-                hosts.append(value)
-        if (major, minor) not in ((1, 0), (1, 1)):
-            self._fail(505, "HTTP Version Not Supported")
-        if chunked and (major, minor) < (1, 1):
+        if chunked and version == (1, 0):
             self._fail(400, "Transfer-Encoding on HTTP/1.0")
-        if (major, minor) >= (1, 1) and len(hosts) != 1 and (hosts or self.require_host):
+        if hosts != 1 and version == (1, 1) and (hosts or self.require_host):
             self._fail(400, "missing Host" if not hosts else "repeated Host")
-        if hosts and not _HOST.match(hosts[0]):
-            self._fail(400, "invalid Host")
-        if self.max_body is not None and content_length is not None and content_length > self.max_body:
+        if host is not None and host not in _valid_hosts:
+            if not _HOST.match(host):
+                self._fail(400, "invalid Host")
+            if len(_valid_hosts) >= 4096:
+                _valid_hosts.clear()
+            _valid_hosts.add(host)
+        if content_length is not None and self.max_body is not None and content_length > self.max_body:
             self._fail(413, "Content Too Large")
         method = parser.get_method()
         self._events.append(
             RequestHead(
-                method=method,
-                target=bytes(self._target),
-                version=(major, minor),
-                headers=headers,
-                keep_alive=parser.should_keep_alive(),
-                chunked=chunked,
-                content_length=content_length,
-                upgrade=bool(parser.should_upgrade()),
-                suspicious_body=(chunked or bool(content_length)) and method in (b"GET", b"HEAD"),
+                method, self._target, version, headers, parser.should_keep_alive(), chunked, content_length,
+                parser.should_upgrade(), (chunked or bool(content_length)) and method in (b"GET", b"HEAD"),
             )
         )
         self._in_head = False
