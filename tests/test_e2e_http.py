@@ -565,6 +565,35 @@ class HTTPTests(HTTPHelpers, TestCase):
             await self.service.stopService()
 
     @async_test
+    async def test_bytes_after_a_response_retire_the_connection(self) -> None:
+        """
+        A server that sends more than the response (a second response
+        nobody asked for, in the same packet or later) is not given
+        another request on that connection: the next request gets its own
+        answer from a new connection.
+        """
+        class Extra(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                self.factory.connections.add(self)
+                n = len(self.factory.connections)
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nc%d" % n
+                                     + b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+
+        factory = protocol.Factory.forProtocol(Extra)
+        factory.noisy = False
+        factory.connections = set()
+        port = await listen(factory)
+        self.addCleanup(port.stopListening)
+        await self.proxy_to(port.getHost().port)
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        for i in (1, 2):
+            client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, body = await self.response(client)
+            self.assertEqual((status, body), (200, b"c%d" % i))
+        self.assertEqual(self.service.upstreams.reused, 0)
+
+    @async_test
     async def test_malformed_table_reaches_no_backend(self) -> None:
         """
         Every request of the malformed table is answered 400 and closed,

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from rproxy.http.headers import error_response, request_head, response_fields, response_head
+from rproxy.http.headers import (
+    error_response,
+    fields_of,
+    finish_scanned_head,
+    request_head,
+    response_fields,
+    response_head,
+    scan_response_head,
+)
 
 
 def _lines(head: bytes) -> list[bytes]:
@@ -142,3 +150,67 @@ class ResponseHeadTests(SynchronousTestCase):
         self.assertIn(b"Retry-After: 1", head)
         self.assertIn(b"Content-Length: %d" % len(body), head)
         self.assertTrue(head.endswith(b"Connection: close"))
+
+
+class ScannedResponseHeadTests(SynchronousTestCase):
+    """
+    The response head as bytes: hop-by-hop fields cut out, the rest kept
+    as the server wrote it.
+    """
+
+    HEAD = (b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 10\r\nCONNECTION: keep-alive, X-Hop\r\n"
+            b"X-Hop: 1\r\nKeep-Alive: timeout=5\r\nKeep-Alive-Extra: kept\r\nSet-Cookie: a=1\r\n"
+            b"Set-Cookie: b=2\r\nTE: x\r\nTEs: kept")
+
+    def test_scan(self) -> None:
+        line, block, has_length, encoded = scan_response_head(self.HEAD)
+        self.assertEqual(line, b"HTTP/1.1 200 OK")
+        self.assertEqual(fields_of(block), [
+            (b"Server", b"x"), (b"Content-Length", b"10"), (b"Keep-Alive-Extra", b"kept"),
+            (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"), (b"TEs", b"kept")])
+        self.assertEqual((has_length, encoded), (True, False))
+
+    def test_agrees_with_field_list(self) -> None:
+        """
+        The byte scan keeps what the field-list rewrite keeps, Content-Length
+        aside (which the scan leaves in place).
+        """
+        line, block, _, _ = scan_response_head(self.HEAD)
+        fields = [(n, v.strip()) for n, _, v in (f.partition(b":") for f in self.HEAD.split(b"\r\n")[1:])]
+        kept, _, _ = response_fields(fields)
+        self.assertEqual([b"%s: %s" % pair for pair in fields_of(block) if pair[0] != b"Content-Length"], kept)
+
+    def test_framing_fields(self) -> None:
+        _, block, has_length, encoded = scan_response_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked")
+        self.assertEqual((block, has_length, encoded), (b"", False, True))
+        # Connection cannot take Content-Length away from the framing
+        _, block, has_length, _ = scan_response_head(
+            b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 3")
+        self.assertEqual((block, has_length), (b"\r\nContent-Length: 3", True))
+
+    def test_upgrade(self) -> None:
+        line, block, _, _ = scan_response_head(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: a", upgrade=True)
+        self.assertEqual(_lines(finish_scanned_head(101, line, block, version=(1, 1), framing="none",
+                                                    upgrade=True)),
+                         [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", b"Sec-WebSocket-Accept: a",
+                          b"Via: 1.1 rproxy", b"Connection: upgrade"])
+
+    def test_status_line(self) -> None:
+        """
+        The server's status line goes on when both speak HTTP/1.1; else
+        it is rewritten for the client's version, keeping the phrase.
+        """
+        self.assertEqual(_lines(finish_scanned_head(200, b"HTTP/1.1 200 Fine", b"", version=(1, 1),
+                                                    framing="length")),
+                         [b"HTTP/1.1 200 Fine", b"Via: 1.1 rproxy"])
+        self.assertEqual(_lines(finish_scanned_head(200, b"HTTP/1.0 200 Fine", b"", version=(1, 1),
+                                                    framing="chunked")),
+                         [b"HTTP/1.1 200 Fine", b"Via: 1.1 rproxy", b"Transfer-Encoding: chunked"])
+        self.assertEqual(_lines(finish_scanned_head(404, b"HTTP/1.1 404", b"", version=(1, 0), framing="close",
+                                                    close=True, extra=[(b"X-A", b"b")])),
+                         [b"HTTP/1.0 404 Not Found", b"Via: 1.1 rproxy", b"X-A: b", b"Connection: close"])
+        self.assertEqual(_lines(finish_scanned_head(204, b"HTTP/1.1 204 No Content", b"", version=(1, 0),
+                                                    framing="none")),
+                         [b"HTTP/1.0 204 No Content", b"Via: 1.1 rproxy", b"Connection: keep-alive"])

@@ -41,10 +41,10 @@ from twisted.python.failure import Failure
 
 from rproxy.http.headers import (
     error_response,
-    finish_response_head,
+    finish_scanned_head,
     request_head,
-    response_fields,
     response_head,
+    scan_response_head,
 )
 from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader, Upgrade
 from rproxy.http.routes import RouteTable, Rule, direct_target
@@ -107,7 +107,8 @@ class UpstreamConnection(Protocol):
     reused = False
     lost = False
     idle_since = 0.0
-    head_bytes = 0  # bytes read of the current response head
+    raw = b""  # the bytes of the current response since its head began
+    head_start = -1  # where the head being read begins in raw; -1: not reading one
 
     def __init__(self, upstreams: UpstreamPool, server: Server, pool: Pool) -> None:
         self.upstreams = upstreams
@@ -128,39 +129,45 @@ class UpstreamConnection(Protocol):
         if not self.parser_clean:
             self.parser = httptools.HttpResponseParser(self)
         self.parser_clean = False
-        self.head_bytes = 0
+        self.raw = b""
+        self.head_start = 0
         self.status = 0
-        self.reason_phrase = b""
-        self.headers: list[tuple[bytes, bytes]] = []
         self.informational = False
 
-    def on_status(self, status: bytes) -> None:
-        self.reason_phrase += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+    def on_message_begin(self) -> None:
+        exchange = self.exchange
+        if exchange is None or exchange.response_done:
+            # more after the response: this server cannot be trusted with
+            # another request
+            raise ValueError("data after the response")
 
     def on_headers_complete(self) -> None:
-        if len(self.headers) > MAX_RESPONSE_FIELDS:
+        # the head is in self.raw (llhttp has just read all of it, strict
+        # about CRLF): cut it out at its blank line
+        raw, start = self.raw, self.head_start
+        while raw[start:start + 1] in (b"\r", b"\n"):
+            start += 1  # the empty lines llhttp skips before a message
+        end = raw.find(b"\r\n\r\n", start)
+        head = raw[start:end]
+        self.head_start = end + 4
+        if head.count(b"\r\n") > MAX_RESPONSE_FIELDS:
             raise ValueError(f"more than {MAX_RESPONSE_FIELDS} header fields")
-        self.head_bytes = -1  # the head is complete
         status = self.parser.get_status_code()
+        exchange = self.exchange
         if 100 <= status < 200 and status != 101:
             # interim responses (103 Early Hints...) go on to HTTP/1.1
             # clients; 100 Continue does not: rproxy answers Expect itself
             self.informational = True
-            exchange = self.exchange
             if status != 100 and exchange is not None and exchange.head.version >= (1, 1):
-                exchange.write(response_head(status, self.reason_phrase, self.headers, version=(1, 1),
-                                             framing="none"))
-            self.headers = []
-            self.reason_phrase = b""
-            self.head_bytes = 0
+                line, block, _, _ = scan_response_head(head)
+                exchange.write(finish_scanned_head(status, line, block, version=(1, 1), framing="none"))
             return
+        self.raw = b""
+        self.head_start = -1  # the head is complete
         self.status = status
-        if self.exchange is not None:
-            self.exchange.response_head(self, status, self.reason_phrase, self.headers,
-                                        self.parser.should_keep_alive())
+        self.head = head
+        if exchange is not None:
+            exchange.response_head(self, status, head, self.parser.should_keep_alive())
 
     def on_body(self, data: bytes) -> None:
         if self.exchange is not None:
@@ -186,11 +193,11 @@ class UpstreamConnection(Protocol):
         exchange.got_bytes = True
         exchange.batch = []
         try:
-            if self.head_bytes >= 0:
-                # llhttp sets no limit on a head: a server's is bounded
-                # like a client's (max_head)
-                self.head_bytes += len(data)
-                if self.head_bytes > exchange.frontend.config.http.max_head + len(data):
+            if self.head_start >= 0:
+                # keep the head's bytes; llhttp sets no limit on a head: a
+                # server's is bounded like a client's (max_head)
+                raw = self.raw = self.raw + data if self.raw else data
+                if len(raw) - self.head_start > exchange.frontend.config.http.max_head + len(data):
                     raise ValueError("response head too large")
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -201,6 +208,12 @@ class UpstreamConnection(Protocol):
             exchange.flush()
             if self.exchange is not None:
                 self.exchange.upstream_failed(f"invalid response: {e}", invalid=True)
+            elif not self.lost:
+                # the exchange had ended (the connection may be idle in
+                # the pool already): what followed it was not a response
+                self.lost = True
+                self.upstreams.discard(self)
+                self.transport.abortConnection()  # type: ignore[union-attr]
         finally:
             exchange.flush()
         if exchange.response_started and not (exchange.response_done or exchange.producing or exchange.finished):
@@ -634,8 +647,7 @@ class Exchange:
         if batch:
             self.client.transport.write(b"".join(batch))  # type: ignore[union-attr]
 
-    def response_head(self, upstream: UpstreamConnection, status: int, reason_phrase: bytes,
-                      headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+    def response_head(self, upstream: UpstreamConnection, status: int, raw_head: bytes, keep_alive: bool) -> None:
         if status == 101 and not self.head.upgrade:
             self.upstream_failed("101 Switching Protocols to a request that did not ask", invalid=True)
             return
@@ -648,13 +660,13 @@ class Exchange:
             self.switching = True  # the head goes out in switch_protocols
             return
         head = self.head
-        lines, length_field, encoded = response_fields(headers)
+        line, block, has_length, encoded = scan_response_head(raw_head)
         no_body = status in (204, 304) or head.method == b"HEAD" or status < 200
         if no_body:
             framing = "none"
         elif encoded:
             framing = "chunked" if head.version >= (1, 1) else "close"
-        elif length_field is not None:
+        elif has_length:
             framing = "length"
         else:
             self.close_delimited = True
@@ -664,12 +676,6 @@ class Exchange:
         client = self.client
         close = not head.keep_alive or framing == "close" or client.closing_after_response
         client.closing_after_response = close
-        length = None
-        if length_field is not None and (framing == "length" or framing == "none"):
-            try:
-                length = int(length_field)
-            except ValueError:
-                length = None
         http = self.frontend.config.http
         extra: list[tuple[bytes, bytes]] = []
         sticky = http.sticky_cookie
@@ -679,8 +685,8 @@ class Exchange:
                 extra.append((b"Set-Cookie", sticky.encode() + b"=" + name + b"; Path=/; HttpOnly"))
         if http.cors:
             extra += CORS_HEADERS
-        self.write(finish_response_head(status, reason_phrase, lines, version=head.version, framing=framing,
-                                        content_length=length, close=close, extra=extra))
+        self.write(finish_scanned_head(status, line, block, version=head.version, framing=framing, close=close,
+                                       extra=extra))
         if no_body:
             # llhttp does not know this response has no body (HEAD): it is
             # complete now; any byte that follows is an error
@@ -729,8 +735,8 @@ class Exchange:
         self.switching = False
         self.upgraded = True
         self.response_started = self.response_done = True
-        head = response_head(101, upstream.reason_phrase, upstream.headers, version=(1, 1), framing="none",
-                             upgrade=True)
+        line, block, _, _ = scan_response_head(upstream.head, upgrade=True)
+        head = finish_scanned_head(101, line, block, version=(1, 1), framing="none", upgrade=True)
         client.transport.write(head)  # type: ignore[union-attr]
         if rest:
             client.transport.write(rest)  # type: ignore[union-attr]

@@ -14,10 +14,11 @@ field, and Via.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 __all__ = ["HOP_BY_HOP", "request_head", "response_head", "response_fields", "finish_response_head",
-           "connection_tokens"]
+           "scan_response_head", "finish_scanned_head", "fields_of", "connection_tokens"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -245,6 +246,128 @@ def finish_response_head(
 
 
 _STATUS_LINES = {status: b"HTTP/1.1 %d %s" % (status, phrase) for status, phrase in _REASONS.items()}
+
+
+# The fields of a response head that rproxy acts on: the hop-by-hop ones
+# are dropped; Content-Length stays (llhttp refuses it beside
+# Transfer-Encoding, and no rewrite changes a body's length);
+# Transfer-Encoding goes (rproxy re-chunks the body).
+_ACTED_ON = re.compile(b"\r\n(" + b"|".join(sorted(HOP_BY_HOP)) + b"):")
+
+
+def _line_end(block: bytes, pos: int) -> int:
+    end = block.find(b"\r\n", pos + 2)
+    return len(block) if end == -1 else end
+
+
+def scan_response_head(head: bytes, upgrade: bool = False) -> tuple[bytes, bytes, bool, bool]:
+    """
+    Split a response head (as llhttp accepted it: CRLF line ends, no
+    obs-fold, no space before a colon; without its final blank line) into
+    its status line and the fields to pass on, each preceded by CRLF:
+    hop-by-hop fields (and those a Connection field names) removed,
+    Upgrade kept when upgrading.  Also tells whether Content-Length and
+    Transfer-Encoding were present.
+
+    One regular-expression pass over the lower-cased bytes finds the few
+    fields to act on; the others are kept as the server wrote them.
+    """
+    cut = head.find(b"\r\n")
+    if cut == -1:
+        return head, b"", False, False
+    line, block = head[:cut], head[cut:]
+    low = block.lower()
+    has_length = encoded = False
+    spans: list[tuple[int, int]] = []
+    named: set[bytes] | None = None
+    for match in _ACTED_ON.finditer(low):
+        name = match.group(1)
+        if name == b"content-length":
+            has_length = True
+            continue
+        start = match.start()
+        end = _line_end(block, start)
+        if name == b"connection":
+            value = low[match.end():end].strip()
+            if value != b"keep-alive" and value != b"close":
+                named = _named(value, named)
+        elif name == b"transfer-encoding":
+            encoded = True
+        elif name == b"upgrade" and upgrade:
+            continue
+        spans.append((start, end))
+    if named:
+        # the framing is not for Connection to remove
+        named -= {b"content-length", b"upgrade"} if upgrade else {b"content-length"}
+        for name in named:
+            marker = b"\r\n" + name + b":"
+            pos = low.find(marker)
+            while pos != -1:
+                end = _line_end(block, pos)
+                spans.append((pos, end))
+                pos = low.find(marker, end)
+    if len(spans) == 1:
+        start, end = spans[0]
+        block = block[:start] + block[end:]
+    elif spans:
+        spans.sort()
+        kept = []
+        last = 0
+        for start, end in spans:
+            if start >= last:
+                kept.append(block[last:start])
+                last = end
+        kept.append(block[last:])
+        block = b"".join(kept)
+    return line, block, has_length, encoded
+
+
+def fields_of(block: bytes) -> list[tuple[bytes, bytes]]:
+    """
+    The (name, value) pairs of a CRLF-prefixed field block.
+    """
+    pairs = []
+    for line in block.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            pairs.append((name, value.strip(b" \t")))
+    return pairs
+
+
+def finish_scanned_head(
+    status: int,
+    line: bytes,
+    block: bytes,
+    *,
+    version: tuple[int, int],
+    framing: str,
+    close: bool = False,
+    upgrade: bool = False,
+    extra: Iterable[tuple[bytes, bytes]] = (),
+) -> bytes:
+    """
+    The response head for the client from L{scan_response_head}'s parts:
+    the server's status line when it speaks the client's version, Via,
+    C{extra} fields, rproxy's framing and Connection field.
+    """
+    if version == (1, 1) and line.startswith(b"HTTP/1.1 "):
+        out = [line, block]
+    else:
+        phrase = line.split(b" ", 2)[2] if line.count(b" ") >= 2 else b""
+        out = [b"HTTP/%d.%d %d %s" % (version[0], version[1], status, phrase or reason(status)), block]
+    out.append(b"\r\nVia: 1.1 rproxy")
+    for name, value in extra:
+        out.append(b"\r\n" + name + b": " + value)
+    if framing == "chunked":
+        out.append(b"\r\nTransfer-Encoding: chunked")
+    if upgrade:
+        out.append(b"\r\nConnection: upgrade")
+    elif close:
+        out.append(b"\r\nConnection: close")
+    elif version == (1, 0):
+        out.append(b"\r\nConnection: keep-alive")
+    out.append(b"\r\n\r\n")
+    return b"".join(out)
 
 
 def error_response(status: int, message: str, version: tuple[int, int] = (1, 1),
