@@ -73,21 +73,27 @@ class RoundRobin:
 
     def __init__(self) -> None:
         self._turn = 0
+        self._input: Sequence[Candidate] | None = None
         self._for: list[Candidate] = []
         self._weights: list[int] = []
         self._sequence: list[int] = []
 
     def pick(self, candidates: Sequence[Candidate], key: bytes | None = None) -> Candidate | None:
-        candidates = _weighted(candidates)
-        if not candidates:
+        if candidates is not self._input:
+            # a pool hands out the same list while its candidates do not
+            # change: the rotation is rebuilt only when they do
+            self._input = candidates
+            chosen = _weighted(candidates)
+            weights = [c.weight for c in chosen]
+            if chosen != self._for or weights != self._weights:
+                self._for, self._weights = chosen, weights
+                self._sequence = [i for i, w in enumerate(weights) for _ in range(max(w, 1))]
+        if not self._sequence:
             return None
-        weights = [c.weight for c in candidates]
-        if candidates != self._for or weights != self._weights:
-            self._for, self._weights = list(candidates), weights
-            self._sequence = [i for i, w in enumerate(weights) for _ in range(max(w, 1))]
         turn = self._turn
         self._turn = turn + 1
-        return candidates[self._sequence[turn % len(self._sequence)]]
+        sequence = self._sequence
+        return self._for[sequence[turn % len(sequence)]]
 
 
 class SmoothWeighted:

@@ -205,9 +205,10 @@ class Pool:
         """
         if self._waiters:
             return None  # first come, first served
-        server = self.pick(key, exclude)
+        server: Server | None = self.balancer.pick(self.candidates(exclude), key)  # type: ignore[assignment]
         if server is not None:
-            self._take(server)
+            server.active += 1
+            server.total += 1
         return server
 
     def try_acquire_named(self, name: str) -> Server | None:
@@ -285,7 +286,8 @@ class Pool:
         Give back the slot taken by L{acquire}.
         """
         server.active -= 1
-        self._serve_waiters()
+        if self._waiters:
+            self._serve_waiters()
 
     def _serve_waiters(self) -> None:
         while self._waiters:

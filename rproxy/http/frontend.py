@@ -397,7 +397,6 @@ class Exchange:
         self.attempts = 0
         self.started = self.frontend.clock.seconds()
         self.pinned: str | None = None
-        self.body_buffer: list[bytes] = []
         self.framing = "none"
         self.keep_upstream = False
         self.upgrade_rest = b""
@@ -591,7 +590,7 @@ class Exchange:
         upstream.start(self)
         head = self.head
         client = self.client
-        http = self.frontend.config.http
+        frontend = self.frontend
         route = self.route
         set_headers, remove = (route.set_headers, route.remove) if route is not None else ((), frozenset())
         if self.token is not None:
@@ -600,14 +599,17 @@ class Exchange:
             remove = remove | _AUTHORIZATION
         data = request_head(
             head.method, self.target, head.headers,
-            client_ip=client.peer_ip, proto=self.frontend.scheme,
+            client_ip=client.peer_ip, proto=frontend.scheme,
             chunked=head.chunked, content_length=head.content_length,
             upgrade=head.upgrade,
-            host=self.server.host.encode() if http.host_header == "server" else None,
+            host=self.server.host.encode() if frontend.host_is_server else None,
             set_headers=set_headers, remove=remove,
         )
         upstream.transport.write(data)  # type: ignore[union-attr]
-        self.arm_timer(self.frontend.config.http.response_timeout)
+        if frontend.response_timeout > 0:
+            self.deadline = frontend.clock.seconds() + frontend.response_timeout
+            if frontend._deadlines is None:
+                frontend.watch_deadlines()
         self.ready_for_body = True
         if head.has_body and (head.header(b"expect") or b"").lower() == b"100-continue":
             client.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
@@ -705,7 +707,7 @@ class Exchange:
         if self.response_done or self.switching:
             return
         self.response_done = True
-        self.cancel_timer()
+        self.deadline = None
         if self.producing:
             self.producing = False
             self.client.transport.unregisterProducer()  # type: ignore[union-attr]
@@ -761,7 +763,18 @@ class Exchange:
             else:
                 upstream.exchange = None
                 upstream.transport.loseConnection()  # type: ignore[union-attr]
-        self.release_server(ok=self.status < 500)
+        server = self.server
+        if server is not None and self.status < 500 and self.pinned is None:
+            # (release_server's common case)
+            self.server = None
+            pool = self.pool
+            assert pool is not None
+            server.consecutive_failures = 0
+            if server.ejections:
+                pool.record_success(server)
+            pool.release(server)
+        else:
+            self.release_server(ok=self.status < 500)
         self.frontend.count(self)
         self.client.exchange_done(self)
 
@@ -816,11 +829,6 @@ class Exchange:
             self.acquire()
             return
         self.fail(502, f"upstream: {why}")
-
-    def arm_timer(self, timeout: float) -> None:
-        if timeout > 0:
-            self.deadline = self.frontend.clock.seconds() + timeout
-            self.frontend.watch_deadlines()
 
     def cancel_timer(self) -> None:
         self.deadline = None
@@ -932,7 +940,7 @@ class HTTPConnection(Protocol):
         self.pump()
 
     def _arm_head_timer(self) -> None:
-        timeout = self.frontend.config.http.header_timeout
+        timeout = self.frontend.header_timeout
         if timeout > 0 and self.head_deadline is None:
             self.head_deadline = self.frontend.clock.seconds() + timeout
             self.frontend.watch_deadlines()
@@ -1057,8 +1065,14 @@ class HTTPConnection(Protocol):
             self.closing = True
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
-        self._arm_head_timer()
-        self.pump()
+        frontend = self.frontend
+        if frontend.header_timeout > 0 and self.head_deadline is None:
+            # (_arm_head_timer, inline)
+            self.head_deadline = frontend.clock.seconds() + frontend.header_timeout
+            if frontend._deadlines is None:
+                frontend.watch_deadlines()
+        if self.events:
+            self.pump()
 
     def upgraded(self, exchange: Exchange) -> None:
         self.upgraded_exchange = exchange
@@ -1141,7 +1155,13 @@ class HTTPFrontend(TCPFrontend):
     def configure(self, config: Any) -> None:
         self.config = config
         self.routes = RouteTable(config.routes, config.backend)
-        self.direct_routes = config.http.direct_routes
+        http = config.http
+        self.direct_routes = http.direct_routes
+        # read once per request: kept as attributes
+        self.header_timeout = http.header_timeout
+        self.response_timeout = http.response_timeout
+        self.access_log = http.access_log != "off"
+        self.host_is_server = http.host_header == "server"
         self.scheme = b"https" if config.listen.startswith("ssl:") or config.tls else b"http"
 
     def buildProtocol(self, addr: object) -> HTTPConnection:  # type: ignore[override]
@@ -1197,10 +1217,13 @@ class HTTPFrontend(TCPFrontend):
         return True
 
     def count(self, exchange: Exchange) -> None:
-        backend = exchange.pool.name if exchange.pool is not None else "-"
-        if self.config.http.access_log != "off":
+        pool = exchange.pool
+        backend = pool.config.name if pool is not None else "-"
+        if self.access_log:
             self.log_access(exchange, backend)
-        self.requests[(backend, exchange.status)] += 1
+        key = (backend, exchange.status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
         self._window_requests += 1
         seconds = self.clock.seconds() - exchange.started
         self.duration_sum += seconds
