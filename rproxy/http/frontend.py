@@ -64,6 +64,7 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _CHUNK_END = b"0\r\n\r\n"
 _AUTHORIZATION = frozenset({b"authorization"})
+_HASHING = frozenset({"ip-hash", "hash"})
 
 
 # The access log has a namespace of its own, so that it can be routed apart.
@@ -472,7 +473,7 @@ class Exchange:
                 return
             self.pool = pool
         else:
-            route = frontend.routes.match(head.header(b"host"), head.target)
+            route = frontend.routes.match(head.host, head.target)
             if route is None:
                 self.fail(404, "no route")
                 return
@@ -500,7 +501,7 @@ class Exchange:
                 if server is not None:
                     self.got_server(server)
                     return
-        key = self.hash_key(pool)
+        key = self.hash_key(pool) if pool.config.algorithm in _HASHING else None
         server = pool.try_acquire(key, self.tried)
         if server is not None:
             self.got_server(server)
@@ -514,7 +515,7 @@ class Exchange:
         The consistent-hash key of this request for C{pool} (source_ip,
         header:NAME or cookie:NAME); None for other algorithms.
         """
-        if pool.config.algorithm not in ("ip-hash", "hash"):
+        if pool.config.algorithm not in _HASHING:
             return None
         kind, _, name = pool.config.hash_key.partition(":")
         if kind == "header":
@@ -653,7 +654,7 @@ class Exchange:
         if status == 101 and not self.head.upgrade:
             self.upstream_failed("101 Switching Protocols to a request that did not ask", invalid=True)
             return
-        self.cancel_timer()
+        self.deadline = None
         self.response_started = True
         self.status = status
         if status == 401 and self.token is not None and self.client.lease is not None:

@@ -73,7 +73,7 @@ class RequestHead:
     # a plain class: one is made per request, and a positional __init__
     # over slots is the cheapest way to make one
     __slots__ = ("method", "target", "version", "headers", "keep_alive", "chunked", "content_length", "upgrade",
-                 "suspicious_body")
+                 "suspicious_body", "has_body", "host")
 
     def __init__(
         self,
@@ -86,6 +86,7 @@ class RequestHead:
         content_length: int | None = None,
         upgrade: bool = False,
         suspicious_body: bool = False,
+        host: bytes | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -96,6 +97,9 @@ class RequestHead:
         self.content_length = content_length
         self.upgrade = upgrade
         self.suspicious_body = suspicious_body
+        self.has_body = chunked or bool(content_length)
+        # the Host field's value (None without one)
+        self.host = host if host is not None else self.header(b"host")
 
     def __repr__(self) -> str:
         return f"RequestHead({self.method!r}, {self.target!r}, {self.version!r}, {len(self.headers)} fields)"
@@ -108,10 +112,6 @@ class RequestHead:
             if key.lower() == name:
                 return value
         return None
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
 
 
 class Body:
@@ -256,7 +256,7 @@ class RequestReader:
         self._events.append(
             RequestHead(
                 method, self._target, version, headers, parser.should_keep_alive(), chunked, content_length,
-                parser.should_upgrade(), (chunked or bool(content_length)) and method in (b"GET", b"HEAD"),
+                parser.should_upgrade(), (chunked or bool(content_length)) and method in (b"GET", b"HEAD"), host,
             )
         )
         self._in_head = False
