@@ -134,6 +134,26 @@ class ReaderTests(SynchronousTestCase):
             ("RequestHead", b"/c"), ("EndOfMessage", None),
         ])
 
+    def test_no_end_for_bodiless(self) -> None:
+        """
+        With bodiless_end false, a request without a body is its head
+        alone; one with a body (even an empty chunked one, even fed a byte
+        at a time) still ends with EndOfMessage.
+        """
+        raw = (b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+               b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+               b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz"
+               b"GET /d HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        expected = [("RequestHead", b"/a"), ("RequestHead", b"/b"), ("EndOfMessage", None),
+                    ("RequestHead", b"/c"), ("Body", b"z"), ("EndOfMessage", None), ("RequestHead", b"/d")]
+        for step in (len(raw), 1):
+            reader = RequestReader(bodiless_end=False)
+            events = []
+            for i in range(0, len(raw), step):
+                events += reader.feed(raw[i:i + step])
+            kinds = [(type(e).__name__, getattr(e, "target", getattr(e, "data", None))) for e in events]
+            self.assertEqual(kinds, expected, step)
+
     def test_byte_at_a_time(self) -> None:
         """A request fed one byte at a time gives the same events."""
         raw = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"

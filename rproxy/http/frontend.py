@@ -921,7 +921,10 @@ class HTTPConnection(Protocol):
     def __init__(self, frontend: HTTPFrontend) -> None:
         self.frontend = frontend
         http = frontend.config.http
-        self.reader = RequestReader(http.max_target, http.max_head, http.max_headers, http.max_body)
+        # without an EndOfMessage after a bodiless request's head: the head
+        # is the whole request
+        self.reader = RequestReader(http.max_target, http.max_head, http.max_headers, http.max_body,
+                                    bodiless_end=False)
         self.events: collections.deque[Any] = collections.deque()
         self.queued = 0
         self.paused = False
@@ -1030,6 +1033,8 @@ class HTTPConnection(Protocol):
                 self.head_deadline = None
                 self.exchange = exchange = Exchange(self, event)
                 self.frontend.active_requests += 1
+                if not event.has_body:
+                    exchange.request_done = True  # (no EndOfMessage follows)
                 exchange.begin()
             elif exchange is None:
                 events.popleft()  # the rest of a request already answered

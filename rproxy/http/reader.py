@@ -164,8 +164,15 @@ class RequestReader:
         max_headers: int = 100,
         max_body: int | None = None,
         require_host: bool = True,
+        bodiless_end: bool = True,
     ) -> None:
+        """
+        @param bodiless_end: whether a request without a body gets an
+            L{EndOfMessage} after its L{RequestHead}; without one, a head
+            whose C{has_body} is false is the whole request.
+        """
         self.require_host = require_host
+        self.bodiless_end = bodiless_end
         self.max_target = max_target
         self.max_head = max_head
         self.max_headers = max_headers
@@ -271,7 +278,9 @@ class RequestReader:
 
     def on_message_complete(self) -> None:
         self._in_body = False
-        self._events.append(_END)
+        events = self._events
+        if self.bodiless_end or not events or events[-1].__class__ is not RequestHead or events[-1].has_body:
+            events.append(_END)
 
     # -- the interface ----------------------------------------------------
 
