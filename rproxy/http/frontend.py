@@ -65,6 +65,7 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 _CHUNK_END = b"0\r\n\r\n"
 _AUTHORIZATION = frozenset({b"authorization"})
 _HASHING = frozenset({"ip-hash", "hash"})
+_EMPTY_LINE = (b"\r", b"\n")
 
 
 # The access log has a namespace of its own, so that it can be routed apart.
@@ -146,12 +147,13 @@ class UpstreamConnection(Protocol):
         # the head is in self.raw (llhttp has just read all of it, strict
         # about CRLF): cut it out at its blank line
         raw, start = self.raw, self.head_start
-        while raw[start:start + 1] in (b"\r", b"\n"):
+        while raw.startswith(_EMPTY_LINE, start):
             start += 1  # the empty lines llhttp skips before a message
         end = raw.find(b"\r\n\r\n", start)
         head = raw[start:end]
         self.head_start = end + 4
-        if head.count(b"\r\n") > MAX_RESPONSE_FIELDS:
+        # (a field takes at least 4 bytes: only a long head can have too many)
+        if len(head) > 4 * MAX_RESPONSE_FIELDS and head.count(b"\r\n") > MAX_RESPONSE_FIELDS:
             raise ValueError(f"more than {MAX_RESPONSE_FIELDS} header fields")
         status = self.parser.get_status_code()
         exchange = self.exchange
@@ -198,7 +200,7 @@ class UpstreamConnection(Protocol):
                 # keep the head's bytes; llhttp sets no limit on a head: a
                 # server's is bounded like a client's (max_head)
                 raw = self.raw = self.raw + data if self.raw else data
-                if len(raw) - self.head_start > exchange.frontend.config.http.max_head + len(data):
+                if len(raw) - self.head_start > exchange.frontend.max_head + len(data):
                     raise ValueError("response head too large")
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -411,7 +413,7 @@ class Exchange:
             self.fail(405, "CONNECT is not supported")
             return
         if (
-            frontend.config.http.cors
+            frontend.cors
             and head.method == b"OPTIONS"
             and head.header(b"origin") is not None
             and head.header(b"access-control-request-method") is not None
@@ -493,9 +495,9 @@ class Exchange:
             server.total += 1
             self.got_server(server)
             return
-        sticky = self.frontend.config.http.sticky_cookie
+        sticky = self.frontend.sticky
         if sticky is not None and not self.tried:
-            wanted = _cookie(self.head, sticky.encode())
+            wanted = _cookie(self.head, sticky)
             if wanted:
                 server = pool.try_acquire_named(wanted.decode("ascii", "replace"))
                 if server is not None:
@@ -541,12 +543,17 @@ class Exchange:
             self.pool.release(server)
             return
         self.server = server
-        self.tried.append(server.name)
+        self.tried.append(server.config.name)
         self.attempts += 1
-        idle = self.frontend.upstreams.take_idle(server)
-        if idle is not None:
-            self.connected(idle)
-            return
+        idle = self.frontend.upstreams.idle.get(server)
+        while idle:
+            # (UpstreamPool.take_idle, inline)
+            conn = idle.pop()
+            if not conn.lost:
+                conn.reused = True
+                self.frontend.upstreams.reused += 1
+                self.connected(conn)
+                return
         d = self.frontend.upstreams.get(server, self.pool, self.frontend.config.connect_timeout)  # type: ignore[arg-type]
         self._pending = d
         d.addCallbacks(self.connected, self.connect_failed)
@@ -580,9 +587,10 @@ class Exchange:
 
     def connected(self, upstream: UpstreamConnection) -> None:
         self._pending = None
-        assert self.server is not None and self.pool is not None
+        server = self.server
+        assert server is not None and self.pool is not None
         if not upstream.reused:
-            self.pool.record_success(self.server)
+            self.pool.record_success(server)
         if self.finished:
             upstream.transport.loseConnection()  # type: ignore[union-attr]
             self.release_server()
@@ -590,35 +598,35 @@ class Exchange:
         self.upstream = upstream
         upstream.start(self)
         head = self.head
-        client = self.client
         frontend = self.frontend
         route = self.route
-        set_headers, remove = (route.set_headers, route.remove) if route is not None else ((), frozenset())
+        if route is not None:
+            set_headers, remove = route.set_headers, route.remove
+        else:
+            set_headers, remove = (), frozenset()
         if self.token is not None:
             # replaces whatever Authorization the client sent
             set_headers = (*set_headers, (b"Authorization", b"Bearer " + self.token.encode("ascii")))
             remove = remove | _AUTHORIZATION
-        data = request_head(
-            head.method, self.target, head.headers,
-            client_ip=client.peer_ip, proto=frontend.scheme,
-            chunked=head.chunked, content_length=head.content_length,
-            upgrade=head.upgrade,
-            host=self.server.host.encode() if frontend.host_is_server else None,
-            set_headers=set_headers, remove=remove,
-        )
-        upstream.transport.write(data)  # type: ignore[union-attr]
+        transport = upstream.transport
+        transport.write(request_head(  # type: ignore[union-attr]
+            head.method, self.target, head.headers, self.client.peer_ip, frontend.scheme, head.chunked,
+            head.content_length, head.upgrade, server.host.encode() if frontend.host_is_server else None,
+            set_headers, remove,
+        ))
         if frontend.response_timeout > 0:
             self.deadline = frontend.clock.seconds() + frontend.response_timeout
             if frontend._deadlines is None:
                 frontend.watch_deadlines()
         self.ready_for_body = True
-        if head.has_body and (head.header(b"expect") or b"").lower() == b"100-continue":
-            client.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
         if head.has_body:
-            upstream.transport.registerProducer(client.transport, True)  # type: ignore[union-attr]
+            client = self.client
+            if (head.header(b"expect") or b"").lower() == b"100-continue":
+                client.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+            transport.registerProducer(client.transport, True)  # type: ignore[union-attr]
         if self.upgrade_rest:
-            upstream.transport.write(self.upgrade_rest)  # type: ignore[union-attr]
-        client.pump()
+            transport.write(self.upgrade_rest)  # type: ignore[union-attr]
+        self.client.pump()
 
     def send_body(self, data: bytes) -> None:
         assert self.upstream is not None
@@ -664,32 +672,31 @@ class Exchange:
             return
         head = self.head
         line, block, has_length, encoded = scan_response_head(raw_head)
-        no_body = status in (204, 304) or head.method == b"HEAD" or status < 200
+        no_body = status < 200 or status == 204 or status == 304 or head.method == b"HEAD"
         if no_body:
             framing = "none"
-        elif encoded:
-            framing = "chunked" if head.version >= (1, 1) else "close"
         elif has_length:
             framing = "length"
+        elif encoded:
+            framing = "chunked" if head.version != (1, 0) else "close"
         else:
             self.close_delimited = True
-            framing = "chunked" if head.version >= (1, 1) else "close"
+            framing = "chunked" if head.version != (1, 0) else "close"
         self.framing = framing
         self.keep_upstream = keep_alive and not self.close_delimited and not head.suspicious_body
         client = self.client
         close = not head.keep_alive or framing == "close" or client.closing_after_response
         client.closing_after_response = close
-        http = self.frontend.config.http
+        frontend = self.frontend
         extra: list[tuple[bytes, bytes]] = []
-        sticky = http.sticky_cookie
+        sticky = frontend.sticky
         if sticky is not None and self.server is not None and self.pinned is None:
             name = self.server.name.encode()
-            if _cookie(head, sticky.encode()) != name:
-                extra.append((b"Set-Cookie", sticky.encode() + b"=" + name + b"; Path=/; HttpOnly"))
-        if http.cors:
+            if _cookie(head, sticky) != name:
+                extra.append((b"Set-Cookie", sticky + b"=" + name + b"; Path=/; HttpOnly"))
+        if frontend.cors:
             extra += CORS_HEADERS
-        self.write(finish_scanned_head(status, line, block, version=head.version, framing=framing, close=close,
-                                       extra=extra))
+        self.write(finish_scanned_head(status, line, block, head.version, framing, close, False, extra))
         if no_body:
             # llhttp does not know this response has no body (HEAD): it is
             # complete now; any byte that follows is an error
@@ -1168,6 +1175,9 @@ class HTTPFrontend(TCPFrontend):
         self.response_timeout = http.response_timeout
         self.access_log = http.access_log != "off"
         self.host_is_server = http.host_header == "server"
+        self.cors = http.cors
+        self.max_head = http.max_head
+        self.sticky = http.sticky_cookie.encode() if http.sticky_cookie is not None else None
         self.scheme = b"https" if config.listen.startswith("ssl:") or config.tls else b"http"
 
     def buildProtocol(self, addr: object) -> HTTPConnection:  # type: ignore[override]

@@ -87,7 +87,6 @@ def request_head(
     method: bytes,
     target: bytes,
     headers: list[tuple[bytes, bytes]],
-    *,
     client_ip: bytes,
     proto: bytes,
     chunked: bool,
@@ -248,16 +247,12 @@ def finish_response_head(
 _STATUS_LINES = {status: b"HTTP/1.1 %d %s" % (status, phrase) for status, phrase in _REASONS.items()}
 
 
-# The fields of a response head that rproxy acts on: the hop-by-hop ones
-# are dropped; Content-Length stays (llhttp refuses it beside
-# Transfer-Encoding, and no rewrite changes a body's length);
-# Transfer-Encoding goes (rproxy re-chunks the body).
-_ACTED_ON = re.compile(b"\r\n(" + b"|".join(sorted(HOP_BY_HOP)) + b"):")
-
-
-def _line_end(block: bytes, pos: int) -> int:
-    end = block.find(b"\r\n", pos + 2)
-    return len(block) if end == -1 else end
+# The fields of a response head that rproxy acts on (each match runs to
+# the end of its line): the hop-by-hop ones are dropped; Content-Length
+# stays (llhttp refuses it beside Transfer-Encoding, and no rewrite changes
+# a body's length); Transfer-Encoding goes (rproxy re-chunks the body).
+_ACTED_ON = re.compile(b"\r\n(" + b"|".join(sorted(HOP_BY_HOP)) + b"):([^\r]*)")
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
 def scan_response_head(head: bytes, upgrade: bool = False) -> tuple[bytes, bytes, bool, bool]:
@@ -275,37 +270,30 @@ def scan_response_head(head: bytes, upgrade: bool = False) -> tuple[bytes, bytes
     cut = head.find(b"\r\n")
     if cut == -1:
         return head, b"", False, False
-    line, block = head[:cut], head[cut:]
+    block = head[cut:]
     low = block.lower()
     has_length = encoded = False
-    spans: list[tuple[int, int]] = []
+    spans = []
     named: set[bytes] | None = None
     for match in _ACTED_ON.finditer(low):
         name = match.group(1)
         if name == b"content-length":
             has_length = True
             continue
-        start = match.start()
-        end = _line_end(block, start)
         if name == b"connection":
-            value = low[match.end():end].strip()
-            if value != b"keep-alive" and value != b"close":
+            value = match.group(2).strip()
+            if value not in _PLAIN_CONNECTION:
                 named = _named(value, named)
         elif name == b"transfer-encoding":
             encoded = True
-        elif name == b"upgrade" and upgrade:
+        elif upgrade and name == b"upgrade":
             continue
-        spans.append((start, end))
+        spans.append(match.span())
     if named:
         # the framing is not for Connection to remove
         named -= {b"content-length", b"upgrade"} if upgrade else {b"content-length"}
         for name in named:
-            marker = b"\r\n" + name + b":"
-            pos = low.find(marker)
-            while pos != -1:
-                end = _line_end(block, pos)
-                spans.append((pos, end))
-                pos = low.find(marker, end)
+            spans += [m.span() for m in re.finditer(b"\r\n" + re.escape(name) + b":[^\r]*", low)]
     if len(spans) == 1:
         start, end = spans[0]
         block = block[:start] + block[end:]
@@ -319,7 +307,7 @@ def scan_response_head(head: bytes, upgrade: bool = False) -> tuple[bytes, bytes
                 last = end
         kept.append(block[last:])
         block = b"".join(kept)
-    return line, block, has_length, encoded
+    return head[:cut], block, has_length, encoded
 
 
 def fields_of(block: bytes) -> list[tuple[bytes, bytes]]:
@@ -338,7 +326,6 @@ def finish_scanned_head(
     status: int,
     line: bytes,
     block: bytes,
-    *,
     version: tuple[int, int],
     framing: str,
     close: bool = False,
@@ -350,24 +337,34 @@ def finish_scanned_head(
     the server's status line when it speaks the client's version, Via,
     C{extra} fields, rproxy's framing and Connection field.
     """
-    if version == (1, 1) and line.startswith(b"HTTP/1.1 "):
-        out = [line, block]
-    else:
+    if version != (1, 1) or not line.startswith(b"HTTP/1.1 "):
         phrase = line.split(b" ", 2)[2] if line.count(b" ") >= 2 else b""
-        out = [b"HTTP/%d.%d %d %s" % (version[0], version[1], status, phrase or reason(status)), block]
-    out.append(b"\r\nVia: 1.1 rproxy")
-    for name, value in extra:
-        out.append(b"\r\n" + name + b": " + value)
+        line = b"HTTP/%d.%d %d %s" % (version[0], version[1], status, phrase or reason(status))
+    key = (framing, close, upgrade, version)
+    tail = _TAILS.get(key)
+    if tail is None:
+        tail = _TAILS[key] = _tail(framing, close, upgrade, version)
+    if extra:
+        return b"".join((line, block, b"\r\nVia: 1.1 rproxy", *(b"\r\n" + n + b": " + v for n, v in extra), tail))
+    return b"".join((line, block, b"\r\nVia: 1.1 rproxy", tail))
+
+
+def _tail(framing: str, close: bool, upgrade: bool, version: tuple[int, int]) -> bytes:
+    # what follows Via and the extra fields: framing, Connection, blank line
+    out = b""
     if framing == "chunked":
-        out.append(b"\r\nTransfer-Encoding: chunked")
+        out += b"\r\nTransfer-Encoding: chunked"
     if upgrade:
-        out.append(b"\r\nConnection: upgrade")
+        out += b"\r\nConnection: upgrade"
     elif close:
-        out.append(b"\r\nConnection: close")
+        out += b"\r\nConnection: close"
     elif version == (1, 0):
-        out.append(b"\r\nConnection: keep-alive")
-    out.append(b"\r\n\r\n")
-    return b"".join(out)
+        out += b"\r\nConnection: keep-alive"
+    return out + b"\r\n\r\n"
+
+
+# finish_scanned_head's tails by (framing, close, upgrade, version): a few
+_TAILS: dict[tuple[str, bool, bool, tuple[int, int]], bytes] = {}
 
 
 def error_response(status: int, message: str, version: tuple[int, int] = (1, 1),
