@@ -322,7 +322,7 @@ class UpstreamPool:
             options = self._tls_cache[key] = client_tls_options(key[1], tls.ca, tls.verify)
         return options
 
-    def put(self, conn: UpstreamConnection) -> None:
+    def put(self, conn: UpstreamConnection, now: float | None = None) -> None:
         if conn.lost or conn.server.draining:
             conn.transport.loseConnection()  # type: ignore[union-attr]
             return
@@ -331,7 +331,7 @@ class UpstreamPool:
             conn.transport.loseConnection()  # type: ignore[union-attr]
             return
         conn.exchange = None
-        conn.idle_since = self.clock.seconds()
+        conn.idle_since = now if now is not None else self.clock.seconds()
         idle.append(conn)
         if self._sweep is None:
             self._sweep = self.clock.callLater(self.idle_timeout / 2, self.sweep)
@@ -706,10 +706,16 @@ class Exchange:
         if self.response_done:
             return
         self.client.delivered += len(data)
-        if self.framing == "chunked":
-            self.write(_chunk(data))
-        elif self.framing != "none":
-            self.write(data)
+        framing = self.framing
+        if framing == "chunked":
+            data = _chunk(data)
+        elif framing == "none":
+            return
+        batch = self.batch  # (self.write, inline)
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.client.transport.write(data)  # type: ignore[union-attr]
 
     def response_end(self) -> None:
         if self.response_done or self.switching:
@@ -719,9 +725,14 @@ class Exchange:
         if self.producing:
             self.producing = False
             self.client.transport.unregisterProducer()  # type: ignore[union-attr]
+        batch, self.batch = self.batch, None  # (self.flush, inline)
         if self.framing == "chunked":
-            self.write(_CHUNK_END)
-        self.flush()
+            if batch is None:
+                batch = [_CHUNK_END]
+            else:
+                batch.append(_CHUNK_END)
+        if batch:
+            self.client.transport.write(b"".join(batch) if len(batch) > 1 else batch[0])  # type: ignore[union-attr]
         if self.request_done or not self.ready_for_body:
             self.complete()
         else:
@@ -763,11 +774,13 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        frontend = self.frontend
+        now = frontend.clock.seconds()
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
             if self.keep_upstream and self.request_done and not upstream.lost:
-                self.frontend.upstreams.put(upstream)
+                frontend.upstreams.put(upstream, now)
             else:
                 upstream.exchange = None
                 upstream.transport.loseConnection()  # type: ignore[union-attr]
@@ -783,8 +796,8 @@ class Exchange:
             pool.release(server)
         else:
             self.release_server(ok=self.status < 500)
-        self.frontend.count(self)
-        self.client.exchange_done(self)
+        frontend.count(self, now)
+        self.client.exchange_done(self, now)
 
     def release_server(self, ok: bool | None = None) -> None:
         """
@@ -1070,7 +1083,7 @@ class HTTPConnection(Protocol):
             else:
                 events.popleft()
 
-    def exchange_done(self, exchange: Exchange) -> None:
+    def exchange_done(self, exchange: Exchange, now: float | None = None) -> None:
         if self.exchange is exchange:
             self.exchange = None
             self.frontend.active_requests -= 1
@@ -1081,7 +1094,7 @@ class HTTPConnection(Protocol):
         frontend = self.frontend
         if frontend.header_timeout > 0 and self.head_deadline is None:
             # (_arm_head_timer, inline)
-            self.head_deadline = frontend.clock.seconds() + frontend.header_timeout
+            self.head_deadline = (now if now is not None else frontend.clock.seconds()) + frontend.header_timeout
             if frontend._deadlines is None:
                 frontend.watch_deadlines()
         if self.events:
@@ -1232,7 +1245,7 @@ class HTTPFrontend(TCPFrontend):
         self._window_retries += 1
         return True
 
-    def count(self, exchange: Exchange) -> None:
+    def count(self, exchange: Exchange, now: float | None = None) -> None:
         pool = exchange.pool
         backend = pool.config.name if pool is not None else "-"
         if self.access_log:
@@ -1241,7 +1254,7 @@ class HTTPFrontend(TCPFrontend):
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
         self._window_requests += 1
-        seconds = self.clock.seconds() - exchange.started
+        seconds = (now if now is not None else self.clock.seconds()) - exchange.started
         self.duration_sum += seconds
         self.duration_count += 1
         self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1

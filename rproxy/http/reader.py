@@ -182,16 +182,7 @@ class RequestReader:
         self._error: HTTPError | None = None
         # body bytes in the events of the last feed()
         self.body_fed = 0
-        self._reset()
-
-    def _reset(self) -> None:
-        self._in_head = False
-        self._head_fed = 0
-        self._target = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._head_size = 0
-        self._body_size = 0
-        self._in_body = False
+        self._in_head = self._in_body = False
 
     def _fail(self, status: int, reason: str) -> None:
         # httptools wraps exceptions raised in callbacks; keep ours to
@@ -202,8 +193,13 @@ class RequestReader:
     # -- httptools callbacks ----------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._reset()
         self._in_head = True
+        self._head_fed = 0
+        self._target = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._body_size = 0
+        self._in_body = False
 
     def on_url(self, url: bytes) -> None:
         target = self._target = self._target + url if self._target else url
