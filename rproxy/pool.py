@@ -35,6 +35,8 @@ from rproxy.config import BackendConfig, ServerConfig
 
 __all__ = ["Server", "Pool", "NoServerAvailable", "QueueFull", "QueueTimeout"]
 
+_NEVER = float("inf")
+
 
 class NoServerAvailable(Exception):
     """
@@ -180,7 +182,7 @@ class Pool:
                 (backups if s.config.backup else primaries).append(s)
         result = primaries or backups
         if cacheable:
-            until = min((s.ejected_until for s in self.servers if s.ejected_until > now), default=float("inf"))
+            until = min((s.ejected_until for s in self.servers if s.ejected_until > now), default=_NEVER)
             self._cache = (self._version, until, result)
         return result
 
@@ -205,7 +207,17 @@ class Pool:
         """
         if self._waiters:
             return None  # first come, first served
-        server: Server | None = self.balancer.pick(self.candidates(exclude), key)  # type: ignore[assignment]
+        cache = self._cache
+        if (
+            not exclude
+            and cache is not None
+            and cache[0] == self._version
+            and (cache[1] == _NEVER or self._clock.seconds() < cache[1])
+        ):
+            candidates = cache[2]  # (candidates()' cache, read here: the common case)
+        else:
+            candidates = self.candidates(exclude)
+        server: Server | None = self.balancer.pick(candidates, key)  # type: ignore[assignment]
         if server is not None:
             server.active += 1
             server.total += 1

@@ -409,6 +409,16 @@ class Exchange:
     def begin(self) -> None:
         frontend = self.frontend
         head = self.head
+        if frontend.plain and frontend.tokens is None and head.method != b"CONNECT":
+            # no CORS, token pool or direct routes to look at: route now
+            route = frontend.routes.match(head.host, head.target)
+            if route is None:
+                self.fail(404, "no route")
+                return
+            self.route = route
+            self.pool = frontend.pools[route.backend]
+            self.acquire()
+            return
         if head.method == b"CONNECT":
             self.fail(405, "CONNECT is not supported")
             return
@@ -1190,6 +1200,9 @@ class HTTPFrontend(TCPFrontend):
         self.host_is_server = http.host_header == "server"
         self.cors = http.cors
         self.max_head = http.max_head
+        # nothing but routes between a request and its pool (token pools
+        # are looked at apart: they are attached after configure)
+        self.plain = not (http.cors or http.direct_routes)
         self.sticky = http.sticky_cookie.encode() if http.sticky_cookie is not None else None
         self.scheme = b"https" if config.listen.startswith("ssl:") or config.tls else b"http"
 
