@@ -5,14 +5,21 @@ with nginx (100-byte responses) as the backend, in one run.  Proxies on
 core 0, wrk and nginx on core 1.  Prints keep-alive and Connection: close
 req/s, p99 latency, and the ratios the issue names.
 
-    bench/http.sh [--duration 10] [--connections 50]
+Each round measures every path once, one after the other, so that paths
+measured in the same round saw the same machine; ratios are given per
+round and from the medians over the rounds (a shared machine's speed
+drifts by more than the differences measured).
+
+    bench/http.sh [--duration 10] [--connections 50] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,11 +83,22 @@ def start_haproxy_http(work: str, port: int, backend: int) -> subprocess.Popen[b
     return start_haproxy(work, port, backend, mode="http")
 
 
+def seconds(latency: str) -> float:
+    """
+    wrk's latency text (C{912.00us}, C{5.20ms}, C{1.02s}) in seconds.
+    """
+    match = re.match(r"([\d.]+)(us|ms|s|m)", latency)
+    if match is None:
+        return float("nan")
+    return float(match.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[match.group(2)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--idle", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     need("nginx", "haproxy", "wrk", "taskset")
     work = tempfile.mkdtemp(prefix="rproxy-http-bench-")
@@ -110,21 +128,30 @@ frontends: [{{name: fe, protocol: http, listen: "127.0.0.1:{rproxy}", backend: b
         targets = [("direct", nginx), ("haproxy", haproxy), ("twistweb", twisted_web), ("rproxy", rproxy)]
         for _, port in targets:
             wrk(port, 2, args.connections, False)
-        results = {}
-        print(f"{'path':9} {'keep-alive req/s':>17} {'p99':>10} {'close req/s':>12} {'p99':>10}")
-        for name, port in targets:
-            ka, ka_p99 = wrk(port, args.duration, args.connections, False)
-            cl, cl_p99 = wrk(port, args.duration, args.connections, True)
-            results[name] = (ka, cl, ka_p99)
-            print(f"{name:9} {ka:17.0f} {ka_p99:>10} {cl:12.0f} {cl_p99:>10}")
-        r, h, t = results["rproxy"], results["haproxy"], results["twistweb"]
+        runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in targets}
+        print(f"{'round':5} {'path':9} {'keep-alive req/s':>17} {'p99':>10} {'close req/s':>12} {'p99':>10}")
+        for round_ in range(1, args.rounds + 1):
+            for name, port in targets:
+                ka, ka_p99 = wrk(port, args.duration, args.connections, False)
+                cl, cl_p99 = wrk(port, args.duration, args.connections, True)
+                runs[name].append((ka, cl, seconds(ka_p99)))
+                print(f"{round_:5} {name:9} {ka:17.0f} {ka_p99:>10} {cl:12.0f} {cl_p99:>10}", flush=True)
+            r, h, t = runs["rproxy"][-1], runs["haproxy"][-1], runs["twistweb"][-1]
+            print(f"      this round: keep-alive {r[0] / h[0]:.2f} of HAProxy, {r[0] / t[0]:.1f}x twisted.web; "
+                  f"close {r[1] / h[1]:.2f}; p99 {r[2] / h[2]:.1f}x HAProxy's")
+        median = {name: tuple(statistics.median(run[i] for run in runs[name]) for i in range(3))
+                  for name in runs}
+        r, h, t = median["rproxy"], median["haproxy"], median["twistweb"]
         print()
+        print(f"medians over {args.rounds} rounds:")
+        for name, (ka, cl, p99) in median.items():
+            print(f"  {name:9} keep-alive {ka:9.0f} req/s  p99 {p99 * 1e3:7.2f}ms  close {cl:9.0f} req/s")
         print("targets: keep-alive >= 0.35 of HAProxy and >= 8x ReverseProxyResource; "
               "new connections >= 0.45 of HAProxy; p99 (keep-alive) <= 3x HAProxy's")
         print(f"  keep-alive rproxy/haproxy  {r[0] / h[0]:5.2f}")
         print(f"  keep-alive rproxy/twisted  {r[0] / t[0]:5.1f}x")
         print(f"  close      rproxy/haproxy  {r[1] / h[1]:5.2f}")
-        print(f"  p99 keep-alive: rproxy {r[2]}, haproxy {h[2]}")
+        print(f"  p99 keep-alive rproxy/haproxy {r[2] / h[2]:5.1f}x")
         print()
         rproxy_proc = procs[2]
         before = rss_kib(rproxy_proc.pid)

@@ -89,6 +89,18 @@ class _ImmediateSendMixin:
     # The fast close is scheduled; nothing is left to flush.
     _rpClosing = False
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The fields write() reads on every call live on the instance (an
+        # instance's own field is the fast path of attribute access, a class
+        # default the slow one); set before the base class's __init__, which
+        # may already start writing.
+        self._rpQueued = self._rpNoFast = self._rpWriteClosed = self._rpClosing = False
+        self.TLS = False
+        self.disconnecting = False
+        self.producer = None
+        self.bufferSize = type(self).bufferSize  # type: ignore[attr-defined]
+        super().__init__(*args, **kwargs)
+
     def startWriting(self) -> None:
         self._rpQueued = True
         super().startWriting()  # type: ignore[misc]

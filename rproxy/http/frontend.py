@@ -101,18 +101,22 @@ class UpstreamConnection(Protocol):
     One connection to a server; serves one exchange at a time.
     """
 
-    exchange: Exchange | None = None
-    parser: Any = None
-    # the parser read its last response to the end and can read the next
-    # (not after a HEAD answer, whose body llhttp would wait for)
-    parser_clean = False
-    reused = False
-    lost = False
-    idle_since = 0.0
-    raw = b""  # the bytes of the current response since its head began
-    head_start = -1  # where the head being read begins in raw; -1: not reading one
-
     def __init__(self, upstreams: UpstreamPool, server: Server, pool: Pool) -> None:
+        # every field set here (see HTTPConnection.__init__)
+        self.exchange: Exchange | None = None
+        self.parser: Any = None
+        # the parser read its last response to the end and can read the next
+        # (not after a HEAD answer, whose body llhttp would wait for)
+        self.parser_clean = False
+        self.reused = False
+        self.lost = False
+        self.idle_since = 0.0
+        self.raw = b""  # the bytes of the current response since its head began
+        self.head_start = -1  # where the head being read begins in raw; -1: not reading one
+        self.status = 0
+        self.informational = False
+        self.head = b""
+        self.transport = None
         self.upstreams = upstreams
         self.server = server
         self.pool = pool
@@ -369,37 +373,45 @@ class Exchange:
     One request and its response.
     """
 
-    upstream: UpstreamConnection | None = None
-    server: Server | None = None
-    pool: Pool | None = None
-    route: Rule | None = None  # None for a direct route
-    ready_for_body = False
-    request_done = False
-    response_started = False
-    response_done = False
-    close_delimited = False
-    got_bytes = False
-    upgraded = False
-    switching = False
-    finished = False
-    producing = False  # the upstream transport is the client's producer
-    # client writes made while one upstream read is parsed go out in one
-    # send(); flushed at the end of that read and before the exchange ends
-    batch: list[bytes] | None = None
-    deadline: float | None = None
-    status = 0
-    token: str | None = None  # the bearer token this request carries (token pools)
-    _pending: defer.Deferred[Any] | None = None
+    # slots, every one set in __init__: an exchange is made per request and
+    # its fields are read many times (a slot is the cheapest to read)
+    __slots__ = (
+        "client", "frontend", "head", "target", "tried", "started", "upstream", "server", "pool", "route",
+        "ready_for_body", "request_done", "response_started", "response_done", "close_delimited", "got_bytes",
+        "upgraded", "switching", "finished", "producing", "batch", "deadline", "status", "token", "_pending",
+        "attempts", "pinned", "framing", "keep_upstream", "upgrade_rest",
+    )
 
     def __init__(self, client: HTTPConnection, head: RequestHead) -> None:
         self.client = client
-        self.frontend = client.frontend
+        self.frontend = frontend = client.frontend
         self.head = head
         self.target = head.target
         self.tried: list[str] = []
+        self.started = frontend.clock.seconds()
+        self.upstream: UpstreamConnection | None = None
+        self.server: Server | None = None
+        self.pool: Pool | None = None
+        self.route: Rule | None = None  # None for a direct route
+        self.ready_for_body = False
+        self.request_done = False
+        self.response_started = False
+        self.response_done = False
+        self.close_delimited = False
+        self.got_bytes = False
+        self.upgraded = False
+        self.switching = False
+        self.finished = False
+        self.producing = False  # the upstream transport is the client's producer
+        # client writes made while one upstream read is parsed go out in one
+        # send(); flushed at the end of that read and before the exchange ends
+        self.batch: list[bytes] | None = None
+        self.deadline: float | None = None
+        self.status = 0
+        self.token: str | None = None  # the bearer token this request carries (token pools)
+        self._pending: defer.Deferred[Any] | None = None
         self.attempts = 0
-        self.started = self.frontend.clock.seconds()
-        self.pinned: str | None = None
+        self.pinned: str | None = None  # the server a direct route names
         self.framing = "none"
         self.keep_upstream = False
         self.upgrade_rest = b""
@@ -934,21 +946,23 @@ class HTTPConnection(Protocol):
     A client connection of an HTTP frontend.
     """
 
-    exchange: Exchange | None = None
-    backend = None  # (TCPFrontend's bookkeeping)
-    counted = False
-    closing = False
-    closing_after_response = False
-    upgraded_exchange: Exchange | None = None
-    lease: Lease | None = None  # the token-pool lease held for the connection's life
-    lost = False
-    _queue_timer: IDelayedCall | None = None
-    head_deadline: float | None = None
-    quiet_ticks = 0
-    last_total = -1
-    pumping = False
-
     def __init__(self, frontend: HTTPFrontend) -> None:
+        # every field is set here, none left to a class default: reading
+        # an instance's own field is the fast path of attribute access
+        self.exchange: Exchange | None = None
+        self.backend = None  # (TCPFrontend's bookkeeping)
+        self.counted = False
+        self.closing = False
+        self.closing_after_response = False
+        self.upgraded_exchange: Exchange | None = None
+        self.lease: Lease | None = None  # the token-pool lease held for the connection's life
+        self.lost = False
+        self._queue_timer: IDelayedCall | None = None
+        self.head_deadline: float | None = None
+        self.quiet_ticks = 0
+        self.last_total = -1
+        self.pumping = False
+        self.transport = None
         self.frontend = frontend
         http = frontend.config.http
         # without an EndOfMessage after a bodiless request's head: the head
@@ -1182,10 +1196,10 @@ class HTTPFrontend(TCPFrontend):
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.duration_buckets = [0] * len(DURATION_BUCKETS)
         self.duration_sum = 0.0
-        self.duration_count = 0
         self._deadlines: IDelayedCall | None = None
         self._retry_window = 0.0
-        self._window_requests = 0
+        self.counted_requests = 0
+        self._window_start = 0  # counted_requests when the retry window began
         self._window_retries = 0
 
     def configure(self, config: Any) -> None:
@@ -1251,8 +1265,8 @@ class HTTPFrontend(TCPFrontend):
         """
         now = self.clock.seconds()
         if now - self._retry_window >= 1.0:
-            self._retry_window, self._window_requests, self._window_retries = now, 0, 0
-        allowed = max(3, self._window_requests // 5)
+            self._retry_window, self._window_start, self._window_retries = now, self.counted_requests, 0
+        allowed = max(3, (self.counted_requests - self._window_start) // 5)
         if self._window_retries >= allowed:
             return False
         self._window_retries += 1
@@ -1266,10 +1280,9 @@ class HTTPFrontend(TCPFrontend):
         key = (backend, exchange.status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        self._window_requests += 1
+        self.counted_requests += 1
         seconds = (now if now is not None else self.clock.seconds()) - exchange.started
         self.duration_sum += seconds
-        self.duration_count += 1
         self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
     def log_access(self, exchange: Exchange, backend: str) -> None:

@@ -130,11 +130,10 @@ def request_head(
         if upgrade:
             named.discard(b"upgrade")
         lines = _drop_named(lines, named, 1)
-    lines.append(b"X-Forwarded-For: " + forwarded_for + client_ip)
-    lines.append(b"X-Forwarded-Proto: " + proto)
-    if original_host:
-        lines.append(b"X-Forwarded-Host: " + original_host)
-    lines.append(b"Via: 1.1 rproxy")
+    lines.append(
+        b"X-Forwarded-For: " + forwarded_for + client_ip + b"\r\nX-Forwarded-Proto: " + proto
+        + (b"\r\nX-Forwarded-Host: " + original_host if original_host else b"") + b"\r\nVia: 1.1 rproxy"
+    )
     for name, value in set_headers:
         lines.append(name + b": " + value)
     if chunked:
