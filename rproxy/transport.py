@@ -101,6 +101,20 @@ class _ImmediateSendMixin:
         self.bufferSize = type(self).bufferSize  # type: ignore[attr-defined]
         super().__init__(*args, **kwargs)
 
+    def doRead(self) -> Any:
+        # tcp.Connection.doRead with its _dataReceived inline (one call
+        # fewer per read)
+        try:
+            data = self.socket.recv(self.bufferSize)  # type: ignore[attr-defined]
+        except OSError as se:
+            if se.args[0] == errno.EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        self.protocol.dataReceived(data)  # type: ignore[attr-defined]
+        return None
+
     def startWriting(self) -> None:
         self._rpQueued = True
         super().startWriting()  # type: ignore[misc]

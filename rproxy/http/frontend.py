@@ -648,7 +648,9 @@ class Exchange:
             transport.registerProducer(client.transport, True)  # type: ignore[union-attr]
         if self.upgrade_rest:
             transport.write(self.upgrade_rest)  # type: ignore[union-attr]
-        self.client.pump()
+        if not self.client.pumping:
+            # (a pump up the stack, the common case, sees the body itself)
+            self.client.pump()
 
     def send_body(self, data: bytes) -> None:
         assert self.upstream is not None
