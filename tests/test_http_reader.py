@@ -196,6 +196,18 @@ class ReaderTests(SynchronousTestCase):
         self.assertEqual(caught.exception.status, 431)
 
 
+    def test_many_fields_across_reads(self) -> None:
+        """
+        Fields arriving over many reads are refused as soon as there are
+        more than max_headers of them, not when the head ends.
+        """
+        reader = RequestReader(max_headers=10)
+        reader.feed(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        with self.assertRaises(HTTPError) as caught:
+            for i in range(1000):
+                reader.feed(b"X-%d: y\r\n" % i)
+        self.assertEqual((caught.exception.status, i), (431, 10))
+
 MALFORMED = [
     # (description, raw request); each must be refused with 400
     ("CL and TE together", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),

@@ -208,11 +208,9 @@ class RequestReader:
             self._fail(414, "URI Too Long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > self.max_head:
-            self._fail(431, "Request Header Fields Too Large")
-        if len(self._headers) >= self.max_headers:
-            self._fail(431, "Request Header Fields Too Large")
+        # the head's size and field count are checked when it is complete:
+        # until then what is kept is bounded by one read (and by max_head
+        # across reads, in feed())
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -221,11 +219,15 @@ class RequestReader:
         if version is None:
             self._fail(505, "HTTP Version Not Supported")
         headers = self._headers
+        if len(headers) > self.max_headers:
+            self._fail(431, "Request Header Fields Too Large")
         chunked = False
         content_length: int | None = None
         host = None
         hosts = 0
+        size = self._head_size
         for name, value in headers:
+            size += len(name) + len(value)
             lower = name.lower()
             if lower in _ORDINARY:
                 continue
@@ -243,6 +245,8 @@ class RequestReader:
                 # Transfer_Encoding, Content__Length...: a server that folds
                 # "_" into "-" would frame the body differently
                 self._fail(400, f"suspicious header name {name[:40]!r}")
+        if size + 4 * len(headers) > self.max_head:
+            self._fail(431, "Request Header Fields Too Large")
         if chunked and version == (1, 0):
             self._fail(400, "Transfer-Encoding on HTTP/1.0")
         if hosts != 1 and version == (1, 1) and (hosts or self.require_host):
@@ -297,12 +301,14 @@ class RequestReader:
             if self._error is not None:
                 raise self._error from None
             raise HTTPError(400, f"Bad Request: {e}") from None
-        if continuing and self._in_head:
+        if self._in_head:
             # httptools keeps a partial header line to itself: count what
             # a head that spans feeds has taken, so a head trickling in
-            # (slowloris) is bounded by max_head plus one read
-            self._head_fed += len(data)
-            if self._head_fed > self.max_head:
+            # (slowloris) is bounded by max_head plus one read; and the
+            # fields kept so far by max_headers
+            if continuing:
+                self._head_fed += len(data)
+            if self._head_fed > self.max_head or len(self._headers) > self.max_headers:
                 self._error = HTTPError(431, "Request Header Fields Too Large")
                 raise self._error
         events, self._events = self._events, []
