@@ -423,13 +423,7 @@ class Exchange:
         head = self.head
         if frontend.plain and frontend.tokens is None and head.method != b"CONNECT":
             # no CORS, token pool or direct routes to look at: route now
-            route = frontend.routes.match(head.host, head.target)
-            if route is None:
-                self.fail(404, "no route")
-                return
-            self.route = route
-            self.pool = frontend.pools[route.backend]
-            self.acquire()
+            self.dispatch()
             return
         if head.method == b"CONNECT":
             self.fail(405, "CONNECT is not supported")

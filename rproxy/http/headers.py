@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["HOP_BY_HOP", "request_head", "response_head", "response_fields", "finish_response_head",
-           "scan_response_head", "finish_scanned_head", "fields_of", "connection_tokens"]
+__all__ = ["HOP_BY_HOP", "request_head", "response_head", "response_fields", "scan_response_head",
+           "finish_scanned_head", "fields_of", "connection_tokens"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -195,32 +195,13 @@ def response_head(
     extra: Iterable[tuple[bytes, bytes]] = (),
 ) -> bytes:
     """
-    The response head for the client.
+    A response head for the client from a list of fields (rproxy's own
+    answers; a server's head is rewritten as bytes, L{scan_response_head}).
 
     @param framing: C{"length"} (Content-Length), C{"chunked"}, C{"close"}
         (the body ends when the connection does) or C{"none"} (no body).
     """
-    return finish_response_head(status, reason_phrase, response_fields(headers, upgrade)[0], version=version,
-                                framing=framing, content_length=content_length, close=close, upgrade=upgrade,
-                                extra=extra)
-
-
-def finish_response_head(
-    status: int,
-    reason_phrase: bytes,
-    lines: list[bytes],
-    *,
-    version: tuple[int, int],
-    framing: str,
-    content_length: int | None = None,
-    close: bool = False,
-    upgrade: bool = False,
-    extra: Iterable[tuple[bytes, bytes]] = (),
-) -> bytes:
-    """
-    L{response_head} from the lines L{response_fields} kept (C{lines}
-    is extended in place).
-    """
+    lines = response_fields(headers, upgrade)[0]
     lines.append(b"Via: 1.1 rproxy")
     for name, value in extra:
         lines.append(name + b": " + value)
