@@ -169,12 +169,15 @@ class Pool:
         The servers that could take a connection now: usable and not full;
         primaries if any of them qualifies, else backups.
         """
-        now = self._clock.seconds()
         cacheable = not exclude and not self._limited
         if cacheable:
             cache = self._cache
-            if cache is not None and cache[0] == self._version and now < cache[1]:
+            # (no clock reading while no server is ejected: the common case)
+            if cache is not None and cache[0] == self._version and (
+                cache[1] == _NEVER or self._clock.seconds() < cache[1]
+            ):
                 return cache[2]
+        now = self._clock.seconds()
         primaries: list[Server] = []
         backups: list[Server] = []
         for s in self.servers:
@@ -207,17 +210,7 @@ class Pool:
         """
         if self._waiters:
             return None  # first come, first served
-        cache = self._cache
-        if (
-            not exclude
-            and cache is not None
-            and cache[0] == self._version
-            and (cache[1] == _NEVER or self._clock.seconds() < cache[1])
-        ):
-            candidates = cache[2]  # (candidates()' cache, read here: the common case)
-        else:
-            candidates = self.candidates(exclude)
-        server: Server | None = self.balancer.pick(candidates, key)  # type: ignore[assignment]
+        server: Server | None = self.balancer.pick(self.candidates(exclude), key)  # type: ignore[assignment]
         if server is not None:
             server.active += 1
             server.total += 1

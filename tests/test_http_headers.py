@@ -9,13 +9,24 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.http.headers import (
     error_response,
-    fields_of,
     finish_scanned_head,
     request_head,
     response_fields,
     response_head,
     scan_response_head,
 )
+
+
+def fields_of(block: bytes) -> list[tuple[bytes, bytes]]:
+    """
+    The (name, value) pairs of a CRLF-prefixed field block.
+    """
+    pairs = []
+    for line in block.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            pairs.append((name, value.strip(b" \t")))
+    return pairs
 
 
 def _lines(head: bytes) -> list[bytes]:

@@ -113,7 +113,6 @@ class UpstreamConnection(Protocol):
         self.idle_since = 0.0
         self.raw = b""  # the bytes of the current response since its head began
         self.head_start = -1  # where the head being read begins in raw; -1: not reading one
-        self.status = 0
         self.informational = False
         self.head = b""
         self.transport = None
@@ -137,7 +136,6 @@ class UpstreamConnection(Protocol):
         self.parser_clean = False
         self.raw = b""
         self.head_start = 0
-        self.status = 0
         self.informational = False
 
     def on_message_begin(self) -> None:
@@ -171,7 +169,6 @@ class UpstreamConnection(Protocol):
             return
         self.raw = b""
         self.head_start = -1  # the head is complete
-        self.status = status
         self.head = head
         if exchange is not None:
             exchange.response_head(self, status, head, self.parser.should_keep_alive())
@@ -530,11 +527,9 @@ class Exchange:
 
     def hash_key(self, pool: Pool) -> bytes | None:
         """
-        The consistent-hash key of this request for C{pool} (source_ip,
-        header:NAME or cookie:NAME); None for other algorithms.
+        The consistent-hash key of this request for a hashing C{pool}
+        (source_ip, header:NAME or cookie:NAME; acquire asks only those).
         """
-        if pool.config.algorithm not in _HASHING:
-            return None
         kind, _, name = pool.config.hash_key.partition(":")
         if kind == "header":
             return self.head.header(name.lower().encode())
@@ -561,15 +556,10 @@ class Exchange:
         self.server = server
         self.tried.append(server.config.name)
         self.attempts += 1
-        idle = self.frontend.upstreams.idle.get(server)
-        while idle:
-            # (UpstreamPool.take_idle, inline)
-            conn = idle.pop()
-            if not conn.lost:
-                conn.reused = True
-                self.frontend.upstreams.reused += 1
-                self.connected(conn)
-                return
+        idle = self.frontend.upstreams.take_idle(server)
+        if idle is not None:
+            self.connected(idle)
+            return
         d = self.frontend.upstreams.get(server, self.pool, self.frontend.config.connect_timeout)  # type: ignore[arg-type]
         self._pending = d
         d.addCallbacks(self.connected, self.connect_failed)
@@ -726,14 +716,9 @@ class Exchange:
         self.client.delivered += len(data)
         framing = self.framing
         if framing == "chunked":
-            data = _chunk(data)
-        elif framing == "none":
-            return
-        batch = self.batch  # (self.write, inline)
-        if batch is not None:
-            batch.append(data)
-        else:
-            self.client.transport.write(data)  # type: ignore[union-attr]
+            self.write(_chunk(data))
+        elif framing != "none":
+            self.write(data)
 
     def response_end(self) -> None:
         if self.response_done or self.switching:
@@ -743,14 +728,9 @@ class Exchange:
         if self.producing:
             self.producing = False
             self.client.transport.unregisterProducer()  # type: ignore[union-attr]
-        batch, self.batch = self.batch, None  # (self.flush, inline)
         if self.framing == "chunked":
-            if batch is None:
-                batch = [_CHUNK_END]
-            else:
-                batch.append(_CHUNK_END)
-        if batch:
-            self.client.transport.write(b"".join(batch) if len(batch) > 1 else batch[0])  # type: ignore[union-attr]
+            self.write(_CHUNK_END)
+        self.flush()
         if self.request_done or not self.ready_for_body:
             self.complete()
         else:
@@ -802,18 +782,7 @@ class Exchange:
             else:
                 upstream.exchange = None
                 upstream.transport.loseConnection()  # type: ignore[union-attr]
-        server = self.server
-        if server is not None and self.status < 500 and self.pinned is None:
-            # (release_server's common case)
-            self.server = None
-            pool = self.pool
-            assert pool is not None
-            server.consecutive_failures = 0
-            if server.ejections:
-                pool.record_success(server)
-            pool.release(server)
-        else:
-            self.release_server(ok=self.status < 500)
+        self.release_server(ok=self.status < 500)
         frontend.count(self, now)
         self.client.exchange_done(self, now)
 
@@ -983,11 +952,13 @@ class HTTPConnection(Protocol):
         self._arm_head_timer()
         self.pump()
 
-    def _arm_head_timer(self) -> None:
-        timeout = self.frontend.header_timeout
+    def _arm_head_timer(self, now: float | None = None) -> None:
+        frontend = self.frontend
+        timeout = frontend.header_timeout
         if timeout > 0 and self.head_deadline is None:
-            self.head_deadline = self.frontend.clock.seconds() + timeout
-            self.frontend.watch_deadlines()
+            self.head_deadline = (now if now is not None else frontend.clock.seconds()) + timeout
+            if frontend._deadlines is None:
+                frontend.watch_deadlines()
 
     def head_timed_out(self) -> None:
         self.head_deadline = None
@@ -1111,12 +1082,7 @@ class HTTPConnection(Protocol):
             self.closing = True
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
-        frontend = self.frontend
-        if frontend.header_timeout > 0 and self.head_deadline is None:
-            # (_arm_head_timer, inline)
-            self.head_deadline = (now if now is not None else frontend.clock.seconds()) + frontend.header_timeout
-            if frontend._deadlines is None:
-                frontend.watch_deadlines()
+        self._arm_head_timer(now)
         if self.events:
             self.pump()
 

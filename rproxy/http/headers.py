@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable
 
 __all__ = ["HOP_BY_HOP", "request_head", "response_head", "response_fields", "scan_response_head",
-           "finish_scanned_head", "fields_of", "connection_tokens"]
+           "finish_scanned_head"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -48,17 +48,6 @@ _REASONS = {
 
 def reason(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
-
-
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    """
-    The lower-case field names listed in Connection fields.
-    """
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
 
 
 def _named(value: bytes, named: set[bytes] | None) -> set[bytes] | None:
@@ -288,18 +277,6 @@ def scan_response_head(head: bytes, upgrade: bool = False) -> tuple[bytes, bytes
         kept.append(block[last:])
         block = b"".join(kept)
     return head[:cut], block, has_length, encoded
-
-
-def fields_of(block: bytes) -> list[tuple[bytes, bytes]]:
-    """
-    The (name, value) pairs of a CRLF-prefixed field block.
-    """
-    pairs = []
-    for line in block.split(b"\r\n"):
-        if line:
-            name, _, value = line.partition(b":")
-            pairs.append((name, value.strip(b" \t")))
-    return pairs
 
 
 def finish_scanned_head(
