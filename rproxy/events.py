@@ -46,6 +46,7 @@ class EventSink:
         self.sent = 0
         self.dropped = 0
         self._flushing = False
+        self._stopped = False
         self._timer: IDelayedCall | None = None
         self._prefix = f"{os.getpid()}-{secrets.token_hex(4)}-"
         self._serial = 0
@@ -63,7 +64,7 @@ class EventSink:
         # serialised with its batch, in one call, when it is sent
         event["_id"] = f"{self._prefix}{self._serial}"
         self.buffer.append((stream, event))
-        if not self._flushing and self._timer is None:
+        if not self._flushing and self._timer is None and not self._stopped:
             # gather what else comes in the next few milliseconds into the
             # same XADDs
             self._timer = self.clock.callLater(FLUSH_DELAY, self._flush)
@@ -100,12 +101,14 @@ class EventSink:
 
     def _failed(self, failure: Any) -> None:
         self._flushing = False
-        if self._timer is None:
+        # (a send that fails after stop() tries no more: the service is gone)
+        if self._timer is None and not self._stopped:
             log.warn("events: Redis unavailable ({why}); {n} events buffered",
                      why=failure.type.__name__, n=len(self.buffer))
             self._timer = self.clock.callLater(1.0, self._flush)
 
     def stop(self) -> None:
+        self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

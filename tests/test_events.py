@@ -104,3 +104,23 @@ class EventTests(BothServers, TestCase):
         events = [e for _, fields in entries for e in json.loads(dict(zip(fields[::2], fields[1::2], strict=True))["data"])]
         self.assertEqual(sorted(e["at"] for e in events), [1_700_000_200 + i for i in range(10)])
         self.assertLess(len(entries), 10)  # batched: fewer entries than events
+
+    @async_test
+    async def test_stop_ends_retries(self) -> None:
+        """
+        A sink stopped while a send to a dead Redis is in flight schedules
+        no retry when that send fails (it would outlive the service).
+        """
+        conn, redis = await self.setup()
+        await redis.execute_command("PING")
+        self.redis.stop()  # type: ignore[attr-defined]
+        self.addCleanup(self.redis.start)  # type: ignore[attr-defined]
+        sink = EventSink(redis, reactor)
+        self.addCleanup(sink.stop)
+        sink.emit(HEARTBEATS, beat("gpu-04", 1_700_000_300))
+        await wait_for(lambda: sink._flushing, timeout=5)
+        sink.stop()
+        await wait_for(lambda: not sink._flushing, timeout=10)
+        self.assertIsNone(sink._timer)
+        sink.emit(HEARTBEATS, beat("gpu-04", 1_700_000_301))
+        self.assertIsNone(sink._timer)
