@@ -199,10 +199,14 @@ class UpstreamConnection(Protocol):
         try:
             if self.head_start >= 0:
                 # keep the head's bytes; llhttp sets no limit on a head: a
-                # server's is bounded like a client's (max_head)
-                raw = self.raw = self.raw + data if self.raw else data
-                if len(raw) - self.head_start > exchange.frontend.max_head + len(data):
-                    raise ValueError("response head too large")
+                # server's is bounded like a client's (max_head), checked
+                # when it spans reads (one read is bounded by the transport)
+                if self.raw:
+                    raw = self.raw = self.raw + data
+                    if len(raw) - self.head_start > exchange.frontend.max_head + len(data):
+                        raise ValueError("response head too large")
+                else:
+                    self.raw = data
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0] if upgrade.args else len(data)
@@ -680,7 +684,8 @@ class Exchange:
             return
         head = self.head
         line, block, has_length, encoded = scan_response_head(raw_head)
-        no_body = status < 200 or status == 204 or status == 304 or head.method == b"HEAD"
+        # (interim answers never get here: on_headers_complete passes them on)
+        no_body = status == 204 or status == 304 or head.method == b"HEAD"
         if no_body:
             framing = "none"
         elif has_length:
