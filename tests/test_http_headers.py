@@ -76,6 +76,17 @@ class RequestHeadTests(SynchronousTestCase):
             b"Via: 1.1 rproxy", b"Transfer-Encoding: chunked",
         ])
 
+    def test_plain_connection_values(self) -> None:
+        """
+        Connection: close or keep-alive (any of their usual spellings)
+        names no field; a list that also names one still drops that one.
+        """
+        for value in (b"close", b"Close", b"keep-alive", b"Keep-Alive", b"keep-alive, close"):
+            lines = self.head([(b"Connection", value), (b"Close", b"1"), (b"Keep-Alive", b"timeout=5")])
+            self.assertEqual(lines[1], b"Close: 1", value)
+        lines = self.head([(b"Connection", b"Close, X-Hop"), (b"X-Hop", b"1"), (b"X-Kept", b"2")])
+        self.assertEqual(lines[1], b"X-Kept: 2")
+
     def test_framing_set_by_proxy(self) -> None:
         lines = self.head([(b"Host", b"h")], content_length=12)
         self.assertEqual(lines[-1], b"Content-Length: 12")

@@ -50,11 +50,16 @@ def reason(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
+_NAMING_NOTHING = frozenset({b"close", b"keep-alive", b"Close", b"Keep-Alive", b"keep-alive, close"})
+
+
 def _named(value: bytes, named: set[bytes] | None) -> set[bytes] | None:
     """
     Add the field names a Connection field lists (beyond keep-alive and
     close, which name no field) to C{named}.
     """
+    if value in _NAMING_NOTHING:
+        return named  # the common case, without taking the value apart
     tokens = {t.strip().lower() for t in value.split(b",")} - {b"", b"keep-alive", b"close"}
     if not tokens:
         return named
