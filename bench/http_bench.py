@@ -5,12 +5,16 @@ with nginx (100-byte responses) as the backend, in one run.  Proxies on
 core 0, wrk and nginx on core 1.  Prints keep-alive and Connection: close
 req/s, p99 latency, and the ratios the issue names.
 
-Each round measures every path once, one after the other, so that paths
-measured in the same round saw the same machine; ratios are given per
-round and from the medians over the rounds (a shared machine's speed
-drifts by more than the differences measured).
+Each round measures every path once, one after the other (each round
+starting with the next path, so that none always follows another), so
+that paths measured in the same round saw the same machine; ratios are
+given per round and from the medians over the rounds.  A shared machine's
+speed drifts by more than the differences measured (the same process, same
+work per request, took 53 to 77 us of CPU per request from one 8-second
+run to the next): many short rounds give steadier medians than a few long
+ones.
 
-    bench/http.sh [--duration 10] [--connections 50] [--rounds 3]
+    bench/http.sh [--duration 4] [--connections 50] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -95,10 +99,10 @@ def seconds(latency: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--duration", type=int, default=4)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--idle", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     need("nginx", "haproxy", "wrk", "taskset")
     work = tempfile.mkdtemp(prefix="rproxy-http-bench-")
@@ -131,7 +135,8 @@ frontends: [{{name: fe, protocol: http, listen: "127.0.0.1:{rproxy}", backend: b
         runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in targets}
         print(f"{'round':5} {'path':9} {'keep-alive req/s':>17} {'p99':>10} {'close req/s':>12} {'p99':>10}")
         for round_ in range(1, args.rounds + 1):
-            for name, port in targets:
+            shift = (round_ - 1) % len(targets)
+            for name, port in targets[shift:] + targets[:shift]:
                 ka, ka_p99 = wrk(port, args.duration, args.connections, False)
                 cl, cl_p99 = wrk(port, args.duration, args.connections, True)
                 runs[name].append((ka, cl, seconds(ka_p99)))
