@@ -363,10 +363,13 @@ class TCPFrontend(Factory):
 
     def forget(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
-        try:
-            self.waiting.remove(conn)
-        except ValueError:
-            pass
+        if self.waiting:
+            # (O(n), and raises for a connection that is not waiting: only
+            # looked at while connections wait)
+            try:
+                self.waiting.remove(conn)
+            except ValueError:
+                pass
         self.closed_bytes_out += conn.received
         if conn.backend is not None:
             self.closed_bytes_in += conn.backend.received

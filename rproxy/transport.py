@@ -80,6 +80,8 @@ class _ImmediateSendMixin:
     # True while registered for writability, i.e. while the buffered
     # path holds data or a close/half-close is pending.
     _rpQueued = False
+    # True while registered for reading (pausing unregisters).
+    _rpReading = False
     # Set once the connection is closing, aborting or half-closed for
     # writing: from then on every write takes the base class's path.
     _rpNoFast = False
@@ -95,6 +97,7 @@ class _ImmediateSendMixin:
         # default the slow one); set before the base class's __init__, which
         # may already start writing.
         self._rpQueued = self._rpNoFast = self._rpWriteClosed = self._rpClosing = False
+        self._rpReading = False
         self.TLS = False
         self.disconnecting = False
         self.producer = None
@@ -115,13 +118,26 @@ class _ImmediateSendMixin:
         self.protocol.dataReceived(data)  # type: ignore[attr-defined]
         return None
 
+    def startReading(self) -> None:
+        self._rpReading = True
+        super().startReading()  # type: ignore[misc]
+
+    def stopReading(self) -> None:
+        # (not registered: nothing to undo; connectionLost always asks,
+        # after a fast close has already stopped reading)
+        if self._rpReading:
+            self._rpReading = False
+            super().stopReading()  # type: ignore[misc]
+
     def startWriting(self) -> None:
         self._rpQueued = True
         super().startWriting()  # type: ignore[misc]
 
     def stopWriting(self) -> None:
-        self._rpQueued = False
-        super().stopWriting()  # type: ignore[misc]
+        # (not registered: nothing to undo; connectionLost always asks)
+        if self._rpQueued:
+            self._rpQueued = False
+            super().stopWriting()  # type: ignore[misc]
 
     def _rpIdle(self) -> bool:
         """

@@ -412,6 +412,64 @@ class ImmediateSendTests(ServiceMixin, TestCase):
         await turn()
 
 
+    @async_test
+    async def test_registration_follows_pause_and_close(self) -> None:
+        """
+        The transport's own record of its reactor registration (which lets
+        connectionLost skip undoing what is already undone) follows
+        pauseProducing, resumeProducing, a buffered write and a close.
+        """
+        from twisted.internet.protocol import Factory, Protocol
+
+        from rproxy.transport import listen_tcp
+        from tests.support import reactor
+
+        accepted: list[Protocol] = []
+        lost: list[object] = []
+
+        class Hold(Protocol):
+            def connectionMade(self) -> None:
+                accepted.append(self)
+
+            def connectionLost(self, reason: object = None) -> None:
+                lost.append(reason)
+
+        port = listen_tcp(reactor, 0, Factory.forProtocol(Hold), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(sock.close)
+        await wait_for(lambda: bool(accepted))
+        transport = accepted[0].transport
+        self.assertIn(transport, reactor.getReaders())
+        transport.pauseProducing()
+        self.assertNotIn(transport, reactor.getReaders())
+        transport.resumeProducing()
+        self.assertIn(transport, reactor.getReaders())
+        # more than the socket takes at once: the rest waits for writability
+        transport.write(b"x" * (8 << 20))
+        self.assertIn(transport, reactor.getWriters())
+        transport.loseConnection()
+        # (read without blocking: the reactor runs in this thread)
+        sock.setblocking(False)
+        received, closed = 0, False
+
+        def read() -> bool:
+            nonlocal received, closed
+            try:
+                while chunk := sock.recv(1 << 20):
+                    received += len(chunk)
+                closed = True
+            except BlockingIOError:
+                pass
+            return closed
+
+        await wait_for(read, timeout=10)
+        self.assertEqual(received, 8 << 20)
+        await wait_for(lambda: bool(lost))
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertNotIn(transport, reactor.getWriters())
+
+
 class ProbeTests(ServiceMixin, TestCase):
     """
     The real probes against real servers on loopback.
