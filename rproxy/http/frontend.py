@@ -916,9 +916,10 @@ class HTTPConnection(Protocol):
     A client connection of an HTTP frontend.
     """
 
-    def __init__(self, frontend: HTTPFrontend) -> None:
+    def __init__(self, frontend: HTTPFrontend, peer: Any = None) -> None:
         # every field is set here, none left to a class default: reading
         # an instance's own field is the fast path of attribute access
+        self.peer = peer  # the client's address, as the port accepted it
         self.exchange: Exchange | None = None
         self.backend = None  # (TCPFrontend's bookkeeping)
         self.counted = False
@@ -947,7 +948,8 @@ class HTTPConnection(Protocol):
 
     def connectionMade(self) -> None:
         _nodelay(self.transport)
-        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        # the address the port accepted from (getPeer() would make another)
+        peer = self.peer if self.peer is not None else self.transport.getPeer()  # type: ignore[union-attr]
         self.peer_host = getattr(peer, "host", "unix")
         self.peer_ip = self.peer_host.encode("ascii", "replace")
         self.frontend.admit(self)
@@ -1188,7 +1190,7 @@ class HTTPFrontend(TCPFrontend):
         self.scheme = b"https" if config.listen.startswith("ssl:") or config.tls else b"http"
 
     def buildProtocol(self, addr: object) -> HTTPConnection:  # type: ignore[override]
-        return HTTPConnection(self)
+        return HTTPConnection(self, addr)
 
     def watch_deadlines(self) -> None:
         """
