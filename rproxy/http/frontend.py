@@ -234,16 +234,20 @@ class UpstreamConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
         self.upstreams.discard(self)
+        # the parser calls back this object: drop it, or the two wait for
+        # the cycle collector (see RequestReader.close)
+        parser, self.parser = self.parser, None
+        self.parser_clean = False
         exchange = self.exchange
         if exchange is None:
             return
         if exchange.upgraded:
             exchange.client.transport.loseConnection()  # type: ignore[union-attr]
             return
-        if self.parser is not None and exchange.response_started and not exchange.response_done:
+        if parser is not None and exchange.response_started and not exchange.response_done:
             # a close-delimited body ends here
             try:
-                self.parser.feed_data(b"")
+                parser.feed_data(b"")
             except httptools.HttpParserError:
                 pass
             if exchange.close_delimited and not exchange.response_done:
@@ -1141,6 +1145,7 @@ class HTTPConnection(Protocol):
             else:
                 exchange.abandon()
         self.exchange = self.upgraded_exchange = None
+        self.reader.close()
         if self.lease is not None:
             self.lease.release()
         self.frontend.forget(self)  # type: ignore[arg-type]

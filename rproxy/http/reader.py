@@ -314,6 +314,17 @@ class RequestReader:
         events, self._events = self._events, []
         return events
 
+    def close(self) -> None:
+        """
+        Let go of the parser.  It and this reader refer to each other (it
+        calls back this reader's methods): a reader whose connection has
+        ended would otherwise wait for Python's cycle collector, and a
+        proxy that closes thousands of connections a second would make it
+        run often and long.  The reader reads no more after this.
+        """
+        self._parser = None
+        self._events = []
+
     @property
     def in_head(self) -> bool:
         """

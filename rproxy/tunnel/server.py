@@ -458,6 +458,7 @@ class PublicProtocol(EarlyDataEnd):
         server.observe_open(server.clock.seconds() - self.started)
         if self.reader is not None:
             self.rewrite_head()
+            self.reader.close()
             self.reader = None
             # requests with a shared key are recorded when their stream ends
             self.recorded = self.key_name is not None and not agent.dedicated
@@ -467,6 +468,8 @@ class PublicProtocol(EarlyDataEnd):
 
     def end_lost(self, reason: Failure) -> None:
         self.server.public_connections.discard(self)
+        if self.reader is not None:
+            self.reader.close()  # (see RequestReader.close)
         if self._head_timer is not None and self._head_timer.active():
             self._head_timer.cancel()
         self._head_timer = None
