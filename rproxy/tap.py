@@ -7,6 +7,7 @@ stops twistd before it starts, with one line per problem and no traceback.
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from typing import Any
@@ -71,7 +72,21 @@ def makeService(options: Options) -> RProxyService:
 
     service = build_service(options["parsed"], reactor, config_path=options["config"])
     _install_signals(reactor, service)
+    reactor.callWhenRunning(freeze_startup_heap)
     return service
+
+
+def freeze_startup_heap() -> None:
+    """
+    Put what start-up made (modules, classes, the configuration) out of
+    the cycle collector's reach.  A full collection otherwise walks that
+    whole heap, 45-60 ms here, during which no connection is served; with
+    it frozen, a full collection walks only what was made since.  Run
+    once, when the reactor starts (what a reload replaces later stays
+    frozen: one configuration's worth, once).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _install_signals(reactor: Any, service: RProxyService) -> None:
