@@ -92,11 +92,24 @@ class SpliceEnd(Protocol):
             peer.transport.unregisterProducer()  # type: ignore[union-attr]
             peer.transport.loseConnection()  # type: ignore[union-attr]
         self.end_lost(reason)
+        if peer is None or peer.lost:
+            # both ends are done: the references between them would
+            # otherwise be a cycle left for Python's collector
+            self.unlink()
+            if peer is not None:
+                peer.unlink()
 
     def end_lost(self, reason: Failure) -> None:
         """
         Called once this end's connection is gone; for subclasses.
         """
+
+    def unlink(self) -> None:
+        """
+        Drop references to the other end; called when neither is needed
+        any more (subclasses drop theirs too).
+        """
+        self.peer = None
 
 
 def _close_pair(a: SpliceEnd, b: SpliceEnd) -> None:

@@ -59,6 +59,10 @@ class BackendConnection(SpliceEnd):
     def end_lost(self, reason: Failure) -> None:
         self.client.backend_lost(self)
 
+    def unlink(self) -> None:
+        super().unlink()
+        self.client = None  # type: ignore[assignment]
+
 
 class _BackendFactory(ClientFactory):
     protocol = None  # type: ignore[assignment]
@@ -216,6 +220,10 @@ class ClientConnection(EarlyDataEnd):
         self._cancel_pending()
         self._early = None
         self.frontend.forget(self)
+
+    def unlink(self) -> None:
+        super().unlink()
+        self.backend = None
 
     def backend_lost(self, backend: BackendConnection) -> None:
         server = self.server

@@ -66,6 +66,36 @@ class TCPFrontendTests(ServiceMixin, TestCase):
         self.assertEqual([s["bytes_out"] for s in stats["backends"]], [10, 10, 10])
 
     @async_test
+    async def test_closed_pairs_need_no_cycle_collector(self) -> None:
+        """
+        A finished client/server pair is freed when both ends are gone, not
+        left as a cycle for Python's collector (which, under many short
+        connections, would run often and stall everything while it does).
+        """
+        import gc
+
+        from rproxy.tcp import BackendConnection, ClientConnection
+
+        _, port = await self.backend("a")
+        service = await self.start_service(backends_config(port.getHost().port))
+        front = service.port_of("web")
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for _ in range(5):
+            client, _ = await self.greet(front)
+            client.transport.loseConnection()
+            await client.closed
+        await wait_for(lambda: service.frontends["web"].active == 0)
+        await turn(delay=0.05)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        self.addCleanup(gc.set_debug, 0)
+        gc.collect()
+        found = [o for o in gc.garbage if isinstance(o, (ClientConnection, BackendConnection))]
+        gc.garbage.clear()
+        self.assertEqual(found, [])
+
+    @async_test
     async def test_half_close(self) -> None:
         """
         The client's FIN reaches the backend as a FIN, and the backend's

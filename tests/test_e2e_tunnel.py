@@ -124,6 +124,35 @@ class TunnelTests(ServiceMixin, TestCase):
         self.assertEqual(self.tunnel.streams_opened, 1)
 
     @async_test
+    async def test_closed_streams_need_no_cycle_collector(self) -> None:
+        """
+        A finished public/proxy pair (on the server) is freed when both ends
+        are gone, not left as a cycle for Python's collector.
+        """
+        import gc
+
+        from rproxy.tunnel.server import ProxyProtocol, PublicProtocol
+
+        await self.start_tunnel()
+        await self.start_agent("a")
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for _ in range(3):
+            client = await self.public()
+            self.assertEqual(await client.read_until(b"\n"), b"a\n")
+            client.transport.loseConnection()
+            await client.closed
+        await wait_for(lambda: not self.tunnel.public_connections)
+        await turn(delay=0.1)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        self.addCleanup(gc.set_debug, 0)
+        gc.collect()
+        found = [o for o in gc.garbage if isinstance(o, (PublicProtocol, ProxyProtocol))]
+        gc.garbage.clear()
+        self.assertEqual(found, [])
+
+    @async_test
     async def test_bytes_both_ways_with_tls(self) -> None:
         """With tls on the tunnel, the agent verifies the server and streams flow."""
         await self.start_tunnel(tls=True)

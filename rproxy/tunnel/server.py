@@ -486,6 +486,10 @@ class PublicProtocol(EarlyDataEnd):
             if self.recorded:
                 self.record()
 
+    def unlink(self) -> None:
+        super().unlink()
+        self.proxy = None
+
     def record(self) -> None:
         """
         A request made with a shared key, for the event stream (stats).
@@ -586,6 +590,10 @@ class ProxyProtocol(SpliceEnd):
             except ValueError:
                 pass
             self.pooled_by = None
+
+    def unlink(self) -> None:
+        super().unlink()
+        self.public = None
 
 
 class _Factory(Factory):
