@@ -5,6 +5,7 @@ Helpers for end-to-end tests: real sockets on 127.0.0.1, port 0.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -251,3 +252,28 @@ def self_signed_pem(path: str, hostname: str = "localhost") -> bytes:
     with open(path, "wb") as f:
         f.write(key_pem + cert_pem)
     return cert_pem
+
+
+def collector_off(test: Any) -> None:
+    """
+    Collect what is garbage now, then keep Python's cycle collector off
+    until C{test} ends, so that L{left_for_collector} sees what the test
+    left behind.
+    """
+    gc.collect()
+    gc.disable()
+    test.addCleanup(gc.enable)
+
+
+def left_for_collector(kinds: tuple[type, ...]) -> list[Any]:
+    """
+    The objects of C{kinds} that reference counting could not free: those
+    only the cycle collector would (it is asked now, keeping what it finds).
+    """
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        return [o for o in gc.garbage if isinstance(o, kinds)]
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)

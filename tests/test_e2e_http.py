@@ -9,12 +9,23 @@ import hashlib
 import json
 from typing import Any
 
+import httptools
 from twisted.internet import protocol
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from tests.support import Client, ServiceMixin, async_test, connect, listen, turn, wait_for
+from tests.support import (
+    Client,
+    ServiceMixin,
+    async_test,
+    collector_off,
+    connect,
+    left_for_collector,
+    listen,
+    turn,
+    wait_for,
+)
 from tests.test_http_reader import MALFORMED
 
 
@@ -236,14 +247,10 @@ class HTTPTests(HTTPHelpers, TestCase):
         ends, not left for Python's cycle collector (whose full passes
         over a large heap stall every connection for tens of ms).
         """
-        import gc
-
         from rproxy.http.reader import RequestReader
 
         await self.start()
-        gc.collect()
-        gc.disable()
-        self.addCleanup(gc.enable)
+        collector_off(self)
         # the server closes the first upstream connection after answering
         _, data = await self.request(b"GET /close HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
         self.assertTrue(data.endswith(b"closing"), data)
@@ -252,13 +259,7 @@ class HTTPTests(HTTPHelpers, TestCase):
             self.assertIn(b" 200 ", data)
         self.assertEqual(self.backends[0][1].connections, 2)
         await turn(delay=0.05)
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        self.addCleanup(gc.set_debug, 0)
-        gc.collect()
-        found = [type(o).__name__ for o in gc.garbage
-                 if isinstance(o, RequestReader) or type(o).__name__.startswith("Http")]
-        gc.garbage.clear()
-        self.assertEqual(found, [])
+        self.assertEqual(left_for_collector((RequestReader, httptools.HttpRequestParser, httptools.HttpResponseParser)), [])
 
     @async_test
     async def test_headers(self) -> None:

@@ -19,7 +19,9 @@ from tests.support import (
     StreamFactory,
     async_test,
     backends_config,
+    collector_off,
     connect,
+    left_for_collector,
     listen,
     turn,
     wait_for,
@@ -72,28 +74,19 @@ class TCPFrontendTests(ServiceMixin, TestCase):
         left as a cycle for Python's collector (which, under many short
         connections, would run often and stall everything while it does).
         """
-        import gc
-
         from rproxy.tcp import BackendConnection, ClientConnection
 
         _, port = await self.backend("a")
         service = await self.start_service(backends_config(port.getHost().port))
         front = service.port_of("web")
-        gc.collect()
-        gc.disable()
-        self.addCleanup(gc.enable)
+        collector_off(self)
         for _ in range(5):
             client, _ = await self.greet(front)
             client.transport.loseConnection()
             await client.closed
         await wait_for(lambda: service.frontends["web"].active == 0)
         await turn(delay=0.05)
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        self.addCleanup(gc.set_debug, 0)
-        gc.collect()
-        found = [o for o in gc.garbage if isinstance(o, (ClientConnection, BackendConnection))]
-        gc.garbage.clear()
-        self.assertEqual(found, [])
+        self.assertEqual(left_for_collector((ClientConnection, BackendConnection)), [])
 
     @async_test
     async def test_half_close(self) -> None:

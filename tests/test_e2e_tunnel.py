@@ -28,7 +28,9 @@ from tests.support import (
     Client,
     ServiceMixin,
     async_test,
+    collector_off,
     connect,
+    left_for_collector,
     reactor,
     self_signed_pem,
     turn,
@@ -129,15 +131,11 @@ class TunnelTests(ServiceMixin, TestCase):
         A finished public/proxy pair (on the server) is freed when both ends
         are gone, not left as a cycle for Python's collector.
         """
-        import gc
-
         from rproxy.tunnel.server import ProxyProtocol, PublicProtocol
 
         await self.start_tunnel()
         await self.start_agent("a")
-        gc.collect()
-        gc.disable()
-        self.addCleanup(gc.enable)
+        collector_off(self)
         for _ in range(3):
             client = await self.public()
             self.assertEqual(await client.read_until(b"\n"), b"a\n")
@@ -145,12 +143,7 @@ class TunnelTests(ServiceMixin, TestCase):
             await client.closed
         await wait_for(lambda: not self.tunnel.public_connections)
         await turn(delay=0.1)
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        self.addCleanup(gc.set_debug, 0)
-        gc.collect()
-        found = [o for o in gc.garbage if isinstance(o, (PublicProtocol, ProxyProtocol))]
-        gc.garbage.clear()
-        self.assertEqual(found, [])
+        self.assertEqual(left_for_collector((PublicProtocol, ProxyProtocol)), [])
 
     @async_test
     async def test_bytes_both_ways_with_tls(self) -> None:
