@@ -10,7 +10,7 @@ import os
 import socket
 from typing import Any
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from rproxy.config import config_from_mapping
 from tests.support import (
@@ -434,6 +434,52 @@ class ImmediateSendTests(ServiceMixin, TestCase):
         server.transport.loseConnection()
         await turn()
 
+
+    @async_test
+    async def test_accepts_ipv4_and_ipv6(self) -> None:
+        """
+        The listening socket's own accept gives each connection a
+        non-blocking socket of the listener's family, and the factory the
+        client's address.
+        """
+        from twisted.internet.protocol import Factory, Protocol
+
+        from rproxy.transport import listen_tcp
+        from tests.support import reactor
+
+        accepted: list[Protocol] = []
+        addresses: list[Any] = []
+
+        class Hold(Protocol):
+            def connectionMade(self) -> None:
+                accepted.append(self)
+
+        class Recording(Factory):
+            def buildProtocol(self, addr: Any) -> Protocol:
+                addresses.append(addr)
+                return Hold()
+
+        for interface, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+            accepted.clear()
+            addresses.clear()
+            try:
+                port = listen_tcp(reactor, 0, Recording(), interface=interface)
+            except Exception as e:  # noqa: BLE001 - a machine without IPv6
+                raise SkipTest(f"cannot listen on {interface}: {e}") from None
+            self.addCleanup(port.stopListening)
+            sock = socket.create_connection((interface, port.getHost().port))
+            self.addCleanup(sock.close)
+            await wait_for(lambda: bool(accepted))
+            transport = accepted[0].transport
+            self.assertEqual(transport.socket.family, family)
+            self.assertFalse(transport.socket.getblocking())
+            self.assertEqual(addresses[0].host, interface)
+            self.assertEqual(addresses[0].port, sock.getsockname()[1])
+            transport.write(b"hi")
+            sock.settimeout(1.0)
+            self.assertEqual(sock.recv(10), b"hi")
+            transport.loseConnection()
+            await turn()
 
     @async_test
     async def test_registration_follows_pause_and_close(self) -> None:
