@@ -629,9 +629,7 @@ class Exchange:
             set_headers, remove,
         ))
         if frontend.response_timeout > 0:
-            self.deadline = frontend.clock.seconds() + frontend.response_timeout
-            if frontend._deadlines is None:
-                frontend.watch_deadlines()
+            self.deadline = frontend.deadline(frontend.response_timeout)
         self.ready_for_body = True
         if head.has_body:
             client = self.client
@@ -759,7 +757,7 @@ class Exchange:
         if not self.switching or self.finished:
             self.upstream_failed("unexpected protocol switch", invalid=True)
             return
-        self.cancel_timer()
+        self.deadline = None
         self.switching = False
         self.upgraded = True
         self.response_started = self.response_done = True
@@ -817,7 +815,7 @@ class Exchange:
         upstream, server, pool = self.upstream, self.server, self.pool
         if self.finished:
             return
-        self.cancel_timer()
+        self.deadline = None
         self.upstream = None
         if upstream is not None:
             upstream.exchange = None
@@ -846,9 +844,6 @@ class Exchange:
             self.acquire()
             return
         self.fail(502, f"upstream: {why}")
-
-    def cancel_timer(self) -> None:
-        self.deadline = None
 
     def timed_out(self) -> None:
         self.deadline = None
@@ -888,7 +883,7 @@ class Exchange:
             return
         self.finished = True
         self.status = status
-        self.cancel_timer()
+        self.deadline = None
         if self._pending is not None:
             d, self._pending = self._pending, None
             d.cancel()
@@ -902,7 +897,7 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self.cancel_timer()
+        self.deadline = None
         if self._pending is not None:
             d, self._pending = self._pending, None
             d.cancel()
@@ -967,9 +962,7 @@ class HTTPConnection(Protocol):
         frontend = self.frontend
         timeout = frontend.header_timeout
         if timeout > 0 and self.head_deadline is None:
-            self.head_deadline = (now if now is not None else frontend.clock.seconds()) + timeout
-            if frontend._deadlines is None:
-                frontend.watch_deadlines()
+            self.head_deadline = frontend.deadline(timeout, now)
 
     def head_timed_out(self) -> None:
         self.head_deadline = None
@@ -1190,22 +1183,24 @@ class HTTPFrontend(TCPFrontend):
         self.max_head = http.max_head
         # nothing but routes between a request and its pool (token pools
         # are looked at apart: they are attached after configure)
-        self.plain = not (http.cors or http.direct_routes)
+        self.plain = not (self.cors or self.direct_routes)
         self.sticky = http.sticky_cookie.encode() if http.sticky_cookie is not None else None
         self.scheme = b"https" if config.listen.startswith("ssl:") or config.tls else b"http"
 
     def buildProtocol(self, addr: object) -> HTTPConnection:  # type: ignore[override]
         return HTTPConnection(self, addr)
 
-    def watch_deadlines(self) -> None:
+    def deadline(self, timeout: float, now: float | None = None) -> float:
         """
-        Make sure the deadline sweep runs (header and response timeouts).
+        The time C{timeout} seconds from C{now} (the clock's time if None),
+        with the sweep that enforces header and response timeouts running.
         """
         if self._deadlines is None:
             http = self.config.http
             timeouts = [t for t in (http.header_timeout, http.response_timeout) if t > 0]
             tick = min(1.0, max(0.02, min(timeouts, default=1.0) / 4))
             self._deadlines = self.clock.callLater(tick, self._sweep_deadlines, tick)
+        return (now if now is not None else self.clock.seconds()) + timeout
 
     def _sweep_deadlines(self, tick: float) -> None:
         """

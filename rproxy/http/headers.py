@@ -66,8 +66,11 @@ def _named(value: bytes, named: set[bytes] | None) -> set[bytes] | None:
     return tokens if named is None else named | tokens
 
 
-def _drop_named(lines: list[bytes], named: set[bytes], first: int) -> list[bytes]:
-    # rare: Connection named a field; lines[first:] are "Name: value"
+def _drop_named(lines: list[bytes], named: set[bytes], first: int, upgrade: bool) -> list[bytes]:
+    # rare: Connection named a field; lines[first:] are "Name: value"; an
+    # upgrade keeps Upgrade even when Connection names it
+    if upgrade:
+        named = named - {b"upgrade"}
     return lines[:first] + [line for line in lines[first:] if line.partition(b":")[0].lower() not in named]
 
 
@@ -121,9 +124,7 @@ def request_head(
             continue
         lines.append(name + b": " + value)
     if named:
-        if upgrade:
-            named.discard(b"upgrade")
-        lines = _drop_named(lines, named, 1)
+        lines = _drop_named(lines, named, 1, upgrade)
     lines.append(
         b"X-Forwarded-For: " + forwarded_for + client_ip + b"\r\nX-Forwarded-Proto: " + proto
         + (b"\r\nX-Forwarded-Host: " + original_host if original_host else b"") + b"\r\nVia: 1.1 rproxy"
@@ -167,9 +168,7 @@ def response_fields(
                 continue
         lines.append(name + b": " + value)
     if named:
-        if upgrade:
-            named.discard(b"upgrade")
-        lines = _drop_named(lines, named, 0)
+        lines = _drop_named(lines, named, 0, upgrade)
     return lines, length, encoded
 
 
@@ -195,30 +194,12 @@ def response_head(
     @param framing: C{"length"} (Content-Length), C{"chunked"}, C{"close"}
         (the body ends when the connection does) or C{"none"} (no body).
     """
-    lines = response_fields(headers, upgrade)[0]
-    lines.append(b"Via: 1.1 rproxy")
-    for name, value in extra:
-        lines.append(name + b": " + value)
+    block = b"".join([b"\r\n" + line for line in response_fields(headers, upgrade)[0]])
     if framing == "length" or (framing == "none" and content_length is not None):
         # (a HEAD response's Content-Length is the entity's length)
-        lines.append(b"Content-Length: %d" % content_length)  # type: ignore[str-bytes-safe]
-    elif framing == "chunked":
-        lines.append(b"Transfer-Encoding: chunked")
-    if upgrade:
-        lines.append(b"Connection: upgrade")
-    elif close:
-        lines.append(b"Connection: close")
-    elif version == (1, 0):
-        lines.append(b"Connection: keep-alive")
-    lines.append(b"\r\n")
-    if version == (1, 1) and not reason_phrase and status in _STATUS_LINES:
-        first = _STATUS_LINES[status]
-    else:
-        first = b"HTTP/%d.%d %d %s" % (version[0], version[1], status, reason_phrase or reason(status))
-    return first + b"\r\n" + b"\r\n".join(lines)
-
-
-_STATUS_LINES = {status: b"HTTP/1.1 %d %s" % (status, phrase) for status, phrase in _REASONS.items()}
+        extra = (*extra, (b"Content-Length", b"%d" % content_length))  # type: ignore[str-bytes-safe]
+    line = b"HTTP/1.1 %d %s" % (status, reason_phrase or reason(status))
+    return finish_scanned_head(status, line, block, version, framing, close, upgrade, extra)
 
 
 # The fields of a response head that rproxy acts on (each match runs to
