@@ -608,6 +608,70 @@ class ProbeTests(ServiceMixin, TestCase):
         await wait_for(lambda: server.up)
 
 
+    async def probe_and_watch_close(self, probe: Any, answer: bytes | None) -> Any:
+        """
+        Run C{probe} against a server that sends C{answer} (if any) once it
+        has read a request head, and never closes first; return how the
+        server saw the connection end.
+        """
+        from twisted.internet import defer, protocol
+
+        from rproxy.config import HealthCheckConfig, ServerConfig
+        from rproxy.pool import Server
+        from tests.support import reactor
+
+        ended: defer.Deferred[Any] = defer.Deferred()
+
+        class Patient(protocol.Protocol):
+            buffer = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                self.buffer += data
+                if answer is not None and b"\r\n\r\n" in self.buffer:
+                    self.transport.write(answer)
+                    self.buffer = b""
+
+            def connectionLost(self, reason: Any = None) -> None:
+                ended.callback([reason])
+
+        factory = protocol.Factory.forProtocol(Patient)
+        port = await listen(factory)
+        self.addCleanup(port.stopListening)
+        config = ServerConfig(name="w", address="x", host="127.0.0.1", port=port.getHost().port)
+        check = HealthCheckConfig(type="tcp" if answer is None else "http", timeout=5.0)
+        await probe(reactor, Server(config, "web"), check)
+        [reason] = await ended
+        return reason
+
+    @async_test
+    async def test_tcp_probe_closes_with_fin(self) -> None:
+        """
+        A tcp check closes its connection with a FIN: the server reads a
+        clean end of stream, not a reset (which servers log as an error).
+        """
+        from twisted.internet import error
+
+        from rproxy.health import tcp_probe
+
+        reason = await self.probe_and_watch_close(tcp_probe, None)
+        self.assertTrue(reason.check(error.ConnectionDone), reason)
+
+    @async_test
+    async def test_http_probe_closes_cleanly(self) -> None:
+        """
+        An http check whose server answers and then waits for the client to
+        close (with a body the check does not read) ends with a FIN both
+        ways: the server reads a clean end of stream, not a reset.
+        """
+        from twisted.internet import error
+
+        from rproxy.health import http_probe
+
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000
+        reason = await self.probe_and_watch_close(http_probe, answer)
+        self.assertTrue(reason.check(error.ConnectionDone), reason)
+
+
 class ListenerTypesTests(ServiceMixin, TestCase):
     """
     Listen addresses are Twisted endpoint strings: unix: and ssl: work.
