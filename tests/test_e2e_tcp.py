@@ -672,6 +672,54 @@ class ProbeTests(ServiceMixin, TestCase):
         self.assertTrue(reason.check(error.ConnectionDone), reason)
 
 
+    @async_test
+    async def test_http_probe_cut_short_after_its_verdict(self) -> None:
+        """
+        A server that answers, then keeps the connection open past the
+        client's FIN: when the check's time is up, the probe reports the
+        verdict it reached and closes its connection (not left open).
+        """
+        from twisted.internet import error, protocol
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+        from zope.interface import implementer
+
+        from rproxy.config import HealthCheckConfig, ServerConfig
+        from rproxy.health import http_probe
+        from rproxy.pool import Server
+        from tests.support import reactor
+
+        state: dict[str, Any] = {}
+
+        @implementer(IHalfCloseableProtocol)
+        class Stubborn(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                state["server"] = self
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+            def readConnectionLost(self) -> None:
+                state["fin"] = True  # and stays open
+
+            def connectionLost(self, reason: Any = None) -> None:
+                state["lost"] = reason
+
+        port = await listen(protocol.Factory.forProtocol(Stubborn))
+        self.addCleanup(port.stopListening)
+        config = ServerConfig(name="w", address="x", host="127.0.0.1", port=port.getHost().port)
+        d = http_probe(reactor, Server(config, "web"), HealthCheckConfig(type="http", timeout=5.0))
+        await wait_for(lambda: "fin" in state)
+        self.assertNoResult(d)
+        d.cancel()
+        self.assertIsNone(self.successResultOf(d))
+
+        def reset_seen() -> bool:
+            # (the server no longer reads: it hears of the reset on writing)
+            state["server"].transport.write(b"more")
+            return "lost" in state
+
+        await wait_for(reset_seen)
+        self.assertTrue(state["lost"].check(error.ConnectionLost), state["lost"])
+
+
 class ListenerTypesTests(ServiceMixin, TestCase):
     """
     Listen addresses are Twisted endpoint strings: unix: and ssl: work.
