@@ -28,15 +28,19 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rproxy.config import HealthCheckConfig
 from rproxy.pool import Pool, Server
+from rproxy.shortage import ShortageLog, is_local
 
 __all__ = ["HealthState", "HealthChecker", "ProbeFailed", "tcp_probe", "http_probe", "make_prober"]
 
-Prober = Callable[[Server, HealthCheckConfig], "defer.Deferred[object]"]
+# prober(server, config, tls): tls is the client TLS options object of an
+# http check of a TLS backend, loaded once per configuration, else None
+Prober = Callable[[Server, HealthCheckConfig, Any], "defer.Deferred[object]"]
 
 
 class ProbeFailed(Exception):
@@ -82,6 +86,11 @@ class HealthState:
 class HealthChecker:
     """
     Probe every server of a pool periodically and tell the pool what was seen.
+
+    A probe that could not even start for want of a local resource (at the
+    descriptor limit, say) counts as neither success nor failure: our own
+    shortage must not take healthy servers down.  Such probes are logged
+    once per episode.
     """
 
     log = Logger()
@@ -101,6 +110,7 @@ class HealthChecker:
         self._rng = rng or random.Random()
         self._loops: dict[int, _Loop] = {}
         self.running = False
+        self.shortage = ShortageLog(self.log, clock, f"health checks of backend {pool.name}")
 
     def start(self) -> None:
         self.running = True
@@ -109,7 +119,9 @@ class HealthChecker:
     def sync(self) -> None:
         """
         Start loops for servers that have none, stop those of servers that
-        left the pool; also applies a changed check configuration.
+        left the pool; also applies a changed check configuration.  Called
+        at start and on every reload, it (re)loads the TLS settings the
+        checks use, so that a probe reads no file.
         """
         config = self._pool.config.health_check
         current = {id(s): s for s in self._pool.servers}
@@ -120,11 +132,37 @@ class HealthChecker:
                 del self._loops[key]
         if not self.running or config.type == "none":
             return
+        loaded: dict[str, object] = {}
         for key, server in current.items():
-            if key not in self._loops:
-                loop = _Loop(self, server, config)
-                self._loops[key] = loop
-                loop.schedule(first=True)
+            loop = self._loops.get(key)
+            if loop is None:
+                loop = self._loops[key] = _Loop(self, server, config)
+                loop.tls = self._load_tls(config, server, loaded)
+                loop.start()
+            else:
+                loop.tls = self._load_tls(config, server, loaded)
+
+    def _load_tls(self, config: HealthCheckConfig, server: Server, loaded: dict[str, object]) -> object:
+        """
+        The client TLS options of C{server}'s checks (None: plain), or the
+        L{Failure} of loading them, which every probe then reports.
+        """
+        tls = config.tls
+        if config.type != "http" or tls is None:
+            return None
+        name = tls.server_name or server.host
+        if name not in loaded:
+            from rproxy.tls import client_tls_options
+
+            try:
+                loaded[name] = client_tls_options(name, tls.ca, tls.verify)
+            except Exception:
+                loaded[name] = failure = Failure()
+                self.log.error(
+                    "health checks of backend {backend}: cannot load the TLS settings: {why}",
+                    backend=self._pool.name, why=failure.getErrorMessage(),
+                )
+        return loaded[name]
 
     def stop(self) -> None:
         self.running = False
@@ -140,58 +178,111 @@ class HealthChecker:
 
 
 class _Loop:
+    """
+    The checks of one server: a L{LoopingCall} every C{interval}, each
+    check starting after a random part of C{jitter * interval} (so that
+    checks of many servers do not fire in lockstep), the next one waiting
+    for the last.  Whatever goes wrong in a check is logged and the loop
+    goes on.
+    """
+
     def __init__(self, checker: HealthChecker, server: Server, config: HealthCheckConfig) -> None:
         self.checker = checker
         self.server = server
         self.config = config
+        self.tls: object = None
         self.state = HealthState(config.rise, config.fall, up=server.up)
+        self.loop = LoopingCall(self.run)
+        self.loop.clock = checker._clock
         self.call: IDelayedCall | None = None
         self.probe: defer.Deferred[object] | None = None
+        self.round: defer.Deferred[None] | None = None
+        self.checked = False
         self.stopped = False
 
-    def schedule(self, first: bool = False) -> None:
-        jitter = self.config.jitter
-        factor = 1.0 + self.checker._rng.uniform(-jitter, jitter)
-        # the first check of a new server goes out soon, spread over
-        # the interval, so that a dead server is found quickly at startup
-        delay = self.config.interval * (self.checker._rng.uniform(0, 0.5) if first else factor)
-        self.call = self.checker._clock.callLater(delay, self.run)
+    def start(self) -> None:
+        # the first check of a new server goes out soon, spread over the
+        # interval, so that a dead server is found quickly at startup
+        delay = self.config.interval * self.checker._rng.uniform(0, 0.5)
+        self.call = self.checker._clock.callLater(delay, self._start_loop)
 
-    def run(self) -> None:
+    def _start_loop(self) -> None:
+        self.call = None
+        self.loop.start(self.config.interval, now=True).addErrback(self._loop_died)
+
+    def _loop_died(self, failure: Failure) -> None:
+        # run() never fails; should it all the same, say so
+        self.checker.log.failure("health checks of {server} stopped", failure, server=self.server.name)
+
+    def run(self) -> defer.Deferred[None]:
+        """
+        One check; the Deferred fires (never fails) once it is judged.
+        """
+        self.round = defer.Deferred()
+        # (the first check's start is random already)
+        offset = self.config.interval * self.config.jitter * self.checker._rng.random() if self.checked else 0
+        self.checked = True
+        if offset > 0:
+            self.call = self.checker._clock.callLater(offset, self._probe)
+        else:
+            self._probe()
+        return self.round
+
+    def _probe(self) -> None:
         self.call = None
         clock = self.checker._clock
         started = clock.seconds()
         try:
-            d = self.checker._prober(self.server, self.config)
+            if isinstance(self.tls, Failure):
+                d: defer.Deferred[object] = defer.fail(self.tls)
+            else:
+                d = self.checker._prober(self.server, self.config, self.tls)
             d.addTimeout(self.config.timeout, clock)
         except Exception:
             d = defer.fail(Failure())
         self.probe = d
+        d.addBoth(self._settle, started)
 
-        def done(result: object) -> None:
-            self.probe = None
-            if self.stopped:
-                return
-            ok = not isinstance(result, Failure)
-            reason = "check passed" if ok else _describe(result, self.config)  # type: ignore[arg-type]
-            if self.checker._observe is not None:
-                self.checker._observe(self.server, clock.seconds() - started, ok)
+    def _settle(self, result: object, started: float) -> None:
+        self.probe = None
+        try:
+            if not self.stopped:
+                self._judge(result, started)
+        except Exception:
+            self.checker.log.failure("health check of {server} failed", server=self.server.name)
+        finally:
+            finished, self.round = self.round, None
+            if finished is not None:
+                finished.callback(None)
+
+    def _judge(self, result: object, started: float) -> None:
+        checker = self.checker
+        if isinstance(result, Failure) and is_local(result):
+            # our shortage, not the server's fault: neither up nor down
+            checker.shortage.failed(result)
+            return
+        ok = not isinstance(result, Failure)
+        reason = "check passed" if ok else _describe(result, self.config)  # type: ignore[arg-type]
+        if checker._observe is not None:
             try:
-                self.checker._verdict(self.server, self.state, ok, reason)
+                checker._observe(self.server, checker._clock.seconds() - started, ok)
             except Exception:
-                self.checker.log.failure("health verdict for {server} failed", server=self.server.name)
-            self.schedule()
-
-        d.addBoth(done)
+                checker.log.failure("recording the health check of {server} failed", server=self.server.name)
+        checker._verdict(self.server, self.state, ok, reason)
 
     def stop(self) -> None:
         self.stopped = True
         if self.call is not None and self.call.active():
             self.call.cancel()
         self.call = None
+        if self.loop.running:
+            self.loop.stop()
         if self.probe is not None:
             self.probe.cancel()
             self.probe = None
+        if self.round is not None:
+            finished, self.round = self.round, None
+            finished.callback(None)
 
 
 def _describe(failure: Failure, config: HealthCheckConfig) -> str:
@@ -204,63 +295,132 @@ def _describe(failure: Failure, config: HealthCheckConfig) -> str:
 
 # -- probes ------------------------------------------------------------
 
+# what an HTTP probe reads and drops after the status line, waiting for the
+# server to close, before it gives up and resets the connection
+_DRAIN_LIMIT = 64 * 1024
+_UNDECIDED = object()
 
-class _TCPProbe(protocol.Protocol):
+
+class _Probe(protocol.Protocol):
+    """
+    The connection of one probe.  It closes without a reset (a reset makes
+    servers log an error for every check), and reports its verdict once
+    the connection is closed, so that nothing a probe opened outlives it.
+    """
+
     def __init__(self, done: defer.Deferred[object]) -> None:
         self.done = done
+        self.verdict: object = _UNDECIDED  # None: passed; else the exception
+
+    def judge(self, error: Exception | None) -> None:
+        if self.verdict is _UNDECIDED:
+            self.verdict = error
+            self.close()
+
+    def close(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def give_up(self) -> None:
+        """
+        The check's time is up: reset the connection, and report the
+        verdict if there is one already.
+        """
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+        self.report()
+
+    def report(self) -> None:
+        if self.done.called or self.verdict is _UNDECIDED:
+            return
+        if self.verdict is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(self.verdict)  # type: ignore[arg-type]
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.verdict is _UNDECIDED:
+            self.verdict = self.lost_early(reason)
+        self.report()
+
+    def lost_early(self, reason: Failure) -> Exception:
+        return ProbeFailed(f"connection closed: {reason.getErrorMessage()}")
+
+
+class _TCPProbe(_Probe):
+    """
+    Passes once connected; closes with a FIN at once.
+    """
 
     def connectionMade(self) -> None:
-        self.transport.abortConnection()  # type: ignore[union-attr]
-        self.done.callback(None)
+        self.judge(None)
 
 
-class _HTTPProbe(protocol.Protocol):
+class _HTTPProbe(_Probe):
     """
     Send one GET and read the status line; anything beyond it is ignored,
     and a status line longer than 4 KiB is a failure.
+
+    Once the status line is judged, the probe half-closes (plain TCP) and
+    reads what the server still sends until it closes: closing a socket
+    with unread bytes would send a reset.  Past L{_DRAIN_LIMIT} bytes it
+    resets after all.
     """
 
-    def __init__(self, request: bytes, expect: int, done: defer.Deferred[object]) -> None:
+    def __init__(self, request: bytes, expect: int, done: defer.Deferred[object], half_close: bool) -> None:
+        super().__init__(done)
+        self.half_close = half_close
         self.request = request
         self.expect = expect
-        self.done = done
         self.buffer = b""
+        self.drained = 0
 
     def connectionMade(self) -> None:
         self.transport.write(self.request)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
+        if self.verdict is not _UNDECIDED:
+            self.drained += len(data)
+            if self.drained > _DRAIN_LIMIT:
+                self.transport.abortConnection()  # type: ignore[union-attr]
             return
         self.buffer += data
         line, sep, _ = self.buffer.partition(b"\r\n")
         if not sep:
             if len(self.buffer) > 4096:
-                self._finish(ProbeFailed("status line too long"))
+                self.judge(ProbeFailed("status line too long"))
+                self.transport.abortConnection()  # type: ignore[union-attr]
             return
+        self.drained = len(self.buffer) - len(line) - 2
+        self.buffer = b""
         parts = line.split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            self._finish(ProbeFailed(f"not an HTTP response: {line[:80]!r}"))
+            self.judge(ProbeFailed(f"not an HTTP response: {line[:80]!r}"))
         elif int(parts[1]) != self.expect:
-            self._finish(ProbeFailed(f"status {int(parts[1])}, expected {self.expect}"))
+            self.judge(ProbeFailed(f"status {int(parts[1])}, expected {self.expect}"))
         else:
-            self._finish(None)
+            self.judge(None)
 
-    def _finish(self, error: Exception | None) -> None:
-        self.transport.abortConnection()  # type: ignore[union-attr]
-        if error is None:
-            self.done.callback(None)
-        else:
-            self.done.errback(error)
+    def close(self) -> None:
+        # we asked for Connection: close: the server closes after its
+        # answer; a FIN from us tells one that waits for it (under TLS,
+        # which cannot half-close, the check's timeout bounds the wait)
+        if self.half_close:
+            self.transport.loseWriteConnection()  # type: ignore[union-attr]
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        if not self.done.called:
-            self.done.errback(ProbeFailed("connection closed before a status line"))
+    def lost_early(self, reason: Failure) -> Exception:
+        return ProbeFailed("connection closed before a status line")
 
 
-def _probe(reactor: object, server: Server, timeout: float, build: Callable[[defer.Deferred[object]], protocol.Protocol],
+def _probe(reactor: object, server: Server, timeout: float, build: Callable[[defer.Deferred[object]], _Probe],
            tls: Any = None) -> defer.Deferred[object]:
-    done: defer.Deferred[object] = defer.Deferred()
+    probes: list[_Probe] = []
+
+    def cancel(d: defer.Deferred[object]) -> None:
+        connecting.cancel()
+        for probe in probes:
+            probe.give_up()
+
+    done: defer.Deferred[object] = defer.Deferred(cancel)
     endpoint: Any
     if isIPAddress(server.host):
         # no name resolution (HostnameEndpoint would use a resolver thread)
@@ -270,10 +430,14 @@ def _probe(reactor: object, server: Server, timeout: float, build: Callable[[def
     else:
         endpoint = HostnameEndpoint(reactor, server.host, server.port, timeout=max(timeout, 0.001))
     if tls is not None:
-        from rproxy.tls import client_tls_options
+        endpoint = wrapClientTLS(tls, endpoint)
 
-        endpoint = wrapClientTLS(client_tls_options(tls.server_name or server.host, tls.ca, tls.verify), endpoint)
-    factory = protocol.Factory.forProtocol(lambda: build(done))
+    def made() -> _Probe:
+        probe = build(done)
+        probes.append(probe)
+        return probe
+
+    factory = protocol.Factory.forProtocol(made)
     factory.noisy = False
     connecting = endpoint.connect(factory)
 
@@ -282,33 +446,32 @@ def _probe(reactor: object, server: Server, timeout: float, build: Callable[[def
             done.errback(reason)
 
     connecting.addErrback(failed)
-
-    def cancel(result: Failure) -> Failure:
-        if result.check(defer.CancelledError):
-            connecting.cancel()
-        return result
-
-    done.addErrback(cancel)
     return done
 
 
-def tcp_probe(reactor: object, server: Server, config: HealthCheckConfig) -> defer.Deferred[object]:
+def tcp_probe(reactor: object, server: Server, config: HealthCheckConfig, tls: Any = None) -> defer.Deferred[object]:
     """
     Succeed when a TCP connection to the server can be made.
     """
     return _probe(reactor, server, config.timeout, _TCPProbe)
 
 
-def http_probe(reactor: object, server: Server, config: HealthCheckConfig) -> defer.Deferred[object]:
+def http_probe(reactor: object, server: Server, config: HealthCheckConfig, tls: Any = None) -> defer.Deferred[object]:
     """
     Succeed when C{GET path} answers the expected status.
+
+    @param tls: the client TLS options when C{config.tls} is set (loaded
+        from C{config.tls} when not given).
     """
+    if config.tls is not None and tls is None:
+        from rproxy.tls import client_tls_options
+
+        tls = client_tls_options(config.tls.server_name or server.host, config.tls.ca, config.tls.verify)
     host = config.host or (f"[{server.host}]" if ":" in server.host else server.host) + f":{server.port}"
     lines = [f"GET {config.path} HTTP/1.1", f"Host: {host}", "Connection: close", "User-Agent: rproxy-health"]
     lines += [f"{name}: {value}" for name, value in config.headers]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return _probe(reactor, server, config.timeout, lambda d: _HTTPProbe(request, config.expect_status, d),
-                  tls=config.tls)
+    return _probe(reactor, server, config.timeout, lambda d: _HTTPProbe(request, config.expect_status, d, tls is None), tls)
 
 
 def make_prober(reactor: object) -> Prober:
@@ -316,9 +479,9 @@ def make_prober(reactor: object) -> Prober:
     The prober that dispatches on the check type, bound to a reactor.
     """
 
-    def prober(server: Server, config: HealthCheckConfig) -> defer.Deferred[object]:
+    def prober(server: Server, config: HealthCheckConfig, tls: Any) -> defer.Deferred[object]:
         if config.type == "http":
-            return http_probe(reactor, server, config)
+            return http_probe(reactor, server, config, tls)
         return tcp_probe(reactor, server, config)
 
     return prober

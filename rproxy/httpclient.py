@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet import defer, protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -57,7 +58,10 @@ class _BoundedBody(protocol.Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self.finished.called:
             return
-        if reason is None or reason.check(ResponseDone):
+        # PotentialDataLoss: the answer had no length and ended when the
+        # server closed (HTTP/1.0 style), which is how such an answer ends;
+        # a cut one fails to parse (the callers read JSON)
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
             self.finished.callback(b"".join(self.parts))
         else:
             self.finished.errback(ValueError(f"answer cut short: {reason.getErrorMessage()}"))

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from rproxy.config import FrontendConfig
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
+from rproxy.shortage import ShortageLog, is_local
 from rproxy.splice import EarlyDataEnd, SpliceEnd
 from rproxy.transport import connect_tcp
 
@@ -127,6 +128,22 @@ class ClientConnection(EarlyDataEnd):
         d = pool.acquire(key, self.tried)
         self._acquiring = d
         d.addCallbacks(self._connect, self._no_server)
+        d.addErrback(self._pick_failed)
+
+    def _pick_failed(self, reason: Failure) -> None:
+        """
+        Going on with a chosen server raised: a bug, logged; the client is
+        closed rather than left waiting with its reading paused.
+        """
+        self.frontend.log.failure(
+            "frontend {frontend}: going on with {server} failed", reason,
+            frontend=self.frontend.name, server=self.server.name if self.server is not None else "?",
+        )
+        if self.server is not None:
+            server, self.server = self.server, None
+            self.pool.release(server)
+        if not self.lost:
+            self._abort()
 
     def _no_server(self, reason: Failure) -> None:
         self._acquiring = None
@@ -165,6 +182,16 @@ class ClientConnection(EarlyDataEnd):
         if self.lost or reason.check(error.UserError):
             # we gave up (the client left), the server did nothing wrong
             pool.release(server)
+            return
+        if is_local(reason):
+            # our own shortage (descriptors, ...): not the server's fault,
+            # and another server would fail the same way
+            pool.release(server)
+            frontend = self.frontend
+            if frontend.shortage is None:
+                frontend.shortage = ShortageLog(frontend.log, frontend.clock, f"frontend {frontend.name}")
+            frontend.shortage.failed(reason)
+            self._abort()
             return
         why = reason.getErrorMessage()
         pool.record_failure(server, why)
@@ -254,6 +281,8 @@ class TCPFrontend(Factory):
 
     log = Logger()
     noisy = False
+    # logs connects that fail for want of local resources (made at the first)
+    shortage: ShortageLog | None = None
 
     def __init__(
         self,

@@ -447,10 +447,18 @@ class TokenPool:
         session.logging_in = True
         d = self._slots.run(self._login_fn, session.credential)
         d.addCallbacks(self._logged_in, self._login_failed, (session, kind), None, (session, kind))
-        d.addErrback(self._bug)
+        d.addErrback(self._bug, session, kind)
 
-    def _bug(self, failure: Failure) -> None:
-        self.log.failure("token pool {pool}: unexpected error", failure, pool=self.name)
+    def _bug(self, failure: Failure, session: Session, kind: str) -> None:
+        """
+        Handling a login's outcome raised: log it, and make sure the session
+        logs in again later (else it would hold no token for ever).
+        """
+        self.log.failure("token pool {pool}: unexpected error after a login of {session}", failure,
+                         pool=self.name, session=session.label)
+        session.logging_in = False
+        if self.running and session.timer is None:
+            session.timer = self.clock.callLater(self.config.retry_max, self._login, session, kind)
 
     def _counter(self, kind: str) -> collections.Counter[str]:
         return self.logins if kind == "login" else self.refreshes

@@ -55,6 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rproxy.config import split_endpoint
+from rproxy.shortage import LOCAL_ERRNOS, local_connect_error
 
 __all__ = [
     "ImmediateSendServer",
@@ -315,12 +316,16 @@ class PendingConnect:
         self.peer = _address(family, host, port)
         self.done = False
         self.timer: Any = None
-        # non-blocking from socket(2) on, saving an ioctl
+        # non-blocking from socket(2) on, saving an ioctl (an OSError here,
+        # at the descriptor limit say, is connect_tcp's to report)
         self.socket = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = self.socket.connect_ex((host, port))
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = self.socket.connect_ex((host, port))
+        except OSError as e:
+            err = e.errno or errno.EIO
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            self.timer = reactor.callLater(0, self._fail, error.getConnectError((err, os.strerror(err))))
+            self.timer = reactor.callLater(0, self._fail, _connect_error(err))
             return
         self.timer = reactor.callLater(timeout, self._fail, error.TimeoutError())
         reactor.addWriter(self)
@@ -336,7 +341,7 @@ class PendingConnect:
             return None
         err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._fail(error.getConnectError((err, os.strerror(err))))
+            self._fail(_connect_error(err))
             return None
         # unregister while fileno() is still valid: the epoll reactor looks
         # up a selectable whose fileno() is -1 by scanning all of them
@@ -357,7 +362,7 @@ class PendingConnect:
             return
         err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._fail(error.getConnectError((err, os.strerror(err))))
+            self._fail(_connect_error(err))
         else:
             self._fail(error.ConnectError(string=reason.getErrorMessage()))
 
@@ -376,6 +381,36 @@ class PendingConnect:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.socket.close()
+        self.factory.clientConnectionFailed(self, Failure(reason))
+
+
+def _connect_error(err: int) -> error.ConnectError:
+    """
+    The exception for a connect that failed with C{err}: a
+    L{LocalConnectError} when this process ran short of something.
+    """
+    if err in LOCAL_ERRNOS:
+        return local_connect_error(err)
+    return error.getConnectError((err, os.strerror(err)))
+
+
+class _Unstarted:
+    """
+    The connector of a connect the reactor refused to start (it raised):
+    the factory hears of it from the next reactor turn, as of any failed
+    connect, so that callers have one way to handle failures.
+    """
+
+    def __init__(self, reactor: Any, factory: Any, reason: Exception) -> None:
+        self.factory = factory
+        self.timer = reactor.callLater(0, self._fail, reason)
+
+    def stopConnecting(self) -> None:
+        if self.timer.active():
+            self.timer.cancel()
+            self._fail(error.UserError(string="connection was cancelled"))
+
+    def _fail(self, reason: Exception) -> None:
         self.factory.clientConnectionFailed(self, Failure(reason))
 
 
@@ -476,14 +511,23 @@ def connect_tcp(
     """
     Connect like C{reactor.connectTCP}, with an immediate-send connection
     when the reactor allows it.
+
+    Never raises for a connect that cannot start: every failure reaches
+    C{factory.clientConnectionFailed} from a later reactor turn, one for
+    want of a local resource (descriptors, ...) as a L{LocalConnectError}
+    or C{ConnectBindError} (see L{rproxy.shortage.is_local}).
     """
-    if not supports_immediate_send(reactor):
-        return reactor.connectTCP(host, port, factory, timeout, bindAddress)
-    if bindAddress is None and _is_ip(host):
-        return PendingConnect(reactor, host, port, factory, timeout)
-    connector = ImmediateSendConnector(host, port, factory, timeout, bindAddress, reactor)
-    connector.connect()
-    return connector
+    try:
+        if not supports_immediate_send(reactor):
+            return reactor.connectTCP(host, port, factory, timeout, bindAddress)
+        if bindAddress is None and _is_ip(host):
+            return PendingConnect(reactor, host, port, factory, timeout)
+        connector = ImmediateSendConnector(host, port, factory, timeout, bindAddress, reactor)
+        connector.connect()
+        return connector
+    except OSError as e:
+        reason = _connect_error(e.errno) if e.errno else error.ConnectError(string=str(e))
+        return _Unstarted(reactor, factory, reason)
 
 
 @implementer(IStreamServerEndpoint)

@@ -608,6 +608,118 @@ class ProbeTests(ServiceMixin, TestCase):
         await wait_for(lambda: server.up)
 
 
+    async def probe_and_watch_close(self, probe: Any, answer: bytes | None) -> Any:
+        """
+        Run C{probe} against a server that sends C{answer} (if any) once it
+        has read a request head, and never closes first; return how the
+        server saw the connection end.
+        """
+        from twisted.internet import defer, protocol
+
+        from rproxy.config import HealthCheckConfig, ServerConfig
+        from rproxy.pool import Server
+        from tests.support import reactor
+
+        ended: defer.Deferred[Any] = defer.Deferred()
+
+        class Patient(protocol.Protocol):
+            buffer = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                self.buffer += data
+                if answer is not None and b"\r\n\r\n" in self.buffer:
+                    self.transport.write(answer)
+                    self.buffer = b""
+
+            def connectionLost(self, reason: Any = None) -> None:
+                ended.callback([reason])
+
+        factory = protocol.Factory.forProtocol(Patient)
+        port = await listen(factory)
+        self.addCleanup(port.stopListening)
+        config = ServerConfig(name="w", address="x", host="127.0.0.1", port=port.getHost().port)
+        check = HealthCheckConfig(type="tcp" if answer is None else "http", timeout=5.0)
+        await probe(reactor, Server(config, "web"), check)
+        [reason] = await ended
+        return reason
+
+    @async_test
+    async def test_tcp_probe_closes_with_fin(self) -> None:
+        """
+        A tcp check closes its connection with a FIN: the server reads a
+        clean end of stream, not a reset (which servers log as an error).
+        """
+        from twisted.internet import error
+
+        from rproxy.health import tcp_probe
+
+        reason = await self.probe_and_watch_close(tcp_probe, None)
+        self.assertTrue(reason.check(error.ConnectionDone), reason)
+
+    @async_test
+    async def test_http_probe_closes_cleanly(self) -> None:
+        """
+        An http check whose server answers and then waits for the client to
+        close (with a body the check does not read) ends with a FIN both
+        ways: the server reads a clean end of stream, not a reset.
+        """
+        from twisted.internet import error
+
+        from rproxy.health import http_probe
+
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000
+        reason = await self.probe_and_watch_close(http_probe, answer)
+        self.assertTrue(reason.check(error.ConnectionDone), reason)
+
+
+    @async_test
+    async def test_http_probe_cut_short_after_its_verdict(self) -> None:
+        """
+        A server that answers, then keeps the connection open past the
+        client's FIN: when the check's time is up, the probe reports the
+        verdict it reached and closes its connection (not left open).
+        """
+        from twisted.internet import error, protocol
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+        from zope.interface import implementer
+
+        from rproxy.config import HealthCheckConfig, ServerConfig
+        from rproxy.health import http_probe
+        from rproxy.pool import Server
+        from tests.support import reactor
+
+        state: dict[str, Any] = {}
+
+        @implementer(IHalfCloseableProtocol)
+        class Stubborn(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                state["server"] = self
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+            def readConnectionLost(self) -> None:
+                state["fin"] = True  # and stays open
+
+            def connectionLost(self, reason: Any = None) -> None:
+                state["lost"] = reason
+
+        port = await listen(protocol.Factory.forProtocol(Stubborn))
+        self.addCleanup(port.stopListening)
+        config = ServerConfig(name="w", address="x", host="127.0.0.1", port=port.getHost().port)
+        d = http_probe(reactor, Server(config, "web"), HealthCheckConfig(type="http", timeout=5.0))
+        await wait_for(lambda: "fin" in state)
+        self.assertNoResult(d)
+        d.cancel()
+        self.assertIsNone(self.successResultOf(d))
+
+        def reset_seen() -> bool:
+            # (the server no longer reads: it hears of the reset on writing)
+            state["server"].transport.write(b"more")
+            return "lost" in state
+
+        await wait_for(reset_seen)
+        self.assertTrue(state["lost"].check(error.ConnectionLost), state["lost"])
+
+
 class ListenerTypesTests(ServiceMixin, TestCase):
     """
     Listen addresses are Twisted endpoint strings: unix: and ssl: work.

@@ -4,17 +4,21 @@ Tests for L{rproxy.health}.
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 import random
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from rproxy.config import BackendConfig, HealthCheckConfig, ServerConfig
+from rproxy.config import BackendConfig, HealthCheckConfig, ServerConfig, UpstreamTLSConfig
 from rproxy.health import HealthChecker, HealthState, ProbeFailed
 from rproxy.pool import Pool, Server
+from rproxy.shortage import LocalConnectError
+from tests.support import self_signed_pem
 
 
 class HealthStateTests(SynchronousTestCase):
@@ -40,10 +44,12 @@ class FakeProber:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, defer.Deferred[object]]] = []
+        self.tls: list[object] = []
 
-    def __call__(self, server: Server, config: HealthCheckConfig) -> defer.Deferred[object]:
+    def __call__(self, server: Server, config: HealthCheckConfig, tls: object) -> defer.Deferred[object]:
         d: defer.Deferred[object] = defer.Deferred()
         self.calls.append((server.name, d))
+        self.tls.append(tls)
         return d
 
 
@@ -165,3 +171,129 @@ class HealthCheckerTests(SynchronousTestCase):
         HealthChecker(pool, self.clock, self.prober).start()
         self.clock.advance(100)
         self.assertEqual(self.prober.calls, [])
+
+    def test_observer_error_does_not_stop_checks(self) -> None:
+        """
+        An observer that raises once is logged, and the checks (and their
+        verdicts) go on.
+        """
+        raised: list[str] = []
+
+        def observe(server: Server, seconds: float, ok: bool) -> None:
+            if not raised:
+                raised.append(server.name)
+                raise RuntimeError("observer bug")
+            self.observed.append((server.name, seconds, ok))
+
+        checker = HealthChecker(self.pool, self.clock, self.prober, observe, random.Random(4))
+        checker.start()
+        for _ in range(4):
+            self.run_round({"a": False, "b": True})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len([n for n, _ in self.prober.calls if n == raised[0]]), 4)
+        self.assertFalse(self.pool.servers[0].up)
+        checker.stop()
+
+    def test_local_failures_count_neither_way(self) -> None:
+        """
+        Probes that could not start for want of local resources (EMFILE, as
+        Twisted's connector and ours report it) neither take an up server
+        down nor bring a down one up; they are logged once.
+        """
+        self.checker.start()
+        a, b = self.pool.servers
+        for _ in range(3):
+            self.run_round({"a": False, "b": True})
+        self.assertEqual((a.up, b.up), (False, True))
+        for i in range(10):
+            for _ in range(100):
+                pending = [d for _, d in self.prober.calls if not d.called]
+                if len(pending) == 2:
+                    break
+                self.clock.advance(0.1)
+            for _, d in self.prober.calls:
+                if not d.called:
+                    if i % 2:
+                        d.errback(error.ConnectBindError(errno.EMFILE, "Too many open files"))
+                    else:
+                        d.errback(LocalConnectError(errno.EMFILE, "Too many open files"))
+        self.assertEqual((a.up, b.up), (False, True))
+        self.assertEqual((a.check_failures, b.check_failures), (3, 0))
+        self.assertEqual(len([e for e in self.events if "not the server's fault" in str(e.get("log_format"))]), 1)
+        self.assertEqual(self.checker.shortage.total, 20)
+        self.assertEqual(len(self.observed), 6)
+        for _ in range(2):
+            self.run_round({"a": True, "b": True})
+        self.assertTrue(a.up)
+
+    def test_checks_go_on_after_a_synchronous_error(self) -> None:
+        """A prober that raises counts as a failed check and the loop goes on."""
+        calls: list[str] = []
+
+        def prober(server: Server, config: HealthCheckConfig, tls: object) -> defer.Deferred[object]:
+            calls.append(server.name)
+            raise ValueError("prober bug")
+
+        pool = make_pool(self.clock, self.check)
+        HealthChecker(pool, self.clock, prober, rng=random.Random(1)).start()
+        self.clock.pump([0.1] * 100)
+        self.assertEqual(calls.count("a"), 5)
+        self.assertEqual(pool.servers[0].down_reason, "tcp check failed: prober bug")
+
+
+class HealthCheckTLSTests(SynchronousTestCase):
+    """
+    The TLS settings of http checks are loaded at start and on reload,
+    not per probe.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.prober = FakeProber()
+        self.ca = self.mktemp()
+        self_signed_pem(self.ca)
+        self.check = HealthCheckConfig(type="http", interval=2.0, timeout=1.0, jitter=0,
+                                       tls=UpstreamTLSConfig(ca=self.ca, server_name="localhost"))
+        self.pool = make_pool(self.clock, self.check)
+        self.checker = HealthChecker(self.pool, self.clock, self.prober, rng=random.Random(4))
+
+    def probe_rounds(self, n: int) -> None:
+        for _ in range(n):
+            self.clock.advance(2.0)
+            for _, d in self.prober.calls:
+                if not d.called:
+                    d.callback(None)
+
+    def test_loaded_once_and_on_reload(self) -> None:
+        """
+        Every probe gets the options loaded at start, even once the CA file
+        is gone; a reload (sync) loads them again.
+        """
+        self.checker.start()
+        self.probe_rounds(1)
+        first = self.prober.tls[0]
+        self.assertIsNotNone(first)
+        os.remove(self.ca)
+        self.probe_rounds(3)
+        self.assertEqual(len(self.prober.tls), 8)
+        self.assertTrue(all(tls is first for tls in self.prober.tls))
+        self.assertTrue(all(s.up for s in self.pool.servers))
+        self_signed_pem(self.ca)
+        self.checker.sync()
+        self.prober.tls.clear()
+        self.probe_rounds(1)
+        self.assertEqual(len(self.prober.tls), 2)
+        self.assertIsNot(self.prober.tls[0], first)
+
+    def test_unloadable_ca_fails_the_checks(self) -> None:
+        """A CA that cannot be loaded is logged once and every check fails with it."""
+        os.remove(self.ca)
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.checker.start()
+        self.probe_rounds(4)
+        self.assertEqual(self.prober.calls, [])
+        self.assertFalse(self.pool.servers[0].up)
+        self.assertIn("No such file", self.pool.servers[0].down_reason)
+        self.assertEqual(len([e for e in events if "cannot load the TLS" in str(e.get("log_format"))]), 1)

@@ -388,3 +388,28 @@ class LoginAnswerTests(SynchronousTestCase):
         self.assertRaises(LoginRefused, clean_token, "ab\x00cd")
         self.assertRaises(LoginRefused, clean_token, "  ")
         self.assertRaises(LoginRefused, clean_token, 42)
+
+
+class LoginLoopTests(SynchronousTestCase):
+    """
+    A session's login loop survives errors in the handling of a login.
+    """
+
+    def test_bad_login_result_is_logged_and_retried(self) -> None:
+        """
+        A login whose result breaks its handling (a ttl that is no number)
+        is logged, and the session logs in again after retry_max.
+        """
+        clock, logins = Clock(), Logins()
+        pool = TokenPool(pool_config(users=1), logins, clock, random.Random(1))
+        pool.start()
+        self.addCleanup(pool.stop)
+        [(_, d)] = logins.pending
+        logins.pending.clear()
+        d.callback(LoginResult("tok", "soon"))  # type: ignore[arg-type]
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+        self.assertFalse(pool.has_token())
+        clock.advance(pool.config.retry_max)
+        self.assertEqual(len(logins.pending), 1)
+        logins.answer_all()
+        self.assertTrue(pool.has_token())
