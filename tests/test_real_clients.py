@@ -218,13 +218,13 @@ class RealClientsMixin(ServiceMixin):
     async def start(self) -> None:
         self.web = WebBackend()
         web_port = await listen(QuietSite(self.web))
-        self.addCleanup(web_port.stopListening)  # type: ignore[attr-defined]
+        self.addCleanup(web_port.stopListening)
         self.websockets = WebSocketFactory()
         ws_port = await listen(self.websockets)
-        self.addCleanup(ws_port.stopListening)  # type: ignore[attr-defined]
-        self.pem = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        self.addCleanup(ws_port.stopListening)
+        self.pem = os.path.abspath(self.mktemp())
         self.cert = self_signed_pem(self.pem, "localhost")
-        self.b_pem = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        self.b_pem = os.path.abspath(self.mktemp())
         self.b_cert = self_signed_pem(self.b_pem, "b.example")
         self.ca = self.pem + ".crt"
         self.b_ca = self.b_pem + ".crt"
@@ -257,7 +257,7 @@ class RealClientsMixin(ServiceMixin):
         Run curl (no proxy from the environment, a 30 s cap); its exit
         status, standard output and error.
         """
-        home = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        home = os.path.abspath(self.mktemp())
         os.makedirs(home)
         out, err, code = await getProcessOutputAndValue(
             CURL, ("--noproxy", "*", "--max-time", "30", "-sS", *args),
@@ -269,7 +269,7 @@ class RealClientsMixin(ServiceMixin):
         """
         A file of C{size} deterministic bytes; its path and SHA-256.
         """
-        path = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        path = os.path.abspath(self.mktemp())
         block = hashlib.sha256(b"rproxy").digest() * 2048  # 64 KiB
         data = (block * (size // len(block) + 1))[:size]
         with open(path, "wb") as f:

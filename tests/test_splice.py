@@ -144,7 +144,7 @@ class TLSHalfCloseTests(SynchronousTestCase):
             def dataReceived(self, data: bytes) -> None:
                 self.received += data
 
-            def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+            def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
                 self.reasons.append(reason)
 
         self.peer = Peer()
