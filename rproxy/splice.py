@@ -11,8 +11,8 @@ same:
     C{bufferSize} (64 KiB) the other side stops reading until it drains.
     Memory per spliced pair is bounded by about two buffers plus one read.
   - Half-close: a FIN from one side (C{readConnectionLost}) becomes a
-    write shutdown towards the other side; the pair closes when both
-    directions have finished.
+    write shutdown towards the other side (L{shut_write}: a TCP FIN, or a
+    TLS close_notify); the pair closes when both directions have finished.
   - Teardown: when either connection is lost, the other is closed after
     it has flushed what it holds.
 
@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["SpliceEnd", "EarlyDataEnd", "splice", "EARLY_DATA_LIMIT"]
+__all__ = ["SpliceEnd", "EarlyDataEnd", "splice", "shut_write", "EARLY_DATA_LIMIT"]
 
 # What an end may receive before it is spliced; past this its reading is
 # paused (the rest waits in the kernel).
@@ -72,7 +73,7 @@ class SpliceEnd(Protocol):
         elif peer.read_closed:
             _close_pair(self, peer)
         else:
-            peer.transport.loseWriteConnection()  # type: ignore[union-attr]
+            shut_write(peer)
 
     def unspliced_eof(self) -> None:
         """
@@ -110,6 +111,38 @@ class SpliceEnd(Protocol):
         any more (subclasses drop theirs too).
         """
         self.peer = None
+
+
+def shut_write(end: SpliceEnd) -> None:
+    """
+    End what is written to C{end}'s connection and keep reading from it.
+
+    An end already lost is left alone: its connection is closed (writing to
+    it would register a closed descriptor with the reactor), and its loss
+    has already asked the other end to close.  That happens when the FIN
+    is read in the same reactor turn in which the peer went away: a read
+    event returned by one poll is handled even after the loss stopped
+    reading.
+
+    TLS has no write shutdown of its own: C{loseWriteConnection} on a TLS
+    transport is the TCP connection's beneath it (reached through
+    C{ProtocolWrapper.__getattr__}), a FIN that cuts the TLS stream without
+    a close_notify, on a socket that may already be closed when the TLS
+    layer has finished.  TLS ends its writing with close_notify, which the
+    TLS transport's C{loseConnection} sends once what is buffered is
+    written, while it keeps delivering what the peer sends until the
+    peer's own close_notify.  The producer registered on it (this end's
+    peer, whose reading just ended) is unregistered first, since the TLS
+    transport waits for its producer before it shuts down.
+    """
+    if end.lost:
+        return
+    transport = end.transport
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        transport.unregisterProducer()
+        transport.loseConnection()
+    else:
+        transport.loseWriteConnection()  # type: ignore[union-attr]
 
 
 def _close_pair(a: SpliceEnd, b: SpliceEnd) -> None:
@@ -169,4 +202,4 @@ class EarlyDataEnd(SpliceEnd):
             peer.transport.write(b"".join(early))  # type: ignore[union-attr]
         splice(self, peer)
         if self.read_closed:
-            peer.transport.loseWriteConnection()  # type: ignore[union-attr]
+            shut_write(peer)

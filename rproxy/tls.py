@@ -5,31 +5,59 @@ for connections to servers (verified with service-identity).
 A frontend's certificates are PEM files; the host names each one serves are
 read from its subjectAltName DNS entries (or its CN).  The first
 certificate is the default for clients that send no SNI or an unknown name.
+A certificate file may hold the whole chain (leaf first, as in a
+C{fullchain.pem}): the certificates after the first are sent with it.
+
+ALPN: an HTTP frontend selects C{http/1.1} when the client offers it; any
+other listener selects nothing, and a client offering only protocols we do
+not speak (C{h2} alone) goes on without ALPN, as it would with a server that
+knows no ALPN.  Twisted's own select callback is not used: with no
+protocols of its own it answers an empty selection, which OpenSSL turns
+into an C{internal_error} alert for every client that offers ALPN (curl,
+browsers, Python's C{ssl} with C{set_alpn_protocols}).  Listen strings of
+type C{ssl:} are served by the same code (L{ssl_server_endpoint}).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet import defer, ssl
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IProtocolNegotiationFactory,
+    IStreamServerEndpoint,
+)
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 __all__ = [
+    "HTTP_ALPN",
     "SNIServerCreator",
+    "TLSServerEndpoint",
     "load_pair",
     "server_tls_factory",
+    "ssl_server_endpoint",
     "client_tls_options",
     "names_of",
     "self_signed",
 ]
 
+# What an HTTP frontend speaks, for ALPN (it has no HTTP/2).
+HTTP_ALPN = (b"http/1.1",)
+
 
 def load_pair(cert_path: str, key_path: str) -> tuple[ssl.PrivateCertificate, bytes]:
+    """
+    The certificate and key of a PEM pair (one file may hold both), and
+    the certificate file's PEM (with any chain after the certificate).
+    """
     with open(cert_path, "rb") as f:
         cert_pem = f.read()
     with open(key_path, "rb") as f:
@@ -37,6 +65,17 @@ def load_pair(cert_path: str, key_path: str) -> tuple[ssl.PrivateCertificate, by
     if cert_path == key_path:
         return ssl.PrivateCertificate.loadPEM(cert_pem), cert_pem
     return ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem), cert_pem
+
+
+def _chain_of(pem: bytes) -> list[Any]:
+    """
+    The certificates after the first one in a PEM file (the chain to send
+    with a leaf certificate), as pyOpenSSL objects.
+    """
+    from OpenSSL import crypto
+
+    certificates = x509.load_pem_x509_certificates(pem) if b"-----BEGIN CERTIFICATE" in pem else []
+    return [crypto.X509.from_cryptography(c) for c in certificates[1:]]
 
 
 def names_of(cert_pem: bytes) -> list[str]:
@@ -56,16 +95,27 @@ def names_of(cert_pem: bytes) -> list[str]:
 class SNIServerCreator:
     """
     Server TLS connections whose certificate follows the client's SNI
-    (exact names first, then C{*.suffix} wildcards, else the default).
+    (exact names first, then C{*.suffix} wildcards, else the default), and
+    whose ALPN selection is the first of C{protocols} the client offers.
+
+    Every certificate's context gets the same ALPN callback: OpenSSL asks
+    the context the SNI callback switched to, not the one the connection
+    started with.
     """
 
-    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+    def __init__(self, pairs: list[tuple[str, str]], protocols: Sequence[bytes] = ()) -> None:
+        self._protocols = tuple(protocols)
         self._contexts: dict[str, SSL.Context] = {}
         self._wildcards: list[tuple[str, SSL.Context]] = []
         self._default: SSL.Context | None = None
         for cert_path, key_path in pairs:
             private, cert_pem = load_pair(cert_path, key_path)
-            context = private.options().getContext()
+            context = ssl.CertificateOptions(
+                privateKey=private.privateKey.original,
+                certificate=private.original,
+                extraCertChain=_chain_of(cert_pem),
+            ).getContext()
+            context.set_alpn_select_callback(self._select_protocol)
             if self._default is None:
                 self._default = context
             for name in names_of(cert_pem):
@@ -90,15 +140,98 @@ class SNIServerCreator:
         if context is not None:
             connection.set_context(context)
 
+    def _select_protocol(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
+        for protocol in self._protocols:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         return SSL.Connection(self._default, None)
 
 
-def server_tls_factory(factory: Any, pairs: list[tuple[str, str]]) -> TLSMemoryBIOFactory:
+def _protocols_of(factory: Any) -> tuple[bytes, ...]:
     """
-    Wrap a protocol factory so its connections speak TLS as a server.
+    The ALPN protocols a factory's connections speak: what it declares
+    through L{IProtocolNegotiationFactory}, else C{http/1.1} for an HTTP
+    frontend (its configuration says C{protocol: http}), else none.
     """
-    return TLSMemoryBIOFactory(SNIServerCreator(pairs), False, factory)
+    negotiation = IProtocolNegotiationFactory(factory, None)
+    if negotiation is not None:
+        return tuple(negotiation.acceptableProtocols())
+    if getattr(getattr(factory, "config", None), "protocol", None) == "http":
+        return HTTP_ALPN
+    return ()
+
+
+def server_tls_factory(
+    factory: Any, pairs: list[tuple[str, str]], protocols: Sequence[bytes] | None = None
+) -> TLSMemoryBIOFactory:
+    """
+    Wrap a protocol factory so its connections speak TLS as a server;
+    C{protocols} (for ALPN) defaults to what the factory speaks.
+    """
+    if protocols is None:
+        protocols = _protocols_of(factory)
+    return TLSMemoryBIOFactory(SNIServerCreator(pairs, protocols), False, factory)
+
+
+@implementer(IStreamServerEndpoint)
+class TLSServerEndpoint:
+    """
+    A server endpoint whose connections speak TLS over those of another
+    (the certificate pairs as for L{SNIServerCreator}).
+    """
+
+    def __init__(self, inner: IStreamServerEndpoint, pairs: list[tuple[str, str]]) -> None:
+        self._inner = inner
+        self._pairs = pairs
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        try:
+            wrapped = server_tls_factory(factory, self._pairs)
+        except Exception:  # noqa: BLE001 - an unreadable certificate fails the listen
+            return defer.fail()
+        return self._inner.listen(wrapped)
+
+
+_SSL_KEYS = ("port", "interface", "backlog", "privateKey", "certKey")
+
+
+def ssl_server_endpoint(reactor: Any, description: str, backlog: int = 511) -> IStreamServerEndpoint:
+    """
+    The endpoint for an C{ssl:} listen string (Twisted's syntax: port,
+    C{interface}, C{backlog}, C{privateKey} and C{certKey}, which defaults
+    to C{privateKey}; a certificate file may carry its chain): a TCP
+    listener with TLS from this module, so it negotiates ALPN as the
+    frontends' C{tls:} does.
+    """
+    from rproxy.config import split_endpoint
+    from rproxy.transport import server_endpoint
+
+    parts = split_endpoint(description)
+    if parts[0] != "ssl":
+        raise ValueError(f"{description!r} is not an ssl: endpoint")
+    positional = [p for p in parts[1:] if "=" not in p]
+    keyword = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    unknown = sorted(set(keyword) - set(_SSL_KEYS))
+    if unknown or len(positional) > 1:
+        what = ", ".join(unknown) if unknown else ":".join(positional)
+        raise ValueError(f"ssl: listen strings take {', '.join(_SSL_KEYS)}; not {what}")
+    if positional:
+        keyword.setdefault("port", positional[0])
+    if "privateKey" not in keyword:
+        raise ValueError("ssl: listen strings need privateKey=FILE")
+    key = keyword["privateKey"]
+    cert = keyword.get("certKey", key)
+    tcp = ":".join(
+        ["tcp"] + [f"{k}={_escape(keyword[k])}" for k in ("port", "interface", "backlog") if k in keyword]
+    )
+    return TLSServerEndpoint(server_endpoint(reactor, tcp, backlog), [(cert, key)])
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
 def client_tls_options(server_name: str, ca: str | None, verify: bool) -> Any:

@@ -553,9 +553,15 @@ def server_endpoint(reactor: Any, description: str, backlog: int = 511) -> IStre
     The endpoint for a listen string from the configuration.
 
     Plain C{tcp:} descriptions get an immediate-send L{TCPServerEndpoint};
-    every other type (C{ssl:}, C{unix:}, C{tcp6:}, ...) goes to Twisted's
+    C{ssl:} descriptions get TLS from L{rproxy.tls} (which negotiates ALPN
+    where Twisted's own C{ssl:} endpoint fails every client that offers it);
+    every other type (C{unix:}, C{tcp6:}, ...) goes to Twisted's
     C{serverFromString}.
     """
+    if description.startswith("ssl:"):
+        from rproxy.tls import ssl_server_endpoint
+
+        return ssl_server_endpoint(reactor, description, backlog)
     if description.startswith("tcp:"):
         parts = split_endpoint(description[4:])
         positional = [p for p in parts if "=" not in p]

@@ -91,3 +91,92 @@ class SpliceTests(SynchronousTestCase):
         lone.makeConnection(transport)
         lone.dataReceived(b"x")
         self.assertTrue(transport.disconnecting)
+
+
+class LostPeerTests(SynchronousTestCase):
+    """
+    A FIN that arrives after the peer's connection is gone.
+    """
+
+    def test_fin_after_peer_lost_leaves_peer_alone(self) -> None:
+        """
+        A FIN read in the reactor turn in which the peer was lost (one poll
+        returns both events) does not shut down writing on the peer's
+        closed connection; this end was already asked to close.
+        """
+        a, b = Ends(), Ends()
+        ta, tb = HalfCloseTransport(), HalfCloseTransport()
+        a.makeConnection(ta)
+        b.makeConnection(tb)
+        splice(a, b)
+        b.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(ta.disconnecting)
+        a.readConnectionLost()
+        self.assertFalse(tb.write_closed)
+
+
+class TLSHalfCloseTests(SynchronousTestCase):
+    """
+    A FIN spliced towards a TLS connection.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import protocol, ssl
+        from twisted.internet.task import Clock
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from twisted.test import iosim
+
+        from rproxy.tls import self_signed
+
+        cert_pem, key_pem = self_signed("localhost", days=1)
+        server_options = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem).options()
+        client_options = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(cert_pem))
+
+        self.plain, self.tls_end = Ends(), Ends()
+        self.plain_transport = HalfCloseTransport()
+        self.plain.makeConnection(self.plain_transport)
+
+        class Peer(protocol.Protocol):
+            def __init__(self) -> None:
+                self.received = b""
+                self.reasons: list[Failure] = []
+
+            def dataReceived(self, data: bytes) -> None:
+                self.received += data
+
+            def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+                self.reasons.append(reason)
+
+        self.peer = Peer()
+        clock = Clock()  # TLS transports gather small writes until the next turn
+        server_factory = TLSMemoryBIOFactory(
+            server_options, False, protocol.Factory.forProtocol(lambda: self.tls_end), clock
+        )
+        client_factory = TLSMemoryBIOFactory(
+            client_options, True, protocol.Factory.forProtocol(lambda: self.peer), clock
+        )
+        _, _, self.pump = iosim.connectedServerAndClient(
+            lambda: server_factory.buildProtocol(None),
+            lambda: client_factory.buildProtocol(None),
+            greet=False,
+            clock=clock,
+        )
+        self.pump.flush()
+        splice(self.plain, self.tls_end)
+
+    def test_fin_becomes_close_notify(self) -> None:
+        """
+        The FIN reaches the TLS peer as a close_notify after the bytes
+        before it (not as a TCP FIN beneath the TLS layer, which the peer
+        never sees as an orderly end), and what the peer sent before it
+        learned of the end still reaches the plain side.
+        """
+        self.plain.dataReceived(b"request")
+        self.peer.transport.write(b"late reply")
+        self.plain.readConnectionLost()
+        self.pump.flush()
+        self.assertEqual(self.peer.received, b"request")
+        self.assertEqual(len(self.peer.reasons), 1)
+        self.peer.reasons[0].trap(error.ConnectionDone)
+        self.assertEqual(self.plain_transport.value(), b"late reply")
+        self.assertTrue(self.tls_end.lost)
