@@ -91,6 +91,21 @@ def _cookie(head: RequestHead, name: bytes) -> bytes | None:
     return None
 
 
+def server_host(server: Server, tls: bool) -> bytes:
+    """
+    The Host value naming C{server} (C{http.host_header: server}): host and
+    port, the port left out only when it is the scheme's default, since
+    servers that check Host (WebSocket handshakes, virtual hosts) compare
+    both.
+    """
+    host = server.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal
+    if server.port == (443 if tls else 80):
+        return host.encode()
+    return f"{host}:{server.port}".encode()
+
+
 def _chunk(data: bytes) -> bytes:
     # nothing for no data: an empty chunk would read as the end of the body
     return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
@@ -459,6 +474,7 @@ class Exchange:
     def _wait_token(self, d: defer.Deferred[Lease]) -> None:
         self._pending = d
         d.addCallbacks(self._leased, self._no_token)
+        d.addErrback(self._callback_failed, "leasing a token")
 
     def _leased(self, lease: Lease) -> None:
         self._pending = None
@@ -482,6 +498,30 @@ class Exchange:
         else:
             self.frontend.log.failure("leasing a token failed", reason)
             self.fail(502, "no token")
+
+    def _callback_failed(self, reason: Failure, what: str) -> None:
+        """
+        What a callback of a lease, a server pick or a connect raised (a
+        bug): one line in the log, the exchange's resources given back,
+        and the client answered 502 (or cut, if its answer had begun).
+        """
+        self._pending = None
+        self.frontend.log.error(
+            "frontend {frontend}: {what} failed: {why}",
+            frontend=self.frontend.name, what=what, why=f"{reason.type.__name__}: {reason.getErrorMessage()}",
+        )
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.exchange = None
+            if not upstream.lost:
+                upstream.transport.abortConnection()  # type: ignore[union-attr]
+        self.release_server()
+        if not (self.finished or self.response_started):
+            self.fail(502, f"internal error {what}")
+            return
+        self.finished = True
+        if not self.client.lost:
+            self.client.abort()
 
     def dispatch(self) -> None:
         frontend = self.frontend
@@ -508,12 +548,14 @@ class Exchange:
         pool = self.pool
         assert pool is not None
         if self.pinned is not None:
-            server = next((s for s in pool.servers if s.name == self.pinned), None)
-            if server is None or not server.usable(self.frontend.clock.seconds()):
-                self.fail(503, f"server {self.pinned} is not up", retry_after=True)
+            # through the pool, whose release wakes the requests waiting
+            # for a slot on it
+            server = pool.try_acquire_named(self.pinned)
+            if server is None:
+                named = next((s for s in pool.servers if s.name == self.pinned), None)
+                full = named is not None and named.usable(self.frontend.clock.seconds())
+                self.fail(503, f"server {self.pinned} is {'full' if full else 'not up'}", retry_after=True)
                 return
-            server.active += 1
-            server.total += 1
             self.got_server(server)
             return
         sticky = self.frontend.sticky
@@ -532,6 +574,7 @@ class Exchange:
         d = pool.acquire(key, self.tried)
         self._pending = d
         d.addCallbacks(self.got_server, self.no_server)
+        d.addErrback(self._callback_failed, "choosing a server")
 
     def hash_key(self, pool: Pool) -> bytes | None:
         """
@@ -571,6 +614,7 @@ class Exchange:
         d = self.frontend.upstreams.get(server, self.pool, self.frontend.config.connect_timeout)  # type: ignore[arg-type]
         self._pending = d
         d.addCallbacks(self.connected, self.connect_failed)
+        d.addErrback(self._callback_failed, "connecting to a server")
 
     def connect_failed(self, reason: Failure) -> None:
         self._pending = None
@@ -625,7 +669,8 @@ class Exchange:
         transport = upstream.transport
         transport.write(request_head(  # type: ignore[union-attr]
             head.method, self.target, head.headers, self.client.peer_ip, frontend.scheme, head.chunked,
-            head.content_length, head.upgrade, server.host.encode() if frontend.host_is_server else None,
+            head.content_length, head.upgrade,
+            server_host(server, self.pool.config.tls is not None) if frontend.host_is_server else None,
             set_headers, remove,
         ))
         if frontend.response_timeout > 0:
@@ -805,10 +850,7 @@ class Exchange:
                 pool.record_failure(server, f"answered {self.status}")
             elif ok:
                 pool.record_success(server)
-            if self.pinned is not None:
-                server.active -= 1
-            else:
-                pool.release(server)
+            pool.release(server)
 
     def upstream_failed(self, why: str, invalid: bool = False) -> None:
         self.flush()
