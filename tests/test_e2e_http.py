@@ -541,9 +541,9 @@ class HTTPTests(HTTPHelpers, TestCase):
     @async_test
     async def test_502_when_server_refuses_and_retry(self) -> None:
         """
-        A GET whose first server refuses is retried on the next (within the
-        retry budget: 3 per second at least); with none left the client
-        gets 502; the client's connection survives retried successes.
+        A GET whose first server refuses is retried on the next (a refused
+        connect needs no retry budget); with none left the client gets 502;
+        the client's connection survives retried successes.
         """
         await self.start(n=1)
         dead = await listen(RawFactory())

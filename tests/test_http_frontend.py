@@ -224,3 +224,67 @@ class CallbackFailureTests(SynchronousTestCase):
         self.assertTrue(t.value().startswith(b"HTTP/1.1 502 "), t.value())
         [line] = self.errors()
         self.assertTrue(line.startswith("frontend fe: leasing a token failed: AttributeError"), line)
+
+
+class RetryBudgetTests(SynchronousTestCase):
+    def serve(self, h: Harness, n: int) -> None:
+        """n requests on one keep-alive connection, answered 200."""
+        conn, _ = h.client()
+        upstream = None
+        for _ in range(n):
+            conn.dataReceived(GET)
+            if upstream is None:
+                upstream, _ = h.upstream()
+            upstream.dataReceived(OK)
+        self.assertEqual(h.frontend.counted_requests, n)
+
+    def allowed(self, h: Harness) -> int:
+        n = 0
+        while h.frontend.retry_budget_allows():
+            n += 1
+        return n
+
+    def test_window_slides(self) -> None:
+        """
+        The budget is 20% of the requests of the last 10 s: the requests of
+        the second before still count after it ends, and are forgotten 10 s
+        later (then the minimum of 3 holds).
+        """
+        h = Harness()
+        self.serve(h, 100)
+        h.clock.advance(1.5)
+        self.assertEqual(self.allowed(h), 20)
+        h.clock.advance(5)
+        self.assertEqual(self.allowed(h), 0)
+        h.clock.advance(10)
+        self.assertEqual(self.allowed(h), 3)
+
+    def test_refused_connect_needs_no_budget(self) -> None:
+        """
+        A refused connect is retried on another server whatever the method
+        (a POST with its body here) and with the budget spent.
+        """
+        h = Harness(servers=["127.0.0.1:8001", "127.0.0.1:8002"], backend={"algorithm": "round-robin"})
+        self.assertEqual(self.allowed(h), 3)
+        conn, t = h.client()
+        conn.dataReceived(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody")
+        first = h.connects()[0]
+        h.refuse()
+        self.assertEqual(len(h.connects()), 1)
+        self.assertNotEqual(h.connects()[0], first)
+        upstream, up = h.upstream()
+        self.assertTrue(up.value().startswith(b"POST /p HTTP/1.1\r\n"))
+        self.assertTrue(up.value().endswith(b"\r\n\r\nbody"))
+        upstream.dataReceived(OK)
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertEqual((h.frontend.retries_total, h.frontend.budgeted_retries), (1, 3))
+
+    def test_timed_out_connect_takes_budget(self) -> None:
+        """A connect that timed out is retried only within the budget."""
+        h = Harness(servers=["127.0.0.1:8001", "127.0.0.1:8002"], backend={"algorithm": "round-robin"})
+        self.assertEqual(self.allowed(h), 3)
+        conn, t = h.client()
+        conn.dataReceived(GET)
+        _, _, factory, _, _ = h.clock.tcpClients.pop(0)
+        factory.clientConnectionFailed(None, Failure(error.TimeoutError()))
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 502 "), t.value())

@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 import httptools
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
@@ -61,6 +61,11 @@ MAX_RESPONSE_FIELDS = 200
 # request duration histogram buckets (seconds); the last is +Inf
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     float("inf"))
+# the retry budget: RETRY_RATIO percent of the requests of the last
+# RETRY_WINDOW seconds, at least RETRY_MIN
+RETRY_WINDOW = 10.0
+RETRY_RATIO = 20
+RETRY_MIN = 3
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _CHUNK_END = b"0\r\n\r\n"
 _AUTHORIZATION = frozenset({b"authorization"})
@@ -628,7 +633,13 @@ class Exchange:
         self.frontend.connect_errors += 1
         if self.finished:
             return
-        if self.may_retry() and pool.any_up(self.tried):
+        # a refused connect sent nothing: trying another server is safe
+        # whatever the method, and costs the refusing server nothing, so
+        # it takes no retry budget (HAProxy's and nginx's rule)
+        if (
+            (self.may_retry() if not reason.check(error.ConnectionRefusedError) else self.may_retry_refused())
+            and pool.any_up(self.tried)
+        ):
             self.frontend.retries_total += 1
             self.acquire()
             return
@@ -642,6 +653,9 @@ class Exchange:
             and self.attempts <= self.frontend.config.http.retries
             and self.frontend.retry_budget_allows()
         )
+
+    def may_retry_refused(self) -> bool:
+        return self.pinned is None and self.attempts <= self.frontend.config.http.retries
 
     def connected(self, upstream: UpstreamConnection) -> None:
         self._pending = None
@@ -1206,10 +1220,12 @@ class HTTPFrontend(TCPFrontend):
         self.duration_buckets = [0] * len(DURATION_BUCKETS)
         self.duration_sum = 0.0
         self._deadlines: IDelayedCall | None = None
-        self._retry_window = 0.0
         self.counted_requests = 0
-        self._window_start = 0  # counted_requests when the retry window began
-        self._window_retries = 0
+        self.budgeted_retries = 0
+        # (time, counted_requests, budgeted_retries) about once a second,
+        # the last RETRY_WINDOW seconds of them: the retry budget's window
+        self._ticks: collections.deque[tuple[float, int, int]] = collections.deque()
+        self._next_tick = 0.0
 
     def configure(self, config: Any) -> None:
         self.config = config
@@ -1271,17 +1287,34 @@ class HTTPFrontend(TCPFrontend):
 
     def retry_budget_allows(self) -> bool:
         """
-        Retries may add at most 20% to the request rate (and always 3 per
-        second), so that an outage does not multiply load.
+        Whether one more retry fits the budget: retries may add at most 20%
+        to the requests of the last L{RETRY_WINDOW} seconds (and at least 3
+        are always allowed), so that an outage does not multiply load.  A
+        sliding window (Envoy's retry budget), not one that restarts: just
+        after a server dies, the requests of the seconds before still
+        count.
         """
         now = self.clock.seconds()
-        if now - self._retry_window >= 1.0:
-            self._retry_window, self._window_start, self._window_retries = now, self.counted_requests, 0
-        allowed = max(3, (self.counted_requests - self._window_start) // 5)
-        if self._window_retries >= allowed:
+        if now >= self._next_tick:
+            self._tick(now)
+        _, requests, retries = self._ticks[0]
+        allowed = max(RETRY_MIN, (self.counted_requests - requests) * RETRY_RATIO // 100)
+        if self.budgeted_retries - retries >= allowed:
             return False
-        self._window_retries += 1
+        self.budgeted_retries += 1
         return True
+
+    def _tick(self, now: float) -> None:
+        """
+        Note the counts now, and forget what is older than the window
+        (whose oldest tick is where the window's counts start).
+        """
+        ticks = self._ticks
+        ticks.append((now, self.counted_requests, self.budgeted_retries))
+        start = now - RETRY_WINDOW
+        while ticks[0][0] < start:
+            ticks.popleft()
+        self._next_tick = now + 1.0
 
     def count(self, exchange: Exchange, now: float | None = None) -> None:
         pool = exchange.pool
@@ -1291,8 +1324,12 @@ class HTTPFrontend(TCPFrontend):
         key = (backend, exchange.status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
+        if now is None:
+            now = self.clock.seconds()
+        if now >= self._next_tick:
+            self._tick(now)
         self.counted_requests += 1
-        seconds = (now if now is not None else self.clock.seconds()) - exchange.started
+        seconds = now - exchange.started
         self.duration_sum += seconds
         self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
