@@ -288,3 +288,59 @@ class RetryBudgetTests(SynchronousTestCase):
         _, _, factory, _, _ = h.clock.tcpClients.pop(0)
         factory.clientConnectionFailed(None, Failure(error.TimeoutError()))
         self.assertTrue(t.value().startswith(b"HTTP/1.1 502 "), t.value())
+
+
+class BoundsTests(SynchronousTestCase):
+    def test_pipelined_requests_pause_reading(self) -> None:
+        """
+        A client that pipelines many requests is paused once more than
+        QUEUE_EVENTS are queued and resumed when the queue has drained to
+        half of it; every request is answered in order.
+        """
+        from rproxy.http.frontend import QUEUE_EVENTS
+
+        h = Harness()
+        conn, t = h.client()
+        n = 4 * QUEUE_EVENTS
+        conn.dataReceived(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(n)))
+        self.assertEqual(t.producerState, "paused")
+        self.assertEqual(len(conn.events), n - 1)
+        upstream, up = h.upstream()
+        answered = 0
+        while t.producerState == "paused":
+            upstream.dataReceived(OK)
+            answered += 1
+        self.assertEqual(len(conn.events), QUEUE_EVENTS // 2)
+        self.assertEqual(answered, n - 1 - QUEUE_EVENTS // 2)
+        while conn.exchange is not None:
+            upstream.dataReceived(OK)
+        self.assertEqual(t.value().count(b"HTTP/1.1 200 OK\r\n"), n)
+        self.assertEqual([line.split()[1] for line in up.value().split(b"\r\n") if line.startswith(b"GET ")],
+                         [b"/%d" % i for i in range(n)])
+
+    def test_interim_responses_capped(self) -> None:
+        """
+        Past MAX_INTERIM interim responses to one request the exchange
+        fails: 502 to the client, the server's connection aborted; up to
+        MAX_INTERIM pass on.
+        """
+        from rproxy.http.frontend import MAX_INTERIM
+
+        early = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+        h = Harness()
+        conn, t = h.client()
+        conn.dataReceived(GET)
+        upstream, up = h.upstream()
+        upstream.dataReceived(early * MAX_INTERIM + OK)
+        self.assertEqual(t.value(), b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\nVia: 1.1 rproxy\r\n\r\n" * MAX_INTERIM
+                         + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 rproxy\r\n\r\nok")
+        t.clear()
+        conn.dataReceived(GET)
+        for _ in range(MAX_INTERIM + 1000):
+            if up.aborted:
+                break
+            upstream.dataReceived(early)
+        self.assertTrue(up.aborted)
+        self.assertEqual(t.value().count(b" 103 Early Hints\r\n"), MAX_INTERIM)
+        self.assertIn(b"HTTP/1.1 502 ", t.value())
+        self.assertTrue(t.disconnecting)

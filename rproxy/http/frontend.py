@@ -3,8 +3,8 @@ The HTTP/1.1 frontend: a reverse proxy with per-server keep-alive pools.
 
 One L{HTTPConnection} per client connection reads requests with the strict
 L{RequestReader}; requests are served one at a time, in order (pipelined
-ones wait, their bytes bounded: past L{QUEUE_LIMIT} buffered body bytes the
-client is paused).  Each request becomes an L{Exchange}: route, take a
+ones wait, bounded: past L{QUEUE_LIMIT} buffered body bytes or
+L{QUEUE_EVENTS} queued heads and chunks the client is paused).  Each request becomes an L{Exchange}: route, take a
 server slot from the pool, take an idle upstream connection of that server
 or open one, send the rewritten head, stream the body, stream the response
 back, and return the upstream connection to the pool if both messages were
@@ -57,6 +57,12 @@ from rproxy.transport import connect_tcp
 __all__ = ["HTTPFrontend", "HTTPConnection", "UpstreamPool"]
 
 QUEUE_LIMIT = 256 * 1024
+# pipelined requests read ahead of the one being served: past this many
+# queued events (heads and body chunks) the client is paused until the
+# queue is half as long
+QUEUE_EVENTS = 64
+# interim (1xx) responses a server may send before its final response
+MAX_INTERIM = 16
 MAX_RESPONSE_FIELDS = 200
 # request duration histogram buckets (seconds); the last is +Inf
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -134,6 +140,7 @@ class UpstreamConnection(Protocol):
         self.raw = b""  # the bytes of the current response since its head began
         self.head_start = -1  # where the head being read begins in raw; -1: not reading one
         self.informational = False
+        self.interim = 0  # interim responses to the current request
         self.head = b""
         self.transport = None
         self.upstreams = upstreams
@@ -157,6 +164,7 @@ class UpstreamConnection(Protocol):
         self.raw = b""
         self.head_start = 0
         self.informational = False
+        self.interim = 0
 
     def on_message_begin(self) -> None:
         exchange = self.exchange
@@ -183,6 +191,12 @@ class UpstreamConnection(Protocol):
             # interim responses (103 Early Hints...) go on to HTTP/1.1
             # clients; 100 Continue does not: rproxy answers Expect itself
             self.informational = True
+            self.interim += 1
+            if self.interim > MAX_INTERIM:
+                raise ValueError(f"more than {MAX_INTERIM} interim responses")
+            # the next head starts after this one: drop this one's bytes
+            self.raw = raw[self.head_start:]
+            self.head_start = 0
             if status != 100 and exchange is not None and exchange.head.version >= (1, 1):
                 line, block, _, _ = scan_response_head(head)
                 exchange.write(finish_scanned_head(status, line, block, version=(1, 1), framing="none"))
@@ -1065,10 +1079,11 @@ class HTTPConnection(Protocol):
                 self.frontend.count_status(e.status)
                 self.send_error(e.status, e.reason)
             return
-        self.events.extend(events)
+        queue = self.events
+        queue.extend(events)
         if reader.body_fed:
             self.queued += reader.body_fed
-        if self.queued > QUEUE_LIMIT and not self.paused:
+        if (self.queued > QUEUE_LIMIT or len(queue) > QUEUE_EVENTS) and not self.paused:
             self.paused = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
         self.pump()
@@ -1087,7 +1102,7 @@ class HTTPConnection(Protocol):
             self._pump()
         finally:
             self.pumping = False
-        if self.paused and self.queued < QUEUE_LIMIT // 2:
+        if self.paused and self.queued < QUEUE_LIMIT // 2 and len(self.events) <= QUEUE_EVENTS // 2:
             self.paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
 
