@@ -9,6 +9,7 @@ import hashlib
 import json
 from typing import Any
 
+import attrs
 import httptools
 from twisted.internet import protocol
 from twisted.trial.unittest import TestCase
@@ -660,6 +661,39 @@ class HTTPTests(HTTPHelpers, TestCase):
         self.assertIn(b"Upgrade: websocket", factory.heads[0])  # type: ignore[attr-defined]
         client.transport.write(b"\x81\x05hello")
         self.assertEqual(await client.read_until(b"hello"), b"\x81\x05hello")
+
+    @async_test
+    async def test_stop_tells_keep_alive_clients_to_go(self) -> None:
+        """
+        Stopping (SIGTERM) closes an idle keep-alive connection at once and
+        answers the request in flight on a busy one with Connection: close,
+        then closes it; the stop ends then, not at grace_period (60 s).
+        """
+        await self.start()
+        self.service.config = attrs.evolve(
+            self.service.config, global_=attrs.evolve(self.service.config.global_, grace_period=60.0))
+        idle = await connect(self.port)
+        self.client_cleanup(idle)
+        idle.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        await self.response(idle)
+        busy = await connect(self.port)
+        self.client_cleanup(busy)
+        busy.transport.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        resource = self.backends[0][0]
+        await wait_for(lambda: bool(resource.pending))
+        started = self.service.clock.seconds()
+        stopped = self.service.stopService()
+        await idle.closed
+        self.assertFalse(busy.lost)
+        request = resource.pending.pop()
+        request.setHeader(b"content-length", b"4")
+        request.write(b"done")
+        request.finish()
+        status, headers, body = await self.response(busy)
+        self.assertEqual((status, headers.get(b"connection"), body), (200, b"close", b"done"))
+        await busy.closed
+        await stopped
+        self.assertLess(self.service.clock.seconds() - started, 5.0)
 
 
 class HTTPTLSTests(HTTPHelpers, TestCase):

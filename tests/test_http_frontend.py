@@ -344,3 +344,49 @@ class BoundsTests(SynchronousTestCase):
         self.assertEqual(t.value().count(b" 103 Early Hints\r\n"), MAX_INTERIM)
         self.assertIn(b"HTTP/1.1 502 ", t.value())
         self.assertTrue(t.disconnecting)
+
+
+class DrainTests(SynchronousTestCase):
+    def test_soft_stop(self) -> None:
+        """
+        On drain an idle keep-alive connection closes at once; a busy one
+        gets its response with Connection: close, is served nothing more
+        and closes; the drain ends when both are gone, not at grace.
+        """
+        h = Harness()
+        idle, idle_t = h.client()
+        idle.dataReceived(GET)
+        upstream, _ = h.upstream()
+        upstream.dataReceived(OK)
+        busy, busy_t = h.client()
+        busy.dataReceived(GET)
+        drained = h.frontend.drain(10.0)
+        self.assertTrue(idle_t.disconnecting)
+        self.assertFalse(busy_t.disconnecting)
+        h.close(idle)
+        busy.dataReceived(GET)  # pipelined behind the one in flight: not served
+        upstream.dataReceived(OK)
+        self.assertEqual(busy_t.value(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 rproxy\r\n"
+                                         b"Connection: close\r\n\r\nok")
+        self.assertTrue(busy_t.disconnecting)
+        self.assertFalse(busy_t.aborted)
+        self.assertNoResult(drained)
+        h.close(busy)
+        self.successResultOf(drained)
+        self.assertEqual(h.clock.seconds(), 0)
+
+    def test_head_already_sent(self) -> None:
+        """
+        A response whose head went out before the drain ends the
+        connection once complete.
+        """
+        h = Harness()
+        conn, t = h.client()
+        conn.dataReceived(GET)
+        upstream, _ = h.upstream()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok")
+        h.frontend.drain(10.0)
+        self.assertFalse(t.disconnecting)
+        upstream.dataReceived(b"ok")
+        self.assertTrue(t.value().endswith(b"\r\n\r\nokok"))
+        self.assertTrue(t.disconnecting)

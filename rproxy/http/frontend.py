@@ -938,7 +938,7 @@ class Exchange:
             (b"Access-Control-Allow-Headers", requested or b"*"),
             (b"Access-Control-Max-Age", b"86400"),
         ]
-        close = not self.head.keep_alive
+        close = not self.head.keep_alive or self.client.closing_after_response
         self.client.transport.write(response_head(  # type: ignore[union-attr]
             204, b"No Content", headers, version=self.head.version, framing="none", close=close))
         self.request_done = True
@@ -1160,6 +1160,17 @@ class HTTPConnection(Protocol):
         self._arm_head_timer(now)
         if self.events:
             self.pump()
+
+    def drain(self) -> None:
+        """
+        Serve no request after the one in flight (if any), and close.
+        """
+        if self.upgraded_exchange is not None or self.lost:
+            return  # a spliced stream ends when its ends do, or at grace
+        self.closing_after_response = True
+        if self.exchange is None:
+            self.closing = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def upgraded(self, exchange: Exchange) -> None:
         self.upgraded_exchange = exchange
@@ -1391,10 +1402,14 @@ class HTTPFrontend(TCPFrontend):
             self._deadlines = None
 
     def drain(self, grace: float) -> defer.Deferred[None]:
-        # idle keep-alive connections have nothing to finish
+        """
+        A soft stop (HAProxy's and nginx's): idle keep-alive connections
+        close now; busy ones finish the request in flight, whose response
+        says C{Connection: close}, and close after it.  What is left at
+        the end of C{grace} is cut (L{TCPFrontend.drain}).
+        """
         for conn in list(self.connections):
-            if isinstance(conn, HTTPConnection) and conn.exchange is None and conn.upgraded_exchange is None:
-                conn.closing = True
-                conn.transport.loseConnection()  # type: ignore[union-attr]
+            if isinstance(conn, HTTPConnection):
+                conn.drain()
         return super().drain(grace)
 
