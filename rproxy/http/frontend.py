@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from rproxy.http.accesslog import AccessLogFile, escape
 from rproxy.http.headers import (
     error_response,
     finish_scanned_head,
@@ -418,7 +419,7 @@ class Exchange:
         "client", "frontend", "head", "target", "tried", "started", "upstream", "server", "pool", "route",
         "ready_for_body", "request_done", "response_started", "response_done", "close_delimited", "got_bytes",
         "upgraded", "switching", "finished", "producing", "batch", "deadline", "status", "token", "_pending",
-        "attempts", "pinned", "framing", "keep_upstream", "upgrade_rest",
+        "attempts", "pinned", "framing", "keep_upstream", "upgrade_rest", "delivered_before",
     )
 
     def __init__(self, client: HTTPConnection, head: RequestHead) -> None:
@@ -454,6 +455,7 @@ class Exchange:
         self.framing = "none"
         self.keep_upstream = False
         self.upgrade_rest = b""
+        self.delivered_before = client.delivered  # the response's bytes are what is added
 
     # -- request side ------------------------------------------------------
 
@@ -1239,6 +1241,7 @@ class HTTPFrontend(TCPFrontend):
         self.pools = pools
         self.upstreams = upstreams
         self.tokens: TokenPool | None = None
+        self.access_file: AccessLogFile | None = None
         self.configure(config)
         self.active_requests = 0
         self.retries_total = 0
@@ -1262,6 +1265,7 @@ class HTTPFrontend(TCPFrontend):
         self.header_timeout = http.header_timeout
         self.response_timeout = http.response_timeout
         self.access_log = http.access_log != "off"
+        self._access_file(getattr(config, "access_log_path", None) if self.access_log else None)
         self.host_is_server = http.host_header == "server"
         self.cors = http.cors
         self.max_head = http.max_head
@@ -1270,6 +1274,33 @@ class HTTPFrontend(TCPFrontend):
         self.plain = not (self.cors or self.direct_routes)
         self.sticky = http.sticky_cookie.encode() if http.sticky_cookie is not None else None
         self.scheme = b"https" if config.listen.startswith("ssl:") or config.tls else b"http"
+
+    def _access_file(self, path: str | None) -> None:
+        """
+        Log requests to the file at C{path} (None: to the process log);
+        the same path again is reopened, for log rotation.
+        """
+        current = self.access_file
+        if current is not None and current.path == path:
+            current.reopen()
+            return
+        if current is not None:
+            current.close()
+            self.access_file = None
+        if path is None:
+            return
+        try:
+            self.access_file = AccessLogFile(path, self.clock)
+        except OSError as e:
+            self.log.error("frontend {frontend}: access log {path}: cannot open: {why}; logging to the process log",
+                           frontend=self.name, path=path, why=e.strerror or e)
+
+    def reopen_access_log(self) -> None:
+        """
+        Start a new access log file at the same path (after a rotation).
+        """
+        if self.access_file is not None:
+            self.access_file.reopen()
 
     def buildProtocol(self, addr: object) -> HTTPConnection:  # type: ignore[override]
         return HTTPConnection(self, addr)
@@ -1360,28 +1391,42 @@ class HTTPFrontend(TCPFrontend):
         self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
     def log_access(self, exchange: Exchange, backend: str) -> None:
+        """
+        One line for the request: nginx's combined format followed by
+        backend/server and seconds, or a JSON object; C{bytes} is the
+        response body passed on from the server.
+        """
         head = exchange.head
-        seconds = self.clock.seconds() - exchange.started
+        now = self.clock.seconds()
+        seconds = now - exchange.started
         server = exchange.tried[-1] if exchange.tried else "-"
+        sent = exchange.client.delivered - exchange.delivered_before
         if self.config.http.access_log == "json":
             record = {
                 "client": exchange.client.peer_host, "method": head.method.decode("latin-1"),
                 "target": head.target.decode("latin-1"), "version": f"{head.version[0]}.{head.version[1]}",
-                "status": exchange.status, "bytes": exchange.client.delivered, "backend": backend,
+                "status": exchange.status, "bytes": sent, "backend": backend,
                 "server": server, "duration": round(seconds, 6), "frontend": self.name,
                 "user_agent": (head.header(b"user-agent") or b"").decode("latin-1"),
             }
-            _access.info("{record}", record=json.dumps(record, sort_keys=True))
+            line = json.dumps(record, sort_keys=True)
+            if self.access_file is not None:
+                self.access_file.write(line)
+            else:
+                _access.info("{record}", record=line)
             return
-        when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(self.clock.seconds()))
-        referer = (head.header(b"referer") or b"-").decode("latin-1")
-        agent = (head.header(b"user-agent") or b"-").decode("latin-1")
+        when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now))
+        referer = escape(head.header(b"referer") or b"-")
+        agent = escape(head.header(b"user-agent") or b"-")
         line = (
-            f'{exchange.client.peer_host} - - [{when}] "{head.method.decode("latin-1")} '
-            f'{head.target.decode("latin-1")} HTTP/{head.version[0]}.{head.version[1]}" {exchange.status} '
-            f'{exchange.client.delivered} "{referer}" "{agent}" {backend}/{server} {seconds:.6f}'
+            f'{exchange.client.peer_host} - - [{when}] "{escape(head.method)} '
+            f'{escape(head.target)} HTTP/{head.version[0]}.{head.version[1]}" {exchange.status} '
+            f'{sent} "{referer}" "{agent}" {backend}/{server} {seconds:.6f}'
         )
-        _access.info("{line}", line=line)
+        if self.access_file is not None:
+            self.access_file.write(line)
+        else:
+            _access.info("{line}", line=line)
 
     def count_status(self, status: int) -> None:
         self.requests[("-", status)] += 1
@@ -1411,5 +1456,13 @@ class HTTPFrontend(TCPFrontend):
         for conn in list(self.connections):
             if isinstance(conn, HTTPConnection):
                 conn.drain()
-        return super().drain(grace)
+        drained = super().drain(grace)
+        drained.addBoth(self._close_access_log)
+        return drained
+
+    def _close_access_log(self, result: Any) -> Any:
+        # every request is logged once the connections are gone
+        if self.access_file is not None:
+            self.access_file.close()
+        return result
 
