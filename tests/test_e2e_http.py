@@ -285,6 +285,20 @@ class HTTPTests(HTTPHelpers, TestCase):
             self.assertNotIn(gone, seen)
 
     @async_test
+    async def test_host_header_server(self) -> None:
+        """
+        host_header: server names the server with its port, as a WebSocket
+        server checking Host expects.
+        """
+        await self.start(http={"host_header": "server"})
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        client.transport.write(b"GET /echo HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        _, _, body = await self.response(client)
+        address = self.service.config.backends[0].servers[0].address
+        self.assertEqual(json.loads(body)["headers"]["host"], address)
+
+    @async_test
     async def test_routes(self) -> None:
         """
         Routes by exact host, C{*.suffix} host and path prefix, first match
