@@ -4,11 +4,13 @@ The HTTP/1.1 frontend: a reverse proxy with per-server keep-alive pools.
 One L{HTTPConnection} per client connection reads requests with the strict
 L{RequestReader}; requests are served one at a time, in order (pipelined
 ones wait, bounded: past L{QUEUE_LIMIT} buffered body bytes or
-L{QUEUE_EVENTS} queued heads and chunks the client is paused).  Each request becomes an L{Exchange}: route, take a
-server slot from the pool, take an idle upstream connection of that server
-or open one, send the rewritten head, stream the body, stream the response
-back, and return the upstream connection to the pool if both messages were
-complete and both sides allow keep-alive.
+L{QUEUE_EVENTS} queued heads and chunks the client is paused).  Each
+request becomes an L{Exchange}: route, take a server slot from the pool,
+take an idle upstream connection of that server or open one, send the
+rewritten head, stream the body, stream the response back, and return the
+upstream connection to the pool if both messages were complete and both
+sides allow keep-alive.  A server may send at most L{MAX_INTERIM} interim
+(1xx) responses before its answer.
 
 Bodies stream both ways with backpressure: the client's transport is the
 producer of the upstream transport while a request body flows, and the
@@ -20,7 +22,11 @@ reader, 404 no route, 502 connect failure or invalid or lost upstream
 response, 503 no server up (Retry-After), 504 C{response_timeout}.
 Idempotent requests not yet sent are retried on another server after a
 connect failure, and on a new connection after a reused one turned out to
-be closed, within C{retries} and a retry budget.
+be closed, within C{retries} and a retry budget; after a refused connect
+any request is retried, outside the budget (nothing was sent).
+
+A drain is a soft stop: idle keep-alive connections close, busy ones get
+C{Connection: close} on the response in flight and close after it.
 """
 
 from __future__ import annotations
