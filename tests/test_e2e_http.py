@@ -677,6 +677,34 @@ class HTTPTests(HTTPHelpers, TestCase):
         self.assertEqual(await client.read_until(b"hello"), b"\x81\x05hello")
 
     @async_test
+    async def test_client_reading_nothing_holds_back_its_requests(self) -> None:
+        """
+        A client that pipelines 1,000 requests for 32 KiB answers and reads
+        nothing gets only as many served as the socket buffers hold; once
+        it reads, the rest are served.
+        """
+        served = []
+
+        class Answers(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                for _ in range(data.count(b"\r\n\r\n")):
+                    served.append(1)
+                    self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 32768\r\n\r\n" + b"x" * 32768)
+
+        port = await listen(protocol.Factory.forProtocol(Answers))
+        self.addCleanup(port.stopListening)
+        await self.proxy_to(port.getHost().port)
+        client = await connect(self.port, Client(keep=False))
+        self.client_cleanup(client)
+        client.transport.pauseProducing()
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+        frontend = self.service.frontends["web"]
+        await wait_for(lambda: any(c.write_paused for c in frontend.connections))
+        self.assertLess(len(served), 1000)
+        client.transport.resumeProducing()
+        await wait_for(lambda: len(served) == 1000 and client.count >= 1000 * 32768, timeout=30)
+
+    @async_test
     async def test_stop_tells_keep_alive_clients_to_go(self) -> None:
         """
         Stopping (SIGTERM) closes an idle keep-alive connection at once and

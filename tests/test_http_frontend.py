@@ -390,3 +390,54 @@ class DrainTests(SynchronousTestCase):
         upstream.dataReceived(b"ok")
         self.assertTrue(t.value().endswith(b"\r\n\r\nokok"))
         self.assertTrue(t.disconnecting)
+
+
+class SlowReaderTests(SynchronousTestCase):
+    def test_unread_answers_hold_back_the_next_request(self) -> None:
+        """
+        While the client's transport holds more unread answers than it
+        buffers (it pauses the connection, its producer), no further
+        request starts; when they drain, the next one does.
+        """
+        h = Harness()
+        conn, t = h.client()
+        self.assertIs(t.producer, conn)
+        conn.dataReceived(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(3)))
+        upstream, up = h.upstream()
+        conn.pauseProducing()  # the transport's buffer went past its limit
+        upstream.dataReceived(OK)
+        self.assertEqual(up.value().count(b"GET /"), 1)
+        self.assertIsNone(conn.exchange)
+        conn.resumeProducing()  # the client read what was buffered
+        self.assertEqual(up.value().count(b"GET /"), 2)
+        upstream.dataReceived(OK)
+        upstream.dataReceived(OK)
+        self.assertEqual(t.value().count(b"HTTP/1.1 200 OK\r\n"), 3)
+
+    def test_body_source_takes_the_producer_slot(self) -> None:
+        """
+        A response body longer than one read makes the server's transport
+        the client's producer; the connection takes the slot back after.
+        """
+        h = Harness()
+        conn, t = h.client()
+        conn.dataReceived(GET)
+        upstream, up = h.upstream()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        self.assertIs(t.producer, up)
+        upstream.dataReceived(b"cd")
+        self.assertIs(t.producer, conn)
+        self.assertTrue(t.value().endswith(b"\r\n\r\nabcd"))
+
+    def test_close_gives_up_the_producer_slot(self) -> None:
+        """
+        Before closing, the connection unregisters itself (a transport
+        with a producer would wait for it and never close).
+        """
+        h = Harness()
+        conn, t = h.client()
+        conn.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        upstream, _ = h.upstream()
+        upstream.dataReceived(OK)
+        self.assertTrue(t.disconnecting)
+        self.assertIsNone(t.producer)

@@ -39,11 +39,12 @@ from typing import Any
 
 import httptools
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rproxy.http.accesslog import AccessLogFile, escape
 from rproxy.http.headers import (
@@ -270,7 +271,9 @@ class UpstreamConnection(Protocol):
             # this one while it cannot keep up (a response read whole
             # needs no producer)
             exchange.producing = True
-            exchange.client.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
+            client = exchange.client
+            client.ungate()
+            client.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
@@ -816,6 +819,7 @@ class Exchange:
         if self.producing:
             self.producing = False
             self.client.transport.unregisterProducer()  # type: ignore[union-attr]
+            self.client.gate()
         if self.framing == "chunked":
             self.write(_CHUNK_END)
         self.flush()
@@ -849,6 +853,7 @@ class Exchange:
             client.transport.write(rest)  # type: ignore[union-attr]
         if self.head.has_body:
             upstream.transport.unregisterProducer()  # type: ignore[union-attr]
+        client.ungate()
         client.transport.registerProducer(upstream.transport, True)  # type: ignore[union-attr]
         upstream.transport.registerProducer(client.transport, True)  # type: ignore[union-attr]
         client.upgraded(self)
@@ -988,6 +993,7 @@ class Exchange:
         self.release_server()
 
 
+@implementer(IPushProducer)
 class HTTPConnection(Protocol):
     """
     A client connection of an HTTP frontend.
@@ -1020,6 +1026,10 @@ class HTTPConnection(Protocol):
         self.events: collections.deque[Any] = collections.deque()
         self.queued = 0
         self.paused = False
+        # this connection is its transport's producer between response
+        # bodies; write_paused: the client is not reading its answers
+        self.gated = False
+        self.write_paused = False
         self.received = 0
         self.delivered = 0
 
@@ -1033,8 +1043,45 @@ class HTTPConnection(Protocol):
 
     def start(self) -> None:
         self.counted = True
+        self.gate()
         self._arm_head_timer()
         self.pump()
+
+    # -- the client reading its answers ------------------------------------
+
+    def gate(self) -> None:
+        """
+        Be the transport's producer while no response body streams: when
+        the answers the client has not read fill the transport's buffer,
+        the transport pauses this connection and no next request starts
+        until they drain, so a client that sends requests (pipelined or
+        not) and reads no answer holds a bounded amount of memory.
+        """
+        if not (self.gated or self.closing or self.lost):
+            self.gated = True
+            self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+
+    def ungate(self) -> None:
+        """
+        Give the producer slot up: to a response body's source, or before a
+        close (a transport with a producer waits for it to go before
+        closing).
+        """
+        if self.gated:
+            self.gated = False
+            self.write_paused = False
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+
+    def pauseProducing(self) -> None:
+        self.write_paused = True
+
+    def resumeProducing(self) -> None:
+        self.write_paused = False
+        if self.events and self.exchange is None:
+            self.pump()
+
+    def stopProducing(self) -> None:
+        self.write_paused = False
 
     def _arm_head_timer(self, now: float | None = None) -> None:
         frontend = self.frontend
@@ -1048,6 +1095,7 @@ class HTTPConnection(Protocol):
             if self.reader.in_head:
                 self.send_error(408, "request head not received in time")
             else:
+                self.ungate()
                 self.transport.loseConnection()  # type: ignore[union-attr]
 
     def activity(self) -> int | None:
@@ -1121,7 +1169,7 @@ class HTTPConnection(Protocol):
             exchange = self.exchange
             kind = type(event)
             if kind is RequestHead:
-                if exchange is not None or self.closing_after_response:
+                if exchange is not None or self.closing_after_response or self.write_paused:
                     break
                 events.popleft()
                 self.head_deadline = None
@@ -1162,6 +1210,7 @@ class HTTPConnection(Protocol):
             self.exchange = None
             self.frontend.active_requests -= 1
         if self.closing_after_response or not exchange.head.keep_alive:
+            self.ungate()
             self.closing = True
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
@@ -1177,6 +1226,7 @@ class HTTPConnection(Protocol):
             return  # a spliced stream ends when its ends do, or at grace
         self.closing_after_response = True
         if self.exchange is None:
+            self.ungate()
             self.closing = True
             self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -1206,7 +1256,10 @@ class HTTPConnection(Protocol):
             "frontend {frontend}: {status} for {peer}: {message}",
             frontend=self.frontend.name, status=status, peer=_peer(self.transport), message=message,
         )
+        # (the gate or a response body's source: a transport with a
+        # producer would not close)
         self.transport.unregisterProducer()  # type: ignore[union-attr]
+        self.gated = self.write_paused = False
         self.transport.write(error_response(status, message, extra=extra))  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
