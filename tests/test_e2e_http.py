@@ -9,6 +9,7 @@ import hashlib
 import json
 from typing import Any
 
+import attrs
 import httptools
 from twisted.internet import protocol
 from twisted.trial.unittest import TestCase
@@ -284,6 +285,20 @@ class HTTPTests(HTTPHelpers, TestCase):
             self.assertNotIn(gone, seen)
 
     @async_test
+    async def test_host_header_server(self) -> None:
+        """
+        host_header: server names the server with its port, as a WebSocket
+        server checking Host expects.
+        """
+        await self.start(http={"host_header": "server"})
+        client = await connect(self.port)
+        self.client_cleanup(client)
+        client.transport.write(b"GET /echo HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        _, _, body = await self.response(client)
+        address = self.service.config.backends[0].servers[0].address
+        self.assertEqual(json.loads(body)["headers"]["host"], address)
+
+    @async_test
     async def test_routes(self) -> None:
         """
         Routes by exact host, C{*.suffix} host and path prefix, first match
@@ -541,9 +556,9 @@ class HTTPTests(HTTPHelpers, TestCase):
     @async_test
     async def test_502_when_server_refuses_and_retry(self) -> None:
         """
-        A GET whose first server refuses is retried on the next (within the
-        retry budget: 3 per second at least); with none left the client
-        gets 502; the client's connection survives retried successes.
+        A GET whose first server refuses is retried on the next (a refused
+        connect needs no retry budget); with none left the client gets 502;
+        the client's connection survives retried successes.
         """
         await self.start(n=1)
         dead = await listen(RawFactory())
@@ -660,6 +675,67 @@ class HTTPTests(HTTPHelpers, TestCase):
         self.assertIn(b"Upgrade: websocket", factory.heads[0])  # type: ignore[attr-defined]
         client.transport.write(b"\x81\x05hello")
         self.assertEqual(await client.read_until(b"hello"), b"\x81\x05hello")
+
+    @async_test
+    async def test_client_reading_nothing_holds_back_its_requests(self) -> None:
+        """
+        A client that pipelines 1,000 requests for 32 KiB answers and reads
+        nothing gets only as many served as the socket buffers hold; once
+        it reads, the rest are served.
+        """
+        served = []
+
+        class Answers(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                for _ in range(data.count(b"\r\n\r\n")):
+                    served.append(1)
+                    self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 32768\r\n\r\n" + b"x" * 32768)
+
+        port = await listen(protocol.Factory.forProtocol(Answers))
+        self.addCleanup(port.stopListening)
+        await self.proxy_to(port.getHost().port)
+        client = await connect(self.port, Client(keep=False))
+        self.client_cleanup(client)
+        client.transport.pauseProducing()
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+        frontend = self.service.frontends["web"]
+        await wait_for(lambda: any(c.write_paused for c in frontend.connections))
+        self.assertLess(len(served), 1000)
+        client.transport.resumeProducing()
+        await wait_for(lambda: len(served) == 1000 and client.count >= 1000 * 32768, timeout=30)
+
+    @async_test
+    async def test_stop_tells_keep_alive_clients_to_go(self) -> None:
+        """
+        Stopping (SIGTERM) closes an idle keep-alive connection at once and
+        answers the request in flight on a busy one with Connection: close,
+        then closes it; the stop ends then, not at grace_period (60 s).
+        """
+        await self.start()
+        self.service.config = attrs.evolve(
+            self.service.config, global_=attrs.evolve(self.service.config.global_, grace_period=60.0))
+        idle = await connect(self.port)
+        self.client_cleanup(idle)
+        idle.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        await self.response(idle)
+        busy = await connect(self.port)
+        self.client_cleanup(busy)
+        busy.transport.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        resource = self.backends[0][0]
+        await wait_for(lambda: bool(resource.pending))
+        started = self.service.clock.seconds()
+        stopped = self.service.stopService()
+        await idle.closed
+        self.assertFalse(busy.lost)
+        request = resource.pending.pop()
+        request.setHeader(b"content-length", b"4")
+        request.write(b"done")
+        request.finish()
+        status, headers, body = await self.response(busy)
+        self.assertEqual((status, headers.get(b"connection"), body), (200, b"close", b"done"))
+        await busy.closed
+        await stopped
+        self.assertLess(self.service.clock.seconds() - started, 5.0)
 
 
 class HTTPTLSTests(HTTPHelpers, TestCase):

@@ -5,6 +5,8 @@ forwards, byte for byte.
 
 from __future__ import annotations
 
+import json
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.http.headers import (
@@ -172,6 +174,12 @@ class ResponseHeadTests(SynchronousTestCase):
         self.assertIn(b"Retry-After: 1", head)
         self.assertIn(b"Content-Length: %d" % len(body), head)
         self.assertTrue(head.endswith(b"Connection: close"))
+
+    def test_error_response_is_json(self) -> None:
+        """Control characters and lone surrogates in the message still make valid JSON."""
+        message = 'bad\x00 \x1f "q" \\ \udc80 \u00e9'
+        body = error_response(502, message).partition(b"\r\n\r\n")[2]
+        self.assertEqual(json.loads(body), {"error": message})
 
 
 class ScannedResponseHeadTests(SynchronousTestCase):

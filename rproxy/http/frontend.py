@@ -3,12 +3,14 @@ The HTTP/1.1 frontend: a reverse proxy with per-server keep-alive pools.
 
 One L{HTTPConnection} per client connection reads requests with the strict
 L{RequestReader}; requests are served one at a time, in order (pipelined
-ones wait, their bytes bounded: past L{QUEUE_LIMIT} buffered body bytes the
-client is paused).  Each request becomes an L{Exchange}: route, take a
-server slot from the pool, take an idle upstream connection of that server
-or open one, send the rewritten head, stream the body, stream the response
-back, and return the upstream connection to the pool if both messages were
-complete and both sides allow keep-alive.
+ones wait, bounded: past L{QUEUE_LIMIT} buffered body bytes or
+L{QUEUE_EVENTS} queued heads and chunks the client is paused).  Each
+request becomes an L{Exchange}: route, take a server slot from the pool,
+take an idle upstream connection of that server or open one, send the
+rewritten head, stream the body, stream the response back, and return the
+upstream connection to the pool if both messages were complete and both
+sides allow keep-alive.  A server may send at most L{MAX_INTERIM} interim
+(1xx) responses before its answer.
 
 Bodies stream both ways with backpressure: the client's transport is the
 producer of the upstream transport while a request body flows, and the
@@ -20,7 +22,11 @@ reader, 404 no route, 502 connect failure or invalid or lost upstream
 response, 503 no server up (Retry-After), 504 C{response_timeout}.
 Idempotent requests not yet sent are retried on another server after a
 connect failure, and on a new connection after a reused one turned out to
-be closed, within C{retries} and a retry budget.
+be closed, within C{retries} and a retry budget; after a refused connect
+any request is retried, outside the budget (nothing was sent).
+
+A drain is a soft stop: idle keep-alive connections close, busy ones get
+C{Connection: close} on the response in flight and close after it.
 """
 
 from __future__ import annotations
@@ -32,13 +38,15 @@ import time
 from typing import Any
 
 import httptools
-from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from rproxy.http.accesslog import AccessLogFile, escape
 from rproxy.http.headers import (
     error_response,
     finish_scanned_head,
@@ -57,10 +65,21 @@ from rproxy.transport import connect_tcp
 __all__ = ["HTTPFrontend", "HTTPConnection", "UpstreamPool"]
 
 QUEUE_LIMIT = 256 * 1024
+# pipelined requests read ahead of the one being served: past this many
+# queued events (heads and body chunks) the client is paused until the
+# queue is half as long
+QUEUE_EVENTS = 64
+# interim (1xx) responses a server may send before its final response
+MAX_INTERIM = 16
 MAX_RESPONSE_FIELDS = 200
 # request duration histogram buckets (seconds); the last is +Inf
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     float("inf"))
+# the retry budget: RETRY_RATIO percent of the requests of the last
+# RETRY_WINDOW seconds, at least RETRY_MIN
+RETRY_WINDOW = 10.0
+RETRY_RATIO = 20
+RETRY_MIN = 3
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _CHUNK_END = b"0\r\n\r\n"
 _AUTHORIZATION = frozenset({b"authorization"})
@@ -91,6 +110,21 @@ def _cookie(head: RequestHead, name: bytes) -> bytes | None:
     return None
 
 
+def server_host(server: Server, tls: bool) -> bytes:
+    """
+    The Host value naming C{server} (C{http.host_header: server}): host and
+    port, the port left out only when it is the scheme's default, since
+    servers that check Host (WebSocket handshakes, virtual hosts) compare
+    both.
+    """
+    host = server.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal
+    if server.port == (443 if tls else 80):
+        return host.encode()
+    return f"{host}:{server.port}".encode()
+
+
 def _chunk(data: bytes) -> bytes:
     # nothing for no data: an empty chunk would read as the end of the body
     return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
@@ -114,6 +148,7 @@ class UpstreamConnection(Protocol):
         self.raw = b""  # the bytes of the current response since its head began
         self.head_start = -1  # where the head being read begins in raw; -1: not reading one
         self.informational = False
+        self.interim = 0  # interim responses to the current request
         self.head = b""
         self.transport = None
         self.upstreams = upstreams
@@ -137,6 +172,7 @@ class UpstreamConnection(Protocol):
         self.raw = b""
         self.head_start = 0
         self.informational = False
+        self.interim = 0
 
     def on_message_begin(self) -> None:
         exchange = self.exchange
@@ -163,6 +199,12 @@ class UpstreamConnection(Protocol):
             # interim responses (103 Early Hints...) go on to HTTP/1.1
             # clients; 100 Continue does not: rproxy answers Expect itself
             self.informational = True
+            self.interim += 1
+            if self.interim > MAX_INTERIM:
+                raise ValueError(f"more than {MAX_INTERIM} interim responses")
+            # the next head starts after this one: drop this one's bytes
+            self.raw = raw[self.head_start:]
+            self.head_start = 0
             if status != 100 and exchange is not None and exchange.head.version >= (1, 1):
                 line, block, _, _ = scan_response_head(head)
                 exchange.write(finish_scanned_head(status, line, block, version=(1, 1), framing="none"))
@@ -229,7 +271,9 @@ class UpstreamConnection(Protocol):
             # this one while it cannot keep up (a response read whole
             # needs no producer)
             exchange.producing = True
-            exchange.client.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
+            client = exchange.client
+            client.ungate()
+            client.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
@@ -384,7 +428,7 @@ class Exchange:
         "client", "frontend", "head", "target", "tried", "started", "upstream", "server", "pool", "route",
         "ready_for_body", "request_done", "response_started", "response_done", "close_delimited", "got_bytes",
         "upgraded", "switching", "finished", "producing", "batch", "deadline", "status", "token", "_pending",
-        "attempts", "pinned", "framing", "keep_upstream", "upgrade_rest",
+        "attempts", "pinned", "framing", "keep_upstream", "upgrade_rest", "delivered_before",
     )
 
     def __init__(self, client: HTTPConnection, head: RequestHead) -> None:
@@ -420,6 +464,7 @@ class Exchange:
         self.framing = "none"
         self.keep_upstream = False
         self.upgrade_rest = b""
+        self.delivered_before = client.delivered  # the response's bytes are what is added
 
     # -- request side ------------------------------------------------------
 
@@ -459,6 +504,7 @@ class Exchange:
     def _wait_token(self, d: defer.Deferred[Lease]) -> None:
         self._pending = d
         d.addCallbacks(self._leased, self._no_token)
+        d.addErrback(self._callback_failed, "leasing a token")
 
     def _leased(self, lease: Lease) -> None:
         self._pending = None
@@ -482,6 +528,30 @@ class Exchange:
         else:
             self.frontend.log.failure("leasing a token failed", reason)
             self.fail(502, "no token")
+
+    def _callback_failed(self, reason: Failure, what: str) -> None:
+        """
+        What a callback of a lease, a server pick or a connect raised (a
+        bug): one line in the log, the exchange's resources given back,
+        and the client answered 502 (or cut, if its answer had begun).
+        """
+        self._pending = None
+        self.frontend.log.error(
+            "frontend {frontend}: {what} failed: {why}",
+            frontend=self.frontend.name, what=what, why=f"{reason.type.__name__}: {reason.getErrorMessage()}",
+        )
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.exchange = None
+            if not upstream.lost:
+                upstream.transport.abortConnection()  # type: ignore[union-attr]
+        self.release_server()
+        if not (self.finished or self.response_started):
+            self.fail(502, f"internal error {what}")
+            return
+        self.finished = True
+        if not self.client.lost:
+            self.client.abort()
 
     def dispatch(self) -> None:
         frontend = self.frontend
@@ -508,12 +578,14 @@ class Exchange:
         pool = self.pool
         assert pool is not None
         if self.pinned is not None:
-            server = next((s for s in pool.servers if s.name == self.pinned), None)
-            if server is None or not server.usable(self.frontend.clock.seconds()):
-                self.fail(503, f"server {self.pinned} is not up", retry_after=True)
+            # through the pool, whose release wakes the requests waiting
+            # for a slot on it
+            server = pool.try_acquire_named(self.pinned)
+            if server is None:
+                named = next((s for s in pool.servers if s.name == self.pinned), None)
+                full = named is not None and named.usable(self.frontend.clock.seconds())
+                self.fail(503, f"server {self.pinned} is {'full' if full else 'not up'}", retry_after=True)
                 return
-            server.active += 1
-            server.total += 1
             self.got_server(server)
             return
         sticky = self.frontend.sticky
@@ -532,6 +604,7 @@ class Exchange:
         d = pool.acquire(key, self.tried)
         self._pending = d
         d.addCallbacks(self.got_server, self.no_server)
+        d.addErrback(self._callback_failed, "choosing a server")
 
     def hash_key(self, pool: Pool) -> bytes | None:
         """
@@ -571,6 +644,7 @@ class Exchange:
         d = self.frontend.upstreams.get(server, self.pool, self.frontend.config.connect_timeout)  # type: ignore[arg-type]
         self._pending = d
         d.addCallbacks(self.connected, self.connect_failed)
+        d.addErrback(self._callback_failed, "connecting to a server")
 
     def connect_failed(self, reason: Failure) -> None:
         self._pending = None
@@ -584,7 +658,13 @@ class Exchange:
         self.frontend.connect_errors += 1
         if self.finished:
             return
-        if self.may_retry() and pool.any_up(self.tried):
+        # a refused connect sent nothing: trying another server is safe
+        # whatever the method, and costs the refusing server nothing, so
+        # it takes no retry budget (HAProxy's and nginx's rule)
+        if (
+            (self.may_retry() if not reason.check(error.ConnectionRefusedError) else self.may_retry_refused())
+            and pool.any_up(self.tried)
+        ):
             self.frontend.retries_total += 1
             self.acquire()
             return
@@ -598,6 +678,9 @@ class Exchange:
             and self.attempts <= self.frontend.config.http.retries
             and self.frontend.retry_budget_allows()
         )
+
+    def may_retry_refused(self) -> bool:
+        return self.pinned is None and self.attempts <= self.frontend.config.http.retries
 
     def connected(self, upstream: UpstreamConnection) -> None:
         self._pending = None
@@ -625,7 +708,8 @@ class Exchange:
         transport = upstream.transport
         transport.write(request_head(  # type: ignore[union-attr]
             head.method, self.target, head.headers, self.client.peer_ip, frontend.scheme, head.chunked,
-            head.content_length, head.upgrade, server.host.encode() if frontend.host_is_server else None,
+            head.content_length, head.upgrade,
+            server_host(server, self.pool.config.tls is not None) if frontend.host_is_server else None,
             set_headers, remove,
         ))
         if frontend.response_timeout > 0:
@@ -735,6 +819,7 @@ class Exchange:
         if self.producing:
             self.producing = False
             self.client.transport.unregisterProducer()  # type: ignore[union-attr]
+            self.client.gate()
         if self.framing == "chunked":
             self.write(_CHUNK_END)
         self.flush()
@@ -768,6 +853,7 @@ class Exchange:
             client.transport.write(rest)  # type: ignore[union-attr]
         if self.head.has_body:
             upstream.transport.unregisterProducer()  # type: ignore[union-attr]
+        client.ungate()
         client.transport.registerProducer(upstream.transport, True)  # type: ignore[union-attr]
         upstream.transport.registerProducer(client.transport, True)  # type: ignore[union-attr]
         client.upgraded(self)
@@ -805,10 +891,7 @@ class Exchange:
                 pool.record_failure(server, f"answered {self.status}")
             elif ok:
                 pool.record_success(server)
-            if self.pinned is not None:
-                server.active -= 1
-            else:
-                pool.release(server)
+            pool.release(server)
 
     def upstream_failed(self, why: str, invalid: bool = False) -> None:
         self.flush()
@@ -868,7 +951,7 @@ class Exchange:
             (b"Access-Control-Allow-Headers", requested or b"*"),
             (b"Access-Control-Max-Age", b"86400"),
         ]
-        close = not self.head.keep_alive
+        close = not self.head.keep_alive or self.client.closing_after_response
         self.client.transport.write(response_head(  # type: ignore[union-attr]
             204, b"No Content", headers, version=self.head.version, framing="none", close=close))
         self.request_done = True
@@ -910,6 +993,7 @@ class Exchange:
         self.release_server()
 
 
+@implementer(IPushProducer)
 class HTTPConnection(Protocol):
     """
     A client connection of an HTTP frontend.
@@ -942,6 +1026,10 @@ class HTTPConnection(Protocol):
         self.events: collections.deque[Any] = collections.deque()
         self.queued = 0
         self.paused = False
+        # this connection is its transport's producer between response
+        # bodies; write_paused: the client is not reading its answers
+        self.gated = False
+        self.write_paused = False
         self.received = 0
         self.delivered = 0
 
@@ -955,8 +1043,45 @@ class HTTPConnection(Protocol):
 
     def start(self) -> None:
         self.counted = True
+        self.gate()
         self._arm_head_timer()
         self.pump()
+
+    # -- the client reading its answers ------------------------------------
+
+    def gate(self) -> None:
+        """
+        Be the transport's producer while no response body streams: when
+        the answers the client has not read fill the transport's buffer,
+        the transport pauses this connection and no next request starts
+        until they drain, so a client that sends requests (pipelined or
+        not) and reads no answer holds a bounded amount of memory.
+        """
+        if not (self.gated or self.closing or self.lost):
+            self.gated = True
+            self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+
+    def ungate(self) -> None:
+        """
+        Give the producer slot up: to a response body's source, or before a
+        close (a transport with a producer waits for it to go before
+        closing).
+        """
+        if self.gated:
+            self.gated = False
+            self.write_paused = False
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+
+    def pauseProducing(self) -> None:
+        self.write_paused = True
+
+    def resumeProducing(self) -> None:
+        self.write_paused = False
+        if self.events and self.exchange is None:
+            self.pump()
+
+    def stopProducing(self) -> None:
+        self.write_paused = False
 
     def _arm_head_timer(self, now: float | None = None) -> None:
         frontend = self.frontend
@@ -970,6 +1095,7 @@ class HTTPConnection(Protocol):
             if self.reader.in_head:
                 self.send_error(408, "request head not received in time")
             else:
+                self.ungate()
                 self.transport.loseConnection()  # type: ignore[union-attr]
 
     def activity(self) -> int | None:
@@ -1009,10 +1135,11 @@ class HTTPConnection(Protocol):
                 self.frontend.count_status(e.status)
                 self.send_error(e.status, e.reason)
             return
-        self.events.extend(events)
+        queue = self.events
+        queue.extend(events)
         if reader.body_fed:
             self.queued += reader.body_fed
-        if self.queued > QUEUE_LIMIT and not self.paused:
+        if (self.queued > QUEUE_LIMIT or len(queue) > QUEUE_EVENTS) and not self.paused:
             self.paused = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
         self.pump()
@@ -1031,7 +1158,7 @@ class HTTPConnection(Protocol):
             self._pump()
         finally:
             self.pumping = False
-        if self.paused and self.queued < QUEUE_LIMIT // 2:
+        if self.paused and self.queued < QUEUE_LIMIT // 2 and len(self.events) <= QUEUE_EVENTS // 2:
             self.paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
 
@@ -1042,7 +1169,7 @@ class HTTPConnection(Protocol):
             exchange = self.exchange
             kind = type(event)
             if kind is RequestHead:
-                if exchange is not None or self.closing_after_response:
+                if exchange is not None or self.closing_after_response or self.write_paused:
                     break
                 events.popleft()
                 self.head_deadline = None
@@ -1083,12 +1210,25 @@ class HTTPConnection(Protocol):
             self.exchange = None
             self.frontend.active_requests -= 1
         if self.closing_after_response or not exchange.head.keep_alive:
+            self.ungate()
             self.closing = True
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         self._arm_head_timer(now)
         if self.events:
             self.pump()
+
+    def drain(self) -> None:
+        """
+        Serve no request after the one in flight (if any), and close.
+        """
+        if self.upgraded_exchange is not None or self.lost:
+            return  # a spliced stream ends when its ends do, or at grace
+        self.closing_after_response = True
+        if self.exchange is None:
+            self.ungate()
+            self.closing = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def upgraded(self, exchange: Exchange) -> None:
         self.upgraded_exchange = exchange
@@ -1116,7 +1256,10 @@ class HTTPConnection(Protocol):
             "frontend {frontend}: {status} for {peer}: {message}",
             frontend=self.frontend.name, status=status, peer=_peer(self.transport), message=message,
         )
+        # (the gate or a response body's source: a transport with a
+        # producer would not close)
         self.transport.unregisterProducer()  # type: ignore[union-attr]
+        self.gated = self.write_paused = False
         self.transport.write(error_response(status, message, extra=extra))  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -1157,6 +1300,7 @@ class HTTPFrontend(TCPFrontend):
         self.pools = pools
         self.upstreams = upstreams
         self.tokens: TokenPool | None = None
+        self.access_file: AccessLogFile | None = None
         self.configure(config)
         self.active_requests = 0
         self.retries_total = 0
@@ -1164,10 +1308,12 @@ class HTTPFrontend(TCPFrontend):
         self.duration_buckets = [0] * len(DURATION_BUCKETS)
         self.duration_sum = 0.0
         self._deadlines: IDelayedCall | None = None
-        self._retry_window = 0.0
         self.counted_requests = 0
-        self._window_start = 0  # counted_requests when the retry window began
-        self._window_retries = 0
+        self.budgeted_retries = 0
+        # (time, counted_requests, budgeted_retries) about once a second,
+        # the last RETRY_WINDOW seconds of them: the retry budget's window
+        self._ticks: collections.deque[tuple[float, int, int]] = collections.deque()
+        self._next_tick = 0.0
 
     def configure(self, config: Any) -> None:
         self.config = config
@@ -1178,6 +1324,7 @@ class HTTPFrontend(TCPFrontend):
         self.header_timeout = http.header_timeout
         self.response_timeout = http.response_timeout
         self.access_log = http.access_log != "off"
+        self._access_file(getattr(config, "access_log_path", None) if self.access_log else None)
         self.host_is_server = http.host_header == "server"
         self.cors = http.cors
         self.max_head = http.max_head
@@ -1186,6 +1333,33 @@ class HTTPFrontend(TCPFrontend):
         self.plain = not (self.cors or self.direct_routes)
         self.sticky = http.sticky_cookie.encode() if http.sticky_cookie is not None else None
         self.scheme = b"https" if config.listen.startswith("ssl:") or config.tls else b"http"
+
+    def _access_file(self, path: str | None) -> None:
+        """
+        Log requests to the file at C{path} (None: to the process log);
+        the same path again is reopened, for log rotation.
+        """
+        current = self.access_file
+        if current is not None and current.path == path:
+            current.reopen()
+            return
+        if current is not None:
+            current.close()
+            self.access_file = None
+        if path is None:
+            return
+        try:
+            self.access_file = AccessLogFile(path, self.clock)
+        except OSError as e:
+            self.log.error("frontend {frontend}: access log {path}: cannot open: {why}; logging to the process log",
+                           frontend=self.name, path=path, why=e.strerror or e)
+
+    def reopen_access_log(self) -> None:
+        """
+        Start a new access log file at the same path (after a rotation).
+        """
+        if self.access_file is not None:
+            self.access_file.reopen()
 
     def buildProtocol(self, addr: object) -> HTTPConnection:  # type: ignore[override]
         return HTTPConnection(self, addr)
@@ -1229,17 +1403,34 @@ class HTTPFrontend(TCPFrontend):
 
     def retry_budget_allows(self) -> bool:
         """
-        Retries may add at most 20% to the request rate (and always 3 per
-        second), so that an outage does not multiply load.
+        Whether one more retry fits the budget: retries may add at most 20%
+        to the requests of the last L{RETRY_WINDOW} seconds (and at least 3
+        are always allowed), so that an outage does not multiply load.  A
+        sliding window (Envoy's retry budget), not one that restarts: just
+        after a server dies, the requests of the seconds before still
+        count.
         """
         now = self.clock.seconds()
-        if now - self._retry_window >= 1.0:
-            self._retry_window, self._window_start, self._window_retries = now, self.counted_requests, 0
-        allowed = max(3, (self.counted_requests - self._window_start) // 5)
-        if self._window_retries >= allowed:
+        if now >= self._next_tick:
+            self._tick(now)
+        _, requests, retries = self._ticks[0]
+        allowed = max(RETRY_MIN, (self.counted_requests - requests) * RETRY_RATIO // 100)
+        if self.budgeted_retries - retries >= allowed:
             return False
-        self._window_retries += 1
+        self.budgeted_retries += 1
         return True
+
+    def _tick(self, now: float) -> None:
+        """
+        Note the counts now, and forget what is older than the window
+        (whose oldest tick is where the window's counts start).
+        """
+        ticks = self._ticks
+        ticks.append((now, self.counted_requests, self.budgeted_retries))
+        start = now - RETRY_WINDOW
+        while ticks[0][0] < start:
+            ticks.popleft()
+        self._next_tick = now + 1.0
 
     def count(self, exchange: Exchange, now: float | None = None) -> None:
         pool = exchange.pool
@@ -1249,34 +1440,52 @@ class HTTPFrontend(TCPFrontend):
         key = (backend, exchange.status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
+        if now is None:
+            now = self.clock.seconds()
+        if now >= self._next_tick:
+            self._tick(now)
         self.counted_requests += 1
-        seconds = (now if now is not None else self.clock.seconds()) - exchange.started
+        seconds = now - exchange.started
         self.duration_sum += seconds
         self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
     def log_access(self, exchange: Exchange, backend: str) -> None:
+        """
+        One line for the request: nginx's combined format followed by
+        backend/server and seconds, or a JSON object; C{bytes} is the
+        response body passed on from the server.
+        """
         head = exchange.head
-        seconds = self.clock.seconds() - exchange.started
+        now = self.clock.seconds()
+        seconds = now - exchange.started
         server = exchange.tried[-1] if exchange.tried else "-"
+        sent = exchange.client.delivered - exchange.delivered_before
         if self.config.http.access_log == "json":
             record = {
                 "client": exchange.client.peer_host, "method": head.method.decode("latin-1"),
                 "target": head.target.decode("latin-1"), "version": f"{head.version[0]}.{head.version[1]}",
-                "status": exchange.status, "bytes": exchange.client.delivered, "backend": backend,
+                "status": exchange.status, "bytes": sent, "backend": backend,
                 "server": server, "duration": round(seconds, 6), "frontend": self.name,
                 "user_agent": (head.header(b"user-agent") or b"").decode("latin-1"),
             }
-            _access.info("{record}", record=json.dumps(record, sort_keys=True))
+            line = json.dumps(record, sort_keys=True)
+            if self.access_file is not None:
+                self.access_file.write(line)
+            else:
+                _access.info("{record}", record=line)
             return
-        when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(self.clock.seconds()))
-        referer = (head.header(b"referer") or b"-").decode("latin-1")
-        agent = (head.header(b"user-agent") or b"-").decode("latin-1")
+        when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now))
+        referer = escape(head.header(b"referer") or b"-")
+        agent = escape(head.header(b"user-agent") or b"-")
         line = (
-            f'{exchange.client.peer_host} - - [{when}] "{head.method.decode("latin-1")} '
-            f'{head.target.decode("latin-1")} HTTP/{head.version[0]}.{head.version[1]}" {exchange.status} '
-            f'{exchange.client.delivered} "{referer}" "{agent}" {backend}/{server} {seconds:.6f}'
+            f'{exchange.client.peer_host} - - [{when}] "{escape(head.method)} '
+            f'{escape(head.target)} HTTP/{head.version[0]}.{head.version[1]}" {exchange.status} '
+            f'{sent} "{referer}" "{agent}" {backend}/{server} {seconds:.6f}'
         )
-        _access.info("{line}", line=line)
+        if self.access_file is not None:
+            self.access_file.write(line)
+        else:
+            _access.info("{line}", line=line)
 
     def count_status(self, status: int) -> None:
         self.requests[("-", status)] += 1
@@ -1297,10 +1506,22 @@ class HTTPFrontend(TCPFrontend):
             self._deadlines = None
 
     def drain(self, grace: float) -> defer.Deferred[None]:
-        # idle keep-alive connections have nothing to finish
+        """
+        A soft stop (HAProxy's and nginx's): idle keep-alive connections
+        close now; busy ones finish the request in flight, whose response
+        says C{Connection: close}, and close after it.  What is left at
+        the end of C{grace} is cut (L{TCPFrontend.drain}).
+        """
         for conn in list(self.connections):
-            if isinstance(conn, HTTPConnection) and conn.exchange is None and conn.upgraded_exchange is None:
-                conn.closing = True
-                conn.transport.loseConnection()  # type: ignore[union-attr]
-        return super().drain(grace)
+            if isinstance(conn, HTTPConnection):
+                conn.drain()
+        drained = super().drain(grace)
+        drained.addBoth(self._close_access_log)
+        return drained
+
+    def _close_access_log(self, result: Any) -> Any:
+        # every request is logged once the connections are gone
+        if self.access_file is not None:
+            self.access_file.close()
+        return result
 
