@@ -187,10 +187,7 @@ class ClientConnection(EarlyDataEnd):
             # our own shortage (descriptors, ...): not the server's fault,
             # and another server would fail the same way
             pool.release(server)
-            frontend = self.frontend
-            if frontend.shortage is None:
-                frontend.shortage = ShortageLog(frontend.log, frontend.clock, f"frontend {frontend.name}")
-            frontend.shortage.failed(reason)
+            self.frontend.shortage_failed(reason)
             self._abort()
             return
         why = reason.getErrorMessage()
@@ -314,6 +311,15 @@ class TCPFrontend(Factory):
     @property
     def name(self) -> str:
         return self.config.name
+
+    def shortage_failed(self, reason: Failure) -> None:
+        """
+        A connect for one of our clients failed for want of a local
+        resource: logged once per episode, never charged to a server.
+        """
+        if self.shortage is None:
+            self.shortage = ShortageLog(self.log, self.clock, f"frontend {self.name}")
+        self.shortage.failed(reason)
 
     def buildProtocol(self, addr: object) -> ClientConnection:
         return ClientConnection(self)

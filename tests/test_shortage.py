@@ -204,3 +204,35 @@ class ShortageLogTests(SynchronousTestCase):
         self.assertEqual(len(self.lines()), 3)
         self.assertEqual(self.lines()[2][0], "out of local resources, not the server's fault")
         self.assertEqual(self.shortage.total, 12)
+
+
+class HTTPShortageEjectionTests(SynchronousTestCase):
+    """
+    Local connect failures on the HTTP path are not the server's: however
+    many in a row, the server is neither charged nor passively ejected.
+    """
+
+    def test_repeated_emfile_does_not_eject(self) -> None:
+        """
+        Ten EMFILE connects in a row (the passive threshold is 2) leave
+        every server up, not ejected, with no failure counted.
+        """
+        data = backends_config(8080, 8081, 8082, passive={"consecutive_failures": 2})
+        data["frontends"][0]["protocol"] = "http"
+        config = config_from_mapping(data)
+        reactor = RefusingReactor()
+        pool = Pool(config.backends[0], reactor)
+        frontend = HTTPFrontend(config.frontends[0], {"web": pool}, reactor, reactor, UpstreamPool(reactor, reactor))
+        logs = LogCapture(self)
+        for _ in range(10):
+            proto, transport = client(frontend)
+            proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            reactor.advance(0)
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 502 "), transport.value()[:40])
+        now = reactor.seconds()
+        self.assertEqual(
+            [(s.state(now), s.consecutive_failures, s.connect_failures, s.active) for s in pool.servers],
+            [("up", 0, 0, 0)] * 3,
+        )
+        self.assertEqual(frontend.connect_errors, 0)
+        self.assertEqual(logs.tracebacks(), [])

@@ -57,6 +57,7 @@ from rproxy.http.headers import (
 from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader, Upgrade
 from rproxy.http.routes import RouteTable, Rule, direct_target
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
+from rproxy.shortage import is_local
 from rproxy.tcp import TCPFrontend, _nodelay, _peer
 from rproxy.tls import client_tls_options
 from rproxy.tokenpool import Lease, NoTokens, TokenPool, TokenQueueFull, TokenQueueTimeout
@@ -653,6 +654,14 @@ class Exchange:
         server, pool = self.server, self.pool
         assert server is not None and pool is not None
         self.server = None
+        if is_local(reason):
+            # our own shortage (descriptors, ...): not the server's fault,
+            # and another server would fail the same way
+            pool.release(server)
+            self.frontend.shortage_failed(reason)
+            if not self.finished:
+                self.fail(502, "out of local resources")
+            return
         pool.record_failure(server, reason.getErrorMessage())
         pool.release(server)
         self.frontend.connect_errors += 1
