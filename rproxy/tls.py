@@ -153,14 +153,12 @@ class SNIServerCreator:
 def _protocols_of(factory: Any) -> tuple[bytes, ...]:
     """
     The ALPN protocols a factory's connections speak: what it declares
-    through L{IProtocolNegotiationFactory}, else C{http/1.1} for an HTTP
-    frontend (its configuration says C{protocol: http}), else none.
+    through L{IProtocolNegotiationFactory} (the HTTP frontend: C{http/1.1}),
+    else none (a byte stream: tcp frontends, tunnel ports).
     """
     negotiation = IProtocolNegotiationFactory(factory, None)
     if negotiation is not None:
         return tuple(negotiation.acceptableProtocols())
-    if getattr(getattr(factory, "config", None), "protocol", None) == "http":
-        return HTTP_ALPN
     return ()
 
 

@@ -14,11 +14,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import protocol, ssl
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import alsoProvides
 
 from rproxy.config import FrontendConfig
 from rproxy.tls import (
@@ -29,6 +31,25 @@ from rproxy.tls import (
     ssl_server_endpoint,
 )
 from tests.support import self_signed_pem
+
+
+class HTTPFrontendDeclarationTests(SynchronousTestCase):
+    """
+    The HTTP frontend tells TLS listeners what ALPN may select.
+    """
+
+    def test_http_frontend_offers_http11(self) -> None:
+        """
+        L{HTTPFrontend} provides L{IProtocolNegotiationFactory} with
+        http/1.1 alone, which is what L{_protocols_of} reads.
+        """
+        from rproxy.http.frontend import HTTPFrontend
+        from rproxy.tls import _protocols_of
+
+        self.assertTrue(IProtocolNegotiationFactory.implementedBy(HTTPFrontend))
+        frontend = HTTPFrontend.__new__(HTTPFrontend)
+        self.assertEqual(_protocols_of(frontend), (b"http/1.1",))
+
 
 
 class Recorder(protocol.Protocol):
@@ -55,6 +76,12 @@ class Frontend(protocol.Factory):
     def __init__(self, kind: str) -> None:
         self.config = FrontendConfig(name="f", listen="tcp:0", backend="b", protocol=kind)
         self.built: list[Recorder] = []
+        if kind == "http":
+            # as HTTPFrontend declares itself
+            alsoProvides(self, IProtocolNegotiationFactory)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
 
     def buildProtocol(self, addr: Any) -> Recorder:
         recorder = Recorder()

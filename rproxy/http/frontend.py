@@ -39,7 +39,7 @@ from typing import Any
 
 import httptools
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IProtocolNegotiationFactory, IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -59,7 +59,7 @@ from rproxy.http.routes import RouteTable, Rule, direct_target
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
 from rproxy.shortage import is_local
 from rproxy.tcp import TCPFrontend, _nodelay, _peer
-from rproxy.tls import client_tls_options
+from rproxy.tls import HTTP_ALPN, client_tls_options
 from rproxy.tokenpool import Lease, NoTokens, TokenPool, TokenQueueFull, TokenQueueTimeout
 from rproxy.transport import connect_tcp
 
@@ -1296,11 +1296,20 @@ class HTTPConnection(Protocol):
         self.frontend.forget(self)  # type: ignore[arg-type]
 
 
+@implementer(IProtocolNegotiationFactory)
 class HTTPFrontend(TCPFrontend):
     """
     The factory of one C{protocol: http} frontend.  Admission, limits and
     draining are the TCP frontend's.
     """
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        What ALPN may select on a TLS listener of this frontend: HTTP/1.1,
+        the one version it speaks (a client offering only h2 still
+        connects, without ALPN).
+        """
+        return list(HTTP_ALPN)
 
     def __init__(self, config: Any, pools: dict[str, Pool], reactor: Any, clock: Any,
                  upstreams: UpstreamPool, limit: Any = None) -> None:
