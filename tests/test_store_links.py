@@ -269,3 +269,41 @@ class RedisProbeTests(SynchronousTestCase):
         self.addCleanup(self.probe.stop)
         self.clock.pump([0.5] * 4)
         self.assertEqual((self.probe.state, len(calls)), ("down", 5))
+
+
+class PeriodicJobTests(SynchronousTestCase):
+    def test_failures_are_logged_and_the_job_goes_on(self) -> None:
+        """
+        A periodic store job (event writing, retention) that raises or
+        fails is logged and runs again at its next interval.
+        """
+        from types import SimpleNamespace
+
+        from twisted.logger import globalLogPublisher
+        from twisted.python.failure import Failure
+
+        from rproxy.store.manager import Stores
+
+        clock = Clock()
+        config = SimpleNamespace(postgres_dsn=None, redis_url=None, auth_cache_ttl=300.0, pool_size=4)
+        stores = Stores(config, NoStaticKeys(), clock, clock)  # type: ignore[arg-type]
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        runs: list[int] = []
+
+        def job() -> Any:
+            runs.append(1)
+            if len(runs) == 1:
+                raise RuntimeError("boom")
+            if len(runs) == 2:
+                return defer.fail(Failure(ValueError("relation does not exist\nDETAIL: more")))
+            return None
+
+        loop = stores._periodic(job, 1.0, now=True, what="heartbeat retention")
+        self.addCleanup(loop.stop)
+        clock.pump([1.0, 1.0, 1.0])
+        self.assertEqual(len(runs), 4)
+        self.assertTrue(loop.running)
+        warnings = [e["why"] for e in logged if e.get("what") == "heartbeat retention"]
+        self.assertEqual(warnings, ["boom", "relation does not exist"])

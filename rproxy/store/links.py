@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from rproxy.store.postgres import ConnectionSet
 
-__all__ = ["PostgresLink", "RedisProbe", "backoff"]
+__all__ = ["PostgresLink", "RedisProbe", "backoff", "why"]
 
 log = Logger()
 
@@ -41,7 +41,11 @@ def backoff(attempt: int, rng: random.Random, base: float = 0.5, cap: float = 10
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
-def _why(failure: Failure) -> str:
+def why(failure: Failure) -> str:
+    """
+    The first line of a failure's message (database errors run to
+    several), or its type's name: what a log line should say.
+    """
     text = (failure.getErrorMessage() or "").strip().splitlines()
     return text[0] if text else failure.type.__name__
 
@@ -140,7 +144,7 @@ class PostgresLink:
         if not self._logged_down:
             self._logged_down = True
             log.warn("stores: PostgreSQL unavailable ({why}); static keys and cached data serve; retrying",
-                     why=_why(failure))
+                     why=why(failure))
         self._wait(delay)
 
     def _timed_out(self, conns: ConnectionSet) -> None:
@@ -256,7 +260,7 @@ class RedisProbe:
             self._set("down", type(e).__name__)
             return None
         d.addTimeout(self.timeout, self.clock)
-        d.addCallbacks(lambda _: self._set("up", ""), lambda f: self._set("down", _why(f)))
+        d.addCallbacks(lambda _: self._set("up", ""), lambda f: self._set("down", why(f)))
         return d  # the loop waits for it, so pings never overlap
 
     def _set(self, state: str, why: str) -> None:

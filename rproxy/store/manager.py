@@ -17,8 +17,7 @@ import socket
 from typing import Any
 from urllib.parse import urlparse
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from rproxy.config import StoresConfig
@@ -32,7 +31,7 @@ from rproxy.events import (
 )
 from rproxy.store.auth import KeyChain
 from rproxy.store.backends import LiveBackends, PostgresBackends
-from rproxy.store.links import PostgresLink, RedisProbe
+from rproxy.store.links import PostgresLink, RedisProbe, why
 from rproxy.store.postgres import ConnectionSet, PostgresKeys, connection, migrate
 
 __all__ = ["Stores"]
@@ -59,11 +58,11 @@ class Stores:
                                      rng=self._rng)
         self.events: EventSink | None = None
         self._consumer: EventConsumer | None = None
-        self._consume_call: IDelayedCall | None = None
+        self._consuming: task.LoopingCall | None = None
         # set by the service before start(): live pools (source: postgres)
         self.live: LiveBackends | None = None
         self.backends: PostgresBackends | None = None
-        self._retention: IDelayedCall | None = None
+        self._retention: task.LoopingCall | None = None
         self.heartbeats_deleted = 0
         self.requests_deleted = 0
 
@@ -103,7 +102,8 @@ class Stores:
             self.events = EventSink(self._redis, self.clock)
             self.probe.start()
             if self.config.postgres_dsn is not None:
-                self._consume_call = self.clock.callLater(1.0, self._consume)
+                self._consuming = self._periodic(self._consume, 1.0, now=False,
+                                                 what="writing events to PostgreSQL")
 
     # -- PostgreSQL ----------------------------------------------------------
 
@@ -117,7 +117,8 @@ class Stores:
         self.keys.postgres = PostgresKeys(conn)
         self.backends = PostgresBackends(conn)
         if self._retention is None and not self._stopped:
-            self._retention = self.clock.callLater(0, self._prune)
+            self._retention = self._periodic(self._prune, 3600.0, now=True,
+                                             what="heartbeat retention")
 
     def _postgres_down(self) -> None:
         self._conn = None
@@ -128,48 +129,56 @@ class Stores:
 
     # -- heartbeat retention ---------------------------------------------------
 
-    def _prune(self) -> None:
+    def _periodic(self, job: Any, interval: float, now: bool, what: str) -> task.LoopingCall:
         """
-        Delete heartbeats older than C{heartbeat_retention}; hourly.
+        Run C{job} every C{interval} seconds; a failure is logged and the
+        loop goes on (a LoopingCall stops for good on its first error).
         """
-        self._retention = None
-        if self._stopped:
-            return
-        conn = self._conn
-        if conn is not None and self.postgres_state == "up":
-            d = conn.runQuery(
-                "WITH gone AS (DELETE FROM heartbeats WHERE at < now() - make_interval(secs => %s) RETURNING 1),"
-                " old AS (DELETE FROM request_events WHERE at < now() - make_interval(secs => %s) RETURNING 1)"
-                " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM old)",
-                (self.config.heartbeat_retention, self.config.heartbeat_retention),
-            )
 
-            def pruned(rows: Any) -> None:
-                heartbeats, requests = rows[0]
-                self.heartbeats_deleted += heartbeats
-                self.requests_deleted += requests
-                if heartbeats or requests:
-                    log.info("stores: deleted {heartbeats} heartbeat(s) and {requests} request record(s) older "
-                             "than {days:g} day(s)", heartbeats=heartbeats, requests=requests,
-                             days=self.config.heartbeat_retention / 86400)
+        def guarded() -> Any:
+            d = defer.maybeDeferred(job)
+            return d.addErrback(lambda f: log.warn("stores: {what} failed ({why}); will retry", what=what,
+                                                   why=why(f)))
 
-            d.addCallbacks(pruned, lambda f: log.warn("stores: heartbeat retention failed: {why}",
-                                                      why=f.getErrorMessage().strip()))
-        self._retention = self.clock.callLater(3600.0, self._prune)
+        loop = task.LoopingCall(guarded)
+        loop.clock = self.clock
+        loop.start(interval, now=now).addErrback(lambda f: log.failure("stores: {what} stopped", f, what=what))
+        return loop
+
+    def _prune(self) -> Any:
+        """
+        Delete heartbeats older than C{heartbeat_retention}; hourly, while PostgreSQL is up.
+        """
+        conn = self.connection()
+        if conn is None:
+            return None
+        d = conn.runQuery(
+            "WITH gone AS (DELETE FROM heartbeats WHERE at < now() - make_interval(secs => %s) RETURNING 1),"
+            " old AS (DELETE FROM request_events WHERE at < now() - make_interval(secs => %s) RETURNING 1)"
+            " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM old)",
+            (self.config.heartbeat_retention, self.config.heartbeat_retention),
+        )
+
+        def pruned(rows: Any) -> None:
+            heartbeats, requests = rows[0]
+            self.heartbeats_deleted += heartbeats
+            self.requests_deleted += requests
+            if heartbeats or requests:
+                log.info("stores: deleted {heartbeats} heartbeat(s) and {requests} request record(s) older "
+                         "than {days:g} day(s)", heartbeats=heartbeats, requests=requests,
+                         days=self.config.heartbeat_retention / 86400)
+
+        return d.addCallback(pruned)  # its failure is logged by _periodic
 
     # -- events ----------------------------------------------------------------
 
-    def _consume(self) -> None:
+    def _consume(self) -> Any:
         """
         Write what the event streams hold to PostgreSQL, once a second,
         while both are up; failures are logged and retried next time.
         """
-        self._consume_call = None
-        if self._stopped:
-            return
         if self._conn is None or self.postgres_state != "up" or self.redis_state != "up":
-            self._consume_call = self.clock.callLater(1.0, self._consume)
-            return
+            return None
         if self._consumer is None or self._consumer_conn is not self._conn:
             self._consumer_conn = self._conn
             me = f"{socket.gethostname()}-{os.getpid()}"
@@ -177,15 +186,7 @@ class Stores:
                                            write_heartbeat(self._conn), self.clock)
             self._request_consumer = EventConsumer(self._redis, REQUESTS, "rproxy-writers", me,
                                                    write_request(self._conn), self.clock)
-        d = defer.Deferred.fromCoroutine(self._poll_both())
-
-        def failed(failure: Any) -> None:
-            log.warn("events: writing to PostgreSQL failed ({why}); will retry",
-                     why=failure.getErrorMessage().strip().splitlines()[0] if failure.getErrorMessage() else "?")
-
-        d.addErrback(failed)
-        d.addBoth(lambda _: None if self._stopped else setattr(
-            self, "_consume_call", self.clock.callLater(1.0, self._consume)))
+        return defer.Deferred.fromCoroutine(self._poll_both())
 
     _consumer_conn: Any = None
     _request_consumer: EventConsumer | None = None
@@ -212,10 +213,10 @@ class Stores:
             self.events.stop()
         if self.probe is not None:
             self.probe.stop()
-        for call in (self._consume_call, self._retention):
-            if call is not None and call.active():
-                call.cancel()
-        self._consume_call = self._retention = None
+        for loop in (self._consuming, self._retention):
+            if loop is not None and loop.running:
+                loop.stop()
+        self._consuming = self._retention = None
         if self.link is not None:
             self.link.stop()
         if self.live is not None:
