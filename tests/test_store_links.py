@@ -307,3 +307,39 @@ class PeriodicJobTests(SynchronousTestCase):
         self.assertTrue(loop.running)
         warnings = [e["why"] for e in logged if e.get("what") == "heartbeat retention"]
         self.assertEqual(warnings, ["boom", "relation does not exist"])
+
+
+class ListeningConnection:
+    """What LiveBackends asks of a connection set, answered at once."""
+
+    def addNotifyObserver(self, observer: Any) -> None:
+        pass
+
+    def removeNotifyObserver(self, observer: Any) -> None:
+        pass
+
+    def runOperation(self, sql: str) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+class LiveResyncTests(SynchronousTestCase):
+    def test_resync_survives_an_error(self) -> None:
+        """The periodic re-read of live pools logs an error and runs again; detach ends it."""
+        from rproxy.store.backends import LiveBackends
+
+        clock = Clock()
+        calls: list[int] = []
+
+        def pools() -> list[str]:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return []
+
+        live = LiveBackends(clock, pools, lambda pool, servers: None, interval=30.0)
+        self.successResultOf(defer.Deferred.fromCoroutine(live.attach(ListeningConnection())))
+        clock.pump([30.0, 30.0])
+        self.assertEqual(len(calls), 3)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        live.detach()
+        self.assertEqual(clock.getDelayedCalls(), [])
