@@ -34,8 +34,8 @@ class Traffic:
         self.finished = defer.Deferred.fromCoroutine(self._run())
 
     async def login(self, agent_id: str) -> bool:
-        fake = FakeAgent()
-        await connect(self.port, fake)  # type: ignore[arg-type]
+        fake: Any = FakeAgent()
+        await connect(self.port, fake)
         try:
             fake.send(Login(agent_id=agent_id, api_key=self.key))
             await wait_for(lambda: fake.messages or fake.lost, timeout=10)
