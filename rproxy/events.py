@@ -145,7 +145,7 @@ class EventSink:
         if self._confirming is None and not self._stopped:
             self._confirming = task.LoopingCall(self._confirm)
             self._confirming.clock = self.clock
-            self._confirming.start(self.confirm_interval, now=False).addErrback(
+            self._confirming.start(self.confirm_interval, now=True).addErrback(
                 lambda f: log.failure("events: the delivery check stopped", f))
 
     def _keep(self, stream: str, entry_id: Any, batch: list[dict[str, Any]]) -> None:

@@ -111,6 +111,7 @@ class PostgresLink:
         self._deadline = self._clock.callLater(self._attempt_timeout, self._timed_out, conns)
         d = defer.Deferred.fromCoroutine(self._bring_up(conns))
         d.addCallbacks(self._connected, self._failed, callbackArgs=(conns,), errbackArgs=(conns,))
+        d.addErrback(lambda f: log.failure("stores: handling a PostgreSQL attempt failed", f))
 
     async def _bring_up(self, conns: ConnectionSet) -> None:
         results = await defer.DeferredList([c.connect(self._dsn) for c in conns.connections], consumeErrors=True)
