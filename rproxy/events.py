@@ -5,6 +5,14 @@ L{EventSink} appends events to a stream (C{XADD ... MAXLEN ~ N}) without
 ever blocking traffic: events wait in a bounded in-memory buffer while Redis
 is down, and past the bound they are dropped and counted.
 
+An entry Redis acknowledged is not safe yet: a Redis that persists nothing
+(or fsyncs once a second) loses, when it crashes, what no consumer had read.
+So the sink keeps what it sent (bounded, C{keep_limit} events) until a
+consumer group has read past it (C{XINFO GROUPS}), and once a second checks
+Redis's C{run_id}: when Redis came back as a new process, what it held
+unread is sent again (the writes are idempotent), and what does not fit in
+the buffer any more is counted as dropped.
+
 L{EventConsumer} reads a stream as one member of a consumer group, writes
 each event to PostgreSQL and acknowledges it only after the write
 committed; entries another consumer read but never acknowledged (it
@@ -23,7 +31,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
@@ -36,15 +44,47 @@ REQUESTS = "request-message"
 log = Logger()
 
 
+def _entry_id(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _run_id(info: Any) -> str | None:
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line[7:].strip()
+    return None
+
+
 class EventSink:
-    def __init__(self, redis: Any, clock: Any, maxlen: int = 10_000, buffer_limit: int = 10_000) -> None:
+    """
+    See the module docstring.
+
+    @ivar sent: events Redis acknowledged (a re-sent event counts again).
+    @ivar dropped: events lost: the buffer was full (Redis down too long,
+        or a restarted Redis lost more than the buffer could take back),
+        or the sink stopped with events still waiting.
+    @ivar resent: events sent again because a restarted Redis lost them.
+    """
+
+    def __init__(self, redis: Any, clock: Any, maxlen: int = 10_000, buffer_limit: int = 10_000,
+                 keep_limit: int = 10_000, confirm_interval: float = 1.0) -> None:
         self.redis = redis
         self.clock = clock
         self.maxlen = maxlen
         self.buffer_limit = buffer_limit
+        self.keep_limit = keep_limit
+        self.confirm_interval = confirm_interval
         self.buffer: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        # (stream, entry id, events) acknowledged by Redis, not yet read by a consumer group
+        self.unconfirmed: collections.deque[tuple[str, tuple[int, int], list[dict[str, Any]]]] = collections.deque()
+        self._kept = 0
         self.sent = 0
         self.dropped = 0
+        self.resent = 0
+        self._run: str | None = None
+        self._confirming: task.LoopingCall | None = None
         self._flushing = False
         self._stopped = False
         self._timer: IDelayedCall | None = None
@@ -85,19 +125,100 @@ class EventSink:
             for i in range(taken):
                 stream, event = buffer[i]
                 batches.setdefault(stream, []).append(event)
-            commands = []
+            commands, entries = [], []
             for stream, items in batches.items():
                 for start in range(0, len(items), BATCH):
-                    data = json.dumps(items[start:start + BATCH], separators=(",", ":"), default=str)
+                    batch = items[start:start + BATCH]
+                    data = json.dumps(batch, separators=(",", ":"), default=str)
                     commands.append(self.redis.execute_command(
                         "XADD", stream, "MAXLEN", "~", maxlen, "*", "data", data))
+                    entries.append((stream, batch))
             d = defer.gatherResults(commands, consumeErrors=True)
             d.addTimeout(1.0, self.clock)
-            await d
+            ids = await d
             for _ in range(taken):
                 buffer.popleft()
             self.sent += taken
+            for (stream, batch), entry_id in zip(entries, ids, strict=True):
+                self._keep(stream, entry_id, batch)
         self._flushing = False
+        if self._confirming is None and not self._stopped:
+            self._confirming = task.LoopingCall(self._confirm)
+            self._confirming.clock = self.clock
+            self._confirming.start(self.confirm_interval, now=True).addErrback(
+                lambda f: log.failure("events: the delivery check stopped", f))
+
+    def _keep(self, stream: str, entry_id: Any, batch: list[dict[str, Any]]) -> None:
+        try:
+            key = _entry_id(entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
+        except ValueError:
+            return  # not an entry id: nothing to match against later
+        self.unconfirmed.append((stream, key, batch))
+        self._kept += len(batch)
+        while self._kept > self.keep_limit:
+            _, _, old = self.unconfirmed.popleft()
+            self._kept -= len(old)
+
+    def _confirm(self) -> defer.Deferred[None]:
+        """
+        The periodic delivery check; its failures (Redis down) are logged
+        at debug level and the next tick tries again.
+        """
+        d = defer.Deferred.fromCoroutine(self._check_delivery())
+        d.addTimeout(max(0.5, self.confirm_interval), self.clock)
+        return d.addErrback(lambda f: log.debug("events: delivery check failed: {why}", why=f.getErrorMessage()))
+
+    async def _check_delivery(self) -> None:
+        if self._stopped:
+            return
+        run = _run_id(await self.redis.execute_command("INFO", "server"))
+        if run is not None and self._run is not None and run != self._run:
+            self._run = run
+            self._send_again()
+            return
+        self._run = run
+        for stream in {stream for stream, _, _ in self.unconfirmed}:
+            try:
+                groups = await self.redis.execute_command("XINFO", "GROUPS", stream)
+            except Exception as e:  # noqa: BLE001 - no such stream (yet): nothing read
+                log.debug("events: XINFO GROUPS {stream}: {why}", stream=stream, why=e)
+                continue
+            read = [_entry_id(str(dict(zip(g[::2], g[1::2], strict=False)).get("last-delivered-id", "0-0")))
+                    for g in groups or []]
+            if read:
+                self._forget(stream, min(read))
+
+    def _forget(self, stream: str, upto: tuple[int, int]) -> None:
+        """
+        Drop the kept entries of C{stream} up to C{upto} (every group read them).
+        """
+        kept: collections.deque[tuple[str, tuple[int, int], list[dict[str, Any]]]] = collections.deque()
+        for entry in self.unconfirmed:
+            if entry[0] == stream and entry[1] <= upto:
+                self._kept -= len(entry[2])
+            else:
+                kept.append(entry)
+        self.unconfirmed = kept
+
+    def _send_again(self) -> None:
+        """
+        Redis restarted: what it held unread is queued again, ahead of the
+        buffer; what does not fit is counted as dropped.
+        """
+        again = [(stream, event) for stream, _, batch in self.unconfirmed for event in batch]
+        self.unconfirmed.clear()
+        self._kept = 0
+        room = max(0, self.buffer_limit - len(self.buffer))
+        lost = max(0, len(again) - room)
+        if lost:
+            again = again[lost:]  # the newest are kept
+            self.dropped += lost
+        self.buffer.extendleft(reversed(again))
+        self.resent += len(again)
+        log.warn("events: Redis restarted and lost what no consumer had read; sending {n} events again, "
+                 "{lost} dropped", n=len(again), lost=lost)
+        if again and not self._flushing and self._timer is None and not self._stopped:
+            self._timer = self.clock.callLater(0, self._flush)
 
     def _failed(self, failure: Any) -> None:
         self._flushing = False
@@ -112,6 +233,13 @@ class EventSink:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._confirming is not None and self._confirming.running:
+            self._confirming.stop()
+        self._confirming = None
+        if self.buffer and not self._flushing:
+            self.dropped += len(self.buffer)
+            log.warn("events: stopping with {n} events not sent to Redis; they are lost", n=len(self.buffer))
+            self.buffer.clear()
 
 
 class EventConsumer:

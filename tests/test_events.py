@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.trial.unittest import TestCase
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rproxy.events import HEARTBEATS, EventConsumer, EventSink, write_heartbeat
 from rproxy.store.postgres import connection, migrate
-from tests.support import async_test, reactor, wait_for
+from tests.support import async_test, reactor, turn, wait_for
 from tests.test_servers import BothServers
 
 
@@ -124,3 +126,139 @@ class EventTests(BothServers, TestCase):
         self.assertIsNone(sink._timer)
         sink.emit(HEARTBEATS, beat("gpu-04", 1_700_000_301))
         self.assertIsNone(sink._timer)
+
+    @async_test
+    async def test_redis_restart_under_an_event_stream(self) -> None:
+        """
+        Redis stopped (it persists nothing) and started again while
+        heartbeats stream in and a consumer writes them every second: every
+        emitted event reaches PostgreSQL or is counted as dropped, and what
+        Redis lost unread was sent again.
+        """
+        conn, redis = await self.setup()
+        sink = EventSink(redis, reactor)
+        self.addCleanup(sink.stop)
+        consumer = EventConsumer(redis, HEARTBEATS, "writers", "c1", write_heartbeat(conn), reactor)
+        running = [True]
+
+        async def consume() -> None:
+            while running[0]:
+                try:
+                    await consumer.poll()
+                except Exception:  # noqa: BLE001 - Redis down: the next poll tries again
+                    pass
+                await turn(delay=1.0)
+
+        consuming = defer.Deferred.fromCoroutine(consume())
+        emitted = 0
+
+        async def emit_for(seconds: float) -> None:
+            nonlocal emitted
+            end = reactor.seconds() + seconds
+            while reactor.seconds() < end:
+                for _ in range(5):
+                    sink.emit(HEARTBEATS, beat("gpu-05", 1_700_001_000 + emitted))
+                    emitted += 1
+                await turn(delay=0.01)
+
+        await emit_for(2.5)
+        self.redis.stop()  # type: ignore[attr-defined]
+        await emit_for(0.5)
+        self.redis.start()  # type: ignore[attr-defined]
+        await emit_for(2.0)
+
+        async def written() -> int:
+            rows = await conn.runQuery("SELECT count(DISTINCT event_id) FROM heartbeats WHERE agent_id = 'gpu-05'")
+            return int(rows[0][0])
+
+        count = 0
+        for _ in range(150):
+            count = await written()
+            if count + sink.dropped >= emitted:
+                break
+            await turn(delay=0.2)
+        running[0] = False
+        await consuming
+        self.assertEqual((count + sink.dropped, sink.dropped), (emitted, 0))
+        self.assertGreater(sink.resent, 0)
+
+
+class FakeStreams:
+    """
+    The Redis commands the sink uses, answered at once; C{run_id} and the
+    group's C{read} position are set by the test.
+    """
+
+    def __init__(self) -> None:
+        self.run_id = "r1"
+        self.read = "0-0"
+        self.refuse_adds = False
+        self.added: list[list[dict[str, Any]]] = []
+
+    def execute_command(self, *args: Any) -> defer.Deferred[Any]:
+        if args[0] == "XADD" and self.refuse_adds:
+            return defer.fail(ConnectionError("Lost connection"))
+        if args[0] == "XADD":
+            self.added.append(json.loads(args[-1]))
+            return defer.succeed(f"5-{len(self.added) - 1}")
+        if args[0] == "INFO":
+            return defer.succeed(f"# Server\r\nredis_version:7.0\r\nrun_id:{self.run_id}\r\n")
+        if args[:2] == ("XINFO", "GROUPS"):
+            return defer.succeed([["name", "writers", "pending", 0, "last-delivered-id", self.read]])
+        raise AssertionError(f"unexpected command {args}")
+
+
+class SinkDeliveryTests(SynchronousTestCase):
+    def sink(self, **kwargs: Any) -> tuple[EventSink, FakeStreams, Clock]:
+        clock, redis = Clock(), FakeStreams()
+        sink = EventSink(redis, clock, **kwargs)
+        self.addCleanup(sink.stop)
+        for i in range(250):
+            sink.emit(HEARTBEATS, beat("a", i))
+        clock.advance(0.01)  # one flush: entries of 100, 100 and 50 events
+        self.assertEqual([len(e) for e in redis.added], [100, 100, 50])
+        return sink, redis, clock
+
+    def test_restart_sends_unread_entries_again(self) -> None:
+        """
+        After the group read the first entry, a Redis with a new run_id gets
+        the other two entries' events again, with their own ids.
+        """
+        sink, redis, clock = self.sink()
+        redis.read = "5-0"
+        clock.advance(1.0)
+        self.assertEqual(len(sink.unconfirmed), 2)
+        redis.run_id = "r2"
+        redis.added.clear()
+        clock.advance(1.0)
+        clock.advance(0)
+        again = [e["at"] for entry in redis.added for e in entry]
+        self.assertEqual(again, list(range(100, 250)))
+        self.assertEqual((sink.resent, sink.dropped, sink.sent), (150, 0, 400))
+
+    def test_restart_overflow_is_counted(self) -> None:
+        """What a restarted Redis lost beyond the buffer's room is counted as dropped; the newest are sent."""
+        sink, redis, clock = self.sink(buffer_limit=260)
+        clock.advance(1.0)  # run_id r1 seen, nothing read
+        redis.refuse_adds = True
+        for i in range(200):
+            sink.emit(HEARTBEATS, beat("a", 1000 + i))
+        clock.advance(0.01)
+        self.assertEqual(len(sink.buffer), 200)
+        redis.run_id = "r2"
+        clock.advance(1.0)
+        self.assertEqual((sink.resent, sink.dropped, len(sink.buffer)), (60, 190, 260))
+        self.assertEqual([e["at"] for _, e in list(sink.buffer)[:60]], list(range(190, 250)))
+
+    def test_kept_entries_are_bounded(self) -> None:
+        """Entries no group reads are kept up to keep_limit events, the oldest forgotten first."""
+        sink, redis, clock = self.sink(keep_limit=120)
+        self.assertEqual([batch[0]["at"] for _, _, batch in sink.unconfirmed], [200])
+
+    def test_stop_counts_what_was_not_sent(self) -> None:
+        """Events still buffered when the sink stops are counted as dropped."""
+        sink, redis, clock = self.sink()
+        for i in range(7):
+            sink.emit(HEARTBEATS, beat("a", 1000 + i))
+        sink.stop()
+        self.assertEqual((sink.dropped, len(sink.buffer), clock.getDelayedCalls()), (7, 0, []))

@@ -6,8 +6,12 @@ static keys of the configuration when the database cannot be reached.
     C{auth_cache_ttl}, 300 s by default); a refused key is cached too, for a
     short C{negative_ttl}, so a flood of bad keys does not reach the
     database.
-  - Redis down: PostgreSQL answers.  PostgreSQL down: the cache answers
-    what it holds, the static keys the rest.
+  - Redis down: PostgreSQL answers.  Once Redis is known to be down (a
+    command failed, or the probe of L{rproxy.store.links.RedisProbe} says
+    so) it is skipped without waiting, until the probe sees it answer:
+    only the checks in flight when it went away pay the timeout.
+  - PostgreSQL down: the cache answers what it holds, the static keys the
+    rest.
   - Revoking deletes the cache entry (Redis is shared, so every rproxy
     process sees it at once) and publishes the digest on
     C{rproxy:revoked} for processes that keep caches of their own.
@@ -49,6 +53,8 @@ class KeyChain:
         self.static = static
         self.postgres = postgres
         self.redis = redis
+        #: whether Redis is worth waiting for (None: always try it)
+        self.redis_probe: Any = None
         self.clock = clock
         self.ttl = ttl
         self.negative_ttl = negative_ttl
@@ -56,6 +62,14 @@ class KeyChain:
         self.redis_errors = 0
         self.postgres_errors = 0
         self.cache_hits = 0
+
+    def _redis_usable(self) -> bool:
+        return self.redis is not None and (self.redis_probe is None or self.redis_probe.usable())
+
+    def _redis_failed(self, e: Exception) -> None:
+        self.redis_errors += 1
+        if self.redis_probe is not None:
+            self.redis_probe.failed(type(e).__name__)
 
     async def _bounded(self, d: defer.Deferred[Any]) -> Any:
         if self.clock is not None:
@@ -67,11 +81,13 @@ class KeyChain:
         The key's record (C{name}, C{level}), or None if it is not valid.
         """
         key_digest = digest(key)
-        if self.redis is not None:
+        if self.redis is not None and not self._redis_usable():
+            self.redis_errors += 1  # a check that found Redis down, as the metric counts them
+        elif self.redis is not None:
             try:
                 cached = await self._bounded(self.redis.get(_cache_key(key_digest)))
             except Exception as e:  # noqa: BLE001 - Redis down: go on to PostgreSQL
-                self.redis_errors += 1
+                self._redis_failed(e)
                 log.warn("auth: Redis unavailable ({why}); asking PostgreSQL", why=type(e).__name__)
             else:
                 if cached == "-":
@@ -93,14 +109,14 @@ class KeyChain:
         return self.static.check(key)
 
     async def _remember(self, key_digest: bytes, record: KeyRecord | None) -> None:
-        if self.redis is None:
+        if not self._redis_usable():
             return
         value = "-" if record is None else json.dumps({"id": record.id, "name": record.name, "level": record.level})
         ttl = self.negative_ttl if record is None else self.ttl
         try:
             await self._bounded(self.redis.set(_cache_key(key_digest), value, expire=max(1, int(ttl))))
-        except Exception:  # noqa: BLE001 - a cache that cannot be written is only slower
-            self.redis_errors += 1
+        except Exception as e:  # noqa: BLE001 - a cache that cannot be written is only slower
+            self._redis_failed(e)
 
     async def revoke(self, key_id: int) -> bool:
         """

@@ -16,8 +16,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -184,7 +183,7 @@ class LiveBackends:
         self.syncs = 0
         self.notifications = 0
         self._conn: Any = None
-        self._timer: IDelayedCall | None = None
+        self._resync: task.LoopingCall | None = None
         self._running: dict[str, defer.Deferred[None]] = {}
         self._again: set[str] = set()
 
@@ -196,7 +195,11 @@ class LiveBackends:
         self.store = PostgresBackends(conn)
         conn.addNotifyObserver(self._notified)
         await conn.runOperation(f"LISTEN {CHANNEL}")
-        self.sync_all()
+        self._stop_resync()
+        self._resync = task.LoopingCall(self.sync_all)
+        self._resync.clock = self.clock
+        self._resync.start(self.interval, now=True).addErrback(
+            lambda f: log.failure("backends: the resync loop stopped", f))
 
     def detach(self) -> None:
         """
@@ -209,9 +212,12 @@ class LiveBackends:
                 pass
         self._conn = None
         self.store = None
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._stop_resync()
+
+    def _stop_resync(self) -> None:
+        if self._resync is not None and self._resync.running:
+            self._resync.stop()
+        self._resync = None
 
     def _notified(self, notify: Any) -> None:
         if notify.channel != CHANNEL:
@@ -221,14 +227,17 @@ class LiveBackends:
             self.sync(notify.payload)
 
     def sync_all(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        """
+        Re-read every live pool (each C{interval}, while attached); an
+        error is logged and the loop goes on.
+        """
         if self.store is None:
             return
-        for pool in self.pools():
-            self.sync(pool)
-        self._timer = self.clock.callLater(self.interval, self.sync_all)
+        try:
+            for pool in self.pools():
+                self.sync(pool)
+        except Exception:  # noqa: BLE001 - a periodic job logs and keeps going
+            log.failure("backends: resync failed; will retry")
 
     def sync(self, pool: str) -> None:
         """

@@ -3,8 +3,9 @@ The running connections to PostgreSQL and Redis, kept up in the
 background, and the key chain built on them.
 
 Nothing here blocks startup or traffic: PostgreSQL is connected (and
-migrated) with retries and backoff, Redis reconnects by itself; while either
-is down the key chain skips it (L{rproxy.store.auth}).  States are reported
+migrated) by one reconnect loop with backoff (L{rproxy.store.links}), Redis
+reconnects by itself and is probed; while either is down the key chain
+skips it (L{rproxy.store.auth}).  States are reported
 for /health and /readyz.
 """
 
@@ -16,8 +17,7 @@ import socket
 from typing import Any
 from urllib.parse import urlparse
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from rproxy.config import StoresConfig
@@ -31,6 +31,7 @@ from rproxy.events import (
 )
 from rproxy.store.auth import KeyChain
 from rproxy.store.backends import LiveBackends, PostgresBackends
+from rproxy.store.links import PostgresLink, RedisProbe, why
 from rproxy.store.postgres import ConnectionSet, PostgresKeys, connection, migrate
 
 __all__ = ["Stores"]
@@ -46,27 +47,45 @@ class Stores:
         self.clock = clock
         self._rng = rng or random.Random()
         self.keys = KeyChain(static_keys, clock=clock, ttl=config.auth_cache_ttl)
-        self.postgres_state = "off" if config.postgres_dsn is None else "connecting"
-        self.redis_state = "off" if config.redis_url is None else "connecting"
         self._conn: Any = None
-        self._retry: IDelayedCall | None = None
-        self._ping: IDelayedCall | None = None
-        self._attempts = 0
         self._stopped = False
         self._redis: Any = None
+        self.link: PostgresLink | None = None
+        self.probe: RedisProbe | None = None
+        if config.postgres_dsn is not None:
+            self.link = PostgresLink(clock, lambda lost: connection(reactor, on_lost=lost), config.postgres_dsn,
+                                     config.pool_size, self._prepare, self._postgres_up, self._postgres_down,
+                                     rng=self._rng)
         self.events: EventSink | None = None
         self._consumer: EventConsumer | None = None
-        self._consume_call: IDelayedCall | None = None
+        self._consuming: task.LoopingCall | None = None
         # set by the service before start(): live pools (source: postgres)
         self.live: LiveBackends | None = None
         self.backends: PostgresBackends | None = None
-        self._retention: IDelayedCall | None = None
+        self._retention: task.LoopingCall | None = None
         self.heartbeats_deleted = 0
         self.requests_deleted = 0
 
+    @property
+    def postgres_state(self) -> str:
+        """
+        "off", "connecting" (no attempt has failed yet), "up" or "down".
+        """
+        if self.link is None:
+            return "off"
+        if self.link.state == "up":
+            return "up"
+        if self.link.state in ("idle", "connecting") and self.link.failures == 0:
+            return "connecting"
+        return "down"
+
+    @property
+    def redis_state(self) -> str:
+        return "off" if self.probe is None else self.probe.state
+
     def start(self) -> None:
-        if self.config.postgres_dsn is not None:
-            self._connect_postgres()
+        if self.link is not None:
+            self.link.start()
         if self.config.redis_url is not None:
             import txredisapi
 
@@ -74,116 +93,92 @@ class Stores:
             dbid = int((url.path or "/0").lstrip("/") or 0)
             self._redis = txredisapi.lazyConnection(url.hostname or "127.0.0.1", url.port or 6379, dbid=dbid,
                                                     password=url.password, reconnect=True)
+            # the client reconnects by itself; a short cap on its backoff is
+            # what lets the probe notice Redis's return within a second or two
+            self._redis._factory.maxDelay = 1.0
+            self.probe = RedisProbe(self._redis, self.clock)
             self.keys.redis = self._redis
+            self.keys.redis_probe = self.probe
             self.events = EventSink(self._redis, self.clock)
-            self._schedule_ping(0)
+            self.probe.start()
             if self.config.postgres_dsn is not None:
-                self._consume_call = self.clock.callLater(1.0, self._consume)
+                self._consuming = self._periodic(self._consume, 1.0, now=False,
+                                                 what="writing events to PostgreSQL")
 
     # -- PostgreSQL ----------------------------------------------------------
 
-    def _connect_postgres(self) -> None:
-        self._retry = None
-        if self._stopped:
-            return
-        d = defer.Deferred.fromCoroutine(self._open())
-        d.addErrback(self._postgres_failed)
-
-    async def _open(self) -> None:
-        connections = [connection(self.reactor, on_lost=self._postgres_lost) for _ in range(self.config.pool_size)]
-        self._conn = conn = ConnectionSet(connections)
-        results = await defer.DeferredList([c.connect(self.config.postgres_dsn) for c in connections],
-                                           consumeErrors=True)
-        for ok, result in results:
-            if not ok:
-                result.raiseException()
+    async def _prepare(self, conn: ConnectionSet) -> None:
         await migrate(conn.first)  # the advisory lock belongs to one session
-        self.keys.postgres = PostgresKeys(conn)
-        self.backends = PostgresBackends(conn)
         if self.live is not None:
             await self.live.attach(conn)
-        if self._retention is None:
-            self._retention = self.clock.callLater(0, self._prune)
-        self._attempts = 0
-        if self.postgres_state != "up":
-            log.info("stores: PostgreSQL is up")
-        self.postgres_state = "up"
 
-    def _postgres_failed(self, failure: Any) -> None:
-        if self._conn is not None:
-            broken, self._conn = self._conn, None
-            broken.close()
+    def _postgres_up(self, conn: ConnectionSet) -> None:
+        self._conn = conn
+        self.keys.postgres = PostgresKeys(conn)
+        self.backends = PostgresBackends(conn)
+        if self._retention is None and not self._stopped:
+            self._retention = self._periodic(self._prune, 3600.0, now=True,
+                                             what="heartbeat retention")
+
+    def _postgres_down(self) -> None:
+        self._conn = None
         self.keys.postgres = None
         self.backends = None
         if self.live is not None:
             self.live.detach()
-        self._attempts += 1
-        delay = self._rng.uniform(0, min(30.0, 0.5 * 2 ** min(self._attempts, 8)))
-        if self.postgres_state != "down":
-            log.warn("stores: PostgreSQL unavailable ({why}); static keys and cached data serve; retrying",
-                     why=failure.getErrorMessage().strip().splitlines()[0] if failure.getErrorMessage() else "?")
-        self.postgres_state = "down"
-        if not self._stopped:
-            self._retry = self.clock.callLater(delay, self._connect_postgres)
-
-    def _postgres_lost(self, conn: Any) -> None:
-        if self._conn is None or conn not in self._conn or self._stopped:
-            return
-        lost, self._conn = self._conn, None
-        lost.close()  # the others too: the set reconnects as a whole
-        self.keys.postgres = None
-        self.backends = None
-        if self.live is not None:
-            self.live.detach()
-        self.postgres_state = "down"
-        log.warn("stores: PostgreSQL connection lost; retrying")
-        self._attempts = 1
-        self._retry = self.clock.callLater(0.5, self._connect_postgres)
 
     # -- heartbeat retention ---------------------------------------------------
 
-    def _prune(self) -> None:
+    def _periodic(self, job: Any, interval: float, now: bool, what: str) -> task.LoopingCall:
         """
-        Delete heartbeats older than C{heartbeat_retention}; hourly.
+        Run C{job} every C{interval} seconds; a failure is logged and the
+        loop goes on (a LoopingCall stops for good on its first error).
         """
-        self._retention = None
-        if self._stopped:
-            return
-        conn = self._conn
-        if conn is not None and self.postgres_state == "up":
-            d = conn.runQuery(
-                "WITH gone AS (DELETE FROM heartbeats WHERE at < now() - make_interval(secs => %s) RETURNING 1),"
-                " old AS (DELETE FROM request_events WHERE at < now() - make_interval(secs => %s) RETURNING 1)"
-                " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM old)",
-                (self.config.heartbeat_retention, self.config.heartbeat_retention),
-            )
 
-            def pruned(rows: Any) -> None:
-                heartbeats, requests = rows[0]
-                self.heartbeats_deleted += heartbeats
-                self.requests_deleted += requests
-                if heartbeats or requests:
-                    log.info("stores: deleted {heartbeats} heartbeat(s) and {requests} request record(s) older "
-                             "than {days:g} day(s)", heartbeats=heartbeats, requests=requests,
-                             days=self.config.heartbeat_retention / 86400)
+        def guarded() -> Any:
+            d = defer.maybeDeferred(job)
+            return d.addErrback(lambda f: log.warn("stores: {what} failed ({why}); will retry", what=what,
+                                                   why=why(f)))
 
-            d.addCallbacks(pruned, lambda f: log.warn("stores: heartbeat retention failed: {why}",
-                                                      why=f.getErrorMessage().strip()))
-        self._retention = self.clock.callLater(3600.0, self._prune)
+        loop = task.LoopingCall(guarded)
+        loop.clock = self.clock
+        loop.start(interval, now=now).addErrback(lambda f: log.failure("stores: {what} stopped", f, what=what))
+        return loop
+
+    def _prune(self) -> Any:
+        """
+        Delete heartbeats older than C{heartbeat_retention}; hourly, while PostgreSQL is up.
+        """
+        conn = self.connection()
+        if conn is None:
+            return None
+        d = conn.runQuery(
+            "WITH gone AS (DELETE FROM heartbeats WHERE at < now() - make_interval(secs => %s) RETURNING 1),"
+            " old AS (DELETE FROM request_events WHERE at < now() - make_interval(secs => %s) RETURNING 1)"
+            " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM old)",
+            (self.config.heartbeat_retention, self.config.heartbeat_retention),
+        )
+
+        def pruned(rows: Any) -> None:
+            heartbeats, requests = rows[0]
+            self.heartbeats_deleted += heartbeats
+            self.requests_deleted += requests
+            if heartbeats or requests:
+                log.info("stores: deleted {heartbeats} heartbeat(s) and {requests} request record(s) older "
+                         "than {days:g} day(s)", heartbeats=heartbeats, requests=requests,
+                         days=self.config.heartbeat_retention / 86400)
+
+        return d.addCallback(pruned)  # its failure is logged by _periodic
 
     # -- events ----------------------------------------------------------------
 
-    def _consume(self) -> None:
+    def _consume(self) -> Any:
         """
         Write what the event streams hold to PostgreSQL, once a second,
         while both are up; failures are logged and retried next time.
         """
-        self._consume_call = None
-        if self._stopped:
-            return
         if self._conn is None or self.postgres_state != "up" or self.redis_state != "up":
-            self._consume_call = self.clock.callLater(1.0, self._consume)
-            return
+            return None
         if self._consumer is None or self._consumer_conn is not self._conn:
             self._consumer_conn = self._conn
             me = f"{socket.gethostname()}-{os.getpid()}"
@@ -191,15 +186,7 @@ class Stores:
                                            write_heartbeat(self._conn), self.clock)
             self._request_consumer = EventConsumer(self._redis, REQUESTS, "rproxy-writers", me,
                                                    write_request(self._conn), self.clock)
-        d = defer.Deferred.fromCoroutine(self._poll_both())
-
-        def failed(failure: Any) -> None:
-            log.warn("events: writing to PostgreSQL failed ({why}); will retry",
-                     why=failure.getErrorMessage().strip().splitlines()[0] if failure.getErrorMessage() else "?")
-
-        d.addErrback(failed)
-        d.addBoth(lambda _: None if self._stopped else setattr(
-            self, "_consume_call", self.clock.callLater(1.0, self._consume)))
+        return defer.Deferred.fromCoroutine(self._poll_both())
 
     _consumer_conn: Any = None
     _request_consumer: EventConsumer | None = None
@@ -208,30 +195,6 @@ class Stores:
         assert self._consumer is not None and self._request_consumer is not None
         await self._consumer.poll()
         await self._request_consumer.poll()
-
-    # -- Redis -----------------------------------------------------------------
-
-    def _schedule_ping(self, delay: float) -> None:
-        if not self._stopped:
-            self._ping = self.clock.callLater(delay, self._do_ping)
-
-    def _do_ping(self) -> None:
-        self._ping = None
-        d = self._redis.ping()
-        d.addTimeout(1.0, self.clock)
-
-        def up(_: Any) -> None:
-            if self.redis_state != "up":
-                log.info("stores: Redis is up")
-            self.redis_state = "up"
-
-        def down(failure: Any) -> None:
-            if self.redis_state != "down":
-                log.warn("stores: Redis unavailable; auth goes to PostgreSQL")
-            self.redis_state = "down"
-
-        d.addCallbacks(up, down)
-        d.addBoth(lambda _: self._schedule_ping(2.0))
 
     # -- the service -----------------------------------------------------------
 
@@ -248,15 +211,16 @@ class Stores:
         self._stopped = True
         if self.events is not None:
             self.events.stop()
-        for call in (self._retry, self._ping, self._consume_call, self._retention):
-            if call is not None and call.active():
-                call.cancel()
-        self._retry = self._ping = self._consume_call = self._retention = None
+        if self.probe is not None:
+            self.probe.stop()
+        for loop in (self._consuming, self._retention):
+            if loop is not None and loop.running:
+                loop.stop()
+        self._consuming = self._retention = None
+        if self.link is not None:
+            self.link.stop()
         if self.live is not None:
             self.live.stop()
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            conn.close()
         if self._redis is not None:
             await self._redis.disconnect()
             self._redis = None
