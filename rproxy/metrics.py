@@ -214,8 +214,12 @@ class StateCollector:
         events_sent = CounterMetricFamily("rproxy_events_sent", "Events written to Redis Streams",
                                           labels=[])
         events_dropped = CounterMetricFamily("rproxy_events_dropped",
-                                             "Events dropped because the buffer was full (Redis down or slow)",
+                                             "Events lost: the buffer was full (Redis down or slow), "
+                                             "or not yet sent at shutdown",
                                              labels=[])
+        events_resent = CounterMetricFamily("rproxy_events_resent",
+                                            "Events sent again because a restarted Redis had lost them unread",
+                                            labels=[])
         events_buffered = GaugeMetricFamily("rproxy_events_buffered", "Events waiting to be written to Redis")
         live_syncs = CounterMetricFamily("rproxy_live_backend_reads", "Reads of source: postgres pools",
                                          labels=[])
@@ -223,10 +227,11 @@ class StateCollector:
         if sink is not None:
             events_sent.add_metric([], sink.sent)
             events_dropped.add_metric([], sink.dropped)
+            events_resent.add_metric([], sink.resent)
             events_buffered.add_metric([], len(sink.buffer))
         if service.stores is not None and service.stores.live is not None:
             live_syncs.add_metric([], service.stores.live.syncs)
-        yield from (events_sent, events_dropped, events_buffered, live_syncs)
+        yield from (events_sent, events_dropped, events_resent, events_buffered, live_syncs)
         if service.stores is not None:
             for store, state in service.stores.status().items():
                 if state != "off":

@@ -308,6 +308,7 @@ class StatsTests(BothServers, ServiceMixin, AdminCalls, TestCase):
         sent = float(text.split("\nrproxy_events_sent_total ")[1].split()[0])
         self.assertGreaterEqual(sent, 5)  # the request records, and heartbeats
         self.assertIn("rproxy_events_dropped_total 0.0", text)
+        self.assertIn("rproxy_events_resent_total 0.0", text)
 
     @async_test
     async def test_request_record_counts_once(self) -> None:
