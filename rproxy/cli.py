@@ -24,7 +24,7 @@ def check_config(path: str) -> int:
     try:
         config = load_config(path)
     except ConfigError as e:
-        for line in e.errors:
+        for line in e.lines(50):
             print(f"{line}", file=sys.stderr)
         print(f"{path}: invalid ({len(e.errors)} problem{'s' if len(e.errors) != 1 else ''})", file=sys.stderr)
         return 1
