@@ -255,7 +255,7 @@ class RProxyService(MultiService):
             frontend = self.frontends.get(config.name)
             pool = self.pools[config.backend]
             if (frontend is not None and frontend.config.protocol == config.protocol
-                    and _same_socket(frontend.config.listen, config.listen)):
+                    and self._keeps_socket(frontend, config.listen)):
                 frontend.config = config
                 frontend.pool = pool
                 if isinstance(frontend, HTTPFrontend):
@@ -276,6 +276,25 @@ class RProxyService(MultiService):
             self.frontends[config.name] = fresh
             self.ports[config.name] = port
         await defer.gatherResults(retiring, consumeErrors=True)
+
+    def _keeps_socket(self, frontend: TCPFrontend, listen: str) -> bool:
+        """
+        Whether C{frontend}'s listener already is the socket C{listen}
+        names (also when it asked for port 0 and C{listen} now names the
+        port it got).
+        """
+        if _same_socket(frontend.config.listen, listen):
+            return True
+        port = self.ports.get(frontend.name)
+        if port is None:
+            return False
+        try:
+            old, new = parse_endpoint(frontend.config.listen), parse_endpoint(listen)
+        except ValueError:
+            return False
+        bound = getattr(port.getHost(), "port", None)
+        return (old.kind == new.kind and old.port == 0 and new.port == bound
+                and old.interface == new.interface)
 
     async def _apply_admin(self, listen: str | None) -> None:
         """

@@ -274,7 +274,7 @@ class ConfigValueTests(SynchronousTestCase):
             text = f.read()
         start, end = text.index("  # - name: web-http"), text.index("# Static API keys")
         block = "\n".join(  # (the tls line names files this test does not have)
-            line.replace("  # ", "  ", 1) if line.startswith("  # ") else line
+            line.replace("  # ", "  ", 1).replace("# token_pool:", "token_pool:") if line.startswith("  # ") else line
             for line in text[start:end].splitlines()
             if "tls:" not in line
         )
