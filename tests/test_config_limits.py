@@ -148,6 +148,24 @@ class EndpointTests(SynchronousTestCase):
             "port, privateKey, certKey, sslmethod, interface, backlog, extraCertChain, dhParameters)",
         ])
 
+    def test_listeners_sharing_a_socket(self) -> None:
+        """Listeners that would take one socket (admin, frontends, tunnel ports) are refused at the later key path."""
+        data = minimal(admin={"listen": "tcp:17000:interface=127.0.0.1"},
+                       tunnels=[{"name": "t"}, {"name": "u", "control": "tcp:17100", "proxy": "tcp:17101",
+                                                "public": "127.0.0.1:8080"}])
+        data["frontends"].append({"name": "other", "listen": "unix:/run/a.sock", "backend": "web"})  # type: ignore[attr-defined]
+        data["frontends"].append({"name": "more", "listen": "unix:/run/a.sock:mode=600", "backend": "web"})  # type: ignore[attr-defined]
+        self.assertEqual(self.errors(data), [
+            "frontends[2].listen: 'unix:/run/a.sock:mode=600' is already used by frontends[1].listen",
+            "tunnels[0].control: 'tcp:17000' is already used by admin.listen",
+            "tunnels[1].public: 'tcp:8080:interface=127.0.0.1' is already used by frontends[0].listen",
+        ])
+        data = minimal(frontends=[{"name": "a", "listen": "127.0.0.1:8080", "backend": "web"},
+                                  {"name": "b", "listen": "127.0.0.2:8080", "backend": "web"},
+                                  {"name": "c", "listen": "127.0.0.1:0", "backend": "web"},
+                                  {"name": "d", "listen": "tcp:0", "backend": "web"}])
+        self.assertEqual(len(parse_config(data).frontends), 4)
+
     def test_accepted_forms(self) -> None:
         """Each type's own options are accepted, escapes included."""
         for text in ("tcp:8080", "tcp:port=8080:interface=127.0.0.1:backlog=5", "tcp6:8080:interface=\\:\\:1",

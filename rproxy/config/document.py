@@ -6,8 +6,9 @@ sections (names a frontend refers to, duplicate names and listeners).
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
-from rproxy.config.endpoints import parse_endpoint
+from rproxy.config.endpoints import Endpoint, parse_endpoint
 from rproxy.config.frontends import read_frontend
 from rproxy.config.model import BackendConfig, Config, FrontendConfig, TokenPoolConfig
 from rproxy.config.reader import Section, Sources
@@ -101,6 +102,8 @@ def validate(data: object, sources: Sources) -> Config:
             errors.append(f"{_item_path(top, 'frontends', frontend.name)}.token_pool: no token pool named "
                           f"{brief(frontend.token_pool)}{hint}")
     top.finish()
+    if not errors:
+        errors += _shared_sockets(top, admin.listen, frontends, tunnels)
     if errors:
         raise ConfigError(errors)
     return Config(
@@ -123,3 +126,41 @@ def _item_path(top: Section, key: str, name: str) -> str:
         if isinstance(raw, dict) and raw.get("name") == name:
             return f"{key}[{i}]"
     return key
+
+
+_TCP_KINDS = ("tcp", "tcp6", "ssl")
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _overlap(a: Endpoint, b: Endpoint) -> bool:
+    """
+    Whether two listeners cannot both bind: the same TCP port on the same
+    interface or on a wildcard one, or the same UNIX socket path.
+    """
+    if a.kind in _TCP_KINDS and b.kind in _TCP_KINDS:
+        return bool(a.port) and a.port == b.port and (
+            a.interface == b.interface or a.interface in _WILDCARDS or b.interface in _WILDCARDS)
+    return a.kind == b.kind == "unix" and a.get("address") == b.get("address")
+
+
+def _shared_sockets(top: Section, admin: str | None, frontends: list[FrontendConfig],
+                    tunnels: tuple[Any, ...]) -> list[str]:
+    """
+    Listeners of a valid document that would take the same socket (rproxy
+    would not start): each reported at the later one's key path.
+    """
+    listeners: list[tuple[str, str]] = [("admin.listen", admin)] if admin else []
+    listeners += [(f"{_item_path(top, 'frontends', f.name)}.listen", f.listen) for f in frontends]
+    for i, tunnel in enumerate(tunnels):
+        listeners += [(f"tunnels[{i}].{role}", getattr(tunnel, role)) for role in ("control", "proxy", "public")]
+    parsed = [(path, listen, parse_endpoint(listen)) for path, listen in listeners]
+    errors = []
+    for j, (path, listen, endpoint) in enumerate(parsed):
+        for other_path, other_listen, other in parsed[:j]:
+            if listen == other_listen and path.startswith("frontends") and other_path.startswith("frontends"):
+                continue  # reported above, as a frontend listen used twice
+            if _overlap(endpoint, other):
+                errors.append(f"{path}: {brief(listen)} is already used by {other_path}")
+                break
+    return errors
+
