@@ -104,6 +104,7 @@ class RProxyService(MultiService):
         self._config_loader = config_loader if config_loader is not None else self._load_in_thread
         # frontend (or "admin") -> why its listener could not bind, as of the last apply
         self.listen_failures: dict[str, str] = {}
+        self._starting = False
         self.ready: defer.Deferred[None] | None = None
         # what start-up does on a listener that cannot bind, after logging
         # it (twistd -n: exit 1 quietly; see rproxy.tap); then ListenError
@@ -468,6 +469,9 @@ class RProxyService(MultiService):
 
     async def _reload_from_file(self) -> None:
         assert self.config_path is not None
+        if self.stopping:
+            self.log.warn("reload ignored: rproxy is stopping")
+            return
         try:
             new = await self._config_loader(self.config_path)
         except ConfigError as e:
@@ -479,6 +483,9 @@ class RProxyService(MultiService):
         except Exception:  # noqa: BLE001 - a bug in validation must not stop later reloads
             self.metrics.reloads.labels("invalid").inc()
             self.log.failure("reload rejected: the file could not be validated; keeping the running configuration")
+            return
+        if self.stopping:
+            self.log.warn("reload ignored: rproxy is stopping")
             return
         try:
             await self.reload(new)

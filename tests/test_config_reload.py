@@ -170,6 +170,21 @@ class ReloadTests(ServiceMixin, TestCase):
         self.assertEqual(self.reloads(service, "ok"), 3)
 
     @async_test
+    async def test_reload_while_stopping_is_ignored(self) -> None:
+        """A SIGHUP during the drain does not open listeners again."""
+        _, backend = await self.backend("a")
+        service, path = await self.start_with_file(backends_config(backend.getHost().port))
+        client = await connect(service.port_of("web"))
+        self.client_cleanup(client)
+        await client.read_until(b"a\n")
+        stopped = service.stopService()
+        await service.reload_from_file()
+        self.assertEqual((service.frontends, service.ports), ({}, {}))
+        self.assertIn("reload ignored: rproxy is stopping", [formatEvent(e) for e in self.events])
+        client.transport.loseConnection()
+        await stopped
+
+    @async_test
     async def test_reload_removing_every_listener_is_loud(self) -> None:
         """A reload that removes every frontend and tunnel is applied, and logged as an error."""
         _, backend = await self.backend("a")

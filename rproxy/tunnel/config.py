@@ -63,9 +63,9 @@ def _read_tls(section: Section) -> TLSConfig | None:
     if not section.data:
         section.finish()
         return None
-    tls = TLSConfig(cert=section.file("cert", True, _NO_FILE), key=section.file("key", True, _NO_FILE))  # type: ignore[arg-type]
+    cert, key = section.file("cert", True, _NO_FILE), section.file("key", True, _NO_FILE)
     section.finish()
-    return tls if tls.cert and tls.key else None
+    return TLSConfig(cert=cert, key=key) if cert and key else None
 
 
 def read_api_keys(top: Section) -> tuple[ApiKeyConfig, ...]:
