@@ -24,7 +24,7 @@ def check_config(path: str) -> int:
     try:
         config = load_config(path)
     except ConfigError as e:
-        for line in e.errors:
+        for line in e.lines(50):
             print(f"{line}", file=sys.stderr)
         print(f"{path}: invalid ({len(e.errors)} problem{'s' if len(e.errors) != 1 else ''})", file=sys.stderr)
         return 1
@@ -51,16 +51,13 @@ def reload(target: str) -> int:
 
 
 def _admin_url(config_path: str) -> tuple[str, str | None]:
-    from rproxy.config import split_endpoint
+    from rproxy.config import parse_endpoint
 
     config = load_config(config_path)
-    listen = config.admin.listen or "tcp:18081"
-    parts = split_endpoint(listen)
-    keyword = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    positional = [p for p in parts[1:] if "=" not in p]
-    port = keyword.get("port", positional[0] if positional else "18081")
-    host = keyword.get("interface", "127.0.0.1")
-    host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    endpoint = parse_endpoint(config.admin.listen or "tcp:18081")
+    port = endpoint.port or 18081
+    host = endpoint.interface
+    host = "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}", config.admin.api_key

@@ -16,18 +16,19 @@ closes what is left.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, error, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rproxy.admin import build_admin_site
-from rproxy.config import Config, ConfigError, load_config
+from rproxy.config import Config, ConfigError, load_config, parse_endpoint
 from rproxy.health import HealthChecker, Prober, make_prober
 from rproxy.http.frontend import HTTPFrontend, UpstreamPool
 from rproxy.metrics import Metrics
@@ -41,7 +42,20 @@ from rproxy.transport import server_endpoint
 from rproxy.tunnel.registry import StaticKeys
 from rproxy.tunnel.server import TunnelServer
 
-__all__ = ["RProxyService", "build_service"]
+__all__ = ["RProxyService", "build_service", "ListenError"]
+
+
+class ListenError(Exception):
+    """
+    A listener could not bind at start-up: rproxy does not start (a
+    process that serves nothing must not look like a running one).
+
+    @ivar problems: one line per listener, naming it and its address.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
 
 
 class RProxyService(MultiService):
@@ -60,6 +74,7 @@ class RProxyService(MultiService):
         registry: CollectorRegistry | None = None,
         prober: Prober | None = None,
         rng: random.Random | None = None,
+        config_loader: Callable[[str], defer.Deferred[Config]] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -85,22 +100,79 @@ class RProxyService(MultiService):
         self.admin_port: IListeningPort | None = None
         self._admin_listen: str | None = None
         self.stopping = False
-        self._reloading: defer.Deferred[None] | None = None
+        self._reload_lock = defer.DeferredLock()
+        self._config_loader = config_loader if config_loader is not None else self._load_in_thread
+        # frontend (or "admin") -> why its listener could not bind, as of the last apply
+        self.listen_failures: dict[str, str] = {}
+        self._starting = False
+        self.ready: defer.Deferred[None] | None = None
+        # what start-up does on a listener that cannot bind, after logging
+        # it (twistd -n: exit 1 quietly; see rproxy.tap); then ListenError
+        self.on_start_failure: Callable[[ListenError], None] | None = None
 
     # -- start -----------------------------------------------------------
 
+    def privilegedStartService(self) -> None:
+        """
+        Bind every listener before twistd reports the start (to the parent
+        process in daemon mode) and before privileges are dropped; a
+        listener that cannot bind stops the start with L{ListenError}.
+        """
+        super().privilegedStartService()
+        outcome = self._start()
+        problems = self.start_problems(outcome)
+        if problems:
+            failure = ListenError(problems)
+            if self.on_start_failure is not None:
+                self.on_start_failure(failure)
+            raise failure
+
     def startService(self) -> None:
         super().startService()
-        self.ready: defer.Deferred[None] = defer.Deferred.fromCoroutine(self._apply(self.config))
+        if self.ready is None:
+            self._start()
+
+    def _start(self) -> list[Any]:
+        """
+        Apply the configuration; the outcome list holds the result once
+        the apply has finished (at once with a real reactor's listeners).
+        """
+        outcome: list[Any] = []
+        self.ready = defer.Deferred.fromCoroutine(self._apply(self.config, starting=True))
+        self.ready.addBoth(lambda result: outcome.append(result) or result)
         self.ready.addErrback(self._log_failure, "starting")
+        return outcome
+
+    def start_problems(self, outcome: list[Any]) -> list[str]:
+        """
+        What keeps the start from being a success: listeners that could not
+        bind (frontends, admin, tunnel ports), or an apply that failed.
+        """
+        problems = list(self.listen_failures.values())
+        for tunnel in self.tunnels.values():
+            ports = getattr(tunnel, "ports", None)
+            if ports is None:
+                continue
+            for role in ("control", "proxy", "public"):
+                if role not in ports:
+                    problems.append(f"tunnel {tunnel.name}: cannot listen on its {role} port "
+                                    f"{getattr(tunnel.config, role)}")
+        if outcome and isinstance(outcome[0], Failure):
+            problems.append(f"cannot start: {outcome[0].getErrorMessage()}")
+        return problems
 
     def _log_failure(self, failure: Failure, what: str) -> None:
         self.log.failure("rproxy: {what} failed", failure, what=what)
 
-    async def _apply(self, new: Config) -> None:
+    async def _apply(self, new: Config, starting: bool = False) -> None:
         """
-        Bring the running objects from whatever they are to C{new}.
+        Bring the running objects from whatever they are to C{new}.  A
+        listener that cannot bind is recorded in L{listen_failures}; a
+        frontend (or the admin port) whose new address cannot bind keeps
+        its old listener.
         """
+        self.listen_failures = {}
+        self._starting = starting
         old_pools = dict(self.pools)
         self.limit.limit = new.global_.max_connections
 
@@ -120,31 +192,7 @@ class RProxyService(MultiService):
 
         self._apply_token_pools(new)
 
-        wanted = {f.name: f for f in new.frontends}
-        stopping: list[defer.Deferred[Any]] = []
-        for name, frontend in list(self.frontends.items()):
-            target = wanted.get(name)
-            if target is None or target.listen != frontend.config.listen or target.protocol != frontend.config.protocol:
-                stopping.append(self._retire(frontend))
-        await defer.gatherResults(stopping, consumeErrors=True)
-
-        for config in new.frontends:
-            frontend = self.frontends.get(config.name)
-            pool = self.pools[config.backend]
-            if frontend is not None:
-                frontend.config = config
-                frontend.pool = pool
-                if isinstance(frontend, HTTPFrontend):
-                    frontend.configure(config)
-                    frontend.tokens = self.token_pools.get(config.token_pool) if config.token_pool else None
-                continue
-            if config.protocol == "http":
-                frontend = HTTPFrontend(config, self.pools, self.reactor, self.clock, self.upstreams, self.limit)
-                frontend.tokens = self.token_pools.get(config.token_pool) if config.token_pool else None
-            else:
-                frontend = TCPFrontend(config, pool, self.reactor, self.clock, self.limit)
-            self.frontends[config.name] = frontend
-            await self._listen(frontend)
+        await self._apply_frontends(new)
 
         keys: Any = StaticKeys(new.api_keys)
         if new.stores is not None:
@@ -182,22 +230,112 @@ class RProxyService(MultiService):
                 if name not in self.live_servers:
                     self.stores.live.sync(name)
 
-        if new.admin.listen != self._admin_listen:
-            if self.admin_port is not None:
-                await self.admin_port.stopListening()
-                self.admin_port = None
-            self._admin_listen = new.admin.listen
-            if new.admin.listen is not None:
-                endpoint = server_endpoint(self.reactor, new.admin.listen)
-                try:
-                    self.admin_port = await endpoint.listen(build_admin_site(self))
-                except Exception as e:
-                    self.log.error(
-                        "admin: cannot listen on {listen}: {why}", listen=new.admin.listen, why=e
-                    )
-                else:
-                    self.log.info("admin listening on {address}", address=_address(self.admin_port))
+        await self._apply_admin(new.admin.listen)
         self.config = new
+
+    async def _apply_frontends(self, new: Config) -> None:
+        """
+        Frontends: new ones listen, removed ones retire (stop accepting and
+        drain), the others are updated in place.  One whose listen address
+        changed listens on the new address before its old listener retires,
+        and keeps the old one if the new address cannot bind.
+        """
+        wanted = {f.name: f for f in new.frontends}
+        stopping: list[defer.Deferred[Any]] = []
+        for name, frontend in list(self.frontends.items()):
+            target = wanted.get(name)
+            if target is None:
+                stopping.append(self._retire(frontend))
+            elif target.protocol != frontend.config.protocol and _same_socket(target.listen, frontend.config.listen):
+                # another kind of frontend on the same socket: free it first
+                stopping.append(self._retire(frontend))
+        await defer.gatherResults(stopping, consumeErrors=True)
+
+        retiring: list[defer.Deferred[Any]] = []
+        for config in new.frontends:
+            frontend = self.frontends.get(config.name)
+            pool = self.pools[config.backend]
+            if (frontend is not None and frontend.config.protocol == config.protocol
+                    and self._keeps_socket(frontend, config.listen)):
+                frontend.config = config
+                frontend.pool = pool
+                if isinstance(frontend, HTTPFrontend):
+                    frontend.configure(config)
+                    frontend.tokens = self.token_pools.get(config.token_pool) if config.token_pool else None
+                continue
+            fresh: TCPFrontend
+            if config.protocol == "http":
+                fresh = HTTPFrontend(config, self.pools, self.reactor, self.clock, self.upstreams, self.limit)
+                fresh.tokens = self.token_pools.get(config.token_pool) if config.token_pool else None
+            else:
+                fresh = TCPFrontend(config, pool, self.reactor, self.clock, self.limit)
+            port = await self._listen(fresh, frontend)
+            if port is None:
+                continue
+            if frontend is not None:
+                retiring.append(self._retire(frontend))
+            self.frontends[config.name] = fresh
+            self.ports[config.name] = port
+        await defer.gatherResults(retiring, consumeErrors=True)
+
+    def _keeps_socket(self, frontend: TCPFrontend, listen: str) -> bool:
+        """
+        Whether C{frontend}'s listener already is the socket C{listen}
+        names (also when it asked for port 0 and C{listen} now names the
+        port it got).
+        """
+        if _same_socket(frontend.config.listen, listen):
+            return True
+        port = self.ports.get(frontend.name)
+        if port is None:
+            return False
+        try:
+            old, new = parse_endpoint(frontend.config.listen), parse_endpoint(listen)
+        except ValueError:
+            return False
+        bound = getattr(port.getHost(), "port", None)
+        return (old.kind == new.kind and old.port == 0 and new.port == bound
+                and old.interface == new.interface)
+
+    async def _apply_admin(self, listen: str | None) -> None:
+        """
+        The admin port: moved by binding the new address first (the old
+        one stays if it cannot bind), closed when C{listen} is null.
+        """
+        if listen == self._admin_listen or (self._starting and self.listen_failures):
+            return
+        old = self.admin_port
+        if listen is not None and old is not None and self._admin_listen is not None \
+                and _same_socket(listen, self._admin_listen):
+            self._admin_listen = listen
+            return
+        port = None
+        if listen is not None:
+            try:
+                port = await server_endpoint(self.reactor, listen).listen(build_admin_site(self))
+            except Exception as e:  # noqa: BLE001 - reported as one line, the old port stays
+                self._listen_failed("admin", "admin", listen, e, old is not None and self._admin_listen)
+                return
+            self.log.info("admin listening on {address}", address=_address(port))
+        if old is not None:
+            await old.stopListening()
+        self.admin_port = port
+        self._admin_listen = listen
+
+    def _listen_failed(self, key: str, what: str, listen: str, why: Exception, kept: str | None | bool) -> None:
+        """
+        Log one line for a listener that cannot bind and record it.
+        """
+        reason = _bind_error(why)
+        if self._starting:
+            tail = "; not starting"
+        elif kept:
+            tail = f"; keeping its listener on {kept}"
+        else:
+            tail = ""
+        line = f"{what}: cannot listen on {listen}: {reason}{tail}"
+        self.listen_failures[key] = line
+        self.log.error("{line}", line=line)
 
     def _apply_token_pools(self, new: Config) -> None:
         """
@@ -237,24 +375,25 @@ class RProxyService(MultiService):
         self.log.info("backend {backend}: {count} server(s) from PostgreSQL: {servers}", backend=name,
                       count=len(servers), servers=", ".join(f"{s.name}={s.address}" for s in servers) or "-")
 
-    async def _listen(self, frontend: TCPFrontend) -> None:
-        endpoint = server_endpoint(self.reactor, frontend.config.listen, self.config.global_.backlog)
-        factory: Any = frontend
-        if frontend.config.tls:
-            factory = server_tls_factory(frontend, list(frontend.config.tls))
+    async def _listen(self, frontend: TCPFrontend, old: TCPFrontend | None = None) -> IListeningPort | None:
+        """
+        Listen for C{frontend}; C{None} (logged, recorded) if it cannot.
+        """
         try:
-            port = await endpoint.listen(factory)
-        except Exception as e:
-            self.log.error(
-                "frontend {frontend}: cannot listen on {listen}: {why}",
-                frontend=frontend.name, listen=frontend.config.listen, why=e,
-            )
-            return
-        self.ports[frontend.name] = port
+            endpoint = server_endpoint(self.reactor, frontend.config.listen, self.config.global_.backlog)
+            factory: Any = frontend
+            if frontend.config.tls:
+                factory = server_tls_factory(frontend, list(frontend.config.tls))
+            port: IListeningPort = await endpoint.listen(factory)
+        except Exception as e:  # noqa: BLE001 - reported as one line
+            self._listen_failed(frontend.name, f"frontend {frontend.name}", frontend.config.listen, e,
+                                old.config.listen if old is not None else None)
+            return None
         self.log.info(
             "frontend {frontend} listening on {address}, backend {backend}",
             frontend=frontend.name, address=_address(port), backend=frontend.config.backend,
         )
+        return port
 
     def _retire(self, frontend: TCPFrontend) -> defer.Deferred[Any]:
         """
@@ -279,37 +418,79 @@ class RProxyService(MultiService):
 
     def reload(self, new: Config) -> defer.Deferred[None]:
         """
-        Apply C{new} as a diff against the running configuration.
+        Apply C{new} as a diff against the running configuration.  A
+        listener that cannot bind is reported (the reload counts as
+        C{partial}); a reload that leaves nothing listening for traffic is
+        applied, as asked, and logged as an error.
         """
+        self._warn_if_nothing_listens(new)
         d = defer.Deferred.fromCoroutine(self._apply(new))
 
         def done(result: Any) -> Any:
-            ok = not isinstance(result, Failure)
-            self.metrics.reloads.labels("ok" if ok else "failed").inc()
-            if ok:
+            if isinstance(result, Failure):
+                self.metrics.reloads.labels("failed").inc()
+            elif self.listen_failures:
+                self.metrics.reloads.labels("partial").inc()
+                self.log.error("configuration reloaded, except {count} listener(s): {problems}",
+                               count=len(self.listen_failures), problems="; ".join(self.listen_failures.values()))
+            else:
+                self.metrics.reloads.labels("ok").inc()
                 self.log.info("configuration reloaded")
             return result
 
         return d.addBoth(done)
 
+    def _warn_if_nothing_listens(self, new: Config) -> None:
+        before = _traffic_listeners(self.config)
+        if before and not _traffic_listeners(new):
+            after = "only the admin port will listen" if new.admin.listen else "nothing will listen"
+            self.log.error("reload removes every frontend and tunnel ({names}): {after}; applying it as asked",
+                           names=", ".join(before), after=after)
+
+    def _load_in_thread(self, path: str) -> defer.Deferred[Config]:
+        """
+        Read, parse and validate C{path} in the reactor's thread pool: a
+        file is bounded (rproxy.config.load's limits) yet parsing even 1 MiB
+        of YAML takes a good fraction of a second, during which the reactor
+        must keep serving.  A thread shares the process (no new interpreter
+        to start, nothing to serialise back); the limits bound its memory.
+        """
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), load_config, path)
+
     def reload_from_file(self) -> defer.Deferred[None]:
         """
-        Re-read the configuration file (SIGHUP); an invalid file is logged
-        and the running configuration stays.
+        Re-read the configuration file (SIGHUP) off the reactor; an invalid
+        file is logged and the running configuration stays.  Reloads run
+        one at a time, in the order asked.
         """
         if self.config_path is None:
             return defer.succeed(None)
+        return self._reload_lock.run(lambda: defer.Deferred.fromCoroutine(self._reload_from_file()))
+
+    async def _reload_from_file(self) -> None:
+        assert self.config_path is not None
+        if self.stopping:
+            self.log.warn("reload ignored: rproxy is stopping")
+            return
         try:
-            new = load_config(self.config_path)
+            new = await self._config_loader(self.config_path)
         except ConfigError as e:
             self.metrics.reloads.labels("invalid").inc()
-            for line in e.errors:
+            for line in e.lines():
                 self.log.error("reload rejected: {error}", error=line)
             self.log.error("reload rejected; keeping the running configuration")
-            return defer.succeed(None)
-        d = self.reload(new)
-        d.addErrback(self._log_failure, "reload")
-        return d
+            return
+        except Exception:  # noqa: BLE001 - a bug in validation must not stop later reloads
+            self.metrics.reloads.labels("invalid").inc()
+            self.log.failure("reload rejected: the file could not be validated; keeping the running configuration")
+            return
+        if self.stopping:
+            self.log.warn("reload ignored: rproxy is stopping")
+            return
+        try:
+            await self.reload(new)
+        except Exception:  # noqa: BLE001 - logged; the next reload may mend it
+            self.log.failure("rproxy: reload failed")
 
     # -- stop ------------------------------------------------------------
 
@@ -357,7 +538,8 @@ class RProxyService(MultiService):
     def readiness_problems(self) -> list[str]:
         if self.stopping:
             return ["shutting down"]
-        problems = []
+        problems = [line for name, line in self.listen_failures.items() if name not in self.frontends
+                    and name != "admin"]
         for frontend in self.frontends.values():
             if frontend.name not in self.ports:
                 problems.append(f"frontend {frontend.name}: not listening")
@@ -393,6 +575,33 @@ class RProxyService(MultiService):
 
     def stats(self) -> dict[str, Any]:
         return {"pools": [pool.stats() for pool in self.pools.values()]}
+
+
+def _same_socket(a: str, b: str) -> bool:
+    """
+    Whether two listen strings name the same socket (so the listener
+    stays: a new one could not bind beside it).
+    """
+    if a == b:
+        return True
+    try:
+        return parse_endpoint(a).same_socket(parse_endpoint(b))
+    except ValueError:
+        return False
+
+
+def _traffic_listeners(config: Config) -> list[str]:
+    return [f"frontend {f.name}" for f in config.frontends] + [f"tunnel {t.name}" for t in config.tunnels]
+
+
+def _bind_error(why: Exception) -> str:
+    """
+    The reason a listener could not bind, in a few words (Twisted's
+    C{CannotListenError} repeats the address and wraps the socket error).
+    """
+    if isinstance(why, error.CannotListenError) and isinstance(why.socketError, OSError):
+        return why.socketError.strerror or str(why.socketError)
+    return str(why) or type(why).__name__
 
 
 def _address(port: IListeningPort) -> str:

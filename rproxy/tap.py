@@ -8,6 +8,7 @@ stops twistd before it starts, with one line per problem and no traceback.
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import sys
 from typing import Any
@@ -16,7 +17,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from rproxy.config import ConfigError, load_config
-from rproxy.service import RProxyService, build_service
+from rproxy.service import ListenError, RProxyService, build_service
 
 __all__ = ["Options", "makeService"]
 
@@ -37,7 +38,7 @@ class ConfigOptions(usage.Options):
         try:
             self["parsed"] = self.load(self["config"])
         except ConfigError as e:
-            for line in e.errors:
+            for line in e.lines():
                 print(f"{self.prog}: {line}", file=sys.stderr)
             print(f"{self.prog}: {self['config']}: invalid configuration, not starting", file=sys.stderr)
             raise SystemExit(1) from None
@@ -71,9 +72,46 @@ def makeService(options: Options) -> RProxyService:
     reactor = global_reactor()
 
     service = build_service(options["parsed"], reactor, config_path=options["config"])
+    service.on_start_failure = _start_failure_handler(options)
     _install_signals(reactor, service)
     reactor.callWhenRunning(freeze_startup_heap)
     return service
+
+
+def _start_failure_handler(options: usage.Options) -> Any:
+    """
+    What to do when a listener cannot bind at start-up, once the service
+    has logged why (one line per listener): exit 1 without the traceback
+    the L{ListenError} would print.  In daemon mode the waiting parent
+    process learns of it through twistd's status pipe, in twistd's own
+    format ("1 " and the reason), and exits 1 with the reason; the pid
+    file twistd wrote is removed.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None
+
+    def exit_quietly(failure: ListenError) -> None:
+        pidfile = parent.get("pidfile")
+        if pidfile:
+            try:
+                with open(pidfile) as f:
+                    ours = f.read().strip() == str(os.getpid())
+                if ours:
+                    os.remove(pidfile)
+            except OSError:
+                pass
+        pipe = parent.get("statusPipe")
+        if pipe is not None:
+            parent["statusPipe"] = None
+            try:
+                os.write(pipe, b"1 " + failure.problems[0].encode("ascii", "backslashreplace")[:98])
+                os.close(pipe)
+            except OSError:
+                pass
+        raise SystemExit(1)
+
+    return exit_quietly
 
 
 def freeze_startup_heap() -> None:

@@ -21,7 +21,7 @@ type C{ssl:} are served by the same code (L{ssl_server_endpoint}).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -36,6 +36,9 @@ from twisted.internet.interfaces import (
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from rproxy.config.endpoints import Endpoint
 
 __all__ = [
     "HTTP_ALPN",
@@ -193,43 +196,25 @@ class TLSServerEndpoint:
         return self._inner.listen(wrapped)
 
 
-_SSL_KEYS = ("port", "interface", "backlog", "privateKey", "certKey")
 
 
-def ssl_server_endpoint(reactor: Any, description: str, backlog: int = 511) -> IStreamServerEndpoint:
+def ssl_server_endpoint(reactor: Any, endpoint: Endpoint, backlog: int = 511) -> IStreamServerEndpoint:
     """
-    The endpoint for an C{ssl:} listen string (Twisted's syntax: port,
-    C{interface}, C{backlog}, C{privateKey} and C{certKey}, which defaults
-    to C{privateKey}; a certificate file may carry its chain): a TCP
-    listener with TLS from this module, so it negotiates ALPN as the
-    frontends' C{tls:} does.
+    The endpoint for a parsed C{ssl:} listen string (Twisted's syntax:
+    port, C{interface}, C{backlog}, C{privateKey} and C{certKey}, which
+    defaults to C{privateKey}; a certificate file may carry its chain): a
+    TCP listener with TLS from this module, so it negotiates ALPN as the
+    frontends' C{tls:} does.  L{rproxy.config.endpoints.parse_endpoint}
+    has refused the options this does not honour.
     """
-    from rproxy.config import split_endpoint
-    from rproxy.transport import server_endpoint
+    from rproxy.transport import TCPServerEndpoint
 
-    parts = split_endpoint(description)
-    if parts[0] != "ssl":
-        raise ValueError(f"{description!r} is not an ssl: endpoint")
-    positional = [p for p in parts[1:] if "=" not in p]
-    keyword = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    unknown = sorted(set(keyword) - set(_SSL_KEYS))
-    if unknown or len(positional) > 1:
-        what = ", ".join(unknown) if unknown else ":".join(positional)
-        raise ValueError(f"ssl: listen strings take {', '.join(_SSL_KEYS)}; not {what}")
-    if positional:
-        keyword.setdefault("port", positional[0])
-    if "privateKey" not in keyword:
-        raise ValueError("ssl: listen strings need privateKey=FILE")
-    key = keyword["privateKey"]
-    cert = keyword.get("certKey", key)
-    tcp = ":".join(
-        ["tcp"] + [f"{k}={_escape(keyword[k])}" for k in ("port", "interface", "backlog") if k in keyword]
-    )
-    return TLSServerEndpoint(server_endpoint(reactor, tcp, backlog), [(cert, key)])
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(":", "\\:")
+    key = endpoint.get("privateKey")
+    assert key is not None
+    cert = endpoint.get("certKey", key)
+    given = endpoint.backlog
+    tcp = TCPServerEndpoint(reactor, endpoint.port or 0, given if given is not None else backlog, endpoint.interface)
+    return TLSServerEndpoint(tcp, [(cert, key)])
 
 
 def client_tls_options(server_name: str, ca: str | None, verify: bool) -> Any:

@@ -54,7 +54,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from rproxy.config import split_endpoint
+from rproxy.config.endpoints import parse_endpoint
 from rproxy.shortage import LOCAL_ERRNOS, local_connect_error
 
 __all__ = [
@@ -550,29 +550,24 @@ class TCPServerEndpoint:
 
 def server_endpoint(reactor: Any, description: str, backlog: int = 511) -> IStreamServerEndpoint:
     """
-    The endpoint for a listen string from the configuration.
+    The endpoint for a listen string from the configuration, parsed by the
+    parser that checked it (L{rproxy.config.endpoints.parse_endpoint}).
 
     Plain C{tcp:} descriptions get an immediate-send L{TCPServerEndpoint};
     C{ssl:} descriptions get TLS from L{rproxy.tls} (which negotiates ALPN
     where Twisted's own C{ssl:} endpoint fails every client that offers it);
     every other type (C{unix:}, C{tcp6:}, ...) goes to Twisted's
-    C{serverFromString}.
+    C{serverFromString}, with options the parse has already checked.
+
+    @raise ValueError: C{description} is not a valid listen string.
     """
-    if description.startswith("ssl:"):
+    endpoint = parse_endpoint(description)
+    if endpoint.kind == "ssl":
         from rproxy.tls import ssl_server_endpoint
 
-        return ssl_server_endpoint(reactor, description, backlog)
-    if description.startswith("tcp:"):
-        parts = split_endpoint(description[4:])
-        positional = [p for p in parts if "=" not in p]
-        keyword = dict(p.split("=", 1) for p in parts if "=" in p)
-        if set(keyword) <= {"port", "interface", "backlog"} and len(positional) <= 1:
-            port = int(keyword.get("port", positional[0] if positional else "0"))
-            return TCPServerEndpoint(
-                reactor,
-                port,
-                int(keyword.get("backlog", backlog)),
-                keyword.get("interface", ""),
-            )
+        return ssl_server_endpoint(reactor, endpoint, backlog)
+    if endpoint.kind == "tcp":
+        port = endpoint.port
+        given = endpoint.backlog
+        return TCPServerEndpoint(reactor, port or 0, given if given is not None else backlog, endpoint.interface)
     return serverFromString(reactor, description)
-

@@ -164,18 +164,24 @@ class ConfigErrorTests(SynchronousTestCase):
     def test_tunnel_http_keys(self) -> None:
         """
         mode: http options are refused on a tcp tunnel; model routing needs
-        mode: http; the body limit is bounded.
+        mode: http; the body limit is bounded (64M), and defaults to 1 MiB,
+        what chat requests with long prompts need.
         """
         data = minimal(tunnels=[
             {"name": "a", "strict_models": False, "algorithm": "model"},
-            {"name": "b", "mode": "http", "model_body_limit": "1M", "control": "tcp:17100",
+            {"name": "b", "mode": "http", "model_body_limit": "65M", "control": "tcp:17100",
              "proxy": "tcp:17101", "public": "tcp:18100"},
         ])
         self.assertEqual(self.errors(data), [
             "tunnels[0].algorithm: model routing needs mode: http",
             "tunnels[0].strict_models: applies to mode: http only",
-            "tunnels[1].model_body_limit: at most 60k (the bytes held before an agent is chosen)",
+            "tunnels[1].model_body_limit: at most 64M (the bytes held before an agent is chosen)",
         ])
+        data["tunnels"] = [data["tunnels"][1]]  # type: ignore[index]
+        data["tunnels"][0]["model_body_limit"] = "4M"  # type: ignore[index]
+        self.assertEqual(parse_config(data).tunnels[0].model_body_limit, 4 * 1024 * 1024)
+        del data["tunnels"][0]["model_body_limit"]  # type: ignore[index]
+        self.assertEqual(parse_config(data).tunnels[0].model_body_limit, 1024 * 1024)
 
     def test_token_pool_credentials_file(self) -> None:
         """
@@ -268,7 +274,7 @@ class ConfigValueTests(SynchronousTestCase):
             text = f.read()
         start, end = text.index("  # - name: web-http"), text.index("# Static API keys")
         block = "\n".join(  # (the tls line names files this test does not have)
-            line.replace("  # ", "  ", 1) if line.startswith("  # ") else line
+            line.replace("  # ", "  ", 1).replace("# token_pool:", "token_pool:") if line.startswith("  # ") else line
             for line in text[start:end].splitlines()
             if "tls:" not in line
         )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import attrs
 from twisted.internet.testing import EventLoggingObserver
@@ -19,19 +18,11 @@ from rproxy.http.accesslog import escape
 from tests.test_http_frontend import Harness
 
 
-def with_path(config: FrontendConfig, path: str | None) -> Any:
+def with_path(config: FrontendConfig, path: str | None) -> FrontendConfig:
     """
-    C{config} with C{access_log_path} (a subclass adds the key where the
-    configuration does not have it yet).
+    C{config} with its access log written to C{path}.
     """
-    if "access_log_path" in attrs.fields_dict(FrontendConfig):
-        return attrs.evolve(config, access_log_path=path)
-
-    @attrs.frozen
-    class WithPath(FrontendConfig):
-        access_log_path: str | None = None
-
-    return WithPath(**attrs.asdict(config, recurse=False), access_log_path=path)
+    return attrs.evolve(config, http=attrs.evolve(config.http, access_log_path=path))
 
 
 def response(body: bytes) -> bytes:

@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import alsoProvides
 
 from rproxy.config import FrontendConfig
+from rproxy.config.endpoints import parse_endpoint
 from rproxy.tls import (
     HTTP_ALPN,
     TLSServerEndpoint,
@@ -281,28 +282,26 @@ class SSLEndpointTests(SynchronousTestCase):
         reactor = MemoryReactor()
         for description in (f"ssl:8443:interface=127.0.0.1:privateKey={path}",
                             f"ssl:port=8443:interface=127.0.0.1:privateKey={path}:certKey={path}"):
-            endpoint = ssl_server_endpoint(reactor, description)
+            endpoint = ssl_server_endpoint(reactor, parse_endpoint(description))
             self.assertIsInstance(endpoint, TLSServerEndpoint)
             self.successResultOf(endpoint.listen(Frontend("http")))
         self.assertEqual([(p[0], p[3]) for p in reactor.tcpServers], [(8443, "127.0.0.1")] * 2)
         self.assertIsInstance(reactor.tcpServers[0][1], TLSMemoryBIOFactory)
 
     def test_refused(self) -> None:
-        """Options this module does not serve, or no key, are refused by name."""
-        from twisted.internet.testing import MemoryReactor
-
+        """Options this module does not serve, or no key, are refused by name when parsed."""
         with self.assertRaises(ValueError) as caught:
-            ssl_server_endpoint(MemoryReactor(), "ssl:443:privateKey=k.pem:sslmethod=TLSv1_METHOD")
+            parse_endpoint("ssl:443:privateKey=k.pem:sslmethod=TLSv1_METHOD")
         self.assertEqual(str(caught.exception),
-                         "ssl: listen strings take port, interface, backlog, privateKey, certKey; "
-                         "not sslmethod")
+                         "unknown option 'sslmethod' for ssl endpoints "
+                         "(ssl takes port, privateKey, certKey, interface, backlog)")
         with self.assertRaises(ValueError) as caught:
-            ssl_server_endpoint(MemoryReactor(), "ssl:443")
-        self.assertEqual(str(caught.exception), "ssl: listen strings need privateKey=FILE")
+            parse_endpoint("ssl:443")
+        self.assertEqual(str(caught.exception), "no privateKey in 'ssl:443' (ssl endpoints need privateKey=FILE)")
 
     def test_unreadable_key_fails_listen(self) -> None:
         """A key file that cannot be read fails the listen, not the parse."""
         from twisted.internet.testing import MemoryReactor
 
-        endpoint = ssl_server_endpoint(MemoryReactor(), "ssl:443:privateKey=/nonexistent/k.pem")
+        endpoint = ssl_server_endpoint(MemoryReactor(), parse_endpoint("ssl:443:privateKey=/nonexistent/k.pem"))
         self.failureResultOf(endpoint.listen(Frontend("tcp")), FileNotFoundError)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -61,11 +62,11 @@ class TwistdTests(ServiceMixin, TestCase):
             yaml.safe_dump(data, f)
         return path
 
-    def spawn(self, path: str) -> Child:
+    def spawn(self, path: str, twistd_args: tuple[str, ...] = ("-n", "--pidfile=")) -> Child:
         child = Child()
         # the same entry point as the twistd script, from this interpreter
         launcher = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; sys.exit(run())"
-        args = [sys.executable, "-c", launcher, "-n", "--pidfile=", "rproxy", "--config", path]
+        args = [sys.executable, "-c", launcher, *twistd_args, "rproxy", "--config", path]
         env = dict(os.environ, PYTHONPATH=ROOT)
         process = reactor.spawnProcess(child, sys.executable, args, env=env, path=ROOT)
 
@@ -108,6 +109,48 @@ class TwistdTests(ServiceMixin, TestCase):
         self.assertEqual(child.exit_code, 1)
         self.assertIn("rproxy: frontends[1].listen: port 70000 out of range", child.output)
         self.assertNotIn("Traceback", child.output)
+
+    def busy_config(self) -> tuple[str, int]:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        self.addCleanup(sock.close)
+        busy = sock.getsockname()[1]
+        return self.write_config({
+            "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+            "backends": [{"name": "web", "servers": ["127.0.0.1:1"]}],
+            "frontends": [{"name": "web", "listen": f"127.0.0.1:{busy}", "backend": "web"}],
+        }), busy
+
+    @async_test
+    async def test_bind_failure_exits_1(self) -> None:
+        """twistd -n with a frontend port in use exits 1 with one line naming it, no traceback."""
+        path, busy = self.busy_config()
+        child = self.spawn(path)
+        await wait_for(lambda: child.ended, 30)
+        self.assertEqual(child.exit_code, 1)
+        line = f"frontend web: cannot listen on tcp:{busy}:interface=127.0.0.1: Address already in use; not starting"
+        self.assertEqual(child.output.count(line), 1)
+        self.assertNotIn("Traceback", child.output)
+        self.assertNotIn("admin listening", child.output)
+
+    @async_test
+    async def test_bind_failure_daemon_exits_1(self) -> None:
+        """In daemon mode the parent exits 1 with the reason; the log holds one line, no traceback, no pid file."""
+        path, busy = self.busy_config()
+        directory = os.path.dirname(path)
+        pidfile, logfile = os.path.join(directory, "twistd.pid"), os.path.join(directory, "twistd.log")
+        child = self.spawn(path, ("--pidfile", pidfile, "--logfile", logfile))
+        await wait_for(lambda: child.ended, 30)
+        self.assertEqual(child.exit_code, 1)
+        line = f"frontend web: cannot listen on tcp:{busy}:interface=127.0.0.1: Address already in use; not starting"
+        self.assertIn(line, child.output)
+        await wait_for(lambda: os.path.exists(logfile) and line in open(logfile).read(), 10)
+        await wait_for(lambda: not os.path.exists(pidfile), 10)
+        with open(logfile) as f:
+            log = f.read()
+        self.assertEqual(log.count(line), 1)
+        self.assertNotIn("Traceback", log)
 
     @async_test
     async def test_sigterm_drains(self) -> None:

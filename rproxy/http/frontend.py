@@ -1342,7 +1342,7 @@ class HTTPFrontend(TCPFrontend):
         self.header_timeout = http.header_timeout
         self.response_timeout = http.response_timeout
         self.access_log = http.access_log != "off"
-        self._access_file(getattr(config, "access_log_path", None) if self.access_log else None)
+        self._access_file(http.access_log_path if self.access_log else None)
         self.host_is_server = http.host_header == "server"
         self.cors = http.cors
         self.max_head = http.max_head

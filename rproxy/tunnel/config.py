@@ -7,26 +7,15 @@ Read with the same key-path reader as the rest of the configuration
 
 from __future__ import annotations
 
-import os
 import re
-from typing import Any
 
 import attrs
-import yaml
 
-from rproxy.config import (
-    ConfigError,
-    _bool,
-    _choice,
-    _duration,
-    _int,
-    _listen,
-    _name,
-    _Section,
-    _size,
-    _str,
-    parse_hostport,
-)
+from rproxy.config import values as v
+from rproxy.config.endpoints import listen
+from rproxy.config.load import load_yaml, read_file, read_sources
+from rproxy.config.reader import Section
+from rproxy.config.values import ConfigError, brief, kind, parse_hostport
 
 __all__ = ["ApiKeyConfig", "TunnelConfig", "TLSConfig", "AgentConfig", "ServiceConfig", "load_agent_config"]
 
@@ -61,36 +50,34 @@ class TunnelConfig:
     service: str | None = None
     # mode: http
     strict_models: bool = True  # unknown model: 404 (false: any agent)
-    model_body_limit: int = 16 * 1024  # JSON bodies read for their "model" field
+    model_body_limit: int = 1024 * 1024  # JSON bodies read for their "model" field
     header_timeout: float = 10.0
 
 
-def _file(value: object) -> str:
-    path = _str(value)
-    if not os.path.isfile(path):
-        raise ValueError(f"no such file {path!r}")
-    return path
+# the largest JSON body a mode: http tunnel reads for its "model" field
+MODEL_BODY_LIMIT_MAX = 64 * 1024 * 1024
+_NO_FILE = "no such file {path}"
 
 
-def _read_tls(section: _Section) -> TLSConfig | None:
+def _read_tls(section: Section) -> TLSConfig | None:
     if not section.data:
         section.finish()
         return None
-    tls = TLSConfig(cert=section.value("cert", _file), key=section.value("key", _file))
+    cert, key = section.file("cert", True, _NO_FILE), section.file("key", True, _NO_FILE)
     section.finish()
-    return tls if tls.cert and tls.key else None
+    return TLSConfig(cert=cert, key=key) if cert and key else None
 
 
-def read_api_keys(top: _Section) -> tuple[ApiKeyConfig, ...]:
+def read_api_keys(top: Section) -> tuple[ApiKeyConfig, ...]:
     keys: list[ApiKeyConfig] = []
     for path, raw in top.items("api_keys"):
-        section = _Section(raw, path, top.errors)
+        section = top.child(raw, path)
         if not section.ok:
             continue
         key = ApiKeyConfig(
-            key=section.value("key", _str) or "",
-            level=section.value("level", _int(-1), -1),
-            name=section.value("name", _str, "default"),
+            key=section.value("key", v.text) or "",
+            level=section.value("level", v.int_in(-1), -1),
+            name=section.value("name", v.text, "default"),
         )
         section.finish()
         if key.key:
@@ -98,42 +85,43 @@ def read_api_keys(top: _Section) -> tuple[ApiKeyConfig, ...]:
     return tuple(keys)
 
 
-def read_tunnels(top: _Section) -> tuple[TunnelConfig, ...]:
+def read_tunnels(top: Section) -> tuple[TunnelConfig, ...]:
     tunnels: list[TunnelConfig] = []
     for path, raw in top.items("tunnels"):
-        section = _Section(raw, path, top.errors)
+        section = top.child(raw, path)
         if not section.ok:
             continue
         d = TunnelConfig(name="")
-        mode = section.value("mode", _choice(("tcp", "http")), "tcp")
-        algorithm = section.value("algorithm", _choice(TUNNEL_ALGORITHMS), d.algorithm)
+        mode = section.value("mode", v.choice(("tcp", "http")), "tcp")
+        algorithm = section.value("algorithm", v.choice(TUNNEL_ALGORITHMS), d.algorithm)
         if algorithm == "model" and mode != "http":
             section.error("algorithm", "model routing needs mode: http")
         tunnel = TunnelConfig(
-            name=section.value("name", _name) or "",
-            control=section.value("control", _listen, d.control),
-            proxy=section.value("proxy", _listen, d.proxy),
-            public=section.value("public", _listen, d.public),
+            name=section.value("name", v.name) or "",
+            control=section.value("control", listen, d.control),
+            proxy=section.value("proxy", listen, d.proxy),
+            public=section.value("public", listen, d.public),
             mode=mode,
             algorithm=algorithm,
             tls=_read_tls(section.section("tls")),
-            heartbeat_timeout=section.value("heartbeat_timeout", _duration, d.heartbeat_timeout),
-            open_timeout=section.value("open_timeout", _duration, d.open_timeout),
-            max_pending=section.value("max_pending", _int(1), d.max_pending),
-            service=section.value("service", _name, None),
-            strict_models=section.value("strict_models", _bool, True),
-            model_body_limit=section.value("model_body_limit", _size, d.model_body_limit),
-            header_timeout=section.value("header_timeout", _duration, d.header_timeout),
+            heartbeat_timeout=section.value("heartbeat_timeout", v.duration, d.heartbeat_timeout),
+            open_timeout=section.value("open_timeout", v.duration, d.open_timeout),
+            max_pending=section.value("max_pending", v.int_in(1), d.max_pending),
+            service=section.value("service", v.name, None),
+            strict_models=section.value("strict_models", v.boolean, True),
+            model_body_limit=section.value("model_body_limit", v.size, d.model_body_limit),
+            header_timeout=section.value("header_timeout", v.duration, d.header_timeout),
         )
         if tunnel.mode != "http":
             for key in ("strict_models", "model_body_limit", "header_timeout"):
                 if section.has(key):
                     section.error(key, "applies to mode: http only")
-        if tunnel.model_body_limit > 60 * 1024:
-            section.error("model_body_limit", "at most 60k (the bytes held before an agent is chosen)")
+        if tunnel.model_body_limit > MODEL_BODY_LIMIT_MAX:
+            section.error("model_body_limit", f"at most {MODEL_BODY_LIMIT_MAX // 1024 // 1024}M "
+                                              "(the bytes held before an agent is chosen)")
         section.finish()
         if tunnel.name and any(t.name == tunnel.name for t in tunnels):
-            top.errors.append(f"{path}.name: duplicate tunnel name {tunnel.name!r}")
+            top.errors.append(f"{path}.name: duplicate tunnel name {brief(tunnel.name)}")
         elif tunnel.name:
             tunnels.append(tunnel)
     return tuple(tunnels)
@@ -169,33 +157,37 @@ class AgentConfig:
 
 
 def _hostport(value: object) -> tuple[str, int]:
-    return parse_hostport(_str(value))
+    return parse_hostport(v.text(value))
 
 
 def _model_name(value: object) -> str:
-    text = _str(value)
+    text = v.text(value)
     if len(text) > 256 or not re.match(r"^[\x21-\x7e]+$", text):
-        raise ValueError(f"{text!r} is not a model name (printable ASCII, no spaces)")
+        raise ValueError(f"{brief(text)} is not a model name (printable ASCII, no spaces)")
     return text
 
 
 def parse_agent_config(data: object) -> AgentConfig:
+    """
+    Build an L{AgentConfig} from a parsed document (the CA file it names
+    is read first; validation itself is pure).
+    """
     errors: list[str] = []
-    top = _Section(data, "", errors)
+    top = Section(data, "", errors, read_sources(data, AGENT_FILE_KEYS, {}))
     server = top.section("server")
     control = server.value("control", _hostport, ("127.0.0.1", 17000))
     proxy = server.value("proxy", _hostport, ("127.0.0.1", 17001))
     server.finish()
     tls = top.section("tls")
-    ca = tls.value("ca", _file, None)
-    server_name = tls.value("server_name", _str, None)
+    ca = tls.file("ca", missing=_NO_FILE)
+    server_name = tls.value("server_name", v.text, None)
     tls.finish()
     services = []
     for path, raw in top.items("services"):
-        section = _Section(raw, path, errors)
+        section = top.child(raw, path)
         if not section.ok:
             continue
-        name = section.value("name", _name)
+        name = section.value("name", v.name)
         local = section.value("local", _hostport)
         section.finish()
         if name and local:
@@ -209,41 +201,44 @@ def parse_agent_config(data: object) -> AgentConfig:
         except ValueError as e:
             errors.append(f"{path}: {e}")
     reconnect = top.section("reconnect")
-    initial = reconnect.value("initial", _duration, 1.0)
-    maximum = reconnect.value("max", _duration, 60.0)
+    initial = reconnect.value("initial", v.duration, 1.0)
+    maximum = reconnect.value("max", v.duration, 60.0)
     reconnect.finish()
     config = AgentConfig(
         control=control,
         proxy=proxy,
-        api_key=top.value("api_key", _str) or "",
+        api_key=top.value("api_key", v.text) or "",
         services=tuple(services),
-        agent_id=top.value("agent_id", _name, None),
-        state_dir=top.value("state_dir", _str, "~/.rproxy-agent"),
+        agent_id=top.value("agent_id", v.name, None),
+        state_dir=top.value("state_dir", v.text, "~/.rproxy-agent"),
         ca=ca,
         server_name=server_name,
         models=tuple(models),
-        models_from=top.value("models_from", _str, None),
-        heartbeat_interval=top.value("heartbeat_interval", _duration, 10.0),
-        pool_count=top.value("pool_count", _int(0, 64), 0),
+        models_from=top.value("models_from", v.text, None),
+        heartbeat_interval=top.value("heartbeat_interval", v.duration, 10.0),
+        pool_count=top.value("pool_count", v.int_in(0, 64), 0),
         reconnect_initial=initial,
         reconnect_max=maximum,
-        connect_timeout=top.value("connect_timeout", _duration, 5.0),
+        connect_timeout=top.value("connect_timeout", v.duration, 5.0),
     )
     if config.models_from is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", config.models_from):
-        errors.append(f"models_from: {config.models_from!r} is not an http:// or https:// URL")
+        errors.append(f"models_from: {brief(config.models_from)} is not an http:// or https:// URL")
     top.finish()
     if errors:
         raise ConfigError(errors)
     return config
 
 
+AGENT_FILE_KEYS = (("tls", "ca"),)
+
+
 def load_agent_config(path: str) -> AgentConfig:
     try:
-        with open(path, "rb") as f:
-            data: Any = yaml.safe_load(f)
+        text = read_file(path)
     except OSError as e:
-        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: invalid YAML: {e}"]) from None
+        raise ConfigError([f"{path}: cannot read: {e.strerror or e.args[0]}"]) from None
+    data = load_yaml(text, path)
+    if data is None or not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping (server, api_key, services, ...), got {kind(data)}"])
     return parse_agent_config(data)
 
