@@ -515,4 +515,4 @@ class _NotFound(Resource):
 
 
 def build_admin_site(service: RProxyService) -> Site:
-    return AdminSite(AdminRoot(service), lambda: service.config.admin.api_key)
+    return AdminSite(AdminRoot(service), lambda: service.config.admin.api_key, service.reactor)

@@ -114,8 +114,9 @@ class AdminSite(Site):
     log (probes are scraped every few seconds).
     """
 
-    def __init__(self, resource: Any, api_key: Callable[[], str | None]) -> None:
-        super().__init__(resource, requestFactory=AdminRequest)
+    def __init__(self, resource: Any, api_key: Callable[[], str | None], reactor: Any) -> None:
+        # the reactor also runs the channels' idle timeouts
+        super().__init__(resource, requestFactory=AdminRequest, reactor=reactor)
         self.api_key = api_key
         self.noisy = False
         self.displayTracebacks = False

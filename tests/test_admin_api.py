@@ -90,7 +90,8 @@ class EarlyRefusalTests(SynchronousTestCase):
 
     def connect(self, api_key: str | None = "adm") -> StringTransport:
         admin = {"api_key": api_key} if api_key is not None else {}
-        self.protocol = build_admin_site(service_of(admin)).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.service = service_of(admin)
+        self.protocol = build_admin_site(self.service).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         self.protocol.makeConnection(transport)
         return transport
@@ -189,3 +190,15 @@ class EarlyRefusalTests(SynchronousTestCase):
         transport = self.connect()
         self.protocol.dataReceived(b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n")
         self.assertEqual(self.answer(transport)[:3:2], (200, {"status": "ok"}))
+
+    def test_timeouts_on_the_service_reactor(self) -> None:
+        """
+        The channels' idle timeouts run on the service's reactor, not the
+        global one: an idle admin connection is closed when its clock says so.
+        """
+        transport = self.connect()
+        clock = self.service.reactor
+        clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(2)
+        self.assertTrue(transport.disconnecting)
