@@ -19,14 +19,16 @@ Probes and metrics need no key.  Errors are JSON C{{"error": "..."}}.
 
 from __future__ import annotations
 
-import hmac
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from rproxy.adminhttp import MAX_BODY, AdminSite, bearer_ok
 
 if TYPE_CHECKING:
     from rproxy.service import RProxyService
@@ -98,19 +100,15 @@ class MetricsPage(_Leaf):
 class _ApiLeaf(_Leaf):
     """
     /api/v1 resources: when C{admin.api_key} is set they need
-    C{Authorization: Bearer <api_key>} (compared in constant time).
+    C{Authorization: Bearer <api_key>} (compared in constant time); a
+    request with a body is refused earlier, from its head (L{AdminRequest}).
     """
 
     def unauthorized(self, request: Request) -> bytes | None:
         """
         The 401 answer when the bearer token is missing or wrong, else None.
         """
-        expected = self.service.config.admin.api_key
-        if expected is None:
-            return None
-        header = request.getHeader(b"authorization") or b""
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected.encode()):
+        if bearer_ok(request.getHeader(b"authorization"), self.service.config.admin.api_key):
             return None
         request.setHeader(b"www-authenticate", b'Bearer realm="rproxy"')
         return _json(request, 401, {"error": "missing or invalid bearer token"})
@@ -153,119 +151,54 @@ class Models(_ApiLeaf):
         })
 
 
-class Keys(_ApiLeaf):
+class ApiError(Exception):
     """
-    /api/v1/keys: POST {"name", "level"} -> {"id", "key"} (the plain key
-    shown once); GET ?limit=&after= lists; DELETE /api/v1/keys/{id} revokes.
-    Needs stores.postgres; 503 while it is down.
+    An answer other than success, raised where the input is found wanting:
+    C{status} and a message for C{{"error": ...}}.
     """
 
-    def render(self, request: Request) -> Any:
-        refused = self.unauthorized(request)
-        if refused is not None:
-            return refused
-        stores = self.service.stores
-        keys = stores.keys.postgres if stores is not None else None
-        if keys is None:
-            return _json(request, 503, {"error": "the key store (stores.postgres) is not available"})
-        path = [p for p in request.postpath if p]
-        method = request.method
-        if method == b"POST" and not path:
-            work = self._create(request, keys)
-        elif method == b"GET" and not path:
-            work = self._list(request, keys)
-        elif method == b"DELETE" and len(path) == 1:
-            work = self._revoke(request, path[0])
-        else:
-            request.setHeader(b"allow", b"GET, POST, DELETE")
-            return _json(request, 405 if not path or len(path) == 1 else 404, {"error": "not allowed here"})
-        # the client may leave while the database answers
-        request.notifyFinish().addErrback(lambda _: setattr(request, "rproxy_gone", True))
-        d = defer.Deferred.fromCoroutine(work)
-
-        def failed(failure: Any) -> None:
-            self.service.log.failure("admin: key operation failed", failure)
-            _finish(request, 503, {"error": "the key store is not available"})
-
-        d.addErrback(failed)
-        return NOT_DONE_YET
-
-    async def _create(self, request: Request, keys: Any) -> None:
-        try:
-            body = json.loads(request.content.read(65536) or b"{}")
-        except ValueError:
-            _finish(request, 400, {"error": "the body must be a JSON object"})
-            return
-        if not isinstance(body, dict):
-            _finish(request, 400, {"error": "the body must be a JSON object"})
-            return
-        name, level = body.get("name"), body.get("level", -1)
-        if not isinstance(name, str) or not 1 <= len(name) <= 100:
-            _finish(request, 400, {"error": "name: a string of 1 to 100 characters is required"})
-            return
-        if isinstance(level, bool) or not isinstance(level, int) or level < -1:
-            _finish(request, 400, {"error": "level: an integer >= -1 is required"})
-            return
-        record, plain = await keys.create(name, level)
-        _finish(request, 201, {"id": record.id, "key": plain, "name": name, "level": level})
-
-    async def _list(self, request: Request, keys: Any) -> None:
-        try:
-            limit = int(request.args.get(b"limit", [b"100"])[0])
-            after = int(request.args.get(b"after", [b"0"])[0])
-        except ValueError:
-            _finish(request, 400, {"error": "limit and after must be integers"})
-            return
-        if not 1 <= limit <= 1000:
-            _finish(request, 400, {"error": "limit must be from 1 to 1000"})
-            return
-        records = await keys.list(limit=limit, after=after)
-        items = [
-            {"id": r.id, "name": r.name, "level": r.level,
-             "created_at": r.created_at.isoformat() if r.created_at else None,
-             "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None}
-            for r in records
-        ]
-        page = {"keys": items, "next_after": items[-1]["id"] if len(items) == limit else None}
-        _finish(request, 200, page)
-
-    async def _revoke(self, request: Request, raw_id: bytes) -> None:
-        if not raw_id.isdigit():
-            _finish(request, 400, {"error": "the key id must be an integer"})
-            return
-        assert self.service.stores is not None
-        if await self.service.stores.keys.revoke(int(raw_id)):
-            _finish(request, 200, {"id": int(raw_id), "revoked": True})
-        else:
-            _finish(request, 404, {"error": "no live key with that id"})
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class _StoreApi(_ApiLeaf):
     """
-    An /api/v1 resource over PostgreSQL: C{handle(request, path)} is a
-    coroutine that answers with L{_finish}; 503 while the store is down.
+    An /api/v1 resource over PostgreSQL: C{handle(request, stores, path)}
+    is a coroutine that answers with L{_finish} or raises L{ApiError}.
+    501 when C{stores.postgres} is not configured at all (no retry helps),
+    503 while it is down.  Input PostgreSQL would refuse (NUL characters,
+    lone surrogates, integers out of its range, JSON nested past the
+    parser's limit) is the client's error, 400, checked before the query.
     """
 
     methods = b"GET"
-
-    def store(self) -> Any:
-        stores = self.service.stores
-        return None if stores is None or stores.postgres_state != "up" else stores
+    what = "the database (stores.postgres)"
 
     def render(self, request: Request) -> Any:
         refused = self.unauthorized(request)
         if refused is not None:
             return refused
-        stores = self.store()
-        if stores is None:
-            return _json(request, 503, {"error": "the database (stores.postgres) is not available"})
-        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        stores = self.service.stores
+        if stores is None or stores.config.postgres_dsn is None:
+            return _json(request, 501, {"error": f"{self.what} is not configured"})
+        if stores.postgres_state != "up":
+            return _json(request, 503, {"error": f"{self.what} is not available"})
+        try:
+            path = [_text(p.decode("utf-8", "replace"), "the path") for p in request.postpath if p]
+        except ApiError as e:
+            return _json(request, e.status, {"error": e.message})
+        # the client may leave while the database answers
         request.notifyFinish().addErrback(lambda _: setattr(request, "rproxy_gone", True))
         d = defer.Deferred.fromCoroutine(self.handle(request, stores, path))
 
         def failed(failure: Any) -> None:
+            if failure.check(ApiError):
+                _finish(request, failure.value.status, {"error": failure.value.message})
+                return
             self.service.log.failure("admin: database operation failed", failure)
-            _finish(request, 503, {"error": "the database is not available"})
+            _finish(request, 503, {"error": f"{self.what} is not available"})
 
         d.addErrback(failed)
         return NOT_DONE_YET
@@ -278,31 +211,136 @@ class _StoreApi(_ApiLeaf):
         _finish(request, 405, {"error": "method not allowed here"})
 
 
-def _page(request: Request, default: int = 100) -> tuple[int, str] | None:
-    try:
-        limit = int(request.args.get(b"limit", [str(default).encode()])[0])
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 1000:
-        _finish(request, 400, {"error": "limit must be an integer from 1 to 1000"})
-        return None
-    after = request.args.get(b"after", [b""])[0].decode("utf-8", "replace")
-    return limit, after
+# PostgreSQL's integer and bigint: a value outside them is refused by the
+# database, which makes it the client's error, not the store's
+_INT4 = 2**31 - 1
+_INT8 = 2**63 - 1
+_DIGITS = re.compile(r"-?[0-9]{1,19}")
 
 
-def _body(request: Request) -> Any:
-    raw = request.content.read(65537)
-    if len(raw) > 65536:
-        _finish(request, 413, {"error": "the body is larger than 64 KiB"})
-        return None
+def _text(value: str, what: str) -> str:
+    """
+    C{value} if PostgreSQL can hold it: text has no NUL character, and a
+    lone surrogate (JSON's C{"\\ud800"}) has no UTF-8 form.
+    """
+    if "\0" in value:
+        raise ApiError(400, f"{what}: NUL characters are not allowed")
     try:
-        body = json.loads(raw or b"null")
-    except ValueError:
-        body = None
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{what}: not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _arg(request: Request, name: str, default: str = "") -> str:
+    raw = request.args.get(name.encode("ascii"), [None])[0]
+    return default if raw is None else _text(raw.decode("utf-8", "replace"), name)
+
+
+def _integer(raw: str, what: str, low: int, high: int) -> int:
+    """
+    ASCII digits (int() would also take "+1", " 1" or "1_0") within
+    [low, high].
+    """
+    if _DIGITS.fullmatch(raw) is None or not low <= int(raw) <= high:
+        raise ApiError(400, f"{what} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def _page(request: Request, default: int = 100) -> tuple[int, str]:
+    return _integer(_arg(request, "limit", str(default)), "limit", 1, 1000), _arg(request, "after")
+
+
+class _NotJSON(ValueError):
+    pass
+
+
+def _no_constants(name: str) -> Any:
+    raise _NotJSON(f"{name} is not a JSON number")
+
+
+def _body(request: Request) -> dict[str, Any]:
+    """
+    The request's JSON object (L{AdminRequest} has bounded its size), every
+    string in it, names included, checked by L{_text}.
+    """
+    raw = request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"the body is larger than {MAX_BODY // 1024} KiB")
+    try:
+        body = json.loads(raw or b"null", parse_constant=_no_constants)
+    except RecursionError:
+        raise ApiError(400, "the body must be a JSON object (this one is nested too deeply)") from None
+    except _NotJSON as e:
+        raise ApiError(400, f"the body must be a JSON object ({e})") from None
+    except ValueError:  # not JSON, not UTF-8, an integer past Python's 4300 digits
+        raise ApiError(400, "the body must be a JSON object") from None
     if not isinstance(body, dict):
-        _finish(request, 400, {"error": "the body must be a JSON object"})
-        return None
+        raise ApiError(400, "the body must be a JSON object")
+    # iterative: the parser accepts nesting as deep as Python's recursion limit
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            _text(value, where)
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                _text(name, f"{where or 'the body'}: a field name")
+                stack.append((f"{where}.{name}" if where else name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
     return body
+
+
+class Keys(_StoreApi):
+    """
+    /api/v1/keys: POST {"name", "level"} -> {"id", "key"} (the plain key
+    shown once); GET ?limit=&after= lists; DELETE /api/v1/keys/{id} revokes.
+    """
+
+    methods = b"GET, POST, DELETE"
+    what = "the key store (stores.postgres)"
+
+    async def handle(self, request: Request, stores: Any, path: list[str]) -> None:
+        keys = stores.keys.postgres
+        if keys is None:
+            raise ApiError(503, f"{self.what} is not available")
+        method = request.method
+        if len(path) > 1:
+            _finish(request, 404, {"error": "not found"})
+        elif method == b"POST" and not path:
+            await self._create(request, keys)
+        elif method == b"GET" and not path:
+            limit, after = _page(request)
+            await self._list(request, keys, limit, _integer(after or "0", "after", 0, _INT8))
+        elif method == b"DELETE" and path:
+            key_id = _integer(path[0], "the key id", 1, _INT8)
+            if await stores.keys.revoke(key_id):
+                _finish(request, 200, {"id": key_id, "revoked": True})
+            else:
+                _finish(request, 404, {"error": "no live key with that id"})
+        else:
+            self.not_allowed(request)
+
+    async def _create(self, request: Request, keys: Any) -> None:
+        body = _body(request)
+        name, level = body.get("name"), body.get("level", -1)
+        if not isinstance(name, str) or not 1 <= len(name) <= 100:
+            raise ApiError(400, "name: a string of 1 to 100 characters is required")
+        if isinstance(level, bool) or not isinstance(level, int) or not -1 <= level <= _INT4:
+            raise ApiError(400, f"level: an integer from -1 to {_INT4} is required")
+        record, plain = await keys.create(name, level)
+        _finish(request, 201, {"id": record.id, "key": plain, "name": name, "level": level})
+
+    async def _list(self, request: Request, keys: Any, limit: int, after: int) -> None:
+        records = await keys.list(limit=limit, after=after)
+        items = [
+            {"id": r.id, "name": r.name, "level": r.level,
+             "created_at": r.created_at.isoformat() if r.created_at else None,
+             "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None}
+            for r in records
+        ]
+        _finish(request, 200, {"keys": items, "next_after": items[-1]["id"] if len(items) == limit else None})
 
 
 class Backends(_StoreApi):
@@ -323,22 +361,15 @@ class Backends(_StoreApi):
         if len(path) > 1:
             _finish(request, 404, {"error": "not found"})
         elif not path and method == b"GET":
-            page = _page(request)
-            if page is None:
-                return
-            pool = request.args.get(b"pool", [None])[0]
-            rows = await table.list(page[0], page[1], pool.decode("utf-8", "replace") if pool else None)
+            limit, after = _page(request)
+            rows = await table.list(limit, after, _arg(request, "pool") or None)
             _finish(request, 200, {"backends": rows,
-                                   "next_after": rows[-1]["server_id"] if len(rows) == page[0] else None})
+                                   "next_after": rows[-1]["server_id"] if len(rows) == limit else None})
         elif not path and method == b"POST":
-            body = _body(request)
-            if body is None:
-                return
             try:
-                fields = validate(body)
+                fields = validate(_body(request))
             except BackendError as e:
-                _finish(request, 400, {"error": str(e)})
-                return
+                raise ApiError(400, str(e)) from None
             row = await table.create(fields)
             if row is None:
                 _finish(request, 409, {"error": f"server_id {fields['server_id']!r} exists"})
@@ -348,14 +379,10 @@ class Backends(_StoreApi):
             row = await table.get(path[0])
             _finish(request, 200, row) if row else _finish(request, 404, {"error": "no such server_id"})
         elif path and method in (b"PATCH", b"PUT"):
-            body = _body(request)
-            if body is None:
-                return
             try:
-                fields = validate(body, partial=True)
+                fields = validate(_body(request), partial=True)
             except BackendError as e:
-                _finish(request, 400, {"error": str(e)})
-                return
+                raise ApiError(400, str(e)) from None
             row = await table.update(path[0], fields)
             _finish(request, 200, row) if row else _finish(request, 404, {"error": "no such server_id"})
         elif path and method == b"DELETE":
@@ -379,14 +406,13 @@ class StatsApi(_StoreApi):
             self.not_allowed(request) if not path else _finish(request, 404, {"error": "not found"})
             return
         try:
-            hours = float(request.args.get(b"hours", [b"24"])[0])
+            hours = float(_arg(request, "hours", "24"))
         except ValueError:
             hours = -1
-        if not 0 < hours <= 24 * 366:
-            _finish(request, 400, {"error": "hours must be a number from 0 to 8784"})
-            return
-        key = request.args.get(b"key", [b""])[0].decode("utf-8", "replace") or None
-        agent = request.args.get(b"agent", [b""])[0].decode("utf-8", "replace") or None
+        if not 0 < hours <= 24 * 366:  # NaN too
+            raise ApiError(400, "hours must be a number from 0 to 8784")
+        key = _arg(request, "key") or None
+        agent = _arg(request, "agent") or None
         rows = await stores.connection().runQuery(
             "SELECT key_name, agent_id, sum(requests), sum(bytes_in), sum(bytes_out),"
             " min(period_start), max(period_start) FROM stats"
@@ -409,10 +435,7 @@ class KnownAgents(_StoreApi):
     """
 
     async def handle(self, request: Request, stores: Any, path: list[str]) -> None:
-        page = _page(request)
-        if page is None:
-            return
-        limit, after = page
+        limit, after = _page(request)
         rows = await stores.connection().runQuery(
             "SELECT a.id, a.first_seen, a.last_seen, a.system_info, a.models,"
             " h.at, h.cpu, h.memory, h.disk, h.load, h.active_streams FROM agents a"
@@ -491,15 +514,5 @@ class _NotFound(Resource):
         return _json(request, 404, {"error": "not found"})
 
 
-class _AdminSite(Site):
-    def log(self, request: Request) -> None:
-        """
-        Probes are scraped every few seconds; keep them out of the log.
-        """
-
-
 def build_admin_site(service: RProxyService) -> Site:
-    site = _AdminSite(AdminRoot(service))
-    site.noisy = False
-    site.displayTracebacks = False
-    return site
+    return AdminSite(AdminRoot(service), lambda: service.config.admin.api_key, service.reactor)

@@ -178,8 +178,9 @@ class ResponseHeadTests(SynchronousTestCase):
     def test_error_response_is_json(self) -> None:
         """Control characters and lone surrogates in the message still make valid JSON."""
         message = 'bad\x00 \x1f "q" \\ \udc80 \u00e9'
-        body = error_response(502, message).partition(b"\r\n\r\n")[2]
+        head, _, body = error_response(502, message).partition(b"\r\n\r\n")
         self.assertEqual(json.loads(body), {"error": message})
+        self.assertIn(b"Content-Length: %d\r\n" % len(body), head)
 
 
 class ScannedResponseHeadTests(SynchronousTestCase):

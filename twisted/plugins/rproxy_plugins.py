@@ -3,21 +3,11 @@ twistd plugins for rproxy; kept tiny because twistd imports every plugin
 just to list them.
 """
 
-from twisted.application.service import ServiceMaker
+from rproxy.scripts import MAKERS
 
-rproxy = ServiceMaker(
-    "rproxy",
-    "rproxy.tap",
-    "rproxy: TCP/HTTP load balancer, reverse tunnel and token-pool proxy",
-    "rproxy",
-)
-
-rproxy_agent = ServiceMaker(
-    "rproxy-agent",
-    "rproxy.tunnel.agenttap",
-    "rproxy tunnel agent: exposes local services through an rproxy tunnel",
-    "rproxy-agent",
-)
+# the same service makers as the rproxy and rproxy-agent commands
+rproxy = MAKERS["rproxy"]
+rproxy_agent = MAKERS["rproxy-agent"]
 
 from twisted.application.reactors import Reactor  # noqa: E402
 
