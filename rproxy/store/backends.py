@@ -27,7 +27,7 @@ __all__ = ["PostgresBackends", "LiveBackends", "BackendError", "CHANNEL"]
 log = Logger()
 CHANNEL = "rproxy_backends"
 _COLUMNS = "server_id, pool, provider, name, address, weight, enabled, updated_at"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 
 class BackendError(ValueError):
@@ -64,7 +64,7 @@ def validate(fields: dict[str, Any], partial: bool = False) -> dict[str, Any]:
     for key in ("server_id", "pool"):
         if key in fields:
             value = fields[key]
-            if not isinstance(value, str) or not _ID.match(value):
+            if not isinstance(value, str) or not _ID.fullmatch(value):
                 raise BackendError(f"{key}: expected 1-128 letters, digits or ._:@-")
             out[key] = value
     for key in ("provider", "name"):
