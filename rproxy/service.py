@@ -457,6 +457,17 @@ class RProxyService(MultiService):
         """
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), load_config, path)
 
+    def reopen_logs(self) -> None:
+        """
+        Go on in new access log files at the same paths (SIGUSR1, after
+        logrotate renamed them), for frontends still draining too.
+        """
+        for frontend in self.all_frontends():
+            reopen = getattr(frontend, "reopen_access_log", None)
+            if reopen is not None:
+                reopen()
+        self.log.info("access logs reopened")
+
     def reload_from_file(self) -> defer.Deferred[None]:
         """
         Re-read the configuration file (SIGHUP) off the reactor; an invalid

@@ -129,7 +129,8 @@ def freeze_startup_heap() -> None:
 
 def _install_signals(reactor: Any, service: RProxyService) -> None:
     """
-    SIGHUP re-reads the configuration file.  SIGTERM stops the reactor,
+    SIGHUP re-reads the configuration file; SIGUSR1 reopens the access
+    log files (for logrotate).  SIGTERM stops the reactor,
     which stops the service (draining connections for up to grace_period)
     and exits 0: a requested, completed shutdown is a success, unlike
     twistd's default of re-raising the signal once stopped.
@@ -147,8 +148,12 @@ def _install_signals(reactor: Any, service: RProxyService) -> None:
     def terminate(signum: int, frame: object) -> None:
         reactor.callFromThread(stop)
 
+    def reopen(signum: int, frame: object) -> None:
+        reactor.callFromThread(service.reopen_logs)
+
     def install() -> None:
         signal.signal(signal.SIGHUP, reload)
+        signal.signal(signal.SIGUSR1, reopen)
         signal.signal(signal.SIGTERM, terminate)
 
     reactor.callWhenRunning(install)

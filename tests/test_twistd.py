@@ -4,6 +4,7 @@ rproxy as a user runs it: a C{twistd -n rproxy} child process.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import yaml
 from twisted.internet import error, protocol
 from twisted.trial.unittest import TestCase
 
-from tests.support import ServiceMixin, async_test, connect, reactor, wait_for
+from tests.support import Client, ServiceMixin, async_test, connect, reactor, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,6 +214,46 @@ class TwistdTests(ServiceMixin, TestCase):
         await other.read_until(b"a\n")
         client.transport.write(b"old connection untouched\n")
         await client.read_until(b"untouched\n")
+
+    @async_test
+    async def test_sigusr1_reopens_access_log(self) -> None:
+        """
+        After logrotate renames the access log, SIGUSR1 makes rproxy write
+        the next lines to a new file at the same path; the renamed file
+        keeps the lines before.
+        """
+        from twisted.web import resource, server, static
+
+        root = resource.Resource()
+        root.putChild(b"", static.Data(b"hello", "text/plain"))
+        site = server.Site(root)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        data = self.config(port.getHost().port)
+        data["backends"][0]["health_check"] = {"type": "none"}
+        data["frontends"][0]["protocol"] = "http"
+        path = os.path.abspath(self.mktemp()) + ".log"
+        data["frontends"][0]["http"] = {"access_log": {"format": "json", "path": path}}
+        child, front = await self.start(data)
+
+        async def get(target: str) -> None:
+            client = await connect(front, Client())
+            client.transport.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            await client.closed
+            self.assertTrue(client.data.startswith(b"HTTP/1.1 200 "), client.data[:40])
+
+        def lines(name: str) -> list[str]:
+            with open(name) as f:
+                return [json.loads(line)["target"] for line in f]
+
+        await get("/?one")
+        await wait_for(lambda: os.path.exists(path) and lines(path) == ["/?one"], 10)
+        os.rename(path, path + ".1")
+        os.kill(self.process.pid, signal.SIGUSR1)
+        await child.line("access logs reopened")
+        await get("/?two")
+        await wait_for(lambda: os.path.exists(path) and lines(path) == ["/?two"], 10)
+        self.assertEqual(lines(path + ".1"), ["/?one"])
 
 
 class FreezeTests(TestCase):
