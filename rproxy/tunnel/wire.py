@@ -42,6 +42,8 @@ late frames close the connection.
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from typing import Any
 
@@ -69,6 +71,13 @@ MAX_POOL = 64
 _HEADER = struct.Struct(">I")
 _MAX_TEXT = 256
 _MAX_ITEMS = 256
+# No message nests deeper than a few levels (system_info, devices); past
+# MAX_DEPTH a frame is refused before the JSON parser recurses into it.
+MAX_DEPTH = 32
+# Integers of more digits than this are no count or size of ours.
+_MAX_INT_DIGITS = 20
+# a string (to its end, or to the end of the data: never scanned twice) or a bracket
+_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*+"?|[\[\]{}]', re.S)
 
 
 class ProtocolError(Exception):
@@ -301,14 +310,58 @@ def encode(message: Message) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
+def _check_depth(data: bytes) -> None:
+    """
+    Refuse JSON nested deeper than L{MAX_DEPTH} without parsing it: Python's
+    parser recurses once per level and would raise RecursionError (with a
+    traceback per frame) on a few thousand brackets.  Counting brackets is
+    enough for almost every frame; only one with many of them is scanned
+    (brackets inside strings do not count).
+    """
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return
+    depth = 0
+    for token in _NESTING.findall(data):
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels")
+        elif token in (b"]", b"}"):
+            depth -= 1
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ProtocolError(f"frame holds {name}, which is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ProtocolError(f"integer of {len(text)} digits is out of range")
+    return int(text)
+
+
 def decode_body(data: bytes) -> Message:
     """
     Parse one frame's body.
 
+    Only plain JSON is accepted: NaN and Infinity (which Python's parser
+    takes by default), numbers that overflow a float, integers of more than
+    20 digits and nesting past L{MAX_DEPTH} are protocol errors like any
+    other malformed frame, so no field check downstream meets them.
+
     @raise ProtocolError: not a JSON object of a known type with valid fields.
     """
+    _check_depth(data)
     try:
-        body = json.loads(data.decode("utf-8"))
+        body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int)
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("frame is not UTF-8 JSON") from None
     if not isinstance(body, dict):
