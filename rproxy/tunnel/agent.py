@@ -457,7 +457,8 @@ class AgentService(MultiService):
         self._models_timer = None
         d = defer.Deferred.fromCoroutine(self._fetch_models())
         d.addTimeout(self.config.connect_timeout, self.clock)
-        d.addCallbacks(self._got_models, self._models_failed)
+        d.addCallback(self._got_models)
+        d.addErrback(self._models_failed)
         d.addBoth(self._next_poll)
 
     async def _fetch_models(self) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -639,7 +640,7 @@ class TunnelServer:
         self.bytes_in = 0
         self.bytes_out = 0
         self.open_latencies: list[float] = []
-        self._sweep: IDelayedCall | None = None
+        self._sweep: LoopingCall | None = None
         self.observe_open = lambda seconds: None
         self.events: Any = None  # rproxy.events.EventSink, with stores
 
@@ -671,20 +672,31 @@ class TunnelServer:
             host = port.getHost()
             self.log.info("tunnel {tunnel} {role} listening on {address}", tunnel=self.name, role=role,
                           address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', host)}")
-        self._schedule_sweep()
+        self.start_sweep()
 
-    def _schedule_sweep(self) -> None:
-        self._sweep = self.clock.callLater(max(self.config.heartbeat_timeout / 4, 0.05), self.sweep)
+    def start_sweep(self) -> None:
+        """
+        Run L{sweep} every quarter of C{heartbeat_timeout}.
+        """
+        self._sweep = LoopingCall(self.sweep)
+        self._sweep.clock = self.clock
+        interval = max(self.config.heartbeat_timeout / 4, 0.05)
+        self._sweep.start(interval, now=False).addErrback(
+            lambda f: self.log.failure("tunnel {tunnel}: the heartbeat sweep stopped", f, tunnel=self.name))
 
     def sweep(self) -> None:
         """
-        Drop agents silent for C{heartbeat_timeout}.
+        Drop agents silent for C{heartbeat_timeout}.  A failure is logged
+        and the next sweep runs as usual (a LoopingCall whose function
+        raises stops for good).
         """
-        now = self.clock.seconds()
-        for session in list(self.registry.agents.values()):
-            if now - session.last_seen >= self.config.heartbeat_timeout:
-                self.drop_session(session, f"no heartbeat for {self.config.heartbeat_timeout}s")
-        self._schedule_sweep()
+        try:
+            now = self.clock.seconds()
+            for session in list(self.registry.agents.values()):
+                if now - session.last_seen >= self.config.heartbeat_timeout:
+                    self.drop_session(session, f"no heartbeat for {self.config.heartbeat_timeout}s")
+        except Exception:  # noqa: BLE001 - logged; the sweep goes on
+            self.log.failure("tunnel {tunnel}: heartbeat sweep failed", tunnel=self.name)
 
     def describe_agent(self, session: AgentSession) -> None:
         """
@@ -749,8 +761,8 @@ class TunnelServer:
         return self.ports[role].getHost().port  # type: ignore[no-any-return]
 
     async def stop(self) -> None:
-        if self._sweep is not None and self._sweep.active():
-            self._sweep.cancel()
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
         self._sweep = None
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports.values()],
                                   consumeErrors=True)
