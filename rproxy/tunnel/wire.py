@@ -18,7 +18,8 @@ Control connection (agent -> server, port 17000)
   agent  -> heartbeat       {cpu, memory, disk, load, active_streams}
   agent  -> models_update   {models}
   server -> request_new_proxy_conn {conn_id, secret, service, pool}
-  either -> error           {message}
+  either -> error           {message, conn_id?}  (conn_id: the stream the
+                            agent cannot open; the server fails it at once)
 
 The first frame must be C{login}, with C{version} equal to L{VERSION}; an
 agent that logs in again with the id of a live session replaces it at once.
@@ -281,15 +282,25 @@ class ModelsUpdate:
 
 @attrs.frozen
 class Error:
+    """
+    A problem to report.  From an agent, C{conn_id} names the stream it
+    cannot open (its local service refused, or is unknown), so that the
+    server fails that stream at once instead of waiting for
+    C{open_timeout}.
+    """
+
     message: str
+    conn_id: str | None = None
     type = "error"
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> Error:
-        return cls(message=_text(d, "message", limit=1024) or "")
+        return cls(message=_text(d, "message", limit=1024) or "", conn_id=_text(d, "conn_id", required=False))
 
     def body(self) -> dict[str, Any]:
-        return {"message": self.message}
+        if self.conn_id is None:
+            return {"message": self.message}
+        return {"message": self.message, "conn_id": self.conn_id}
 
 
 Message = (
