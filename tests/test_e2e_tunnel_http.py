@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -49,6 +51,33 @@ class LocalService(Resource):
             "connection": (request.getHeader(b"connection") or b"").decode(),
             "body": len(body),
         }).encode()
+
+
+class Recorder(Protocol):
+    """
+    A local service that keeps every byte it gets and answers each head
+    with a small response, keeping the connection open (a keep-alive
+    server that ignores Connection: close).
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        self.factory.received += data
+        if b"\r\n\r\n" in data:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
+
+
+class RecorderFactory(Factory):
+    protocol = Recorder
+    noisy = False
+
+    def __init__(self) -> None:
+        self.connections: list[Recorder] = []
+        self.received = b""
 
 
 class TunnelHTTPTests(ServiceMixin, TestCase):
@@ -144,7 +173,8 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         self.assertEqual(seen, {"a", "b"})
         status, answer = await self.chat("gpt-9")
         self.assertEqual(status, 404)
-        self.assertEqual(answer, {"error": "model 'gpt-9' is not served by any agent"})
+        self.assertEqual(answer, {"error": {"message": "model 'gpt-9' is not served by any agent",
+                                            "type": "invalid_request_error", "code": "model_not_found"}})
 
     @async_test
     async def test_lenient_models_and_no_agent(self) -> None:
@@ -156,7 +186,8 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         await self.start_tunnel(strict_models=False)
         status, headers, body = await self.request(b"GET / HTTP/1.1\r\nHost: gpu\r\n\r\n")
         self.assertEqual((status, headers["retry-after"]), (503, "1"))
-        self.assertEqual(json.loads(body), {"error": "no agent is connected"})
+        self.assertEqual(json.loads(body), {"error": {"message": "no agent is connected", "type": "server_error",
+                                                      "code": "service_unavailable"}})
         await self.start_agent("a", ["llama3"])
         status, answer = await self.chat("gpt-9")
         self.assertEqual((status, answer["agent"]), (200, "a"))
@@ -266,6 +297,134 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         status, answer = await self.chat("qwen2")
         self.assertEqual((status, answer["agent"]), (200, "a"))
         self.assertEqual(agent.models, ("llama3", "qwen2"))
+
+
+class OneRequestTests(ServiceMixin, TestCase):
+    """
+    mode http forwards exactly one request per connection, rebuilt from
+    what the strict reader parsed, and reads bodies up to
+    model_body_limit for their model.
+    """
+
+    timeout = 60
+    start_tunnel = TunnelHTTPTests.start_tunnel
+    start_agent = TunnelHTTPTests.start_agent
+    request = TunnelHTTPTests.request
+
+    async def recorder_agent(self, models: list[str]) -> RecorderFactory:
+        factory = RecorderFactory()
+        port = await listen(factory)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(lambda: [c.transport.abortConnection() for c in factory.connections])
+        data: dict[str, Any] = {
+            "server": {"control": f"127.0.0.1:{self.tunnel.port_of('control')}",
+                       "proxy": f"127.0.0.1:{self.tunnel.port_of('proxy')}"},
+            "api_key": "good-key", "agent_id": "rec", "models": models,
+            "services": [{"name": "web", "local": f"127.0.0.1:{port.getHost().port}"}],
+            "heartbeat_interval": "100ms",
+        }
+        agent = AgentService(parse_agent_config(data), reactor)
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        await wait_for(lambda: "rec" in self.tunnel.registry.agents)
+        return factory
+
+    @async_test
+    async def test_smuggled_request_never_reaches_the_service(self) -> None:
+        """
+        A second request behind the first, with both Content-Length and
+        Transfer-Encoding, never reaches the service; the client's answer
+        says Connection: close and the connection ends after it.
+        """
+        await self.start_tunnel()
+        service = await self.recorder_agent(["llama3"])
+        smuggled = (b"POST /smuggled HTTP/1.1\r\nHost: gpu\r\nContent-Length: 4\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        client = await connect(self.tunnel.port_of("public"))
+        self.client_cleanup(client)
+        client.transport.write(b"POST /first HTTP/1.1\r\nHost: gpu\r\nX-Model: llama3\r\nContent-Length: 5\r\n"
+                               b"Connection: keep-alive\r\n\r\nhello" + smuggled)
+        await client.closed
+        head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+        self.assertEqual((head.split(b"\r\n")[0], body), (b"HTTP/1.1 200 OK", b"ok"))
+        self.assertIn(b"\r\nConnection: close", head)
+        self.assertNotIn(b"keep-alive", head)
+        self.assertEqual(service.received, b"POST /first HTTP/1.1\r\nHost: gpu\r\nX-Model: llama3\r\n"
+                                           b"Content-Length: 5\r\nConnection: close\r\n\r\nhello")
+
+    @async_test
+    async def test_chunked_body_is_rechunked_and_ends(self) -> None:
+        """
+        A chunked request reaches the service as the chunks the reader
+        parsed and its last chunk; what follows it does not.
+        """
+        await self.start_tunnel()
+        service = await self.recorder_agent(["llama3"])
+        body = b'{"model": "llama3"}'
+        client = await connect(self.tunnel.port_of("public"))
+        self.client_cleanup(client)
+        client.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               + b"%x;ext=1\r\n%s\r\n0\r\nTrailer: x\r\n\r\nGET /next HTTP/1.1\r\n\r\n" % (len(body), body))
+        await client.closed
+        self.assertEqual(service.received.partition(b"\r\n\r\n")[2], b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        self.assertNotIn(b"/next", service.received)
+
+    @async_test
+    async def test_model_after_long_messages(self) -> None:
+        """
+        A body of 40 KiB whose model comes after the messages (as the
+        OpenAI SDK writes it) is routed by that model, whatever its
+        Content-Type; past model_body_limit the answer is 413.
+        """
+        await self.start_tunnel(model_body_limit="48k")
+        await self.start_agent("a", ["llama3"])
+        await self.start_agent("b", ["qwen2"])
+        for content_type in (b"application/json", b"text/plain", None):
+            for model, agent in (("qwen2", "b"), ("llama3", "a")):
+                body = json.dumps({"messages": [{"role": "user", "content": "x" * 40000}], "model": model}).encode()
+                type_field = b"Content-Type: " + content_type + b"\r\n" if content_type else b""
+                status, _, answer = await self.request(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\n" + type_field
+                    + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                self.assertEqual((status, json.loads(answer)["agent"], json.loads(answer)["body"]),
+                                 (200, agent, len(body)))
+        body = json.dumps({"messages": [{"role": "user", "content": "x" * 50000}], "model": "qwen2"}).encode()
+        status, _, answer = await self.request(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self.assertEqual(status, 413)
+        self.assertEqual(json.loads(answer)["error"]["code"], "request_too_large")
+        self.assertEqual(self.tunnel.streams_opened, 6)
+
+    @async_test
+    async def test_unknown_model_in_long_body_is_refused(self) -> None:
+        """With strict models, an unknown model after 40 KiB of messages gets 404."""
+        await self.start_tunnel(model_body_limit="48k")
+        await self.start_agent("a", ["llama3"])
+        body = json.dumps({"messages": [{"role": "user", "content": "x" * 40000}], "model": "gpt-9"}).encode()
+        status, _, answer = await self.request(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(answer)["error"]["message"], "model 'gpt-9' is not served by any agent")
+
+    @async_test
+    async def test_refused_local_service_gets_502_at_once(self) -> None:
+        """
+        When the agent's local service refuses, the client gets 502 with
+        the agent's reason well before open_timeout.
+        """
+        await self.start_tunnel(open_timeout="20s")
+        agent, _ = await self.start_agent("a", ["llama3"])
+        closed = await listen(Factory.forProtocol(Protocol))
+        dead_port = closed.getHost().port
+        await closed.stopListening()
+        agent.config = attrs.evolve(agent.config, services=(attrs.evolve(agent.config.services[0], port=dead_port),))
+        started = reactor.seconds()
+        status, _, answer = await self.request(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        self.assertEqual(status, 502)
+        self.assertEqual(json.loads(answer)["error"]["message"], "agent a: local service web unreachable")
+        self.assertLess(reactor.seconds() - started, 5.0)
 
 
 class ModelListTests(TestCase):

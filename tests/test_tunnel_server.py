@@ -6,14 +6,17 @@ applied in place.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.tunnel.config import TunnelConfig
 from rproxy.tunnel.registry import AgentSession, StaticKeys
-from rproxy.tunnel.server import TunnelServer
+from rproxy.tunnel.server import ControlProtocol, PublicProtocol, TunnelServer
+from rproxy.tunnel.wire import Error, FrameDecoder, RequestNewProxyConn, encode
 
 
 class RecordingControl:
@@ -35,8 +38,9 @@ class RecordingControl:
 
 def session(agent_id: str, clock: Clock, **kwargs: Any) -> AgentSession:
     now = clock.seconds()
+    kwargs.setdefault("control", RecordingControl())
     return AgentSession(agent_id=agent_id, peer="?", key_name="k", level=-1, connected_at=now, last_seen=now,
-                        control=RecordingControl(), **kwargs)
+                        **kwargs)
 
 
 def server(clock: Clock, **config: Any) -> TunnelServer:
@@ -80,3 +84,65 @@ class SweepTests(SynchronousTestCase):
             clock.advance(1.0)
             live.last_seen = clock.seconds()
         self.assertIn("live", tunnel.registry.agents)
+
+
+class StreamRefusedTests(SynchronousTestCase):
+    """
+    An agent whose local service refuses reports the stream's conn id; the
+    server fails that stream at once instead of after open_timeout.
+    """
+
+    def open(self, mode: str) -> tuple[TunnelServer, Clock, Any, StringTransport, Any]:
+        clock = Clock()
+        extra = {"header_timeout": 10.0} if mode == "http" else {}
+        tunnel = server(clock, mode=mode, open_timeout=5.0, **extra)
+        control = ControlProtocol(tunnel)
+        control.makeConnection(StringTransport())
+        agent = session("a", clock)
+        agent.control = control
+        control.session = agent
+        tunnel.registry.add(agent)
+        public = PublicProtocol(tunnel)
+        transport = StringTransport()
+        public.makeConnection(transport)
+        return tunnel, clock, control, transport, public
+
+    def requested(self, control: Any) -> RequestNewProxyConn:
+        [request] = [m for m in FrameDecoder().feed(control.transport.value()) if isinstance(m, RequestNewProxyConn)]
+        return request
+
+    def test_http_gets_502_at_once(self) -> None:
+        """mode http: the client gets 502 with the agent's reason, no waiting."""
+        tunnel, clock, control, transport, public = self.open("http")
+        public.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        request = self.requested(control)
+        control.dataReceived(encode(Error("local service web unreachable", conn_id=request.conn_id)))
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 502 "), head)
+        self.assertEqual(json.loads(body)["error"]["message"], "agent a: local service web unreachable")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual((tunnel.registry.pending, tunnel.registry.agents["a"].failed_total), ({}, 1))
+        self.assertEqual([c for c in clock.getDelayedCalls() if c.func == public.open_timed_out], [])
+
+    def test_tcp_closes_at_once(self) -> None:
+        """mode tcp: the public connection is closed at once."""
+        tunnel, clock, control, transport, public = self.open("tcp")
+        request = self.requested(control)
+        control.dataReceived(encode(Error("local service web unreachable", conn_id=request.conn_id)))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(tunnel.registry.pending, {})
+
+    def test_other_agents_conn_id_is_ignored(self) -> None:
+        """An error naming a stream of another agent changes nothing."""
+        tunnel, clock, control, transport, public = self.open("tcp")
+        request = self.requested(control)
+        other = ControlProtocol(tunnel)
+        other.makeConnection(StringTransport())
+        other.session = session("b", clock, control=other)
+        tunnel.registry.add(other.session)
+        other.dataReceived(encode(Error("no", conn_id=request.conn_id)))
+        self.assertFalse(transport.disconnecting)
+        self.assertIn(request.conn_id, tunnel.registry.pending)
+        clock.advance(5.0)  # then the open times out as before: the next agent is asked
+        self.assertEqual(len([m for m in FrameDecoder().feed(other.transport.value())
+                              if isinstance(m, RequestNewProxyConn)]), 1)

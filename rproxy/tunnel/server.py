@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import inspect
-import json
 import random
 from collections.abc import Callable
 from typing import Any
@@ -34,11 +33,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rproxy.events import HEARTBEATS, REQUESTS
-from rproxy.http.headers import error_response
-from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader
-from rproxy.splice import EarlyDataEnd, SpliceEnd
+from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader, Upgrade
+from rproxy.splice import EARLY_DATA_LIMIT, EarlyDataEnd, SpliceEnd
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.config import TunnelConfig
+from rproxy.tunnel.httpmode import (
+    LAST_CHUNK,
+    OneRequestReader,
+    ResponseHeads,
+    chunk,
+    looks_like_json,
+    model_of,
+    openai_error,
+    request_head,
+)
 from rproxy.tunnel.registry import AgentSession, Pending, Registry, StaticKeys, TooManyPending
 from rproxy.tunnel.wire import (
     MAX_FRAME,
@@ -70,18 +78,6 @@ def _peer(transport: Any) -> str:
 
 def _shared(agent: AgentSession) -> bool:
     return not agent.dedicated
-
-
-def _model_of(body: bytes) -> str | None:
-    """
-    The C{model} field of a JSON request body, if it has one.
-    """
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    model = document.get("model") if isinstance(document, dict) else None
-    return model if isinstance(model, str) and model else None
 
 
 class ControlProtocol(Protocol):
@@ -153,6 +149,8 @@ class ControlProtocol(Protocol):
                 "tunnel {tunnel}: agent {agent} reports: {message}",
                 tunnel=self.server.name, agent=session.agent_id, message=message.message,
             )
+            if message.conn_id is not None:
+                self.server.stream_refused(session, message.conn_id, message.message)
         else:
             raise ProtocolError(f"unexpected {message.type} on a control connection")
 
@@ -221,21 +219,23 @@ class PublicProtocol(EarlyDataEnd):
     """
     A user's connection on the public port.
 
-    In C{mode: http} the request head is read first (strictly, as the HTTP
+    In C{mode: http} the request is read first (strictly, as the HTTP
     frontend does): the model comes from an C{X-Model} header or the
-    C{model} field of a JSON body (read up to C{model_body_limit}); a
-    bearer key of level >= 0 (dedicated) limits the choice to the agents
-    logged in with that key, any other request goes to agents with shared
-    keys.  The request goes to the agent unchanged but for
-    C{Connection: close}, so that each request on the client's side is
-    routed on its own (HAProxy's httpclose); upgrades keep their
-    Connection field.
+    C{model} field of a JSON body (read up to C{model_body_limit}, 413
+    past it); a bearer key of level >= 0 (dedicated) limits the choice to
+    the agents logged in with that key, any other request goes to agents
+    with shared keys.  One request per connection: the agent's service
+    gets that request rebuilt from what the reader parsed (never the bytes
+    after it) with C{Connection: close}, the client gets the response with
+    C{Connection: close} (see L{rproxy.tunnel.httpmode}); an upgrade keeps
+    its Connection field and its bytes pass once the service answered 101.
     """
 
     pending: Pending | None = None
     agent: AgentSession | None = None
     proxy: ProxyProtocol | None = None
     # mode: http
+    http = False
     reader: RequestReader | None = None
     head: RequestHead | None = None
     model: str | None = None
@@ -245,6 +245,11 @@ class PublicProtocol(EarlyDataEnd):
     _body: list[bytes] | None = None
     _body_size = 0
     _routing = False
+    # the request is complete: later bytes are dropped
+    _done = False
+    # an upgrade's bytes, held until the service answers 101
+    _held: list[bytes] | None = None
+    _raw = False
     recorded = False
 
     def __init__(self, server: TunnelServer) -> None:
@@ -256,7 +261,8 @@ class PublicProtocol(EarlyDataEnd):
         self.started = self.server.clock.seconds()
         config = self.server.config
         if config.mode == "http":
-            self.reader = RequestReader(8192, 64 * 1024, 100, None)
+            self.http = True
+            self.reader = OneRequestReader(8192, 64 * 1024, 100, None)
             self.eligible = _shared
             self._head_timer = self.server.clock.callLater(config.header_timeout, self._head_timed_out)
             return
@@ -264,42 +270,121 @@ class PublicProtocol(EarlyDataEnd):
 
     # -- mode: http --------------------------------------------------------
 
-    def unspliced_data(self, data: bytes) -> None:
-        EarlyDataEnd.unspliced_data(self, data)
-        reader = self.reader
-        if reader is None or self._routing:
+    def dataReceived(self, data: bytes) -> None:
+        if not self.http or self._raw:
+            SpliceEnd.dataReceived(self, data)
             return
+        self.received += len(data)
+        self.http_data(data)
+
+    def unspliced_data(self, data: bytes) -> None:
+        if self.http:
+            self.http_data(data)
+        else:
+            EarlyDataEnd.unspliced_data(self, data)
+
+    def forward(self, data: bytes) -> None:
+        """
+        Bytes of the request for the agent's service: written if the
+        stream is open, else kept for it (reading pauses past
+        L{EARLY_DATA_LIMIT} once the agent is chosen; before that, the
+        body read for its model is bounded by C{model_body_limit}).
+        """
+        if not data:
+            return
+        peer = self.peer
+        if peer is not None:
+            peer.transport.write(data)  # type: ignore[union-attr]
+            return
+        if self._early is None:
+            self._early = []
+        self._early.append(data)
+        self._early_size += len(data)
+        if self._routing and self._early_size >= EARLY_DATA_LIMIT and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def http_data(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+            if sum(map(len, self._held)) >= EARLY_DATA_LIMIT:
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+            return
+        reader = self.reader
+        if self._done or reader is None:
+            return  # past the one request of this connection
         try:
             events = reader.feed(data)
         except HTTPError as e:
-            self.http_error(e.status, e.reason)
+            if self.peer is None and not self._routing:
+                self.http_error(e.status, e.reason)
+            else:
+                self.server.log.info("tunnel {tunnel}: malformed request body from public {peer}: {why}",
+                                     tunnel=self.server.name, peer=_peer(self.transport), why=str(e))
+                self.abort()
             return
+        head = self.head
         for event in events:
-            if isinstance(event, RequestHead):
-                self.head = event
+            if isinstance(event, Upgrade):
+                self._held = [event.rest] if event.rest else []
+                self._done = True
+            elif self._done:
+                continue
+            elif isinstance(event, RequestHead):
+                head = self.head = event
                 if self._head_timer is not None and self._head_timer.active():
                     self._head_timer.cancel()
                 self._head_timer = None
                 model = event.header(b"x-model")
-                content_type = (event.header(b"content-type") or b"").lower()
-                if model is not None or not event.has_body or b"json" not in content_type:
+                if model is None and looks_like_json(event):
+                    self._body = []
+                    expect = (event.header(b"expect") or b"").lower() == b"100-continue"
+                    if expect:
+                        # the client waits for this before sending the body
+                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+                    self.forward(request_head(event, drop_expect=expect))
+                else:
+                    self.forward(request_head(event))
                     self.route(model)
-                    return
-                self._body = []
-            elif isinstance(event, Body) and self._body is not None:
-                self._body.append(event.data)
-                self._body_size += len(event.data)
-                if self._body_size > self.server.config.model_body_limit:
-                    self.route(None)  # too large to look into
-                    return
-            elif isinstance(event, EndOfMessage) and self._body is not None:
-                self.route(_model_of(b"".join(self._body)))
-                return
-        if self.head is not None and self._paused:
-            self.route(None)  # the early-data bound came first
+                    if self.lost or self.transport.disconnecting:  # type: ignore[union-attr]
+                        return
+            elif isinstance(event, Body):
+                assert head is not None
+                self.forward(chunk(event.data) if head.chunked else event.data)
+                if self._body is not None:
+                    self._body.append(event.data)
+                    self._body_size += len(event.data)
+                    limit = self.server.config.model_body_limit
+                    if self._body_size > limit:
+                        self.http_error(413, f"request body over {limit} bytes: too large to read its model")
+                        return
+            elif isinstance(event, EndOfMessage):
+                assert head is not None
+                if head.chunked:
+                    self.forward(LAST_CHUNK)
+                self._done = True
+                if self._body is not None:
+                    self.route(model_of(b"".join(self._body)))
+        if self._done and self._held is None and self.reader is not None:
+            self.reader.close()  # (see RequestReader.close)
+            self.reader = None
+
+    def upgraded(self) -> None:
+        """
+        The service answered 101: the bytes after the upgrade request are
+        its protocol's; pass them and all that follows.
+        """
+        held, self._held = self._held, None
+        self._raw = True
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if held and self.peer is not None:
+            self.peer.transport.write(b"".join(held))  # type: ignore[union-attr]
+        self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def unspliced_eof(self) -> None:
-        if self.reader is not None and not self._routing:
+        if self.http and not self._routing:
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         EarlyDataEnd.unspliced_eof(self)
@@ -311,11 +396,12 @@ class PublicProtocol(EarlyDataEnd):
 
     def http_error(self, status: int, message: str, retry_after: bool = False) -> None:
         self._routing = True
+        self._done = True
         self._early = None
         extra = [(b"Retry-After", b"1")] if retry_after else []
         self.server.log.info("tunnel {tunnel}: {status} for public {peer}: {message}",
                              tunnel=self.server.name, status=status, peer=_peer(self.transport), message=message)
-        self.transport.write(error_response(status, message, extra=extra))  # type: ignore[union-attr]
+        self.transport.write(openai_error(status, message, extra=extra))  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def route(self, model: bytes | str | None) -> None:
@@ -366,27 +452,6 @@ class PublicProtocol(EarlyDataEnd):
             self.model = None  # the seed's fallback: any agent
         self.request_stream()
 
-    def rewrite_head(self) -> None:
-        """
-        Ask the agent's service to close after this request (see the class
-        docstring), keeping the rest of the bytes as they came.
-        """
-        early = self._early
-        head = self.head
-        if not early or head is None or head.upgrade:
-            return
-        data = b"".join(early)
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        lines = data[:end].split(b"\r\n")
-        kept = [lines[0]] + [
-            line for line in lines[1:]
-            if line.split(b":", 1)[0].strip().lower() not in (b"connection", b"keep-alive", b"proxy-connection")
-        ]
-        kept.append(b"Connection: close")
-        self._early = [b"\r\n".join(kept) + data[end:]]
-
     # -- choosing and opening ----------------------------------------------
 
     def request_stream(self) -> None:
@@ -395,7 +460,7 @@ class PublicProtocol(EarlyDataEnd):
         if agent is None:
             server.streams_failed += 1
             why = "no agent is connected" if not self.tried else "no agent answered"
-            if self.reader is not None:
+            if self.http:
                 if self.model is not None and not self.tried:
                     why = f"no agent serving {self.model!r} is connected"
                 self.http_error(503, why, retry_after=True)
@@ -430,6 +495,19 @@ class PublicProtocol(EarlyDataEnd):
         pending.timer = server.clock.callLater(server.config.open_timeout, self.open_timed_out, pending)
         agent.control.send(RequestNewProxyConn(pending.conn_id, pending.secret, server.config.service))
 
+    def stream_refused(self, agent: AgentSession, why: str) -> None:
+        """
+        The agent could not open this stream: 502 in C{mode: http}, else
+        the connection is closed.
+        """
+        self.pending = None
+        if self.http:
+            self.http_error(502, f"agent {agent.agent_id}: {why}")
+            return
+        self.server.log.info("tunnel {tunnel}: closing public {peer}: agent {agent}: {why}",
+                             tunnel=self.server.name, peer=_peer(self.transport), agent=agent.agent_id, why=why)
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
     def open_timed_out(self, pending: Pending) -> None:
         pending.timer = None
         self.server.registry.forget(pending)
@@ -457,15 +535,13 @@ class PublicProtocol(EarlyDataEnd):
         server = self.server
         server.streams_opened += 1
         server.observe_open(server.clock.seconds() - self.started)
-        if self.reader is not None:
-            self.rewrite_head()
-            self.reader.close()
-            self.reader = None
+        if self.http:
             # requests with a shared key are recorded when their stream ends
             self.recorded = self.key_name is not None and not agent.dedicated
-        if rest:
-            self.transport.write(rest)  # type: ignore[union-attr]
+            proxy.response = ResponseHeads(head_request=self.head is not None and self.head.method == b"HEAD")
         self.join(proxy)
+        if rest:
+            proxy.dataReceived(rest)
 
     def end_lost(self, reason: Failure) -> None:
         self.server.public_connections.discard(self)
@@ -519,6 +595,8 @@ class ProxyProtocol(SpliceEnd):
     public: PublicProtocol | None = None
     pooled_by: AgentSession | None = None
     _timer: IDelayedCall | None = None
+    # mode http: the response heads, until the final one has passed
+    response: ResponseHeads | None = None
 
     def __init__(self, server: TunnelServer) -> None:
         self.server = server
@@ -531,7 +609,11 @@ class ProxyProtocol(SpliceEnd):
 
     def dataReceived(self, data: bytes) -> None:
         if self.peer is not None:
-            SpliceEnd.dataReceived(self, data)
+            response = self.response
+            if response is None:
+                SpliceEnd.dataReceived(self, data)
+            else:
+                self.response_data(response, data)
             return
         if self.decoder is None:
             if self.pooled_by is not None:
@@ -567,8 +649,36 @@ class ProxyProtocol(SpliceEnd):
             self.pooled_by = pending.agent
             pending.agent.idle.append(self)
             return
-        self.received += len(rest)
         pending.public.attach(self, pending.agent, rest)
+
+    def response_data(self, response: ResponseHeads, data: bytes) -> None:
+        self.received += len(data)
+        public = self.public
+        try:
+            out = response.feed(data)
+        except ValueError as e:
+            self.server.log.warn("tunnel {tunnel}: bad response from the agent's service: {why}",
+                                 tunnel=self.server.name, why=str(e))
+            self.response = None
+            if public is not None and not public.lost:
+                public.transport.write(openai_error(502, "the agent's service sent a malformed response"))  # type: ignore[union-attr]
+                public.transport.loseConnection()  # type: ignore[union-attr]
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if out and self.peer is not None:
+            self.peer.transport.write(out)  # type: ignore[union-attr]
+        if response.state == "body":
+            return
+        if response.state == "upgraded":
+            self.response = None
+            if public is not None:
+                public.upgraded()
+        elif response.state == "done":
+            # one request per connection: the exchange ends with its response
+            self.response = None
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            if public is not None and not public.lost:
+                public.transport.loseConnection()  # type: ignore[union-attr]
 
     def refuse(self, why: str) -> None:
         if self._timer is not None and self._timer.active():
@@ -735,6 +845,27 @@ class TunnelServer:
                     pending.timer.cancel()
                 public.pending = None
                 public.request_stream()
+
+    def stream_refused(self, session: AgentSession, conn_id: str, why: str) -> None:
+        """
+        C{session}'s agent cannot open stream C{conn_id} (its local service
+        refused): fail the public connection now rather than after
+        C{open_timeout}.  A conn id of another agent, or one no longer
+        pending, is ignored.
+        """
+        pending = self.registry.pending.get(conn_id)
+        if pending is None or pending.agent is not session:
+            return
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        pending.timer = None
+        self.registry.forget(pending)
+        public = pending.public
+        if public is None:
+            return  # a pooled connection that will not come
+        session.failed_total += 1
+        self.streams_failed += 1
+        public.stream_refused(session, why)
 
     def refill_pool(self, session: AgentSession) -> None:
         """
