@@ -11,14 +11,16 @@ import json
 from typing import Any
 
 import attrs
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from rproxy.config import config_from_mapping
 from rproxy.tunnel.agent import AgentService, models_in
 from rproxy.tunnel.config import parse_agent_config
-from tests.support import ServiceMixin, async_test, connect, listen, reactor, wait_for
+from tests.support import ServiceMixin, async_test, connect, listen, reactor, turn, wait_for
 
 
 class LocalService(Resource):
@@ -89,11 +91,12 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
             "public": "tcp:0:interface=127.0.0.1", "open_timeout": "2s", "mode": "http",
         }
         config.update(tunnel)
-        service = await self.start_service({
+        self.data = {
             "api_keys": [{"key": "good-key", "level": -1, "name": "shared"},
                          {"key": "team-key", "level": 0, "name": "team"}],
             "tunnels": [config],
-        })
+        }
+        service = await self.start_service(self.data)
         self.tunnel = service.tunnels["gpu"]
         return service
 
@@ -228,6 +231,67 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         self.assertEqual(len(local.streams), 1)
         local.streams[0].write(b"data: second\n\n")
         await client.read_until(b"data: second\n\n")
+        local.streams[0].finish()
+        await client.closed
+
+    async def open_sse(self) -> Any:
+        client = await connect(self.tunnel.port_of("public"))
+        self.client_cleanup(client)
+        client.transport.write(b"GET /sse HTTP/1.1\r\nHost: gpu\r\nX-Model: llama3\r\n\r\n")  # type: ignore[attr-defined]
+        await client.read_until(b"data: first\n\n")
+        return client
+
+    @async_test
+    async def test_event_stream_survives_drain(self) -> None:
+        """
+        On stop (SIGTERM) the public port refuses new connections at once
+        while an open event stream goes on and finishes within the grace
+        period; the stop completes when it has.
+        """
+        service = await self.start_tunnel()
+        _, local = await self.start_agent("a", ["llama3"])
+        port = self.tunnel.port_of("public")
+        client = await self.open_sse()
+        started = reactor.seconds()
+        stopping = service.stopService()
+        await wait_for(lambda: "public" not in self.tunnel.ports)
+        with self.assertRaises(ConnectionRefusedError):
+            await connect(port)
+        await turn(delay=0.5)  # past the moment the stream used to be cut
+        local.streams[0].write(b"data: second\n\n")
+        await client.read_until(b"data: second\n\n")
+        self.assertNoResult(stopping)
+        local.streams[0].write(b"data: [DONE]\n\n")
+        local.streams[0].finish()
+        await client.closed
+        self.assertIn(b"data: [DONE]", bytes(client.data))
+        await stopping
+        self.assertLess(reactor.seconds() - started, 2.0)  # the grace period: not waited out
+
+    @async_test
+    async def test_reload_changes_tunnel_in_place(self) -> None:
+        """
+        A reload that changes a tunnel's keys and limits (ports unchanged)
+        keeps the agent logged in and an open stream flowing; the new
+        settings apply to the next requests.
+        """
+        service = await self.start_tunnel()
+        _, local = await self.start_agent("a", ["llama3"])
+        session = self.tunnel.registry.agents["a"]
+        ports = {role: self.tunnel.port_of(role) for role in ("control", "proxy", "public")}
+        client = await self.open_sse()
+        data = dict(self.data, admin={"listen": "tcp:0:interface=127.0.0.1"}, **{"global": {"grace_period": "2s"}})
+        data["tunnels"] = [dict(data["tunnels"][0], strict_models=False, open_timeout="3s",
+                                algorithm="least-connections", heartbeat_timeout="20s", max_pending=10)]
+        await service.reload(config_from_mapping(data))
+        self.assertIs(service.tunnels["gpu"], self.tunnel)
+        self.assertIs(self.tunnel.registry.agents["a"], session)
+        self.assertEqual({role: self.tunnel.port_of(role) for role in ports}, ports)
+        self.assertEqual((self.tunnel.config.open_timeout, self.tunnel.registry.max_pending), (3.0, 10))
+        local.streams[0].write(b"data: second\n\n")
+        await client.read_until(b"data: second\n\n")
+        status, answer = await self.chat("gpt-9")  # strict_models is off now
+        self.assertEqual((status, answer["agent"]), (200, "a"))
         local.streams[0].finish()
         await client.closed
 

@@ -544,7 +544,7 @@ class PublicProtocol(EarlyDataEnd):
             proxy.dataReceived(rest)
 
     def end_lost(self, reason: Failure) -> None:
-        self.server.public_connections.discard(self)
+        self.server.public_ended(self)
         if self.reader is not None:
             self.reader.close()  # (see RequestReader.close)
         if self._head_timer is not None and self._head_timer.active():
@@ -751,6 +751,7 @@ class TunnelServer:
         self.bytes_out = 0
         self.open_latencies: list[float] = []
         self._sweep: LoopingCall | None = None
+        self._drained: defer.Deferred[None] | None = None
         self.observe_open = lambda seconds: None
         self.events: Any = None  # rproxy.events.EventSink, with stores
 
@@ -766,23 +767,98 @@ class TunnelServer:
             listen = "ssl:" + listen[4:] + f":privateKey={esc(self.config.tls.key)}:certKey={esc(self.config.tls.cert)}"
         return server_endpoint(self.reactor, listen)
 
+    def _roles(self, config: TunnelConfig) -> list[tuple[str, str, type, bool]]:
+        return [
+            ("control", config.control, ControlProtocol, True),
+            ("proxy", config.proxy, ProxyProtocol, True),
+            ("public", config.public, PublicProtocol, False),
+        ]
+
+    async def _listen(self, role: str, listen: str, cls: type, tls: bool) -> bool:
+        try:
+            port = await self._endpoint(listen, tls).listen(_Factory(self, cls))
+        except Exception as e:  # noqa: BLE001 - reported, the rest still starts
+            self.log.error("tunnel {tunnel}: cannot listen on {role} {listen}: {why}",
+                           tunnel=self.name, role=role, listen=listen, why=e)
+            return False
+        self.ports[role] = port
+        host = port.getHost()
+        self.log.info("tunnel {tunnel} {role} listening on {address}", tunnel=self.name, role=role,
+                      address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', host)}")
+        return True
+
     async def start(self) -> None:
-        for role, listen, cls, tls in (
-            ("control", self.config.control, ControlProtocol, True),
-            ("proxy", self.config.proxy, ProxyProtocol, True),
-            ("public", self.config.public, PublicProtocol, False),
-        ):
-            try:
-                port = await self._endpoint(listen, tls).listen(_Factory(self, cls))
-            except Exception as e:  # noqa: BLE001 - reported, the rest still starts
-                self.log.error("tunnel {tunnel}: cannot listen on {role} {listen}: {why}",
-                               tunnel=self.name, role=role, listen=listen, why=e)
-                continue
-            self.ports[role] = port
-            host = port.getHost()
-            self.log.info("tunnel {tunnel} {role} listening on {address}", tunnel=self.name, role=role,
-                          address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', host)}")
+        for role, listen, cls, tls in self._roles(self.config):
+            await self._listen(role, listen, cls, tls)
         self.start_sweep()
+
+    async def reconfigure(self, config: TunnelConfig) -> None:
+        """
+        Apply a changed configuration of this tunnel in place: agents stay
+        logged in and streams stay open; only a port whose address (or,
+        for the control and proxy ports, TLS) changed is listened anew,
+        new address first, the old one closed after (connections already
+        accepted on it go on).  Timeouts, limits, keys and modes apply to
+        what comes next.
+        """
+        old, self.config = self.config, config
+        self.registry.algorithm = config.algorithm
+        self.registry.max_pending = config.max_pending
+        for role, listen, cls, tls in self._roles(config):
+            if listen == getattr(old, role) and (not tls or old.tls == config.tls) and role in self.ports:
+                continue
+            previous = self.ports.pop(role, None)
+            if not await self._listen(role, listen, cls, tls) and previous is not None:
+                # the same address (a TLS change): free it, then listen again
+                await defer.maybeDeferred(previous.stopListening)
+                previous = None
+                await self._listen(role, listen, cls, tls)
+            if previous is not None:
+                await defer.maybeDeferred(previous.stopListening)
+        if old.heartbeat_timeout != config.heartbeat_timeout and self._sweep is not None:
+            if self._sweep.running:
+                self._sweep.stop()
+            self.start_sweep()
+        self.log.info("tunnel {tunnel}: configuration changed in place; {agents} agent(s) and {streams} "
+                      "stream(s) kept", tunnel=self.name, agents=len(self.registry.agents),
+                      streams=len(self.public_connections))
+
+    def stop_accepting(self) -> defer.Deferred[Any]:
+        """
+        Close the public port (first step of a drain); fires once closed.
+        """
+        port = self.ports.pop("public", None)
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+    async def drain(self, grace: float) -> None:
+        """
+        Stop accepting public connections at once, let those open finish
+        (agents stay logged in, so their streams still open and flow) for
+        up to C{grace} seconds, then L{stop}.
+        """
+        await self.stop_accepting()
+        if self.public_connections:
+            self.log.info("tunnel {tunnel}: draining {count} public connection(s) for up to {grace}s",
+                          tunnel=self.name, count=len(self.public_connections), grace=grace)
+            drained: defer.Deferred[None] = defer.Deferred()
+            self._drained = drained
+            timer = self.clock.callLater(grace, lambda: drained.called or drained.callback(None))
+            await drained
+            self._drained = None
+            if timer.active():
+                timer.cancel()
+            if self.public_connections:
+                self.log.info("tunnel {tunnel}: closing {count} public connection(s) left after {grace}s",
+                              tunnel=self.name, count=len(self.public_connections), grace=grace)
+        await self.stop()
+
+    def public_ended(self, public: PublicProtocol) -> None:
+        self.public_connections.discard(public)
+        drained = self._drained
+        if drained is not None and not self.public_connections and not drained.called:
+            drained.callback(None)
 
     def start_sweep(self) -> None:
         """
