@@ -146,3 +146,47 @@ class StreamRefusedTests(SynchronousTestCase):
         clock.advance(5.0)  # then the open times out as before: the next agent is asked
         self.assertEqual(len([m for m in FrameDecoder().feed(other.transport.value())
                               if isinstance(m, RequestNewProxyConn)]), 1)
+
+
+class LargeBodyTests(SynchronousTestCase):
+    """
+    With model_body_limit of 1 MiB (beyond what an end-to-end
+    configuration allows today), a body far past the early-data bound is
+    read whole for its model.
+    """
+
+    def test_model_after_200_kib(self) -> None:
+        """A model field after 200 KiB of messages picks the agent serving it."""
+        clock = Clock()
+        tunnel = server(clock, mode="http", model_body_limit=1024 * 1024)
+        controls = {}
+        for name, model in (("a", "llama3"), ("b", "qwen2")):
+            control = controls[name] = RecordingControl()
+            tunnel.registry.add(session(name, clock, control=control, models=(model,)))
+        public = PublicProtocol(tunnel)
+        transport = StringTransport()
+        public.makeConnection(transport)
+        body = json.dumps({"messages": [{"role": "user", "content": "x" * 200_000}], "model": "qwen2"}).encode()
+        public.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nContent-Length: %d\r\n\r\n"
+                            % len(body))
+        for i in range(0, len(body), 16384):
+            public.dataReceived(body[i : i + 16384])
+        self.assertEqual((len(controls["a"].sent), len(controls["b"].sent)), (0, 1))
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(public.model, "qwen2")
+
+    def test_past_the_limit_is_413(self) -> None:
+        """A body past model_body_limit is refused with 413, not routed by guess."""
+        clock = Clock()
+        tunnel = server(clock, mode="http", model_body_limit=1024)
+        control = RecordingControl()
+        tunnel.registry.add(session("a", clock, control=control, models=("llama3",)))
+        public = PublicProtocol(tunnel)
+        transport = StringTransport()
+        public.makeConnection(transport)
+        public.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nContent-Length: 2000\r\n\r\n"
+                            + b"{" + b" " * 1999)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertEqual(json.loads(transport.value().partition(b"\r\n\r\n")[2])["error"]["code"],
+                         "request_too_large")
+        self.assertEqual(control.sent, [])
