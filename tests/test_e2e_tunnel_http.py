@@ -491,6 +491,25 @@ class OneRequestTests(ServiceMixin, TestCase):
         self.assertLess(reactor.seconds() - started, 5.0)
 
 
+    @async_test
+    async def test_pooled_stream_to_refusing_service_gets_502(self) -> None:
+        """
+        A pooled stream whose local service refuses ends with a 502 the
+        client can read, not a bare close.
+        """
+        await self.start_tunnel()
+        agent, _ = await self.start_agent("a", ["llama3"], pool_count=1)
+        await wait_for(lambda: len(self.tunnel.registry.agents["a"].idle) == 1)
+        closed = await listen(Factory.forProtocol(Protocol))
+        dead_port = closed.getHost().port
+        await closed.stopListening()
+        agent.config = attrs.evolve(agent.config, services=(attrs.evolve(agent.config.services[0], port=dead_port),))
+        status, _, answer = await self.request(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        self.assertEqual(status, 502)
+        self.assertEqual(json.loads(answer)["error"]["code"], "bad_gateway")
+        self.assertEqual(self.tunnel.streams_from_pool, 1)
+
+
 class ModelListTests(TestCase):
     def test_shapes(self) -> None:
         """

@@ -185,6 +185,10 @@ class ProxyEnd(SpliceEnd):
         self.stream.start_pooled(messages[0])
 
     def end_lost(self, reason: Failure) -> None:
+        if reason.check(SSL.Error):
+            agent = self.stream.control.agent
+            agent.log.error("agent {agent}: TLS with the server's proxy port {server} failed: {why}",
+                            agent=agent.agent_id, server=_hostport(agent.config.proxy), why=_tls_reason(reason))
         self.stream.ended()
 
 

@@ -154,6 +154,9 @@ class ResponseHeads:
         C{"upgraded"}, or C{"done"} once the response is complete.
     """
 
+    # whether any byte of the response went to the client
+    started = False
+
     def __init__(self, head_request: bool = False) -> None:
         self.state = "head"
         self._buffer = b""
@@ -218,6 +221,7 @@ class ResponseHeads:
             status = int(parts[1])
             if 100 <= status < 200 and status != 101:
                 out.append(head + b"\r\n\r\n")
+                self.started = True
                 continue
             if status == 101:
                 self.state = "upgraded"
@@ -228,4 +232,5 @@ class ResponseHeads:
                 out.append(b"\r\n".join(kept) + b"\r\nConnection: close\r\n\r\n")
             out.append(buffer)
             self._buffer = b""
+            self.started = True
             return b"".join(out)

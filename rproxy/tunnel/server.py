@@ -680,6 +680,19 @@ class ProxyProtocol(SpliceEnd):
             if public is not None and not public.lost:
                 public.transport.loseConnection()  # type: ignore[union-attr]
 
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        response, public = self.response, self.public
+        if response is not None and not response.started and public is not None and not public.lost:
+            # mode http: the service (or the agent) closed before answering
+            # (a pooled stream whose local service refused ends so): a 502
+            # the client can read, rather than a bare close
+            self.response = None
+            self.server.log.info("tunnel {tunnel}: the agent's stream closed before a response",
+                                 tunnel=self.server.name)
+            public.transport.write(  # type: ignore[union-attr]
+                openai_error(502, "the agent's service closed the connection without answering"))
+        SpliceEnd.connectionLost(self, reason)
+
     def refuse(self, why: str) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
