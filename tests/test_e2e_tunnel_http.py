@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import attrs
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
@@ -20,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from rproxy.config import config_from_mapping
 from rproxy.tunnel.agent import AgentService, models_in
 from rproxy.tunnel.config import parse_agent_config
-from tests.support import ServiceMixin, async_test, connect, listen, reactor, turn, wait_for
+from tests.support import Client, ServiceMixin, async_test, connect, listen, reactor, turn, wait_for
 
 
 class LocalService(Resource):
@@ -294,6 +295,39 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         self.assertEqual((status, answer["agent"]), (200, "a"))
         local.streams[0].finish()
         await client.closed
+
+    @async_test
+    async def test_reload_moves_public_port_only(self) -> None:
+        """
+        A reload that moves the public port listens on the new address and
+        closes the old one, while the agent stays logged in, the control
+        and proxy ports stay, and a stream opened on the old port goes on.
+        """
+        service = await self.start_tunnel()
+        _, local = await self.start_agent("a", ["llama3"])
+        session = self.tunnel.registry.agents["a"]
+        old_public = self.tunnel.port_of("public")
+        kept = {role: self.tunnel.port_of(role) for role in ("control", "proxy")}
+        client = await self.open_sse()
+        data = dict(self.data, admin={"listen": "tcp:0:interface=127.0.0.1"}, **{"global": {"grace_period": "2s"}})
+        data["tunnels"] = [dict(data["tunnels"][0], public="tcp:0:interface=127.0.0.2")]
+        await service.reload(config_from_mapping(data))
+        self.assertEqual({role: self.tunnel.port_of(role) for role in kept}, kept)
+        self.assertEqual(self.tunnel.ports["public"].getHost().host, "127.0.0.2")
+        with self.assertRaises(ConnectionRefusedError):
+            await connect(old_public)
+        self.assertIs(self.tunnel.registry.agents["a"], session)
+        local.streams[0].write(b"data: second\n\n")
+        await client.read_until(b"data: second\n\n")
+        local.streams[0].finish()
+        await client.closed
+        fresh = Client()
+        factory = Factory.forProtocol(lambda: fresh)
+        await TCP4ClientEndpoint(reactor, "127.0.0.2", self.tunnel.port_of("public")).connect(factory)
+        self.client_cleanup(fresh)
+        fresh.transport.write(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")  # type: ignore[attr-defined]
+        await fresh.closed
+        self.assertIn(b'"id": "llama3"', bytes(fresh.data))
 
     @async_test
     async def test_access_levels(self) -> None:

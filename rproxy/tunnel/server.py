@@ -283,14 +283,17 @@ class TunnelServer:
         self.registry.algorithm = config.algorithm
         self.registry.max_pending = config.max_pending
         for role, listen, cls, tls in self._roles(config):
-            if listen == getattr(old, role) and (not tls or old.tls == config.tls) and role in self.ports:
+            same_address = listen == getattr(old, role)
+            if same_address and (not tls or old.tls == config.tls) and role in self.ports:
                 continue
             previous = self.ports.pop(role, None)
-            if not await self._listen(role, listen, cls, tls) and previous is not None:
-                # the same address (a TLS change): free it, then listen again
+            if previous is not None and same_address:
+                # a TLS change: the address must be free to listen again
                 await defer.maybeDeferred(previous.stopListening)
                 previous = None
-                await self._listen(role, listen, cls, tls)
+            if not await self._listen(role, listen, cls, tls) and previous is not None:
+                self.ports[role] = previous  # the new address failed: keep the old one
+                continue
             if previous is not None:
                 await defer.maybeDeferred(previous.stopListening)
         if old.heartbeat_timeout != config.heartbeat_timeout and self._sweep is not None:
