@@ -76,7 +76,7 @@ class TunnelDesyncTests(ServiceMixin, TestCase):
             before = len(recorder.connections)
             client = await connect(tunnel.port_of("public"))
             self.client_cleanup(client)
-            client.transport.write(data + SMUGGLED)  # type: ignore[attr-defined]
+            client.transport.write(data + SMUGGLED)  # type: ignore[union-attr]
             await client.closed
             seen: list[Any] = recorder.connections[before:]
             received = b"".join(c.data for c in seen)

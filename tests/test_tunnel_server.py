@@ -65,7 +65,7 @@ class SweepTests(SynchronousTestCase):
                 raise RuntimeError("first sweep breaks")
             real_drop(s, why)
 
-        tunnel.drop_session = drop_session  # type: ignore[method-assign]
+        tunnel.drop_session = drop_session  # type: ignore[method-assign,assignment]
         tunnel.start_sweep()
         clock.advance(4.0)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -142,4 +142,5 @@ class OutOfRangeTests(SynchronousTestCase):
         """Floats, negative and 20-digit integers still parse."""
         body = b'{"type": "heartbeat", "cpu": 1.5e2, "load": -3, "disk": 12345678901234567890}'
         [beat] = FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+        assert isinstance(beat, Heartbeat)
         self.assertEqual((beat.cpu, beat.load, beat.disk), (150.0, -3.0, 12345678901234567890.0))

@@ -200,7 +200,7 @@ class _OneShot(ClientFactory):
         self.failed = failed
 
     def buildProtocol(self, addr: object) -> Protocol:
-        return self.build()  # type: ignore[no-any-return]
+        return self.build()
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
         self.failed(reason)
@@ -458,7 +458,7 @@ class AgentService(MultiService):
         self.client.setServiceParent(self)
 
     def endpoint(self, address: tuple[str, int]) -> Any:
-        endpoint = HostnameEndpoint(self.reactor, address[0], address[1], timeout=self.config.connect_timeout)
+        endpoint: Any = HostnameEndpoint(self.reactor, address[0], address[1], timeout=self.config.connect_timeout)
         if self._tls is not None:
             endpoint = wrapClientTLS(self._tls, endpoint)
         return endpoint

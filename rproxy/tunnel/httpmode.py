@@ -60,7 +60,7 @@ class OneRequestReader(RequestReader):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.complete = True
-        if not self._parser.should_upgrade():  # type: ignore[union-attr]
+        if not self._parser.should_upgrade():
             # an upgrade's parse ends by itself, with the bytes after its head
             raise _Complete()
 
@@ -205,7 +205,7 @@ class ResponseHeads:
             return data
         self._follow(data)
         buffer = self._buffer + data
-        out = []
+        out: list[bytes] = []
         while True:
             end = buffer.find(b"\r\n\r\n")
             if end < 0:

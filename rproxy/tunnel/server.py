@@ -193,7 +193,7 @@ class _Factory(Factory):
         self.protocol_class = protocol
 
     def buildProtocol(self, addr: object) -> Protocol:
-        return self.protocol_class(self.server)  # type: ignore[no-any-return]
+        return self.protocol_class(self.server)
 
 
 class TunnelServer:
@@ -325,7 +325,12 @@ class TunnelServer:
                           tunnel=self.name, count=len(self.public_connections), grace=grace)
             drained: defer.Deferred[None] = defer.Deferred()
             self._drained = drained
-            timer = self.clock.callLater(grace, lambda: drained.called or drained.callback(None))
+
+            def grace_over() -> None:
+                if not drained.called:
+                    drained.callback(None)
+
+            timer = self.clock.callLater(grace, grace_over)
             await drained
             self._drained = None
             if timer.active():
@@ -389,7 +394,7 @@ class TunnelServer:
         session.streams.clear()
         for proxy in list(session.idle):
             proxy.pooled_by = None
-            proxy.transport.abortConnection()  # type: ignore[union-attr]
+            proxy.transport.abortConnection()
         session.idle.clear()
         control = session.control
         if isinstance(control, ControlProtocol) and control.session is session:
@@ -446,7 +451,8 @@ class TunnelServer:
             session.control.send(RequestNewProxyConn(pending.conn_id, pending.secret, self.config.service, pool=True))
 
     def port_of(self, role: str) -> int:
-        return self.ports[role].getHost().port  # type: ignore[no-any-return]
+        host: Any = self.ports[role].getHost()
+        return int(host.port)
 
     async def stop(self) -> None:
         if self._sweep is not None and self._sweep.running:

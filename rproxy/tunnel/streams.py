@@ -329,7 +329,7 @@ class PublicProtocol(EarlyDataEnd):
                 continue
             # a pooled connection: no round trip to the agent
             proxy.pooled_by = None
-            proxy.transport.write(encode(StartStream(server.config.service)))  # type: ignore[union-attr]
+            proxy.transport.write(encode(StartStream(server.config.service)))
             server.streams_from_pool += 1
             self.attach(proxy, agent, b"")
             server.refill_pool(agent)

@@ -381,7 +381,7 @@ def decode_body(data: bytes) -> Message:
     cls = _TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
-    return cls.parse(body)  # type: ignore[no-any-return]
+    return cls.parse(body)
 
 
 class FrameDecoder:
