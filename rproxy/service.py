@@ -207,12 +207,15 @@ class RProxyService(MultiService):
             keys = self.stores.keys
         wanted_tunnels = {t.name: t for t in new.tunnels}
         for name, tunnel in list(self.tunnels.items()):
-            if wanted_tunnels.get(name) != tunnel.config:
+            wanted_tunnel = wanted_tunnels.get(name)
+            if wanted_tunnel is None:
                 del self.tunnels[name]
                 await tunnel.stop()
-            else:
-                tunnel.keys = keys
-                tunnel.events = self.stores.events if self.stores is not None else None
+                continue
+            if wanted_tunnel != tunnel.config:
+                await tunnel.reconfigure(wanted_tunnel)
+            tunnel.keys = keys
+            tunnel.events = self.stores.events if self.stores is not None else None
         for tunnel_config in new.tunnels:
             if tunnel_config.name not in self.tunnels:
                 tunnel = TunnelServer(tunnel_config, keys, self.reactor, self.clock, self._rng)
@@ -516,6 +519,9 @@ class RProxyService(MultiService):
         )
         for checker in self.checkers.values():
             checker.stop()
+        tunnels_drained = defer.gatherResults(
+            [defer.Deferred.fromCoroutine(t.drain(self.config.global_.grace_period)) for t in self.tunnels.values()],
+            consumeErrors=True)
         frontends = list(self.frontends.values())
         await defer.gatherResults([self._retire(f) for f in frontends], consumeErrors=True)
         waits = [f.drain(self.config.global_.grace_period) for f in list(self.retired)]
@@ -524,8 +530,7 @@ class RProxyService(MultiService):
             pool.close()
         for tokens in self.token_pools.values():
             tokens.stop()
-        for tunnel in list(self.tunnels.values()):
-            await tunnel.stop()
+        await tunnels_drained
         self.upstreams.close()
         if self.stores is not None:
             await self.stores.stop()

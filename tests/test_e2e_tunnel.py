@@ -156,6 +156,38 @@ class TunnelTests(ServiceMixin, TestCase):
         self.assertEqual(await client.read_until(b"\n"), b"secret\n")
 
     @async_test
+    async def test_tls_failure_is_logged(self) -> None:
+        """
+        An agent that does not trust the server's certificate logs why
+        (as frpc does) instead of retrying in silence, and backs off.
+        """
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        await self.start_tunnel(tls=True)
+        other_ca = self.mktemp()
+        with open(other_ca, "wb") as f:
+            f.write(self_signed_pem(os.path.abspath(self.mktemp())))
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        agent = AgentService(parse_agent_config({
+            "server": {"control": f"127.0.0.1:{self.tunnel.port_of('control')}",
+                       "proxy": f"127.0.0.1:{self.tunnel.port_of('proxy')}"},
+            "api_key": "good-key", "agent_id": "distrust", "tls": {"ca": other_ca, "server_name": "localhost"},
+            "services": [{"name": "web", "local": "127.0.0.1:9"}],
+            "reconnect": {"initial": "50ms", "max": "200ms"},
+        }), reactor)
+        agent.startService()
+        self.addCleanup(agent.stopService)
+
+        def tls_lines() -> list[str]:
+            return [e["log_format"].format(**e) for e in events if "TLS with" in e.get("log_format", "")]
+
+        await wait_for(lambda: agent.failed_logins >= 2)
+        self.assertIn("certificate verify failed", tls_lines()[0])
+        self.assertIn(f"127.0.0.1:{self.tunnel.port_of('control')}", tls_lines()[0])
+        self.assertEqual(self.tunnel.registry.agents, {})
+
+    @async_test
     async def test_many_clients_three_agents(self) -> None:
         """200 concurrent public connections through 3 agents all echo correctly."""
         await self.start_tunnel(algorithm="least-connections")

@@ -10,13 +10,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from rproxy.config import config_from_mapping
 from rproxy.tunnel.agent import AgentService, models_in
 from rproxy.tunnel.config import parse_agent_config
-from tests.support import ServiceMixin, async_test, connect, listen, reactor, wait_for
+from tests.support import Client, ServiceMixin, async_test, connect, listen, reactor, turn, wait_for
 
 
 class LocalService(Resource):
@@ -51,6 +56,33 @@ class LocalService(Resource):
         }).encode()
 
 
+class Recorder(Protocol):
+    """
+    A local service that keeps every byte it gets and answers each head
+    with a small response, keeping the connection open (a keep-alive
+    server that ignores Connection: close).
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        self.factory.received += data
+        if b"\r\n\r\n" in data:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
+
+
+class RecorderFactory(Factory):
+    protocol = Recorder
+    noisy = False
+
+    def __init__(self) -> None:
+        self.connections: list[Recorder] = []
+        self.received = b""
+
+
 class TunnelHTTPTests(ServiceMixin, TestCase):
     timeout = 60
 
@@ -60,11 +92,12 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
             "public": "tcp:0:interface=127.0.0.1", "open_timeout": "2s", "mode": "http",
         }
         config.update(tunnel)
-        service = await self.start_service({
+        self.data = {
             "api_keys": [{"key": "good-key", "level": -1, "name": "shared"},
                          {"key": "team-key", "level": 0, "name": "team"}],
             "tunnels": [config],
-        })
+        }
+        service = await self.start_service(self.data)
         self.tunnel = service.tunnels["gpu"]
         return service
 
@@ -144,7 +177,8 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         self.assertEqual(seen, {"a", "b"})
         status, answer = await self.chat("gpt-9")
         self.assertEqual(status, 404)
-        self.assertEqual(answer, {"error": "model 'gpt-9' is not served by any agent"})
+        self.assertEqual(answer, {"error": {"message": "model 'gpt-9' is not served by any agent",
+                                            "type": "invalid_request_error", "code": "model_not_found"}})
 
     @async_test
     async def test_lenient_models_and_no_agent(self) -> None:
@@ -156,7 +190,8 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         await self.start_tunnel(strict_models=False)
         status, headers, body = await self.request(b"GET / HTTP/1.1\r\nHost: gpu\r\n\r\n")
         self.assertEqual((status, headers["retry-after"]), (503, "1"))
-        self.assertEqual(json.loads(body), {"error": "no agent is connected"})
+        self.assertEqual(json.loads(body), {"error": {"message": "no agent is connected", "type": "server_error",
+                                                      "code": "service_unavailable"}})
         await self.start_agent("a", ["llama3"])
         status, answer = await self.chat("gpt-9")
         self.assertEqual((status, answer["agent"]), (200, "a"))
@@ -199,6 +234,100 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         await client.read_until(b"data: second\n\n")
         local.streams[0].finish()
         await client.closed
+
+    async def open_sse(self) -> Any:
+        client = await connect(self.tunnel.port_of("public"))
+        self.client_cleanup(client)
+        client.transport.write(b"GET /sse HTTP/1.1\r\nHost: gpu\r\nX-Model: llama3\r\n\r\n")  # type: ignore[attr-defined]
+        await client.read_until(b"data: first\n\n")
+        return client
+
+    @async_test
+    async def test_event_stream_survives_drain(self) -> None:
+        """
+        On stop (SIGTERM) the public port refuses new connections at once
+        while an open event stream goes on and finishes within the grace
+        period; the stop completes when it has.
+        """
+        service = await self.start_tunnel()
+        _, local = await self.start_agent("a", ["llama3"])
+        port = self.tunnel.port_of("public")
+        client = await self.open_sse()
+        started = reactor.seconds()
+        stopping = service.stopService()
+        await wait_for(lambda: "public" not in self.tunnel.ports)
+        with self.assertRaises(ConnectionRefusedError):
+            await connect(port)
+        await turn(delay=0.5)  # past the moment the stream used to be cut
+        local.streams[0].write(b"data: second\n\n")
+        await client.read_until(b"data: second\n\n")
+        self.assertNoResult(stopping)
+        local.streams[0].write(b"data: [DONE]\n\n")
+        local.streams[0].finish()
+        await client.closed
+        self.assertIn(b"data: [DONE]", bytes(client.data))
+        await stopping
+        self.assertLess(reactor.seconds() - started, 2.0)  # the grace period: not waited out
+
+    @async_test
+    async def test_reload_changes_tunnel_in_place(self) -> None:
+        """
+        A reload that changes a tunnel's keys and limits (ports unchanged)
+        keeps the agent logged in and an open stream flowing; the new
+        settings apply to the next requests.
+        """
+        service = await self.start_tunnel()
+        _, local = await self.start_agent("a", ["llama3"])
+        session = self.tunnel.registry.agents["a"]
+        ports = {role: self.tunnel.port_of(role) for role in ("control", "proxy", "public")}
+        client = await self.open_sse()
+        data = dict(self.data, admin={"listen": "tcp:0:interface=127.0.0.1"}, **{"global": {"grace_period": "2s"}})
+        data["tunnels"] = [dict(data["tunnels"][0], strict_models=False, open_timeout="3s",
+                                algorithm="least-connections", heartbeat_timeout="20s", max_pending=10)]
+        await service.reload(config_from_mapping(data))
+        self.assertIs(service.tunnels["gpu"], self.tunnel)
+        self.assertIs(self.tunnel.registry.agents["a"], session)
+        self.assertEqual({role: self.tunnel.port_of(role) for role in ports}, ports)
+        self.assertEqual((self.tunnel.config.open_timeout, self.tunnel.registry.max_pending), (3.0, 10))
+        local.streams[0].write(b"data: second\n\n")
+        await client.read_until(b"data: second\n\n")
+        status, answer = await self.chat("gpt-9")  # strict_models is off now
+        self.assertEqual((status, answer["agent"]), (200, "a"))
+        local.streams[0].finish()
+        await client.closed
+
+    @async_test
+    async def test_reload_moves_public_port_only(self) -> None:
+        """
+        A reload that moves the public port listens on the new address and
+        closes the old one, while the agent stays logged in, the control
+        and proxy ports stay, and a stream opened on the old port goes on.
+        """
+        service = await self.start_tunnel()
+        _, local = await self.start_agent("a", ["llama3"])
+        session = self.tunnel.registry.agents["a"]
+        old_public = self.tunnel.port_of("public")
+        kept = {role: self.tunnel.port_of(role) for role in ("control", "proxy")}
+        client = await self.open_sse()
+        data = dict(self.data, admin={"listen": "tcp:0:interface=127.0.0.1"}, **{"global": {"grace_period": "2s"}})
+        data["tunnels"] = [dict(data["tunnels"][0], public="tcp:0:interface=127.0.0.2")]
+        await service.reload(config_from_mapping(data))
+        self.assertEqual({role: self.tunnel.port_of(role) for role in kept}, kept)
+        self.assertEqual(self.tunnel.ports["public"].getHost().host, "127.0.0.2")
+        with self.assertRaises(ConnectionRefusedError):
+            await connect(old_public)
+        self.assertIs(self.tunnel.registry.agents["a"], session)
+        local.streams[0].write(b"data: second\n\n")
+        await client.read_until(b"data: second\n\n")
+        local.streams[0].finish()
+        await client.closed
+        fresh = Client()
+        factory = Factory.forProtocol(lambda: fresh)
+        await TCP4ClientEndpoint(reactor, "127.0.0.2", self.tunnel.port_of("public")).connect(factory)
+        self.client_cleanup(fresh)
+        fresh.transport.write(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")  # type: ignore[attr-defined]
+        await fresh.closed
+        self.assertIn(b'"id": "llama3"', bytes(fresh.data))
 
     @async_test
     async def test_access_levels(self) -> None:
@@ -266,6 +395,153 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         status, answer = await self.chat("qwen2")
         self.assertEqual((status, answer["agent"]), (200, "a"))
         self.assertEqual(agent.models, ("llama3", "qwen2"))
+
+
+class OneRequestTests(ServiceMixin, TestCase):
+    """
+    mode http forwards exactly one request per connection, rebuilt from
+    what the strict reader parsed, and reads bodies up to
+    model_body_limit for their model.
+    """
+
+    timeout = 60
+    start_tunnel = TunnelHTTPTests.start_tunnel
+    start_agent = TunnelHTTPTests.start_agent
+    request = TunnelHTTPTests.request
+
+    async def recorder_agent(self, models: list[str]) -> RecorderFactory:
+        factory = RecorderFactory()
+        port = await listen(factory)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(lambda: [c.transport.abortConnection() for c in factory.connections])
+        data: dict[str, Any] = {
+            "server": {"control": f"127.0.0.1:{self.tunnel.port_of('control')}",
+                       "proxy": f"127.0.0.1:{self.tunnel.port_of('proxy')}"},
+            "api_key": "good-key", "agent_id": "rec", "models": models,
+            "services": [{"name": "web", "local": f"127.0.0.1:{port.getHost().port}"}],
+            "heartbeat_interval": "100ms",
+        }
+        agent = AgentService(parse_agent_config(data), reactor)
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        await wait_for(lambda: "rec" in self.tunnel.registry.agents)
+        return factory
+
+    @async_test
+    async def test_smuggled_request_never_reaches_the_service(self) -> None:
+        """
+        A second request behind the first, with both Content-Length and
+        Transfer-Encoding, never reaches the service; the client's answer
+        says Connection: close and the connection ends after it.
+        """
+        await self.start_tunnel()
+        service = await self.recorder_agent(["llama3"])
+        smuggled = (b"POST /smuggled HTTP/1.1\r\nHost: gpu\r\nContent-Length: 4\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        client = await connect(self.tunnel.port_of("public"))
+        self.client_cleanup(client)
+        client.transport.write(b"POST /first HTTP/1.1\r\nHost: gpu\r\nX-Model: llama3\r\nContent-Length: 5\r\n"
+                               b"Connection: keep-alive\r\n\r\nhello" + smuggled)
+        await client.closed
+        head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+        self.assertEqual((head.split(b"\r\n")[0], body), (b"HTTP/1.1 200 OK", b"ok"))
+        self.assertIn(b"\r\nConnection: close", head)
+        self.assertNotIn(b"keep-alive", head)
+        self.assertEqual(service.received, b"POST /first HTTP/1.1\r\nHost: gpu\r\nX-Model: llama3\r\n"
+                                           b"Content-Length: 5\r\nConnection: close\r\n\r\nhello")
+
+    @async_test
+    async def test_chunked_body_is_rechunked_and_ends(self) -> None:
+        """
+        A chunked request reaches the service as the chunks the reader
+        parsed and its last chunk; what follows it does not.
+        """
+        await self.start_tunnel()
+        service = await self.recorder_agent(["llama3"])
+        body = b'{"model": "llama3"}'
+        client = await connect(self.tunnel.port_of("public"))
+        self.client_cleanup(client)
+        client.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               + b"%x;ext=1\r\n%s\r\n0\r\nTrailer: x\r\n\r\nGET /next HTTP/1.1\r\n\r\n" % (len(body), body))
+        await client.closed
+        self.assertEqual(service.received.partition(b"\r\n\r\n")[2], b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        self.assertNotIn(b"/next", service.received)
+
+    @async_test
+    async def test_model_after_long_messages(self) -> None:
+        """
+        A body of 40 KiB whose model comes after the messages (as the
+        OpenAI SDK writes it) is routed by that model, whatever its
+        Content-Type; past model_body_limit the answer is 413.
+        """
+        await self.start_tunnel(model_body_limit="48k")
+        await self.start_agent("a", ["llama3"])
+        await self.start_agent("b", ["qwen2"])
+        for content_type in (b"application/json", b"text/plain", None):
+            for model, agent in (("qwen2", "b"), ("llama3", "a")):
+                body = json.dumps({"messages": [{"role": "user", "content": "x" * 40000}], "model": model}).encode()
+                type_field = b"Content-Type: " + content_type + b"\r\n" if content_type else b""
+                status, _, answer = await self.request(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\n" + type_field
+                    + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                self.assertEqual((status, json.loads(answer)["agent"], json.loads(answer)["body"]),
+                                 (200, agent, len(body)))
+        body = json.dumps({"messages": [{"role": "user", "content": "x" * 50000}], "model": "qwen2"}).encode()
+        status, _, answer = await self.request(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self.assertEqual(status, 413)
+        self.assertEqual(json.loads(answer)["error"]["code"], "request_too_large")
+        self.assertEqual(self.tunnel.streams_opened, 6)
+
+    @async_test
+    async def test_unknown_model_in_long_body_is_refused(self) -> None:
+        """With strict models, an unknown model after 40 KiB of messages gets 404."""
+        await self.start_tunnel(model_body_limit="48k")
+        await self.start_agent("a", ["llama3"])
+        body = json.dumps({"messages": [{"role": "user", "content": "x" * 40000}], "model": "gpt-9"}).encode()
+        status, _, answer = await self.request(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(answer)["error"]["message"], "model 'gpt-9' is not served by any agent")
+
+    @async_test
+    async def test_refused_local_service_gets_502_at_once(self) -> None:
+        """
+        When the agent's local service refuses, the client gets 502 with
+        the agent's reason well before open_timeout.
+        """
+        await self.start_tunnel(open_timeout="20s")
+        agent, _ = await self.start_agent("a", ["llama3"])
+        closed = await listen(Factory.forProtocol(Protocol))
+        dead_port = closed.getHost().port
+        await closed.stopListening()
+        agent.config = attrs.evolve(agent.config, services=(attrs.evolve(agent.config.services[0], port=dead_port),))
+        started = reactor.seconds()
+        status, _, answer = await self.request(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        self.assertEqual(status, 502)
+        self.assertEqual(json.loads(answer)["error"]["message"], "agent a: local service web unreachable")
+        self.assertLess(reactor.seconds() - started, 5.0)
+
+
+    @async_test
+    async def test_pooled_stream_to_refusing_service_gets_502(self) -> None:
+        """
+        A pooled stream whose local service refuses ends with a 502 the
+        client can read, not a bare close.
+        """
+        await self.start_tunnel()
+        agent, _ = await self.start_agent("a", ["llama3"], pool_count=1)
+        await wait_for(lambda: len(self.tunnel.registry.agents["a"].idle) == 1)
+        closed = await listen(Factory.forProtocol(Protocol))
+        dead_port = closed.getHost().port
+        await closed.stopListening()
+        agent.config = attrs.evolve(agent.config, services=(attrs.evolve(agent.config.services[0], port=dead_port),))
+        status, _, answer = await self.request(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        self.assertEqual(status, 502)
+        self.assertEqual(json.loads(answer)["error"]["code"], "bad_gateway")
+        self.assertEqual(self.tunnel.streams_from_pool, 1)
 
 
 class ModelListTests(TestCase):

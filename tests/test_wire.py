@@ -97,3 +97,50 @@ class MalformedTests(SynchronousTestCase):
         self.check(raw({"type": "login", "version": 99, "agent_id": "a", "api_key": "k"}),
                    "version: this server speaks version 1, not 99")
         self.check(raw({"type": "login_result", "ok": "yes"}), "ok: expected true or false")
+
+
+class OutOfRangeTests(SynchronousTestCase):
+    """
+    JSON that Python's parser takes, or chokes on with another exception,
+    is a protocol error like any malformed frame.
+    """
+
+    def check(self, body: bytes, message: str) -> None:
+        data = struct.pack(">I", len(body)) + body
+        exc = self.assertRaises(ProtocolError, FrameDecoder().feed, data)
+        self.assertEqual(str(exc), message)
+
+    login = b'{"type": "login", "version": 1, "agent_id": "a", "api_key": "k", "pool_count": '
+
+    def test_float_overflow(self) -> None:
+        """1e400 (infinite as a float) is refused."""
+        self.check(self.login + b"1e400}", "number 1e400 is out of range")
+
+    def test_nan_and_infinity(self) -> None:
+        """NaN, Infinity and -Infinity are not JSON."""
+        self.check(self.login + b"NaN}", "frame holds NaN, which is not JSON")
+        self.check(b'{"type": "heartbeat", "cpu": -Infinity}', "frame holds -Infinity, which is not JSON")
+
+    def test_long_integer(self) -> None:
+        """An integer of 401 digits is refused before anything converts it."""
+        self.check(self.login + b"1" + b"0" * 400 + b"}", "integer of 401 digits is out of range")
+        heartbeat = b'{"type": "heartbeat", "active_streams": 123456789012345678901}'
+        self.check(heartbeat, "integer of 21 digits is out of range")
+
+    def test_deep_nesting(self) -> None:
+        """5000 nested arrays are refused without a RecursionError."""
+        self.check(b"[" * 5000 + b"]" * 5000, "frame nests deeper than 32 levels")
+        self.check(b'{"type": "login", "system_info": ' + b'{"a": ' * 40 + b"1" + b"}" * 41,
+                   "frame nests deeper than 32 levels")
+
+    def test_brackets_in_strings_do_not_count(self) -> None:
+        """Brackets inside strings are text, not nesting."""
+        body = {"type": "heartbeat", "cpu": 1.5, "note": "[[[{{{" * 20 + '\\"['}
+        self.assertEqual(FrameDecoder().feed(raw(body)), [Heartbeat(cpu=1.5)])
+
+    def test_ordinary_numbers(self) -> None:
+        """Floats, negative and 20-digit integers still parse."""
+        body = b'{"type": "heartbeat", "cpu": 1.5e2, "load": -3, "disk": 12345678901234567890}'
+        [beat] = FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+        assert isinstance(beat, Heartbeat)
+        self.assertEqual((beat.cpu, beat.load, beat.disk), (150.0, -3.0, 12345678901234567890.0))

@@ -21,6 +21,7 @@ import socket
 import uuid
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet import defer, ssl
@@ -184,6 +185,10 @@ class ProxyEnd(SpliceEnd):
         self.stream.start_pooled(messages[0])
 
     def end_lost(self, reason: Failure) -> None:
+        if reason.check(SSL.Error):
+            agent = self.stream.control.agent
+            agent.log.error("agent {agent}: TLS with the server's proxy port {server} failed: {why}",
+                            agent=agent.agent_id, server=_hostport(agent.config.proxy), why=_tls_reason(reason))
         self.stream.ended()
 
 
@@ -195,7 +200,7 @@ class _OneShot(ClientFactory):
         self.failed = failed
 
     def buildProtocol(self, addr: object) -> Protocol:
-        return self.build()  # type: ignore[no-any-return]
+        return self.build()
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
         self.failed(reason)
@@ -247,7 +252,10 @@ class Stream:
             "agent: local service {service} unreachable: {why}",
             service=self.service.name, why=reason.getErrorMessage(),
         )
-        self.control.send(Error(f"local service {self.service.name} unreachable"))
+        # the conn id lets the server fail this stream now (a pooled one
+        # is failed by closing its proxy connection above)
+        conn_id = None if self.request.pool else self.request.conn_id
+        self.control.send(Error(f"local service {self.service.name} unreachable", conn_id=conn_id))
 
     def local_connected(self, local: LocalEnd) -> None:
         self.local = local
@@ -306,6 +314,10 @@ class AgentControl(Protocol):
 
     logged_in = False
     _heartbeat: IDelayedCall | None = None
+    # the models the login carried: a models_from answer that arrives
+    # before the login is answered is sent right after it
+    advertised: tuple[str, ...] = ()
+    refused = False
 
     def __init__(self, agent: AgentService) -> None:
         self.agent = agent
@@ -315,6 +327,7 @@ class AgentControl(Protocol):
 
     def connectionMade(self) -> None:
         agent = self.agent
+        self.advertised = agent.models
         self.send(Login(
             agent_id=agent.agent_id, api_key=agent.config.api_key,
             system_info=agent.stats.system_info(), models=agent.models,
@@ -336,16 +349,19 @@ class AgentControl(Protocol):
         if isinstance(message, LoginResult):
             if not message.ok:
                 self.agent.log.error("agent: login refused: {why}", why=message.error)
+                self.refused = True
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
             self.logged_in = True
             self.agent.log.info("agent {agent}: logged in", agent=self.agent.agent_id)
             self.agent.connected(self)
+            if self.agent.models != self.advertised:
+                self.send(ModelsUpdate(self.agent.models))
             self._schedule_heartbeat(0)
         elif isinstance(message, RequestNewProxyConn) and self.logged_in:
             service = self.agent.service_for(message.service)
             if service is None:
-                self.send(Error(f"no local service named {message.service!r}"))
+                self.send(Error(f"no local service named {message.service!r}", conn_id=message.conn_id))
                 return
             Stream(self, message, service).start()
         elif isinstance(message, Error):
@@ -375,6 +391,16 @@ class AgentControl(Protocol):
         self.pooled.clear()
         if self.logged_in:
             self.agent.log.info("agent {agent}: control connection lost", agent=self.agent.agent_id)
+        elif self.refused:
+            pass  # logged when the refusal came
+        elif reason is not None and reason.check(SSL.Error):
+            self.agent.log.error("agent {agent}: TLS with the server {server} failed: {why}",
+                                 agent=self.agent.agent_id, server=_hostport(self.agent.config.control),
+                                 why=_tls_reason(reason))
+        else:
+            self.agent.log.warn("agent {agent}: the server {server} closed the connection before a login: {why}",
+                                agent=self.agent.agent_id, server=_hostport(self.agent.config.control),
+                                why=reason.getErrorMessage() if reason is not None else "closed")
         self.agent.disconnected(self)
 
 
@@ -396,7 +422,8 @@ class AgentService(MultiService):
     log = Logger()
 
     def __init__(self, config: AgentConfig, reactor: Any, clock: Any = None,
-                 rng: random.Random | None = None, stats: SystemStats | None = None) -> None:
+                 rng: random.Random | None = None, stats: SystemStats | None = None,
+                 control_endpoint: Any = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -415,16 +442,23 @@ class AgentService(MultiService):
             hostname = config.server_name or config.control[0]
             self._tls = ssl.optionsForClientTLS(hostname, trustRoot=authority)
         self.plain_proxy = self._tls is None and (isIPAddress(config.proxy[0]) or isIPv6Address(config.proxy[0]))
+        # Control connections that ended without a login (refused, TLS
+        # failed, closed by the server) in a row.  ClientService counts
+        # only failed TCP connects: without this an agent whose TCP connect
+        # succeeds but whose login fails would retry at the first step of
+        # the backoff for ever.
+        self.failed_logins = 0
+        jitter = full_jitter(config.reconnect_initial, config.reconnect_max, rng)
         self.client = ClientService(
-            self.endpoint(config.control),
+            control_endpoint if control_endpoint is not None else self.endpoint(config.control),
             _ControlFactory(self),
-            retryPolicy=full_jitter(config.reconnect_initial, config.reconnect_max, rng),
+            retryPolicy=lambda attempts: jitter(attempts + self.failed_logins),
             clock=self.clock,
         )
         self.client.setServiceParent(self)
 
     def endpoint(self, address: tuple[str, int]) -> Any:
-        endpoint = HostnameEndpoint(self.reactor, address[0], address[1], timeout=self.config.connect_timeout)
+        endpoint: Any = HostnameEndpoint(self.reactor, address[0], address[1], timeout=self.config.connect_timeout)
         if self._tls is not None:
             endpoint = wrapClientTLS(self._tls, endpoint)
         return endpoint
@@ -439,6 +473,7 @@ class AgentService(MultiService):
 
     def connected(self, control: AgentControl) -> None:
         self.control = control
+        self.failed_logins = 0
 
     # -- models_from ---------------------------------------------------------
 
@@ -457,7 +492,8 @@ class AgentService(MultiService):
         self._models_timer = None
         d = defer.Deferred.fromCoroutine(self._fetch_models())
         d.addTimeout(self.config.connect_timeout, self.clock)
-        d.addCallbacks(self._got_models, self._models_failed)
+        d.addCallback(self._got_models)
+        d.addErrback(self._models_failed)
         d.addBoth(self._next_poll)
 
     async def _fetch_models(self) -> tuple[str, ...]:
@@ -493,6 +529,8 @@ class AgentService(MultiService):
     def disconnected(self, control: AgentControl) -> None:
         if self.control is control:
             self.control = None
+        if not control.logged_in:
+            self.failed_logins += 1
 
 
 def models_in(body: bytes) -> tuple[str, ...]:
@@ -519,6 +557,23 @@ def models_in(body: bytes) -> tuple[str, ...]:
             if name not in models:
                 models.append(name)
     return tuple(models)
+
+
+def _hostport(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _tls_reason(failure: Failure) -> str:
+    """
+    OpenSSL's reason for a failed handshake ("certificate verify failed"),
+    rather than the list of tuples its exception prints as.
+    """
+    reasons = []
+    for item in failure.value.args[0] if failure.value.args else ():
+        if isinstance(item, tuple) and item:
+            reasons.append(str(item[-1]))
+    return ", ".join(r for r in reasons if r) or failure.getErrorMessage()
 
 
 def _stored_agent_id(state_dir: str) -> str:

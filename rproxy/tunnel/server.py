@@ -3,14 +3,10 @@ The tunnel server: control, proxy and public ports of one C{tunnels:} entry.
 
   - L{ControlProtocol}: an agent logs in (API key), sends heartbeats and
     model updates, and receives C{request_new_proxy_conn}.
-  - L{PublicProtocol}: a user's connection.  Its early bytes are kept
-    (bounded; reading pauses past the bound) while the server asks an agent
-    for a data connection; if the agent does not deliver one within
-    C{open_timeout}, the next agent is asked; with none left the user is
-    closed.
-  - L{ProxyProtocol}: an agent's data connection.  Its first frame must
-    claim a pending open with the right one-time secret; then it is
-    spliced with the public connection (L{rproxy.splice}).
+  - L{PublicProtocol} and L{ProxyProtocol} (L{rproxy.tunnel.streams}): a
+    user's connection and an agent's data connection, spliced.
+  - L{TunnelServer}: the three listeners and the tunnel's state; it drains
+    on stop and takes configuration changes in place.
 
 Every malformed frame closes only the connection that sent it, with the
 reason logged.
@@ -19,26 +15,22 @@ reason logged.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import inspect
-import json
 import random
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rproxy.events import HEARTBEATS, REQUESTS
-from rproxy.http.headers import error_response
-from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader
-from rproxy.splice import EarlyDataEnd, SpliceEnd
+from rproxy.events import HEARTBEATS
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.config import TunnelConfig
 from rproxy.tunnel.registry import AgentSession, Pending, Registry, StaticKeys, TooManyPending
+from rproxy.tunnel.streams import ProxyProtocol, PublicProtocol, peer_address
 from rproxy.tunnel.wire import (
     MAX_FRAME,
     Error,
@@ -47,40 +39,15 @@ from rproxy.tunnel.wire import (
     Login,
     LoginResult,
     ModelsUpdate,
-    NewProxyConn,
     ProtocolError,
     RequestNewProxyConn,
-    StartStream,
     encode,
 )
 
-__all__ = ["TunnelServer"]
+__all__ = ["TunnelServer", "ControlProtocol", "PublicProtocol", "ProxyProtocol"]
+
 
 LOGIN_TIMEOUT = 10.0
-
-
-def _peer(transport: Any) -> str:
-    try:
-        peer = transport.getPeer()
-        return f"{peer.host}:{peer.port}"
-    except Exception:  # noqa: BLE001 - unix sockets and test transports
-        return "?"
-
-
-def _shared(agent: AgentSession) -> bool:
-    return not agent.dedicated
-
-
-def _model_of(body: bytes) -> str | None:
-    """
-    The C{model} field of a JSON request body, if it has one.
-    """
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    model = document.get("model") if isinstance(document, dict) else None
-    return model if isinstance(model, str) and model else None
 
 
 class ControlProtocol(Protocol):
@@ -106,7 +73,7 @@ class ControlProtocol(Protocol):
     def drop(self, why: str) -> None:
         self.server.log.info(
             "tunnel {tunnel}: closing control connection {peer}: {why}",
-            tunnel=self.server.name, peer=_peer(self.transport), why=why,
+            tunnel=self.server.name, peer=peer_address(self.transport), why=why,
         )
         self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -118,7 +85,7 @@ class ControlProtocol(Protocol):
         except ProtocolError as e:
             self.server.log.warn(
                 "tunnel {tunnel}: malformed frame from {peer}: {why}",
-                tunnel=self.server.name, peer=_peer(self.transport), why=str(e),
+                tunnel=self.server.name, peer=peer_address(self.transport), why=str(e),
             )
             self.transport.abortConnection()  # type: ignore[union-attr]
 
@@ -152,6 +119,8 @@ class ControlProtocol(Protocol):
                 "tunnel {tunnel}: agent {agent} reports: {message}",
                 tunnel=self.server.name, agent=session.agent_id, message=message.message,
             )
+            if message.conn_id is not None:
+                self.server.stream_refused(session, message.conn_id, message.message)
         else:
             raise ProtocolError(f"unexpected {message.type} on a control connection")
 
@@ -184,7 +153,7 @@ class ControlProtocol(Protocol):
             return
         now = self.server.clock.seconds()
         session = AgentSession(
-            agent_id=login.agent_id, peer=_peer(self.transport), key_name=key.name, level=key.level,
+            agent_id=login.agent_id, peer=peer_address(self.transport), key_name=key.name, level=key.level,
             connected_at=now, last_seen=now, control=self, system_info=login.system_info,
             devices=login.devices, models=login.models, pool_count=login.pool_count,
             key_digest=hashlib.sha256((login.api_key or login.token or "").encode("utf-8")).digest(),
@@ -216,386 +185,6 @@ class ControlProtocol(Protocol):
             self.server.drop_session(self.session, "control connection closed")
 
 
-class PublicProtocol(EarlyDataEnd):
-    """
-    A user's connection on the public port.
-
-    In C{mode: http} the request head is read first (strictly, as the HTTP
-    frontend does): the model comes from an C{X-Model} header or the
-    C{model} field of a JSON body (read up to C{model_body_limit}); a
-    bearer key of level >= 0 (dedicated) limits the choice to the agents
-    logged in with that key, any other request goes to agents with shared
-    keys.  The request goes to the agent unchanged but for
-    C{Connection: close}, so that each request on the client's side is
-    routed on its own (HAProxy's httpclose); upgrades keep their
-    Connection field.
-    """
-
-    pending: Pending | None = None
-    agent: AgentSession | None = None
-    proxy: ProxyProtocol | None = None
-    # mode: http
-    reader: RequestReader | None = None
-    head: RequestHead | None = None
-    model: str | None = None
-    eligible: Callable[[AgentSession], bool] | None = None
-    key_name: str | None = None
-    _head_timer: IDelayedCall | None = None
-    _body: list[bytes] | None = None
-    _body_size = 0
-    _routing = False
-    recorded = False
-
-    def __init__(self, server: TunnelServer) -> None:
-        self.server = server
-        self.tried: set[str] = set()
-
-    def connectionMade(self) -> None:
-        self.server.public_connections.add(self)
-        self.started = self.server.clock.seconds()
-        config = self.server.config
-        if config.mode == "http":
-            self.reader = RequestReader(8192, 64 * 1024, 100, None)
-            self.eligible = _shared
-            self._head_timer = self.server.clock.callLater(config.header_timeout, self._head_timed_out)
-            return
-        self.request_stream()
-
-    # -- mode: http --------------------------------------------------------
-
-    def unspliced_data(self, data: bytes) -> None:
-        EarlyDataEnd.unspliced_data(self, data)
-        reader = self.reader
-        if reader is None or self._routing:
-            return
-        try:
-            events = reader.feed(data)
-        except HTTPError as e:
-            self.http_error(e.status, e.reason)
-            return
-        for event in events:
-            if isinstance(event, RequestHead):
-                self.head = event
-                if self._head_timer is not None and self._head_timer.active():
-                    self._head_timer.cancel()
-                self._head_timer = None
-                model = event.header(b"x-model")
-                content_type = (event.header(b"content-type") or b"").lower()
-                if model is not None or not event.has_body or b"json" not in content_type:
-                    self.route(model)
-                    return
-                self._body = []
-            elif isinstance(event, Body) and self._body is not None:
-                self._body.append(event.data)
-                self._body_size += len(event.data)
-                if self._body_size > self.server.config.model_body_limit:
-                    self.route(None)  # too large to look into
-                    return
-            elif isinstance(event, EndOfMessage) and self._body is not None:
-                self.route(_model_of(b"".join(self._body)))
-                return
-        if self.head is not None and self._paused:
-            self.route(None)  # the early-data bound came first
-
-    def unspliced_eof(self) -> None:
-        if self.reader is not None and not self._routing:
-            self.transport.loseConnection()  # type: ignore[union-attr]
-            return
-        EarlyDataEnd.unspliced_eof(self)
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if not self._routing:
-            self.http_error(408, "request head not received in time")
-
-    def http_error(self, status: int, message: str, retry_after: bool = False) -> None:
-        self._routing = True
-        self._early = None
-        extra = [(b"Retry-After", b"1")] if retry_after else []
-        self.server.log.info("tunnel {tunnel}: {status} for public {peer}: {message}",
-                             tunnel=self.server.name, status=status, peer=_peer(self.transport), message=message)
-        self.transport.write(error_response(status, message, extra=extra))  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
-
-    def route(self, model: bytes | str | None) -> None:
-        """
-        The head (and what body was needed) is in: check the bearer key,
-        then choose an agent.
-        """
-        self._routing = True
-        self._body = None
-        if isinstance(model, bytes):
-            model = model.decode("utf-8", "replace")
-        self.model = model.strip() if model else None
-        head = self.head
-        assert head is not None
-        auth = head.header(b"authorization") or b""
-        if auth[:7].lower() != b"bearer " or not auth[7:].strip():
-            self.routed()
-            return
-        presented = auth[7:].strip().decode("latin-1")
-        result = self.server.keys.check(presented)
-        d = defer.Deferred.fromCoroutine(result) if inspect.iscoroutine(result) else defer.succeed(result)
-        d.addCallback(self._key_checked, presented)
-        d.addErrback(self._key_failed)
-
-    def _key_failed(self, failure: Failure) -> None:
-        self.server.log.failure("tunnel {tunnel}: checking a public bearer key failed", failure,
-                                tunnel=self.server.name)
-        if not self.lost:
-            self.http_error(503, "cannot check the key now", retry_after=True)
-
-    def _key_checked(self, key: Any, presented: str) -> None:
-        if self.lost:
-            return
-        if key is not None:
-            self.key_name = key.name
-            if key.level >= 0:
-                digest = hashlib.sha256(presented.encode("utf-8")).digest()
-                self.eligible = lambda agent: agent.dedicated and hmac.compare_digest(agent.key_digest, digest)
-        self.routed()
-
-    def routed(self) -> None:
-        server = self.server
-        if self.model is not None and not server.registry.serves(self.model, self.eligible):
-            if server.config.strict_models:
-                server.streams_failed += 1
-                self.http_error(404, f"model {self.model!r} is not served by any agent")
-                return
-            self.model = None  # the seed's fallback: any agent
-        self.request_stream()
-
-    def rewrite_head(self) -> None:
-        """
-        Ask the agent's service to close after this request (see the class
-        docstring), keeping the rest of the bytes as they came.
-        """
-        early = self._early
-        head = self.head
-        if not early or head is None or head.upgrade:
-            return
-        data = b"".join(early)
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        lines = data[:end].split(b"\r\n")
-        kept = [lines[0]] + [
-            line for line in lines[1:]
-            if line.split(b":", 1)[0].strip().lower() not in (b"connection", b"keep-alive", b"proxy-connection")
-        ]
-        kept.append(b"Connection: close")
-        self._early = [b"\r\n".join(kept) + data[end:]]
-
-    # -- choosing and opening ----------------------------------------------
-
-    def request_stream(self) -> None:
-        server = self.server
-        agent = server.registry.pick(self.tried, self.eligible, self.model)
-        if agent is None:
-            server.streams_failed += 1
-            why = "no agent is connected" if not self.tried else "no agent answered"
-            if self.reader is not None:
-                if self.model is not None and not self.tried:
-                    why = f"no agent serving {self.model!r} is connected"
-                self.http_error(503, why, retry_after=True)
-                return
-            server.log.info(
-                "tunnel {tunnel}: closing public {peer}: {why}",
-                tunnel=server.name, peer=_peer(self.transport), why=why,
-            )
-            self.transport.loseConnection()  # type: ignore[union-attr]
-            return
-        self.tried.add(agent.agent_id)
-        while agent.idle:
-            proxy = agent.idle.pop()
-            if proxy.lost:
-                continue
-            # a pooled connection: no round trip to the agent
-            proxy.pooled_by = None
-            proxy.transport.write(encode(StartStream(server.config.service)))  # type: ignore[union-attr]
-            server.streams_from_pool += 1
-            self.attach(proxy, agent, b"")
-            server.refill_pool(agent)
-            return
-        try:
-            pending = server.registry.open(agent, self)
-        except TooManyPending as e:
-            server.streams_failed += 1
-            server.log.warn("tunnel {tunnel}: closing public {peer}: {why}",
-                            tunnel=server.name, peer=_peer(self.transport), why=str(e))
-            self.transport.abortConnection()  # type: ignore[union-attr]
-            return
-        self.pending = pending
-        pending.timer = server.clock.callLater(server.config.open_timeout, self.open_timed_out, pending)
-        agent.control.send(RequestNewProxyConn(pending.conn_id, pending.secret, server.config.service))
-
-    def open_timed_out(self, pending: Pending) -> None:
-        pending.timer = None
-        self.server.registry.forget(pending)
-        pending.agent.failed_total += 1
-        self.pending = None
-        self.server.log.info(
-            "tunnel {tunnel}: agent {agent} did not open a stream within {timeout}s",
-            tunnel=self.server.name, agent=pending.agent.agent_id, timeout=self.server.config.open_timeout,
-        )
-        self.request_stream()
-
-    def attach(self, proxy: ProxyProtocol, agent: AgentSession, rest: bytes) -> None:
-        """
-        The agent delivered: splice, after the bytes each side sent early.
-        """
-        pending = self.pending
-        if pending is not None and pending.timer is not None and pending.timer.active():
-            pending.timer.cancel()
-        self.pending = None
-        self.agent = agent
-        self.proxy = proxy
-        proxy.public = self
-        agent.streams.add(self)
-        agent.opened_total += 1
-        server = self.server
-        server.streams_opened += 1
-        server.observe_open(server.clock.seconds() - self.started)
-        if self.reader is not None:
-            self.rewrite_head()
-            self.reader.close()
-            self.reader = None
-            # requests with a shared key are recorded when their stream ends
-            self.recorded = self.key_name is not None and not agent.dedicated
-        if rest:
-            self.transport.write(rest)  # type: ignore[union-attr]
-        self.join(proxy)
-
-    def end_lost(self, reason: Failure) -> None:
-        self.server.public_connections.discard(self)
-        if self.reader is not None:
-            self.reader.close()  # (see RequestReader.close)
-        if self._head_timer is not None and self._head_timer.active():
-            self._head_timer.cancel()
-        self._head_timer = None
-        if self.pending is not None:
-            if self.pending.timer is not None and self.pending.timer.active():
-                self.pending.timer.cancel()
-            self.server.registry.forget(self.pending)
-            self.pending = None
-        if self.agent is not None:
-            self.agent.streams.discard(self)
-            if self.proxy is not None:
-                self.server.bytes_in += self.received
-                self.server.bytes_out += self.proxy.received
-            if self.recorded:
-                self.record()
-
-    def unlink(self) -> None:
-        super().unlink()
-        self.proxy = None
-
-    def record(self) -> None:
-        """
-        A request made with a shared key, for the event stream (stats).
-        """
-        server, head, agent = self.server, self.head, self.agent
-        if server.events is None or head is None or agent is None:
-            return
-        server.events.emit(REQUESTS, {
-            "tunnel": server.name, "agent_id": agent.agent_id, "key": self.key_name, "model": self.model,
-            "at": self.started, "duration": round(server.clock.seconds() - self.started, 6),
-            "method": head.method.decode("latin-1"), "target": head.target.decode("latin-1")[:512],
-            "bytes_in": self.received, "bytes_out": self.proxy.received if self.proxy is not None else 0,
-        })
-
-    def abort(self) -> None:
-        for end in (self, self.proxy):
-            if end is not None and not end.lost:
-                end.transport.abortConnection()  # type: ignore[union-attr]
-
-
-class ProxyProtocol(SpliceEnd):
-    """
-    An agent's data connection on the proxy port.
-    """
-
-    public: PublicProtocol | None = None
-    pooled_by: AgentSession | None = None
-    _timer: IDelayedCall | None = None
-
-    def __init__(self, server: TunnelServer) -> None:
-        self.server = server
-        self.decoder: FrameDecoder | None = FrameDecoder(1024)
-
-    def connectionMade(self) -> None:
-        self._timer = self.server.clock.callLater(
-            max(self.server.config.open_timeout, 1.0), self.refuse, "no new_proxy_conn frame in time"
-        )
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.peer is not None:
-            SpliceEnd.dataReceived(self, data)
-            return
-        if self.decoder is None:
-            if self.pooled_by is not None:
-                self.refuse("data on an idle pooled connection")
-            return
-        try:
-            messages = self.decoder.feed(data, limit=1)
-        except ProtocolError as e:
-            self.refuse(f"malformed first frame: {e}")
-            return
-        if not messages:
-            return
-        message = messages[0]
-        rest = self.decoder.rest()
-        self.decoder = None
-        if not isinstance(message, NewProxyConn):
-            self.refuse(f"expected new_proxy_conn, got {message.type}")
-            return
-        pending = self.server.registry.claim(message.conn_id, message.secret)
-        if pending is None:
-            self.server.proxy_refused += 1
-            self.refuse("unknown, replayed or expired conn id, or wrong secret")
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if pending.public is None:
-            if pending.timer is not None and pending.timer.active():
-                pending.timer.cancel()
-            if rest:
-                self.refuse("data on an idle pooled connection")
-                return
-            self.pooled_by = pending.agent
-            pending.agent.idle.append(self)
-            return
-        self.received += len(rest)
-        pending.public.attach(self, pending.agent, rest)
-
-    def refuse(self, why: str) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.decoder = None
-        self.server.log.warn(
-            "tunnel {tunnel}: refusing proxy connection from {peer}: {why}",
-            tunnel=self.server.name, peer=_peer(self.transport), why=why,
-        )
-        self.transport.abortConnection()  # type: ignore[union-attr]
-
-    def end_lost(self, reason: Failure) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self.pooled_by is not None:
-            try:
-                self.pooled_by.idle.remove(self)
-            except ValueError:
-                pass
-            self.pooled_by = None
-
-    def unlink(self) -> None:
-        super().unlink()
-        self.public = None
-
-
 class _Factory(Factory):
     noisy = False
 
@@ -604,7 +193,7 @@ class _Factory(Factory):
         self.protocol_class = protocol
 
     def buildProtocol(self, addr: object) -> Protocol:
-        return self.protocol_class(self.server)  # type: ignore[no-any-return]
+        return self.protocol_class(self.server)
 
 
 class TunnelServer:
@@ -639,7 +228,8 @@ class TunnelServer:
         self.bytes_in = 0
         self.bytes_out = 0
         self.open_latencies: list[float] = []
-        self._sweep: IDelayedCall | None = None
+        self._sweep: LoopingCall | None = None
+        self._drained: defer.Deferred[None] | None = None
         self.observe_open = lambda seconds: None
         self.events: Any = None  # rproxy.events.EventSink, with stores
 
@@ -655,36 +245,130 @@ class TunnelServer:
             listen = "ssl:" + listen[4:] + f":privateKey={esc(self.config.tls.key)}:certKey={esc(self.config.tls.cert)}"
         return server_endpoint(self.reactor, listen)
 
-    async def start(self) -> None:
-        for role, listen, cls, tls in (
-            ("control", self.config.control, ControlProtocol, True),
-            ("proxy", self.config.proxy, ProxyProtocol, True),
-            ("public", self.config.public, PublicProtocol, False),
-        ):
-            try:
-                port = await self._endpoint(listen, tls).listen(_Factory(self, cls))
-            except Exception as e:  # noqa: BLE001 - reported, the rest still starts
-                self.log.error("tunnel {tunnel}: cannot listen on {role} {listen}: {why}",
-                               tunnel=self.name, role=role, listen=listen, why=e)
-                continue
-            self.ports[role] = port
-            host = port.getHost()
-            self.log.info("tunnel {tunnel} {role} listening on {address}", tunnel=self.name, role=role,
-                          address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', host)}")
-        self._schedule_sweep()
+    def _roles(self, config: TunnelConfig) -> list[tuple[str, str, type, bool]]:
+        return [
+            ("control", config.control, ControlProtocol, True),
+            ("proxy", config.proxy, ProxyProtocol, True),
+            ("public", config.public, PublicProtocol, False),
+        ]
 
-    def _schedule_sweep(self) -> None:
-        self._sweep = self.clock.callLater(max(self.config.heartbeat_timeout / 4, 0.05), self.sweep)
+    async def _listen(self, role: str, listen: str, cls: type, tls: bool) -> bool:
+        try:
+            port = await self._endpoint(listen, tls).listen(_Factory(self, cls))
+        except Exception as e:  # noqa: BLE001 - reported, the rest still starts
+            self.log.error("tunnel {tunnel}: cannot listen on {role} {listen}: {why}",
+                           tunnel=self.name, role=role, listen=listen, why=e)
+            return False
+        self.ports[role] = port
+        host = port.getHost()
+        self.log.info("tunnel {tunnel} {role} listening on {address}", tunnel=self.name, role=role,
+                      address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', host)}")
+        return True
+
+    async def start(self) -> None:
+        for role, listen, cls, tls in self._roles(self.config):
+            await self._listen(role, listen, cls, tls)
+        self.start_sweep()
+
+    async def reconfigure(self, config: TunnelConfig) -> None:
+        """
+        Apply a changed configuration of this tunnel in place: agents stay
+        logged in and streams stay open; only a port whose address (or,
+        for the control and proxy ports, TLS) changed is listened anew,
+        new address first, the old one closed after (connections already
+        accepted on it go on).  Timeouts, limits, keys and modes apply to
+        what comes next.
+        """
+        old, self.config = self.config, config
+        self.registry.algorithm = config.algorithm
+        self.registry.max_pending = config.max_pending
+        for role, listen, cls, tls in self._roles(config):
+            same_address = listen == getattr(old, role)
+            if same_address and (not tls or old.tls == config.tls) and role in self.ports:
+                continue
+            previous = self.ports.pop(role, None)
+            if previous is not None and same_address:
+                # a TLS change: the address must be free to listen again
+                await defer.maybeDeferred(previous.stopListening)
+                previous = None
+            if not await self._listen(role, listen, cls, tls) and previous is not None:
+                self.ports[role] = previous  # the new address failed: keep the old one
+                continue
+            if previous is not None:
+                await defer.maybeDeferred(previous.stopListening)
+        if old.heartbeat_timeout != config.heartbeat_timeout and self._sweep is not None:
+            if self._sweep.running:
+                self._sweep.stop()
+            self.start_sweep()
+        self.log.info("tunnel {tunnel}: configuration changed in place; {agents} agent(s) and {streams} "
+                      "stream(s) kept", tunnel=self.name, agents=len(self.registry.agents),
+                      streams=len(self.public_connections))
+
+    def stop_accepting(self) -> defer.Deferred[Any]:
+        """
+        Close the public port (first step of a drain); fires once closed.
+        """
+        port = self.ports.pop("public", None)
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+    async def drain(self, grace: float) -> None:
+        """
+        Stop accepting public connections at once, let those open finish
+        (agents stay logged in, so their streams still open and flow) for
+        up to C{grace} seconds, then L{stop}.
+        """
+        await self.stop_accepting()
+        if self.public_connections:
+            self.log.info("tunnel {tunnel}: draining {count} public connection(s) for up to {grace}s",
+                          tunnel=self.name, count=len(self.public_connections), grace=grace)
+            drained: defer.Deferred[None] = defer.Deferred()
+            self._drained = drained
+
+            def grace_over() -> None:
+                if not drained.called:
+                    drained.callback(None)
+
+            timer = self.clock.callLater(grace, grace_over)
+            await drained
+            self._drained = None
+            if timer.active():
+                timer.cancel()
+            if self.public_connections:
+                self.log.info("tunnel {tunnel}: closing {count} public connection(s) left after {grace}s",
+                              tunnel=self.name, count=len(self.public_connections), grace=grace)
+        await self.stop()
+
+    def public_ended(self, public: PublicProtocol) -> None:
+        self.public_connections.discard(public)
+        drained = self._drained
+        if drained is not None and not self.public_connections and not drained.called:
+            drained.callback(None)
+
+    def start_sweep(self) -> None:
+        """
+        Run L{sweep} every quarter of C{heartbeat_timeout}.
+        """
+        self._sweep = LoopingCall(self.sweep)
+        self._sweep.clock = self.clock
+        interval = max(self.config.heartbeat_timeout / 4, 0.05)
+        self._sweep.start(interval, now=False).addErrback(
+            lambda f: self.log.failure("tunnel {tunnel}: the heartbeat sweep stopped", f, tunnel=self.name))
 
     def sweep(self) -> None:
         """
-        Drop agents silent for C{heartbeat_timeout}.
+        Drop agents silent for C{heartbeat_timeout}.  A failure is logged
+        and the next sweep runs as usual (a LoopingCall whose function
+        raises stops for good).
         """
-        now = self.clock.seconds()
-        for session in list(self.registry.agents.values()):
-            if now - session.last_seen >= self.config.heartbeat_timeout:
-                self.drop_session(session, f"no heartbeat for {self.config.heartbeat_timeout}s")
-        self._schedule_sweep()
+        try:
+            now = self.clock.seconds()
+            for session in list(self.registry.agents.values()):
+                if now - session.last_seen >= self.config.heartbeat_timeout:
+                    self.drop_session(session, f"no heartbeat for {self.config.heartbeat_timeout}s")
+        except Exception:  # noqa: BLE001 - logged; the sweep goes on
+            self.log.failure("tunnel {tunnel}: heartbeat sweep failed", tunnel=self.name)
 
     def describe_agent(self, session: AgentSession) -> None:
         """
@@ -710,7 +394,7 @@ class TunnelServer:
         session.streams.clear()
         for proxy in list(session.idle):
             proxy.pooled_by = None
-            proxy.transport.abortConnection()  # type: ignore[union-attr]
+            proxy.transport.abortConnection()
         session.idle.clear()
         control = session.control
         if isinstance(control, ControlProtocol) and control.session is session:
@@ -723,6 +407,27 @@ class TunnelServer:
                     pending.timer.cancel()
                 public.pending = None
                 public.request_stream()
+
+    def stream_refused(self, session: AgentSession, conn_id: str, why: str) -> None:
+        """
+        C{session}'s agent cannot open stream C{conn_id} (its local service
+        refused): fail the public connection now rather than after
+        C{open_timeout}.  A conn id of another agent, or one no longer
+        pending, is ignored.
+        """
+        pending = self.registry.pending.get(conn_id)
+        if pending is None or pending.agent is not session:
+            return
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        pending.timer = None
+        self.registry.forget(pending)
+        public = pending.public
+        if public is None:
+            return  # a pooled connection that will not come
+        session.failed_total += 1
+        self.streams_failed += 1
+        public.stream_refused(session, why)
 
     def refill_pool(self, session: AgentSession) -> None:
         """
@@ -746,11 +451,12 @@ class TunnelServer:
             session.control.send(RequestNewProxyConn(pending.conn_id, pending.secret, self.config.service, pool=True))
 
     def port_of(self, role: str) -> int:
-        return self.ports[role].getHost().port  # type: ignore[no-any-return]
+        host: Any = self.ports[role].getHost()
+        return int(host.port)
 
     async def stop(self) -> None:
-        if self._sweep is not None and self._sweep.active():
-            self._sweep.cancel()
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
         self._sweep = None
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports.values()],
                                   consumeErrors=True)

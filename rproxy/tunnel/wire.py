@@ -18,7 +18,8 @@ Control connection (agent -> server, port 17000)
   agent  -> heartbeat       {cpu, memory, disk, load, active_streams}
   agent  -> models_update   {models}
   server -> request_new_proxy_conn {conn_id, secret, service, pool}
-  either -> error           {message}
+  either -> error           {message, conn_id?}  (conn_id: the stream the
+                            agent cannot open; the server fails it at once)
 
 The first frame must be C{login}, with C{version} equal to L{VERSION}; an
 agent that logs in again with the id of a live session replaces it at once.
@@ -42,6 +43,8 @@ late frames close the connection.
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from typing import Any
 
@@ -69,6 +72,13 @@ MAX_POOL = 64
 _HEADER = struct.Struct(">I")
 _MAX_TEXT = 256
 _MAX_ITEMS = 256
+# No message nests deeper than a few levels (system_info, devices); past
+# MAX_DEPTH a frame is refused before the JSON parser recurses into it.
+MAX_DEPTH = 32
+# Integers of more digits than this are no count or size of ours.
+_MAX_INT_DIGITS = 20
+# a string (to its end, or to the end of the data: never scanned twice) or a bracket
+_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*+"?|[\[\]{}]', re.S)
 
 
 class ProtocolError(Exception):
@@ -272,15 +282,25 @@ class ModelsUpdate:
 
 @attrs.frozen
 class Error:
+    """
+    A problem to report.  From an agent, C{conn_id} names the stream it
+    cannot open (its local service refused, or is unknown), so that the
+    server fails that stream at once instead of waiting for
+    C{open_timeout}.
+    """
+
     message: str
+    conn_id: str | None = None
     type = "error"
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> Error:
-        return cls(message=_text(d, "message", limit=1024) or "")
+        return cls(message=_text(d, "message", limit=1024) or "", conn_id=_text(d, "conn_id", required=False))
 
     def body(self) -> dict[str, Any]:
-        return {"message": self.message}
+        if self.conn_id is None:
+            return {"message": self.message}
+        return {"message": self.message, "conn_id": self.conn_id}
 
 
 Message = (
@@ -301,14 +321,58 @@ def encode(message: Message) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
+def _check_depth(data: bytes) -> None:
+    """
+    Refuse JSON nested deeper than L{MAX_DEPTH} without parsing it: Python's
+    parser recurses once per level and would raise RecursionError (with a
+    traceback per frame) on a few thousand brackets.  Counting brackets is
+    enough for almost every frame; only one with many of them is scanned
+    (brackets inside strings do not count).
+    """
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return
+    depth = 0
+    for token in _NESTING.findall(data):
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels")
+        elif token in (b"]", b"}"):
+            depth -= 1
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ProtocolError(f"frame holds {name}, which is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ProtocolError(f"integer of {len(text)} digits is out of range")
+    return int(text)
+
+
 def decode_body(data: bytes) -> Message:
     """
     Parse one frame's body.
 
+    Only plain JSON is accepted: NaN and Infinity (which Python's parser
+    takes by default), numbers that overflow a float, integers of more than
+    20 digits and nesting past L{MAX_DEPTH} are protocol errors like any
+    other malformed frame, so no field check downstream meets them.
+
     @raise ProtocolError: not a JSON object of a known type with valid fields.
     """
+    _check_depth(data)
     try:
-        body = json.loads(data.decode("utf-8"))
+        body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int)
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("frame is not UTF-8 JSON") from None
     if not isinstance(body, dict):
@@ -317,7 +381,7 @@ def decode_body(data: bytes) -> Message:
     cls = _TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
-    return cls.parse(body)  # type: ignore[no-any-return]
+    return cls.parse(body)
 
 
 class FrameDecoder:
