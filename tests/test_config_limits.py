@@ -276,3 +276,27 @@ class ContractTests(SynchronousTestCase):
         self.assertEqual(load_config(path).frontends[1].protocol, "http")
 
 
+
+
+class LineEndTests(SynchronousTestCase):
+    """
+    Names, header names and model names are checked to their very end: a
+    trailing newline (which a C{$} anchor lets through) is refused.
+    """
+
+    def test_trailing_newline_refused(self) -> None:
+        """A frontend name, a header rule's name and an agent's model ending in a newline are errors."""
+        data = {
+            "backends": [{"name": "web", "servers": ["127.0.0.1:1"]}],
+            "frontends": [{"name": "web\n", "listen": "127.0.0.1:0", "backend": "web", "protocol": "http",
+                           "routes": [{"backend": "web", "set_headers": {"X-A\n": "1"}}]}],
+        }
+        errors = self.assertRaises(ConfigError, parse_config, data).errors
+        self.assertIn("frontends[0].name: 'web\\n' may only hold letters, digits, '_', '.' and '-'", errors)
+        self.assertIn("frontends[0].routes[0].set_headers: invalid header name 'X-A\\n'", errors)
+        from rproxy.tunnel.config import parse_agent_config
+
+        agent = {"server": {"control": "127.0.0.1:1", "proxy": "127.0.0.1:2"}, "api_key": "k",
+                 "local": "127.0.0.1:3", "models": ["llama\n"]}
+        errors = self.assertRaises(ConfigError, parse_agent_config, agent).errors
+        self.assertIn("models[0]: 'llama\\n' is not a model name (printable ASCII, no spaces)", errors)

@@ -204,7 +204,7 @@ def size(value: object) -> int:
 
 def name(value: object) -> str:
     result = text(value)
-    if not re.match(r"^[A-Za-z0-9_.-]+$", result):
+    if not re.match(r"^[A-Za-z0-9_.-]+\Z", result):
         raise ValueError(f"{brief(result)} may only hold letters, digits, '_', '.' and '-'")
     return result
 
@@ -232,7 +232,7 @@ def hash_key(value: object) -> str:
     raise ValueError(f"{brief(result)} is not source_ip, header:NAME or cookie:NAME")
 
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 
 def is_token(value: object) -> bool:

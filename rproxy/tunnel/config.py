@@ -162,7 +162,7 @@ def _hostport(value: object) -> tuple[str, int]:
 
 def _model_name(value: object) -> str:
     text = v.text(value)
-    if len(text) > 256 or not re.match(r"^[\x21-\x7e]+$", text):
+    if len(text) > 256 or not re.match(r"^[\x21-\x7e]+\Z", text):
         raise ValueError(f"{brief(text)} is not a model name (printable ASCII, no spaces)")
     return text
 
@@ -221,7 +221,7 @@ def parse_agent_config(data: object) -> AgentConfig:
         reconnect_max=maximum,
         connect_timeout=top.value("connect_timeout", v.duration, 5.0),
     )
-    if config.models_from is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", config.models_from):
+    if config.models_from is not None and not re.match(r"^https?://[^/\s]+(/\S*)?\Z", config.models_from):
         errors.append(f"models_from: {brief(config.models_from)} is not an http:// or https:// URL")
     top.finish()
     if errors:
