@@ -13,7 +13,7 @@ from rproxy.config.endpoints import listen
 from rproxy.config.model import PROTOCOLS, FrontendConfig, GlobalConfig, HTTPOptions
 from rproxy.config.reader import MISSING, Section
 from rproxy.config.sections import header_pairs
-from rproxy.config.values import brief, parse_size
+from rproxy.config.values import brief
 
 __all__ = ["read_frontend", "read_frontend_tls", "read_http", "read_routes"]
 
@@ -74,15 +74,7 @@ def read_frontend(parent: Section, path: str, raw: object, global_: GlobalConfig
 
 def read_http(section: Section) -> HTTPOptions:
     d = HTTPOptions()
-    max_body = section.raw("max_body")
-    if max_body is None or max_body is MISSING:
-        body_limit = None if max_body is None else d.max_body
-    else:
-        try:
-            body_limit = parse_size(max_body)
-        except ValueError as e:
-            section.error("max_body", str(e))
-            body_limit = d.max_body
+    body_limit = section.nullable("max_body", v.size, d.max_body)
     options = HTTPOptions(
         max_target=section.value("max_target", v.size, d.max_target),
         max_head=section.value("max_head", v.size, d.max_head),

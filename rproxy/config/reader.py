@@ -104,6 +104,17 @@ class Section:
             self.error(key, str(e))
             return None if default is MISSING else default
 
+    def nullable(self, key: str, convert: Callable[[object], Any], default: object) -> Any:
+        """
+        A key whose C{null} means none (no limit, no listener): C{None} for
+        null, C{default} when the key is absent or its value is wrong (the
+        error recorded), else the converted value.
+        """
+        if self.data.get(key, MISSING) is None:
+            self.used.add(key)
+            return None
+        return self.value(key, convert, default)
+
     def section(self, key: str) -> Section:
         raw = self.raw(key)
         return self.child(None if raw is MISSING else raw, self.key_path(key))

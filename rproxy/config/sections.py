@@ -62,17 +62,7 @@ def read_global(section: Section) -> GlobalConfig:
 
 def read_admin(section: Section) -> AdminConfig:
     d = AdminConfig()
-    raw = section.raw("listen")
-    if raw is None:
-        admin_listen = None
-    elif raw is MISSING:
-        admin_listen = d.listen
-    else:
-        try:
-            admin_listen = listen(raw)
-        except ValueError as e:
-            section.error("listen", str(e))
-            admin_listen = d.listen
+    admin_listen = section.nullable("listen", listen, d.listen)
     # api_key: null (or absent) opens /api/v1, as etc/rproxy.yaml says
     api_key = section.raw("api_key")
     result = AdminConfig(
