@@ -19,7 +19,6 @@ Probes and metrics need no key.  Errors are JSON C{{"error": "..."}}.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -28,38 +27,18 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from rproxy.adminhttp import MAX_BODY, AdminSite, bearer_ok
+from rproxy.adminhttp import AdminSite, ApiError
+from rproxy.adminhttp import ApiLeaf as _ApiLeaf
+from rproxy.adminhttp import Leaf as _Leaf
+from rproxy.adminhttp import checked_text as _text
+from rproxy.adminhttp import finish as _finish
+from rproxy.adminhttp import json_body as _body
+from rproxy.adminhttp import json_response as _json
 
 if TYPE_CHECKING:
     from rproxy.service import RProxyService
 
 __all__ = ["build_admin_site", "AdminRoot"]
-
-
-def _json(request: Request, status: int, body: Any) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body, indent=2, sort_keys=True).encode("utf-8") + b"\n"
-
-
-class _Leaf(Resource):
-    isLeaf = True
-
-    def __init__(self, service: RProxyService) -> None:
-        super().__init__()
-        self.service = service
-
-    def render(self, request: Request) -> bytes:
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return _json(request, 405, {"error": "method not allowed"})
-        if request.postpath not in ([], [b""]):
-            return _json(request, 404, {"error": "not found"})
-        return self.render_get(request)
-
-    def render_get(self, request: Request) -> bytes:
-        raise NotImplementedError
 
 
 class Livez(_Leaf):
@@ -97,27 +76,6 @@ class MetricsPage(_Leaf):
         return generate_latest(self.service.registry)
 
 
-class _ApiLeaf(_Leaf):
-    """
-    /api/v1 resources: when C{admin.api_key} is set they need
-    C{Authorization: Bearer <api_key>} (compared in constant time); a
-    request with a body is refused earlier, from its head (L{AdminRequest}).
-    """
-
-    def unauthorized(self, request: Request) -> bytes | None:
-        """
-        The 401 answer when the bearer token is missing or wrong, else None.
-        """
-        if bearer_ok(request.getHeader(b"authorization"), self.service.config.admin.api_key):
-            return None
-        request.setHeader(b"www-authenticate", b'Bearer realm="rproxy"')
-        return _json(request, 401, {"error": "missing or invalid bearer token"})
-
-    def render(self, request: Request) -> bytes:
-        refused = self.unauthorized(request)
-        return refused if refused is not None else super().render(request)
-
-
 class Agents(_ApiLeaf):
     """
     /api/v1/agents: the live agents; /api/v1/agents/known: the database's.
@@ -149,18 +107,6 @@ class Models(_ApiLeaf):
             "object": "list",
             "data": [{"id": m, "object": "model", "agents": sorted(a)} for m, a in sorted(models.items())],
         })
-
-
-class ApiError(Exception):
-    """
-    An answer other than success, raised where the input is found wanting:
-    C{status} and a message for C{{"error": ...}}.
-    """
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class _StoreApi(_ApiLeaf):
@@ -218,20 +164,6 @@ _INT8 = 2**63 - 1
 _DIGITS = re.compile(r"-?[0-9]{1,19}")
 
 
-def _text(value: str, what: str) -> str:
-    """
-    C{value} if PostgreSQL can hold it: text has no NUL character, and a
-    lone surrogate (JSON's C{"\\ud800"}) has no UTF-8 form.
-    """
-    if "\0" in value:
-        raise ApiError(400, f"{what}: NUL characters are not allowed")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, f"{what}: not valid Unicode (a lone surrogate)") from None
-    return value
-
-
 def _arg(request: Request, name: str, default: str = "") -> str:
     raw = request.args.get(name.encode("ascii"), [None])[0]
     return default if raw is None else _text(raw.decode("utf-8", "replace"), name)
@@ -249,47 +181,6 @@ def _integer(raw: str, what: str, low: int, high: int) -> int:
 
 def _page(request: Request, default: int = 100) -> tuple[int, str]:
     return _integer(_arg(request, "limit", str(default)), "limit", 1, 1000), _arg(request, "after")
-
-
-class _NotJSON(ValueError):
-    pass
-
-
-def _no_constants(name: str) -> Any:
-    raise _NotJSON(f"{name} is not a JSON number")
-
-
-def _body(request: Request) -> dict[str, Any]:
-    """
-    The request's JSON object (L{AdminRequest} has bounded its size), every
-    string in it, names included, checked by L{_text}.
-    """
-    raw = request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, f"the body is larger than {MAX_BODY // 1024} KiB")
-    try:
-        body = json.loads(raw or b"null", parse_constant=_no_constants)
-    except RecursionError:
-        raise ApiError(400, "the body must be a JSON object (this one is nested too deeply)") from None
-    except _NotJSON as e:
-        raise ApiError(400, f"the body must be a JSON object ({e})") from None
-    except ValueError:  # not JSON, not UTF-8, an integer past Python's 4300 digits
-        raise ApiError(400, "the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    # iterative: the parser accepts nesting as deep as Python's recursion limit
-    stack: list[tuple[str, Any]] = [("", body)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, str):
-            _text(value, where)
-        elif isinstance(value, dict):
-            for name, item in value.items():
-                _text(name, f"{where or 'the body'}: a field name")
-                stack.append((f"{where}.{name}" if where else name, item))
-        elif isinstance(value, list):
-            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
-    return body
 
 
 class Keys(_StoreApi):
@@ -453,13 +344,6 @@ class KnownAgents(_StoreApi):
                     "active_streams": streams},
             })
         _finish(request, 200, {"agents": agents, "next_after": agents[-1]["id"] if len(agents) == limit else None})
-
-
-def _finish(request: Request, status: int, body: Any) -> None:
-    if request.finished or getattr(request, "rproxy_gone", False):
-        return
-    request.write(_json(request, status, body))
-    request.finish()
 
 
 class AdminRoot(Resource):
