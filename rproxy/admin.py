@@ -13,6 +13,8 @@ The admin port: a plain twisted.web resource tree.
   /api/v1/backends  CRUD on the backends table (same)
   /api/v1/stats     requests and bytes per key and agent (same)
   /api/v1/agents/known  agents in PostgreSQL with their last heartbeat
+  /, /ui/, /api/v1, /api/v1/dashboard, /api/v1/servers, /api/v1/reload
+                    the dashboard and the runtime API (L{rproxy.adminops})
 
 Probes and metrics need no key.  Errors are JSON C{{"error": "..."}}.
 """
@@ -34,6 +36,8 @@ from rproxy.adminhttp import checked_text as _text
 from rproxy.adminhttp import finish as _finish
 from rproxy.adminhttp import json_body as _body
 from rproxy.adminhttp import json_response as _json
+from rproxy.adminops import ApiIndex, Dashboard, Reload, Servers, UIFiles, ui_files
+from rproxy.console import Console
 
 if TYPE_CHECKING:
     from rproxy.service import RProxyService
@@ -351,8 +355,14 @@ class AdminRoot(Resource):
     The root of the admin tree; unknown paths answer JSON 404.
     """
 
-    def __init__(self, service: RProxyService) -> None:
+    def __init__(self, service: RProxyService, console: Console | None = None) -> None:
         super().__init__()
+        if console is None:
+            console = Console(service, service.clock)
+        self.console = console
+        ui = UIFiles(ui_files())
+        self.putChild(b"", ui)
+        self.putChild(b"ui", ui)
         self.putChild(b"livez", Livez(service))
         self.putChild(b"readyz", Readyz(service))
         health = Health(service)
@@ -361,6 +371,10 @@ class AdminRoot(Resource):
         self.putChild(b"stats", Stats(service))
         self.putChild(b"metrics", MetricsPage(service))
         v1 = _Branch()
+        v1.putChild(b"", ApiIndex(service))
+        v1.putChild(b"dashboard", Dashboard(service, console))
+        v1.putChild(b"servers", Servers(service))
+        v1.putChild(b"reload", Reload(service))
         v1.putChild(b"agents", Agents(service))
         v1.putChild(b"backends", Backends(service))
         v1.putChild(b"stats", StatsApi(service))
@@ -373,14 +387,6 @@ class AdminRoot(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         return _NotFound()
 
-    def render(self, request: Request) -> bytes:
-        return _json(
-            request,
-            200,
-            {"endpoints": ["/livez", "/readyz", "/health", "/healthz", "/stats", "/metrics",
-                           "/api/v1/agents", "/api/v1/agents/known", "/api/v1/models", "/api/v1/keys",
-                           "/api/v1/backends", "/api/v1/stats"]},
-        )
 
 
 class _Branch(Resource):
@@ -388,6 +394,10 @@ class _Branch(Resource):
         return _NotFound()
 
     def render(self, request: Request) -> bytes:
+        # /api/v1 without the slash lists the API, as /api/v1/ does
+        index = self.children.get(b"")
+        if index is not None:
+            return index.render(request)  # type: ignore[no-any-return]
         return _json(request, 404, {"error": "not found"})
 
 
@@ -399,4 +409,9 @@ class _NotFound(Resource):
 
 
 def build_admin_site(service: RProxyService) -> Site:
-    return AdminSite(AdminRoot(service), lambda: service.config.admin.api_key, service.reactor)
+    """
+    The admin port's site; the dashboard samples while it listens.
+    """
+    console = Console(service, service.clock)
+    return AdminSite(AdminRoot(service, console), lambda: service.config.admin.api_key, service.reactor,
+                     console)

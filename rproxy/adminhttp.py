@@ -119,12 +119,25 @@ class AdminSite(Site):
     log (probes are scraped every few seconds).
     """
 
-    def __init__(self, resource: Any, api_key: Callable[[], str | None], reactor: Any) -> None:
+    def __init__(self, resource: Any, api_key: Callable[[], str | None], reactor: Any,
+                 console: Any = None) -> None:
         # the reactor also runs the channels' idle timeouts
         super().__init__(resource, requestFactory=AdminRequest, reactor=reactor)
         self.api_key = api_key
         self.noisy = False
         self.displayTracebacks = False
+        self.console = console
+
+    def startFactory(self) -> None:
+        # the dashboard samples while the port listens (and only then)
+        super().startFactory()
+        if self.console is not None:
+            self.console.start()
+
+    def stopFactory(self) -> None:
+        if self.console is not None:
+            self.console.stop()
+        super().stopFactory()
 
     def log(self, request: Request) -> None:
         """
