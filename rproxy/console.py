@@ -215,6 +215,16 @@ class Console:
             "reload": service.last_reload,
         }
 
+    def _address(self, name: str) -> str | None:
+        """
+        Where a frontend listens as bound (the port a port 0 got).
+        """
+        port = self.service.ports.get(name)
+        host = getattr(port.getHost(), "host", None) if port is not None else None
+        if host is None:
+            return None
+        return f"[{host}]:{port.getHost().port}" if ":" in host else f"{host}:{port.getHost().port}"  # type: ignore[union-attr]
+
     def _frontend(self, frontend: Any) -> dict[str, Any]:
         from rproxy.http.frontend import DURATION_BUCKETS
 
@@ -239,6 +249,7 @@ class Console:
             "name": frontend.name,
             "protocol": frontend.config.protocol,
             "listen": frontend.config.listen,
+            "address": self._address(frontend.name),
             "backend": frontend.config.backend,
             "open_connections": frontend.active,
             "total_connections": frontend.total,

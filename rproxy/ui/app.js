@@ -113,7 +113,8 @@ function line(points, index, scale, cls, span, start) {
 function chart(svg, points, at) {
   while (svg.firstChild) svg.firstChild.remove();
   if (points.length < 2) return;
-  const span = 300, start = at - span;
+  // the last 5 minutes, or less while there is less to show
+  const span = Math.min(300, Math.max(60, at - points[0][0])), start = at - span;
   const rps = Math.max(1, ...points.map((p) => p[1] || 0));
   const p99 = Math.max(1, ...points.map((p) => p[5] || 0));
   svg.append(line(points, [1], rps, "rps", span, start));
@@ -146,7 +147,7 @@ function renderFrontends(snapshot) {
            el("span", { text: "last 5 min" })));
     });
     card.querySelector(".title").textContent = f.name;
-    card.querySelector(".where").textContent = `${f.protocol} on ${f.listen} → backend ${f.backend}`;
+    card.querySelector(".where").textContent = `${f.protocol} on ${f.address || f.listen} → backend ${f.backend}`;
     const now = f.now;
     const http = f.protocol === "http";
     card.querySelector(".rps").textContent = http ? num(now.requests_per_s, 1) : "–";
@@ -231,12 +232,17 @@ function renderBackends(snapshot) {
 
 // -- tunnels, token pools, reload -------------------------------------------
 
-function renderTable(id, rows) {
+function renderTable(id, rows, none) {
   const tbody = $(id).querySelector("tbody");
   const keys = new Set();
+  if (!rows.length) {
+    rows = [["", []]];
+    const tr = keyed(tbody, "", () => el("tr", {}, el("td", { class: "empty", colspan: "9", text: none })));
+    tr.firstChild.textContent = none;
+  }
   for (const [key, values] of rows) {
     keys.add(key);
-    cells(keyed(tbody, key, () => el("tr")), values);
+    if (key) cells(keyed(tbody, key, () => el("tr")), values);
   }
   prune(tbody, keys);
 }
@@ -251,9 +257,10 @@ function renderRest(snapshot) {
         a.active_streams, ago(a.last_heartbeat_ago)]]);
     }
   }
-  renderTable("agents", agents);
+  renderTable("agents", agents, snapshot.tunnels.length ? "no agent logged in" : "no tunnel configured");
   renderTable("tokens", snapshot.token_pools.map((p) => [p.name,
-    [p.name, p.total, p.in_use, p.available, p.waiting, p.credentials_out.join(", ") || "none"]]));
+    [p.name, p.total, p.in_use, p.available, p.waiting, p.credentials_out.join(", ") || "none"]]),
+    "no token pool configured");
   const r = snapshot.reload;
   $("lastreload").textContent = r
     ? `${when(r.at)}: ${r.result}` + (r.errors.length ? " — " + r.errors.join("; ") : "") + ` (reload #${r.count})`
