@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet.error import ReactorNotRunning
 
-from rproxy.tap import ConfigOptions, global_reactor
+from rproxy.tap import ConfigOptions, global_reactor, quiet_twisted_noise
 from rproxy.tunnel.agent import AgentService
 from rproxy.tunnel.config import load_agent_config
 
@@ -32,6 +32,8 @@ def makeService(options: Options) -> AgentService:
     reactor = global_reactor()
     service = AgentService(options["parsed"], reactor)
     service.on_login_failure = lambda: exit_with(reactor, 1)
+    if getattr(options, "parent", None) is not None:
+        quiet_twisted_noise()
     return service
 
 
