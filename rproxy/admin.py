@@ -397,7 +397,7 @@ class _Branch(Resource):
         # /api/v1 without the slash lists the API, as /api/v1/ does
         index = self.children.get(b"")
         if index is not None:
-            return index.render(request)  # type: ignore[no-any-return]
+            return index.render(request)
         return _json(request, 404, {"error": "not found"})
 
 

@@ -94,7 +94,7 @@ class UIFiles(Resource):
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             return json_response(request, 405, {"error": "method not allowed"})
-        path = [p for p in request.postpath if p]
+        path = [p for p in request.postpath or () if p]
         name = path[0] if len(path) == 1 else b"index.html" if not path else b""
         found = self.files.get(name)
         if found is None:
@@ -157,7 +157,7 @@ class Servers(ApiLeaf):
         if refused is not None:
             return refused
         try:
-            path = [p.decode("utf-8") for p in request.postpath if p]
+            path = [p.decode("utf-8") for p in request.postpath or () if p]
         except UnicodeDecodeError:
             return json_response(request, 404, {"error": "not found"})
         if len(path) > 2:

@@ -293,4 +293,4 @@ class Metrics:
         )
 
     def watch(self, service: RProxyService) -> None:
-        self.registry.register(StateCollector(service))  # type: ignore[arg-type]
+        self.registry.register(StateCollector(service))

@@ -21,11 +21,13 @@ from typing import Any
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     Logger,
     PredicateResult,
     globalLogBeginner,
 )
 from twisted.python import usage
+from zope.interface import implementer
 
 import rproxy
 from rproxy.config import ConfigError, load_config
@@ -148,8 +150,10 @@ def is_noise(event: dict[str, Any]) -> bool:
     return False
 
 
-def _not_noise(event: dict[str, Any]) -> PredicateResult:
-    return PredicateResult.no if is_noise(event) else PredicateResult.maybe
+@implementer(ILogFilterPredicate)
+class _NotNoise:
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        return PredicateResult.no if is_noise(event) else PredicateResult.maybe
 
 
 def quiet_twisted_noise(beginner: Any = globalLogBeginner) -> None:
@@ -162,7 +166,7 @@ def quiet_twisted_noise(beginner: Any = globalLogBeginner) -> None:
 
     def filtered(observers: Any, *args: Any, **kwargs: Any) -> Any:
         beginner.beginLoggingTo = begin
-        return begin([FilteringLogObserver(o, [_not_noise]) for o in observers], *args, **kwargs)
+        return begin([FilteringLogObserver(o, [_NotNoise()]) for o in observers], *args, **kwargs)
 
     beginner.beginLoggingTo = filtered
 

@@ -32,10 +32,11 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rproxy.splice import SpliceEnd, splice
 from rproxy.transport import connect_tcp
@@ -434,6 +435,7 @@ class _ControlFactory(Factory):
         return AgentControl(self.agent)
 
 
+@implementer(IStreamClientEndpoint)
 class _Announced:
     """
     The control endpoint, saying where each attempt connects and why one
@@ -641,7 +643,7 @@ def _quiet_http_factory() -> Any:
     """
     from twisted.web.client import _HTTP11ClientFactory
 
-    class QuietHTTP11ClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    class QuietHTTP11ClientFactory(_HTTP11ClientFactory):
         noisy = False
 
     return QuietHTTP11ClientFactory
