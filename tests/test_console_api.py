@@ -177,3 +177,19 @@ class RuntimeApiTests(SynchronousTestCase):
         """Without a configuration file there is nothing to reload: 409."""
         self.assertEqual(self.call("POST", "/api/v1/reload"),
                          (409, {"error": "rproxy runs without a configuration file to reload"}))
+
+    def test_state_survives_reload(self) -> None:
+        """A drain set through the API survives a reload that leaves the server as it was, not one that changes it."""
+        configs: list[Any] = []
+        self.start(loader=lambda path: defer.succeed(configs.pop(0)))
+        self.call("PATCH", "/api/v1/servers/web/a", {"state": "drain", "weight": 5})
+        configs.append(config_from_mapping(mapping()))
+        self.assertEqual(self.call("POST", "/api/v1/reload")[0], 200)
+        server = self.call("GET", "/api/v1/servers/web/a")[1]
+        self.assertEqual((server["state"], server["weight"]), ("draining", 5))
+        changed = mapping()
+        changed["backends"][0]["servers"][0]["weight"] = 3
+        configs.append(config_from_mapping(changed))
+        self.assertEqual(self.call("POST", "/api/v1/reload")[0], 200)
+        server = self.call("GET", "/api/v1/servers/web/a")[1]
+        self.assertEqual((server["state"], server["weight"]), ("up", 3))
