@@ -175,13 +175,15 @@ async function setServer(backend, server, change) {
   }
 }
 
+const COLUMNS = ["Server", "State", "Weight", "Active", "Total", "Errors", "Last check", "Reason", "Actions"];
+
 function serverRow(backend, server) {
   const weight = el("input", { class: "weight", type: "number", min: "0", max: "1000", "aria-label": "weight" });
   const tr = el("tr", { "data-backend": backend, "data-server": server });
-  for (let i = 0; i < 8; i++) tr.append(el("td"));
+  for (const label of COLUMNS.slice(0, 8)) tr.append(el("td", { "data-label": label }));
   tr.children[1].className = "state";
   tr.children[7].className = "reason";
-  const ops = el("td", {}, el("div", { class: "ops" },
+  const ops = el("td", { class: "actions" }, el("div", { class: "ops" },
     el("button", { type: "button", class: "drain", text: "Drain", title: "no new connections; open ones finish",
                    onclick: () => setServer(backend, server, { state: "drain" }) }),
     el("button", { type: "button", class: "maint", text: "Maint", title: "maintenance: out of rotation",
@@ -202,8 +204,8 @@ function renderBackends(snapshot) {
     keys.add(b.name);
     const wrap = keyed(box, b.name, () => el("div", { class: "scroll" },
       el("div", { class: "backend-head" }, el("h3", { class: "title" }), el("span", { class: "muted summary" })),
-      el("table", {}, el("thead", {}, el("tr", {}, ...["Server", "State", "Weight", "Active", "Total", "Errors",
-        "Last check", "Reason", "Actions"].map((t) => el("th", { text: t })))), el("tbody"))));
+      el("table", { class: "servers" }, el("thead", {}, el("tr", {}, ...COLUMNS.map((t) => el("th", { text: t })))),
+         el("tbody"))));
     wrap.querySelector(".title").textContent = b.name;
     wrap.querySelector(".summary").textContent =
       `${b.algorithm} · ${b.servers_up}/${b.servers_total} taking connections` + (b.waiting ? ` · ${b.waiting} waiting` : "");
