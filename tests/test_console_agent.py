@@ -198,3 +198,32 @@ class AgentProcessTests(TestCase):
         self.assertIn("giving up", child.output)
         self.assertNotIn("Starting factory", child.output)
         self.assertNotIn("Traceback", child.output)
+
+
+class QuietStreamTests(AgentTestMixin, SynchronousTestCase):
+    def test_proxy_factory_is_quiet(self) -> None:
+        """A stream's connection to a proxy port by name (or TLS) uses a factory that logs no start/stop lines."""
+        agent, clock, reactor_, endpoint = self.make_agent(
+            server={"control": "127.0.0.1:17000", "proxy": "localhost:17001"})
+        factories: list[Any] = []
+
+        class Recording:
+            def connect(self, factory: Any) -> defer.Deferred[Any]:
+                factories.append(factory)
+                return defer.Deferred()
+
+        agent.endpoint = lambda address: Recording()  # type: ignore[method-assign]
+        from twisted.internet.testing import StringTransport
+
+        from rproxy.tunnel.agent import AgentControl
+        from rproxy.tunnel.wire import RequestNewProxyConn
+
+        control = AgentControl(agent)
+        control.makeConnection(StringTransport())
+        control.dataReceived(encode(LoginResult(ok=True, agent_id="a")))
+        control.dataReceived(encode(RequestNewProxyConn("c1", "s")))
+        local_factory = reactor_.tcpClients[-1][2]
+        local = local_factory.buildProtocol(None)
+        local.makeConnection(StringTransport())
+        self.assertEqual([f.noisy for f in factories], [False])
+        control.connectionLost(Failure(ConnectionDone()))

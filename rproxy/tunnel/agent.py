@@ -286,7 +286,9 @@ class Stream:
             connect_tcp(agent.reactor, host, port, _OneShot(lambda: ProxyEnd(self), self.proxy_failed),
                         agent.config.connect_timeout)
             return
-        d = agent.endpoint(agent.config.proxy).connect(Factory.forProtocol(lambda: ProxyEnd(self)))
+        factory = Factory.forProtocol(lambda: ProxyEnd(self))
+        factory.noisy = False  # a factory per stream: no start/stop lines
+        d = agent.endpoint(agent.config.proxy).connect(factory)
         d.addErrback(self.proxy_failed)
 
     def proxy_failed(self, reason: Failure) -> None:
