@@ -22,7 +22,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.support import ServiceMixin, async_test, listen, wait_for
+from rproxy.tunnel.wire import Heartbeat, Login
+from tests.support import ServiceMixin, async_test, connect, listen, wait_for
+from tests.test_e2e_tunnel import FakeAgent
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENS = "/work/screens"
@@ -111,6 +113,8 @@ def _drive(admin: str, proxy: str, servers: dict[str, NamedServer], screens: str
                     break
                 page.wait_for_timeout(100)
             out["message"] = page.inner_text("#message")
+            page.wait_for_selector("#agents tbody tr[data-key='gpu/gpu-01']", timeout=5_000)
+            out["agent"] = page.inner_text("#agents tbody tr[data-key='gpu/gpu-01']").split("\t")
             if screens is not None:
                 page.screenshot(path=os.path.join(screens, "dashboard-laptop.png"), full_page=True)
                 page.set_viewport_size({"width": 390, "height": 844})
@@ -142,6 +146,9 @@ class DashboardBrowserTests(ServiceMixin, TestCase):
             ports[name] = port.getHost().port
         service = await self.start_service({
             "admin": {"listen": "tcp:0:interface=127.0.0.1", "api_key": KEY},
+            "api_keys": [{"key": "agent-key", "level": -1, "name": "shared"}],
+            "tunnels": [{"name": "gpu", "control": "tcp:0:interface=127.0.0.1",
+                         "proxy": "tcp:0:interface=127.0.0.1", "public": "tcp:0:interface=127.0.0.1"}],
             "backends": [{"name": "web", "servers": [{"address": f"127.0.0.1:{ports[n]}", "name": n}
                                                      for n in ("a", "b")],
                           "health_check": {"type": "http", "path": "/health", "interval": "500ms",
@@ -150,6 +157,11 @@ class DashboardBrowserTests(ServiceMixin, TestCase):
                            "backend": "web"}],
         })
         await wait_for(lambda: all(s.last_check_ok for s in service.pools["web"].servers))
+        agent = FakeAgent()
+        await connect(service.tunnels["gpu"].port_of("control"), agent)  # type: ignore[arg-type]
+        self.addCleanup(lambda: None if agent.lost else agent.transport.abortConnection())
+        agent.send(Login(agent_id="gpu-01", api_key="agent-key", models=("llama3", "qwen2")))
+        agent.send(Heartbeat(cpu=42.5, memory=61.0, disk=30.0, active_streams=0))
         admin = f"http://127.0.0.1:{service.admin_port.getHost().port}"  # type: ignore[union-attr]
         proxy = f"http://127.0.0.1:{service.port_of('web')}"
         screens: str | None = SCREENS
@@ -165,6 +177,8 @@ class DashboardBrowserTests(ServiceMixin, TestCase):
         self.assertEqual(result["after_drain"], ["a"] * 8)
         self.assertEqual(result["message"], "web/b: state drain")
         self.assertGreater(float(result["rps"]), 0)
+        self.assertEqual(result["agent"][:8], ["gpu", "gpu-01", "shared (level -1)", "llama3, qwen2", "42.5%",
+                                               "61.0%", "30.0%", "0"])
         if screens is not None:
             self.assertFalse(result["phone_overflow"])
         b = service.pools["web"].server("b")
