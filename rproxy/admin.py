@@ -13,13 +13,14 @@ The admin port: a plain twisted.web resource tree.
   /api/v1/backends  CRUD on the backends table (same)
   /api/v1/stats     requests and bytes per key and agent (same)
   /api/v1/agents/known  agents in PostgreSQL with their last heartbeat
+  /, /ui/, /api/v1, /api/v1/dashboard, /api/v1/servers, /api/v1/reload
+                    the dashboard and the runtime API (L{rproxy.adminops})
 
 Probes and metrics need no key.  Errors are JSON C{{"error": "..."}}.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -28,38 +29,20 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from rproxy.adminhttp import MAX_BODY, AdminSite, bearer_ok
+from rproxy.adminhttp import AdminSite, ApiError
+from rproxy.adminhttp import ApiLeaf as _ApiLeaf
+from rproxy.adminhttp import Leaf as _Leaf
+from rproxy.adminhttp import checked_text as _text
+from rproxy.adminhttp import finish as _finish
+from rproxy.adminhttp import json_body as _body
+from rproxy.adminhttp import json_response as _json
+from rproxy.adminops import ApiIndex, Dashboard, Reload, Servers, UIFiles, ui_files
+from rproxy.console import Console
 
 if TYPE_CHECKING:
     from rproxy.service import RProxyService
 
 __all__ = ["build_admin_site", "AdminRoot"]
-
-
-def _json(request: Request, status: int, body: Any) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body, indent=2, sort_keys=True).encode("utf-8") + b"\n"
-
-
-class _Leaf(Resource):
-    isLeaf = True
-
-    def __init__(self, service: RProxyService) -> None:
-        super().__init__()
-        self.service = service
-
-    def render(self, request: Request) -> bytes:
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return _json(request, 405, {"error": "method not allowed"})
-        if request.postpath not in ([], [b""]):
-            return _json(request, 404, {"error": "not found"})
-        return self.render_get(request)
-
-    def render_get(self, request: Request) -> bytes:
-        raise NotImplementedError
 
 
 class Livez(_Leaf):
@@ -97,27 +80,6 @@ class MetricsPage(_Leaf):
         return generate_latest(self.service.registry)
 
 
-class _ApiLeaf(_Leaf):
-    """
-    /api/v1 resources: when C{admin.api_key} is set they need
-    C{Authorization: Bearer <api_key>} (compared in constant time); a
-    request with a body is refused earlier, from its head (L{AdminRequest}).
-    """
-
-    def unauthorized(self, request: Request) -> bytes | None:
-        """
-        The 401 answer when the bearer token is missing or wrong, else None.
-        """
-        if bearer_ok(request.getHeader(b"authorization"), self.service.config.admin.api_key):
-            return None
-        request.setHeader(b"www-authenticate", b'Bearer realm="rproxy"')
-        return _json(request, 401, {"error": "missing or invalid bearer token"})
-
-    def render(self, request: Request) -> bytes:
-        refused = self.unauthorized(request)
-        return refused if refused is not None else super().render(request)
-
-
 class Agents(_ApiLeaf):
     """
     /api/v1/agents: the live agents; /api/v1/agents/known: the database's.
@@ -149,18 +111,6 @@ class Models(_ApiLeaf):
             "object": "list",
             "data": [{"id": m, "object": "model", "agents": sorted(a)} for m, a in sorted(models.items())],
         })
-
-
-class ApiError(Exception):
-    """
-    An answer other than success, raised where the input is found wanting:
-    C{status} and a message for C{{"error": ...}}.
-    """
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class _StoreApi(_ApiLeaf):
@@ -218,20 +168,6 @@ _INT8 = 2**63 - 1
 _DIGITS = re.compile(r"-?[0-9]{1,19}")
 
 
-def _text(value: str, what: str) -> str:
-    """
-    C{value} if PostgreSQL can hold it: text has no NUL character, and a
-    lone surrogate (JSON's C{"\\ud800"}) has no UTF-8 form.
-    """
-    if "\0" in value:
-        raise ApiError(400, f"{what}: NUL characters are not allowed")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, f"{what}: not valid Unicode (a lone surrogate)") from None
-    return value
-
-
 def _arg(request: Request, name: str, default: str = "") -> str:
     raw = request.args.get(name.encode("ascii"), [None])[0]
     return default if raw is None else _text(raw.decode("utf-8", "replace"), name)
@@ -249,47 +185,6 @@ def _integer(raw: str, what: str, low: int, high: int) -> int:
 
 def _page(request: Request, default: int = 100) -> tuple[int, str]:
     return _integer(_arg(request, "limit", str(default)), "limit", 1, 1000), _arg(request, "after")
-
-
-class _NotJSON(ValueError):
-    pass
-
-
-def _no_constants(name: str) -> Any:
-    raise _NotJSON(f"{name} is not a JSON number")
-
-
-def _body(request: Request) -> dict[str, Any]:
-    """
-    The request's JSON object (L{AdminRequest} has bounded its size), every
-    string in it, names included, checked by L{_text}.
-    """
-    raw = request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, f"the body is larger than {MAX_BODY // 1024} KiB")
-    try:
-        body = json.loads(raw or b"null", parse_constant=_no_constants)
-    except RecursionError:
-        raise ApiError(400, "the body must be a JSON object (this one is nested too deeply)") from None
-    except _NotJSON as e:
-        raise ApiError(400, f"the body must be a JSON object ({e})") from None
-    except ValueError:  # not JSON, not UTF-8, an integer past Python's 4300 digits
-        raise ApiError(400, "the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    # iterative: the parser accepts nesting as deep as Python's recursion limit
-    stack: list[tuple[str, Any]] = [("", body)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, str):
-            _text(value, where)
-        elif isinstance(value, dict):
-            for name, item in value.items():
-                _text(name, f"{where or 'the body'}: a field name")
-                stack.append((f"{where}.{name}" if where else name, item))
-        elif isinstance(value, list):
-            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
-    return body
 
 
 class Keys(_StoreApi):
@@ -455,20 +350,19 @@ class KnownAgents(_StoreApi):
         _finish(request, 200, {"agents": agents, "next_after": agents[-1]["id"] if len(agents) == limit else None})
 
 
-def _finish(request: Request, status: int, body: Any) -> None:
-    if request.finished or getattr(request, "rproxy_gone", False):
-        return
-    request.write(_json(request, status, body))
-    request.finish()
-
-
 class AdminRoot(Resource):
     """
     The root of the admin tree; unknown paths answer JSON 404.
     """
 
-    def __init__(self, service: RProxyService) -> None:
+    def __init__(self, service: RProxyService, console: Console | None = None) -> None:
         super().__init__()
+        if console is None:
+            console = Console(service, service.clock)
+        self.console = console
+        ui = UIFiles(ui_files())
+        self.putChild(b"", ui)
+        self.putChild(b"ui", ui)
         self.putChild(b"livez", Livez(service))
         self.putChild(b"readyz", Readyz(service))
         health = Health(service)
@@ -477,6 +371,10 @@ class AdminRoot(Resource):
         self.putChild(b"stats", Stats(service))
         self.putChild(b"metrics", MetricsPage(service))
         v1 = _Branch()
+        v1.putChild(b"", ApiIndex(service))
+        v1.putChild(b"dashboard", Dashboard(service, console))
+        v1.putChild(b"servers", Servers(service))
+        v1.putChild(b"reload", Reload(service))
         v1.putChild(b"agents", Agents(service))
         v1.putChild(b"backends", Backends(service))
         v1.putChild(b"stats", StatsApi(service))
@@ -489,14 +387,6 @@ class AdminRoot(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         return _NotFound()
 
-    def render(self, request: Request) -> bytes:
-        return _json(
-            request,
-            200,
-            {"endpoints": ["/livez", "/readyz", "/health", "/healthz", "/stats", "/metrics",
-                           "/api/v1/agents", "/api/v1/agents/known", "/api/v1/models", "/api/v1/keys",
-                           "/api/v1/backends", "/api/v1/stats"]},
-        )
 
 
 class _Branch(Resource):
@@ -504,6 +394,10 @@ class _Branch(Resource):
         return _NotFound()
 
     def render(self, request: Request) -> bytes:
+        # /api/v1 without the slash lists the API, as /api/v1/ does
+        index = self.children.get(b"")
+        if index is not None:
+            return index.render(request)
         return _json(request, 404, {"error": "not found"})
 
 
@@ -515,4 +409,9 @@ class _NotFound(Resource):
 
 
 def build_admin_site(service: RProxyService) -> Site:
-    return AdminSite(AdminRoot(service), lambda: service.config.admin.api_key, service.reactor)
+    """
+    The admin port's site; the dashboard samples while it listens.
+    """
+    console = Console(service, service.clock)
+    return AdminSite(AdminRoot(service, console), lambda: service.config.admin.api_key, service.reactor,
+                     console)

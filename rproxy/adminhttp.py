@@ -19,12 +19,17 @@ import hmac
 import json
 from collections.abc import Callable
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-__all__ = ["MAX_BODY", "AdminRequest", "AdminSite", "bearer_ok"]
+if TYPE_CHECKING:
+    from rproxy.service import RProxyService
+
+__all__ = ["MAX_BODY", "AdminRequest", "AdminSite", "ApiError", "ApiLeaf", "Leaf", "bearer_ok", "checked_text",
+           "finish", "json_body", "json_response"]
 
 log = Logger()
 
@@ -114,14 +119,151 @@ class AdminSite(Site):
     log (probes are scraped every few seconds).
     """
 
-    def __init__(self, resource: Any, api_key: Callable[[], str | None], reactor: Any) -> None:
+    def __init__(self, resource: Any, api_key: Callable[[], str | None], reactor: Any,
+                 console: Any = None) -> None:
         # the reactor also runs the channels' idle timeouts
         super().__init__(resource, requestFactory=AdminRequest, reactor=reactor)
         self.api_key = api_key
         self.noisy = False
         self.displayTracebacks = False
+        self.console = console
+
+    def startFactory(self) -> None:
+        # the dashboard samples while the port listens (and only then)
+        super().startFactory()
+        if self.console is not None:
+            self.console.start()
+
+    def stopFactory(self) -> None:
+        if self.console is not None:
+            self.console.stop()
+        super().stopFactory()
 
     def log(self, request: Request) -> None:
         """
         Probes are scraped every few seconds; keep them out of the log.
         """
+
+
+# -- the resources' common parts ------------------------------------------
+
+
+def json_response(request: Request, status: int, body: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+
+
+class Leaf(Resource):
+    isLeaf = True
+
+    def __init__(self, service: RProxyService) -> None:
+        super().__init__()
+        self.service = service
+
+    def render(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return json_response(request, 405, {"error": "method not allowed"})
+        if request.postpath not in ([], [b""]):
+            return json_response(request, 404, {"error": "not found"})
+        return self.render_get(request)
+
+    def render_get(self, request: Request) -> bytes:
+        raise NotImplementedError
+
+
+class ApiLeaf(Leaf):
+    """
+    /api/v1 resources: when C{admin.api_key} is set they need
+    C{Authorization: Bearer <api_key>} (compared in constant time); a
+    request with a body is refused earlier, from its head (L{AdminRequest}).
+    """
+
+    def unauthorized(self, request: Request) -> bytes | None:
+        """
+        The 401 answer when the bearer token is missing or wrong, else None.
+        """
+        if bearer_ok(request.getHeader(b"authorization"), self.service.config.admin.api_key):
+            return None
+        request.setHeader(b"www-authenticate", b'Bearer realm="rproxy"')
+        return json_response(request, 401, {"error": "missing or invalid bearer token"})
+
+    def render(self, request: Request) -> bytes:
+        refused = self.unauthorized(request)
+        return refused if refused is not None else super().render(request)
+
+
+class ApiError(Exception):
+    """
+    An answer other than success, raised where the input is found wanting:
+    C{status} and a message for C{{"error": ...}}.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def checked_text(value: str, what: str) -> str:
+    """
+    C{value} if PostgreSQL can hold it: text has no NUL character, and a
+    lone surrogate (JSON's C{"\\ud800"}) has no UTF-8 form.
+    """
+    if "\0" in value:
+        raise ApiError(400, f"{what}: NUL characters are not allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{what}: not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+class _NotJSON(ValueError):
+    pass
+
+
+def _no_constants(name: str) -> Any:
+    raise _NotJSON(f"{name} is not a JSON number")
+
+
+def json_body(request: Request) -> dict[str, Any]:
+    """
+    The request's JSON object (L{AdminRequest} has bounded its size), every
+    string in it, names included, checked by L{checked_text}.
+    """
+    raw = request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"the body is larger than {MAX_BODY // 1024} KiB")
+    try:
+        body = json.loads(raw or b"null", parse_constant=_no_constants)
+    except RecursionError:
+        raise ApiError(400, "the body must be a JSON object (this one is nested too deeply)") from None
+    except _NotJSON as e:
+        raise ApiError(400, f"the body must be a JSON object ({e})") from None
+    except ValueError:  # not JSON, not UTF-8, an integer past Python's 4300 digits
+        raise ApiError(400, "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    # iterative: the parser accepts nesting as deep as Python's recursion limit
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            checked_text(value, where)
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                checked_text(name, f"{where or 'the body'}: a field name")
+                stack.append((f"{where}.{name}" if where else name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return body
+
+
+def finish(request: Request, status: int, body: Any) -> None:
+    if request.finished or getattr(request, "rproxy_gone", False):
+        return
+    request.write(json_response(request, status, body))
+    request.finish()

@@ -37,7 +37,8 @@ class Candidate(Protocol):
     What a balancer needs to know of a server.
     """
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def weight(self) -> int: ...

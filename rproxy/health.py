@@ -173,6 +173,8 @@ class HealthChecker:
     def _verdict(self, server: Server, state: HealthState, ok: bool, reason: str) -> None:
         change = state.record(ok)
         server.check_failures = state.failures
+        server.last_check_ok, server.last_check_reason = ok, reason
+        server.last_check_at = self._clock.seconds()
         if change is not None:
             self._pool.set_up(server, change, reason)
 

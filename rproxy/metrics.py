@@ -26,6 +26,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from rproxy.pool import ADMIN_STATES
+
 if TYPE_CHECKING:
     from rproxy.service import RProxyService
 
@@ -105,6 +107,15 @@ class StateCollector:
         queue = GaugeMetricFamily(
             "rproxy_backend_queue_waiting", "Connections waiting for a server slot", labels=["backend"]
         )
+        weight = GaugeMetricFamily(
+            "rproxy_server_weight", "The server's balancing weight (as set at runtime, else configured)",
+            labels=["backend", "server"],
+        )
+        admin = GaugeMetricFamily(
+            "rproxy_server_admin_state",
+            "1 for the state an operator set (ready, drain, maint), 0 for the others",
+            labels=["backend", "server", "state"],
+        )
         for pool in service.pools.values():
             queue.add_metric([pool.name], pool.waiting)
             for server in pool.servers:
@@ -116,7 +127,10 @@ class StateCollector:
                 sbytes.add_metric(labels + ["in"], server.bytes_in)
                 sbytes.add_metric(labels + ["out"], server.bytes_out)
                 ejections.add_metric(labels, server.ejections)
-        yield from (up, sactive, stotal, serrors, sbytes, ejections, queue)
+                weight.add_metric(labels, server.weight)
+                for state in ADMIN_STATES:
+                    admin.add_metric(labels + [state], 1 if server.admin_state == state else 0)
+        yield from (up, sactive, stotal, serrors, sbytes, ejections, queue, weight, admin)
 
         agents = GaugeMetricFamily("rproxy_tunnel_agents", "Agents logged in", labels=["tunnel"])
         streams = GaugeMetricFamily("rproxy_tunnel_streams_active", "Spliced streams open", labels=["tunnel"])
@@ -279,4 +293,4 @@ class Metrics:
         )
 
     def watch(self, service: RProxyService) -> None:
-        self.registry.register(StateCollector(service))  # type: ignore[arg-type]
+        self.registry.register(StateCollector(service))

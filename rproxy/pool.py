@@ -12,8 +12,11 @@ Invariants:
   - C{Server.active} counts the connections a server holds right now: it
     goes up in L{Pool.acquire} and down in L{Pool.release}, exactly once
     each per connection.
-  - A server that is down, ejected, draining (removed by a reload) or full
-    is never picked.
+  - A server that is down, ejected, draining (removed by a reload), set
+    to C{drain} or C{maint} by an operator, or full is never picked.
+  - An operator's C{admin_state} and runtime weight stay with the server
+    while a reload leaves its configuration unchanged; a reload that
+    changes it gives the file the last word.
   - Backups are picked only when no primary can be.
   - Passive ejection never takes out more than C{max_ejection_percent} of
     the pool's servers.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import collections
 import random
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 from twisted.internet import defer
@@ -33,9 +37,24 @@ from twisted.logger import Logger
 from rproxy.balance import Balancer, make_balancer
 from rproxy.config import BackendConfig, ServerConfig
 
-__all__ = ["Server", "Pool", "NoServerAvailable", "QueueFull", "QueueTimeout"]
+__all__ = ["Server", "Pool", "NoServerAvailable", "QueueFull", "QueueTimeout", "AdminError", "ADMIN_STATES",
+           "MAX_WEIGHT"]
 
 _NEVER = float("inf")
+
+# what an operator may set (HAProxy's "set server ... state"): ready takes
+# connections; drain takes no new ones and lets open ones finish; maint
+# is drain the operator means to last (the server is being worked on)
+ADMIN_STATES = ("ready", "drain", "maint")
+# the configuration's bound on weight (backends[].servers[].weight)
+MAX_WEIGHT = 1000
+
+
+class AdminError(ValueError):
+    """
+    An operator's change a pool cannot make: no such server, an unknown
+    state, a weight out of range.
+    """
 
 
 class NoServerAvailable(Exception):
@@ -77,14 +96,23 @@ class Server:
     bytes_in: int = 0
     bytes_out: int = 0
     down_reason: str = ""
+    # set by the operator (runtime API, dashboard): ready | drain | maint
+    admin_state: str = "ready"
+    # the balancers' weight: the configuration's unless an operator set one
+    weight: int = -1
+    weight_set: bool = False
+    # the last active health check: None before the first one
+    last_check_ok: bool | None = None
+    last_check_reason: str = ""
+    last_check_at: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.weight < 0:
+            self.weight = self.config.weight
 
     @property
     def name(self) -> str:
         return self.config.name
-
-    @property
-    def weight(self) -> int:
-        return self.config.weight
 
     @property
     def host(self) -> str:
@@ -103,13 +131,16 @@ class Server:
 
     def usable(self, now: float) -> bool:
         """
-        Up, not ejected and not draining (it may still be full).
+        Up, not ejected, not draining and ready (it may still be full).
         """
-        return self.up and not self.draining and not self.ejected_until > now
+        return (self.up and not self.draining and self.admin_state == "ready"
+                and not self.ejected_until > now)
 
     def state(self, now: float) -> str:
-        if self.draining:
+        if self.draining or self.admin_state == "drain":
             return "draining"
+        if self.admin_state == "maint":
+            return "maintenance"
         if not self.up:
             return "down"
         if self.ejected(now):
@@ -394,6 +425,45 @@ class Pool:
 
         self._wake = self._clock.callLater(delay, wake)
 
+    # -- operator --------------------------------------------------------
+
+    def server(self, name: str) -> Server | None:
+        for server in self.servers:
+            if server.name == name:
+                return server
+        return None
+
+    def set_admin(self, name: str, state: str | None = None, weight: int | None = None,
+                  by: str = "the admin API") -> Server:
+        """
+        An operator's change to server C{name}: its C{admin_state}, its
+        weight, or both (checked before either is applied).  C{drain} and
+        C{maint} stop new connections at once; open ones finish as they
+        would.  Each change is logged once.
+
+        @raise AdminError: no such server, unknown state, weight out of range.
+        """
+        server = self.server(name)
+        if server is None:
+            raise AdminError(f"backend {self.name!r} has no server {name!r}")
+        if state is not None and state not in ADMIN_STATES:
+            raise AdminError(f"state must be one of {', '.join(ADMIN_STATES)}")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int)
+                                   or not 0 <= weight <= MAX_WEIGHT):
+            raise AdminError(f"weight must be an integer from 0 to {MAX_WEIGHT}")
+        if state is not None and state != server.admin_state:
+            self.log.info("server {server} of backend {backend}: {state} (was {before}), set by {by}",
+                          server=name, backend=self.name, state=state, before=server.admin_state, by=by)
+            server.admin_state = state
+        if weight is not None and weight != server.weight:
+            self.log.info("server {server} of backend {backend}: weight {weight} (was {before}), set by {by}",
+                          server=name, backend=self.name, weight=weight, before=server.weight, by=by)
+            server.weight = weight
+            server.weight_set = weight != server.config.weight
+        self._version += 1
+        self._serve_waiters()
+        return server
+
     # -- reload ----------------------------------------------------------
 
     def update(self, config: BackendConfig) -> list[Server]:
@@ -412,8 +482,18 @@ class Pool:
             server = old.pop(server_config.name, None)
             if server is None:
                 server = Server(server_config, config.name)
-            else:
+            elif server.config != server_config:
+                # the file changed this server: its values win over the
+                # operator's
+                if server.admin_state != "ready" or server.weight_set:
+                    self.log.info("server {server} of backend {backend}: changed by the reload; "
+                                  "{state} and weight {weight} set at runtime are dropped",
+                                  server=server.name, backend=config.name, state=server.admin_state,
+                                  weight=server.weight)
                 server.config = server_config
+                server.admin_state = "ready"
+                server.weight = server_config.weight
+                server.weight_set = False
             servers.append(server)
         for server in old.values():
             server.draining = True
@@ -442,6 +522,41 @@ class Pool:
         now = self._clock.seconds()
         return sum(1 for s in self.servers if s.usable(now))
 
+    def describe(self) -> dict[str, Any]:
+        """
+        The pool in the configuration's words (backend, server, algorithm),
+        for /health and the dashboard.
+        """
+        now = self._clock.seconds()
+        return {
+            "name": self.name,
+            "algorithm": self.config.algorithm,
+            "servers_total": len(self.servers),
+            "servers_up": self.healthy_count(),
+            "waiting": len(self._waiters),
+            "servers": [
+                {
+                    "name": s.name,
+                    "address": s.config.address,
+                    "weight": s.weight,
+                    "configured_weight": s.config.weight,
+                    "backup": s.config.backup,
+                    "state": s.state(now),
+                    "admin_state": s.admin_state,
+                    "healthy": s.up,
+                    "reason": s.down_reason,
+                    "last_check": None if s.last_check_ok is None else {
+                        "ok": s.last_check_ok, "reason": s.last_check_reason,
+                        "ago": round(now - s.last_check_at, 3)},
+                    "active_connections": s.active,
+                    "total_connections": s.total,
+                    "connect_failures": s.connect_failures,
+                    "ejections": s.ejections,
+                }
+                for s in self.servers
+            ],
+        }
+
     def stats(self) -> dict[str, object]:
         """
         The pool as the VK gateway's C{/stats} shows it.
@@ -461,6 +576,7 @@ class Pool:
                     "weight": s.weight,
                     "backup": s.config.backup,
                     "state": s.state(now),
+                    "admin_state": s.admin_state,
                     "is_healthy": s.usable(now),
                     "reason": s.down_reason,
                     "consecutive_failures": max(s.consecutive_failures, s.check_failures),

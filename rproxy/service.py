@@ -109,6 +109,8 @@ class RProxyService(MultiService):
         # what start-up does on a listener that cannot bind, after logging
         # it (twistd -n: exit 1 quietly; see rproxy.tap); then ListenError
         self.on_start_failure: Callable[[ListenError], None] | None = None
+        # the last reload (file or API): when, result, errors; None before one
+        self.last_reload: dict[str, Any] | None = None
 
     # -- start -----------------------------------------------------------
 
@@ -432,16 +434,27 @@ class RProxyService(MultiService):
         def done(result: Any) -> Any:
             if isinstance(result, Failure):
                 self.metrics.reloads.labels("failed").inc()
+                self._record_reload("failed", [result.getErrorMessage()])
             elif self.listen_failures:
                 self.metrics.reloads.labels("partial").inc()
+                self._record_reload("partial", list(self.listen_failures.values()))
                 self.log.error("configuration reloaded, except {count} listener(s): {problems}",
                                count=len(self.listen_failures), problems="; ".join(self.listen_failures.values()))
             else:
                 self.metrics.reloads.labels("ok").inc()
+                self._record_reload("ok", [])
                 self.log.info("configuration reloaded")
             return result
 
         return d.addBoth(done)
+
+    def _record_reload(self, result: str, errors: list[str]) -> None:
+        """
+        Keep the outcome for the admin port (dashboard, C{rproxyctl reload}).
+        """
+        count = 1 if self.last_reload is None else self.last_reload["count"] + 1
+        self.last_reload = {"at": self.clock.seconds(), "result": result, "errors": errors[:50], "count": count,
+                            "path": self.config_path}
 
     def _warn_if_nothing_listens(self, new: Config) -> None:
         before = _traffic_listeners(self.config)
@@ -490,12 +503,14 @@ class RProxyService(MultiService):
             new = await self._config_loader(self.config_path)
         except ConfigError as e:
             self.metrics.reloads.labels("invalid").inc()
+            self._record_reload("invalid", list(e.lines()))
             for line in e.lines():
                 self.log.error("reload rejected: {error}", error=line)
             self.log.error("reload rejected; keeping the running configuration")
             return
         except Exception:  # noqa: BLE001 - a bug in validation must not stop later reloads
             self.metrics.reloads.labels("invalid").inc()
+            self._record_reload("invalid", ["the file could not be validated"])
             self.log.failure("reload rejected: the file could not be validated; keeping the running configuration")
             return
         if self.stopping:
@@ -585,7 +600,7 @@ class RProxyService(MultiService):
                 }
                 for f in self.frontends.values()
             ],
-            "backends": [pool.stats() for pool in self.pools.values()],
+            "backends": [pool.describe() for pool in self.pools.values()],
             "token_pools": {name: pool.status() for name, pool in self.token_pools.items()},
         }
 

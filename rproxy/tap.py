@@ -1,23 +1,39 @@
 """
 twistd glue: C{twistd -n rproxy --config etc/rproxy.yaml}.
 
-Only parses options and builds the service.  An invalid configuration
-stops twistd before it starts, with one line per problem and no traceback.
+Parses options and builds the service.  An invalid configuration stops
+twistd before it starts, with one line per problem and no traceback.
+Once it serves, one line says which rproxy runs which file and what
+listens where; Twisted's own lines that repeat it ("HTTPFrontend starting
+on 8080", "(TCP Port 8080 Closed)", factory start and stop) are left out
+of twistd's log.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import sys
 from typing import Any
 
 from twisted.internet.error import ReactorNotRunning
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogFilterPredicate,
+    Logger,
+    PredicateResult,
+    globalLogBeginner,
+)
 from twisted.python import usage
+from zope.interface import implementer
 
+import rproxy
 from rproxy.config import ConfigError, load_config
 from rproxy.service import ListenError, RProxyService, build_service
+
+log = Logger()
 
 __all__ = ["Options", "makeService"]
 
@@ -75,7 +91,84 @@ def makeService(options: Options) -> RProxyService:
     service.on_start_failure = _start_failure_handler(options)
     _install_signals(reactor, service)
     reactor.callWhenRunning(freeze_startup_heap)
+    reactor.callWhenRunning(_announce_when_ready, service)
+    if getattr(options, "parent", None) is not None:
+        quiet_twisted_noise()
     return service
+
+
+def startup_line(service: RProxyService) -> str:
+    """
+    Which rproxy runs which file, and what listens where.
+    """
+    listening = [f"frontend {name} ({service.frontends[name].config.protocol}) {_where(port)}"
+                 for name, port in service.ports.items() if name in service.frontends]
+    for tunnel in service.tunnels.values():
+        ports = getattr(tunnel, "ports", {})
+        roles = ", ".join(f"{role} {_where(ports[role])}" for role in ("control", "proxy", "public") if role in ports)
+        listening.append(f"tunnel {tunnel.name} {roles}")
+    if service.admin_port is not None:
+        where = _where(service.admin_port)
+        listening.append(f"admin {where} (dashboard http://{where}/)")
+    path = os.path.abspath(service.config_path) if service.config_path else "no file"
+    return (f"rproxy {rproxy.__version__} (pid {os.getpid()}) running {path}: "
+            + ("; ".join(listening) or "nothing listens"))
+
+
+def _where(port: Any) -> str:
+    host = port.getHost()
+    address = getattr(host, "host", None)
+    if address is None:
+        return str(getattr(host, "name", host))
+    return f"[{address}]:{host.port}" if ":" in address else f"{address}:{host.port}"
+
+
+def _announce_when_ready(service: RProxyService) -> None:
+    if service.ready is None:
+        return
+
+    def announce(result: Any) -> Any:
+        if not service.listen_failures:
+            log.info("{line}", line=startup_line(service))
+        return result
+
+    service.ready.addCallback(announce).addErrback(lambda f: log.failure("start-up line failed", f))
+
+
+# Twisted's own lines that repeat rproxy's: a port's start and close (the
+# service says what listens where) and factory starts and stops
+_NOISE_TEXT = (re.compile(r"\S+ starting on \d+"), re.compile(r"\((TCP|UDP|UNIX|SSL) Port \S+ Closed\)"))
+_NOISE_FORMATS = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+
+
+def is_noise(event: dict[str, Any]) -> bool:
+    if event.get("log_format") in _NOISE_FORMATS:
+        return True
+    message = event.get("message")
+    if message and len(message) == 1 and isinstance(message[0], str):
+        return any(p.fullmatch(message[0]) for p in _NOISE_TEXT)
+    return False
+
+
+@implementer(ILogFilterPredicate)
+class _NotNoise:
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        return PredicateResult.no if is_noise(event) else PredicateResult.maybe
+
+
+def quiet_twisted_noise(beginner: Any = globalLogBeginner) -> None:
+    """
+    Have twistd's log observers (whatever --logfile/--syslog made) skip
+    L{is_noise} events: the observers twistd is about to begin logging to
+    are wrapped in a filter, once.
+    """
+    begin = beginner.beginLoggingTo
+
+    def filtered(observers: Any, *args: Any, **kwargs: Any) -> Any:
+        beginner.beginLoggingTo = begin
+        return begin([FilteringLogObserver(o, [_NotNoise()]) for o in observers], *args, **kwargs)
+
+    beginner.beginLoggingTo = filtered
 
 
 def _start_failure_handler(options: usage.Options) -> Any:

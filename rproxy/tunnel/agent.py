@@ -5,6 +5,10 @@ connections on request.
   - L{AgentService} keeps the control connection up with a
     C{ClientService}: reconnects back off from C{reconnect.initial}
     doubling to C{reconnect.max}, with full jitter.
+  - Each attempt says where it connects; a login says to which server,
+    as which agent and serving what; each failure says why (refused key,
+    TLS verification, unreachable).  With C{exit_on_login_failure} an
+    agent whose first login fails gives up (frpc's C{loginFailExit}).
   - L{AgentControl} logs in, sends a heartbeat every
     C{heartbeat_interval} (CPU, memory and disk usage, load, streams), and
     answers C{request_new_proxy_conn} by connecting to the local service,
@@ -13,6 +17,7 @@ connections on request.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -27,10 +32,11 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rproxy.splice import SpliceEnd, splice
 from rproxy.transport import connect_tcp
@@ -280,7 +286,9 @@ class Stream:
             connect_tcp(agent.reactor, host, port, _OneShot(lambda: ProxyEnd(self), self.proxy_failed),
                         agent.config.connect_timeout)
             return
-        d = agent.endpoint(agent.config.proxy).connect(Factory.forProtocol(lambda: ProxyEnd(self)))
+        factory = Factory.forProtocol(lambda: ProxyEnd(self))
+        factory.noisy = False  # a factory per stream: no start/stop lines
+        d = agent.endpoint(agent.config.proxy).connect(factory)
         d.addErrback(self.proxy_failed)
 
     def proxy_failed(self, reason: Failure) -> None:
@@ -318,6 +326,8 @@ class AgentControl(Protocol):
     # before the login is answered is sent right after it
     advertised: tuple[str, ...] = ()
     refused = False
+    # why the session ended before a login (None: it logged in, or not yet)
+    failure: str | None = None
 
     def __init__(self, agent: AgentService) -> None:
         self.agent = agent
@@ -347,14 +357,23 @@ class AgentControl(Protocol):
 
     def handle(self, message: Any) -> None:
         if isinstance(message, LoginResult):
+            agent = self.agent
             if not message.ok:
-                self.agent.log.error("agent: login refused: {why}", why=message.error)
+                agent.log.error("agent {agent}: login to {server} refused: {why}", agent=agent.agent_id,
+                                server=_hostport(agent.config.control), why=message.error or "no reason given")
                 self.refused = True
+                self.failure = f"login refused: {message.error or 'no reason given'}"
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
             self.logged_in = True
-            self.agent.log.info("agent {agent}: logged in", agent=self.agent.agent_id)
-            self.agent.connected(self)
+            agent.log.info("agent {agent}: logged in to {server} as {name}, serving {services}; models: {models}",
+                           agent=agent.agent_id, server=_hostport(agent.config.control),
+                           name=message.agent_id or agent.agent_id,
+                           services=", ".join(f"{s.name} ({_hostport((s.host, s.port))})"
+                                              for s in agent.config.services),
+                           models=", ".join(agent.models) or (
+                               f"from {agent.config.models_from}" if agent.config.models_from else "none"))
+            agent.connected(self)
             if self.agent.models != self.advertised:
                 self.send(ModelsUpdate(self.agent.models))
             self._schedule_heartbeat(0)
@@ -390,17 +409,21 @@ class AgentControl(Protocol):
                 stream.proxy.transport.abortConnection()  # type: ignore[union-attr]
         self.pooled.clear()
         if self.logged_in:
-            self.agent.log.info("agent {agent}: control connection lost", agent=self.agent.agent_id)
+            self.agent.log.info("agent {agent}: control connection to {server} lost; reconnecting",
+                                agent=self.agent.agent_id, server=_hostport(self.agent.config.control))
         elif self.refused:
             pass  # logged when the refusal came
         elif reason is not None and reason.check(SSL.Error):
+            self.failure = f"TLS verification failed: {_tls_reason(reason)}"
             self.agent.log.error("agent {agent}: TLS with the server {server} failed: {why}",
                                  agent=self.agent.agent_id, server=_hostport(self.agent.config.control),
                                  why=_tls_reason(reason))
         else:
+            why = reason.getErrorMessage() if reason is not None else "closed"
+            self.failure = f"the server closed the connection before a login: {why}"
             self.agent.log.warn("agent {agent}: the server {server} closed the connection before a login: {why}",
                                 agent=self.agent.agent_id, server=_hostport(self.agent.config.control),
-                                why=reason.getErrorMessage() if reason is not None else "closed")
+                                why=why)
         self.agent.disconnected(self)
 
 
@@ -414,12 +437,61 @@ class _ControlFactory(Factory):
         return AgentControl(self.agent)
 
 
+@implementer(IStreamClientEndpoint)
+class _Announced:
+    """
+    The control endpoint, saying where each attempt connects and why one
+    failed (the reason in words, not an exception's repr); its repr is the
+    address, for Twisted's own "Scheduling retry" line.
+    """
+
+    def __init__(self, endpoint: Any, agent: AgentService) -> None:
+        self.endpoint = endpoint
+        self.agent = agent
+
+    def __repr__(self) -> str:
+        return _hostport(self.agent.config.control)
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        agent = self.agent
+        agent.log.info("agent {agent}: connecting to {server}", agent=agent.agent_id, server=repr(self))
+        d: defer.Deferred[Any] = defer.maybeDeferred(self.endpoint.connect, factory)
+        d.addErrback(self._failed)
+        return d
+
+    def _failed(self, failure: Failure) -> Failure:
+        agent = self.agent
+        why = _unreachable(failure, agent.config.connect_timeout)
+        agent.log.warn("agent {agent}: cannot reach the server {server}: {why}", agent=agent.agent_id,
+                       server=repr(self), why=why)
+        agent.login_failed(f"unreachable: {why}")
+        return failure
+
+
+def _unreachable(failure: Failure, timeout: float) -> str:
+    from twisted.internet import error
+
+    if failure.check(error.ConnectionRefusedError):
+        return "connection refused (is the server running, is this its control port?)"
+    if failure.check(error.TimeoutError, error.UserError, defer.CancelledError):
+        return f"no answer within {timeout:g}s"
+    if failure.check(error.DNSLookupError):
+        return "its name does not resolve"
+    if failure.check(error.NoRouteError):
+        return "no route to the host"
+    return failure.getErrorMessage() or failure.type.__name__
+
+
 class AgentService(MultiService):
     """
     Keeps an agent logged in to its server.
     """
 
     log = Logger()
+    # with exit_on_login_failure, called (once) when the first login fails;
+    # the agent's command stops the process with status 1 (see agenttap);
+    # unset, the service stops
+    on_login_failure: Any = None
 
     def __init__(self, config: AgentConfig, reactor: Any, clock: Any = None,
                  rng: random.Random | None = None, stats: SystemStats | None = None,
@@ -434,6 +506,7 @@ class AgentService(MultiService):
         # the advertised models: config.models, or what models_from answers
         self.models: tuple[str, ...] = config.models
         self._models_timer: IDelayedCall | None = None
+        self._models_problem: str | None = None
         self._web: Any = None
         self._tls: Any = None
         if config.ca is not None:
@@ -448,9 +521,11 @@ class AgentService(MultiService):
         # succeeds but whose login fails would retry at the first step of
         # the backoff for ever.
         self.failed_logins = 0
+        self.ever_logged_in = False
+        self.gave_up = False
         jitter = full_jitter(config.reconnect_initial, config.reconnect_max, rng)
         self.client = ClientService(
-            control_endpoint if control_endpoint is not None else self.endpoint(config.control),
+            _Announced(control_endpoint if control_endpoint is not None else self.endpoint(config.control), self),
             _ControlFactory(self),
             retryPolicy=lambda attempts: jitter(attempts + self.failed_logins),
             clock=self.clock,
@@ -474,6 +549,23 @@ class AgentService(MultiService):
     def connected(self, control: AgentControl) -> None:
         self.control = control
         self.failed_logins = 0
+        self.ever_logged_in = True
+
+    def login_failed(self, why: str) -> None:
+        """
+        A connection attempt ended without a login.  With
+        C{exit_on_login_failure} and no login so far, give up (once).
+        """
+        if self.gave_up or self.ever_logged_in or not self.config.exit_on_login_failure:
+            return
+        self.gave_up = True
+        self.log.error("agent {agent}: giving up: the first login to {server} failed ({why}) and "
+                       "exit_on_login_failure is set", agent=self.agent_id, server=_hostport(self.config.control),
+                       why=why)
+        if self.on_login_failure is not None:
+            self.on_login_failure()
+        else:
+            self.stopService()
 
     # -- models_from ---------------------------------------------------------
 
@@ -502,8 +594,9 @@ class AgentService(MultiService):
         from rproxy.httpclient import fetch
 
         if self._web is None:
-            self._web = Agent(self.reactor, pool=HTTPConnectionPool(self.reactor, persistent=False),
-                              connectTimeout=self.config.connect_timeout)
+            pool = HTTPConnectionPool(self.reactor, persistent=False)
+            pool._factory = _quiet_http_factory()
+            self._web = Agent(self.reactor, pool=pool, connectTimeout=self.config.connect_timeout)
         url = self.config.models_from.encode("ascii")  # type: ignore[union-attr]
         status, body = await fetch(self._web, b"GET", url, {b"accept": b"application/json"}, None, 1024 * 1024)
         if status != 200:
@@ -511,6 +604,10 @@ class AgentService(MultiService):
         return models_in(body)
 
     def _got_models(self, models: tuple[str, ...]) -> None:
+        if self._models_problem is not None:
+            self._models_problem = None
+            self.log.info("agent {agent}: the model list from {url} answers again", agent=self.agent_id,
+                          url=self.config.models_from)
         if models == self.models:
             return
         self.log.info("agent {agent}: models now {models}", agent=self.agent_id, models=",".join(models) or "-")
@@ -519,8 +616,13 @@ class AgentService(MultiService):
             self.control.send(ModelsUpdate(models))
 
     def _models_failed(self, failure: Failure) -> None:
-        self.log.warn("agent: cannot read the model list from {url}: {why}", url=self.config.models_from,
-                      why=failure.getErrorMessage() or failure.type.__name__)
+        why = failure.getErrorMessage() or failure.type.__name__
+        if why == self._models_problem:
+            return  # said once; the poll goes on
+        self._models_problem = why
+        self.log.warn("agent {agent}: cannot read the model list from {url}: {why} (trying again every {every:g}s)",
+                      agent=self.agent_id, url=self.config.models_from, why=why,
+                      every=self.config.heartbeat_interval)
 
     def _next_poll(self, _: Any) -> None:
         if self.running:
@@ -531,6 +633,22 @@ class AgentService(MultiService):
             self.control = None
         if not control.logged_in:
             self.failed_logins += 1
+            self.login_failed(control.failure or "closed before a login")
+
+
+@functools.cache
+def _quiet_http_factory() -> Any:
+    """
+    twisted.web's connection factory without its start and stop lines
+    (two per models_from poll otherwise); made on first use, so that an
+    agent without models_from never imports twisted.web.
+    """
+    from twisted.web.client import _HTTP11ClientFactory
+
+    class QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+        noisy = False
+
+    return QuietHTTP11ClientFactory
 
 
 def models_in(body: bytes) -> tuple[str, ...]:

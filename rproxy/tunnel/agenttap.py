@@ -4,9 +4,13 @@ twistd glue for the agent: C{twistd -n rproxy-agent --config etc/agent.yaml}.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
-from rproxy.tap import ConfigOptions, global_reactor
+from twisted.internet.error import ReactorNotRunning
+
+from rproxy.tap import ConfigOptions, global_reactor, quiet_twisted_noise
 from rproxy.tunnel.agent import AgentService
 from rproxy.tunnel.config import load_agent_config
 
@@ -25,4 +29,27 @@ class Options(ConfigOptions):
 
 
 def makeService(options: Options) -> AgentService:
-    return AgentService(options["parsed"], global_reactor())
+    reactor = global_reactor()
+    service = AgentService(options["parsed"], reactor)
+    service.on_login_failure = lambda: exit_with(reactor, 1)
+    if getattr(options, "parent", None) is not None:
+        quiet_twisted_noise()
+    return service
+
+
+def exit_with(reactor: Any, status: int) -> None:
+    """
+    Stop the reactor, then leave with C{status} once shutdown is done
+    (twistd itself would exit 0).
+    """
+
+    def leave() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    reactor.addSystemEventTrigger("after", "shutdown", leave)
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        leave()

@@ -154,6 +154,8 @@ class AgentConfig:
     reconnect_initial: float = 1.0
     reconnect_max: float = 60.0
     connect_timeout: float = 5.0
+    # stop (exit 1) when the first login fails, rather than retry (frpc's loginFailExit)
+    exit_on_login_failure: bool = False
 
 
 def _hostport(value: object) -> tuple[str, int]:
@@ -220,6 +222,7 @@ def parse_agent_config(data: object) -> AgentConfig:
         reconnect_initial=initial,
         reconnect_max=maximum,
         connect_timeout=top.value("connect_timeout", v.duration, 5.0),
+        exit_on_login_failure=top.value("exit_on_login_failure", v.boolean, False),
     )
     if config.models_from is not None and not re.match(r"^https?://[^/\s]+(/\S*)?\Z", config.models_from):
         errors.append(f"models_from: {brief(config.models_from)} is not an http:// or https:// URL")
