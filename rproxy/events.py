@@ -295,8 +295,18 @@ class EventConsumer:
         return handled
 
     async def _handle_entries(self, entries: list[Any]) -> int:
+        """
+        Write every event of C{entries}, then acknowledge them all in one
+        XACK.  Acknowledging entry by entry meant that an XACK failing
+        (Redis going away) left the rest of a read unwritten though the
+        group had them delivered, and a restarted Redis forgot them; now
+        only the acknowledgement can be missing, and an entry handled twice
+        is written once (the inserts are keyed by the entry id).
+        """
         count = 0
+        done = []
         for entry_id, fields in entries:
+            done.append(entry_id)
             values = dict(zip(fields[::2], fields[1::2], strict=False))
             raw = values.get("data")
             try:
@@ -306,7 +316,6 @@ class EventConsumer:
                     raise ValueError("not an event")
             except (TypeError, ValueError):
                 log.warn("events: dropping malformed entry {id} of {stream}", id=entry_id, stream=self.stream)
-                await self.redis.execute_command("XACK", self.stream, self.group, entry_id)
                 continue
             for i, event in enumerate(events):
                 try:
@@ -318,7 +327,8 @@ class EventConsumer:
                     continue
                 count += 1
                 self.processed += 1
-            await self.redis.execute_command("XACK", self.stream, self.group, entry_id)  # after the commits
+        if done:
+            await self.redis.execute_command("XACK", self.stream, self.group, *done)  # after the commits
         return count
 
 

@@ -262,3 +262,51 @@ class SinkDeliveryTests(SynchronousTestCase):
             sink.emit(HEARTBEATS, beat("a", 1000 + i))
         sink.stop()
         self.assertEqual((sink.dropped, len(sink.buffer), clock.getDelayedCalls()), (7, 0, []))
+
+
+class FailingAcks:
+    """
+    The Redis commands a consumer uses: one read of three entries, and an
+    XACK that fails (Redis went away) and records what it was asked.
+    """
+
+    def __init__(self) -> None:
+        self.acks: list[tuple[Any, ...]] = []
+        self.entries = [
+            (f"7-{i}", ["data", json.dumps([{"n": 2 * i}, {"n": 2 * i + 1}])]) for i in range(3)
+        ]
+
+    def execute_command(self, *args: Any) -> defer.Deferred[Any]:
+        if args[0] == "XGROUP":
+            return defer.succeed("OK")
+        if args[0] == "XAUTOCLAIM":
+            return defer.succeed(["0-0", []])
+        if args[0] == "XREADGROUP":
+            return defer.succeed([[HEARTBEATS, self.entries]])
+        if args[0] == "XACK":
+            self.acks.append(args[3:])
+            return defer.fail(ConnectionError("Lost connection"))
+        raise AssertionError(args)
+
+
+class ConsumerAckTests(SynchronousTestCase):
+    """
+    A consumer writes every event it read before acknowledging them.
+    """
+
+    def test_failed_ack_loses_no_event(self) -> None:
+        """
+        With XACK failing, every event of the read is still written (the
+        group has them delivered: a restarted Redis would not give them
+        again), and one XACK names every entry.
+        """
+        written: list[tuple[str, Any]] = []
+
+        async def handle(entry_id: str, event: dict[str, Any]) -> None:
+            written.append((entry_id, event["n"]))
+
+        redis = FailingAcks()
+        consumer = EventConsumer(redis, HEARTBEATS, "writers", "c1", handle, Clock())
+        self.failureResultOf(defer.Deferred.fromCoroutine(consumer.poll()), ConnectionError)
+        self.assertEqual(written, [(f"7-{i}#{j}", 2 * i + j) for i in range(3) for j in range(2)])
+        self.assertEqual(redis.acks, [("7-0", "7-1", "7-2")])
