@@ -94,7 +94,7 @@ class TwistdTests(ServiceMixin, TestCase):
     async def start(self, data: dict[str, Any]) -> tuple[Child, int]:
         child = self.spawn(self.write_config(data))
         match = await child.line(r"frontend web listening on 127\.0\.0\.1:(\d+)")
-        await child.line(r"admin listening on")
+        await child.line(r"\(pid \d+\) running ")  # signal handlers in place
         return child, int(match.group(1))
 
     @async_test
