@@ -1,5 +1,6 @@
 """
-Events (the seed's Kafka topics) through Redis Streams.
+Events (heartbeats and request records) through Redis Streams; on Kafka
+topics see L{rproxy.kafka}.
 
 L{EventSink} appends events to a stream (C{XADD ... MAXLEN ~ N}) without
 ever blocking traffic: events wait in a bounded in-memory buffer while Redis
@@ -35,7 +36,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-__all__ = ["EventSink", "EventConsumer", "HEARTBEATS", "REQUESTS", "write_heartbeat", "write_request"]
+__all__ = ["EventSink", "EventConsumer", "EventFanout", "HEARTBEATS", "REQUESTS", "write_heartbeat", "write_request"]
 
 HEARTBEATS = "client-heartbeats"
 BATCH = 100
@@ -102,7 +103,8 @@ class EventSink:
         # an id of its own, so that an XADD repeated after a failure is
         # still written once (the consumer's inserts are keyed by it);
         # serialised with its batch, in one call, when it is sent
-        event["_id"] = f"{self._prefix}{self._serial}"
+        # (one given already, by a fan-out to Kafka as well, is kept: one id, one row)
+        event.setdefault("_id", f"{self._prefix}{self._serial}")
         self.buffer.append((stream, event))
         if not self._flushing and self._timer is None and not self._stopped:
             # gather what else comes in the next few milliseconds into the
@@ -240,6 +242,50 @@ class EventSink:
             self.dropped += len(self.buffer)
             log.warn("events: stopping with {n} events not sent to Redis; they are lost", n=len(self.buffer))
             self.buffer.clear()
+
+
+class _Waiting:
+    """
+    The sized C{buffer} of a fan-out: how many events its sinks hold.
+    """
+
+    def __init__(self, sinks: tuple[Any, ...]) -> None:
+        self._sinks = sinks
+
+    def __len__(self) -> int:
+        return sum(len(sink.buffer) for sink in self._sinks)
+
+
+class EventFanout:
+    """
+    Events to Redis Streams and Kafka both (C{stores.events: both}): each
+    event gets its id once, so the two consumers write it once.  The
+    counters add up those of the sinks.
+    """
+
+    def __init__(self, *sinks: Any) -> None:
+        self.sinks = sinks
+        self.buffer = _Waiting(sinks)
+        self._prefix = f"{os.getpid()}-{secrets.token_hex(4)}-f"
+        self._serial = 0
+
+    def emit(self, stream: str, event: dict[str, Any]) -> None:
+        self._serial += 1
+        event["_id"] = f"{self._prefix}{self._serial}"
+        for sink in self.sinks:
+            sink.emit(stream, event)
+
+    @property
+    def sent(self) -> int:
+        return sum(sink.sent for sink in self.sinks)
+
+    @property
+    def dropped(self) -> int:
+        return sum(sink.dropped for sink in self.sinks)
+
+    @property
+    def resent(self) -> int:
+        return sum(sink.resent for sink in self.sinks)
 
 
 class EventConsumer:
