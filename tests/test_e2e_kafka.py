@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from rproxy.events import HEARTBEATS, REQUESTS
 from rproxy.store.postgres import PostgresKeys, connection, migrate
 from rproxy.tunnel.wire import Heartbeat, Login
-from tests.servers import KafkaServer, PostgresServer
+from tests.servers import KafkaServer, PostgresServer, RedisServer
 from tests.support import ServiceMixin, async_test, connect, reactor, turn, wait_for
 from tests.test_e2e_tunnel import FakeAgent
 from tests.test_servers import started
@@ -33,16 +33,17 @@ class KafkaTests(ServiceMixin, TestCase):
         self.kafka: Any = started(KafkaServer)
         self.addCleanup(self.kafka.close)
 
-    async def start(self) -> Any:
+    async def start(self, **stores: Any) -> Any:
         self.service = await self.start_service({
             "stores": {"postgres": {"dsn": self.pg.dsn},
                        # a short session: the group forms in ~3 s instead of ~20 s
                        "kafka": {"bootstrap_servers": self.kafka.bootstrap, "session_timeout": "6s",
-                                 "delivery_timeout": "60s"}},
+                                 "delivery_timeout": "60s"}, **stores},
             "tunnels": [{"name": "t", "control": "tcp:0:interface=127.0.0.1",
                          "proxy": "tcp:0:interface=127.0.0.1", "public": "tcp:0:interface=127.0.0.1"}],
         })
-        await wait_for(lambda: self.service.stores.status() == {"postgres": "up", "redis": "off", "kafka": "up"},
+        redis = "up" if "redis" in stores else "off"
+        await wait_for(lambda: self.service.stores.status() == {"postgres": "up", "redis": redis, "kafka": "up"},
                        timeout=30)
         self.conn = connection(reactor)
         await self.conn.connect(self.pg.dsn)
@@ -148,3 +149,23 @@ class KafkaTests(ServiceMixin, TestCase):
             "SELECT event_id FROM heartbeats UNION ALL SELECT event_id FROM request_events")}
         self.assertEqual(len(stored), rows)
         self.assertTrue(stored <= set(emitted))
+
+    @async_test
+    async def test_both_sinks_write_each_event_once(self) -> None:
+        """With events to Redis Streams and Kafka both, each event reaches PostgreSQL through both, written once."""
+        redis = started(RedisServer)
+        self.addCleanup(redis.close)
+        service = await self.start(redis={"url": redis.url}, events="both")
+        ids = []
+        for i in range(200):
+            event = {"agent_id": "gpu-2", "at": 1_700_000_000 + i, "cpu": float(i)}
+            service.stores.events.emit(HEARTBEATS, event)
+            ids.append(event["_id"])
+        await wait_for(lambda: service.stores.kafka.sent == 200 and service.stores.events.sinks[0].sent == 200,
+                       timeout=30)
+        # both consumers run; each has written every event (or found it written)
+        await wait_for(lambda: service.stores.kafka.sent and service.stores._kafka_consumer.processed >= 200
+                       and service.stores._consumer is not None and service.stores._consumer.processed >= 200,
+                       timeout=60)
+        rows = await self.conn.runQuery("SELECT event_id FROM heartbeats")
+        self.assertEqual(sorted(r[0] for r in rows), sorted(ids))
