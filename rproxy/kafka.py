@@ -192,6 +192,8 @@ class KafkaSink:
     @ivar resent: acknowledged events sent again because the broker lost them.
     @ivar lost: acknowledged events the broker lost that could not be sent
         again (beyond C{keep_limit}, or no room in the buffer).
+    @ivar confirmed: acknowledged events the group has committed past
+        (forgotten: they are in PostgreSQL).
     @ivar state: C{"connecting"} until the broker first answers, then
         C{"up"} or C{"down"}.
     """
@@ -217,7 +219,7 @@ class KafkaSink:
         self._seen: Offsets = {}  # the group's committed offsets, as last read
         self._acked: Offsets = {}  # the last offset acknowledged, per partition
         self.in_flight = 0
-        self.emitted = self.sent = self.dropped = self.resent = self.lost = 0
+        self.emitted = self.sent = self.dropped = self.resent = self.lost = self.confirmed = 0
         self.state = "connecting"
         self._timer: IDelayedCall | None = None
         self._loops: list[task.LoopingCall] = []
@@ -355,7 +357,8 @@ class KafkaSink:
         if self.committed is None or self._confirming is not None or self._stopped:
             return None
         d = self._confirming = self.committed({(t, p) for t, p, _, _ in self.unconfirmed} | set(self._seen))
-        d.addTimeout(max(2.0, self.confirm_interval * 2), self.clock)
+        # (the reader has its own, shorter timeout: this one is the backstop)
+        d.addTimeout(max(5.0, self.confirm_interval * 2), self.clock)
         d.addCallback(self._check)
 
         def failed(f: Any) -> None:
@@ -387,6 +390,7 @@ class KafkaSink:
         for entry in self.unconfirmed:
             if (entry[0], entry[1]) == key and entry[2] < upto:
                 self._kept -= len(entry[3])
+                self.confirmed += len(entry[3])
             else:
                 kept.append(entry)
         self.unconfirmed = kept

@@ -190,6 +190,7 @@ class KafkaSinkTests(SynchronousTestCase):
         offsets[("hb", 0)] = 3
         clock.advance(1.0)
         self.assertEqual([o for _, _, o, _ in sink.unconfirmed], [3])
+        self.assertEqual(sink.confirmed, 3)
 
     def test_broker_that_lost_its_data_gets_it_again(self) -> None:
         """
