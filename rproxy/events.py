@@ -9,7 +9,8 @@ is down, and past the bound they are dropped and counted.
 An entry Redis acknowledged is not safe yet: a Redis that persists nothing
 (or fsyncs once a second) loses, when it crashes, what no consumer had read.
 So the sink keeps what it sent (bounded, C{keep_limit} events) until a
-consumer group has read past it (C{XINFO GROUPS}), and once a second checks
+consumer group has read and acknowledged it (C{XINFO GROUPS}, C{XPENDING}),
+and once a second checks
 Redis's C{run_id}: when Redis came back as a new process, what it held
 unread is sent again (the writes are idempotent), and what does not fit in
 the buffer any more is counted as dropped.
@@ -185,10 +186,25 @@ class EventSink:
             except Exception as e:  # noqa: BLE001 - no such stream (yet): nothing read
                 log.debug("events: XINFO GROUPS {stream}: {why}", stream=stream, why=e)
                 continue
-            read = [_entry_id(str(dict(zip(g[::2], g[1::2], strict=False)).get("last-delivered-id", "0-0")))
-                    for g in groups or []]
-            if read:
-                self._forget(stream, min(read))
+            done = [await self._written_upto(stream, dict(zip(g[::2], g[1::2], strict=False))) for g in groups or []]
+            if done:
+                self._forget(stream, min(done))
+
+    async def _written_upto(self, stream: str, group: dict[Any, Any]) -> tuple[int, int]:
+        """
+        The last entry of C{stream} that C{group} is done with: read and
+        acknowledged.  An entry read but not acknowledged is not safe: its
+        consumer may fail before writing it (Redis gone under it), and
+        then only this sink's copy is left.
+        """
+        read = _entry_id(str(group.get("last-delivered-id", "0-0")))
+        if not int(group.get("pending", 0) or 0):
+            return read
+        summary = await self.redis.execute_command("XPENDING", stream, group.get("name"))
+        if not summary or not summary[1]:
+            return read
+        first = _entry_id(str(summary[1]))
+        return min(read, (first[0], first[1] - 1))  # everything before the first pending entry
 
     def _forget(self, stream: str, upto: tuple[int, int]) -> None:
         """
