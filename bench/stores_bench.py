@@ -8,12 +8,14 @@ by the test harness (tests/servers.py) on free ports:
    Target: <= 1 ms added at p99.
 2. Events: an rproxy process (bench/stores_proxy.py) proxying wrk's
    keep-alive load (L4 frontend to nginx) while it emits 0, then 10,000
-   events a second into Redis Streams.  Target: 10,000 events/s sustained
-   (none dropped) and keep-alive req/s >= 0.90 of the run without events.
+   events a second into Redis Streams, and the same into Kafka (the tansu
+   broker of tests/servers.py; librdkafka's threads share the proxy's
+   core).  Target: 10,000 events/s sustained (none dropped) and
+   keep-alive req/s >= 0.90 of the run without events.
 
-The proxies run on core 0; wrk, nginx, Redis and PostgreSQL on core 1.
+The proxies run on core 0; wrk, nginx, Redis, Kafka and PostgreSQL on core 1.
 
-    bench/stores.sh [--logins 2000] [--duration 10]
+    bench/stores.sh [--logins 2000] [--duration 10] [--only kafka]
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from l4 import LOAD_CORE, PROXY_CORE, ROOT, free_port, need, start_nginx, stop_all, wait_port, wrk  # noqa: E402
 
 from rproxy.tunnel.wire import Login, encode  # noqa: E402
-from tests.servers import PostgresServer, RedisServer  # noqa: E402
+from tests.servers import KafkaServer, PostgresServer, RedisServer  # noqa: E402
 
 
 def login_times(port: int, key: str, count: int) -> list[float]:
@@ -58,6 +60,15 @@ def login_times(port: int, key: str, count: int) -> list[float]:
             raise SystemExit(f"login refused: {data!r}")
         sock.close()
     return times
+
+
+def cpu_of(pid: int) -> float:
+    """
+    CPU seconds process C{pid} has used so far, all its threads.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -119,39 +130,49 @@ def logins(work: str, pg: PostgresServer, redis: RedisServer, count: int, procs:
         proc.wait()
 
 
-def events(work: str, redis: RedisServer, duration: int, procs: list) -> None:
+def events(work: str, stores: str, ready: dict[str, str], duration: int, procs: list) -> None:
     nginx, port, admin = free_port(), free_port(), free_port()
     procs.append(start_nginx(work, nginx))
-    with open(os.path.join(work, "events.yaml"), "w") as f:
+    name = "-".join(ready)
+    config = os.path.join(work, f"events-{name}.yaml")
+    with open(config, "w") as f:
         f.write(f'global: {{max_connections: 20000}}\nadmin: {{listen: "127.0.0.1:{admin}"}}\n'
-                f'stores: {{redis: {{url: "{redis.url}"}}}}\n'
+                f'stores: {stores}\n'
                 f'backends: [{{name: be, servers: ["127.0.0.1:{nginx}"]}}]\n'
                 f'frontends: [{{name: fe, listen: "127.0.0.1:{port}", backend: be}}]\n')
     results = {}
     for rate in (0, 10000, 0, 10000):
-        report = os.path.join(work, f"events-{rate}.json")
+        report = os.path.join(work, f"events-{name}-{rate}.json")
         proc = subprocess.Popen(
             ["taskset", "-c", PROXY_CORE, sys.executable, os.path.join(HERE, "stores_proxy.py"),
-             os.path.join(work, "events.yaml"), "--events", str(rate), "--report", report],
-            stdout=open(os.path.join(work, f"events-{rate}.log"), "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
+             config, "--events", str(rate), "--report", report],
+            stdout=open(os.path.join(work, f"events-{name}-{rate}.log"), "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
         procs.append(proc)
         wait_port(nginx)
         wait_port(port)
-        wait_stores(admin, {"postgres": "off", "redis": "up"})
+        wait_stores(admin, ready)
         wrk(port, 2, 50, False)
+        started = cpu_of(proc.pid)
         rate_ka, _ = wrk(port, duration, 50, False)
+        cpu = cpu_of(proc.pid) - started
         proc.terminate()
         proc.wait()
         procs.remove(proc)
         with open(report) as f:
             counters = json.load(f)
+        counters["cpu_per_request"] = cpu / (rate_ka * duration)
         results.setdefault(rate, []).append((rate_ka, counters))
         sent_rate = counters["sent"] / counters["seconds"] if counters["seconds"] else 0
-        print(f"  events {rate:5}/s asked: keep-alive {rate_ka:8.0f} req/s; sent {sent_rate:8.0f}/s, "
+        print(f"  events {rate:5}/s asked: keep-alive {rate_ka:8.0f} req/s, proxy CPU "
+              f"{counters['cpu_per_request'] * 1e6:5.1f} us/request; sent {sent_rate:8.0f}/s, "
               f"dropped {counters['dropped']}, still buffered {counters['buffered']}")
     base = statistics.median(r for r, _ in results[0])
     loaded = statistics.median(r for r, _ in results[10000])
     dropped = sum(c["dropped"] for _, c in results[10000])
+    cpu_base = statistics.median(c["cpu_per_request"] for _, c in results[0])
+    cpu_loaded = statistics.median(c["cpu_per_request"] for _, c in results[10000])
+    print(f"  proxy CPU per request with events / without  {cpu_loaded / cpu_base:5.2f}  (the events' own cost, "
+          "less noisy than req/s on a shared machine)")
     print(f"  keep-alive with events / without  {loaded / base:5.2f}  (target >= 0.90)  "
           f"{'ok' if loaded / base >= 0.9 and not dropped else 'BELOW TARGET'}")
 
@@ -160,6 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--logins", type=int, default=2000)
     parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--only", choices=("logins", "redis", "kafka"), default=None)
     args = parser.parse_args()
     need("nginx", "wrk", "taskset")
     work = tempfile.mkdtemp(prefix="rproxy-stores-bench-")
@@ -167,17 +189,26 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     pg = PostgresServer()
     redis = RedisServer()
+    kafka = KafkaServer()
     try:
-        for server in (pg, redis):
+        for server in (pg, redis, kafka):
             for pid in server.pids():
                 subprocess.run(["taskset", "-acp", LOAD_CORE, str(pid)], stdout=subprocess.DEVNULL, check=False)
-        logins(work, pg, redis, args.logins, procs)
-        print("events into Redis Streams under proxied keep-alive load (wrk -c50):")
-        events(work, redis, args.duration, procs)
+        if args.only in (None, "logins"):
+            logins(work, pg, redis, args.logins, procs)
+        if args.only in (None, "redis"):
+            print("events into Redis Streams under proxied keep-alive load (wrk -c50):")
+            events(work, f'{{redis: {{url: "{redis.url}"}}}}', {"postgres": "off", "redis": "up"}, args.duration,
+                   procs)
+        if args.only in (None, "kafka"):
+            print("events into Kafka under proxied keep-alive load (wrk -c50):")
+            events(work, f'{{kafka: {{bootstrap_servers: "{kafka.bootstrap}"}}}}',
+                   {"postgres": "off", "redis": "off", "kafka": "up"}, args.duration, procs)
     finally:
         stop_all(procs, work)
         pg.close()
         redis.close()
+        kafka.close()
 
 
 if __name__ == "__main__":

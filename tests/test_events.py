@@ -192,6 +192,7 @@ class FakeStreams:
     def __init__(self) -> None:
         self.run_id = "r1"
         self.read = "0-0"
+        self.pending_from: str | None = None  # the first entry read and not acknowledged
         self.refuse_adds = False
         self.added: list[list[dict[str, Any]]] = []
 
@@ -204,7 +205,10 @@ class FakeStreams:
         if args[0] == "INFO":
             return defer.succeed(f"# Server\r\nredis_version:7.0\r\nrun_id:{self.run_id}\r\n")
         if args[:2] == ("XINFO", "GROUPS"):
-            return defer.succeed([["name", "writers", "pending", 0, "last-delivered-id", self.read]])
+            pending = 0 if self.pending_from is None else 1
+            return defer.succeed([["name", "writers", "pending", pending, "last-delivered-id", self.read]])
+        if args == ("XPENDING", HEARTBEATS, "writers"):
+            return defer.succeed([1, self.pending_from, self.read, [["c1", "1"]]])
         raise AssertionError(f"unexpected command {args}")
 
 
@@ -235,6 +239,25 @@ class SinkDeliveryTests(SynchronousTestCase):
         again = [e["at"] for entry in redis.added for e in entry]
         self.assertEqual(again, list(range(100, 250)))
         self.assertEqual((sink.resent, sink.dropped, sink.sent), (150, 0, 400))
+
+    def test_read_but_unacknowledged_entries_are_kept(self) -> None:
+        """
+        Entries the group read but did not acknowledge are kept (their
+        consumer may fail before writing them), and a restarted Redis gets
+        them again; once acknowledged they are forgotten.
+        """
+        sink, redis, clock = self.sink()
+        redis.read, redis.pending_from = "5-2", "5-1"
+        clock.advance(1.0)
+        self.assertEqual([key for _, key, _ in sink.unconfirmed], [(5, 1), (5, 2)])
+        redis.run_id = "r2"
+        redis.added.clear()
+        clock.advance(1.0)
+        clock.advance(0)
+        self.assertEqual([e["at"] for entry in redis.added for e in entry], list(range(100, 250)))
+        redis.read, redis.pending_from = "5-9", None
+        clock.advance(1.0)
+        self.assertEqual(list(sink.unconfirmed), [])
 
     def test_restart_overflow_is_counted(self) -> None:
         """What a restarted Redis lost beyond the buffer's room is counted as dropped; the newest are sent."""

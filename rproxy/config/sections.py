@@ -8,6 +8,8 @@ it does not know, and returns part of the frozen model.
 
 from __future__ import annotations
 
+import re
+
 import attrs
 
 from rproxy.config import values as v
@@ -19,6 +21,7 @@ from rproxy.config.model import (
     BackendConfig,
     GlobalConfig,
     HealthCheckConfig,
+    KafkaConfig,
     PassiveConfig,
     ServerConfig,
     StoresConfig,
@@ -27,7 +30,7 @@ from rproxy.config.model import (
 from rproxy.config.reader import MISSING, Section
 from rproxy.config.values import brief, parse_hostport
 
-__all__ = ["read_global", "read_admin", "read_backend", "read_upstream_tls", "read_stores", "header_pairs"]
+__all__ = ["read_global", "read_admin", "read_backend", "read_upstream_tls", "read_stores", "read_kafka", "header_pairs"]
 
 
 def header_pairs(section: Section) -> tuple[tuple[str, str], ...]:
@@ -215,9 +218,76 @@ def read_stores(top: Section) -> StoresConfig | None:
     url = redis.value("url", v.text, None)
     ttl = redis.value("auth_cache_ttl", v.duration, 300.0)
     redis.finish()
+    kafka = read_kafka(section)
+    events = section.value("events", v.choice(("redis", "kafka", "both")), None)
     section.finish()
     url = env_redis or url
     if url is not None and not url.startswith("redis://"):
         top.errors.append(f"stores.redis.url: {brief(url)} is not a redis://host:port/db URL")
+    if events is None:
+        events = "kafka" if kafka is not None else "redis"
+    sinks = ("redis", "kafka") if events == "both" else (events,)
+    if "kafka" in sinks and kafka is None and section.ok:
+        section.error("events", f"{events} needs stores.kafka.bootstrap_servers")
+    if "redis" in sinks and url is None and section.has("events"):
+        section.error("events", f"{events} needs stores.redis.url (or REDIS_URL)")
     return StoresConfig(postgres_dsn=env_dsn or dsn, pool_size=pool_size, redis_url=url, auth_cache_ttl=ttl,
-                        resync_interval=resync or 30.0, heartbeat_retention=retention or 7 * 86400.0)
+                        resync_interval=resync or 30.0, heartbeat_retention=retention or 7 * 86400.0,
+                        kafka=kafka, events=sinks)
+
+
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def _topic(value: object) -> str:
+    result = v.text(value)
+    if not _TOPIC.match(result) or result in (".", ".."):
+        raise ValueError(f"{brief(result)} is not a Kafka topic name (1-249 of letters, digits, '.', '_', '-')")
+    return result
+
+
+def _bootstrap(value: object) -> tuple[str, ...]:
+    """
+    C{host:port}, a comma-separated list of them, or a YAML list.
+    """
+    items = value if isinstance(value, list) else str(v.text(value)).split(",")
+    servers = []
+    for item in items:
+        host, port = parse_hostport(v.text(item.strip() if isinstance(item, str) else item))
+        servers.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if not servers:
+        raise ValueError("expected host:port or a list of them")
+    return tuple(servers)
+
+
+def read_kafka(stores: Section) -> KafkaConfig | None:
+    raw = stores.raw("kafka")
+    if raw is MISSING or raw is None:
+        return None
+    section = stores.child(raw, stores.key_path("kafka"))
+    d = KafkaConfig()
+    servers = section.value("bootstrap_servers", _bootstrap)
+    topics = section.section("topics")
+    config = KafkaConfig(
+        bootstrap_servers=servers or (),
+        client_id=section.value("client_id", v.name, d.client_id),
+        heartbeats_topic=topics.value("heartbeats", _topic, d.heartbeats_topic),
+        requests_topic=topics.value("requests", _topic, d.requests_topic),
+        acks=str(section.value("acks", lambda x: v.choice(("all", "-1", "0", "1"))(str(x)), d.acks)),
+        group=section.value("group", v.name, d.group),
+        batch=section.value("batch", v.int_in(1, 1000), d.batch),
+        buffer_limit=section.value("buffer_limit", v.int_in(1, 1_000_000), d.buffer_limit),
+        delivery_timeout=section.value("delivery_timeout", v.duration, d.delivery_timeout),
+        session_timeout=section.value("session_timeout", v.duration, d.session_timeout),
+        compression=section.value("compression", v.choice(("none", "gzip", "snappy", "lz4", "zstd")),
+                                  d.compression),
+    )
+    topics.finish()
+    section.finish()
+    if config.heartbeats_topic == config.requests_topic:
+        section.error("topics", f"heartbeats and requests must be different topics (both {config.heartbeats_topic!r})")
+    if not 1.0 <= config.session_timeout <= 300.0:
+        section.error("session_timeout", "must be between 1s and 5m (a broker refuses others)")
+    if config.delivery_timeout < 1.0:
+        section.error("delivery_timeout", "must be at least 1s")
+    return config if servers else None

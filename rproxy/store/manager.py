@@ -1,5 +1,5 @@
 """
-The running connections to PostgreSQL and Redis, kept up in the
+The running connections to PostgreSQL, Redis and Kafka, kept up in the
 background, and the key chain built on them.
 
 Nothing here blocks startup or traffic: PostgreSQL is connected (and
@@ -17,7 +17,7 @@ import socket
 from typing import Any
 from urllib.parse import urlparse
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from rproxy.config import StoresConfig
@@ -25,9 +25,18 @@ from rproxy.events import (
     HEARTBEATS,
     REQUESTS,
     EventConsumer,
+    EventFanout,
     EventSink,
     write_heartbeat,
     write_request,
+)
+from rproxy.kafka import (
+    KafkaEventConsumer,
+    KafkaSink,
+    OffsetReader,
+    make_consumer,
+    make_producer,
+    topics_of,
 )
 from rproxy.store.auth import KeyChain
 from rproxy.store.backends import LiveBackends, PostgresBackends
@@ -56,7 +65,10 @@ class Stores:
             self.link = PostgresLink(clock, lambda lost: connection(reactor, on_lost=lost), config.postgres_dsn,
                                      config.pool_size, self._prepare, self._postgres_up, self._postgres_down,
                                      rng=self._rng)
-        self.events: EventSink | None = None
+        self.events: EventSink | KafkaSink | EventFanout | None = None
+        self.kafka: KafkaSink | None = None
+        self._kafka_consumer: KafkaEventConsumer | None = None
+        self._kafka_conn: Any = None
         self._consumer: EventConsumer | None = None
         self._consuming: task.LoopingCall | None = None
         # set by the service before start(): live pools (source: postgres)
@@ -83,6 +95,10 @@ class Stores:
     def redis_state(self) -> str:
         return "off" if self.probe is None else self.probe.state
 
+    @property
+    def kafka_state(self) -> str:
+        return "off" if self.kafka is None else self.kafka.state
+
     def start(self) -> None:
         if self.link is not None:
             self.link.start()
@@ -99,11 +115,27 @@ class Stores:
             self.probe = RedisProbe(self._redis, self.clock)
             self.keys.redis = self._redis
             self.keys.redis_probe = self.probe
-            self.events = EventSink(self._redis, self.clock)
+            if "redis" in self.config.events:
+                self.events = EventSink(self._redis, self.clock)
             self.probe.start()
-            if self.config.postgres_dsn is not None:
+            if self.config.postgres_dsn is not None and "redis" in self.config.events:
                 self._consuming = self._periodic(self._consume, 1.0, now=False,
                                                  what="writing events to PostgreSQL")
+        if self.config.kafka is not None and "kafka" in self.config.events:
+            self._start_kafka(self.config.kafka)
+
+    def _start_kafka(self, config: Any) -> None:
+        topics = topics_of(config)
+        self._offsets = OffsetReader(make_consumer(config, reader=True), self.reactor)
+        self.kafka = sink = KafkaSink(None, self.clock, topics, batch=config.batch, buffer_limit=config.buffer_limit,
+                                      committed=self._offsets)
+        sink.producer = make_producer(config, sink.on_error)
+        sink.start()
+        self.events = sink if self.events is None else EventFanout(self.events, sink)
+        if self.config.postgres_dsn is not None:
+            self._kafka_consumer = KafkaEventConsumer(make_consumer(config), topics.values())
+            self._kafka_loop = self._periodic(self._consume_kafka, 0.1, now=False,
+                                              what="writing Kafka events to PostgreSQL")
 
     # -- PostgreSQL ----------------------------------------------------------
 
@@ -189,6 +221,24 @@ class Stores:
         return defer.Deferred.fromCoroutine(self._poll_both())
 
     _consumer_conn: Any = None
+    _kafka_loop: task.LoopingCall | None = None
+    _offsets: OffsetReader | None = None
+
+    def _consume_kafka(self) -> Any:
+        """
+        Write what the event topics hold to PostgreSQL, every 100 ms while
+        it is up; failures are logged and retried next time.
+        """
+        consumer = self._kafka_consumer
+        if consumer is None or self._conn is None or self.postgres_state != "up":
+            return None
+        if self._kafka_conn is not self._conn:
+            self._kafka_conn = self._conn
+            assert self.config.kafka is not None
+            config = self.config.kafka
+            consumer.handlers = {config.heartbeats_topic: write_heartbeat(self._conn),
+                                 config.requests_topic: write_request(self._conn)}
+        return defer.Deferred.fromCoroutine(consumer.poll())
     _request_consumer: EventConsumer | None = None
 
     async def _poll_both(self) -> None:
@@ -205,18 +255,31 @@ class Stores:
         return self._conn if self.postgres_state == "up" else None
 
     def status(self) -> dict[str, str]:
-        return {"postgres": self.postgres_state, "redis": self.redis_state}
+        states = {"postgres": self.postgres_state, "redis": self.redis_state}
+        if self.kafka is not None:
+            states["kafka"] = self.kafka_state
+        return states
 
     async def stop(self) -> None:
         self._stopped = True
-        if self.events is not None:
-            self.events.stop()
+        for sink in getattr(self.events, "sinks", (self.events,)):
+            if isinstance(sink, EventSink):
+                sink.stop()
         if self.probe is not None:
             self.probe.stop()
-        for loop in (self._consuming, self._retention):
+        for loop in (self._consuming, self._retention, self._kafka_loop):
             if loop is not None and loop.running:
                 loop.stop()
-        self._consuming = self._retention = None
+        self._consuming = self._retention = self._kafka_loop = None
+        if self.kafka is not None:
+            await self.kafka.stop()
+        if self._kafka_consumer is not None:
+            # close() leaves the group (a round trip): on a thread, not the reactor's
+            consumer, self._kafka_consumer = self._kafka_consumer.consumer, None
+            await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), consumer.close)
+        if self._offsets is not None:
+            reader, self._offsets = self._offsets, None
+            await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), reader.close)
         if self.link is not None:
             self.link.stop()
         if self.live is not None:
