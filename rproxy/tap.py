@@ -17,7 +17,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from rproxy.config import ConfigError, load_config
-from rproxy.service import ListenError, RProxyService, build_service
+from rproxy.service import ListenError, build_service
 
 __all__ = ["Options", "makeService"]
 
@@ -68,14 +68,32 @@ def global_reactor() -> Any:
     return reactor
 
 
-def makeService(options: Options) -> RProxyService:
+def makeService(options: Options) -> Any:
     reactor = global_reactor()
 
-    service = build_service(options["parsed"], reactor, config_path=options["config"])
+    service: Any
+    if _workers(options["parsed"]) > 1:
+        from rproxy.workers.master import MasterService
+
+        service = MasterService(options["parsed"], reactor, config_path=options["config"])
+    else:
+        service = build_service(options["parsed"], reactor, config_path=options["config"])
     service.on_start_failure = _start_failure_handler(options)
     _install_signals(reactor, service)
     reactor.callWhenRunning(freeze_startup_heap)
     return service
+
+
+def _workers(config: Any) -> int:
+    """
+    The worker count: 1 (the default) runs everything in this process,
+    without importing the workers package.
+    """
+    if config.global_.workers == 1:
+        return 1
+    from rproxy.workers import worker_count
+
+    return worker_count(config)
 
 
 def _start_failure_handler(options: usage.Options) -> Any:
@@ -127,7 +145,7 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def _install_signals(reactor: Any, service: RProxyService) -> None:
+def _install_signals(reactor: Any, service: Any) -> None:
     """
     SIGHUP re-reads the configuration file; SIGUSR1 reopens the access
     log files (for logrotate).  SIGTERM stops the reactor,
