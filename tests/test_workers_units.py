@@ -240,13 +240,14 @@ class MergeTests(SynchronousTestCase):
         """Frontends are summed over workers; a worker's problem makes the machine degraded once."""
         frontend = {"name": "web", "listening": True, "active_connections": 1, "waiting": 0, "total_connections": 2}
         worker = {"problems": ["frontend web: no server of backend web is up"], "frontends": [frontend],
-                  "backends": [], "token_pools": {"t": {"tokens": 2, "name": "t"}}}
+                  "backends": [], "token_pools": {"t": {"status": "unavailable", "pool": {"total": 0}, "name": "t"}}}
+        other = dict(worker, token_pools={"t": {"status": "healthy", "pool": {"total": 3}, "name": "t"}})
         merged = merge_health({"status": "ok", "problems": [], "backends": [], "stores": "embedded"},
-                              [worker, worker], ["worker 2: not running"])
+                              [worker, other], ["worker 2: not running"])
         self.assertEqual(merged["status"], "degraded")
         self.assertEqual(merged["problems"], ["worker 2: not running", "frontend web: no server of backend web is up"])
         self.assertEqual(merged["frontends"], [dict(frontend, active_connections=2, total_connections=4, workers=2)])
-        self.assertEqual(merged["token_pools"], {"t": {"tokens": 4, "name": "t"}})
+        self.assertEqual(merged["token_pools"], {"t": {"status": "healthy", "pool": {"total": 3}, "name": "t"}})
         self.assertEqual(merged["stores"], "embedded")
 
 

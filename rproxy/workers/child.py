@@ -188,11 +188,14 @@ class Worker:
         return self.stopping
 
     async def _stop(self) -> None:
-        if self.service is not None and self.service.running:
-            await self.service.stopService()
+        # this process's copies of the listening sockets go first, so that
+        # once the service has closed the ones it adopted (and the master
+        # its own), new connections are refused at once
         for fd in self.sockets.values():
             os.close(fd)
         self.sockets.clear()
+        if self.service is not None and self.service.running:
+            await self.service.stopService()
         self.reactor.stop()
 
     def master_gone(self, reason: Failure) -> None:

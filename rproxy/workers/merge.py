@@ -130,14 +130,27 @@ def merge_token_pools(workers: list[dict[str, dict[str, Any]]]) -> dict[str, dic
     merged: dict[str, dict[str, Any]] = {}
     for pools in workers:
         for name, status in pools.items():
-            entry = merged.get(name)
-            if entry is None:
-                merged[name] = dict(status)
-                continue
-            for field, value in status.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and field in entry:
-                    entry[field] += value
+            merged[name] = _add(merged[name], status) if name in merged else status
     return merged
+
+
+def _add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """
+    C{a} and C{b} field by field: numbers summed, mappings merged alike,
+    a C{status} healthy if either is, anything else from C{a}.
+    """
+    out = dict(a)
+    for field, value in b.items():
+        mine = out.get(field)
+        if field not in out:
+            out[field] = value
+        elif isinstance(value, dict) and isinstance(mine, dict):
+            out[field] = _add(mine, value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(mine, (int, float)):
+            out[field] = mine + value
+        elif field == "status" and value == "healthy":
+            out[field] = value
+    return out
 
 
 def merge_health(master: dict[str, Any], workers: list[dict[str, Any]], extra_problems: list[str]) -> dict[str, Any]:
