@@ -77,7 +77,10 @@ class Channel(protocol.Protocol):
         C{reply_to} is that id, or fails with a timeout.
         """
         ident = next(self._ids)
-        d: defer.Deferred[dict[str, Any]] = defer.Deferred(lambda _: self._waiting.pop(ident, None))
+        def forget(_: object) -> None:
+            self._waiting.pop(ident, None)
+
+        d: defer.Deferred[dict[str, Any]] = defer.Deferred(forget)
         self._waiting[ident] = d
         self.send(dict(message, id=ident))
         d.addTimeout(timeout, clock)

@@ -16,11 +16,11 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client.exposition import generate_latest
 from twisted.internet import defer
-from twisted.logger import Logger, formatEvent, globalLogBeginner
+from twisted.logger import ILogObserver, Logger, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
 
 from rproxy.pool import Pool
@@ -33,7 +33,7 @@ from rproxy.workers.wire import unpack_config
 __all__ = ["Worker", "main"]
 
 CONTROL_FD = 3
-_silent = Logger(observer=lambda event: None)
+_silent = Logger(observer=cast(ILogObserver, lambda event: None))
 
 
 class NoChecks:
@@ -209,8 +209,9 @@ def main(argv: list[str]) -> int:
     from rproxy import reactor as rproxy_reactor
 
     rproxy_reactor.install()
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
+    reactor: Any = installed
     prefix = f"worker {slot}: "
 
     def observer(event: dict[str, Any]) -> None:
@@ -221,7 +222,7 @@ def main(argv: list[str]) -> int:
         sys.stdout.write("".join(prefix + line + "\n" for line in text.splitlines()))
         sys.stdout.flush()
 
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, observer)], redirectStandardIO=False)
     worker = Worker(reactor, slot, count)
     reactor.adoptStreamConnection(CONTROL_FD, socket.AF_UNIX, _factory(worker.channel))
     os.close(CONTROL_FD)

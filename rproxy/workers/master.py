@@ -269,8 +269,9 @@ class MasterService(MultiService):
         Every worker's figures (L{rproxy.workers.child.Worker.report});
         None for a worker that is not running or did not answer in time.
         """
-        asked = [slot.channel.request({"op": "report"}, timeout, self.reactor)
-                 if slot.channel is not None and slot.configured else defer.succeed(None) for slot in self.slots]
+        asked: list[defer.Deferred[Any]] = [
+            slot.channel.request({"op": "report"}, timeout, self.reactor)
+            if slot.channel is not None and slot.configured else defer.succeed(None) for slot in self.slots]
         results = await defer.DeferredList(asked, consumeErrors=True)
         return [value if ok else None for ok, value in results]
 

@@ -21,7 +21,8 @@ import socket
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from zope.interface import implementer
 
 from rproxy.config import parse_endpoint
 from rproxy.config.endpoints import Endpoint
@@ -94,6 +95,7 @@ def _unix_socket(endpoint: Endpoint, backlog: int) -> socket.socket:
     return sock
 
 
+@implementer(IStreamServerEndpoint)
 class AdoptedEndpoint:
     """
     A server endpoint whose C{listen} serves a socket received from the

@@ -29,6 +29,6 @@ class RestartBackoff:
         """
         if lived >= self.stable:
             self.deaths = 0
-        delay = min(self.maximum, self.initial * (2 ** min(self.deaths, 32)))
+        delay = min(self.maximum, self.initial * float(2 ** min(self.deaths, 32)))
         self.deaths += 1
         return delay
