@@ -114,8 +114,8 @@ class RProxyService(MultiService):
         # the master sends (checker_factory: checks that never probe) and
         # tells the master what its pools see (pool_made); the master serves
         # an admin tree merged from every worker (make_admin_site).
-        self.listen_endpoint: Callable[[str, int], Any] = lambda listen, backlog: server_endpoint(
-            self.reactor, listen, backlog)
+        self.listen_endpoint: Callable[[Any, int], Any] = lambda frontend, backlog: server_endpoint(
+            self.reactor, frontend.listen, backlog)
         self.checker_factory: Callable[..., Any] = HealthChecker
         self.pool_made: Callable[[Pool], None] | None = None
         self.make_admin_site: Callable[[RProxyService], Any] = build_admin_site
@@ -395,7 +395,7 @@ class RProxyService(MultiService):
         Listen for C{frontend}; C{None} (logged, recorded) if it cannot.
         """
         try:
-            endpoint = self.listen_endpoint(frontend.config.listen, self.config.global_.backlog)
+            endpoint = self.listen_endpoint(frontend.config, self.config.global_.backlog)
             factory: Any = frontend
             if frontend.config.tls:
                 factory = server_tls_factory(frontend, list(frontend.config.tls))

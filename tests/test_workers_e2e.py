@@ -295,6 +295,77 @@ class TCPWorkersTests(WorkersMixin, TestCase):
         self.assertEqual(states[f"127.0.0.1:{gone}"], "ejected")
 
 
+class StartWorkersTests(WorkersMixin, TestCase):
+    timeout = 60
+
+    @async_test
+    async def test_bind_failure_exits_1(self) -> None:
+        """A frontend port in use stops the master before any worker starts: exit 1, one line, no traceback."""
+        import socket
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        self.addCleanup(sock.close)
+        busy = sock.getsockname()[1]
+        data = config(1)
+        data["frontends"][0]["listen"] = f"127.0.0.1:{busy}"
+        child = Child()
+        launcher = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; sys.exit(run())"
+        args = [sys.executable, "-c", launcher, "-n", "--pidfile=", "rproxy", "--config", self.write_config(data)]
+        reactor.spawnProcess(child, sys.executable, args, env=dict(os.environ, PYTHONPATH=ROOT), path=ROOT)
+        await wait_for(lambda: child.ended, 30)
+        self.assertEqual(child.exit_code, 1)
+        line = f"frontend web: cannot listen on tcp:{busy}:interface=127.0.0.1: Address already in use; not starting"
+        self.assertEqual(child.output.count(line), 1)
+        self.assertNotIn("Traceback", child.output)
+        self.assertNotIn("worker 0 started", child.output)
+
+
+    @async_test
+    async def test_reload_moves_frontend_or_changes_nothing(self) -> None:
+        """
+        A reload that moves a frontend serves the new address in every
+        worker and closes the old one everywhere; one whose new address
+        cannot bind is rejected and changes nothing.
+        """
+        import socket
+
+        factory, port = await self.backend("a")
+        data = config(port.getHost().port)
+        child = await self.start(data)
+        old = self.port(child, "web")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            moved = probe.getsockname()[1]
+        data["frontends"][0]["listen"] = f"127.0.0.1:{moved}"
+        self.write_config(data)
+        os.kill(self.process.pid, signal.SIGHUP)
+        await child.line(f"frontend web listening on 127\\.0\\.0\\.1:{moved}")
+        await child.line("configuration reloaded in the master and 2 worker")
+        await wait_for(lambda: child.output.count(f"(TCP Port {old} Closed)") == 2, 10)
+        with self.assertRaises(error.ConnectionRefusedError):
+            await connect(old)
+        for _ in range(10):
+            client = await connect(moved)
+            self.client_cleanup(client)
+            await client.read_until(b"a\n")
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        self.addCleanup(busy.close)
+        data["frontends"][0]["listen"] = f"127.0.0.1:{busy.getsockname()[1]}"
+        self.write_config(data)
+        os.kill(self.process.pid, signal.SIGHUP)
+        await child.line(f"reload rejected: frontend web: cannot listen on tcp:{busy.getsockname()[1]}:"
+                         "interface=127.0.0.1: Address already in use; keeping the running configuration")
+        client = await connect(moved)
+        self.client_cleanup(client)
+        await client.read_until(b"a\n")
+        _, health = await self.admin("/health")
+        self.assertEqual(health["frontends"][0]["listen"], f"tcp:{moved}:interface=127.0.0.1")
+
+
 class HTTPWorkersTests(WorkersMixin, TestCase):
     timeout = 90
 
@@ -399,6 +470,16 @@ class HTTPWorkersTests(WorkersMixin, TestCase):
         _, health = await self.admin("/health")
         self.assertEqual(sorted(f["name"] for f in health["frontends"]), ["extra", "web"])
         self.assertTrue(all(f["workers"] == 2 for f in health["frontends"]))
+        # removed again: every process lets go of its socket
+        data["frontends"].pop()
+        self.write_config(data)
+        before = child.output.count("configuration reloaded in the master and 2 worker(s)")
+        os.kill(self.process.pid, signal.SIGHUP)
+        await wait_for(lambda: child.output.count("configuration reloaded in the master and 2 worker(s)") > before, 20)
+        await wait_for(lambda: child.output.count(f"(TCP Port {extra} Closed)") == 2, 10)
+        with self.assertRaises(error.ConnectionRefusedError):
+            await connect(extra)
+        self.assertEqual(await self.get(front), 200)
 
     @async_test
     async def test_sigterm_under_traffic_drains_every_worker(self) -> None:

@@ -62,7 +62,8 @@ class Worker:
         self.slot = slot
         self.count = count
         self.service: RProxyService | None = None
-        self.sockets: dict[str, int] = {}  # listen string -> descriptor from the master
+        # frontend name -> (its listen string, the descriptor the master sent)
+        self.sockets: dict[str, tuple[str, int]] = {}
         self.health: dict[tuple[str, str], dict[str, Any]] = {}
         self.ejections: dict[tuple[str, str], tuple[float, int]] = {}
         self.channel = Channel(self.handle, self.master_gone)
@@ -75,10 +76,10 @@ class Worker:
         op = message["op"]
         if op == "socket":
             fd = self.channel.descriptors.popleft()
-            old = self.sockets.pop(message["listen"], None)
+            old = self.sockets.pop(message["frontend"], None)
             if old is not None:
-                os.close(old)
-            self.sockets[message["listen"]] = fd
+                os.close(old[1])
+            self.sockets[message["frontend"]] = (message["listen"], fd)
         elif op == "configure":
             self._applying = self._applying.addBoth(lambda _: defer.Deferred.fromCoroutine(self.configure(message)))
         elif op in ("health", "eject"):
@@ -132,17 +133,18 @@ class Worker:
             self.service.config = config
         except Exception as e:  # noqa: BLE001 - reported to the master, which logs it
             problems.append(f"cannot apply the configuration: {e}")
-        used = {f.listen for f in config.frontends}
-        for listen in list(self.sockets):
-            if listen not in used:
-                os.close(self.sockets.pop(listen))
+        used = {(f.name, f.listen) for f in config.frontends}
+        for name, (listen, fd) in list(self.sockets.items()):
+            if (name, listen) not in used:
+                del self.sockets[name]
+                os.close(fd)
         self.channel.reply(message, {"op": "configured", "problems": problems, "pid": os.getpid()})
 
-    def endpoint(self, listen: str, backlog: int) -> Any:
-        fd = self.sockets.get(listen)
-        if fd is None:
+    def endpoint(self, frontend: Any, backlog: int) -> Any:
+        listen, fd = self.sockets.get(frontend.name, (None, -1))
+        if listen != frontend.listen:
             raise ValueError("the master sent no socket for it")
-        return endpoint_for(self.reactor, listen, fd)
+        return endpoint_for(self.reactor, frontend.listen, fd)
 
     def watch_pool(self, pool: Pool) -> None:
         """
@@ -191,7 +193,7 @@ class Worker:
         # this process's copies of the listening sockets go first, so that
         # once the service has closed the ones it adopted (and the master
         # its own), new connections are refused at once
-        for fd in self.sockets.values():
+        for _, fd in self.sockets.values():
             os.close(fd)
         self.sockets.clear()
         if self.service is not None and self.service.running:

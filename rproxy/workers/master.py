@@ -55,7 +55,7 @@ class WorkerSlot:
         self.started_at = 0.0
         self.backoff = RestartBackoff()
         self.restarts = 0
-        self.sent: set[str] = set()
+        self.sent: set[tuple[str, str]] = set()
         self.configured = False
         self.restart: IDelayedCall | None = None
         self.ended: defer.Deferred[None] = defer.Deferred()
@@ -105,7 +105,8 @@ class MasterService(MultiService):
 
         self.inner.make_admin_site = lambda service: build_master_site(self)
         self.inner.registry.register(_WorkerCollector(self))
-        self.listeners: dict[str, dict[int, socket.socket]] = {}
+        # frontend name -> (its listen string, its sockets by worker slot)
+        self.listeners: dict[str, tuple[str, dict[int, socket.socket]]] = {}
         self.slots = [WorkerSlot(i) for i in range(self.count)]
         self.stopping = False
         self.on_start_failure: Any = None
@@ -115,45 +116,53 @@ class MasterService(MultiService):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        problems = []
-        for frontend in self.config.frontends:
-            try:
-                self._bind(self.config, frontend)
-            except (OSError, ValueError) as e:
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                problems.append(f"frontend {frontend.name}: cannot listen on {frontend.listen}: {reason}; not starting")
-        if problems:
-            for line in problems:
-                self.log.error("{line}", line=line)
-            self._close_listeners(set(self.listeners))
-            failure = ListenError(problems)
+        try:
+            self.listeners = self._bind_all(self.config)
+        except _BindError as e:
+            line = f"{e}; not starting"
+            self.log.error("{line}", line=line)
+            failure = ListenError([line])
             if self.on_start_failure is not None:
                 self.on_start_failure(failure)
-            raise failure
+            raise failure from None
         self.inner.on_start_failure = self.on_start_failure
         self.inner.privilegedStartService()
 
-    def _bind(self, config: Config, frontend: Any) -> None:
-        if frontend.listen in self.listeners:
-            return
-        for listen, sockets in self.listeners.items():
-            if _same_socket(listen, frontend.listen, sockets):
-                self.listeners[frontend.listen] = sockets
-                return
+    def _bind_all(self, config: Config) -> dict[str, tuple[str, dict[int, socket.socket]]]:
+        """
+        The sockets of every frontend of C{config}: a frontend whose
+        address names the socket it has keeps it (with sockets added or
+        dropped if the slots serving it changed); others get new ones.
+
+        @raise _BindError: one could not bind; none made here is left open.
+        """
+        made: dict[str, tuple[str, dict[int, socket.socket]]] = {}
+        try:
+            for frontend in config.frontends:
+                made[frontend.name] = self._bind(config, frontend)
+        except (OSError, ValueError) as e:
+            _close_unused(made, self.listeners)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise _BindError(f"frontend {frontend.name}: cannot listen on {frontend.listen}: {reason}") from None
+        return made
+
+    def _bind(self, config: Config, frontend: Any) -> tuple[str, dict[int, socket.socket]]:
         slots = serving_slots(config, frontend, self.count)
+        old = self.listeners.get(frontend.name)
+        if old is not None and _same_socket(old[0], frontend.listen, old[1]):
+            sockets = {slot: sock for slot, sock in old[1].items() if slot in slots}
+            missing_slots = [slot for slot in slots if slot not in sockets]
+            if missing_slots:
+                bound = next(iter(old[1].values())).getsockname()
+                port = None if isinstance(bound, str) else bound[1]
+                sockets.update(bind(frontend.listen, config.global_.backlog, missing_slots, port))
+            return frontend.listen, sockets
         sockets = bind(frontend.listen, config.global_.backlog, slots)
-        self.listeners[frontend.listen] = sockets
         first = sockets[slots[0]].getsockname()
         address = first if isinstance(first, str) else f"{first[0]}:{first[1]}"
         self.log.info("frontend {frontend} listening on {address}, backend {backend}, in {count} worker(s)",
                       frontend=frontend.name, address=address, backend=frontend.backend, count=len(slots))
-
-    def _close_listeners(self, listens: set[str]) -> None:
-        keep = {id(s) for listen, sockets in self.listeners.items() if listen not in listens for s in sockets.values()}
-        for listen in listens:
-            for sock in self.listeners.pop(listen, {}).values():
-                if id(sock) not in keep:
-                    sock.close()
+        return frontend.listen, sockets
 
     def startService(self) -> None:
         super().startService()
@@ -182,7 +191,7 @@ class MasterService(MultiService):
         slot.channel = channel
         slot.pid = slot.process.pid
         slot.started_at = self.reactor.seconds()
-        slot.sent = set()
+        slot.sent = set()  # (frontend, listen) whose socket this worker holds
         slot.configured = False
         slot.ended = defer.Deferred()
         self.log.info("worker {slot} started (pid {pid})", slot=slot.slot, pid=slot.pid)
@@ -199,11 +208,12 @@ class MasterService(MultiService):
         if channel is None:
             return defer.succeed(None)
         view = worker_view(config, slot.slot, self.count)
-        for frontend in view.frontends:
-            if frontend.listen not in slot.sent:
-                sock = self.listeners[frontend.listen][slot.slot]
-                channel.send({"op": "socket", "listen": frontend.listen}, (sock.fileno(),))
-                slot.sent.add(frontend.listen)
+        wanted = {(f.name, f.listen) for f in view.frontends}
+        for name, listen in sorted(wanted - slot.sent):
+            sock = self.listeners[name][1][slot.slot]
+            channel.send({"op": "socket", "frontend": name, "listen": listen}, (sock.fileno(),))
+        # (the worker closes what its configuration no longer uses)
+        slot.sent = wanted
         for message in snapshot(self.inner.pools, self.reactor.seconds()):
             channel.send(message)
         d = channel.request({"op": "configure", "config": pack_config(view)},
@@ -312,18 +322,13 @@ class MasterService(MultiService):
         if worker_count(new) != self.count:
             self.log.warn("global.workers: a new count takes effect after a restart; keeping {count}",
                           count=self.count)
-        before = set(self.listeners)
         try:
-            for frontend in new.frontends:
-                self._bind(new, frontend)
-        except (OSError, ValueError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            self._close_listeners(set(self.listeners) - before)
+            listeners = self._bind_all(new)
+        except _BindError as e:
             self.inner.metrics.reloads.labels("failed").inc()
-            self.log.error("reload rejected: frontend {frontend}: cannot listen on {listen}: {reason}; "
-                           "keeping the running configuration", frontend=frontend.name, listen=frontend.listen,
-                           reason=reason)
+            self.log.error("reload rejected: {why}; keeping the running configuration", why=str(e))
             return
+        old, self.listeners = self.listeners, listeners
         self.config = new
         await self.inner.reload(master_view(new))
         results = await defer.DeferredList(
@@ -331,7 +336,7 @@ class MasterService(MultiService):
         for ok, value in results:
             if not ok:
                 self.log.error("a worker did not apply the configuration: {why}", why=value.getErrorMessage())
-        self._close_listeners(set(self.listeners) - {f.listen for f in new.frontends})
+        _close_unused(old, self.listeners)
         self.log.info("configuration reloaded in the master and {count} worker(s)",
                       count=sum(1 for ok, _ in results if ok))
 
@@ -355,7 +360,8 @@ class MasterService(MultiService):
         self.stopping = True
         grace = self.config.global_.grace_period
         self.log.info("rproxy stopping: draining {count} worker(s) for up to {grace}s", count=self.count, grace=grace)
-        self._close_listeners(set(self.listeners))
+        _close_unused(self.listeners, {})
+        self.listeners = {}
         waits = []
         for slot in self.slots:
             if slot.restart is not None and slot.restart.active():
@@ -380,6 +386,25 @@ class MasterService(MultiService):
         await defer.maybeDeferred(super().stopService)
 
 
+class _BindError(Exception):
+    """
+    A frontend's sockets could not bind (the message names it).
+    """
+
+
+def _close_unused(old: dict[str, tuple[str, dict[int, socket.socket]]],
+                  kept: dict[str, tuple[str, dict[int, socket.socket]]]) -> None:
+    """
+    Close the sockets of C{old} that C{kept} does not hold.
+    """
+    holding = {id(sock) for _, sockets in kept.values() for sock in sockets.values()}
+    for _, sockets in old.values():
+        for sock in sockets.values():
+            if id(sock) not in holding:
+                holding.add(id(sock))  # (a unix socket is every slot's: once)
+                sock.close()
+
+
 def _signal(process: Any, name: str) -> None:
     try:
         process.signalProcess(name)
@@ -392,6 +417,8 @@ def _same_socket(listen: str, other: str, sockets: dict[int, socket.socket]) -> 
     Whether C{other} names the socket already bound for C{listen} (the
     same address written another way, or the port a port 0 got).
     """
+    if listen == other:
+        return True
     try:
         a, b = parse_endpoint(listen), parse_endpoint(other)
     except ValueError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -38,11 +39,12 @@ def family_of(endpoint: Endpoint) -> int:
     return socket.AF_INET
 
 
-def bind(listen: str, backlog: int, slots: range) -> dict[int, socket.socket]:
+def bind(listen: str, backlog: int, slots: Sequence[int], port: int | None = None) -> dict[int, socket.socket]:
     """
     Listening sockets for C{listen}, one per slot (the same object for
     every slot of a C{unix:} listener).  A port 0 is chosen by the first
-    bind and reused by the others.
+    bind and reused by the others; C{port} overrides the listen string's
+    (more sockets beside ones bound before).
 
     @raise OSError: a socket could not bind (none is left open).
     @raise ValueError: a listen string workers cannot share.
@@ -57,7 +59,7 @@ def bind(listen: str, backlog: int, slots: range) -> dict[int, socket.socket]:
         if family == socket.AF_UNIX:
             sock = _unix_socket(endpoint, backlog)
             return dict.fromkeys(slots, sock)
-        port = endpoint.port or 0
+        port = port if port is not None else endpoint.port or 0
         host = endpoint.interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")  # noqa: S104 - as Twisted
         for slot in slots:
             sock = socket.socket(family, socket.SOCK_STREAM)
