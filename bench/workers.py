@@ -81,11 +81,12 @@ def pids(master: int, admin: int, workers: int) -> list[int]:
     raise SystemExit("bench: workers not ready")
 
 
-def wrk(port: int, duration: int, connections: int, close: bool) -> int:
+def wrk(port: int, duration: int, connections: int, close: bool, pace: str | None = None) -> int:
     """
-    Requests wrk completed (non-2xx and socket errors make it exit here).
+    Requests wrk completed (non-2xx and socket errors are printed).
+    C{pace}: a wrk script that spaces each connection's requests.
     """
-    args = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s"]
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s"] + (["-s", pace] if pace else [])
     if close:
         args += ["-H", "Connection: close"]
     out = subprocess.run(args + [f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
@@ -95,13 +96,14 @@ def wrk(port: int, duration: int, connections: int, close: bool) -> int:
     return int(out.split(" requests in ")[0].split()[-1])
 
 
-def measure(port: int, processes: list[int], duration: int, connections: int, close: bool) -> tuple[float, float]:
+def measure(port: int, processes: list[int], duration: int, connections: int, close: bool,
+            pace: str | None = None) -> tuple[float, float]:
     """
     (requests/s, microseconds of rproxy CPU per request) of one wrk run.
     """
     before = sum(cpu_seconds(p) for p in processes)
     started = time.monotonic()
-    requests = wrk(port, duration, connections, close)
+    requests = wrk(port, duration, connections, close, pace)
     elapsed = time.monotonic() - started
     used = sum(cpu_seconds(p) for p in processes) - before
     return requests / elapsed, used / requests * 1e6
@@ -116,12 +118,18 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--rate", type=int, default=6000,
+                        help="offered req/s of the CPU-per-request runs (each connection paced)")
     args = parser.parse_args()
     need("nginx", "wrk")
     cores = len(os.sched_getaffinity(0))
     work = tempfile.mkdtemp(prefix="rproxy-bench-")
     os.chmod(work, 0o755)  # nginx workers run as nobody
     procs: list[subprocess.Popen[bytes]] = []
+    pace = os.path.join(work, "pace.lua")
+    with open(pace, "w") as f:
+        # wrk waits delay() ms before each request of a connection
+        f.write(f"function delay() return {1000 * args.connections / args.rate:.3f} end\n")
     try:
         backend = free_port()
         nginx = start_nginx(work, backend)
@@ -130,6 +138,7 @@ def main() -> None:
         counts = sorted({1, 2, cores} | {2 ** i for i in range(8) if 2 ** i <= cores})
         cases = [(kind, close) for kind in ("http", "tcp") for close in (False, True)]
         results: dict[tuple[int, str, bool], list[tuple[float, float]]] = {}
+        paced: dict[tuple[int, str, bool], list[tuple[float, float]]] = {}
         spreads: dict[tuple[str, bool], list[list[int]]] = {}
         for workers in counts:
             http_port, tcp_port, admin = free_port(), free_port(), free_port()
@@ -145,31 +154,43 @@ def main() -> None:
                         before = [w.get("connections", 0) for w in health(admin)["workers"]] if workers > 1 else []
                         results.setdefault((workers, kind, close), []).append(
                             measure(port, processes, args.duration, args.connections, close))
+                        if workers <= 2:
+                            paced.setdefault((workers, kind, close), []).append(
+                                measure(port, processes, args.duration, args.connections, close, pace))
                         if workers == 2:
                             spreads.setdefault((kind, close), []).append(spread(admin, before))
             finally:
                 stop_all([proxy], "")
         print(f"cores found: {cores}; wrk -c{args.connections}, {args.duration}s runs, medians of {args.rounds} rounds")
-        print(f"{'case':26} {'w1 req/s':>9} {'w1 us/req':>9} {'w2 req/s':>9} {'w2 us/req':>9} {'cpu w2/w1':>9}  spread w2")
-        for kind, close in cases:
-            name = f"{kind} {'Connection: close' if close else 'keep-alive'}"
-            one = results[(1, kind, close)]
-            two = results[(2, kind, close)]
-            rate1, cpu1 = statistics.median(r for r, _ in one), statistics.median(c for _, c in one)
-            rate2, cpu2 = statistics.median(r for r, _ in two), statistics.median(c for _, c in two)
-            shares = []
-            for split in spreads[(kind, close)]:
-                total = sum(split) or 1
-                shares.append("/".join(f"{100 * n / total:.0f}" for n in split) + f" of {sum(split)}")
-            print(f"{name:26} {rate1:9.0f} {cpu1:9.1f} {rate2:9.0f} {cpu2:9.1f} {cpu2 / cpu1:9.2f}  {', '.join(shares)}")
-        print("requests/s by workers (scaling needs cores to spare for wrk and nginx):")
+        for title, table in ((f"paced to ~{args.rate} req/s (same offered load)", paced), ("flat out", results)):
+            print(f"CPU per request of every rproxy process, {title}:")
+            _table(cases, table, spreads)
+        print("requests/s by workers, flat out (scaling needs cores to spare for wrk and nginx):")
         for kind, close in cases:
             name = f"{kind} {'Connection: close' if close else 'keep-alive'}"
             rates = [statistics.median(r for r, _ in results[(n, kind, close)]) for n in counts]
             base = rates[0]
-            print(f"  {name:26} " + "  ".join(f"{n}: {rate:.0f} ({rate / base:.2f}x)" for n, rate in zip(counts, rates, strict=True)))
+            print(f"  {name:26} " + "  ".join(f"{n}: {rate:.0f} ({rate / base:.2f}x)"
+                                              for n, rate in zip(counts, rates, strict=True)))
     finally:
         stop_all(procs, work)
+
+
+def _table(cases: list[tuple[str, bool]], results: dict[tuple[int, str, bool], list[tuple[float, float]]],
+           spreads: dict[tuple[str, bool], list[list[int]]]) -> None:
+    print(f"  {'case':26} {'w1 req/s':>9} {'w1 us/req':>9} {'w2 req/s':>9} {'w2 us/req':>9} {'cpu w2/w1':>9}  "
+          "spread over 2 workers (% of connections)")
+    for kind, close in cases:
+        name = f"{kind} {'Connection: close' if close else 'keep-alive'}"
+        one = results[(1, kind, close)]
+        two = results[(2, kind, close)]
+        rate1, cpu1 = statistics.median(r for r, _ in one), statistics.median(c for _, c in one)
+        rate2, cpu2 = statistics.median(r for r, _ in two), statistics.median(c for _, c in two)
+        shares = []
+        for split in spreads[(kind, close)]:
+            total = sum(split) or 1
+            shares.append("/".join(f"{100 * n / total:.0f}" for n in split) + f" of {sum(split)}")
+        print(f"  {name:26} {rate1:9.0f} {cpu1:9.1f} {rate2:9.0f} {cpu2:9.1f} {cpu2 / cpu1:9.2f}  {', '.join(shares)}")
 
 
 if __name__ == "__main__":
