@@ -366,6 +366,49 @@ class StartWorkersTests(WorkersMixin, TestCase):
         self.assertEqual(health["frontends"][0]["listen"], f"tcp:{moved}:interface=127.0.0.1")
 
 
+    @async_test
+    async def test_tunnel_runs_in_the_master(self) -> None:
+        """
+        A tunnel runs in the master (one process holds every agent
+        session): an agent logs in there, a public client reaches its
+        service, /health names the master's pid, and /api/v1 (the
+        master's) lists the agent.
+        """
+        import re
+
+        from rproxy.tunnel.agent import AgentService
+        from rproxy.tunnel.config import parse_agent_config
+
+        factory, port = await self.backend("a")
+        data = config(port.getHost().port)
+        data["admin"]["api_key"] = "admin-secret"
+        data["api_keys"] = [{"key": "good-key", "level": -1, "name": "shared"}]
+        data["tunnels"] = [{"name": "gpu", "control": "tcp:0:interface=127.0.0.1",
+                            "proxy": "tcp:0:interface=127.0.0.1", "public": "tcp:0:interface=127.0.0.1"}]
+        child = await self.start(data)
+        ports = {role: int(re.search(rf"tunnel gpu {role} listening on 127\.0\.0\.1:(\d+)", child.output)
+                           .group(1))  # type: ignore[union-attr]
+                 for role in ("control", "proxy", "public")}
+        agent = AgentService(parse_agent_config({
+            "server": {"control": f"127.0.0.1:{ports['control']}", "proxy": f"127.0.0.1:{ports['proxy']}"},
+            "api_key": "good-key", "agent_id": "gpu-01",
+            "services": [{"name": "web", "local": f"127.0.0.1:{port.getHost().port}"}],
+        }), reactor)
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        await child.line("gpu-01")
+        client = await connect(ports["public"])
+        self.client_cleanup(client)
+        await client.read_until(b"a\n")
+        _, health = await self.admin("/health")
+        self.assertEqual(health["tunnels"], {"process": "master", "pid": self.process.pid, "names": ["gpu"]})
+        agents = await connect(self.admin_port)
+        agents.transport.write(b"GET /api/v1/agents HTTP/1.0\r\nAuthorization: Bearer admin-secret\r\n\r\n")
+        await agents.closed
+        body = json.loads(bytes(agents.data).partition(b"\r\n\r\n")[2])
+        self.assertEqual([a["id"] for a in body["tunnels"][0]["agents"]], ["gpu-01"])
+
+
 class HTTPWorkersTests(WorkersMixin, TestCase):
     timeout = 90
 
