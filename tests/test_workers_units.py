@@ -286,3 +286,51 @@ class StateTests(SynchronousTestCase):
             self.assertTrue(apply_message({"web": other}, message, self.clock.seconds()))
         self.assertEqual([s.state(self.clock.seconds()) for s in other.servers], ["down", "ejected", "up"])
         self.assertFalse(apply_message({"gone": other}, messages[0], 0))
+
+
+class SupervisorTests(SynchronousTestCase):
+    """
+    L{MasterService.worker_ended} on a fake clock: a dead worker is
+    started again after the backoff; none is while stopping.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from rproxy.workers.master import MasterService
+
+        self.reactor = MemoryReactorClock()
+        self.master = MasterService(parse_config(data(workers=2)), self.reactor)
+        self.spawned: list[int] = []
+        self.master._spawn = lambda slot: self.spawned.append(slot.slot)  # type: ignore[method-assign]
+
+    def die(self, slot: int, lived: float) -> None:
+        from twisted.internet.error import ProcessTerminated
+        from twisted.python.failure import Failure
+
+        worker = self.master.slots[slot]
+        worker.started_at = self.reactor.seconds() - lived
+        worker.process = object()
+        self.master.worker_ended(worker, Failure(ProcessTerminated(signal=9)))
+
+    def test_restarted_after_backoff(self) -> None:
+        """Deaths in a row wait 0.5 s, then 1 s; the other slot is untouched."""
+        self.die(0, lived=0.2)
+        self.reactor.advance(0.49)
+        self.assertEqual(self.spawned, [])
+        self.reactor.advance(0.01)
+        self.assertEqual(self.spawned, [0])
+        self.die(0, lived=0.2)
+        self.reactor.advance(0.99)
+        self.assertEqual(self.spawned, [0])
+        self.reactor.advance(0.01)
+        self.assertEqual(self.spawned, [0, 0])
+        self.assertEqual([s.restarts for s in self.master.slots], [2, 0])
+
+    def test_no_restart_while_stopping(self) -> None:
+        """A worker that ends while the master stops is not started again; its end is reported."""
+        self.master.stopping = True
+        ended = self.master.slots[1].ended
+        self.die(1, lived=5)
+        self.successResultOf(ended)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])

@@ -114,8 +114,12 @@ class Worker:
                                       "ejections": ejections}, now)
 
     async def configure(self, message: dict[str, Any]) -> None:
-        config = unpack_config(message["config"])
         problems: list[str] = []
+        try:
+            config = unpack_config(message["config"])
+        except Exception as e:  # noqa: BLE001 - reported to the master, which logs it
+            self.channel.reply(message, {"op": "configured", "problems": [f"not a configuration: {e}"]})
+            return
         try:
             if self.service is None:
                 self.service = service = RProxyService(config, self.reactor)
