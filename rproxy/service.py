@@ -111,6 +111,16 @@ class RProxyService(MultiService):
         self.on_start_failure: Callable[[ListenError], None] | None = None
         # the last reload (file or API): when, result, errors; None before one
         self.last_reload: dict[str, Any] | None = None
+        # Hooks for the processes of rproxy.workers: a worker adopts the
+        # sockets its master bound (listen_endpoint), applies health state
+        # the master sends (checker_factory: checks that never probe) and
+        # tells the master what its pools see (pool_made); the master serves
+        # an admin tree merged from every worker (make_admin_site).
+        self.listen_endpoint: Callable[[Any, int], Any] = lambda frontend, backlog: server_endpoint(
+            self.reactor, frontend.listen, backlog)
+        self.checker_factory: Callable[..., Any] = HealthChecker
+        self.pool_made: Callable[[Pool], None] | None = None
+        self.make_admin_site: Callable[[RProxyService], Any] = build_admin_site
 
     # -- start -----------------------------------------------------------
 
@@ -185,7 +195,9 @@ class RProxyService(MultiService):
             if pool is None:
                 pool = Pool(backend, self.clock, self._rng)
                 self.pools[backend.name] = pool
-                checker = HealthChecker(pool, self.clock, self._prober, self._observe_check, self._rng)
+                if self.pool_made is not None:
+                    self.pool_made(pool)
+                checker = self.checker_factory(pool, self.clock, self._prober, self._observe_check, self._rng)
                 self.checkers[backend.name] = checker
                 checker.start()
             else:
@@ -317,7 +329,7 @@ class RProxyService(MultiService):
         port = None
         if listen is not None:
             try:
-                port = await server_endpoint(self.reactor, listen).listen(build_admin_site(self))
+                port = await server_endpoint(self.reactor, listen).listen(self.make_admin_site(self))
             except Exception as e:  # noqa: BLE001 - reported as one line, the old port stays
                 self._listen_failed("admin", "admin", listen, e, old is not None and self._admin_listen)
                 return
@@ -385,7 +397,7 @@ class RProxyService(MultiService):
         Listen for C{frontend}; C{None} (logged, recorded) if it cannot.
         """
         try:
-            endpoint = server_endpoint(self.reactor, frontend.config.listen, self.config.global_.backlog)
+            endpoint = self.listen_endpoint(frontend.config, self.config.global_.backlog)
             factory: Any = frontend
             if frontend.config.tls:
                 factory = server_tls_factory(frontend, list(frontend.config.tls))

@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 import rproxy
 from rproxy.config import ConfigError, load_config
-from rproxy.service import ListenError, RProxyService, build_service
+from rproxy.service import ListenError, build_service
 
 log = Logger()
 
@@ -84,10 +84,16 @@ def global_reactor() -> Any:
     return reactor
 
 
-def makeService(options: Options) -> RProxyService:
+def makeService(options: Options) -> Any:
     reactor = global_reactor()
 
-    service = build_service(options["parsed"], reactor, config_path=options["config"])
+    service: Any
+    if _workers(options["parsed"]) > 1:
+        from rproxy.workers.master import MasterService
+
+        service = MasterService(options["parsed"], reactor, config_path=options["config"])
+    else:
+        service = build_service(options["parsed"], reactor, config_path=options["config"])
     service.on_start_failure = _start_failure_handler(options)
     _install_signals(reactor, service)
     reactor.callWhenRunning(freeze_startup_heap)
@@ -97,12 +103,18 @@ def makeService(options: Options) -> RProxyService:
     return service
 
 
-def startup_line(service: RProxyService) -> str:
+def startup_line(service: Any) -> str:
     """
     Which rproxy runs which file, and what listens where.
     """
-    listening = [f"frontend {name} ({service.frontends[name].config.protocol}) {_where(port)}"
-                 for name, port in service.ports.items() if name in service.frontends]
+    inner = getattr(service, "inner", None)  # a workers master: frontends in its workers
+    if inner is None:
+        listening = [f"frontend {name} ({service.frontends[name].config.protocol}) {_where(port)}"
+                     for name, port in service.ports.items() if name in service.frontends]
+    else:
+        listening = [f"frontend {name} {_where_socket(sockets)} in {len(sockets)} worker(s)"
+                     for name, (_, sockets) in service.listeners.items()]
+        service = inner
     for tunnel in service.tunnels.values():
         ports = getattr(tunnel, "ports", {})
         roles = ", ".join(f"{role} {_where(ports[role])}" for role in ("control", "proxy", "public") if role in ports)
@@ -123,16 +135,24 @@ def _where(port: Any) -> str:
     return f"[{address}]:{host.port}" if ":" in address else f"{address}:{host.port}"
 
 
-def _announce_when_ready(service: RProxyService) -> None:
-    if service.ready is None:
+def _where_socket(sockets: dict[int, Any]) -> str:
+    address = next(iter(sockets.values())).getsockname()
+    if isinstance(address, str):
+        return address
+    return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+
+
+def _announce_when_ready(service: Any) -> None:
+    ready = getattr(getattr(service, "inner", service), "ready", None)
+    if ready is None:
         return
 
     def announce(result: Any) -> Any:
-        if not service.listen_failures:
+        if not getattr(service, "listen_failures", None):
             log.info("{line}", line=startup_line(service))
         return result
 
-    service.ready.addCallback(announce).addErrback(lambda f: log.failure("start-up line failed", f))
+    ready.addCallback(announce).addErrback(lambda f: log.failure("start-up line failed", f))
 
 
 # Twisted's own lines that repeat rproxy's: a port's start and close (the
@@ -169,6 +189,18 @@ def quiet_twisted_noise(beginner: Any = globalLogBeginner) -> None:
         return begin([FilteringLogObserver(o, [_NotNoise()]) for o in observers], *args, **kwargs)
 
     beginner.beginLoggingTo = filtered
+
+
+def _workers(config: Any) -> int:
+    """
+    The worker count: 1 (the default) runs everything in this process,
+    without importing the workers package.
+    """
+    if config.global_.workers == 1:
+        return 1
+    from rproxy.workers import worker_count
+
+    return worker_count(config)
 
 
 def _start_failure_handler(options: usage.Options) -> Any:
@@ -220,7 +252,7 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def _install_signals(reactor: Any, service: RProxyService) -> None:
+def _install_signals(reactor: Any, service: Any) -> None:
     """
     SIGHUP re-reads the configuration file; SIGUSR1 reopens the access
     log files (for logrotate).  SIGTERM stops the reactor,

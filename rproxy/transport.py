@@ -571,3 +571,17 @@ def server_endpoint(reactor: Any, description: str, backlog: int = 511) -> IStre
         given = endpoint.backlog
         return TCPServerEndpoint(reactor, port or 0, given if given is not None else backlog, endpoint.interface)
     return serverFromString(reactor, description)
+
+
+def adopt_tcp_port(reactor: Any, fd: int, family: int, factory: IProtocolFactory) -> IListeningPort:
+    """
+    Serve C{factory} on a listening socket bound by another process (an
+    rproxy master, L{rproxy.workers}), with immediate-send connections as
+    L{listen_tcp} gives.  C{fd} is duplicated; the caller closes its own.
+    """
+    if not supports_immediate_send(reactor):
+        return reactor.adoptStreamPort(fd, family, factory)  # type: ignore[no-any-return]
+    listening = ImmediateSendPort._fromListeningDescriptor(reactor, fd, family, factory)
+    listening.startListening()
+    listening.socket.__class__ = _ListeningSocket
+    return listening  # type: ignore[no-any-return]

@@ -43,7 +43,7 @@ PROTOCOLS = ("tcp", "http")
 
 @attrs.frozen
 class GlobalConfig:
-    workers: int = 1
+    workers: int | str = 1  # or "auto"
     max_connections: int = 10000
     backlog: int = 511
     connect_timeout: float = 5.0

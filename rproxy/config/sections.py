@@ -52,7 +52,7 @@ def header_pairs(section: Section) -> tuple[tuple[str, str], ...]:
 def read_global(section: Section) -> GlobalConfig:
     d = GlobalConfig()
     result = GlobalConfig(
-        workers=section.value("workers", v.int_in(1, 1), d.workers),
+        workers=section.value("workers", v.workers, d.workers),
         max_connections=section.value("max_connections", v.int_in(1), d.max_connections),
         backlog=section.value("backlog", v.int_in(1, 65535), d.backlog),
         connect_timeout=section.value("connect_timeout", v.duration, d.connect_timeout),

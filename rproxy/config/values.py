@@ -169,6 +169,21 @@ def int_in(low: int | None = None, high: int | None = None) -> Callable[[object]
     return convert
 
 
+MAX_WORKERS = 1024
+
+
+def workers(value: object) -> int | str:
+    """
+    C{global.workers}: a count of processes, or C{auto} (one per usable
+    core, counted when rproxy starts: L{rproxy.workers.worker_count}).
+    """
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"expected an integer from 1 to {MAX_WORKERS} or 'auto', got {kind(value)} {brief(value)}")
+    return value
+
+
 def text(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a non-empty string, got {kind(value)} {brief(value)}")

@@ -1,0 +1,197 @@
+"""
+Workers benchmark: rproxy at C{global.workers: 1} against C{workers: 2} (and
+up to the cores found), nginx (100-byte responses) as the backend, wrk
+C{-c50}.  For each of http and tcp frontends, keep-alive and
+C{Connection: close}, it prints requests/s and CPU per request: the user
+and system time of every rproxy process (the master and its workers, from
+/proc/PID/stat) over the run, divided by the requests wrk made.  At
+C{workers: 2} it also prints how the connections spread over the two
+workers (from the master's /health).  Then requests/s for 1, 2, 4, ...
+workers up to the cores found, so a bigger machine shows the scaling.
+
+On a 2-core machine nothing is pinned: rproxy's workers, wrk and nginx
+share both cores, so req/s there says little about scaling; CPU per
+request (what the workers cost on top of the work) is the figure that
+holds.  Medians over C{--rounds} rounds.
+
+    bench/workers.sh [--duration 4] [--rounds 3] [--connections 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from l4 import ROOT, free_port, need, start_nginx, stop_all, wait_port  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def start_rproxy(work: str, workers: int, backend: int, http_port: int, tcp_port: int, admin: int) -> subprocess.Popen[bytes]:
+    conf = os.path.join(work, f"rproxy-{workers}.yaml")
+    with open(conf, "w") as f:
+        f.write(f"""
+global: {{workers: {workers}, max_connections: 20000, grace_period: 1s}}
+admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}
+backends:
+  - name: be
+    servers: ["127.0.0.1:{backend}"]
+frontends:
+  - {{name: http, protocol: http, listen: "127.0.0.1:{http_port}", backend: be}}
+  - {{name: tcp, protocol: tcp, listen: "127.0.0.1:{tcp_port}", backend: be}}
+""")
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return subprocess.Popen([twistd, "-n", "--pidfile=", "rproxy", "-c", conf],
+                            stdout=open(os.path.join(work, f"rproxy-{workers}.log"), "wb"),
+                            stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def health(admin: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/health", timeout=10) as response:
+        return json.load(response)
+
+
+def pids(master: int, admin: int, workers: int) -> list[int]:
+    if workers == 1:
+        return [master]
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            detail = health(admin)
+            if all(w.get("configured") for w in detail["workers"]):
+                return [master] + [w["pid"] for w in detail["workers"]]
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit("bench: workers not ready")
+
+
+def wrk(port: int, duration: int, connections: int, close: bool, pace: str | None = None) -> int:
+    """
+    Requests wrk completed (non-2xx and socket errors are printed).
+    C{pace}: a wrk script that spaces each connection's requests.
+    """
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s"] + (["-s", pace] if pace else [])
+    if close:
+        args += ["-H", "Connection: close"]
+    out = subprocess.run(args + [f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if "Non-2xx" in line or "Socket errors" in line and "connect 0, read 0, write 0, timeout 0" not in line:
+            print(f"  wrk: {line.strip()}")
+    return int(out.split(" requests in ")[0].split()[-1])
+
+
+def measure(port: int, processes: list[int], duration: int, connections: int, close: bool,
+            pace: str | None = None) -> tuple[float, float]:
+    """
+    (requests/s, microseconds of rproxy CPU per request) of one wrk run.
+    """
+    before = sum(cpu_seconds(p) for p in processes)
+    started = time.monotonic()
+    requests = wrk(port, duration, connections, close, pace)
+    elapsed = time.monotonic() - started
+    used = sum(cpu_seconds(p) for p in processes) - before
+    return requests / elapsed, used / requests * 1e6
+
+
+def spread(admin: int, before: list[int]) -> list[int]:
+    return [w.get("connections", 0) - b for w, b in zip(health(admin)["workers"], before, strict=True)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--rate", type=int, default=6000,
+                        help="offered req/s of the CPU-per-request runs (each connection paced)")
+    args = parser.parse_args()
+    need("nginx", "wrk")
+    cores = len(os.sched_getaffinity(0))
+    work = tempfile.mkdtemp(prefix="rproxy-bench-")
+    os.chmod(work, 0o755)  # nginx workers run as nobody
+    procs: list[subprocess.Popen[bytes]] = []
+    pace = os.path.join(work, "pace.lua")
+    with open(pace, "w") as f:
+        # wrk waits delay() ms before each request of a connection
+        f.write(f"function delay() return {1000 * args.connections / args.rate:.3f} end\n")
+    try:
+        backend = free_port()
+        nginx = start_nginx(work, backend)
+        procs.append(nginx)
+        wait_port(backend)
+        counts = sorted({1, 2, cores} | {2 ** i for i in range(8) if 2 ** i <= cores})
+        cases = [(kind, close) for kind in ("http", "tcp") for close in (False, True)]
+        results: dict[tuple[int, str, bool], list[tuple[float, float]]] = {}
+        paced: dict[tuple[int, str, bool], list[tuple[float, float]]] = {}
+        spreads: dict[tuple[str, bool], list[list[int]]] = {}
+        for workers in counts:
+            http_port, tcp_port, admin = free_port(), free_port(), free_port()
+            proxy = start_rproxy(work, workers, backend, http_port, tcp_port, admin)
+            try:
+                wait_port(http_port)
+                wait_port(admin)
+                processes = pids(proxy.pid, admin, workers)
+                wrk(http_port, 1, args.connections, False)  # warm up
+                for _ in range(args.rounds if workers <= 2 else 1):
+                    for kind, close in cases:
+                        port = http_port if kind == "http" else tcp_port
+                        before = [w.get("connections", 0) for w in health(admin)["workers"]] if workers > 1 else []
+                        results.setdefault((workers, kind, close), []).append(
+                            measure(port, processes, args.duration, args.connections, close))
+                        if workers <= 2:
+                            paced.setdefault((workers, kind, close), []).append(
+                                measure(port, processes, args.duration, args.connections, close, pace))
+                        if workers == 2:
+                            spreads.setdefault((kind, close), []).append(spread(admin, before))
+            finally:
+                stop_all([proxy], "")
+        print(f"cores found: {cores}; wrk -c{args.connections}, {args.duration}s runs, medians of {args.rounds} rounds")
+        for title, table in ((f"paced to ~{args.rate} req/s (same offered load)", paced), ("flat out", results)):
+            print(f"CPU per request of every rproxy process, {title}:")
+            _table(cases, table, spreads)
+        print("requests/s by workers, flat out (scaling needs cores to spare for wrk and nginx):")
+        for kind, close in cases:
+            name = f"{kind} {'Connection: close' if close else 'keep-alive'}"
+            rates = [statistics.median(r for r, _ in results[(n, kind, close)]) for n in counts]
+            base = rates[0]
+            print(f"  {name:26} " + "  ".join(f"{n}: {rate:.0f} ({rate / base:.2f}x)"
+                                              for n, rate in zip(counts, rates, strict=True)))
+    finally:
+        stop_all(procs, work)
+
+
+def _table(cases: list[tuple[str, bool]], results: dict[tuple[int, str, bool], list[tuple[float, float]]],
+           spreads: dict[tuple[str, bool], list[list[int]]]) -> None:
+    print(f"  {'case':26} {'w1 req/s':>9} {'w1 us/req':>9} {'w2 req/s':>9} {'w2 us/req':>9} {'cpu w2/w1':>9}  "
+          "spread over 2 workers (% of connections)")
+    for kind, close in cases:
+        name = f"{kind} {'Connection: close' if close else 'keep-alive'}"
+        one = results[(1, kind, close)]
+        two = results[(2, kind, close)]
+        rate1, cpu1 = statistics.median(r for r, _ in one), statistics.median(c for _, c in one)
+        rate2, cpu2 = statistics.median(r for r, _ in two), statistics.median(c for _, c in two)
+        shares = []
+        for split in spreads[(kind, close)]:
+            total = sum(split) or 1
+            shares.append("/".join(f"{100 * n / total:.0f}" for n in split) + f" of {sum(split)}")
+        print(f"  {name:26} {rate1:9.0f} {cpu1:9.1f} {rate2:9.0f} {cpu2:9.1f} {cpu2 / cpu1:9.2f}  {', '.join(shares)}")
+
+
+if __name__ == "__main__":
+    main()

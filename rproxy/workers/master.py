@@ -1,0 +1,459 @@
+"""
+The master process of a machine with workers (see the package docstring).
+
+It binds every frontend's sockets (L{rproxy.workers.sockets}), runs an
+L{RProxyService} on its own part of the configuration (pools with their
+health checks, tunnels, stores, the admin port: L{views.master_view}),
+and supervises the workers: each is started with its end of a control
+channel, sent its sockets, the servers' state and its configuration, and
+started again with backoff if it dies.  Health verdicts and ejections go
+to every worker as they happen; a reload is validated here once, then
+applied in every worker; SIGTERM drains every worker, then the master.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+from twisted.application.service import MultiService
+from twisted.internet import defer, error, protocol, threads
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+import rproxy
+from rproxy.config import Config, ConfigError, load_config, parse_endpoint
+from rproxy.pool import Pool, Server
+from rproxy.service import ListenError, RProxyService
+from rproxy.workers import worker_count
+from rproxy.workers.channel import Channel
+from rproxy.workers.child import CONTROL_FD
+from rproxy.workers.sockets import bind
+from rproxy.workers.state import apply_ejection, snapshot
+from rproxy.workers.supervise import RestartBackoff
+from rproxy.workers.views import master_view, serving_slots, worker_view
+from rproxy.workers.wire import pack_config
+
+__all__ = ["MasterService", "WorkerSlot"]
+
+
+class WorkerSlot:
+    """
+    One worker's place: its sockets are the slot's, whichever process
+    (the first, or one started after it died) serves them.
+    """
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.process: Any = None
+        self.channel: Channel | None = None
+        self.pid: int | None = None
+        self.started_at = 0.0
+        self.backoff = RestartBackoff()
+        self.restarts = 0
+        self.sent: set[tuple[str, str]] = set()
+        self.configured = False
+        self.restart: IDelayedCall | None = None
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    """
+    A worker's output (its log, one line per event, already prefixed)
+    goes to the master's log; its end to the supervisor.
+    """
+
+    log = Logger()
+
+    def __init__(self, master: MasterService, slot: WorkerSlot) -> None:
+        self.master = master
+        self.slot = slot
+        self._partial = b""
+
+    def outReceived(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > 65536:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self.log.info("{line}", line=line.decode("utf-8", "replace"))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.master.worker_ended(self.slot, reason)
+
+
+class MasterService(MultiService):
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, config_path: str | None = None,
+                 count: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.config_path = config_path
+        self.count = count if count is not None else worker_count(config)
+        self.inner = RProxyService(master_view(config), reactor)
+        self.inner.pool_made = self._watch_pool
+        from rproxy.workers.admin import build_master_site
+
+        self.inner.make_admin_site = lambda service: build_master_site(self)
+        self.inner.registry.register(_WorkerCollector(self))
+        # frontend name -> (its listen string, its sockets by worker slot)
+        self.listeners: dict[str, tuple[str, dict[int, socket.socket]]] = {}
+        self.slots = [WorkerSlot(i) for i in range(self.count)]
+        self.stopping = False
+        self.on_start_failure: Any = None
+        self._reload_lock = defer.DeferredLock()
+
+    # -- start -----------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        try:
+            self.listeners = self._bind_all(self.config)
+        except _BindError as e:
+            line = f"{e}; not starting"
+            self.log.error("{line}", line=line)
+            failure = ListenError([line])
+            if self.on_start_failure is not None:
+                self.on_start_failure(failure)
+            raise failure from None
+        self.inner.on_start_failure = self.on_start_failure
+        self.inner.privilegedStartService()
+
+    def _bind_all(self, config: Config) -> dict[str, tuple[str, dict[int, socket.socket]]]:
+        """
+        The sockets of every frontend of C{config}: a frontend whose
+        address names the socket it has keeps it (with sockets added or
+        dropped if the slots serving it changed); others get new ones.
+
+        @raise _BindError: one could not bind; none made here is left open.
+        """
+        made: dict[str, tuple[str, dict[int, socket.socket]]] = {}
+        try:
+            for frontend in config.frontends:
+                made[frontend.name] = self._bind(config, frontend)
+        except (OSError, ValueError) as e:
+            _close_unused(made, self.listeners)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise _BindError(f"frontend {frontend.name}: cannot listen on {frontend.listen}: {reason}") from None
+        return made
+
+    def _bind(self, config: Config, frontend: Any) -> tuple[str, dict[int, socket.socket]]:
+        slots = serving_slots(config, frontend, self.count)
+        old = self.listeners.get(frontend.name)
+        if old is not None and _same_socket(old[0], frontend.listen, old[1]):
+            sockets = {slot: sock for slot, sock in old[1].items() if slot in slots}
+            missing_slots = [slot for slot in slots if slot not in sockets]
+            if missing_slots:
+                bound = next(iter(old[1].values())).getsockname()
+                port = None if isinstance(bound, str) else bound[1]
+                sockets.update(bind(frontend.listen, config.global_.backlog, missing_slots, port))
+            return frontend.listen, sockets
+        sockets = bind(frontend.listen, config.global_.backlog, slots)
+        first = sockets[slots[0]].getsockname()
+        address = first if isinstance(first, str) else f"{first[0]}:{first[1]}"
+        self.log.info("frontend {frontend} listening on {address}, backend {backend}, in {count} worker(s)",
+                      frontend=frontend.name, address=address, backend=frontend.backend, count=len(slots))
+        return frontend.listen, sockets
+
+    def startService(self) -> None:
+        super().startService()
+        self.inner.startService()
+        for slot in self.slots:
+            self._spawn(slot)
+
+    def _spawn(self, slot: WorkerSlot) -> None:
+        slot.restart = None
+        if self.stopping:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel = Channel(lambda message: self._handle(slot, message), lambda reason: None)
+        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, _OneChannel(channel))
+        ours.close()
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(rproxy.__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        try:
+            slot.process = self.reactor.spawnProcess(
+                _WorkerProcess(self, slot), sys.executable,
+                [sys.executable, "-m", "rproxy.workers.child", str(slot.slot), str(self.count)],
+                env=env, childFDs={0: "w", 1: "r", 2: "r", CONTROL_FD: theirs.fileno()})
+        finally:
+            theirs.close()
+        slot.channel = channel
+        slot.pid = slot.process.pid
+        slot.started_at = self.reactor.seconds()
+        slot.sent = set()  # (frontend, listen) whose socket this worker holds
+        slot.configured = False
+        slot.ended = defer.Deferred()
+        self.log.info("worker {slot} started (pid {pid})", slot=slot.slot, pid=slot.pid)
+        d = self._configure(slot, self.config)
+        d.addErrback(lambda f: self.log.error("worker {slot}: not configured: {why}", slot=slot.slot,
+                                              why=f.getErrorMessage()))
+
+    def _configure(self, slot: WorkerSlot, config: Config) -> defer.Deferred[Any]:
+        """
+        Send C{slot}'s worker the sockets it lacks, the servers' state and
+        its part of C{config}; fires when it has applied them.
+        """
+        channel = slot.channel
+        if channel is None:
+            return defer.succeed(None)
+        view = worker_view(config, slot.slot, self.count)
+        wanted = {(f.name, f.listen) for f in view.frontends}
+        for name, listen in sorted(wanted - slot.sent):
+            sock = self.listeners[name][1][slot.slot]
+            channel.send({"op": "socket", "frontend": name, "listen": listen}, (sock.fileno(),))
+        # (the worker closes what its configuration no longer uses)
+        slot.sent = wanted
+        for message in snapshot(self.inner.pools, self.reactor.seconds()):
+            channel.send(message)
+        d = channel.request({"op": "configure", "config": pack_config(view)},
+                            config.global_.grace_period + 30, self.reactor)
+
+        def applied(answer: dict[str, Any]) -> None:
+            if not slot.configured:
+                self.log.info("worker {slot} serving (pid {pid})", slot=slot.slot, pid=slot.pid)
+            slot.configured = True
+            for problem in answer.get("problems", []):
+                self.log.error("worker {slot}: {problem}", slot=slot.slot, problem=problem)
+
+        return d.addCallback(applied)
+
+    # -- workers ---------------------------------------------------------
+
+    def worker_ended(self, slot: WorkerSlot, reason: Failure) -> None:
+        slot.process = None
+        slot.channel = None
+        slot.configured = False
+        ended, slot.ended = slot.ended, defer.Deferred()
+        if self.stopping:
+            ended.callback(None)
+            return
+        lived = self.reactor.seconds() - slot.started_at
+        delay = slot.backoff.died(lived)
+        slot.restarts += 1
+        how = reason.value
+        what = (f"killed by signal {how.signal}" if getattr(how, "signal", None)
+                else f"exited with code {getattr(how, 'exitCode', '?')}")
+        self.log.error("worker {slot} (pid {pid}) {what} after {lived:.1f}s; starting it again in {delay}s",
+                       slot=slot.slot, pid=slot.pid, what=what, lived=lived, delay=delay)
+        slot.restart = self.reactor.callLater(delay, self._spawn, slot)
+        ended.callback(None)
+
+    def _handle(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
+        if message["op"] != "ejected":
+            return
+        pool = self.inner.pools.get(message["pool"])
+        now = self.reactor.seconds()
+        until = now + float(message["until_in"])
+        if pool is None or not apply_ejection(pool, message["server"], until, int(message["ejections"])):
+            return
+        self.log.warn("server {server} of backend {backend} ejected for {cooldown:.0f}s (seen by worker {slot}): "
+                      "{reason}", server=message["server"], backend=pool.name, cooldown=until - now,
+                      slot=slot.slot, reason=message.get("reason", ""))
+        self.broadcast({"op": "eject", "pool": pool.name, "server": message["server"],
+                        "until_in": until - now, "ejections": int(message["ejections"])}, but=slot)
+
+    def broadcast(self, message: dict[str, Any], but: WorkerSlot | None = None) -> None:
+        for slot in self.slots:
+            if slot is not but and slot.channel is not None:
+                slot.channel.send(message)
+
+    def _watch_pool(self, pool: Pool) -> None:
+        def changed(server: Server, up: bool, reason: str) -> None:
+            self.broadcast({"op": "health", "pool": pool.name, "server": server.name, "up": up, "reason": reason})
+
+        pool.on_state_change(changed)
+
+    async def reports(self, timeout: float = 2.0) -> list[dict[str, Any] | None]:
+        """
+        Every worker's figures (L{rproxy.workers.child.Worker.report});
+        None for a worker that is not running or did not answer in time.
+        """
+        asked: list[defer.Deferred[Any]] = [
+            slot.channel.request({"op": "report"}, timeout, self.reactor)
+            if slot.channel is not None and slot.configured else defer.succeed(None) for slot in self.slots]
+        results = await defer.DeferredList(asked, consumeErrors=True)
+        return [value if ok else None for ok, value in results]
+
+    # -- reload ----------------------------------------------------------
+
+    def reload_from_file(self) -> defer.Deferred[None]:
+        if self.config_path is None:
+            return defer.succeed(None)
+        return self._reload_lock.run(lambda: defer.Deferred.fromCoroutine(self._reload_from_file()))
+
+    async def _reload_from_file(self) -> None:
+        assert self.config_path is not None
+        if self.stopping:
+            self.log.warn("reload ignored: rproxy is stopping")
+            return
+        try:
+            new = await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                                  load_config, self.config_path)
+        except ConfigError as e:
+            self.inner.metrics.reloads.labels("invalid").inc()
+            for line in e.lines():
+                self.log.error("reload rejected: {error}", error=line)
+            self.log.error("reload rejected; keeping the running configuration")
+            return
+        except Exception:  # noqa: BLE001 - a bug in validation must not stop later reloads
+            self.inner.metrics.reloads.labels("invalid").inc()
+            self.log.failure("reload rejected: the file could not be validated; keeping the running configuration")
+            return
+        await self.reload(new)
+
+    async def reload(self, new: Config) -> None:
+        """
+        Apply C{new} everywhere: sockets for new addresses first (a
+        reload with an address that cannot bind changes nothing), then the
+        master's part, then every worker's; sockets no frontend uses any
+        more close once every worker has let go of them.
+        """
+        if worker_count(new) != self.count:
+            self.log.warn("global.workers: a new count takes effect after a restart; keeping {count}",
+                          count=self.count)
+        try:
+            listeners = self._bind_all(new)
+        except _BindError as e:
+            self.inner.metrics.reloads.labels("failed").inc()
+            self.log.error("reload rejected: {why}; keeping the running configuration", why=str(e))
+            return
+        old, self.listeners = self.listeners, listeners
+        self.config = new
+        await self.inner.reload(master_view(new))
+        results = await defer.DeferredList(
+            [self._configure(slot, new) for slot in self.slots if slot.channel is not None], consumeErrors=True)
+        for ok, value in results:
+            if not ok:
+                self.log.error("a worker did not apply the configuration: {why}", why=value.getErrorMessage())
+        _close_unused(old, self.listeners)
+        self.log.info("configuration reloaded in the master and {count} worker(s)",
+                      count=sum(1 for ok, _ in results if ok))
+
+    def reopen_logs(self) -> None:
+        self.inner.reopen_logs()
+        self.broadcast({"op": "reopen"})
+
+    # -- stop ------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        """
+        Close the master's copies of the sockets (so that, once each worker
+        has closed its own, new connections are refused as in a single
+        process), tell every worker to drain, wait for them all (killing
+        any left after the grace period and a margin), then stop the
+        master's own part.
+        """
+        self.stopping = True
+        grace = self.config.global_.grace_period
+        self.log.info("rproxy stopping: draining {count} worker(s) for up to {grace}s", count=self.count, grace=grace)
+        _close_unused(self.listeners, {})
+        self.listeners = {}
+        waits = []
+        for slot in self.slots:
+            if slot.restart is not None and slot.restart.active():
+                slot.restart.cancel()
+            if slot.process is not None:
+                waits.append(slot.ended)
+                if slot.channel is not None:
+                    slot.channel.send({"op": "stop"})
+                else:
+                    _signal(slot.process, "TERM")
+        if waits:
+            everyone = defer.DeferredList(waits)
+            try:
+                await everyone.addTimeout(grace + 10, self.reactor)
+            except defer.TimeoutError:
+                for slot in self.slots:
+                    if slot.process is not None:
+                        self.log.error("worker {slot} still running after the grace period: killing it",
+                                       slot=slot.slot)
+                        _signal(slot.process, "KILL")
+        await self.inner.stopService()
+        await defer.maybeDeferred(super().stopService)
+
+
+class _BindError(Exception):
+    """
+    A frontend's sockets could not bind (the message names it).
+    """
+
+
+def _close_unused(old: dict[str, tuple[str, dict[int, socket.socket]]],
+                  kept: dict[str, tuple[str, dict[int, socket.socket]]]) -> None:
+    """
+    Close the sockets of C{old} that C{kept} does not hold.
+    """
+    holding = {id(sock) for _, sockets in kept.values() for sock in sockets.values()}
+    for _, sockets in old.values():
+        for sock in sockets.values():
+            if id(sock) not in holding:
+                holding.add(id(sock))  # (a unix socket is every slot's: once)
+                sock.close()
+
+
+def _signal(process: Any, name: str) -> None:
+    try:
+        process.signalProcess(name)
+    except error.ProcessExitedAlready:
+        pass
+
+
+def _same_socket(listen: str, other: str, sockets: dict[int, socket.socket]) -> bool:
+    """
+    Whether C{other} names the socket already bound for C{listen} (the
+    same address written another way, or the port a port 0 got).
+    """
+    if listen == other:
+        return True
+    try:
+        a, b = parse_endpoint(listen), parse_endpoint(other)
+    except ValueError:
+        return False
+    if a.same_socket(b):
+        return True
+    if a.kind != b.kind or a.kind == "unix" or a.port != 0 or a.interface != b.interface:
+        return False
+    bound = next(iter(sockets.values())).getsockname()
+    return bool(b.port) and b.port == bound[1]
+
+
+class _OneChannel(protocol.Factory):
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def buildProtocol(self, addr: Any) -> Channel:
+        return self.channel
+
+
+class _WorkerCollector:
+    """
+    The master's own figures about its workers (labelled by worker slot:
+    the one place where a per-worker series helps).
+    """
+
+    def __init__(self, master: MasterService) -> None:
+        self.master = master
+
+    def collect(self) -> Any:
+        restarts = CounterMetricFamily("rproxy_worker_restarts", "Worker processes started again after dying",
+                                       labels=["worker"])
+        running = GaugeMetricFamily("rproxy_workers_running", "Worker processes running and configured")
+        for slot in self.master.slots:
+            restarts.add_metric([str(slot.slot)], slot.restarts)
+        running.add_metric([], sum(1 for slot in self.master.slots if slot.configured))
+        yield restarts
+        yield running

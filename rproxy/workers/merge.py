@@ -1,0 +1,176 @@
+"""
+One machine's figures from those of every process (pure).
+
+Workers count their own connections; the master knows server state (its
+health checks, and the ejections workers report).  The merges below sum
+what is counted and take state from the master.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+__all__ = ["sum_metrics", "merge_pools", "merge_health", "merge_token_pools"]
+
+# per-machine state, the same in every process: the lowest wins (a server
+# is up only where every process can use it), never a sum
+_STATE_GAUGES = frozenset({"rproxy_server_up", "rproxy_store_up"})
+
+
+def sum_metrics(texts: list[str]) -> str:
+    """
+    Prometheus text from several processes' texts: samples with the same
+    name and labels are summed (counters, gauges, histogram buckets, sums
+    and counts alike), except L{_STATE_GAUGES}, which take the lowest.
+    Families keep their first-seen order.
+    """
+    families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            entry = families.setdefault(family.name, (family.type, family.documentation, {}))
+            samples = entry[2]
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue  # a process's start time: no machine-wide sum
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in samples:
+                    samples[key] = sample.value
+                elif family.name in _STATE_GAUGES:
+                    samples[key] = min(samples[key], sample.value)
+                else:
+                    samples[key] += sample.value
+    lines = []
+    for name, (kind, documentation, samples) in families.items():
+        if not samples:
+            continue  # (a family of creation times only)
+        exposed = name + "_total" if kind == "counter" else name
+        lines.append(f"# HELP {exposed} {_escape_help(documentation)}")
+        lines.append(f"# TYPE {exposed} {kind}")
+        for (sample_name, labels), value in samples.items():
+            rendered = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
+            lines.append(f"{sample_name}{{{rendered}}} {_number(value)}" if labels else f"{sample_name} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == int(value) and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
+
+
+# per-server figures each worker counts for itself
+_SERVER_SUMS = ("active_connections", "total_connections", "connect_failures", "bytes_in", "bytes_out")
+
+
+def merge_pools(master: list[dict[str, Any]], workers: list[list[dict[str, Any]]],
+                servers: str = "backends", key: str = "server_id") -> list[dict[str, Any]]:
+    """
+    Pools for the machine: state, health and ejections from the master's
+    pools, connection and byte counts summed over the workers' pools,
+    waiting summed.  Two shapes: L{rproxy.pool.Pool.stats} (C{/stats}: its
+    servers under C{backends}, named by C{server_id}) and
+    L{rproxy.pool.Pool.describe} (C{/health}: under C{servers}, by C{name}).
+    """
+    counted: dict[tuple[str, str], dict[str, int]] = {}
+    waiting: dict[str, int] = {}
+    for pools in workers:
+        for pool in pools:
+            waiting[pool["name"]] = waiting.get(pool["name"], 0) + int(pool.get("waiting", 0))
+            for server in pool[servers]:
+                sums = counted.setdefault((pool["name"], server[key]), dict.fromkeys(_SERVER_SUMS, 0))
+                for field in _SERVER_SUMS:
+                    sums[field] += int(server.get(field, 0))
+    merged = []
+    for pool in master:
+        pool = dict(pool, waiting=waiting.get(pool["name"], 0))
+        entries = []
+        for server in pool[servers]:
+            sums = counted.get((pool["name"], server[key]), {})
+            entries.append(dict(server, **{field: sums.get(field, 0) for field in _SERVER_SUMS if field in server}))
+        pool[servers] = entries
+        merged.append(pool)
+    return merged
+
+
+def merge_frontends(workers: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """
+    Frontends as every worker reports them: counts summed, listening if
+    any worker listens.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    for frontends in workers:
+        for frontend in frontends:
+            entry = merged.get(frontend["name"])
+            if entry is None:
+                merged[frontend["name"]] = dict(frontend, workers=1)
+                continue
+            entry["workers"] += 1
+            entry["listening"] = entry["listening"] or frontend["listening"]
+            for field in ("active_connections", "waiting", "total_connections"):
+                entry[field] += frontend[field]
+    return list(merged.values())
+
+
+def merge_token_pools(workers: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """
+    Token pool status by pool: numbers summed over the workers that hold
+    a share of its credentials, other fields from the first.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    for pools in workers:
+        for name, status in pools.items():
+            merged[name] = _add(merged[name], status) if name in merged else status
+    return merged
+
+
+def _add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """
+    C{a} and C{b} field by field: numbers summed, mappings merged alike,
+    a C{status} healthy if either is, anything else from C{a}.
+    """
+    out = dict(a)
+    for field, value in b.items():
+        mine = out.get(field)
+        if field not in out:
+            out[field] = value
+        elif isinstance(value, dict) and isinstance(mine, dict):
+            out[field] = _add(mine, value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(mine, (int, float)):
+            out[field] = mine + value
+        elif field == "status" and value == "healthy":
+            out[field] = value
+    return out
+
+
+def merge_health(master: dict[str, Any], workers: list[dict[str, Any]], extra_problems: list[str]) -> dict[str, Any]:
+    """
+    C{/health} for the machine from the master's detail (backends,
+    stores) and the workers' (frontends, pools' counts, token pools).
+    """
+    problems = list(extra_problems) + list(master.get("problems", []))
+    for detail in workers:
+        for problem in detail.get("problems", []):
+            if problem not in problems:
+                problems.append(problem)
+    return dict(
+        master,
+        status="ok" if not problems else "degraded",
+        problems=problems,
+        frontends=merge_frontends([d.get("frontends", []) for d in workers]),
+        backends=merge_pools(master.get("backends", []), [d.get("backends", []) for d in workers],
+                             servers="servers", key="name"),
+        token_pools=merge_token_pools([d.get("token_pools", {}) for d in workers]),
+    )

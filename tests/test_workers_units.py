@@ -1,0 +1,356 @@
+"""
+Tests for the pure parts of L{rproxy.workers}: the worker count, the
+control channel's codec, restart backoff, each process's part of a
+configuration, the merge of figures and cross-process server state.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from rproxy.config import ConfigError, parse_config
+from rproxy.pool import Pool
+from rproxy.workers import worker_count
+from rproxy.workers.channel import Channel
+from rproxy.workers.merge import merge_health, merge_pools, sum_metrics
+from rproxy.workers.state import apply_ejection, apply_message, snapshot
+from rproxy.workers.supervise import RestartBackoff
+from rproxy.workers.views import master_view, serving_slots, worker_view
+from rproxy.workers.wire import Decoder, WireError, encode, pack_config, unpack_config
+
+
+def data(**global_: object) -> dict[str, object]:
+    return {
+        "global": global_,
+        "backends": [{"name": "web", "servers": ["127.0.0.1:9001", "127.0.0.1:9002"]}],
+        "frontends": [{"name": "web", "listen": "tcp:8080", "backend": "web"}],
+    }
+
+
+class WorkerCountTests(SynchronousTestCase):
+    def test_number(self) -> None:
+        """global.workers: N runs N workers."""
+        self.assertEqual(worker_count(parse_config(data(workers=3))), 3)
+
+    def test_default_is_one(self) -> None:
+        """Without global.workers, one process."""
+        self.assertEqual(worker_count(parse_config(data())), 1)
+
+    def test_auto_counts_usable_cores(self) -> None:
+        """auto is one worker per core this process may use."""
+        config = parse_config(data(workers="auto"))
+        self.assertEqual(config.global_.workers, "auto")
+        self.assertEqual(worker_count(config, cores=lambda: 6), 6)
+
+    def test_bad_values_name_the_key(self) -> None:
+        """A count that is not 1..1024 or auto is refused with its key path."""
+        for value, shown in [(0, "an integer 0"), ("many", "a string 'many'"), (True, "a boolean True"),
+                             (1025, "an integer 1025")]:
+            error = self.assertRaises(ConfigError, parse_config, data(workers=value))
+            self.assertEqual(error.errors, [f"global.workers: expected an integer from 1 to 1024 or 'auto', "
+                                            f"got {shown}"])
+
+
+class WireTests(SynchronousTestCase):
+    def test_round_trip_across_reads(self) -> None:
+        """Messages split anywhere come out whole, in order."""
+        raw = encode({"op": "a", "n": 1}) + encode({"op": "b", "text": "x\ny"})
+        decoder = Decoder()
+        got = []
+        for i in range(len(raw)):
+            got += decoder.feed(raw[i:i + 1])
+        self.assertEqual(got, [{"op": "a", "n": 1}, {"op": "b", "text": "x\ny"}])
+
+    def test_line_too_long(self) -> None:
+        """A line past the limit is an error, not a growing buffer."""
+        decoder = Decoder(max_line=10)
+        self.assertRaises(WireError, decoder.feed, b"x" * 11)
+
+    def test_not_a_message(self) -> None:
+        """Lines that are not JSON objects with an op are errors."""
+        for line in (b"{nope\n", b"[1]\n", b'{"op": 3}\n'):
+            self.assertRaises(WireError, Decoder().feed, line)
+
+    def test_config_travels(self) -> None:
+        """A configuration packed by the master is equal once unpacked."""
+        config = parse_config(data(workers=2))
+        self.assertEqual(unpack_config(pack_config(config)), config)
+
+
+class ChannelTests(SynchronousTestCase):
+    def test_request_answered(self) -> None:
+        """A request fires with the message that replies to its id; others go to the handler."""
+        handled: list[dict[str, object]] = []
+        channel = Channel(handled.append, lambda reason: None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        clock = Clock()
+        d = channel.request({"op": "report"}, 2, clock)
+        sent = Decoder().feed(transport.value())
+        self.assertEqual(sent, [{"op": "report", "id": 1}])
+        channel.dataReceived(encode({"op": "ejected", "pool": "p"}) + encode({"op": "report", "reply_to": 1, "x": 2}))
+        self.assertEqual(self.successResultOf(d), {"op": "report", "reply_to": 1, "x": 2})
+        self.assertEqual(handled, [{"op": "ejected", "pool": "p"}])
+
+    def test_request_times_out(self) -> None:
+        """A request nobody answers fails after its timeout; a late answer is dropped."""
+        handled: list[dict[str, object]] = []
+        channel = Channel(handled.append, lambda reason: None)
+        channel.makeConnection(StringTransport())
+        clock = Clock()
+        d = channel.request({"op": "report"}, 2, clock)
+        clock.advance(2)
+        self.failureResultOf(d)
+        channel.dataReceived(encode({"op": "report", "reply_to": 1}))
+        self.assertEqual(handled, [])
+
+    def test_garbage_closes(self) -> None:
+        """Bytes that are not messages close the channel."""
+        channel = Channel(lambda message: None, lambda reason: None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"garbage\n")
+        self.assertTrue(transport.disconnecting)
+
+
+class BackoffTests(SynchronousTestCase):
+    def test_doubles_to_the_maximum(self) -> None:
+        """Deaths in a row wait 0.5, 1, 2 ... seconds, never more than 30."""
+        backoff = RestartBackoff()
+        self.assertEqual([backoff.died(0.1) for _ in range(8)], [0.5, 1, 2, 4, 8, 16, 30, 30])
+
+    def test_stable_run_starts_afresh(self) -> None:
+        """A worker that ran for the stable period is restarted after the first delay again."""
+        backoff = RestartBackoff()
+        backoff.died(1)
+        backoff.died(1)
+        self.assertEqual(backoff.died(10), 0.5)
+        self.assertEqual(backoff.died(1), 1)
+
+
+class ViewTests(SynchronousTestCase):
+    def tokens(self, credentials: int) -> object:
+        raw = data(workers=3)
+        raw["token_pools"] = [{"name": "t", "upstream": {"address": "127.0.0.1:8848"},
+                               "credentials": [{"username": f"u{i}", "password": "p"} for i in range(credentials)]}]
+        raw["frontends"] = [{"name": "web", "listen": "tcp:8080", "backend": "web"},
+                            {"name": "api", "listen": "tcp:8081", "backend": "web", "protocol": "http",
+                             "token_pool": "t"}]
+        return parse_config(raw)
+
+    def test_credentials_partitioned(self) -> None:
+        """Each credential belongs to exactly one worker."""
+        config = self.tokens(7)
+        shares = [[c.username for c in worker_view(config, slot, 3).token_pools[0].credentials] for slot in range(3)]
+        self.assertEqual(shares, [["u0", "u3", "u6"], ["u1", "u4"], ["u2", "u5"]])
+
+    def test_fewer_credentials_than_workers(self) -> None:
+        """With fewer credentials than workers, only workers holding one serve the token-pool frontend."""
+        config = self.tokens(2)
+        api = config.frontends[1]
+        self.assertEqual(serving_slots(config, api, 3), range(2))
+        self.assertEqual(serving_slots(config, config.frontends[0], 3), range(3))
+        third = worker_view(config, 2, 3)
+        self.assertEqual([f.name for f in third.frontends], ["web"])
+        self.assertEqual(third.token_pools, ())
+
+    def test_master_and_worker_parts(self) -> None:
+        """The master runs no frontend or token pool; workers no tunnel or admin port."""
+        config = attrs.evolve(self.tokens(2), tunnels=("a tunnel",))
+        master = master_view(config)
+        self.assertEqual((master.frontends, master.token_pools, master.tunnels), ((), (), ("a tunnel",)))
+        worker = worker_view(config, 0, 3)
+        self.assertEqual((worker.tunnels, worker.admin.listen), ((), None))
+        self.assertEqual(worker.backends, config.backends)
+
+
+METRICS_A = """\
+# HELP rproxy_frontend_connections_total Client connections accepted
+# TYPE rproxy_frontend_connections_total counter
+rproxy_frontend_connections_total{frontend="web"} 3.0
+# HELP rproxy_server_up 1 when the server can take connections
+# TYPE rproxy_server_up gauge
+rproxy_server_up{backend="web",server="a"} 1.0
+# HELP rproxy_http_request_duration_seconds Time
+# TYPE rproxy_http_request_duration_seconds histogram
+rproxy_http_request_duration_seconds_bucket{le="0.1"} 2.0
+rproxy_http_request_duration_seconds_bucket{le="+Inf"} 3.0
+rproxy_http_request_duration_seconds_sum 0.5
+rproxy_http_request_duration_seconds_count 3.0
+# HELP rproxy_reloads_total Reloads
+# TYPE rproxy_reloads_total counter
+rproxy_reloads_total{outcome="ok"} 1.0
+rproxy_reloads_created{outcome="ok"} 1.7e+09
+"""
+METRICS_B = """\
+# HELP rproxy_frontend_connections_total Client connections accepted
+# TYPE rproxy_frontend_connections_total counter
+rproxy_frontend_connections_total{frontend="web"} 4.0
+rproxy_frontend_connections_total{frontend="l4"} 1.0
+# HELP rproxy_server_up 1 when the server can take connections
+# TYPE rproxy_server_up gauge
+rproxy_server_up{backend="web",server="a"} 0.0
+# HELP rproxy_http_request_duration_seconds Time
+# TYPE rproxy_http_request_duration_seconds histogram
+rproxy_http_request_duration_seconds_bucket{le="0.1"} 1.0
+rproxy_http_request_duration_seconds_bucket{le="+Inf"} 1.0
+rproxy_http_request_duration_seconds_sum 0.25
+rproxy_http_request_duration_seconds_count 1.0
+"""
+
+
+class MergeTests(SynchronousTestCase):
+    def test_sum_metrics(self) -> None:
+        """Counters and histograms add up; up-gauges take the lowest; creation times are dropped."""
+        self.assertEqual(sum_metrics([METRICS_A, METRICS_B]).splitlines(), [
+            "# HELP rproxy_frontend_connections_total Client connections accepted",
+            "# TYPE rproxy_frontend_connections_total counter",
+            'rproxy_frontend_connections_total{frontend="web"} 7',
+            'rproxy_frontend_connections_total{frontend="l4"} 1',
+            "# HELP rproxy_server_up 1 when the server can take connections",
+            "# TYPE rproxy_server_up gauge",
+            'rproxy_server_up{backend="web",server="a"} 0',
+            "# HELP rproxy_http_request_duration_seconds Time",
+            "# TYPE rproxy_http_request_duration_seconds histogram",
+            'rproxy_http_request_duration_seconds_bucket{le="0.1"} 3',
+            'rproxy_http_request_duration_seconds_bucket{le="+Inf"} 4',
+            "rproxy_http_request_duration_seconds_sum 0.75",
+            "rproxy_http_request_duration_seconds_count 4",
+            "# HELP rproxy_reloads_total Reloads",
+            "# TYPE rproxy_reloads_total counter",
+            'rproxy_reloads_total{outcome="ok"} 1',
+        ])
+
+    def pool(self, state: str, active: int, total: int) -> dict[str, object]:
+        return {"name": "web", "waiting": 1, "backends": [
+            {"server_id": "a", "state": state, "active_connections": active, "total_connections": total,
+             "connect_failures": 0, "bytes_in": 10, "bytes_out": 20}]}
+
+    def test_merge_pools(self) -> None:
+        """State comes from the master, counts are the workers' sum."""
+        merged = merge_pools([self.pool("down", 0, 0)], [[self.pool("up", 2, 5)], [self.pool("up", 1, 4)]])
+        self.assertEqual(merged, [{"name": "web", "waiting": 2, "backends": [
+            {"server_id": "a", "state": "down", "active_connections": 3, "total_connections": 9,
+             "connect_failures": 0, "bytes_in": 20, "bytes_out": 40}]}])
+
+    def test_merge_health_backends(self) -> None:
+        """
+        /health's backends (L{Pool.describe}: servers by name) keep the
+        master's state and sum the workers' connection counts.
+        """
+        raw = data()
+        raw["backends"] = [{"name": "web", "servers": ["127.0.0.1:9001"]}]
+        clock = Clock()
+        master = Pool(parse_config(raw).backends[0], clock)
+        workers = [Pool(parse_config(raw).backends[0], clock) for _ in range(2)]
+        master.servers[0].up = False
+        for pool, count in zip(workers, (2, 3), strict=True):
+            pool.servers[0].total = count
+        merged = merge_health({"status": "ok", "problems": [], "backends": [master.describe()]},
+                              [{"backends": [p.describe()]} for p in workers], [])
+        [server] = merged["backends"][0]["servers"]
+        self.assertEqual((server["name"], server["healthy"], server["total_connections"]),
+                         ("127.0.0.1:9001", False, 5))
+        self.assertNotIn("bytes_in", server)
+
+    def test_merge_health(self) -> None:
+        """Frontends are summed over workers; a worker's problem makes the machine degraded once."""
+        frontend = {"name": "web", "listening": True, "active_connections": 1, "waiting": 0, "total_connections": 2}
+        worker = {"problems": ["frontend web: no server of backend web is up"], "frontends": [frontend],
+                  "backends": [], "token_pools": {"t": {"status": "unavailable", "pool": {"total": 0}, "name": "t"}}}
+        other = dict(worker, token_pools={"t": {"status": "healthy", "pool": {"total": 3}, "name": "t"}})
+        merged = merge_health({"status": "ok", "problems": [], "backends": [], "stores": "embedded"},
+                              [worker, other], ["worker 2: not running"])
+        self.assertEqual(merged["status"], "degraded")
+        self.assertEqual(merged["problems"], ["worker 2: not running", "frontend web: no server of backend web is up"])
+        self.assertEqual(merged["frontends"], [dict(frontend, active_connections=2, total_connections=4, workers=2)])
+        self.assertEqual(merged["token_pools"], {"t": {"status": "healthy", "pool": {"total": 3}, "name": "t"}})
+        self.assertEqual(merged["stores"], "embedded")
+
+
+class StateTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        raw = data()
+        raw["backends"] = [{"name": "web", "servers": ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"],
+                            "passive": {"consecutive_failures": 1}}]
+        self.clock = Clock()
+        self.pool = Pool(parse_config(raw).backends[0], self.clock)
+
+    def test_ejection_from_elsewhere(self) -> None:
+        """An ejection another process saw takes the server out here until it ends."""
+        self.assertEqual(self.pool.pick().name, "127.0.0.1:9001")  # type: ignore[union-attr]
+        self.assertTrue(apply_ejection(self.pool, "127.0.0.1:9002", 30, 1))
+        picked = {self.pool.pick().name for _ in range(6)}  # type: ignore[union-attr]
+        self.assertEqual(picked, {"127.0.0.1:9001", "127.0.0.1:9003"})
+        self.assertFalse(apply_ejection(self.pool, "127.0.0.1:9002", 20, 1))
+        self.clock.advance(30)
+        picked = {self.pool.pick().name for _ in range(6)}  # type: ignore[union-attr]
+        self.assertEqual(len(picked), 3)
+
+    def test_snapshot_replays(self) -> None:
+        """A new process brought up with the snapshot sees what the master sees."""
+        server = self.pool.servers[0]
+        self.pool.set_up(server, False, "connection refused")
+        self.pool.record_failure(self.pool.servers[1], "refused")
+        self.clock.advance(1)
+        messages = snapshot({"web": self.pool}, self.clock.seconds())
+        self.assertEqual(messages, [
+            {"op": "health", "pool": "web", "server": "127.0.0.1:9001", "up": False, "reason": "connection refused"},
+            {"op": "eject", "pool": "web", "server": "127.0.0.1:9002", "until_in": 29.0, "ejections": 1},
+        ])
+        other = Pool(self.pool.config, self.clock)
+        for message in messages:
+            self.assertTrue(apply_message({"web": other}, message, self.clock.seconds()))
+        self.assertEqual([s.state(self.clock.seconds()) for s in other.servers], ["down", "ejected", "up"])
+        self.assertFalse(apply_message({"gone": other}, messages[0], 0))
+
+
+class SupervisorTests(SynchronousTestCase):
+    """
+    L{MasterService.worker_ended} on a fake clock: a dead worker is
+    started again after the backoff; none is while stopping.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from rproxy.workers.master import MasterService
+
+        self.reactor = MemoryReactorClock()
+        self.master = MasterService(parse_config(data(workers=2)), self.reactor)
+        self.spawned: list[int] = []
+        self.master._spawn = lambda slot: self.spawned.append(slot.slot)  # type: ignore[method-assign]
+
+    def die(self, slot: int, lived: float) -> None:
+        from twisted.internet.error import ProcessTerminated
+        from twisted.python.failure import Failure
+
+        worker = self.master.slots[slot]
+        worker.started_at = self.reactor.seconds() - lived
+        worker.process = object()
+        self.master.worker_ended(worker, Failure(ProcessTerminated(signal=9)))
+
+    def test_restarted_after_backoff(self) -> None:
+        """Deaths in a row wait 0.5 s, then 1 s; the other slot is untouched."""
+        self.die(0, lived=0.2)
+        self.reactor.advance(0.49)
+        self.assertEqual(self.spawned, [])
+        self.reactor.advance(0.01)
+        self.assertEqual(self.spawned, [0])
+        self.die(0, lived=0.2)
+        self.reactor.advance(0.99)
+        self.assertEqual(self.spawned, [0])
+        self.reactor.advance(0.01)
+        self.assertEqual(self.spawned, [0, 0])
+        self.assertEqual([s.restarts for s in self.master.slots], [2, 0])
+
+    def test_no_restart_while_stopping(self) -> None:
+        """A worker that ends while the master stops is not started again; its end is reported."""
+        self.master.stopping = True
+        ended = self.master.slots[1].ended
+        self.die(1, lived=5)
+        self.successResultOf(ended)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
