@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer, error
 from twisted.python.failure import Failure
 
-from rproxy.http.headers import finish_scanned_head, request_head, response_head, scan_response_head
+from rproxy.http.headers import (
+    chunk,
+    finish_scanned_head,
+    request_head,
+    response_head,
+    scan_response_head,
+    server_host,
+)
 from rproxy.http.reader import RequestHead
 from rproxy.http.state import (
     AWAITING,
@@ -46,31 +53,11 @@ if TYPE_CHECKING:
     from rproxy.http.connection import HTTPConnection
     from rproxy.http.upstream import UpstreamConnection
 
-__all__ = ["Exchange", "IDEMPOTENT", "server_host"]
+__all__ = ["Exchange", "IDEMPOTENT"]
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _CHUNK_END = b"0\r\n\r\n"
 _NO_REMOVE: frozenset[bytes] = frozenset()
-
-
-def server_host(server: Server, tls: bool) -> bytes:
-    """
-    The Host value naming C{server} (C{http.host_header: server}): host and
-    port, the port left out only when it is the scheme's default, since
-    servers that check Host (WebSocket handshakes, virtual hosts) compare
-    both.
-    """
-    host = server.host
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 literal
-    if server.port == (443 if tls else 80):
-        return host.encode()
-    return f"{host}:{server.port}".encode()
-
-
-def _chunk(data: bytes) -> bytes:
-    # nothing for no data: an empty chunk would read as the end of the body
-    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
 
 
 class Exchange:
@@ -126,11 +113,6 @@ class Exchange:
         self.keep_upstream = False
         self.upgrade_rest = b""
         self.delivered_before = client.delivered  # the response's bytes are what is added
-
-    def __repr__(self) -> str:
-        from rproxy.http.state import NAMES
-
-        return f"<Exchange {self.head.method.decode('latin-1')} {self.target!r} {NAMES[self.state]}>"
 
     # -- the filters' phases -----------------------------------------------
 
@@ -321,7 +303,7 @@ class Exchange:
 
     def send_body(self, data: bytes) -> None:
         assert self.upstream is not None
-        self.upstream.transport.write(_chunk(data) if self.head.chunked else data)  # type: ignore[union-attr]
+        self.upstream.transport.write(chunk(data) if self.head.chunked else data)  # type: ignore[union-attr]
 
     def end_request(self) -> None:
         """
@@ -397,7 +379,7 @@ class Exchange:
         self.client.delivered += len(data)
         framing = self.framing
         if framing == "chunked":
-            self.write(_chunk(data))
+            self.write(chunk(data))
         elif framing != "none":
             self.write(data)
 
@@ -437,6 +419,7 @@ class Exchange:
         head = finish_scanned_head(101, line, block, version=(1, 1), framing="none", upgrade=True)
         client.transport.write(head)  # type: ignore[union-attr]
         if rest:
+            client.delivered += len(rest)
             client.transport.write(rest)  # type: ignore[union-attr]
         if self.head.has_body:
             upstream.transport.unregisterProducer()  # type: ignore[union-attr]
@@ -510,6 +493,8 @@ class Exchange:
         back, and the client answered 502 (or cut, if its answer had begun).
         """
         self._pending = None
+        if self.state is DONE and reason.check(defer.CancelledError):
+            return  # the exchange ended while this waited (fail, abandon)
         self.frontend.log.error(
             "frontend {frontend}: {what} failed: {why}",
             frontend=self.frontend.name, what=what, why=f"{reason.type.__name__}: {reason.getErrorMessage()}",
