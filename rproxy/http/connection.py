@@ -16,13 +16,13 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rproxy.http.exchange import Exchange
-from rproxy.http.headers import error_response
 from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader, Upgrade
 from rproxy.http.state import AWAITING, SENDING, UPGRADED
 from rproxy.splice import SpliceEnd
@@ -82,6 +82,8 @@ class HTTPConnection(Protocol):
         self.write_paused = False
         self.received = 0
         self.delivered = 0
+        # a filter waiting for the current request's body (read_ahead)
+        self.body_waiter: tuple[int, defer.Deferred[bytes | None]] | None = None
 
     def connectionMade(self) -> None:
         _nodelay(self.transport)
@@ -191,6 +193,10 @@ class HTTPConnection(Protocol):
         queue.extend(events)
         if reader.body_fed:
             self.queued += reader.body_fed
+        if self.body_waiter is not None:
+            self._read_ahead()
+            if self.body_waiter is not None:
+                return  # (reading goes on to the waiter's limit)
         if (self.queued > QUEUE_LIMIT or len(queue) > QUEUE_EVENTS) and not self.paused:
             self.paused = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
@@ -256,6 +262,50 @@ class HTTPConnection(Protocol):
             else:
                 events.popleft()
 
+    def read_ahead(self, limit: int) -> defer.Deferred[bytes | None]:
+        """
+        The current request's body, read ahead of the upstream (its events
+        stay queued for it): fires with the whole body once it is in, or
+        with None as soon as more than C{limit} bytes of it are (a filter
+        that routes by the body, such as a tunnel's model).
+        """
+        d: defer.Deferred[bytes | None] = defer.Deferred(lambda _: self._cancel_read_ahead())
+        exchange = self.exchange
+        if exchange is not None and (exchange.head.header(b"expect") or b"").lower() == b"100-continue":
+            # the client waits for this before it sends the body
+            exchange.continued = True
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+        self.body_waiter = (limit, d)
+        self._read_ahead()
+        return d
+
+    def _cancel_read_ahead(self) -> None:
+        self.body_waiter = None
+
+    def _read_ahead(self) -> None:
+        assert self.body_waiter is not None
+        limit, d = self.body_waiter
+        size = 0
+        parts = []
+        for event in self.events:
+            kind = type(event)
+            if kind is Body:
+                size += len(event.data)
+                if size > limit:
+                    break
+                parts.append(event.data)
+            elif kind is EndOfMessage:
+                self.body_waiter = None
+                d.callback(b"".join(parts))
+                return
+            else:
+                break
+        else:
+            if not self.closing:
+                return  # more to come
+        self.body_waiter = None
+        d.callback(None)
+
     def exchange_done(self, exchange: Exchange, now: float | None = None) -> None:
         if self.exchange is exchange:
             self.exchange = None
@@ -311,7 +361,7 @@ class HTTPConnection(Protocol):
         # producer would not close)
         self.transport.unregisterProducer()  # type: ignore[union-attr]
         self.gated = self.write_paused = False
-        self.transport.write(error_response(status, message, extra=extra))  # type: ignore[union-attr]
+        self.transport.write(self.frontend.error_response(status, message, extra=extra))  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def abort(self) -> None:

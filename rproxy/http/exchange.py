@@ -45,6 +45,7 @@ from rproxy.http.state import (
     SWITCHING,
     UPGRADED,
 )
+from rproxy.http.upstream import PeerRefused
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
 from rproxy.shortage import is_local
 from rproxy.splice import splice_protocols
@@ -78,7 +79,7 @@ class Exchange:
     __slots__ = (
         "client", "frontend", "head", "target", "tried", "started", "upstream", "server", "pool", "route",
         "state", "close_delimited", "got_bytes", "producing", "batch", "deadline", "status", "notes",
-        "_pending", "_step", "attempts", "pinned", "prefer", "key", "framing", "keep_upstream", "upgrade_rest",
+        "_pending", "_step", "attempts", "pinned", "prefer", "key", "framing", "keep_upstream", "upgrade_rest", "continued",
         "delivered_before",
     )
 
@@ -112,6 +113,7 @@ class Exchange:
         self.framing = "none"
         self.keep_upstream = False
         self.upgrade_rest = b""
+        self.continued = False  # a 100 Continue went to the client (read_ahead)
         self.delivered_before = client.delivered  # the response's bytes are what is added
 
     # -- the filters' phases -----------------------------------------------
@@ -244,7 +246,7 @@ class Exchange:
             self.frontend.retries_total += 1
             self.acquire()
             return
-        self.fail(502, f"cannot connect to {server.name}")
+        self.fail(502, str(reason.value) if reason.check(PeerRefused) else f"cannot connect to {server.name}")
 
     def may_retry(self) -> bool:
         return (
@@ -288,7 +290,7 @@ class Exchange:
         if head.has_body:
             self.state = SENDING
             client = self.client
-            if (head.header(b"expect") or b"").lower() == b"100-continue":
+            if not self.continued and (head.header(b"expect") or b"").lower() == b"100-continue":
                 client.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
             transport.registerProducer(client.transport, True)  # type: ignore[union-attr]
         else:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -49,6 +50,7 @@ from rproxy.http.filters.direct import DirectRouteFilter
 from rproxy.http.filters.routes import HeaderRules, RouteFilter
 from rproxy.http.filters.sticky import HashKey, StickyCookie
 from rproxy.http.filters.tokens import TokenLeaseFilter
+from rproxy.http.headers import error_response
 from rproxy.http.retrybudget import RetryBudget
 from rproxy.http.routes import RouteTable
 from rproxy.http.upstream import UpstreamPool
@@ -115,8 +117,13 @@ class HTTPFrontend(Factory):
         return list(HTTP_ALPN)
 
     def __init__(self, config: Any, pools: dict[str, Pool], reactor: Any, clock: Any,
-                 upstreams: UpstreamPool, limit: ConnectionLimit | None = None) -> None:
+                 upstreams: UpstreamPool, limit: ConnectionLimit | None = None,
+                 filters: Callable[[HTTPFrontend], list[Filter]] | None = None,
+                 error_response: Callable[..., bytes] = error_response) -> None:
         self.admission = Admission(config.name, config, clock, limit)
+        self._filters = filters or default_filters
+        # the complete response (then close) of an error rproxy answers itself
+        self.error_response = error_response
         self.pool = pools[config.backend] if config.backend else next(iter(pools.values()))
         self.reactor = reactor
         self.clock = clock
@@ -150,7 +157,7 @@ class HTTPFrontend(Factory):
         self.host_is_server = http.host_header == "server"
         self.max_head = http.max_head
         self.scheme = b"https" if config.listen.startswith("ssl:") or config.tls else b"http"
-        self.chain = Chain(default_filters(self))
+        self.chain = Chain(self._filters(self))
 
     @property
     def tokens(self) -> Any:
@@ -163,7 +170,7 @@ class HTTPFrontend(Factory):
     @tokens.setter
     def tokens(self, tokens: Any) -> None:
         self._tokens = tokens
-        self.chain = Chain(default_filters(self))
+        self.chain = Chain(self._filters(self))
 
     @property
     def config(self) -> Any:

@@ -21,7 +21,7 @@ import collections
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -39,12 +39,23 @@ from rproxy.transport import connect_tcp
 if TYPE_CHECKING:
     from rproxy.http.exchange import Exchange
 
-__all__ = ["IUpstreamConnector", "UpstreamConnection", "UpstreamPool", "MAX_INTERIM", "MAX_RESPONSE_FIELDS"]
+__all__ = ["IUpstreamConnector", "PeerRefused", "UpstreamConnection", "UpstreamPool", "MAX_INTERIM", "MAX_RESPONSE_FIELDS"]
 
 # interim (1xx) responses a server may send before its final response
 MAX_INTERIM = 16
 MAX_RESPONSE_FIELDS = 200
 _EMPTY_LINE = (b"\r", b"\n")
+
+
+class PeerRefused(error.ConnectionRefusedError):
+    """
+    A connector's peer refused, nothing was sent; the message is for the
+    client (the engine tries another peer whatever the method, and
+    answers it when none is left).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "refused"
 
 
 class IUpstreamConnector(Interface):

@@ -4,7 +4,9 @@ The tunnel server: control, proxy and public ports of one C{tunnels:} entry.
   - L{ControlProtocol}: an agent logs in (API key), sends heartbeats and
     model updates, and receives C{request_new_proxy_conn}.
   - L{PublicProtocol} and L{ProxyProtocol} (L{rproxy.tunnel.streams}): a
-    user's connection and an agent's data connection, spliced.
+    user's connection and an agent's data connection, spliced; in
+    C{mode: http} the public port is an HTTP frontend whose upstream
+    connections are agents' data connections (L{rproxy.tunnel.httpmode}).
   - L{TunnelServer}: the three listeners and the tunnel's state; it drains
     on stop and takes configuration changes in place.
 
@@ -27,8 +29,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rproxy.events import HEARTBEATS
+from rproxy.http.frontend import HTTPFrontend
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.config import TunnelConfig
+from rproxy.tunnel.httpmode import AgentConnector, frontend_config, tunnel_frontend
 from rproxy.tunnel.registry import AgentSession, Pending, Registry, StaticKeys, TooManyPending
 from rproxy.tunnel.streams import ProxyProtocol, PublicProtocol, peer_address
 from rproxy.tunnel.wire import (
@@ -232,6 +236,11 @@ class TunnelServer:
         self._drained: defer.Deferred[None] | None = None
         self.observe_open = lambda seconds: None
         self.events: Any = None  # rproxy.events.EventSink, with stores
+        # mode http: the public port's HTTP frontend and its agents connector
+        self.http: HTTPFrontend | None = None
+        self.connector: AgentConnector | None = None
+        if config.mode == "http":
+            self.http, self.connector = tunnel_frontend(self)
 
     @property
     def name(self) -> str:
@@ -253,8 +262,11 @@ class TunnelServer:
         ]
 
     async def _listen(self, role: str, listen: str, cls: type, tls: bool) -> bool:
+        factory: Any = _Factory(self, cls)
+        if role == "public" and self.http is not None:
+            factory = self.http
         try:
-            port = await self._endpoint(listen, tls).listen(_Factory(self, cls))
+            port = await self._endpoint(listen, tls).listen(factory)
         except Exception as e:  # noqa: BLE001 - reported, the rest still starts
             self.log.error("tunnel {tunnel}: cannot listen on {role} {listen}: {why}",
                            tunnel=self.name, role=role, listen=listen, why=e)
@@ -282,8 +294,13 @@ class TunnelServer:
         old, self.config = self.config, config
         self.registry.algorithm = config.algorithm
         self.registry.max_pending = config.max_pending
+        mode_changed = old.mode != config.mode
+        if mode_changed:
+            self.http, self.connector = tunnel_frontend(self) if config.mode == "http" else (None, None)
+        elif self.http is not None:
+            self.http.configure(frontend_config(config))
         for role, listen, cls, tls in self._roles(config):
-            same_address = listen == getattr(old, role)
+            same_address = listen == getattr(old, role) and not (role == "public" and mode_changed)
             if same_address and (not tls or old.tls == config.tls) and role in self.ports:
                 continue
             previous = self.ports.pop(role, None)
@@ -320,6 +337,8 @@ class TunnelServer:
         up to C{grace} seconds, then L{stop}.
         """
         await self.stop_accepting()
+        if self.http is not None:
+            await self.http.drain(grace)
         if self.public_connections:
             self.log.info("tunnel {tunnel}: draining {count} public connection(s) for up to {grace}s",
                           tunnel=self.name, count=len(self.public_connections), grace=grace)
@@ -389,6 +408,8 @@ class TunnelServer:
         if current:
             self.log.info("tunnel {tunnel}: agent {agent} dropped: {why}",
                           tunnel=self.name, agent=session.agent_id, why=why)
+        if self.connector is not None:
+            self.connector.agent_gone(session)
         for stream in list(session.streams):
             stream.abort()
         session.streams.clear()
@@ -465,6 +486,11 @@ class TunnelServer:
             self.drop_session(session, "tunnel stopping")
         for public in list(self.public_connections):
             public.abort()
+        if self.http is not None:
+            for conn in list(self.http.connections):
+                conn.idle_abort()
+        if self.connector is not None:
+            self.connector.close()
 
     def agents(self) -> list[dict[str, Any]]:
         now = self.clock.seconds()
