@@ -10,7 +10,8 @@ of L{rproxy.http}) whose upstream peers are the tunnel's agents.
     goes to agents with shared keys), and the event recorded for requests
     with a shared key.
   - L{AgentChoice}: the agents one request may go to, as the engine's pool
-    interface: the least busy first, ties rotated.
+    interface: the least busy first, ties rotated (C{round-robin}: all in
+    turn).
   - L{AgentConnector}: the engine's connector over agents' data
     connections: a kept-alive one of the chosen agent, else a pooled one
     (C{pool_count}), else one requested from the agent; a pool of idle
@@ -114,6 +115,10 @@ def _shared(agent: AgentSession) -> bool:
     return not agent.dedicated
 
 
+def _agent_id(agent: AgentSession) -> str:
+    return agent.agent_id
+
+
 class AgentRefused(PeerRefused):
     """
     An agent could not open a stream (its local service refused, or it did
@@ -171,11 +176,12 @@ class AgentChoice:
         candidates = self._candidates(tried)
         if not candidates:
             return None
-        algorithm = self.tunnel.config.algorithm
-        if self.model is not None or algorithm in ("least-connections", "model", "random"):
+        if len(candidates) == 1:
+            return self.connector.peer(candidates[0])
+        if self.model is not None or self.tunnel.config.algorithm != "round-robin":
             low = min(a.load for a in candidates)
             candidates = [a for a in candidates if a.load == low]
-        candidates.sort(key=lambda a: a.agent_id)
+        candidates.sort(key=_agent_id)
         self.connector.turn += 1
         return self.connector.peer(candidates[self.connector.turn % len(candidates)])
 
