@@ -129,3 +129,70 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(self.record[-1], ("c0", "abort"))
         a.forget(first)
         self.successResultOf(drained)
+
+
+class CompositionTests(SynchronousTestCase):
+    """
+    The TCP frontend, the HTTP frontend and a tunnel's public port each own
+    an Admission (none inherits another's fields).
+    """
+
+    def test_every_listener_owns_one(self) -> None:
+        """Each kind of listener's admission is an Admission; the HTTP frontend is no TCP frontend."""
+        from rproxy.config import config_from_mapping
+        from rproxy.http.frontend import HTTPFrontend
+        from rproxy.http.upstream import UpstreamPool
+        from rproxy.pool import Pool
+        from rproxy.tcp import TCPFrontend
+        from rproxy.tunnel.config import TunnelConfig
+        from rproxy.tunnel.registry import StaticKeys
+        from rproxy.tunnel.server import TunnelServer
+
+        clock = Clock()
+        config = config_from_mapping({
+            "admin": {"listen": None},
+            "backends": [{"name": "be", "servers": ["127.0.0.1:9"], "health_check": {"type": "none"}}],
+            "frontends": [{"name": "fe", "listen": "127.0.0.1:0", "backend": "be"},
+                          {"name": "h", "protocol": "http", "listen": "127.0.0.1:0", "backend": "be"}],
+        })
+        pool = Pool(config.backends[0], clock)
+        tcp = TCPFrontend(config.frontends[0], pool, clock, clock)
+        http = HTTPFrontend(config.frontends[1], {"be": pool}, clock, clock, UpstreamPool(clock, clock))
+        tcp_tunnel = TunnelServer(TunnelConfig(name="t"), StaticKeys([]), None, clock)
+        http_tunnel = TunnelServer(TunnelConfig(name="h", mode="http"), StaticKeys([]), None, clock)
+        assert http_tunnel.http is not None
+        for admission in (tcp.admission, http.admission, tcp_tunnel.admission, http_tunnel.http.admission):
+            self.assertIsInstance(admission, Admission)
+        self.assertNotIsInstance(http, TCPFrontend)
+
+    def test_tunnel_public_port_drains(self) -> None:
+        """
+        A mode tcp public connection is admitted (and asks for an agent);
+        the tunnel's drain cuts it at the end of the grace period and ends
+        once it is gone.
+        """
+        from twisted.internet import error
+        from twisted.internet.testing import StringTransport
+        from twisted.python.failure import Failure
+
+        from rproxy.tunnel.config import TunnelConfig
+        from rproxy.tunnel.registry import StaticKeys
+        from rproxy.tunnel.server import TunnelServer
+        from rproxy.tunnel.streams import PublicProtocol
+
+        clock = Clock()
+        tunnel = TunnelServer(TunnelConfig(name="t"), StaticKeys([]), None, clock)
+        public = PublicProtocol(tunnel)
+        transport = StringTransport()
+        transport.abortConnection = lambda: self.record.append(("public", "abort"))  # type: ignore[method-assign]
+        self.record: list[tuple[str, str]] = []
+        public.makeConnection(transport)
+        self.assertEqual((tunnel.admission.active, tunnel.public_connections), (1, {public}))
+        # no agent: the connection is closed (loseConnection), still open until lost
+        drained = tunnel.admission.drain(5.0)
+        clock.advance(5.0)
+        self.assertEqual(self.record, [("public", "abort")])
+        self.assertNoResult(drained)
+        public.connectionLost(Failure(error.ConnectionDone()))
+        self.successResultOf(drained)
+        self.assertEqual(tunnel.admission.active, 0)

@@ -28,6 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rproxy.admission import Admission
 from rproxy.events import HEARTBEATS
 from rproxy.http.frontend import HTTPFrontend
 from rproxy.transport import server_endpoint
@@ -189,6 +190,18 @@ class ControlProtocol(Protocol):
             self.server.drop_session(self.session, "control connection closed")
 
 
+class _PublicLimits:
+    """
+    What admission reads of a mode tcp public port: no connection limit,
+    no queue, no idle timeout (a stream's ends decide).
+    """
+
+    max_connections = 0
+    queue_size = 0
+    queue_timeout = 0.0
+    idle_timeout = 0.0
+
+
 class _Factory(Factory):
     noisy = False
 
@@ -223,7 +236,9 @@ class TunnelServer:
         self.heartbeat_interval = heartbeat_interval
         self.registry = Registry(config.algorithm, config.max_pending, rng)
         self.ports: dict[str, IListeningPort] = {}
-        self.public_connections: set[PublicProtocol] = set()
+        # mode tcp: the public port's admission (no limits of its own: the
+        # drain and its grace period)
+        self.admission = Admission(f"tunnel {config.name}", _PublicLimits(), clock)
         self.streams_opened = 0
         self.streams_from_pool = 0
         self.streams_failed = 0
@@ -233,7 +248,6 @@ class TunnelServer:
         self.bytes_out = 0
         self.open_latencies: list[float] = []
         self._sweep: LoopingCall | None = None
-        self._drained: defer.Deferred[None] | None = None
         self.observe_open = lambda seconds: None
         self.events: Any = None  # rproxy.events.EventSink, with stores
         # mode http: the public port's HTTP frontend and its agents connector
@@ -245,6 +259,13 @@ class TunnelServer:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def public_connections(self) -> set[PublicProtocol]:
+        """
+        The open public connections of mode tcp.
+        """
+        return self.admission.connections
 
     def _endpoint(self, listen: str, tls: bool) -> Any:
         if tls and self.config.tls is not None and listen.startswith("tcp:"):
@@ -337,33 +358,15 @@ class TunnelServer:
         up to C{grace} seconds, then L{stop}.
         """
         await self.stop_accepting()
-        if self.http is not None:
-            await self.http.drain(grace)
         if self.public_connections:
             self.log.info("tunnel {tunnel}: draining {count} public connection(s) for up to {grace}s",
                           tunnel=self.name, count=len(self.public_connections), grace=grace)
-            drained: defer.Deferred[None] = defer.Deferred()
-            self._drained = drained
-
-            def grace_over() -> None:
-                if not drained.called:
-                    drained.callback(None)
-
-            timer = self.clock.callLater(grace, grace_over)
-            await drained
-            self._drained = None
-            if timer.active():
-                timer.cancel()
-            if self.public_connections:
-                self.log.info("tunnel {tunnel}: closing {count} public connection(s) left after {grace}s",
-                              tunnel=self.name, count=len(self.public_connections), grace=grace)
+        await defer.gatherResults([self.http.drain(grace) if self.http is not None else defer.succeed(None),
+                                   self.admission.drain(grace)])
         await self.stop()
 
     def public_ended(self, public: PublicProtocol) -> None:
-        self.public_connections.discard(public)
-        drained = self._drained
-        if drained is not None and not self.public_connections and not drained.called:
-            drained.callback(None)
+        self.admission.forget(public)
 
     def start_sweep(self) -> None:
         """

@@ -56,15 +56,38 @@ class PublicProtocol(EarlyDataEnd):
     pending: Pending | None = None
     agent: AgentSession | None = None
     proxy: ProxyProtocol | None = None
+    # admission's (L{rproxy.admission.IAdmitted})
+    counted = False
+    quiet_ticks = 0
+    last_total = -1
+    queue_timer = None
 
     def __init__(self, server: TunnelServer) -> None:
         self.server = server
         self.tried: set[str] = set()
 
     def connectionMade(self) -> None:
-        self.server.public_connections.add(self)
         self.started = self.server.clock.seconds()
+        self.server.admission.admit(self)
+
+    def start(self) -> None:
+        """
+        Admitted: ask an agent for a stream.
+        """
+        self.counted = True
         self.request_stream()
+
+    def activity(self) -> int | None:
+        return self.received + (self.proxy.received if self.proxy is not None else 0)
+
+    def idle_abort(self) -> None:
+        self.abort()
+
+    def refuse(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def peer_name(self) -> str:
+        return peer_address(self.transport)
 
     # -- choosing and opening ----------------------------------------------
 
