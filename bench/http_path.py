@@ -28,7 +28,8 @@ from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
 from rproxy.config import config_from_mapping  # noqa: E402
-from rproxy.http.frontend import HTTPFrontend, UpstreamConnection, UpstreamPool  # noqa: E402
+from rproxy.http.frontend import HTTPFrontend  # noqa: E402
+from rproxy.http.upstream import UpstreamConnection, UpstreamPool  # noqa: E402
 from rproxy.pool import Pool  # noqa: E402
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"

@@ -5,7 +5,14 @@ on loopback), through rproxy's own L4 frontend, and directly, in one run.
 Prints keep-alive req/s (wrk -c50, 100-byte responses), bulk MB/s (a 200 MB
 download) and the time to open a new public stream (connect, send a
 request, read the first byte; p50 and p99 over sequential connections),
-with the ratios tunnel/L4 the issue asks for.  The rproxy server runs
+with the ratios tunnel/L4 the issue asks for.  Then the C{mode: http}
+row: keep-alive requests through a C{mode: http} tunnel, their CPU per
+request (server + agent, user+sys from /proc/PID/stat over the run) against
+the L4 frontend's for the same wrk load, and their req/s against mode
+http's behaviour before it kept connections alive: C{Connection: close}
+to the client, and a new data connection and service connection per
+request (a second tunnel whose agent exposes an nginx with
+C{keepalive_timeout 0}).  The rproxy server runs
 pinned to core 0; the agent runs with nginx (the service it exposes) and
 the load generators on core 1, as it would run on the service's machine.
 
@@ -46,6 +53,17 @@ def twistd(work: str, name: str, args: list[str], core: str = PROXY_CORE) -> sub
     )
 
 
+def answers_200(port: int) -> None:
+    """
+    Raise unless a request on C{port} gets 200 (an agent is logged in and
+    a stream works).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        if not sock.recv(64).startswith(b"HTTP/1.1 200 "):
+            raise OSError("not yet")
+
+
 def open_times(port: int, count: int) -> tuple[float, float]:
     """
     p50 and p99 milliseconds from connect to the first response byte.
@@ -63,6 +81,83 @@ def open_times(port: int, count: int) -> tuple[float, float]:
     return samples[len(samples) // 2], samples[min(len(samples) - 1, int(len(samples) * 0.99))]
 
 
+def cpu_seconds(*pids: int) -> float:
+    """
+    User + system CPU seconds used so far by the processes C{pids}.
+    """
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measured(port: int, duration: int, connections: int, close: bool, *pids: int) -> tuple[float, float]:
+    """
+    req/s of a wrk run, and the CPU microseconds per request of C{pids}.
+    """
+    before = cpu_seconds(*pids)
+    rate, _ = wrk(port, duration, connections, close)
+    used = cpu_seconds(*pids) - before
+    return rate, used / (rate * duration) * 1e6
+
+
+def start_closing_nginx(work: str, port: int) -> subprocess.Popen[bytes]:
+    """
+    An nginx that closes every connection after its response (the
+    service of the tunnel that replays mode http's former behaviour).
+    """
+    conf = os.path.join(work, "closing.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes 1;
+daemon off;
+pid {work}/closing.pid;
+error_log {work}/closing.err warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_timeout 0;
+    client_body_temp_path {work}/body2;
+    proxy_temp_path {work}/proxy2;
+    fastcgi_temp_path {work}/fastcgi2;
+    uwsgi_temp_path {work}/uwsgi2;
+    scgi_temp_path {work}/scgi2;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = / {{ default_type text/plain; return 200 "{'x' * 99}\\n"; }}
+    }}
+}}
+""")
+    return subprocess.Popen(["taskset", "-c", LOAD_CORE, "nginx", "-c", conf, "-p", work],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def mode_http_row(args: argparse.Namespace, l4_port: int, public: int, before: int, server: int,
+                  agent: int) -> None:
+    """
+    Keep-alive through a mode http tunnel: CPU per request (server +
+    agent) against the L4 frontend's; req/s against the former
+    behaviour (a new connection on both legs per request).
+    """
+    wrk(public, 2, args.connections, False)
+    l4_rate, l4_cpu = measured(l4_port, args.duration, args.connections, False, server)
+    ka_rate, ka_cpu = measured(public, args.duration, args.connections, False, server, agent)
+    close_rate, _ = wrk(before, args.duration, args.connections, True)
+    print()
+    print(f"mode http tunnel, wrk -c{args.connections}, 100-byte responses")
+    print(f"  {'path':34} {'req/s':>9} {'CPU us/request':>15}")
+    print(f"  {'L4 frontend (server)':34} {l4_rate:9.0f} {l4_cpu:15.1f}")
+    print(f"  {'mode http keep-alive (server+agent)':34} {ka_rate:9.0f} {ka_cpu:15.1f}")
+    print(f"  {'mode http before (close, new streams)':34} {close_rate:9.0f}")
+    cpu_ratio, rate_ratio = ka_cpu / l4_cpu, ka_rate / close_rate
+    print(f"  CPU per request, keep-alive / L4:  {cpu_ratio:5.2f}  (target <= 2.5) "
+          f"{'ok' if cpu_ratio <= 2.5 else 'ABOVE TARGET'}")
+    print(f"  req/s, keep-alive / before:         {rate_ratio:5.2f}  (target >= 5) "
+          f"{'ok' if rate_ratio >= 5 else 'BELOW TARGET'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=10)
@@ -75,6 +170,8 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         nginx, l4_port, control, proxy, public, control2, proxy2, public2 = (free_port() for _ in range(8))
+        control3, proxy3, public3, control4, proxy4, public4, closing = (free_port() for _ in range(7))
+        procs.append(start_closing_nginx(work, closing))
         procs.append(start_nginx(work, nginx))
         with open(os.path.join(work, "rproxy.yaml"), "w") as f:
             f.write(f"""
@@ -86,28 +183,37 @@ frontends: [{{name: fe, listen: "127.0.0.1:{l4_port}", backend: be}}]
 tunnels:
   - {{name: t, control: "127.0.0.1:{control}", proxy: "127.0.0.1:{proxy}", public: "127.0.0.1:{public}"}}
   - {{name: pooled, control: "127.0.0.1:{control2}", proxy: "127.0.0.1:{proxy2}", public: "127.0.0.1:{public2}"}}
+  - {{name: h, control: "127.0.0.1:{control3}", proxy: "127.0.0.1:{proxy3}", public: "127.0.0.1:{public3}",
+      mode: http, strict_models: false}}
+  - {{name: h2, control: "127.0.0.1:{control4}", proxy: "127.0.0.1:{proxy4}", public: "127.0.0.1:{public4}",
+      mode: http, strict_models: false}}
 """)
-        for name, (c, p, pool) in {"agent": (control, proxy, 0), "agent2": (control2, proxy2, 4)}.items():
+        agents = {"agent": (control, proxy, 0, nginx), "agent2": (control2, proxy2, 4, nginx),
+                  "agent3": (control3, proxy3, 0, nginx), "agent4": (control4, proxy4, 0, closing)}
+        for name, (c, p, pool, service) in agents.items():
             with open(os.path.join(work, f"{name}.yaml"), "w") as f:
                 f.write(f"""
 server: {{control: "127.0.0.1:{c}", proxy: "127.0.0.1:{p}"}}
 api_key: bench-key
 agent_id: bench-{name}
 pool_count: {pool}
-services: [{{name: web, local: "127.0.0.1:{nginx}"}}]
+services: [{{name: web, local: "127.0.0.1:{service}"}}]
 """)
         procs.append(twistd(work, "rproxy", ["rproxy", "-c", os.path.join(work, "rproxy.yaml")]))
         for port in (nginx, l4_port, control, public):
             wait_port(port)
         # The agent runs where the service runs (core 1, with nginx): in a
         # deployment it is on the service's machine, not the proxy's.
-        for name in ("agent", "agent2"):
+        server_pid = procs[-1].pid
+        agent_pids = {}
+        for name in agents:
             procs.append(twistd(work, name, ["rproxy-agent", "-c", os.path.join(work, f"{name}.yaml")], LOAD_CORE))
+            agent_pids[name] = procs[-1].pid
         deadline = time.time() + 20
-        for port in (public, public2):
+        for port in (public, public2, public3, public4):
             while True:  # wait until the agent has logged in and a stream works
                 try:
-                    open_times(port, 1)
+                    answers_200(port)
                     break
                 except (OSError, SystemExit):
                     if time.time() > deadline:
@@ -134,6 +240,7 @@ services: [{{name: web, local: "127.0.0.1:{nginx}"}}]
             print(f"  {label:12} {ratio:5.2f}  {'ok' if ratio >= 0.8 else 'BELOW TARGET'}")
         print("open times: the tunnel adds a control round trip, an agent-side connect to the")
         print("proxy port (saved by pool_count) and one to the local service")
+        mode_http_row(args, l4_port, public3, public4, server_pid, agent_pids["agent3"])
     finally:
         stop_all(procs, work)
 

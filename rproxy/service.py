@@ -30,7 +30,8 @@ from twisted.python.failure import Failure
 from rproxy.admin import build_admin_site
 from rproxy.config import Config, ConfigError, load_config, parse_endpoint
 from rproxy.health import HealthChecker, Prober, make_prober
-from rproxy.http.frontend import HTTPFrontend, UpstreamPool
+from rproxy.http.frontend import HTTPFrontend
+from rproxy.http.upstream import UpstreamPool
 from rproxy.metrics import Metrics
 from rproxy.pool import Pool, Server
 from rproxy.store.backends import LiveBackends

@@ -27,9 +27,9 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
-__all__ = ["SpliceEnd", "EarlyDataEnd", "splice", "shut_write", "EARLY_DATA_LIMIT"]
+__all__ = ["SpliceEnd", "EarlyDataEnd", "Relay", "splice", "splice_protocols", "shut_write", "EARLY_DATA_LIMIT"]
 
 # What an end may receive before it is spliced; past this its reading is
 # paused (the rest waits in the kernel).
@@ -203,3 +203,32 @@ class EarlyDataEnd(SpliceEnd):
         splice(self, peer)
         if self.read_closed:
             shut_write(peer)
+
+
+class Relay(SpliceEnd):
+    """
+    The splice end of a connection whose protocol is another object (an
+    HTTP connection after a 101): that protocol hands this end its events
+    (C{dataReceived}, C{readConnectionLost}, C{writeConnectionLost},
+    C{connectionLost}); the pump's rules are this module's.
+    """
+
+    def __init__(self, transport: object) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+
+def splice_protocols(a: Protocol, b: Protocol) -> tuple[Relay, Relay]:
+    """
+    Splice two connected protocols that have been speaking something else
+    (an HTTP client connection and its server's, after a 101): each gets
+    a L{Relay} as its C{relay} attribute, to which it must pass its
+    events from now on, and provides L{IHalfCloseableProtocol} from now
+    on (so that a FIN reaches the relay as a half-close; before, a FIN
+    ended the connection).  Returns the two relays.
+    """
+    ends = Relay(a.transport), Relay(b.transport)
+    for protocol, end in zip((a, b), ends, strict=True):
+        protocol.relay = end  # type: ignore[attr-defined]
+        alsoProvides(protocol, IHalfCloseableProtocol)
+    splice(*ends)
+    return ends

@@ -23,6 +23,7 @@ from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rproxy.admission import Admission, ConnectionLimit
 from rproxy.config import FrontendConfig
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
 from rproxy.shortage import ShortageLog, is_local
@@ -30,19 +31,6 @@ from rproxy.splice import EarlyDataEnd, SpliceEnd
 from rproxy.transport import connect_tcp
 
 __all__ = ["TCPFrontend", "ClientConnection", "ConnectionLimit"]
-
-
-class ConnectionLimit:
-    """
-    A count shared by every frontend of the process (C{global.max_connections}).
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-
-    def full(self) -> bool:
-        return self.active >= self.limit
 
 
 class BackendConnection(SpliceEnd):
@@ -93,7 +81,7 @@ class ClientConnection(EarlyDataEnd):
     backend: BackendConnection | None = None
     _acquiring: defer.Deferred[Server] | None = None
     _connector: object = None
-    _queue_timer: IDelayedCall | None = None
+    queue_timer: IDelayedCall | None = None
     quiet_ticks = 0
     last_total = -1
     counted = False
@@ -229,6 +217,11 @@ class ClientConnection(EarlyDataEnd):
         self.closing = True
         self.transport.abortConnection()  # type: ignore[union-attr]
 
+    refuse = _abort
+
+    def peer_name(self) -> str:
+        return _peer(self.transport)
+
     def _cancel_pending(self) -> None:
         if self._acquiring is not None:
             d, self._acquiring = self._acquiring, None
@@ -236,9 +229,9 @@ class ClientConnection(EarlyDataEnd):
         if self._connector is not None:
             connector, self._connector = self._connector, None
             connector.stopConnecting()  # type: ignore[attr-defined]
-        if self._queue_timer is not None and self._queue_timer.active():
-            self._queue_timer.cancel()
-        self._queue_timer = None
+        if self.queue_timer is not None and self.queue_timer.active():
+            self.queue_timer.cancel()
+        self.queue_timer = None
 
     def end_lost(self, reason: Failure) -> None:
         self._cancel_pending()
@@ -273,7 +266,8 @@ class ClientConnection(EarlyDataEnd):
 
 class TCPFrontend(Factory):
     """
-    The factory of one C{protocol: tcp} frontend.
+    The factory of one C{protocol: tcp} frontend; its admission (limits,
+    queue, idle sweep, drain) is an L{Admission} it owns.
     """
 
     log = Logger()
@@ -289,28 +283,59 @@ class TCPFrontend(Factory):
         clock: IReactorTime,
         limit: ConnectionLimit | None = None,
     ) -> None:
-        self.config = config
+        self.admission = Admission(config.name, config, clock, limit)
         self.pool = pool
         self.reactor = reactor
         self.clock = clock
-        self.limit = limit or ConnectionLimit(2**31)
-        self.connections: set[ClientConnection] = set()
-        self.waiting: collections.deque[ClientConnection] = collections.deque()
-        self.active = 0
-        self.total = 0
-        self.refused_total = 0
         self.connect_errors = 0
-        self.idle_closed = 0
         self.closed_bytes_in = 0
         self.closed_bytes_out = 0
-        self.accepting = True
-        self._drained: list[defer.Deferred[None]] = []
-        self._drain_timer: IDelayedCall | None = None
-        self._sweep: IDelayedCall | None = None
+
+    # -- what admission keeps, read by the service, admin and metrics ------
+
+    @property
+    def config(self) -> FrontendConfig:
+        return self.admission.config  # type: ignore[no-any-return]
+
+    @config.setter
+    def config(self, config: FrontendConfig) -> None:
+        self.admission.config = config
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def limit(self) -> ConnectionLimit:
+        return self.admission.limit
+
+    @property
+    def connections(self) -> set[ClientConnection]:
+        return self.admission.connections
+
+    @property
+    def waiting(self) -> collections.deque[ClientConnection]:
+        return self.admission.waiting
+
+    @property
+    def active(self) -> int:
+        return self.admission.active
+
+    @property
+    def total(self) -> int:
+        return self.admission.total
+
+    @property
+    def refused_total(self) -> int:
+        return self.admission.refused_total
+
+    @property
+    def idle_closed(self) -> int:
+        return self.admission.idle_closed
+
+    @property
+    def accepting(self) -> bool:
+        return self.admission.accepting
 
     def shortage_failed(self, reason: Failure) -> None:
         """
@@ -324,118 +349,17 @@ class TCPFrontend(Factory):
     def buildProtocol(self, addr: object) -> ClientConnection:
         return ClientConnection(self)
 
-    # -- admission -------------------------------------------------------
-
-    def _has_slot(self) -> bool:
-        limit = self.config.max_connections
-        return (limit == 0 or self.active < limit) and not self.limit.full()
-
     def admit(self, conn: ClientConnection) -> None:
-        self.connections.add(conn)
-        self.total += 1
-        if not self.accepting:
-            self.refused_total += 1
-            conn._abort()
-            return
-        if self._has_slot() and not self.waiting:
-            self._start(conn)
-            return
-        if len(self.waiting) >= self.config.queue_size:
-            self.refused_total += 1
-            self.log.info(
-                "frontend {frontend}: refusing {peer}: {limit} connections open and the queue is full",
-                frontend=self.name, peer=_peer(conn.transport), limit=self.active,
-            )
-            conn._abort()
-            return
-        self.waiting.append(conn)
-
-        def expire() -> None:
-            conn._queue_timer = None
-            try:
-                self.waiting.remove(conn)
-            except ValueError:
-                return
-            self.refused_total += 1
-            conn._abort()
-
-        conn._queue_timer = self.clock.callLater(self.config.queue_timeout, expire)
-
-    def _start(self, conn: ClientConnection) -> None:
-        self.active += 1
-        self.limit.active += 1
-        if self._sweep is None and self.config.idle_timeout > 0:
-            self._sweep = self.clock.callLater(self.config.idle_timeout / 4, self._idle_sweep)
-        conn.start()
-
-    def _idle_sweep(self) -> None:
-        """
-        Close connections silent both ways for C{idle_timeout}.
-
-        One timer per frontend, four ticks per C{idle_timeout}: a connection
-        whose byte counts did not move for four ticks in a row is closed,
-        so after between 1 and 1.25 times C{idle_timeout} of silence, at no
-        cost per connection or per byte.
-        """
-        self._sweep = None
-        timeout = self.config.idle_timeout
-        for conn in list(self.connections):
-            if not conn.counted:
-                continue
-            total = conn.activity()
-            if total is None:
-                conn.quiet_ticks = 0
-                continue
-            if total != conn.last_total:
-                conn.last_total = total
-                conn.quiet_ticks = 0
-                continue
-            conn.quiet_ticks += 1
-            if conn.quiet_ticks >= 4:
-                self.idle_closed += 1
-                self.log.info(
-                    "frontend {frontend}: closing {peer}: idle for {timeout}s",
-                    frontend=self.name, peer=_peer(conn.transport), timeout=timeout,
-                )
-                conn.idle_abort()
-        if self.active and timeout > 0:
-            self._sweep = self.clock.callLater(timeout / 4, self._idle_sweep)
+        self.admission.admit(conn)
 
     def refused(self, conn: ClientConnection, why: object) -> None:
-        self.refused_total += 1
+        self.admission.refused_total += 1
 
     def forget(self, conn: ClientConnection) -> None:
-        self.connections.discard(conn)
-        if self.waiting:
-            # (O(n), and raises for a connection that is not waiting: only
-            # looked at while connections wait)
-            try:
-                self.waiting.remove(conn)
-            except ValueError:
-                pass
         self.closed_bytes_out += conn.received
         if conn.backend is not None:
             self.closed_bytes_in += conn.backend.received
-        if conn.counted:
-            conn.counted = False
-            self.active -= 1
-            self.limit.active -= 1
-            while self.waiting and self._has_slot():
-                waiter = self.waiting.popleft()
-                if waiter._queue_timer is not None and waiter._queue_timer.active():
-                    waiter._queue_timer.cancel()
-                waiter._queue_timer = None
-                self._start(waiter)
-        if not self.active and self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
-        if not self.connections and self._drained:
-            if self._drain_timer is not None and self._drain_timer.active():
-                self._drain_timer.cancel()
-            self._drain_timer = None
-            drained, self._drained = self._drained, []
-            for d in drained:
-                d.callback(None)
+        self.admission.forget(conn)
 
     # -- reporting -------------------------------------------------------
 
@@ -450,35 +374,12 @@ class TCPFrontend(Factory):
                 back += conn.backend.received
         return out, back
 
-    # -- draining --------------------------------------------------------
-
     def drain(self, grace: float) -> defer.Deferred[None]:
         """
         Stop admitting, let open connections finish for up to C{grace}
-        seconds, then abort what is left.  The caller stops listening.
-        May be called again; every call's Deferred fires when drained.
+        seconds, then abort what is left (L{Admission.drain}).
         """
-        self.accepting = False
-        for conn in list(self.waiting):
-            conn._abort()
-        done: defer.Deferred[None] = defer.Deferred()
-        if not self.connections:
-            done.callback(None)
-            return done
-        self._drained.append(done)
-        if self._drain_timer is None:
-            self._drain_timer = self.clock.callLater(grace, self._drain_expired)
-        return done
-
-    def _drain_expired(self) -> None:
-        self._drain_timer = None
-        if self.connections:
-            self.log.info(
-                "frontend {frontend}: grace period over, closing {n} connections",
-                frontend=self.name, n=len(self.connections),
-            )
-        for conn in list(self.connections):
-            conn.idle_abort()
+        return self.admission.drain(grace)
 
 
 def _nodelay(transport: object) -> None:

@@ -64,7 +64,7 @@ class ConsoleTests(SynchronousTestCase):
 
         self.frontend.requests[("web", status)] += count
         self.frontend.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += count
-        self.frontend.total += count
+        self.frontend.admission.total += count
 
     def test_rates_from_deltas(self) -> None:
         """One second with 90 fast 200s and 10 slow 503s: 100 requests/s, 10% 5xx, p50 fast, p99 slow."""

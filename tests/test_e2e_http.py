@@ -12,9 +12,11 @@ from typing import Any
 import attrs
 import httptools
 from twisted.internet import protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import implementer
 
 from tests.support import (
     Client,
@@ -675,6 +677,35 @@ class HTTPTests(HTTPHelpers, TestCase):
         self.assertIn(b"Upgrade: websocket", factory.heads[0])  # type: ignore[attr-defined]
         client.transport.write(b"\x81\x05hello")
         self.assertEqual(await client.read_until(b"hello"), b"\x81\x05hello")
+
+    @async_test
+    async def test_websocket_half_close(self) -> None:
+        """
+        After a 101, a client that shuts its writing down still reads what
+        the server sends after seeing that FIN; the server's close then
+        closes the client (the one splice's half-close).
+        """
+
+        @implementer(IHalfCloseableProtocol)
+        class FinalWords(WebSocketish):
+            def readConnectionLost(self) -> None:
+                self.transport.write(b"last words after your FIN")
+                self.transport.loseConnection()
+
+        factory = protocol.Factory.forProtocol(FinalWords)
+        factory.heads = []  # type: ignore[attr-defined]
+        port = await listen(factory)
+        self.addCleanup(port.stopListening)
+        await self.proxy_to(port.getHost().port)
+        client, head = await self.request(
+            b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            until=b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        client.transport.write(b"ping")
+        self.assertEqual(await client.read_until(b"ping"), b"ping")
+        client.transport.loseWriteConnection()
+        await client.closed
+        self.assertEqual(bytes(client.data), b"last words after your FIN")
 
     @async_test
     async def test_client_reading_nothing_holds_back_its_requests(self) -> None:

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import attrs
+import httptools
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
@@ -83,6 +84,42 @@ class RecorderFactory(Factory):
         self.received = b""
 
 
+async def one_response(client: Client) -> bytes:
+    """
+    The bytes of the next complete response C{client} reads (head and
+    body, de-chunked), or what it read before the connection closed.
+    """
+    parts: list[bytes] = []
+    state = {"head": b"", "done": False, "offset": 0}
+
+    class Callbacks:
+        def on_body(self, body: bytes) -> None:
+            parts.append(body)
+
+        def on_message_complete(self) -> None:
+            state["done"] = True
+
+    parser = httptools.HttpResponseParser(Callbacks())
+
+    def complete() -> bool:
+        data = bytes(client.data)
+        fresh = data[state["offset"]:]
+        state["offset"] = len(data)
+        if fresh and not state["done"]:
+            try:
+                parser.feed_data(fresh)
+            except httptools.HttpParserError:
+                state["done"] = True
+        return state["done"] or client.lost
+
+    await wait_for(complete)
+    data = bytes(client.data)
+    if not state["done"]:
+        return data
+    head = data.partition(b"\r\n\r\n")[0]
+    return head + b"\r\n\r\n" + b"".join(parts)
+
+
 class TunnelHTTPTests(ServiceMixin, TestCase):
     timeout = 60
 
@@ -130,13 +167,14 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
 
     async def request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
         """
-        Send C{raw} on a new public connection; read until it closes.
+        Send C{raw} on a new public connection; read one response (the
+        connection may stay open: keep-alive), then close.
         """
         client = await connect(self.tunnel.port_of("public"))
         self.client_cleanup(client)
         client.transport.write(raw)  # type: ignore[attr-defined]
-        await client.closed
-        head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+        data = await one_response(client)
+        head, _, body = data.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
         return int(lines[0].split()[1]), headers, body
@@ -156,8 +194,8 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         """
         A JSON body's model field or an X-Model header picks among the
         agents serving that model; no model: any agent; an unknown model:
-        404 JSON.  Each request reaches the agent with Connection: close,
-        and the client's connection closes after its response.
+        404 JSON.  No request reaches the agent with Connection: close
+        (the data connections are kept alive).
         """
         await self.start_tunnel()
         await self.start_agent("a", ["llama3"])
@@ -169,7 +207,7 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
             self.assertEqual((status, answer["agent"]), (200, "a"))
             status, answer = await self.chat("mistral", header=True)
             self.assertEqual((status, answer["agent"]), (200, "b"))
-        self.assertEqual(answer["connection"], "close")
+        self.assertEqual(answer["connection"], "")
         seen = set()
         for _ in range(12):
             status, answer = await self.chat(None)
@@ -179,6 +217,54 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         self.assertEqual(status, 404)
         self.assertEqual(answer, {"error": {"message": "model 'gpt-9' is not served by any agent",
                                             "type": "invalid_request_error", "code": "model_not_found"}})
+
+    @async_test
+    async def test_keep_alive_across_agents(self) -> None:
+        """
+        One client connection carries requests that go to different agents
+        by model; it stays open throughout, and each agent's data
+        connection is reused for its requests (two opened for twelve).
+        """
+        await self.start_tunnel()
+        await self.start_agent("a", ["llama3"])
+        await self.start_agent("b", ["qwen2"])
+        client = await connect(self.tunnel.port_of("public"))
+        self.client_cleanup(client)
+        for i in range(6):
+            for model, agent in (("qwen2", "b"), ("llama3", "a")):
+                body = json.dumps({"model": model, "messages": [], "n": i}).encode()
+                client.transport.write(  # type: ignore[attr-defined]
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                data = await one_response(client)
+                del client.data[:]
+                head, _, answer = data.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+                self.assertNotIn(b"Connection: close", head)
+                self.assertEqual(json.loads(answer)["agent"], agent)
+        self.assertFalse(client.lost)
+        self.assertEqual(self.tunnel.streams_opened, 2)
+        self.assertEqual(len(self.tunnel.http.connections), 1)
+
+    @async_test
+    async def test_refused_local_service_tries_the_next_agent(self) -> None:
+        """
+        An agent whose local service refuses reports it at once and the
+        request goes to the next agent serving the model, long before
+        open_timeout.
+        """
+        await self.start_tunnel(open_timeout="20s")
+        dead, _ = await self.start_agent("a", ["llama3"])
+        await self.start_agent("b", ["llama3"])
+        closed = await listen(Factory.forProtocol(Protocol))
+        dead_port = closed.getHost().port
+        await closed.stopListening()
+        dead.config = attrs.evolve(dead.config, services=(attrs.evolve(dead.config.services[0], port=dead_port),))
+        started = reactor.seconds()
+        for _ in range(4):
+            status, answer = await self.chat("llama3")
+            self.assertEqual((status, answer["agent"]), (200, "b"))
+        self.assertLess(reactor.seconds() - started, 5.0)
 
     @async_test
     async def test_lenient_models_and_no_agent(self) -> None:
@@ -399,9 +485,8 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
 
 class OneRequestTests(ServiceMixin, TestCase):
     """
-    mode http forwards exactly one request per connection, rebuilt from
-    what the strict reader parsed, and reads bodies up to
-    model_body_limit for their model.
+    mode http forwards each request rebuilt from what the strict reader
+    parsed, and reads bodies up to model_body_limit for their model.
     """
 
     timeout = 60
@@ -431,8 +516,9 @@ class OneRequestTests(ServiceMixin, TestCase):
     async def test_smuggled_request_never_reaches_the_service(self) -> None:
         """
         A second request behind the first, with both Content-Length and
-        Transfer-Encoding, never reaches the service; the client's answer
-        says Connection: close and the connection ends after it.
+        Transfer-Encoding, never reaches the service: the strict reader
+        refuses it (400) and the connection ends; a later request on a
+        new connection is served with keep-alive.
         """
         await self.start_tunnel()
         service = await self.recorder_agent(["llama3"])
@@ -444,17 +530,24 @@ class OneRequestTests(ServiceMixin, TestCase):
                                b"Connection: keep-alive\r\n\r\nhello" + smuggled)
         await client.closed
         head, _, body = bytes(client.data).partition(b"\r\n\r\n")
-        self.assertEqual((head.split(b"\r\n")[0], body), (b"HTTP/1.1 200 OK", b"ok"))
-        self.assertIn(b"\r\nConnection: close", head)
-        self.assertNotIn(b"keep-alive", head)
+        self.assertEqual(head.split(b"\r\n")[0], b"HTTP/1.1 400 Bad Request")
+        self.assertNotIn(b"/smuggled", service.received)
+        self.assertNotIn(b"/admin", service.received)
+        status, headers, body = await self.request(
+            b"POST /first HTTP/1.1\r\nHost: gpu\r\nX-Model: llama3\r\nContent-Length: 5\r\n"
+            b"Connection: keep-alive\r\n\r\nhello")
+        self.assertEqual((status, body, headers.get("connection")), (200, b"ok", None))
         self.assertEqual(service.received, b"POST /first HTTP/1.1\r\nHost: gpu\r\nX-Model: llama3\r\n"
-                                           b"Content-Length: 5\r\nConnection: close\r\n\r\nhello")
+                                           b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
+                                           b"X-Forwarded-Host: gpu\r\nVia: 1.1 rproxy\r\n"
+                                           b"Content-Length: 5\r\n\r\nhello")
 
     @async_test
     async def test_chunked_body_is_rechunked_and_ends(self) -> None:
         """
         A chunked request reaches the service as the chunks the reader
-        parsed and its last chunk; what follows it does not.
+        parsed and its last chunk (not its extensions or trailer); the
+        next request on the connection follows on the same data connection.
         """
         await self.start_tunnel()
         service = await self.recorder_agent(["llama3"])
@@ -462,10 +555,12 @@ class OneRequestTests(ServiceMixin, TestCase):
         client = await connect(self.tunnel.port_of("public"))
         self.client_cleanup(client)
         client.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nTransfer-Encoding: chunked\r\n\r\n"
-                               + b"%x;ext=1\r\n%s\r\n0\r\nTrailer: x\r\n\r\nGET /next HTTP/1.1\r\n\r\n" % (len(body), body))
-        await client.closed
+                               + b"%x;ext=1\r\n%s\r\n0\r\nTrailer: x\r\n\r\n" % (len(body), body))
+        await one_response(client)
         self.assertEqual(service.received.partition(b"\r\n\r\n")[2], b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
-        self.assertNotIn(b"/next", service.received)
+        client.transport.write(b"GET /next HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        await wait_for(lambda: b"/next" in service.received)
+        self.assertEqual(len(service.connections), 1)
 
     @async_test
     async def test_model_after_long_messages(self) -> None:
@@ -492,7 +587,7 @@ class OneRequestTests(ServiceMixin, TestCase):
             + b"Content-Length: %d\r\n\r\n" % len(body) + body)
         self.assertEqual(status, 413)
         self.assertEqual(json.loads(answer)["error"]["code"], "request_too_large")
-        self.assertEqual(self.tunnel.streams_opened, 6)
+        self.assertEqual(self.tunnel.streams_opened, 2)  # one data connection per agent, kept alive
 
     @async_test
     async def test_unknown_model_in_long_body_is_refused(self) -> None:

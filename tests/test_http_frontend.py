@@ -16,7 +16,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.config import config_from_mapping
-from rproxy.http.frontend import HTTPConnection, HTTPFrontend, UpstreamConnection, UpstreamPool
+from rproxy.http.connection import HTTPConnection
+from rproxy.http.frontend import HTTPFrontend
+from rproxy.http.upstream import UpstreamConnection, UpstreamPool
 from rproxy.pool import Pool
 
 GET = b"GET /x HTTP/1.1\r\nHost: example\r\n\r\n"
@@ -297,7 +299,7 @@ class BoundsTests(SynchronousTestCase):
         QUEUE_EVENTS are queued and resumed when the queue has drained to
         half of it; every request is answered in order.
         """
-        from rproxy.http.frontend import QUEUE_EVENTS
+        from rproxy.http.connection import QUEUE_EVENTS
 
         h = Harness()
         conn, t = h.client()
@@ -324,7 +326,7 @@ class BoundsTests(SynchronousTestCase):
         fails: 502 to the client, the server's connection aborted; up to
         MAX_INTERIM pass on.
         """
-        from rproxy.http.frontend import MAX_INTERIM
+        from rproxy.http.upstream import MAX_INTERIM
 
         early = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
         h = Harness()

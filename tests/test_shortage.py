@@ -18,7 +18,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.config import config_from_mapping
-from rproxy.http.frontend import HTTPFrontend, UpstreamPool
+from rproxy.http.frontend import HTTPFrontend
+from rproxy.http.upstream import UpstreamPool
 from rproxy.pool import Pool
 from rproxy.shortage import LocalConnectError, ShortageLog
 from rproxy.tcp import TCPFrontend

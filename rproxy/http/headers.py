@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["HOP_BY_HOP", "request_head", "response_head", "response_fields", "scan_response_head",
-           "finish_scanned_head"]
+           "finish_scanned_head", "server_host", "chunk"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -323,3 +324,26 @@ def error_response(status: int, message: str, version: tuple[int, int] = (1, 1),
     head = response_head(status, reason(status), headers, version=version, framing="length",
                          content_length=len(body), close=close)
     return head + body
+
+
+def server_host(server: Any, tls: bool) -> bytes:
+    """
+    The Host value naming C{server} (C{http.host_header: server}): host and
+    port, the port left out only when it is the scheme's default, since
+    servers that check Host (WebSocket handshakes, virtual hosts) compare
+    both.
+    """
+    host = server.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal
+    if server.port == (443 if tls else 80):
+        return host.encode()
+    return f"{host}:{server.port}".encode()
+
+
+def chunk(data: bytes) -> bytes:
+    """
+    C{data} as one chunk of a chunked body.
+    """
+    # nothing for no data: an empty chunk would read as the end of the body
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""

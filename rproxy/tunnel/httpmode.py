@@ -1,79 +1,76 @@
 """
-The HTTP side of a C{mode: http} tunnel, sans I/O: what the public
-connection sends on to the agent's service, what comes back to the client,
-and the errors rproxy answers itself.
+A tunnel's C{mode: http}: its public port is an HTTP frontend (the engine
+of L{rproxy.http}) whose upstream peers are the tunnel's agents.
 
-One request per public connection: the request the strict reader parsed is
-sent on rebuilt from its parts (head fields as read, a chunked body
-re-chunked), so bytes the reader did not take as part of that request
-(a second, smuggled request behind it) never reach the service; both the
-service and the client are told C{Connection: close}.
+  - L{TunnelRouting}, a filter: the model of each request (an C{X-Model}
+    header, or the C{model} field of its body read up to
+    C{model_body_limit}, 413 past it, whatever the Content-Type but files
+    and forms), the access level of its bearer key (a dedicated key, level
+    >= 0, reaches only the agents logged in with it; any other request
+    goes to agents with shared keys), and the event recorded for requests
+    with a shared key.
+  - L{AgentChoice}: the agents one request may go to, as the engine's pool
+    interface: the least busy first, ties rotated (C{round-robin}: all in
+    turn).
+  - L{AgentConnector}: the engine's connector over agents' data
+    connections: a kept-alive one of the chosen agent, else a pooled one
+    (C{pool_count}), else one requested from the agent; a pool of idle
+    ones per agent.  An agent whose local service refused fails the open
+    at once, so that the engine tries the next agent.
+
+Every request on a public connection passes the strict reader and is sent
+on rebuilt from what it parsed, so bytes it did not take as a request never
+reach a service; the client keeps its connection across requests, which
+may go to different agents.  Errors rproxy answers itself have the OpenAI
+shape, C{{"error": {"message", "type", "code"}}}.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import inspect
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-import httptools
+from twisted.internet import defer
+from twisted.python.failure import Failure
 
+from rproxy.config import FrontendConfig, HTTPOptions
+from rproxy.events import REQUESTS
+from rproxy.http.filters import Filter
+from rproxy.http.frontend import HTTPFrontend
 from rproxy.http.headers import reason
-from rproxy.http.reader import HTTPError, RequestHead, RequestReader
+from rproxy.http.reader import RequestHead
+from rproxy.http.upstream import PeerRefused, UpstreamConnection, UpstreamPool
+from rproxy.pool import NoServerAvailable
+from rproxy.tunnel.registry import AgentSession, TooManyPending
+from rproxy.tunnel.wire import RequestNewProxyConn, StartStream, encode
 
-__all__ = ["OneRequestReader", "openai_error", "model_of", "request_head", "chunk", "LAST_CHUNK", "ResponseHeads", "looks_like_json"]
+if TYPE_CHECKING:
+    from rproxy.tunnel.server import TunnelServer
+    from rproxy.tunnel.streams import ProxyProtocol
 
-LAST_CHUNK = b"0\r\n\r\n"
-MAX_RESPONSE_HEAD = 64 * 1024
-_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+__all__ = ["openai_error", "model_of", "looks_like_json", "AgentRefused", "AgentChoice", "AgentConnector",
+           "TunnelRouting", "tunnel_frontend"]
+
 # bodies that cannot hold a JSON "model" field: never read for one
 _NOT_JSON = (b"multipart/", b"audio/", b"image/", b"video/", b"application/octet-stream")
 _ERROR_TYPES = {
     400: ("invalid_request_error", "bad_request"),
     401: ("authentication_error", "invalid_api_key"),
     404: ("invalid_request_error", "model_not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
     408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "request_too_large"),
     414: ("invalid_request_error", "uri_too_long"),
     431: ("invalid_request_error", "headers_too_large"),
     502: ("server_error", "bad_gateway"),
     503: ("server_error", "service_unavailable"),
+    504: ("server_error", "gateway_timeout"),
     505: ("invalid_request_error", "http_version_not_supported"),
 }
-
-
-class _Complete(Exception):
-    """
-    Raised from the parser's callback to stop it at the end of the first
-    request.
-    """
-
-
-class OneRequestReader(RequestReader):
-    """
-    A strict reader of the first request of a connection only: parsing
-    stops at its end, so bytes after it (which are never forwarded) can
-    neither fail nor hide it.
-    """
-
-    complete = False
-
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self.complete = True
-        if not self._parser.should_upgrade():
-            # an upgrade's parse ends by itself, with the bytes after its head
-            raise _Complete()
-
-    def feed(self, data: bytes) -> list[object]:
-        if self.complete and not self._events:
-            return []
-        try:
-            return super().feed(data)
-        except HTTPError:
-            if not self.complete:
-                raise
-            events, self._events = self._events, []
-            return events
 
 
 def openai_error(status: int, message: str, extra: Iterable[tuple[bytes, bytes]] = (),
@@ -114,123 +111,367 @@ def model_of(body: bytes) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
-def request_head(head: RequestHead, drop_expect: bool = False) -> bytes:
+def _shared(agent: AgentSession) -> bool:
+    return not agent.dedicated
+
+
+def _agent_id(agent: AgentSession) -> str:
+    return agent.agent_id
+
+
+class AgentRefused(PeerRefused):
     """
-    C{head} as the service gets it: its fields as read, but for
-    Connection (and Keep-Alive, Proxy-Connection) replaced by
-    C{Connection: close}; an upgrade keeps its Connection field.
-    """
-    lines = [b"%s %s HTTP/%d.%d" % (head.method, head.target, head.version[0], head.version[1])]
-    for name, value in head.headers:
-        lower = name.lower()
-        if (lower in _HOP and not head.upgrade) or (drop_expect and lower == b"expect"):
-            continue
-        lines.append(name + b": " + value)
-    if not head.upgrade:
-        lines.append(b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-def chunk(data: bytes) -> bytes:
-    """
-    C{data} as one chunk of a chunked body.
-    """
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-class _ResponseEnd(Exception):
-    pass
-
-
-class ResponseHeads:
-    """
-    Feed the service's response bytes in; take out what goes to the
-    client.  Interim (1xx) heads pass as they are; the final head gets
-    C{Connection: close}; after a 101 the bytes pass unchanged.  The
-    response's framing is followed (llhttp) so that the exchange can end
-    with the response even if the service keeps its connection open.
-
-    @ivar state: C{"head"} while a head is awaited, then C{"body"},
-        C{"upgraded"}, or C{"done"} once the response is complete.
+    An agent could not open a stream (its local service refused, or it did
+    not deliver within C{open_timeout}): nothing was sent, the engine may
+    try the next agent whatever the method.
     """
 
-    # whether any byte of the response went to the client
-    started = False
 
-    def __init__(self, head_request: bool = False) -> None:
-        self.state = "head"
-        self._buffer = b""
-        self._head_request = head_request
-        self._parser = httptools.HttpResponseParser(self)
-        self._interim = False
+class AgentPeer:
+    """
+    An agent as the engine's peer: its name is the agent id.
+    """
 
-    # -- llhttp callbacks, to find the response's end ---------------------
+    draining = False
 
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        self._interim = 100 <= status < 200
-        if self._head_request and not self._interim:
-            raise _ResponseEnd()
+    def __init__(self, session: AgentSession) -> None:
+        self.session = session
+        self.name = session.agent_id
+        self.config = self  # (the engine reads a server's config.name)
 
-    def on_message_complete(self) -> None:
-        if not self._interim:
-            raise _ResponseEnd()
+    def __repr__(self) -> str:
+        return f"<AgentPeer {self.name}>"
 
-    def _follow(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass
-        except httptools.HttpParserCallbackError as e:
-            if not isinstance(e.__context__, _ResponseEnd):
-                raise ValueError(f"malformed response: {e}") from None
-            if self.state == "body":
-                self.state = "done"
-            else:
-                self._ended = True
-        except httptools.HttpParserError as e:
-            raise ValueError(f"malformed response: {e}") from None
 
-    _ended = False
+class _AgentsConfig:
+    name = "agents"
+    tls = None
+    algorithm = "least-connections"
 
-    def feed(self, data: bytes) -> bytes:
+
+class AgentChoice:
+    """
+    The agents one request may go to (those that C{eligible} accepts and,
+    with a model, that serve it), with the engine's pool interface.  The
+    least busy (data connections in use, and opening) first; ties taken in
+    turn.  An agent has no slots: release is a no-op.
+    """
+
+    config = _AgentsConfig()
+    servers = ()
+
+    def __init__(self, tunnel: TunnelServer, connector: AgentConnector, model: str | None,
+                 eligible: Callable[[AgentSession], bool]) -> None:
+        self.tunnel = tunnel
+        self.connector = connector
+        self.model = model
+        self.eligible = eligible
+
+    def _candidates(self, tried: list[str]) -> list[AgentSession]:
+        model, eligible = self.model, self.eligible
+        return [a for a in self.tunnel.registry.agents.values()
+                if a.agent_id not in tried and eligible(a) and (model is None or model in a.models)]
+
+    def try_acquire(self, key: Any, tried: list[str]) -> AgentPeer | None:
+        candidates = self._candidates(tried)
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return self.connector.peer(candidates[0])
+        if self.model is not None or self.tunnel.config.algorithm != "round-robin":
+            low = min(a.load for a in candidates)
+            candidates = [a for a in candidates if a.load == low]
+        candidates.sort(key=_agent_id)
+        self.connector.turn += 1
+        return self.connector.peer(candidates[self.connector.turn % len(candidates)])
+
+    def acquire(self, key: Any, tried: list[str]) -> defer.Deferred[AgentPeer]:
+        self.tunnel.streams_failed += 1
+        if tried:
+            why = "no agent answered"
+        elif self.model is not None:
+            why = f"no agent serving {self.model!r} is connected"
+        else:
+            why = "no agent is connected"
+        return defer.fail(NoServerAvailable(why))
+
+    def try_acquire_named(self, name: str) -> None:
+        return None
+
+    def any_up(self, tried: list[str]) -> bool:
+        return bool(self._candidates(tried))
+
+    def release(self, peer: AgentPeer) -> None:
+        pass
+
+    def record_success(self, peer: AgentPeer) -> None:
+        pass
+
+    def record_failure(self, peer: AgentPeer, why: str) -> None:
+        pass
+
+
+class _Open:
+    """
+    A data connection requested from an agent, until it arrives (the
+    registry's pending open points here).
+    """
+
+    def __init__(self, connector: AgentConnector, peer: AgentPeer, pool: Any) -> None:
+        self.connector = connector
+        self.peer = peer
+        self.pool = pool
+        self.pending: Any = None
+        self.started = connector.tunnel.clock.seconds()
+        self.d: defer.Deferred[UpstreamConnection] = defer.Deferred(self._cancel)
+
+    def _cancel(self, d: Any) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            if pending.timer is not None and pending.timer.active():
+                pending.timer.cancel()
+            pending.timer = None
+            self.connector.tunnel.registry.forget(pending)
+        self.connector.opening.discard(self)
+
+    def attach(self, proxy: ProxyProtocol, agent: AgentSession, rest: bytes) -> None:
         """
-        @raise ValueError: a response that is malformed, or whose head is
-            longer than L{MAX_RESPONSE_HEAD}.
+        The agent delivered the data connection.
         """
-        if self.state in ("upgraded", "done"):
-            return data
-        if self.state == "body":
-            self._follow(data)
-            return data
-        self._follow(data)
-        buffer = self._buffer + data
-        out: list[bytes] = []
-        while True:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_RESPONSE_HEAD:
-                    raise ValueError(f"response head longer than {MAX_RESPONSE_HEAD} bytes")
-                self._buffer = buffer
-                return b"".join(out)
-            head, buffer = buffer[:end], buffer[end + 4 :]
-            lines = head.split(b"\r\n")
-            parts = lines[0].split(b" ", 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-                raise ValueError(f"malformed status line {lines[0][:60]!r}")
-            status = int(parts[1])
-            if 100 <= status < 200 and status != 101:
-                out.append(head + b"\r\n\r\n")
-                self.started = True
+        self._forget()
+        tunnel = self.connector.tunnel
+        tunnel.streams_opened += 1
+        tunnel.observe_open(tunnel.clock.seconds() - self.started)
+        conn = self.connector.attach(proxy, self.peer, self.pool)
+        if not self.d.called:
+            self.d.callback(conn)
+        else:
+            proxy.transport.loseConnection()  # type: ignore[union-attr]
+        if rest:
+            proxy.dataReceived(rest)
+
+    def stream_refused(self, agent: AgentSession, why: str) -> None:
+        self.fail(f"agent {agent.agent_id}: {why}")
+
+    def timed_out(self) -> None:
+        tunnel = self.connector.tunnel
+        self.peer.session.failed_total += 1
+        tunnel.log.info("tunnel {tunnel}: agent {agent} did not open a stream within {timeout}s",
+                        tunnel=tunnel.name, agent=self.peer.name, timeout=tunnel.config.open_timeout)
+        self.fail(f"agent {self.peer.name} did not open a stream in time")
+
+    def fail(self, why: str) -> None:
+        self._forget()
+        if not self.d.called:
+            self.d.errback(AgentRefused(string=why))
+
+
+class AgentConnector(UpstreamPool):
+    """
+    The engine's connector to agents: the keep-alive pool per agent is
+    L{UpstreamPool}'s; a new connection is a data connection from the
+    agent (pooled in advance, or requested).
+    """
+
+    def __init__(self, tunnel: TunnelServer, clock: Any, idle_timeout: float = 60.0) -> None:
+        super().__init__(None, clock, idle_timeout=idle_timeout)
+        self.tunnel = tunnel
+        self.peers: dict[AgentSession, AgentPeer] = {}
+        self.opening: set[_Open] = set()
+        self.turn = 0
+
+    def peer(self, session: AgentSession) -> AgentPeer:
+        peer = self.peers.get(session)
+        if peer is None:
+            peer = self.peers[session] = AgentPeer(session)
+        return peer
+
+    def take_idle(self, peer: Any) -> UpstreamConnection | None:
+        conn = super().take_idle(peer)
+        if conn is not None:
+            peer.session.streams.add(conn.transport_owner)  # type: ignore[attr-defined]
+        return conn
+
+    def put(self, conn: UpstreamConnection, now: float | None = None) -> None:
+        conn.server.session.streams.discard(conn.transport_owner)  # type: ignore[attr-defined]
+        super().put(conn, now)
+
+    def get(self, peer: Any, pool: Any, timeout: float) -> defer.Deferred[UpstreamConnection]:
+        conn = self.take_idle(peer)
+        if conn is not None:
+            return defer.succeed(conn)
+        self.opened += 1
+        tunnel, session = self.tunnel, peer.session
+        while session.idle:
+            proxy = session.idle.pop()
+            if proxy.lost:
                 continue
-            if status == 101:
-                self.state = "upgraded"
-                out.append(head + b"\r\n\r\n")
-            else:
-                self.state = "done" if self._ended else "body"
-                kept = [lines[0]] + [line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() not in _HOP]
-                out.append(b"\r\n".join(kept) + b"\r\nConnection: close\r\n\r\n")
-            out.append(buffer)
-            self._buffer = b""
-            self.started = True
-            return b"".join(out)
+            # a pooled connection: no round trip to the agent
+            proxy.pooled_by = None
+            proxy.transport.write(encode(StartStream(tunnel.config.service)))
+            tunnel.streams_from_pool += 1
+            tunnel.streams_opened += 1
+            conn = self.attach(proxy, peer, pool)
+            tunnel.refill_pool(session)
+            return defer.succeed(conn)
+        opening = _Open(self, peer, pool)
+        try:
+            pending = tunnel.registry.open(session, opening)
+        except TooManyPending as e:
+            tunnel.streams_failed += 1
+            return defer.fail(e)
+        opening.pending = pending
+        self.opening.add(opening)
+        pending.timer = self.clock.callLater(timeout, opening.timed_out)
+        session.control.send(RequestNewProxyConn(pending.conn_id, pending.secret, tunnel.config.service))
+        return opening.d
+
+    def attach(self, proxy: ProxyProtocol, peer: AgentPeer, pool: Any) -> UpstreamConnection:
+        """
+        A data connection of C{peer} becomes an upstream connection: the
+        proxy protocol hands it its events from now on.
+        """
+        conn = UpstreamConnection(self, peer, pool)  # type: ignore[arg-type]
+        conn.transport_owner = proxy  # type: ignore[attr-defined]
+        proxy.upstream = conn
+        peer.session.streams.add(proxy)
+        peer.session.opened_total += 1
+        conn.makeConnection(proxy.transport)
+        return conn
+
+    def agent_gone(self, session: AgentSession) -> None:
+        """
+        C{session} was dropped: its idle connections close, opens waiting
+        for it fail now (the engine tries another agent).
+        """
+        peer = self.peers.pop(session, None)
+        if peer is None:
+            return
+        for conn in self.idle.pop(peer, []):
+            conn.transport.abortConnection()  # type: ignore[union-attr]
+        for opening in [o for o in self.opening if o.peer is peer]:
+            opening.fail(f"agent {peer.name} went away")
+
+
+class TunnelRouting(Filter):
+    """
+    The request phase reads the model and checks the bearer key; the
+    choose phase gives the engine the agents the request may go to; the
+    log phase records requests made with a shared key.
+    """
+
+    doing = "routing to an agent"
+
+    def __init__(self, tunnel: TunnelServer, connector: AgentConnector) -> None:
+        self.tunnel = tunnel
+        self.connector = connector
+
+    def request(self, exchange: Any) -> defer.Deferred[Any] | None:
+        head = exchange.head
+        exchange.notes = {"model": None, "key": None, "eligible": _shared}
+        model = head.header(b"x-model")
+        if model is None and looks_like_json(head):
+            d = exchange.client.read_ahead(self.tunnel.config.model_body_limit)
+            d.addCallback(self._body_read, exchange)
+            return d
+        return self._route(exchange, model)
+
+    def _body_read(self, body: bytes | None, exchange: Any) -> Any:
+        if body is None:
+            limit = self.tunnel.config.model_body_limit
+            exchange.fail(413, f"request body over {limit} bytes: too large to read its model")
+            return None
+        return self._route(exchange, model_of(body))
+
+    def _route(self, exchange: Any, model: bytes | str | None) -> defer.Deferred[Any] | None:
+        if isinstance(model, bytes):
+            model = model.decode("utf-8", "replace")
+        notes = exchange.notes
+        notes["model"] = model.strip() or None if model else None
+        auth = exchange.head.header(b"authorization") or b""
+        if auth[:7].lower() != b"bearer " or not auth[7:].strip():
+            self._check_model(exchange)
+            return None
+        presented = auth[7:].strip().decode("latin-1")
+        result = self.tunnel.keys.check(presented)
+        d = defer.Deferred.fromCoroutine(result) if inspect.iscoroutine(result) else defer.succeed(result)
+        d.addCallbacks(self._key_checked, self._key_failed, callbackArgs=(exchange, presented),
+                       errbackArgs=(exchange,))
+        return d
+
+    def _key_failed(self, failure: Failure, exchange: Any) -> None:
+        self.tunnel.log.failure("tunnel {tunnel}: checking a public bearer key failed", failure,
+                                tunnel=self.tunnel.name)
+        exchange.fail(503, "cannot check the key now", retry_after=True)
+
+    def _key_checked(self, key: Any, exchange: Any, presented: str) -> None:
+        if key is not None:
+            notes = exchange.notes
+            notes["key"] = key.name
+            if key.level >= 0:
+                digest = hashlib.sha256(presented.encode("utf-8")).digest()
+                notes["eligible"] = lambda agent: agent.dedicated and hmac.compare_digest(agent.key_digest, digest)
+        self._check_model(exchange)
+
+    def _check_model(self, exchange: Any) -> None:
+        notes = exchange.notes
+        model = notes["model"]
+        if model is not None and not self.tunnel.registry.serves(model, notes["eligible"]):
+            if self.tunnel.config.strict_models:
+                self.tunnel.streams_failed += 1
+                exchange.fail(404, f"model {model!r} is not served by any agent")
+                return
+            notes["model"] = None  # lenient: any agent
+
+    def choose(self, exchange: Any) -> None:
+        notes = exchange.notes
+        exchange.pool = AgentChoice(self.tunnel, self.connector, notes["model"], notes["eligible"])
+
+    def response(self, exchange: Any, extra: list[tuple[bytes, bytes]]) -> None:
+        upstream = exchange.upstream
+        if upstream is not None and exchange.notes:
+            exchange.notes["head_size"] = len(upstream.head) + 4  # the head as the service sent it
+
+    def log(self, exchange: Any, backend: str) -> None:
+        tunnel, notes = self.tunnel, exchange.notes
+        if tunnel.events is None or not notes or notes.get("key") is None or not exchange.tried:
+            return
+        agent = tunnel.registry.agents.get(exchange.tried[-1])
+        if agent is None or agent.dedicated:
+            return
+        head = exchange.head
+        tunnel.events.emit(REQUESTS, {
+            "tunnel": tunnel.name, "agent_id": agent.agent_id, "key": notes["key"], "model": notes["model"],
+            "at": exchange.started, "duration": round(tunnel.clock.seconds() - exchange.started, 6),
+            "method": head.method.decode("latin-1"), "target": head.target.decode("latin-1")[:512],
+            "bytes_in": head.content_length or 0,
+            "bytes_out": notes.get("head_size", 0) + exchange.client.delivered - exchange.delivered_before,
+        })
+
+
+def frontend_config(config: Any) -> FrontendConfig:
+    """
+    The HTTP frontend configuration of a tunnel's public port: its
+    reader's limits (no body limit: bodies stream to the agent), its
+    header timeout, no response timeout (a model may think for long),
+    the agents' open timeout as the connect timeout.
+    """
+    return FrontendConfig(
+        name=config.name, listen=config.public, backend="agents", protocol="http",
+        connect_timeout=config.open_timeout,
+        http=HTTPOptions(max_body=None, header_timeout=config.header_timeout, response_timeout=0.0),
+    )
+
+
+def tunnel_frontend(tunnel: TunnelServer) -> tuple[HTTPFrontend, AgentConnector]:
+    """
+    The HTTP frontend of C{tunnel}'s public port, and its connector.
+    """
+    connector = AgentConnector(tunnel, tunnel.clock)
+    routing = TunnelRouting(tunnel, connector)
+    frontend = HTTPFrontend(frontend_config(tunnel.config), {"agents": AgentChoice}, tunnel.reactor,  # type: ignore[dict-item]
+                            tunnel.clock, connector, filters=lambda _: [routing], error_response=openai_error)
+    return frontend, connector

@@ -4,7 +4,9 @@ The tunnel server: control, proxy and public ports of one C{tunnels:} entry.
   - L{ControlProtocol}: an agent logs in (API key), sends heartbeats and
     model updates, and receives C{request_new_proxy_conn}.
   - L{PublicProtocol} and L{ProxyProtocol} (L{rproxy.tunnel.streams}): a
-    user's connection and an agent's data connection, spliced.
+    user's connection and an agent's data connection, spliced; in
+    C{mode: http} the public port is an HTTP frontend whose upstream
+    connections are agents' data connections (L{rproxy.tunnel.httpmode}).
   - L{TunnelServer}: the three listeners and the tunnel's state; it drains
     on stop and takes configuration changes in place.
 
@@ -26,9 +28,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rproxy.admission import Admission
 from rproxy.events import HEARTBEATS
+from rproxy.http.frontend import HTTPFrontend
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.config import TunnelConfig
+from rproxy.tunnel.httpmode import AgentConnector, frontend_config, tunnel_frontend
 from rproxy.tunnel.registry import AgentSession, Pending, Registry, StaticKeys, TooManyPending
 from rproxy.tunnel.streams import ProxyProtocol, PublicProtocol, peer_address
 from rproxy.tunnel.wire import (
@@ -185,6 +190,18 @@ class ControlProtocol(Protocol):
             self.server.drop_session(self.session, "control connection closed")
 
 
+class _PublicLimits:
+    """
+    What admission reads of a mode tcp public port: no connection limit,
+    no queue, no idle timeout (a stream's ends decide).
+    """
+
+    max_connections = 0
+    queue_size = 0
+    queue_timeout = 0.0
+    idle_timeout = 0.0
+
+
 class _Factory(Factory):
     noisy = False
 
@@ -219,7 +236,9 @@ class TunnelServer:
         self.heartbeat_interval = heartbeat_interval
         self.registry = Registry(config.algorithm, config.max_pending, rng)
         self.ports: dict[str, IListeningPort] = {}
-        self.public_connections: set[PublicProtocol] = set()
+        # mode tcp: the public port's admission (no limits of its own: the
+        # drain and its grace period)
+        self.admission = Admission(f"tunnel {config.name}", _PublicLimits(), clock)
         self.streams_opened = 0
         self.streams_from_pool = 0
         self.streams_failed = 0
@@ -229,13 +248,24 @@ class TunnelServer:
         self.bytes_out = 0
         self.open_latencies: list[float] = []
         self._sweep: LoopingCall | None = None
-        self._drained: defer.Deferred[None] | None = None
         self.observe_open = lambda seconds: None
         self.events: Any = None  # rproxy.events.EventSink, with stores
+        # mode http: the public port's HTTP frontend and its agents connector
+        self.http: HTTPFrontend | None = None
+        self.connector: AgentConnector | None = None
+        if config.mode == "http":
+            self.http, self.connector = tunnel_frontend(self)
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def public_connections(self) -> set[PublicProtocol]:
+        """
+        The open public connections of mode tcp.
+        """
+        return self.admission.connections
 
     def _endpoint(self, listen: str, tls: bool) -> Any:
         if tls and self.config.tls is not None and listen.startswith("tcp:"):
@@ -253,8 +283,11 @@ class TunnelServer:
         ]
 
     async def _listen(self, role: str, listen: str, cls: type, tls: bool) -> bool:
+        factory: Any = _Factory(self, cls)
+        if role == "public" and self.http is not None:
+            factory = self.http
         try:
-            port = await self._endpoint(listen, tls).listen(_Factory(self, cls))
+            port = await self._endpoint(listen, tls).listen(factory)
         except Exception as e:  # noqa: BLE001 - reported, the rest still starts
             self.log.error("tunnel {tunnel}: cannot listen on {role} {listen}: {why}",
                            tunnel=self.name, role=role, listen=listen, why=e)
@@ -282,8 +315,13 @@ class TunnelServer:
         old, self.config = self.config, config
         self.registry.algorithm = config.algorithm
         self.registry.max_pending = config.max_pending
+        mode_changed = old.mode != config.mode
+        if mode_changed:
+            self.http, self.connector = tunnel_frontend(self) if config.mode == "http" else (None, None)
+        elif self.http is not None:
+            self.http.configure(frontend_config(config))
         for role, listen, cls, tls in self._roles(config):
-            same_address = listen == getattr(old, role)
+            same_address = listen == getattr(old, role) and not (role == "public" and mode_changed)
             if same_address and (not tls or old.tls == config.tls) and role in self.ports:
                 continue
             previous = self.ports.pop(role, None)
@@ -323,28 +361,12 @@ class TunnelServer:
         if self.public_connections:
             self.log.info("tunnel {tunnel}: draining {count} public connection(s) for up to {grace}s",
                           tunnel=self.name, count=len(self.public_connections), grace=grace)
-            drained: defer.Deferred[None] = defer.Deferred()
-            self._drained = drained
-
-            def grace_over() -> None:
-                if not drained.called:
-                    drained.callback(None)
-
-            timer = self.clock.callLater(grace, grace_over)
-            await drained
-            self._drained = None
-            if timer.active():
-                timer.cancel()
-            if self.public_connections:
-                self.log.info("tunnel {tunnel}: closing {count} public connection(s) left after {grace}s",
-                              tunnel=self.name, count=len(self.public_connections), grace=grace)
+        await defer.gatherResults([self.http.drain(grace) if self.http is not None else defer.succeed(None),
+                                   self.admission.drain(grace)])
         await self.stop()
 
     def public_ended(self, public: PublicProtocol) -> None:
-        self.public_connections.discard(public)
-        drained = self._drained
-        if drained is not None and not self.public_connections and not drained.called:
-            drained.callback(None)
+        self.admission.forget(public)
 
     def start_sweep(self) -> None:
         """
@@ -389,6 +411,8 @@ class TunnelServer:
         if current:
             self.log.info("tunnel {tunnel}: agent {agent} dropped: {why}",
                           tunnel=self.name, agent=session.agent_id, why=why)
+        if self.connector is not None:
+            self.connector.agent_gone(session)
         for stream in list(session.streams):
             stream.abort()
         session.streams.clear()
@@ -465,6 +489,11 @@ class TunnelServer:
             self.drop_session(session, "tunnel stopping")
         for public in list(self.public_connections):
             public.abort()
+        if self.http is not None:
+            for conn in list(self.http.connections):
+                conn.idle_abort()
+        if self.connector is not None:
+            self.connector.close()
 
     def agents(self) -> list[dict[str, Any]]:
         now = self.clock.seconds()

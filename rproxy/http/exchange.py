@@ -1,0 +1,575 @@
+"""
+One request and its response through the HTTP engine.
+
+The engine's part of an exchange: run the filters' phases (see
+L{rproxy.http.filters} for their contract), take a server slot in the
+chosen pool, take a connection to that server from the connector, send the
+rewritten head, stream the body both ways with backpressure, answer what
+goes wrong (502, 503, 504), retry what may be retried, and hand the
+upstream connection back for keep-alive.  Its lifecycle is the one
+C{state} field (L{rproxy.http.state}); the other fields are facts about
+the request, the response or the current attempt.
+
+Retries: an idempotent request not yet sent is retried on another server
+after a connect failure, and on a new connection after a reused one turned
+out to be closed, within C{retries} and the frontend's retry budget; after
+a refused connect any request is retried, outside the budget (nothing was
+sent).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer, error
+from twisted.python.failure import Failure
+
+from rproxy.http.headers import (
+    chunk,
+    finish_scanned_head,
+    request_head,
+    response_head,
+    scan_response_head,
+    server_host,
+)
+from rproxy.http.reader import RequestHead
+from rproxy.http.state import (
+    AWAITING,
+    CONNECTING,
+    DONE,
+    DUPLEX,
+    PICKING,
+    RESPONDING,
+    ROUTING,
+    SENDING,
+    SWITCHING,
+    UPGRADED,
+)
+from rproxy.http.upstream import PeerRefused
+from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
+from rproxy.shortage import is_local
+from rproxy.splice import splice_protocols
+
+if TYPE_CHECKING:
+    from rproxy.http.connection import HTTPConnection
+    from rproxy.http.upstream import UpstreamConnection
+
+__all__ = ["Exchange", "IDEMPOTENT"]
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_CHUNK_END = b"0\r\n\r\n"
+_NO_REMOVE: frozenset[bytes] = frozenset()
+
+
+class Exchange:
+    """
+    One request and its response.
+
+    @ivar state: where the exchange is (L{rproxy.http.state}).
+    @ivar pool: the pool the choose-upstream phase chose.
+    @ivar pinned: a server the request must go to (no other is tried).
+    @ivar prefer: a server to try first, if it has a slot.
+    @ivar key: the consistent-hash key, for hashing pools.
+    @ivar route: what a filter chose the pool by (filters' business).
+    @ivar notes: per-request values of filters (None until one needs it).
+    """
+
+    # slots, every one set in __init__: an exchange is made per request and
+    # its fields are read many times (a slot is the cheapest to read)
+    __slots__ = (
+        "client", "frontend", "head", "target", "tried", "started", "upstream", "server", "pool", "route",
+        "state", "close_delimited", "got_bytes", "producing", "batch", "deadline", "status", "notes",
+        "_pending", "_step", "attempts", "pinned", "prefer", "key", "framing", "keep_upstream", "upgrade_rest", "continued",
+        "delivered_before",
+    )
+
+    def __init__(self, client: HTTPConnection, head: RequestHead) -> None:
+        self.client = client
+        self.frontend = frontend = client.frontend
+        self.head = head
+        self.target = head.target
+        self.tried: list[str] = []
+        self.started = frontend.clock.seconds()
+        self.upstream: UpstreamConnection | None = None
+        self.server: Server | None = None
+        self.pool: Pool | None = None
+        self.route: Any = None
+        self.state = ROUTING
+        self.close_delimited = False  # the response's body ends with the connection
+        self.got_bytes = False  # the current attempt's server sent something
+        self.producing = False  # the upstream transport is the client's producer
+        # client writes made while one upstream read is parsed go out in one
+        # send(); flushed at the end of that read and before the exchange ends
+        self.batch: list[bytes] | None = None
+        self.deadline: float | None = None
+        self.status = 0
+        self.notes: dict[str, Any] | None = None
+        self._pending: defer.Deferred[Any] | None = None
+        self._step = 0  # the next request-phase filter (after a wait)
+        self.attempts = 0
+        self.pinned: str | None = None
+        self.prefer: str | None = None
+        self.key: bytes | None = None
+        self.framing = "none"
+        self.keep_upstream = False
+        self.upgrade_rest = b""
+        self.continued = False  # a 100 Continue went to the client (read_ahead)
+        self.delivered_before = client.delivered  # the response's bytes are what is added
+
+    # -- the filters' phases -----------------------------------------------
+
+    def begin(self) -> None:
+        """
+        Run the request phase, then choose the upstream.
+        """
+        if self.head.method == b"CONNECT":
+            self.fail(405, "CONNECT is not supported")
+            return
+        self._request_phase()
+
+    def _request_phase(self, _: object = None) -> None:
+        self._pending = None
+        if self.state is not ROUTING:
+            return  # answered (or abandoned) while a filter waited
+        chain = self.frontend.chain
+        filters = chain.request
+        step = self._step
+        while step < len(filters):
+            f = filters[step]
+            step += 1
+            waiting = f.request(self)
+            if self.state is not ROUTING:
+                return  # the filter answered
+            if waiting is not None:
+                self._step = step
+                self._pending = waiting
+                waiting.addCallback(self._request_phase)
+                waiting.addErrback(self._callback_failed, f.doing)
+                return
+        for f in chain.choose:
+            f.choose(self)
+            if self.state is not ROUTING:
+                return
+        if self.pool is None:
+            self.fail(404, "no route")
+            return
+        self.acquire()
+
+    # -- upstream ------------------------------------------------------------
+
+    def acquire(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        self.state = PICKING
+        if self.pinned is not None:
+            # through the pool, whose release wakes the requests waiting
+            # for a slot on it
+            server = pool.try_acquire_named(self.pinned)
+            if server is None:
+                named = next((s for s in pool.servers if s.name == self.pinned), None)
+                full = named is not None and named.usable(self.frontend.clock.seconds())
+                self.fail(503, f"server {self.pinned} is {'full' if full else 'not up'}", retry_after=True)
+                return
+            self.got_server(server)
+            return
+        if self.prefer is not None and not self.tried:
+            server = pool.try_acquire_named(self.prefer)
+            if server is not None:
+                self.got_server(server)
+                return
+        server = pool.try_acquire(self.key, self.tried)
+        if server is not None:
+            self.got_server(server)
+            return
+        d = pool.acquire(self.key, self.tried)
+        self._pending = d
+        d.addCallbacks(self.got_server, self.no_server)
+        d.addErrback(self._callback_failed, "choosing a server")
+
+    def no_server(self, reason: Failure) -> None:
+        self._pending = None
+        if reason.check(defer.CancelledError):
+            return
+        if reason.check(NoServerAvailable, QueueFull, QueueTimeout):
+            self.fail(503, reason.getErrorMessage(), retry_after=True)
+        else:
+            self.frontend.log.failure("choosing a server failed", reason)
+            self.fail(502, "no server")
+
+    def got_server(self, server: Server) -> None:
+        self._pending = None
+        if self.state is DONE:
+            assert self.pool is not None
+            self.pool.release(server)
+            return
+        self.server = server
+        self.tried.append(server.config.name)
+        self.attempts += 1
+        self.state = CONNECTING
+        upstreams = self.frontend.upstreams
+        idle = upstreams.take_idle(server)
+        if idle is not None:
+            self.connected(idle)
+            return
+        d = upstreams.get(server, self.pool, self.frontend.config.connect_timeout)
+        self._pending = d
+        d.addCallbacks(self.connected, self.connect_failed)
+        d.addErrback(self._callback_failed, "connecting to a server")
+
+    def connect_failed(self, reason: Failure) -> None:
+        self._pending = None
+        if reason.check(defer.CancelledError):
+            return
+        server, pool = self.server, self.pool
+        assert server is not None and pool is not None
+        self.server = None
+        if is_local(reason):
+            # our own shortage (descriptors, ...): not the server's fault,
+            # and another server would fail the same way
+            pool.release(server)
+            self.frontend.shortage_failed(reason)
+            if self.state is not DONE:
+                self.fail(502, "out of local resources")
+            return
+        pool.record_failure(server, reason.getErrorMessage())
+        pool.release(server)
+        self.frontend.connect_errors += 1
+        if self.state is DONE:
+            return
+        # a refused connect sent nothing: trying another server is safe
+        # whatever the method, and costs the refusing server nothing, so
+        # it takes no retry budget (HAProxy's and nginx's rule)
+        if (
+            (self.may_retry() if not reason.check(error.ConnectionRefusedError) else self.may_retry_refused())
+            and pool.any_up(self.tried)
+        ):
+            self.frontend.retries_total += 1
+            self.acquire()
+            return
+        self.fail(502, str(reason.value) if reason.check(PeerRefused) else f"cannot connect to {server.name}")
+
+    def may_retry(self) -> bool:
+        return (
+            self.pinned is None
+            and self.head.method in IDEMPOTENT
+            and not self.head.has_body
+            and self.attempts <= self.frontend.config.http.retries
+            and self.frontend.retry_budget_allows()
+        )
+
+    def may_retry_refused(self) -> bool:
+        return self.pinned is None and self.attempts <= self.frontend.config.http.retries
+
+    def connected(self, upstream: UpstreamConnection) -> None:
+        self._pending = None
+        server = self.server
+        assert server is not None and self.pool is not None
+        if not upstream.reused:
+            self.pool.record_success(server)
+        if self.state is DONE:
+            upstream.transport.loseConnection()  # type: ignore[union-attr]
+            self.release_server()
+            return
+        self.upstream = upstream
+        upstream.start(self)
+        head = self.head
+        frontend = self.frontend
+        set_headers: tuple[tuple[bytes, bytes], ...] = ()
+        remove = _NO_REMOVE
+        for f in frontend.chain.upstream_request:
+            set_headers, remove = f.upstream_request(self, set_headers, remove)
+        transport = upstream.transport
+        transport.write(request_head(  # type: ignore[union-attr]
+            head.method, self.target, head.headers, self.client.peer_ip, frontend.scheme, head.chunked,
+            head.content_length, head.upgrade,
+            server_host(server, self.pool.config.tls is not None) if frontend.host_is_server else None,
+            set_headers, remove,
+        ))
+        if frontend.response_timeout > 0:
+            self.deadline = frontend.deadline(frontend.response_timeout)
+        if head.has_body:
+            self.state = SENDING
+            client = self.client
+            if not self.continued and (head.header(b"expect") or b"").lower() == b"100-continue":
+                client.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+            transport.registerProducer(client.transport, True)  # type: ignore[union-attr]
+        else:
+            self.state = AWAITING
+        if self.upgrade_rest:
+            transport.write(self.upgrade_rest)  # type: ignore[union-attr]
+        if not self.client.pumping:
+            # (a pump up the stack, the common case, sees the body itself)
+            self.client.pump()
+
+    # -- request body ------------------------------------------------------
+
+    def send_body(self, data: bytes) -> None:
+        assert self.upstream is not None
+        self.upstream.transport.write(chunk(data) if self.head.chunked else data)  # type: ignore[union-attr]
+
+    def end_request(self) -> None:
+        """
+        The request's body has ended (SENDING -> AWAITING, DUPLEX -> RESPONDING).
+        """
+        state = self.state
+        if state is SENDING:
+            self.state = AWAITING
+        elif state is DUPLEX:
+            self.state = RESPONDING
+        upstream = self.upstream
+        if upstream is None:
+            return
+        if self.head.has_body:
+            upstream.transport.unregisterProducer()  # type: ignore[union-attr]
+        if self.head.chunked:
+            upstream.transport.write(_CHUNK_END)  # type: ignore[union-attr]
+
+    # -- response side -----------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        batch = self.batch
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.client.transport.write(data)  # type: ignore[union-attr]
+
+    def flush(self) -> None:
+        batch, self.batch = self.batch, None
+        if batch:
+            self.client.transport.write(b"".join(batch))  # type: ignore[union-attr]
+
+    def response_head(self, upstream: UpstreamConnection, status: int, raw_head: bytes, keep_alive: bool) -> None:
+        if status == 101 and not self.head.upgrade:
+            self.upstream_failed("101 Switching Protocols to a request that did not ask", invalid=True)
+            return
+        self.deadline = None
+        self.status = status
+        if status == 101:
+            self.state = SWITCHING  # the head goes out in switch_protocols
+            return
+        self.state = RESPONDING if self.state is AWAITING else DUPLEX
+        head = self.head
+        line, block, has_length, encoded = scan_response_head(raw_head)
+        # (interim answers never get here: on_headers_complete passes them on)
+        no_body = status == 204 or status == 304 or head.method == b"HEAD"
+        if no_body:
+            framing = "none"
+        elif has_length:
+            framing = "length"
+        elif encoded:
+            framing = "chunked" if head.version != (1, 0) else "close"
+        else:
+            self.close_delimited = True
+            framing = "chunked" if head.version != (1, 0) else "close"
+        self.framing = framing
+        self.keep_upstream = keep_alive and not self.close_delimited and not head.suspicious_body
+        client = self.client
+        close = not head.keep_alive or framing == "close" or client.closing_after_response
+        client.closing_after_response = close
+        extra: list[tuple[bytes, bytes]] = []
+        for f in self.frontend.chain.response:
+            f.response(self, extra)
+        self.write(finish_scanned_head(status, line, block, head.version, framing, close, False, extra))
+        if no_body:
+            # llhttp does not know this response has no body (HEAD): it is
+            # complete now; any byte that follows is an error
+            self.response_end()
+
+    def response_body(self, data: bytes) -> None:
+        if self.state >= UPGRADED:
+            return
+        self.client.delivered += len(data)
+        framing = self.framing
+        if framing == "chunked":
+            self.write(chunk(data))
+        elif framing != "none":
+            self.write(data)
+
+    def response_end(self) -> None:
+        state = self.state
+        if state >= SWITCHING:
+            return
+        self.deadline = None
+        if self.producing:
+            self.producing = False
+            self.client.transport.unregisterProducer()  # type: ignore[union-attr]
+            self.client.gate()
+        if self.framing == "chunked":
+            self.write(_CHUNK_END)
+        self.flush()
+        if state is DUPLEX:
+            # the server answered before the request body ended: do not
+            # reuse that connection, and stop reading the client
+            self.keep_upstream = False
+            self.client.closing_after_response = True
+        self.complete()
+
+    def switch_protocols(self, rest: bytes) -> None:
+        """
+        101 from the server: the one splice joins the two connections from
+        now on (SWITCHING -> UPGRADED).
+        """
+        upstream, client = self.upstream, self.client
+        assert upstream is not None
+        self.flush()
+        if self.state is not SWITCHING:
+            self.upstream_failed("unexpected protocol switch", invalid=True)
+            return
+        self.deadline = None
+        self.state = UPGRADED
+        line, block, _, _ = scan_response_head(upstream.head, upgrade=True)
+        head = finish_scanned_head(101, line, block, version=(1, 1), framing="none", upgrade=True)
+        client.transport.write(head)  # type: ignore[union-attr]
+        if rest:
+            client.delivered += len(rest)
+            client.transport.write(rest)  # type: ignore[union-attr]
+        if self.head.has_body:
+            upstream.transport.unregisterProducer()  # type: ignore[union-attr]
+        client.ungate()
+        upstream.parser = None  # (it calls back the connection: no cycle left)
+        splice_protocols(client, upstream)
+        client.upgraded(self)
+        self.frontend.count(self)
+
+    # -- endings -----------------------------------------------------------
+
+    def complete(self) -> None:
+        """
+        The response has ended (or a filter answered): -> DONE.
+        """
+        if self.state is DONE:
+            return
+        request_done = self.state is RESPONDING or self.state is ROUTING
+        self.state = DONE
+        frontend = self.frontend
+        now = frontend.clock.seconds()
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            if self.keep_upstream and request_done and not upstream.lost:
+                frontend.upstreams.put(upstream, now)
+            else:
+                upstream.exchange = None
+                upstream.transport.loseConnection()  # type: ignore[union-attr]
+        self.release_server(ok=self.status < 500)
+        frontend.count(self, now)
+        self.client.exchange_done(self, now)
+
+    def answer(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """
+        A filter answers the request itself with a bodiless response, and
+        the connection stays open for the next (ROUTING -> DONE).
+        """
+        self.status = status
+        close = not self.head.keep_alive or self.client.closing_after_response
+        self.client.transport.write(response_head(  # type: ignore[union-attr]
+            status, reason, headers, version=self.head.version, framing="none", close=close))
+        self.complete()
+
+    def release_server(self, ok: bool | None = None) -> None:
+        """
+        Give back the server slot; C{ok} False (a 5xx answer) or True (any
+        other) feeds passive outlier ejection, None leaves it alone.
+        """
+        server, pool = self.server, self.pool
+        self.server = None
+        if server is not None and pool is not None:
+            if ok is False:
+                pool.record_failure(server, f"answered {self.status}")
+            elif ok:
+                pool.record_success(server)
+            pool.release(server)
+
+    def _drop_upstream(self) -> UpstreamConnection | None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.exchange = None
+            if not upstream.lost:
+                upstream.transport.abortConnection()  # type: ignore[union-attr]
+        return upstream
+
+    def _callback_failed(self, reason: Failure, what: str) -> None:
+        """
+        What a callback of a filter's wait, a server pick or a connect
+        raised (a bug): one line in the log, the exchange's resources given
+        back, and the client answered 502 (or cut, if its answer had begun).
+        """
+        self._pending = None
+        if self.state is DONE and reason.check(defer.CancelledError):
+            return  # the exchange ended while this waited (fail, abandon)
+        self.frontend.log.error(
+            "frontend {frontend}: {what} failed: {why}",
+            frontend=self.frontend.name, what=what, why=f"{reason.type.__name__}: {reason.getErrorMessage()}",
+        )
+        self._drop_upstream()
+        self.release_server()
+        if self.state < DUPLEX:
+            self.fail(502, f"internal error {what}")
+            return
+        self.state = DONE
+        if not self.client.lost:
+            self.client.abort()
+
+    def upstream_failed(self, why: str, invalid: bool = False) -> None:
+        self.flush()
+        if self.state is DONE:
+            return
+        server, pool = self.server, self.pool
+        self.deadline = None
+        upstream = self._drop_upstream()
+        if self.state >= DUPLEX:
+            # the head is out: all the client can be told is a cut
+            self.state = DONE
+            self.release_server()
+            self.frontend.count(self)
+            self.client.abort()
+            return
+        retry = upstream is not None and upstream.reused and not self.got_bytes and self.may_retry()
+        if server is not None and pool is not None:
+            pool.release(server)
+            self.server = None
+            if not retry:
+                pool.record_failure(server, why)
+        if retry:
+            # a kept-alive connection the server had closed: try a fresh one
+            self.frontend.retries_total += 1
+            self.tried = self.tried[:-1]
+            self.got_bytes = False
+            self.acquire()
+            return
+        self.fail(502, f"upstream: {why}")
+
+    def timed_out(self) -> None:
+        self.deadline = None
+        self._drop_upstream()
+        self.release_server()
+        self.fail(504, f"no response within {self.frontend.config.http.response_timeout}s")
+
+    def fail(self, status: int, message: str, retry_after: bool = False) -> None:
+        """
+        Answer the client with an error and close its connection (-> DONE).
+        """
+        if self.state is DONE and status != 504:
+            return
+        self.state = DONE
+        self.status = status
+        self.deadline = None
+        if self._pending is not None:
+            d, self._pending = self._pending, None
+            d.cancel()
+        self.frontend.count(self)
+        self.client.send_error(status, message, retry_after)
+
+    def abandon(self) -> None:
+        """
+        The client went away (-> DONE).
+        """
+        if self.state is DONE:
+            return
+        self.state = DONE
+        self.deadline = None
+        if self._pending is not None:
+            d, self._pending = self._pending, None
+            d.cancel()
+        self._drop_upstream()
+        self.release_server()
