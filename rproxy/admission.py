@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
-__all__ = ["Admission", "ConnectionLimit", "IAdmitted"]
+__all__ = ["Admission", "AdmittedFigures", "ConnectionLimit", "IAdmitted"]
 
 
 class ConnectionLimit:
@@ -243,3 +243,45 @@ class Admission:
             )
         for conn in list(self.connections):
             conn.idle_abort()
+
+
+class AdmittedFigures:
+    """
+    A frontend's admission figures, read as the frontend's own by the
+    service, the admin pages and the metrics; the frontend holds its
+    L{Admission} in C{admission} (composition: these only read through).
+    """
+
+    admission: Admission
+
+    @property
+    def limit(self) -> ConnectionLimit:
+        return self.admission.limit
+
+    @property
+    def connections(self) -> set[Any]:
+        return self.admission.connections
+
+    @property
+    def waiting(self) -> collections.deque[Any]:
+        return self.admission.waiting
+
+    @property
+    def active(self) -> int:
+        return self.admission.active
+
+    @property
+    def total(self) -> int:
+        return self.admission.total
+
+    @property
+    def refused_total(self) -> int:
+        return self.admission.refused_total
+
+    @property
+    def idle_closed(self) -> int:
+        return self.admission.idle_closed
+
+    @property
+    def accepting(self) -> bool:
+        return self.admission.accepting

@@ -15,15 +15,13 @@ reload or a shutdown can drain them.
 
 from __future__ import annotations
 
-import collections
-
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rproxy.admission import Admission, ConnectionLimit
+from rproxy.admission import Admission, AdmittedFigures, ConnectionLimit
 from rproxy.config import FrontendConfig
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
 from rproxy.shortage import ShortageLog, is_local
@@ -264,7 +262,7 @@ class ClientConnection(EarlyDataEnd):
                 end.transport.abortConnection()  # type: ignore[union-attr]
 
 
-class TCPFrontend(Factory):
+class TCPFrontend(AdmittedFigures, Factory):
     """
     The factory of one C{protocol: tcp} frontend; its admission (limits,
     queue, idle sweep, drain) is an L{Admission} it owns.
@@ -291,8 +289,6 @@ class TCPFrontend(Factory):
         self.closed_bytes_in = 0
         self.closed_bytes_out = 0
 
-    # -- what admission keeps, read by the service, admin and metrics ------
-
     @property
     def config(self) -> FrontendConfig:
         return self.admission.config  # type: ignore[no-any-return]
@@ -304,38 +300,6 @@ class TCPFrontend(Factory):
     @property
     def name(self) -> str:
         return self.config.name
-
-    @property
-    def limit(self) -> ConnectionLimit:
-        return self.admission.limit
-
-    @property
-    def connections(self) -> set[ClientConnection]:
-        return self.admission.connections
-
-    @property
-    def waiting(self) -> collections.deque[ClientConnection]:
-        return self.admission.waiting
-
-    @property
-    def active(self) -> int:
-        return self.admission.active
-
-    @property
-    def total(self) -> int:
-        return self.admission.total
-
-    @property
-    def refused_total(self) -> int:
-        return self.admission.refused_total
-
-    @property
-    def idle_closed(self) -> int:
-        return self.admission.idle_closed
-
-    @property
-    def accepting(self) -> bool:
-        return self.admission.accepting
 
     def shortage_failed(self, reason: Failure) -> None:
         """

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from rproxy.admission import Admission, ConnectionLimit
+from rproxy.admission import Admission, AdmittedFigures, ConnectionLimit
 from rproxy.http.accesslog import AccessLogFile
 from rproxy.http.connection import HTTPConnection
 from rproxy.http.exchange import Exchange
@@ -97,7 +97,7 @@ def default_filters(frontend: HTTPFrontend) -> list[Filter]:
 
 
 @implementer(IProtocolNegotiationFactory)
-class HTTPFrontend(Factory):
+class HTTPFrontend(AdmittedFigures, Factory):
     """
     The factory of one C{protocol: http} frontend.  Admission (limits,
     queue, idle sweep, drain) is an L{Admission} it owns, as the TCP
@@ -183,40 +183,6 @@ class HTTPFrontend(Factory):
     @property
     def name(self) -> str:
         return self.config.name  # type: ignore[no-any-return]
-
-    # -- what admission keeps, read by the service, admin and metrics ------
-
-    @property
-    def limit(self) -> ConnectionLimit:
-        return self.admission.limit
-
-    @property
-    def connections(self) -> set[HTTPConnection]:
-        return self.admission.connections
-
-    @property
-    def waiting(self) -> collections.deque[HTTPConnection]:
-        return self.admission.waiting
-
-    @property
-    def active(self) -> int:
-        return self.admission.active
-
-    @property
-    def total(self) -> int:
-        return self.admission.total
-
-    @property
-    def refused_total(self) -> int:
-        return self.admission.refused_total
-
-    @property
-    def idle_closed(self) -> int:
-        return self.admission.idle_closed
-
-    @property
-    def accepting(self) -> bool:
-        return self.admission.accepting
 
     # -- connections -------------------------------------------------------
 
