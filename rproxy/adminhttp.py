@@ -155,6 +155,20 @@ def json_response(request: Request, status: int, body: Any) -> bytes:
     return json.dumps(body, indent=2, sort_keys=True).encode("utf-8") + b"\n"
 
 
+def refuse_unless_read(request: Request, subpaths: bool = False) -> bytes | None:
+    """
+    The JSON refusal of a request a read-only page does not answer: 405
+    for a method other than GET and HEAD, 404 for a path below the page
+    (unless C{subpaths}); None when the page should answer.
+    """
+    if request.method not in (b"GET", b"HEAD"):
+        request.setHeader(b"allow", b"GET, HEAD")
+        return json_response(request, 405, {"error": "method not allowed"})
+    if not subpaths and request.postpath not in ([], [b""]):
+        return json_response(request, 404, {"error": "not found"})
+    return None
+
+
 class Leaf(Resource):
     isLeaf = True
 
@@ -163,11 +177,9 @@ class Leaf(Resource):
         self.service = service
 
     def render(self, request: Request) -> bytes:
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return json_response(request, 405, {"error": "method not allowed"})
-        if request.postpath not in ([], [b""]):
-            return json_response(request, 404, {"error": "not found"})
+        refused = refuse_unless_read(request)
+        if refused is not None:
+            return refused
         return self.render_get(request)
 
     def render_get(self, request: Request) -> bytes:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from rproxy.adminhttp import ApiError, ApiLeaf, finish, json_body, json_response
+from rproxy.adminhttp import ApiError, ApiLeaf, finish, json_body, json_response, refuse_unless_read
 from rproxy.pool import AdminError
 
 if TYPE_CHECKING:
@@ -91,9 +91,9 @@ class UIFiles(Resource):
         self.files = files
 
     def render(self, request: Request) -> bytes:
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return json_response(request, 405, {"error": "method not allowed"})
+        refused = refuse_unless_read(request, subpaths=True)
+        if refused is not None:
+            return refused
         path = [p for p in request.postpath or () if p]
         name = path[0] if len(path) == 1 else b"index.html" if not path else b""
         found = self.files.get(name)
@@ -119,9 +119,9 @@ class ApiIndex(Resource):
         self.service = service
 
     def render(self, request: Request) -> bytes:
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return json_response(request, 405, {"error": "method not allowed"})
+        refused = refuse_unless_read(request, subpaths=True)
+        if refused is not None:
+            return refused
         return json_response(request, 200, {
             "version": "v1",
             "auth": "Authorization: Bearer <admin.api_key> (when admin.api_key is set)",

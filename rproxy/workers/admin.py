@@ -25,7 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from rproxy.admin import AdminRoot
-from rproxy.adminhttp import AdminSite
+from rproxy.adminhttp import AdminSite, refuse_unless_read
 from rproxy.workers.merge import merge_health, merge_pools, sum_metrics
 
 if TYPE_CHECKING:
@@ -44,11 +44,9 @@ class _Merged(Resource):
         self.master = master
 
     def render(self, request: Request) -> Any:
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return _json(request, 405, {"error": "method not allowed"})
-        if request.postpath not in ([], [b""]):
-            return _json(request, 404, {"error": "not found"})
+        refused = refuse_unless_read(request)
+        if refused is not None:
+            return refused
         d = defer.Deferred.fromCoroutine(self.answer())
 
         def send(result: tuple[int, bytes, bytes]) -> None:
@@ -96,13 +94,6 @@ def _body(status: int, body: Any) -> tuple[int, bytes, bytes]:
     import json
 
     return status, b"application/json", json.dumps(body, indent=2, sort_keys=True).encode("utf-8") + b"\n"
-
-
-def _json(request: Request, status: int, body: Any) -> bytes:
-    status, content_type, data = _body(status, body)
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", content_type)
-    return data
 
 
 class MergedReadyz(_Merged):
