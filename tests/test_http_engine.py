@@ -456,3 +456,76 @@ class CompositionTests(SynchronousTestCase):
         conn, _ = e.client()
         self.assertEqual((e.frontend.active, e.frontend.total, len(e.frontend.connections)), (1, 1, 1))
         self.assertIn(conn, e.frontend.admission.connections)
+
+
+class AttemptRecorder(Filter):
+    """Takes part in the attempt phases only, recording them."""
+
+    def __init__(self, record: list[tuple[Any, ...]]) -> None:
+        self.record = record
+
+    def attempt(self, exchange: Any, server: Any) -> None:
+        self.record.append(("attempt", server.name, exchange.attempts))
+
+    def attempt_end(self, exchange: Any, server: Any, outcome: int | str) -> None:
+        self.record.append(("attempt_end", server.name, outcome))
+
+
+class AttemptPhaseTests(SynchronousTestCase):
+    """
+    The attempt phases: one C{attempt} and exactly one C{attempt_end} per
+    upstream attempt, retries included, with the outcome.
+    """
+
+    def engine(self) -> tuple[Engine, list[tuple[Any, ...]]]:
+        e = Engine()
+        attempts: list[tuple[Any, ...]] = []
+        e.frontend.chain = Chain([*e.filters, AttemptRecorder(attempts)])
+        return e, attempts
+
+    def test_answered(self) -> None:
+        """An answered request: its attempt ends with the status."""
+        e, attempts = self.engine()
+        conn, _ = e.client()
+        conn.dataReceived(GET)
+        self.assertEqual(attempts, [("attempt", "s0", 1)])
+        e.connector.connect().dataReceived(OK)
+        self.assertEqual(attempts, [("attempt", "s0", 1), ("attempt_end", "s0", 200)])
+
+    def test_retry_after_a_closed_kept_connection(self) -> None:
+        """A reused connection found closed ends one attempt; the retry is a second."""
+        e, attempts = self.engine()
+        conn, _ = e.client()
+        conn.dataReceived(GET)
+        e.connector.connect().dataReceived(OK)
+        conn.dataReceived(GET)
+        reused = conn.exchange.upstream
+        attempts.clear()
+        reused.connectionLost(Failure(error.ConnectionDone()))
+        e.connector.connect().dataReceived(OK)
+        self.assertEqual([a[:2] for a in attempts], [
+            ("attempt_end", "s0"), ("attempt", "s0"), ("attempt_end", "s0")])
+        self.assertTrue(attempts[0][2].startswith("upstream: "), attempts[0])
+        self.assertEqual(attempts[1][2], 2)
+        self.assertEqual(attempts[2][2], 200)
+
+    def test_connect_failed(self) -> None:
+        """A failed connect ends the attempt with its reason."""
+        e, attempts = self.engine()
+        conn, client = e.client()
+        conn.dataReceived(b"POST /x HTTP/1.1\r\nHost: e\r\nContent-Length: 1\r\n\r\nx")
+        _, _, d = e.connector.pending.pop(0)
+        d.errback(Failure(error.TimeoutError()))
+        self.assertEqual(len(attempts), 2)
+        self.assertEqual(attempts[1][:2], ("attempt_end", "s0"))
+        self.assertTrue(attempts[1][2].startswith("connect: "), attempts[1])
+        self.assertIn(b"502", client.value())
+
+    def test_client_gone(self) -> None:
+        """A client that goes away mid-attempt ends it as aborted."""
+        e, attempts = self.engine()
+        conn, _ = e.client()
+        conn.dataReceived(GET)
+        e.connector.connect()
+        conn.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(attempts, [("attempt", "s0", 1), ("attempt_end", "s0", "aborted")])

@@ -206,6 +206,8 @@ class Exchange:
         self.tried.append(server.config.name)
         self.attempts += 1
         self.state = CONNECTING
+        for f in self.frontend.chain.attempt:
+            f.attempt(self, server)
         upstreams = self.frontend.upstreams
         idle = upstreams.take_idle(server)
         if idle is not None:
@@ -223,6 +225,7 @@ class Exchange:
         server, pool = self.server, self.pool
         assert server is not None and pool is not None
         self.server = None
+        self._attempt_over(server, f"connect: {reason.getErrorMessage()}")
         if is_local(reason):
             # our own shortage (descriptors, ...): not the server's fault,
             # and another server would fail the same way
@@ -466,19 +469,26 @@ class Exchange:
             status, reason, headers, version=self.head.version, framing="none", close=close))
         self.complete()
 
-    def release_server(self, ok: bool | None = None) -> None:
+    def release_server(self, ok: bool | None = None, outcome: int | str | None = None) -> None:
         """
-        Give back the server slot; C{ok} False (a 5xx answer) or True (any
-        other) feeds passive outlier ejection, None leaves it alone.
+        Give back the server slot, which ends the current attempt (its
+        C{outcome}: the response's status by default, "aborted" if none
+        came); C{ok} False (a 5xx answer) or True (any other) feeds passive
+        outlier ejection, None leaves it alone.
         """
         server, pool = self.server, self.pool
         self.server = None
         if server is not None and pool is not None:
+            self._attempt_over(server, outcome if outcome is not None else (self.status or "aborted"))
             if ok is False:
                 pool.record_failure(server, f"answered {self.status}")
             elif ok:
                 pool.record_success(server)
             pool.release(server)
+
+    def _attempt_over(self, server: Server, outcome: int | str) -> None:
+        for f in self.frontend.chain.attempt_end:
+            f.attempt_end(self, server, outcome)
 
     def _drop_upstream(self) -> UpstreamConnection | None:
         upstream, self.upstream = self.upstream, None
@@ -520,12 +530,13 @@ class Exchange:
         if self.state >= DUPLEX:
             # the head is out: all the client can be told is a cut
             self.state = DONE
-            self.release_server()
+            self.release_server(outcome=f"upstream: {why}")
             self.frontend.count(self)
             self.client.abort()
             return
         retry = upstream is not None and upstream.reused and not self.got_bytes and self.may_retry()
         if server is not None and pool is not None:
+            self._attempt_over(server, f"upstream: {why}")
             pool.release(server)
             self.server = None
             if not retry:
@@ -542,7 +553,7 @@ class Exchange:
     def timed_out(self) -> None:
         self.deadline = None
         self._drop_upstream()
-        self.release_server()
+        self.release_server(outcome="timeout")
         self.fail(504, f"no response within {self.frontend.config.http.response_timeout}s")
 
     def fail(self, status: int, message: str, retry_after: bool = False) -> None:

@@ -17,6 +17,13 @@ contract:
     C{prefer} (a server to try first), C{key} (the consistent-hash key),
     C{target} (the target sent on), C{route} (what chose it).  May answer
     like C{request}.  No pool after this phase is a 404.
+  - C{attempt(exchange, server) -> None}: an upstream attempt begins: the
+    server is chosen (C{exchange.attempts} counts this one); a connection
+    to it is taken next.  Called once per attempt, retries included.
+  - C{attempt_end(exchange, server, outcome) -> None}: that attempt is
+    over; C{outcome} is the response's status (an int) if a response head
+    came, else a short reason (a str: "connect: ...", "upstream: ...",
+    "timeout", "aborted").  Called exactly once per C{attempt}.
   - C{upstream_request(exchange, set_headers, remove) -> (set_headers,
     remove)}: the head about to be sent to the server: return the header
     fields to set (a tuple of (name, value)) and the lowercase names to
@@ -41,7 +48,7 @@ from typing import Any
 
 __all__ = ["Filter", "Chain", "PHASES"]
 
-PHASES = ("request", "choose", "upstream_request", "response", "log", "closed")
+PHASES = ("request", "choose", "attempt", "attempt_end", "upstream_request", "response", "log", "closed")
 
 
 class Filter:
@@ -57,6 +64,12 @@ class Filter:
         return None
 
     def choose(self, exchange: Any) -> None:
+        pass
+
+    def attempt(self, exchange: Any, server: Any) -> None:
+        pass
+
+    def attempt_end(self, exchange: Any, server: Any, outcome: int | str) -> None:
         pass
 
     def upstream_request(self, exchange: Any, set_headers: tuple[tuple[bytes, bytes], ...],
