@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-__all__ = ["CIDRSet", "parse_network"]
+__all__ = ["AccessList", "CIDRSet", "parse_network"]
 
 
 def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -68,3 +68,34 @@ class CIDRSet:
         value = int(ip)
         table = self._v4 if ip.version == 4 else self._v6
         return any(value & mask == net for net, mask in table)
+
+
+class AccessList:
+    """
+    A frontend's or route's C{allow}/C{deny} lists: an address is refused
+    if a C{deny} network holds it, or if there is an C{allow} list and
+    none of its networks holds it (deny wins, as in nginx and HAProxy's
+    usual C{tcp-request connection reject} pair).
+    """
+
+    __slots__ = ("allow", "deny")
+
+    def __init__(self, allow: CIDRSet, deny: CIDRSet) -> None:
+        self.allow = allow
+        self.deny = deny
+
+    def __repr__(self) -> str:
+        return f"AccessList(allow={self.allow!r}, deny={self.deny!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AccessList):
+            return NotImplemented
+        return (self.allow.networks, self.deny.networks) == (other.allow.networks, other.deny.networks)
+
+    def __hash__(self) -> int:
+        return hash((self.allow.networks, self.deny.networks))
+
+    def permits(self, address: str) -> bool:
+        if self.deny and address in self.deny:
+            return False
+        return not self.allow or address in self.allow

@@ -40,3 +40,54 @@ class CIDRSetTests(SynchronousTestCase):
     def test_host_bits_are_an_error(self) -> None:
         self.assertRaises(ValueError, parse_network, "10.0.0.1/8")
         self.assertRaises(ValueError, parse_network, "not-a-net")
+
+
+class AccessListTests(SynchronousTestCase):
+    def test_deny_wins(self) -> None:
+        from rproxy.cidr import AccessList
+
+        acl = AccessList(CIDRSet(["10.0.0.0/8"]), CIDRSet(["10.9.0.0/16"]))
+        self.assertTrue(acl.permits("10.1.2.3"))
+        self.assertFalse(acl.permits("10.9.2.3"))
+        self.assertFalse(acl.permits("192.0.2.1"))
+
+    def test_deny_only(self) -> None:
+        from rproxy.cidr import AccessList
+
+        acl = AccessList(CIDRSet(), CIDRSet(["192.0.2.0/24"]))
+        self.assertTrue(acl.permits("10.1.2.3"))
+        self.assertFalse(acl.permits("192.0.2.200"))
+
+
+class ConfigTests(SynchronousTestCase):
+    def frontend(self, **extra: object) -> dict[str, object]:
+        return {"name": "fe", "protocol": "http", "listen": "127.0.0.1:0", "backend": "be", **extra}
+
+    def load(self, frontend: dict[str, object]) -> object:
+        from rproxy.config import config_from_mapping
+
+        return config_from_mapping({
+            "admin": {"listen": None},
+            "backends": [{"name": "be", "servers": [{"address": "127.0.0.1:1"}]}],
+            "frontends": [frontend],
+        })
+
+    def test_frontend_and_route_lists(self) -> None:
+        config = self.load(self.frontend(
+            allow=["10.0.0.0/8", "::1"], deny=["10.9.0.0/16"],
+            routes=[{"path_prefix": "/admin", "backend": "be", "allow": ["127.0.0.1"]}]))
+        fe = config.frontends[0]
+        self.assertTrue(fe.access.permits("::1"))
+        self.assertFalse(fe.access.permits("10.9.0.1"))
+        self.assertFalse(fe.routes[0].access.permits("10.0.0.1"))
+        self.assertIsNone(self.load(self.frontend()).frontends[0].access)
+
+    def test_errors_name_the_key_path(self) -> None:
+        from rproxy.config import ConfigError
+
+        with self.assertRaises(ConfigError) as caught:
+            self.load(self.frontend(allow=["10.0.0.1/8", 7], deny="10.0.0.0/8"))
+        message = str(caught.exception)
+        self.assertIn("frontends[0].allow[0]", message)
+        self.assertIn("frontends[0].allow[1]", message)
+        self.assertIn("frontends[0].deny: expected a list", message)

@@ -15,7 +15,36 @@ from rproxy.config.reader import MISSING, Section
 from rproxy.config.sections import header_pairs
 from rproxy.config.values import brief
 
-__all__ = ["read_frontend", "read_frontend_tls", "read_http", "read_routes"]
+__all__ = ["read_access", "read_frontend", "read_frontend_tls", "read_http", "read_routes"]
+
+
+def read_access(section: Section) -> Any:
+    """
+    C{allow:} and C{deny:} lists of networks (C{10.0.0.0/8}, C{::1}):
+    an L{rproxy.cidr.AccessList}, or None when neither is given.
+    """
+    from rproxy.cidr import AccessList, CIDRSet, parse_network
+
+    lists: dict[str, list[Any]] = {"allow": [], "deny": []}
+    given = False
+    for key, nets in lists.items():
+        raw = section.raw(key)
+        if raw is MISSING or raw is None:
+            continue
+        given = True
+        if not isinstance(raw, list):
+            section.error(key, "expected a list of networks (10.0.0.0/8, 192.0.2.7, ::1)")
+            continue
+        for path, item in section.items(key):
+            try:
+                if not isinstance(item, str):
+                    raise ValueError(f"{brief(item)} is not a network")
+                nets.append(parse_network(item))
+            except ValueError as e:
+                section.errors.append(f"{path}: {e}")
+    if not given:
+        return None
+    return AccessList(CIDRSet(lists["allow"]), CIDRSet(lists["deny"]))
 
 
 def read_frontend_tls(section: Section) -> tuple[tuple[str, str], ...]:
@@ -48,6 +77,7 @@ def read_frontend(parent: Section, path: str, raw: object, global_: GlobalConfig
     http = read_http(section.section("http"))
     routes = read_routes(section, protocol)
     tls = read_frontend_tls(section)
+    access = read_access(section)
     frontend = FrontendConfig(
         name=name or "",
         listen=section.value("listen", listen),
@@ -63,6 +93,7 @@ def read_frontend(parent: Section, path: str, raw: object, global_: GlobalConfig
         connect_timeout=section.value("connect_timeout", v.duration, global_.connect_timeout),
         idle_timeout=section.value("idle_timeout", v.duration, global_.idle_timeout),
         token_pool=section.value("token_pool", v.name, None),
+        access=access,
     )
     if frontend.token_pool is not None and protocol != "http":
         section.error("token_pool", "token pools need protocol: http")
@@ -144,8 +175,9 @@ def read_routes(section: Section, protocol: str) -> tuple[Any, ...]:
         host = route.value("host", v.text, None)
         prefix = route.value("path_prefix", v.url_path, None)
         backend = route.value("backend", v.name)
+        access = read_access(route)
         route.finish()
         if backend:
             routes.append(Route(backend=backend, host=host, path_prefix=prefix,
-                                set_headers=pairs, remove_headers=tuple(remove)))
+                                set_headers=pairs, remove_headers=tuple(remove), access=access))
     return tuple(routes)

@@ -163,6 +163,8 @@ class FrontendConfig:
     # others chosen by SNI
     tls: tuple[tuple[str, str], ...] = ()
     token_pool: str | None = None
+    # allow/deny lists (rproxy.cidr.AccessList), None: everyone
+    access: Any = None
 
     @property
     def access_log(self) -> str:

@@ -32,6 +32,7 @@ class Route:
     path_prefix: str | None = None
     set_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
+    access: object = None  # allow/deny lists (rproxy.cidr.AccessList), None: everyone
 
 
 class Rule:
