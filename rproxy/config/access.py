@@ -302,9 +302,9 @@ def _read_redirect(section: Section, route: bool) -> RedirectConfig | None:
 
 
 def _status(value: object) -> int:
-    if isinstance(value, bool) or value not in REDIRECT_STATUSES:
-        raise ValueError(f"{brief(value)} is not one of {', '.join(map(str, REDIRECT_STATUSES))}")
-    return value  # type: ignore[return-value]
+    if isinstance(value, int) and not isinstance(value, bool) and value in REDIRECT_STATUSES:
+        return value
+    raise ValueError(f"{brief(value)} is not one of {', '.join(map(str, REDIRECT_STATUSES))}")
 
 
 def _location(value: object) -> str:
