@@ -162,6 +162,22 @@ class TrustedProxyTests(SynchronousTestCase):
         self.assertEqual(conn.exchange.client_host, "203.0.113.9")
         self.assertIn(b"\r\nX-Forwarded-For: 203.0.113.9, 10.9.9.9, 10.0.0.7\r\n", proxy.upstream_head())
 
+    def test_remembered(self) -> None:
+        """
+        The client a proxy's X-Forwarded-For names is remembered for the
+        next request with the same field (a short one only), and a long
+        chain is walked all the same.
+        """
+        proxy = Proxy({"trusted_proxies": ["10.0.0.0/8"]})
+        for _ in range(2):
+            conn, _ = proxy.send(b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n")
+            self.assertEqual(conn.exchange.client_host, "203.0.113.9")
+        chain = b", ".join(b"10.1.1.%d" % i for i in range(40))
+        conn, _ = proxy.send(b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 198.51.100.1, " + chain + b"\r\n\r\n")
+        self.assertEqual(conn.exchange.client_host, "198.51.100.1")
+        (filter_,) = [f for f in proxy.frontend.chain.request if type(f).__name__ == "ClientAddress"]
+        self.assertEqual(list(filter_._clients.values()), ["203.0.113.9"])
+
     def test_untrusted_peer(self) -> None:
         """
         Any other peer's X-Forwarded-For is replaced by the peer's address,
@@ -233,6 +249,18 @@ class AccessTests(SynchronousTestCase):
         self.assertEqual(len(proxy.connector.pending), 1)
         _, transport = proxy.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", peer="192.0.2.1")
         self.assertRefused(proxy, transport, "192.0.2.1", proxied=1)
+
+    def test_verdicts_bounded(self) -> None:
+        """
+        The frontend list's answers are remembered per address, at most
+        4096 of them.
+        """
+        proxy = Proxy({"allow": ["10.0.0.0/8"]})
+        (access,) = [f for f in proxy.frontend.chain.request if type(f).__name__ == "AccessFilter"]
+        for i in range(5000):
+            proxy.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", peer=f"10.0.{i // 256}.{i % 256}")
+        self.assertEqual(len(access._verdicts), 5000 - 4096)
+        self.assertEqual(len(proxy.connector.pending), 5000)
 
     def test_route_lists(self) -> None:
         """

@@ -24,6 +24,9 @@ from rproxy.http.routes import RouteTable
 __all__ = ["ClientAddress", "AccessFilter", "forwarded_client", "route_of"]
 
 _XFF = frozenset({b"x-forwarded-for"})
+_VERDICTS = 4096
+# the longest X-Forwarded-For whose answer is remembered (4096 of them: 1 MiB)
+_CACHED_FIELDS = 256
 
 
 def route_of(routes: RouteTable, exchange: Any) -> Any:
@@ -79,13 +82,28 @@ class ClientAddress(Filter):
 
     def __init__(self, trusted: CIDRSet) -> None:
         self.trusted = trusted
+        # (peer, fields) -> client: a proxy's clients come back; bounded
+        self._clients: dict[tuple[str, tuple[bytes, ...]], str] = {}
 
     def request(self, exchange: Any) -> None:
-        if exchange.client.peer_host not in self.trusted:
+        peer = exchange.client.peer_host
+        if peer not in self.trusted:
             return
-        values = [value for name, value in exchange.head.headers if name.lower() == b"x-forwarded-for"]
-        if values:
-            exchange.client_host = forwarded_client(exchange.client.peer_host, values, self.trusted)
+        values = tuple(value for name, value in exchange.head.headers if name.lower() == b"x-forwarded-for")
+        if not values:
+            return
+        if sum(map(len, values)) > _CACHED_FIELDS:
+            # (a long chain, rare: not worth keeping)
+            exchange.client_host = forwarded_client(peer, list(values), self.trusted)
+            return
+        clients = self._clients
+        key = (peer, values)
+        client = clients.get(key)
+        if client is None:
+            if len(clients) >= _VERDICTS:
+                clients.clear()
+            client = clients[key] = forwarded_client(peer, list(values), self.trusted)
+        exchange.client_host = client
 
     def upstream_request(self, exchange: Any, set_headers: Any, remove: Any) -> Any:
         if exchange.client.peer_host in self.trusted:
@@ -104,6 +122,8 @@ class AccessFilter(Filter):
         self.access = access
         self.routes = routes
         self.by_route = any(rule.access is not None for rule in routes.routes)
+        # the frontend list's answer per address (clients come back); bounded
+        self._verdicts: dict[str, bool] = {}
 
     @staticmethod
     def wanted(access: AccessList | None, routes: RouteTable) -> bool:
@@ -112,9 +132,16 @@ class AccessFilter(Filter):
     def request(self, exchange: Any) -> None:
         address = exchange.client_host
         access = self.access
-        if access is not None and not access.permits(address):
-            self._refuse(exchange, address)
-            return
+        if access is not None:
+            verdicts = self._verdicts
+            permitted = verdicts.get(address)
+            if permitted is None:
+                if len(verdicts) >= _VERDICTS:
+                    verdicts.clear()
+                permitted = verdicts[address] = access.permits(address)
+            if not permitted:
+                self._refuse(exchange, address)
+                return
         if self.by_route:
             rule = route_of(self.routes, exchange)
             if rule is not None and rule.access is not None and not rule.access.permits(address):
