@@ -653,8 +653,20 @@ class StickyCookieTests(SynchronousTestCase):
         written = b"".join(r[1] for r in proxy.record if r[0] == "client.write")
         self.assertIn(b"\r\nSet-Cookie: SRV=" + sid + b"; Path=/; HttpOnly; SameSite=Lax\r\n", written)
         self.assertNotIn(b"127.0.0.1", sid)
-        sticky = StickyCookie(b"SRV", b"k", secure=True)
-        self.assertEqual(sticky.attributes, b"; Path=/; HttpOnly; SameSite=Lax; Secure")
+
+    def test_secure_on_tls(self) -> None:
+        """
+        On a TLS frontend the cookie is also Secure.
+        """
+        from tests.support import self_signed_pem
+
+        pem = self.mktemp()
+        self_signed_pem(pem)
+        proxy = Proxy({"tls": {"cert": pem, "key": pem}, "http": {"sticky_cookie": "SRV"}})
+        proxy.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        proxy.connector.connect().dataReceived(OK)
+        written = b"".join(r[1] for r in proxy.record if r[0] == "client.write")
+        self.assertIn(b"; Path=/; HttpOnly; SameSite=Lax; Secure\r\n", written)
 
     def test_prefer(self) -> None:
         """

@@ -120,7 +120,7 @@ class AuthFilter(Filter):
             self._unavailable(exchange, "API keys are not loaded yet")
             return None
         try:
-            presented = key.decode("ascii")
+            presented = key.decode("utf-8")
         except UnicodeDecodeError:
             self._refuse(exchange, method, "invalid API key")
             return None
