@@ -183,6 +183,14 @@ class StateCollector:
         idle = GaugeMetricFamily("rproxy_http_upstream_idle", "Idle keep-alive upstream connections")
         idle.add_metric([], service.upstreams.idle_count())
         yield from (requests, active_requests, retries, duration, upstream, idle)
+        refused_requests = CounterMetricFamily(
+            "rproxy_http_refused", "Requests refused by access policy (access: allow/deny, auth: no valid "
+            "credentials, auth_unavailable: could not check)", labels=["frontend", "reason"])
+        for frontend in service.all_frontends():
+            if isinstance(frontend, HTTPFrontend):
+                for why, count in sorted(frontend.refusals.items()):
+                    refused_requests.add_metric([frontend.name, why], count)
+        yield refused_requests
 
         from rproxy.tokenpool import WAIT_BUCKETS
 

@@ -34,6 +34,7 @@ from rproxy.http.frontend import HTTPFrontend
 from rproxy.http.upstream import UpstreamPool
 from rproxy.metrics import Metrics
 from rproxy.pool import Pool, Server
+from rproxy.store.auth import key_chain
 from rproxy.store.backends import LiveBackends
 from rproxy.store.manager import Stores
 from rproxy.tcp import ConnectionLimit, TCPFrontend
@@ -220,6 +221,10 @@ class RProxyService(MultiService):
                 self.log.warn("stores: changes to stores: take effect after a restart")
             self.stores.keys.static = keys
             keys = self.stores.keys
+        chain = key_chain(keys, self.clock)  # (auth: {api_keys: true} of HTTP frontends)
+        for frontend in self.frontends.values():
+            if isinstance(frontend, HTTPFrontend):
+                frontend.keys = chain
         wanted_tunnels = {t.name: t for t in new.tunnels}
         for name, tunnel in list(self.tunnels.items()):
             wanted_tunnel = wanted_tunnels.get(name)

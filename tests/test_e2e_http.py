@@ -448,27 +448,31 @@ class HTTPTests(HTTPHelpers, TestCase):
     async def test_sticky_cookie(self) -> None:
         """
         With sticky_cookie, the first response names its server in a cookie
-        and requests carrying it stay there while it is up.
+        (by an opaque id) and requests carrying it stay there while it is
+        up.
         """
         await self.start(n=3, http={"sticky_cookie": "RPSRV"})
         client = await connect(self.port)
         self.client_cleanup(client)
         client.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
         _, headers, _ = await self.response(client)
-        cookie = headers[b"set-cookie"].split(b";")[0]
-        name, _, server = cookie.partition(b"=")
+        cookie, _, attributes = headers[b"set-cookie"].partition(b";")
+        name, _, server_id = cookie.partition(b"=")
         self.assertEqual(name, b"RPSRV")
-        backend_of = {b"s0": b"b0", b"s1": b"b1", b"s2": b"b2"}
+        self.assertEqual(attributes, b" Path=/; HttpOnly; SameSite=Lax")
+        first = headers[b"x-backend"]
+        self.assertNotIn(b"127.0.0.1", server_id)
+        server_of = {b"b0": "s0", b"b1": "s1", b"b2": "s2"}
         for _ in range(6):
             client.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nCookie: a=1; " + cookie + b"\r\n\r\n")
             _, headers, _ = await self.response(client)
-            self.assertEqual(headers[b"x-backend"], backend_of[server])
+            self.assertEqual(headers[b"x-backend"], first)
             self.assertNotIn(b"set-cookie", headers)
         pool = self.service.pools["web"]
-        pool.set_up(next(s for s in pool.servers if s.name == server.decode()), False, "test")
+        pool.set_up(next(s for s in pool.servers if s.name == server_of[first]), False, "test")
         client.transport.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nCookie: " + cookie + b"\r\n\r\n")
         _, headers, _ = await self.response(client)
-        self.assertNotEqual(headers[b"x-backend"], backend_of[server])
+        self.assertNotEqual(headers[b"x-backend"], first)
         self.assertIn(b"set-cookie", headers)
 
     @async_test

@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from rproxy.config import values as v
+from rproxy.config.access import read_frontend_policy, read_route_policy
 from rproxy.config.endpoints import listen
 from rproxy.config.model import PROTOCOLS, FrontendConfig, GlobalConfig, HTTPOptions
 from rproxy.config.reader import MISSING, Section
@@ -94,6 +95,7 @@ def read_frontend(parent: Section, path: str, raw: object, global_: GlobalConfig
         idle_timeout=section.value("idle_timeout", v.duration, global_.idle_timeout),
         token_pool=section.value("token_pool", v.name, None),
         access=access,
+        policy=read_frontend_policy(section, protocol),
     )
     if frontend.token_pool is not None and protocol != "http":
         section.error("token_pool", "token pools need protocol: http")
@@ -117,6 +119,7 @@ def read_http(section: Section) -> HTTPOptions:
         host_header=section.value("host_header", v.choice(("client", "server")), d.host_header),
         direct_routes=section.value("direct_routes", v.boolean, d.direct_routes),
         sticky_cookie=section.value("sticky_cookie", v.cookie_name, None),
+        sticky_secret=section.value("sticky_secret", v.text, None),
         cors=section.value("cors", v.boolean, d.cors),
     )
     access_log, access_log_path = _read_access_log(section)
@@ -176,8 +179,9 @@ def read_routes(section: Section, protocol: str) -> tuple[Any, ...]:
         prefix = route.value("path_prefix", v.url_path, None)
         backend = route.value("backend", v.name)
         access = read_access(route)
+        policy = read_route_policy(route)
         route.finish()
         if backend:
             routes.append(Route(backend=backend, host=host, path_prefix=prefix,
-                                set_headers=pairs, remove_headers=tuple(remove), access=access))
+                                set_headers=pairs, remove_headers=tuple(remove), access=access, policy=policy))
     return tuple(routes)

@@ -51,6 +51,8 @@ FILE_KEYS: tuple[tuple[str, ...], ...] = (
     ("frontends", "*", "tls", "key"),
     ("frontends", "*", "tls", "sni", "*", "cert"),
     ("frontends", "*", "tls", "sni", "*", "key"),
+    ("frontends", "*", "auth", "basic", "users_file"),
+    ("frontends", "*", "routes", "*", "auth", "basic", "users_file"),
     ("token_pools", "*", "upstream", "tls", "ca"),
     ("token_pools", "*", "credentials_file"),
     ("tunnels", "*", "tls", "cert"),

@@ -143,6 +143,8 @@ class HTTPOptions:
     cors: bool = False
     access_log: str = "off"  # off | combined | json
     access_log_path: str | None = None  # a file of its own; None: the twistd log
+    # the key of the sticky cookie's server ids (all workers must share it); None: one per process
+    sticky_secret: str | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
@@ -165,6 +167,8 @@ class FrontendConfig:
     token_pool: str | None = None
     # allow/deny lists (rproxy.cidr.AccessList), None: everyone
     access: Any = None
+    # trusted_proxies, auth, redirect (rproxy.config.access.Policy), None: none
+    policy: Any = None
 
     @property
     def access_log(self) -> str:

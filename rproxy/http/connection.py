@@ -345,13 +345,15 @@ class HTTPConnection(Protocol):
 
     # -- answering ---------------------------------------------------------
 
-    def send_error(self, status: int, message: str, retry_after: bool = False) -> None:
+    def send_error(self, status: int, message: str, retry_after: bool = False,
+                   headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         if self.exchange is not None:
             self.exchange = None
             self.frontend.active_requests -= 1
         self.closing = True
         self.events.clear()
         extra = [(b"Retry-After", b"1")] if retry_after else []
+        extra += headers
         self.head_deadline = None
         self.frontend.log.info(
             "frontend {frontend}: {status} for {peer}: {message}",

@@ -72,6 +72,9 @@ class Exchange:
     @ivar key: the consistent-hash key, for hashing pools.
     @ivar route: what a filter chose the pool by (filters' business).
     @ivar notes: per-request values of filters (None until one needs it).
+    @ivar client_host: the client's address as policies see it (allow
+        lists, logs, hashing): the peer's, unless the peer is a trusted
+        proxy (C{trusted_proxies}), whose X-Forwarded-For then names it.
     """
 
     # slots, every one set in __init__: an exchange is made per request and
@@ -80,7 +83,7 @@ class Exchange:
         "client", "frontend", "head", "target", "tried", "started", "upstream", "server", "pool", "route",
         "state", "close_delimited", "got_bytes", "producing", "batch", "deadline", "status", "notes",
         "_pending", "_step", "attempts", "pinned", "prefer", "key", "framing", "keep_upstream", "upgrade_rest", "continued",
-        "delivered_before",
+        "delivered_before", "client_host",
     )
 
     def __init__(self, client: HTTPConnection, head: RequestHead) -> None:
@@ -115,6 +118,7 @@ class Exchange:
         self.upgrade_rest = b""
         self.continued = False  # a 100 Continue went to the client (read_ahead)
         self.delivered_before = client.delivered  # the response's bytes are what is added
+        self.client_host: str = client.peer_host
 
     # -- the filters' phases -----------------------------------------------
 
@@ -465,8 +469,12 @@ class Exchange:
         """
         self.status = status
         close = not self.head.keep_alive or self.client.closing_after_response
+        # (an empty body but for 204 and 304, which have none: without a
+        # length the client would read one to the close)
+        length = None if status in (204, 304) else 0
         self.client.transport.write(response_head(  # type: ignore[union-attr]
-            status, reason, headers, version=self.head.version, framing="none", close=close))
+            status, reason, headers, version=self.head.version, framing="none", close=close,
+            content_length=length))
         self.complete()
 
     def release_server(self, ok: bool | None = None, outcome: int | str | None = None) -> None:
@@ -556,9 +564,11 @@ class Exchange:
         self.release_server(outcome="timeout")
         self.fail(504, f"no response within {self.frontend.config.http.response_timeout}s")
 
-    def fail(self, status: int, message: str, retry_after: bool = False) -> None:
+    def fail(self, status: int, message: str, retry_after: bool = False,
+             headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """
-        Answer the client with an error and close its connection (-> DONE).
+        Answer the client with an error (with C{headers} besides, such as
+        a 401's WWW-Authenticate) and close its connection (-> DONE).
         """
         if self.state is DONE and status != 504:
             return
@@ -569,7 +579,7 @@ class Exchange:
             d, self._pending = self._pending, None
             d.cancel()
         self.frontend.count(self)
-        self.client.send_error(status, message, retry_after)
+        self.client.send_error(status, message, retry_after, headers)
 
     def abandon(self) -> None:
         """

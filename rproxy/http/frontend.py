@@ -47,6 +47,8 @@ from rproxy.http.filters import Chain, Filter
 from rproxy.http.filters.accesslog import AccessLogFilter
 from rproxy.http.filters.cors import CorsFilter
 from rproxy.http.filters.direct import DirectRouteFilter
+from rproxy.http.filters.policy import access_filters, auth_filters
+from rproxy.http.filters.rewrite import RewriteFilter
 from rproxy.http.filters.routes import HeaderRules, RouteFilter
 from rproxy.http.filters.sticky import HashKey, StickyCookie
 from rproxy.http.filters.tokens import TokenLeaseFilter
@@ -68,7 +70,9 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 def default_filters(frontend: HTTPFrontend) -> list[Filter]:
     """
     The filters of an HTTP frontend's configuration, in phase order:
-    CORS preflights are answered before a token is leased; a direct
+    the client's address (trusted proxies), allow/deny and redirects
+    come first, then CORS preflights (which carry no credentials), then
+    authentication, all before a token is leased; a direct
     route chooses before the route table; stickiness and the hash key
     pick within the chosen pool.  Filters with nothing to do for this
     configuration are left out (header rules without rules, hash keys
@@ -77,18 +81,23 @@ def default_filters(frontend: HTTPFrontend) -> list[Filter]:
     """
     config = frontend.config
     http = config.http
-    filters: list[Filter] = []
+    filters: list[Filter] = access_filters(frontend)
     if http.cors:
         filters.append(CorsFilter())
+    filters += auth_filters(frontend)
     if frontend.tokens is not None:
         filters.append(TokenLeaseFilter(frontend.tokens, frontend.log))
     if http.direct_routes:
         filters.append(DirectRouteFilter(frontend.pools))
     filters.append(RouteFilter(frontend.routes, frontend.pools))
+    if RewriteFilter.wanted(frontend.routes):
+        filters.append(RewriteFilter(frontend.routes))
     if HeaderRules.wanted(frontend.routes):
         filters.append(HeaderRules())
     if http.sticky_cookie is not None:
-        filters.append(StickyCookie(http.sticky_cookie.encode()))
+        filters.append(StickyCookie(http.sticky_cookie.encode(),
+                                    http.sticky_secret.encode() if http.sticky_secret else None,
+                                    secure=frontend.scheme == b"https"))
     if HashKey.wanted(frontend.pools):
         filters.append(HashKey())
     if http.access_log != "off":
@@ -143,6 +152,10 @@ class HTTPFrontend(AdmittedFigures, Factory):
         self._deadlines: IDelayedCall | None = None
         self.counted_requests = 0
         self.budget = RetryBudget(clock)
+        # the API key chain (rproxy.store.auth.KeyChain) for auth: {api_keys: true}; set by the service
+        self.keys: Any = None
+        # requests refused by the access filters, by reason (rproxy_http_refused)
+        self.refusals: collections.Counter[str] = collections.Counter()
 
     # -- configuration -----------------------------------------------------
 

@@ -99,7 +99,9 @@ def request_head(
     The request head to send upstream (HTTP/1.1, keep-alive unless upgrading).
 
     @param remove: lower-case names of fields to drop (a route's
-        C{remove_headers} and the names of C{set_headers}).
+        C{remove_headers} and the names of C{set_headers}); with
+        C{x-forwarded-for}, the client's field is dropped and rproxy's
+        names C{client_ip} alone.
     """
     lines = [method + b" " + target + b" HTTP/1.1"]
     forwarded_for = b""
@@ -115,7 +117,8 @@ def request_head(
                 if host is not None:
                     value = host
             elif lower == b"x-forwarded-for":
-                forwarded_for += value + b", "
+                if lower not in remove:  # (removed: from a peer not trusted to set it)
+                    forwarded_for += value + b", "
                 continue
             elif lower == b"connection":
                 named = _named(value, named)

@@ -33,6 +33,7 @@ class Route:
     set_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
     access: object = None  # allow/deny lists (rproxy.cidr.AccessList), None: everyone
+    policy: object = None  # auth, redirect, rewrite (rproxy.config.access.Policy), None: none
 
 
 class Rule:
@@ -41,10 +42,12 @@ class Rule:
     made once per configuration instead of once per request.
     """
 
-    __slots__ = ("backend", "host", "wildcard", "prefix", "set_headers", "remove")
+    __slots__ = ("backend", "host", "wildcard", "prefix", "set_headers", "remove", "access", "policy")
 
     def __init__(self, route: Route) -> None:
         self.backend = route.backend
+        self.access = route.access
+        self.policy = route.policy
         pattern = route.host.encode().lower() if route.host is not None else None
         self.wildcard = pattern is not None and pattern.startswith(b"*.")
         self.host = pattern[1:] if self.wildcard else pattern  # "*.x.com" -> ".x.com"

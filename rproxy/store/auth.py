@@ -17,6 +17,10 @@ static keys of the configuration when the database cannot be reached.
     C{rproxy:revoked} for processes that keep caches of their own.
 
 Keys are cached and logged only as SHA-256 digests.
+
+The same chain checks the tunnels' agents and public bearer keys and the
+HTTP frontends' C{auth: {api_keys: true}} (L{KeyChain.lookup}); without
+stores it holds only the static keys (L{key_chain}).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from twisted.logger import Logger
 
 from rproxy.store.postgres import KeyRecord, PostgresKeys, digest
 
-__all__ = ["KeyChain"]
+__all__ = ["KeyChain", "key_chain"]
 
 log = Logger()
 REVOKED_CHANNEL = "rproxy:revoked"
@@ -75,6 +79,13 @@ class KeyChain:
         if self.clock is not None:
             d.addTimeout(self.timeout, self.clock)
         return await d
+
+    def lookup(self, key: str) -> defer.Deferred[Any]:
+        """
+        L{check} as a Deferred (cancelling it cancels the store query in
+        flight).
+        """
+        return defer.Deferred.fromCoroutine(self.check(key))
 
     async def check(self, key: str) -> Any:
         """
@@ -139,3 +150,11 @@ class KeyChain:
                 log.error("auth: revoked key {id} may stay cached for up to {ttl}s: Redis unavailable",
                           id=key_id, ttl=self.ttl)
         return True
+
+
+def key_chain(keys: Any, clock: Any = None) -> KeyChain:
+    """
+    C{keys} as a L{KeyChain}: itself, or a chain of static keys alone
+    (C{api_keys:} without stores).
+    """
+    return keys if isinstance(keys, KeyChain) else KeyChain(keys, clock=clock)

@@ -44,7 +44,7 @@ class AccessLogFilter(Filter):
         access_file = frontend.access_file
         if self.json_lines:
             record = {
-                "client": exchange.client.peer_host, "method": head.method.decode("latin-1"),
+                "client": exchange.client_host, "method": head.method.decode("latin-1"),
                 "target": head.target.decode("latin-1"), "version": f"{head.version[0]}.{head.version[1]}",
                 "status": exchange.status, "bytes": sent, "backend": backend,
                 "server": server, "duration": round(seconds, 6), "frontend": frontend.name,
@@ -60,7 +60,7 @@ class AccessLogFilter(Filter):
         referer = escape(head.header(b"referer") or b"-")
         agent = escape(head.header(b"user-agent") or b"-")
         line = (
-            f'{exchange.client.peer_host} - - [{when}] "{escape(head.method)} '
+            f'{exchange.client_host} - - [{when}] "{escape(head.method)} '
             f'{escape(head.target)} HTTP/{head.version[0]}.{head.version[1]}" {exchange.status} '
             f'{sent} "{referer}" "{agent}" {backend}/{server} {seconds:.6f}'
         )
