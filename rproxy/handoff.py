@@ -1,0 +1,282 @@
+"""
+Protocols that read the first bytes of a connection themselves and then
+hand it to the protocol that serves it.
+
+L{Handoff} is the base: until L{Handoff.hand_to} it reads (bounded, with a
+timeout), then every event goes to the protocol it built, which sees a
+transport whose C{getPeer}/C{getHost} may be replaced (L{HandedTransport}).
+Two uses:
+
+  - L{ProxyProtocolFactory} (C{proxy_protocol: true}): the PROXY protocol
+    header first (L{rproxy.proxyproto}), then the frontend's protocol is
+    built with the client's real address, so whatever reads the peer
+    (C{buildProtocol}'s C{addr}, C{transport.getPeer()}: logs,
+    X-Forwarded-For, allow lists, hashing) sees the client, not the proxy.
+  - L{rproxy.detect}: the protocol of a C{protocol: detect} frontend.
+
+Why not C{twisted.protocols.haproxy}: its wrapper builds the wrapped
+protocol and calls its C{connectionMade} at accept, before the header is
+read, so a frontend would admit the connection (and a TCP frontend connect
+to a server) with the proxy's address, and C{buildProtocol} gets the
+proxy's address; it has no header timeout, closes without saying why, and
+refuses a header whose first read is shorter than 8 (v1) or 16 (v2) bytes.
+
+Half-close: the transport asks its protocol for C{IHalfCloseableProtocol}
+at the moment of a FIN; L{Handoff.__conform__} answers with the inner
+protocol when it provides it (also when it starts to later, as an HTTP
+connection does after a 101), so a FIN reaches it as it would without
+this layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import address as tw_address
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IProtocolNegotiationFactory
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from rproxy.proxyproto import InvalidProxyHeader, V1_MAX_LENGTH, V2_MAX_LENGTH, ProxyHeader, parse
+
+__all__ = ["Handoff", "HandedTransport", "ProxyProtocolFactory", "ProxyProtocolReceiver", "address_of"]
+
+
+class HandedTransport:
+    """
+    A transport as seen by a handed-to protocol: the real one, with
+    C{getPeer}/C{getHost} answering the addresses given (everything else
+    goes to the real transport).
+    """
+
+    def __init__(self, transport: Any, peer: Any, host: Any) -> None:
+        self.__dict__["_transport"] = transport
+        self.__dict__["_peer"] = peer
+        self.__dict__["_host"] = host
+
+    def getPeer(self) -> Any:
+        return self._peer
+
+    def getHost(self) -> Any:
+        return self._host
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._transport, name, value)
+
+
+def address_of(pair: tuple[str, int], like: Any = None) -> Any:
+    """
+    A Twisted address for (host, port) (IPv6 when the host has a colon).
+    """
+    host, port = pair
+    if ":" in host:
+        return tw_address.IPv6Address("TCP", host, port)
+    return tw_address.IPv4Address("TCP", host, port)
+
+
+class Handoff(Protocol):
+    """
+    Reads the start of a connection, then hands it over.
+
+    Subclasses implement L{first_bytes} (called with everything read so
+    far) and L{expired}; they call L{hand_to} with the factory to serve
+    the connection, or L{reject} with a reason.
+
+    @ivar limit: the most bytes read before a decision.
+    @ivar timeout: seconds to wait for it.
+    """
+
+    log = Logger()
+    limit = 4096
+    timeout = 5.0
+    inner: Protocol | None = None
+    buffer = b""
+    _timer: IDelayedCall | None = None
+    done = False
+
+    def __init__(self, clock: Any, addr: Any) -> None:
+        self.clock = clock
+        self.addr = addr
+
+    def connectionMade(self) -> None:
+        if self.timeout > 0:
+            self._timer = self.clock.callLater(self.timeout, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.inner is None and not self.done:
+            self.expired()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def dataReceived(self, data: bytes) -> None:
+        inner = self.inner
+        if inner is not None:
+            inner.dataReceived(data)
+            return
+        if self.done:
+            return
+        self.buffer += data
+        self.first_bytes(self.buffer)
+
+    # -- for subclasses ----------------------------------------------------
+
+    def first_bytes(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def expired(self) -> None:
+        raise NotImplementedError
+
+    def peer_name(self) -> str:
+        peer = self.addr
+        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
+    def reject(self, why: str) -> None:
+        """
+        Close the connection unserved, with one log line.
+        """
+        self.done = True
+        self._stop_timer()
+        self.buffer = b""
+        self.rejected(why)
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def rejected(self, why: str) -> None:
+        """
+        Log and count a rejection (subclasses).
+        """
+
+    def hand_to(self, factory: Any, rest: bytes, peer: Any = None, host: Any = None) -> None:
+        """
+        Build C{factory}'s protocol for this connection (for client address
+        C{peer}, default: the socket's) and give it the connection and
+        C{rest}, the bytes read that are its own.
+        """
+        self.done = True
+        self._stop_timer()
+        self.buffer = b""
+        transport = self.transport
+        assert transport is not None
+        if peer is None:
+            peer = self.addr
+        if host is None:
+            host = transport.getHost()
+        inner = factory.buildProtocol(peer)
+        if inner is None:
+            transport.loseConnection()
+            return
+        self.inner = inner
+        inner.makeConnection(HandedTransport(transport, peer, host))
+        if rest and self.inner is not None and self.connected:
+            inner.dataReceived(rest)
+
+    # -- events after the handoff ------------------------------------------
+
+    def __conform__(self, interface: Any) -> Any:
+        if interface is IHalfCloseableProtocol:
+            inner = self.inner
+            if inner is not None and IHalfCloseableProtocol.providedBy(inner):
+                return inner
+        return None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected = 0
+        self._stop_timer()
+        inner = self.inner
+        if inner is not None:
+            inner.connectionLost(reason)
+        elif not self.done:
+            self.done = True
+            self.lost_early(reason)
+
+    def lost_early(self, reason: Failure) -> None:
+        """
+        The connection closed before the handoff (subclasses).
+        """
+
+
+class ProxyProtocolReceiver(Handoff):
+    """
+    Reads a PROXY protocol header, then hands the connection to the
+    frontend's factory with the client's address.
+    """
+
+    limit = max(V1_MAX_LENGTH, 16 + V2_MAX_LENGTH)
+
+    def __init__(self, factory: ProxyProtocolFactory, addr: Any) -> None:
+        super().__init__(factory.clock, addr)
+        self.factory = factory
+        self.timeout = factory.timeout
+
+    def first_bytes(self, data: bytes) -> None:
+        try:
+            parsed = parse(data)
+        except InvalidProxyHeader as e:
+            self.reject(str(e))
+            return
+        if parsed is None:
+            return  # (parse never waits past a header's bound)
+        header, length = parsed
+        peer, host = self._addresses(header)
+        self.factory.accepted += 1
+        self.hand_to(self.factory.wrapped, data[length:], peer, host)
+
+    def _addresses(self, header: ProxyHeader) -> tuple[Any, Any]:
+        if header.command == "LOCAL" or header.source is None or header.destination is None:
+            return None, None  # the proxy's own connection (a health check), or UNKNOWN
+        return address_of(header.source), address_of(header.destination)
+
+    def expired(self) -> None:
+        if self.buffer:
+            self.reject(f"no complete PROXY header within {self.timeout:g}s ({len(self.buffer)} bytes)")
+        else:
+            self.reject(f"no PROXY header within {self.timeout:g}s")
+
+    def rejected(self, why: str) -> None:
+        self.factory.rejected += 1
+        self.log.info("frontend {frontend}: closing {peer}: {why}", frontend=self.factory.name,
+                      peer=self.peer_name(), why=why)
+
+    def lost_early(self, reason: Failure) -> None:
+        if self.buffer:
+            self.rejected(f"closed after {len(self.buffer)} bytes of a PROXY header")
+
+
+@implementer(IProtocolNegotiationFactory)
+class ProxyProtocolFactory(Factory):
+    """
+    Wraps a frontend's factory (its TLS factory, if it terminates TLS: the
+    header comes before the TLS handshake) so its connections start with a
+    PROXY protocol header (v1 or v2, either accepted), read within
+    C{timeout} seconds; a missing or malformed header closes the
+    connection with one logged line.
+
+    @ivar accepted: headers read.
+    @ivar rejected: connections closed for a missing or malformed header.
+    """
+
+    noisy = False
+
+    def __init__(self, wrapped: Any, clock: Any, timeout: float = 5.0, name: str = "") -> None:
+        self.wrapped = wrapped
+        self.clock = clock
+        self.timeout = timeout
+        self.name = name or getattr(wrapped, "name", "?")
+        self.accepted = 0
+        self.rejected = 0
+
+    def acceptableProtocols(self) -> list[bytes]:
+        negotiation = IProtocolNegotiationFactory(self.wrapped, None)
+        return list(negotiation.acceptableProtocols()) if negotiation is not None else []
+
+    def buildProtocol(self, addr: Any) -> ProxyProtocolReceiver:
+        return ProxyProtocolReceiver(self, addr)
