@@ -33,15 +33,20 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import address as tw_address
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IProtocolNegotiationFactory
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocolNegotiationFactory,
+)
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from rproxy.proxyproto import InvalidProxyHeader, V1_MAX_LENGTH, V2_MAX_LENGTH, ProxyHeader, parse
+from rproxy.proxyproto import V1_MAX_LENGTH, V2_MAX_LENGTH, InvalidProxyHeader, ProxyHeader, parse
 
-__all__ = ["Handoff", "HandedTransport", "ProxyProtocolFactory", "ProxyProtocolReceiver", "address_of"]
+__all__ = ["Handoff", "HandedTransport", "ProxyProtocolFactory", "ProxyProtocolReceiver", "address_of",
+           "listening_factory", "HeaderFirstFactory"]
 
 
 class HandedTransport:
@@ -127,6 +132,8 @@ class Handoff(Protocol):
             return
         self.buffer += data
         self.first_bytes(self.buffer)
+        if not self.done and len(self.buffer) > self.limit:
+            self.reject(f"{len(self.buffer)} bytes without a decision (at most {self.limit})")
 
     # -- for subclasses ----------------------------------------------------
 
@@ -280,3 +287,63 @@ class ProxyProtocolFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> ProxyProtocolReceiver:
         return ProxyProtocolReceiver(self, addr)
+
+
+def listening_factory(frontend: Any, factory: Any) -> Any:
+    """
+    What a frontend's listener should call: C{factory} (the frontend, or
+    its TLS layer), behind a L{ProxyProtocolFactory} when the frontend has
+    C{proxy_protocol}; the frontend keeps it in C{proxy_protocol} (for
+    its figures).
+    """
+    options = getattr(frontend.config, "proxy_protocol", None)
+    if options is None:
+        return factory
+    wrapped = ProxyProtocolFactory(factory, frontend.clock, options.timeout, frontend.name)
+    frontend.proxy_protocol = wrapped
+    return wrapped
+
+
+class _HeaderFirst(Handoff):
+    """
+    Writes a header on a new connection, then hands it to the protocol
+    it was opened for (the client side of L{HeaderFirstFactory}).
+    """
+
+    timeout = 0.0
+
+    def __init__(self, factory: HeaderFirstFactory, addr: Any) -> None:
+        super().__init__(None, addr)
+        self.factory = factory
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(self.factory.header)
+        self.hand_to(self.factory.wrapped, b"", transport.getPeer(), transport.getHost())
+
+
+class HeaderFirstFactory(ClientFactory):
+    """
+    Wraps a client factory (a TLS one included: the header goes before the
+    handshake) so that each connection starts with C{header}, a PROXY
+    protocol header for the server (C{send_proxy}).
+    """
+
+    noisy = False
+
+    def __init__(self, wrapped: Any, header: bytes) -> None:
+        self.wrapped = wrapped
+        self.header = header
+
+    def buildProtocol(self, addr: Any) -> _HeaderFirst:
+        return _HeaderFirst(self, addr)
+
+    def startedConnecting(self, connector: Any) -> None:
+        self.wrapped.startedConnecting(connector)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.wrapped.clientConnectionFailed(connector, reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        self.wrapped.clientConnectionLost(connector, reason)

@@ -11,7 +11,13 @@ import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from rproxy.clienthello import NEED_MORE, ClientHello, MalformedHello, looks_like_tls, read_client_hello
+from rproxy.clienthello import (
+    NEED_MORE,
+    ClientHello,
+    MalformedHello,
+    looks_like_tls,
+    read_client_hello,
+)
 
 
 def client_hello(server_name: str | None = None, alpn: list[str] | None = None) -> bytes:
