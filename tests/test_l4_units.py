@@ -380,3 +380,26 @@ class DetectTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "producing")
         second.dataReceived(b"SSH-2.0-OpenSSH\r\n")
         self.assertEqual([t.data for t in self.targets["d"].built], [b"x" + b"y" * 20, b"SSH-2.0-OpenSSH\r\n"])
+
+
+class ShippedExampleTests(SynchronousTestCase):
+    def test_commented_keys_parse(self) -> None:
+        """etc/rproxy.yaml's commented L4 keys, uncommented, are valid."""
+        import os
+
+        from rproxy.config import load_config
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, "etc", "rproxy.yaml")) as f:
+            text = f.read()
+        keys = ("send_proxy:", "proxy_protocol:", "allow:", "access_log: {format: tcplog", "tls_passthrough:")
+        lines = [line.replace("# ", "", 1) if line.startswith("    # ") and line[6:].startswith(keys) else line
+                 for line in text.splitlines()]
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        config = load_config(path)
+        web = config.frontends[0]
+        self.assertEqual((web.proxy_protocol is not None, web.l4_log.format, web.tls_passthrough.default),
+                         (True, "tcplog", "web"))
+        self.assertEqual(config.backend("web").send_proxy, "v2")
