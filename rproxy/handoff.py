@@ -56,10 +56,19 @@ class HandedTransport:
     goes to the real transport).
     """
 
+    # bound once, so that the data path does not go through __getattr__
+    _DIRECT = ("write", "writeSequence", "loseConnection", "abortConnection", "pauseProducing",
+               "resumeProducing", "stopProducing", "registerProducer", "unregisterProducer")
+
     def __init__(self, transport: Any, peer: Any, host: Any) -> None:
-        self.__dict__["_transport"] = transport
-        self.__dict__["_peer"] = peer
-        self.__dict__["_host"] = host
+        d = self.__dict__
+        d["_transport"] = transport
+        d["_peer"] = peer
+        d["_host"] = host
+        for name in self._DIRECT:
+            method = getattr(transport, name, None)
+            if method is not None:
+                d[name] = method
 
     def getPeer(self) -> Any:
         return self._peer
@@ -164,26 +173,34 @@ class Handoff(Protocol):
 
     def hand_to(self, factory: Any, rest: bytes, peer: Any = None, host: Any = None) -> None:
         """
-        Build C{factory}'s protocol for this connection (for client address
-        C{peer}, default: the socket's) and give it the connection and
-        C{rest}, the bytes read that are its own.
+        Build C{factory}'s protocol for this connection and give it the
+        connection and C{rest}, the bytes read that are its own.  With
+        C{peer} (and C{host}), it is built for that client address and
+        sees them in C{getPeer()}/C{getHost()}; without, it gets the
+        transport itself.
+
+        From then on the transport delivers its events to that protocol
+        directly when it can (its C{protocol} attribute is this one, as
+        with Twisted's and rproxy's TCP transports): nothing is left in
+        between on the data path.  Otherwise this protocol passes them on.
         """
         self.done = True
         self._stop_timer()
         self.buffer = b""
         transport = self.transport
         assert transport is not None
-        if peer is None:
-            peer = self.addr
-        if host is None:
-            host = transport.getHost()
-        inner = factory.buildProtocol(peer)
+        inner = factory.buildProtocol(peer if peer is not None else self.addr)
         if inner is None:
             transport.loseConnection()
             return
         self.inner = inner
-        inner.makeConnection(HandedTransport(transport, peer, host))
-        if rest and self.inner is not None and self.connected:
+        if getattr(transport, "protocol", None) is self:
+            transport.protocol = inner  # type: ignore[attr-defined]
+        if peer is not None:
+            inner.makeConnection(HandedTransport(transport, peer, host if host is not None else transport.getHost()))
+        else:
+            inner.makeConnection(transport)
+        if rest and self.connected:
             inner.dataReceived(rest)
 
     # -- events after the handoff ------------------------------------------
@@ -320,7 +337,7 @@ class _HeaderFirst(Handoff):
         transport = self.transport
         assert transport is not None
         transport.write(self.factory.header)
-        self.hand_to(self.factory.wrapped, b"", transport.getPeer(), transport.getHost())
+        self.hand_to(self.factory.wrapped, b"")
 
 
 class HeaderFirstFactory(ClientFactory):

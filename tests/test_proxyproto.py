@@ -241,6 +241,7 @@ class ReceiverTests(SynchronousTestCase):
         proxy = address.IPv4Address("TCP", "127.0.0.9", 40000)
         protocol = self.factory.buildProtocol(proxy)
         transport = StringTransport(peerAddress=proxy, hostAddress=address.IPv4Address("TCP", "127.0.0.1", 8080))
+        transport.protocol = protocol  # as a TCP transport has it
         protocol.makeConnection(transport)
         return protocol, transport
 
@@ -260,6 +261,8 @@ class ReceiverTests(SynchronousTestCase):
         self.assertEqual(self.inner.built, [])
         protocol.dataReceived(b"56324 443\r\nhello")
         [inner] = self.inner.built
+        # the transport now delivers straight to the frontend's protocol
+        self.assertIs(transport.protocol, inner)
         self.assertEqual(inner.addr, address.IPv4Address("TCP", "192.0.2.7", 56324))
         self.assertEqual(inner.peer, inner.addr)
         self.assertEqual(inner.host, address.IPv4Address("TCP", "198.51.100.1", 443))
@@ -284,6 +287,7 @@ class ReceiverTests(SynchronousTestCase):
         [inner] = self.inner.built
         self.assertEqual(inner.addr, address.IPv4Address("TCP", "127.0.0.9", 40000))
         self.assertEqual(inner.host, address.IPv4Address("TCP", "127.0.0.1", 8080))
+        self.assertIs(inner.transport, transport)  # nothing in between
 
     def test_malformed_closes_with_one_line(self) -> None:
         """A connection starting with something else is aborted, one line with the reason."""
