@@ -282,7 +282,7 @@ class ReceiverTests(SynchronousTestCase):
 
     def test_local_keeps_socket_address(self) -> None:
         """LOCAL (a health check by the proxy): the socket's own addresses."""
-        protocol, _ = self.connect()
+        protocol, transport = self.connect()
         protocol.dataReceived(build_v2(None, None, local=True))
         [inner] = self.inner.built
         self.assertEqual(inner.addr, address.IPv4Address("TCP", "127.0.0.9", 40000))
