@@ -298,6 +298,14 @@ class ProxyProtocolFactory(Factory):
         self.accepted = 0
         self.rejected = 0
 
+    def doStart(self) -> None:
+        super().doStart()
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+        super().doStop()
+
     def acceptableProtocols(self) -> list[bytes]:
         negotiation = IProtocolNegotiationFactory(self.wrapped, None)
         return list(negotiation.acceptableProtocols()) if negotiation is not None else []

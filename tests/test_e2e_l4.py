@@ -520,3 +520,35 @@ class DetectTests(ServiceMixin, TestCase):
         await wait_for(lambda: service.frontends["one"].active == 0)
         self.assertIn('rproxy_frontend_detected_total{frontend="one",protocol="http"} 1.0', _metrics(service))
         await turn()
+
+    @async_test
+    async def test_behind_proxy_protocol(self) -> None:
+        """
+        proxy_protocol on a detect frontend: the header is read first, and
+        the frontend it hands to sees the client's address (its allow
+        list passes one client and refuses another).
+        """
+        echo = EchoFactory("plain")
+        echo_port = await listen(echo)
+        self.addCleanup(echo_port.stopListening)
+        service = await self.start_service({
+            "backends": [{"name": "echo", "servers": [f"127.0.0.1:{echo_port.getHost().port}"],
+                          "health_check": {"type": "none"}}],
+            "frontends": [
+                {"name": "one", "protocol": "detect", "listen": "tcp:0:interface=127.0.0.1", "proxy_protocol": True,
+                 "detect": {"default": "raw"}},
+                {"name": "raw", "listen": "tcp:0:interface=127.0.0.1", "backend": "echo",
+                 "allow": ["203.0.113.0/24"]},
+            ],
+        })
+        front = service.port_of("one")
+        good = await connect(front)
+        self.addCleanup(lambda: good.transport.abortConnection())
+        good.transport.write(build_v1(("203.0.113.9", 1000), ("127.0.0.1", front)) + b"\x01hello")
+        await good.read_until(b"plain\n\x01hello")
+        bad = await connect(front)
+        bad.transport.write(build_v1(("198.51.100.9", 1000), ("127.0.0.1", front)) + b"\x01hello")
+        await bad.closed
+        self.assertEqual(bad.data, b"")
+        self.assertEqual(service.frontends["raw"].denied_total, 1)
+        self.assertEqual(service.frontends["one"].detected["default"], 2)
