@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from rproxy.admission import Admission, AdmittedFigures, ConnectionLimit
 from rproxy.clienthello import looks_like_tls
-from rproxy.handoff import Handoff
+from rproxy.handoff import Deadlines, Handoff
 
 __all__ = ["DetectFrontend", "DetectProtocol", "HTTP_METHODS", "classify"]
 
@@ -83,6 +83,7 @@ class DetectProtocol(Handoff):
         options = frontend.config.detect
         self.timeout = options.timeout
         self.limit = options.max_bytes
+        self.deadlines = frontend.deadlines
 
     def connectionMade(self) -> None:
         # nothing is read while it waits for a slot
@@ -174,6 +175,7 @@ class DetectFrontend(AdmittedFigures):
         self.connect_errors = 0
         self.detected: collections.Counter[str] = collections.Counter()
         self.proxy_protocol: Any = None
+        self.deadlines = Deadlines(clock)
         self._tls: dict[str, tuple[Any, Any, Any]] = {}
 
     @property
@@ -227,4 +229,10 @@ class DetectFrontend(AdmittedFigures):
         return 0, 0  # (counted by the frontends connections are handed to)
 
     def drain(self, grace: float) -> defer.Deferred[None]:
-        return self.admission.drain(grace)
+        drained = self.admission.drain(grace)
+        drained.addBoth(self._stop)
+        return drained
+
+    def _stop(self, result: Any) -> Any:
+        self.deadlines.stop()
+        return result

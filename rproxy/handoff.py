@@ -45,7 +45,7 @@ from zope.interface import implementer
 
 from rproxy.proxyproto import V1_MAX_LENGTH, V2_MAX_LENGTH, InvalidProxyHeader, ProxyHeader, parse
 
-__all__ = ["Handoff", "HandedTransport", "ProxyProtocolFactory", "ProxyProtocolReceiver", "address_of",
+__all__ = ["Deadlines", "Handoff", "HandedTransport", "ProxyProtocolFactory", "ProxyProtocolReceiver", "address_of",
            "listening_factory", "HeaderFirstFactory"]
 
 
@@ -56,19 +56,16 @@ class HandedTransport:
     goes to the real transport).
     """
 
-    # bound once, so that the data path does not go through __getattr__
-    _DIRECT = ("write", "writeSequence", "loseConnection", "abortConnection", "pauseProducing",
-               "resumeProducing", "stopProducing", "registerProducer", "unregisterProducer")
+    # methods kept once looked up, so that the data path does not go
+    # through __getattr__ again
+    _DIRECT = frozenset(("write", "writeSequence", "loseConnection", "abortConnection", "pauseProducing",
+                         "resumeProducing", "stopProducing", "registerProducer", "unregisterProducer"))
 
     def __init__(self, transport: Any, peer: Any, host: Any) -> None:
         d = self.__dict__
         d["_transport"] = transport
         d["_peer"] = peer
         d["_host"] = host
-        for name in self._DIRECT:
-            method = getattr(transport, name, None)
-            if method is not None:
-                d[name] = method
 
     def getPeer(self) -> Any:
         return self._peer
@@ -77,7 +74,10 @@ class HandedTransport:
         return self._host
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
+        value = getattr(self._transport, name)
+        if name in self._DIRECT:
+            self.__dict__[name] = value
+        return value
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._transport, name, value)
@@ -93,6 +93,44 @@ def address_of(pair: tuple[str, int], like: Any = None) -> Any:
     return tw_address.IPv4Address("TCP", host, port)
 
 
+class Deadlines:
+    """
+    The timeouts of one factory's connections with one timer, not one per
+    connection (a sweep every quarter of the timeout while any is
+    pending): a connection is cut at most a quarter of its timeout late,
+    and accepting one costs a dict entry instead of a reactor call.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.pending: dict[Handoff, float] = {}
+        self._timer: IDelayedCall | None = None
+
+    def add(self, conn: Handoff, timeout: float) -> None:
+        self.pending[conn] = self.clock.seconds() + timeout
+        if self._timer is None:
+            tick = max(0.01, timeout / 4)
+            self._timer = self.clock.callLater(tick, self._sweep, tick)
+
+    def discard(self, conn: Handoff) -> None:
+        self.pending.pop(conn, None)
+
+    def _sweep(self, tick: float) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        late = [conn for conn, deadline in self.pending.items() if now >= deadline]
+        for conn in late:
+            del self.pending[conn]
+            conn._expire()
+        if self.pending:
+            self._timer = self.clock.callLater(tick, self._sweep, tick)
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
 class Handoff(Protocol):
     """
     Reads the start of a connection, then hands it over.
@@ -102,15 +140,16 @@ class Handoff(Protocol):
     the connection, or L{reject} with a reason.
 
     @ivar limit: the most bytes read before a decision.
-    @ivar timeout: seconds to wait for it.
+    @ivar timeout: seconds to wait for it (0: no limit).
+    @ivar deadlines: the factory's L{Deadlines}, which enforces it.
     """
 
     log = Logger()
     limit = 4096
     timeout = 5.0
+    deadlines: Deadlines | None = None
     inner: Protocol | None = None
     buffer = b""
-    _timer: IDelayedCall | None = None
     done = False
 
     def __init__(self, clock: Any, addr: Any) -> None:
@@ -118,19 +157,16 @@ class Handoff(Protocol):
         self.addr = addr
 
     def connectionMade(self) -> None:
-        if self.timeout > 0:
-            self._timer = self.clock.callLater(self.timeout, self._expire)
+        if self.timeout > 0 and self.deadlines is not None:
+            self.deadlines.add(self, self.timeout)
 
     def _expire(self) -> None:
-        self._timer = None
         if self.inner is None and not self.done:
             self.expired()
 
     def _stop_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        if self.deadlines is not None:
+            self.deadlines.discard(self)
 
     def dataReceived(self, data: bytes) -> None:
         inner = self.inner
@@ -240,6 +276,7 @@ class ProxyProtocolReceiver(Handoff):
         super().__init__(factory.clock, addr)
         self.factory = factory
         self.timeout = factory.timeout
+        self.deadlines = factory.deadlines
 
     def first_bytes(self, data: bytes) -> None:
         try:
@@ -297,6 +334,7 @@ class ProxyProtocolFactory(Factory):
         self.name = name or getattr(wrapped, "name", "?")
         self.accepted = 0
         self.rejected = 0
+        self.deadlines = Deadlines(clock)
 
     def doStart(self) -> None:
         super().doStart()
@@ -305,6 +343,8 @@ class ProxyProtocolFactory(Factory):
     def doStop(self) -> None:
         self.wrapped.doStop()
         super().doStop()
+        if not self.numPorts:
+            self.deadlines.stop()
 
     def acceptableProtocols(self) -> list[bytes]:
         negotiation = IProtocolNegotiationFactory(self.wrapped, None)

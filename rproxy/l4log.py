@@ -43,10 +43,16 @@ def _ms(start: float | None, end: float | None) -> int:
     return max(0, round((end - start) * 1000))
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def _when(seconds: float) -> str:
-    t = time.gmtime(seconds)
-    return (f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:{t.tm_min:02d}:"
-            f"{t.tm_sec:02d}.{int(seconds * 1000) % 1000:03d}")
+    whole = int(seconds)
+    if whole != _second[0]:
+        t = time.gmtime(whole)
+        _second[:] = [whole, f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:"
+                             f"{t.tm_min:02d}:{t.tm_sec:02d}"]
+    return f"{_second[1]}.{int(seconds * 1000) % 1000:03d}"
 
 
 def _record(conn: Any, now: float) -> dict[str, Any]:
@@ -68,13 +74,14 @@ def _record(conn: Any, now: float) -> dict[str, Any]:
 
 
 def format_tcplog(conn: Any, now: float) -> str:
-    r = _record(conn, now)
-    client = r["client"]
+    client = conn.client_host
     if ":" in client:
         client = f"[{client}]"
-    return (f"{client}:{r['client_port']} [{_when(r['accepted'])}] {r['frontend']} {r['backend']}/{r['server']} "
-            f"{r['wait_ms']}/{r['connect_ms']}/{r['duration_ms']} {r['bytes_out']} {r['bytes_in']} "
-            f"{r['termination']} {r['retries']}")
+    accepted = conn.accepted_at
+    return (f"{client}:{conn.client_port} [{_when(accepted)}] {conn.frontend.name} {conn.backend_name or '-'}/"
+            f"{conn.server_name or '-'} {_ms(accepted, conn.chosen_at)}/{_ms(conn.chosen_at, conn.connected_at)}/"
+            f"{_ms(accepted, now)} {conn.backend_received} {conn.received} {conn.termination or 'client-closed'} "
+            f"{max(0, len(conn.tried) - 1)}")
 
 
 def format_json(conn: Any, now: float) -> str:

@@ -341,13 +341,15 @@ class DetectTests(SynchronousTestCase):
         p.dataReceived(b"more")
         self.assertEqual(inner.data, b"GET / HTTP/1.1\r\nmore")
         self.assertEqual((frontend.active, frontend.detected["http"]), (0, 1))
-        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(frontend.deadlines.pending, {})
 
     def test_silence_goes_to_default(self) -> None:
         """Nothing within the timeout: the default frontend (a server that speaks first)."""
         frontend = self.make(tls="t", default="d", timeout="1s")
         self.accept(frontend)
-        self.reactor.advance(1.01)
+        self.reactor.pump([0.1] * 10)
+        self.assertEqual(self.targets["d"].built, [])
+        self.reactor.pump([0.1] * 3)
         self.assertEqual(len(self.targets["d"].built), 1)
         self.assertEqual(frontend.detected["default"], 1)
 
