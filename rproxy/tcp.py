@@ -116,6 +116,12 @@ class ClientConnection(EarlyDataEnd):
     # for the L4 log: why it ended (rproxy.l4log.TERMINATIONS), when it
     # was accepted, got a server, connected; what it was connected to
     termination: str | None = None
+    # (the times and the client's address are read only for the access
+    # log and allow/deny: a frontend with neither pays nothing for them)
+    logged = False
+    accepted_at: float | None = None
+    client_host = "-"
+    client_port = 0
     chosen_at: float | None = None
     connected_at: float | None = None
     backend_name: str | None = None
@@ -134,14 +140,17 @@ class ClientConnection(EarlyDataEnd):
     def connectionMade(self) -> None:
         _nodelay(self.transport)
         frontend = self.frontend
-        self.accepted_at = frontend.clock.seconds()
-        peer = self.transport.getPeer()  # type: ignore[union-attr]
-        self.client_host = getattr(peer, "host", "unix")
-        self.client_port = getattr(peer, "port", 0)
         access = frontend.config.access
-        if access is not None and not access.permits(self.client_host):
-            frontend.denied(self)
-            return
+        if access is not None or frontend.l4_log is not None:
+            if frontend.l4_log is not None:
+                self.logged = True
+                self.accepted_at = frontend.clock.seconds()
+            peer = self.transport.getPeer()  # type: ignore[union-attr]
+            self.client_host = getattr(peer, "host", "unix")
+            self.client_port = getattr(peer, "port", 0)
+            if access is not None and not access.permits(self.client_host):
+                frontend.denied(self)
+                return
         frontend.admit(self)
 
     def start(self) -> None:
@@ -267,9 +276,10 @@ class ClientConnection(EarlyDataEnd):
         self.server = server
         self.tried.append(server.name)
         frontend = self.frontend
-        self.chosen_at = frontend.clock.seconds()
-        self.backend_name = self.pool.config.name
-        self.server_name = server.name
+        if self.logged:
+            self.chosen_at = frontend.clock.seconds()
+            self.backend_name = self.pool.config.name
+            self.server_name = server.name
         self._connector = connect_tcp(
             frontend.reactor, server.host, server.port, _BackendFactory(self), frontend.config.connect_timeout
         )
@@ -309,7 +319,8 @@ class ClientConnection(EarlyDataEnd):
     def backend_connected(self, backend: BackendConnection) -> None:
         self._connector = None
         assert self.server is not None
-        self.connected_at = self.frontend.clock.seconds()
+        if self.logged:
+            self.connected_at = self.frontend.clock.seconds()
         self.pool.record_success(self.server)
         if self.lost:
             backend.transport.abortConnection()  # type: ignore[union-attr]
@@ -512,7 +523,7 @@ class TCPFrontend(AdmittedFigures, Factory):
         if conn.backend is not None:
             self.closed_bytes_in += conn.backend.received
         self.admission.forget(conn)
-        if self.l4_log is not None:
+        if conn.logged and self.l4_log is not None:
             self.l4_log.write(conn, self.clock.seconds())
 
     # -- reporting -------------------------------------------------------
