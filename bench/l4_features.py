@@ -13,7 +13,7 @@ by the requests wrk made), for
 
 Every path has HAProxy (mode tcp, on the load core) in front, so that the
 PROXY header is the only difference between plain and proxy.  Each round
-runs every path once, in the same order, with C{Connection: close} (a new
+runs every path once (each round starting with another one) with C{Connection: close} (a new
 connection per request: where per-connection costs show) and keep-alive;
 the medians over the rounds and the ratios to plain (and plain to main)
 are printed.
@@ -110,9 +110,12 @@ def main() -> None:
         for name in ports:  # warm up
             wrk(front[name], 1, args.connections, True)
         per_request: dict[tuple[str, str], list[float]] = {}
+        names = list(ports)
         for round_ in range(args.rounds):
+            # each round starts with another path (no path always runs first)
+            order = names[round_ % len(names):] + names[: round_ % len(names)]
             for mode, close in (("close", True), ("keep-alive", False)):
-                for name in ports:
+                for name in order:
                     pid = pid_of[name]
                     before = cpu_seconds(pid)
                     rate, _ = wrk(front[name], args.duration, args.connections, close)

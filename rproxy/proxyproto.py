@@ -24,6 +24,7 @@ L{rproxy.handoff.ProxyProtocolFactory}.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from typing import Any
 
@@ -132,13 +133,18 @@ def _parse_v1(data: bytes) -> tuple[ProxyHeader, int] | None:
 
 
 def _v1_address(text: str, version: int) -> str:
+    # inet_pton: strict (no leading zeros, no shorthand for IPv4) and fast
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
     try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        raise InvalidProxyHeader(f"v1 header: {text[:45]!r} is not an address") from None
-    if address.version != version:
-        raise InvalidProxyHeader(f"v1 header: {text!r} is not an IPv{version} address")
-    return str(address)
+        packed = socket.inet_pton(family, text)
+    except (OSError, ValueError):
+        try:
+            other = ipaddress.ip_address(text).version
+        except ValueError:
+            raise InvalidProxyHeader(f"v1 header: {text[:45]!r} is not an address") from None
+        raise InvalidProxyHeader(f"v1 header: {text!r} is not an IPv{version} address "
+                                 f"(an IPv{other} one)") from None
+    return text if version == 4 else socket.inet_ntop(family, packed)
 
 
 def _v1_port(text: str) -> int:
@@ -176,13 +182,13 @@ def _parse_v2(data: bytes) -> tuple[ProxyHeader, int] | None:
     if family == "TCP4":
         if length < 12:
             raise InvalidProxyHeader(f"v2 header: {length} bytes for TCP4 addresses (12 needed)")
-        source = (str(ipaddress.IPv4Address(body[0:4])), struct.unpack_from("!H", body, 8)[0])
-        destination = (str(ipaddress.IPv4Address(body[4:8])), struct.unpack_from("!H", body, 10)[0])
+        source = (socket.inet_ntop(socket.AF_INET, body[0:4]), struct.unpack_from("!H", body, 8)[0])
+        destination = (socket.inet_ntop(socket.AF_INET, body[4:8]), struct.unpack_from("!H", body, 10)[0])
     elif family == "TCP6":
         if length < 36:
             raise InvalidProxyHeader(f"v2 header: {length} bytes for TCP6 addresses (36 needed)")
-        source = (str(ipaddress.IPv6Address(body[0:16])), struct.unpack_from("!H", body, 32)[0])
-        destination = (str(ipaddress.IPv6Address(body[16:32])), struct.unpack_from("!H", body, 34)[0])
+        source = (socket.inet_ntop(socket.AF_INET6, body[0:16]), struct.unpack_from("!H", body, 32)[0])
+        destination = (socket.inet_ntop(socket.AF_INET6, body[16:32]), struct.unpack_from("!H", body, 34)[0])
     elif family == "UNIX" and length < 216:
         raise InvalidProxyHeader(f"v2 header: {length} bytes for UNIX addresses (216 needed)")
     return ProxyHeader(2, command, family, source, destination, _tlvs(body, _skip(family, body))), total
