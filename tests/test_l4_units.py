@@ -84,6 +84,8 @@ class ConfigTests(SynchronousTestCase):
             ({"tls_passthrough": {"sni": ["a"]}}, "frontends[0].tls_passthrough.sni: expected a mapping"),
             ({"tls_passthrough": {}}, "frontends[0].tls_passthrough.sni: name at least one server name"),
             ({"protocol": "http", "tls_passthrough": {"default": "b"}}, "frontends[0].tls_passthrough: needs protocol: tcp"),
+            ({"listen": "ssl:8443:privateKey=k.pem", "proxy_protocol": True},
+             "frontends[0].proxy_protocol: the header comes before TLS"),
         ]
         for frontend, expected in cases:
             errors = _errors({"backends": [_backend("b", 1)], "frontends": [_frontend(**frontend)]})
@@ -254,6 +256,29 @@ class TCPFrontendTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting or transport.disconnected)
         self.assertEqual(conn.termination, "bad-hello")
         self.assertEqual(logs.lines(), ["frontend f: closing 192.0.2.7:5000: no complete ClientHello within 2s"])
+
+    def test_log_reopened(self) -> None:
+        """
+        The tcplog file is reopened by reopen_access_log (and a reload):
+        after a rotation lines go to the new file.
+        """
+        import os
+
+        path = self.mktemp()
+        frontend = self.make(_frontend(access_log={"format": "tcplog", "path": path}), _backend("b", 7001))
+        conn, _ = self.accept()
+        conn.connectionLost(None)
+        frontend.l4_log.file.flush()
+        os.rename(path, path + ".1")
+        frontend.reopen_access_log()
+        conn, _ = self.accept("192.0.2.8")
+        conn.connectionLost(None)
+        frontend.l4_log.file.flush()
+        with open(path + ".1") as old, open(path) as new:
+            self.assertEqual([line.split()[0] for line in old], ["192.0.2.7:5000"])
+            self.assertEqual([line.split()[0] for line in new], ["192.0.2.8:5000"])
+        frontend.config = frontend.config  # a reload keeps the file (reopened)
+        self.assertEqual(frontend.l4_log.path, path)
 
     def test_terminations(self) -> None:
         """Who ended it: the client's FIN, the server's, the idle sweep, a drain."""

@@ -115,6 +115,10 @@ def read_frontend_l4(section: Section, protocol: str) -> dict[str, Any]:
     only (an http frontend's is C{http.access_log}).
     """
     fields: dict[str, Any] = {"proxy_protocol": _read_proxy_protocol(section)}
+    listen = section.data.get("listen") if isinstance(section.data, dict) else None
+    if fields["proxy_protocol"] is not None and isinstance(listen, str) and listen.startswith("ssl:"):
+        section.error("proxy_protocol", "the header comes before TLS, which an ssl: listen string starts at once; "
+                      "use listen: tcp:... with tls: {cert: ..., key: ...}")
     if protocol == "tcp" and section.has("access_log"):
         fields["l4_log"] = _read_l4_log(section)
     if protocol == "detect":
