@@ -592,7 +592,7 @@ class RProxyService(MultiService):
         for frontend in self.frontends.values():
             if frontend.name not in self.ports:
                 problems.append(f"frontend {frontend.name}: not listening")
-            elif frontend.pool.healthy_count() == 0:
+            elif frontend.pool is not None and frontend.pool.healthy_count() == 0:  # (None: detect, passthrough)
                 problems.append(f"frontend {frontend.name}: no server of backend {frontend.pool.name} is up")
             tokens = getattr(frontend, "tokens", None)
             if tokens is not None and not tokens.has_token():
@@ -610,7 +610,7 @@ class RProxyService(MultiService):
                     "name": f.name,
                     "protocol": f.config.protocol,
                     "listen": f.config.listen,
-                    "backend": f.pool.name,
+                    "backend": f.pool.name if f.pool is not None else None,
                     "listening": f.name in self.ports,
                     "active_connections": f.active,
                     "waiting": len(f.waiting),

@@ -242,6 +242,14 @@ class AccessTests(ServiceMixin, TestCase):
         self.assertEqual(service.frontends["web"].denied_total, 1)
 
 
+async def _admin_get(service: Any, path: str) -> tuple[int, bytes]:
+    client = await connect(service.admin_port.getHost().port)
+    client.transport.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    await client.closed
+    head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
 def _metrics(service: Any) -> str:
     from prometheus_client import generate_latest
 
@@ -519,6 +527,24 @@ class DetectTests(ServiceMixin, TestCase):
         self.assertEqual(service.frontends["site"].total, 1)
         await wait_for(lambda: service.frontends["one"].active == 0)
         self.assertIn('rproxy_frontend_detected_total{frontend="one",protocol="http"} 1.0', _metrics(service))
+        # the admin pages know a detect frontend
+        for path in ("/health", "/stats", "/api/v1/dashboard"):
+            status, body = await _admin_get(service, path)
+            self.assertEqual(status, 200, (path, body[:300]))
+        status, body = await _admin_get(service, "/api/v1/dashboard")
+        self.assertIn(b'"protocol": "detect"', body.replace(b'":"', b'": "'))
+        # a reload keeps it (in place: same listener) with its new options
+        from rproxy.config import config_from_mapping
+
+        config["frontends"][0]["detect"] = {"default": "raw", "timeout": "0.2s"}
+        config["frontends"][0]["listen"] = f"tcp:{front}:interface=127.0.0.1"
+        await service.reload(config_from_mapping(dict(config, admin={"listen": "tcp:0:interface=127.0.0.1"},
+                                                      **{"global": {"grace_period": "2s"}})))
+        self.assertIs(service.frontends["one"].config.detect.http, None)
+        plain = await connect(front)
+        self.addCleanup(lambda: plain.transport.abortConnection())
+        plain.transport.write(b"GET / HTTP/1.1\r\n\r\n")  # no http frontend now: default
+        await plain.read_until(b"plain\nGET /")
         await turn()
 
     @async_test
