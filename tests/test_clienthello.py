@@ -86,6 +86,7 @@ class ClientHelloTests(SynchronousTestCase):
                 read_client_hello(data)
 
     def test_looks_like_tls(self) -> None:
+        """A handshake record header says TLS; one byte is not enough to say."""
         self.assertTrue(looks_like_tls(client_hello("x")))
         self.assertIsNone(looks_like_tls(b"\x16"))
         self.assertIsNone(looks_like_tls(b""))

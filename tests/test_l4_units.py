@@ -148,6 +148,7 @@ class L4LogFormatTests(SynchronousTestCase):
         self.assertIn(" db/- 2/-1/100 ", line)
 
     def test_json(self) -> None:
+        """The same fields as a JSON object, the accept time in ISO 8601 UTC."""
         record = json.loads(format_json(FakeConn(), 1764270726.5))
         self.assertEqual(record["accepted"], "2025-11-27T19:12:01.500Z")
         self.assertEqual((record["bytes_out"], record["bytes_in"], record["retries"]), (212, 340, 1))
@@ -195,6 +196,7 @@ class TCPFrontendTests(SynchronousTestCase):
         self.assertEqual(server.value(), b"PROXY TCP4 192.0.2.7 10.0.0.1 5000 443\r\nearly")
 
     def test_send_proxy_v2(self) -> None:
+        """send_proxy: v2 writes a binary header naming the client, and nothing else yet."""
         self.make(_frontend(), _backend("b", 7001, send_proxy="v2"))
         self.accept()
         _, server, _ = self.server_side()
@@ -329,6 +331,7 @@ class Target(Factory):
 
 class DetectTests(SynchronousTestCase):
     def test_classify(self) -> None:
+        """TLS by its record header, HTTP by a method and a space, else default; undecided prefixes wait."""
         cases = {
             b"": None, b"\x16": None, b"\x16\x03": "tls", b"G": None, b"GE": None, b"GET": None, b"GET ": "http",
             b"OPTIONS * HTTP/1.1": "http", b"PRI * HTTP/2.0": "http", b"GETX": "default", b"SSH-2.0-x": "default",
