@@ -34,9 +34,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rproxy.admission import Admission, AdmittedFigures, ConnectionLimit
-from rproxy.clienthello import MalformedHello, read_client_hello
 from rproxy.config import FrontendConfig
 from rproxy.l4log import L4Log
+from rproxy.passthrough import SNIRouting
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
 from rproxy.proxyproto import header_for
 from rproxy.shortage import ShortageLog, is_local
@@ -94,7 +94,7 @@ class _BackendFactory(ClientFactory):
         self.client.connect_failed(reason)
 
 
-class ClientConnection(EarlyDataEnd):
+class ClientConnection(SNIRouting, EarlyDataEnd):
     """
     An accepted client connection of a TCP frontend.
 
@@ -127,9 +127,6 @@ class ClientConnection(EarlyDataEnd):
     backend_name: str | None = None
     server_name: str | None = None
     backend_received = 0
-    # tls_passthrough: the pool its SNI chose, and the ClientHello's timer
-    routed_pool: Pool | None = None
-    hello_timer: IDelayedCall | None = None
 
     def __init__(self, frontend: TCPFrontend) -> None:
         self.frontend = frontend
@@ -161,63 +158,8 @@ class ClientConnection(EarlyDataEnd):
         self.counted = True
         passthrough = self.frontend.config.tls_passthrough
         if passthrough is not None:
-            if not self._hello_read(passthrough) and not self.lost:
-                self.hello_timer = self.frontend.clock.callLater(passthrough.timeout, self._hello_late, passthrough)
+            self.await_hello(passthrough)
             return
-        self._acquire()
-
-    # -- TLS passthrough -------------------------------------------------
-
-    def unspliced_data(self, data: bytes) -> None:
-        super().unspliced_data(data)
-        if self.hello_timer is not None:
-            self._hello_read(self.frontend.config.tls_passthrough)
-
-    def _hello_read(self, passthrough: Any) -> bool:
-        """
-        Route by the ClientHello if it is all there; whether it was.
-        """
-        data = b"".join(self._early or ())
-        try:
-            hello = read_client_hello(data, passthrough.max_hello)
-        except MalformedHello as e:
-            self._stop_hello_timer()
-            self._route(passthrough, None, f"not a TLS ClientHello: {e}")
-            return True
-        if hello is None:
-            return False
-        self._stop_hello_timer()
-        self._route(passthrough, hello.server_name, None)
-        return True
-
-    def _hello_late(self, passthrough: Any) -> None:
-        self.hello_timer = None
-        self._route(passthrough, None, f"no complete ClientHello within {passthrough.timeout:g}s")
-
-    def _stop_hello_timer(self) -> None:
-        if self.hello_timer is not None:
-            if self.hello_timer.active():
-                self.hello_timer.cancel()
-            self.hello_timer = None
-
-    def _route(self, passthrough: Any, name: str | None, problem: str | None) -> None:
-        """
-        Choose the backend for server name C{name} (None: no SNI, or
-        C{problem} says why it could not be read): the SNI table, else the
-        default; without one the connection is closed, one line.
-        """
-        frontend = self.frontend
-        backend = passthrough.backend_for(name) if problem is None else passthrough.default
-        pool = frontend.pools.get(backend) if backend is not None else None
-        frontend.routed[backend or "-"] += 1
-        if pool is None:
-            why = problem or (f"no backend for server name {name!r}" if name else "no server name (SNI)")
-            self.termination = "bad-hello" if problem else "no-route"
-            frontend.log.info("frontend {frontend}: closing {peer}: {why}", frontend=frontend.name,
-                              peer=self.peer_name(), why=why)
-            self._abort()
-            return
-        self.routed_pool = pool
         self._acquire()
 
     # -- choosing and connecting -----------------------------------------
