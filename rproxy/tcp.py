@@ -15,7 +15,7 @@ client's from the header: the wrapper in L{rproxy.handoff} builds this
 protocol only once it is read); C{send_proxy: v1|v2} on the backend
 writes a PROXY protocol header to the server before the client's bytes;
 C{tls_passthrough} chooses the backend from the SNI of the client's
-ClientHello (L{rproxy.clienthello}) without terminating TLS; C{access_log}
+ClientHello without terminating TLS (L{rproxy.passthrough}); C{access_log}
 writes one line per connection (L{rproxy.l4log}).
 
 L{TCPFrontend} is the factory; it knows its open connections so that a
