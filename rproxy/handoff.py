@@ -326,12 +326,18 @@ class ProxyProtocolFactory(Factory):
     """
 
     noisy = False
+    log = Logger()
 
-    def __init__(self, wrapped: Any, clock: Any, timeout: float = 5.0, name: str = "") -> None:
+    def __init__(self, wrapped: Any, clock: Any, timeout: float = 5.0, name: str = "",
+                 frontend: Any = None, max_pending: int = 10000) -> None:
         self.wrapped = wrapped
         self.clock = clock
         self.timeout = timeout
         self.name = name or getattr(wrapped, "name", "?")
+        # with a frontend: its current config.proxy_protocol decides, per
+        # connection (a reload turns the header on or off at once)
+        self.frontend = frontend
+        self.max_pending = max_pending
         self.accepted = 0
         self.rejected = 0
         self.deadlines = Deadlines(clock)
@@ -350,21 +356,36 @@ class ProxyProtocolFactory(Factory):
         negotiation = IProtocolNegotiationFactory(self.wrapped, None)
         return list(negotiation.acceptableProtocols()) if negotiation is not None else []
 
-    def buildProtocol(self, addr: Any) -> ProxyProtocolReceiver:
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.frontend is not None:
+            options = self.frontend.config.proxy_protocol
+            if options is None:
+                return self.wrapped.buildProtocol(addr)
+            self.timeout = options.timeout
+        if len(self.deadlines.pending) >= self.max_pending:
+            # (each holds a descriptor and up to 4 KiB until its timeout)
+            self.rejected += 1
+            self.log.info("frontend {frontend}: refusing {peer}: {n} connections wait for their PROXY header",
+                          frontend=self.name, peer=f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}",
+                          n=len(self.deadlines.pending))
+            return None
         return ProxyProtocolReceiver(self, addr)
 
 
 def listening_factory(frontend: Any, factory: Any) -> Any:
     """
     What a frontend's listener should call: C{factory} (the frontend, or
-    its TLS layer), behind a L{ProxyProtocolFactory} when the frontend has
-    C{proxy_protocol}; the frontend keeps it in C{proxy_protocol} (for
-    its figures).
+    its TLS layer) behind a L{ProxyProtocolFactory} that reads a header
+    first while the frontend's C{config.proxy_protocol} says so (checked
+    at each accept: a reload that turns it on or off keeps the listener;
+    off, it costs one call per accept and nothing after).  The frontend
+    keeps it in C{proxy_protocol} (for its figures); at most
+    C{global.max_connections} connections wait for their header.
     """
-    options = getattr(frontend.config, "proxy_protocol", None)
-    if options is None:
-        return factory
-    wrapped = ProxyProtocolFactory(factory, frontend.clock, options.timeout, frontend.name)
+    options = frontend.config.proxy_protocol
+    limit = getattr(getattr(frontend, "limit", None), "limit", None) or 10000
+    wrapped = ProxyProtocolFactory(factory, frontend.clock, options.timeout if options is not None else 5.0,
+                                   frontend.name, frontend=frontend, max_pending=limit)
     frontend.proxy_protocol = wrapped
     return wrapped
 

@@ -278,7 +278,7 @@ def _l4_metrics(service: RProxyService) -> Iterator[Metric]:
         if hasattr(frontend, "denied_total"):
             denied.add_metric([name], frontend.denied_total)
         layer = getattr(frontend, "proxy_protocol", None)
-        if layer is not None:
+        if layer is not None and (layer.accepted or layer.rejected or frontend.config.proxy_protocol is not None):
             proxy.add_metric([name, "accepted"], layer.accepted)
             proxy.add_metric([name, "rejected"], layer.rejected)
         for kind, count in sorted(getattr(frontend, "detected", {}).items()):

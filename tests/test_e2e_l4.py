@@ -121,6 +121,35 @@ class ProxyProtocolTests(ServiceMixin, TestCase):
         self.assertEqual(service.frontends["web"].proxy_protocol.accepted, 1)
 
     @async_test
+    async def test_reload_turns_it_on_and_off(self) -> None:
+        """A reload that turns proxy_protocol on or off keeps the listener and applies to the next connection."""
+        from rproxy.config import config_from_mapping
+
+        echo = EchoFactory("a")
+        port = await listen(echo)
+        self.addCleanup(port.stopListening)
+        config = tcp_config([port.getHost().port])
+        service = await self.start_service(config)
+        front = service.port_of("web")
+        before = await self.client(front)
+        await before.read_until(b"a\n")
+        config["frontends"][0].update(listen=f"tcp:{front}:interface=127.0.0.1", proxy_protocol=True)
+        extra = {"admin": {"listen": "tcp:0:interface=127.0.0.1"}, "global": {"grace_period": "2s"}}
+        await service.reload(config_from_mapping(dict(config, **extra)))
+        self.assertEqual(service.port_of("web"), front)
+        plain = await self.client(front)
+        plain.transport.write(b"hello")
+        await plain.closed  # no header now: refused
+        proxied = await self.client(front)
+        proxied.transport.write(build_v1(("203.0.113.9", 1), ("127.0.0.1", front)))
+        await proxied.read_until(b"a\n")
+        del config["frontends"][0]["proxy_protocol"]
+        await service.reload(config_from_mapping(dict(config, **extra)))
+        again = await self.client(front)
+        await again.read_until(b"a\n")
+        self.assertFalse(before.lost)  # the connection from before the reloads is still served
+
+    @async_test
     async def test_send_v1_without_incoming_header(self) -> None:
         """send_proxy: v1 names the socket's client (127.0.0.1 and its port)."""
         recorder = RecorderFactory()

@@ -340,3 +340,33 @@ class ReceiverTests(SynchronousTestCase):
         protocol.connectionLost(None)
         self.assertIsNone(inner.lost)  # (the reason passed on as given)
         self.assertTrue(inner.made)
+
+    def test_pending_bounded(self) -> None:
+        """Past max_pending connections waiting for a header, the next is refused at accept, one line."""
+        self.factory.max_pending = 1
+        self.connect()
+        self.assertIsNone(self.factory.buildProtocol(address.IPv4Address("TCP", "127.0.0.9", 40001)))
+        self.assertEqual(self.factory.rejected, 1)
+        [line] = self.lines()
+        self.assertIn("refusing 127.0.0.9:40001: 1 connections wait for their PROXY header", line)
+
+    def test_follows_frontend_config(self) -> None:
+        """
+        With a frontend, its current config decides per accept: off, the
+        frontend's own protocol at once; on, a header first with its timeout.
+        """
+        class Options:
+            timeout = 7.0
+
+        class Frontend:
+            class config:
+                proxy_protocol: Any = None
+
+        frontend = Frontend()
+        factory = ProxyProtocolFactory(self.inner, self.clock, frontend=frontend)
+        direct = factory.buildProtocol(address.IPv4Address("TCP", "127.0.0.9", 1))
+        self.assertIsInstance(direct, Recorder)
+        frontend.config.proxy_protocol = Options()
+        receiver = factory.buildProtocol(address.IPv4Address("TCP", "127.0.0.9", 2))
+        self.assertNotIsInstance(receiver, Recorder)
+        self.assertEqual(receiver.timeout, 7.0)
