@@ -262,6 +262,38 @@ class StateCollector:
             auth.add_metric(["redis"], chain.redis_errors)
             auth.add_metric(["postgres"], chain.postgres_errors)
         yield from (store_up, auth)
+        yield from _l4_metrics(service)
+
+
+def _l4_metrics(service: RProxyService) -> Iterator[Metric]:
+    """
+    Connection-level figures (rproxy.tcp, rproxy.handoff, rproxy.detect):
+    allow/deny refusals at accept, PROXY protocol headers read and
+    refused, connections per detected protocol, TLS passthrough choices.
+    """
+    denied = CounterMetricFamily("rproxy_frontend_denied", "TCP connections refused at accept by allow/deny",
+                                 labels=["frontend"])
+    proxy = CounterMetricFamily("rproxy_frontend_proxy_protocol", "PROXY protocol headers: read (accepted) "
+                                "or connections closed for a missing or malformed one (rejected)",
+                                labels=["frontend", "result"])
+    detected = CounterMetricFamily("rproxy_frontend_detected", "Connections of protocol: detect frontends by "
+                                   "protocol found (tls, http, default; closed: no frontend for it)",
+                                   labels=["frontend", "protocol"])
+    routed = CounterMetricFamily("rproxy_frontend_tls_passthrough", "TLS passthrough connections by backend "
+                                 "chosen from the SNI (-: closed, no backend)", labels=["frontend", "backend"])
+    for frontend in service.all_frontends():
+        name = frontend.name
+        if hasattr(frontend, "denied_total"):
+            denied.add_metric([name], frontend.denied_total)
+        layer = getattr(frontend, "proxy_protocol", None)
+        if layer is not None and (layer.accepted or layer.rejected or frontend.config.proxy_protocol is not None):
+            proxy.add_metric([name, "accepted"], layer.accepted)
+            proxy.add_metric([name, "rejected"], layer.rejected)
+        for kind, count in sorted(getattr(frontend, "detected", {}).items()):
+            detected.add_metric([name, kind], count)
+        for backend, count in sorted(getattr(frontend, "routed", {}).items()):
+            routed.add_metric([name, backend], count)
+    yield from (denied, proxy, detected, routed)
 
 
 def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:

@@ -29,6 +29,8 @@ from twisted.python.failure import Failure
 
 from rproxy.admin import build_admin_site
 from rproxy.config import Config, ConfigError, load_config, parse_endpoint
+from rproxy.detect import DetectFrontend
+from rproxy.handoff import listening_factory
 from rproxy.health import HealthChecker, Prober, make_prober
 from rproxy.http.frontend import HTTPFrontend
 from rproxy.http.upstream import UpstreamPool
@@ -277,7 +279,7 @@ class RProxyService(MultiService):
         retiring: list[defer.Deferred[Any]] = []
         for config in new.frontends:
             frontend = self.frontends.get(config.name)
-            pool = self.pools[config.backend]
+            pool = self.pools.get(config.backend)  # (none for protocol: detect)
             if (frontend is not None and frontend.config.protocol == config.protocol
                     and self._keeps_socket(frontend, config.listen)):
                 frontend.config = config
@@ -290,8 +292,10 @@ class RProxyService(MultiService):
             if config.protocol == "http":
                 fresh = HTTPFrontend(config, self.pools, self.reactor, self.clock, self.upstreams, self.limit)
                 fresh.tokens = self.token_pools.get(config.token_pool) if config.token_pool else None
+            elif config.protocol == "detect":
+                fresh = DetectFrontend(config, self.frontends, self.clock, self.limit)
             else:
-                fresh = TCPFrontend(config, pool, self.reactor, self.clock, self.limit)
+                fresh = TCPFrontend(config, pool, self.reactor, self.clock, self.limit, self.pools)
             port = await self._listen(fresh, frontend)
             if port is None:
                 continue
@@ -407,6 +411,7 @@ class RProxyService(MultiService):
             factory: Any = frontend
             if frontend.config.tls:
                 factory = server_tls_factory(frontend, list(frontend.config.tls))
+            factory = listening_factory(frontend, factory)  # PROXY protocol header first, if configured
             port: IListeningPort = await endpoint.listen(factory)
         except Exception as e:  # noqa: BLE001 - reported as one line
             self._listen_failed(frontend.name, f"frontend {frontend.name}", frontend.config.listen, e,
@@ -592,7 +597,7 @@ class RProxyService(MultiService):
         for frontend in self.frontends.values():
             if frontend.name not in self.ports:
                 problems.append(f"frontend {frontend.name}: not listening")
-            elif frontend.pool.healthy_count() == 0:
+            elif frontend.pool is not None and frontend.pool.healthy_count() == 0:  # (None: detect, passthrough)
                 problems.append(f"frontend {frontend.name}: no server of backend {frontend.pool.name} is up")
             tokens = getattr(frontend, "tokens", None)
             if tokens is not None and not tokens.has_token():
@@ -610,7 +615,7 @@ class RProxyService(MultiService):
                     "name": f.name,
                     "protocol": f.config.protocol,
                     "listen": f.config.listen,
-                    "backend": f.pool.name,
+                    "backend": f.pool.name if f.pool is not None else None,
                     "listening": f.name in self.ports,
                     "active_connections": f.active,
                     "waiting": len(f.waiting),

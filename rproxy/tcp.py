@@ -9,11 +9,23 @@ server, at most C{retries} more times.  Once connected, the two
 connections are spliced (L{rproxy.splice}).  A connection idle for
 C{idle_timeout} in both directions is closed.
 
+Options: C{allow}/C{deny} lists refuse a client at accept, before any
+server is chosen (with C{proxy_protocol}, the address checked is the
+client's from the header: the wrapper in L{rproxy.handoff} builds this
+protocol only once it is read); C{send_proxy: v1|v2} on the backend
+writes a PROXY protocol header to the server before the client's bytes;
+C{tls_passthrough} chooses the backend from the SNI of the client's
+ClientHello without terminating TLS (L{rproxy.passthrough}); C{access_log}
+writes one line per connection (L{rproxy.l4log}).
+
 L{TCPFrontend} is the factory; it knows its open connections so that a
 reload or a shutdown can drain them.
 """
 
 from __future__ import annotations
+
+import collections
+from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
@@ -23,7 +35,10 @@ from twisted.python.failure import Failure
 
 from rproxy.admission import Admission, AdmittedFigures, ConnectionLimit
 from rproxy.config import FrontendConfig
+from rproxy.l4log import L4Log
+from rproxy.passthrough import SNIRouting
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
+from rproxy.proxyproto import header_for
 from rproxy.shortage import ShortageLog, is_local
 from rproxy.splice import EarlyDataEnd, SpliceEnd
 from rproxy.transport import connect_tcp
@@ -41,9 +56,23 @@ class BackendConnection(SpliceEnd):
 
     def connectionMade(self) -> None:
         _nodelay(self.transport)
-        self.client.backend_connected(self)
+        client = self.client
+        version = client.pool.config.send_proxy
+        if version is not None and not client.lost:
+            # before anything of the client's (HAProxy's send-proxy)
+            client_transport = client.transport
+            self.transport.write(  # type: ignore[union-attr]
+                header_for(version, client_transport.getPeer(), client_transport.getHost()))  # type: ignore[union-attr]
+        client.backend_connected(self)
+
+    def readConnectionLost(self) -> None:
+        if self.client is not None and self.client.termination is None:
+            self.client.termination = "server-closed"
+        super().readConnectionLost()
 
     def end_lost(self, reason: Failure) -> None:
+        if self.client.termination is None:
+            self.client.termination = "server-closed"
         self.client.backend_lost(self)
 
     def unlink(self) -> None:
@@ -65,7 +94,7 @@ class _BackendFactory(ClientFactory):
         self.client.connect_failed(reason)
 
 
-class ClientConnection(EarlyDataEnd):
+class ClientConnection(SNIRouting, EarlyDataEnd):
     """
     An accepted client connection of a TCP frontend.
 
@@ -84,6 +113,20 @@ class ClientConnection(EarlyDataEnd):
     last_total = -1
     counted = False
     closing = False
+    # for the L4 log: why it ended (rproxy.l4log.TERMINATIONS), when it
+    # was accepted, got a server, connected; what it was connected to
+    termination: str | None = None
+    # (the times and the client's address are read only for the access
+    # log and allow/deny: a frontend with neither pays nothing for them)
+    logged = False
+    accepted_at: float | None = None
+    client_host = "-"
+    client_port = 0
+    chosen_at: float | None = None
+    connected_at: float | None = None
+    backend_name: str | None = None
+    server_name: str | None = None
+    backend_received = 0
 
     def __init__(self, frontend: TCPFrontend) -> None:
         self.frontend = frontend
@@ -93,17 +136,36 @@ class ClientConnection(EarlyDataEnd):
 
     def connectionMade(self) -> None:
         _nodelay(self.transport)
-        self.frontend.admit(self)
+        frontend = self.frontend
+        access = frontend.config.access
+        if access is not None or frontend.l4_log is not None:
+            if frontend.l4_log is not None:
+                self.logged = True
+                self.accepted_at = frontend.clock.seconds()
+            peer = self.transport.getPeer()  # type: ignore[union-attr]
+            self.client_host = getattr(peer, "host", "unix")
+            self.client_port = getattr(peer, "port", 0)
+            if access is not None and not access.permits(self.client_host):
+                frontend.denied(self)
+                return
+        frontend.admit(self)
 
     def start(self) -> None:
         """
-        The frontend gave this connection a slot: find it a server.
+        The frontend gave this connection a slot: find it a server (after
+        reading the ClientHello's SNI with C{tls_passthrough}).
         """
         self.counted = True
+        passthrough = self.frontend.config.tls_passthrough
+        if passthrough is not None:
+            self.await_hello(passthrough)
+            return
         self._acquire()
 
+    # -- choosing and connecting -----------------------------------------
+
     def _acquire(self) -> None:
-        pool = self.pool = self.frontend.pool
+        pool = self.pool = self.routed_pool or self.frontend.pool
         key = None
         if pool.config.algorithm in ("ip-hash", "hash"):
             key = self.transport.getPeer().host.encode()  # type: ignore[union-attr]
@@ -136,6 +198,7 @@ class ClientConnection(EarlyDataEnd):
         if reason.check(defer.CancelledError):
             return
         self.frontend.refused(self, reason.value)
+        self.termination = "no-server"
         if reason.check(NoServerAvailable, QueueFull, QueueTimeout):
             self.frontend.log.info(
                 "frontend {frontend}: closing {peer}: {why}",
@@ -155,6 +218,10 @@ class ClientConnection(EarlyDataEnd):
         self.server = server
         self.tried.append(server.name)
         frontend = self.frontend
+        if self.logged:
+            self.chosen_at = frontend.clock.seconds()
+            self.backend_name = self.pool.config.name
+            self.server_name = server.name
         self._connector = connect_tcp(
             frontend.reactor, server.host, server.port, _BackendFactory(self), frontend.config.connect_timeout
         )
@@ -169,6 +236,7 @@ class ClientConnection(EarlyDataEnd):
             # we gave up (the client left), the server did nothing wrong
             pool.release(server)
             return
+        self.termination = "connect-failed"
         if is_local(reason):
             # our own shortage (descriptors, ...): not the server's fault,
             # and another server would fail the same way
@@ -181,6 +249,7 @@ class ClientConnection(EarlyDataEnd):
         pool.release(server)
         self.frontend.connect_errors += 1
         if len(self.tried) <= self.frontend.config.retries and pool.any_up(self.tried):
+            self.termination = None
             self._acquire()
             return
         self.frontend.log.info(
@@ -192,6 +261,8 @@ class ClientConnection(EarlyDataEnd):
     def backend_connected(self, backend: BackendConnection) -> None:
         self._connector = None
         assert self.server is not None
+        if self.logged:
+            self.connected_at = self.frontend.clock.seconds()
         self.pool.record_success(self.server)
         if self.lost:
             backend.transport.abortConnection()  # type: ignore[union-attr]
@@ -215,7 +286,19 @@ class ClientConnection(EarlyDataEnd):
         self.closing = True
         self.transport.abortConnection()  # type: ignore[union-attr]
 
-    refuse = _abort
+    def refuse(self) -> None:
+        """
+        Admission closes it unserved: the queue is full or timed out, or
+        the frontend is draining.
+        """
+        if self.termination is None:
+            self.termination = "queue" if self.frontend.accepting else "drained"
+        self._abort()
+
+    def readConnectionLost(self) -> None:
+        if self.termination is None:
+            self.termination = "client-closed"
+        super().readConnectionLost()
 
     def peer_name(self) -> str:
         return _peer(self.transport)
@@ -233,7 +316,12 @@ class ClientConnection(EarlyDataEnd):
 
     def end_lost(self, reason: Failure) -> None:
         self._cancel_pending()
+        self._stop_hello_timer()
         self._early = None
+        if self.termination is None:
+            self.termination = "client-closed"
+        if self.backend is not None:
+            self.backend_received = self.backend.received
         self.frontend.forget(self)
 
     def unlink(self) -> None:
@@ -257,6 +345,8 @@ class ClientConnection(EarlyDataEnd):
 
     def idle_abort(self) -> None:
         self.closing = True
+        if self.termination is None:
+            self.termination = "timeout" if self.frontend.accepting else "drained"
         for end in (self, self.backend):
             if end is not None and not end.lost:
                 end.transport.abortConnection()  # type: ignore[union-attr]
@@ -276,18 +366,28 @@ class TCPFrontend(AdmittedFigures, Factory):
     def __init__(
         self,
         config: FrontendConfig,
-        pool: Pool,
+        pool: Pool | None,
         reactor: IReactorTCP,
         clock: IReactorTime,
         limit: ConnectionLimit | None = None,
+        pools: dict[str, Pool] | None = None,
     ) -> None:
         self.admission = Admission(config.name, config, clock, limit)
         self.pool = pool
+        # every backend by name (tls_passthrough chooses among them)
+        self.pools: dict[str, Pool] = pools if pools is not None else ({pool.config.name: pool} if pool else {})
         self.reactor = reactor
         self.clock = clock
         self.connect_errors = 0
         self.closed_bytes_in = 0
         self.closed_bytes_out = 0
+        # refused by allow/deny; connections per backend chosen by SNI
+        self.denied_total = 0
+        self.routed: collections.Counter[str] = collections.Counter()
+        self.l4_log: L4Log | None = None
+        # the PROXY protocol layer on its listener (rproxy.handoff), if any
+        self.proxy_protocol: Any = None
+        self._configure_log(config)
 
     @property
     def config(self) -> FrontendConfig:
@@ -296,6 +396,36 @@ class TCPFrontend(AdmittedFigures, Factory):
     @config.setter
     def config(self, config: FrontendConfig) -> None:
         self.admission.config = config
+        self._configure_log(config)
+
+    # -- the L4 access log -----------------------------------------------
+
+    def _configure_log(self, config: FrontendConfig) -> None:
+        """
+        Open, keep (reopened: a reload rotates logs), change or close the
+        access log as C{config.l4_log} says.
+        """
+        options = config.l4_log
+        current = self.l4_log
+        if current is not None and options is not None and current.path == options.path:
+            current.set_format(options.format)
+            current.reopen()
+            return
+        if current is not None:
+            current.close()
+        self.l4_log = L4Log(config.name, options.format, options.path, self.clock) if options is not None else None
+
+    def reopen_access_log(self) -> None:
+        """
+        Start a new access log file at the same path (after a rotation).
+        """
+        if self.l4_log is not None:
+            self.l4_log.reopen()
+
+    def _close_log(self, result: Any) -> Any:
+        if self.l4_log is not None:
+            self.l4_log.close()
+        return result
 
     @property
     def name(self) -> str:
@@ -319,11 +449,24 @@ class TCPFrontend(AdmittedFigures, Factory):
     def refused(self, conn: ClientConnection, why: object) -> None:
         self.admission.refused_total += 1
 
+    def denied(self, conn: ClientConnection) -> None:
+        """
+        C{conn}'s client is refused by the allow/deny lists: closed at
+        once, one line.
+        """
+        self.denied_total += 1
+        conn.termination = "refused-acl"
+        self.log.info("frontend {frontend}: refusing {peer}: not allowed by allow/deny",
+                      frontend=self.name, peer=f"{conn.client_host}:{conn.client_port}")
+        conn._abort()
+
     def forget(self, conn: ClientConnection) -> None:
         self.closed_bytes_out += conn.received
         if conn.backend is not None:
             self.closed_bytes_in += conn.backend.received
         self.admission.forget(conn)
+        if conn.logged and self.l4_log is not None:
+            self.l4_log.write(conn, self.clock.seconds())
 
     # -- reporting -------------------------------------------------------
 
@@ -343,7 +486,9 @@ class TCPFrontend(AdmittedFigures, Factory):
         Stop admitting, let open connections finish for up to C{grace}
         seconds, then abort what is left (L{Admission.drain}).
         """
-        return self.admission.drain(grace)
+        drained = self.admission.drain(grace)
+        drained.addBoth(self._close_log)
+        return drained
 
 
 def _nodelay(transport: object) -> None:

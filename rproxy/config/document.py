@@ -64,7 +64,7 @@ def validate(data: object, sources: Sources) -> Config:
         for i, route in enumerate(frontend.routes):
             if route.backend not in names:
                 errors.append(f"{path}.routes[{i}].backend: no backend named {brief(route.backend)}")
-        if frontend.backend not in names:
+        if frontend.backend not in names and frontend.backend:  # (none: protocol detect, tls_passthrough)
             close = difflib.get_close_matches(frontend.backend, sorted(names), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             errors.append(f"{path}.backend: no backend named {brief(frontend.backend)}{hint}")
@@ -75,6 +75,9 @@ def validate(data: object, sources: Sources) -> Config:
             errors.append(f"{path}.listen: {brief(frontend.listen)} is already used by another frontend")
             continue
         frontends.append(frontend)
+    from rproxy.config.l4 import check_references
+
+    errors += check_references(frontends, names, lambda name: _item_path(top, "frontends", name))
     from rproxy.tunnel.config import read_api_keys, read_tunnels
 
     api_keys = read_api_keys(top)

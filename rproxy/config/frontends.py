@@ -79,10 +79,14 @@ def read_frontend(parent: Section, path: str, raw: object, global_: GlobalConfig
     routes = read_routes(section, protocol)
     tls = read_frontend_tls(section)
     access = read_access(section)
+    from rproxy.config.l4 import read_frontend_l4
+
+    l4 = read_frontend_l4(section, protocol)
     frontend = FrontendConfig(
         name=name or "",
         listen=section.value("listen", listen),
-        backend=section.value("backend", v.name),
+        backend=section.value("backend", v.name,
+                              "" if protocol == "detect" or section.has("tls_passthrough") else MISSING),
         protocol=protocol,
         http=http,
         routes=routes,
@@ -96,11 +100,12 @@ def read_frontend(parent: Section, path: str, raw: object, global_: GlobalConfig
         token_pool=section.value("token_pool", v.name, None),
         access=access,
         policy=read_frontend_policy(section, protocol),
+        **l4,
     )
     if frontend.token_pool is not None and protocol != "http":
         section.error("token_pool", "token pools need protocol: http")
     section.finish()
-    if not (name and frontend.backend):
+    if not (name and (frontend.backend or protocol == "detect" or frontend.tls_passthrough)):
         return None
     return frontend
 

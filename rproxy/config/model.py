@@ -38,7 +38,7 @@ ALGORITHMS = (
     "hash",
 )
 HEALTH_TYPES = ("tcp", "http", "none")
-PROTOCOLS = ("tcp", "http")
+PROTOCOLS = ("tcp", "http", "detect")
 
 
 @attrs.frozen
@@ -122,6 +122,8 @@ class BackendConfig:
     queue_size: int = 1024
     queue_timeout: float = 5.0
     tls: UpstreamTLSConfig | None = None
+    # PROXY protocol header sent to the servers: "v1", "v2" or None
+    send_proxy: str | None = None
 
 
 @attrs.frozen
@@ -169,6 +171,12 @@ class FrontendConfig:
     access: Any = None
     # trusted_proxies, auth, redirect (rproxy.config.access.Policy), None: none
     policy: Any = None
+    # rproxy.config.l4: PROXY protocol accepted, L4 access log, protocol
+    # detection, TLS passthrough by SNI (None: off)
+    proxy_protocol: Any = None
+    l4_log: Any = None
+    detect: Any = None
+    tls_passthrough: Any = None
 
     @property
     def access_log(self) -> str:

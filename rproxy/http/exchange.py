@@ -47,6 +47,7 @@ from rproxy.http.state import (
 )
 from rproxy.http.upstream import PeerRefused
 from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
+from rproxy.proxyproto import header_for
 from rproxy.shortage import is_local
 from rproxy.splice import splice_protocols
 
@@ -213,11 +214,17 @@ class Exchange:
         for f in self.frontend.chain.attempt:
             f.attempt(self, server)
         upstreams = self.frontend.upstreams
-        idle = upstreams.take_idle(server)
-        if idle is not None:
-            self.connected(idle)
-            return
-        d = upstreams.get(server, self.pool, self.frontend.config.connect_timeout)
+        send_proxy = getattr(self.pool.config, "send_proxy", None)
+        if send_proxy is None:
+            idle = upstreams.take_idle(server)
+            if idle is not None:
+                self.connected(idle)
+                return
+            d = upstreams.get(server, self.pool, self.frontend.config.connect_timeout)
+        else:
+            # a connection of this client's own, opened with a PROXY protocol header
+            d = upstreams.get(server, self.pool, self.frontend.config.connect_timeout,
+                              header_for(send_proxy, self.client.peer, self.client.transport.getHost()))
         self._pending = d
         d.addCallbacks(self.connected, self.connect_failed)
         d.addErrback(self._callback_failed, "connecting to a server")

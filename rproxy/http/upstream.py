@@ -103,6 +103,9 @@ class UpstreamConnection(Protocol):
         # (not after a HEAD answer, whose body llhttp would wait for)
         self.parser_clean = False
         self.reused = False
+        # opened with a PROXY protocol header for one client (send_proxy):
+        # never kept for another
+        self.private = False
         self.lost = False
         self.idle_since = 0.0
         self.raw = b""  # the bytes of the current response since its head began
@@ -319,7 +322,8 @@ class UpstreamPool:
                 return conn
         return None
 
-    def get(self, server: Server, pool: Pool, timeout: float) -> defer.Deferred[UpstreamConnection]:
+    def get(self, server: Server, pool: Pool, timeout: float,
+            proxy_header: bytes | None = None) -> defer.Deferred[UpstreamConnection]:
         conn = self.take_idle(server)
         if conn is not None:
             return defer.succeed(conn)
@@ -331,6 +335,11 @@ class UpstreamPool:
         tls = pool.config.tls
         if tls is not None:
             factory = TLSMemoryBIOFactory(self._tls_options(tls, server), True, factory)
+        if proxy_header is not None:
+            from rproxy.handoff import HeaderFirstFactory
+
+            conn.private = True
+            factory = HeaderFirstFactory(factory, proxy_header)
         connector = connect_tcp(self.reactor, server.host, server.port, factory, timeout)
 
         def cancel(result: Any) -> Any:
@@ -349,7 +358,7 @@ class UpstreamPool:
         return options
 
     def put(self, conn: UpstreamConnection, now: float | None = None) -> None:
-        if conn.lost or conn.server.draining:
+        if conn.lost or conn.server.draining or conn.private:
             conn.transport.loseConnection()  # type: ignore[union-attr]
             return
         idle = self.idle[conn.server]
