@@ -156,6 +156,9 @@ class AgentConfig:
     connect_timeout: float = 5.0
     # stop (exit 1) when the first login fails, rather than retry (frpc's loginFailExit)
     exit_on_login_failure: bool = False
+    # every server known, (control, proxy) each, the first being
+    # (control, proxy): the agent moves to the next when its own goes away
+    servers: tuple[tuple[tuple[str, int], tuple[str, int]], ...] = ()
 
 
 def _hostport(value: object) -> tuple[str, int]:
@@ -169,6 +172,43 @@ def _model_name(value: object) -> str:
     return text
 
 
+_DEFAULT_SERVER = (("127.0.0.1", 17000), ("127.0.0.1", 17001))
+
+
+def _read_server(section: Section) -> tuple[tuple[str, int], tuple[str, int]]:
+    control = section.value("control", _hostport, _DEFAULT_SERVER[0])
+    proxy = section.value("proxy", _hostport, _DEFAULT_SERVER[1])
+    section.finish()
+    return control, proxy
+
+
+def _read_servers(top: Section) -> tuple[tuple[tuple[str, int], tuple[str, int]], ...]:
+    """
+    C{server:} as one C{{control, proxy}} mapping, or a list of them (or of
+    control addresses C{"host:port"}, whose proxy port is the next one):
+    the servers of a cluster, tried in turn.
+    """
+    raw = top.raw("server")
+    if not isinstance(raw, list):
+        return (_read_server(top.section("server")),)
+    servers = []
+    for path, item in top.items("server"):
+        if isinstance(item, str):
+            try:
+                host, port = _hostport(item)
+            except ValueError as e:
+                top.errors.append(f"{path}: {e}")
+                continue
+            servers.append(((host, port), (host, port + 1 if port < 65535 else port)))
+        else:
+            servers.append(_read_server(top.child(item, path)))
+    if not servers:
+        if not raw:
+            top.error("server", "an empty list: give at least one {control, proxy}")
+        return (_DEFAULT_SERVER,)
+    return tuple(servers)
+
+
 def parse_agent_config(data: object) -> AgentConfig:
     """
     Build an L{AgentConfig} from a parsed document (the CA file it names
@@ -176,10 +216,8 @@ def parse_agent_config(data: object) -> AgentConfig:
     """
     errors: list[str] = []
     top = Section(data, "", errors, read_sources(data, AGENT_FILE_KEYS, {}))
-    server = top.section("server")
-    control = server.value("control", _hostport, ("127.0.0.1", 17000))
-    proxy = server.value("proxy", _hostport, ("127.0.0.1", 17001))
-    server.finish()
+    servers = _read_servers(top)
+    control, proxy = servers[0]
     tls = top.section("tls")
     ca = tls.file("ca", missing=_NO_FILE)
     server_name = tls.value("server_name", v.text, None)
@@ -223,6 +261,7 @@ def parse_agent_config(data: object) -> AgentConfig:
         reconnect_max=maximum,
         connect_timeout=top.value("connect_timeout", v.duration, 5.0),
         exit_on_login_failure=top.value("exit_on_login_failure", v.boolean, False),
+        servers=servers,
     )
     if config.models_from is not None and not re.match(r"^https?://[^/\s]+(/\S*)?\Z", config.models_from):
         errors.append(f"models_from: {brief(config.models_from)} is not an http:// or https:// URL")
