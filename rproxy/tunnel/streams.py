@@ -136,6 +136,16 @@ class PublicProtocol(EarlyDataEnd):
                              tunnel=self.server.name, peer=peer_address(self.transport), agent=agent.agent_id, why=why)
         self.transport.loseConnection()  # type: ignore[union-attr]
 
+    def retry_elsewhere(self, pending: Pending, why: str) -> None:
+        """
+        The stream asked through another node will not come (already
+        forgotten): the next agent is asked.
+        """
+        self.pending = None
+        self.server.log.info("tunnel {tunnel}: agent {agent} (node {node}) cannot open a stream: {why}",
+                             tunnel=self.server.name, agent=pending.agent.agent_id, node=pending.agent.node, why=why)
+        self.request_stream()
+
     def open_timed_out(self, pending: Pending) -> None:
         pending.timer = None
         self.server.registry.forget(pending)
