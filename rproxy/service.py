@@ -511,6 +511,8 @@ class RProxyService(MultiService):
             reopen = getattr(frontend, "reopen_access_log", None)
             if reopen is not None:
                 reopen()
+        for tunnel in self.tunnels.values():
+            tunnel.reopen_access_log()
         self.log.info("access logs reopened")
 
     def reload_from_file(self) -> defer.Deferred[None]:

@@ -52,6 +52,9 @@ class TunnelConfig:
     strict_models: bool = True  # unknown model: 404 (false: any agent)
     model_body_limit: int = 1024 * 1024  # JSON bodies read for their "model" field
     header_timeout: float = 10.0
+    # mode: tcp: one line per stream (rproxy.tunnel.streamlog)
+    access_log: str = "off"  # off | text | json
+    access_log_path: str | None = None  # a file of its own; None: the process log
 
 
 # the largest JSON body a mode: http tunnel reads for its "model" field
@@ -66,6 +69,31 @@ def _read_tls(section: Section) -> TLSConfig | None:
     cert, key = section.file("cert", True, _NO_FILE), section.file("key", True, _NO_FILE)
     section.finish()
     return TLSConfig(cert=cert, key=key) if cert and key else None
+
+
+_STREAM_LOG_FORMATS = ("off", "text", "json")
+
+
+def _read_stream_log(section: Section) -> tuple[str, str | None]:
+    """
+    C{access_log: FORMAT} (to the process log) or C{access_log: {format,
+    path}} (a file of its own).
+    """
+    if not section.has("access_log"):
+        return "off", None
+    raw = section.data["access_log"]
+    if not isinstance(raw, dict):
+        return section.value("access_log", v.choice(_STREAM_LOG_FORMATS), "off"), None
+    log = section.section("access_log")
+    format_ = log.value("format", v.choice(_STREAM_LOG_FORMATS), "text")
+    path = log.value("path", v.text, None)
+    if path is not None and any(c in path for c in "\0\r\n"):
+        log.error("path", f"{brief(path)} is not a file path")
+        path = None
+    if format_ == "off" and path is not None:
+        log.error("path", "the access log is off (format: off); set format: text or json")
+    log.finish()
+    return format_, path
 
 
 def read_api_keys(top: Section) -> tuple[ApiKeyConfig, ...]:
@@ -96,6 +124,7 @@ def read_tunnels(top: Section) -> tuple[TunnelConfig, ...]:
         algorithm = section.value("algorithm", v.choice(TUNNEL_ALGORITHMS), d.algorithm)
         if algorithm == "model" and mode != "http":
             section.error("algorithm", "model routing needs mode: http")
+        access_log, access_log_path = _read_stream_log(section)
         tunnel = TunnelConfig(
             name=section.value("name", v.name) or "",
             control=section.value("control", listen, d.control),
@@ -111,7 +140,12 @@ def read_tunnels(top: Section) -> tuple[TunnelConfig, ...]:
             strict_models=section.value("strict_models", v.boolean, True),
             model_body_limit=section.value("model_body_limit", v.size, d.model_body_limit),
             header_timeout=section.value("header_timeout", v.duration, d.header_timeout),
+            access_log=access_log,
+            access_log_path=access_log_path,
         )
+        if tunnel.mode == "http" and tunnel.access_log != "off":
+            section.error("access_log", "applies to mode: tcp streams (mode: http requests are logged by the "
+                                        "HTTP engine)")
         if tunnel.mode != "http":
             for key in ("strict_models", "model_body_limit", "header_timeout"):
                 if section.has(key):

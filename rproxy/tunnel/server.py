@@ -35,6 +35,7 @@ from rproxy.transport import server_endpoint
 from rproxy.tunnel.config import TunnelConfig
 from rproxy.tunnel.httpmode import AgentConnector, frontend_config, tunnel_frontend
 from rproxy.tunnel.registry import AgentSession, Pending, Registry, StaticKeys, TooManyPending
+from rproxy.tunnel.streamlog import StreamLog
 from rproxy.tunnel.streams import ProxyProtocol, PublicProtocol, peer_address
 from rproxy.tunnel.wire import (
     MAX_FRAME,
@@ -255,6 +256,8 @@ class TunnelServer:
         self.observe_open = lambda seconds: None
         self.events: Any = None  # rproxy.events.EventSink, with stores
         self.cluster: Any = None  # rproxy.cluster.node.ClusterNode, with cluster:
+        self.stream_log: StreamLog | None = None
+        self._open_stream_log(config)
         # mode http: the public port's HTTP frontend and its agents connector
         self.http: HTTPFrontend | None = None
         self.connector: AgentConnector | None = None
@@ -264,6 +267,26 @@ class TunnelServer:
     @property
     def name(self) -> str:
         return self.config.name
+
+    def _open_stream_log(self, config: TunnelConfig) -> None:
+        if self.stream_log is not None:
+            self.stream_log.close()
+            self.stream_log = None
+        if config.access_log == "off":
+            return
+        try:
+            self.stream_log = StreamLog(config.access_log == "json", config.access_log_path, self.clock)
+        except OSError as e:
+            self.log.error("tunnel {tunnel}: access log {path}: cannot open: {why}; logging to the process log",
+                           tunnel=config.name, path=config.access_log_path, why=e.strerror or e)
+            self.stream_log = StreamLog(config.access_log == "json", None, self.clock)
+
+    def reopen_access_log(self) -> None:
+        """
+        Go on in a new stream log file at the same path (after a rotation).
+        """
+        if self.stream_log is not None:
+            self.stream_log.reopen()
 
     @property
     def public_connections(self) -> set[PublicProtocol]:
@@ -318,6 +341,8 @@ class TunnelServer:
         what comes next.
         """
         old, self.config = self.config, config
+        if (old.access_log, old.access_log_path) != (config.access_log, config.access_log_path):
+            self._open_stream_log(config)
         self.registry.algorithm = config.algorithm
         self.registry.max_pending = config.max_pending
         mode_changed = old.mode != config.mode
@@ -527,6 +552,8 @@ class TunnelServer:
                 conn.idle_abort()
         if self.connector is not None:
             self.connector.close()
+        if self.stream_log is not None:
+            self.stream_log.close()
 
     def agents(self) -> list[dict[str, Any]]:
         """
