@@ -15,15 +15,15 @@ from rproxy.config import ConfigError
 from rproxy.config.load import config_from_mapping
 from rproxy.tunnel.streamlog import StreamLog
 from tests.support import ServiceMixin, async_test, wait_for
-from tests.test_e2e_tunnel import TunnelTests
+from tests import test_e2e_tunnel
 
 
 class StreamLogTests(ServiceMixin, TestCase):
     timeout = 60
     # the tunnel tests' helpers, not their tests
-    start_tunnel = TunnelTests.start_tunnel
-    start_agent = TunnelTests.start_agent
-    public = TunnelTests.public
+    start_tunnel = test_e2e_tunnel.TunnelTests.start_tunnel
+    start_agent = test_e2e_tunnel.TunnelTests.start_agent
+    public = test_e2e_tunnel.TunnelTests.public
     def lines(self) -> list[dict[str, Any]]:
         self.tunnel.stream_log.file.flush()
         with open(self.path) as f:
