@@ -68,9 +68,9 @@ def check_agent_config(path: str) -> int:
         print(f"{path}: invalid agent configuration ({len(e.errors)} problem{'s' if len(e.errors) != 1 else ''})",
               file=sys.stderr)
         return 1
-    host, port = config.control
+    servers = ", ".join(f"{host}:{port}" for (host, port), _ in config.servers or ((config.control, config.proxy),))
     models = ", ".join(config.models) or (f"from {config.models_from}" if config.models_from else "none")
-    print(f"{path}: ok (agent {config.agent_id or '(id kept in ' + config.state_dir + ')'} for {host}:{port}, "
+    print(f"{path}: ok (agent {config.agent_id or '(id kept in ' + config.state_dir + ')'} for {servers}, "
           f"{len(config.services)} service{'s' if len(config.services) != 1 else ''}: "
           f"{', '.join(s.name for s in config.services)}; models: {models})")
     return 0
