@@ -80,6 +80,9 @@ def snapshot(node_id: str, tunnels: Iterable[Any], now: float, serving: bool = T
                     "load": hb.load if hb else None, "cpu": hb.cpu if hb else None,
                     "memory": hb.memory if hb else None, "disk": hb.disk if hb else None,
                     "system_info": session.system_info,
+                    # a dedicated agent serves requests bearing its key only
+                    # (mode http): the other nodes check the same digest
+                    "key_digest": session.key_digest.hex() if session.dedicated else None,
                 })
         using = {agent_id: _local_streams(s) for agent_id, s in registry.remote.items() if _local_streams(s)}
         document["tunnels"][tunnel.name] = {"agents": agents, "using": using}
@@ -128,6 +131,10 @@ def parse_snapshot(document: Any) -> dict[str, Any]:
                 raise ValueError("agent: models not a list of names")
             if not isinstance(agent.get("since"), (int, float)):
                 raise ValueError("agent: since not a number")
+            digest = agent.get("key_digest")
+            if digest is not None and (not isinstance(digest, str) or len(digest) != 64):
+                raise ValueError("agent: key_digest malformed")
+            bytes.fromhex(digest or "")
         for agent_id, count in using.items():
             _text(agent_id)
             _count(count)
@@ -174,6 +181,7 @@ def merge(node_id: str, tunnel: Any, snapshots: Iterable[dict[str, Any]], ask: C
         session.models = tuple(agent["models"])
         session.level = agent["level"]
         session.key_name = str(agent.get("key") or "")
+        session.key_digest = bytes.fromhex(agent.get("key_digest") or "")
         session.last_seen = now
         session.described = agent
         # its streams at its node, and through every node but this one
