@@ -310,3 +310,16 @@ class NodeTests(SynchronousTestCase):
             self.b.received(PREFIX + "to:b", data)
         lines = [e for e in self.logged if "malformed message" in e.get("log_format", "")]
         self.assertEqual(len(lines), 4)
+
+
+class MonitorTests(SynchronousTestCase):
+    def test_node_column(self) -> None:
+        """In a cluster the monitor shows each agent's node; without one its table is unchanged."""
+        from rproxy import cli
+
+        agent = {"id": "a1", "cpu": 1.0, "memory": 2.0, "disk": 3.0, "active_streams": 4, "last_heartbeat_ago": 1}
+        lines = cli.monitor_lines({"tunnels": [{"name": "gpu", "agents": [dict(agent, node="edge-2")]}]})
+        self.assertIn("Node", lines[0])
+        self.assertEqual(lines[2], "gpu        a1                     edge-2           1.00        2.00      3.00"
+                                   "        4  1s ago")
+        self.assertNotIn("Node", cli.monitor_lines({"tunnels": [{"name": "gpu", "agents": [agent]}]})[0])

@@ -6,8 +6,11 @@ local services.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
+
+from twisted.internet.utils import getProcessOutput
 
 from twisted.trial.unittest import TestCase
 
@@ -104,6 +107,16 @@ class ClusterTests(ServiceMixin, TestCase):
                          {"a1": ("a", ["llama"]), "c1": ("c", ["qwen"])})
         health = self.nodes["b"].health_detail()["cluster"]
         self.assertEqual((health["node_id"], health["state"], health["nodes"]), ("b", "up", ["a", "b", "c"]))
+        # the admin API of node b, with curl
+        admin = self.nodes["b"].admin_port.getHost().port
+        out = await getProcessOutput("curl", ["-s", f"http://127.0.0.1:{admin}/api/v1/agents"])
+        listed = json.loads(out)["tunnels"][0]["agents"]
+        self.assertEqual([(a["id"], a["node"]) for a in listed], [("a1", "a"), ("c1", "c")])
+        out = await getProcessOutput("curl", ["-s", f"http://127.0.0.1:{admin}/api/v1/models"])
+        self.assertEqual([(m["id"], m["agents"]) for m in json.loads(out)["data"]],
+                         [("llama", ["gpu/a1"]), ("qwen", ["gpu/c1"])])
+        out = await getProcessOutput("curl", ["-s", f"http://127.0.0.1:{admin}/health"])
+        self.assertEqual(json.loads(out)["cluster"]["cross_node"], "on")
 
     @async_test
     async def test_session_replaced_across_nodes(self) -> None:

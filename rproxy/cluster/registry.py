@@ -76,7 +76,7 @@ def snapshot(node_id: str, tunnels: Iterable[Any], now: float, serving: bool = T
                 agents.append({
                     "id": session.agent_id, "key": session.key_name, "level": session.level,
                     "models": list(session.models), "streams": _local_streams(session),
-                    "since": session.connected_at, "peer": session.peer,
+                    "since": session.connected_at, "peer": session.peer, "heartbeat_at": session.last_heartbeat,
                     "load": hb.load if hb else None, "cpu": hb.cpu if hb else None,
                     "memory": hb.memory if hb else None, "disk": hb.disk if hb else None,
                     "system_info": session.system_info,

@@ -576,6 +576,18 @@ class TunnelServer:
                     "system_info": seen.get("system_info") or {}, "models": list(session.models),
                     "cpu": seen.get("cpu"), "memory": seen.get("memory"), "disk": seen.get("disk"),
                     "load": seen.get("load"), "active_streams": seen.get("streams", 0),
+                    # its node keeps these: unknown here
+                    "last_heartbeat_ago": _ago(now, seen.get("heartbeat_at")), "devices": [], "pooled_idle": 0,
+                    "streams_opened": None, "streams_failed": None,
                 }
             listed.append(entry)
         return listed
+
+
+def _ago(now: float, then: Any) -> float | None:
+    """
+    Seconds since C{then} (another node's clock: never negative), or None.
+    """
+    if isinstance(then, bool) or not isinstance(then, (int, float)):
+        return None
+    return round(max(now - then, 0.0), 3)
