@@ -255,9 +255,11 @@ class RProxyService(MultiService):
 
     def _apply_cluster(self, new: Config) -> None:
         """
-        Join the cluster (L{rproxy.cluster}) once; a change takes effect after a restart.
+        Join the cluster (L{rproxy.cluster}) once, with tunnels to share (a
+        process without any, such as a worker of C{workers: N} whose master
+        holds the tunnels, is no node); a change takes effect after a restart.
         """
-        if self.cluster is None and new.cluster is not None and new.stores is not None:
+        if self.cluster is None and new.cluster is not None and new.stores is not None and new.tunnels:
             from rproxy.cluster.node import ClusterNode
 
             self.cluster = ClusterNode(new.cluster, new.stores.redis_url, self.tunnels, self.reactor, self.clock)

@@ -199,3 +199,27 @@ class ClusterTests(ServiceMixin, TestCase):
         client, hello = await self.greeting("b")
         self.assertIn(hello, (b"a1\n", b"c1\n"))
         self.assertEqual(self.nodes["b"].health_detail()["cluster"]["cross_node"], "on")
+
+    @async_test
+    async def test_no_tunnels_no_node(self) -> None:
+        """
+        A process without tunnels (a worker of workers: N, whose master
+        holds them) does not join: the master is the machine's node.
+        """
+        from rproxy.workers.views import master_view, worker_view
+        from rproxy.config.load import config_from_mapping
+
+        service = await self.start_node("m")
+        config = config_from_mapping({
+            "stores": {"redis": {"url": self.redis.url}}, "api_keys": [{"key": "k"}],
+            "tunnels": [{"name": "gpu", "control": "tcp:0", "proxy": "tcp:0", "public": "tcp:0"}],
+            "cluster": {"node_id": "m", "advertise": {"proxy": "127.0.0.1:0"}},
+        })
+        self.assertEqual(master_view(config).cluster, config.cluster)
+        self.assertIsNotNone(service.cluster)
+        worker = await self.start_service({
+            "stores": {"redis": {"url": self.redis.url}}, "api_keys": [{"key": "k"}],
+            "cluster": {"node_id": "m", "advertise": {"proxy": "127.0.0.1:0"}},
+        })
+        self.assertIsNone(worker.cluster)
+        self.assertEqual(worker_view(config, 0, 2).tunnels, ())
