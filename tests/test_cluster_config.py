@@ -38,8 +38,8 @@ class ClusterConfigTests(SynchronousTestCase):
 
     def test_read(self) -> None:
         config = config_from_mapping(document(node_id="edge-1", advertise={"proxy": "10.0.0.5:17001"},
-                                              heartbeat_interval="200ms", heartbeat_timeout="1s"))
-        self.assertEqual(config.cluster, ClusterConfig("edge-1", ("10.0.0.5", 17001), 0.2, 1.0))
+                                              heartbeat_interval="200ms", heartbeat_timeout="600ms"))
+        self.assertEqual(config.cluster, ClusterConfig("edge-1", ("10.0.0.5", 17001), 0.2, 0.6))
 
     def test_port_zero(self) -> None:
         """Port 0 advertises the port the proxy listener bound."""
@@ -55,10 +55,10 @@ class ClusterConfigTests(SynchronousTestCase):
 
     def test_key_paths(self) -> None:
         self.assertEqual(sorted(self.errors(document(node_id="bad id", advertise={"proxy": "nohost"},
-                                                     heartbeat_timeout="1s", colour=1))), sorted([
+                                                     heartbeat_timeout="2s", colour=1))), sorted([
             "cluster.node_id: 'bad id' is not a node id (1-64 letters, digits, '.', '_', '-')",
             "cluster.advertise.proxy: invalid address 'nohost' (expected host:port)",
-            "cluster.heartbeat_timeout: must be at least twice heartbeat_interval (1s)",
+            "cluster.heartbeat_timeout: must be at least 3 times heartbeat_interval (1s)",
             "cluster.colour: unknown key",
         ]))
 

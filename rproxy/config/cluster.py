@@ -6,7 +6,7 @@ streams opened through another node (see L{rproxy.cluster}).
     node_id: edge-1
     advertise: {proxy: "10.0.0.5:17001"}   # port 0: the port the proxy listener bound
     heartbeat_interval: 1s                  # how often this node renews its record
-    heartbeat_timeout: 5s                   # a node silent this long drops out
+    heartbeat_timeout: 5s                   # a node silent this long drops out (>= 3x interval)
 
 Without the section nothing changes; with it, C{stores.redis} is required.
 """
@@ -65,8 +65,10 @@ def read_cluster(top: Section, stores: object, tunnels: tuple[object, ...]) -> C
     interval = section.value("heartbeat_interval", v.duration, 1.0)
     timeout = section.value("heartbeat_timeout", v.duration, 5.0)
     section.finish()
-    if interval is not None and timeout is not None and timeout < 2 * interval:
-        section.error("heartbeat_timeout", f"must be at least twice heartbeat_interval ({interval:g}s)")
+    # the record lives timeout - interval and is renewed every interval:
+    # a margin of one interval for a slow renewal
+    if interval is not None and timeout is not None and timeout < 3 * interval:
+        section.error("heartbeat_timeout", f"must be at least 3 times heartbeat_interval ({interval:g}s)")
     if getattr(stores, "redis_url", None) is None:
         section.errors.append("cluster: needs stores.redis.url (or REDIS_URL): the nodes share state through Redis")
     if proxy is not None and proxy[1] != 0 and len(tunnels) > 1:
