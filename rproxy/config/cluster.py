@@ -67,7 +67,7 @@ def read_cluster(top: Section, stores: object, tunnels: tuple[object, ...]) -> C
     section.finish()
     # the record lives timeout - interval and is renewed every interval:
     # a margin of one interval for a slow renewal
-    if interval is not None and timeout is not None and timeout < 3 * interval:
+    if interval is not None and timeout is not None and timeout < 3 * interval - 1e-9:
         section.error("heartbeat_timeout", f"must be at least 3 times heartbeat_interval ({interval:g}s)")
     if getattr(stores, "redis_url", None) is None:
         section.errors.append("cluster: needs stores.redis.url (or REDIS_URL): the nodes share state through Redis")
