@@ -10,6 +10,8 @@ import json
 import time
 from typing import Any
 
+from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutput
 
 from twisted.trial.unittest import TestCase
@@ -83,6 +85,79 @@ class ClusterTests(ServiceMixin, TestCase):
     async def greeting(self, node_id: str) -> tuple[Client, bytes]:
         client = await self.public(node_id)
         return client, await client.read_until(b"\n")
+
+    async def crash(self, node_id: str) -> None:
+        """
+        Node C{node_id} dies at once: no goodbye in Redis, its listeners
+        and every connection it holds cut.
+        """
+        service = self.nodes[node_id]
+        cluster = service.cluster
+        cluster._stopped = True
+        if cluster._timer is not None and cluster._timer.active():
+            cluster._timer.cancel()
+        await cluster.subscriber.stopService()
+        tunnel = service.tunnels["gpu"]
+        for port in list(tunnel.ports.values()):
+            await port.stopListening()
+        tunnel.ports.clear()
+        for session in list(tunnel.registry.agents.values()):
+            session.control.transport.abortConnection()
+        for public in list(tunnel.public_connections):
+            public.abort()
+
+    def traffic(self, node_id: str, figures: dict[str, Any]) -> Any:
+        """
+        New streams on C{node_id}, one after the other until
+        C{figures["stop"]}: each greets and echoes; counted in C{figures}.
+        """
+        async def loop() -> None:
+            while not figures.get("stop"):
+                try:
+                    client = await connect(self.tunnel(node_id).port_of("public"))
+                    greeting = await client.read_until(b"\n", timeout=5)
+                    client.transport.write(b"ping\n")
+                    await client.read_until(b"ping\n", timeout=5)
+                    client.transport.abortConnection()
+                    figures.setdefault("agents", set()).add(greeting.strip().decode())
+                    figures["ok"] = figures.get("ok", 0) + 1
+                except Exception as e:  # noqa: BLE001 - counted
+                    figures["failed"] = figures.get("failed", 0) + 1
+                    figures.setdefault("why", []).append(repr(e))
+                await deferLater(reactor, 0.02, lambda: None)
+
+        return defer.Deferred.fromCoroutine(loop())
+
+    @async_test
+    async def test_crash_a_node_under_traffic(self) -> None:
+        """
+        Node a crashes (no goodbye) while users on b open streams one after
+        another: the stream spliced on a is lost, b's stream through a's
+        agent goes on, no new stream on b fails (an open asked of the dead
+        node is refused at once and goes to the next agent), and a's agent
+        is served again from c.
+        """
+        await self.three_nodes()
+        on_a, _ = await self.greeting("a")
+        held = [await self.greeting("b") for _ in range(2)]
+        through_a1 = [c for c, h in held if h == b"a1\n"][0]
+        figures: dict[str, Any] = {}
+        running = self.traffic("b", figures)
+        await wait_for(lambda: figures.get("ok", 0) >= 5)
+        crashed = time.monotonic()
+        await self.crash("a")
+        await wait_for(lambda: on_a.lost, timeout=5)
+        await wait_for(lambda: getattr(self.tunnel("b").registry.remote.get("a1"), "node", None) == "c", timeout=5)
+        moved = time.monotonic() - crashed
+        served = figures.get("ok", 0)
+        await wait_for(lambda: figures.get("ok", 0) >= served + 10)
+        figures["stop"] = True
+        await running
+        self.assertEqual(figures.get("failed", 0), 0, figures.get("why"))
+        self.assertEqual(figures["agents"], {"a1", "c1"})
+        self.assertLess(moved, TIMEOUT + 1.0)
+        through_a1.transport.write(b"still here\n")
+        self.assertEqual(await through_a1.read_until(b"\n"), b"still here\n")
 
     @async_test
     async def test_users_on_a_third_node_reach_both_agents(self) -> None:
@@ -181,6 +256,9 @@ class ClusterTests(ServiceMixin, TestCase):
         """
         await self.three_nodes()
         across, hello = await self.greeting("b")
+        on_a: dict[str, Any] = {}
+        running = self.traffic("a", on_a)  # a's users, a's agent: Redis plays no part
+        await wait_for(lambda: on_a.get("ok", 0) >= 3)
         self.redis.stop()
         await wait_for(lambda: self.nodes["b"].cluster.state == "down", timeout=5)
         self.assertEqual(self.tunnel("b").registry.remote, {})
@@ -199,6 +277,10 @@ class ClusterTests(ServiceMixin, TestCase):
         client, hello = await self.greeting("b")
         self.assertIn(hello, (b"a1\n", b"c1\n"))
         self.assertEqual(self.nodes["b"].health_detail()["cluster"]["cross_node"], "on")
+        on_a["stop"] = True
+        await running
+        self.assertEqual(on_a.get("failed", 0), 0, on_a.get("why"))
+        self.assertGreater(on_a["ok"], 10)
 
     @async_test
     async def test_no_tunnels_no_node(self) -> None:
