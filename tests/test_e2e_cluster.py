@@ -13,7 +13,6 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutput
-
 from twisted.trial.unittest import TestCase
 
 from rproxy.tunnel.agent import AgentService
@@ -197,8 +196,8 @@ class ClusterTests(ServiceMixin, TestCase):
     async def test_session_replaced_across_nodes(self) -> None:
         """An agent that logs in to another node is dropped by the old one at once."""
         await self.three_nodes()
-        from tests.test_e2e_tunnel import FakeAgent
         from rproxy.tunnel.wire import Login
+        from tests.test_e2e_tunnel import FakeAgent
 
         fake = FakeAgent()
         await connect(self.tunnel("b").port_of("control"), fake)  # type: ignore[arg-type]
@@ -288,8 +287,8 @@ class ClusterTests(ServiceMixin, TestCase):
         A process without tunnels (a worker of workers: N, whose master
         holds them) does not join: the master is the machine's node.
         """
-        from rproxy.workers.views import master_view, worker_view
         from rproxy.config.load import config_from_mapping
+        from rproxy.workers.views import master_view, worker_view
 
         service = await self.start_node("m")
         config = config_from_mapping({

@@ -14,8 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from rproxy.config import ConfigError
 from rproxy.config.load import config_from_mapping
 from rproxy.tunnel.streamlog import StreamLog
-from tests.support import ServiceMixin, async_test, wait_for
 from tests import test_e2e_tunnel
+from tests.support import ServiceMixin, async_test, wait_for
 
 
 class StreamLogTests(ServiceMixin, TestCase):

@@ -218,7 +218,7 @@ class ClusterNode:
             return []
         values = await redis.mget([f"{PREFIX}node:{m}" for m in members])
         snapshots, gone = [], []
-        for member, raw in zip(members, values):
+        for member, raw in zip(members, values, strict=False):
             if raw is None:
                 gone.append(member)
                 continue

@@ -38,9 +38,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rproxy.config.values import parse_hostport
 from rproxy.splice import SpliceEnd, splice
 from rproxy.transport import connect_tcp
-from rproxy.config.values import parse_hostport
 from rproxy.tunnel.config import AgentConfig, ServiceConfig
 from rproxy.tunnel.wire import (
     MAX_FRAME,
