@@ -103,6 +103,7 @@ class FakeTunnel:
         self.proxy_port = proxy_port
         self.dropped: list[tuple[str, str]] = []
         self.refused: list[tuple[str, str]] = []
+        self.gone: list[str] = []
         self.config = type("C", (), {"open_timeout": 2.0})()
 
     def port_of(self, role: str) -> int:
@@ -117,6 +118,9 @@ class FakeTunnel:
     def drop_session(self, session: AgentSession, why: str) -> None:
         self.registry.remove(session)
         self.dropped.append((session.agent_id, why))
+
+    def remote_gone(self, session: AgentSession) -> None:
+        self.gone.append(session.agent_id)
 
     def remote_refused(self, pending: Any, why: str) -> None:
         self.registry.forget(pending)
@@ -156,8 +160,10 @@ class MergeTests(SynchronousTestCase):
         self.a.login("x")
         merge("b", self.b, self.documents(), lambda *a: None, 100.0)
         first = self.b.registry.remote["x"]
-        merge("b", self.b, self.documents(), lambda *a: None, 101.0)
+        self.assertEqual(merge("b", self.b, self.documents(), lambda *a: None, 101.0), [])
         self.assertIs(self.b.registry.remote["x"], first)
+        self.a.registry.agents.clear()
+        self.assertEqual(merge("b", self.b, self.documents(), lambda *a: None, 102.0), [first])
 
     def test_local_login_wins(self) -> None:
         self.a.login("x")
@@ -228,6 +234,7 @@ class NodeTests(SynchronousTestCase):
         self.a._timer.cancel()
         self.clock.pump([1.0] * 5)
         self.assertEqual(self.tb.registry.remote, {})
+        self.assertEqual(self.tb.gone, ["x"])  # told once, to let mode http forget it
         self.assertEqual(self.b.nodes, ["b"])
         self.assertNotIn("a", self.redis.sets[PREFIX + "nodes"])
 

@@ -138,7 +138,7 @@ class ClusterNode:
                 timer.cancel()
         self._relayed.clear()
         for tunnel in self.tunnels.values():
-            forget_remote(tunnel)
+            self._gone(tunnel, forget_remote(tunnel))
         if self.subscriber is not None:
             await self.subscriber.stopService()
         if self.redis is not None and self.state == "up":
@@ -241,7 +241,7 @@ class ClusterNode:
         self.nodes = sorted(d["node"] for d in snapshots)
         now = self.clock.seconds()
         for tunnel in self.tunnels.values():
-            merge(self.node_id, tunnel, snapshots, self.ask, now)
+            self._gone(tunnel, merge(self.node_id, tunnel, snapshots, self.ask, now))
 
     def _down(self, failure: Failure) -> None:
         if self._stopped:
@@ -253,7 +253,12 @@ class ClusterNode:
             self.down_since = self.clock.seconds()
         self.nodes = []
         for tunnel in self.tunnels.values():
-            forget_remote(tunnel)
+            self._gone(tunnel, forget_remote(tunnel))
+
+    @staticmethod
+    def _gone(tunnel: Any, sessions: list[Any]) -> None:
+        for session in sessions:
+            tunnel.remote_gone(session)
 
     # -- messages ------------------------------------------------------------
 

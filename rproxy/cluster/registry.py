@@ -142,11 +142,13 @@ def parse_snapshot(document: Any) -> dict[str, Any]:
 
 
 def merge(node_id: str, tunnel: Any, snapshots: Iterable[dict[str, Any]], ask: Callable[..., None],
-          now: float) -> None:
+          now: float) -> list[AgentSession]:
     """
     Make C{tunnel}'s registry see the agents of the other nodes: remote
     sessions in C{registry.remote}, created, updated in place or dropped,
     and every agent's C{remote_load}.
+
+    @return: the remote sessions dropped.
     """
     registry = tunnel.registry
     owners: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -188,15 +190,21 @@ def merge(node_id: str, tunnel: Any, snapshots: Iterable[dict[str, Any]], ask: C
         session.remote_load = agent["streams"] + sum(
             n for other, n in using.get(agent_id, {}).items() if other not in (node_id, node))
         remote[agent_id] = session
+    gone = [s for i, s in registry.remote.items() if remote.get(i) is not s]
     registry.remote = remote
     for agent_id, session in registry.agents.items():
         session.remote_load = sum(n for other, n in using.get(agent_id, {}).items() if other != node_id)
+    return gone
 
 
-def forget_remote(tunnel: Any) -> None:
+def forget_remote(tunnel: Any) -> list[AgentSession]:
     """
     Redis is gone: no cross-node routing, loads are this node's own.
+
+    @return: the remote sessions dropped.
     """
+    gone = list(tunnel.registry.remote.values())
     tunnel.registry.remote = {}
     for session in tunnel.registry.agents.values():
         session.remote_load = 0
+    return gone

@@ -489,6 +489,15 @@ class TunnelServer:
         self.streams_failed += 1
         public.stream_refused(session, why)
 
+    def remote_gone(self, session: AgentSession) -> None:
+        """
+        An agent of another node is no longer seen (it left, or Redis did):
+        mode http forgets it (its idle data connections close, opens
+        waiting for it fail over); streams open through it go on.
+        """
+        if self.connector is not None:
+            self.connector.agent_gone(session)
+
     def remote_refused(self, pending: Pending, why: str) -> None:
         """
         A stream asked through another node will not come (that node does
