@@ -282,10 +282,15 @@ class ClusterNode:
         if tunnel is None or not isinstance(message, RequestNewProxyConn):
             return
         self.asked += 1
+        try:
+            proxy = self.advertised(tunnel)
+        except KeyError:  # the proxy port does not listen (it could not bind)
+            self.refused(tunnel_name, message.conn_id, "this node's proxy port does not listen")
+            return
         d = self._publish(f"{PREFIX}to:{node}", {
             "op": "open", "from": self.node_id, "tunnel": tunnel_name, "agent": agent_id,
             "conn_id": message.conn_id, "secret": message.secret, "service": message.service,
-            "proxy": self.advertised(tunnel),
+            "proxy": proxy,
         })
 
         def sent(listeners: Any) -> None:
