@@ -218,7 +218,7 @@ class ClusterTests(ServiceMixin, TestCase):
         started_at = time.monotonic()
         await wait_for(lambda: "a1" not in self.tunnel("b").registry.remote, timeout=5)
         gone = time.monotonic() - started_at
-        self.assertLess(gone, TIMEOUT + INTERVAL + 0.2)
+        self.assertLess(gone, TIMEOUT + 0.5)  # within heartbeat_timeout, with slack for a loaded machine
 
     @async_test
     async def test_kill_a_node_under_traffic(self) -> None:
