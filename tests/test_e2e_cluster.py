@@ -191,6 +191,10 @@ class ClusterTests(ServiceMixin, TestCase):
                          [("llama", ["gpu/a1"]), ("qwen", ["gpu/c1"])])
         out = await getProcessOutput("curl", ["-s", f"http://127.0.0.1:{admin}/health"])
         self.assertEqual(json.loads(out)["cluster"]["cross_node"], "on")
+        out = (await getProcessOutput("curl", ["-s", f"http://127.0.0.1:{admin}/metrics"])).decode()
+        for line in ('rproxy_tunnel_remote_agents{tunnel="gpu"} 2.0', "rproxy_cluster_up 1.0",
+                     'rproxy_tunnel_streams_active{tunnel="gpu"} 2.0'):
+            self.assertIn(line, out.splitlines())
 
     @async_test
     async def test_session_replaced_across_nodes(self) -> None:
