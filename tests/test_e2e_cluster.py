@@ -212,6 +212,26 @@ class ClusterTests(ServiceMixin, TestCase):
         self.assertEqual(self.nodes["a"].cluster.kicked, 1)
 
     @async_test
+    async def test_open_asked_of_a_silent_node_goes_elsewhere(self) -> None:
+        """
+        An open asked of a node nobody listens for (gone since b last read
+        the records) is refused at once by Redis's publish count, and the
+        user is offered to the next agent: no wait for open_timeout.
+        """
+        await self.three_nodes()
+        b = self.nodes["b"].cluster
+        b._stopped = True  # freeze b's view of the cluster
+        if b._timer is not None and b._timer.active():
+            b._timer.cancel()
+        ghost = self.tunnel("b").registry.remote["a1"]
+        ghost.node = ghost.control.node = "ghost"
+        started = time.monotonic()
+        held = [await self.greeting("b") for _ in range(3)]
+        self.assertEqual([hello for _, hello in held], [b"c1\n"] * 3)
+        self.assertLess(time.monotonic() - started, 1.5)  # open_timeout is 2s
+        self.assertGreaterEqual(ghost.failed_total, 2)
+
+    @async_test
     async def test_dead_node_drops_out_within_heartbeat_timeout(self) -> None:
         """A node that stops renewing its record is gone from the others within heartbeat_timeout."""
         await self.three_nodes()
