@@ -198,18 +198,29 @@ class ClusterTests(ServiceMixin, TestCase):
 
     @async_test
     async def test_session_replaced_across_nodes(self) -> None:
-        """An agent that logs in to another node is dropped by the old one at once."""
-        await self.three_nodes()
+        """
+        An agent that logs in to another node is dropped by the old one at
+        once (hand-driven agents: a real one would log in again elsewhere,
+        and the last login wins).
+        """
         from rproxy.tunnel.wire import Login
         from tests.test_e2e_tunnel import FakeAgent
 
-        fake = FakeAgent()
-        await connect(self.tunnel("b").port_of("control"), fake)  # type: ignore[arg-type]
-        self.addCleanup(lambda: None if fake.lost else fake.transport.abortConnection())
-        fake.send(Login(agent_id="a1", api_key="good-key"))
-        await wait_for(lambda: "a1" in self.tunnel("b").registry.agents)
-        await wait_for(lambda: "a1" not in self.tunnel("a").registry.agents, timeout=2)
-        self.assertEqual(self.nodes["a"].cluster.kicked, 1)
+        for node_id in ("a", "b"):
+            await self.start_node(node_id)
+        fakes = []
+        for node_id in ("a", "b"):
+            fake = FakeAgent()
+            await connect(self.tunnel(node_id).port_of("control"), fake)  # type: ignore[arg-type]
+            self.addCleanup(lambda fake=fake: None if fake.lost else fake.transport.abortConnection())
+            fake.send(Login(agent_id="x", api_key="good-key"))
+            await wait_for(lambda node_id=node_id: "x" in self.tunnel(node_id).registry.agents)
+            fakes.append(fake)
+        await wait_for(lambda: fakes[0].lost, timeout=2)
+        self.assertNotIn("x", self.tunnel("a").registry.agents)
+        self.assertFalse(fakes[1].lost)
+        self.assertEqual((self.nodes["a"].cluster.kicked, self.nodes["b"].cluster.kicked), (1, 0))
+        await wait_for(lambda: getattr(self.tunnel("a").registry.remote.get("x"), "node", None) == "b")
 
     @async_test
     async def test_open_asked_of_a_silent_node_goes_elsewhere(self) -> None:
