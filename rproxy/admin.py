@@ -104,7 +104,7 @@ class Models(_ApiLeaf):
     def render_get(self, request: Request) -> bytes:
         models: dict[str, set[str]] = {}
         for tunnel in self.service.tunnels.values():
-            for agent in tunnel.registry.agents.values():
+            for agent in tunnel.registry.candidates():  # the whole cluster's
                 for model in agent.models:
                     models.setdefault(model, set()).add(f"{tunnel.name}/{agent.agent_id}")
         return _json(request, 200, {

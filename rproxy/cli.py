@@ -68,9 +68,9 @@ def check_agent_config(path: str) -> int:
         print(f"{path}: invalid agent configuration ({len(e.errors)} problem{'s' if len(e.errors) != 1 else ''})",
               file=sys.stderr)
         return 1
-    host, port = config.control
+    servers = ", ".join(f"{host}:{port}" for (host, port), _ in config.servers or ((config.control, config.proxy),))
     models = ", ".join(config.models) or (f"from {config.models_from}" if config.models_from else "none")
-    print(f"{path}: ok (agent {config.agent_id or '(id kept in ' + config.state_dir + ')'} for {host}:{port}, "
+    print(f"{path}: ok (agent {config.agent_id or '(id kept in ' + config.state_dir + ')'} for {servers}, "
           f"{len(config.services)} service{'s' if len(config.services) != 1 else ''}: "
           f"{', '.join(s.name for s in config.services)}; models: {models})")
     return 0
@@ -179,13 +179,18 @@ def monitor_lines(snapshot: dict[str, Any]) -> list[str]:
     The monitor's text from a dashboard snapshot: agents (the VK gateway's
     table), then servers, then frontends.
     """
-    lines = [f"{'Tunnel':10} {'Agent ID':22} {'CPU (%)':>8} {'Memory (%)':>11} {'Disk (%)':>9} {'Streams':>8}"
-             "  Last Heartbeat", "-" * 90]
+    # in a cluster, the node each agent is logged in to
+    cluster = any("node" in a for t in snapshot.get("tunnels", []) for a in t.get("agents", []))
+    node_header = f" {'Node':12}" if cluster else ""
+    lines = [f"{'Tunnel':10} {'Agent ID':22}{node_header} {'CPU (%)':>8} {'Memory (%)':>11} {'Disk (%)':>9} "
+             f"{'Streams':>8}  Last Heartbeat", "-" * 90]
     for tunnel in snapshot.get("tunnels", []):
         for agent in tunnel.get("agents", []):
+            node = f" {str(agent.get('node') or '-')[:12]:12}" if cluster else ""
             lines.append(
-                f"{tunnel['name'][:10]:10} {agent['id'][:22]:22} {_pct(agent['cpu']):>8} {_pct(agent['memory']):>11} "
-                f"{_pct(agent['disk']):>9} {agent['active_streams']:>8}  {_ago(agent['last_heartbeat_ago'])}")
+                f"{tunnel['name'][:10]:10} {agent['id'][:22]:22}{node} {_pct(agent['cpu']):>8} "
+                f"{_pct(agent['memory']):>11} {_pct(agent['disk']):>9} {agent['active_streams']:>8}  "
+                f"{_ago(agent.get('last_heartbeat_ago'))}")
     lines += ["", f"{'Backend':12} {'Server':20} {'State':12} {'Weight':>6} {'Active':>7} {'Total':>9} "
                   f"{'Errors':>7}  Last check", "-" * 90]
     for backend in snapshot.get("backends", []):

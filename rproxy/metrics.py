@@ -147,13 +147,22 @@ class StateCollector:
         for tunnel in service.tunnels.values():
             name = tunnel.name
             agents.add_metric([name], len(tunnel.registry.agents))
-            streams.add_metric([name], sum(len(a.streams) for a in tunnel.registry.agents.values()))
+            streams.add_metric([name], sum(len(a.streams) for a in tunnel.registry.candidates()))
             opened.add_metric([name], tunnel.streams_opened)
             failed.add_metric([name], tunnel.streams_failed)
             refused.add_metric([name], tunnel.proxy_refused)
             tbytes.add_metric([name, "in"], tunnel.bytes_in)
             tbytes.add_metric([name, "out"], tunnel.bytes_out)
         yield from (agents, streams, opened, failed, refused, tbytes)
+        cluster = getattr(service, "cluster", None)
+        if cluster is not None:
+            remote = GaugeMetricFamily("rproxy_tunnel_remote_agents", "Agents logged in to other nodes of the cluster",
+                                       labels=["tunnel"])
+            for tunnel in service.tunnels.values():
+                remote.add_metric([tunnel.name], len(tunnel.registry.remote))
+            yield remote
+            yield GaugeMetricFamily("rproxy_cluster_up", "1 while Redis answers and cross-node routing is on",
+                                    value=1 if cluster.state == "up" else 0)
 
         from rproxy.http.frontend import DURATION_BUCKETS, HTTPFrontend
 

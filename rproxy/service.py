@@ -100,6 +100,7 @@ class RProxyService(MultiService):
         self.token_pools: dict[str, TokenPool] = {}
         self.live_servers: dict[str, tuple[Any, ...]] = {}  # source: postgres pools, as last read
         self.stores: Stores | None = None
+        self.cluster: Any = None  # rproxy.cluster.node.ClusterNode, with cluster:
         self.upstreams = UpstreamPool(reactor, self.clock)
         self.admin_port: IListeningPort | None = None
         self._admin_listen: str | None = None
@@ -245,6 +246,7 @@ class RProxyService(MultiService):
                 tunnel.observe_open = self.metrics.tunnel_open_latency.labels(tunnel_config.name).observe
                 self.tunnels[tunnel_config.name] = tunnel
                 await tunnel.start()
+        self._apply_cluster(new)
 
         for name in set(old_pools) - {b.name for b in new.backends}:
             self.checkers.pop(name).stop()
@@ -257,6 +259,22 @@ class RProxyService(MultiService):
 
         await self._apply_admin(new.admin.listen)
         self.config = new
+
+    def _apply_cluster(self, new: Config) -> None:
+        """
+        Join the cluster (L{rproxy.cluster}) once, with tunnels to share (a
+        process without any, such as a worker of C{workers: N} whose master
+        holds the tunnels, is no node); a change takes effect after a restart.
+        """
+        if self.cluster is None and new.cluster is not None and new.stores is not None and new.tunnels:
+            from rproxy.cluster.node import ClusterNode
+
+            self.cluster = ClusterNode(new.cluster, new.stores.redis_url, self.tunnels, self.reactor, self.clock)
+            self.cluster.start()
+        elif self.cluster is not None and new.cluster != self.cluster.config:
+            self.log.warn("cluster: changes to cluster: take effect after a restart")
+        for tunnel in self.tunnels.values():
+            tunnel.cluster = self.cluster
 
     async def _apply_frontends(self, new: Config) -> None:
         """
@@ -505,6 +523,8 @@ class RProxyService(MultiService):
             reopen = getattr(frontend, "reopen_access_log", None)
             if reopen is not None:
                 reopen()
+        for tunnel in self.tunnels.values():
+            tunnel.reopen_access_log()
         self.log.info("access logs reopened")
 
     def reload_from_file(self) -> defer.Deferred[None]:
@@ -569,6 +589,8 @@ class RProxyService(MultiService):
         for tokens in self.token_pools.values():
             tokens.stop()
         await tunnels_drained
+        if self.cluster is not None:
+            await self.cluster.stop()
         self.upstreams.close()
         if self.stores is not None:
             await self.stores.stop()
@@ -610,6 +632,7 @@ class RProxyService(MultiService):
             "status": "ok" if not problems else "degraded",
             "problems": problems,
             "stores": self.stores.status() if self.stores is not None else "embedded",
+            **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
             "frontends": [
                 {
                     "name": f.name,

@@ -83,6 +83,9 @@ def validate(data: object, sources: Sources) -> Config:
     api_keys = read_api_keys(top)
     tunnels = read_tunnels(top)
     stores = read_stores(top)
+    from rproxy.config.cluster import read_cluster
+
+    cluster = read_cluster(top, stores, tunnels)
     if stores is None or stores.postgres_dsn is None:
         for backend in backends:
             if backend.source == "postgres":
@@ -118,6 +121,7 @@ def validate(data: object, sources: Sources) -> Config:
         tunnels=tunnels,
         stores=stores,
         token_pools=tuple(token_pools),
+        cluster=cluster,
     )
 
 

@@ -285,6 +285,7 @@ class Config:
     api_keys: tuple[Any, ...] = ()  # rproxy.tunnel.config.ApiKeyConfig
     tunnels: tuple[Any, ...] = ()  # rproxy.tunnel.config.TunnelConfig
     token_pools: tuple[TokenPoolConfig, ...] = ()
+    cluster: Any = None  # rproxy.config.cluster.ClusterConfig
 
     def backend(self, name: str) -> BackendConfig:
         for backend in self.backends:

@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rproxy.config.values import parse_hostport
 from rproxy.splice import SpliceEnd, splice
 from rproxy.transport import connect_tcp
 from rproxy.tunnel.config import AgentConfig, ServiceConfig
@@ -161,9 +162,11 @@ class ProxyEnd(SpliceEnd):
     """
 
     decoder: FrameDecoder | None = None
+    address: tuple[str, int] | None = None
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, address: tuple[str, int] | None = None) -> None:
         self.stream = stream
+        self.address = address
 
     def connectionMade(self) -> None:
         self.stream.proxy_connected(self)
@@ -194,7 +197,7 @@ class ProxyEnd(SpliceEnd):
         if reason.check(SSL.Error):
             agent = self.stream.control.agent
             agent.log.error("agent {agent}: TLS with the server's proxy port {server} failed: {why}",
-                            agent=agent.agent_id, server=_hostport(agent.config.proxy), why=_tls_reason(reason))
+                            agent=agent.agent_id, server=_hostport(self.address or agent.current[1]), why=_tls_reason(reason))
         self.stream.ended()
 
 
@@ -280,15 +283,23 @@ class Stream:
 
     def _connect_proxy(self) -> None:
         agent = self.control.agent
-        if agent.plain_proxy:
+        address = agent.current[1]
+        if self.request.proxy is not None:
+            # a stream opened through another node of the server's cluster
+            try:
+                address = parse_hostport(self.request.proxy)
+            except ValueError as e:
+                self.proxy_failed(Failure(e))
+                return
+        if agent.plain(address):
             # plain TCP to an IP: the immediate-send transport, no wrapper
-            host, port = agent.config.proxy
-            connect_tcp(agent.reactor, host, port, _OneShot(lambda: ProxyEnd(self), self.proxy_failed),
+            host, port = address
+            connect_tcp(agent.reactor, host, port, _OneShot(lambda: ProxyEnd(self, address), self.proxy_failed),
                         agent.config.connect_timeout)
             return
-        factory = Factory.forProtocol(lambda: ProxyEnd(self))
+        factory = Factory.forProtocol(lambda: ProxyEnd(self, address))
         factory.noisy = False  # a factory per stream: no start/stop lines
-        d = agent.endpoint(agent.config.proxy).connect(factory)
+        d = agent.endpoint(address).connect(factory)
         d.addErrback(self.proxy_failed)
 
     def proxy_failed(self, reason: Failure) -> None:
@@ -360,14 +371,14 @@ class AgentControl(Protocol):
             agent = self.agent
             if not message.ok:
                 agent.log.error("agent {agent}: login to {server} refused: {why}", agent=agent.agent_id,
-                                server=_hostport(agent.config.control), why=message.error or "no reason given")
+                                server=agent.current_name, why=message.error or "no reason given")
                 self.refused = True
                 self.failure = f"login refused: {message.error or 'no reason given'}"
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
             self.logged_in = True
             agent.log.info("agent {agent}: logged in to {server} as {name}, serving {services}; models: {models}",
-                           agent=agent.agent_id, server=_hostport(agent.config.control),
+                           agent=agent.agent_id, server=agent.current_name,
                            name=message.agent_id or agent.agent_id,
                            services=", ".join(f"{s.name} ({_hostport((s.host, s.port))})"
                                               for s in agent.config.services),
@@ -410,19 +421,19 @@ class AgentControl(Protocol):
         self.pooled.clear()
         if self.logged_in:
             self.agent.log.info("agent {agent}: control connection to {server} lost; reconnecting",
-                                agent=self.agent.agent_id, server=_hostport(self.agent.config.control))
+                                agent=self.agent.agent_id, server=self.agent.current_name)
         elif self.refused:
             pass  # logged when the refusal came
         elif reason is not None and reason.check(SSL.Error):
             self.failure = f"TLS verification failed: {_tls_reason(reason)}"
             self.agent.log.error("agent {agent}: TLS with the server {server} failed: {why}",
-                                 agent=self.agent.agent_id, server=_hostport(self.agent.config.control),
+                                 agent=self.agent.agent_id, server=self.agent.current_name,
                                  why=_tls_reason(reason))
         else:
             why = reason.getErrorMessage() if reason is not None else "closed"
             self.failure = f"the server closed the connection before a login: {why}"
             self.agent.log.warn("agent {agent}: the server {server} closed the connection before a login: {why}",
-                                agent=self.agent.agent_id, server=_hostport(self.agent.config.control),
+                                agent=self.agent.agent_id, server=self.agent.current_name,
                                 why=why)
         self.agent.disconnected(self)
 
@@ -450,12 +461,13 @@ class _Announced:
         self.agent = agent
 
     def __repr__(self) -> str:
-        return _hostport(self.agent.config.control)
+        return self.agent.current_name
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         agent = self.agent
         agent.log.info("agent {agent}: connecting to {server}", agent=agent.agent_id, server=repr(self))
-        d: defer.Deferred[Any] = defer.maybeDeferred(self.endpoint.connect, factory)
+        endpoint = self.endpoint if self.endpoint is not None else agent.endpoint(agent.current[0])
+        d: defer.Deferred[Any] = defer.maybeDeferred(endpoint.connect, factory)
         d.addErrback(self._failed)
         return d
 
@@ -465,6 +477,7 @@ class _Announced:
         agent.log.warn("agent {agent}: cannot reach the server {server}: {why}", agent=agent.agent_id,
                        server=repr(self), why=why)
         agent.login_failed(f"unreachable: {why}")
+        agent.next_server()
         return failure
 
 
@@ -508,13 +521,15 @@ class AgentService(MultiService):
         self._models_timer: IDelayedCall | None = None
         self._models_problem: str | None = None
         self._web: Any = None
-        self._tls: Any = None
+        self._authority: Any = None
+        self._tls: dict[str, Any] = {}
         if config.ca is not None:
             with open(config.ca, "rb") as f:
-                authority = ssl.Certificate.loadPEM(f.read())
-            hostname = config.server_name or config.control[0]
-            self._tls = ssl.optionsForClientTLS(hostname, trustRoot=authority)
-        self.plain_proxy = self._tls is None and (isIPAddress(config.proxy[0]) or isIPv6Address(config.proxy[0]))
+                self._authority = ssl.Certificate.loadPEM(f.read())
+        # the servers known (config.servers) and the one in use: the agent
+        # moves to the next when its own goes away
+        self.servers = config.servers or ((config.control, config.proxy),)
+        self.server_index = 0
         # Control connections that ended without a login (refused, TLS
         # failed, closed by the server) in a row.  ClientService counts
         # only failed TCP connects: without this an agent whose TCP connect
@@ -525,17 +540,49 @@ class AgentService(MultiService):
         self.gave_up = False
         jitter = full_jitter(config.reconnect_initial, config.reconnect_max, rng)
         self.client = ClientService(
-            _Announced(control_endpoint if control_endpoint is not None else self.endpoint(config.control), self),
+            _Announced(control_endpoint, self),
             _ControlFactory(self),
             retryPolicy=lambda attempts: jitter(attempts + self.failed_logins),
             clock=self.clock,
         )
         self.client.setServiceParent(self)
 
+    @property
+    def current(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        """
+        The (control, proxy) addresses of the server in use.
+        """
+        return self.servers[self.server_index]
+
+    @property
+    def current_name(self) -> str:
+        return _hostport(self.current[0])
+
+    def next_server(self) -> None:
+        """
+        Try the next known server on the next attempt.
+        """
+        if len(self.servers) > 1:
+            self.server_index = (self.server_index + 1) % len(self.servers)
+
+    def plain(self, address: tuple[str, int]) -> bool:
+        """
+        Whether C{address} is dialed as plain TCP to an IP (no TLS, no name).
+        """
+        return self._authority is None and (isIPAddress(address[0]) or isIPv6Address(address[0]))
+
+    @property
+    def plain_proxy(self) -> bool:
+        return self.plain(self.current[1])
+
     def endpoint(self, address: tuple[str, int]) -> Any:
         endpoint: Any = HostnameEndpoint(self.reactor, address[0], address[1], timeout=self.config.connect_timeout)
-        if self._tls is not None:
-            endpoint = wrapClientTLS(self._tls, endpoint)
+        if self._authority is not None:
+            hostname = self.config.server_name or self.current[0][0]
+            tls = self._tls.get(hostname)
+            if tls is None:
+                tls = self._tls[hostname] = ssl.optionsForClientTLS(hostname, trustRoot=self._authority)
+            endpoint = wrapClientTLS(tls, endpoint)
         return endpoint
 
     def service_for(self, name: str | None) -> ServiceConfig | None:
@@ -560,7 +607,7 @@ class AgentService(MultiService):
             return
         self.gave_up = True
         self.log.error("agent {agent}: giving up: the first login to {server} failed ({why}) and "
-                       "exit_on_login_failure is set", agent=self.agent_id, server=_hostport(self.config.control),
+                       "exit_on_login_failure is set", agent=self.agent_id, server=self.current_name,
                        why=why)
         if self.on_login_failure is not None:
             self.on_login_failure()
@@ -634,6 +681,8 @@ class AgentService(MultiService):
         if not control.logged_in:
             self.failed_logins += 1
             self.login_failed(control.failure or "closed before a login")
+        # its server went away (or refused): the next known one is tried
+        self.next_server()
 
 
 @functools.cache

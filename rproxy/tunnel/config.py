@@ -52,6 +52,9 @@ class TunnelConfig:
     strict_models: bool = True  # unknown model: 404 (false: any agent)
     model_body_limit: int = 1024 * 1024  # JSON bodies read for their "model" field
     header_timeout: float = 10.0
+    # mode: tcp: one line per stream (rproxy.tunnel.streamlog)
+    access_log: str = "off"  # off | text | json
+    access_log_path: str | None = None  # a file of its own; None: the process log
 
 
 # the largest JSON body a mode: http tunnel reads for its "model" field
@@ -66,6 +69,31 @@ def _read_tls(section: Section) -> TLSConfig | None:
     cert, key = section.file("cert", True, _NO_FILE), section.file("key", True, _NO_FILE)
     section.finish()
     return TLSConfig(cert=cert, key=key) if cert and key else None
+
+
+_STREAM_LOG_FORMATS = ("off", "text", "json")
+
+
+def _read_stream_log(section: Section) -> tuple[str, str | None]:
+    """
+    C{access_log: FORMAT} (to the process log) or C{access_log: {format,
+    path}} (a file of its own).
+    """
+    if not section.has("access_log"):
+        return "off", None
+    raw = section.data["access_log"]
+    if not isinstance(raw, dict):
+        return section.value("access_log", v.choice(_STREAM_LOG_FORMATS), "off"), None
+    log = section.section("access_log")
+    format_ = log.value("format", v.choice(_STREAM_LOG_FORMATS), "text")
+    path = log.value("path", v.text, None)
+    if path is not None and any(c in path for c in "\0\r\n"):
+        log.error("path", f"{brief(path)} is not a file path")
+        path = None
+    if format_ == "off" and path is not None:
+        log.error("path", "the access log is off (format: off); set format: text or json")
+    log.finish()
+    return format_, path
 
 
 def read_api_keys(top: Section) -> tuple[ApiKeyConfig, ...]:
@@ -96,6 +124,7 @@ def read_tunnels(top: Section) -> tuple[TunnelConfig, ...]:
         algorithm = section.value("algorithm", v.choice(TUNNEL_ALGORITHMS), d.algorithm)
         if algorithm == "model" and mode != "http":
             section.error("algorithm", "model routing needs mode: http")
+        access_log, access_log_path = _read_stream_log(section)
         tunnel = TunnelConfig(
             name=section.value("name", v.name) or "",
             control=section.value("control", listen, d.control),
@@ -111,7 +140,12 @@ def read_tunnels(top: Section) -> tuple[TunnelConfig, ...]:
             strict_models=section.value("strict_models", v.boolean, True),
             model_body_limit=section.value("model_body_limit", v.size, d.model_body_limit),
             header_timeout=section.value("header_timeout", v.duration, d.header_timeout),
+            access_log=access_log,
+            access_log_path=access_log_path,
         )
+        if tunnel.mode == "http" and tunnel.access_log != "off":
+            section.error("access_log", "applies to mode: tcp streams (mode: http requests are logged by the "
+                                        "HTTP engine)")
         if tunnel.mode != "http":
             for key in ("strict_models", "model_body_limit", "header_timeout"):
                 if section.has(key):
@@ -156,6 +190,9 @@ class AgentConfig:
     connect_timeout: float = 5.0
     # stop (exit 1) when the first login fails, rather than retry (frpc's loginFailExit)
     exit_on_login_failure: bool = False
+    # every server known, (control, proxy) each, the first being
+    # (control, proxy): the agent moves to the next when its own goes away
+    servers: tuple[tuple[tuple[str, int], tuple[str, int]], ...] = ()
 
 
 def _hostport(value: object) -> tuple[str, int]:
@@ -169,6 +206,43 @@ def _model_name(value: object) -> str:
     return text
 
 
+_DEFAULT_SERVER = (("127.0.0.1", 17000), ("127.0.0.1", 17001))
+
+
+def _read_server(section: Section) -> tuple[tuple[str, int], tuple[str, int]]:
+    control = section.value("control", _hostport, _DEFAULT_SERVER[0])
+    proxy = section.value("proxy", _hostport, _DEFAULT_SERVER[1])
+    section.finish()
+    return control, proxy
+
+
+def _read_servers(top: Section) -> tuple[tuple[tuple[str, int], tuple[str, int]], ...]:
+    """
+    C{server:} as one C{{control, proxy}} mapping, or a list of them (or of
+    control addresses C{"host:port"}, whose proxy port is the next one):
+    the servers of a cluster, tried in turn.
+    """
+    raw = top.raw("server")
+    if not isinstance(raw, list):
+        return (_read_server(top.section("server")),)
+    servers = []
+    for path, item in top.items("server"):
+        if isinstance(item, str):
+            try:
+                host, port = _hostport(item)
+            except ValueError as e:
+                top.errors.append(f"{path}: {e}")
+                continue
+            servers.append(((host, port), (host, port + 1 if port < 65535 else port)))
+        else:
+            servers.append(_read_server(top.child(item, path)))
+    if not servers:
+        if not raw:
+            top.error("server", "an empty list: give at least one {control, proxy}")
+        return (_DEFAULT_SERVER,)
+    return tuple(servers)
+
+
 def parse_agent_config(data: object) -> AgentConfig:
     """
     Build an L{AgentConfig} from a parsed document (the CA file it names
@@ -176,10 +250,8 @@ def parse_agent_config(data: object) -> AgentConfig:
     """
     errors: list[str] = []
     top = Section(data, "", errors, read_sources(data, AGENT_FILE_KEYS, {}))
-    server = top.section("server")
-    control = server.value("control", _hostport, ("127.0.0.1", 17000))
-    proxy = server.value("proxy", _hostport, ("127.0.0.1", 17001))
-    server.finish()
+    servers = _read_servers(top)
+    control, proxy = servers[0]
     tls = top.section("tls")
     ca = tls.file("ca", missing=_NO_FILE)
     server_name = tls.value("server_name", v.text, None)
@@ -223,6 +295,7 @@ def parse_agent_config(data: object) -> AgentConfig:
         reconnect_max=maximum,
         connect_timeout=top.value("connect_timeout", v.duration, 5.0),
         exit_on_login_failure=top.value("exit_on_login_failure", v.boolean, False),
+        servers=servers,
     )
     if config.models_from is not None and not re.match(r"^https?://[^/\s]+(/\S*)?\Z", config.models_from):
         errors.append(f"models_from: {brief(config.models_from)} is not an http:// or https:// URL")

@@ -62,6 +62,12 @@ class AgentSession:
     # SHA-256 of the key the agent logged in with: public requests that
     # present a dedicated key (level >= 0) reach only its agents
     key_digest: bytes = b""
+    # in a cluster (L{rproxy.cluster}): the node the agent is logged in to
+    # when it is another one (None: this node), the streams other nodes
+    # have open through it, and what its node says of it
+    node: str | None = None
+    remote_load: int = 0
+    described: dict[str, Any] | None = None
 
     @property
     def dedicated(self) -> bool:
@@ -69,7 +75,7 @@ class AgentSession:
 
     @property
     def load(self) -> int:
-        return len(self.streams) + self.opening
+        return len(self.streams) + self.opening + self.remote_load
 
     def describe(self, now: float) -> dict[str, Any]:
         hb = self.heartbeat
@@ -137,6 +143,8 @@ class Registry:
         self.algorithm = algorithm
         self.max_pending = max_pending
         self.agents: dict[str, AgentSession] = {}
+        # agents logged in to other nodes of the cluster (L{rproxy.cluster.registry.merge})
+        self.remote: dict[str, AgentSession] = {}
         self.pending: dict[str, Pending] = {}
         self._rng = rng or random.Random()
         self._turn = 0
@@ -177,7 +185,7 @@ class Registry:
         agents serving it, the least busy first.
         """
         candidates = [
-            a for a in self.agents.values()
+            a for a in self.candidates()
             if a.agent_id not in exclude and (eligible is None or eligible(a))
         ]
         if model is not None:
@@ -186,18 +194,31 @@ class Registry:
             return None
         if model is not None or self.algorithm in ("least-connections", "model"):
             low = min(a.load for a in candidates)
-            return self._rng.choice([a for a in candidates if a.load == low])
+            least = [a for a in candidates if a.load == low]
+            # a tie goes to an agent of this node (no round trip through Redis)
+            local = [a for a in least if a.node is None]
+            return self._rng.choice(local or least)
         if self.algorithm == "round-robin":
             candidates.sort(key=lambda a: a.agent_id)
             self._turn += 1
             return candidates[self._turn % len(candidates)]
         return self._rng.choice(candidates)
 
+    def candidates(self) -> list[AgentSession]:
+        """
+        Every agent a stream may go to: those logged in here, then those
+        logged in to other nodes of the cluster (an id logged in here is
+        taken from here).
+        """
+        if not self.remote:
+            return list(self.agents.values())
+        return list(self.agents.values()) + [a for i, a in self.remote.items() if i not in self.agents]
+
     def serves(self, model: str, eligible: Callable[[AgentSession], bool] | None = None) -> bool:
         """
         Whether any logged-in agent (that C{eligible} accepts) serves C{model}.
         """
-        return any(model in a.models and (eligible is None or eligible(a)) for a in self.agents.values())
+        return any(model in a.models and (eligible is None or eligible(a)) for a in self.candidates())
 
     # -- pending opens ---------------------------------------------------
 

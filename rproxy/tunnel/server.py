@@ -35,6 +35,7 @@ from rproxy.transport import server_endpoint
 from rproxy.tunnel.config import TunnelConfig
 from rproxy.tunnel.httpmode import AgentConnector, frontend_config, tunnel_frontend
 from rproxy.tunnel.registry import AgentSession, Pending, Registry, StaticKeys, TooManyPending
+from rproxy.tunnel.streamlog import StreamLog
 from rproxy.tunnel.streams import ProxyProtocol, PublicProtocol, peer_address
 from rproxy.tunnel.wire import (
     MAX_FRAME,
@@ -119,6 +120,8 @@ class ControlProtocol(Protocol):
         elif isinstance(message, ModelsUpdate):
             session.models = message.models
             self.server.describe_agent(session)
+            if self.server.cluster is not None:
+                self.server.cluster.trigger()
         elif isinstance(message, Error):
             self.server.log.info(
                 "tunnel {tunnel}: agent {agent} reports: {message}",
@@ -180,6 +183,8 @@ class ControlProtocol(Protocol):
         self.send(LoginResult(ok=True, agent_id=login.agent_id,
                               heartbeat_interval=self.server.heartbeat_interval))
         self.server.describe_agent(session)
+        if self.server.cluster is not None:
+            self.server.cluster.logged_in(self.server, session)
         self.server.refill_pool(session)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -250,6 +255,9 @@ class TunnelServer:
         self._sweep: LoopingCall | None = None
         self.observe_open = lambda seconds: None
         self.events: Any = None  # rproxy.events.EventSink, with stores
+        self.cluster: Any = None  # rproxy.cluster.node.ClusterNode, with cluster:
+        self.stream_log: StreamLog | None = None
+        self._open_stream_log(config)
         # mode http: the public port's HTTP frontend and its agents connector
         self.http: HTTPFrontend | None = None
         self.connector: AgentConnector | None = None
@@ -259,6 +267,26 @@ class TunnelServer:
     @property
     def name(self) -> str:
         return self.config.name
+
+    def _open_stream_log(self, config: TunnelConfig) -> None:
+        if self.stream_log is not None:
+            self.stream_log.close()
+            self.stream_log = None
+        if config.access_log == "off":
+            return
+        try:
+            self.stream_log = StreamLog(config.access_log == "json", config.access_log_path, self.clock)
+        except OSError as e:
+            self.log.error("tunnel {tunnel}: access log {path}: cannot open: {why}; logging to the process log",
+                           tunnel=config.name, path=config.access_log_path, why=e.strerror or e)
+            self.stream_log = StreamLog(config.access_log == "json", None, self.clock)
+
+    def reopen_access_log(self) -> None:
+        """
+        Go on in a new stream log file at the same path (after a rotation).
+        """
+        if self.stream_log is not None:
+            self.stream_log.reopen()
 
     @property
     def public_connections(self) -> set[PublicProtocol]:
@@ -313,6 +341,8 @@ class TunnelServer:
         what comes next.
         """
         old, self.config = self.config, config
+        if (old.access_log, old.access_log_path) != (config.access_log, config.access_log_path):
+            self._open_stream_log(config)
         self.registry.algorithm = config.algorithm
         self.registry.max_pending = config.max_pending
         mode_changed = old.mode != config.mode
@@ -411,6 +441,8 @@ class TunnelServer:
         if current:
             self.log.info("tunnel {tunnel}: agent {agent} dropped: {why}",
                           tunnel=self.name, agent=session.agent_id, why=why)
+            if self.cluster is not None:
+                self.cluster.trigger()
         if self.connector is not None:
             self.connector.agent_gone(session)
         for stream in list(session.streams):
@@ -440,6 +472,10 @@ class TunnelServer:
         pending, is ignored.
         """
         pending = self.registry.pending.get(conn_id)
+        if pending is None and self.cluster is not None:
+            # a stream another node asked of this agent: that node is told
+            self.cluster.relay_refusal(self.name, conn_id, why)
+            return
         if pending is None or pending.agent is not session:
             return
         if pending.timer is not None and pending.timer.active():
@@ -452,6 +488,37 @@ class TunnelServer:
         session.failed_total += 1
         self.streams_failed += 1
         public.stream_refused(session, why)
+
+    def remote_gone(self, session: AgentSession) -> None:
+        """
+        An agent of another node is no longer seen (it left, or Redis did):
+        mode http forgets it (its idle data connections close, opens
+        waiting for it fail over); streams open through it go on.
+        """
+        if self.connector is not None:
+            self.connector.agent_gone(session)
+
+    def remote_refused(self, pending: Pending, why: str) -> None:
+        """
+        A stream asked through another node will not come (that node does
+        not answer, or its agent refused): a mode tcp client is offered to
+        the next agent, a mode http request fails over as the engine
+        decides.
+        """
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        pending.timer = None
+        self.registry.forget(pending)
+        public = pending.public
+        if public is None:
+            return
+        pending.agent.failed_total += 1
+        retry = getattr(public, "retry_elsewhere", None)
+        if retry is not None:
+            retry(pending, why)
+        else:
+            self.streams_failed += 1
+            public.stream_refused(pending.agent, why)
 
     def refill_pool(self, session: AgentSession) -> None:
         """
@@ -494,7 +561,42 @@ class TunnelServer:
                 conn.idle_abort()
         if self.connector is not None:
             self.connector.close()
+        if self.stream_log is not None:
+            self.stream_log.close()
 
     def agents(self) -> list[dict[str, Any]]:
+        """
+        The agents logged in here and, in a cluster, those logged in to
+        the other nodes (C{node} says which).
+        """
         now = self.clock.seconds()
-        return [a.describe(now) for a in sorted(self.registry.agents.values(), key=lambda a: a.agent_id)]
+        listed = []
+        here = self.cluster.node_id if self.cluster is not None else None
+        for session in sorted(self.registry.candidates(), key=lambda a: a.agent_id):
+            if session.node is None:
+                entry = session.describe(now)
+                if here is not None:
+                    entry["node"] = here
+            else:
+                seen = session.described or {}
+                entry = {
+                    "id": session.agent_id, "node": session.node, "peer": session.peer, "key": session.key_name,
+                    "level": session.level, "connected_for": round(max(now - seen.get("since", now), 0.0), 3),
+                    "system_info": seen.get("system_info") or {}, "models": list(session.models),
+                    "cpu": seen.get("cpu"), "memory": seen.get("memory"), "disk": seen.get("disk"),
+                    "load": seen.get("load"), "active_streams": seen.get("streams", 0),
+                    # its node keeps these: unknown here
+                    "last_heartbeat_ago": _ago(now, seen.get("heartbeat_at")), "devices": [], "pooled_idle": 0,
+                    "streams_opened": None, "streams_failed": None,
+                }
+            listed.append(entry)
+        return listed
+
+
+def _ago(now: float, then: Any) -> float | None:
+    """
+    Seconds since C{then} (another node's clock: never negative), or None.
+    """
+    if isinstance(then, bool) or not isinstance(then, (int, float)):
+        return None
+    return round(max(now - then, 0.0), 3)

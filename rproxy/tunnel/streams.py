@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
@@ -56,6 +57,8 @@ class PublicProtocol(EarlyDataEnd):
     pending: Pending | None = None
     agent: AgentSession | None = None
     proxy: ProxyProtocol | None = None
+    # why the stream ended, for its access log line (the first reason wins)
+    end: str | None = None
     # admission's (L{rproxy.admission.IAdmitted})
     counted = False
     quiet_ticks = 0
@@ -84,7 +87,12 @@ class PublicProtocol(EarlyDataEnd):
         self.abort()
 
     def refuse(self) -> None:
+        self.ended("refused")
         self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def ended(self, why: str) -> None:
+        if self.end is None:
+            self.end = why
 
     def peer_name(self) -> str:
         return peer_address(self.transport)
@@ -97,6 +105,7 @@ class PublicProtocol(EarlyDataEnd):
         if agent is None:
             server.streams_failed += 1
             why = "no agent is connected" if not self.tried else "no agent answered"
+            self.ended("no_agent")
             server.log.info(
                 "tunnel {tunnel}: closing public {peer}: {why}",
                 tunnel=server.name, peer=peer_address(self.transport), why=why,
@@ -119,6 +128,7 @@ class PublicProtocol(EarlyDataEnd):
             pending = server.registry.open(agent, self)
         except TooManyPending as e:
             server.streams_failed += 1
+            self.ended("too_many_pending")
             server.log.warn("tunnel {tunnel}: closing public {peer}: {why}",
                             tunnel=server.name, peer=peer_address(self.transport), why=str(e))
             self.transport.abortConnection()  # type: ignore[union-attr]
@@ -132,9 +142,20 @@ class PublicProtocol(EarlyDataEnd):
         The agent could not open this stream: the connection is closed.
         """
         self.pending = None
+        self.ended("agent_refused")
         self.server.log.info("tunnel {tunnel}: closing public {peer}: agent {agent}: {why}",
                              tunnel=self.server.name, peer=peer_address(self.transport), agent=agent.agent_id, why=why)
         self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def retry_elsewhere(self, pending: Pending, why: str) -> None:
+        """
+        The stream asked through another node will not come (already
+        forgotten): the next agent is asked.
+        """
+        self.pending = None
+        self.server.log.info("tunnel {tunnel}: agent {agent} (node {node}) cannot open a stream: {why}",
+                             tunnel=self.server.name, agent=pending.agent.agent_id, node=pending.agent.node, why=why)
+        self.request_stream()
 
     def open_timed_out(self, pending: Pending) -> None:
         pending.timer = None
@@ -167,7 +188,20 @@ class PublicProtocol(EarlyDataEnd):
         if rest:
             proxy.dataReceived(rest)
 
+    def readConnectionLost(self) -> None:
+        self.ended("client_closed")
+        EarlyDataEnd.readConnectionLost(self)
+
     def end_lost(self, reason: Failure) -> None:
+        server = self.server
+        if self.end is None:
+            self.ended("client_closed" if reason is None or reason.check(ConnectionDone) else "client_reset")
+        if server.stream_log is not None:
+            agent, proxy = self.agent, self.proxy
+            server.stream_log.write(
+                server.name, peer_address(self.transport), agent.agent_id if agent is not None else None,
+                agent.node if agent is not None else None, None, self.received,
+                proxy.received if proxy is not None else 0, server.clock.seconds() - self.started, self.end)
         self.server.public_ended(self)
         if self.pending is not None:
             if self.pending.timer is not None and self.pending.timer.active():
@@ -185,6 +219,7 @@ class PublicProtocol(EarlyDataEnd):
         self.proxy = None
 
     def abort(self) -> None:
+        self.ended("aborted")
         for end in (self, self.proxy):
             if end is not None and not end.lost:
                 end.transport.abortConnection()  # type: ignore[union-attr]
@@ -260,6 +295,8 @@ class ProxyProtocol(SpliceEnd):
     def readConnectionLost(self) -> None:
         upstream = self.upstream
         if upstream is None:
+            if self.public is not None:
+                self.public.ended("agent_closed")
             SpliceEnd.readConnectionLost(self)
         elif upstream.relay is not None:
             upstream.readConnectionLost()  # spliced after a 101
@@ -304,6 +341,8 @@ class ProxyProtocol(SpliceEnd):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self.public is not None:
+            self.public.ended("agent_closed" if reason is None or reason.check(ConnectionDone) else "agent_reset")
         if self.pooled_by is not None:
             try:
                 self.pooled_by.idle.remove(self)

@@ -221,6 +221,9 @@ class RequestNewProxyConn:
     secret: str
     service: str | None = None
     pool: bool = False
+    # "host:port" of the proxy port to dial when it is not the agent's own
+    # server's (a stream opened through another node of a cluster)
+    proxy: str | None = None
     type = "request_new_proxy_conn"
 
     @classmethod
@@ -229,10 +232,14 @@ class RequestNewProxyConn:
         if not isinstance(pool, bool):
             raise ProtocolError("pool: expected true or false")
         return cls(conn_id=_text(d, "conn_id") or "", secret=_text(d, "secret") or "",
-                   service=_text(d, "service", required=False), pool=pool)
+                   service=_text(d, "service", required=False), pool=pool,
+                   proxy=_text(d, "proxy", required=False))
 
     def body(self) -> dict[str, Any]:
-        return {"conn_id": self.conn_id, "secret": self.secret, "service": self.service, "pool": self.pool}
+        body = {"conn_id": self.conn_id, "secret": self.secret, "service": self.service, "pool": self.pool}
+        if self.proxy is not None:
+            body["proxy"] = self.proxy
+        return body
 
 
 @attrs.frozen

@@ -1,0 +1,80 @@
+"""
+The C{cluster:} section: this node's id and the address agents dial for
+streams opened through another node (see L{rproxy.cluster}).
+
+  cluster:
+    node_id: edge-1
+    advertise: {proxy: "10.0.0.5:17001"}   # port 0: the port the proxy listener bound
+    heartbeat_interval: 1s                  # how often this node renews its record
+    heartbeat_timeout: 5s                   # a node silent this long drops out (>= 3x interval)
+
+Without the section nothing changes; with it, C{stores.redis} is required.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+from rproxy.config import values as v
+from rproxy.config.reader import MISSING, Section
+from rproxy.config.values import brief, parse_hostport
+
+__all__ = ["ClusterConfig", "read_cluster"]
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+@attrs.frozen
+class ClusterConfig:
+    node_id: str
+    # host and port agents dial for streams opened through this node (port
+    # 0: the port the tunnel's proxy listener bound)
+    advertise_proxy: tuple[str, int]
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+
+
+def _node_id(value: object) -> str:
+    text = v.text(value)
+    if not _NODE_ID.match(text):
+        raise ValueError(f"{brief(text)} is not a node id (1-64 letters, digits, '.', '_', '-')")
+    return text
+
+
+def _address(value: object) -> tuple[str, int]:
+    return parse_hostport(v.text(value), allow_zero=True)
+
+
+def read_cluster(top: Section, stores: object, tunnels: tuple[object, ...]) -> ClusterConfig | None:
+    """
+    The C{cluster:} section, or None when it is absent; it needs
+    C{stores.redis} (the shared state lives there).
+    """
+    raw = top.raw("cluster")
+    if raw is MISSING or raw is None:
+        return None
+    section = top.child(raw, "cluster")
+    if not section.ok:
+        return None
+    node_id = section.value("node_id", _node_id)
+    advertise = section.section("advertise")
+    proxy = advertise.value("proxy", _address)
+    advertise.finish()
+    interval = section.value("heartbeat_interval", v.duration, 1.0)
+    timeout = section.value("heartbeat_timeout", v.duration, 5.0)
+    section.finish()
+    # the record lives timeout - interval and is renewed every interval:
+    # a margin of one interval for a slow renewal
+    if interval is not None and timeout is not None and timeout < 3 * interval - 1e-9:
+        section.error("heartbeat_timeout", f"must be at least 3 times heartbeat_interval ({interval:g}s)")
+    if getattr(stores, "redis_url", None) is None:
+        section.errors.append("cluster: needs stores.redis.url (or REDIS_URL): the nodes share state through Redis")
+    if proxy is not None and proxy[1] != 0 and len(tunnels) > 1:
+        advertise.error("proxy", f"{len(tunnels)} tunnels listen on different proxy ports: give port 0 "
+                                 f"({proxy[0]}:0) to advertise each one's own port")
+    if node_id is None or proxy is None:
+        return None
+    return ClusterConfig(node_id=node_id, advertise_proxy=proxy, heartbeat_interval=interval or 1.0,
+                         heartbeat_timeout=timeout or 5.0)

@@ -1,0 +1,74 @@
+"""
+The C{cluster:} section: read with key paths, required stores.redis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from rproxy.config import ConfigError
+from rproxy.config.cluster import ClusterConfig
+from rproxy.config.load import config_from_mapping
+
+TUNNEL = {"name": "gpu", "control": "tcp:0", "proxy": "tcp:0", "public": "tcp:0"}
+
+
+def document(**cluster: Any) -> dict[str, Any]:
+    return {
+        "stores": {"redis": {"url": "redis://127.0.0.1:6379/0"}},
+        "api_keys": [{"key": "k"}],
+        "tunnels": [TUNNEL],
+        "cluster": cluster,
+    }
+
+
+class ClusterConfigTests(SynchronousTestCase):
+    def errors(self, data: dict[str, Any]) -> list[str]:
+        with self.assertRaises(ConfigError) as caught:
+            config_from_mapping(data)
+        return list(caught.exception.errors)
+
+    def test_absent(self) -> None:
+        """Without the section there is no cluster."""
+        data = document()
+        del data["cluster"]
+        self.assertIsNone(config_from_mapping(data).cluster)
+
+    def test_read(self) -> None:
+        config = config_from_mapping(document(node_id="edge-1", advertise={"proxy": "10.0.0.5:17001"},
+                                              heartbeat_interval="200ms", heartbeat_timeout="600ms"))
+        self.assertEqual(config.cluster, ClusterConfig("edge-1", ("10.0.0.5", 17001), 0.2, 0.6))
+
+    def test_port_zero(self) -> None:
+        """Port 0 advertises the port the proxy listener bound."""
+        config = config_from_mapping(document(node_id="a", advertise={"proxy": "127.0.0.1:0"}))
+        self.assertEqual(config.cluster.advertise_proxy, ("127.0.0.1", 0))
+        self.assertEqual((config.cluster.heartbeat_interval, config.cluster.heartbeat_timeout), (1.0, 5.0))
+
+    def test_needs_redis(self) -> None:
+        data = document(node_id="a", advertise={"proxy": "127.0.0.1:0"})
+        del data["stores"]
+        self.assertEqual(self.errors(data), [
+            "cluster: needs stores.redis.url (or REDIS_URL): the nodes share state through Redis"])
+
+    def test_key_paths(self) -> None:
+        self.assertEqual(sorted(self.errors(document(node_id="bad id", advertise={"proxy": "nohost"},
+                                                     heartbeat_timeout="2s", colour=1))), sorted([
+            "cluster.node_id: 'bad id' is not a node id (1-64 letters, digits, '.', '_', '-')",
+            "cluster.advertise.proxy: invalid address 'nohost' (expected host:port)",
+            "cluster.heartbeat_timeout: must be at least 3 times heartbeat_interval (1s)",
+            "cluster.colour: unknown key",
+        ]))
+
+    def test_required(self) -> None:
+        self.assertEqual(sorted(self.errors(document())), [
+            "cluster.advertise.proxy: required", "cluster.node_id: required"])
+
+    def test_port_with_several_tunnels(self) -> None:
+        data = document(node_id="a", advertise={"proxy": "10.0.0.5:17001"})
+        data["tunnels"] = [TUNNEL, dict(TUNNEL, name="other")]
+        self.assertEqual(self.errors(data), [
+            "cluster.advertise.proxy: 2 tunnels listen on different proxy ports: give port 0 (10.0.0.5:0) "
+            "to advertise each one's own port"])
