@@ -99,9 +99,10 @@ class WorkersMixin(ServiceMixin):
         assert match is not None, child.output
         return int(match.group(1))
 
-    async def admin(self, path: str) -> tuple[int, Any]:
+    async def admin(self, path: str, method: str = "GET") -> tuple[int, Any]:
         client = await connect(self.admin_port)
-        client.transport.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())  # type: ignore[attr-defined]
+        client.transport.write(  # type: ignore[attr-defined]
+            f"{method} {path} HTTP/1.0\r\nContent-Length: 0\r\n\r\n".encode())
         await client.closed
         head, _, body = bytes(client.data).partition(b"\r\n\r\n")
         status = int(head.split()[1])
@@ -366,7 +367,43 @@ class StartWorkersTests(WorkersMixin, TestCase):
         await client.read_until(b"a\n")
         _, health = await self.admin("/health")
         self.assertEqual(health["frontends"][0]["listen"], f"tcp:{moved}:interface=127.0.0.1")
+        _, last = await self.admin("/api/v1/reload")
+        self.assertEqual((last["reload"]["result"], last["reload"]["count"]), ("failed", 2))
+        self.assertIn("Address already in use", last["reload"]["errors"][0])
 
+
+    @async_test
+    async def test_reload_recorded_once_for_the_machine(self) -> None:
+        """
+        At workers 2 a reload goes through the one reload runner: applied
+        in every worker and recorded in the master (/api/v1/reload, the
+        dashboard, the metric counted once), an invalid file refused
+        with the key path and recorded as such, and SIGHUP the same.
+        """
+        factory, port = await self.backend("a")
+        data = config(port.getHost().port)
+        child = await self.start(data)
+        status, body = await self.admin("/api/v1/reload", "POST")
+        self.assertEqual((status, body["reload"]["result"], body["reload"]["count"]), (200, "ok", 1), body)
+        self.assertEqual(body["reload"]["path"], self._config_path)
+        await child.line("configuration reloaded in the master and 2 worker")
+        data["backends"][0]["health_check"]["interval"] = "soon"
+        self.write_config(data)
+        status, body = await self.admin("/api/v1/reload", "POST")
+        self.assertEqual((status, body["reload"]["result"], body["reload"]["count"]), (422, "invalid", 2), body)
+        self.assertTrue(any("backends[0].health_check.interval" in e for e in body["reload"]["errors"]), body)
+        os.kill(self.process.pid, signal.SIGHUP)
+        await wait_for(lambda: child.output.count("reload rejected; keeping the running configuration") == 2, 10)
+        _, last = await self.admin("/api/v1/reload")
+        self.assertEqual((last["reload"]["result"], last["reload"]["count"]), ("invalid", 3))
+        _, dashboard = await self.admin("/api/v1/dashboard")
+        self.assertEqual(dashboard["reload"], last["reload"])
+        _, metrics = await self.admin("/metrics")
+        self.assertIn('rproxy_config_reloads_total{result="ok"} 1\n', metrics)
+        self.assertIn('rproxy_config_reloads_total{result="invalid"} 2\n', metrics)
+        client = await connect(self.port(child, "web"))
+        self.client_cleanup(client)
+        await client.read_until(b"a\n")
 
     @async_test
     async def test_tunnel_runs_in_the_master(self) -> None:

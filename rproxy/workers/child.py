@@ -131,7 +131,8 @@ class Worker:
                 await service.ready
                 problems = service.start_problems([])
             else:
-                await self.service.reload(config)
+                # applied, not recorded: the master records the reload, once
+                await self.service.apply_reload(config)
                 problems = list(self.service.listen_failures.values())
                 self.replay(self.service.pools)
             self.service.config = config
