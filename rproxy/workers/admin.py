@@ -26,6 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from rproxy.admin import AdminRoot
 from rproxy.adminhttp import AdminSite, refuse_unless_read
+from rproxy.workers.console import MachineConsole
 from rproxy.workers.merge import merge_health, merge_pools, sum_metrics
 
 if TYPE_CHECKING:
@@ -155,11 +156,16 @@ class MergedMetrics(_Merged):
 
 
 def build_master_site(master: MasterService) -> Site:
-    root = AdminRoot(master.inner)
+    """
+    The master's admin site; its dashboard samples every worker while it
+    listens (L{MachineConsole}).
+    """
+    console = MachineConsole(master, master.reactor)
+    root = AdminRoot(master.inner, console)
     root.putChild(b"readyz", MergedReadyz(master))
     health = MergedHealth(master)
     root.putChild(b"health", health)
     root.putChild(b"healthz", health)
     root.putChild(b"stats", MergedStats(master))
     root.putChild(b"metrics", MergedMetrics(master))
-    return AdminSite(root, lambda: master.config.admin.api_key, master.reactor)
+    return AdminSite(root, lambda: master.config.admin.api_key, master.reactor, console)

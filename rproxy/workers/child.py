@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
 
+from rproxy.console import frontend_counters, token_pool_rows
 from rproxy.pool import Pool
 from rproxy.service import RProxyService
 from rproxy.workers.channel import Channel
@@ -88,6 +89,8 @@ class Worker:
                 apply_message(self.service.pools, message, self.reactor.seconds())
         elif op == "report":
             self.channel.reply(message, self.report())
+        elif op == "console":
+            self.channel.reply(message, self.console())
         elif op == "reopen":
             if self.service is not None:
                 self.service.reopen_logs()
@@ -185,6 +188,25 @@ class Worker:
             "health": service.health_detail(),
             "stats": service.stats(),
             "metrics": generate_latest(service.registry).decode("utf-8"),
+        }
+
+    def console(self) -> dict[str, Any]:
+        """
+        What the master's dashboard samples of this worker, once per
+        interval whoever watches (L{rproxy.workers.console}): small, so
+        that sampling costs the proxy nothing it would notice.
+        """
+        service = self.service
+        if service is None:
+            return {"op": "console", "slot": self.slot, "frontends": [], "backends": [], "token_pools": [],
+                    "ready": ["starting"]}
+        return {
+            "op": "console",
+            "slot": self.slot,
+            "frontends": frontend_counters(service),
+            "backends": [pool.describe() for pool in service.pools.values()],
+            "token_pools": token_pool_rows(service),
+            "ready": service.readiness_problems(),
         }
 
     # -- stop ------------------------------------------------------------

@@ -281,13 +281,14 @@ class MasterService(MultiService):
 
         pool.on_state_change(changed)
 
-    async def reports(self, timeout: float = 2.0) -> list[dict[str, Any] | None]:
+    async def reports(self, timeout: float = 2.0, op: str = "report") -> list[dict[str, Any] | None]:
         """
-        Every worker's figures (L{rproxy.workers.child.Worker.report});
-        None for a worker that is not running or did not answer in time.
+        Every worker's figures (L{rproxy.workers.child.Worker.report}, or
+        with C{op="console"} its dashboard sample); None for a worker that
+        is not running or did not answer in time.
         """
         asked: list[defer.Deferred[Any]] = [
-            slot.channel.request({"op": "report"}, timeout, self.reactor)
+            slot.channel.request({"op": op}, timeout, self.reactor)
             if slot.channel is not None and slot.configured else defer.succeed(None) for slot in self.slots]
         results = await defer.DeferredList(asked, consumeErrors=True)
         return [value if ok else None for ok, value in results]
