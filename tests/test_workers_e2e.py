@@ -99,10 +99,11 @@ class WorkersMixin(ServiceMixin):
         assert match is not None, child.output
         return int(match.group(1))
 
-    async def admin(self, path: str, method: str = "GET") -> tuple[int, Any]:
+    async def admin(self, path: str, method: str = "GET", body: bytes = b"") -> tuple[int, Any]:
         client = await connect(self.admin_port)
         client.transport.write(  # type: ignore[attr-defined]
-            f"{method} {path} HTTP/1.0\r\nContent-Length: 0\r\n\r\n".encode())
+            f"{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            .encode() + body)
         await client.closed
         head, _, body = bytes(client.data).partition(b"\r\n\r\n")
         status = int(head.split()[1])
@@ -266,6 +267,35 @@ class TCPWorkersTests(WorkersMixin, TestCase):
         _, health = await self.admin("/health")
         self.assertEqual([w["unusable_servers"] for w in health["workers"]], [["web/" + data["backends"][0]["servers"][0]]] * 2)
         self.assertEqual(health["backends"][0]["servers"][0]["state"], "down")
+
+    @async_test
+    async def test_drain_reaches_every_worker(self) -> None:
+        """
+        PATCH /api/v1/servers (the dashboard's drain button) acts in the
+        master and reaches every worker: new connections avoid the server
+        in both; ready brings it back everywhere.
+        """
+        _, a = await self.backend("a")
+        _, b = await self.backend("b")
+        data = config(a.getHost().port)
+        servers = [f"127.0.0.1:{a.getHost().port}", f"127.0.0.1:{b.getHost().port}"]
+        data["backends"][0]["servers"] = servers
+        child = await self.start(data)
+        front = self.port(child, "web")
+        status, body = await self.admin(f"/api/v1/servers/web/{servers[0]}", "PATCH", b'{"state": "drain"}')
+        self.assertEqual((status, body["admin_state"]), (200, "drain"), body)
+        await turn(delay=0.1)
+        _, health = await self.admin("/health")
+        self.assertEqual([w["unusable_servers"] for w in health["workers"]], [[f"web/{servers[0]}"]] * 2)
+        for _ in range(20):
+            client = await connect(front)
+            self.client_cleanup(client)
+            await client.read_until(b"b\n")
+        self.assertEqual(child.output.count(f"server {servers[0]} of backend web: drain (was ready)"), 1)
+        await self.admin(f"/api/v1/servers/web/{servers[0]}", "PATCH", b'{"state": "ready"}')
+        await turn(delay=0.1)
+        _, health = await self.admin("/health")
+        self.assertEqual([w["unusable_servers"] for w in health["workers"]], [[]] * 2)
 
     @async_test
     async def test_passive_ejection_reaches_other_worker(self) -> None:

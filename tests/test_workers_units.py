@@ -307,6 +307,20 @@ class StateTests(SynchronousTestCase):
         self.assertEqual([s.state(self.clock.seconds()) for s in other.servers], ["down", "ejected", "up"])
         self.assertFalse(apply_message({"gone": other}, messages[0], 0))
 
+    def test_operator_state_travels(self) -> None:
+        """A drain and a weight set in the master reach a new process's pool, quietly, and stay applied once."""
+        self.pool.set_admin("127.0.0.1:9003", "drain", 5)
+        messages = snapshot({"web": self.pool}, self.clock.seconds())
+        self.assertEqual(messages, [{"op": "admin", "pool": "web", "server": "127.0.0.1:9003", "state": "drain",
+                                     "weight": 5}])
+        other = Pool(self.pool.config, self.clock)
+        self.assertTrue(apply_message({"web": other}, messages[0], 0))
+        self.assertFalse(apply_message({"web": other}, messages[0], 0))
+        drained = other.servers[2]
+        self.assertEqual((drained.admin_state, drained.weight, drained.weight_set), ("drain", 5, True))
+        picked = {other.pick().name for _ in range(6)}  # type: ignore[union-attr]
+        self.assertEqual(picked, {"127.0.0.1:9001", "127.0.0.1:9002"})
+
 
 class SupervisorTests(SynchronousTestCase):
     """

@@ -83,6 +83,11 @@ class Worker:
             self.sockets[message["frontend"]] = (message["listen"], fd)
         elif op == "configure":
             self._applying = self._applying.addBoth(lambda _: defer.Deferred.fromCoroutine(self.configure(message)))
+        elif op == "admin":
+            # (not remembered: a reload treats the state alike everywhere,
+            # and a worker started later gets it in the master's snapshot)
+            if self.service is not None:
+                apply_message(self.service.pools, message, self.reactor.seconds())
         elif op in ("health", "eject"):
             self.remember(message)
             if self.service is not None:
