@@ -269,6 +269,30 @@ class TCPWorkersTests(WorkersMixin, TestCase):
         self.assertEqual(health["backends"][0]["servers"][0]["state"], "down")
 
     @async_test
+    async def test_max_connections_is_the_machines(self) -> None:
+        """
+        A frontend's max_connections holds for the machine: with 3 at
+        workers 2 (shares 2 and 1) and no queue, twelve clients get at
+        most three connections served between the two workers.
+        """
+        _, port = await self.backend("a")
+        data = config(port.getHost().port)
+        data["frontends"][0].update(max_connections=3, queue_size=0)
+        child = await self.start(data)
+        front = self.port(child, "web")
+        clients = []
+        for _ in range(12):
+            client = await connect(front)
+            self.client_cleanup(client)
+            clients.append(client)
+        await wait_for(lambda: all(b"a\n" in c.data or c.lost for c in clients), 10)
+        served = sum(1 for c in clients if b"a\n" in c.data and not c.lost)
+        self.assertTrue(2 <= served <= 3, served)
+        _, health = await self.admin("/health")
+        frontend = health["frontends"][0]
+        self.assertEqual((frontend["active_connections"], frontend["total_connections"]), (served, 12))
+
+    @async_test
     async def test_drain_reaches_every_worker(self) -> None:
         """
         PATCH /api/v1/servers (the dashboard's drain button) acts in the

@@ -157,6 +157,23 @@ class ViewTests(SynchronousTestCase):
         self.assertEqual([f.name for f in third.frontends], ["web"])
         self.assertEqual(third.token_pools, ())
 
+    def test_connection_limits_are_the_machines(self) -> None:
+        """A frontend's and the global max_connections are split over the workers; no worker has 0 (none)."""
+        raw = data(workers=3, max_connections=1000)
+        raw["frontends"] = [{"name": "web", "listen": "tcp:8080", "backend": "web", "max_connections": 10},
+                            {"name": "two", "listen": "tcp:8081", "backend": "web", "max_connections": 2},
+                            {"name": "free", "listen": "tcp:8082", "backend": "web"}]
+        config = parse_config(raw)
+        views = [worker_view(config, slot, 3) for slot in range(3)]
+        self.assertEqual([v.global_.max_connections for v in views], [334, 333, 333])
+        limits = [{f.name: f.max_connections for f in v.frontends} for v in views]
+        self.assertEqual(limits, [{"web": 4, "two": 1, "free": 0}, {"web": 3, "two": 1, "free": 0},
+                                  {"web": 3, "free": 0}])
+        self.assertEqual(serving_slots(config, config.frontends[1], 3), range(2))
+        self.assertEqual(sum(f.max_connections for v in views for f in v.frontends if f.name == "web"), 10)
+        tiny = parse_config(data(workers=3, max_connections=2))
+        self.assertEqual([worker_view(tiny, slot, 3).global_.max_connections for slot in range(3)], [1, 1, 1])
+
     def test_master_and_worker_parts(self) -> None:
         """The master runs no frontend or token pool; workers no tunnel or admin port."""
         config = attrs.evolve(self.tokens(2), tunnels=("a tunnel",))
