@@ -8,6 +8,8 @@ and system time of every rproxy process (the master and its workers, from
 C{workers: 2} it also prints how the connections spread over the two
 workers (from the master's /health).  Then requests/s for 1, 2, 4, ...
 workers up to the cores found, so a bigger machine shows the scaling.
+Every count runs at once and the rounds alternate between them, so that
+load others put on a shared machine falls on both sides of a comparison.
 
 On a 2-core machine nothing is pinned: rproxy's workers, wrk and nginx
 share both cores, so req/s there says little about scaling; CPU per
@@ -140,27 +142,35 @@ def main() -> None:
         results: dict[tuple[int, str, bool], list[tuple[float, float]]] = {}
         paced: dict[tuple[int, str, bool], list[tuple[float, float]]] = {}
         spreads: dict[tuple[str, bool], list[list[int]]] = {}
+        # every count runs at once and the rounds alternate between them
+        # (the order rotating from round to round): on a machine others
+        # share, load drifts over minutes, and a comparison made of runs
+        # minutes apart measured the drift as much as the workers
+        running: dict[int, tuple[subprocess.Popen[bytes], int, int, int, list[int]]] = {}
         for workers in counts:
             http_port, tcp_port, admin = free_port(), free_port(), free_port()
             proxy = start_rproxy(work, workers, backend, http_port, tcp_port, admin)
-            try:
-                wait_port(http_port)
-                wait_port(admin)
-                processes = pids(proxy.pid, admin, workers)
-                wrk(http_port, 1, args.connections, False)  # warm up
-                for _ in range(args.rounds if workers <= 2 else 1):
-                    for kind, close in cases:
-                        port = http_port if kind == "http" else tcp_port
-                        before = [w.get("connections", 0) for w in health(admin)["workers"]] if workers > 1 else []
-                        results.setdefault((workers, kind, close), []).append(
-                            measure(port, processes, args.duration, args.connections, close))
-                        if workers <= 2:
-                            paced.setdefault((workers, kind, close), []).append(
-                                measure(port, processes, args.duration, args.connections, close, pace))
-                        if workers == 2:
-                            spreads.setdefault((kind, close), []).append(spread(admin, before))
-            finally:
-                stop_all([proxy], "")
+            procs.append(proxy)
+            wait_port(http_port)
+            wait_port(admin)
+            running[workers] = (proxy, http_port, tcp_port, admin, pids(proxy.pid, admin, workers))
+            wrk(http_port, 1, args.connections, False)  # warm up
+        for round_ in range(args.rounds):
+            order = counts[round_ % len(counts):] + counts[:round_ % len(counts)]
+            for kind, close in cases:
+                for workers in order:
+                    if workers > 2 and round_ > 0:
+                        continue  # (the scaling rows: one round)
+                    _, http_port, tcp_port, admin, processes = running[workers]
+                    port = http_port if kind == "http" else tcp_port
+                    before = [w.get("connections", 0) for w in health(admin)["workers"]] if workers > 1 else []
+                    results.setdefault((workers, kind, close), []).append(
+                        measure(port, processes, args.duration, args.connections, close))
+                    if workers <= 2:
+                        paced.setdefault((workers, kind, close), []).append(
+                            measure(port, processes, args.duration, args.connections, close, pace))
+                    if workers == 2:
+                        spreads.setdefault((kind, close), []).append(spread(admin, before))
         print(f"cores found: {cores}; wrk -c{args.connections}, {args.duration}s runs, medians of {args.rounds} rounds")
         for title, table in ((f"paced to ~{args.rate} req/s (same offered load)", paced), ("flat out", results)):
             print(f"CPU per request of every rproxy process, {title}:")

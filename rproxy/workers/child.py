@@ -138,6 +138,10 @@ class Worker:
                 assert service.ready is not None
                 await service.ready
                 problems = service.start_problems([])
+                # what start-up made is this configuration's service, its
+                # pools and frontends and the modules they imported: out of
+                # the cycle collector's reach, as twistd's process does
+                _freeze()
             else:
                 # applied, not recorded: the master records the reload, once
                 await self.service.apply_reload(config)
@@ -265,7 +269,6 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(worker.stop))
-    reactor.callWhenRunning(_freeze)
     reactor.run(installSignalHandlers=False)
     return 0
 
