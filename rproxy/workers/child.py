@@ -249,10 +249,14 @@ def main(argv: list[str]) -> int:
     rproxy_reactor.install()
     from twisted.internet import reactor as installed
 
+    from rproxy.tap import is_noise
+
     reactor: Any = installed
     prefix = f"worker {slot}: "
 
     def observer(event: dict[str, Any]) -> None:
+        if is_noise(event):
+            return  # (Twisted's port and factory lines: the service says what listens where)
         text = formatEvent(event)
         failure = event.get("log_failure")
         if failure is not None:
