@@ -8,13 +8,19 @@ and system time of every rproxy process (the master and its workers, from
 C{workers: 2} it also prints how the connections spread over the two
 workers (from the master's /health).  Then requests/s for 1, 2, 4, ...
 workers up to the cores found, so a bigger machine shows the scaling.
+Every count runs at once and the rounds alternate between them, so that
+load others put on a shared machine falls on both sides of a comparison.
 
 On a 2-core machine nothing is pinned: rproxy's workers, wrk and nginx
 share both cores, so req/s there says little about scaling; CPU per
 request (what the workers cost on top of the work) is the figure that
 holds.  Medians over C{--rounds} rounds.
 
-    bench/workers.sh [--duration 4] [--rounds 3] [--connections 50]
+    bench/workers.sh [--duration 4] [--rounds 3] [--connections 50] [--haproxy]
+
+With C{--haproxy} it runs the same comparison through HAProxy (one process
+against two bound to one port with SO_REUSEPORT): the cost of a second
+process on this machine when the program is not rproxy.
 """
 
 from __future__ import annotations
@@ -120,8 +126,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--rate", type=int, default=6000,
                         help="offered req/s of the CPU-per-request runs (each connection paced)")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="also HTTP through one HAProxy process against two on one SO_REUSEPORT port: "
+                             "what a second process costs on this machine, whoever runs it")
     args = parser.parse_args()
-    need("nginx", "wrk")
+    need("nginx", "wrk", *(["haproxy"] if args.haproxy else []))
     cores = len(os.sched_getaffinity(0))
     work = tempfile.mkdtemp(prefix="rproxy-bench-")
     os.chmod(work, 0o755)  # nginx workers run as nobody
@@ -140,31 +149,41 @@ def main() -> None:
         results: dict[tuple[int, str, bool], list[tuple[float, float]]] = {}
         paced: dict[tuple[int, str, bool], list[tuple[float, float]]] = {}
         spreads: dict[tuple[str, bool], list[list[int]]] = {}
+        # every count runs at once and the rounds alternate between them
+        # (the order rotating from round to round): on a machine others
+        # share, load drifts over minutes, and a comparison made of runs
+        # minutes apart measured the drift as much as the workers
+        running: dict[int, tuple[subprocess.Popen[bytes], int, int, int, list[int]]] = {}
         for workers in counts:
             http_port, tcp_port, admin = free_port(), free_port(), free_port()
             proxy = start_rproxy(work, workers, backend, http_port, tcp_port, admin)
-            try:
-                wait_port(http_port)
-                wait_port(admin)
-                processes = pids(proxy.pid, admin, workers)
-                wrk(http_port, 1, args.connections, False)  # warm up
-                for _ in range(args.rounds if workers <= 2 else 1):
-                    for kind, close in cases:
-                        port = http_port if kind == "http" else tcp_port
-                        before = [w.get("connections", 0) for w in health(admin)["workers"]] if workers > 1 else []
-                        results.setdefault((workers, kind, close), []).append(
-                            measure(port, processes, args.duration, args.connections, close))
-                        if workers <= 2:
-                            paced.setdefault((workers, kind, close), []).append(
-                                measure(port, processes, args.duration, args.connections, close, pace))
-                        if workers == 2:
-                            spreads.setdefault((kind, close), []).append(spread(admin, before))
-            finally:
-                stop_all([proxy], "")
+            procs.append(proxy)
+            wait_port(http_port)
+            wait_port(admin)
+            running[workers] = (proxy, http_port, tcp_port, admin, pids(proxy.pid, admin, workers))
+            wrk(http_port, 1, args.connections, False)  # warm up
+        for round_ in range(args.rounds):
+            order = counts[round_ % len(counts):] + counts[:round_ % len(counts)]
+            for kind, close in cases:
+                for workers in order:
+                    if workers > 2 and round_ > 0:
+                        continue  # (the scaling rows: one round)
+                    _, http_port, tcp_port, admin, processes = running[workers]
+                    port = http_port if kind == "http" else tcp_port
+                    before = [w.get("connections", 0) for w in health(admin)["workers"]] if workers > 1 else []
+                    results.setdefault((workers, kind, close), []).append(
+                        measure(port, processes, args.duration, args.connections, close))
+                    if workers <= 2:
+                        paced.setdefault((workers, kind, close), []).append(
+                            measure(port, processes, args.duration, args.connections, close, pace))
+                    if workers == 2:
+                        spreads.setdefault((kind, close), []).append(spread(admin, before))
         print(f"cores found: {cores}; wrk -c{args.connections}, {args.duration}s runs, medians of {args.rounds} rounds")
         for title, table in ((f"paced to ~{args.rate} req/s (same offered load)", paced), ("flat out", results)):
             print(f"CPU per request of every rproxy process, {title}:")
             _table(cases, table, spreads)
+        if args.haproxy:
+            _haproxy(work, backend, args, pace, procs)
         print("requests/s by workers, flat out (scaling needs cores to spare for wrk and nginx):")
         for kind, close in cases:
             name = f"{kind} {'Connection: close' if close else 'keep-alive'}"
@@ -174,6 +193,47 @@ def main() -> None:
                                               for n, rate in zip(counts, rates, strict=True)))
     finally:
         stop_all(procs, work)
+
+
+def _haproxy(work: str, backend: int, args: argparse.Namespace, pace: str,
+             procs: list[subprocess.Popen[bytes]]) -> None:
+    """
+    The control: HAProxy (nbthread 1) as one process, and as two processes
+    bound to one port (HAProxy sets SO_REUSEPORT, as rproxy's master does),
+    rounds alternating as above; CPU per request of every HAProxy process.
+    """
+    pids: dict[int, list[int]] = {}
+    ports: dict[int, int] = {}
+    for count in (1, 2):
+        ports[count] = port = free_port()
+        conf = os.path.join(work, f"haproxy-{count}.cfg")
+        with open(conf, "w") as f:
+            f.write(f"global\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n"
+                    f"  timeout server 30s\nfrontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n"
+                    f"backend b\n  server s1 127.0.0.1:{backend}\n")
+        pids[count] = []
+        for _ in range(count):
+            process = subprocess.Popen(["haproxy", "-db", "-f", conf], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.STDOUT)
+            procs.append(process)
+            pids[count].append(process.pid)
+            wait_port(port)
+            time.sleep(0.5)  # (the second binds beside the first: no port to wait for)
+    results: dict[tuple[bool, bool, int], list[float]] = {}
+    for round_ in range(args.rounds):
+        for close in (False, True):
+            for paced in (True, False):
+                for count in ((1, 2) if round_ % 2 == 0 else (2, 1)):
+                    _, cpu = measure(ports[count], pids[count], args.duration, args.connections, close,
+                                     pace if paced else None)
+                    results.setdefault((close, paced, count), []).append(cpu)
+    print("control: HAProxy HTTP, CPU per request of 1 process against 2 on one port:")
+    for close in (False, True):
+        for paced in (True, False):
+            one = statistics.median(results[(close, paced, 1)])
+            two = statistics.median(results[(close, paced, 2)])
+            name = f"{'Connection: close' if close else 'keep-alive'}, {'paced' if paced else 'flat out'}"
+            print(f"  {name:30} 1: {one:6.1f} us/req  2: {two:6.1f} us/req  {two / one:5.2f}x")
 
 
 def _table(cases: list[tuple[str, bool]], results: dict[tuple[int, str, bool], list[tuple[float, float]]],

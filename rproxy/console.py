@@ -84,6 +84,52 @@ def _classes(requests: Any) -> list[int]:
     return counts
 
 
+def frontend_counters(service: RProxyService) -> list[dict[str, Any]]:
+    """
+    What the dashboard samples of each frontend of C{service}: plain
+    numbers, ready for JSON (a worker sends them to its master, which
+    sums them: L{rproxy.workers.merge.merge_counters}).
+    """
+    from rproxy.http.frontend import DURATION_BUCKETS
+
+    rows = []
+    for frontend in service.frontends.values():
+        requests = getattr(frontend, "requests", None)
+        rows.append({
+            "name": frontend.name,
+            "protocol": frontend.config.protocol,
+            "listen": frontend.config.listen,
+            "address": _bound_address(service, frontend.name),
+            "backend": frontend.config.backend,
+            "total": frontend.total,
+            "active": frontend.active,
+            "connect_errors": frontend.connect_errors,
+            "classes": _classes(requests) if requests is not None else [0] * 6,
+            "durations": list(getattr(frontend, "duration_buckets", None) or [0] * len(DURATION_BUCKETS)),
+        })
+    return rows
+
+
+def token_pool_rows(service: RProxyService) -> list[dict[str, Any]]:
+    """
+    Each token pool of C{service}: counts and the credentials taken out.
+    """
+    return [dict(name=name, credentials_out=tokens.credentials_out(), **tokens.counts())
+            for name, tokens in service.token_pools.items()]
+
+
+def _bound_address(service: RProxyService, name: str) -> str | None:
+    """
+    Where a frontend listens as bound (the port a port 0 got).
+    """
+    port = service.ports.get(name)
+    host = getattr(port.getHost(), "host", None) if port is not None else None
+    if host is None:
+        return None
+    number = port.getHost().port  # type: ignore[union-attr]
+    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
+
+
 class Console:
     """
     Samples a service's counters every C{interval} and serves the
@@ -101,6 +147,7 @@ class Console:
         self.sampled_at = -float("inf")
         self._history: dict[str, _FrontendHistory] = {}
         self._cached: tuple[int, bytes] | None = None
+        self._rows: list[dict[str, Any]] = []
         self._loop: LoopingCall | None = None
         self.host = socket.gethostname()
 
@@ -138,19 +185,24 @@ class Console:
         """
         Read every frontend's counters and append one point of rates.
         """
+        self.take(frontend_counters(self.service))
+
+    def take(self, rows: list[dict[str, Any]]) -> None:
+        """
+        One sample of C{rows} (L{frontend_counters}, or the sum of every
+        worker's): a point of rates per frontend against the previous.
+        """
         from rproxy.http.frontend import DURATION_BUCKETS
 
         now = self.clock.seconds()
         seen = set()
-        for frontend in self.service.frontends.values():
-            seen.add(frontend.name)
-            history = self._history.get(frontend.name)
+        for row in rows:
+            name = row["name"]
+            seen.add(name)
+            history = self._history.get(name)
             if history is None:
-                history = self._history[frontend.name] = _FrontendHistory()
-            requests = getattr(frontend, "requests", None)
-            classes = _classes(requests) if requests is not None else [0] * 6
-            durations = list(getattr(frontend, "duration_buckets", None) or [0] * len(DURATION_BUCKETS))
-            total = frontend.total
+                history = self._history[name] = _FrontendHistory()
+            classes, durations, total = row["classes"], row["durations"], row["total"]
             last, history.last = history.last, (now, total, classes, durations)
             if last is None or now <= last[0]:
                 continue
@@ -164,10 +216,11 @@ class Console:
             history.points.append([
                 round(now, 3), round(answered / elapsed, 2), by_class[3], by_class[4],
                 None if p50 is None else round(p50 * 1000, 2), None if p99 is None else round(p99 * 1000, 2),
-                frontend.active, round(max(0, total - last[1]) / elapsed, 2),
+                row["active"], round(max(0, total - last[1]) / elapsed, 2),
             ])
         for gone in set(self._history) - seen:
             del self._history[gone]
+        self._rows = rows
         self.samples += 1
         self.sampled_at = now
 
@@ -197,38 +250,34 @@ class Console:
             "process": {
                 "version": rproxy.__version__, "pid": os.getpid(), "host": self.host,
                 "config_path": service.config_path, "up_for": round(now - self.started, 1),
-                "stopping": service.stopping, "problems": service.readiness_problems(),
+                "stopping": service.stopping, "problems": self.problems(),
                 "api_key": service.config.admin.api_key is not None,
             },
             "columns": ["at", "requests_per_s", "4xx", "5xx", "p50_ms", "p99_ms", "open", "connections_per_s"],
-            "frontends": [self._frontend(f) for f in service.frontends.values()],
-            "backends": [pool.describe() for pool in service.pools.values()],
+            "frontends": [self._frontend(row) for row in self._rows],
+            "backends": self.backends(),
             "tunnels": [
                 {"name": t.name, "mode": t.config.mode, "agents": t.agents(),
                  "streams_opened": t.streams_opened, "streams_failed": t.streams_failed}
                 for t in service.tunnels.values()
             ],
-            "token_pools": [
-                dict(name=name, credentials_out=tokens.credentials_out(), **tokens.counts())
-                for name, tokens in service.token_pools.items()
-            ],
+            "token_pools": self.token_pools(),
             "reload": service.last_reload,
         }
 
-    def _address(self, name: str) -> str | None:
-        """
-        Where a frontend listens as bound (the port a port 0 got).
-        """
-        port = self.service.ports.get(name)
-        host = getattr(port.getHost(), "host", None) if port is not None else None
-        if host is None:
-            return None
-        return f"[{host}]:{port.getHost().port}" if ":" in host else f"{host}:{port.getHost().port}"  # type: ignore[union-attr]
+    def problems(self) -> list[str]:
+        return self.service.readiness_problems()
 
-    def _frontend(self, frontend: Any) -> dict[str, Any]:
+    def backends(self) -> list[dict[str, Any]]:
+        return [pool.describe() for pool in self.service.pools.values()]
+
+    def token_pools(self) -> list[dict[str, Any]]:
+        return token_pool_rows(self.service)
+
+    def _frontend(self, row: dict[str, Any]) -> dict[str, Any]:
         from rproxy.http.frontend import DURATION_BUCKETS
 
-        history = self._history.get(frontend.name)
+        history = self._history.get(row["name"])
         points = list(history.points) if history is not None else []
         now: dict[str, Any] = {"requests_per_s": 0.0, "error_rate": {"4xx": 0.0, "5xx": 0.0},
                                "p50_ms": None, "p99_ms": None}
@@ -246,14 +295,14 @@ class Console:
                 "p99_ms": None if p99 is None else round(p99 * 1000, 2),
             }
         return {
-            "name": frontend.name,
-            "protocol": frontend.config.protocol,
-            "listen": frontend.config.listen,
-            "address": self._address(frontend.name),
-            "backend": frontend.config.backend,
-            "open_connections": frontend.active,
-            "total_connections": frontend.total,
-            "connect_errors": frontend.connect_errors,
+            "name": row["name"],
+            "protocol": row["protocol"],
+            "listen": row["listen"],
+            "address": row["address"],
+            "backend": row["backend"],
+            "open_connections": row["active"],
+            "total_connections": row["total"],
+            "connect_errors": row["connect_errors"],
             "now": now,
             "history": points,
         }

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rproxy.admin import build_admin_site
-from rproxy.config import Config, ConfigError, load_config, parse_endpoint
+from rproxy.config import Config, load_config, parse_endpoint
 from rproxy.detect import DetectFrontend
 from rproxy.handoff import listening_factory
 from rproxy.health import HealthChecker, Prober, make_prober
@@ -36,6 +36,7 @@ from rproxy.http.frontend import HTTPFrontend
 from rproxy.http.upstream import UpstreamPool
 from rproxy.metrics import Metrics
 from rproxy.pool import Pool, Server
+from rproxy.reloading import Outcome, ReloadRunner
 from rproxy.store.auth import key_chain
 from rproxy.store.backends import LiveBackends
 from rproxy.store.manager import Stores
@@ -105,8 +106,12 @@ class RProxyService(MultiService):
         self.admin_port: IListeningPort | None = None
         self._admin_listen: str | None = None
         self.stopping = False
-        self._reload_lock = defer.DeferredLock()
         self._config_loader = config_loader if config_loader is not None else self._load_in_thread
+        # reloads (SIGHUP, the admin API) run here: validated off the
+        # reactor, applied by apply_reload, recorded (last_reload); a master
+        # puts its own runner here, whose apply reaches its workers too
+        self.reloads = ReloadRunner(self.clock, self._config_loader, self.apply_reload, lambda: self.stopping,
+                                    lambda result: self.metrics.reloads.labels(result).inc(), config_path, self.log)
         # frontend (or "admin") -> why its listener could not bind, as of the last apply
         self.listen_failures: dict[str, str] = {}
         self._starting = False
@@ -114,8 +119,6 @@ class RProxyService(MultiService):
         # what start-up does on a listener that cannot bind, after logging
         # it (twistd -n: exit 1 quietly; see rproxy.tap); then ListenError
         self.on_start_failure: Callable[[ListenError], None] | None = None
-        # the last reload (file or API): when, result, errors; None before one
-        self.last_reload: dict[str, Any] | None = None
         # Hooks for the processes of rproxy.workers: a worker adopts the
         # sockets its master bound (listen_endpoint), applies health state
         # the master sends (checker_factory: checks that never probe) and
@@ -462,40 +465,35 @@ class RProxyService(MultiService):
 
     # -- reload ----------------------------------------------------------
 
+    @property
+    def last_reload(self) -> dict[str, Any] | None:
+        """
+        The last reload (file or API): when, result, errors; None before one.
+        """
+        return self.reloads.last
+
     def reload(self, new: Config) -> defer.Deferred[None]:
         """
-        Apply C{new} as a diff against the running configuration.  A
-        listener that cannot bind is reported (the reload counts as
-        C{partial}); a reload that leaves nothing listening for traffic is
-        applied, as asked, and logged as an error.
+        Apply C{new} as a diff against the running configuration and record
+        the outcome (L{ReloadRunner.run}).
+        """
+        return self.reloads.run(new)
+
+    async def apply_reload(self, new: Config) -> Outcome:
+        """
+        Apply C{new} here.  A listener that cannot bind is reported (the
+        reload counts as C{partial}); a reload that leaves nothing
+        listening for traffic is applied, as asked, and logged as an error.
         """
         self._warn_if_nothing_listens(new)
-        d = defer.Deferred.fromCoroutine(self._apply(new))
-
-        def done(result: Any) -> Any:
-            if isinstance(result, Failure):
-                self.metrics.reloads.labels("failed").inc()
-                self._record_reload("failed", [result.getErrorMessage()])
-            elif self.listen_failures:
-                self.metrics.reloads.labels("partial").inc()
-                self._record_reload("partial", list(self.listen_failures.values()))
-                self.log.error("configuration reloaded, except {count} listener(s): {problems}",
-                               count=len(self.listen_failures), problems="; ".join(self.listen_failures.values()))
-            else:
-                self.metrics.reloads.labels("ok").inc()
-                self._record_reload("ok", [])
-                self.log.info("configuration reloaded")
-            return result
-
-        return d.addBoth(done)
-
-    def _record_reload(self, result: str, errors: list[str]) -> None:
-        """
-        Keep the outcome for the admin port (dashboard, C{rproxyctl reload}).
-        """
-        count = 1 if self.last_reload is None else self.last_reload["count"] + 1
-        self.last_reload = {"at": self.clock.seconds(), "result": result, "errors": errors[:50], "count": count,
-                            "path": self.config_path}
+        await self._apply(new)
+        if self.listen_failures:
+            problems = list(self.listen_failures.values())
+            self.log.error("configuration reloaded, except {count} listener(s): {problems}",
+                           count=len(problems), problems="; ".join(problems))
+            return "partial", problems
+        self.log.info("configuration reloaded")
+        return "ok", []
 
     def _warn_if_nothing_listens(self, new: Config) -> None:
         before = _traffic_listeners(self.config)
@@ -533,36 +531,7 @@ class RProxyService(MultiService):
         file is logged and the running configuration stays.  Reloads run
         one at a time, in the order asked.
         """
-        if self.config_path is None:
-            return defer.succeed(None)
-        return self._reload_lock.run(lambda: defer.Deferred.fromCoroutine(self._reload_from_file()))
-
-    async def _reload_from_file(self) -> None:
-        assert self.config_path is not None
-        if self.stopping:
-            self.log.warn("reload ignored: rproxy is stopping")
-            return
-        try:
-            new = await self._config_loader(self.config_path)
-        except ConfigError as e:
-            self.metrics.reloads.labels("invalid").inc()
-            self._record_reload("invalid", list(e.lines()))
-            for line in e.lines():
-                self.log.error("reload rejected: {error}", error=line)
-            self.log.error("reload rejected; keeping the running configuration")
-            return
-        except Exception:  # noqa: BLE001 - a bug in validation must not stop later reloads
-            self.metrics.reloads.labels("invalid").inc()
-            self._record_reload("invalid", ["the file could not be validated"])
-            self.log.failure("reload rejected: the file could not be validated; keeping the running configuration")
-            return
-        if self.stopping:
-            self.log.warn("reload ignored: rproxy is stopping")
-            return
-        try:
-            await self.reload(new)
-        except Exception:  # noqa: BLE001 - logged; the next reload may mend it
-            self.log.failure("rproxy: reload failed")
+        return self.reloads.from_file()
 
     # -- stop ------------------------------------------------------------
 

@@ -157,6 +157,23 @@ class ViewTests(SynchronousTestCase):
         self.assertEqual([f.name for f in third.frontends], ["web"])
         self.assertEqual(third.token_pools, ())
 
+    def test_connection_limits_are_the_machines(self) -> None:
+        """A frontend's and the global max_connections are split over the workers; no worker has 0 (none)."""
+        raw = data(workers=3, max_connections=1000)
+        raw["frontends"] = [{"name": "web", "listen": "tcp:8080", "backend": "web", "max_connections": 10},
+                            {"name": "two", "listen": "tcp:8081", "backend": "web", "max_connections": 2},
+                            {"name": "free", "listen": "tcp:8082", "backend": "web"}]
+        config = parse_config(raw)
+        views = [worker_view(config, slot, 3) for slot in range(3)]
+        self.assertEqual([v.global_.max_connections for v in views], [334, 333, 333])
+        limits = [{f.name: f.max_connections for f in v.frontends} for v in views]
+        self.assertEqual(limits, [{"web": 4, "two": 1, "free": 0}, {"web": 3, "two": 1, "free": 0},
+                                  {"web": 3, "free": 0}])
+        self.assertEqual(serving_slots(config, config.frontends[1], 3), range(2))
+        self.assertEqual(sum(f.max_connections for v in views for f in v.frontends if f.name == "web"), 10)
+        tiny = parse_config(data(workers=3, max_connections=2))
+        self.assertEqual([worker_view(tiny, slot, 3).global_.max_connections for slot in range(3)], [1, 1, 1])
+
     def test_master_and_worker_parts(self) -> None:
         """The master runs no frontend or token pool; workers no tunnel or admin port."""
         config = attrs.evolve(self.tokens(2), tunnels=("a tunnel",))
@@ -306,6 +323,20 @@ class StateTests(SynchronousTestCase):
             self.assertTrue(apply_message({"web": other}, message, self.clock.seconds()))
         self.assertEqual([s.state(self.clock.seconds()) for s in other.servers], ["down", "ejected", "up"])
         self.assertFalse(apply_message({"gone": other}, messages[0], 0))
+
+    def test_operator_state_travels(self) -> None:
+        """A drain and a weight set in the master reach a new process's pool, quietly, and stay applied once."""
+        self.pool.set_admin("127.0.0.1:9003", "drain", 5)
+        messages = snapshot({"web": self.pool}, self.clock.seconds())
+        self.assertEqual(messages, [{"op": "admin", "pool": "web", "server": "127.0.0.1:9003", "state": "drain",
+                                     "weight": 5}])
+        other = Pool(self.pool.config, self.clock)
+        self.assertTrue(apply_message({"web": other}, messages[0], 0))
+        self.assertFalse(apply_message({"web": other}, messages[0], 0))
+        drained = other.servers[2]
+        self.assertEqual((drained.admin_state, drained.weight, drained.weight_set), ("drain", 5, True))
+        picked = {other.pick().name for _ in range(6)}  # type: ignore[union-attr]
+        self.assertEqual(picked, {"127.0.0.1:9001", "127.0.0.1:9002"})
 
 
 class SupervisorTests(SynchronousTestCase):

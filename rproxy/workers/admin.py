@@ -26,7 +26,10 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from rproxy.admin import AdminRoot
 from rproxy.adminhttp import AdminSite, refuse_unless_read
+from rproxy.adminops import Servers
+from rproxy.workers.console import MachineConsole
 from rproxy.workers.merge import merge_health, merge_pools, sum_metrics
+from rproxy.workers.state import admin_message
 
 if TYPE_CHECKING:
     from rproxy.workers.master import MasterService
@@ -154,12 +157,40 @@ class MergedMetrics(_Merged):
         return 200, CONTENT_TYPE_LATEST.encode("ascii"), sum_metrics(texts).encode("utf-8")
 
 
+class MachineServers(Servers):
+    """
+    C{/api/v1/servers} in the master: a change (drain, maint, ready,
+    weight) acts once, in the master's pool, then reaches every worker,
+    whose pools pick the servers of new connections.
+    """
+
+    def __init__(self, master: MasterService) -> None:
+        super().__init__(master.inner)
+        self.master = master
+
+    def patch(self, request: Request, backend: str, name: str) -> bytes:
+        body = super().patch(request, backend, name)
+        if request.code == 200:
+            pool = self.master.inner.pools[backend]
+            server = pool.server(name)
+            if server is not None:
+                self.master.broadcast(admin_message(pool, server))
+        return body
+
+
 def build_master_site(master: MasterService) -> Site:
-    root = AdminRoot(master.inner)
+    """
+    The master's admin site; its dashboard samples every worker while it
+    listens (L{MachineConsole}).
+    """
+    console = MachineConsole(master, master.reactor)
+    root = AdminRoot(master.inner, console)
     root.putChild(b"readyz", MergedReadyz(master))
     health = MergedHealth(master)
     root.putChild(b"health", health)
     root.putChild(b"healthz", health)
     root.putChild(b"stats", MergedStats(master))
     root.putChild(b"metrics", MergedMetrics(master))
-    return AdminSite(root, lambda: master.config.admin.api_key, master.reactor)
+    v1 = root.children[b"api"].children[b"v1"]
+    v1.putChild(b"servers", MachineServers(master))
+    return AdminSite(root, lambda: master.config.admin.api_key, master.reactor, console)

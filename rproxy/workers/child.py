@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
 
+from rproxy.console import frontend_counters, token_pool_rows
 from rproxy.pool import Pool
 from rproxy.service import RProxyService
 from rproxy.workers.channel import Channel
@@ -82,12 +83,19 @@ class Worker:
             self.sockets[message["frontend"]] = (message["listen"], fd)
         elif op == "configure":
             self._applying = self._applying.addBoth(lambda _: defer.Deferred.fromCoroutine(self.configure(message)))
+        elif op == "admin":
+            # (not remembered: a reload treats the state alike everywhere,
+            # and a worker started later gets it in the master's snapshot)
+            if self.service is not None:
+                apply_message(self.service.pools, message, self.reactor.seconds())
         elif op in ("health", "eject"):
             self.remember(message)
             if self.service is not None:
                 apply_message(self.service.pools, message, self.reactor.seconds())
         elif op == "report":
             self.channel.reply(message, self.report())
+        elif op == "console":
+            self.channel.reply(message, self.console())
         elif op == "reopen":
             if self.service is not None:
                 self.service.reopen_logs()
@@ -130,8 +138,13 @@ class Worker:
                 assert service.ready is not None
                 await service.ready
                 problems = service.start_problems([])
+                # what start-up made is this configuration's service, its
+                # pools and frontends and the modules they imported: out of
+                # the cycle collector's reach, as twistd's process does
+                _freeze()
             else:
-                await self.service.reload(config)
+                # applied, not recorded: the master records the reload, once
+                await self.service.apply_reload(config)
                 problems = list(self.service.listen_failures.values())
                 self.replay(self.service.pools)
             self.service.config = config
@@ -186,6 +199,25 @@ class Worker:
             "metrics": generate_latest(service.registry).decode("utf-8"),
         }
 
+    def console(self) -> dict[str, Any]:
+        """
+        What the master's dashboard samples of this worker, once per
+        interval whoever watches (L{rproxy.workers.console}): small, so
+        that sampling costs the proxy nothing it would notice.
+        """
+        service = self.service
+        if service is None:
+            return {"op": "console", "slot": self.slot, "frontends": [], "backends": [], "token_pools": [],
+                    "ready": ["starting"]}
+        return {
+            "op": "console",
+            "slot": self.slot,
+            "frontends": frontend_counters(service),
+            "backends": [pool.describe() for pool in service.pools.values()],
+            "token_pools": token_pool_rows(service),
+            "ready": service.readiness_problems(),
+        }
+
     # -- stop ------------------------------------------------------------
 
     def stop(self) -> defer.Deferred[None]:
@@ -217,10 +249,14 @@ def main(argv: list[str]) -> int:
     rproxy_reactor.install()
     from twisted.internet import reactor as installed
 
+    from rproxy.tap import is_noise
+
     reactor: Any = installed
     prefix = f"worker {slot}: "
 
     def observer(event: dict[str, Any]) -> None:
+        if is_noise(event):
+            return  # (Twisted's port and factory lines: the service says what listens where)
         text = formatEvent(event)
         failure = event.get("log_failure")
         if failure is not None:
@@ -237,7 +273,6 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(worker.stop))
-    reactor.callWhenRunning(_freeze)
     reactor.run(installSignalHandlers=False)
     return 0
 

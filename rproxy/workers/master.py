@@ -20,14 +20,15 @@ from typing import Any
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import MultiService
-from twisted.internet import defer, error, protocol, threads
+from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import rproxy
-from rproxy.config import Config, ConfigError, load_config, parse_endpoint
+from rproxy.config import Config, parse_endpoint
 from rproxy.pool import Pool, Server
+from rproxy.reloading import Outcome, ReloadRunner
 from rproxy.service import ListenError, RProxyService
 from rproxy.workers import worker_count
 from rproxy.workers.channel import Channel
@@ -99,7 +100,12 @@ class MasterService(MultiService):
         self.reactor = reactor
         self.config_path = config_path
         self.count = count if count is not None else worker_count(config)
-        self.inner = RProxyService(master_view(config), reactor)
+        self.inner = RProxyService(master_view(config), reactor, config_path=config_path)
+        # one reload runner (rproxy.reloading): the inner service's admin
+        # API and SIGHUP reach it; its apply is the whole machine's
+        self.inner.reloads = ReloadRunner(
+            reactor, self.inner._config_loader, self.apply_reload, lambda: self.stopping,
+            lambda result: self.inner.metrics.reloads.labels(result).inc(), config_path, self.log)
         self.inner.pool_made = self._watch_pool
         from rproxy.workers.admin import build_master_site
 
@@ -110,7 +116,6 @@ class MasterService(MultiService):
         self.slots = [WorkerSlot(i) for i in range(self.count)]
         self.stopping = False
         self.on_start_failure: Any = None
-        self._reload_lock = defer.DeferredLock()
 
     # -- start -----------------------------------------------------------
 
@@ -219,12 +224,14 @@ class MasterService(MultiService):
         d = channel.request({"op": "configure", "config": pack_config(view)},
                             config.global_.grace_period + 30, self.reactor)
 
-        def applied(answer: dict[str, Any]) -> None:
+        def applied(answer: dict[str, Any]) -> list[str]:
             if not slot.configured:
                 self.log.info("worker {slot} serving (pid {pid})", slot=slot.slot, pid=slot.pid)
             slot.configured = True
-            for problem in answer.get("problems", []):
+            problems = list(answer.get("problems", []))
+            for problem in problems:
                 self.log.error("worker {slot}: {problem}", slot=slot.slot, problem=problem)
+            return problems
 
         return d.addCallback(applied)
 
@@ -274,13 +281,14 @@ class MasterService(MultiService):
 
         pool.on_state_change(changed)
 
-    async def reports(self, timeout: float = 2.0) -> list[dict[str, Any] | None]:
+    async def reports(self, timeout: float = 2.0, op: str = "report") -> list[dict[str, Any] | None]:
         """
-        Every worker's figures (L{rproxy.workers.child.Worker.report});
-        None for a worker that is not running or did not answer in time.
+        Every worker's figures (L{rproxy.workers.child.Worker.report}, or
+        with C{op="console"} its dashboard sample); None for a worker that
+        is not running or did not answer in time.
         """
         asked: list[defer.Deferred[Any]] = [
-            slot.channel.request({"op": "report"}, timeout, self.reactor)
+            slot.channel.request({"op": op}, timeout, self.reactor)
             if slot.channel is not None and slot.configured else defer.succeed(None) for slot in self.slots]
         results = await defer.DeferredList(asked, consumeErrors=True)
         return [value if ok else None for ok, value in results]
@@ -288,35 +296,27 @@ class MasterService(MultiService):
     # -- reload ----------------------------------------------------------
 
     def reload_from_file(self) -> defer.Deferred[None]:
-        if self.config_path is None:
-            return defer.succeed(None)
-        return self._reload_lock.run(lambda: defer.Deferred.fromCoroutine(self._reload_from_file()))
+        """
+        Re-read the file (SIGHUP): validated once, here, off the reactor.
+        """
+        return self.inner.reload_from_file()
 
-    async def _reload_from_file(self) -> None:
-        assert self.config_path is not None
-        if self.stopping:
-            self.log.warn("reload ignored: rproxy is stopping")
-            return
-        try:
-            new = await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                                  load_config, self.config_path)
-        except ConfigError as e:
-            self.inner.metrics.reloads.labels("invalid").inc()
-            for line in e.lines():
-                self.log.error("reload rejected: {error}", error=line)
-            self.log.error("reload rejected; keeping the running configuration")
-            return
-        except Exception:  # noqa: BLE001 - a bug in validation must not stop later reloads
-            self.inner.metrics.reloads.labels("invalid").inc()
-            self.log.failure("reload rejected: the file could not be validated; keeping the running configuration")
-            return
-        await self.reload(new)
+    def reload(self, new: Config) -> defer.Deferred[None]:
+        """
+        Apply C{new} (validated) everywhere and record the outcome.
+        """
+        return self.inner.reload(new)
 
-    async def reload(self, new: Config) -> None:
+    @property
+    def last_reload(self) -> dict[str, Any] | None:
+        return self.inner.last_reload
+
+    async def apply_reload(self, new: Config) -> Outcome:
         """
         Apply C{new} everywhere: sockets for new addresses first (a
-        reload with an address that cannot bind changes nothing), then the
-        master's part, then every worker's; sockets no frontend uses any
+        reload with an address that cannot bind changes nothing: C{failed}),
+        then the master's part, then every worker's (one that does not
+        apply it makes the reload C{partial}); sockets no frontend uses any
         more close once every worker has let go of them.
         """
         if worker_count(new) != self.count:
@@ -325,20 +325,25 @@ class MasterService(MultiService):
         try:
             listeners = self._bind_all(new)
         except _BindError as e:
-            self.inner.metrics.reloads.labels("failed").inc()
             self.log.error("reload rejected: {why}; keeping the running configuration", why=str(e))
-            return
+            return "failed", [str(e)]
         old, self.listeners = self.listeners, listeners
         self.config = new
-        await self.inner.reload(master_view(new))
-        results = await defer.DeferredList(
-            [self._configure(slot, new) for slot in self.slots if slot.channel is not None], consumeErrors=True)
-        for ok, value in results:
+        problems: list[str] = []
+        inner: Outcome = await self.inner.apply_reload(master_view(new))
+        problems += inner[1]
+        running = [slot for slot in self.slots if slot.channel is not None]
+        results = await defer.DeferredList([self._configure(slot, new) for slot in running], consumeErrors=True)
+        for slot, (ok, value) in zip(running, results, strict=True):
             if not ok:
-                self.log.error("a worker did not apply the configuration: {why}", why=value.getErrorMessage())
+                problems.append(f"worker {slot.slot}: did not apply the configuration: {value.getErrorMessage()}")
+                self.log.error("{line}", line=problems[-1])
+            else:
+                problems += [f"worker {slot.slot}: {problem}" for problem in (value or [])]
         _close_unused(old, self.listeners)
         self.log.info("configuration reloaded in the master and {count} worker(s)",
                       count=sum(1 for ok, _ in results if ok))
+        return ("partial", problems) if problems else ("ok", [])
 
     def reopen_logs(self) -> None:
         self.inner.reopen_logs()

@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["sum_metrics", "merge_pools", "merge_health", "merge_token_pools"]
+__all__ = ["sum_metrics", "merge_pools", "merge_health", "merge_token_pools", "merge_counters", "merge_token_rows"]
 
 # per-machine state, the same in every process: the lowest wins (a server
 # is up only where every process can use it), never a sum
@@ -174,3 +174,46 @@ def merge_health(master: dict[str, Any], workers: list[dict[str, Any]], extra_pr
                              servers="servers", key="name"),
         token_pools=merge_token_pools([d.get("token_pools", {}) for d in workers]),
     )
+
+
+def merge_counters(workers: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """
+    The dashboard's frontend counters (L{rproxy.console.frontend_counters})
+    for the machine: connections, answers by class and the duration
+    histogram summed per frontend over the workers that serve it; its
+    name, address and backend from the first.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    for rows in workers:
+        for row in rows:
+            entry = merged.get(row["name"])
+            if entry is None:
+                merged[row["name"]] = dict(row, classes=list(row["classes"]), durations=list(row["durations"]))
+                continue
+            for field in ("total", "active", "connect_errors"):
+                entry[field] += row[field]
+            entry["classes"] = [a + b for a, b in zip(entry["classes"], row["classes"], strict=True)]
+            entry["durations"] = [a + b for a, b in zip(entry["durations"], row["durations"], strict=True)]
+            entry["address"] = entry["address"] or row["address"]
+    return list(merged.values())
+
+
+def merge_token_rows(workers: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """
+    The dashboard's token pools (L{rproxy.console.token_pool_rows}) for
+    the machine: each worker holds a share of a pool's credentials, so
+    the counts add up and the credentials taken out join.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    for rows in workers:
+        for row in rows:
+            entry = merged.get(row["name"])
+            if entry is None:
+                merged[row["name"]] = dict(row, credentials_out=list(row["credentials_out"]))
+                continue
+            for field, value in row.items():
+                if field == "credentials_out":
+                    entry[field] = sorted(set(entry[field]) | set(value))
+                elif isinstance(value, int) and not isinstance(value, bool):
+                    entry[field] = entry.get(field, 0) + value
+    return list(merged.values())

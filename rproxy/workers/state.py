@@ -1,6 +1,7 @@
 """
 Server state that crosses processes: health verdicts (the master's
-checks) and passive ejections (seen by one worker, applied everywhere).
+checks), passive ejections (seen by one worker, applied everywhere) and
+an operator's state and weight (set in the master's admin API).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any
 
 from rproxy.pool import Pool, Server
 
-__all__ = ["find_server", "apply_ejection", "snapshot"]
+__all__ = ["find_server", "apply_ejection", "apply_admin", "admin_message", "snapshot"]
 
 
 def find_server(pool: Pool, name: str) -> Server | None:
@@ -39,6 +40,32 @@ def apply_ejection(pool: Pool, name: str, until: float, ejections: int) -> bool:
     return True
 
 
+def admin_message(pool: Pool, server: Server) -> dict[str, Any]:
+    """
+    The message that gives other processes C{server}'s operator state
+    and weight as this one has them.
+    """
+    return {"op": "admin", "pool": pool.name, "server": server.name, "state": server.admin_state,
+            "weight": server.weight}
+
+
+def apply_admin(pool: Pool, name: str, state: str, weight: int) -> bool:
+    """
+    Set server C{name}'s operator state and weight as the master has
+    them, quietly (the master logged the change once).
+
+    @return: whether anything changed.
+    """
+    server = find_server(pool, name)
+    if server is None or (server.admin_state, server.weight) == (state, weight):
+        return False
+    server.admin_state = state
+    server.weight = weight
+    server.weight_set = weight != server.config.weight
+    pool.set_admin(name)  # nothing to log; the pool takes the change in
+    return True
+
+
 def snapshot(pools: dict[str, Pool], now: float) -> list[dict[str, Any]]:
     """
     The messages that bring a new worker to the master's view: servers
@@ -50,6 +77,8 @@ def snapshot(pools: dict[str, Pool], now: float) -> list[dict[str, Any]]:
             if not server.up:
                 messages.append({"op": "health", "pool": pool.name, "server": server.name, "up": False,
                                  "reason": server.down_reason})
+            if server.admin_state != "ready" or server.weight_set:
+                messages.append(admin_message(pool, server))
             if server.ejected_until > now:
                 messages.append({"op": "eject", "pool": pool.name, "server": server.name,
                                  "until_in": server.ejected_until - now, "ejections": server.ejections})
@@ -58,13 +87,15 @@ def snapshot(pools: dict[str, Pool], now: float) -> list[dict[str, Any]]:
 
 def apply_message(pools: dict[str, Pool], message: dict[str, Any], now: float) -> bool:
     """
-    Apply a C{health} or C{eject} message to C{pools}; whether it changed
+    Apply a C{health}, C{eject} or C{admin} message to C{pools}; whether it changed
     anything (unknown pools and servers are left alone: a reload may not
     have reached this process yet).
     """
     pool = pools.get(message["pool"])
     if pool is None:
         return False
+    if message["op"] == "admin":
+        return apply_admin(pool, message["server"], str(message["state"]), int(message["weight"]))
     if message["op"] == "health":
         server = find_server(pool, message["server"])
         if server is None or server.up == bool(message["up"]):
