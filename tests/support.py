@@ -189,8 +189,10 @@ class ServiceMixin:
     """
 
     async def start_service(self, data: dict[str, Any], **kwargs: Any) -> RProxyService:
-        data = dict(data)
+        # (set in the caller's mapping too: a test that reloads it must not
+        # move the admin port to the default 18081, which may be taken)
         data.setdefault("admin", {"listen": "tcp:0:interface=127.0.0.1"})
+        data = dict(data)
         data.setdefault("global", {"grace_period": "2s"})
         service = RProxyService(config_from_mapping(data), reactor, registry=CollectorRegistry(), **kwargs)
         service.startService()
