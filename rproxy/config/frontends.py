@@ -10,6 +10,7 @@ import attrs
 
 from rproxy.config import values as v
 from rproxy.config.endpoints import listen
+from rproxy.config.limits import read_rate_limits
 from rproxy.config.model import PROTOCOLS, FrontendConfig, GlobalConfig, HTTPOptions
 from rproxy.config.reader import MISSING, Section
 from rproxy.config.sections import header_pairs
@@ -94,6 +95,7 @@ def read_frontend(parent: Section, path: str, raw: object, global_: GlobalConfig
         idle_timeout=section.value("idle_timeout", v.duration, global_.idle_timeout),
         token_pool=section.value("token_pool", v.name, None),
         access=access,
+        rate_limits=read_rate_limits(section, protocol),
     )
     if frontend.token_pool is not None and protocol != "http":
         section.error("token_pool", "token pools need protocol: http")
@@ -176,8 +178,10 @@ def read_routes(section: Section, protocol: str) -> tuple[Any, ...]:
         prefix = route.value("path_prefix", v.url_path, None)
         backend = route.value("backend", v.name)
         access = read_access(route)
+        rate_limits = read_rate_limits(route)
         route.finish()
         if backend:
             routes.append(Route(backend=backend, host=host, path_prefix=prefix,
-                                set_headers=pairs, remove_headers=tuple(remove), access=access))
+                                set_headers=pairs, remove_headers=tuple(remove), access=access,
+                                rate_limits=rate_limits))
     return tuple(routes)

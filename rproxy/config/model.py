@@ -122,6 +122,10 @@ class BackendConfig:
     queue_size: int = 1024
     queue_timeout: float = 5.0
     tls: UpstreamTLSConfig | None = None
+    # rproxy.config.limits.CircuitBreakerConfig, None: no thresholds
+    circuit_breaker: Any = None
+    # seconds over which a server that comes back ramps up to its weight
+    slow_start: float = 0.0
 
 
 @attrs.frozen
@@ -165,6 +169,8 @@ class FrontendConfig:
     token_pool: str | None = None
     # allow/deny lists (rproxy.cidr.AccessList), None: everyone
     access: Any = None
+    # rproxy.config.limits.RateLimitConfig, each applying
+    rate_limits: tuple[Any, ...] = ()
 
     @property
     def access_log(self) -> str:

@@ -33,6 +33,7 @@ class Route:
     set_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
     access: object = None  # allow/deny lists (rproxy.cidr.AccessList), None: everyone
+    rate_limits: tuple[object, ...] = ()  # rproxy.config.limits.RateLimitConfig
 
 
 class Rule:
