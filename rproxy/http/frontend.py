@@ -45,8 +45,10 @@ from rproxy.http.connection import HTTPConnection
 from rproxy.http.exchange import Exchange
 from rproxy.http.filters import Chain, Filter
 from rproxy.http.filters.accesslog import AccessLogFilter
+from rproxy.http.filters.circuitbreaker import CircuitBreakerFilter
 from rproxy.http.filters.cors import CorsFilter
 from rproxy.http.filters.direct import DirectRouteFilter
+from rproxy.http.filters.ratelimit import RateLimitFilter
 from rproxy.http.filters.routes import HeaderRules, RouteFilter
 from rproxy.http.filters.sticky import HashKey, StickyCookie
 from rproxy.http.filters.tokens import TokenLeaseFilter
@@ -78,6 +80,8 @@ def default_filters(frontend: HTTPFrontend) -> list[Filter]:
     config = frontend.config
     http = config.http
     filters: list[Filter] = []
+    if RateLimitFilter.wanted(config):
+        filters.append(RateLimitFilter(frontend))
     if http.cors:
         filters.append(CorsFilter())
     if frontend.tokens is not None:
@@ -91,6 +95,8 @@ def default_filters(frontend: HTTPFrontend) -> list[Filter]:
         filters.append(StickyCookie(http.sticky_cookie.encode()))
     if HashKey.wanted(frontend.pools):
         filters.append(HashKey())
+    if CircuitBreakerFilter.wanted(frontend.pools):
+        filters.append(CircuitBreakerFilter())
     if http.access_log != "off":
         filters.append(AccessLogFilter(frontend, http.access_log == "json"))
     return filters

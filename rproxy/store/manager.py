@@ -38,6 +38,8 @@ from rproxy.kafka import (
     make_producer,
     topics_of,
 )
+from rproxy import ratelimit_redis
+from rproxy.ratelimit_redis import SharedBuckets
 from rproxy.store.auth import KeyChain
 from rproxy.store.backends import LiveBackends, PostgresBackends
 from rproxy.store.links import PostgresLink, RedisProbe, why
@@ -113,6 +115,7 @@ class Stores:
             # what lets the probe notice Redis's return within a second or two
             self._redis._factory.maxDelay = 1.0
             self.probe = RedisProbe(self._redis, self.clock)
+            ratelimit_redis.use(SharedBuckets(self._redis, self.probe, self.clock))
             self.keys.redis = self._redis
             self.keys.redis_probe = self.probe
             if "redis" in self.config.events:
@@ -267,6 +270,8 @@ class Stores:
                 sink.stop()
         if self.probe is not None:
             self.probe.stop()
+            if ratelimit_redis.current is not None and ratelimit_redis.current.redis is self._redis:
+                ratelimit_redis.use(None)
         for loop in (self._consuming, self._retention, self._kafka_loop):
             if loop is not None and loop.running:
                 loop.stop()
