@@ -255,6 +255,7 @@ class Pool:
         self.in_use = 0
         # servers in their slow start ramp
         self._ramping: list[Server] = []
+        self._ramp_balancer: Balancer | None = None
 
     @property
     def name(self) -> str:
@@ -292,10 +293,10 @@ class Pool:
         Choose a server without taking a slot on it.
         """
         candidates = self.candidates(exclude)
-        if self._ramping:
-            candidates = self._ramp(candidates, key)
-        chosen = self.balancer.pick(candidates, key)
-        return chosen  # type: ignore[return-value]
+        chosen: Server | None = self.balancer.pick(candidates, key)  # type: ignore[assignment]
+        if self._ramping and chosen is not None:
+            chosen = self._ramp(chosen, candidates, key)
+        return chosen
 
     def any_up(self, exclude: Iterable[str] = ()) -> bool:
         """
@@ -315,9 +316,9 @@ class Pool:
         if breaker is not None and breaker.refusal(self.in_use, bool(exclude)) is not None:
             return None  # acquire() says why
         candidates = self.candidates(exclude)
-        if self._ramping:
-            candidates = self._ramp(candidates, key)
         server: Server | None = self.balancer.pick(candidates, key)  # type: ignore[assignment]
+        if self._ramping and server is not None:
+            server = self._ramp(server, candidates, key)
         if server is not None:
             server.active += 1
             server.total += 1
@@ -447,36 +448,44 @@ class Pool:
             now = self._clock.seconds()
         return min(1.0, max(0.0, (now - server.ramp_start) / window))
 
-    def _ramp(self, candidates: list[Server], key: bytes | None) -> list[Server]:
+    def _ramp(self, chosen: Server, candidates: list[Server], key: bytes | None) -> Server:
         """
-        The candidates without the ramping servers whose turn this is not:
-        a ramping server at fraction C{f} of its window stays in C{f} of
-        the picks (its credit grows by C{f} a pick, and a pick it stays in
-        costs 1); with a key (hashing pools), it stays for the keys whose
-        hash falls below C{f}.  A ramping server is never left out when
-        it would leave no candidate.
+        The balancer chose C{chosen}: if it is ramping at fraction C{f} of
+        its window, it keeps C{f} of the picks it gets (its credit grows
+        by C{f} each time and a kept pick costs 1; with a key, hashing
+        pools, it keeps the keys whose hash falls below C{f}, so a key
+        that moved stays); the others are chosen again among the rest.
+        So its share is C{f} times its full share whatever the algorithm.
+        A ramping server that is the only candidate keeps every pick.
         """
+        ramping = self._ramping
+        if chosen not in ramping:
+            return chosen
         now = self._clock.seconds()
         window = self.config.slow_start
-        ramping = self._ramping
-        for server in [s for s in ramping if window <= 0 or now - s.ramp_start >= window]:
-            ramping.remove(server)
-        if not ramping:
-            return candidates
-        kept = []
-        for server in candidates:
-            if server in ramping:
-                fraction = (now - server.ramp_start) / window
-                if key is not None:
-                    if hash_fraction(key) >= fraction:
-                        continue
-                else:
-                    server.ramp_credit += fraction
-                    if server.ramp_credit < 1.0:
-                        continue
-                    server.ramp_credit -= 1.0
-            kept.append(server)
-        return kept or candidates
+        elapsed = now - chosen.ramp_start
+        if window <= 0 or elapsed >= window:
+            ramping.remove(chosen)
+            return chosen
+        fraction = elapsed / window
+        if key is not None:
+            if hash_fraction(key) < fraction:
+                return chosen
+        else:
+            chosen.ramp_credit += fraction
+            if chosen.ramp_credit >= 1.0:
+                chosen.ramp_credit -= 1.0
+                return chosen
+        rest = [s for s in candidates if s is not chosen and s not in ramping]
+        if not rest:
+            return chosen
+        # (a balancer of its own: a second pick must not move the main
+        # one's rotation, or round-robin would hand the ramping server the
+        # next turn)
+        if self._ramp_balancer is None:
+            self._ramp_balancer = make_balancer(self.config.algorithm, self._rng)
+        again: Server | None = self._ramp_balancer.pick(rest, key)  # type: ignore[assignment]
+        return again if again is not None else chosen
 
     # -- health ----------------------------------------------------------
 
@@ -619,6 +628,7 @@ class Pool:
         """
         if config.algorithm != self.config.algorithm:
             self.balancer = make_balancer(config.algorithm, self._rng)
+            self._ramp_balancer = None
         old = {s.name: s for s in self.servers}
         servers = []
         for server_config in config.servers:
