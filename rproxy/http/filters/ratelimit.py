@@ -33,13 +33,13 @@ from twisted.python.failure import Failure
 
 from rproxy import ratelimit_redis
 from rproxy.http.filters import Filter
+from rproxy.http.headers import response_head
 from rproxy.ratelimit import Concurrency, Decision, LocalBuckets, policy_header, retry_after, state_header
 
 __all__ = ["RateLimitFilter", "Limit", "limits_of"]
 
 _NOTE = "ratelimit"
 _TOO_MANY = b"Too Many Requests"
-_NO_BODY = (b"Content-Length", b"0")
 
 # frontend -> {(scope, config): Limit}: buckets and counts outlive the
 # filter, which is rebuilt whenever the frontend is configured again
@@ -235,10 +235,21 @@ class RateLimitFilter(Filter):
             notes[_NOTE] = (held, shown)
 
     def _refuse(self, exchange: Any, after: bytes, fields: list[tuple[bytes, bytes]]) -> None:
-        if exchange.head.has_body:
+        """
+        429 on the kept connection.  (C{Exchange.answer} as it is, plus the
+        C{Content-Length: 0} it leaves out, without which a 429 on a kept
+        connection would make the client read a body until the close.)
+        """
+        client = exchange.client
+        head = exchange.head
+        if head.has_body:
             # the body is not read: the connection cannot carry another request
-            exchange.client.closing_after_response = True
-        exchange.answer(429, _TOO_MANY, [(b"Retry-After", after), *fields, _NO_BODY])
+            client.closing_after_response = True
+        exchange.status = 429
+        close = not head.keep_alive or client.closing_after_response
+        client.transport.write(response_head(429, _TOO_MANY, [(b"Retry-After", after), *fields],
+                                             version=head.version, framing="none", content_length=0, close=close))
+        exchange.complete()
 
     # -- response, end --------------------------------------------------------
 

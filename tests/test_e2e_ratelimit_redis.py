@@ -1,0 +1,194 @@
+"""
+Rate limits shared through the harness's real Redis: the Lua GCRA from
+two connections, and two C{twistd rproxy} processes sharing one limit,
+falling back to their own buckets while Redis is stopped and sharing
+again once it is back.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import txredisapi
+import yaml
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from rproxy.ratelimit_redis import SCRIPT_SHA, SharedBuckets
+from tests.servers import RedisServer
+from tests.support import async_test, listen, reactor, wait_for
+from tests.test_e2e_ratelimit import curl
+from tests.test_servers import started
+from tests.test_twistd import ROOT, Child
+
+
+class Probe:
+    """
+    A probe that always says Redis is usable, and records failures.
+    """
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def usable(self) -> bool:
+        return True
+
+    def failed(self, why: str) -> None:
+        self.failures.append(why)
+
+
+class SharedScriptTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.redis: Any = started(RedisServer)
+        self.addCleanup(self.redis.close)
+
+    async def client(self) -> Any:
+        conn = await txredisapi.Connection("127.0.0.1", self.redis.port, reconnect=False)
+        self.addCleanup(conn.disconnect)
+        return conn
+
+    @async_test
+    async def test_two_connections_share_one_bucket(self) -> None:
+        """
+        Two stores (two connections, as two processes would have) draw on
+        one bucket: burst 5 allows 5 of 8 across both; the key expires when
+        its bucket is whole again; a Redis that forgot the script (SCRIPT
+        FLUSH, a restart) gets it again by EVAL.
+        """
+        one = SharedBuckets(await self.client(), Probe(), reactor)
+        two = SharedBuckets(await self.client(), Probe(), reactor)
+        interval, tolerance = 10.0, 50.0  # 6/m, burst 5
+        decisions = []
+        for i in range(8):
+            store = (one, two)[i % 2]
+            decisions.append(await store.check(b"rl:test:k", interval, tolerance, 1.0))
+        self.assertEqual([d.allowed for d in decisions], [True] * 5 + [False] * 3)
+        self.assertEqual([d.remaining for d in decisions[:5]], [4, 3, 2, 1, 0])
+        self.assertTrue(9.0 < decisions[5].retry_after <= 10.0, decisions[5])
+        self.assertTrue(49.0 < decisions[4].reset <= 50.0, decisions[4])
+        admin = await self.client()
+        ttl = await admin.execute_command("PTTL", "rl:test:k")
+        self.assertTrue(49_000 < ttl <= 50_000, ttl)
+        await admin.execute_command("SCRIPT", "FLUSH")
+        self.assertEqual(await admin.execute_command("SCRIPT", "EXISTS", SCRIPT_SHA), [0])
+        again = await one.check(b"rl:test:other", interval, tolerance, 1.0)
+        self.assertTrue(again.allowed)
+        self.assertEqual(await admin.execute_command("SCRIPT", "EXISTS", SCRIPT_SHA), [1])
+        self.assertEqual((one.errors, two.errors), (0, 0))
+
+    @async_test
+    async def test_timeout_tells_the_probe(self) -> None:
+        """
+        A Redis that does not answer (busy with a half-second script) fails
+        the check within its timeout, and the probe is told.
+        """
+        probe = Probe()
+        store = SharedBuckets(await self.client(), probe, reactor)
+        await store.check(b"rl:test:k", 1.0, 1.0, 1.0)
+        busy = (await self.client()).eval(
+            "local t = redis.call('TIME') local e = t[1] * 1000000 + t[2] + 500000 "
+            "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= e return 1")
+        started_at = time.monotonic()
+        with self.assertRaises(defer.TimeoutError):
+            await store.check(b"rl:test:k", 1.0, 1.0, 0.1)
+        self.assertLess(time.monotonic() - started_at, 0.4)
+        self.assertEqual((store.errors, probe.failures), (1, ["TimeoutError"]))
+        await busy
+
+
+class Backend(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return b"ok"
+
+
+class TwoProcessesTests(TestCase):
+    """
+    Two C{twistd rproxy} children with the same configuration and one
+    Redis.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.redis: Any = started(RedisServer)
+        self.addCleanup(self.redis.close)
+
+    def spawn(self, config: dict[str, Any], name: str) -> Child:
+        path = os.path.abspath(self.mktemp()) + ".yaml"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f)
+        child = Child()
+        launcher = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; sys.exit(run())"
+        args = [sys.executable, "-c", launcher, "-n", "--pidfile=", "rproxy", "--config", path]
+        process = reactor.spawnProcess(child, sys.executable, args, env=dict(os.environ, PYTHONPATH=ROOT), path=ROOT)
+
+        async def stop() -> None:
+            if not child.ended:
+                process.signalProcess("KILL")
+                await wait_for(lambda: child.ended)
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(stop()))
+        return child
+
+    async def statuses(self, port: int, client: str, n: int) -> list[int]:
+        url = f"http://127.0.0.1:{port}/"
+        code, out = await curl(self, "-H", f"X-Client: {client}", "-w", "%{http_code}\\n",
+                               *[arg for _ in range(n) for arg in ("-o", "/dev/null", url)])
+        self.assertEqual(code, 0, out)
+        return [int(line) for line in out.split()]
+
+    @async_test
+    async def test_shared_then_local_then_shared(self) -> None:
+        site = Site(Backend())
+        port = await listen(site)
+        self.addCleanup(port.stopListening)
+        config = {
+            "global": {"grace_period": "1s"},
+            "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+            "stores": {"redis": {"url": self.redis.url}},
+            "backends": [{"name": "web", "servers": [f"127.0.0.1:{port.getHost().port}"],
+                          "health_check": {"type": "none"}}],
+            "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
+                           "backend": "web",
+                           "rate_limit": {"key": "header:X-Client", "rate": "10/m", "redis_timeout": "200ms"}}],
+        }
+        children = [self.spawn(config, "a"), self.spawn(config, "b")]
+        ports = []
+        for child in children:
+            match = await child.line(r"frontend web listening on 127\.0\.0\.1:(\d+)")
+            ports.append(int(match.group(1)))
+            await child.line(r"Redis is up")
+        # shared: 6 + 6 requests through two processes, 10 allowed in all
+        a = await self.statuses(ports[0], "c1", 6)
+        b = await self.statuses(ports[1], "c1", 6)
+        self.assertEqual(a, [200] * 6)
+        self.assertEqual(b, [200] * 4 + [429] * 2)
+
+        # Redis stopped: each process decides alone, at once
+        self.redis.stop()
+        started_at = time.monotonic()
+        a = await self.statuses(ports[0], "c2", 12)
+        b = await self.statuses(ports[1], "c2", 12)
+        self.assertLess(time.monotonic() - started_at, 10)
+        self.assertEqual(a, [200] * 10 + [429] * 2)
+        self.assertEqual(b, [200] * 10 + [429] * 2)
+        for child in children:
+            await child.line(r"Redis unavailable")
+
+        # back: shared again (the restarted Redis has forgotten the script)
+        self.redis.start()
+        for child in children:
+            await wait_for(lambda child=child: child.output.count("Redis is up") >= 2, 20)
+        a = await self.statuses(ports[0], "c3", 6)
+        b = await self.statuses(ports[1], "c3", 6)
+        self.assertEqual(a + b, [200] * 10 + [429] * 2)
