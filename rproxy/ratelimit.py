@@ -14,14 +14,14 @@ limit, clock passed in) and in one Redis Lua script
 (L{rproxy.ratelimit_redis}) on the server's clock.
 
 Nothing a client sends can grow memory without bound: L{LocalBuckets}
-holds at most C{max_keys} keys, the least recently used going first (a
-key whose TAT has passed holds no state: forgetting it changes nothing),
-and L{Concurrency} holds only the keys with requests in flight.
+holds at most C{max_keys} keys, those whose TAT has passed going first (they
+hold no state: forgetting them changes nothing), then the oldest; and
+L{Concurrency} holds only the keys with requests in flight.
 """
 
 from __future__ import annotations
 
-import collections
+import itertools
 import math
 
 import attrs
@@ -72,11 +72,15 @@ def gcra(tat: float, now: float, interval: float, tolerance: float) -> tuple[Dec
 
 class LocalBuckets:
     """
-    The TATs of one limit's keys in this process: at most C{max_keys},
-    least recently used evicted first.
+    The TATs of one limit's keys in this process, at most C{max_keys}: when
+    a new key finds the table full, the keys whose TAT has passed (they
+    hold nothing) are dropped; if that frees less than a tenth of the
+    table, the oldest keys go too.  A plain dict: the hot path is one
+    C{get} and one store.
 
-    @ivar evicted: keys forgotten to make room while still holding state
-        (their TAT in the future): each such key starts afresh.
+    @ivar tats: key -> theoretical arrival time.
+    @ivar evicted: keys forgotten while still holding state (their TAT in
+        the future): each such key starts afresh.
     """
 
     def __init__(self, interval: float, burst: int, max_keys: int = 100_000) -> None:
@@ -84,43 +88,48 @@ class LocalBuckets:
         self.burst = burst
         self.tolerance = burst * interval
         self.max_keys = max_keys
-        self._tats: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self.tats: dict[bytes, float] = {}
         self.evicted = 0
 
     def __len__(self) -> int:
-        return len(self._tats)
+        return len(self.tats)
 
     def check(self, key: bytes, now: float) -> Decision:
         """
         Decide a request of C{key} at C{now} and remember the outcome.
         """
-        tats = self._tats
+        tats = self.tats
         tat = tats.get(key)
         if tat is None:
             if len(tats) >= self.max_keys:
-                self._evict(now)
+                self.make_room(now)
             tat = 0.0
-        else:
-            tats.move_to_end(key)
         decision, new_tat = gcra(tat, now, self.interval, self.tolerance)
         tats[key] = new_tat
         return decision
 
-    def _evict(self, now: float) -> None:
-        # the least recently used key; if it still holds state it is lost
-        # (bounded memory wins over exactness for a flood of fresh keys)
-        _, tat = self._tats.popitem(last=False)
-        if tat > now:
-            self.evicted += 1
+    def make_room(self, now: float) -> None:
+        """
+        Drop the idle keys; then, if fewer than a tenth of the table went,
+        the oldest ones down to nine tenths of C{max_keys}.
+        """
+        tats = self.tats
+        self.sweep(now)
+        target = self.max_keys - max(1, self.max_keys // 10)
+        if len(tats) > target:
+            excess = len(tats) - target
+            for key in list(itertools.islice(tats, excess)):
+                del tats[key]
+            self.evicted += excess
 
     def sweep(self, now: float) -> int:
         """
         Forget the keys whose TAT has passed (they hold nothing); returns
         how many.
         """
-        stale = [k for k, tat in self._tats.items() if tat <= now]
+        stale = [k for k, tat in self.tats.items() if tat <= now]
         for key in stale:
-            del self._tats[key]
+            del self.tats[key]
         return len(stale)
 
 

@@ -59,7 +59,7 @@ class RateLimitTests(HTTPHelpers, TestCase):
         fields, on the same kept-alive connection; allowed responses carry
         RateLimit too, remaining counting down.  Counted in the metrics.
         """
-        service = await self.start(rate_limit={"key": "ip", "rate": "2/m"})
+        service = await self.start(rate_limit={"key": "ip", "rate": "2/m", "headers": True})
         url = f"http://127.0.0.1:{self.port}/echo"
         code, out = await curl(self, "-D", "-", "-w", "connects=%{num_connects}\\n",
                                *[arg for _ in range(3) for arg in ("-o", "/dev/null", url)])
@@ -88,7 +88,7 @@ class RateLimitTests(HTTPHelpers, TestCase):
         Keyed by the Bearer token: each key its own bucket; a request
         without one is limited by its address.
         """
-        await self.start(rate_limit={"key": "api_key", "rate": "1/m", "headers": False})
+        await self.start(rate_limit={"key": "api_key", "rate": "1/m"})
         url = f"http://127.0.0.1:{self.port}/echo"
         statuses = []
         for auth in ("Bearer one", "Bearer two", "Bearer one", None, None):

@@ -81,7 +81,7 @@ def default_filters(frontend: HTTPFrontend) -> list[Filter]:
     http = config.http
     filters: list[Filter] = []
     if RateLimitFilter.wanted(config):
-        filters.append(RateLimitFilter(frontend))
+        filters.append(RateLimitFilter.make(frontend))
     if http.cors:
         filters.append(CorsFilter())
     if frontend.tokens is not None:

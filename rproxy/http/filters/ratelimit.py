@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from rproxy import ratelimit_redis
 from rproxy.http.filters import Filter
 from rproxy.http.headers import response_head
-from rproxy.ratelimit import Concurrency, Decision, LocalBuckets, policy_header, retry_after, state_header
+from rproxy.ratelimit import Concurrency, Decision, LocalBuckets, gcra, policy_header, retry_after, state_header
 
 __all__ = ["RateLimitFilter", "Limit", "limits_of"]
 
@@ -74,6 +74,8 @@ class Limit:
         self.concurrency = Concurrency(config.concurrent) if config.concurrent else None
         self.interval = config.interval if config.count else 0.0
         self.tolerance = self.interval * config.burst
+        # the tolerance as compared (a TAT computed as 1e-12 too late is on time)
+        self.slack = self.tolerance + 1e-9 * self.interval
         self.shared = config.shared
         self.timeout = config.redis_timeout
         self.headers = config.headers and self.buckets is not None
@@ -121,6 +123,10 @@ class RateLimitFilter(Filter):
     """
     The frontend's limits and its routes' (a route's limits apply to the
     requests its rule matches, as the route filter will match them).
+    Made by L{make}, which leaves out the phases the configuration does
+    not need (no response phase without headers on allowed responses, no
+    log and closed phases without concurrency limits): a phase a filter
+    does not define costs the engine nothing.
     """
 
     doing = "checking a rate limit"
@@ -129,6 +135,20 @@ class RateLimitFilter(Filter):
     def wanted(config: Any) -> bool:
         return bool(getattr(config, "rate_limits", ())) or any(
             getattr(r, "rate_limits", ()) for r in getattr(config, "routes", ()))
+
+    @staticmethod
+    def make(frontend: Any, shared: Any = None) -> RateLimitFilter:
+        """
+        The filter for C{frontend}'s configuration; C{shared}: a
+        L{rproxy.ratelimit_redis.SharedBuckets} to use instead of the
+        process's (tests).
+        """
+        configs = [*frontend.config.rate_limits, *(c for r in frontend.config.routes for c in r.rate_limits)]
+        headers = any(c.headers and c.count for c in configs)
+        concurrent = any(c.concurrent for c in configs)
+        cls = {(False, False): RateLimitFilter, (True, False): _WithHeaders, (False, True): _WithConcurrency,
+               (True, True): _WithBoth}[headers, concurrent]
+        return cls(frontend, shared)
 
     def __init__(self, frontend: Any, shared: Any = None) -> None:
         config = frontend.config
@@ -144,6 +164,20 @@ class RateLimitFilter(Filter):
         }
         # (tests pass a store; else the process's, read per request)
         self._shared = shared
+        # the common case, decided inline: one rate limit on the frontend
+        single = self.limits[0] if len(self.limits) == 1 and not self.by_rule else None
+        if single is not None and (single.buckets is None or single.concurrency is not None):
+            single = None
+        self.single = single
+        self.local_only = single is not None and not single.shared
+        if single is not None:
+            # (read once per request: kept as attributes)
+            self.by_ip = single.by_ip
+            self.tats = single.buckets.tats  # type: ignore[union-attr]
+            self.max_keys = single.buckets.max_keys  # type: ignore[union-attr]
+            self.interval = single.interval
+            self.slack = single.slack
+            self.headers = single.headers
         # drop the counts of limits no longer configured
         known = _LIMITS.get(frontend, {})
         live = {id(limit) for limits in (self.limits, *self.by_rule.values()) for limit in limits}
@@ -153,6 +187,35 @@ class RateLimitFilter(Filter):
     # -- request ------------------------------------------------------------
 
     def request(self, exchange: Any) -> Any:
+        limit = self.single
+        if limit is not None and (self.local_only or (ratelimit_redis.current is None and self._shared is None)):
+            # GCRA inline (L{rproxy.ratelimit.gcra}, same arithmetic)
+            key = exchange.client.peer_ip if self.by_ip else limit.key(exchange)
+            now = self.clock.seconds()
+            tats = self.tats
+            tat = tats.get(key)
+            if tat is None:
+                if len(tats) >= self.max_keys:
+                    limit.buckets.make_room(now)
+                tat = now
+            elif tat < now:
+                tat = now
+            new_tat = tat + self.interval
+            if new_tat - self.slack > now:
+                self._decide(exchange, (limit,), (key,), [(limit, gcra(tat, now, self.interval, limit.tolerance)[0])])
+                return None
+            tats[key] = new_tat
+            limit.allowed += 1
+            if self.headers:
+                notes = exchange.notes
+                if notes is None:
+                    notes = exchange.notes = {}
+                notes[_NOTE] = (None, ((limit, int((now - new_tat + limit.tolerance) / self.interval + 1e-9),
+                                        new_tat - now),))
+            return None
+        return self._request(exchange)
+
+    def _request(self, exchange: Any) -> Any:
         limits = self.limits
         if self.by_rule:
             head = exchange.head
@@ -195,7 +258,7 @@ class RateLimitFilter(Filter):
         limit.fallbacks += 1
         return local
 
-    def _decide(self, exchange: Any, limits: Sequence[Limit], keys: list[bytes],
+    def _decide(self, exchange: Any, limits: Sequence[Limit], keys: Sequence[bytes],
                 decisions: list[tuple[Limit, Decision]]) -> None:
         refused = None
         for limit, decision in decisions:
@@ -227,7 +290,7 @@ class RateLimitFilter(Filter):
             limit.allowed += 1
         if held is not None:
             _HELD.setdefault(exchange.client, []).extend(held)
-        shown = [(limit, decision) for limit, decision in decisions if limit.headers]
+        shown = tuple((limit, d.remaining, d.reset) for limit, d in decisions if limit.headers)
         if held is not None or shown:
             notes = exchange.notes
             if notes is None:
@@ -251,7 +314,11 @@ class RateLimitFilter(Filter):
                                              version=head.version, framing="none", content_length=0, close=close))
         exchange.complete()
 
-    # -- response, end --------------------------------------------------------
+
+class _WithHeaders(RateLimitFilter):
+    """
+    ... and the C{RateLimit} fields on allowed responses.
+    """
 
     def response(self, exchange: Any, extra: list[tuple[bytes, bytes]]) -> None:
         notes = exchange.notes
@@ -260,12 +327,19 @@ class RateLimitFilter(Filter):
             return
         shown = noted[1]
         if len(shown) == 1:
-            limit, decision = shown[0]
+            limit, remaining, reset = shown[0]
             extra.append((b"RateLimit-Policy", limit.policy))
-            extra.append((b"RateLimit", state_header(limit.name, decision.remaining, decision.reset)))
+            extra.append((b"RateLimit", state_header(limit.name, remaining, reset)))
             return
-        extra.append((b"RateLimit-Policy", b", ".join(limit.policy for limit, _ in shown)))
-        extra.append((b"RateLimit", b", ".join(state_header(limit.name, d.remaining, d.reset) for limit, d in shown)))
+        extra.append((b"RateLimit-Policy", b", ".join(limit.policy for limit, _, _ in shown)))
+        extra.append((b"RateLimit", b", ".join(state_header(limit.name, r, t) for limit, r, t in shown)))
+
+
+class _WithConcurrency(RateLimitFilter):
+    """
+    ... and concurrency slots given back when the exchange or its client
+    connection ends.
+    """
 
     def log(self, exchange: Any, backend: str) -> None:
         notes = exchange.notes
@@ -286,6 +360,10 @@ class RateLimitFilter(Filter):
     def closed(self, connection: Any) -> None:
         for concurrency, key in _HELD.pop(connection, ()):
             concurrency.release(key)
+
+
+class _WithBoth(_WithHeaders, _WithConcurrency):
+    pass
 
 
 def _first_error(failure: Failure) -> Failure:
