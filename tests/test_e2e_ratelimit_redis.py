@@ -19,9 +19,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from rproxy.ratelimit_redis import SCRIPT_SHA, SharedBuckets
+from rproxy.ratelimit_redis import SCRIPT_SHA, RedisError, SharedBuckets
 from tests.servers import RedisServer
-from tests.support import async_test, listen, reactor, wait_for
+from tests.support import async_test, listen, reactor, turn, wait_for
 from tests.test_e2e_ratelimit import curl
 from tests.test_servers import started
 from tests.test_twistd import ROOT, Child
@@ -54,6 +54,12 @@ class SharedScriptTests(TestCase):
         self.addCleanup(conn.disconnect)
         return conn
 
+    async def store(self, probe: Any = None) -> SharedBuckets:
+        store = SharedBuckets.connect(reactor, self.redis.url, reactor, probe if probe is not None else Probe())
+        self.addCleanup(store.close)
+        await wait_for(lambda: store.connection is not None)
+        return store
+
     @async_test
     async def test_two_connections_share_one_bucket(self) -> None:
         """
@@ -62,8 +68,7 @@ class SharedScriptTests(TestCase):
         its bucket is whole again; a Redis that forgot the script (SCRIPT
         FLUSH, a restart) gets it again by EVAL.
         """
-        one = SharedBuckets(await self.client(), Probe(), reactor)
-        two = SharedBuckets(await self.client(), Probe(), reactor)
+        one, two = await self.store(), await self.store()
         interval, tolerance = 10.0, 50.0  # 6/m, burst 5
         decisions = []
         for i in range(8):
@@ -78,29 +83,62 @@ class SharedScriptTests(TestCase):
         self.assertTrue(49_000 < ttl <= 50_000, ttl)
         await admin.execute_command("SCRIPT", "FLUSH")
         self.assertEqual(await admin.execute_command("SCRIPT", "EXISTS", SCRIPT_SHA), [0])
+        # the first command after the flush fails (the limit decides
+        # locally); the next ones carry the script again
+        with self.assertRaises(RedisError):
+            await one.check(b"rl:test:other", interval, tolerance, 1.0)
         again = await one.check(b"rl:test:other", interval, tolerance, 1.0)
         self.assertTrue(again.allowed)
         self.assertEqual(await admin.execute_command("SCRIPT", "EXISTS", SCRIPT_SHA), [1])
-        self.assertEqual((one.errors, two.errors), (0, 0))
+        self.assertEqual((one.errors, two.errors), (1, 0))
+
+    @async_test
+    async def test_pipelined(self) -> None:
+        """
+        Many checks written in one turn are answered in order.
+        """
+        store = await self.store()
+        results = await defer.gatherResults([store.check(b"rl:test:p", 1.0, 100.0, 5.0) for _ in range(150)])
+        self.assertEqual([d.allowed for d in results], [True] * 100 + [False] * 50)
+        self.assertEqual([d.remaining for d in results[:100]], list(range(99, -1, -1)))
 
     @async_test
     async def test_timeout_tells_the_probe(self) -> None:
         """
         A Redis that does not answer (busy with a half-second script) fails
-        the check within its timeout, and the probe is told.
+        the check within its timeout, and the probe is told; the late
+        reply is skipped, and the next check is answered.
         """
         probe = Probe()
-        store = SharedBuckets(await self.client(), probe, reactor)
+        store = await self.store(probe)
         await store.check(b"rl:test:k", 1.0, 1.0, 1.0)
         busy = (await self.client()).eval(
             "local t = redis.call('TIME') local e = t[1] * 1000000 + t[2] + 500000 "
             "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= e return 1")
+        await turn(delay=0.1)  # (the script is running)
         started_at = time.monotonic()
         with self.assertRaises(defer.TimeoutError):
             await store.check(b"rl:test:k", 1.0, 1.0, 0.1)
         self.assertLess(time.monotonic() - started_at, 0.4)
         self.assertEqual((store.errors, probe.failures), (1, ["TimeoutError"]))
         await busy
+        decision = await store.check(b"rl:test:k2", 1.0, 1.0, 1.0)
+        self.assertTrue(decision.allowed)
+
+    @async_test
+    async def test_stopped_redis(self) -> None:
+        """
+        Redis stopped: commands in flight fail, the store is not usable
+        (no connection) until Redis is back.
+        """
+        store = await self.store()
+        self.redis.stop()
+        await wait_for(lambda: not store.usable())
+        with self.assertRaises(Exception):
+            await store.check(b"rl:test:k", 1.0, 1.0, 1.0)
+        self.redis.start()
+        await wait_for(lambda: store.usable(), 10)
+        self.assertTrue((await store.check(b"rl:test:k", 1.0, 1.0, 1.0)).allowed)
 
 
 class Backend(Resource):

@@ -235,15 +235,19 @@ class RateLimitFilter(Filter):
             buckets = limit.buckets
             if buckets is None:
                 continue
+            # (the local bucket counts every request, so that it has this
+            # process's recent past when Redis goes away)
             local = buckets.check(key, now)
             if limit.shared and shared is not None:
                 d = shared.check(limit.redis_prefix + key, limit.interval, limit.tolerance, limit.timeout)
-                d.addErrback(self._fallback, limit, local)
-                waits.append(d.addCallback(lambda decision, limit=limit: (limit, decision)))
+                d.addCallbacks(_paired, self._fallback, callbackArgs=(limit,), errbackArgs=(limit, local))
+                waits.append(d)
                 continue
             if limit.shared and (self._shared is not None or ratelimit_redis.current is not None):
                 limit.fallbacks += 1  # Redis is known to be down
             decisions.append((limit, local))
+        if len(waits) == 1 and not decisions:
+            return waits[0].addCallback(self._decide_one, exchange, limits, keys)
         if waits:
             gathered = defer.gatherResults(waits, consumeErrors=True)
             gathered.addCallback(lambda results: self._decide(exchange, limits, keys, decisions + results))
@@ -252,11 +256,15 @@ class RateLimitFilter(Filter):
         self._decide(exchange, limits, keys, decisions)
         return None
 
-    def _fallback(self, failure: Failure, limit: Limit, local: Decision) -> Decision:
+    def _fallback(self, failure: Failure, limit: Limit, local: Decision) -> tuple[Limit, Decision]:
         if failure.check(defer.CancelledError):
             return failure  # type: ignore[return-value]  # the exchange ended while waiting
         limit.fallbacks += 1
-        return local
+        return limit, local
+
+    def _decide_one(self, result: tuple[Limit, Decision], exchange: Any, limits: Sequence[Limit],
+                    keys: Sequence[bytes]) -> None:
+        self._decide(exchange, limits, keys, [result])
 
     def _decide(self, exchange: Any, limits: Sequence[Limit], keys: Sequence[bytes],
                 decisions: list[tuple[Limit, Decision]]) -> None:
@@ -364,6 +372,10 @@ class _WithConcurrency(RateLimitFilter):
 
 class _WithBoth(_WithHeaders, _WithConcurrency):
     pass
+
+
+def _paired(decision: Decision, limit: Limit) -> tuple[Limit, Decision]:
+    return limit, decision
 
 
 def _first_error(failure: Failure) -> Failure:
