@@ -279,6 +279,14 @@ class StateCollector:
             if pool.breaker is not None:
                 for threshold, count in pool.breaker.opened.items():
                     breaker.add_metric([pool.name, threshold], count)
+        from rproxy import ratelimit_redis
+
+        shared = ratelimit_redis.current
+        if shared is not None:
+            rtt = HistogramMetricFamily("rproxy_rate_limit_redis_seconds",
+                                        "Round trips of shared rate limit decisions answered by Redis")
+            rtt.add_metric([], _buckets(ratelimit_redis.LATENCY_BUCKETS, shared.latency_buckets), shared.latency_sum)
+            yield rtt
         yield from (limited, fallbacks, limit_keys, breaker)
 
 

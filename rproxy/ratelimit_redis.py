@@ -22,6 +22,7 @@ The store a process uses is registered here by L{rproxy.store.manager.Stores}
 
 from __future__ import annotations
 
+import bisect
 import collections
 import hashlib
 from typing import Any
@@ -35,7 +36,8 @@ from twisted.python.failure import Failure
 
 from rproxy.ratelimit import Decision
 
-__all__ = ["SCRIPT", "SCRIPT_SHA", "SharedBuckets", "GCRAConnection", "RedisError", "start", "stop", "current"]
+__all__ = ["SCRIPT", "SCRIPT_SHA", "SharedBuckets", "GCRAConnection", "RedisError", "LATENCY_BUCKETS", "start",
+           "stop", "current"]
 
 log = Logger()
 
@@ -65,6 +67,8 @@ _EVALSHA = b"*6\r\n$7\r\nEVALSHA\r\n$40\r\n" + SCRIPT_SHA.encode() + b"\r\n$1\r\
 _EVAL = b"*6\r\n$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (len(SCRIPT), SCRIPT)
 # replies kept waiting while their request is not answered
 MAX_IN_FLIGHT = 10_000
+# the histogram of decision round trips (seconds); the last is +Inf
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, float("inf"))
 
 
 class RedisError(Exception):
@@ -83,10 +87,12 @@ def _plain(*args: bytes) -> bytes:
 
 
 class _Pending:
-    __slots__ = ("deferred", "deadline", "retry")
+    __slots__ = ("deferred", "sent", "deadline", "retry")
 
-    def __init__(self, deferred: defer.Deferred[Any] | None, deadline: float, retry: bytes | None) -> None:
+    def __init__(self, deferred: defer.Deferred[Any] | None, sent: float, deadline: float,
+                 retry: bytes | None) -> None:
         self.deferred = deferred  # None: a reply to skip (AUTH, SELECT, or one that timed out)
+        self.sent = sent
         self.deadline = deadline
         self.retry = retry  # the command as EVAL, if Redis forgot the script
 
@@ -109,10 +115,10 @@ class GCRAConnection(Protocol):
         store = self.store
         if store.password is not None:
             self.transport.write(_plain(b"AUTH", store.password.encode()))  # type: ignore[union-attr]
-            self._pending.append(_Pending(None, float("inf"), None))
+            self._pending.append(_Pending(None, 0.0, float("inf"), None))
         if store.db:
             self.transport.write(_plain(b"SELECT", b"%d" % store.db))  # type: ignore[union-attr]
-            self._pending.append(_Pending(None, float("inf"), None))
+            self._pending.append(_Pending(None, 0.0, float("inf"), None))
         store.connected(self)
 
     def check(self, key: bytes, interval: int, tolerance: int, timeout: float) -> defer.Deferred[Decision]:
@@ -120,9 +126,10 @@ class GCRAConnection(Protocol):
             return defer.fail(RedisError("too many commands in flight"))
         d: defer.Deferred[Decision] = defer.Deferred()
         clock = self.store.clock
-        deadline = clock.seconds() + timeout
+        now = clock.seconds()
+        deadline = now + timeout
         self.transport.write(_command(_EVALSHA, key, interval, tolerance))  # type: ignore[union-attr]
-        self._pending.append(_Pending(d, deadline, None if self.store.script_loaded else
+        self._pending.append(_Pending(d, now, deadline, None if self.store.script_loaded else
                                       _command(_EVAL, key, interval, tolerance)))
         timer = self._timer
         if timer is None:
@@ -218,8 +225,12 @@ class GCRAConnection(Protocol):
             return
         if d is None or d.called:
             return  # timed out (or cancelled) before the reply came
+        store = self.store
         if pending.retry is not None:
-            self.store.script_loaded = True
+            store.script_loaded = True
+        elapsed = store.clock.seconds() - pending.sent
+        store.latency_sum += elapsed
+        store.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, elapsed)] += 1
         if isinstance(reply, list) and len(reply) == 4:
             allowed, remaining, retry_after, reset = reply
             d.callback(Decision(allowed == 1, remaining, retry_after / 1e6, reset / 1e6))
@@ -272,6 +283,9 @@ class SharedBuckets:
         self.connection: GCRAConnection | None = None
         self.script_loaded = False
         self.errors = 0
+        # round trips of the decisions answered (LATENCY_BUCKETS)
+        self.latency_buckets = [0] * len(LATENCY_BUCKETS)
+        self.latency_sum = 0.0
         self._factory: _Factory | None = None
         self._connector: Any = None
 

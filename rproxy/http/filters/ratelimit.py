@@ -143,7 +143,9 @@ class RateLimitFilter(Filter):
         L{rproxy.ratelimit_redis.SharedBuckets} to use instead of the
         process's (tests).
         """
-        configs = [*frontend.config.rate_limits, *(c for r in frontend.config.routes for c in r.rate_limits)]
+        config = frontend.config
+        configs = [*getattr(config, "rate_limits", ()),
+                   *(c for r in getattr(config, "routes", ()) for c in getattr(r, "rate_limits", ()))]
         headers = any(c.headers and c.count for c in configs)
         concurrent = any(c.concurrent for c in configs)
         cls = {(False, False): RateLimitFilter, (True, False): _WithHeaders, (False, True): _WithConcurrency,
@@ -153,14 +155,17 @@ class RateLimitFilter(Filter):
     def __init__(self, frontend: Any, shared: Any = None) -> None:
         config = frontend.config
         self.clock = frontend.clock
-        self.limits = tuple(_limit(frontend, "frontend", c) for c in config.rate_limits)
-        self.routes = frontend.routes
+        self.limits = tuple(_limit(frontend, "frontend", c) for c in getattr(config, "rate_limits", ()))
+        # (a frontend without a route table, as a tunnel's may be, has
+        # only its own limits)
+        self.routes = getattr(frontend, "routes", None)
+        rules = self.routes.routes if self.routes is not None else ()
         # Rule -> the frontend's limits and the route's (the route table's
         # rules are in the order of config.routes)
         self.by_rule = {
             rule: self.limits + tuple(_limit(frontend, f"routes[{i}]", c) for c in route.rate_limits)
-            for i, (rule, route) in enumerate(zip(self.routes.routes, config.routes, strict=True))
-            if route.rate_limits
+            for i, (rule, route) in enumerate(zip(rules, getattr(config, "routes", ()), strict=False))
+            if getattr(route, "rate_limits", ())
         }
         # (tests pass a store; else the process's, read per request)
         self._shared = shared
