@@ -14,7 +14,7 @@ from typing import Any
 
 import txredisapi
 import yaml
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -105,7 +105,7 @@ class SharedScriptTests(TestCase):
     @async_test
     async def test_timeout_tells_the_probe(self) -> None:
         """
-        A Redis that does not answer (busy with a half-second script) fails
+        A Redis that does not answer (busy with a one-second script) fails
         the check within its timeout, and the probe is told; the late
         reply is skipped, and the next check is answered.
         """
@@ -113,13 +113,13 @@ class SharedScriptTests(TestCase):
         store = await self.store(probe)
         await store.check(b"rl:test:k", 1.0, 1.0, 1.0)
         busy = (await self.client()).eval(
-            "local t = redis.call('TIME') local e = t[1] * 1000000 + t[2] + 500000 "
+            "local t = redis.call('TIME') local e = t[1] * 1000000 + t[2] + 1000000 "
             "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= e return 1")
         await turn(delay=0.1)  # (the script is running)
         started_at = time.monotonic()
         with self.assertRaises(defer.TimeoutError):
             await store.check(b"rl:test:k", 1.0, 1.0, 0.1)
-        self.assertLess(time.monotonic() - started_at, 0.4)
+        self.assertLess(time.monotonic() - started_at, 0.8)
         self.assertEqual((store.errors, probe.failures), (1, ["TimeoutError"]))
         await busy
         decision = await store.check(b"rl:test:k2", 1.0, 1.0, 1.0)
@@ -134,7 +134,7 @@ class SharedScriptTests(TestCase):
         store = await self.store()
         self.redis.stop()
         await wait_for(lambda: not store.usable())
-        with self.assertRaises(Exception):
+        with self.assertRaises(error.ConnectionLost):
             await store.check(b"rl:test:k", 1.0, 1.0, 1.0)
         self.redis.start()
         await wait_for(lambda: store.usable(), 10)
@@ -198,7 +198,7 @@ class TwoProcessesTests(TestCase):
                           "health_check": {"type": "none"}}],
             "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1",
                            "backend": "web",
-                           "rate_limit": {"key": "header:X-Client", "rate": "10/m", "redis_timeout": "200ms"}}],
+                           "rate_limit": {"key": "header:X-Client", "rate": "10/m", "redis_timeout": "2s"}}],
         }
         children = [self.spawn(config, "a"), self.spawn(config, "b")]
         ports = []

@@ -9,7 +9,14 @@ import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from rproxy.ratelimit import Concurrency, LocalBuckets, gcra, policy_header, retry_after, state_header
+from rproxy.ratelimit import (
+    Concurrency,
+    LocalBuckets,
+    gcra,
+    policy_header,
+    retry_after,
+    state_header,
+)
 
 
 class GCRATests(SynchronousTestCase):

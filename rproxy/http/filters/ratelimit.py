@@ -34,7 +34,15 @@ from twisted.python.failure import Failure
 from rproxy import ratelimit_redis
 from rproxy.http.filters import Filter
 from rproxy.http.headers import response_head
-from rproxy.ratelimit import Concurrency, Decision, LocalBuckets, gcra, policy_header, retry_after, state_header
+from rproxy.ratelimit import (
+    Concurrency,
+    Decision,
+    LocalBuckets,
+    gcra,
+    policy_header,
+    retry_after,
+    state_header,
+)
 
 __all__ = ["RateLimitFilter", "Limit", "limits_of"]
 
