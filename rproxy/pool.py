@@ -26,7 +26,8 @@ Invariants:
     C{max_pending} waiting in the queue, C{max_retries} retries in flight
     (counted by the HTTP engine's filter); C{max_requests} is checked by
     that filter when a request is routed here.
-  - A server that comes back up (down -> up) with C{slow_start} set takes
+  - A server that comes back (down -> up, or back to ready from drain or
+    maint) with C{slow_start} set takes
     a share of new connections that grows linearly from 0 to its full
     weight over the window (HAProxy's C{slowstart}): during the ramp it is
     a candidate in that fraction of picks (for hashing pools: for that
@@ -436,6 +437,17 @@ class Pool:
 
     # -- slow start ------------------------------------------------------
 
+    def _start_ramp(self, server: Server) -> None:
+        """
+        C{server} has just become able to take connections again: its
+        share starts from 0 (with C{slow_start}).
+        """
+        if self.config.slow_start > 0:
+            server.ramp_start = self._clock.seconds()
+            server.ramp_credit = 0.0
+            if server not in self._ramping:
+                self._ramping.append(server)
+
     def ramp_fraction(self, server: Server, now: float | None = None) -> float:
         """
         How far C{server} is through its slow start: 0 when it just came
@@ -504,11 +516,8 @@ class Pool:
         server.up = up
         self._version += 1
         server.down_reason = "" if up else reason
-        if up and self.config.slow_start > 0:
-            server.ramp_start = self._clock.seconds()
-            server.ramp_credit = 0.0
-            if server not in self._ramping:
-                self._ramping.append(server)
+        if up and server.admin_state == "ready":
+            self._start_ramp(server)
         if up:
             self.log.info(
                 "server {server} of backend {backend} is up: {reason}",
@@ -607,6 +616,8 @@ class Pool:
             self.log.info("server {server} of backend {backend}: {state} (was {before}), set by {by}",
                           server=name, backend=self.name, state=state, before=server.admin_state, by=by)
             server.admin_state = state
+            if state == "ready" and server.up:
+                self._start_ramp(server)  # back from drain or maintenance (HAProxy's rule too)
         if weight is not None and weight != server.weight:
             self.log.info("server {server} of backend {backend}: weight {weight} (was {before}), set by {by}",
                           server=name, backend=self.name, weight=weight, before=server.weight, by=by)

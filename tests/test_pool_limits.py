@@ -125,6 +125,17 @@ class SlowStartTests(SynchronousTestCase):
         self.assertEqual(pool.ramp_fraction(b), 1.0)
         self.assertEqual(pool.describe()["servers"][1]["effective_weight"], 1)
 
+    def test_back_from_maintenance(self) -> None:
+        """
+        A server an operator puts back to ready from maint ramps up too.
+        """
+        pool = Pool(backend(server("a"), server("b"), slow_start=30.0), self.clock)
+        pool.set_admin("b", state="maint")
+        pool.set_admin("b", state="ready")
+        self.assertEqual(self.shares(pool, 100)["b"], 0)
+        self.clock.advance(15)
+        self.assertTrue(15 <= self.shares(pool, 100)["b"] <= 35)
+
     def test_effective_weight_reported(self) -> None:
         pool = Pool(backend(server("a", weight=10), slow_start=10.0), self.clock)
         [a] = pool.servers
