@@ -155,6 +155,7 @@ class GCRAConnection(Protocol):
                 pending.deferred = None
                 late += 1
                 if not d.called:
+                    self.store.failed("TimeoutError")
                     d.errback(defer.TimeoutError("no answer from Redis within the limit's redis_timeout"))
             elif pending.deadline < following:
                 following = pending.deadline
@@ -221,6 +222,7 @@ class GCRAConnection(Protocol):
             if str(reply).startswith("NOSCRIPT"):
                 self.store.script_loaded = False  # (flushed: the next commands carry the EVAL)
             if d is not None and not d.called:
+                self.store.errors += 1  # (an answer: Redis is up)
                 d.errback(reply)
             return
         if d is None or d.called:
@@ -235,6 +237,7 @@ class GCRAConnection(Protocol):
             allowed, remaining, retry_after, reset = reply
             d.callback(Decision(allowed == 1, remaining, retry_after / 1e6, reset / 1e6))
         else:
+            store.errors += 1
             d.errback(RedisError(f"unexpected reply {reply!r}"))
 
     def _protocol_error(self, what: str) -> None:
@@ -249,6 +252,7 @@ class GCRAConnection(Protocol):
         pending, self._pending = self._pending, collections.deque()
         for p in pending:
             if p.deferred is not None and not p.deferred.called:
+                self.store.failed("ConnectionLost")
                 p.deferred.errback(error.ConnectionLost("the Redis connection was lost"))
         self.store.disconnected(self)
 
@@ -332,18 +336,18 @@ class SharedBuckets:
         """
         connection = self.connection
         if connection is None:
-            d: defer.Deferred[Decision] = defer.fail(error.ConnectionLost("no connection to Redis"))
-        else:
-            d = connection.check(key, int(interval * 1e6) or 1, int(tolerance * 1e6), timeout)
-        d.addErrback(self._failed)
-        return d
+            self.failed("ConnectionLost")
+            return defer.fail(error.ConnectionLost("no connection to Redis"))
+        return connection.check(key, int(interval * 1e6) or 1, int(tolerance * 1e6), timeout)
 
-    def _failed(self, failure: Failure) -> Failure:
-        if not failure.check(defer.CancelledError):
-            self.errors += 1
-            if self.probe is not None and not failure.check(RedisError):
-                self.probe.failed(failure.type.__name__)
-        return failure
+    def failed(self, why: str) -> None:
+        """
+        A decision found no connection, timed out or was lost: counted,
+        and the probe told (Redis is down until a ping answers).
+        """
+        self.errors += 1
+        if self.probe is not None:
+            self.probe.failed(why)
 
 
 #: the store of this process's Redis (set by the stores), or None

@@ -201,32 +201,86 @@ class RateLimitFilter(Filter):
 
     def request(self, exchange: Any) -> Any:
         limit = self.single
-        if limit is not None and (self.local_only or (ratelimit_redis.current is None and self._shared is None)):
-            # GCRA inline (L{rproxy.ratelimit.gcra}, same arithmetic)
-            key = exchange.client.peer_ip if self.by_ip else limit.key(exchange)
-            now = self.clock.seconds()
-            tats = self.tats
-            tat = tats.get(key)
-            if tat is None:
-                if len(tats) >= self.max_keys:
-                    limit.buckets.make_room(now)
-                tat = now
-            elif tat < now:
-                tat = now
-            new_tat = tat + self.interval
-            if new_tat - self.slack > now:
-                self._decide(exchange, (limit,), (key,), [(limit, gcra(tat, now, self.interval, limit.tolerance)[0])])
-                return None
-            tats[key] = new_tat
-            limit.allowed += 1
-            if self.headers:
-                notes = exchange.notes
-                if notes is None:
-                    notes = exchange.notes = {}
-                notes[_NOTE] = (None, ((limit, int((now - new_tat + limit.tolerance) / self.interval + 1e-9),
-                                        new_tat - now),))
+        if limit is None:
+            return self._request(exchange)
+        if not self.local_only:
+            shared = self._shared if self._shared is not None else ratelimit_redis.current
+            if shared is not None:
+                return self._single_shared(exchange, limit, shared)
+        # GCRA inline (L{rproxy.ratelimit.gcra}, same arithmetic)
+        key = exchange.client.peer_ip if self.by_ip else limit.key(exchange)
+        now = self.clock.seconds()
+        tats = self.tats
+        tat = tats.get(key)
+        if tat is None:
+            if len(tats) >= self.max_keys:
+                limit.buckets.make_room(now)  # type: ignore[union-attr]
+            tat = now
+        elif tat < now:
+            tat = now
+        new_tat = tat + self.interval
+        if new_tat - self.slack > now:
+            self._decide(exchange, (limit,), (key,), [(limit, gcra(tat, now, self.interval, limit.tolerance)[0])])
             return None
-        return self._request(exchange)
+        tats[key] = new_tat
+        limit.allowed += 1
+        if self.headers:
+            notes = exchange.notes
+            if notes is None:
+                notes = exchange.notes = {}
+            notes[_NOTE] = (None, ((limit, int((now - new_tat + limit.tolerance) / self.interval + 1e-9),
+                                    new_tat - now),))
+        return None
+
+    def _single_shared(self, exchange: Any, limit: Limit, shared: Any) -> Any:
+        """
+        The one limit, shared: Redis decides (the local bucket counts the
+        request too, and decides if Redis cannot).
+        """
+        key = exchange.client.peer_ip if self.by_ip else limit.key(exchange)
+        now = self.clock.seconds()
+        tats = self.tats
+        tat = tats.get(key)
+        if tat is None:
+            if len(tats) >= self.max_keys:
+                limit.buckets.make_room(now)  # type: ignore[union-attr]
+            tat = now
+        elif tat < now:
+            tat = now
+        new_tat = tat + self.interval
+        if new_tat - self.slack <= now:
+            tats[key] = new_tat
+        if not shared.usable():
+            limit.fallbacks += 1
+            self._decide(exchange, (limit,), (key,), [(limit, gcra(tat, now, self.interval, limit.tolerance)[0])])
+            return None
+        d = shared.check(limit.redis_prefix + key, self.interval, limit.tolerance, limit.timeout)
+        d.addCallbacks(self._shared_answer, self._shared_failed, callbackArgs=(exchange, limit),
+                       errbackArgs=(exchange, limit, key, tat, now))
+        return d
+
+    def _shared_answer(self, decision: Decision, exchange: Any, limit: Limit) -> None:
+        if not decision.allowed:
+            limit.limited += 1
+            self._refuse(exchange, retry_after(decision.retry_after), [
+                (b"RateLimit-Policy", limit.policy),
+                (b"RateLimit", state_header(limit.name, 0, decision.reset)),
+            ])
+            return
+        limit.allowed += 1
+        if self.headers:
+            notes = exchange.notes
+            if notes is None:
+                notes = exchange.notes = {}
+            notes[_NOTE] = (None, ((limit, decision.remaining, decision.reset),))
+
+    def _shared_failed(self, failure: Failure, exchange: Any, limit: Limit, key: bytes, tat: float,
+                       now: float) -> Any:
+        if failure.check(defer.CancelledError):
+            return failure  # the exchange ended while waiting
+        limit.fallbacks += 1
+        self._decide(exchange, (limit,), (key,), [(limit, gcra(tat, now, self.interval, limit.tolerance)[0])])
+        return None
 
     def _request(self, exchange: Any) -> Any:
         limits = self.limits
