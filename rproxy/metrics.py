@@ -287,6 +287,10 @@ class StateCollector:
                                         "Round trips of shared rate limit decisions answered by Redis")
             rtt.add_metric([], _buckets(ratelimit_redis.LATENCY_BUCKETS, shared.latency_buckets), shared.latency_sum)
             yield rtt
+            connected = GaugeMetricFamily("rproxy_rate_limit_redis_connected",
+                                          "1 when shared rate limits have their Redis connection")
+            connected.add_metric([], 1 if shared.connection is not None else 0)
+            yield connected
         yield from (limited, fallbacks, limit_keys, breaker)
 
 

@@ -14,7 +14,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from rproxy.http.filters.ratelimit import limits_of
-from tests.support import async_test, connect, reactor, wait_for
+from tests.support import ServiceMixin, async_test, backends_config, connect, reactor, wait_for
 from tests.test_e2e_http import HTTPHelpers
 
 CURL = "/usr/bin/curl"
@@ -192,3 +192,28 @@ class CircuitBreakerTests(HTTPHelpers, TestCase):
         _, data = await self.request(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(data.startswith(b"HTTP/1.1 503 "), data)
         self.assertIn(b"circuit breaker: max_pending 1 reached", data)
+
+
+class TCPCircuitBreakerTests(ServiceMixin, TestCase):
+    timeout = 30
+
+    @async_test
+    async def test_max_connections_closes_at_once(self) -> None:
+        """
+        A TCP frontend over a backend at max_connections closes the next
+        client at once, without a byte from a server; counted by threshold.
+        """
+        factory, port = await self.backend("s0")
+        service = await self.start_service(backends_config(port.getHost().port,
+                                                           circuit_breaker={"max_connections": 1}))
+        first = await connect(service.port_of("web"))
+        self.client_cleanup(first)
+        await first.read_until(b"s0\n")
+        second = await connect(service.port_of("web"))
+        self.client_cleanup(second)
+        await second.closed
+        self.assertEqual(bytes(second.data), b"")
+        self.assertEqual(len(factory.connections), 1)
+        self.assertEqual(service.pools["web"].breaker.opened["max_connections"], 1)
+        first.transport.write(b"still here")
+        await first.read_until(b"still here")

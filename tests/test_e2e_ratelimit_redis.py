@@ -185,8 +185,27 @@ class TwoProcessesTests(TestCase):
         self.assertEqual(code, 0, out)
         return [int(line) for line in out.split()]
 
+    async def metric(self, admin: int, name: str) -> float:
+        code, out = await curl(self, f"http://127.0.0.1:{admin}/metrics")
+        self.assertEqual(code, 0, out)
+        values = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+                  if line.startswith(name) and not line.startswith("#")]
+        return sum(values)
+
+    async def wait_metric(self, admin: int, name: str, value: float) -> None:
+        deadline = time.monotonic() + 20
+        while await self.metric(admin, name) != value:
+            self.assertLess(time.monotonic(), deadline, f"{name} is not {value}")
+            await turn(delay=0.1)
+
     @async_test
     async def test_shared_then_local_then_shared(self) -> None:
+        """
+        10/m per X-Client: two processes share it through Redis (10 of 12
+        allowed across both); with Redis stopped each decides alone at
+        once (10 of 12 each, every decision counted as a fallback); once
+        Redis is back (without the script) they share again.
+        """
         site = Site(Backend())
         port = await listen(site)
         self.addCleanup(port.stopListening)
@@ -202,10 +221,14 @@ class TwoProcessesTests(TestCase):
         }
         children = [self.spawn(config, "a"), self.spawn(config, "b")]
         ports = []
+        admins = []
         for child in children:
             match = await child.line(r"frontend web listening on 127\.0\.0\.1:(\d+)")
             ports.append(int(match.group(1)))
+            admins.append(int((await child.line(r"admin listening on 127\.0\.0\.1:(\d+)")).group(1)))
             await child.line(r"Redis is up")
+        for admin in admins:
+            await self.wait_metric(admin, "rproxy_rate_limit_redis_connected", 1.0)
         # shared: 6 + 6 requests through two processes, 10 allowed in all
         a = await self.statuses(ports[0], "c1", 6)
         b = await self.statuses(ports[1], "c1", 6)
@@ -222,11 +245,15 @@ class TwoProcessesTests(TestCase):
         self.assertEqual(b, [200] * 10 + [429] * 2)
         for child in children:
             await child.line(r"Redis unavailable")
+        for admin in admins:
+            self.assertEqual(await self.metric(admin, "rproxy_rate_limit_fallbacks_total"), 12.0)
 
         # back: shared again (the restarted Redis has forgotten the script)
         self.redis.start()
         for child in children:
             await wait_for(lambda child=child: child.output.count("Redis is up") >= 2, 20)
+        for admin in admins:
+            await self.wait_metric(admin, "rproxy_rate_limit_redis_connected", 1.0)
         a = await self.statuses(ports[0], "c3", 6)
         b = await self.statuses(ports[1], "c3", 6)
         self.assertEqual(a + b, [200] * 10 + [429] * 2)
