@@ -29,6 +29,7 @@ __all__ = [
     "PowerOfTwo",
     "ConsistentHash",
     "make_balancer",
+    "hash_fraction",
 ]
 
 
@@ -206,6 +207,16 @@ class PowerOfTwo:
 
 def _hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def hash_fraction(key: bytes) -> float:
+    """
+    Where C{key} falls in [0, 1), by a hash independent of the ring's: the
+    same key always gets the same place (a slow start takes the keys below
+    its fraction, L{rproxy.pool.Pool}).
+    """
+    digest = hashlib.blake2b(key, digest_size=8, person=b"rproxy-ramp").digest()
+    return int.from_bytes(digest, "big") / 2.0**64
 
 
 class ConsistentHash:

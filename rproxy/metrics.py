@@ -271,6 +271,44 @@ class StateCollector:
             auth.add_metric(["redis"], chain.redis_errors)
             auth.add_metric(["postgres"], chain.postgres_errors)
         yield from (store_up, auth)
+
+        from rproxy.http.filters.ratelimit import limits_of
+
+        limited = CounterMetricFamily("rproxy_rate_limit_requests", "Requests checked by a rate limit, by result",
+                                      labels=["frontend", "scope", "limit", "result"])
+        fallbacks = CounterMetricFamily("rproxy_rate_limit_fallbacks",
+                                        "Shared-limit decisions made by the process's own buckets "
+                                        "(Redis down or slower than redis_timeout)",
+                                        labels=["frontend", "scope", "limit"])
+        limit_keys = GaugeMetricFamily("rproxy_rate_limit_keys", "Keys a rate limit remembers in this process",
+                                       labels=["frontend", "scope", "limit"])
+        for frontend in service.all_frontends():
+            for limit in limits_of(frontend):
+                labels = [frontend.name, limit.scope, limit.name]
+                limited.add_metric(labels + ["allowed"], limit.allowed)
+                limited.add_metric(labels + ["limited"], limit.limited)
+                fallbacks.add_metric(labels, limit.fallbacks)
+                limit_keys.add_metric(labels, len(limit.buckets) if limit.buckets is not None else 0)
+        breaker = CounterMetricFamily("rproxy_circuit_breaker_open",
+                                      "Requests refused at once by a backend's circuit breaker, by threshold",
+                                      labels=["backend", "threshold"])
+        for pool in service.pools.values():
+            if pool.breaker is not None:
+                for threshold, count in pool.breaker.opened.items():
+                    breaker.add_metric([pool.name, threshold], count)
+        from rproxy import ratelimit_redis
+
+        shared = ratelimit_redis.current
+        if shared is not None:
+            rtt = HistogramMetricFamily("rproxy_rate_limit_redis_seconds",
+                                        "Round trips of shared rate limit decisions answered by Redis")
+            rtt.add_metric([], _buckets(ratelimit_redis.LATENCY_BUCKETS, shared.latency_buckets), shared.latency_sum)
+            yield rtt
+            connected = GaugeMetricFamily("rproxy_rate_limit_redis_connected",
+                                          "1 when shared rate limits have their Redis connection")
+            connected.add_metric([], 1 if shared.connection is not None else 0)
+            yield connected
+        yield from (limited, fallbacks, limit_keys, breaker)
         yield from _l4_metrics(service)
 
 
@@ -303,6 +341,7 @@ def _l4_metrics(service: RProxyService) -> Iterator[Metric]:
         for backend, count in sorted(getattr(frontend, "routed", {}).items()):
             routed.add_metric([name, backend], count)
     yield from (denied, proxy, detected, routed)
+
 
 
 def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:

@@ -20,6 +20,18 @@ Invariants:
   - Backups are picked only when no primary can be.
   - Passive ejection never takes out more than C{max_ejection_percent} of
     the pool's servers.
+  - A backend's circuit breaker (Envoy's thresholds, L{CircuitBreaker})
+    refuses at once, with the threshold named (L{CircuitOpen}), what would
+    exceed one: C{max_connections} slots taken on its servers,
+    C{max_pending} waiting in the queue, C{max_retries} retries in flight
+    (counted by the HTTP engine's filter); C{max_requests} is checked by
+    that filter when a request is routed here.
+  - A server that comes back (down -> up, or back to ready from drain or
+    maint) with C{slow_start} set takes
+    a share of new connections that grows linearly from 0 to its full
+    weight over the window (HAProxy's C{slowstart}): during the ramp it is
+    a candidate in that fraction of picks (for hashing pools: for that
+    fraction of the keys, so the keys that move to it stay).
 """
 
 from __future__ import annotations
@@ -34,11 +46,11 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from rproxy.balance import Balancer, make_balancer
+from rproxy.balance import Balancer, hash_fraction, make_balancer
 from rproxy.config import BackendConfig, ServerConfig
 
 __all__ = ["Server", "Pool", "NoServerAvailable", "QueueFull", "QueueTimeout", "AdminError", "ADMIN_STATES",
-           "MAX_WEIGHT"]
+           "MAX_WEIGHT", "CircuitOpen", "CircuitBreaker", "THRESHOLDS"]
 
 _NEVER = float("inf")
 
@@ -67,6 +79,53 @@ class QueueFull(Exception):
     """
     Every server is at its connection limit and the wait queue is full.
     """
+
+
+class CircuitOpen(QueueFull):
+    """
+    A threshold of the backend's circuit breaker is reached: refused at
+    once (a kind of L{QueueFull}, so callers answer 503 with the message).
+    """
+
+
+# the circuit breaker's thresholds, in the order they are checked
+THRESHOLDS = ("max_connections", "max_pending", "max_requests", "max_retries")
+
+
+class CircuitBreaker:
+    """
+    The thresholds of one backend and what they are compared with; one per
+    pool for its lifetime (a reload changes the thresholds, not the counts).
+
+    @ivar requests: HTTP requests routed to the backend and not over yet
+        (kept by L{rproxy.http.filters.circuitbreaker}).
+    @ivar retries: retries in flight to the backend (same).
+    @ivar opened: threshold name -> requests refused by it.
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.requests = 0
+        self.retries = 0
+        self.opened: dict[str, int] = dict.fromkeys(THRESHOLDS, 0)
+
+    def trip(self, threshold: str) -> CircuitOpen:
+        """
+        Count a refusal by C{threshold}; the exception that says why.
+        """
+        self.opened[threshold] += 1
+        return CircuitOpen(f"circuit breaker: {threshold} {getattr(self.config, threshold)} reached")
+
+    def refusal(self, in_use: int, retry: bool) -> str | None:
+        """
+        The threshold a new slot would exceed, or None.
+        """
+        config = self.config
+        if config.max_connections and in_use >= config.max_connections:
+            return "max_connections"
+        if retry and config.max_retries and self.retries >= config.max_retries:
+            return "max_retries"
+        return None
 
 
 class QueueTimeout(Exception):
@@ -105,6 +164,9 @@ class Server:
     last_check_ok: bool | None = None
     last_check_reason: str = ""
     last_check_at: float = 0.0
+    # slow start: when the server last came up, and its share's credit
+    ramp_start: float = 0.0
+    ramp_credit: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         if self.weight < 0:
@@ -188,6 +250,13 @@ class Pool:
         self._version = 0
         self._cache: tuple[int, float, list[Server]] | None = None
         self._limited = any(s.max_connections for s in config.servers)
+        self.breaker: CircuitBreaker | None = (CircuitBreaker(config.circuit_breaker)
+                                               if config.circuit_breaker is not None else None)
+        # slots taken on the servers (the sum of their active counts)
+        self.in_use = 0
+        # servers in their slow start ramp
+        self._ramping: list[Server] = []
+        self._ramp_balancer: Balancer | None = None
 
     @property
     def name(self) -> str:
@@ -224,8 +293,11 @@ class Pool:
         """
         Choose a server without taking a slot on it.
         """
-        chosen = self.balancer.pick(self.candidates(exclude), key)
-        return chosen  # type: ignore[return-value]
+        candidates = self.candidates(exclude)
+        chosen: Server | None = self.balancer.pick(candidates, key)  # type: ignore[assignment]
+        if self._ramping and chosen is not None:
+            chosen = self._ramp(chosen, candidates, key)
+        return chosen
 
     def any_up(self, exclude: Iterable[str] = ()) -> bool:
         """
@@ -241,10 +313,17 @@ class Pool:
         """
         if self._waiters:
             return None  # first come, first served
-        server: Server | None = self.balancer.pick(self.candidates(exclude), key)  # type: ignore[assignment]
+        breaker = self.breaker
+        if breaker is not None and breaker.refusal(self.in_use, bool(exclude)) is not None:
+            return None  # acquire() says why
+        candidates = self.candidates(exclude)
+        server: Server | None = self.balancer.pick(candidates, key)  # type: ignore[assignment]
+        if self._ramping and server is not None:
+            server = self._ramp(server, candidates, key)
         if server is not None:
             server.active += 1
             server.total += 1
+            self.in_use += 1
         return server
 
     def try_acquire_named(self, name: str) -> Server | None:
@@ -252,6 +331,9 @@ class Pool:
         Take a slot on the server called C{name} if it can take one now
         (a sticky cookie's server); None if it is unknown, down or full.
         """
+        breaker = self.breaker
+        if breaker is not None and breaker.refusal(self.in_use, False) is not None:
+            return None
         now = self._clock.seconds()
         for server in self.servers:
             if server.name == name:
@@ -272,6 +354,11 @@ class Pool:
             queue.
         """
         exclude = frozenset(exclude)
+        breaker = self.breaker
+        if breaker is not None:
+            threshold = breaker.refusal(self.in_use, bool(exclude))
+            if threshold is not None:
+                return defer.fail(breaker.trip(threshold))
         server = None if self._waiters else self.pick(key, exclude)
         if server is not None:
             self._take(server)
@@ -279,6 +366,8 @@ class Pool:
         if not self.any_up(exclude):
             self.no_server_total += 1
             return defer.fail(NoServerAvailable(f"no server of backend {self.name!r} is up"))
+        if breaker is not None and breaker.config.max_pending and len(self._waiters) >= breaker.config.max_pending:
+            return defer.fail(breaker.trip("max_pending"))
         if len(self._waiters) >= self.config.queue_size:
             self.queue_full_total += 1
             return defer.fail(QueueFull(f"backend {self.name!r}: every server is full and the queue too"))
@@ -303,6 +392,7 @@ class Pool:
     def _take(self, server: Server) -> None:
         server.active += 1
         server.total += 1
+        self.in_use += 1
 
     def _drop_waiter(self, waiter: _Waiter) -> None:
         try:
@@ -322,12 +412,17 @@ class Pool:
         Give back the slot taken by L{acquire}.
         """
         server.active -= 1
+        self.in_use -= 1
         if self._waiters:
             self._serve_waiters()
 
     def _serve_waiters(self) -> None:
+        breaker = self.breaker
         while self._waiters:
             waiter = self._waiters[0]
+            if breaker is not None and breaker.config.max_connections and \
+                    self.in_use >= breaker.config.max_connections:
+                return
             server = self.pick(waiter.key, waiter.exclude)
             if server is None:
                 if not self.any_up(waiter.exclude):
@@ -339,6 +434,70 @@ class Pool:
             self._drop_waiter(waiter)
             self._take(server)
             waiter.deferred.callback(server)
+
+    # -- slow start ------------------------------------------------------
+
+    def _start_ramp(self, server: Server) -> None:
+        """
+        C{server} has just become able to take connections again: its
+        share starts from 0 (with C{slow_start}).
+        """
+        if self.config.slow_start > 0:
+            server.ramp_start = self._clock.seconds()
+            server.ramp_credit = 0.0
+            if server not in self._ramping:
+                self._ramping.append(server)
+
+    def ramp_fraction(self, server: Server, now: float | None = None) -> float:
+        """
+        How far C{server} is through its slow start: 0 when it just came
+        up, 1 when the window is over (or there is none).
+        """
+        window = self.config.slow_start
+        if window <= 0 or server not in self._ramping:
+            return 1.0
+        if now is None:
+            now = self._clock.seconds()
+        return min(1.0, max(0.0, (now - server.ramp_start) / window))
+
+    def _ramp(self, chosen: Server, candidates: list[Server], key: bytes | None) -> Server:
+        """
+        The balancer chose C{chosen}: if it is ramping at fraction C{f} of
+        its window, it keeps C{f} of the picks it gets (its credit grows
+        by C{f} each time and a kept pick costs 1; with a key, hashing
+        pools, it keeps the keys whose hash falls below C{f}, so a key
+        that moved stays); the others are chosen again among the rest.
+        So its share is C{f} times its full share whatever the algorithm.
+        A ramping server that is the only candidate keeps every pick.
+        """
+        ramping = self._ramping
+        if chosen not in ramping:
+            return chosen
+        now = self._clock.seconds()
+        window = self.config.slow_start
+        elapsed = now - chosen.ramp_start
+        if window <= 0 or elapsed >= window:
+            ramping.remove(chosen)
+            return chosen
+        fraction = elapsed / window
+        if key is not None:
+            if hash_fraction(key) < fraction:
+                return chosen
+        else:
+            chosen.ramp_credit += fraction
+            if chosen.ramp_credit >= 1.0:
+                chosen.ramp_credit -= 1.0
+                return chosen
+        rest = [s for s in candidates if s is not chosen and s not in ramping]
+        if not rest:
+            return chosen
+        # (a balancer of its own: a second pick must not move the main
+        # one's rotation, or round-robin would hand the ramping server the
+        # next turn)
+        if self._ramp_balancer is None:
+            self._ramp_balancer = make_balancer(self.config.algorithm, self._rng)
+        again: Server | None = self._ramp_balancer.pick(rest, key)  # type: ignore[assignment]
+        return again if again is not None else chosen
 
     # -- health ----------------------------------------------------------
 
@@ -357,6 +516,8 @@ class Pool:
         server.up = up
         self._version += 1
         server.down_reason = "" if up else reason
+        if up and server.admin_state == "ready":
+            self._start_ramp(server)
         if up:
             self.log.info(
                 "server {server} of backend {backend} is up: {reason}",
@@ -455,6 +616,8 @@ class Pool:
             self.log.info("server {server} of backend {backend}: {state} (was {before}), set by {by}",
                           server=name, backend=self.name, state=state, before=server.admin_state, by=by)
             server.admin_state = state
+            if state == "ready" and server.up:
+                self._start_ramp(server)  # back from drain or maintenance (HAProxy's rule too)
         if weight is not None and weight != server.weight:
             self.log.info("server {server} of backend {backend}: weight {weight} (was {before}), set by {by}",
                           server=name, backend=self.name, weight=weight, before=server.weight, by=by)
@@ -476,6 +639,7 @@ class Pool:
         """
         if config.algorithm != self.config.algorithm:
             self.balancer = make_balancer(config.algorithm, self._rng)
+            self._ramp_balancer = None
         old = {s.name: s for s in self.servers}
         servers = []
         for server_config in config.servers:
@@ -500,6 +664,16 @@ class Pool:
         self.servers = servers
         self.config = config
         self._limited = any(s.max_connections for s in config.servers)
+        if config.circuit_breaker is None:
+            self.breaker = None
+        elif self.breaker is None:
+            self.breaker = CircuitBreaker(config.circuit_breaker)
+        else:
+            self.breaker.config = config.circuit_breaker
+        if config.slow_start <= 0:
+            self._ramping = []
+        else:
+            self._ramping = [s for s in self._ramping if s in servers]
         self._version += 1
         self._serve_waiters()
         return list(old.values())
@@ -540,6 +714,7 @@ class Pool:
                     "address": s.config.address,
                     "weight": s.weight,
                     "configured_weight": s.config.weight,
+                    "effective_weight": round(s.weight * self.ramp_fraction(s, now), 2),
                     "backup": s.config.backup,
                     "state": s.state(now),
                     "admin_state": s.admin_state,

@@ -11,6 +11,7 @@ import attrs
 from rproxy.config import values as v
 from rproxy.config.access import read_frontend_policy, read_route_policy
 from rproxy.config.endpoints import listen
+from rproxy.config.limits import read_rate_limits
 from rproxy.config.model import PROTOCOLS, FrontendConfig, GlobalConfig, HTTPOptions
 from rproxy.config.reader import MISSING, Section
 from rproxy.config.sections import header_pairs
@@ -101,6 +102,7 @@ def read_frontend(parent: Section, path: str, raw: object, global_: GlobalConfig
         access=access,
         policy=read_frontend_policy(section, protocol),
         **l4,
+        rate_limits=read_rate_limits(section, protocol),
     )
     if frontend.token_pool is not None and protocol != "http":
         section.error("token_pool", "token pools need protocol: http")
@@ -185,8 +187,10 @@ def read_routes(section: Section, protocol: str) -> tuple[Any, ...]:
         backend = route.value("backend", v.name)
         access = read_access(route)
         policy = read_route_policy(route)
+        rate_limits = read_rate_limits(route)
         route.finish()
         if backend:
             routes.append(Route(backend=backend, host=host, path_prefix=prefix,
-                                set_headers=pairs, remove_headers=tuple(remove), access=access, policy=policy))
+                                set_headers=pairs, remove_headers=tuple(remove), access=access, policy=policy,
+                                rate_limits=rate_limits))
     return tuple(routes)

@@ -124,6 +124,10 @@ class BackendConfig:
     tls: UpstreamTLSConfig | None = None
     # PROXY protocol header sent to the servers: "v1", "v2" or None
     send_proxy: str | None = None
+    # rproxy.config.limits.CircuitBreakerConfig, None: no thresholds
+    circuit_breaker: Any = None
+    # seconds over which a server that comes back ramps up to its weight
+    slow_start: float = 0.0
 
 
 @attrs.frozen
@@ -177,6 +181,8 @@ class FrontendConfig:
     l4_log: Any = None
     detect: Any = None
     tls_passthrough: Any = None
+    # rproxy.config.limits.RateLimitConfig, each applying
+    rate_limits: tuple[Any, ...] = ()
 
     @property
     def access_log(self) -> str:

@@ -15,6 +15,7 @@ import attrs
 from rproxy.config import values as v
 from rproxy.config.endpoints import listen
 from rproxy.config.l4 import read_send_proxy
+from rproxy.config.limits import read_circuit_breaker, read_slow_start
 from rproxy.config.model import (
     ALGORITHMS,
     HEALTH_TYPES,
@@ -181,6 +182,8 @@ def read_backend(parent: Section, path: str, raw: object) -> BackendConfig | Non
         queue_timeout=section.value("queue_timeout", v.duration, 5.0),
         tls=read_upstream_tls(section),
         send_proxy=read_send_proxy(section),
+        circuit_breaker=read_circuit_breaker(section),
+        slow_start=read_slow_start(section),
     )
     if backend.tls is not None and backend.health_check.type == "http":
         backend = attrs.evolve(backend, health_check=attrs.evolve(backend.health_check, tls=backend.tls))

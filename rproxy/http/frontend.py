@@ -45,9 +45,11 @@ from rproxy.http.connection import HTTPConnection
 from rproxy.http.exchange import Exchange
 from rproxy.http.filters import Chain, Filter
 from rproxy.http.filters.accesslog import AccessLogFilter
+from rproxy.http.filters.circuitbreaker import CircuitBreakerFilter
 from rproxy.http.filters.cors import CorsFilter
 from rproxy.http.filters.direct import DirectRouteFilter
 from rproxy.http.filters.policy import access_filters, auth_filters
+from rproxy.http.filters.ratelimit import RateLimitFilter
 from rproxy.http.filters.rewrite import RewriteFilter
 from rproxy.http.filters.routes import HeaderRules, RouteFilter
 from rproxy.http.filters.sticky import HashKey, StickyCookie
@@ -82,6 +84,8 @@ def default_filters(frontend: HTTPFrontend) -> list[Filter]:
     config = frontend.config
     http = config.http
     filters: list[Filter] = access_filters(frontend)
+    if RateLimitFilter.wanted(config):
+        filters.append(RateLimitFilter.make(frontend))
     if http.cors:
         filters.append(CorsFilter())
     filters += auth_filters(frontend)
@@ -100,6 +104,8 @@ def default_filters(frontend: HTTPFrontend) -> list[Filter]:
                                     secure=frontend.scheme == b"https"))
     if HashKey.wanted(frontend.pools):
         filters.append(HashKey())
+    if CircuitBreakerFilter.wanted(frontend.pools):
+        filters.append(CircuitBreakerFilter())
     if http.access_log != "off":
         filters.append(AccessLogFilter(frontend, http.access_log == "json"))
     return filters

@@ -34,6 +34,7 @@ class Route:
     remove_headers: tuple[str, ...] = ()
     access: object = None  # allow/deny lists (rproxy.cidr.AccessList), None: everyone
     policy: object = None  # auth, redirect, rewrite (rproxy.config.access.Policy), None: none
+    rate_limits: tuple[object, ...] = ()  # rproxy.config.limits.RateLimitConfig
 
 
 class Rule:

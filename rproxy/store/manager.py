@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
+from rproxy import ratelimit_redis
 from rproxy.config import StoresConfig
 from rproxy.events import (
     HEARTBEATS,
@@ -61,6 +62,7 @@ class Stores:
         self._redis: Any = None
         self.link: PostgresLink | None = None
         self.probe: RedisProbe | None = None
+        self._limits: ratelimit_redis.SharedBuckets | None = None
         if config.postgres_dsn is not None:
             self.link = PostgresLink(clock, lambda lost: connection(reactor, on_lost=lost), config.postgres_dsn,
                                      config.pool_size, self._prepare, self._postgres_up, self._postgres_down,
@@ -113,6 +115,7 @@ class Stores:
             # what lets the probe notice Redis's return within a second or two
             self._redis._factory.maxDelay = 1.0
             self.probe = RedisProbe(self._redis, self.clock)
+            self._limits = ratelimit_redis.start(self.reactor, self.clock, self.config.redis_url, self.probe)
             self.keys.redis = self._redis
             self.keys.redis_probe = self.probe
             if "redis" in self.config.events:
@@ -267,6 +270,7 @@ class Stores:
                 sink.stop()
         if self.probe is not None:
             self.probe.stop()
+            ratelimit_redis.stop(self._limits)
         for loop in (self._consuming, self._retention, self._kafka_loop):
             if loop is not None and loop.running:
                 loop.stop()
