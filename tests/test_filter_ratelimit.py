@@ -29,6 +29,7 @@ class FakeTransport:
 class FakeClient:
     def __init__(self, ip: bytes = b"192.0.2.7") -> None:
         self.peer_ip = ip
+        self.peer_host = ip.decode()
         self.transport = FakeTransport()
         self.closing_after_response = False
 
@@ -49,6 +50,7 @@ class FakeHead:
 class FakeExchange:
     def __init__(self, client: FakeClient | None = None, headers: dict[bytes, bytes] | None = None) -> None:
         self.client = client or FakeClient()
+        self.client_host = self.client.peer_host
         self.head = FakeHead(headers)
         self.notes: dict[str, Any] | None = None
         self.status = 0
@@ -56,6 +58,18 @@ class FakeExchange:
 
     def complete(self) -> None:
         self.completed = True
+
+
+class ClientHostTests(SynchronousTestCase):
+    def test_ip_key_is_the_address_policies_see(self) -> None:
+        """Behind a trusted proxy the IP key is the client it names, not the proxy."""
+        from rproxy.http.filters.ratelimit import _ip
+
+        direct = FakeExchange()
+        self.assertIs(_ip(direct), direct.client.peer_ip)
+        proxied = FakeExchange()
+        proxied.client_host = "198.51.100.9"
+        self.assertEqual(_ip(proxied), b"198.51.100.9")
 
 
 class FakeFrontendConfig:
