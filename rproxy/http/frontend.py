@@ -9,7 +9,9 @@ Module map of the HTTP engine (L{rproxy.http}):
   - C{connection.py}: L{HTTPConnection}, a client connection: reading,
     pipelining, the producer slot, errors.
   - C{exchange.py}: L{Exchange}, one request and its response: the engine
-    (phases, retries, timeouts, streaming, upgrade).
+    (phases, framing, streaming, upgrade).
+  - C{failures.py}: its failure endings (502, 503, 504, abandon) and
+    retries, the exchange's base class.
   - C{state.py}: the exchange's states and transitions.
   - C{upstream.py}: the connector interface, L{UpstreamConnection} and the
     keep-alive pool per peer (L{UpstreamPool}).
