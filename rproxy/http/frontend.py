@@ -60,7 +60,7 @@ from rproxy.pool import Pool
 from rproxy.shortage import ShortageLog
 from rproxy.tls import HTTP_ALPN
 
-__all__ = ["HTTPFrontend", "DURATION_BUCKETS", "default_filters"]
+__all__ = ["HTTPFrontend", "DURATION_BUCKETS", "default_filters", "policy_filters", "routing_filters"]
 
 # request duration histogram buckets (seconds); the last is +Inf
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -69,7 +69,36 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 def default_filters(frontend: HTTPFrontend) -> list[Filter]:
     """
-    The filters of an HTTP frontend's configuration, in phase order:
+    The filters of an HTTP frontend's configuration: the policy every
+    HTTP frontend has (L{policy_filters}) around this one's routing
+    (L{routing_filters}).
+    """
+    return policy_filters(frontend, routing_filters(frontend))
+
+
+def policy_filters(frontend: HTTPFrontend, routing: list[Filter], log_notes: tuple[str, ...] = ()) -> list[Filter]:
+    """
+    The policy of any HTTP frontend, a tunnel's C{mode: http} public port
+    included (L{rproxy.tunnel.httpmode}), in phase order around C{routing},
+    the filters that choose the upstream: what refuses a request before it
+    is routed goes before them, what looks at the chosen upstream or the
+    outcome after them (the access log last, so that it sees what every
+    filter did).  A new policy (a filter every frontend has) is added
+    here; a new way to route, in L{routing_filters}.  C{log_notes}: the
+    names of C{exchange.notes} the access log adds to its lines (a
+    tunnel's agent and model).
+    """
+    http = frontend.config.http
+    filters: list[Filter] = []
+    filters.extend(routing)
+    if http.access_log != "off":
+        filters.append(AccessLogFilter(frontend, http.access_log == "json", log_notes))
+    return filters
+
+
+def routing_filters(frontend: HTTPFrontend) -> list[Filter]:
+    """
+    The routing of an HTTP frontend's configuration, in phase order:
     CORS preflights are answered before a token is leased; a direct
     route chooses before the route table; stickiness and the hash key
     pick within the chosen pool.  Filters with nothing to do for this
@@ -93,8 +122,6 @@ def default_filters(frontend: HTTPFrontend) -> list[Filter]:
         filters.append(StickyCookie(http.sticky_cookie.encode()))
     if HashKey.wanted(frontend.pools):
         filters.append(HashKey())
-    if http.access_log != "off":
-        filters.append(AccessLogFilter(frontend, http.access_log == "json"))
     return filters
 
 
@@ -321,6 +348,18 @@ class HTTPFrontend(AdmittedFigures, Factory):
 
     def count_status(self, status: int) -> None:
         self.requests[("-", status)] += 1
+
+    def count_refused(self, exchange: Exchange) -> None:
+        """
+        A request the reader refused (C{exchange.status}): its log phase
+        (with the backend it had been routed to, if it had), and counted
+        with no backend.
+        """
+        pool = exchange.pool
+        backend = pool.config.name if pool is not None else "-"
+        for f in self.chain.log:
+            f.log(exchange, backend)
+        self.count_status(exchange.status)
 
     def bytes_totals(self) -> tuple[int, int]:
         """
