@@ -255,6 +255,10 @@ class StateCollector:
             auth.add_metric(["postgres"], chain.postgres_errors)
         yield from (store_up, auth)
 
+        from rproxy.tunnel.httpstats import tunnel_http_metrics
+
+        yield from tunnel_http_metrics(service.tunnels.values())
+
 
 def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
     """

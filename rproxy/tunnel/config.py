@@ -13,6 +13,7 @@ import attrs
 
 from rproxy.config import values as v
 from rproxy.config.endpoints import listen
+from rproxy.config.frontends import read_access_log
 from rproxy.config.load import load_yaml, read_file, read_sources
 from rproxy.config.reader import Section
 from rproxy.config.values import ConfigError, brief, kind, parse_hostport
@@ -52,6 +53,9 @@ class TunnelConfig:
     strict_models: bool = True  # unknown model: 404 (false: any agent)
     model_body_limit: int = 1024 * 1024  # JSON bodies read for their "model" field
     header_timeout: float = 10.0
+    # mode http: the access log (as an HTTP frontend's http.access_log)
+    access_log: str = "off"
+    access_log_path: str | None = None
 
 
 # the largest JSON body a mode: http tunnel reads for its "model" field
@@ -96,6 +100,7 @@ def read_tunnels(top: Section) -> tuple[TunnelConfig, ...]:
         algorithm = section.value("algorithm", v.choice(TUNNEL_ALGORITHMS), d.algorithm)
         if algorithm == "model" and mode != "http":
             section.error("algorithm", "model routing needs mode: http")
+        access_log, access_log_path = read_access_log(section)
         tunnel = TunnelConfig(
             name=section.value("name", v.name) or "",
             control=section.value("control", listen, d.control),
@@ -111,9 +116,11 @@ def read_tunnels(top: Section) -> tuple[TunnelConfig, ...]:
             strict_models=section.value("strict_models", v.boolean, True),
             model_body_limit=section.value("model_body_limit", v.size, d.model_body_limit),
             header_timeout=section.value("header_timeout", v.duration, d.header_timeout),
+            access_log=access_log,
+            access_log_path=access_log_path,
         )
         if tunnel.mode != "http":
-            for key in ("strict_models", "model_body_limit", "header_timeout"):
+            for key in ("strict_models", "model_body_limit", "header_timeout", "access_log"):
                 if section.has(key):
                     section.error(key, "applies to mode: http only")
         if tunnel.model_body_limit > MODEL_BODY_LIMIT_MAX:

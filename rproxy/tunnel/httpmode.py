@@ -17,6 +17,13 @@ of L{rproxy.http}) whose upstream peers are the tunnel's agents.
     (C{pool_count}), else one requested from the agent; a pool of idle
     ones per agent.  An agent whose local service refused fails the open
     at once, so that the engine tries the next agent.
+  - L{rproxy.tunnel.httpstats.AgentStats}: the figures per agent and model
+    (C{/metrics}).
+
+The frontend's filters are every HTTP frontend's policy
+(L{rproxy.http.frontend.policy_filters}: access log, and what other
+policies are added there) around the routing above; the access log lines
+carry the agent and the model.
 
 Every request on a public connection passes the strict reader and is sent
 on rebuilt from what it parsed, so bytes it did not take as a request never
@@ -40,11 +47,12 @@ from twisted.python.failure import Failure
 from rproxy.config import FrontendConfig, HTTPOptions
 from rproxy.events import REQUESTS
 from rproxy.http.filters import Filter
-from rproxy.http.frontend import HTTPFrontend
+from rproxy.http.frontend import HTTPFrontend, policy_filters
 from rproxy.http.headers import reason
 from rproxy.http.reader import RequestHead
 from rproxy.http.upstream import PeerRefused, UpstreamConnection, UpstreamPool
 from rproxy.pool import NoServerAvailable
+from rproxy.tunnel.httpstats import AgentStats
 from rproxy.tunnel.registry import AgentSession, TooManyPending
 from rproxy.tunnel.wire import RequestNewProxyConn, StartStream, encode
 
@@ -274,11 +282,14 @@ class AgentConnector(UpstreamPool):
     The engine's connector to agents: the keep-alive pool per agent is
     L{UpstreamPool}'s; a new connection is a data connection from the
     agent (pooled in advance, or requested).
+
+    @ivar stats: the figures of the requests it serves, per agent and model.
     """
 
     def __init__(self, tunnel: TunnelServer, clock: Any, idle_timeout: float = 60.0) -> None:
         super().__init__(None, clock, idle_timeout=idle_timeout)
         self.tunnel = tunnel
+        self.stats = AgentStats(clock)
         self.peers: dict[AgentSession, AgentPeer] = {}
         self.opening: set[_Open] = set()
         self.turn = 0
@@ -430,6 +441,9 @@ class TunnelRouting(Filter):
         notes = exchange.notes
         exchange.pool = AgentChoice(self.tunnel, self.connector, notes["model"], notes["eligible"])
 
+    def attempt(self, exchange: Any, server: Any) -> None:
+        exchange.notes["agent"] = server.name  # (for the access log)
+
     def response(self, exchange: Any, extra: list[tuple[bytes, bytes]]) -> None:
         upstream = exchange.upstream
         if upstream is not None and exchange.notes:
@@ -462,7 +476,8 @@ def frontend_config(config: Any) -> FrontendConfig:
     return FrontendConfig(
         name=config.name, listen=config.public, backend="agents", protocol="http",
         connect_timeout=config.open_timeout,
-        http=HTTPOptions(max_body=None, header_timeout=config.header_timeout, response_timeout=0.0),
+        http=HTTPOptions(max_body=None, header_timeout=config.header_timeout, response_timeout=0.0,
+                         access_log=config.access_log, access_log_path=config.access_log_path),
     )
 
 
@@ -471,7 +486,11 @@ def tunnel_frontend(tunnel: TunnelServer) -> tuple[HTTPFrontend, AgentConnector]
     The HTTP frontend of C{tunnel}'s public port, and its connector.
     """
     connector = AgentConnector(tunnel, tunnel.clock)
-    routing = TunnelRouting(tunnel, connector)
+    routing: list[Filter] = [TunnelRouting(tunnel, connector), connector.stats]
+
+    def filters(frontend: HTTPFrontend) -> list[Filter]:
+        return policy_filters(frontend, routing, log_notes=("agent", "model"))
+
     frontend = HTTPFrontend(frontend_config(tunnel.config), {"agents": AgentChoice}, tunnel.reactor,  # type: ignore[dict-item]
-                            tunnel.clock, connector, filters=lambda _: [routing], error_response=openai_error)
+                            tunnel.clock, connector, filters=filters, error_response=openai_error)
     return frontend, connector
