@@ -260,8 +260,8 @@ class TunnelFrontendTests(SynchronousTestCase):
         for i in range(MAX_SERIES + 5):
             exchange.notes = {"model": f"m{i}"}
             stats.log(exchange, "agents")
-        self.assertEqual(len(stats.durations), MAX_SERIES + 1)
-        self.assertEqual(stats.requests[("other", "other", "2xx")], 5)
+        self.assertEqual(len(stats.series), MAX_SERIES + 1)
+        self.assertEqual(stats.series[("other", "other")].classes, [0, 5, 0, 0, 0, 0])
 
 
 class _Exchange:

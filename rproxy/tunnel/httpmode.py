@@ -103,8 +103,10 @@ def looks_like_json(head: RequestHead) -> bool:
     those whose Content-Type says it is a file or a form (clients send
     JSON as text/plain or without a type too).
     """
+    if not head.has_body:
+        return False
     content_type = (head.header(b"content-type") or b"").strip().lower()
-    return head.has_body and not content_type.startswith(_NOT_JSON)
+    return not content_type.startswith(_NOT_JSON)
 
 
 def model_of(body: bytes) -> str | None:
@@ -379,12 +381,15 @@ class TunnelRouting(Filter):
     def __init__(self, tunnel: TunnelServer, connector: AgentConnector) -> None:
         self.tunnel = tunnel
         self.connector = connector
+        # the choices of requests with a shared key (or none), by model:
+        # one per model an agent serves, and None (any agent)
+        self._shared: dict[str | None, AgentChoice] = {}
 
     def request(self, exchange: Any) -> defer.Deferred[Any] | None:
         head = exchange.head
-        exchange.notes = {"model": None, "key": None, "eligible": _shared}
+        exchange.notes = {"model": None, "key": None, "eligible": _shared, "agent": None}
         model = head.header(b"x-model")
-        if model is None and looks_like_json(head):
+        if model is None and head.has_body and looks_like_json(head):
             d = exchange.client.read_ahead(self.tunnel.config.model_body_limit)
             d.addCallback(self._body_read, exchange)
             return d
@@ -401,10 +406,12 @@ class TunnelRouting(Filter):
         if isinstance(model, bytes):
             model = model.decode("utf-8", "replace")
         notes = exchange.notes
-        notes["model"] = model.strip() or None if model else None
-        auth = exchange.head.header(b"authorization") or b""
-        if auth[:7].lower() != b"bearer " or not auth[7:].strip():
-            self._check_model(exchange)
+        if model:
+            notes["model"] = model.strip() or None
+        auth = exchange.head.header(b"authorization")
+        if auth is None or auth[:7].lower() != b"bearer " or not auth[7:].strip():
+            if model:
+                self._check_model(exchange)
             return None
         presented = auth[7:].strip().decode("latin-1")
         result = self.tunnel.keys.check(presented)
@@ -439,12 +446,23 @@ class TunnelRouting(Filter):
 
     def choose(self, exchange: Any) -> None:
         notes = exchange.notes
-        exchange.pool = AgentChoice(self.tunnel, self.connector, notes["model"], notes["eligible"])
+        model, eligible = notes["model"], notes["eligible"]
+        if eligible is not _shared:
+            exchange.pool = AgentChoice(self.tunnel, self.connector, model, eligible)
+            return
+        choice = self._shared.get(model)
+        if choice is None:
+            if len(self._shared) >= 1024:
+                self._shared.clear()  # (models that agents no longer serve)
+            choice = self._shared[model] = AgentChoice(self.tunnel, self.connector, model, _shared)
+        exchange.pool = choice
 
     def attempt(self, exchange: Any, server: Any) -> None:
         exchange.notes["agent"] = server.name  # (for the access log)
 
     def response(self, exchange: Any, extra: list[tuple[bytes, bytes]]) -> None:
+        if self.tunnel.events is None:
+            return  # (for the event of log)
         upstream = exchange.upstream
         if upstream is not None and exchange.notes:
             exchange.notes["head_size"] = len(upstream.head) + 4  # the head as the service sent it

@@ -19,7 +19,6 @@ and past L{MAX_SERIES} label pairs the rest count under C{"other"}.
 from __future__ import annotations
 
 import bisect
-import collections
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -27,55 +26,72 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from rproxy.http.filters import Filter
 from rproxy.http.frontend import DURATION_BUCKETS
+from rproxy.metrics import _buckets
 
-__all__ = ["AgentStats", "tunnel_http_metrics", "MAX_SERIES"]
+__all__ = ["AgentStats", "Series", "tunnel_http_metrics", "MAX_SERIES"]
 
 MAX_SERIES = 4096
-_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+
+
+class Series:
+    """
+    The figures of one (agent, model) pair.
+
+    @ivar classes: requests by status class: 1xx to 5xx, then any other.
+    @ivar buckets: requests by duration, over L{DURATION_BUCKETS}.
+    @ivar seconds: the sum of their durations.
+    @ivar errors: kind -> attempts that got no response.
+    """
+
+    __slots__ = ("classes", "buckets", "seconds", "errors")
+
+    def __init__(self) -> None:
+        self.classes = [0] * 6
+        self.buckets = [0] * len(DURATION_BUCKETS)
+        self.seconds = 0.0
+        self.errors: dict[str, int] = {}
 
 
 class AgentStats(Filter):
     """
-    The figures of one tunnel's requests, by (agent, model).
+    The figures of one tunnel's requests.
 
-    @ivar requests: C{(agent, model, class)} -> requests answered
-        (class C{"2xx"}...).
-    @ivar errors: C{(agent, model, kind)} -> attempts on that agent that
-        got no response.
-    @ivar durations: C{(agent, model)} -> [bucket counts..., sum of seconds]
-        over L{DURATION_BUCKETS}.
+    @ivar series: C{(agent, model)} -> its L{Series}.
     """
 
     def __init__(self, clock: Any) -> None:
         self.clock = clock
-        self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
-        self.errors: collections.Counter[tuple[str, str, str]] = collections.Counter()
-        self.durations: dict[tuple[str, str], list[float]] = {}
+        self.series: dict[tuple[str, str], Series] = {}
 
-    def _labels(self, agent: str, exchange: Any) -> tuple[str, str]:
+    def _series(self, agent: str, exchange: Any) -> Series:
         # the model of a request no agent took may be anything a client
         # wrote: not a label
         notes = exchange.notes
-        model = (notes.get("model") if notes and agent != "-" else None) or "-"
-        if (agent, model) not in self.durations and len(self.durations) >= MAX_SERIES:
-            return "other", "other"
-        return agent, model
+        key = (agent, (notes.get("model") if notes and agent != "-" else None) or "-")
+        series = self.series.get(key)
+        if series is None:
+            if len(self.series) >= MAX_SERIES:
+                key = ("other", "other")
+                series = self.series.get(key)
+            if series is None:
+                series = self.series[key] = Series()
+        return series
 
     def attempt_end(self, exchange: Any, server: Any, outcome: int | str) -> None:
         if outcome.__class__ is str:
-            agent, model = self._labels(server.name, exchange)
-            self.errors[(agent, model, outcome.partition(":")[0])] += 1  # type: ignore[union-attr]
+            errors = self._series(server.name, exchange).errors
+            kind = outcome.partition(":")[0]  # type: ignore[union-attr]
+            errors[kind] = errors.get(kind, 0) + 1
 
     def log(self, exchange: Any, backend: str) -> None:
-        agent, model = self._labels(exchange.tried[-1] if exchange.tried else "-", exchange)
+        tried = exchange.tried
+        series = self._series(tried[-1] if tried else "-", exchange)
         status = exchange.status
-        self.requests[(agent, model, _CLASSES[status // 100 - 1] if 100 <= status < 600 else str(status))] += 1
+        series.classes[status // 100 - 1 if 100 <= status < 600 else 5] += 1
         seconds = self.clock.seconds() - exchange.started
-        durations = self.durations.get((agent, model))
-        if durations is None:
-            durations = self.durations[(agent, model)] = [0] * (len(DURATION_BUCKETS) + 1)
-        durations[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
-        durations[-1] += seconds
+        series.seconds += seconds
+        series.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
 
 def tunnel_http_metrics(tunnels: Iterable[Any]) -> Iterator[Metric]:
@@ -97,14 +113,13 @@ def tunnel_http_metrics(tunnels: Iterable[Any]) -> Iterator[Metric]:
         stats = getattr(tunnel.connector, "stats", None)
         if stats is None:
             continue
-        for (agent, model, kind), count in sorted(stats.requests.items()):
-            requests.add_metric([tunnel.name, agent, model, kind], count)
-        for (agent, model, kind), count in sorted(stats.errors.items()):
-            errors.add_metric([tunnel.name, agent, model, kind], count)
-        for (agent, model), counts in sorted(stats.durations.items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip(DURATION_BUCKETS, counts, strict=False):
-                cumulative += int(count)
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            duration.add_metric([tunnel.name, agent, model], buckets, counts[-1])
+        for (agent, model), series in sorted(stats.series.items()):
+            labels = [tunnel.name, agent, model]
+            for kind, count in zip(_CLASSES, series.classes, strict=True):
+                if count:
+                    requests.add_metric([*labels, kind], count)
+            for kind, count in sorted(series.errors.items()):
+                errors.add_metric([*labels, kind], count)
+            if any(series.buckets):
+                duration.add_metric(labels, _buckets(DURATION_BUCKETS, series.buckets), series.seconds)
     yield from (requests, errors, duration)
