@@ -495,6 +495,9 @@ class RProxyService(MultiService):
             reopen = getattr(frontend, "reopen_access_log", None)
             if reopen is not None:
                 reopen()
+        for tunnel in self.tunnels.values():  # (mode http's access log)
+            if tunnel.http is not None:
+                tunnel.http.reopen_access_log()
         self.log.info("access logs reopened")
 
     def reload_from_file(self) -> defer.Deferred[None]:
