@@ -179,7 +179,13 @@ class AgentChoice:
 
     def _candidates(self, tried: list[str]) -> list[AgentSession]:
         model, eligible = self.model, self.eligible
-        return [a for a in self.tunnel.registry.agents.values()
+        agents = self.tunnel.registry.agents.values()
+        if eligible is _shared:
+            # shared (level < 0): the common case, without a call per agent
+            if model is None:
+                return [a for a in agents if a.level < 0 and a.agent_id not in tried]
+            return [a for a in agents if a.level < 0 and model in a.models and a.agent_id not in tried]
+        return [a for a in agents
                 if a.agent_id not in tried and eligible(a) and (model is None or model in a.models)]
 
     def try_acquire(self, key: Any, tried: list[str]) -> AgentPeer | None:
