@@ -29,6 +29,7 @@ from rproxy.pool import NoServerAvailable, QueueFull, QueueTimeout
 from rproxy.shortage import is_local
 
 if TYPE_CHECKING:
+    from rproxy.http.exchange import Exchange
     from rproxy.http.upstream import UpstreamConnection
 
 __all__ = ["ExchangeFailures", "IDEMPOTENT"]
@@ -39,12 +40,13 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 class ExchangeFailures:
     """
     The failure endings and retries of an L{rproxy.http.exchange.Exchange}
-    (a base class of it: the fields are the exchange's).
+    (a base class of it: the fields, and the methods these call, are the
+    exchange's).
     """
 
     __slots__ = ()
 
-    def no_server(self, reason: Failure) -> None:
+    def no_server(self: Exchange, reason: Failure) -> None:
         self._pending = None
         if reason.check(defer.CancelledError):
             return
@@ -54,7 +56,7 @@ class ExchangeFailures:
             self.frontend.log.failure("choosing a server failed", reason)
             self.fail(502, "no server")
 
-    def connect_failed(self, reason: Failure) -> None:
+    def connect_failed(self: Exchange, reason: Failure) -> None:
         self._pending = None
         if reason.check(defer.CancelledError):
             return
@@ -87,7 +89,7 @@ class ExchangeFailures:
             return
         self.fail(502, str(reason.value) if reason.check(PeerRefused) else f"cannot connect to {server.name}")
 
-    def may_retry(self) -> bool:
+    def may_retry(self: Exchange) -> bool:
         return (
             self.pinned is None
             and self.head.method in IDEMPOTENT
@@ -96,10 +98,10 @@ class ExchangeFailures:
             and self.frontend.retry_budget_allows()
         )
 
-    def may_retry_refused(self) -> bool:
+    def may_retry_refused(self: Exchange) -> bool:
         return self.pinned is None and self.attempts <= self.frontend.config.http.retries
 
-    def _drop_upstream(self) -> UpstreamConnection | None:
+    def _drop_upstream(self: Exchange) -> UpstreamConnection | None:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.exchange = None
@@ -107,7 +109,7 @@ class ExchangeFailures:
                 upstream.transport.abortConnection()  # type: ignore[union-attr]
         return upstream
 
-    def _callback_failed(self, reason: Failure, what: str) -> None:
+    def _callback_failed(self: Exchange, reason: Failure, what: str) -> None:
         """
         What a callback of a filter's wait, a server pick or a connect
         raised (a bug): one line in the log, the exchange's resources given
@@ -129,7 +131,7 @@ class ExchangeFailures:
         if not self.client.lost:
             self.client.abort()
 
-    def upstream_failed(self, why: str, invalid: bool = False) -> None:
+    def upstream_failed(self: Exchange, why: str, invalid: bool = False) -> None:
         self.flush()
         if self.state is DONE:
             return
@@ -159,13 +161,13 @@ class ExchangeFailures:
             return
         self.fail(502, f"upstream: {why}")
 
-    def timed_out(self) -> None:
+    def timed_out(self: Exchange) -> None:
         self.deadline = None
         self._drop_upstream()
         self.release_server(outcome="timeout")
         self.fail(504, f"no response within {self.frontend.config.http.response_timeout}s")
 
-    def fail(self, status: int, message: str, retry_after: bool = False) -> None:
+    def fail(self: Exchange, status: int, message: str, retry_after: bool = False) -> None:
         """
         Answer the client with an error and close its connection (-> DONE).
         """
@@ -180,7 +182,7 @@ class ExchangeFailures:
         self.frontend.count(self)
         self.client.send_error(status, message, retry_after)
 
-    def abandon(self) -> None:
+    def abandon(self: Exchange) -> None:
         """
         The client went away (-> DONE).
         """
