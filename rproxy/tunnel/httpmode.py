@@ -379,7 +379,8 @@ class TunnelRouting(Filter):
     """
     The request phase reads the model and checks the bearer key; the
     choose phase gives the engine the agents the request may go to; the
-    log phase records requests made with a shared key.
+    log phase names the agent that answered (for the access log) and records
+    requests made with a shared key.
     """
 
     doing = "routing to an agent"
@@ -463,9 +464,6 @@ class TunnelRouting(Filter):
             choice = self._shared[model] = AgentChoice(self.tunnel, self.connector, model, _shared)
         exchange.pool = choice
 
-    def attempt(self, exchange: Any, server: Any) -> None:
-        exchange.notes["agent"] = server.name  # (for the access log)
-
     def response(self, exchange: Any, extra: list[tuple[bytes, bytes]]) -> None:
         if self.tunnel.events is None:
             return  # (for the event of log)
@@ -475,6 +473,8 @@ class TunnelRouting(Filter):
 
     def log(self, exchange: Any, backend: str) -> None:
         tunnel, notes = self.tunnel, exchange.notes
+        if notes and exchange.tried:
+            notes["agent"] = exchange.tried[-1]  # the one that answered (for the access log, after)
         if tunnel.events is None or not notes or notes.get("key") is None or not exchange.tried:
             return
         agent = tunnel.registry.agents.get(exchange.tried[-1])

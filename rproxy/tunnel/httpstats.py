@@ -32,6 +32,7 @@ __all__ = ["AgentStats", "Series", "tunnel_http_metrics", "MAX_SERIES"]
 
 MAX_SERIES = 4096
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+_NOBODY = ("-", "-")
 
 
 class Series:
@@ -64,29 +65,33 @@ class AgentStats(Filter):
         self.clock = clock
         self.series: dict[tuple[str, str], Series] = {}
 
-    def _series(self, agent: str, exchange: Any) -> Series:
-        # the model of a request no agent took may be anything a client
-        # wrote: not a label
-        notes = exchange.notes
-        key = (agent, (notes.get("model") if notes and agent != "-" else None) or "-")
-        series = self.series.get(key)
-        if series is None:
-            if len(self.series) >= MAX_SERIES:
-                key = ("other", "other")
-                series = self.series.get(key)
-            if series is None:
-                series = self.series[key] = Series()
+    def _series(self, key: tuple[str, str]) -> Series:
+        if len(self.series) >= MAX_SERIES:
+            key = ("other", "other")
+            series = self.series.get(key)
+            if series is not None:
+                return series
+        series = self.series[key] = Series()
         return series
 
     def attempt_end(self, exchange: Any, server: Any, outcome: int | str) -> None:
         if outcome.__class__ is str:
-            errors = self._series(server.name, exchange).errors
+            notes = exchange.notes
+            key = (server.name, (notes.get("model") if notes else None) or "-")
+            series = self.series.get(key) or self._series(key)
             kind = outcome.partition(":")[0]  # type: ignore[union-attr]
-            errors[kind] = errors.get(kind, 0) + 1
+            series.errors[kind] = series.errors.get(kind, 0) + 1
 
     def log(self, exchange: Any, backend: str) -> None:
+        # (one dict lookup a request; the model of a request no agent
+        # took may be anything a client wrote: not a label)
         tried = exchange.tried
-        series = self._series(tried[-1] if tried else "-", exchange)
+        if tried:
+            notes = exchange.notes
+            key = (tried[-1], (notes.get("model") if notes else None) or "-")
+        else:
+            key = _NOBODY
+        series = self.series.get(key) or self._series(key)
         status = exchange.status
         series.classes[status // 100 - 1 if 100 <= status < 600 else 5] += 1
         seconds = self.clock.seconds() - exchange.started
