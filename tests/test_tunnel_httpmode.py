@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.config import config_from_mapping
 from rproxy.config.values import ConfigError
+from rproxy.http.filters import Chain, Filter
 from rproxy.http.upstream import PeerRefused
 from rproxy.pool import NoServerAvailable
 from rproxy.tunnel.config import TunnelConfig
@@ -252,6 +253,19 @@ class TunnelFrontendTests(SynchronousTestCase):
         ]:
             self.assertIn(line, text.splitlines())
 
+    def test_policy_notes_kept(self) -> None:
+        """
+        The tunnel's filters are the frontend's policy around its routing:
+        what a policy filter before the routing notes on the exchange stays
+        (the routing adds its own), and the policy sees the agent's answer.
+        """
+        t = Tunnel(("a", ("llama3",)))
+        assert t.server.http is not None
+        policy = NotingPolicy()
+        t.server.http.chain = Chain([policy, *t.server.http.chain.filters])
+        self.serve(t, [(b"GET / HTTP/1.1\r\nHost: x\r\nX-Model: llama3\r\n\r\n", RESPONSE)])
+        self.assertEqual(policy.seen, [(200, "traced", "llama3", "a")])
+
     def test_stats_bounded(self) -> None:
         """Past MAX_SERIES agent and model pairs, the rest count under "other"."""
         t = Tunnel(("a", ()))
@@ -262,6 +276,18 @@ class TunnelFrontendTests(SynchronousTestCase):
             stats.log(exchange, "agents")
         self.assertEqual(len(stats.series), MAX_SERIES + 1)
         self.assertEqual(stats.series[("other", "other")].classes, [0, 5, 0, 0, 0, 0])
+
+
+class NotingPolicy(Filter):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str, str, str]] = []
+
+    def request(self, exchange: Any) -> None:
+        exchange.notes = {"trace": "traced"}
+
+    def log(self, exchange: Any, backend: str) -> None:
+        notes = exchange.notes
+        self.seen.append((exchange.status, notes["trace"], notes["model"], notes["agent"]))
 
 
 class _Exchange:

@@ -379,8 +379,8 @@ class TunnelRouting(Filter):
     """
     The request phase reads the model and checks the bearer key; the
     choose phase gives the engine the agents the request may go to; the
-    log phase names the agent that answered (for the access log) and records
-    requests made with a shared key.
+    attempt phase notes the agent; the log phase records requests made with
+    a shared key.
     """
 
     doing = "routing to an agent"
@@ -394,7 +394,11 @@ class TunnelRouting(Filter):
 
     def request(self, exchange: Any) -> defer.Deferred[Any] | None:
         head = exchange.head
-        exchange.notes = {"model": None, "key": None, "eligible": _shared, "agent": None}
+        notes = {"model": None, "key": None, "eligible": _shared, "agent": None}
+        if exchange.notes is None:
+            exchange.notes = notes
+        else:
+            exchange.notes.update(notes)  # (what a policy filter before noted stays)
         model = head.header(b"x-model")
         if model is None and head.has_body and looks_like_json(head):
             d = exchange.client.read_ahead(self.tunnel.config.model_body_limit)
@@ -464,6 +468,11 @@ class TunnelRouting(Filter):
             choice = self._shared[model] = AgentChoice(self.tunnel, self.connector, model, _shared)
         exchange.pool = choice
 
+    def attempt(self, exchange: Any, server: Any) -> None:
+        # the agent of the attempt, the one that answered in the end (for
+        # the access log and the policy filters' log phase, in any order)
+        exchange.notes["agent"] = server.name
+
     def response(self, exchange: Any, extra: list[tuple[bytes, bytes]]) -> None:
         if self.tunnel.events is None:
             return  # (for the event of log)
@@ -473,8 +482,6 @@ class TunnelRouting(Filter):
 
     def log(self, exchange: Any, backend: str) -> None:
         tunnel, notes = self.tunnel, exchange.notes
-        if notes and exchange.tried:
-            notes["agent"] = exchange.tried[-1]  # the one that answered (for the access log, after)
         if tunnel.events is None or not notes or notes.get("key") is None or not exchange.tried:
             return
         agent = tunnel.registry.agents.get(exchange.tried[-1])
