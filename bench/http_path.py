@@ -8,6 +8,11 @@ and a task.Clock.  A development aid for the hot path, not a speed claim
 
     .venv/bin/python bench/http_path.py            # us per request (CPU time)
     bench/http_path.sh                             # instructions per request
+    bench/http_path.sh --tunnel                    # the same through a tunnel's mode http
+
+C{--tunnel}: the same requests through a C{mode: http} tunnel's public
+port, whose upstream connections are agents' data connections
+(L{rproxy.tunnel.streams.ProxyProtocol}), one agent serving.
 
 The second runs this under valgrind's callgrind twice (1,000 and 4,000
 requests) and divides the difference: a count that does not drift with the
@@ -107,13 +112,49 @@ def build(connections: int) -> tuple[list[Any], Any]:
     return clients, one_round
 
 
+def build_tunnel(connections: int) -> tuple[list[Any], Any]:
+    from rproxy.tunnel.config import TunnelConfig
+    from rproxy.tunnel.registry import AgentSession, StaticKeys
+    from rproxy.tunnel.server import TunnelServer
+    from rproxy.tunnel.streams import ProxyProtocol
+
+    clock = Clock()
+    tunnel = TunnelServer(TunnelConfig(name="t", mode="http", strict_models=False), StaticKeys([]), None, clock)
+    session = AgentSession(agent_id="a", peer="?", key_name="k", level=-1, connected_at=0.0, last_seen=0.0,
+                           control=None, models=())
+    tunnel.registry.add(session)
+    frontend, connector = tunnel.http, tunnel.connector
+    assert frontend is not None and connector is not None
+    peer = connector.peer(session)
+    for _ in range(connections):
+        proxy = ProxyProtocol(tunnel)
+        proxy.transport = FakeTransport()
+        connector.put(connector.attach(proxy, peer, None))
+    clients = []
+    for _ in range(connections):
+        client = frontend.buildProtocol(None)
+        client.makeConnection(FakeTransport())
+        clients.append(client)
+
+    def one_round() -> None:
+        answering = []
+        for client in clients:
+            client.dataReceived(REQUEST)
+            answering.append(client.exchange.upstream.transport_owner)
+        for proxy in answering:
+            proxy.dataReceived(RESPONSE)
+
+    return clients, one_round
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--requests", type=int, default=0,
                         help="run this many requests after the warm-up and exit (for callgrind)")
+    parser.add_argument("--tunnel", action="store_true", help="through a tunnel's mode http")
     args = parser.parse_args()
-    clients, one_round = build(args.connections)
+    clients, one_round = (build_tunnel if args.tunnel else build)(args.connections)
     for _ in range(20):
         one_round()
     last = clients[-1].transport.last

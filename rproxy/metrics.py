@@ -309,6 +309,9 @@ class StateCollector:
             connected.add_metric([], 1 if shared.connection is not None else 0)
             yield connected
         yield from (limited, fallbacks, limit_keys, breaker)
+        from rproxy.tunnel.httpstats import tunnel_http_metrics
+
+        yield from tunnel_http_metrics(service.tunnels.values())
         yield from _l4_metrics(service)
 
 

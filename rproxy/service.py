@@ -522,7 +522,9 @@ class RProxyService(MultiService):
             if reopen is not None:
                 reopen()
         for tunnel in self.tunnels.values():
-            tunnel.reopen_access_log()
+            tunnel.reopen_access_log()  # (mode tcp's stream log)
+            if tunnel.http is not None:  # (mode http's access log)
+                tunnel.http.reopen_access_log()
         self.log.info("access logs reopened")
 
     def reload_from_file(self) -> defer.Deferred[None]:

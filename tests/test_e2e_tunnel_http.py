@@ -8,10 +8,12 @@ services on loopback.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import attrs
 import httptools
+from prometheus_client import generate_latest
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
@@ -217,6 +219,37 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         self.assertEqual(status, 404)
         self.assertEqual(answer, {"error": {"message": "model 'gpt-9' is not served by any agent",
                                             "type": "invalid_request_error", "code": "model_not_found"}})
+
+    @async_test
+    async def test_access_log_and_metrics(self) -> None:
+        """
+        A mode http tunnel's access log names the agent and the model of
+        each request, logs a request the reader refused, and goes on in a
+        new file when the service reopens its logs (SIGUSR1); /metrics
+        counts requests per agent and model.
+        """
+        path = self.mktemp()
+        service = await self.start_tunnel(access_log={"format": "json", "path": path})
+        await self.start_agent("a", ["llama3"])
+        self.assertEqual((await self.chat("llama3"))[0], 200)
+        status, _, _ = await self.request(b"GET / HTTP/1.1\r\nHost: gpu\r\nBad Header: 1\r\n\r\n")
+        self.assertEqual(status, 400)
+        await turn()
+        with open(path) as f:
+            records = [json.loads(line) for line in f]
+        self.assertEqual([(r["status"], r["agent"], r["model"], r["method"]) for r in records],
+                         [(200, "a", "llama3", "POST"), (400, None, None, "GET")])
+        os.rename(path, path + ".1")
+        service.reopen_logs()
+        self.assertEqual((await self.chat(None))[0], 200)
+        await turn()
+        with open(path) as f:
+            self.assertEqual([(r["agent"], r["model"]) for r in map(json.loads, f)], [("a", None)])
+        metrics = generate_latest(service.registry).decode().splitlines()
+        self.assertIn('rproxy_tunnel_http_requests_total{agent="a",class="2xx",model="llama3",tunnel="gpu"} 1.0',
+                      metrics)
+        self.assertIn('rproxy_tunnel_http_requests_total{agent="a",class="2xx",model="-",tunnel="gpu"} 1.0',
+                      metrics)
 
     @async_test
     async def test_keep_alive_across_agents(self) -> None:

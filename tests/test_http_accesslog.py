@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import attrs
 from twisted.internet.testing import EventLoggingObserver
@@ -158,3 +159,73 @@ class AccessLogTests(SynchronousTestCase):
             self.serve(h, [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], [b"ok"])
         self.assertEqual(h.frontend.access_file.dropped, 3)  # type: ignore[union-attr]
         self.assertEqual(len([e for e in self.logged if e["log_level"].name == "error"]), 1)
+
+
+class RefusalLogTests(SynchronousTestCase):
+    """
+    Requests the strict reader refuses are logged as requests, with what
+    it knew of them.
+    """
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+
+    def refused(self, fmt: str, data: bytes, **http: Any) -> tuple[list[str], bytes]:
+        """The lines logged for C{data} sent on a new connection, and what the client got."""
+        h = Harness(http={"access_log": {"format": fmt, "path": self.path}, **http})
+        self.addCleanup(h.frontend._close_access_log, None)
+        conn, transport = h.client()
+        conn.dataReceived(data)
+        h.clock.advance(0)
+        with open(self.path) as f:
+            return f.read().splitlines(), transport.value()
+
+    def test_malformed_head_combined(self) -> None:
+        """A head the reader cannot read: a 400 line with "-" as its request."""
+        lines, answer = self.refused("combined", b"GET /x HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "))
+        self.assertEqual(lines, ['10.0.0.7 - - [01/Jan/1970:00:00:00 +0000] "GET /x HTTP/1.1" 400 0 "-" "-" '
+                                 '-/- 0.000000'])
+
+    def test_garbage_combined(self) -> None:
+        """Bytes that are no request line: its request is "-"."""
+        lines, _ = self.refused("combined", b"\x16\x03\x01\x00garbage\r\n\r\n")
+        self.assertEqual(lines, ['10.0.0.7 - - [01/Jan/1970:00:00:00 +0000] "-" 400 0 "-" "-" -/- 0.000000'])
+
+    def test_limits_json(self) -> None:
+        """
+        414 (its target cut at max_target), 431 and 413 are logged as JSON
+        records with the status the client got.
+        """
+        cases = [
+            (b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: x\r\n\r\n", {"max_target": 50}, 414, "GET",
+             "/" + "a" * 49),
+            (b"GET /h HTTP/1.1\r\nHost: x\r\nUser-Agent: ua/1\r\n" + b"X-A: 1\r\n" * 5 + b"\r\n",
+             {"max_headers": 3}, 431, "GET", "/h"),
+            (b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n", {"max_body": 10}, 413, "POST", "/up"),
+        ]
+        for data, limits, status, method, target in cases:
+            lines, answer = self.refused("json", data, **limits)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % status), answer)
+            [record] = [json.loads(line) for line in lines]
+            self.assertEqual((record["status"], record["method"], record["target"], record["backend"],
+                              record["server"], record["bytes"]), (status, method, target, "-", "-", 0))
+            os.unlink(self.path)
+
+    def test_body_over_the_limit_mid_request(self) -> None:
+        """
+        A chunked body that passes max_body once the request is on its way:
+        the request in flight is logged once, with its own head, as a 413.
+        """
+        h = Harness(http={"access_log": {"format": "combined", "path": self.path}, "max_body": 10})
+        self.addCleanup(h.frontend._close_access_log, None)
+        conn, transport = h.client()
+        conn.dataReceived(b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        upstream, _ = h.upstream()
+        conn.dataReceived(b"10\r\n" + b"y" * 16 + b"\r\n")
+        h.clock.advance(0)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        with open(self.path) as f:
+            self.assertEqual(f.read().splitlines(), [
+                '10.0.0.7 - - [01/Jan/1970:00:00:00 +0000] "POST /c HTTP/1.1" 413 0 "-" "-" be/s0 0.000000'])
+        self.assertEqual((h.frontend.active_requests, h.frontend.requests[("-", 413)]), (0, 1))

@@ -1,20 +1,28 @@
 """
 The agents as the HTTP engine's peers (L{rproxy.tunnel.httpmode}), on a
-fake clock: the choice of agent, and the connector's opens and pool.
+fake clock: the choice of agent, the connector's opens and pool, and the
+tunnel's HTTP frontend (its access log and figures).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from rproxy.config import config_from_mapping
+from rproxy.config.values import ConfigError
+from rproxy.http.filters import Chain, Filter
 from rproxy.http.upstream import PeerRefused
 from rproxy.pool import NoServerAvailable
 from rproxy.tunnel.config import TunnelConfig
 from rproxy.tunnel.httpmode import AgentChoice, AgentRefused
+from rproxy.tunnel.httpstats import MAX_SERIES, tunnel_http_metrics
 from rproxy.tunnel.registry import AgentSession, StaticKeys
 from rproxy.tunnel.server import ControlProtocol, TunnelServer
 from rproxy.tunnel.streams import ProxyProtocol
@@ -138,3 +146,183 @@ class AgentConnectorTests(SynchronousTestCase):
         self.assertTrue(idle_proxy.transport.disconnecting)  # type: ignore[union-attr]
         self.assertTrue(busy_proxy.transport.disconnecting)  # type: ignore[union-attr]
         self.assertEqual([c for c in t.clock.getDelayedCalls() if c.func.__name__ == "timed_out"], [])
+
+
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class TunnelFrontendTests(SynchronousTestCase):
+    """
+    Requests through the tunnel's HTTP frontend, on fake transports: the
+    access log names the agent and the model, and the per agent and model
+    figures of /metrics.
+    """
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+
+    def serve(self, t: Tunnel, requests: list[tuple[bytes, bytes | None]]) -> list[bytes]:
+        """
+        Each request on a connection of its own, answered by agent "a"
+        with the response given (None: it refuses the stream).
+        """
+        assert t.server.http is not None
+        answers = []
+        for request, response in requests:
+            conn = t.server.http.buildProtocol(IPv4Address("TCP", "10.0.0.9", 4444))
+            transport = StringTransport()
+            conn.makeConnection(transport)
+            conn.dataReceived(request)
+            t.clock.advance(0.5)
+            opens = t.requested("a")
+            t.controls["a"].transport.clear()  # type: ignore[union-attr]
+            exchange = conn.exchange
+            if exchange is not None and exchange.upstream is not None:
+                # a data connection kept alive from a previous request
+                assert response is not None
+                exchange.upstream.transport_owner.dataReceived(response)
+            elif opens:
+                [open_] = opens
+                if response is None:
+                    t.controls["a"].dataReceived(encode(Error("local service web unreachable",
+                                                              conn_id=open_.conn_id)))
+                else:
+                    t.deliver(open_).dataReceived(response)
+            answers.append(transport.value())
+        t.clock.advance(0)
+        return answers
+
+    def test_access_log_names_agent_and_model(self) -> None:
+        """
+        With C{access_log}, each request's line carries the agent that
+        answered and the model (C{-} without one); a refused request is
+        logged too.
+        """
+        t = Tunnel(("a", ("llama3",)), access_log="combined", access_log_path=self.path, strict_models=False)
+        self.addCleanup(t.server.http._close_access_log, None)  # type: ignore[union-attr]
+        answers = self.serve(t, [
+            (b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 19\r\n\r\n{\"model\": \"llama3\"}", RESPONSE),
+            (b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", RESPONSE),
+            (b"GET / HTTP/1.1\r\n\r\n", None),
+        ])
+        self.assertEqual([a[:15] for a in answers], [b"HTTP/1.1 200 OK"] * 2 + [b"HTTP/1.1 400 Ba"])
+        with open(self.path) as f:
+            self.assertEqual(f.read().splitlines(), [
+                '10.0.0.9 - - [01/Jan/1970:00:00:00 +0000] "POST /v1/chat HTTP/1.1" 200 2 "-" "-" agents/a '
+                "0.500000 agent=a model=llama3",
+                '10.0.0.9 - - [01/Jan/1970:00:00:01 +0000] "GET /v1/models HTTP/1.1" 200 2 "-" "-" agents/a '
+                "0.500000 agent=a model=-",
+                '10.0.0.9 - - [01/Jan/1970:00:00:01 +0000] "GET / HTTP/1.1" 400 0 "-" "-" -/- 0.000000 '
+                "agent=- model=-",
+            ])
+
+    def test_json_access_log(self) -> None:
+        """JSON records have agent and model keys."""
+        t = Tunnel(("a", ("llama3",)), access_log="json", access_log_path=self.path)
+        self.addCleanup(t.server.http._close_access_log, None)  # type: ignore[union-attr]
+        self.serve(t, [(b"GET / HTTP/1.1\r\nHost: x\r\nX-Model: llama3\r\n\r\n", RESPONSE)])
+        with open(self.path) as f:
+            [record] = [json.loads(line) for line in f]
+        self.assertEqual((record["agent"], record["model"], record["status"], record["server"]),
+                         ("a", "llama3", 200, "a"))
+
+    def test_metrics_per_agent_and_model(self) -> None:
+        """
+        /metrics has requests by agent, model and status class, failed
+        attempts by kind, and the duration histogram per agent and model.
+        """
+        t = Tunnel(("a", ("llama3",)))
+        self.serve(t, [
+            (b"GET / HTTP/1.1\r\nHost: x\r\nX-Model: llama3\r\n\r\n", None),
+            (b"GET / HTTP/1.1\r\nHost: x\r\nX-Model: llama3\r\n\r\n", RESPONSE),
+            (b"GET / HTTP/1.1\r\nHost: x\r\nX-Model: llama3\r\n\r\n", b"HTTP/1.1 503 No\r\nContent-Length: 0\r\n\r\n"),
+            (b"GET / HTTP/1.1\r\nHost: x\r\nX-Model: gpt-9\r\n\r\n", RESPONSE),
+        ])
+        registry = CollectorRegistry()
+        registry.register(_Families(t.server))
+        text = generate_latest(registry).decode()
+        for line in [
+            'rproxy_tunnel_http_requests_total{agent="a",class="2xx",model="llama3",tunnel="t"} 1.0',
+            'rproxy_tunnel_http_requests_total{agent="a",class="5xx",model="llama3",tunnel="t"} 2.0',
+            # (a model no agent serves is no label)
+            'rproxy_tunnel_http_requests_total{agent="-",class="4xx",model="-",tunnel="t"} 1.0',
+            'rproxy_tunnel_http_errors_total{agent="a",kind="connect",model="llama3",tunnel="t"} 1.0',
+            'rproxy_tunnel_http_request_duration_seconds_bucket{agent="a",le="0.5",model="llama3",tunnel="t"} 3.0',
+            'rproxy_tunnel_http_request_duration_seconds_count{agent="a",model="llama3",tunnel="t"} 3.0',
+            'rproxy_tunnel_http_request_duration_seconds_sum{agent="a",model="llama3",tunnel="t"} 1.5',
+        ]:
+            self.assertIn(line, text.splitlines())
+
+    def test_policy_notes_kept(self) -> None:
+        """
+        The tunnel's filters are the frontend's policy around its routing:
+        what a policy filter before the routing notes on the exchange stays
+        (the routing adds its own), and the policy sees the agent's answer.
+        """
+        t = Tunnel(("a", ("llama3",)))
+        assert t.server.http is not None
+        policy = NotingPolicy()
+        t.server.http.chain = Chain([policy, *t.server.http.chain.filters])
+        self.serve(t, [(b"GET / HTTP/1.1\r\nHost: x\r\nX-Model: llama3\r\n\r\n", RESPONSE)])
+        self.assertEqual(policy.seen, [(200, "traced", "llama3", "a")])
+
+    def test_stats_bounded(self) -> None:
+        """Past MAX_SERIES agent and model pairs, the rest count under "other"."""
+        t = Tunnel(("a", ()))
+        stats = t.connector.stats
+        exchange = _Exchange()
+        for i in range(MAX_SERIES + 5):
+            exchange.notes = {"model": f"m{i}"}
+            stats.log(exchange, "agents")
+        self.assertEqual(len(stats.series), MAX_SERIES + 1)
+        self.assertEqual(stats.series[("other", "other")].classes, [0, 5, 0, 0, 0, 0])
+
+
+class NotingPolicy(Filter):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str, str, str]] = []
+
+    def request(self, exchange: Any) -> None:
+        exchange.notes = {"trace": "traced"}
+
+    def log(self, exchange: Any, backend: str) -> None:
+        notes = exchange.notes
+        self.seen.append((exchange.status, notes["trace"], notes["model"], notes["agent"]))
+
+
+class _Exchange:
+    tried = ["a"]
+    status = 200
+    started = 0.0
+    notes: dict[str, Any] = {}
+
+
+class _Families:
+    def __init__(self, tunnel: Any) -> None:
+        self.tunnel = tunnel
+
+    def collect(self) -> Any:
+        return tunnel_http_metrics([self.tunnel])
+
+
+class AccessLogConfigTests(SynchronousTestCase):
+    def tunnel(self, **keys: Any) -> Any:
+        return config_from_mapping({"admin": {"listen": None}, "api_keys": [{"key": "k"}],
+                                    "tunnels": [dict({"name": "t"}, **keys)]}).tunnels[0]
+
+    def test_read(self) -> None:
+        """A mode http tunnel's access_log is read as an HTTP frontend's."""
+        self.assertEqual((self.tunnel(mode="http").access_log, self.tunnel(mode="http").access_log_path),
+                         ("off", None))
+        t = self.tunnel(mode="http", access_log={"format": "json", "path": "/tmp/t.log"})
+        self.assertEqual((t.access_log, t.access_log_path), ("json", "/tmp/t.log"))
+        self.assertEqual(self.tunnel(mode="http", access_log="combined").access_log, "combined")
+
+    def test_errors_name_the_key(self) -> None:
+        """A wrong format, or an access log on a mode tcp tunnel: the key path."""
+        with self.assertRaises(ConfigError) as e:
+            self.tunnel(mode="http", access_log="fancy")
+        self.assertIn("tunnels[0].access_log", str(e.exception))
+        with self.assertRaises(ConfigError) as e:
+            self.tunnel(access_log="combined")
+        self.assertIn("tunnels[0].access_log: applies to mode: http only", str(e.exception))

@@ -17,7 +17,7 @@ from rproxy.config.reader import MISSING, Section
 from rproxy.config.sections import header_pairs
 from rproxy.config.values import brief
 
-__all__ = ["read_access", "read_frontend", "read_frontend_tls", "read_http", "read_routes"]
+__all__ = ["read_access", "read_access_log", "read_frontend", "read_frontend_tls", "read_http", "read_routes"]
 
 
 def read_access(section: Section) -> Any:
@@ -155,6 +155,10 @@ def _read_access_log(section: Section) -> tuple[str, str | None]:
         log.error("path", "the access log is off (format: off); set format: combined or json")
     log.finish()
     return format_, path
+
+
+# (a tunnel's mode http reads the same key)
+read_access_log = _read_access_log
 
 
 def _log_path(value: object) -> str:

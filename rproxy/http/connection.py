@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from rproxy.http.exchange import Exchange
 from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader, Upgrade
-from rproxy.http.state import AWAITING, SENDING, UPGRADED
+from rproxy.http.state import AWAITING, DONE, SENDING, UPGRADED
 from rproxy.splice import SpliceEnd
 from rproxy.tcp import _nodelay, _peer
 
@@ -180,14 +180,13 @@ class HTTPConnection(Protocol):
             events = reader.feed(data)
         except HTTPError as e:
             self.events.clear()
-            if self.exchange is not None and self.exchange.state > AWAITING:
+            exchange = self.exchange
+            if exchange is not None and exchange.state > AWAITING:
                 self.abort()
             else:
-                if self.exchange is not None:
-                    self.exchange.abandon()
-                    self.exchange = None
-                self.frontend.count_status(e.status)
-                self.send_error(e.status, e.reason)
+                if exchange is not None:
+                    exchange.abandon()
+                self.refused(e, exchange)
             return
         queue = self.events
         queue.extend(events)
@@ -344,6 +343,19 @@ class HTTPConnection(Protocol):
                 exchange.upstream.transport.write(event.rest)  # type: ignore[union-attr]
 
     # -- answering ---------------------------------------------------------
+
+    def refused(self, error: HTTPError, exchange: Exchange | None) -> None:
+        """
+        The reader refused a request: it is counted and logged as a request
+        (the one in flight, whose body broke a rule, or what the reader
+        knew of a head it refused), and answered with the error.
+        """
+        if exchange is None:
+            exchange = Exchange(self, self.reader.refused_head())
+        exchange.state = DONE
+        exchange.status = error.status
+        self.frontend.count_refused(exchange)
+        self.send_error(error.status, error.reason)
 
     def send_error(self, status: int, message: str, retry_after: bool = False,
                    headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:

@@ -4,26 +4,23 @@ One request and its response through the HTTP engine.
 The engine's part of an exchange: run the filters' phases (see
 L{rproxy.http.filters} for their contract), take a server slot in the
 chosen pool, take a connection to that server from the connector, send the
-rewritten head, stream the body both ways with backpressure, answer what
-goes wrong (502, 503, 504), retry what may be retried, and hand the
+rewritten head, stream the body both ways with backpressure, and hand the
 upstream connection back for keep-alive.  Its lifecycle is the one
 C{state} field (L{rproxy.http.state}); the other fields are facts about
 the request, the response or the current attempt.
 
-Retries: an idempotent request not yet sent is retried on another server
-after a connect failure, and on a new connection after a reused one turned
-out to be closed, within C{retries} and the frontend's retry budget; after
-a refused connect any request is retried, outside the budget (nothing was
-sent).
+This module is the way through; what goes wrong (502, 503, 504, a client
+gone) and the retries are L{rproxy.http.failures}, the exchange's base
+class.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer, error
-from twisted.python.failure import Failure
+from twisted.internet import defer
 
+from rproxy.http.failures import IDEMPOTENT, ExchangeFailures
 from rproxy.http.headers import (
     chunk,
     finish_scanned_head,
@@ -45,10 +42,8 @@ from rproxy.http.state import (
     SWITCHING,
     UPGRADED,
 )
-from rproxy.http.upstream import PeerRefused
-from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
+from rproxy.pool import Pool, Server
 from rproxy.proxyproto import header_for
-from rproxy.shortage import is_local
 from rproxy.splice import splice_protocols
 
 if TYPE_CHECKING:
@@ -57,12 +52,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Exchange", "IDEMPOTENT"]
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _CHUNK_END = b"0\r\n\r\n"
 _NO_REMOVE: frozenset[bytes] = frozenset()
 
 
-class Exchange:
+class Exchange(ExchangeFailures):
     """
     One request and its response.
 
@@ -191,16 +185,6 @@ class Exchange:
         d.addCallbacks(self.got_server, self.no_server)
         d.addErrback(self._callback_failed, "choosing a server")
 
-    def no_server(self, reason: Failure) -> None:
-        self._pending = None
-        if reason.check(defer.CancelledError):
-            return
-        if reason.check(NoServerAvailable, QueueFull, QueueTimeout):
-            self.fail(503, reason.getErrorMessage(), retry_after=True)
-        else:
-            self.frontend.log.failure("choosing a server failed", reason)
-            self.fail(502, "no server")
-
     def got_server(self, server: Server) -> None:
         self._pending = None
         if self.state is DONE:
@@ -228,51 +212,6 @@ class Exchange:
         self._pending = d
         d.addCallbacks(self.connected, self.connect_failed)
         d.addErrback(self._callback_failed, "connecting to a server")
-
-    def connect_failed(self, reason: Failure) -> None:
-        self._pending = None
-        if reason.check(defer.CancelledError):
-            return
-        server, pool = self.server, self.pool
-        assert server is not None and pool is not None
-        self.server = None
-        self._attempt_over(server, f"connect: {reason.getErrorMessage()}")
-        if is_local(reason):
-            # our own shortage (descriptors, ...): not the server's fault,
-            # and another server would fail the same way
-            pool.release(server)
-            self.frontend.shortage_failed(reason)
-            if self.state is not DONE:
-                self.fail(502, "out of local resources")
-            return
-        pool.record_failure(server, reason.getErrorMessage())
-        pool.release(server)
-        self.frontend.connect_errors += 1
-        if self.state is DONE:
-            return
-        # a refused connect sent nothing: trying another server is safe
-        # whatever the method, and costs the refusing server nothing, so
-        # it takes no retry budget (HAProxy's and nginx's rule)
-        if (
-            (self.may_retry() if not reason.check(error.ConnectionRefusedError) else self.may_retry_refused())
-            and pool.any_up(self.tried)
-        ):
-            self.frontend.retries_total += 1
-            self.acquire()
-            return
-        self.fail(502, str(reason.value) if reason.check(PeerRefused) else f"cannot connect to {server.name}")
-
-    def may_retry(self) -> bool:
-        return (
-            self.pinned is None
-            and self.head.method in IDEMPOTENT
-            and not self.head.has_body
-            and self.attempts <= self.frontend.config.http.retries
-            and self.frontend.retry_budget_allows()
-        )
-
-    def may_retry_refused(self) -> bool:
-        return self.pinned is None and self.attempts <= self.frontend.config.http.retries
 
     def connected(self, upstream: UpstreamConnection) -> None:
         self._pending = None
@@ -504,100 +443,3 @@ class Exchange:
     def _attempt_over(self, server: Server, outcome: int | str) -> None:
         for f in self.frontend.chain.attempt_end:
             f.attempt_end(self, server, outcome)
-
-    def _drop_upstream(self) -> UpstreamConnection | None:
-        upstream, self.upstream = self.upstream, None
-        if upstream is not None:
-            upstream.exchange = None
-            if not upstream.lost:
-                upstream.transport.abortConnection()  # type: ignore[union-attr]
-        return upstream
-
-    def _callback_failed(self, reason: Failure, what: str) -> None:
-        """
-        What a callback of a filter's wait, a server pick or a connect
-        raised (a bug): one line in the log, the exchange's resources given
-        back, and the client answered 502 (or cut, if its answer had begun).
-        """
-        self._pending = None
-        if self.state is DONE and reason.check(defer.CancelledError):
-            return  # the exchange ended while this waited (fail, abandon)
-        self.frontend.log.error(
-            "frontend {frontend}: {what} failed: {why}",
-            frontend=self.frontend.name, what=what, why=f"{reason.type.__name__}: {reason.getErrorMessage()}",
-        )
-        self._drop_upstream()
-        self.release_server()
-        if self.state < DUPLEX:
-            self.fail(502, f"internal error {what}")
-            return
-        self.state = DONE
-        if not self.client.lost:
-            self.client.abort()
-
-    def upstream_failed(self, why: str, invalid: bool = False) -> None:
-        self.flush()
-        if self.state is DONE:
-            return
-        server, pool = self.server, self.pool
-        self.deadline = None
-        upstream = self._drop_upstream()
-        if self.state >= DUPLEX:
-            # the head is out: all the client can be told is a cut
-            self.state = DONE
-            self.release_server(outcome=f"upstream: {why}")
-            self.frontend.count(self)
-            self.client.abort()
-            return
-        retry = upstream is not None and upstream.reused and not self.got_bytes and self.may_retry()
-        if server is not None and pool is not None:
-            self._attempt_over(server, f"upstream: {why}")
-            pool.release(server)
-            self.server = None
-            if not retry:
-                pool.record_failure(server, why)
-        if retry:
-            # a kept-alive connection the server had closed: try a fresh one
-            self.frontend.retries_total += 1
-            self.tried = self.tried[:-1]
-            self.got_bytes = False
-            self.acquire()
-            return
-        self.fail(502, f"upstream: {why}")
-
-    def timed_out(self) -> None:
-        self.deadline = None
-        self._drop_upstream()
-        self.release_server(outcome="timeout")
-        self.fail(504, f"no response within {self.frontend.config.http.response_timeout}s")
-
-    def fail(self, status: int, message: str, retry_after: bool = False,
-             headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        """
-        Answer the client with an error (with C{headers} besides, such as
-        a 401's WWW-Authenticate) and close its connection (-> DONE).
-        """
-        if self.state is DONE and status != 504:
-            return
-        self.state = DONE
-        self.status = status
-        self.deadline = None
-        if self._pending is not None:
-            d, self._pending = self._pending, None
-            d.cancel()
-        self.frontend.count(self)
-        self.client.send_error(status, message, retry_after, headers)
-
-    def abandon(self) -> None:
-        """
-        The client went away (-> DONE).
-        """
-        if self.state is DONE:
-            return
-        self.state = DONE
-        self.deadline = None
-        if self._pending is not None:
-            d, self._pending = self._pending, None
-            d.cancel()
-        self._drop_upstream()
-        self.release_server()

@@ -9,7 +9,9 @@ Module map of the HTTP engine (L{rproxy.http}):
   - C{connection.py}: L{HTTPConnection}, a client connection: reading,
     pipelining, the producer slot, errors.
   - C{exchange.py}: L{Exchange}, one request and its response: the engine
-    (phases, retries, timeouts, streaming, upgrade).
+    (phases, framing, streaming, upgrade).
+  - C{failures.py}: its failure endings (502, 503, 504, abandon) and
+    retries, the exchange's base class.
   - C{state.py}: the exchange's states and transitions.
   - C{upstream.py}: the connector interface, L{UpstreamConnection} and the
     keep-alive pool per peer (L{UpstreamPool}).
@@ -62,7 +64,7 @@ from rproxy.pool import Pool
 from rproxy.shortage import ShortageLog
 from rproxy.tls import HTTP_ALPN
 
-__all__ = ["HTTPFrontend", "DURATION_BUCKETS", "default_filters"]
+__all__ = ["HTTPFrontend", "DURATION_BUCKETS", "default_filters", "policy_filters", "routing_filters"]
 
 # request duration histogram buckets (seconds); the last is +Inf
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -71,15 +73,26 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 def default_filters(frontend: HTTPFrontend) -> list[Filter]:
     """
-    The filters of an HTTP frontend's configuration, in phase order:
-    the client's address (trusted proxies), allow/deny and redirects
-    come first, then CORS preflights (which carry no credentials), then
-    authentication, all before a token is leased; a direct
-    route chooses before the route table; stickiness and the hash key
-    pick within the chosen pool.  Filters with nothing to do for this
-    configuration are left out (header rules without rules, hash keys
-    with no hashing pool): the frontend is configured again whenever
-    its pools or routes change.
+    The filters of an HTTP frontend's configuration: the policy every
+    HTTP frontend has (L{policy_filters}) around this one's routing
+    (L{routing_filters}).
+    """
+    return policy_filters(frontend, routing_filters(frontend))
+
+
+def policy_filters(frontend: HTTPFrontend, routing: list[Filter], log_notes: tuple[str, ...] = ()) -> list[Filter]:
+    """
+    The policy of any HTTP frontend, a tunnel's C{mode: http} public port
+    included (L{rproxy.tunnel.httpmode}), in phase order around C{routing},
+    the filters that choose the upstream: what refuses a request before it
+    is routed goes before them (the client's address behind trusted
+    proxies, allow/deny and redirects, rate limits, CORS preflights, which
+    carry no credentials, then authentication), what looks at the chosen
+    upstream or the outcome after them (circuit breakers; the access log
+    last, so that it sees what every filter did).  A new policy (a filter
+    every frontend has) is added here; a new way to route, in
+    L{routing_filters}.  C{log_notes}: the names of C{exchange.notes} the
+    access log adds to its lines (a tunnel's agent and model).
     """
     config = frontend.config
     http = config.http
@@ -89,6 +102,26 @@ def default_filters(frontend: HTTPFrontend) -> list[Filter]:
     if http.cors:
         filters.append(CorsFilter())
     filters += auth_filters(frontend)
+    filters.extend(routing)
+    if CircuitBreakerFilter.wanted(frontend.pools):
+        filters.append(CircuitBreakerFilter())
+    if http.access_log != "off":
+        filters.append(AccessLogFilter(frontend, http.access_log == "json", log_notes))
+    return filters
+
+
+def routing_filters(frontend: HTTPFrontend) -> list[Filter]:
+    """
+    The routing of an HTTP frontend's configuration, in phase order: a
+    token is leased first; a direct
+    route chooses before the route table; stickiness and the hash key
+    pick within the chosen pool.  Filters with nothing to do for this
+    configuration are left out (header rules without rules, hash keys
+    with no hashing pool): the frontend is configured again whenever
+    its pools or routes change.
+    """
+    http = frontend.config.http
+    filters: list[Filter] = []
     if frontend.tokens is not None:
         filters.append(TokenLeaseFilter(frontend.tokens, frontend.log))
     if http.direct_routes:
@@ -104,10 +137,6 @@ def default_filters(frontend: HTTPFrontend) -> list[Filter]:
                                     secure=frontend.scheme == b"https"))
     if HashKey.wanted(frontend.pools):
         filters.append(HashKey())
-    if CircuitBreakerFilter.wanted(frontend.pools):
-        filters.append(CircuitBreakerFilter())
-    if http.access_log != "off":
-        filters.append(AccessLogFilter(frontend, http.access_log == "json"))
     return filters
 
 
@@ -338,6 +367,18 @@ class HTTPFrontend(AdmittedFigures, Factory):
 
     def count_status(self, status: int) -> None:
         self.requests[("-", status)] += 1
+
+    def count_refused(self, exchange: Exchange) -> None:
+        """
+        A request the reader refused (C{exchange.status}): its log phase
+        (with the backend it had been routed to, if it had), and counted
+        with no backend.
+        """
+        pool = exchange.pool
+        backend = pool.config.name if pool is not None else "-"
+        for f in self.chain.log:
+            f.log(exchange, backend)
+        self.count_status(exchange.status)
 
     def bytes_totals(self) -> tuple[int, int]:
         """

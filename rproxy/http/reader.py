@@ -314,6 +314,24 @@ class RequestReader:
         events, self._events = self._events, []
         return events
 
+    def refused_head(self) -> RequestHead:
+        """
+        What is known of the request whose head was being read when it was
+        refused (for the access log): its method, target and version once
+        its request line was read (the target cut at C{max_target}), its
+        header fields so far; C{b"-"} for a method and target not known.
+        """
+        parser = self._parser
+        if not self._in_head or parser is None:
+            return RequestHead(b"-", b"-", (1, 1), [], keep_alive=False)
+        method, target, version = b"-", self._target[:self.max_target] or b"-", (1, 1)
+        if self._target:
+            method = parser.get_method()
+            major, _, minor = parser.get_http_version().partition(".")
+            if major.isdigit() and minor.isdigit() and major != "0":
+                version = (int(major), int(minor))
+        return RequestHead(method, target, version, list(self._headers), keep_alive=False)
+
     def close(self) -> None:
         """
         Let go of the parser.  It and this reader refer to each other (it

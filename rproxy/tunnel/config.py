@@ -13,6 +13,7 @@ import attrs
 
 from rproxy.config import values as v
 from rproxy.config.endpoints import listen
+from rproxy.config.frontends import read_access_log
 from rproxy.config.load import load_yaml, read_file, read_sources
 from rproxy.config.reader import Section
 from rproxy.config.values import ConfigError, brief, kind, parse_hostport
@@ -52,8 +53,10 @@ class TunnelConfig:
     strict_models: bool = True  # unknown model: 404 (false: any agent)
     model_body_limit: int = 1024 * 1024  # JSON bodies read for their "model" field
     header_timeout: float = 10.0
-    # mode: tcp: one line per stream (rproxy.tunnel.streamlog)
-    access_log: str = "off"  # off | text | json
+    # mode: tcp: one line per stream (rproxy.tunnel.streamlog), off | text
+    # | json; mode: http: one per request (as an HTTP frontend's
+    # http.access_log), off | combined | json
+    access_log: str = "off"
     access_log_path: str | None = None  # a file of its own; None: the process log
 
 
@@ -124,7 +127,8 @@ def read_tunnels(top: Section) -> tuple[TunnelConfig, ...]:
         algorithm = section.value("algorithm", v.choice(TUNNEL_ALGORITHMS), d.algorithm)
         if algorithm == "model" and mode != "http":
             section.error("algorithm", "model routing needs mode: http")
-        access_log, access_log_path = _read_stream_log(section)
+        # (the same key: streams for mode tcp, requests for mode http)
+        access_log, access_log_path = read_access_log(section) if mode == "http" else _read_stream_log(section)
         tunnel = TunnelConfig(
             name=section.value("name", v.name) or "",
             control=section.value("control", listen, d.control),
@@ -143,9 +147,6 @@ def read_tunnels(top: Section) -> tuple[TunnelConfig, ...]:
             access_log=access_log,
             access_log_path=access_log_path,
         )
-        if tunnel.mode == "http" and tunnel.access_log != "off":
-            section.error("access_log", "applies to mode: tcp streams (mode: http requests are logged by the "
-                                        "HTTP engine)")
         if tunnel.mode != "http":
             for key in ("strict_models", "model_body_limit", "header_timeout"):
                 if section.has(key):

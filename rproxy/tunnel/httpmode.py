@@ -9,14 +9,17 @@ of L{rproxy.http}) whose upstream peers are the tunnel's agents.
     >= 0, reaches only the agents logged in with it; any other request
     goes to agents with shared keys), and the event recorded for requests
     with a shared key.
-  - L{AgentChoice}: the agents one request may go to, as the engine's pool
-    interface: the least busy first, ties rotated (C{round-robin}: all in
-    turn).
-  - L{AgentConnector}: the engine's connector over agents' data
-    connections: a kept-alive one of the chosen agent, else a pooled one
-    (C{pool_count}), else one requested from the agent; a pool of idle
-    ones per agent.  An agent whose local service refused fails the open
-    at once, so that the engine tries the next agent.
+  - L{rproxy.tunnel.agentpeers}: the agents as the engine's peers
+    (L{AgentChoice}, the engine's pool interface: least busy first, ties
+    rotated) and its connector over their data connections
+    (L{AgentConnector}, a keep-alive pool per agent).
+  - L{rproxy.tunnel.httpstats.AgentStats}: the figures per agent and model
+    (C{/metrics}).
+
+The frontend's filters are every HTTP frontend's policy
+(L{rproxy.http.frontend.policy_filters}: access log, and what other
+policies are added there) around the routing above; the access log lines
+carry the agent and the model.
 
 Every request on a public connection passes the strict reader and is sent
 on rebuilt from what it parsed, so bytes it did not take as a request never
@@ -31,7 +34,7 @@ import hashlib
 import hmac
 import inspect
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -40,17 +43,13 @@ from twisted.python.failure import Failure
 from rproxy.config import FrontendConfig, HTTPOptions
 from rproxy.events import REQUESTS
 from rproxy.http.filters import Filter
-from rproxy.http.frontend import HTTPFrontend
+from rproxy.http.frontend import HTTPFrontend, policy_filters
 from rproxy.http.headers import reason
 from rproxy.http.reader import RequestHead
-from rproxy.http.upstream import PeerRefused, UpstreamConnection, UpstreamPool
-from rproxy.pool import NoServerAvailable
-from rproxy.tunnel.registry import AgentSession, TooManyPending
-from rproxy.tunnel.wire import RequestNewProxyConn, StartStream, encode
+from rproxy.tunnel.agentpeers import AgentChoice, AgentConnector, AgentRefused, shared
 
 if TYPE_CHECKING:
     from rproxy.tunnel.server import TunnelServer
-    from rproxy.tunnel.streams import ProxyProtocol
 
 __all__ = ["openai_error", "model_of", "looks_like_json", "AgentRefused", "AgentChoice", "AgentConnector",
            "TunnelRouting", "tunnel_frontend"]
@@ -95,8 +94,10 @@ def looks_like_json(head: RequestHead) -> bool:
     those whose Content-Type says it is a file or a form (clients send
     JSON as text/plain or without a type too).
     """
+    if not head.has_body:
+        return False
     content_type = (head.header(b"content-type") or b"").strip().lower()
-    return head.has_body and not content_type.startswith(_NOT_JSON)
+    return not content_type.startswith(_NOT_JSON)
 
 
 def model_of(body: bytes) -> str | None:
@@ -111,256 +112,12 @@ def model_of(body: bytes) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
-def _shared(agent: AgentSession) -> bool:
-    return not agent.dedicated
-
-
-def _agent_id(agent: AgentSession) -> str:
-    return agent.agent_id
-
-
-class AgentRefused(PeerRefused):
-    """
-    An agent could not open a stream (its local service refused, or it did
-    not deliver within C{open_timeout}): nothing was sent, the engine may
-    try the next agent whatever the method.
-    """
-
-
-class AgentPeer:
-    """
-    An agent as the engine's peer: its name is the agent id.
-    """
-
-    draining = False
-
-    def __init__(self, session: AgentSession) -> None:
-        self.session = session
-        self.name = session.agent_id
-        self.config = self  # (the engine reads a server's config.name)
-
-    def __repr__(self) -> str:
-        return f"<AgentPeer {self.name}>"
-
-
-class _AgentsConfig:
-    name = "agents"
-    tls = None
-    algorithm = "least-connections"
-
-
-class AgentChoice:
-    """
-    The agents one request may go to (those that C{eligible} accepts and,
-    with a model, that serve it), with the engine's pool interface.  The
-    least busy (data connections in use, and opening) first; ties taken in
-    turn.  An agent has no slots: release is a no-op.
-    """
-
-    config = _AgentsConfig()
-    servers = ()
-
-    def __init__(self, tunnel: TunnelServer, connector: AgentConnector, model: str | None,
-                 eligible: Callable[[AgentSession], bool]) -> None:
-        self.tunnel = tunnel
-        self.connector = connector
-        self.model = model
-        self.eligible = eligible
-
-    def _candidates(self, tried: list[str]) -> list[AgentSession]:
-        model, eligible = self.model, self.eligible
-        return [a for a in self.tunnel.registry.agents.values()
-                if a.agent_id not in tried and eligible(a) and (model is None or model in a.models)]
-
-    def try_acquire(self, key: Any, tried: list[str]) -> AgentPeer | None:
-        candidates = self._candidates(tried)
-        if not candidates:
-            return None
-        if len(candidates) == 1:
-            return self.connector.peer(candidates[0])
-        if self.model is not None or self.tunnel.config.algorithm != "round-robin":
-            low = min(a.load for a in candidates)
-            candidates = [a for a in candidates if a.load == low]
-        candidates.sort(key=_agent_id)
-        self.connector.turn += 1
-        return self.connector.peer(candidates[self.connector.turn % len(candidates)])
-
-    def acquire(self, key: Any, tried: list[str]) -> defer.Deferred[AgentPeer]:
-        self.tunnel.streams_failed += 1
-        if tried:
-            why = "no agent answered"
-        elif self.model is not None:
-            why = f"no agent serving {self.model!r} is connected"
-        else:
-            why = "no agent is connected"
-        return defer.fail(NoServerAvailable(why))
-
-    def try_acquire_named(self, name: str) -> None:
-        return None
-
-    def any_up(self, tried: list[str]) -> bool:
-        return bool(self._candidates(tried))
-
-    def release(self, peer: AgentPeer) -> None:
-        pass
-
-    def record_success(self, peer: AgentPeer) -> None:
-        pass
-
-    def record_failure(self, peer: AgentPeer, why: str) -> None:
-        pass
-
-
-class _Open:
-    """
-    A data connection requested from an agent, until it arrives (the
-    registry's pending open points here).
-    """
-
-    def __init__(self, connector: AgentConnector, peer: AgentPeer, pool: Any) -> None:
-        self.connector = connector
-        self.peer = peer
-        self.pool = pool
-        self.pending: Any = None
-        self.started = connector.tunnel.clock.seconds()
-        self.d: defer.Deferred[UpstreamConnection] = defer.Deferred(self._cancel)
-
-    def _cancel(self, d: Any) -> None:
-        self._forget()
-
-    def _forget(self) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            if pending.timer is not None and pending.timer.active():
-                pending.timer.cancel()
-            pending.timer = None
-            self.connector.tunnel.registry.forget(pending)
-        self.connector.opening.discard(self)
-
-    def attach(self, proxy: ProxyProtocol, agent: AgentSession, rest: bytes) -> None:
-        """
-        The agent delivered the data connection.
-        """
-        self._forget()
-        tunnel = self.connector.tunnel
-        tunnel.streams_opened += 1
-        tunnel.observe_open(tunnel.clock.seconds() - self.started)
-        conn = self.connector.attach(proxy, self.peer, self.pool)
-        if not self.d.called:
-            self.d.callback(conn)
-        else:
-            proxy.transport.loseConnection()  # type: ignore[union-attr]
-        if rest:
-            proxy.dataReceived(rest)
-
-    def stream_refused(self, agent: AgentSession, why: str) -> None:
-        self.fail(f"agent {agent.agent_id}: {why}")
-
-    def timed_out(self) -> None:
-        tunnel = self.connector.tunnel
-        self.peer.session.failed_total += 1
-        tunnel.log.info("tunnel {tunnel}: agent {agent} did not open a stream within {timeout}s",
-                        tunnel=tunnel.name, agent=self.peer.name, timeout=tunnel.config.open_timeout)
-        self.fail(f"agent {self.peer.name} did not open a stream in time")
-
-    def fail(self, why: str) -> None:
-        self._forget()
-        if not self.d.called:
-            self.d.errback(AgentRefused(string=why))
-
-
-class AgentConnector(UpstreamPool):
-    """
-    The engine's connector to agents: the keep-alive pool per agent is
-    L{UpstreamPool}'s; a new connection is a data connection from the
-    agent (pooled in advance, or requested).
-    """
-
-    def __init__(self, tunnel: TunnelServer, clock: Any, idle_timeout: float = 60.0) -> None:
-        super().__init__(None, clock, idle_timeout=idle_timeout)
-        self.tunnel = tunnel
-        self.peers: dict[AgentSession, AgentPeer] = {}
-        self.opening: set[_Open] = set()
-        self.turn = 0
-
-    def peer(self, session: AgentSession) -> AgentPeer:
-        peer = self.peers.get(session)
-        if peer is None:
-            peer = self.peers[session] = AgentPeer(session)
-        return peer
-
-    def take_idle(self, peer: Any) -> UpstreamConnection | None:
-        conn = super().take_idle(peer)
-        if conn is not None:
-            peer.session.streams.add(conn.transport_owner)  # type: ignore[attr-defined]
-        return conn
-
-    def put(self, conn: UpstreamConnection, now: float | None = None) -> None:
-        conn.server.session.streams.discard(conn.transport_owner)  # type: ignore[attr-defined]
-        super().put(conn, now)
-
-    def get(self, peer: Any, pool: Any, timeout: float) -> defer.Deferred[UpstreamConnection]:
-        conn = self.take_idle(peer)
-        if conn is not None:
-            return defer.succeed(conn)
-        self.opened += 1
-        tunnel, session = self.tunnel, peer.session
-        while session.idle:
-            proxy = session.idle.pop()
-            if proxy.lost:
-                continue
-            # a pooled connection: no round trip to the agent
-            proxy.pooled_by = None
-            proxy.transport.write(encode(StartStream(tunnel.config.service)))
-            tunnel.streams_from_pool += 1
-            tunnel.streams_opened += 1
-            conn = self.attach(proxy, peer, pool)
-            tunnel.refill_pool(session)
-            return defer.succeed(conn)
-        opening = _Open(self, peer, pool)
-        try:
-            pending = tunnel.registry.open(session, opening)
-        except TooManyPending as e:
-            tunnel.streams_failed += 1
-            return defer.fail(e)
-        opening.pending = pending
-        self.opening.add(opening)
-        pending.timer = self.clock.callLater(timeout, opening.timed_out)
-        session.control.send(RequestNewProxyConn(pending.conn_id, pending.secret, tunnel.config.service))
-        return opening.d
-
-    def attach(self, proxy: ProxyProtocol, peer: AgentPeer, pool: Any) -> UpstreamConnection:
-        """
-        A data connection of C{peer} becomes an upstream connection: the
-        proxy protocol hands it its events from now on.
-        """
-        conn = UpstreamConnection(self, peer, pool)  # type: ignore[arg-type]
-        conn.transport_owner = proxy  # type: ignore[attr-defined]
-        proxy.upstream = conn
-        peer.session.streams.add(proxy)
-        peer.session.opened_total += 1
-        conn.makeConnection(proxy.transport)
-        return conn
-
-    def agent_gone(self, session: AgentSession) -> None:
-        """
-        C{session} was dropped: its idle connections close, opens waiting
-        for it fail now (the engine tries another agent).
-        """
-        peer = self.peers.pop(session, None)
-        if peer is None:
-            return
-        for conn in self.idle.pop(peer, []):
-            conn.transport.abortConnection()  # type: ignore[union-attr]
-        for opening in [o for o in self.opening if o.peer is peer]:
-            opening.fail(f"agent {peer.name} went away")
-
-
 class TunnelRouting(Filter):
     """
     The request phase reads the model and checks the bearer key; the
     choose phase gives the engine the agents the request may go to; the
-    log phase records requests made with a shared key.
+    attempt phase notes the agent; the log phase records requests made with
+    a shared key.
     """
 
     doing = "routing to an agent"
@@ -368,12 +125,19 @@ class TunnelRouting(Filter):
     def __init__(self, tunnel: TunnelServer, connector: AgentConnector) -> None:
         self.tunnel = tunnel
         self.connector = connector
+        # the choices of requests with a shared key (or none), by model:
+        # one per model an agent serves, and None (any agent)
+        self.shared: dict[str | None, AgentChoice] = {}
 
     def request(self, exchange: Any) -> defer.Deferred[Any] | None:
         head = exchange.head
-        exchange.notes = {"model": None, "key": None, "eligible": _shared}
+        notes = {"model": None, "key": None, "eligible": shared, "agent": None}
+        if exchange.notes is None:
+            exchange.notes = notes
+        else:
+            exchange.notes.update(notes)  # (what a policy filter before noted stays)
         model = head.header(b"x-model")
-        if model is None and looks_like_json(head):
+        if model is None and head.has_body and looks_like_json(head):
             d = exchange.client.read_ahead(self.tunnel.config.model_body_limit)
             d.addCallback(self._body_read, exchange)
             return d
@@ -390,10 +154,12 @@ class TunnelRouting(Filter):
         if isinstance(model, bytes):
             model = model.decode("utf-8", "replace")
         notes = exchange.notes
-        notes["model"] = model.strip() or None if model else None
-        auth = exchange.head.header(b"authorization") or b""
-        if auth[:7].lower() != b"bearer " or not auth[7:].strip():
-            self._check_model(exchange)
+        if model:
+            notes["model"] = model.strip() or None
+        auth = exchange.head.header(b"authorization")
+        if auth is None or auth[:7].lower() != b"bearer " or not auth[7:].strip():
+            if model:
+                self._check_model(exchange)
             return None
         presented = auth[7:].strip().decode("latin-1")
         result = self.tunnel.keys.check(presented)
@@ -428,9 +194,25 @@ class TunnelRouting(Filter):
 
     def choose(self, exchange: Any) -> None:
         notes = exchange.notes
-        exchange.pool = AgentChoice(self.tunnel, self.connector, notes["model"], notes["eligible"])
+        model, eligible = notes["model"], notes["eligible"]
+        if eligible is not shared:
+            exchange.pool = AgentChoice(self.tunnel, self.connector, model, eligible)
+            return
+        choice = self.shared.get(model)
+        if choice is None:
+            if len(self.shared) >= 1024:
+                self.shared.clear()  # (models that agents no longer serve)
+            choice = self.shared[model] = AgentChoice(self.tunnel, self.connector, model, shared)
+        exchange.pool = choice
+
+    def attempt(self, exchange: Any, server: Any) -> None:
+        # the agent of the attempt, the one that answered in the end (for
+        # the access log and the policy filters' log phase, in any order)
+        exchange.notes["agent"] = server.name
 
     def response(self, exchange: Any, extra: list[tuple[bytes, bytes]]) -> None:
+        if self.tunnel.events is None:
+            return  # (for the event of log)
         upstream = exchange.upstream
         if upstream is not None and exchange.notes:
             exchange.notes["head_size"] = len(upstream.head) + 4  # the head as the service sent it
@@ -462,7 +244,8 @@ def frontend_config(config: Any) -> FrontendConfig:
     return FrontendConfig(
         name=config.name, listen=config.public, backend="agents", protocol="http",
         connect_timeout=config.open_timeout,
-        http=HTTPOptions(max_body=None, header_timeout=config.header_timeout, response_timeout=0.0),
+        http=HTTPOptions(max_body=None, header_timeout=config.header_timeout, response_timeout=0.0,
+                         access_log=config.access_log, access_log_path=config.access_log_path),
     )
 
 
@@ -471,7 +254,11 @@ def tunnel_frontend(tunnel: TunnelServer) -> tuple[HTTPFrontend, AgentConnector]
     The HTTP frontend of C{tunnel}'s public port, and its connector.
     """
     connector = AgentConnector(tunnel, tunnel.clock)
-    routing = TunnelRouting(tunnel, connector)
+    routing: list[Filter] = [TunnelRouting(tunnel, connector), connector.stats]
+
+    def filters(frontend: HTTPFrontend) -> list[Filter]:
+        return policy_filters(frontend, routing, log_notes=("agent", "model"))
+
     frontend = HTTPFrontend(frontend_config(tunnel.config), {"agents": AgentChoice}, tunnel.reactor,  # type: ignore[dict-item]
-                            tunnel.clock, connector, filters=lambda _: [routing], error_response=openai_error)
+                            tunnel.clock, connector, filters=filters, error_response=openai_error)
     return frontend, connector

@@ -3,6 +3,13 @@ The access log (C{http.access_log}): one line per request, nginx's
 combined format followed by backend/server and seconds, or a JSON object;
 to the frontend's access log file, or to the process log under the
 C{rproxy.access} namespace (so that it can be routed apart).
+
+Requests the reader refused (400, 413, 414, 431, 505) are logged too, with
+what it knew of them: a head it could not read has C{"-"} as its request
+line in the combined format, and null method and target in JSON.  Values
+other filters put in C{exchange.notes} can be logged as well (a tunnel's
+agent and model): as C{name=value} fields after the seconds in the
+combined format, as keys in JSON.
 """
 
 from __future__ import annotations
@@ -27,9 +34,13 @@ class AccessLogFilter(Filter):
         C{access_file} (which it opens, reopens and closes).
     """
 
-    def __init__(self, frontend: Any, json_lines: bool) -> None:
+    def __init__(self, frontend: Any, json_lines: bool, notes: tuple[str, ...] = ()) -> None:
+        """
+        @param notes: the names of C{exchange.notes} logged (None: C{"-"}).
+        """
         self.frontend = frontend
         self.json_lines = json_lines
+        self.notes = notes
 
     def log(self, exchange: Any, backend: str) -> None:
         """
@@ -42,14 +53,19 @@ class AccessLogFilter(Filter):
         server = exchange.tried[-1] if exchange.tried else "-"
         sent = exchange.client.delivered - exchange.delivered_before
         access_file = frontend.access_file
+        known = head.method != b"-"
+        notes = exchange.notes or {}
         if self.json_lines:
             record = {
-                "client": exchange.client_host, "method": head.method.decode("latin-1"),
-                "target": head.target.decode("latin-1"), "version": f"{head.version[0]}.{head.version[1]}",
+                "client": exchange.client_host, "method": head.method.decode("latin-1") if known else None,
+                "target": head.target.decode("latin-1") if known else None,
+                "version": f"{head.version[0]}.{head.version[1]}",
                 "status": exchange.status, "bytes": sent, "backend": backend,
                 "server": server, "duration": round(seconds, 6), "frontend": frontend.name,
                 "user_agent": (head.header(b"user-agent") or b"").decode("latin-1"),
             }
+            for name in self.notes:
+                record[name] = notes.get(name)
             line = json.dumps(record, sort_keys=True)
             if access_file is not None:
                 access_file.write(line)
@@ -59,11 +75,15 @@ class AccessLogFilter(Filter):
         when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now))
         referer = escape(head.header(b"referer") or b"-")
         agent = escape(head.header(b"user-agent") or b"-")
+        request = (f"{escape(head.method)} {escape(head.target)} HTTP/{head.version[0]}.{head.version[1]}"
+                   if known else "-")
         line = (
-            f'{exchange.client_host} - - [{when}] "{escape(head.method)} '
-            f'{escape(head.target)} HTTP/{head.version[0]}.{head.version[1]}" {exchange.status} '
+            f'{exchange.client_host} - - [{when}] "{request}" {exchange.status} '
             f'{sent} "{referer}" "{agent}" {backend}/{server} {seconds:.6f}'
         )
+        for name in self.notes:
+            value = notes.get(name)
+            line += f" {name}={escape(str(value).encode('utf-8')) if value is not None else '-'}"
         if access_file is not None:
             access_file.write(line)
         else:

@@ -30,7 +30,7 @@ class CircuitBreakerFilter(Filter):
 
     @staticmethod
     def wanted(pools: dict[str, Any]) -> bool:
-        return any(pool.breaker is not None for pool in pools.values())
+        return any(getattr(pool, "breaker", None) is not None for pool in pools.values())  # (a tunnel's peers: none)
 
     def choose(self, exchange: Any) -> None:
         pool = exchange.pool
