@@ -169,8 +169,7 @@ def http_row(args: argparse.Namespace, local: int, across: int, pids: list[int])
         answers_200(local)
         answers_200(across)
     except (OSError, SystemExit):
-        print("\nmode http across nodes: skipped (node B does not route to node A's agents: this build's "
-              "httpmode.AgentChoice does not read registry.candidates())")
+        print("\nmode http across nodes: skipped (node B did not answer through node A's agent)")
         return
     figures: dict[str, dict[str, list[float]]] = {p: {"rate": [], "cpu": []} for p in ("local", "across")}
     for port in (local, across):

@@ -6,7 +6,6 @@ curl, the harness's Redis, three in-process nodes.
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 from typing import Any
@@ -17,18 +16,9 @@ from twisted.web.server import Site
 
 from rproxy.tunnel.agent import AgentService
 from rproxy.tunnel.config import parse_agent_config
-from rproxy.tunnel.httpmode import AgentChoice
 from tests import test_e2e_cluster
 from tests.support import ServiceMixin, async_test, listen, reactor, wait_for
 from tests.test_e2e_tunnel_http import LocalService
-
-
-def _routed_across_nodes() -> bool:
-    """
-    Whether mode http chooses among the cluster's agents (the one-line hook
-    in httpmode.AgentChoice._candidates: registry.candidates()).
-    """
-    return "registry.candidates()" in inspect.getsource(AgentChoice._candidates)
 
 
 class ClusterHTTPTests(ServiceMixin, TestCase):
@@ -72,8 +62,6 @@ class ClusterHTTPTests(ServiceMixin, TestCase):
         A client of node b asks for llama (agent on a) then qwen (agent on
         c) on one keep-alive connection; both answer, through b.
         """
-        if not _routed_across_nodes():
-            raise SkipTest("needs the httpmode hook: AgentChoice._candidates over registry.candidates()")
         curl = shutil.which("curl")
         if curl is None:
             raise SkipTest("curl is missing")

@@ -93,7 +93,9 @@ class AgentChoice:
 
     def _candidates(self, tried: list[str]) -> list[AgentSession]:
         model, eligible = self.model, self.eligible
-        agents = self.tunnel.registry.agents.values()
+        registry = self.tunnel.registry
+        # (in a cluster, the agents of other nodes too: rproxy.cluster)
+        agents = registry.candidates() if registry.remote else registry.agents.values()
         if eligible is shared:
             # shared (level < 0): the common case, without a call per agent
             if model is None:
