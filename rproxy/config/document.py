@@ -13,6 +13,7 @@ from rproxy.config.frontends import read_frontend
 from rproxy.config.model import BackendConfig, Config, FrontendConfig, TokenPoolConfig
 from rproxy.config.reader import Section, Sources
 from rproxy.config.sections import read_admin, read_backend, read_global, read_stores
+from rproxy.config.telemetry import read_telemetry
 from rproxy.config.tokenpools import read_token_pool
 from rproxy.config.values import ConfigError, brief
 
@@ -80,6 +81,7 @@ def validate(data: object, sources: Sources) -> Config:
     api_keys = read_api_keys(top)
     tunnels = read_tunnels(top)
     stores = read_stores(top)
+    telemetry = read_telemetry(top)
     if stores is None or stores.postgres_dsn is None:
         for backend in backends:
             if backend.source == "postgres":
@@ -115,6 +117,7 @@ def validate(data: object, sources: Sources) -> Config:
         tunnels=tunnels,
         stores=stores,
         token_pools=tuple(token_pools),
+        telemetry=telemetry,
     )
 
 

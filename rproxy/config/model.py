@@ -273,6 +273,7 @@ class Config:
     api_keys: tuple[Any, ...] = ()  # rproxy.tunnel.config.ApiKeyConfig
     tunnels: tuple[Any, ...] = ()  # rproxy.tunnel.config.TunnelConfig
     token_pools: tuple[TokenPoolConfig, ...] = ()
+    telemetry: Any = None  # rproxy.config.telemetry.TelemetryConfig
 
     def backend(self, name: str) -> BackendConfig:
         for backend in self.backends:
