@@ -50,6 +50,7 @@ from rproxy.http.filters.direct import DirectRouteFilter
 from rproxy.http.filters.routes import HeaderRules, RouteFilter
 from rproxy.http.filters.sticky import HashKey, StickyCookie
 from rproxy.http.filters.tokens import TokenLeaseFilter
+from rproxy.http.filters.tracing import TracingFilter
 from rproxy.http.headers import error_response
 from rproxy.http.retrybudget import RetryBudget
 from rproxy.http.routes import RouteTable
@@ -78,6 +79,8 @@ def default_filters(frontend: HTTPFrontend) -> list[Filter]:
     config = frontend.config
     http = config.http
     filters: list[Filter] = []
+    if frontend.telemetry is not None:  # first: its span covers the other filters' work
+        filters.append(TracingFilter(frontend.telemetry, frontend))
     if http.cors:
         filters.append(CorsFilter())
     if frontend.tokens is not None:
@@ -107,6 +110,7 @@ class HTTPFrontend(AdmittedFigures, Factory):
     log = Logger()
     noisy = False
     shortage: ShortageLog | None = None
+    telemetry: Any = None  # rproxy.telemetry.provider.Telemetry (set by the service): requests traced
 
     def acceptableProtocols(self) -> list[bytes]:
         """

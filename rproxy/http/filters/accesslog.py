@@ -1,6 +1,7 @@
 """
 The access log (C{http.access_log}): one line per request, nginx's
-combined format followed by backend/server and seconds, or a JSON object;
+combined format followed by backend/server and seconds (and the trace id
+when the request is traced), or a JSON object;
 to the frontend's access log file, or to the process log under the
 C{rproxy.access} namespace (so that it can be routed apart).
 """
@@ -42,6 +43,8 @@ class AccessLogFilter(Filter):
         server = exchange.tried[-1] if exchange.tried else "-"
         sent = exchange.client.delivered - exchange.delivered_before
         access_file = frontend.access_file
+        notes = exchange.notes
+        trace_id = notes.get("trace_id") if notes else None  # (set by the tracing filter)
         if self.json_lines:
             record = {
                 "client": exchange.client.peer_host, "method": head.method.decode("latin-1"),
@@ -50,6 +53,8 @@ class AccessLogFilter(Filter):
                 "server": server, "duration": round(seconds, 6), "frontend": frontend.name,
                 "user_agent": (head.header(b"user-agent") or b"").decode("latin-1"),
             }
+            if trace_id is not None:
+                record["trace_id"] = trace_id
             line = json.dumps(record, sort_keys=True)
             if access_file is not None:
                 access_file.write(line)
@@ -64,6 +69,8 @@ class AccessLogFilter(Filter):
             f'{escape(head.target)} HTTP/{head.version[0]}.{head.version[1]}" {exchange.status} '
             f'{sent} "{referer}" "{agent}" {backend}/{server} {seconds:.6f}'
         )
+        if trace_id is not None:
+            line += " " + trace_id
         if access_file is not None:
             access_file.write(line)
         else:
