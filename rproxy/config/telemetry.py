@@ -103,6 +103,8 @@ def read_telemetry(top: Section) -> TelemetryConfig | None:
     if raw is MISSING or raw is None:
         return None
     section = top.child(raw, "telemetry")
+    if not section.ok:
+        return None
     base = section.value("otlp_endpoint", _endpoint)
     protocol = section.value("protocol", _protocol, "http/protobuf")
     service_name = section.value("service_name", v.text, "rproxy")
@@ -113,7 +115,7 @@ def read_telemetry(top: Section) -> TelemetryConfig | None:
     batch_size = section.value("batch_size", v.int_in(1, 100_000), 512)
     delay = section.value("schedule_delay", v.duration, 1.0)
     section.finish()
-    if base is None or not section.ok:
+    if base is None:
         return None
     if batch_size > queue_size:
         section.error("batch_size", f"{batch_size} is more than queue_size ({queue_size})")
