@@ -237,11 +237,15 @@ class RProxyService(MultiService):
             tunnel.keys = keys
             tunnel.events = self.stores.events if self.stores is not None else None
             tunnel.telemetry = self.telemetry
+            if tunnel.http is not None and tunnel.http.telemetry is not self.telemetry:
+                tunnel.http.telemetry = self.telemetry
         for tunnel_config in new.tunnels:
             if tunnel_config.name not in self.tunnels:
                 tunnel = TunnelServer(tunnel_config, keys, self.reactor, self.clock, self._rng)
                 tunnel.events = self.stores.events if self.stores is not None else None
                 tunnel.telemetry = self.telemetry
+                if tunnel.http is not None:
+                    tunnel.http.telemetry = self.telemetry
                 tunnel.observe_open = self.metrics.tunnel_open_latency.labels(tunnel_config.name).observe
                 self.tunnels[tunnel_config.name] = tunnel
                 await tunnel.start()

@@ -19,7 +19,8 @@ from twisted.web.server import Site
 
 from rproxy.telemetry.traceparent import parse
 from tests.otlp import OTLPReceiver
-from tests.support import ServiceMixin, async_test, listen, wait_for
+from tests.support import ServiceMixin, async_test, connect, listen, wait_for
+from tests import test_e2e_tunnel_http as tunnel_http
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -194,3 +195,61 @@ class TracingTests(ServiceMixin, TestCase):
         self.assertIn(f'rproxy_telemetry_spans_total{{outcome="dropped"}} {float(telemetry.dropped)}', text)
         self.assertIn('rproxy_telemetry_spans_total{outcome="failed"}', text)
         self.assertEqual(len(self.access_log()), 10)
+
+
+class TunnelTracingTests(ServiceMixin, TestCase):
+    """
+    A tunnel's requests (mode http) and streams (mode tcp) traced: the
+    agent, the model and the key on the spans.
+    """
+
+    timeout = 60
+    # (its helpers; importing the class itself would run its tests here too)
+    start_agent = tunnel_http.TunnelHTTPTests.start_agent
+    request = tunnel_http.TunnelHTTPTests.request
+    chat = tunnel_http.TunnelHTTPTests.chat
+
+    async def start_tunnel(self, mode: str) -> Any:
+        self.receiver = OTLPReceiver()
+        site = Site(self.receiver)
+        site.noisy = False
+        collector = await listen(site)
+        self.addCleanup(collector.stopListening)
+        service = await self.start_service({
+            "api_keys": [{"key": "good-key", "level": -1, "name": "shared"}],
+            "tunnels": [{"name": "gpu", "control": "tcp:0:interface=127.0.0.1", "proxy": "tcp:0:interface=127.0.0.1",
+                         "public": "tcp:0:interface=127.0.0.1", "open_timeout": "2s", "mode": mode}],
+            "telemetry": {"otlp_endpoint": f"http://127.0.0.1:{collector.getHost().port}", "schedule_delay": "20ms"},
+        })
+        self.tunnel = service.tunnels["gpu"]
+        return service
+
+    @async_test
+    async def test_http_mode_request(self) -> None:
+        await self.start_tunnel("http")
+        await self.start_agent("a", ["llama3"])
+        status, answer = await self.chat("llama3", key="good-key")
+        self.assertEqual((status, answer["agent"]), (200, "a"))
+        await wait_for(lambda: len(self.receiver.spans) >= 2)
+        server, = [s for s in self.receiver.spans if s.kind == "server"]
+        client, = [s for s in self.receiver.spans if s.kind == "client"]
+        self.assertEqual(client.parent_span_id, server.span_id)
+        self.assertEqual({k: server.attributes.get(k) for k in ("gen_ai.request.model", "rproxy.tunnel.agent",
+                                                                 "rproxy.tunnel.key", "http.response.status_code")},
+                         {"gen_ai.request.model": "llama3", "rproxy.tunnel.agent": "a", "rproxy.tunnel.key": "shared",
+                          "http.response.status_code": 200})
+        self.assertEqual(client.attributes["rproxy.tunnel.agent"], "a")
+
+    @async_test
+    async def test_tcp_mode_stream(self) -> None:
+        await self.start_tunnel("tcp")
+        await self.start_agent("a", [])
+        client = await connect(self.tunnel.port_of("public"))
+        self.client_cleanup(client)
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await client.closed
+        await wait_for(lambda: len(self.receiver.spans) >= 1)
+        stream, = self.receiver.spans
+        self.assertEqual((stream.name, stream.kind, stream.attributes["rproxy.tunnel.agent"]),
+                         ("tunnel stream", "server", "a"))
+        self.assertGreater(stream.attributes["rproxy.tunnel.bytes_out"], 0)

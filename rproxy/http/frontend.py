@@ -110,7 +110,6 @@ class HTTPFrontend(AdmittedFigures, Factory):
     log = Logger()
     noisy = False
     shortage: ShortageLog | None = None
-    telemetry: Any = None  # rproxy.telemetry.provider.Telemetry (set by the service): requests traced
 
     def acceptableProtocols(self) -> list[bytes]:
         """
@@ -134,6 +133,7 @@ class HTTPFrontend(AdmittedFigures, Factory):
         self.pools = pools
         self.upstreams = upstreams
         self._tokens: Any = None
+        self._telemetry: Any = None
         self.access_file: AccessLogFile | None = None
         self.connect_errors = 0
         self.closed_bytes_in = 0
@@ -174,6 +174,19 @@ class HTTPFrontend(AdmittedFigures, Factory):
     @tokens.setter
     def tokens(self, tokens: Any) -> None:
         self._tokens = tokens
+        self.chain = Chain(self._filters(self))
+
+    @property
+    def telemetry(self) -> Any:
+        """
+        The L{rproxy.telemetry.provider.Telemetry} tracing this frontend's
+        requests (set by the service), or None.
+        """
+        return self._telemetry
+
+    @telemetry.setter
+    def telemetry(self, telemetry: Any) -> None:
+        self._telemetry = telemetry
         self.chain = Chain(self._filters(self))
 
     @property

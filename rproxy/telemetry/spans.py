@@ -86,10 +86,11 @@ NO_SPAN = _NoSpan()
 
 
 def start_span(telemetry: Any, name: str, attributes: dict[str, Any] | None = None, kind: str = "internal",
-               parent: Span | None = None) -> Span | _NoSpan:
+               parent: Span | None = None, start: float | None = None) -> Span | _NoSpan:
     """
-    A span named C{name} starting now: a child of C{parent} if given, else
-    the root of a new trace (sampled at the telemetry's C{sample_ratio}).
+    A span named C{name} starting now (or at C{start}, in the clock's
+    seconds): a child of C{parent} if given, else the root of a new trace
+    (sampled at the telemetry's C{sample_ratio}).
     """
     if telemetry is None:
         return NO_SPAN
@@ -100,7 +101,7 @@ def start_span(telemetry: Any, name: str, attributes: dict[str, Any] | None = No
     span = telemetry.tracer.start_span(
         name, context=context, kind=KINDS[kind],
         attributes={k: v for k, v in (attributes or {}).items() if v is not None},
-        start_time=int(clock.seconds() * 1e9))
+        start_time=int((clock.seconds() if start is None else start) * 1e9))
     if not span.is_recording():
         return NO_SPAN
     return Span(span, clock)

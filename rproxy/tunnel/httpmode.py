@@ -466,6 +466,12 @@ def frontend_config(config: Any) -> FrontendConfig:
     )
 
 
+def _tracing(frontend: HTTPFrontend) -> list[Filter]:
+    from rproxy.http.filters.tracing import TracingFilter
+
+    return [TracingFilter(frontend.telemetry, frontend)] if frontend.telemetry is not None else []
+
+
 def tunnel_frontend(tunnel: TunnelServer) -> tuple[HTTPFrontend, AgentConnector]:
     """
     The HTTP frontend of C{tunnel}'s public port, and its connector.
@@ -473,5 +479,6 @@ def tunnel_frontend(tunnel: TunnelServer) -> tuple[HTTPFrontend, AgentConnector]
     connector = AgentConnector(tunnel, tunnel.clock)
     routing = TunnelRouting(tunnel, connector)
     frontend = HTTPFrontend(frontend_config(tunnel.config), {"agents": AgentChoice}, tunnel.reactor,  # type: ignore[dict-item]
-                            tunnel.clock, connector, filters=lambda _: [routing], error_response=openai_error)
+                            tunnel.clock, connector, filters=lambda f: _tracing(f) + [routing],
+                            error_response=openai_error)
     return frontend, connector
