@@ -18,9 +18,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from rproxy.telemetry.traceparent import parse
+from tests import test_e2e_tunnel_http as tunnel_http
 from tests.otlp import OTLPReceiver
 from tests.support import ServiceMixin, async_test, connect, listen, wait_for
-from tests import test_e2e_tunnel_http as tunnel_http
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
