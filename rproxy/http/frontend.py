@@ -50,7 +50,7 @@ from rproxy.http.filters.direct import DirectRouteFilter
 from rproxy.http.filters.routes import HeaderRules, RouteFilter
 from rproxy.http.filters.sticky import HashKey, StickyCookie
 from rproxy.http.filters.tokens import TokenLeaseFilter
-from rproxy.http.filters.tracing import TracingFilter
+from rproxy.http.filters.tracing import TokenWaitMark, TracingFilter
 from rproxy.http.headers import error_response
 from rproxy.http.retrybudget import RetryBudget
 from rproxy.http.routes import RouteTable
@@ -79,12 +79,15 @@ def default_filters(frontend: HTTPFrontend) -> list[Filter]:
     config = frontend.config
     http = config.http
     filters: list[Filter] = []
-    if frontend.telemetry is not None:  # first: its span covers the other filters' work
-        filters.append(TracingFilter(frontend.telemetry, frontend))
+    tracing = TracingFilter(frontend.telemetry, frontend) if frontend.telemetry is not None else None
+    if tracing is not None:  # first: its span covers the other filters' work
+        filters.append(tracing)
     if http.cors:
         filters.append(CorsFilter())
     if frontend.tokens is not None:
         filters.append(TokenLeaseFilter(frontend.tokens, frontend.log))
+        if tracing is not None:
+            filters.append(TokenWaitMark(tracing))  # (the token wait, on the span)
     if http.direct_routes:
         filters.append(DirectRouteFilter(frontend.pools))
     filters.append(RouteFilter(frontend.routes, frontend.pools))

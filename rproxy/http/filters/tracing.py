@@ -42,7 +42,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from rproxy.http.filters import Filter
 from rproxy.telemetry.traceparent import format_traceparent, parse
 
-__all__ = ["TracingFilter"]
+__all__ = ["TracingFilter", "TokenWaitMark"]
 
 _TRACEPARENT = b"traceparent"
 _REPLACE = frozenset({b"traceparent"})
@@ -155,11 +155,6 @@ class TracingFilter(Filter):
         if agent is not None:
             attributes["user_agent.original"] = agent.decode("latin-1")
         return attributes
-
-    def choose(self, exchange: Any) -> None:
-        trace = exchange.client.trace
-        if trace is not None and trace.span_id:
-            trace.routed = self.frontend.clock.seconds()  # the request phase's waits (a token) are over
 
     # -- attempts ------------------------------------------------------------
 
@@ -284,6 +279,24 @@ class TracingFilter(Filter):
         self._finished(trace, attributes["http.request.method"], trace.span_id, _SERVER, attributes,
                        Status(StatusCode.ERROR, "the client closed the connection before the response ended"),
                        trace.exchange.started, now, trace.parent)
+
+
+class TokenWaitMark(Filter):
+    """
+    Put right after the token filter (when both are in the chain): a
+    sampled request's token wait is over when the chain reaches it.  (A
+    filter of its own, so that frontends without tokens pay no phase
+    call for it.)
+    """
+
+    def __init__(self, tracing: TracingFilter) -> None:
+        self.clock = tracing.frontend.clock
+
+    def request(self, exchange: Any) -> None:
+        trace = exchange.client.trace
+        if trace is not None and trace.span_id:
+            trace.routed = self.clock.seconds()
+        return None
 
 
 def _trace_state(value: bytes) -> TraceState | None:
