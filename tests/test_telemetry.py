@@ -128,10 +128,94 @@ class _Client:
 
 class _Exchange:
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self.head = RequestHead(b"GET", b"/", (1, 1), headers, keep_alive=True)
+        self.head = RequestHead(b"GET", b"/v1/x?q=1", (1, 1), headers + [(b"host", b"example.com:8080")],
+                                keep_alive=True)
         self.client = _Client()
         self.notes: Any = None
         self.started = 0.0
+        self.status = 0
+        self.route = None
+        self.attempts = 0
+        self.tried: list[str] = []
+        self.pool = None
+
+
+class _Spans:
+    """
+    A telemetry keeping the spans the filter hands it.
+    """
+
+    sample_ratio = 1.0
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        self.spans: list[Any] = []
+        self.resource = Resource.create({"service.name": "test"})
+        self.http_scope = InstrumentationScope("rproxy.http")
+
+    def finished(self, span: Any) -> None:
+        self.spans.append(span)
+
+
+class _Server:
+    def __init__(self, name: str) -> None:
+        self.config = attrs.make_class("S", {"name": attrs.field(), "host": attrs.field(), "port": attrs.field()})(
+            name, "10.0.0.9", 80)
+
+
+class SampledTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        frontend = attrs.make_class("F", {"clock": attrs.field(), "name": attrs.field(), "scheme": attrs.field()})(
+            self.clock, "web", b"http")
+        self.telemetry = _Spans()
+        self.tracing = TracingFilter(self.telemetry, frontend)
+
+    def test_a_client_gone_ends_the_spans(self) -> None:
+        """
+        The client closing mid-request (no log phase): the closed phase
+        ends the attempt's span and the request's, both failed, timed by
+        the clock; the parent of the request's span is the client's.
+        """
+        exchange = _Exchange([(b"traceparent", VALID)])
+        self.tracing.request(exchange)
+        self.clock.advance(1)
+        exchange.attempts = 1
+        self.tracing.attempt(exchange, _Server("s1"))
+        (_, value), = self.tracing.upstream_request(exchange, (), frozenset())[0]
+        self.clock.advance(2)
+        self.tracing.closed(exchange.client)
+        attempt, request = self.telemetry.spans
+        self.assertEqual(value, b"00-%s-%016x-01" % (TRACE.encode(), attempt.context.span_id))
+        self.assertEqual(attempt.parent.span_id, request.context.span_id)
+        self.assertEqual((request.parent.span_id, request.parent.is_remote), (int(PARENT, 16), True))
+        self.assertEqual({request.context.trace_id, attempt.context.trace_id}, {int(TRACE, 16)})
+        self.assertEqual((attempt.start_time, attempt.end_time, request.start_time, request.end_time),
+                         (10**9, 3 * 10**9, 0, 3 * 10**9))
+        self.assertEqual((attempt.attributes["error.type"], request.attributes["error.type"]), ("aborted", "aborted"))
+        self.assertEqual((attempt.status.status_code.name, request.status.status_code.name), ("ERROR", "ERROR"))
+        self.assertEqual({k: request.attributes[k] for k in ("url.path", "server.address", "server.port")},
+                         {"url.path": "/v1/x", "server.address": "example.com", "server.port": 8080})
+        self.assertIsNone(exchange.client.trace)
+
+    def test_a_root_at_ratio_1(self) -> None:
+        """
+        No traceparent at ratio 1: a new trace, the request's span a root;
+        a 502 marks it failed; the log phase puts the trace id on notes.
+        """
+        exchange = _Exchange([])
+        exchange.notes = {"token": "t"}
+        self.tracing.request(exchange)
+        exchange.client.trace.routed = 0.25  # (TokenWaitMark's)
+        exchange.status = 502
+        self.tracing.log(exchange, "web")
+        request, = self.telemetry.spans
+        self.assertIsNone(request.parent)
+        self.assertEqual(exchange.notes["trace_id"], f"{request.context.trace_id:032x}")
+        self.assertEqual((request.attributes["error.type"], request.attributes["rproxy.token.wait"]), ("502", 0.25))
+        self.assertEqual(request.kind.name, "SERVER")
 
 
 class UnsampledTests(SynchronousTestCase):
