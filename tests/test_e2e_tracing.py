@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from rproxy.config import config_from_mapping
 from rproxy.telemetry.traceparent import parse
 from tests import test_e2e_tunnel_http as tunnel_http
 from tests.otlp import OTLPReceiver
@@ -43,7 +44,11 @@ class Recorder(Resource):
         return b"ok"
 
 
-class TracingTests(ServiceMixin, TestCase):
+class TracingSetup(ServiceMixin):
+    """
+    A service tracing to an OTLP receiver, curl to call it.
+    """
+
     timeout = 60
 
     async def setup(self, ratio: float = 1.0, endpoint: str | None = None, dead_first: bool = False,
@@ -69,14 +74,15 @@ class TracingTests(ServiceMixin, TestCase):
         telemetry = {"otlp_endpoint": endpoint or f"http://127.0.0.1:{collector.getHost().port}",
                      "service_name": "edge", "sample_ratio": ratio, "schedule_delay": "20ms", "timeout": "1s",
                      "queue_size": queue_size, "batch_size": min(queue_size, 512)}
-        self.service = await self.start_service({
+        self.data = {
             "backends": [{"name": "web", "servers": servers, "health_check": {"type": "none"},
                           "passive": {"consecutive_failures": 0}}],
             "frontends": [{"name": "web", "listen": "tcp:0:interface=127.0.0.1", "backend": "web", "protocol": "http",
                            "routes": [{"path_prefix": "/api", "backend": "web"}],
                            "http": {"access_log": {"format": "json", "path": self.log_path}}}],
             "telemetry": telemetry,
-        })
+        }
+        self.service = await self.start_service(self.data)
         return self.service
 
     async def curl(self, path: str = "/api/x", *headers: str) -> bytes:
@@ -93,6 +99,9 @@ class TracingTests(ServiceMixin, TestCase):
         with open(self.log_path) as f:
             return [json.loads(line) for line in f]
 
+
+
+class TracingTests(TracingSetup, TestCase):
     @async_test
     async def test_a_traced_request_continues_its_trace(self) -> None:
         """
@@ -196,6 +205,44 @@ class TracingTests(ServiceMixin, TestCase):
         self.assertIn(f'rproxy_telemetry_spans_total{{outcome="dropped"}} {float(telemetry.dropped)}', text)
         self.assertIn('rproxy_telemetry_spans_total{outcome="failed"}', text)
         self.assertEqual(len(self.access_log()), 10)
+
+
+class ReloadTests(TracingSetup, TestCase):
+    def tracing(self) -> list[Any]:
+        return [f for f in self.service.frontends["web"].chain.filters if type(f).__name__ == "TracingFilter"]
+
+    @async_test
+    async def test_reload(self) -> None:
+        """
+        The same section on reload keeps the exporter; a changed one
+        starts another (the old one stops) and the frontends' filters use
+        it; none: no tracing filter left.
+        """
+        service = await self.setup()
+        first = service.telemetry
+        [tracing] = self.tracing()
+        self.assertIs(tracing.telemetry, first)
+        await service.reload(config_from_mapping(dict(self.data, admin={"listen": "tcp:0:interface=127.0.0.1"},
+                                                      **{"global": {"grace_period": "2s"}})))
+        self.assertIs(service.telemetry, first)
+        changed = dict(self.data, telemetry=dict(self.data["telemetry"], service_name="edge-2"),
+                       admin={"listen": "tcp:0:interface=127.0.0.1"}, **{"global": {"grace_period": "2s"}})
+        await service.reload(config_from_mapping(changed))
+        second = service.telemetry
+        self.assertIsNot(second, first)
+        self.assertTrue(first.stopping)
+        [tracing] = self.tracing()
+        self.assertIs(tracing.telemetry, second)
+        self.assertEqual(await self.curl(), b"ok")
+        await wait_for(lambda: len(self.receiver.spans) == 2)
+        self.assertEqual({s.service for s in self.receiver.spans}, {"edge-2"})
+        gone = dict(changed)
+        del gone["telemetry"]
+        await service.reload(config_from_mapping(gone))
+        self.assertIsNone(service.telemetry)
+        self.assertEqual(self.tracing(), [])
+        self.assertTrue(second.stopping)
+        self.assertEqual(await self.curl(), b"ok")
 
 
 class TunnelTracingTests(ServiceMixin, TestCase):

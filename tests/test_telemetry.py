@@ -352,3 +352,32 @@ class EventMetricsTests(SynchronousTestCase):
             self.assertIn(line, text)
         self.assertNotIn('rproxy_events_lost_total{sink="redis"}', text)
         redis_sink.stop()
+
+
+class ChainTests(SynchronousTestCase):
+    def test_tracing_first_and_the_token_mark(self) -> None:
+        """
+        With telemetry the tracing filter comes first, and the token wait
+        mark right after the token filter; without, neither is there.
+        """
+        from rproxy.http.frontend import HTTPFrontend
+        from rproxy.http.upstream import UpstreamPool
+        from rproxy.pool import Pool
+
+        config = config_from_mapping({
+            "backends": [{"name": "be", "servers": ["127.0.0.1:9"], "health_check": {"type": "none"}}],
+            "frontends": [{"name": "fe", "protocol": "http", "listen": "tcp:0", "backend": "be"}],
+        })
+        clock = Clock()
+        pools = {"be": Pool(config.backends[0], clock)}
+        frontend = HTTPFrontend(config.frontends[0], pools, None, clock, UpstreamPool(None, clock))
+
+        def names() -> list[str]:
+            return [type(f).__name__ for f in frontend.chain.filters]
+
+        self.assertEqual(names(), ["RouteFilter"])
+        frontend.telemetry = _Spans()
+        frontend.tokens = object()
+        self.assertEqual(names(), ["TracingFilter", "TokenLeaseFilter", "TokenWaitMark", "RouteFilter"])
+        frontend.telemetry = None
+        self.assertEqual(names(), ["TokenLeaseFilter", "RouteFilter"])
