@@ -12,7 +12,7 @@ the process's user+sys time (/proc/PID/stat, every thread: the exporter's
 included) over the run, divided by the requests wrk counted.  Medians over
 the rounds, and the ratios to the untraced path.
 
-    bench/otel.sh [--duration 3] [--connections 50] [--rounds 5]
+    bench/otel.sh [--duration 3] [--connections 50] [--rounds 5] [--ratios 0.01,1.0]
 
 Issue 18's targets: at most +15% CPU per request at 1.0, +3% at 0.01.
 """
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--decode", action="store_true", help="the receiver decodes each export (more CPU on core 1)")
+    parser.add_argument("--ratios", default="0.01,1.0", help="the sample ratios compared with no telemetry")
     args = parser.parse_args()
     need("nginx", "wrk", "taskset")
     work = tempfile.mkdtemp(prefix="rproxy-otel-bench-")
@@ -98,11 +99,10 @@ def main() -> None:
             ["taskset", "-c", LOAD_CORE, sys.executable, "-c", RECEIVER, str(receiver), ROOT]
             + (["--decode"] if args.decode else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         endpoint = f"http://127.0.0.1:{receiver}"
-        paths = {
-            "off": "",
-            "0.01": f"telemetry: {{otlp_endpoint: \"{endpoint}\", sample_ratio: 0.01}}",
-            "1.0": f"telemetry: {{otlp_endpoint: \"{endpoint}\", sample_ratio: 1.0}}",
-        }
+        ratios = args.ratios.split(",")
+        paths = {"off": ""}
+        for ratio in ratios:
+            paths[ratio] = f"telemetry: {{otlp_endpoint: \"{endpoint}\", sample_ratio: {float(ratio)}}}"
         ports = {name: free_port() for name in paths}
         rproxies = {name: start_rproxy(work, name.replace(".", "_"), ports[name], nginx, telemetry)
                     for name, telemetry in paths.items()}
@@ -124,15 +124,15 @@ def main() -> None:
                 runs[name].append(used / requests * 1e6)
                 print(f"{round_:5} {name:6} {requests:9} {runs[name][-1]:15.1f}", flush=True)
             off = runs["off"][-1]
-            print(f"      this round: 0.01 {runs['0.01'][-1] / off:.3f}x, 1.0 {runs['1.0'][-1] / off:.3f}x of off")
+            print("      this round: " + ", ".join(f"{r} {runs[r][-1] / off:.3f}x" for r in ratios) + " of off")
         median = {name: statistics.median(values) for name, values in runs.items()}
         print()
         print(f"medians over {args.rounds} rounds (us of CPU per request, exporter thread included):")
         for name in names:
             print(f"  {name:5} {median[name]:7.1f}")
         print("targets: sample_ratio 1.0 <= 1.15x, 0.01 <= 1.03x of telemetry off")
-        print(f"  sample_ratio 0.01 / off  {median['0.01'] / median['off']:.3f}")
-        print(f"  sample_ratio 1.0  / off  {median['1.0'] / median['off']:.3f}")
+        for ratio in ratios:
+            print(f"  sample_ratio {ratio:4} / off  {median[ratio] / median['off']:.3f}")
     finally:
         stop_all(procs, work)
 

@@ -103,7 +103,8 @@ class TracingFilter(Filter):
         raw = head.header(_TRACEPARENT)
         if raw is None:
             if self.random() >= self.ratio:
-                return None  # not sampled, and nothing to pass on
+                exchange.client.trace = None  # not sampled, and nothing to pass on
+                return None
             trace = _Trace(exchange, self.bits(128) or 1, self.bits(64) or 1, _REPLACE)
         else:
             parent = parse(raw)
