@@ -382,6 +382,7 @@ class RProxyService(MultiService):
         for config in new.token_pools:
             if config.name not in self.token_pools:
                 pool = TokenPool(config, HTTPLogin(config, self.reactor), self.clock, self._rng)
+                pool.telemetry = self.telemetry  # (before its first logins)
                 self.token_pools[config.name] = pool
                 pool.start()
 

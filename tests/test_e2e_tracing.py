@@ -19,6 +19,7 @@ from twisted.web.server import Site
 
 from rproxy.config import config_from_mapping
 from rproxy.telemetry.traceparent import parse
+from tests import test_e2e_tokenpool as tokenpool
 from tests import test_e2e_tunnel_http as tunnel_http
 from tests.otlp import OTLPReceiver
 from tests.support import ServiceMixin, async_test, connect, listen, wait_for
@@ -301,3 +302,43 @@ class TunnelTracingTests(ServiceMixin, TestCase):
         self.assertEqual((stream.name, stream.kind, stream.attributes["rproxy.tunnel.agent"]),
                          ("tunnel stream", "server", "a"))
         self.assertGreater(stream.attributes["rproxy.tunnel.bytes_out"], 0)
+
+
+class TokenPoolTracingTests(ServiceMixin, TestCase):
+    """
+    A token pool's logins traced, and its requests' token wait.
+    """
+
+    timeout = 60
+    upstream = tokenpool.TokenPoolE2ETests.upstream
+    config = tokenpool.TokenPoolE2ETests.config
+
+    @async_test
+    async def test_logins_and_token_wait(self) -> None:
+        """
+        One span per login (the first logins included); a request's span
+        says how long it waited for its token.
+        """
+        receiver = OTLPReceiver()
+        site = Site(receiver)
+        site.noisy = False
+        collector = await listen(site)
+        self.addCleanup(collector.stopListening)
+        upstream, port = await self.upstream(2)
+        data = self.config(port, 2)
+        data["telemetry"] = {"otlp_endpoint": f"http://127.0.0.1:{collector.getHost().port}",
+                             "schedule_delay": "20ms"}
+        service = await self.start_service(data)
+        pool = service.token_pools["dolphin"]
+        await wait_for(lambda: pool.counts()["available"] == 2)
+        client = await connect(service.port_of("db"))
+        self.client_cleanup(client)
+        status, _, _ = await tokenpool.http(client, "/q", "c1")
+        self.assertEqual(status, 200)
+        await wait_for(lambda: len([s for s in receiver.spans if s.name == "token login"]) == 2
+                       and any(s.kind == "server" for s in receiver.spans))
+        logins = sorted(s.attributes["rproxy.token.session"] for s in receiver.spans if s.name == "token login")
+        self.assertEqual(logins, ["u0", "u1"])
+        server, = [s for s in receiver.spans if s.kind == "server"]
+        self.assertGreaterEqual(server.attributes["rproxy.token.wait"], 0)
+        self.assertEqual(server.attributes["http.response.status_code"], 200)
