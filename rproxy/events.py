@@ -37,7 +37,8 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-__all__ = ["EventSink", "EventConsumer", "EventFanout", "HEARTBEATS", "REQUESTS", "write_heartbeat", "write_request"]
+__all__ = ["EventSink", "EventConsumer", "EventFanout", "HEARTBEATS", "REQUESTS", "sinks_of", "write_heartbeat",
+           "write_request"]
 
 HEARTBEATS = "client-heartbeats"
 BATCH = 100
@@ -69,6 +70,8 @@ class EventSink:
         or the sink stopped with events still waiting.
     @ivar resent: events sent again because a restarted Redis lost them.
     """
+
+    kind = "redis"
 
     def __init__(self, redis: Any, clock: Any, maxlen: int = 10_000, buffer_limit: int = 10_000,
                  keep_limit: int = 10_000, confirm_interval: float = 1.0) -> None:
@@ -258,6 +261,16 @@ class EventSink:
             self.dropped += len(self.buffer)
             log.warn("events: stopping with {n} events not sent to Redis; they are lost", n=len(self.buffer))
             self.buffer.clear()
+
+
+def sinks_of(events: Any) -> list[tuple[str, Any]]:
+    """
+    (kind, sink) of each sink behind a service's events (a sink, a
+    fan-out of sinks, or None): C{"redis"} or C{"kafka"}.
+    """
+    if events is None:
+        return []
+    return [(sink.kind, sink) for sink in getattr(events, "sinks", (events,))]
 
 
 class _Waiting:

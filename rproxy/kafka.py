@@ -198,6 +198,8 @@ class KafkaSink:
         C{"up"} or C{"down"}.
     """
 
+    kind = "kafka"
+
     def __init__(self, producer: Any, clock: Any, topics: Mapping[str, str], batch: int = 100,
                  buffer_limit: int = 10_000, keep_limit: int = 10_000,
                  committed: Callable[[Iterable[tuple[str, int]]], defer.Deferred[Offsets]] | None = None,

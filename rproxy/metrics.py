@@ -272,6 +272,36 @@ class StateCollector:
             auth.add_metric(["postgres"], chain.postgres_errors)
         yield from (store_up, auth)
 
+        from rproxy.events import sinks_of
+
+        lost = CounterMetricFamily("rproxy_events_lost",
+                                   "Events the broker acknowledged, then lost, that could not be sent again",
+                                   labels=["sink"])
+        emitted = CounterMetricFamily("rproxy_events_emitted", "Events handed to the sink", labels=["sink"])
+        in_flight = GaugeMetricFamily("rproxy_events_in_flight", "Events sent, not yet acknowledged by the broker",
+                                      labels=["sink"])
+        sink_dropped = CounterMetricFamily("rproxy_events_sink_dropped",
+                                           "Events never acknowledged (buffer full, delivery timed out, or stopping)",
+                                           labels=["sink"])
+        for kind, each in sinks_of(sink):
+            sink_dropped.add_metric([kind], each.dropped)
+            if hasattr(each, "lost"):
+                lost.add_metric([kind], each.lost)
+                emitted.add_metric([kind], each.emitted)
+                in_flight.add_metric([kind], each.in_flight)
+        yield from (lost, emitted, in_flight, sink_dropped)
+
+        spans = CounterMetricFamily("rproxy_telemetry_spans",
+                                    "Ended spans: exported, failed (the exporter gave up on their batch), "
+                                    "dropped (the export queue was full)", labels=["outcome"])
+        spans_waiting = GaugeMetricFamily("rproxy_telemetry_spans_waiting", "Ended spans waiting for export")
+        telemetry = getattr(service, "telemetry", None)
+        if telemetry is not None:
+            spans.add_metric(["exported"], telemetry.exported)
+            spans.add_metric(["failed"], telemetry.failed)
+            spans.add_metric(["dropped"], telemetry.dropped)
+            spans_waiting.add_metric([], telemetry.waiting)
+        yield from (spans, spans_waiting)
         from rproxy.http.filters.ratelimit import limits_of
 
         limited = CounterMetricFamily("rproxy_rate_limit_requests", "Requests checked by a rate limit, by result",

@@ -41,6 +41,7 @@ from rproxy.store.auth import key_chain
 from rproxy.store.backends import LiveBackends
 from rproxy.store.manager import Stores
 from rproxy.tcp import ConnectionLimit, TCPFrontend
+from rproxy.telemetry.provider import apply_telemetry
 from rproxy.tls import server_tls_factory
 from rproxy.tokenpool import HTTPLogin, TokenPool
 from rproxy.transport import server_endpoint
@@ -102,6 +103,7 @@ class RProxyService(MultiService):
         self.live_servers: dict[str, tuple[Any, ...]] = {}  # source: postgres pools, as last read
         self.stores: Stores | None = None
         self.cluster: Any = None  # rproxy.cluster.node.ClusterNode, with cluster:
+        self.telemetry: Any = None  # rproxy.telemetry.provider.Telemetry, with telemetry: configured
         self.upstreams = UpstreamPool(reactor, self.clock)
         self.admin_port: IListeningPort | None = None
         self._admin_listen: str | None = None
@@ -212,7 +214,10 @@ class RProxyService(MultiService):
                 pool.update(backend)
                 self.checkers[backend.name].sync()
 
+        self.telemetry = apply_telemetry(self.telemetry, new.telemetry, self.reactor, self.clock)
         self._apply_token_pools(new)
+        for tokens in self.token_pools.values():
+            tokens.telemetry = self.telemetry
 
         await self._apply_frontends(new)
 
@@ -242,10 +247,16 @@ class RProxyService(MultiService):
                 await tunnel.reconfigure(wanted_tunnel)
             tunnel.keys = keys
             tunnel.events = self.stores.events if self.stores is not None else None
+            tunnel.telemetry = self.telemetry
+            if tunnel.http is not None and tunnel.http.telemetry is not self.telemetry:
+                tunnel.http.telemetry = self.telemetry
         for tunnel_config in new.tunnels:
             if tunnel_config.name not in self.tunnels:
                 tunnel = TunnelServer(tunnel_config, keys, self.reactor, self.clock, self._rng)
                 tunnel.events = self.stores.events if self.stores is not None else None
+                tunnel.telemetry = self.telemetry
+                if tunnel.http is not None:
+                    tunnel.http.telemetry = self.telemetry
                 tunnel.observe_open = self.metrics.tunnel_open_latency.labels(tunnel_config.name).observe
                 self.tunnels[tunnel_config.name] = tunnel
                 await tunnel.start()
@@ -306,12 +317,14 @@ class RProxyService(MultiService):
                 frontend.config = config
                 frontend.pool = pool
                 if isinstance(frontend, HTTPFrontend):
+                    frontend.telemetry = self.telemetry
                     frontend.configure(config)
                     frontend.tokens = self.token_pools.get(config.token_pool) if config.token_pool else None
                 continue
             fresh: TCPFrontend
             if config.protocol == "http":
                 fresh = HTTPFrontend(config, self.pools, self.reactor, self.clock, self.upstreams, self.limit)
+                fresh.telemetry = self.telemetry  # (the tokens below build its filters again)
                 fresh.tokens = self.token_pools.get(config.token_pool) if config.token_pool else None
             elif config.protocol == "detect":
                 fresh = DetectFrontend(config, self.frontends, self.clock, self.limit)
@@ -399,6 +412,7 @@ class RProxyService(MultiService):
         for config in new.token_pools:
             if config.name not in self.token_pools:
                 pool = TokenPool(config, HTTPLogin(config, self.reactor), self.clock, self._rng)
+                pool.telemetry = self.telemetry  # (before its first logins)
                 self.token_pools[config.name] = pool
                 pool.start()
 
@@ -565,6 +579,8 @@ class RProxyService(MultiService):
         self.upstreams.close()
         if self.stores is not None:
             await self.stores.stop()
+        if self.telemetry is not None:
+            await self.telemetry.stop()
         if self.admin_port is not None:
             await self.admin_port.stopListening()
             self.admin_port = None

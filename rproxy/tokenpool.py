@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from rproxy.config import Credential, TokenPoolConfig
 from rproxy.httpclient import fetch
+from rproxy.telemetry.spans import start_span
 from rproxy.tls import client_tls_options
 
 __all__ = [
@@ -189,6 +190,8 @@ class TokenPool:
     """
 
     log = Logger()
+    # rproxy.telemetry.provider.Telemetry (set by the service): a span per login
+    telemetry: Any = None
 
     def __init__(
         self,
@@ -445,9 +448,23 @@ class TokenPool:
         if session.logging_in or not self.running:
             return
         session.logging_in = True
-        d = self._slots.run(self._login_fn, session.credential)
+        d = self._slots.run(self._traced_login, session, kind)
         d.addCallbacks(self._logged_in, self._login_failed, (session, kind), None, (session, kind))
         d.addErrback(self._bug, session, kind)
+
+    def _traced_login(self, session: Session, kind: str) -> defer.Deferred[LoginResult]:
+        """
+        One login (holding a login slot), in a span of its own when
+        tracing is on.
+        """
+        config = self.config
+        span = start_span(self.telemetry, "token login", {
+            "rproxy.token_pool": self.name, "rproxy.token.session": session.label, "rproxy.token.kind": kind,
+            "server.address": config.host, "server.port": config.port}, kind="client")
+        d = self._login_fn(session.credential)
+        if span.recording:
+            d.addBoth(_login_span_ended, span)
+        return d
 
     def _bug(self, failure: Failure, session: Session, kind: str) -> None:
         """
@@ -522,6 +539,16 @@ class TokenPool:
             # a retry must come before that
             delay = min(delay, max(0.0, (session.expires_at - now) / 2))
         session.timer = self.clock.callLater(delay, self._login, session, kind)
+
+
+def _login_span_ended(result: Any, span: Any) -> Any:
+    if isinstance(result, Failure):
+        refused = result.check(LoginRefused) is not None
+        span.end(error=result.getErrorMessage() or result.type.__name__,
+                 attributes={"rproxy.token.outcome": "refused" if refused else "error"})
+    else:
+        span.end(attributes={"rproxy.token.outcome": "ok"})
+    return result
 
 
 # -- the login request ------------------------------------------------------

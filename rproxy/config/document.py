@@ -13,6 +13,7 @@ from rproxy.config.frontends import read_frontend
 from rproxy.config.model import BackendConfig, Config, FrontendConfig, TokenPoolConfig
 from rproxy.config.reader import Section, Sources
 from rproxy.config.sections import read_admin, read_backend, read_global, read_stores
+from rproxy.config.telemetry import read_telemetry
 from rproxy.config.tokenpools import read_token_pool
 from rproxy.config.values import ConfigError, brief
 
@@ -86,6 +87,7 @@ def validate(data: object, sources: Sources) -> Config:
     from rproxy.config.cluster import read_cluster
 
     cluster = read_cluster(top, stores, tunnels)
+    telemetry = read_telemetry(top)
     if stores is None or stores.postgres_dsn is None:
         for backend in backends:
             if backend.source == "postgres":
@@ -122,6 +124,7 @@ def validate(data: object, sources: Sources) -> Config:
         stores=stores,
         token_pools=tuple(token_pools),
         cluster=cluster,
+        telemetry=telemetry,
     )
 
 

@@ -292,6 +292,7 @@ class Config:
     tunnels: tuple[Any, ...] = ()  # rproxy.tunnel.config.TunnelConfig
     token_pools: tuple[TokenPoolConfig, ...] = ()
     cluster: Any = None  # rproxy.config.cluster.ClusterConfig
+    telemetry: Any = None  # rproxy.config.telemetry.TelemetryConfig
 
     def backend(self, name: str) -> BackendConfig:
         for backend in self.backends:

@@ -58,6 +58,8 @@ class HTTPConnection(Protocol):
         # the token-pool lease held for the connection's life (the
         # token filter's; released when the connection ends)
         self.lease: Any = None
+        # the tracing filter's state of the current request (rproxy.http.filters.tracing)
+        self.trace: Any = None
         # after a 101: the splice end this connection's events go to
         self.relay: SpliceEnd | None = None
         self.lost = False

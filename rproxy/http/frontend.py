@@ -56,6 +56,7 @@ from rproxy.http.filters.rewrite import RewriteFilter
 from rproxy.http.filters.routes import HeaderRules, RouteFilter
 from rproxy.http.filters.sticky import HashKey, StickyCookie
 from rproxy.http.filters.tokens import TokenLeaseFilter
+from rproxy.http.filters.tracing import TokenWaitMark, TracingFilter
 from rproxy.http.headers import error_response
 from rproxy.http.retrybudget import RetryBudget
 from rproxy.http.routes import RouteTable
@@ -85,7 +86,8 @@ def policy_filters(frontend: HTTPFrontend, routing: list[Filter], log_notes: tup
     The policy of any HTTP frontend, a tunnel's C{mode: http} public port
     included (L{rproxy.tunnel.httpmode}), in phase order around C{routing},
     the filters that choose the upstream: what refuses a request before it
-    is routed goes before them (the client's address behind trusted
+    is routed goes before them (tracing first, whose span covers the
+    others' work, the client's address behind trusted
     proxies, allow/deny and redirects, rate limits, CORS preflights, which
     carry no credentials, then authentication), what looks at the chosen
     upstream or the outcome after them (circuit breakers; the access log
@@ -96,13 +98,20 @@ def policy_filters(frontend: HTTPFrontend, routing: list[Filter], log_notes: tup
     """
     config = frontend.config
     http = config.http
-    filters: list[Filter] = access_filters(frontend)
+    filters: list[Filter] = []
+    tracing = TracingFilter(frontend.telemetry, frontend) if frontend.telemetry is not None else None
+    if tracing is not None:  # first: its span covers the other filters' work
+        filters.append(tracing)
+    filters += access_filters(frontend)
     if RateLimitFilter.wanted(config):
         filters.append(RateLimitFilter.make(frontend))
     if http.cors:
         filters.append(CorsFilter())
     filters += auth_filters(frontend)
-    filters.extend(routing)
+    for f in routing:
+        filters.append(f)
+        if tracing is not None and isinstance(f, TokenLeaseFilter):
+            filters.append(TokenWaitMark(tracing))  # (the token wait, on the span)
     if CircuitBreakerFilter.wanted(frontend.pools):
         filters.append(CircuitBreakerFilter())
     if http.access_log != "off":
@@ -174,6 +183,7 @@ class HTTPFrontend(AdmittedFigures, Factory):
         self.pools = pools
         self.upstreams = upstreams
         self._tokens: Any = None
+        self._telemetry: Any = None
         self.access_file: AccessLogFile | None = None
         self.connect_errors = 0
         self.closed_bytes_in = 0
@@ -218,6 +228,19 @@ class HTTPFrontend(AdmittedFigures, Factory):
     @tokens.setter
     def tokens(self, tokens: Any) -> None:
         self._tokens = tokens
+        self.chain = Chain(self._filters(self))
+
+    @property
+    def telemetry(self) -> Any:
+        """
+        The L{rproxy.telemetry.provider.Telemetry} tracing this frontend's
+        requests (set by the service), or None.
+        """
+        return self._telemetry
+
+    @telemetry.setter
+    def telemetry(self, telemetry: Any) -> None:
+        self._telemetry = telemetry
         self.chain = Chain(self._filters(self))
 
     @property

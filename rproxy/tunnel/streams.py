@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from rproxy.splice import EarlyDataEnd, SpliceEnd
+from rproxy.telemetry.spans import NO_SPAN, start_span
 from rproxy.tunnel.registry import AgentSession, Pending, TooManyPending
 from rproxy.tunnel.wire import (
     FrameDecoder,
@@ -59,6 +60,7 @@ class PublicProtocol(EarlyDataEnd):
     proxy: ProxyProtocol | None = None
     # why the stream ended, for its access log line (the first reason wins)
     end: str | None = None
+    span: Any = NO_SPAN  # the stream's span, with telemetry (rproxy.telemetry.spans)
     # admission's (L{rproxy.admission.IAdmitted})
     counted = False
     quiet_ticks = 0
@@ -184,6 +186,9 @@ class PublicProtocol(EarlyDataEnd):
         server = self.server
         server.streams_opened += 1
         server.observe_open(server.clock.seconds() - self.started)
+        self.span = start_span(getattr(server, "telemetry", None), "tunnel stream", {
+            "rproxy.tunnel": server.name, "rproxy.tunnel.agent": agent.agent_id,
+            "network.peer.address": peer_address(self.transport)}, kind="server", start=self.started)
         self.join(proxy)
         if rest:
             proxy.dataReceived(rest)
@@ -213,6 +218,8 @@ class PublicProtocol(EarlyDataEnd):
             if self.proxy is not None:
                 self.server.bytes_in += self.received
                 self.server.bytes_out += self.proxy.received
+                self.span.end(attributes={"rproxy.tunnel.bytes_in": self.received,
+                                          "rproxy.tunnel.bytes_out": self.proxy.received})
 
     def unlink(self) -> None:
         super().unlink()

@@ -1,6 +1,7 @@
 """
 The access log (C{http.access_log}): one line per request, nginx's
-combined format followed by backend/server and seconds, or a JSON object;
+combined format followed by backend/server and seconds (and the trace id
+when the request is traced), or a JSON object;
 to the frontend's access log file, or to the process log under the
 C{rproxy.access} namespace (so that it can be routed apart).
 
@@ -55,6 +56,7 @@ class AccessLogFilter(Filter):
         access_file = frontend.access_file
         known = head.method != b"-"
         notes = exchange.notes or {}
+        trace_id = notes.get("trace_id")  # (set by the tracing filter)
         if self.json_lines:
             record = {
                 "client": exchange.client_host, "method": head.method.decode("latin-1") if known else None,
@@ -66,6 +68,8 @@ class AccessLogFilter(Filter):
             }
             for name in self.notes:
                 record[name] = notes.get(name)
+            if trace_id is not None:
+                record["trace_id"] = trace_id
             line = json.dumps(record, sort_keys=True)
             if access_file is not None:
                 access_file.write(line)
@@ -84,6 +88,8 @@ class AccessLogFilter(Filter):
         for name in self.notes:
             value = notes.get(name)
             line += f" {name}={escape(str(value).encode('utf-8')) if value is not None else '-'}"
+        if trace_id is not None:
+            line += " " + trace_id
         if access_file is not None:
             access_file.write(line)
         else:

@@ -1,0 +1,211 @@
+"""
+The OpenTelemetry SDK as rproxy runs it: one L{Telemetry} per service,
+made from the C{telemetry} section.
+
+Spans are exported by the SDK's C{BatchSpanProcessor}, whose worker
+thread encodes them and POSTs them with the OTLP/HTTP exporter: nothing
+the reactor thread does waits for the collector.  Ending a span costs the
+reactor thread a bounded-deque append.  While the collector is down or
+slow the queue fills; past C{queue_size} ended spans are dropped (and
+counted) before they reach the SDK's queue, so a request never waits and
+memory stays bounded; a batch the exporter gave up on (after its own
+retries, within C{timeout}) is counted as failed.  The collector going
+down and coming back is logged once each.
+
+Sampling: the tracing filter decides for the requests it serves, without
+the SDK (L{rproxy.http.filters.tracing}), and hands the processor each
+span of a sampled request once it has ended, complete, as the SDK's
+C{ReadableSpan} (L{finished}): a span the SDK's tracer makes costs about
+ten times as much to start and end, and a request has two.  Other spans
+(token logins, tunnel streams: L{rproxy.telemetry.spans}) go through
+L{tracer}, sampled like the requests: a parent's decision is kept, and a
+new trace is kept with probability C{sample_ratio}.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+__all__ = ["Telemetry", "apply_telemetry"]
+
+# the OTLP exporter logs every failed batch and every retry (from its
+# thread, through the standard library): rproxy logs the collector going
+# down and coming back, once each, instead
+logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
+
+
+class _CountingExporter(SpanExporter):
+    """
+    The OTLP exporter, counting what it was handed and what it sent (on
+    the processor's thread).
+    """
+
+    def __init__(self, exporter: SpanExporter, telemetry: Telemetry) -> None:
+        self.exporter = exporter
+        self.telemetry = telemetry
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        telemetry = self.telemetry
+        n = len(spans)
+        telemetry.taken += n
+        try:
+            result = self.exporter.export(spans)
+        except Exception:  # noqa: BLE001 - an exporter bug: counted as a failed batch
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            telemetry.exported += n
+            telemetry.changed(up=True)
+        else:
+            telemetry.failed += n
+            telemetry.changed(up=False)
+        return result
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+class _BoundedProcessor(BatchSpanProcessor):
+    """
+    The SDK's batch processor, that drops (and counts) an ended span when
+    C{queue_size} are already waiting, instead of letting the SDK's deque
+    push out its oldest with a log line each.
+    """
+
+    def __init__(self, exporter: _CountingExporter, telemetry: Telemetry, queue_size: int, batch_size: int,
+                 delay: float, timeout: float) -> None:
+        super().__init__(exporter, max_queue_size=queue_size, max_export_batch_size=batch_size,
+                         schedule_delay_millis=delay * 1000, export_timeout_millis=timeout * 1000)
+        self.telemetry = telemetry
+        self.queue_size = queue_size
+
+    def on_end(self, span: ReadableSpan) -> None:
+        telemetry = self.telemetry
+        if telemetry.queued - telemetry.taken >= self.queue_size:
+            telemetry.dropped += 1
+            return
+        telemetry.queued += 1
+        super().on_end(span)
+
+
+class Telemetry:
+    """
+    The tracer providers, the processor and the exporter of one
+    configuration, with the counts the metrics show.
+
+    @ivar queued: spans handed to the processor (reactor thread).
+    @ivar taken: spans the processor handed to the exporter (its thread).
+    @ivar exported: spans the collector accepted.
+    @ivar failed: spans of batches the exporter gave up on.
+    @ivar dropped: spans dropped because C{queue_size} were waiting.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Any, reactor: Any, clock: Any = None, exporter: SpanExporter | None = None) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.queued = self.taken = self.exported = self.failed = self.dropped = 0
+        self.up: bool | None = None
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=config.endpoint, headers=dict(config.headers),
+                                        timeout=config.timeout)
+        self.exporter = exporter
+        self.stopping = False
+        self.processor = _BoundedProcessor(_CountingExporter(exporter, self), self, config.queue_size,
+                                           config.batch_size, config.schedule_delay, config.timeout)
+        resource = Resource.create({"service.name": config.service_name})
+        ratio = TraceIdRatioBased(config.sample_ratio)
+        self.sample_ratio = config.sample_ratio
+        self.provider = TracerProvider(sampler=ParentBased(ratio), resource=resource, shutdown_on_exit=False)
+        self.provider.add_span_processor(self.processor)
+        self.tracer = self.provider.get_tracer("rproxy")
+        # what the tracing filter's spans are made with
+        self.resource = resource
+        self.http_scope = InstrumentationScope("rproxy.http")
+
+    def finished(self, span: ReadableSpan) -> None:
+        """
+        A span that has ended, for export.
+        """
+        self.processor.on_end(span)
+
+    def changed(self, up: bool) -> None:
+        """
+        An export worked or failed (on the processor's thread): a change
+        is logged once, from the reactor thread.
+        """
+        if self.up is up:
+            return
+        was, self.up = self.up, up
+        if up and was is None:
+            return
+        self.reactor.callFromThread(self._log_change, up)
+
+    def _log_change(self, up: bool) -> None:
+        if up:
+            self.log.info("telemetry: the collector at {url} accepts spans again ({dropped} dropped, "
+                          "{failed} failed so far)", url=self.config.endpoint, dropped=self.dropped, failed=self.failed)
+        else:
+            self.log.warn("telemetry: cannot export spans to {url}; spans are dropped until it answers",
+                          url=self.config.endpoint)
+
+    @property
+    def waiting(self) -> int:
+        return self.queued - self.taken
+
+    def stop(self, grace: float = 2.0) -> defer.Deferred[None]:
+        """
+        Export what is queued and stop the processor's thread, on a
+        thread (the reactor goes on); after C{grace} seconds the exporter
+        is told to give up its retries, so that a collector that is down
+        holds up a stop by that long at most.
+        """
+        self.stopping = True
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.processor.shutdown)
+        give_up = self.clock.callLater(grace, self.exporter.shutdown)
+
+        def stopped(result: Any) -> Any:
+            if give_up.active():
+                give_up.cancel()
+            return result
+
+        return d.addBoth(stopped)
+
+    def flush(self) -> defer.Deferred[bool]:
+        """
+        Export what is queued now (tests, and before a stop).
+        """
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.processor.force_flush)
+
+
+def apply_telemetry(current: Telemetry | None, config: Any, reactor: Any, clock: Any = None) -> Telemetry | None:
+    """
+    The telemetry of configuration C{config} (None: none), keeping
+    C{current} when its configuration is the same; one replaced stops on
+    a thread, exporting what it holds first.
+    """
+    if current is not None and current.config == config:
+        return current
+    if current is not None:
+        current.stop().addErrback(lambda f: Telemetry.log.failure("telemetry: stopping the old exporter failed", f))
+    if config is None:
+        return None
+    Telemetry.log.info("telemetry: traces to {url} (sampling {ratio:g} of new traces)", url=config.endpoint,
+                       ratio=config.sample_ratio)
+    return Telemetry(config, reactor, clock)
