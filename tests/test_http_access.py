@@ -286,6 +286,82 @@ class AccessTests(SynchronousTestCase):
         self.assertEqual(len(proxy.connector.pending), 1)
 
 
+class NormalTargetTests(SynchronousTestCase):
+    """
+    Routes, and the policies of the route taken, see the target in normal
+    form, which is what the server is sent: a path spelt another way takes
+    the route the server will read it as.
+    """
+
+    ROUTES = {"routes": [{"path_prefix": "/admin", "backend": "be", "deny": ["10.0.0.0/8"]}]}
+    SPELLINGS = [b"/%61dmin", b"/%61%64min/x", b"//admin", b"/./admin", b"/x/../admin", b"/../admin",
+                 b"/%2e%2E/admin", b"/static/%2e%2e/admin?q=1", b"http://h/admin", b"HTTP://h:80//admin"]
+
+    def test_spellings_take_the_route(self) -> None:
+        """
+        Every spelling of /admin takes the /admin route, whose deny list
+        refuses the client: nothing reaches the server.
+        """
+        proxy = Proxy(self.ROUTES)
+        for target in self.SPELLINGS:
+            _, transport = proxy.send(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+            self.assertEqual(answer(transport)[0], b"HTTP/1.1 403 Forbidden", target)
+        self.assertEqual(proxy.connector.pending, [])
+        self.assertEqual(proxy.frontend.refusals, {"access": len(self.SPELLINGS)})
+
+    def test_server_gets_the_normal_form(self) -> None:
+        """
+        The server is sent the target that was matched; the query is left
+        as it is and an encoded slash stays encoded.
+        """
+        proxy = Proxy(self.ROUTES)
+        for target, sent in [(b"/%61dmin//a/./b/../c?x=/../%61", b"/admin/a/c?x=/../%61"),
+                             (b"/a%2fb/%7Euser", b"/a%2Fb/~user"), (b"/plain?x", b"/plain?x")]:
+            proxy.send(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n", peer="192.0.2.1")
+            self.assertTrue(proxy.upstream_head().startswith(b"GET " + sent + b" HTTP/1.1\r\n"), target)
+
+    def test_absolute_form(self) -> None:
+        """
+        An absolute-form target is routed by its own host, not the Host
+        field (RFC 9112 3.2.2), and goes on in origin form with that host.
+        """
+        proxy = Proxy({"routes": [{"host": "admin.example", "backend": "be", "deny": ["10.0.0.0/8"]}]})
+        _, transport = proxy.send(b"GET http://Admin.Example/x HTTP/1.1\r\nHost: public.example\r\n\r\n")
+        self.assertEqual(answer(transport)[0], b"HTTP/1.1 403 Forbidden")
+        proxy.send(b"GET http://admin.example:8080/x/../y HTTP/1.1\r\nHost: public.example\r\n\r\n",
+                   peer="192.0.2.1")
+        head = proxy.upstream_head()
+        self.assertTrue(head.startswith(b"GET /y HTTP/1.1\r\n"), head)
+        self.assertIn(b"\r\nHost: admin.example:8080\r\n", head)
+        self.assertNotIn(b"Host: public.example", head)
+
+    def test_bad_targets(self) -> None:
+        """
+        A malformed percent-encoding, or an absolute URL of another scheme
+        or with user information: 400, nothing forwarded.
+        """
+        proxy = Proxy(self.ROUTES)
+        for target in (b"/%zzadmin", b"/admin%4", b"ftp://h/admin", b"http://u@h/admin"):
+            _, transport = proxy.send(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n", peer="192.0.2.1")
+            self.assertEqual(answer(transport)[0], b"HTTP/1.1 400 Bad Request", target)
+        self.assertEqual(proxy.connector.pending, [])
+
+    def test_auth_and_redirect(self) -> None:
+        """
+        A route's auth and redirect apply to every spelling too.
+        """
+        proxy = Proxy({"routes": [
+            {"path_prefix": "/admin", "backend": "be", "auth": {"api_keys": True}},
+            {"path_prefix": "/old", "backend": "be", "redirect": {"location": "https://new.example{target}"}},
+        ]})
+        proxy.frontend.keys = FakeKeys()
+        _, transport = proxy.send(b"GET //admin HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(answer(transport)[0], b"HTTP/1.1 401 Unauthorized")
+        _, transport = proxy.send(b"GET /x/../%6Fld/a HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(answer(transport)[1][b"location"], [b"https://new.example/old/a"])
+        self.assertEqual(proxy.connector.pending, [])
+
+
 class RedirectTests(SynchronousTestCase):
     def test_scheme(self) -> None:
         """

@@ -32,10 +32,10 @@ _CACHED_FIELDS = 256
 def route_of(routes: RouteTable, exchange: Any) -> Any:
     """
     The route a request will take (the route table's choice, made again
-    for the policies checked before the choose phase), or None.
+    for the policies checked before the choose phase), or None: by the
+    target in normal form (L{rproxy.http.filters.routes.NormalTarget}).
     """
-    head = exchange.head
-    return routes.match(head.host, head.target)
+    return routes.match(exchange.head.host, exchange.target)
 
 
 def _address(text: bytes) -> str | None:

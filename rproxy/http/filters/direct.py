@@ -20,7 +20,7 @@ class DirectRouteFilter(Filter):
         self.pools = pools
 
     def choose(self, exchange: Any) -> None:
-        direct = direct_target(exchange.head.target)
+        direct = direct_target(exchange.target)
         if direct is None:
             return
         name, exchange.target = direct
