@@ -362,6 +362,40 @@ class NormalTargetTests(SynchronousTestCase):
         self.assertEqual(proxy.connector.pending, [])
 
 
+class DirectRouteTests(SynchronousTestCase):
+    def test_own_backends_only(self) -> None:
+        """
+        A direct route reaches the servers of the frontend's own backends
+        (its default and its routes'), not those of another frontend's
+        backend; and its target is read in normal form.
+        """
+        config = config_from_mapping({
+            "admin": {"listen": None},
+            "backends": [{"name": n, "health_check": {"type": "none"},
+                          "servers": [{"address": f"127.0.0.1:{port}", "name": f"{n}1"}]}
+                         for n, port in (("be", 8001), ("api", 8002), ("private", 8003))],
+            "frontends": [
+                {"name": "fe", "protocol": "http", "listen": "127.0.0.1:0", "backend": "be",
+                 "http": {"direct_routes": True}, "routes": [{"path_prefix": "/api", "backend": "api"}]},
+                {"name": "internal", "protocol": "http", "listen": "127.0.0.1:0", "backend": "private",
+                 "allow": ["192.168.0.0/16"]},
+            ],
+        })
+        clock = MemoryReactorClock()
+        pools = {b.name: Pool(b, clock) for b in config.backends}
+        record: list[tuple[Any, ...]] = []
+        connector = RecordingConnector(record)
+        frontend = HTTPFrontend(config.frontends[0], pools, clock, clock, connector)  # type: ignore[arg-type]
+        answers = []
+        for target in (b"/backend/be1/x", b"/backend/api1/x", b"/backend/private1/x", b"//backend/%70rivate1/x"):
+            conn = frontend.buildProtocol(IPv4Address("TCP", "10.0.0.7", 5555))
+            transport = RecordingTransport(record, "client")
+            conn.makeConnection(transport)
+            conn.dataReceived(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+            answers.append(answer(transport)[0] if transport.value() else conn.exchange.pool.config.name)
+        self.assertEqual(answers, ["be", "api", b"HTTP/1.1 404 Not Found", b"HTTP/1.1 404 Not Found"])
+
+
 class RedirectTests(SynchronousTestCase):
     def test_scheme(self) -> None:
         """
