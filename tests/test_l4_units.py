@@ -412,6 +412,41 @@ class DetectTests(SynchronousTestCase):
         self.assertEqual([t.data for t in self.targets["d"].built], [b"x" + b"y" * 20, b"SSH-2.0-OpenSSH\r\n"])
 
 
+    def test_allow_deny_at_accept(self) -> None:
+        """
+        allow/deny on a detect frontend close a refused client at accept
+        (nothing admitted, read or handed over), one line, counted; with
+        the PROXY protocol the header's address is the one checked.
+        """
+        from rproxy.handoff import ProxyProtocolFactory
+
+        logs = Logs(self)
+        config = config_from_mapping({"backends": [_backend("b", 1)], "frontends": [
+            {"name": "one", "protocol": "detect", "listen": "tcp:0", "deny": ["192.0.2.0/24"],
+             "detect": {"default": "d", "timeout": "1s"}}, _frontend(name="d")]})
+        self.reactor = MemoryReactorClock()
+        self.targets = {"d": Target("d")}
+        frontend = DetectFrontend(config.frontends[0], self.targets, self.reactor)
+        p, transport = self.accept(frontend)
+        self.assertTrue(transport.disconnecting or transport.disconnected)
+        p.dataReceived(b"SSH-2.0-x\r\n")
+        p.connectionLost(None)
+        self.reactor.advance(2)
+        self.assertEqual((frontend.denied_total, self.targets["d"].built, frontend.total), (1, [], 0))
+        self.assertEqual(logs.lines(), ["frontend one: refusing 192.0.2.7:5000: not allowed by allow/deny"])
+        # behind a PROXY header: the client it names is judged, not the proxy
+        layer = ProxyProtocolFactory(frontend, self.reactor, 1.0, "one")
+        for client, refused in (("192.0.2.9", True), ("198.51.100.1", False)):
+            peer = address.IPv4Address("TCP", "10.0.0.1", 4000)
+            receiver = layer.buildProtocol(peer)
+            transport = StringTransport(peerAddress=peer)
+            receiver.makeConnection(transport)
+            receiver.dataReceived(f"PROXY TCP4 {client} 10.0.0.2 5000 443\r\nSSH-2.0-x\r\n".encode())
+            self.assertEqual(transport.disconnecting, refused, client)
+        self.assertEqual(frontend.denied_total, 2)
+        self.assertEqual([t.data for t in self.targets["d"].built], [b"SSH-2.0-x\r\n"])
+
+
 class ShippedExampleTests(SynchronousTestCase):
     def test_commented_keys_parse(self) -> None:
         """etc/rproxy.yaml's commented L4 keys, uncommented, are valid."""
