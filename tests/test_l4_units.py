@@ -233,6 +233,46 @@ class TCPFrontendTests(SynchronousTestCase):
         self.assertEqual(server.value(), hello)
         self.assertIsNone(conn.hello_timer)
 
+    def test_passthrough_hello_in_tiny_records(self) -> None:
+        """
+        A ClientHello sent as one-byte records, one read each, is parsed
+        once: each read only moves the record count on (the work grows with
+        the ClientHello's size, not its square).
+        """
+        from rproxy import passthrough
+
+        self.passthrough()
+        hello = client_hello("a.example")
+        message = hello[5:]  # (OpenSSL's ClientHello: one record)
+        records = [b"\x16\x03\x01\x00\x01" + message[i: i + 1] for i in range(len(message))]
+        parsed: list[int] = []
+
+        def counting(data: bytes, limit: int) -> Any:
+            parsed.append(len(data))
+            return read_client_hello(data, limit)
+
+        read_client_hello = passthrough.read_client_hello
+        self.patch(passthrough, "read_client_hello", counting)
+        conn, _ = self.accept()
+        for record in records:
+            conn.dataReceived(record)
+        _, server, port = self.server_side()
+        self.assertEqual(port, 7001)
+        self.assertEqual(server.value(), b"".join(records))
+        self.assertEqual(parsed, [len(b"".join(records))])
+
+    def test_passthrough_bad_record_at_once(self) -> None:
+        """
+        A record that is not a handshake record, after good ones, is
+        refused when it arrives (bad-hello), not at the timeout.
+        """
+        self.passthrough()
+        conn, transport = self.accept()
+        conn.dataReceived(b"\x16\x03\x01\x00\x01\x01")
+        self.assertFalse(transport.disconnecting)
+        conn.dataReceived(b"\x17")
+        self.assertEqual(conn.termination, "bad-hello")
+
     def test_passthrough_no_match_closes(self) -> None:
         """No route and no default: closed with one line; then a default takes it."""
         logs = Logs(self)
