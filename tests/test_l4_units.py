@@ -59,7 +59,10 @@ class ConfigTests(SynchronousTestCase):
         f, p, d = config.frontends
         self.assertEqual(config.backends[0].send_proxy, "v2")
         self.assertIsNone(config.backends[1].send_proxy)
-        self.assertEqual(f.proxy_protocol.timeout, 2.0)
+        self.assertEqual((f.proxy_protocol.timeout, f.proxy_protocol.sources), (2.0, None))
+        sources = config_from_mapping({"backends": [_backend("b", 1)], "frontends": [
+            _frontend(proxy_protocol={"from": ["10.0.0.0/8", "::1"]})]}).frontends[0].proxy_protocol.sources
+        self.assertEqual([str(n) for n in sources], ["10.0.0.0/8", "::1/128"])
         self.assertEqual((f.l4_log.format, f.l4_log.path), ("json", "/tmp/x.log"))
         self.assertEqual(p.backend, "")
         self.assertEqual(p.tls_passthrough.backend_for("a.example"), "b")
@@ -73,7 +76,10 @@ class ConfigTests(SynchronousTestCase):
     def test_errors_name_the_key(self) -> None:
         """Wrong values: one error each, naming its key path."""
         cases = [
-            ({"proxy_protocol": "yes"}, "frontends[0].proxy_protocol: expected true, false or {timeout: 5s}"),
+            ({"proxy_protocol": "yes"}, "frontends[0].proxy_protocol: expected true, false or {from: [10.0.0.0/8], "
+                                        "timeout: 5s}"),
+            ({"proxy_protocol": {"from": ["10.0.0.1/8"]}}, "frontends[0].proxy_protocol.from[0]: "),
+            ({"proxy_protocol": {"from": "10.0.0.0/8"}}, "frontends[0].proxy_protocol.from: expected a list"),
             ({"proxy_protocol": {"timeout": 0}}, "frontends[0].proxy_protocol.timeout: expected a duration above zero"),
             ({"proxy_protocol": {"timout": "1s"}}, "frontends[0].proxy_protocol.timout: unknown key"),
             ({"access_log": {"format": "combined"}}, "frontends[0].access_log.format: 'combined' is not one of"),

@@ -350,6 +350,27 @@ class ReceiverTests(SynchronousTestCase):
         [line] = self.lines()
         self.assertIn("refusing 127.0.0.9:40001: 1 connections wait for their PROXY header", line)
 
+    def test_only_from_trusted_sources(self) -> None:
+        """
+        With sources (proxy_protocol.from), a peer outside them is closed
+        at accept (nothing built), counted, one line; a peer inside sends
+        its header as before.
+        """
+        import ipaddress
+
+        factory = ProxyProtocolFactory(self.inner, self.clock, name="fe",
+                                       sources=(ipaddress.ip_network("10.0.0.0/8"),))
+        self.assertIsNone(factory.buildProtocol(address.IPv4Address("TCP", "127.0.0.9", 40001)))
+        self.assertEqual(factory.rejected, 1)
+        [line] = self.lines()
+        self.assertIn("refusing 127.0.0.9:40001: not in proxy_protocol.from", line)
+        receiver = factory.buildProtocol(address.IPv4Address("TCP", "10.1.2.3", 40002))
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        receiver.dataReceived(b"PROXY TCP4 192.0.2.7 198.51.100.1 5000 80\r\n")
+        self.assertEqual(self.inner.built[-1].addr, address.IPv4Address("TCP", "192.0.2.7", 5000))
+        self.assertEqual((factory.accepted, factory.rejected), (1, 1))
+
     def test_follows_frontend_config(self) -> None:
         """
         With a frontend, its current config decides per accept: off, the
@@ -357,6 +378,7 @@ class ReceiverTests(SynchronousTestCase):
         """
         class Options:
             timeout = 7.0
+            sources = None
 
         class Frontend:
             class config:
