@@ -181,16 +181,23 @@ class TrustedProxyTests(SynchronousTestCase):
     def test_untrusted_peer(self) -> None:
         """
         Any other peer's X-Forwarded-For is replaced by the peer's address,
-        which is the client address.
+        which is the client address; its Forwarded and X-Real-IP are
+        dropped (a trusted peer's go on).
         """
         proxy = Proxy({"trusted_proxies": ["10.0.0.0/8"]})
         conn, _ = proxy.send(b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.2.3.4\r\n"
-                             b"x-forwarded-for: 5.6.7.8\r\n\r\n", peer="192.0.2.50")
+                             b"x-forwarded-for: 5.6.7.8\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 7.7.7.7\r\n\r\n",
+                             peer="192.0.2.50")
         self.assertEqual(conn.exchange.client_host, "192.0.2.50")
         head = proxy.upstream_head()
         self.assertIn(b"\r\nX-Forwarded-For: 192.0.2.50\r\n", head)
-        self.assertNotIn(b"1.2.3.4", head)
-        self.assertNotIn(b"5.6.7.8", head)
+        for forged in (b"1.2.3.4", b"5.6.7.8", b"6.6.6.6", b"7.7.7.7"):
+            self.assertNotIn(forged, head)
+        # a trusted peer's fields go on
+        proxy.send(b"GET / HTTP/1.1\r\nHost: h\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 7.7.7.7\r\n\r\n")
+        head = proxy.upstream_head()
+        self.assertIn(b"\r\nForwarded: for=6.6.6.6\r\n", head)
+        self.assertIn(b"\r\nX-Real-IP: 7.7.7.7\r\n", head)
 
     def test_no_trusted_proxies(self) -> None:
         """
