@@ -69,7 +69,9 @@ class V1Tests(SynchronousTestCase):
             b"PROXY TCP4 192.0.2.777 198.51.100.1 1 2\r\n": "address",
             b"PROXY UDP4 192.0.2.7 198.51.100.1 1 2\r\n": "protocol",
             b"PROXY TCP4 192.0.2.7  198.51.100.1 1 2\r\n": "fields",
-            b"PROXY TCP4 192.0.2.7 198.51.100.1 1 2\n": "LF",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 1 2\n": "ends with LF without CR",
+            # (the client's CRLF further on does not end the header)
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 1 2\nGET / HTTP/1.1\r\n": "ends with LF without CR",
             b"PROXY \xff\r\n": "ASCII",
             b"PROXX": "no PROXY header",
             b"GET / HTTP/1.1\r\n": "no PROXY header",
