@@ -177,16 +177,18 @@ class ConfigAccessTests(SynchronousTestCase):
         """
         path = self.users_file(
             f"alice:{BCRYPT_SECRET}\nnocolon\nbob:$apr1$abc$def\ncarol:plain\n"
-            f"dave:$2y$04$short\nalice:{ARGON2_HUNTER2}\n"
+            f"dave:$2y$04$short\nalice:{ARGON2_HUNTER2}\nerin:$secretsecretsecret$x\n"
         )
         self.assertEqual(self.errors(document({"auth": {"basic": {"users_file": path}}})), [
             f"frontends[0].auth.basic.users_file: {path} line 2: expected user:hash",
             f"frontends[0].auth.basic.users_file: {path} line 3: user 'bob': unsupported hash ($apr1$); "
             "use bcrypt (htpasswd -B) or argon2id",
-            f"frontends[0].auth.basic.users_file: {path} line 4: user 'carol': unsupported hash (plain text o); "
+            f"frontends[0].auth.basic.users_file: {path} line 4: user 'carol': unsupported hash (plain text or crypt); "
             "use bcrypt (htpasswd -B) or argon2id",
             f"frontends[0].auth.basic.users_file: {path} line 5: user 'dave': malformed bcrypt hash",
             f"frontends[0].auth.basic.users_file: {path} line 6: user 'alice' is listed twice",
+            f"frontends[0].auth.basic.users_file: {path} line 7: user 'erin': unsupported hash (an unknown $ "
+            "scheme); use bcrypt (htpasswd -B) or argon2id",
         ])
         missing = "no-such-users-file"
         self.assertEqual(self.errors(document(route={"auth": {"basic": {"users_file": missing}}})), [

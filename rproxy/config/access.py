@@ -288,8 +288,7 @@ def parse_users(path: str, content: bytes) -> tuple[tuple[tuple[str, str], ...],
             continue
         known = next((k for prefix, k in _HASHES if hashed.startswith(prefix)), None)
         if known is None:
-            shown = hashed[: hashed.find("$", 1) + 1] if hashed.startswith("$") else "plain text or crypt"
-            problems.append(f"{where}: user {brief(user)}: unsupported hash ({shown[:12]}); "
+            problems.append(f"{where}: user {brief(user)}: unsupported hash ({_scheme_of(hashed)}); "
                             "use bcrypt (htpasswd -B) or argon2id")
             continue
         if not (_BCRYPT if known == "bcrypt" else _ARGON2).match(hashed):
@@ -301,6 +300,19 @@ def parse_users(path: str, content: bytes) -> tuple[tuple[tuple[str, str], ...],
         seen.add(user)
         users.append((user, hashed))
     return tuple(users), problems
+
+
+def _scheme_of(hashed: str) -> str:
+    """
+    What an unsupported hash is, for an error: its C{$id$} prefix (a few
+    characters, never the hash itself), else what text without one is.
+    """
+    if hashed.startswith("$"):
+        end = hashed.find("$", 1)
+        if 1 < end <= 12 and hashed[1:end].replace("-", "").isalnum():
+            return hashed[: end + 1]
+        return "an unknown $ scheme"
+    return "plain text or crypt"
 
 
 def _read_redirect(section: Section, route: bool) -> RedirectConfig | None:
