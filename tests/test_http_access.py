@@ -573,6 +573,45 @@ class ApiKeyTests(SynchronousTestCase):
         self.assertEqual(json.loads(answer(transport)[2]), {"error": "API keys are not loaded yet"})
         self.assertEqual(self.proxy.frontend.refusals, {"auth_unavailable": 2})
 
+    def test_identical_lookups_shared(self) -> None:
+        """
+        Requests with the same key while its lookup is in flight wait on
+        that one lookup; one of them leaving does not cancel it for the
+        others, the last one leaving does.
+        """
+        first, _ = self.bearer()
+        second, _ = self.bearer()
+        self.bearer(b"sk-other")
+        self.assertEqual(self.keys.asked, [self.KEY.decode(), "sk-other"])
+        first.connectionLost(None)
+        self.assertEqual(self.keys.cancelled, 0)
+        self.keys.pending[0].callback(object())
+        self.assertEqual(len(self.proxy.connector.pending), 1)
+        self.bearer()  # (the lookup is over: a new one)
+        self.assertEqual(len(self.keys.asked), 3)
+        third, _ = self.bearer(b"sk-third")
+        third.connectionLost(None)
+        self.assertEqual(self.keys.cancelled, 1)
+        self.bearer(b"sk-third")
+        self.assertEqual(self.keys.asked[-2:], ["sk-third", "sk-third"])
+
+    def test_lookups_capped(self) -> None:
+        """
+        At most 64 different keys are looked up at once: the next request
+        gets 503 with Retry-After at once, counted; a slot freed is taken
+        again.
+        """
+        for i in range(64):
+            self.bearer(b"sk-%d" % i)
+        _, transport = self.bearer(b"sk-64")
+        status, fields, body = answer(transport)
+        self.assertEqual((status, fields[b"retry-after"]), (b"HTTP/1.1 503 Service Unavailable", [b"1"]))
+        self.assertEqual(json.loads(body), {"error": "too many API key lookups under way"})
+        self.assertEqual((len(self.keys.asked), self.proxy.frontend.refusals), (64, {"auth_unavailable": 1}))
+        self.keys.pending[0].callback(None)
+        self.bearer(b"sk-64")
+        self.assertEqual(len(self.keys.asked), 65)
+
     def test_static_chain(self) -> None:
         """
         With the static keys alone (no stores) the same chain answers.
