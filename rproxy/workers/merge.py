@@ -217,3 +217,25 @@ def merge_token_rows(workers: list[list[dict[str, Any]]]) -> list[dict[str, Any]
                 elif isinstance(value, int) and not isinstance(value, bool):
                     entry[field] = entry.get(field, 0) + value
     return list(merged.values())
+
+
+def merge_agents(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    C{/api/v1/agents} for a machine whose workers run the tunnels, each a
+    node of the cluster (L{rproxy.workers.views}), from every worker's
+    list (L{rproxy.workers.child.Worker.agents}): an agent as the worker
+    it is logged in to describes it (its own figures), the agents of other
+    machines as the first worker lists them; each agent once, per tunnel
+    in the workers' order.
+    """
+    ours = {report["node"] for report in reports if report.get("node")}
+    merged: dict[str, dict[str, dict[str, Any]]] = {}
+    for report in reports:
+        for tunnel in report.get("tunnels", []):
+            listed = merged.setdefault(tunnel["name"], {})
+            for agent in tunnel["agents"]:
+                node = agent.get("node")
+                if node == report.get("node") or (node not in ours and agent["id"] not in listed):
+                    listed.setdefault(agent["id"], agent)
+    return [{"name": name, "agents": sorted(agents.values(), key=lambda a: a["id"])}
+            for name, agents in merged.items()]
