@@ -122,7 +122,8 @@ class ClusterWorkersTests(test_workers_e2e.WorkersMixin, TestCase):
         spreads them), and streams cross workers (the
         agent dialling the asking worker's proxy port: its own configured
         one refuses).  /health names both workers' nodes; /api/v1/agents
-        and /api/v1/models at the master list both agents.
+        and /api/v1/models at the master list both agents, and so does the
+        dashboard, with the streams of both workers.
         """
         await self.start_machine()
         await self.agent("a1", ["llama"])
@@ -146,6 +147,15 @@ class ClusterWorkersTests(test_workers_e2e.WorkersMixin, TestCase):
         models = await self.api("/api/v1/models")
         self.assertEqual({m["id"]: m["agents"] for m in models["data"]},
                          {"llama": ["gpu/a1"], "qwen": ["gpu/b1"]})
+        # the dashboard (rproxyctl monitor's source) samples the workers once a second
+        for _ in range(50):
+            dashboard = await self.api("/api/v1/dashboard")
+            tunnel = dashboard["tunnels"][0] if dashboard["tunnels"] else {"agents": [], "streams_opened": 0}
+            if tunnel["streams_opened"] >= 40:
+                break
+            await deferLater(0.1)
+        self.assertEqual(sorted(a["id"] for a in tunnel["agents"]), ["a1", "b1"])
+        self.assertEqual(tunnel["streams_opened"], 40)
 
     @async_test
     async def test_worker_killed_its_agent_served_again(self) -> None:

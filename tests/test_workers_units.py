@@ -15,7 +15,7 @@ from rproxy.config import ConfigError, parse_config
 from rproxy.pool import Pool
 from rproxy.workers import worker_count
 from rproxy.workers.channel import Channel
-from rproxy.workers.merge import merge_agents, merge_health, merge_pools, sum_metrics
+from rproxy.workers.merge import merge_agents, merge_health, merge_pools, merge_tunnel_rows, sum_metrics
 from rproxy.workers.state import apply_ejection, apply_message, snapshot
 from rproxy.workers.supervise import RestartBackoff
 from rproxy.workers.views import (
@@ -458,3 +458,15 @@ class MergeAgentsTests(SynchronousTestCase):
             agent("a", "m-w0", 3), agent("b", "m-w1", 5), agent("x", "other", None)]}])
         self.assertEqual(merge_agents(reports[1:]), [{"name": "gpu", "agents": [
             agent("a", "m-w0", None), agent("b", "m-w1", 5), agent("x", "other", None)]}])
+
+    def test_dashboard_tunnels(self) -> None:
+        """The dashboard's tunnel rows: the agents merged, the streams summed."""
+        reports = [
+            {"node": "m-w0", "tunnels": [{"name": "gpu", "mode": "tcp", "streams_opened": 2, "streams_failed": 1,
+                                          "agents": [{"id": "a", "node": "m-w0"}, {"id": "b", "node": "m-w1"}]}]},
+            {"node": "m-w1", "tunnels": [{"name": "gpu", "mode": "tcp", "streams_opened": 5, "streams_failed": 0,
+                                          "agents": [{"id": "a", "node": "m-w0"}, {"id": "b", "node": "m-w1"}]}]},
+        ]
+        self.assertEqual(merge_tunnel_rows(reports), [{
+            "name": "gpu", "mode": "tcp", "streams_opened": 7, "streams_failed": 1,
+            "agents": [{"id": "a", "node": "m-w0"}, {"id": "b", "node": "m-w1"}]}])

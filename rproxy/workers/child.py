@@ -23,7 +23,7 @@ from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
 
-from rproxy.console import frontend_counters, token_pool_rows
+from rproxy.console import frontend_counters, token_pool_rows, tunnel_rows
 from rproxy.pool import Pool
 from rproxy.service import RProxyService
 from rproxy.workers.channel import Channel
@@ -255,6 +255,9 @@ class Worker:
             "backends": [pool.describe() for pool in service.pools.values()],
             "token_pools": token_pool_rows(service),
             "ready": service.readiness_problems(),
+            # (tunnels run here with a cluster: rproxy.workers.views)
+            "node": service.cluster.node_id if service.cluster is not None else None,
+            "tunnels": tunnel_rows(service),
         }
 
     # -- stop ------------------------------------------------------------

@@ -239,3 +239,22 @@ def merge_agents(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     listed.setdefault(agent["id"], agent)
     return [{"name": name, "agents": sorted(agents.values(), key=lambda a: a["id"])}
             for name, agents in merged.items()]
+
+
+def merge_tunnel_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    The dashboard's tunnels (L{rproxy.console.tunnel_rows}) for a machine
+    whose workers run them: the agents as L{merge_agents} lists them,
+    the stream counts summed over the workers.
+    """
+    agents = {t["name"]: t["agents"] for t in merge_agents(reports)}
+    merged: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        for row in report.get("tunnels", []):
+            entry = merged.get(row["name"])
+            if entry is None:
+                merged[row["name"]] = dict(row, agents=agents.get(row["name"], []))
+                continue
+            for field in ("streams_opened", "streams_failed"):
+                entry[field] += row[field]
+    return list(merged.values())
