@@ -92,18 +92,21 @@ class ClusterWorkersTests(test_workers_e2e.WorkersMixin, TestCase):
         return {a["id"]: a["node"] for t in body["tunnels"] for a in t["agents"]}
 
     async def until_listed(self, wanted: set[str]) -> dict[str, str]:
+        """
+        Wait until the master lists C{wanted} and every worker sees them
+        all (each agent is another worker's remote agent), so that a user
+        landing on either worker reaches any.
+        """
         listed: dict[str, str] = {}
-
-        async def check() -> bool:
-            listed.clear()
-            listed.update(await self.agents())
-            return set(listed) == wanted
-
-        for _ in range(100):
-            if await check():
+        remote = 0
+        for _ in range(200):
+            listed = await self.agents()
+            health = await self.health()
+            remote = sum(n["remote_agents"] for n in health.get("cluster", {}).get("workers", []))
+            if set(listed) == wanted and remote == len(wanted) and len(health["cluster"]["workers"]) == 2:
                 return listed
             await deferLater(0.1)
-        raise AssertionError(f"agents listed: {listed}, wanted {wanted}")
+        raise AssertionError(f"agents listed: {listed}, wanted {wanted}; {remote} remote")
 
     async def greet(self) -> tuple[Client, bytes]:
         client = await connect(self.public_port)
@@ -176,17 +179,8 @@ class ClusterWorkersTests(test_workers_e2e.WorkersMixin, TestCase):
         pid = next(w["pid"] for w in (await self.health())["workers"] if w["worker"] == victim)
         os.kill(pid, signal.SIGKILL)
         # the agent comes back, and every new connection reaches one of both agents again
-        for _ in range(200):
-            agents = await self.agents()
-            if set(agents) == {"a1", "b1"} and (await self.health())["status"] == "ok":
-                break
-            await deferLater(0.1)
-        greetings = set()
-        for _ in range(30):
-            client, hello = await self.greet()
-            greetings.add(hello)
-            client.transport.abortConnection()
-        self.assertEqual(greetings, {b"a1\n", b"b1\n"})
+        await self.child.line(rf"worker {victim} \(pid \d+\) killed by signal 9")
+        await self.until_listed({"a1", "b1"})
         # streams through the other worker still echo; those through the killed one are gone
         alive = 0
         for client in open_clients:
@@ -200,7 +194,15 @@ class ClusterWorkersTests(test_workers_e2e.WorkersMixin, TestCase):
             alive += 1
         self.assertGreater(alive, 0)
         self.assertLess(alive, len(open_clients))
-        self.assertIn(f"worker {victim} (pid {pid}) killed by signal 9", self.child.output)
+        for client in open_clients:
+            client.transport.abortConnection()
+        greetings = set()
+        for _ in range(30):  # (held open: least-connections spreads them)
+            client, hello = await self.greet()
+            greetings.add(hello)
+        self.assertEqual(greetings, {b"a1\n", b"b1\n"})
+        self.assertEqual([w["restarts"] for w in (await self.health())["workers"]],
+                         [1 if slot == victim else 0 for slot in (0, 1)])
 
     @async_test
     async def test_http_keepalive_both_models_with_curl(self) -> None:
