@@ -128,7 +128,9 @@ class MergedHealth(_Merged):
             nodes = [r["health"]["cluster"] for r in reports if "cluster" in r.get("health", {})]
             detail["tunnels"] = {"process": "workers", "names": sorted(t.name for t in master.config.tunnels),
                                  "nodes": [n["node_id"] for n in nodes]}
-            detail["cluster"] = {"node_id": master.config.cluster.node_id, "workers": nodes}
+            cross = {n["cross_node"] for n in nodes}
+            detail["cluster"] = {"node_id": master.config.cluster.node_id,
+                                 "cross_node": cross.pop() if len(cross) == 1 else "partial", "workers": nodes}
         else:
             detail["tunnels"] = {"process": "master", "pid": os.getpid(), "names": sorted(master.inner.tunnels)}
         return _body(200 if detail["status"] == "ok" else 503, detail)
