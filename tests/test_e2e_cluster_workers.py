@@ -147,6 +147,10 @@ class ClusterWorkersTests(test_workers_e2e.WorkersMixin, TestCase):
         self.assertEqual(sorted(n["nodes"] == ["m-w0", "m-w1"] for n in nodes), [True, True])
         self.assertGreater(sum(n["streams_asked"] for n in nodes), 0)  # some crossed workers
         self.assertEqual(sum(n["streams_asked"] for n in nodes), sum(n["streams_served"] for n in nodes))
+        _, metrics = await self.admin("/metrics")
+        self.assertIn('rproxy_tunnel_agents{tunnel="gpu"} 2\n', metrics)
+        self.assertIn('rproxy_tunnel_streams_opened_total{tunnel="gpu"} 40\n', metrics)
+        self.assertIn("rproxy_cluster_up 1\n", metrics)  # (every worker's node up: not summed)
         models = await self.api("/api/v1/models")
         self.assertEqual({m["id"]: m["agents"] for m in models["data"]},
                          {"llama": ["gpu/a1"], "qwen": ["gpu/b1"]})

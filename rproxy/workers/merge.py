@@ -17,7 +17,7 @@ __all__ = ["sum_metrics", "merge_pools", "merge_health", "merge_token_pools", "m
 
 # per-machine state, the same in every process: the lowest wins (a server
 # is up only where every process can use it), never a sum
-_STATE_GAUGES = frozenset({"rproxy_server_up", "rproxy_store_up"})
+_STATE_GAUGES = frozenset({"rproxy_server_up", "rproxy_store_up", "rproxy_cluster_up"})
 
 
 def sum_metrics(texts: list[str]) -> str:
