@@ -35,7 +35,7 @@ class ClusterWorkersTests(test_workers_e2e.WorkersMixin, TestCase):
 
     async def start_machine(self, mode: str = "tcp") -> Child:
         _, backend_port = await self.http_backend()
-        child = await self.start({
+        self.data = {
             "global": {"workers": 2, "grace_period": "1s"},
             "admin": {"listen": "tcp:0:interface=127.0.0.1", "api_key": "admin-secret"},
             "api_keys": [{"key": "good-key", "level": -1, "name": "shared"}],
@@ -47,7 +47,8 @@ class ClusterWorkersTests(test_workers_e2e.WorkersMixin, TestCase):
             "stores": {"redis": {"url": self.redis.url}},
             "cluster": {"node_id": "m", "advertise": {"proxy": "127.0.0.1:0"},
                         "heartbeat_interval": "100ms", "heartbeat_timeout": "500ms"},
-        })
+        }
+        child = await self.start(self.data)
         ports = [int((await child.line(rf"tunnel gpu {role} listening on 127\.0\.0\.1:(\d+), in 2 worker")).group(1))
                  for role in ("control", "public")]
         self.control, self.public_port = ports
@@ -57,14 +58,16 @@ class ClusterWorkersTests(test_workers_e2e.WorkersMixin, TestCase):
         self.child = child
         return child
 
-    async def agent(self, name: str, models: list[str], local: int | None = None) -> AgentService:
+    async def agent(self, name: str, models: list[str], local: int | None = None,
+                    control: int | None = None) -> AgentService:
         if local is None:
             _, port = await self.backend(name)
             local = port.getHost().port
         agent = AgentService(parse_agent_config({
             # (its configured proxy port refuses: every open names the
             # proxy port of the worker that asked)
-            "server": {"control": f"127.0.0.1:{self.control}", "proxy": f"127.0.0.1:{self.closed_port()}"},
+            "server": {"control": f"127.0.0.1:{control or self.control}",
+                       "proxy": f"127.0.0.1:{self.closed_port()}"},
             "api_key": "good-key", "agent_id": name, "models": models,
             "services": [{"name": "web", "local": f"127.0.0.1:{local}"}],
             "heartbeat_interval": "100ms", "reconnect": {"initial": "50ms", "max": "200ms"},
@@ -108,8 +111,8 @@ class ClusterWorkersTests(test_workers_e2e.WorkersMixin, TestCase):
             await deferLater(0.1)
         raise AssertionError(f"agents listed: {listed}, wanted {wanted}; {remote} remote")
 
-    async def greet(self) -> tuple[Client, bytes]:
-        client = await connect(self.public_port)
+    async def greet(self, public: int | None = None) -> tuple[Client, bytes]:
+        client = await connect(public or self.public_port)
         self.client_cleanup(client)
         return client, await client.read_until(b"\n", timeout=10)
 
@@ -207,6 +210,41 @@ class ClusterWorkersTests(test_workers_e2e.WorkersMixin, TestCase):
         self.assertEqual(greetings, {b"a1\n", b"b1\n"})
         self.assertEqual([w["restarts"] for w in (await self.health())["workers"]],
                          [1 if slot == victim else 0 for slot in (0, 1)])
+
+    @async_test
+    async def test_reload_adds_a_tunnel_in_every_worker(self) -> None:
+        """
+        A reload (SIGHUP) that adds a tunnel: the master binds its control
+        and public sockets and every worker serves them; the running
+        tunnel's agent stays logged in and its stream open.  The reload
+        also changes cluster.node_id, which takes effect after a restart:
+        the workers stay nodes m-w0 and m-w1.
+        """
+        child = await self.start_machine()
+        await self.agent("a1", ["llama"])
+        await self.until_listed({"a1"})
+        held, hello = await self.greet()
+        self.assertEqual(hello, b"a1\n")
+        self.data["tunnels"].append({"name": "gpu2", "control": "tcp:0:interface=127.0.0.1",
+                                     "proxy": "tcp:0:interface=127.0.0.1", "public": "tcp:0:interface=127.0.0.1"})
+        self.data["cluster"]["node_id"] = "renamed"
+        self.write_config(self.data)
+        os.kill(self.process.pid, signal.SIGHUP)
+        await child.line("configuration reloaded in the master and 2 worker")
+        self.assertIn("cluster: changes to cluster: take effect after a restart", child.output)
+        control, public = [
+            int((await child.line(rf"tunnel gpu2 {role} listening on 127\.0\.0\.1:(\d+), in 2 worker")).group(1))
+            for role in ("control", "public")]
+        await self.agent("b1", ["qwen"], control=control)
+        listed = await self.until_listed({"a1", "b1"})
+        self.assertTrue(set(listed.values()) <= {"m-w0", "m-w1"}, listed)
+        for _ in range(10):
+            client, hello = await self.greet(public)
+            self.assertEqual(hello, b"b1\n")
+            client.transport.abortConnection()
+        held.transport.write(b"kept\n")
+        self.assertEqual(await held.read_until(b"kept\n"), b"kept\n")
+        self.assertEqual(child.output.count("agent a1 logged in"), 1)
 
     @async_test
     async def test_http_keepalive_both_models_with_curl(self) -> None:
