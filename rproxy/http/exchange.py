@@ -133,8 +133,7 @@ class Exchange(ExchangeFailures):
         chain = self.frontend.chain
         filters = chain.request
         step = self._step
-        while step < len(filters):
-            f = filters[step]
+        for f in filters[step:] if step else filters:
             step += 1
             waiting = f.request(self)
             if self.state is not ROUTING:

@@ -137,6 +137,9 @@ class AccessFilter(Filter):
         address = exchange.client_host
         access = self.access
         if access is not None:
+            permitted = self._verdicts.get(address)
+            if permitted and not self.by_route:
+                return  # (the common case, in short)
             verdicts = self._verdicts
             permitted = verdicts.get(address)
             if permitted is None:
