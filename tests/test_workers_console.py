@@ -42,6 +42,8 @@ class FakeMaster:
     A master whose workers' answers the test sets; counts the requests.
     """
 
+    tunnels_in_workers = False  # (no cluster: the master holds the tunnels)
+
     def __init__(self) -> None:
         self.reactor = MemoryReactorClock()
         config = config_from_mapping({
