@@ -19,6 +19,7 @@ from rproxy.config import ConfigError, config_from_mapping, parse_config
 from rproxy.config.model import Credential, TokenPoolConfig
 from rproxy.config.telemetry import TelemetryConfig
 from rproxy.events import HEARTBEATS, EventFanout, EventSink
+from rproxy.http.filters import Chain, Filter
 from rproxy.http.filters.tracing import TracingFilter
 from rproxy.http.reader import RequestHead
 from rproxy.kafka import KafkaSink
@@ -138,6 +139,12 @@ class _Exchange:
         self.attempts = 0
         self.tried: list[str] = []
         self.pool = None
+        self.chain: Any = None
+
+
+class _Logs(Filter):
+    def log(self, exchange: Any, backend: str) -> None:
+        pass
 
 
 class _Spans:
@@ -228,6 +235,7 @@ class UnsampledTests(SynchronousTestCase):
         frontend = attrs.make_class("F", {"clock": attrs.field(), "name": attrs.field()})(Clock(), "web")
         tracing = TracingFilter(_Recorder(), frontend)
         exchange = _Exchange(headers)
+        exchange.chain = Chain([tracing, _Logs()])
         tracing.request(exchange)
         tracing.attempt(exchange, None)
         sent = tracing.upstream_request(exchange, (), frozenset())
@@ -236,8 +244,24 @@ class UnsampledTests(SynchronousTestCase):
         return sent, exchange.notes, exchange.client.trace
 
     def test_without_traceparent(self) -> None:
-        sent, notes, left = self.run_phases([])
-        self.assertEqual((sent, notes, left), (((), frozenset()), None, None))
+        """
+        Nothing to pass on: the exchange's later phases run the chain
+        without the tracing filter (the same narrowed chain each time).
+        """
+        frontend = attrs.make_class("F", {"clock": attrs.field(), "name": attrs.field()})(Clock(), "web")
+        tracing = TracingFilter(_Recorder(), frontend)
+        log = _Logs()
+        chain = Chain([tracing, log])
+        narrowed = []
+        for _ in range(2):
+            exchange = _Exchange([])
+            exchange.chain = chain
+            tracing.request(exchange)
+            narrowed.append(exchange.chain)
+            self.assertIsNone(exchange.client.trace)
+        self.assertIs(narrowed[0], narrowed[1])
+        self.assertEqual((narrowed[0].filters, narrowed[0].log, narrowed[0].attempt), ((log,), (log,), ()))
+        self.assertEqual(chain.log, (tracing, log))
 
     def test_unsampled_traceparent_goes_on(self) -> None:
         sent, notes, _ = self.run_phases([(b"traceparent", VALID[:-2] + b"00")])

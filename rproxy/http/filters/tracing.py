@@ -7,13 +7,16 @@ The sampling decision is made here, once per request, the SDK's
 parent-based way: a client's C{traceparent} decides (its sampled flag);
 without one (or with a malformed one, which is ignored with its
 C{tracestate}, as the specification says) a new trace is sampled with
-probability C{sample_ratio}.  A request not sampled costs a few attribute
-reads and no SDK object: a client's valid C{traceparent} goes on
-unchanged (its sampled flag off tells the services behind), and a request
-that came without one goes on without one (starting a trace is optional
-in W3C Trace Context; making one costs as much as the rest of this
-filter's unsampled path); a malformed one is replaced by one of ours,
-flag off.  A sampled request's upstream head carries C{traceparent}
+probability C{sample_ratio}.  A request not sampled makes no SDK object:
+a client's valid C{traceparent} goes on unchanged (its sampled flag off
+tells the services behind), and a request that came without one goes on
+without one (starting a trace is optional in W3C Trace Context; making
+one costs as much as the rest of this filter's unsampled path); a
+malformed one is replaced by one of ours, flag off.  A request without
+C{traceparent} that is not sampled (most of them, at a low ratio) costs
+one header scan and one random number: its later phases run the chain
+without this filter (C{exchange.chain}, narrowed), so that they cost
+nothing either.  A sampled request's upstream head carries C{traceparent}
 naming the attempt's span as the parent (and the client's C{tracestate},
 unchanged).
 
@@ -39,7 +42,7 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from rproxy.http.filters import Filter
+from rproxy.http.filters import Chain, Filter
 from rproxy.telemetry.traceparent import format_traceparent, parse
 
 __all__ = ["TracingFilter", "TokenWaitMark"]
@@ -95,43 +98,65 @@ class TracingFilter(Filter):
         rng = rng or random.Random()
         self.random = rng.random
         self.bits = rng.getrandbits
+        # the chain this filter is in, and the same without it: what an
+        # untraced request's later phases run (L{_quiet})
+        self.full: Any = None
+        self.quiet: Any = None
 
     # -- request -----------------------------------------------------------
 
     def request(self, exchange: Any) -> None:
-        head = exchange.head
-        raw = head.header(_TRACEPARENT)
-        if raw is None:
-            if self.random() >= self.ratio:
-                exchange.client.trace = None  # not sampled, and nothing to pass on
+        for key, value in exchange.head.headers:
+            if len(key) == 11 and key.lower() == _TRACEPARENT:
+                exchange.client.trace = self._continued(exchange, value)
                 return None
+        if self.random() < self.ratio:
             trace = _Trace(exchange, self.bits(128) or 1, self.bits(64) or 1, _REPLACE)
-        else:
-            parent = parse(raw)
-            if parent is None:
-                # malformed: ignored with its tracestate; a trace of our own
-                trace_id = self.bits(128) or 1
-                if self.random() >= self.ratio:
-                    trace = _Trace(exchange, trace_id, 0, _RESTART)
-                    trace.inject = format_traceparent(trace_id, self.bits(64) or 1, False)
-                    exchange.client.trace = trace
-                    return None
-                trace = _Trace(exchange, trace_id, self.bits(64) or 1, _RESTART)
-            else:
-                trace_id, parent_id, flags = parent
-                if not flags & 1:
-                    # not sampled on the client's side: its traceparent goes on as it is
-                    exchange.client.trace = _Trace(exchange, trace_id, 0, _REPLACE)
-                    return None
-                trace = _Trace(exchange, trace_id, self.bits(64) or 1, _REPLACE)
-                state = head.header(b"tracestate")
-                if state:
-                    trace.state = _trace_state(state)
-                trace.parent = SpanContext(trace_id, parent_id, is_remote=True, trace_flags=_SAMPLED,
-                                           trace_state=trace.state)
-        trace.attributes = self._request_attributes(exchange)
-        exchange.client.trace = trace
+            trace.attributes = self._request_attributes(exchange)
+            exchange.client.trace = trace
+            return None
+        # not sampled, and nothing to pass on: this filter's later phases
+        # are skipped for this request
+        exchange.client.trace = None
+        chain = exchange.chain
+        exchange.chain = self.quiet if chain is self.full else self._quiet(chain)
         return None
+
+    def _quiet(self, chain: Any) -> Any:
+        """
+        C{chain} without this filter (made once: a filter is in one chain).
+        """
+        self.full = chain
+        self.quiet = Chain([f for f in chain.filters if f is not self])
+        return self.quiet
+
+    def _continued(self, exchange: Any, raw: bytes) -> _Trace:
+        """
+        The trace of a request that came with a C{traceparent}: its own
+        if sampled, else one that only passes the trace on.
+        """
+        parent = parse(raw)
+        if parent is None:
+            # malformed: ignored with its tracestate; a trace of our own
+            trace_id = self.bits(128) or 1
+            if self.random() >= self.ratio:
+                trace = _Trace(exchange, trace_id, 0, _RESTART)
+                trace.inject = format_traceparent(trace_id, self.bits(64) or 1, False)
+                return trace
+            trace = _Trace(exchange, trace_id, self.bits(64) or 1, _RESTART)
+        else:
+            trace_id, parent_id, flags = parent
+            if not flags & 1:
+                # not sampled on the client's side: its traceparent goes on as it is
+                return _Trace(exchange, trace_id, 0, _REPLACE)
+            trace = _Trace(exchange, trace_id, self.bits(64) or 1, _REPLACE)
+            state = exchange.head.header(b"tracestate")
+            if state:
+                trace.state = _trace_state(state)
+            trace.parent = SpanContext(trace_id, parent_id, is_remote=True, trace_flags=_SAMPLED,
+                                       trace_state=trace.state)
+        trace.attributes = self._request_attributes(exchange)
+        return trace
 
     def _request_attributes(self, exchange: Any) -> dict[str, Any]:
         head, client = exchange.head, exchange.client
