@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from rproxy.config import config_from_mapping
 from rproxy.telemetry.encoder import encode_spans
 from rproxy.telemetry.exporter import CompactSpanExporter
+from rproxy.telemetry.record import Context, SpanRecord
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _RESOURCE = Resource.create({"service.name": "rproxy", "deployment.environment": "test"})
@@ -76,6 +77,29 @@ class EncoderTests(SynchronousTestCase):
         self.assertEqual((spans[0].name, spans[0].trace_state, spans[1].status.message),
                          ("GET /api", "vendor=x1,other=y", "connect: refused"))
         self.assertEqual(spans[1].parent_span_id, (0x1122334455667788).to_bytes(8, "big"))
+
+    def test_span_records(self) -> None:
+        """
+        The tracing filter's records (L{SpanRecord}, L{Context}) encode
+        the same through both encoders, and as the equivalent SDK spans.
+        """
+        remote = Context(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, True, TraceState([("v", "1")]))
+        records = [
+            SpanRecord("GET /api", Context(remote.trace_id, 9, False, remote.trace_state), remote, _RESOURCE,
+                       {"http.request.method": "GET", "http.response.status_code": 200}, SpanKind.SERVER,
+                       Status(StatusCode.UNSET), 10**18, 10**18 + 5, _HTTP),
+            SpanRecord("GET", Context(remote.trace_id, 10, False, None), Context(remote.trace_id, 9, False, None),
+                       _RESOURCE, {"server.port": 80}, SpanKind.CLIENT, Status(StatusCode.ERROR, "timeout"),
+                       10**18 + 1, 10**18 + 4, _HTTP),
+        ]
+        request = self.assertSame(records)
+        spans = [ReadableSpan(r.name, SpanContext(r.context.trace_id, r.context.span_id, False, _SAMPLED,
+                                                  r.context.trace_state),
+                              r.parent and SpanContext(r.parent.trace_id, r.parent.span_id, r.parent.is_remote,
+                                                       _SAMPLED),
+                              r.resource, r.attributes, (), (), r.kind, None, r.status, r.start_time, r.end_time,
+                              r.instrumentation_scope) for r in records]
+        self.assertEqual(ExportTraceServiceRequest.FromString(encode_spans(spans)), request)
 
     def test_value_types(self) -> None:
         """

@@ -40,9 +40,10 @@ _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
 # recent attributes' KeyValue bodies, by (key, value, type): most values
 # repeat (methods, addresses, statuses, names); short ones only, the dict
-# cleared when large (at most about 2 MiB)
+# cleared when large (at most about 2 MiB each)
 _CACHE_SIZE = 8192
-_attributes: dict[tuple[str, Any, type], bytes] = {}
+# (one dict per field tag: the whole field is kept)
+_caches: dict[bytes, dict[tuple[str, Any, type], bytes]] = {}
 
 
 def _varint(n: int) -> bytes:
@@ -110,24 +111,25 @@ def _attributes_of(tag: bytes, attributes: Any) -> list[bytes]:
     encoded is left out, as the official encoder does.
     """
     out = []
-    cache = _attributes
+    cache = _caches.get(tag)
+    if cache is None:
+        cache = _caches[tag] = {}
     for key, value in attributes.items():
         try:
             cached = (key, value, type(value))
-            body = cache.get(cached)
+            field = cache.get(cached)
         except TypeError:  # unhashable: a list
-            cached, body = None, None
-        if body is None:
+            cached, field = None, None
+        if field is None:
             try:
-                body = _key_value(key, value)
+                field = _field(tag, _key_value(key, value))
             except (ValueError, UnicodeError, AttributeError):
                 continue
-            if cached is not None and len(body) < 256:  # (a long value is seldom seen twice)
+            if cached is not None and len(field) < 256:  # (a long value is seldom seen twice)
                 if len(cache) >= _CACHE_SIZE:
                     cache.clear()
-                cache[cached] = body
-        n = len(body)
-        out.append(tag + (_BYTE[n] if n < 128 else _varint(n)) + body)
+                cache[cached] = field
+        out.append(field)
     return out
 
 

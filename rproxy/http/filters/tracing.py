@@ -13,15 +13,17 @@ tells the services behind), and a request that came without one goes on
 without one (starting a trace is optional in W3C Trace Context; making
 one costs as much as the rest of this filter's unsampled path); a
 malformed one is replaced by one of ours, flag off.  A request without
-C{traceparent} that is not sampled (most of them, at a low ratio) costs
-one header scan and one random number: its later phases run the chain
+C{traceparent} (found by the reader: C{head.traceparent}) that is not
+sampled, most of them at a low ratio, costs a counter's decrement (the
+requests left before the next sampled one): its later phases run the chain
 without this filter (C{exchange.chain}, narrowed), so that they cost
 nothing either.  A sampled request's upstream head carries C{traceparent}
 naming the attempt's span as the parent (and the client's C{tracestate},
 unchanged).
 
-A sampled request's spans are records made once each has ended (the
-SDK's C{ReadableSpan}, handed to the batch processor): their ids come
+A sampled request's spans are records made once each has ended
+(L{rproxy.telemetry.record.SpanRecord}: a C{ReadableSpan}'s fields as
+plain slots, handed to the batch processor): their ids come
 from this filter's random generator and their times from the frontend's
 clock; the SDK's tracer is not used here, as starting and ending a span
 through it costs about ten times as much.
@@ -36,13 +38,14 @@ phase.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace import SpanKind, Status, StatusCode, TraceState
 
 from rproxy.http.filters import Chain, Filter
+from rproxy.telemetry.record import Context, SpanRecord
 from rproxy.telemetry.traceparent import format_traceparent, parse
 
 __all__ = ["TracingFilter", "TokenWaitMark"]
@@ -52,7 +55,6 @@ _REPLACE = frozenset({b"traceparent"})
 _RESTART = frozenset({b"traceparent", b"tracestate"})  # a malformed traceparent: its tracestate goes too
 _SERVER = SpanKind.SERVER
 _CLIENT = SpanKind.CLIENT
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
 
@@ -62,7 +64,7 @@ class _Trace:
     One request's tracing state.
 
     @ivar span_id: its SERVER span's id; 0 when the request is not sampled.
-    @ivar parent: the client's span (a remote SpanContext), or None.
+    @ivar parent: the client's span (a remote L{Context}), or None.
     @ivar attempt: the attempt in progress: (span id, start, attributes).
     @ivar inject: the C{traceparent} an unsampled request sends on (None:
         the client's goes on unchanged).
@@ -76,7 +78,7 @@ class _Trace:
         self.exchange = exchange
         self.trace_id = trace_id
         self.span_id = span_id
-        self.parent: SpanContext | None = None
+        self.parent: Context | None = None
         self.state: TraceState | None = None
         self.attributes: dict[str, Any] = {}
         self.attempt: tuple[int, float, dict[str, Any]] | None = None
@@ -94,7 +96,7 @@ class TracingFilter(Filter):
     def __init__(self, telemetry: Any, frontend: Any, rng: random.Random | None = None) -> None:
         self.telemetry = telemetry
         self.frontend = frontend
-        self.ratio = telemetry.sample_ratio
+        self.ratio = ratio = telemetry.sample_ratio
         rng = rng or random.Random()
         self.random = rng.random
         self.bits = rng.getrandbits
@@ -102,24 +104,43 @@ class TracingFilter(Filter):
         # untraced request's later phases run (L{_quiet})
         self.full: Any = None
         self.quiet: Any = None
+        # new traces: how many requests to pass over before the next
+        # sampled one, drawn from the geometric distribution: the same
+        # as a draw per request with probability C{ratio}, without one
+        self.log_miss = math.log1p(-ratio) if 0 < ratio < 1 else 0.0
+        self.skip = self._gap()
+
+    def _gap(self) -> float:
+        """
+        The number of requests not sampled before the next sampled one.
+        """
+        ratio = self.ratio
+        if ratio >= 1:
+            return 0
+        if ratio <= 0:
+            return math.inf
+        return math.floor(math.log(1.0 - self.random()) / self.log_miss)
 
     # -- request -----------------------------------------------------------
 
     def request(self, exchange: Any) -> None:
-        for key, value in exchange.head.headers:
-            if len(key) == 11 and key.lower() == _TRACEPARENT:
-                exchange.client.trace = self._continued(exchange, value)
-                return None
-        if self.random() < self.ratio:
-            trace = _Trace(exchange, self.bits(128) or 1, self.bits(64) or 1, _REPLACE)
-            trace.attributes = self._request_attributes(exchange)
-            exchange.client.trace = trace
+        raw = exchange.head.traceparent
+        if raw is not None:
+            exchange.client.trace = self._continued(exchange, raw)
             return None
-        # not sampled, and nothing to pass on: this filter's later phases
-        # are skipped for this request
-        exchange.client.trace = None
-        chain = exchange.chain
-        exchange.chain = self.quiet if chain is self.full else self._quiet(chain)
+        skip = self.skip
+        if skip:
+            # not sampled, and nothing to pass on: this filter's later
+            # phases are skipped for this request
+            self.skip = skip - 1
+            exchange.client.trace = None
+            chain = exchange.chain
+            exchange.chain = self.quiet if chain is self.full else self._quiet(chain)
+            return None
+        self.skip = self._gap()
+        trace = _Trace(exchange, self.bits(128) or 1, self.bits(64) or 1, _REPLACE)
+        trace.attributes = self._request_attributes(exchange)
+        exchange.client.trace = trace
         return None
 
     def _quiet(self, chain: Any) -> Any:
@@ -153,8 +174,7 @@ class TracingFilter(Filter):
             state = exchange.head.header(b"tracestate")
             if state:
                 trace.state = _trace_state(state)
-            trace.parent = SpanContext(trace_id, parent_id, is_remote=True, trace_flags=_SAMPLED,
-                                       trace_state=trace.state)
+            trace.parent = Context(trace_id, parent_id, True, trace.state)
         trace.attributes = self._request_attributes(exchange)
         return trace
 
@@ -236,14 +256,14 @@ class TracingFilter(Filter):
             attributes["error.type"] = str(outcome).split(":", 1)[0]
             status = Status(StatusCode.ERROR, str(outcome))
         self._finished(trace, attributes["http.request.method"], span_id, _CLIENT, attributes, status, start, now,
-                       SpanContext(trace.trace_id, trace.span_id, False, _SAMPLED, trace.state))
+                       Context(trace.trace_id, trace.span_id, False, trace.state))
 
     def _finished(self, trace: _Trace, name: str, span_id: int, kind: SpanKind, attributes: dict[str, Any],
-                  status: Status, start: float, end: float, parent: SpanContext | None) -> None:
+                  status: Status, start: float, end: float, parent: Context | None) -> None:
         telemetry = self.telemetry
-        telemetry.finished(ReadableSpan(
-            name, SpanContext(trace.trace_id, span_id, False, _SAMPLED, trace.state), parent, telemetry.resource,
-            attributes, (), (), kind, None, status, int(start * 1e9), int(end * 1e9), telemetry.http_scope))
+        telemetry.finished(SpanRecord(
+            name, Context(trace.trace_id, span_id, False, trace.state), parent, telemetry.resource, attributes, kind,
+            status, int(start * 1e9), int(end * 1e9), telemetry.http_scope))
 
     # -- the end -------------------------------------------------------------
 
