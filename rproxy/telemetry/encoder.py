@@ -27,6 +27,8 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from opentelemetry.trace import SpanKind, StatusCode
+
 __all__ = ["encode_spans"]
 
 _BYTE = [bytes((i,)) for i in range(128)]
@@ -42,6 +44,10 @@ _IS_REMOTE = 0x200
 # repeat (methods, addresses, statuses, names); short ones only, the dict
 # cleared when large (at most about 2 MiB each)
 _CACHE_SIZE = 8192
+# a Span's kind field (OTLP counts from 1, the SDK from 0), and its status
+# field without a description, by the SDK's enums
+_KINDS = {kind: b"\x30" + bytes((kind.value + 1,)) for kind in SpanKind}
+_STATUS = {code: b"\x7a\x02\x18" + bytes((code.value,)) if code.value else b"\x7a\x00" for code in StatusCode}
 # (one dict per field tag: the whole field is kept)
 _caches: dict[bytes, dict[tuple[str, Any, type], bytes]] = {}
 
@@ -143,13 +149,10 @@ def _trace_state(state: Any) -> bytes:
 def _status(status: Any) -> bytes:
     if status is None:
         return b""
-    body = b""
-    if status.description:
-        body = _field(b"\x12", status.description.encode("utf-8"))
-    code = status.status_code.value
-    if code:
-        body += b"\x18" + _varint(code)
-    return _field(b"\x7a", body)
+    description = status.description
+    if not description:
+        return _STATUS[status.status_code]
+    return _field(b"\x7a", _field(b"\x12", description.encode("utf-8")) + _STATUS[status.status_code][2:])
 
 
 def _event(event: Any) -> bytes:
@@ -191,7 +194,7 @@ def _span(span: Any) -> bytes:
     name = span.name
     if name:
         parts.append(_field(b"\x2a", name.encode("utf-8")))
-    parts.append(b"\x30" + _BYTE[span.kind.value + 1])  # the SDK's kinds count from 0, OTLP's from 1
+    parts.append(_KINDS[span.kind])
     if span.start_time:
         parts.append(b"\x39" + _FIXED64(span.start_time))
     if span.end_time:
@@ -249,20 +252,24 @@ def encode_spans(spans: Sequence[Any]) -> bytes:
     resource, then by instrumentation scope, each in the order first seen.
     """
     groups: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+    last_resource = last_scope = out = None
     for span in spans:
         resource = span.resource
         scope = span.instrumentation_scope
-        group = groups.get(id(resource))
-        if group is None:
-            group = groups[id(resource)] = (resource, {})
-        scopes = group[1]
-        encoded = scopes.get(id(scope))
-        if encoded is None:
-            encoded = scopes[id(scope)] = (scope, [])
+        if resource is not last_resource or scope is not last_scope or out is None:
+            group = groups.get(id(resource))
+            if group is None:
+                group = groups[id(resource)] = (resource, {})
+            scopes = group[1]
+            encoded = scopes.get(id(scope))
+            if encoded is None:
+                encoded = scopes[id(scope)] = (scope, [])
+            out = encoded[1]
+            last_resource, last_scope = resource, scope
         body = _span(span)
         n = len(body)
-        encoded[1].append(b"\x12" + (_BYTE[n] if n < 128 else _varint(n)) + body)
-    out = []
+        out.append(b"\x12" + (_BYTE[n] if n < 128 else _varint(n)) + body)
+    request = []
     for resource, scopes in groups.values():
         parts = [_resource(resource)]
         for scope, encoded in scopes.values():
@@ -272,5 +279,5 @@ def encode_spans(spans: Sequence[Any]) -> bytes:
         schema = getattr(resource, "schema_url", None)
         if schema:
             parts.append(_field(b"\x1a", schema.encode("utf-8")))
-        out.append(_field(b"\x0a", b"".join(parts)))
-    return b"".join(out)
+        request.append(_field(b"\x0a", b"".join(parts)))
+    return b"".join(request)

@@ -180,23 +180,21 @@ class TracingFilter(Filter):
 
     def _request_attributes(self, exchange: Any) -> dict[str, Any]:
         head, client = exchange.head, exchange.client
-        method = head.method.decode("latin-1")
         attributes: dict[str, Any] = {
-            "http.request.method": method,
+            "http.request.method": head.method.decode("latin-1"),
             "url.path": head.target.split(b"?", 1)[0].decode("latin-1"),
             "url.scheme": self.frontend.scheme.decode(),
-            "network.protocol.version": f"{head.version[0]}.{head.version[1]}",
+            "network.protocol.version": _VERSIONS.get(head.version) or f"{head.version[0]}.{head.version[1]}",
             "network.peer.address": client.peer_host,
             "client.address": client.peer_host,
             "rproxy.frontend": self.frontend.name,
         }
         host = head.host
         if host:
-            name, _, port = host.decode("latin-1").rpartition(":") if not host.endswith(b"]") else ("", "", "")
-            if name and port.isdigit():
-                attributes["server.address"], attributes["server.port"] = name, int(port)
-            else:
-                attributes["server.address"] = host.decode("latin-1")
+            server = _hosts.get(host)
+            if server is None:
+                server = _server(host)
+            attributes.update(server)
         agent = head.header(b"user-agent")
         if agent is not None:
             attributes["user_agent.original"] = agent.decode("latin-1")
@@ -343,6 +341,28 @@ class TokenWaitMark(Filter):
         if trace is not None and trace.span_id:
             trace.routed = self.clock.seconds()
         return None
+
+
+_VERSIONS = {(1, 1): "1.1", (1, 0): "1.0"}
+# the server.address and .port attributes of recent Host values (a few
+# per site; cleared when large)
+_hosts: dict[bytes, dict[str, Any]] = {}
+
+
+def _server(host: bytes) -> dict[str, Any]:
+    """
+    The attributes a Host value names: C{server.address}, and
+    C{server.port} if it has one.
+    """
+    name, _, port = host.decode("latin-1").rpartition(":") if not host.endswith(b"]") else ("", "", "")
+    if name and port.isdigit():
+        server: dict[str, Any] = {"server.address": name, "server.port": int(port)}
+    else:
+        server = {"server.address": host.decode("latin-1")}
+    if len(_hosts) >= 1024:
+        _hosts.clear()
+    _hosts[host] = server
+    return server
 
 
 def _trace_state(value: bytes) -> TraceState | None:
