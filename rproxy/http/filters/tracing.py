@@ -100,9 +100,8 @@ class TracingFilter(Filter):
         rng = rng or random.Random()
         self.random = rng.random
         self.bits = rng.getrandbits
-        # the chain this filter is in, and the same without it: what an
-        # untraced request's later phases run (L{_quiet})
-        self.full: Any = None
+        # the chain this filter is in, without it: what an untraced
+        # request's later phases run (L{_quiet})
         self.quiet: Any = None
         # new traces: how many requests to pass over before the next
         # sampled one, drawn from the geometric distribution: the same
@@ -110,7 +109,7 @@ class TracingFilter(Filter):
         self.log_miss = math.log1p(-ratio) if 0 < ratio < 1 else 0.0
         self.skip = self._gap()
 
-    def _gap(self) -> float:
+    def _gap(self) -> int:
         """
         The number of requests not sampled before the next sampled one.
         """
@@ -118,7 +117,7 @@ class TracingFilter(Filter):
         if ratio >= 1:
             return 0
         if ratio <= 0:
-            return math.inf
+            return 1 << 62  # (an int: never 0 in a process's life, and cheaper to count down than inf)
         return math.floor(math.log(1.0 - self.random()) / self.log_miss)
 
     # -- request -----------------------------------------------------------
@@ -131,11 +130,11 @@ class TracingFilter(Filter):
         skip = self.skip
         if skip:
             # not sampled, and nothing to pass on: this filter's later
-            # phases are skipped for this request
+            # phases are skipped for this request (its connection's
+            # trace is None: a trace is dropped by the log or closed
+            # phase of its own exchange)
             self.skip = skip - 1
-            exchange.client.trace = None
-            chain = exchange.chain
-            exchange.chain = self.quiet if chain is self.full else self._quiet(chain)
+            exchange.chain = self.quiet or self._quiet(exchange.chain)
             return None
         self.skip = self._gap()
         trace = _Trace(exchange, self.bits(128) or 1, self.bits(64) or 1, _REPLACE)
@@ -145,9 +144,9 @@ class TracingFilter(Filter):
 
     def _quiet(self, chain: Any) -> Any:
         """
-        C{chain} without this filter (made once: a filter is in one chain).
+        C{chain} without this filter (made once: a filter is in one chain,
+        the one whose request phase calls it).
         """
-        self.full = chain
         self.quiet = Chain([f for f in chain.filters if f is not self])
         return self.quiet
 
