@@ -14,7 +14,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace import (
+    Link,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.config import config_from_mapping
@@ -25,10 +33,11 @@ from rproxy.telemetry.record import Context, SpanRecord
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _RESOURCE = Resource.create({"service.name": "rproxy", "deployment.environment": "test"})
 _HTTP = InstrumentationScope("rproxy.http")
+_UNSET = Status(StatusCode.UNSET)
 
 
 def _span(name: str = "GET /api", attributes: Any = None, parent: SpanContext | None = None,
-          kind: SpanKind = SpanKind.SERVER, status: Status | None = Status(StatusCode.UNSET),
+          kind: SpanKind = SpanKind.SERVER, status: Status | None = _UNSET,
           resource: Resource = _RESOURCE, scope: InstrumentationScope | None = _HTTP, state: TraceState | None = None,
           events: tuple[Event, ...] = (), links: tuple[Link, ...] = (), span_id: int = 0x1122334455667788) -> ReadableSpan:
     return ReadableSpan(
@@ -46,13 +55,13 @@ class EncoderTests(SynchronousTestCase):
         ours = ExportTraceServiceRequest.FromString(encode_spans(spans))
         theirs = ExportTraceServiceRequest.FromString(official(spans).SerializePartialToString())
         self.assertEqual(len(ours.resource_spans), len(theirs.resource_spans))
-        for a, b in zip(ours.resource_spans, theirs.resource_spans):
+        for a, b in zip(ours.resource_spans, theirs.resource_spans, strict=True):
             self.assertEqual(a.resource, b.resource)
             self.assertEqual(len(a.scope_spans), len(b.scope_spans))
-            for x, y in zip(a.scope_spans, b.scope_spans):
+            for x, y in zip(a.scope_spans, b.scope_spans, strict=True):
                 self.assertEqual(x.scope, y.scope)
                 self.assertEqual(len(x.spans), len(y.spans))
-                for s, t in zip(x.spans, y.spans):
+                for s, t in zip(x.spans, y.spans, strict=True):
                     self.assertEqual(s.ListFields(), t.ListFields())
         self.assertEqual(ours, theirs)
         return ours
