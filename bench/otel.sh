@@ -20,7 +20,7 @@ trap 'rm -rf "$work"' EXIT
 count() {  # requests, then otel_path.py's options
     n=$1
     shift
-    valgrind --tool=callgrind --callgrind-out-file="$work/cg" "$here/.venv/bin/python" \
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file="$work/cg" "$here/.venv/bin/python" \
         "$here/bench/otel_path.py" --requests "$n" "$@" 2>&1 | sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
 }
 per_request() {
