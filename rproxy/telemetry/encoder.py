@@ -11,9 +11,10 @@ costs.  This writes the same fields straight to bytes (a varint and
 length-delimited writer; a span's fields in field-number order), groups
 spans by their resource and scope objects, encodes each resource and
 scope once, and keeps the encoding of recent (key, value) attributes:
-about a fifth of that.  What it writes decodes to the same message as
-the official encoder's (C{tests.test_telemetry} compares them field by
-field); C{telemetry: {encoder: official}} uses the official one.
+about 3 us a span (callgrind: ~35k instructions against ~300k).  What
+it writes decodes to the same message as the official encoder's
+(C{tests.test_telemetry_encoder} compares them field by field);
+C{telemetry: {encoder: official}} uses the official one.
 
 The wire format (opentelemetry-proto, C{collector/trace/v1} and
 C{trace/v1}): ExportTraceServiceRequest{1: ResourceSpans*},
@@ -40,9 +41,9 @@ _MASK64 = (1 << 64) - 1
 # Span.flags: SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, and _IS_REMOTE_MASK
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
-# recent attributes' KeyValue bodies, by (key, value, type): most values
-# repeat (methods, addresses, statuses, names); short ones only, the dict
-# cleared when large (at most about 2 MiB each)
+# recent attributes' encodings, by (key, value, type): most values repeat
+# (methods, addresses, statuses, names); fields under 256 bytes only, each
+# dict cleared at 8192 (a few MiB at most)
 _CACHE_SIZE = 8192
 # a Span's kind field (OTLP counts from 1, the SDK from 0), and its status
 # field without a description, by the SDK's enums
