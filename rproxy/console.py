@@ -110,6 +110,18 @@ def frontend_counters(service: RProxyService) -> list[dict[str, Any]]:
     return rows
 
 
+def tunnel_rows(service: RProxyService) -> list[dict[str, Any]]:
+    """
+    The dashboard's tunnels: their agents (the cluster's, with one) and
+    stream counts.
+    """
+    return [
+        {"name": t.name, "mode": t.config.mode, "agents": t.agents(),
+         "streams_opened": t.streams_opened, "streams_failed": t.streams_failed}
+        for t in service.tunnels.values()
+    ]
+
+
 def token_pool_rows(service: RProxyService) -> list[dict[str, Any]]:
     """
     Each token pool of C{service}: counts and the credentials taken out.
@@ -256,17 +268,16 @@ class Console:
             "columns": ["at", "requests_per_s", "4xx", "5xx", "p50_ms", "p99_ms", "open", "connections_per_s"],
             "frontends": [self._frontend(row) for row in self._rows],
             "backends": self.backends(),
-            "tunnels": [
-                {"name": t.name, "mode": t.config.mode, "agents": t.agents(),
-                 "streams_opened": t.streams_opened, "streams_failed": t.streams_failed}
-                for t in service.tunnels.values()
-            ],
+            "tunnels": self.tunnels(),
             "token_pools": self.token_pools(),
             "reload": service.last_reload,
         }
 
     def problems(self) -> list[str]:
         return self.service.readiness_problems()
+
+    def tunnels(self) -> list[dict[str, Any]]:
+        return tunnel_rows(self.service)
 
     def backends(self) -> list[dict[str, Any]]:
         return [pool.describe() for pool in self.service.pools.values()]

@@ -17,6 +17,12 @@ them itself: a frontend with C{tls:} gets them through its TLS layer, a
 tcp frontend with C{tls_passthrough} reads the ClientHello's SNI from
 them.  A kind with no frontend configured is closed with one log line.
 
+C{allow}/C{deny} on the detect frontend are checked at accept, before
+admission and before a byte is read: a refused client is closed with one
+log line and counted (C{denied_total}, C{rproxy_frontend_denied_total});
+with C{proxy_protocol} the address checked is the header's.  (The
+frontend a connection is handed to applies its own lists too.)
+
 The target frontends are looked up by name at each connection (a reload
 that replaces one is seen at once); they are ordinary frontends with
 their own listeners too.
@@ -86,9 +92,15 @@ class DetectProtocol(Handoff):
         self.deadlines = frontend.deadlines
 
     def connectionMade(self) -> None:
+        frontend = self.frontend
+        access = frontend.config.access
+        if access is not None and not access.permits(getattr(self.addr, "host", "unix")):
+            self.done = self.forgotten = True  # (never admitted)
+            frontend.denied(self)
+            return
         # nothing is read while it waits for a slot
         self.transport.pauseProducing()  # type: ignore[union-attr]
-        self.frontend.admission.admit(self)
+        frontend.admission.admit(self)
 
     # -- IAdmitted ---------------------------------------------------------
 
@@ -174,6 +186,7 @@ class DetectFrontend(AdmittedFigures):
         self.clock = clock
         self.connect_errors = 0
         self.detected: collections.Counter[str] = collections.Counter()
+        self.denied_total = 0  # refused at accept by allow/deny
         self.proxy_protocol: Any = None
         self.deadlines = Deadlines(clock)
         self._tls: dict[str, tuple[Any, Any, Any]] = {}
@@ -189,6 +202,16 @@ class DetectFrontend(AdmittedFigures):
     @property
     def name(self) -> str:
         return self.config.name  # type: ignore[no-any-return]
+
+    def denied(self, conn: DetectProtocol) -> None:
+        """
+        C{conn}'s client is refused by the allow/deny lists: closed at
+        once, one line.
+        """
+        self.denied_total += 1
+        self.log.info("frontend {frontend}: refusing {peer}: not allowed by allow/deny", frontend=self.name,
+                      peer=conn.peer_name())
+        conn.transport.abortConnection()  # type: ignore[union-attr]
 
     def lookup(self, name: str) -> Any:
         return self.frontends.get(name)

@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rproxy.cidr import CIDRSet
 from rproxy.proxyproto import V1_MAX_LENGTH, V2_MAX_LENGTH, InvalidProxyHeader, ProxyHeader, parse
 
 __all__ = ["Deadlines", "Handoff", "HandedTransport", "ProxyProtocolFactory", "ProxyProtocolReceiver", "address_of",
@@ -319,20 +320,26 @@ class ProxyProtocolFactory(Factory):
     header comes before the TLS handshake) so its connections start with a
     PROXY protocol header (v1 or v2, either accepted), read within
     C{timeout} seconds; a missing or malformed header closes the
-    connection with one logged line.
+    connection with one logged line.  With C{sources} (C{proxy_protocol:
+    {from: [...]}}), a connection from a peer outside those networks is
+    closed at accept, one line: only the proxies there may name a client
+    (nginx's C{set_real_ip_from}).
 
     @ivar accepted: headers read.
-    @ivar rejected: connections closed for a missing or malformed header.
+    @ivar rejected: connections closed for a missing or malformed header,
+        or from a peer not in C{sources}.
     """
 
     noisy = False
     log = Logger()
 
     def __init__(self, wrapped: Any, clock: Any, timeout: float = 5.0, name: str = "",
-                 frontend: Any = None, max_pending: int = 10000) -> None:
+                 frontend: Any = None, max_pending: int = 10000, sources: tuple[Any, ...] | None = None) -> None:
         self.wrapped = wrapped
         self.clock = clock
         self.timeout = timeout
+        self.sources = sources
+        self._sources: tuple[Any, CIDRSet | None] = (None, None)  # (networks, their set)
         self.name = name or getattr(wrapped, "name", "?")
         # with a frontend: its current config.proxy_protocol decides, per
         # connection (a reload turns the header on or off at once)
@@ -362,6 +369,13 @@ class ProxyProtocolFactory(Factory):
             if options is None:
                 return self.wrapped.buildProtocol(addr)
             self.timeout = options.timeout
+            self.sources = options.sources
+        if self.sources is not None and getattr(addr, "host", "") not in self._trusted(self.sources):
+            self.rejected += 1
+            self.log.info("frontend {frontend}: refusing {peer}: not in proxy_protocol.from (only those proxies "
+                          "may send a PROXY header)", frontend=self.name,
+                          peer=f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}")
+            return None
         if len(self.deadlines.pending) >= self.max_pending:
             # (each holds a descriptor and up to 4 KiB until its timeout)
             self.rejected += 1
@@ -370,6 +384,14 @@ class ProxyProtocolFactory(Factory):
                           n=len(self.deadlines.pending))
             return None
         return ProxyProtocolReceiver(self, addr)
+
+
+    def _trusted(self, sources: tuple[Any, ...]) -> CIDRSet:
+        cached, cidrs = self._sources
+        if cached is not sources or cidrs is None:
+            cidrs = CIDRSet(sources)
+            self._sources = (sources, cidrs)
+        return cidrs
 
 
 def listening_factory(frontend: Any, factory: Any) -> Any:
@@ -385,7 +407,8 @@ def listening_factory(frontend: Any, factory: Any) -> Any:
     options = frontend.config.proxy_protocol
     limit = getattr(getattr(frontend, "limit", None), "limit", None) or 10000
     wrapped = ProxyProtocolFactory(factory, frontend.clock, options.timeout if options is not None else 5.0,
-                                   frontend.name, frontend=frontend, max_pending=limit)
+                                   frontend.name, frontend=frontend, max_pending=limit,
+                                   sources=options.sources if options is not None else None)
     frontend.proxy_protocol = wrapped
     return wrapped
 

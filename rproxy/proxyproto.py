@@ -105,13 +105,16 @@ def _parse_v1(data: bytes) -> tuple[ProxyHeader, int] | None:
     head = data[: len(V1_PREFIX)]
     if head != V1_PREFIX[: len(head)]:
         raise InvalidProxyHeader(f"no PROXY header: the connection starts with {_show(data[:8])}")
-    end = data.find(b"\r\n", 0, V1_MAX_LENGTH)
-    if end < 0:
+    # the header ends at its first LF, which must follow a CR (a CRLF
+    # further on is the client's, not the header's)
+    lf = data.find(b"\n", 0, V1_MAX_LENGTH)
+    if lf < 0:
         if len(data) >= V1_MAX_LENGTH:
             raise InvalidProxyHeader(f"v1 header without CRLF in its first {V1_MAX_LENGTH} bytes")
-        if b"\n" in data:
-            raise InvalidProxyHeader("v1 header ends with LF without CR")
         return None
+    if data[lf - 1: lf] != b"\r":
+        raise InvalidProxyHeader("v1 header ends with LF without CR")
+    end = lf - 1
     line = data[len(V1_PREFIX): end]
     try:
         text = line.decode("ascii")

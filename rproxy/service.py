@@ -130,6 +130,9 @@ class RProxyService(MultiService):
             self.reactor, frontend.listen, backlog)
         self.checker_factory: Callable[..., Any] = HealthChecker
         self.pool_made: Callable[[Pool], None] | None = None
+        # (a worker running tunnels, with a cluster: their control and
+        # public ports adopt the master's sockets; see rproxy.workers.views)
+        self.tunnel_made: Callable[[TunnelServer], None] | None = None
         self.make_admin_site: Callable[[RProxyService], Any] = build_admin_site
 
     # -- start -----------------------------------------------------------
@@ -258,6 +261,8 @@ class RProxyService(MultiService):
                 if tunnel.http is not None:
                     tunnel.http.telemetry = self.telemetry
                 tunnel.observe_open = self.metrics.tunnel_open_latency.labels(tunnel_config.name).observe
+                if self.tunnel_made is not None:
+                    self.tunnel_made(tunnel)
                 self.tunnels[tunnel_config.name] = tunnel
                 await tunnel.start()
         self._apply_cluster(new)
@@ -277,8 +282,9 @@ class RProxyService(MultiService):
     def _apply_cluster(self, new: Config) -> None:
         """
         Join the cluster (L{rproxy.cluster}) once, with tunnels to share (a
-        process without any, such as a worker of C{workers: N} whose master
-        holds the tunnels, is no node); a change takes effect after a restart.
+        process without any, such as the master of C{workers: N} whose
+        workers hold the tunnels as nodes of their own, is no node); a
+        change takes effect after a restart.
         """
         if self.cluster is None and new.cluster is not None and new.stores is not None and new.tunnels:
             from rproxy.cluster.node import ClusterNode

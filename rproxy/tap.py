@@ -112,8 +112,9 @@ def startup_line(service: Any) -> str:
         listening = [f"frontend {name} ({service.frontends[name].config.protocol}) {_where(port)}"
                      for name, port in service.ports.items() if name in service.frontends]
     else:
-        listening = [f"frontend {name} {_where_socket(sockets)} in {len(sockets)} worker(s)"
-                     for name, (_, sockets) in service.listeners.items()]
+        # (tunnel ports the workers share, with a cluster: "tunnel NAME ROLE")
+        listening = [f"{name if name.startswith('tunnel ') else 'frontend ' + name} {_where_socket(sockets)} "
+                     f"in {len(sockets)} worker(s)" for name, (_, sockets) in service.listeners.items()]
         service = inner
     for tunnel in service.tunnels.values():
         ports = getattr(tunnel, "ports", {})

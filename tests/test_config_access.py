@@ -177,16 +177,18 @@ class ConfigAccessTests(SynchronousTestCase):
         """
         path = self.users_file(
             f"alice:{BCRYPT_SECRET}\nnocolon\nbob:$apr1$abc$def\ncarol:plain\n"
-            f"dave:$2y$04$short\nalice:{ARGON2_HUNTER2}\n"
+            f"dave:$2y$04$short\nalice:{ARGON2_HUNTER2}\nerin:$secretsecretsecret$x\n"
         )
         self.assertEqual(self.errors(document({"auth": {"basic": {"users_file": path}}})), [
             f"frontends[0].auth.basic.users_file: {path} line 2: expected user:hash",
             f"frontends[0].auth.basic.users_file: {path} line 3: user 'bob': unsupported hash ($apr1$); "
             "use bcrypt (htpasswd -B) or argon2id",
-            f"frontends[0].auth.basic.users_file: {path} line 4: user 'carol': unsupported hash (plain text o); "
+            f"frontends[0].auth.basic.users_file: {path} line 4: user 'carol': unsupported hash (plain text or crypt); "
             "use bcrypt (htpasswd -B) or argon2id",
             f"frontends[0].auth.basic.users_file: {path} line 5: user 'dave': malformed bcrypt hash",
             f"frontends[0].auth.basic.users_file: {path} line 6: user 'alice' is listed twice",
+            f"frontends[0].auth.basic.users_file: {path} line 7: user 'erin': unsupported hash (an unknown $ "
+            "scheme); use bcrypt (htpasswd -B) or argon2id",
         ])
         missing = "no-such-users-file"
         self.assertEqual(self.errors(document(route={"auth": {"basic": {"users_file": missing}}})), [
@@ -215,3 +217,22 @@ class ConfigAccessTests(SynchronousTestCase):
         users, problems = parse_users("f", f"  # c\n\nu1:{BCRYPT_SECRET.replace('$2y$', '$2b$')}\r\n".encode())
         self.assertEqual((len(users), problems), (1, []))
         self.assertEqual(parse_users("f", b"\xff:x"), ((), ["f is not UTF-8 text"]))
+
+    def test_direct_routes_and_route_policies(self) -> None:
+        """
+        direct_routes with a route guarded by allow/deny or auth is
+        refused (a direct route would go around them); with policies on
+        the frontend only, or on no route, it is read.
+        """
+        data = document({"http": {"direct_routes": True}, "routes": [
+            {"path_prefix": "/public", "backend": "web"},
+            {"path_prefix": "/admin", "backend": "web", "deny": ["10.0.0.0/8"], "auth": {"api_keys": True}},
+        ]})
+        self.assertEqual(self.errors(data), [
+            "frontends[0].http.direct_routes: /backend/NAME/... would reach the servers of backend 'web' without "
+            "the deny and auth of frontends[0].routes[1]; put that policy on the frontend (it applies to direct "
+            "routes too) or turn direct_routes off"])
+        config = parse_config(document({"http": {"direct_routes": True}, "allow": ["10.0.0.0/8"],
+                                        "auth": {"api_keys": True}, "routes": [
+                                            {"path_prefix": "/health", "backend": "web", "auth": False}]}))
+        self.assertTrue(config.frontends[0].http.direct_routes)

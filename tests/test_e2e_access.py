@@ -99,6 +99,23 @@ class AccessE2ETests(AccessHelpers, TestCase):
         self.assertIn('rproxy_http_refused_total{frontend="web",reason="access"} 1.0', text)
 
     @async_test
+    async def test_path_spellings(self) -> None:
+        """
+        curl --path-as-is sending /admin spelt other ways (percent-encoded,
+        double slash, dot segments, absolute form) meets the /admin route's
+        deny list; an allowed request reaches the server in normal form.
+        """
+        await self.start_with({"routes": [{"path_prefix": "/admin", "backend": "web", "deny": ["127.0.0.0/8"]}]})
+        for target in ("/%61dmin", "//admin", "/./admin", "/x/../admin", "/../admin/x"):
+            status, _, _ = await curl("--path-as-is", f"{self.url}{target}")
+            self.assertEqual(status, 403, target)
+        status, _, _ = await curl("--request-target", f"http://127.0.0.1:{self.port}/admin", f"{self.url}/")
+        self.assertEqual(status, 403)
+        status, _, _ = await curl("--path-as-is", f"{self.url}/admin/../%65cho")
+        self.assertEqual(status, 200)
+        self.assertEqual([r["path"] for r in self.backends[0][0].requests], ["/echo"])
+
+    @async_test
     async def test_trusted_proxy(self) -> None:
         """
         From a trusted proxy, X-Forwarded-For goes on with the proxy

@@ -319,8 +319,8 @@ class ClusterTests(ServiceMixin, TestCase):
     @async_test
     async def test_no_tunnels_no_node(self) -> None:
         """
-        A process without tunnels (a worker of workers: N, whose master
-        holds them) does not join: the master is the machine's node.
+        A process without tunnels (the master of workers: N, whose workers
+        hold them, each a node of its own) does not join.
         """
         from rproxy.config.load import config_from_mapping
         from rproxy.workers.views import master_view, worker_view
@@ -331,11 +331,12 @@ class ClusterTests(ServiceMixin, TestCase):
             "tunnels": [{"name": "gpu", "control": "tcp:0", "proxy": "tcp:0", "public": "tcp:0"}],
             "cluster": {"node_id": "m", "advertise": {"proxy": "127.0.0.1:0"}},
         })
-        self.assertEqual(master_view(config).cluster, config.cluster)
+        self.assertEqual(master_view(config).tunnels, ())
         self.assertIsNotNone(service.cluster)
         worker = await self.start_service({
             "stores": {"redis": {"url": self.redis.url}}, "api_keys": [{"key": "k"}],
             "cluster": {"node_id": "m", "advertise": {"proxy": "127.0.0.1:0"}},
         })
         self.assertIsNone(worker.cluster)
-        self.assertEqual(worker_view(config, 0, 2).tunnels, ())
+        self.assertEqual([t.name for t in worker_view(config, 0, 2).tunnels], ["gpu"])
+        self.assertEqual(worker_view(config, 1, 2).cluster.node_id, "m-w1")

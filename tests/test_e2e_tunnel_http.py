@@ -515,6 +515,37 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         self.assertEqual((status, answer["agent"]), (200, "a"))
         self.assertEqual(agent.models, ("llama3", "qwen2"))
 
+    # -- the policy filters of HTTP frontends on the public port: rate limits
+    # per user key (shared and dedicated keys alike) and allow/deny
+
+    async def post(self, key: str) -> tuple[int, dict[str, str]]:
+        body = b'{"model": "llama3", "messages": []}'
+        status, headers, _ = await self.request(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return status, headers
+
+    @async_test
+    async def test_rate_limit_per_key(self) -> None:
+        """Each key has its own bucket: the third request of one key is 429, another key goes on."""
+        await self.start_tunnel(rate_limit={"key": "api_key", "rate": "2/m", "burst": 2})
+        await self.start_agent("a", ["llama3"])
+        await self.start_agent("t", ["llama3"], key="team-key")
+        self.assertEqual([(await self.post("good-key"))[0] for _ in range(2)], [200, 200])
+        status, headers = await self.post("good-key")
+        self.assertEqual(status, 429)
+        self.assertIn("retry-after", headers)
+        self.assertEqual((await self.post("team-key"))[0], 200)
+
+    @async_test
+    async def test_deny(self) -> None:
+        """A denied client gets 403 before any agent is asked."""
+        await self.start_tunnel(deny=["127.0.0.0/8"])
+        await self.start_agent("a", ["llama3"])
+        status, _ = await self.post("good-key")
+        self.assertEqual(status, 403)
+        self.assertEqual(self.tunnel.streams_opened, 0)
+
 
 class OneRequestTests(ServiceMixin, TestCase):
     """
@@ -684,3 +715,15 @@ class ModelListTests(TestCase):
         for bad in (b"[]", b'{"data": 1}', b"nope"):
             self.assertRaises(ValueError, models_in, bad)
 
+
+
+class TunnelPolicyConfigTests(TestCase):
+    def test_mode_tcp_refuses_http_policy(self) -> None:
+        """rate_limit and allow/deny on a mode tcp tunnel name their key path."""
+        from rproxy.config import ConfigError, config_from_mapping
+
+        with self.assertRaises(ConfigError) as caught:
+            config_from_mapping({"admin": {"listen": None}, "tunnels": [
+                {"name": "t", "mode": "tcp", "rate_limit": {"key": "ip", "rate": "1/s"}, "deny": ["10.0.0.0/8"]}]})
+        self.assertIn("tunnels[0].rate_limit: applies to mode: http only", str(caught.exception))
+        self.assertIn("tunnels[0].deny: applies to mode: http only", str(caught.exception))

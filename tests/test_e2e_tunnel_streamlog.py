@@ -86,11 +86,14 @@ class StreamLogFormatTests(SynchronousTestCase):
         tunnel = {"name": "gpu", "control": "tcp:0", "proxy": "tcp:0", "public": "tcp:0"}
         config = config_from_mapping(dict(base, tunnels=[dict(tunnel, access_log="text")]))
         self.assertEqual((config.tunnels[0].access_log, config.tunnels[0].access_log_path), ("text", None))
+        # (the same key logs a mode http tunnel's requests, in the HTTP
+        # frontends' formats)
+        config = config_from_mapping(dict(base, tunnels=[dict(tunnel, mode="http", access_log={"format": "json"})]))
+        self.assertEqual(config.tunnels[0].access_log, "json")
         with self.assertRaises(ConfigError) as caught:
-            config_from_mapping(dict(base, tunnels=[dict(tunnel, mode="http", access_log={"format": "json"}),
+            config_from_mapping(dict(base, tunnels=[dict(tunnel, mode="http", access_log="text"),
                                                     dict(tunnel, name="b", access_log={"format": "xml"})]))
         self.assertEqual(caught.exception.errors, [
-            "tunnels[0].access_log: applies to mode: tcp streams (mode: http requests are logged by the HTTP "
-            "engine)",
+            "tunnels[0].access_log: 'text' is not one of off, combined, json",
             "tunnels[1].access_log.format: 'xml' is not one of off, text, json",
         ])

@@ -181,16 +181,23 @@ class TrustedProxyTests(SynchronousTestCase):
     def test_untrusted_peer(self) -> None:
         """
         Any other peer's X-Forwarded-For is replaced by the peer's address,
-        which is the client address.
+        which is the client address; its Forwarded and X-Real-IP are
+        dropped (a trusted peer's go on).
         """
         proxy = Proxy({"trusted_proxies": ["10.0.0.0/8"]})
         conn, _ = proxy.send(b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.2.3.4\r\n"
-                             b"x-forwarded-for: 5.6.7.8\r\n\r\n", peer="192.0.2.50")
+                             b"x-forwarded-for: 5.6.7.8\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 7.7.7.7\r\n\r\n",
+                             peer="192.0.2.50")
         self.assertEqual(conn.exchange.client_host, "192.0.2.50")
         head = proxy.upstream_head()
         self.assertIn(b"\r\nX-Forwarded-For: 192.0.2.50\r\n", head)
-        self.assertNotIn(b"1.2.3.4", head)
-        self.assertNotIn(b"5.6.7.8", head)
+        for forged in (b"1.2.3.4", b"5.6.7.8", b"6.6.6.6", b"7.7.7.7"):
+            self.assertNotIn(forged, head)
+        # a trusted peer's fields go on
+        proxy.send(b"GET / HTTP/1.1\r\nHost: h\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 7.7.7.7\r\n\r\n")
+        head = proxy.upstream_head()
+        self.assertIn(b"\r\nForwarded: for=6.6.6.6\r\n", head)
+        self.assertIn(b"\r\nX-Real-IP: 7.7.7.7\r\n", head)
 
     def test_no_trusted_proxies(self) -> None:
         """
@@ -284,6 +291,116 @@ class AccessTests(SynchronousTestCase):
         self.assertRefused(proxy, transport, "203.0.113.9")
         proxy.send(b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 198.51.100.1\r\n\r\n")
         self.assertEqual(len(proxy.connector.pending), 1)
+
+
+class NormalTargetTests(SynchronousTestCase):
+    """
+    Routes, and the policies of the route taken, see the target in normal
+    form, which is what the server is sent: a path spelt another way takes
+    the route the server will read it as.
+    """
+
+    ROUTES = {"routes": [{"path_prefix": "/admin", "backend": "be", "deny": ["10.0.0.0/8"]}]}
+    SPELLINGS = [b"/%61dmin", b"/%61%64min/x", b"//admin", b"/./admin", b"/x/../admin", b"/../admin",
+                 b"/%2e%2E/admin", b"/static/%2e%2e/admin?q=1", b"http://h/admin", b"HTTP://h:80//admin"]
+
+    def test_spellings_take_the_route(self) -> None:
+        """
+        Every spelling of /admin takes the /admin route, whose deny list
+        refuses the client: nothing reaches the server.
+        """
+        proxy = Proxy(self.ROUTES)
+        for target in self.SPELLINGS:
+            _, transport = proxy.send(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+            self.assertEqual(answer(transport)[0], b"HTTP/1.1 403 Forbidden", target)
+        self.assertEqual(proxy.connector.pending, [])
+        self.assertEqual(proxy.frontend.refusals, {"access": len(self.SPELLINGS)})
+
+    def test_server_gets_the_normal_form(self) -> None:
+        """
+        The server is sent the target that was matched; the query is left
+        as it is and an encoded slash stays encoded.
+        """
+        proxy = Proxy(self.ROUTES)
+        for target, sent in [(b"/%61dmin//a/./b/../c?x=/../%61", b"/admin/a/c?x=/../%61"),
+                             (b"/a%2fb/%7Euser", b"/a%2Fb/~user"), (b"/plain?x", b"/plain?x")]:
+            proxy.send(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n", peer="192.0.2.1")
+            self.assertTrue(proxy.upstream_head().startswith(b"GET " + sent + b" HTTP/1.1\r\n"), target)
+
+    def test_absolute_form(self) -> None:
+        """
+        An absolute-form target is routed by its own host, not the Host
+        field (RFC 9112 3.2.2), and goes on in origin form with that host.
+        """
+        proxy = Proxy({"routes": [{"host": "admin.example", "backend": "be", "deny": ["10.0.0.0/8"]}]})
+        _, transport = proxy.send(b"GET http://Admin.Example/x HTTP/1.1\r\nHost: public.example\r\n\r\n")
+        self.assertEqual(answer(transport)[0], b"HTTP/1.1 403 Forbidden")
+        proxy.send(b"GET http://admin.example:8080/x/../y HTTP/1.1\r\nHost: public.example\r\n\r\n",
+                   peer="192.0.2.1")
+        head = proxy.upstream_head()
+        self.assertTrue(head.startswith(b"GET /y HTTP/1.1\r\n"), head)
+        self.assertIn(b"\r\nHost: admin.example:8080\r\n", head)
+        self.assertNotIn(b"Host: public.example", head)
+
+    def test_bad_targets(self) -> None:
+        """
+        A malformed percent-encoding, or an absolute URL of another scheme
+        or with user information: 400, nothing forwarded.
+        """
+        proxy = Proxy(self.ROUTES)
+        for target in (b"/%zzadmin", b"/admin%4", b"ftp://h/admin", b"http://u@h/admin"):
+            _, transport = proxy.send(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n", peer="192.0.2.1")
+            self.assertEqual(answer(transport)[0], b"HTTP/1.1 400 Bad Request", target)
+        self.assertEqual(proxy.connector.pending, [])
+
+    def test_auth_and_redirect(self) -> None:
+        """
+        A route's auth and redirect apply to every spelling too.
+        """
+        proxy = Proxy({"routes": [
+            {"path_prefix": "/admin", "backend": "be", "auth": {"api_keys": True}},
+            {"path_prefix": "/old", "backend": "be", "redirect": {"location": "https://new.example{target}"}},
+        ]})
+        proxy.frontend.keys = FakeKeys()
+        _, transport = proxy.send(b"GET //admin HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(answer(transport)[0], b"HTTP/1.1 401 Unauthorized")
+        _, transport = proxy.send(b"GET /x/../%6Fld/a HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(answer(transport)[1][b"location"], [b"https://new.example/old/a"])
+        self.assertEqual(proxy.connector.pending, [])
+
+
+class DirectRouteTests(SynchronousTestCase):
+    def test_own_backends_only(self) -> None:
+        """
+        A direct route reaches the servers of the frontend's own backends
+        (its default and its routes'), not those of another frontend's
+        backend; and its target is read in normal form.
+        """
+        config = config_from_mapping({
+            "admin": {"listen": None},
+            "backends": [{"name": n, "health_check": {"type": "none"},
+                          "servers": [{"address": f"127.0.0.1:{port}", "name": f"{n}1"}]}
+                         for n, port in (("be", 8001), ("api", 8002), ("private", 8003))],
+            "frontends": [
+                {"name": "fe", "protocol": "http", "listen": "127.0.0.1:0", "backend": "be",
+                 "http": {"direct_routes": True}, "routes": [{"path_prefix": "/api", "backend": "api"}]},
+                {"name": "internal", "protocol": "http", "listen": "127.0.0.1:0", "backend": "private",
+                 "allow": ["192.168.0.0/16"]},
+            ],
+        })
+        clock = MemoryReactorClock()
+        pools = {b.name: Pool(b, clock) for b in config.backends}
+        record: list[tuple[Any, ...]] = []
+        connector = RecordingConnector(record)
+        frontend = HTTPFrontend(config.frontends[0], pools, clock, clock, connector)  # type: ignore[arg-type]
+        answers = []
+        for target in (b"/backend/be1/x", b"/backend/api1/x", b"/backend/private1/x", b"//backend/%70rivate1/x"):
+            conn = frontend.buildProtocol(IPv4Address("TCP", "10.0.0.7", 5555))
+            transport = RecordingTransport(record, "client")
+            conn.makeConnection(transport)
+            conn.dataReceived(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+            answers.append(answer(transport)[0] if transport.value() else conn.exchange.pool.config.name)
+        self.assertEqual(answers, ["be", "api", b"HTTP/1.1 404 Not Found", b"HTTP/1.1 404 Not Found"])
 
 
 class RedirectTests(SynchronousTestCase):
@@ -455,6 +572,45 @@ class ApiKeyTests(SynchronousTestCase):
         _, transport = self.bearer()
         self.assertEqual(json.loads(answer(transport)[2]), {"error": "API keys are not loaded yet"})
         self.assertEqual(self.proxy.frontend.refusals, {"auth_unavailable": 2})
+
+    def test_identical_lookups_shared(self) -> None:
+        """
+        Requests with the same key while its lookup is in flight wait on
+        that one lookup; one of them leaving does not cancel it for the
+        others, the last one leaving does.
+        """
+        first, _ = self.bearer()
+        second, _ = self.bearer()
+        self.bearer(b"sk-other")
+        self.assertEqual(self.keys.asked, [self.KEY.decode(), "sk-other"])
+        first.connectionLost(None)
+        self.assertEqual(self.keys.cancelled, 0)
+        self.keys.pending[0].callback(object())
+        self.assertEqual(len(self.proxy.connector.pending), 1)
+        self.bearer()  # (the lookup is over: a new one)
+        self.assertEqual(len(self.keys.asked), 3)
+        third, _ = self.bearer(b"sk-third")
+        third.connectionLost(None)
+        self.assertEqual(self.keys.cancelled, 1)
+        self.bearer(b"sk-third")
+        self.assertEqual(self.keys.asked[-2:], ["sk-third", "sk-third"])
+
+    def test_lookups_capped(self) -> None:
+        """
+        At most 64 different keys are looked up at once: the next request
+        gets 503 with Retry-After at once, counted; a slot freed is taken
+        again.
+        """
+        for i in range(64):
+            self.bearer(b"sk-%d" % i)
+        _, transport = self.bearer(b"sk-64")
+        status, fields, body = answer(transport)
+        self.assertEqual((status, fields[b"retry-after"]), (b"HTTP/1.1 503 Service Unavailable", [b"1"]))
+        self.assertEqual(json.loads(body), {"error": "too many API key lookups under way"})
+        self.assertEqual((len(self.keys.asked), self.proxy.frontend.refusals), (64, {"auth_unavailable": 1}))
+        self.keys.pending[0].callback(None)
+        self.bearer(b"sk-64")
+        self.assertEqual(len(self.keys.asked), 65)
 
     def test_static_chain(self) -> None:
         """
@@ -652,7 +808,10 @@ class StickyCookieTests(SynchronousTestCase):
         sid = server_id(b"k", "be", "s0")
         written = b"".join(r[1] for r in proxy.record if r[0] == "client.write")
         self.assertIn(b"\r\nSet-Cookie: SRV=" + sid + b"; Path=/; HttpOnly; SameSite=Lax\r\n", written)
-        self.assertNotIn(b"127.0.0.1", sid)
+        # the field written names neither the server's address nor its name
+        [cookie] = [line for line in written.split(b"\r\n") if line.lower().startswith(b"set-cookie:")]
+        for secret in (b"127.0.0.1", b":8001", b"s0"):
+            self.assertNotIn(secret, cookie)
 
     def test_secure_on_tls(self) -> None:
         """

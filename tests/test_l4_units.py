@@ -59,7 +59,10 @@ class ConfigTests(SynchronousTestCase):
         f, p, d = config.frontends
         self.assertEqual(config.backends[0].send_proxy, "v2")
         self.assertIsNone(config.backends[1].send_proxy)
-        self.assertEqual(f.proxy_protocol.timeout, 2.0)
+        self.assertEqual((f.proxy_protocol.timeout, f.proxy_protocol.sources), (2.0, None))
+        sources = config_from_mapping({"backends": [_backend("b", 1)], "frontends": [
+            _frontend(proxy_protocol={"from": ["10.0.0.0/8", "::1"]})]}).frontends[0].proxy_protocol.sources
+        self.assertEqual([str(n) for n in sources], ["10.0.0.0/8", "::1/128"])
         self.assertEqual((f.l4_log.format, f.l4_log.path), ("json", "/tmp/x.log"))
         self.assertEqual(p.backend, "")
         self.assertEqual(p.tls_passthrough.backend_for("a.example"), "b")
@@ -73,7 +76,10 @@ class ConfigTests(SynchronousTestCase):
     def test_errors_name_the_key(self) -> None:
         """Wrong values: one error each, naming its key path."""
         cases = [
-            ({"proxy_protocol": "yes"}, "frontends[0].proxy_protocol: expected true, false or {timeout: 5s}"),
+            ({"proxy_protocol": "yes"}, "frontends[0].proxy_protocol: expected true, false or {from: [10.0.0.0/8], "
+                                        "timeout: 5s}"),
+            ({"proxy_protocol": {"from": ["10.0.0.1/8"]}}, "frontends[0].proxy_protocol.from[0]: "),
+            ({"proxy_protocol": {"from": "10.0.0.0/8"}}, "frontends[0].proxy_protocol.from: expected a list"),
             ({"proxy_protocol": {"timeout": 0}}, "frontends[0].proxy_protocol.timeout: expected a duration above zero"),
             ({"proxy_protocol": {"timout": "1s"}}, "frontends[0].proxy_protocol.timout: unknown key"),
             ({"access_log": {"format": "combined"}}, "frontends[0].access_log.format: 'combined' is not one of"),
@@ -232,6 +238,46 @@ class TCPFrontendTests(SynchronousTestCase):
         self.assertEqual(port, 7002)
         self.assertEqual(server.value(), hello)
         self.assertIsNone(conn.hello_timer)
+
+    def test_passthrough_hello_in_tiny_records(self) -> None:
+        """
+        A ClientHello sent as one-byte records, one read each, is parsed
+        once: each read only moves the record count on (the work grows with
+        the ClientHello's size, not its square).
+        """
+        from rproxy import passthrough
+
+        self.passthrough()
+        hello = client_hello("a.example")
+        message = hello[5:]  # (OpenSSL's ClientHello: one record)
+        records = [b"\x16\x03\x01\x00\x01" + message[i: i + 1] for i in range(len(message))]
+        parsed: list[int] = []
+
+        def counting(data: bytes, limit: int) -> Any:
+            parsed.append(len(data))
+            return read_client_hello(data, limit)
+
+        read_client_hello = passthrough.read_client_hello
+        self.patch(passthrough, "read_client_hello", counting)
+        conn, _ = self.accept()
+        for record in records:
+            conn.dataReceived(record)
+        _, server, port = self.server_side()
+        self.assertEqual(port, 7001)
+        self.assertEqual(server.value(), b"".join(records))
+        self.assertEqual(parsed, [len(b"".join(records))])
+
+    def test_passthrough_bad_record_at_once(self) -> None:
+        """
+        A record that is not a handshake record, after good ones, is
+        refused when it arrives (bad-hello), not at the timeout.
+        """
+        self.passthrough()
+        conn, transport = self.accept()
+        conn.dataReceived(b"\x16\x03\x01\x00\x01\x01")
+        self.assertFalse(transport.disconnecting)
+        conn.dataReceived(b"\x17")
+        self.assertEqual(conn.termination, "bad-hello")
 
     def test_passthrough_no_match_closes(self) -> None:
         """No route and no default: closed with one line; then a default takes it."""
@@ -410,6 +456,41 @@ class DetectTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "producing")
         second.dataReceived(b"SSH-2.0-OpenSSH\r\n")
         self.assertEqual([t.data for t in self.targets["d"].built], [b"x" + b"y" * 20, b"SSH-2.0-OpenSSH\r\n"])
+
+
+    def test_allow_deny_at_accept(self) -> None:
+        """
+        allow/deny on a detect frontend close a refused client at accept
+        (nothing admitted, read or handed over), one line, counted; with
+        the PROXY protocol the header's address is the one checked.
+        """
+        from rproxy.handoff import ProxyProtocolFactory
+
+        logs = Logs(self)
+        config = config_from_mapping({"backends": [_backend("b", 1)], "frontends": [
+            {"name": "one", "protocol": "detect", "listen": "tcp:0", "deny": ["192.0.2.0/24"],
+             "detect": {"default": "d", "timeout": "1s"}}, _frontend(name="d")]})
+        self.reactor = MemoryReactorClock()
+        self.targets = {"d": Target("d")}
+        frontend = DetectFrontend(config.frontends[0], self.targets, self.reactor)
+        p, transport = self.accept(frontend)
+        self.assertTrue(transport.disconnecting or transport.disconnected)
+        p.dataReceived(b"SSH-2.0-x\r\n")
+        p.connectionLost(None)
+        self.reactor.advance(2)
+        self.assertEqual((frontend.denied_total, self.targets["d"].built, frontend.total), (1, [], 0))
+        self.assertEqual(logs.lines(), ["frontend one: refusing 192.0.2.7:5000: not allowed by allow/deny"])
+        # behind a PROXY header: the client it names is judged, not the proxy
+        layer = ProxyProtocolFactory(frontend, self.reactor, 1.0, "one")
+        for client, refused in (("192.0.2.9", True), ("198.51.100.1", False)):
+            peer = address.IPv4Address("TCP", "10.0.0.1", 4000)
+            receiver = layer.buildProtocol(peer)
+            transport = StringTransport(peerAddress=peer)
+            receiver.makeConnection(transport)
+            receiver.dataReceived(f"PROXY TCP4 {client} 10.0.0.2 5000 443\r\nSSH-2.0-x\r\n".encode())
+            self.assertEqual(transport.disconnecting, refused, client)
+        self.assertEqual(frontend.denied_total, 2)
+        self.assertEqual([t.data for t in self.targets["d"].built], [b"SSH-2.0-x\r\n"])
 
 
 class ShippedExampleTests(SynchronousTestCase):

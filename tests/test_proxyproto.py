@@ -69,7 +69,9 @@ class V1Tests(SynchronousTestCase):
             b"PROXY TCP4 192.0.2.777 198.51.100.1 1 2\r\n": "address",
             b"PROXY UDP4 192.0.2.7 198.51.100.1 1 2\r\n": "protocol",
             b"PROXY TCP4 192.0.2.7  198.51.100.1 1 2\r\n": "fields",
-            b"PROXY TCP4 192.0.2.7 198.51.100.1 1 2\n": "LF",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 1 2\n": "ends with LF without CR",
+            # (the client's CRLF further on does not end the header)
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 1 2\nGET / HTTP/1.1\r\n": "ends with LF without CR",
             b"PROXY \xff\r\n": "ASCII",
             b"PROXX": "no PROXY header",
             b"GET / HTTP/1.1\r\n": "no PROXY header",
@@ -350,6 +352,27 @@ class ReceiverTests(SynchronousTestCase):
         [line] = self.lines()
         self.assertIn("refusing 127.0.0.9:40001: 1 connections wait for their PROXY header", line)
 
+    def test_only_from_trusted_sources(self) -> None:
+        """
+        With sources (proxy_protocol.from), a peer outside them is closed
+        at accept (nothing built), counted, one line; a peer inside sends
+        its header as before.
+        """
+        import ipaddress
+
+        factory = ProxyProtocolFactory(self.inner, self.clock, name="fe",
+                                       sources=(ipaddress.ip_network("10.0.0.0/8"),))
+        self.assertIsNone(factory.buildProtocol(address.IPv4Address("TCP", "127.0.0.9", 40001)))
+        self.assertEqual(factory.rejected, 1)
+        [line] = self.lines()
+        self.assertIn("refusing 127.0.0.9:40001: not in proxy_protocol.from", line)
+        receiver = factory.buildProtocol(address.IPv4Address("TCP", "10.1.2.3", 40002))
+        transport = StringTransport()
+        receiver.makeConnection(transport)
+        receiver.dataReceived(b"PROXY TCP4 192.0.2.7 198.51.100.1 5000 80\r\n")
+        self.assertEqual(self.inner.built[-1].addr, address.IPv4Address("TCP", "192.0.2.7", 5000))
+        self.assertEqual((factory.accepted, factory.rejected), (1, 1))
+
     def test_follows_frontend_config(self) -> None:
         """
         With a frontend, its current config decides per accept: off, the
@@ -357,6 +380,7 @@ class ReceiverTests(SynchronousTestCase):
         """
         class Options:
             timeout = 7.0
+            sources = None
 
         class Frontend:
             class config:

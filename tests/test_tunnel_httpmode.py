@@ -319,10 +319,10 @@ class AccessLogConfigTests(SynchronousTestCase):
         self.assertEqual(self.tunnel(mode="http", access_log="combined").access_log, "combined")
 
     def test_errors_name_the_key(self) -> None:
-        """A wrong format, or an access log on a mode tcp tunnel: the key path."""
+        """A wrong format (mode http's request formats, mode tcp's stream formats): the key path."""
         with self.assertRaises(ConfigError) as e:
             self.tunnel(mode="http", access_log="fancy")
         self.assertIn("tunnels[0].access_log", str(e.exception))
         with self.assertRaises(ConfigError) as e:
             self.tunnel(access_log="combined")
-        self.assertIn("tunnels[0].access_log: applies to mode: http only", str(e.exception))
+        self.assertIn("tunnels[0].access_log: 'combined' is not one of off, text, json", str(e.exception))

@@ -199,3 +199,62 @@ class LargeBodyTests(SynchronousTestCase):
         self.assertEqual(json.loads(transport.value().partition(b"\r\n\r\n")[2])["error"]["code"],
                          "request_too_large")
         self.assertEqual(control.sent, [])
+
+
+class AdvertisingCluster:
+    """A cluster node as a worker's tunnel sees it: its advertised proxy address."""
+
+    def advertised(self, tunnel: Any) -> str:
+        return "127.0.0.1:17003"
+
+
+class WorkerProxyTests(SynchronousTestCase):
+    """
+    A tunnel in a worker of workers: N with a cluster names its own proxy
+    address in every open it asks of its own agents (the agent's
+    configured proxy port would reach another worker).
+    """
+
+    def open(self, names_proxy: bool, pool: bool = False) -> list[RequestNewProxyConn]:
+        clock = Clock()
+        tunnel = server(clock, open_timeout=5.0)
+        tunnel.cluster = AdvertisingCluster()
+        tunnel.names_proxy = names_proxy
+        control = ControlProtocol(tunnel)
+        control.makeConnection(StringTransport())
+        agent = session("a", clock, pool_count=1 if pool else 0)
+        agent.control = control
+        control.session = agent
+        tunnel.registry.add(agent)
+        if pool:
+            tunnel.refill_pool(agent)
+        else:
+            PublicProtocol(tunnel).makeConnection(StringTransport())
+        return [m for m in FrameDecoder().feed(control.transport.value()) if isinstance(m, RequestNewProxyConn)]
+
+    def test_stream_names_the_proxy(self) -> None:
+        """A public connection's open names the advertised proxy address."""
+        [request] = self.open(names_proxy=True)
+        self.assertEqual(request.proxy, "127.0.0.1:17003")
+
+    def test_pooled_connection_names_the_proxy(self) -> None:
+        """So does a pooled connection's."""
+        [request] = self.open(names_proxy=True, pool=True)
+        self.assertEqual((request.pool, request.proxy), (True, "127.0.0.1:17003"))
+
+    def test_otherwise_the_agents_own(self) -> None:
+        """Outside such a worker, the agent dials its configured proxy port."""
+        [request] = self.open(names_proxy=False)
+        self.assertIsNone(request.proxy)
+
+    def test_named_already_kept(self) -> None:
+        """An open another node asked for keeps that node's address."""
+        clock = Clock()
+        tunnel = server(clock)
+        tunnel.cluster = AdvertisingCluster()
+        tunnel.names_proxy = True
+        control = ControlProtocol(tunnel)
+        control.makeConnection(StringTransport())
+        control.send(RequestNewProxyConn("c", "s", proxy="10.0.0.9:17001"))
+        [request] = FrameDecoder().feed(control.transport.value())
+        self.assertEqual(request.proxy, "10.0.0.9:17001")

@@ -15,10 +15,17 @@ from rproxy.config import ConfigError, parse_config
 from rproxy.pool import Pool
 from rproxy.workers import worker_count
 from rproxy.workers.channel import Channel
-from rproxy.workers.merge import merge_health, merge_pools, sum_metrics
+from rproxy.workers.merge import merge_agents, merge_health, merge_pools, merge_tunnel_rows, sum_metrics
 from rproxy.workers.state import apply_ejection, apply_message, snapshot
 from rproxy.workers.supervise import RestartBackoff
-from rproxy.workers.views import master_view, serving_slots, worker_view
+from rproxy.workers.views import (
+    master_view,
+    serving_slots,
+    shared_listeners,
+    tunnels_in_workers,
+    worker_proxy,
+    worker_view,
+)
 from rproxy.workers.wire import Decoder, WireError, encode, pack_config, unpack_config
 
 
@@ -182,6 +189,51 @@ class ViewTests(SynchronousTestCase):
         worker = worker_view(config, 0, 3)
         self.assertEqual((worker.tunnels, worker.admin.listen), ((), None))
         self.assertEqual(worker.backends, config.backends)
+
+    def cluster(self, proxy: str = "tcp:17001:interface=10.0.0.5", advertise: str = "10.0.0.5:17001") -> object:
+        raw = data(workers=2)
+        raw["stores"] = {"redis": {"url": "redis://127.0.0.1:6379/0"}}
+        raw["api_keys"] = [{"key": "k"}]
+        raw["tunnels"] = [{"name": "gpu", "control": "tcp:17000", "proxy": proxy, "public": "tcp:18080"}]
+        raw["cluster"] = {"node_id": "edge", "advertise": {"proxy": advertise}}
+        return parse_config(raw)
+
+    def test_cluster_tunnels_in_every_worker(self) -> None:
+        """
+        With a cluster, the workers run the tunnels, each a node of its
+        own (C{<node_id>-w<slot>}) with a proxy port of its own (the
+        configured one plus the slot) that it advertises; the master runs
+        none and binds the control and public sockets for every worker.
+        """
+        config = self.cluster()
+        self.assertTrue(tunnels_in_workers(config))
+        self.assertEqual(master_view(config).tunnels, ())
+        views = [worker_view(config, slot, 2) for slot in range(2)]
+        self.assertEqual([v.cluster.node_id for v in views], ["edge-w0", "edge-w1"])
+        self.assertEqual([v.cluster.advertise_proxy for v in views], [("10.0.0.5", 17001), ("10.0.0.5", 17002)])
+        self.assertEqual([v.tunnels[0].proxy for v in views],
+                         ["tcp:17001:interface=10.0.0.5", "tcp:17002:interface=10.0.0.5"])
+        self.assertEqual([(v.tunnels[0].control, v.tunnels[0].public) for v in views],
+                         [("tcp:17000", "tcp:18080")] * 2)
+        self.assertEqual([(name, listen, list(slots)) for name, listen, slots in shared_listeners(config, 2)], [
+            ("web", "tcp:8080", [0, 1]), ("tunnel gpu control", "tcp:17000", [0, 1]),
+            ("tunnel gpu public", "tcp:18080", [0, 1])])
+
+    def test_cluster_port_zero_stays_zero(self) -> None:
+        """Proxy port 0 (and advertised port 0): each worker's own port, chosen as it binds."""
+        config = self.cluster("tcp:0:interface=127.0.0.1", "127.0.0.1:0")
+        view = worker_view(config, 1, 2)
+        self.assertEqual((view.tunnels[0].proxy, view.cluster.advertise_proxy),
+                         ("tcp:0:interface=127.0.0.1", ("127.0.0.1", 0)))
+        self.assertEqual(worker_proxy("tcp6:9000:interface=\\:\\:1", 3), "tcp6:9003:interface=\\:\\:1")
+
+    def test_no_cluster_tunnels_in_master(self) -> None:
+        """Without a cluster, the master holds the tunnels and binds no socket of theirs."""
+        config = attrs.evolve(self.cluster(), cluster=None)
+        self.assertFalse(tunnels_in_workers(config))
+        self.assertEqual(len(master_view(config).tunnels), 1)
+        self.assertEqual(worker_view(config, 0, 2).tunnels, ())
+        self.assertEqual([name for name, _, _ in shared_listeners(config, 2)], ["web"])
 
 
 METRICS_A = """\
@@ -385,3 +437,36 @@ class SupervisorTests(SynchronousTestCase):
         self.die(1, lived=5)
         self.successResultOf(ended)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class MergeAgentsTests(SynchronousTestCase):
+    def test_each_agent_once_as_its_worker_sees_it(self) -> None:
+        """
+        An agent of a worker as that worker describes it (not the remote
+        copy another worker lists), another machine's agent once.
+        """
+        def agent(ident: str, node: str, streams: int | None) -> dict[str, object]:
+            return {"id": ident, "node": node, "streams_opened": streams}
+
+        reports = [
+            {"node": "m-w0", "tunnels": [{"name": "gpu", "agents": [
+                agent("a", "m-w0", 3), agent("b", "m-w1", None), agent("x", "other", None)]}]},
+            {"node": "m-w1", "tunnels": [{"name": "gpu", "agents": [
+                agent("a", "m-w0", None), agent("b", "m-w1", 5), agent("x", "other", None)]}]},
+        ]
+        self.assertEqual(merge_agents(reports), [{"name": "gpu", "agents": [
+            agent("a", "m-w0", 3), agent("b", "m-w1", 5), agent("x", "other", None)]}])
+        self.assertEqual(merge_agents(reports[1:]), [{"name": "gpu", "agents": [
+            agent("a", "m-w0", None), agent("b", "m-w1", 5), agent("x", "other", None)]}])
+
+    def test_dashboard_tunnels(self) -> None:
+        """The dashboard's tunnel rows: the agents merged, the streams summed."""
+        reports = [
+            {"node": "m-w0", "tunnels": [{"name": "gpu", "mode": "tcp", "streams_opened": 2, "streams_failed": 1,
+                                          "agents": [{"id": "a", "node": "m-w0"}, {"id": "b", "node": "m-w1"}]}]},
+            {"node": "m-w1", "tunnels": [{"name": "gpu", "mode": "tcp", "streams_opened": 5, "streams_failed": 0,
+                                          "agents": [{"id": "a", "node": "m-w0"}, {"id": "b", "node": "m-w1"}]}]},
+        ]
+        self.assertEqual(merge_tunnel_rows(reports), [{
+            "name": "gpu", "mode": "tcp", "streams_opened": 7, "streams_failed": 1,
+            "agents": [{"id": "a", "node": "m-w0"}, {"id": "b", "node": "m-w1"}]}])

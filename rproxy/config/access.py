@@ -12,6 +12,12 @@ the C{allow}/C{deny} lists (L{rproxy.config.frontends.read_access}):
     route: none there).
   - C{strip_prefix: /api}, C{add_prefix: /v1} (routes).
 
+C{http.direct_routes: true} (C{/backend/NAME/...} straight to a server) is
+refused with routes that have C{allow}, C{deny} or C{auth}: a direct
+route reaches a server without the policies of the route that leads to
+its backend (put them on the frontend instead, where they apply to direct
+routes too).
+
 A users file holds C{user:hash} lines, the hash bcrypt (C{htpasswd -B}:
 C{$2y$...}, C{$2b$...}) or argon2 (C{$argon2id$...}); it is read with the
 configuration (at start and on every reload), never per request.
@@ -122,6 +128,8 @@ def read_frontend_policy(section: Section, protocol: str) -> Policy | None:
     A frontend's C{trusted_proxies}, C{auth} and C{redirect}; None when it
     has none of them.
     """
+    if protocol == "http":
+        _check_direct_routes(section)
     keys = [key for key in ("trusted_proxies", "auth", "redirect") if section.has(key)]
     if keys and protocol != "http":
         for key in keys:
@@ -135,6 +143,30 @@ def read_frontend_policy(section: Section, protocol: str) -> Policy | None:
         redirect=_read_redirect(section, route=False),
         trusted_proxies=_read_networks(section, "trusted_proxies"),
     )
+
+
+def _check_direct_routes(section: Section) -> None:
+    """
+    Refuse C{http.direct_routes} with routes that guard their backend by
+    C{allow}/C{deny} or C{auth}: C{/backend/NAME/...} would reach that
+    backend's servers around them.  (Read from the raw mapping: the
+    routes' own errors are reported where they are read.)
+    """
+    http = section.data.get("http")
+    routes = section.data.get("routes")
+    if not (isinstance(http, dict) and http.get("direct_routes") is True and isinstance(routes, list)):
+        return
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict):
+            continue
+        guards = [key for key in ("allow", "deny") if route.get(key)]
+        if isinstance(route.get("auth"), dict):
+            guards.append("auth")
+        if guards:
+            section.errors.append(
+                f"{section.key_path('http')}.direct_routes: /backend/NAME/... would reach the servers of backend "
+                f"{brief(route.get('backend'))} without the {' and '.join(guards)} of {section.key_path('routes')}[{i}]; "
+                "put that policy on the frontend (it applies to direct routes too) or turn direct_routes off")
 
 
 def read_route_policy(section: Section) -> Policy | None:
@@ -256,8 +288,7 @@ def parse_users(path: str, content: bytes) -> tuple[tuple[tuple[str, str], ...],
             continue
         known = next((k for prefix, k in _HASHES if hashed.startswith(prefix)), None)
         if known is None:
-            shown = hashed[: hashed.find("$", 1) + 1] if hashed.startswith("$") else "plain text or crypt"
-            problems.append(f"{where}: user {brief(user)}: unsupported hash ({shown[:12]}); "
+            problems.append(f"{where}: user {brief(user)}: unsupported hash ({_scheme_of(hashed)}); "
                             "use bcrypt (htpasswd -B) or argon2id")
             continue
         if not (_BCRYPT if known == "bcrypt" else _ARGON2).match(hashed):
@@ -269,6 +300,19 @@ def parse_users(path: str, content: bytes) -> tuple[tuple[tuple[str, str], ...],
         seen.add(user)
         users.append((user, hashed))
     return tuple(users), problems
+
+
+def _scheme_of(hashed: str) -> str:
+    """
+    What an unsupported hash is, for an error: its C{$id$} prefix (a few
+    characters, never the hash itself), else what text without one is.
+    """
+    if hashed.startswith("$"):
+        end = hashed.find("$", 1)
+        if 1 < end <= 12 and hashed[1:end].replace("-", "").isalnum():
+            return hashed[: end + 1]
+        return "an unknown $ scheme"
+    return "plain text or crypt"
 
 
 def _read_redirect(section: Section, route: bool) -> RedirectConfig | None:

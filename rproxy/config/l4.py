@@ -4,7 +4,8 @@ frontends, sent to backends), the L4 access log of TCP frontends, one
 port for several protocols (C{protocol: detect}) and TLS passthrough by
 SNI.
 
-  - frontends: C{proxy_protocol: true} (or C{{timeout: 3s}}),
+  - frontends: C{proxy_protocol: true} (or C{{from: [CIDR, ...], timeout:
+    3s}}),
     C{access_log: {format: tcplog|json, path: FILE}} (tcp frontends),
     C{detect: {tls: F, http: F, default: F, timeout: 3s}} (with
     C{protocol: detect}), C{tls_passthrough: {sni: {NAME: BACKEND},
@@ -41,9 +42,14 @@ class ProxyProtocolOptions:
     """
     C{proxy_protocol:} of a frontend: the header (v1 or v2) must arrive
     within C{timeout} seconds.
+
+    @ivar sources: (C{from:}) the networks of the proxies allowed to send
+        one (a connection from elsewhere is closed at accept); None:
+        anyone (the port must then be reachable by the proxies only).
     """
 
     timeout: float = 5.0
+    sources: tuple[Any, ...] | None = None
 
 
 @attrs.frozen
@@ -148,12 +154,16 @@ def _read_proxy_protocol(section: Section) -> ProxyProtocolOptions | None:
     if raw is True:
         return ProxyProtocolOptions()
     if not isinstance(raw, dict):
-        section.error("proxy_protocol", f"expected true, false or {{timeout: 5s}}, got {brief(raw)}")
+        section.error("proxy_protocol", f"expected true, false or {{from: [10.0.0.0/8], timeout: 5s}}, "
+                                        f"got {brief(raw)}")
         return None
+    from rproxy.config.access import _read_networks
+
     options = section.section("proxy_protocol")
     timeout = options.value("timeout", _positive_duration, 5.0)
+    sources = _read_networks(options, "from")
     options.finish()
-    return ProxyProtocolOptions(timeout=timeout)
+    return ProxyProtocolOptions(timeout=timeout, sources=sources)
 
 
 def _positive_duration(value: object) -> float:

@@ -137,8 +137,7 @@ class Exchange(ExchangeFailures):
         chain = self.frontend.chain
         filters = chain.request
         step = self._step
-        while step < len(filters):
-            f = filters[step]
+        for f in filters[step:] if step else filters:
             step += 1
             waiting = f.request(self)
             if self.state is not ROUTING:
@@ -199,19 +198,22 @@ class Exchange(ExchangeFailures):
         self.tried.append(server.config.name)
         self.attempts += 1
         self.state = CONNECTING
-        for f in self.chain.attempt:
-            f.attempt(self, server)
-        upstreams = self.frontend.upstreams
-        send_proxy = getattr(self.pool.config, "send_proxy", None)
+        frontend = self.frontend
+        attempt = self.chain.attempt
+        if attempt:
+            for f in attempt:
+                f.attempt(self, server)
+        upstreams = frontend.upstreams
+        send_proxy = self.pool.config.send_proxy  # type: ignore[union-attr]
         if send_proxy is None:
             idle = upstreams.take_idle(server)
             if idle is not None:
                 self.connected(idle)
                 return
-            d = upstreams.get(server, self.pool, self.frontend.config.connect_timeout)
+            d = upstreams.get(server, self.pool, frontend.config.connect_timeout)
         else:
             # a connection of this client's own, opened with a PROXY protocol header
-            d = upstreams.get(server, self.pool, self.frontend.config.connect_timeout,
+            d = upstreams.get(server, self.pool, frontend.config.connect_timeout,
                               header_for(send_proxy, self.client.peer, self.client.transport.getHost()))
         self._pending = d
         d.addCallbacks(self.connected, self.connect_failed)
@@ -437,7 +439,8 @@ class Exchange(ExchangeFailures):
         server, pool = self.server, self.pool
         self.server = None
         if server is not None and pool is not None:
-            self._attempt_over(server, outcome if outcome is not None else (self.status or "aborted"))
+            if self.chain.attempt_end:
+                self._attempt_over(server, outcome if outcome is not None else (self.status or "aborted"))
             if ok is False:
                 pool.record_failure(server, f"answered {self.status}")
             elif ok:

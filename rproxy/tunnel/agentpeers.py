@@ -71,6 +71,7 @@ class _AgentsConfig:
     name = "agents"
     tls = None
     algorithm = "least-connections"
+    send_proxy = None
 
 
 class AgentChoice:

@@ -8,12 +8,14 @@ Read with the same key-path reader as the rest of the configuration
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import attrs
 
 from rproxy.config import values as v
 from rproxy.config.endpoints import listen
-from rproxy.config.frontends import read_access_log
+from rproxy.config.frontends import read_access, read_access_log
+from rproxy.config.limits import read_rate_limits
 from rproxy.config.load import load_yaml, read_file, read_sources
 from rproxy.config.reader import Section
 from rproxy.config.values import ConfigError, brief, kind, parse_hostport
@@ -58,6 +60,11 @@ class TunnelConfig:
     # http.access_log), off | combined | json
     access_log: str = "off"
     access_log_path: str | None = None  # a file of its own; None: the process log
+    # mode: http: rate limits of the public port's requests
+    # (rproxy.config.limits.RateLimitConfig; key: api_key is the user's key,
+    # shared and dedicated alike) and its allow/deny lists
+    rate_limits: tuple[Any, ...] = ()
+    access: Any = None
 
 
 # the largest JSON body a mode: http tunnel reads for its "model" field
@@ -146,9 +153,11 @@ def read_tunnels(top: Section) -> tuple[TunnelConfig, ...]:
             header_timeout=section.value("header_timeout", v.duration, d.header_timeout),
             access_log=access_log,
             access_log_path=access_log_path,
+            rate_limits=read_rate_limits(section) if mode == "http" else (),
+            access=read_access(section),
         )
         if tunnel.mode != "http":
-            for key in ("strict_models", "model_body_limit", "header_timeout"):
+            for key in ("strict_models", "model_body_limit", "header_timeout", "rate_limit", "allow", "deny"):
                 if section.has(key):
                     section.error(key, "applies to mode: http only")
         if tunnel.model_body_limit > MODEL_BODY_LIMIT_MAX:

@@ -239,11 +239,12 @@ def frontend_config(config: Any) -> FrontendConfig:
     The HTTP frontend configuration of a tunnel's public port: its
     reader's limits (no body limit: bodies stream to the agent), its
     header timeout, no response timeout (a model may think for long),
-    the agents' open timeout as the connect timeout.
+    the agents' open timeout as the connect timeout; its rate limits and
+    allow/deny lists (the policy filters every HTTP frontend has).
     """
     return FrontendConfig(
         name=config.name, listen=config.public, backend="agents", protocol="http",
-        connect_timeout=config.open_timeout,
+        connect_timeout=config.open_timeout, rate_limits=config.rate_limits, access=config.access,
         http=HTTPOptions(max_body=None, header_timeout=config.header_timeout, response_timeout=0.0,
                          access_log=config.access_log, access_log_path=config.access_log_path),
     )

@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import random
+from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
@@ -74,6 +76,8 @@ class ControlProtocol(Protocol):
         self._login_timer = self.server.clock.callLater(LOGIN_TIMEOUT, self.drop, "no login in time")
 
     def send(self, message: Any) -> None:
+        if self.server.names_proxy and isinstance(message, RequestNewProxyConn) and message.proxy is None:
+            message = self.server.with_proxy(message)
         self.transport.write(encode(message))  # type: ignore[union-attr]
 
     def drop(self, why: str) -> None:
@@ -256,6 +260,13 @@ class TunnelServer:
         self.observe_open = lambda seconds: None
         self.events: Any = None  # rproxy.events.EventSink, with stores
         self.cluster: Any = None  # rproxy.cluster.node.ClusterNode, with cluster:
+        # a worker of workers: N with a cluster (rproxy.workers.views): the
+        # endpoint of a port it adopts from the master (role, configured
+        # listen string, the one to serve; None: listen as usual), and
+        # whether its local opens name its own proxy address (the agent's
+        # configured one reaches the master's, not this worker's)
+        self.adopt: Callable[[str, str, str], Any] | None = None
+        self.names_proxy = False
         self.stream_log: StreamLog | None = None
         self._open_stream_log(config)
         # mode http: the public port's HTTP frontend and its agents connector
@@ -295,12 +306,17 @@ class TunnelServer:
         """
         return self.admission.connections
 
-    def _endpoint(self, listen: str, tls: bool) -> Any:
+    def _endpoint(self, listen: str, tls: bool, role: str = "") -> Any:
+        configured = listen
         if tls and self.config.tls is not None and listen.startswith("tcp:"):
             def esc(path: str) -> str:
                 return path.replace("\\", "\\\\").replace(":", "\\:")
 
             listen = "ssl:" + listen[4:] + f":privateKey={esc(self.config.tls.key)}:certKey={esc(self.config.tls.cert)}"
+        if self.adopt is not None:
+            adopted = self.adopt(role, configured, listen)
+            if adopted is not None:
+                return adopted
         return server_endpoint(self.reactor, listen)
 
     def _roles(self, config: TunnelConfig) -> list[tuple[str, str, type, bool]]:
@@ -315,7 +331,7 @@ class TunnelServer:
         if role == "public" and self.http is not None:
             factory = self.http
         try:
-            port = await self._endpoint(listen, tls).listen(factory)
+            port = await self._endpoint(listen, tls, role).listen(factory)
         except Exception as e:  # noqa: BLE001 - reported, the rest still starts
             self.log.error("tunnel {tunnel}: cannot listen on {role} {listen}: {why}",
                            tunnel=self.name, role=role, listen=listen, why=e)
@@ -540,6 +556,18 @@ class TunnelServer:
 
             pending.timer = self.clock.callLater(self.config.open_timeout, expire)
             session.control.send(RequestNewProxyConn(pending.conn_id, pending.secret, self.config.service, pool=True))
+
+    def with_proxy(self, message: RequestNewProxyConn) -> RequestNewProxyConn:
+        """
+        C{message} naming this process's advertised proxy address (as a
+        stream asked through another node does), when it has one.
+        """
+        if self.cluster is None:
+            return message
+        try:
+            return attrs.evolve(message, proxy=self.cluster.advertised(self))
+        except KeyError:  # the proxy port does not listen
+            return message
 
     def port_of(self, role: str) -> int:
         host: Any = self.ports[role].getHost()

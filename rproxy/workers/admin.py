@@ -24,11 +24,11 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from rproxy.admin import AdminRoot
-from rproxy.adminhttp import AdminSite, refuse_unless_read
+from rproxy.admin import AdminRoot, Agents, Models
+from rproxy.adminhttp import AdminSite, finish, refuse_unless_read
 from rproxy.adminops import Servers
 from rproxy.workers.console import MachineConsole
-from rproxy.workers.merge import merge_health, merge_pools, sum_metrics
+from rproxy.workers.merge import merge_agents, merge_health, merge_pools, sum_metrics
 from rproxy.workers.state import admin_message
 
 if TYPE_CHECKING:
@@ -122,7 +122,17 @@ class MergedHealth(_Merged):
         detail = merge_health(master.inner.health_detail(), [r["health"] for r in reports if "health" in r],
                               problems)
         detail["workers"] = [_worker(slot, report) for slot, report in zip(master.slots, by_slot, strict=True)]
-        detail["tunnels"] = {"process": "master", "pid": os.getpid(), "names": sorted(master.inner.tunnels)}
+        if master.tunnels_in_workers:
+            # each worker a node of the cluster: its status as /health of
+            # a single process shows it
+            nodes = [r["health"]["cluster"] for r in reports if "cluster" in r.get("health", {})]
+            detail["tunnels"] = {"process": "workers", "names": sorted(t.name for t in master.config.tunnels),
+                                 "nodes": [n["node_id"] for n in nodes]}
+            cross = {n["cross_node"] for n in nodes}
+            detail["cluster"] = {"node_id": master.config.cluster.node_id,
+                                 "cross_node": cross.pop() if len(cross) == 1 else "partial", "workers": nodes}
+        else:
+            detail["tunnels"] = {"process": "master", "pid": os.getpid(), "names": sorted(master.inner.tunnels)}
         return _body(200 if detail["status"] == "ok" else 503, detail)
 
 
@@ -155,6 +165,59 @@ class MergedMetrics(_Merged):
         texts = [generate_latest(self.master.inner.registry).decode("utf-8")]
         texts += [r["metrics"] for r in reports if "metrics" in r]
         return 200, CONTENT_TYPE_LATEST.encode("ascii"), sum_metrics(texts).encode("utf-8")
+
+
+class MachineAgents(Agents):
+    """
+    C{/api/v1/agents} in the master of workers that run the tunnels: the
+    agents every worker sees (L{merge_agents}), asked when the page is;
+    a worker that does not answer in time is left out (its agents show
+    again through the other workers once the cluster lists them).
+    C{/api/v1/agents/known} stays the database's.
+    """
+
+    def __init__(self, master: MasterService) -> None:
+        super().__init__(master.inner)
+        self.master = master
+
+    def render_get(self, request: Request) -> Any:
+        if not self.master.tunnels_in_workers:
+            return super().render_get(request)
+        d = defer.Deferred.fromCoroutine(self.master.reports(op="agents"))
+        d.addCallback(lambda reports: finish(request, 200, {
+            "tunnels": merge_agents([r for r in reports if r is not None])}))
+        d.addErrback(lambda f: (log.failure("admin: /api/v1/agents failed", f),
+                                finish(request, 500, {"error": "internal error"})))
+        return NOT_DONE_YET
+
+
+class MachineModels(Models):
+    """
+    C{/api/v1/models} in the master of workers that run the tunnels: the
+    models of the agents L{MachineAgents} lists.
+    """
+
+    def __init__(self, master: MasterService) -> None:
+        super().__init__(master.inner)
+        self.master = master
+
+    def render_get(self, request: Request) -> Any:
+        def answer(reports: list[dict[str, Any] | None]) -> None:
+            models: dict[str, set[str]] = {}
+            for tunnel in merge_agents([r for r in reports if r is not None]):
+                for agent in tunnel["agents"]:
+                    for model in agent.get("models", []):
+                        models.setdefault(model, set()).add(f"{tunnel['name']}/{agent['id']}")
+            finish(request, 200, {"object": "list", "data": [
+                {"id": m, "object": "model", "agents": sorted(a)} for m, a in sorted(models.items())]})
+
+        if not self.master.tunnels_in_workers:
+            return super().render_get(request)
+        d = defer.Deferred.fromCoroutine(self.master.reports(op="agents"))
+        d.addCallback(answer)
+        d.addErrback(lambda f: (log.failure("admin: /api/v1/models failed", f),
+                                finish(request, 500, {"error": "internal error"})))
+        return NOT_DONE_YET
 
 
 class MachineServers(Servers):
@@ -193,4 +256,6 @@ def build_master_site(master: MasterService) -> Site:
     root.putChild(b"metrics", MergedMetrics(master))
     v1 = root.children[b"api"].children[b"v1"]
     v1.putChild(b"servers", MachineServers(master))
+    v1.putChild(b"agents", MachineAgents(master))
+    v1.putChild(b"models", MachineModels(master))
     return AdminSite(root, lambda: master.config.admin.api_key, master.reactor, console)

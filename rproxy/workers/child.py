@@ -23,12 +23,13 @@ from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
 
-from rproxy.console import frontend_counters, token_pool_rows
+from rproxy.console import frontend_counters, token_pool_rows, tunnel_rows
 from rproxy.pool import Pool
 from rproxy.service import RProxyService
 from rproxy.workers.channel import Channel
 from rproxy.workers.sockets import endpoint_for
 from rproxy.workers.state import apply_message
+from rproxy.workers.views import tunnel_socket
 from rproxy.workers.wire import unpack_config
 
 __all__ = ["Worker", "main"]
@@ -96,6 +97,8 @@ class Worker:
             self.channel.reply(message, self.report())
         elif op == "console":
             self.channel.reply(message, self.console())
+        elif op == "agents":
+            self.channel.reply(message, self.agents())
         elif op == "reopen":
             if self.service is not None:
                 self.service.reopen_logs()
@@ -134,6 +137,7 @@ class Worker:
                 service.listen_endpoint = self.endpoint
                 service.checker_factory = NoChecks
                 service.pool_made = self.watch_pool
+                service.tunnel_made = self.watch_tunnel
                 service.startService()
                 assert service.ready is not None
                 await service.ready
@@ -151,6 +155,8 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - reported to the master, which logs it
             problems.append(f"cannot apply the configuration: {e}")
         used = {(f.name, f.listen) for f in config.frontends}
+        used |= {(tunnel_socket(t.name, role), getattr(t, role))
+                 for t in config.tunnels for role in ("control", "public")}
         for name, (listen, fd) in list(self.sockets.items()):
             if (name, listen) not in used:
                 del self.sockets[name]
@@ -162,6 +168,39 @@ class Worker:
         if listen != frontend.listen:
             raise ValueError("the master sent no socket for it")
         return endpoint_for(self.reactor, frontend.listen, fd)
+
+    def watch_tunnel(self, tunnel: Any) -> None:
+        """
+        A tunnel of this worker (with a cluster: L{rproxy.workers.views}):
+        its control and public ports adopt the master's sockets, its
+        proxy port is its own, and its local opens name that port.
+        """
+        def adopt(role: str, listen: str, serving: str) -> Any:
+            if role not in ("control", "public"):
+                return None
+            name = tunnel_socket(tunnel.name, role)
+            held, fd = self.sockets.get(name, (None, -1))
+            if held != listen:
+                raise ValueError("the master sent no socket for it")
+            return endpoint_for(self.reactor, serving, fd)
+
+        tunnel.adopt = adopt
+        tunnel.names_proxy = True
+
+    def agents(self) -> dict[str, Any]:
+        """
+        The agents this worker's tunnels see (L{TunnelServer.agents}: its
+        own and, through the cluster, every other node's), with its node.
+        """
+        service = self.service
+        cluster = service.cluster if service is not None else None
+        return {
+            "op": "agents",
+            "slot": self.slot,
+            "node": cluster.node_id if cluster is not None else None,
+            "tunnels": [{"name": t.name, "agents": t.agents()} for t in service.tunnels.values()]
+            if service is not None else [],
+        }
 
     def watch_pool(self, pool: Pool) -> None:
         """
@@ -216,6 +255,9 @@ class Worker:
             "backends": [pool.describe() for pool in service.pools.values()],
             "token_pools": token_pool_rows(service),
             "ready": service.readiness_problems(),
+            # (tunnels run here with a cluster: rproxy.workers.views)
+            "node": service.cluster.node_id if service.cluster is not None else None,
+            "tunnels": tunnel_rows(service),
         }
 
     # -- stop ------------------------------------------------------------

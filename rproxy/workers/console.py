@@ -9,8 +9,9 @@ the frontends' counters into one row per frontend and takes the sample
 from them as a single process does (L{rproxy.console.Console.take}).  The
 snapshot then shows server state from the master's pools (its health
 checks, the ejections workers reported) with the workers' counts summed,
-token pools summed over the workers' shares, tunnels and the last reload
-from the master.  As in a single process, the JSON is built at most once
+token pools summed over the workers' shares, tunnels from the master (or,
+when the workers run them with a cluster, their agents merged and their
+streams summed over the workers) and the last reload from the master.  As in a single process, the JSON is built at most once
 per sample and served as the same bytes to every viewer.
 """
 
@@ -22,7 +23,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 
 from rproxy.console import Console
-from rproxy.workers.merge import merge_counters, merge_pools, merge_token_rows
+from rproxy.workers.merge import merge_counters, merge_pools, merge_token_rows, merge_tunnel_rows
 
 if TYPE_CHECKING:
     from rproxy.workers.master import MasterService
@@ -93,3 +94,8 @@ class MachineConsole(Console):
 
     def token_pools(self) -> list[dict[str, Any]]:
         return merge_token_rows([r["token_pools"] for r in self.reports])
+
+    def tunnels(self) -> list[dict[str, Any]]:
+        if not self.master.tunnels_in_workers:
+            return super().tunnels()
+        return merge_tunnel_rows(self.reports)

@@ -18,6 +18,7 @@ import socket
 import sys
 from typing import Any
 
+import attrs
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import MultiService
 from twisted.internet import defer, error, protocol
@@ -36,7 +37,7 @@ from rproxy.workers.child import CONTROL_FD
 from rproxy.workers.sockets import bind
 from rproxy.workers.state import apply_ejection, snapshot
 from rproxy.workers.supervise import RestartBackoff
-from rproxy.workers.views import master_view, serving_slots, worker_view
+from rproxy.workers.views import master_view, shared_listeners, tunnels_in_workers, worker_view
 from rproxy.workers.wire import pack_config
 
 __all__ = ["MasterService", "WorkerSlot"]
@@ -117,6 +118,14 @@ class MasterService(MultiService):
         self.stopping = False
         self.on_start_failure: Any = None
 
+    @property
+    def tunnels_in_workers(self) -> bool:
+        """
+        Whether the workers run the tunnels (a cluster is configured),
+        each a node of the cluster, rather than this master.
+        """
+        return tunnels_in_workers(self.config)
+
     # -- start -----------------------------------------------------------
 
     def privilegedStartService(self) -> None:
@@ -135,7 +144,8 @@ class MasterService(MultiService):
 
     def _bind_all(self, config: Config) -> dict[str, tuple[str, dict[int, socket.socket]]]:
         """
-        The sockets of every frontend of C{config}: a frontend whose
+        The sockets of every frontend of C{config} (and, with tunnels in
+        the workers, of every tunnel's control and public ports): one whose
         address names the socket it has keeps it (with sockets added or
         dropped if the slots serving it changed); others get new ones.
 
@@ -143,31 +153,36 @@ class MasterService(MultiService):
         """
         made: dict[str, tuple[str, dict[int, socket.socket]]] = {}
         try:
-            for frontend in config.frontends:
-                made[frontend.name] = self._bind(config, frontend)
+            for name, listen, slots in shared_listeners(config, self.count):
+                made[name] = self._bind(config, name, listen, slots)
         except (OSError, ValueError) as e:
             _close_unused(made, self.listeners)
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise _BindError(f"frontend {frontend.name}: cannot listen on {frontend.listen}: {reason}") from None
+            what = name if name.startswith("tunnel ") else f"frontend {name}"
+            raise _BindError(f"{what}: cannot listen on {listen}: {reason}") from None
         return made
 
-    def _bind(self, config: Config, frontend: Any) -> tuple[str, dict[int, socket.socket]]:
-        slots = serving_slots(config, frontend, self.count)
-        old = self.listeners.get(frontend.name)
-        if old is not None and _same_socket(old[0], frontend.listen, old[1]):
+    def _bind(self, config: Config, name: str, listen: str, slots: range) -> tuple[str, dict[int, socket.socket]]:
+        old = self.listeners.get(name)
+        if old is not None and _same_socket(old[0], listen, old[1]):
             sockets = {slot: sock for slot, sock in old[1].items() if slot in slots}
             missing_slots = [slot for slot in slots if slot not in sockets]
             if missing_slots:
                 bound = next(iter(old[1].values())).getsockname()
                 port = None if isinstance(bound, str) else bound[1]
-                sockets.update(bind(frontend.listen, config.global_.backlog, missing_slots, port))
-            return frontend.listen, sockets
-        sockets = bind(frontend.listen, config.global_.backlog, slots)
+                sockets.update(bind(listen, config.global_.backlog, missing_slots, port))
+            return listen, sockets
+        sockets = bind(listen, config.global_.backlog, slots)
         first = sockets[slots[0]].getsockname()
         address = first if isinstance(first, str) else f"{first[0]}:{first[1]}"
-        self.log.info("frontend {frontend} listening on {address}, backend {backend}, in {count} worker(s)",
-                      frontend=frontend.name, address=address, backend=frontend.backend, count=len(slots))
-        return frontend.listen, sockets
+        if name.startswith("tunnel "):
+            self.log.info("{name} listening on {address}, in {count} worker(s)", name=name, address=address,
+                          count=len(slots))
+        else:
+            backend = next(f.backend for f in config.frontends if f.name == name)
+            self.log.info("frontend {frontend} listening on {address}, backend {backend}, in {count} worker(s)",
+                          frontend=name, address=address, backend=backend, count=len(slots))
+        return listen, sockets
 
     def startService(self) -> None:
         super().startService()
@@ -213,7 +228,8 @@ class MasterService(MultiService):
         if channel is None:
             return defer.succeed(None)
         view = worker_view(config, slot.slot, self.count)
-        wanted = {(f.name, f.listen) for f in view.frontends}
+        wanted = {(name, listen) for name, listen, slots in shared_listeners(config, self.count)
+                  if slot.slot in slots}
         for name, listen in sorted(wanted - slot.sent):
             sock = self.listeners[name][1][slot.slot]
             channel.send({"op": "socket", "frontend": name, "listen": listen}, (sock.fileno(),))
@@ -322,6 +338,11 @@ class MasterService(MultiService):
         if worker_count(new) != self.count:
             self.log.warn("global.workers: a new count takes effect after a restart; keeping {count}",
                           count=self.count)
+        if new.cluster != self.config.cluster:
+            # (it decides which processes hold the tunnels: the master, or
+            # every worker as a node of the cluster)
+            self.log.warn("cluster: changes to cluster: take effect after a restart")
+            new = attrs.evolve(new, cluster=self.config.cluster)
         try:
             listeners = self._bind_all(new)
         except _BindError as e:

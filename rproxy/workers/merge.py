@@ -17,7 +17,7 @@ __all__ = ["sum_metrics", "merge_pools", "merge_health", "merge_token_pools", "m
 
 # per-machine state, the same in every process: the lowest wins (a server
 # is up only where every process can use it), never a sum
-_STATE_GAUGES = frozenset({"rproxy_server_up", "rproxy_store_up"})
+_STATE_GAUGES = frozenset({"rproxy_server_up", "rproxy_store_up", "rproxy_cluster_up"})
 
 
 def sum_metrics(texts: list[str]) -> str:
@@ -216,4 +216,45 @@ def merge_token_rows(workers: list[list[dict[str, Any]]]) -> list[dict[str, Any]
                     entry[field] = sorted(set(entry[field]) | set(value))
                 elif isinstance(value, int) and not isinstance(value, bool):
                     entry[field] = entry.get(field, 0) + value
+    return list(merged.values())
+
+
+def merge_agents(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    C{/api/v1/agents} for a machine whose workers run the tunnels, each a
+    node of the cluster (L{rproxy.workers.views}), from every worker's
+    list (L{rproxy.workers.child.Worker.agents}): an agent as the worker
+    it is logged in to describes it (its own figures), the agents of other
+    machines as the first worker lists them; each agent once, per tunnel
+    in the workers' order.
+    """
+    ours = {report["node"] for report in reports if report.get("node")}
+    merged: dict[str, dict[str, dict[str, Any]]] = {}
+    for report in reports:
+        for tunnel in report.get("tunnels", []):
+            listed = merged.setdefault(tunnel["name"], {})
+            for agent in tunnel["agents"]:
+                node = agent.get("node")
+                if node == report.get("node") or (node not in ours and agent["id"] not in listed):
+                    listed.setdefault(agent["id"], agent)
+    return [{"name": name, "agents": sorted(agents.values(), key=lambda a: a["id"])}
+            for name, agents in merged.items()]
+
+
+def merge_tunnel_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    The dashboard's tunnels (L{rproxy.console.tunnel_rows}) for a machine
+    whose workers run them: the agents as L{merge_agents} lists them,
+    the stream counts summed over the workers.
+    """
+    agents = {t["name"]: t["agents"] for t in merge_agents(reports)}
+    merged: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        for row in report.get("tunnels", []):
+            entry = merged.get(row["name"])
+            if entry is None:
+                merged[row["name"]] = dict(row, agents=agents.get(row["name"], []))
+                continue
+            for field in ("streams_opened", "streams_failed"):
+                entry[field] += row[field]
     return list(merged.values())

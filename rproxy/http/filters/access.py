@@ -6,7 +6,8 @@ Who the client is, and whether it may come in.
     that is not itself a trusted proxy (nginx's C{real_ip_recursive}).
     That address is C{exchange.client_host}, which allow lists, the access
     log and ip-hash read.  A trusted peer's X-Forwarded-For goes on with
-    the peer appended; any other peer's is replaced by the peer's address.
+    the peer appended; any other peer's is replaced by the peer's address,
+    and its C{Forwarded} and C{X-Real-IP} are dropped.
   - L{AccessFilter} (C{allow}/C{deny} on a frontend and on its routes): a
     client address a list refuses is answered 403, before any other
     policy.
@@ -23,7 +24,9 @@ from rproxy.http.routes import RouteTable
 
 __all__ = ["ClientAddress", "AccessFilter", "forwarded_client", "route_of"]
 
-_XFF = frozenset({b"x-forwarded-for"})
+# what an untrusted peer may not tell the server about the client: its
+# X-Forwarded-For (replaced by the peer's address), Forwarded and X-Real-IP
+_CLIENT_FIELDS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
 _VERDICTS = 4096
 # the longest X-Forwarded-For whose answer is remembered (4096 of them: 1 MiB)
 _CACHED_FIELDS = 256
@@ -32,10 +35,10 @@ _CACHED_FIELDS = 256
 def route_of(routes: RouteTable, exchange: Any) -> Any:
     """
     The route a request will take (the route table's choice, made again
-    for the policies checked before the choose phase), or None.
+    for the policies checked before the choose phase), or None: by the
+    target in normal form (L{rproxy.http.filters.routes.NormalTarget}).
     """
-    head = exchange.head
-    return routes.match(head.host, head.target)
+    return routes.match(exchange.head.host, exchange.target)
 
 
 def _address(text: bytes) -> str | None:
@@ -77,7 +80,8 @@ def forwarded_client(peer: str, values: list[bytes], trusted: CIDRSet) -> str:
 class ClientAddress(Filter):
     """
     C{trusted_proxies}: sets C{exchange.client_host} from a trusted peer's
-    X-Forwarded-For, and drops the field from any other peer's request.
+    X-Forwarded-For, and drops that field, C{Forwarded} and C{X-Real-IP}
+    from any other peer's request.
     """
 
     def __init__(self, trusted: CIDRSet) -> None:
@@ -108,7 +112,7 @@ class ClientAddress(Filter):
     def upstream_request(self, exchange: Any, set_headers: Any, remove: Any) -> Any:
         if exchange.client.peer_host in self.trusted:
             return set_headers, remove
-        return set_headers, remove | _XFF
+        return set_headers, remove | _CLIENT_FIELDS
 
 
 class AccessFilter(Filter):
@@ -133,6 +137,9 @@ class AccessFilter(Filter):
         address = exchange.client_host
         access = self.access
         if access is not None:
+            permitted = self._verdicts.get(address)
+            if permitted and not self.by_route:
+                return  # (the common case, in short)
             verdicts = self._verdicts
             permitted = verdicts.get(address)
             if permitted is None:

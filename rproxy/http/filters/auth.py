@@ -7,7 +7,10 @@ C{WWW-Authenticate} challenges of the methods allowed.
   - API keys are checked through the key chain the tunnels use (Redis
     cache, then PostgreSQL, then the static C{api_keys}:
     L{rproxy.store.auth.KeyChain}); the request waits on the lookup.  A key
-    is never logged, nor sent back.
+    is never logged, nor sent back.  Identical lookups in flight share one
+    (L{KeyLookups}), and at most 64 different ones are under way per key
+    chain: past that the request is answered 503 with Retry-After, as
+    Basic checks are.
   - Basic passwords are checked against bcrypt or argon2 hashes in a
     thread (L{rproxy.passwords}); an unknown user costs a check too, so
     that timing does not tell which users exist.
@@ -19,6 +22,7 @@ C{remove_headers: [authorization]} drops them).
 from __future__ import annotations
 
 import binascii
+import weakref
 from typing import Any
 
 from twisted.internet import defer
@@ -31,9 +35,87 @@ from rproxy.http.filters.access import route_of
 from rproxy.http.routes import RouteTable
 from rproxy.passwords import PasswordChecker, TooBusy
 
-__all__ = ["AuthFilter", "challenges"]
+__all__ = ["AuthFilter", "KeyLookups", "challenges", "lookups_for"]
 
 log = Logger()
+
+MAX_KEY_LOOKUPS = 64
+
+
+class KeyLookups:
+    """
+    The API key lookups in flight on one key chain: a key already being
+    looked up waits on that lookup (which is cancelled once every request
+    waiting on it has gone); at most C{max_pending} different keys at once,
+    past which L{lookup} fails with L{TooBusy} at once.
+    """
+
+    def __init__(self, keys: Any, max_pending: int = MAX_KEY_LOOKUPS) -> None:
+        self.keys = keys
+        self.max_pending = max_pending
+        # key -> (the chain's lookup, the requests' Deferreds waiting on it)
+        self._running: dict[str, tuple[defer.Deferred[Any], list[defer.Deferred[Any]]]] = {}
+        self.runs = 0
+        self.too_busy = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._running)
+
+    def lookup(self, key: str) -> defer.Deferred[Any]:
+        waiting: defer.Deferred[Any] = defer.Deferred(lambda d: self._left(key, d))
+        running = self._running.get(key)
+        if running is not None:
+            running[1].append(waiting)
+            return waiting
+        if len(self._running) >= self.max_pending:
+            self.too_busy += 1
+            return defer.fail(TooBusy(f"{len(self._running)} API key lookups under way"))
+        waiters = [waiting]
+        d = self.keys.lookup(key)
+        self._running[key] = (d, waiters)
+        self.runs += 1
+        d.addBoth(self._done, key, waiters)
+        return waiting
+
+    def _done(self, result: Any, key: str, waiters: list[defer.Deferred[Any]]) -> None:
+        entry = self._running.get(key)
+        if entry is not None and entry[1] is waiters:
+            del self._running[key]
+        for waiting in waiters:
+            if isinstance(result, Failure):
+                waiting.errback(result)
+            else:
+                waiting.callback(result)
+
+    def _left(self, key: str, waiting: defer.Deferred[Any]) -> None:
+        """
+        A request waiting on C{key}'s lookup went away: the lookup is
+        cancelled when it was the last.
+        """
+        entry = self._running.get(key)
+        if entry is None or waiting not in entry[1]:
+            return
+        d, waiters = entry
+        waiters.remove(waiting)
+        if not waiters:
+            del self._running[key]
+            d.cancel()
+
+
+# one per key chain (a chain may serve several frontends), kept as long
+# as the chain is
+_LOOKUPS: weakref.WeakKeyDictionary[Any, KeyLookups] = weakref.WeakKeyDictionary()
+
+
+def lookups_for(keys: Any) -> KeyLookups:
+    """
+    The lookups in flight on key chain C{keys}.
+    """
+    lookups = _LOOKUPS.get(keys)
+    if lookups is None:
+        lookups = _LOOKUPS[keys] = KeyLookups(keys)
+    return lookups
 
 _BEARER = (b"WWW-Authenticate", b"Bearer")
 
@@ -124,7 +206,7 @@ class AuthFilter(Filter):
         except UnicodeDecodeError:
             self._refuse(exchange, method, "invalid API key")
             return None
-        d = keys.lookup(presented)
+        d = lookups_for(keys).lookup(presented)
         d.addCallbacks(self._key_checked, self._failed, callbackArgs=(exchange, method),
                        errbackArgs=(exchange, "checking an API key"))
         return d
@@ -163,7 +245,8 @@ class AuthFilter(Filter):
         if reason.check(defer.CancelledError):
             return  # the client went away
         if reason.check(TooBusy):
-            self._unavailable(exchange, "too many password checks under way")
+            self._unavailable(exchange, "too many API key lookups under way" if what == "checking an API key"
+                              else "too many password checks under way")
             return
         log.failure("frontend {frontend}: {what} failed", reason, frontend=self.frontend.name, what=what)
         self._unavailable(exchange, "cannot check credentials now")

@@ -13,6 +13,7 @@ from rproxy.http.filters import Filter
 from rproxy.http.filters.access import AccessFilter, ClientAddress
 from rproxy.http.filters.auth import AuthFilter
 from rproxy.http.filters.redirect import RedirectFilter
+from rproxy.http.filters.routes import NormalTarget
 from rproxy.passwords import checker_for
 
 __all__ = ["access_filters", "auth_filters"]
@@ -20,13 +21,16 @@ __all__ = ["access_filters", "auth_filters"]
 
 def access_filters(frontend: Any) -> list[Filter]:
     """
-    Who the client is (C{trusted_proxies}), whether it may come in
+    The target in normal form (when routes or direct routes look at it),
+    who the client is (C{trusted_proxies}), whether it may come in
     (C{allow}/C{deny}), and redirects: before any other policy.
     """
     config = frontend.config
     policy = config.policy
     routes = frontend.routes
     filters: list[Filter] = []
+    if routes.routes or config.http.direct_routes:
+        filters.append(NormalTarget())
     trusted = CIDRSet(policy.trusted_proxies) if policy is not None and policy.trusted_proxies is not None else None
     if trusted is not None:
         filters.append(ClientAddress(trusted))

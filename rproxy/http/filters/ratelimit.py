@@ -218,7 +218,12 @@ class RateLimitFilter(Filter):
             if shared is not None:
                 return self._single_shared(exchange, limit, shared)
         # GCRA inline (L{rproxy.ratelimit.gcra}, same arithmetic)
-        key = _ip(exchange) if self.by_ip else limit.key(exchange)
+        if self.by_ip:
+            # (L{_ip}, inline: the client's address as policies see it)
+            client, host = exchange.client, exchange.client_host
+            key = client.peer_ip if host is client.peer_host else host.encode("ascii", "replace")
+        else:
+            key = limit.key(exchange)
         now = self.clock.seconds()
         tats = self.tats
         tat = tats.get(key)

@@ -74,7 +74,7 @@ class RedirectFilter(Filter):
         if (redirect.location is None or "{host}" in redirect.location) and not _HOST.match(host):
             exchange.fail(400, "no Host to redirect to" if not host else "a Host that cannot be redirected to")
             return
-        location = redirect_location(redirect, host, head.target)
+        location = redirect_location(redirect, host, exchange.target)
         exchange.answer(redirect.status, reason(redirect.status), [(b"Location", location)])
 
     def _scheme(self, exchange: Any) -> str:

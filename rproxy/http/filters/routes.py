@@ -2,6 +2,12 @@
 Routes and header rules: the pool a request goes to, by host and path
 prefix (first match wins), and the header fields its route sets or
 removes on the way to the server.
+
+L{NormalTarget} comes first, before any policy: the target every filter
+matches and the server is sent is the request's in normal form
+(L{rproxy.http.routes.request_target}), so that a path spelt another way
+cannot take another route, with other policies, than the one the server
+reads it as.
 """
 
 from __future__ import annotations
@@ -9,9 +15,31 @@ from __future__ import annotations
 from typing import Any
 
 from rproxy.http.filters import Filter
-from rproxy.http.routes import RouteTable
+from rproxy.http.routes import BadTarget, RouteTable, request_target
 
-__all__ = ["RouteFilter", "HeaderRules"]
+__all__ = ["NormalTarget", "RouteFilter", "HeaderRules"]
+
+
+class NormalTarget(Filter):
+    """
+    Puts the request's target in normal form in C{exchange.target} (what
+    the routes match and the server is sent; C{head.target} stays as the
+    client wrote it, for the access log).  An absolute-form target
+    (C{GET http://a.example/x}) becomes C{/x} and its host replaces the
+    Host field (RFC 9112 3.2.2).  A target that is none of a path, an
+    absolute http(s) URL or C{*}, or a malformed percent-encoding: 400.
+    """
+
+    def request(self, exchange: Any) -> None:
+        head = exchange.head
+        try:
+            authority, exchange.target = request_target(head.target)
+        except BadTarget as e:
+            exchange.fail(400, str(e))
+            return
+        if authority is not None:
+            head.host = authority
+            head.headers = [*(field for field in head.headers if field[0].lower() != b"host"), (b"Host", authority)]
 
 
 class RouteFilter(Filter):
@@ -27,8 +55,7 @@ class RouteFilter(Filter):
     def choose(self, exchange: Any) -> None:
         if exchange.pool is not None:
             return
-        head = exchange.head
-        route = self.routes.match(head.host, head.target)
+        route = self.routes.match(exchange.head.host, exchange.target)
         if route is None:
             exchange.fail(404, "no route")
             return
