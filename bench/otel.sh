@@ -5,8 +5,9 @@
 #                                               nginx) without telemetry, at 0.01 and at 1.0, spans
 #                                               exported to an OTLP/HTTP receiver: bench/otel_bench.py
 #   bench/otel.sh --instructions                instructions per request on the engine's hot path (no
-#                                               sockets; spans encoded as the OTLP exporter does, not
-#                                               sent) under callgrind: bench/otel_path.py.  Needs valgrind.
+#                                               sockets; spans encoded as the exporter does, and at 1.0 also
+#                                               by the official encoder; not sent) under callgrind:
+#                                               bench/otel_path.py.  Needs valgrind.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 "$here/bin/setup" >/dev/null
@@ -19,7 +20,7 @@ trap 'rm -rf "$work"' EXIT
 count() {  # requests, then otel_path.py's options
     n=$1
     shift
-    valgrind --tool=callgrind --callgrind-out-file="$work/cg" "$here/.venv/bin/python" \
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file="$work/cg" "$here/.venv/bin/python" \
         "$here/bench/otel_path.py" --requests "$n" "$@" 2>&1 | sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
 }
 per_request() {
@@ -33,3 +34,5 @@ for ratio in 0 0.01 1.0; do
     n=$(per_request --ratio "$ratio")
     echo "sample_ratio $ratio: $n instructions per request ($(echo "scale=3; $n / $off" | bc)x of off)"
 done
+n=$(per_request --ratio 1.0 --encoder official)
+echo "sample_ratio 1.0, encoder official: $n instructions per request ($(echo "scale=3; $n / $off" | bc)x of off)"

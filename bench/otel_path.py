@@ -3,7 +3,8 @@ Tracing's cost on the HTTP engine's hot path, with no sockets: the
 requests of bench/http_path.py (50 keep-alive clients, nginx's 100-byte
 answer, fake transports) through a frontend without telemetry, or traced
 at C{--ratio}; the spans encoded as the OTLP/HTTP exporter encodes them
-(C{encode_spans}, the official exporter's protobuf), not sent.  All of
+(rproxy's encoder, L{rproxy.telemetry.encoder}, or with C{--encoder
+official} the official exporter's C{encode_spans}), not sent.  All of
 it is counted: the processor's thread too, flushed at the end.
 
     .venv/bin/python bench/otel_path.py --ratio 0.01    # us per request (CPU time)
@@ -26,12 +27,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import http_path  # noqa: E402
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as official  # noqa: E402
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
 from rproxy.config.telemetry import TelemetryConfig  # noqa: E402
 from rproxy.http.frontend import HTTPFrontend  # noqa: E402
+from rproxy.telemetry.encoder import encode_spans  # noqa: E402
 from rproxy.telemetry.provider import Telemetry  # noqa: E402
 
 
@@ -40,11 +42,15 @@ class EncodingExporter(SpanExporter):
     Encodes each batch as the OTLP/HTTP exporter does; sends nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, encoder: str) -> None:
         self.spans = 0
+        self.official = encoder == "official"
 
     def export(self, spans: Any) -> SpanExportResult:
-        encode_spans(spans).SerializePartialToString()
+        if self.official:
+            official(spans).SerializePartialToString()
+        else:
+            encode_spans(spans)
         self.spans += len(spans)
         return SpanExportResult.SUCCESS
 
@@ -56,8 +62,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratio", type=float, default=None, help="sample_ratio (none: no telemetry)")
     parser.add_argument("--requests", type=int, default=0, help="run this many after the warm-up and exit")
+    parser.add_argument("--encoder", choices=("compact", "official"), default="compact")
     args = parser.parse_args()
-    exporter = EncodingExporter()
+    exporter = EncodingExporter(args.encoder)
     made: list[Telemetry] = []
     if args.ratio is not None:
         build = HTTPFrontend.__init__

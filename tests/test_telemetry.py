@@ -6,6 +6,7 @@ sinks' metrics.  (Against an OTLP receiver: L{tests.test_e2e_tracing}.)
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import attrs
@@ -19,8 +20,9 @@ from rproxy.config import ConfigError, config_from_mapping, parse_config
 from rproxy.config.model import Credential, TokenPoolConfig
 from rproxy.config.telemetry import TelemetryConfig
 from rproxy.events import HEARTBEATS, EventFanout, EventSink
+from rproxy.http.filters import Chain, Filter
 from rproxy.http.filters.tracing import TracingFilter
-from rproxy.http.reader import RequestHead
+from rproxy.http.reader import RequestHead, RequestReader
 from rproxy.kafka import KafkaSink
 from rproxy.service import RProxyService
 from rproxy.telemetry.provider import Telemetry
@@ -138,6 +140,12 @@ class _Exchange:
         self.attempts = 0
         self.tried: list[str] = []
         self.pool = None
+        self.chain: Any = None
+
+
+class _Logs(Filter):
+    def log(self, exchange: Any, backend: str) -> None:
+        pass
 
 
 class _Spans:
@@ -228,6 +236,7 @@ class UnsampledTests(SynchronousTestCase):
         frontend = attrs.make_class("F", {"clock": attrs.field(), "name": attrs.field()})(Clock(), "web")
         tracing = TracingFilter(_Recorder(), frontend)
         exchange = _Exchange(headers)
+        exchange.chain = Chain([tracing, _Logs()])
         tracing.request(exchange)
         tracing.attempt(exchange, None)
         sent = tracing.upstream_request(exchange, (), frozenset())
@@ -236,8 +245,24 @@ class UnsampledTests(SynchronousTestCase):
         return sent, exchange.notes, exchange.client.trace
 
     def test_without_traceparent(self) -> None:
-        sent, notes, left = self.run_phases([])
-        self.assertEqual((sent, notes, left), (((), frozenset()), None, None))
+        """
+        Nothing to pass on: the exchange's later phases run the chain
+        without the tracing filter (the same narrowed chain each time).
+        """
+        frontend = attrs.make_class("F", {"clock": attrs.field(), "name": attrs.field()})(Clock(), "web")
+        tracing = TracingFilter(_Recorder(), frontend)
+        log = _Logs()
+        chain = Chain([tracing, log])
+        narrowed = []
+        for _ in range(2):
+            exchange = _Exchange([])
+            exchange.chain = chain
+            tracing.request(exchange)
+            narrowed.append(exchange.chain)
+            self.assertIsNone(exchange.client.trace)
+        self.assertIs(narrowed[0], narrowed[1])
+        self.assertEqual((narrowed[0].filters, narrowed[0].log, narrowed[0].attempt), ((log,), (log,), ()))
+        self.assertEqual(chain.log, (tracing, log))
 
     def test_unsampled_traceparent_goes_on(self) -> None:
         sent, notes, _ = self.run_phases([(b"traceparent", VALID[:-2] + b"00")])
@@ -251,6 +276,46 @@ class UnsampledTests(SynchronousTestCase):
         trace_id, _, flags = parse(value)
         self.assertEqual((name, flags), (b"traceparent", 0))
         self.assertEqual(notes, {"trace_id": f"{trace_id:032x}"})
+
+
+class SamplingTests(SynchronousTestCase):
+    """
+    New traces are sampled with probability C{sample_ratio} (a geometric
+    gap between sampled requests, the same distribution as a draw per
+    request); the head's C{traceparent} is the reader's.
+    """
+
+    def sampled(self, ratio: float, requests: int) -> int:
+        frontend = attrs.make_class("F", {"clock": attrs.field(), "name": attrs.field(), "scheme": attrs.field()})(
+            Clock(), "web", b"http")
+        spans = _Spans()
+        spans.sample_ratio = ratio
+        tracing = TracingFilter(spans, frontend, random.Random(18))
+        chain = Chain([tracing])
+        count = 0
+        for _ in range(requests):
+            exchange = _Exchange([])
+            exchange.chain = chain
+            tracing.request(exchange)
+            count += exchange.client.trace is not None
+        return count
+
+    def test_ratios(self) -> None:
+        self.assertEqual((self.sampled(0, 1000), self.sampled(1, 1000)), (0, 1000))
+        self.assertTrue(2300 < self.sampled(0.25, 10_000) < 2700)
+        self.assertTrue(70 < self.sampled(0.01, 10_000) < 130)
+
+    def test_reader_finds_traceparent(self) -> None:
+        """
+        The reader keeps the first C{traceparent} field, in any case; a
+        head made without the reader looks it up.
+        """
+        head, = RequestReader().feed(b"GET / HTTP/1.1\r\nHost: a\r\nTraceParent: " + VALID +
+                                     b"\r\ntraceparent: 00-x\r\n\r\n")[:1]
+        self.assertEqual(head.traceparent, VALID)
+        plain, = RequestReader().feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")[:1]
+        self.assertIsNone(plain.traceparent)
+        self.assertEqual(RequestHead(b"GET", b"/", (1, 1), [(b"traceparent", VALID)]).traceparent, VALID)
 
 
 def _telemetry(test: SynchronousTestCase, clock: Clock, ratio: float = 1.0) -> tuple[Telemetry, InMemorySpanExporter]:

@@ -78,7 +78,7 @@ class Exchange(ExchangeFailures):
         "client", "frontend", "head", "target", "tried", "started", "upstream", "server", "pool", "route",
         "state", "close_delimited", "got_bytes", "producing", "batch", "deadline", "status", "notes",
         "_pending", "_step", "attempts", "pinned", "prefer", "key", "framing", "keep_upstream", "upgrade_rest", "continued",
-        "delivered_before", "client_host",
+        "delivered_before", "client_host", "chain",
     )
 
     def __init__(self, client: HTTPConnection, head: RequestHead) -> None:
@@ -114,6 +114,10 @@ class Exchange(ExchangeFailures):
         self.continued = False  # a 100 Continue went to the client (read_ahead)
         self.delivered_before = client.delivered  # the response's bytes are what is added
         self.client_host: str = client.peer_host
+        # the filters of the phases after the request phase (attempt,
+        # upstream_request, attempt_end, log): a request-phase filter with
+        # nothing more to do for this request may narrow it (tracing)
+        self.chain = frontend.chain
 
     # -- the filters' phases -----------------------------------------------
 
@@ -195,7 +199,7 @@ class Exchange(ExchangeFailures):
         self.attempts += 1
         self.state = CONNECTING
         frontend = self.frontend
-        attempt = frontend.chain.attempt
+        attempt = self.chain.attempt
         if attempt:
             for f in attempt:
                 f.attempt(self, server)
@@ -231,7 +235,7 @@ class Exchange(ExchangeFailures):
         frontend = self.frontend
         set_headers: tuple[tuple[bytes, bytes], ...] = ()
         remove = _NO_REMOVE
-        for f in frontend.chain.upstream_request:
+        for f in self.chain.upstream_request:
             set_headers, remove = f.upstream_request(self, set_headers, remove)
         transport = upstream.transport
         transport.write(request_head(  # type: ignore[union-attr]
@@ -435,7 +439,7 @@ class Exchange(ExchangeFailures):
         server, pool = self.server, self.pool
         self.server = None
         if server is not None and pool is not None:
-            if self.frontend.chain.attempt_end:
+            if self.chain.attempt_end:
                 self._attempt_over(server, outcome if outcome is not None else (self.status or "aborted"))
             if ok is False:
                 pool.record_failure(server, f"answered {self.status}")
@@ -444,5 +448,5 @@ class Exchange(ExchangeFailures):
             pool.release(server)
 
     def _attempt_over(self, server: Server, outcome: int | str) -> None:
-        for f in self.frontend.chain.attempt_end:
+        for f in self.chain.attempt_end:
             f.attempt_end(self, server, outcome)

@@ -373,7 +373,7 @@ class HTTPFrontend(AdmittedFigures, Factory):
         """
         pool = exchange.pool
         backend = pool.config.name if pool is not None else "-"
-        for f in self.chain.log:
+        for f in exchange.chain.log:
             f.log(exchange, backend)
         key = (backend, exchange.status)
         requests = self.requests
@@ -399,7 +399,7 @@ class HTTPFrontend(AdmittedFigures, Factory):
         """
         pool = exchange.pool
         backend = pool.config.name if pool is not None else "-"
-        for f in self.chain.log:
+        for f in exchange.chain.log:
             f.log(exchange, backend)
         self.count_status(exchange.status)
 

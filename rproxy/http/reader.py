@@ -31,6 +31,7 @@ above, and turns callbacks into events.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import attrs
 import httptools
@@ -47,6 +48,8 @@ _ORDINARY = frozenset({
 })
 # Host values already found valid (a few per site; cleared when large)
 _valid_hosts: set[bytes] = set()
+# (RequestHead: a field not given is looked up in the headers)
+_SCAN: Any = object()
 _HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{1,5})?$")
 
 
@@ -73,7 +76,7 @@ class RequestHead:
     # a plain class: one is made per request, and a positional __init__
     # over slots is the cheapest way to make one
     __slots__ = ("method", "target", "version", "headers", "keep_alive", "chunked", "content_length", "upgrade",
-                 "suspicious_body", "has_body", "host")
+                 "suspicious_body", "has_body", "host", "traceparent")
 
     def __init__(
         self,
@@ -87,6 +90,7 @@ class RequestHead:
         upgrade: bool = False,
         suspicious_body: bool = False,
         host: bytes | None = None,
+        traceparent: Any = _SCAN,
     ) -> None:
         self.method = method
         self.target = target
@@ -100,6 +104,8 @@ class RequestHead:
         self.has_body = chunked or bool(content_length)
         # the Host field's value (None without one)
         self.host = host if host is not None else self.header(b"host")
+        # the traceparent field's value (None without one), for tracing
+        self.traceparent = traceparent if traceparent is not _SCAN else self.header(b"traceparent")
 
     def __repr__(self) -> str:
         return f"RequestHead({self.method!r}, {self.target!r}, {self.version!r}, {len(self.headers)} fields)"
@@ -223,7 +229,7 @@ class RequestReader:
             self._fail(431, "Request Header Fields Too Large")
         chunked = False
         content_length: int | None = None
-        host = None
+        host = traceparent = None
         hosts = 0
         size = self._head_size
         for name, value in headers:
@@ -238,6 +244,9 @@ class RequestReader:
                 chunked = True
             elif lower == b"content-length":
                 content_length = int(value)
+            elif lower == b"traceparent":
+                if traceparent is None:  # (the first, as header() gives)
+                    traceparent = value
             elif (
                 lower[:1] in (b"t", b"c")
                 and lower.replace(b"_", b"").replace(b"-", b"") in (b"transferencoding", b"contentlength")
@@ -264,6 +273,7 @@ class RequestReader:
             RequestHead(
                 method, self._target, version, headers, parser.should_keep_alive(), chunked, content_length,
                 parser.should_upgrade(), (chunked or bool(content_length)) and method in (b"GET", b"HEAD"), host,
+                traceparent,
             )
         )
         self._in_head = False

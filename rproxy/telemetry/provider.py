@@ -123,8 +123,10 @@ class Telemetry:
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter(endpoint=config.endpoint, headers=dict(config.headers),
-                                        timeout=config.timeout)
+            from rproxy.telemetry.exporter import CompactSpanExporter
+
+            kind = OTLPSpanExporter if config.encoder == "official" else CompactSpanExporter
+            exporter = kind(endpoint=config.endpoint, headers=dict(config.headers), timeout=config.timeout)
         self.exporter = exporter
         self.stopping = False
         self.processor = _BoundedProcessor(_CountingExporter(exporter, self), self, config.queue_size,

@@ -7,18 +7,23 @@ The sampling decision is made here, once per request, the SDK's
 parent-based way: a client's C{traceparent} decides (its sampled flag);
 without one (or with a malformed one, which is ignored with its
 C{tracestate}, as the specification says) a new trace is sampled with
-probability C{sample_ratio}.  A request not sampled costs a few attribute
-reads and no SDK object: a client's valid C{traceparent} goes on
-unchanged (its sampled flag off tells the services behind), and a request
-that came without one goes on without one (starting a trace is optional
-in W3C Trace Context; making one costs as much as the rest of this
-filter's unsampled path); a malformed one is replaced by one of ours,
-flag off.  A sampled request's upstream head carries C{traceparent}
+probability C{sample_ratio}.  A request not sampled makes no SDK object:
+a client's valid C{traceparent} goes on unchanged (its sampled flag off
+tells the services behind), and a request that came without one goes on
+without one (starting a trace is optional in W3C Trace Context; making
+one costs as much as the rest of this filter's unsampled path); a
+malformed one is replaced by one of ours, flag off.  A request without
+C{traceparent} (found by the reader: C{head.traceparent}) that is not
+sampled, most of them at a low ratio, costs a counter's decrement (the
+requests left before the next sampled one): its later phases run the chain
+without this filter (C{exchange.chain}, narrowed), so that they cost
+nothing either.  A sampled request's upstream head carries C{traceparent}
 naming the attempt's span as the parent (and the client's C{tracestate},
 unchanged).
 
-A sampled request's spans are records made once each has ended (the
-SDK's C{ReadableSpan}, handed to the batch processor): their ids come
+A sampled request's spans are records made once each has ended
+(L{rproxy.telemetry.record.SpanRecord}: a C{ReadableSpan}'s fields as
+plain slots, handed to the batch processor): their ids come
 from this filter's random generator and their times from the frontend's
 clock; the SDK's tracer is not used here, as starting and ending a span
 through it costs about ten times as much.
@@ -33,13 +38,14 @@ phase.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace import SpanKind, Status, StatusCode, TraceState
 
-from rproxy.http.filters import Filter
+from rproxy.http.filters import Chain, Filter
+from rproxy.telemetry.record import Context, SpanRecord
 from rproxy.telemetry.traceparent import format_traceparent, parse
 
 __all__ = ["TracingFilter", "TokenWaitMark"]
@@ -49,7 +55,6 @@ _REPLACE = frozenset({b"traceparent"})
 _RESTART = frozenset({b"traceparent", b"tracestate"})  # a malformed traceparent: its tracestate goes too
 _SERVER = SpanKind.SERVER
 _CLIENT = SpanKind.CLIENT
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
 
@@ -59,7 +64,7 @@ class _Trace:
     One request's tracing state.
 
     @ivar span_id: its SERVER span's id; 0 when the request is not sampled.
-    @ivar parent: the client's span (a remote SpanContext), or None.
+    @ivar parent: the client's span (a remote L{Context}), or None.
     @ivar attempt: the attempt in progress: (span id, start, attributes).
     @ivar inject: the C{traceparent} an unsampled request sends on (None:
         the client's goes on unchanged).
@@ -73,7 +78,7 @@ class _Trace:
         self.exchange = exchange
         self.trace_id = trace_id
         self.span_id = span_id
-        self.parent: SpanContext | None = None
+        self.parent: Context | None = None
         self.state: TraceState | None = None
         self.attributes: dict[str, Any] = {}
         self.attempt: tuple[int, float, dict[str, Any]] | None = None
@@ -91,67 +96,104 @@ class TracingFilter(Filter):
     def __init__(self, telemetry: Any, frontend: Any, rng: random.Random | None = None) -> None:
         self.telemetry = telemetry
         self.frontend = frontend
-        self.ratio = telemetry.sample_ratio
+        self.ratio = ratio = telemetry.sample_ratio
         rng = rng or random.Random()
         self.random = rng.random
         self.bits = rng.getrandbits
+        # the chain this filter is in, without it: what an untraced
+        # request's later phases run (L{_quiet})
+        self.quiet: Any = None
+        # new traces: how many requests to pass over before the next
+        # sampled one, drawn from the geometric distribution: the same
+        # as a draw per request with probability C{ratio}, without one
+        self.log_miss = math.log1p(-ratio) if 0 < ratio < 1 else 0.0
+        self.skip = self._gap()
+
+    def _gap(self) -> int:
+        """
+        The number of requests not sampled before the next sampled one.
+        """
+        ratio = self.ratio
+        if ratio >= 1:
+            return 0
+        if ratio <= 0:
+            return 1 << 62  # (an int: never 0 in a process's life, and cheaper to count down than inf)
+        return math.floor(math.log(1.0 - self.random()) / self.log_miss)
 
     # -- request -----------------------------------------------------------
 
     def request(self, exchange: Any) -> None:
-        head = exchange.head
-        raw = head.header(_TRACEPARENT)
-        if raw is None:
-            if self.random() >= self.ratio:
-                exchange.client.trace = None  # not sampled, and nothing to pass on
-                return None
-            trace = _Trace(exchange, self.bits(128) or 1, self.bits(64) or 1, _REPLACE)
-        else:
-            parent = parse(raw)
-            if parent is None:
-                # malformed: ignored with its tracestate; a trace of our own
-                trace_id = self.bits(128) or 1
-                if self.random() >= self.ratio:
-                    trace = _Trace(exchange, trace_id, 0, _RESTART)
-                    trace.inject = format_traceparent(trace_id, self.bits(64) or 1, False)
-                    exchange.client.trace = trace
-                    return None
-                trace = _Trace(exchange, trace_id, self.bits(64) or 1, _RESTART)
-            else:
-                trace_id, parent_id, flags = parent
-                if not flags & 1:
-                    # not sampled on the client's side: its traceparent goes on as it is
-                    exchange.client.trace = _Trace(exchange, trace_id, 0, _REPLACE)
-                    return None
-                trace = _Trace(exchange, trace_id, self.bits(64) or 1, _REPLACE)
-                state = head.header(b"tracestate")
-                if state:
-                    trace.state = _trace_state(state)
-                trace.parent = SpanContext(trace_id, parent_id, is_remote=True, trace_flags=_SAMPLED,
-                                           trace_state=trace.state)
+        raw = exchange.head.traceparent
+        if raw is not None:
+            exchange.client.trace = self._continued(exchange, raw)
+            return None
+        skip = self.skip
+        if skip:
+            # not sampled, and nothing to pass on: this filter's later
+            # phases are skipped for this request (its connection's
+            # trace is None: a trace is dropped by the log or closed
+            # phase of its own exchange)
+            self.skip = skip - 1
+            exchange.chain = self.quiet or self._quiet(exchange.chain)
+            return None
+        self.skip = self._gap()
+        trace = _Trace(exchange, self.bits(128) or 1, self.bits(64) or 1, _REPLACE)
         trace.attributes = self._request_attributes(exchange)
         exchange.client.trace = trace
         return None
 
+    def _quiet(self, chain: Any) -> Any:
+        """
+        C{chain} without this filter (made once: a filter is in one chain,
+        the one whose request phase calls it).
+        """
+        self.quiet = Chain([f for f in chain.filters if f is not self])
+        return self.quiet
+
+    def _continued(self, exchange: Any, raw: bytes) -> _Trace:
+        """
+        The trace of a request that came with a C{traceparent}: its own
+        if sampled, else one that only passes the trace on.
+        """
+        parent = parse(raw)
+        if parent is None:
+            # malformed: ignored with its tracestate; a trace of our own
+            trace_id = self.bits(128) or 1
+            if self.random() >= self.ratio:
+                trace = _Trace(exchange, trace_id, 0, _RESTART)
+                trace.inject = format_traceparent(trace_id, self.bits(64) or 1, False)
+                return trace
+            trace = _Trace(exchange, trace_id, self.bits(64) or 1, _RESTART)
+        else:
+            trace_id, parent_id, flags = parent
+            if not flags & 1:
+                # not sampled on the client's side: its traceparent goes on as it is
+                return _Trace(exchange, trace_id, 0, _REPLACE)
+            trace = _Trace(exchange, trace_id, self.bits(64) or 1, _REPLACE)
+            state = exchange.head.header(b"tracestate")
+            if state:
+                trace.state = _trace_state(state)
+            trace.parent = Context(trace_id, parent_id, True, trace.state)
+        trace.attributes = self._request_attributes(exchange)
+        return trace
+
     def _request_attributes(self, exchange: Any) -> dict[str, Any]:
         head, client = exchange.head, exchange.client
-        method = head.method.decode("latin-1")
         attributes: dict[str, Any] = {
-            "http.request.method": method,
+            "http.request.method": head.method.decode("latin-1"),
             "url.path": head.target.split(b"?", 1)[0].decode("latin-1"),
             "url.scheme": self.frontend.scheme.decode(),
-            "network.protocol.version": f"{head.version[0]}.{head.version[1]}",
+            "network.protocol.version": _VERSIONS.get(head.version) or f"{head.version[0]}.{head.version[1]}",
             "network.peer.address": client.peer_host,
             "client.address": client.peer_host,
             "rproxy.frontend": self.frontend.name,
         }
         host = head.host
         if host:
-            name, _, port = host.decode("latin-1").rpartition(":") if not host.endswith(b"]") else ("", "", "")
-            if name and port.isdigit():
-                attributes["server.address"], attributes["server.port"] = name, int(port)
-            else:
-                attributes["server.address"] = host.decode("latin-1")
+            server = _hosts.get(host)
+            if server is None:
+                server = _server(host)
+            attributes.update(server)
         agent = head.header(b"user-agent")
         if agent is not None:
             attributes["user_agent.original"] = agent.decode("latin-1")
@@ -211,14 +253,14 @@ class TracingFilter(Filter):
             attributes["error.type"] = str(outcome).split(":", 1)[0]
             status = Status(StatusCode.ERROR, str(outcome))
         self._finished(trace, attributes["http.request.method"], span_id, _CLIENT, attributes, status, start, now,
-                       SpanContext(trace.trace_id, trace.span_id, False, _SAMPLED, trace.state))
+                       Context(trace.trace_id, trace.span_id, False, trace.state))
 
     def _finished(self, trace: _Trace, name: str, span_id: int, kind: SpanKind, attributes: dict[str, Any],
-                  status: Status, start: float, end: float, parent: SpanContext | None) -> None:
+                  status: Status, start: float, end: float, parent: Context | None) -> None:
         telemetry = self.telemetry
-        telemetry.finished(ReadableSpan(
-            name, SpanContext(trace.trace_id, span_id, False, _SAMPLED, trace.state), parent, telemetry.resource,
-            attributes, (), (), kind, None, status, int(start * 1e9), int(end * 1e9), telemetry.http_scope))
+        telemetry.finished(SpanRecord(
+            name, Context(trace.trace_id, span_id, False, trace.state), parent, telemetry.resource, attributes, kind,
+            status, int(start * 1e9), int(end * 1e9), telemetry.http_scope))
 
     # -- the end -------------------------------------------------------------
 
@@ -298,6 +340,28 @@ class TokenWaitMark(Filter):
         if trace is not None and trace.span_id:
             trace.routed = self.clock.seconds()
         return None
+
+
+_VERSIONS = {(1, 1): "1.1", (1, 0): "1.0"}
+# the server.address and .port attributes of recent Host values (a few
+# per site; cleared when large)
+_hosts: dict[bytes, dict[str, Any]] = {}
+
+
+def _server(host: bytes) -> dict[str, Any]:
+    """
+    The attributes a Host value names: C{server.address}, and
+    C{server.port} if it has one.
+    """
+    name, _, port = host.decode("latin-1").rpartition(":") if not host.endswith(b"]") else ("", "", "")
+    if name and port.isdigit():
+        server: dict[str, Any] = {"server.address": name, "server.port": int(port)}
+    else:
+        server = {"server.address": host.decode("latin-1")}
+    if len(_hosts) >= 1024:
+        _hosts.clear()
+    _hosts[host] = server
+    return server
 
 
 def _trace_state(value: bytes) -> TraceState | None:

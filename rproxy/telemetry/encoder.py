@@ -1,0 +1,284 @@
+"""
+OTLP's protobuf encoding of spans, written by hand: the bytes of an
+C{ExportTraceServiceRequest} (OTLP/HTTP's body) for a batch of the SDK's
+ended spans (C{ReadableSpan}, or any object with the same attributes).
+
+The official exporter builds a message object per span, attribute and
+value (C{encode_spans} of C{opentelemetry-exporter-otlp-proto-common}) and
+hashes each span's C{Resource} (a JSON dump of its attributes) to group
+them: about 27 us of CPU a span, most of what tracing every request
+costs.  This writes the same fields straight to bytes (a varint and
+length-delimited writer; a span's fields in field-number order), groups
+spans by their resource and scope objects, encodes each resource and
+scope once, and keeps the encoding of recent (key, value) attributes:
+about 3 us a span (callgrind: ~35k instructions against ~300k).  What
+it writes decodes to the same message as the official encoder's
+(C{tests.test_telemetry_encoder} compares them field by field);
+C{telemetry: {encoder: official}} uses the official one.
+
+The wire format (opentelemetry-proto, C{collector/trace/v1} and
+C{trace/v1}): ExportTraceServiceRequest{1: ResourceSpans*},
+ResourceSpans{1: Resource, 2: ScopeSpans*, 3: schema_url},
+ScopeSpans{1: InstrumentationScope, 2: Span*, 3: schema_url}.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry.trace import SpanKind, StatusCode
+
+__all__ = ["encode_spans"]
+
+_BYTE = [bytes((i,)) for i in range(128)]
+_DOUBLE = struct.Struct("<d").pack
+_FIXED64 = struct.Struct("<Q").pack
+_FIXED32 = struct.Struct("<I").pack
+_INT64 = 1 << 63
+_MASK64 = (1 << 64) - 1
+# Span.flags: SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, and _IS_REMOTE_MASK
+_HAS_IS_REMOTE = 0x100
+_IS_REMOTE = 0x200
+# recent attributes' encodings, by (key, value, type): most values repeat
+# (methods, addresses, statuses, names); fields under 256 bytes only, each
+# dict cleared at 8192 (a few MiB at most)
+_CACHE_SIZE = 8192
+# a Span's kind field (OTLP counts from 1, the SDK from 0), and its status
+# field without a description, by the SDK's enums
+_KINDS = {kind: b"\x30" + bytes((kind.value + 1,)) for kind in SpanKind}
+_STATUS = {code: b"\x7a\x02\x18" + bytes((code.value,)) if code.value else b"\x7a\x00" for code in StatusCode}
+# (one dict per field tag: the whole field is kept)
+_caches: dict[bytes, dict[tuple[str, Any, type], bytes]] = {}
+
+
+def _varint(n: int) -> bytes:
+    if n < 128:
+        return _BYTE[n]
+    out = bytearray()
+    while n > 127:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """
+    A length-delimited field: its tag, length and bytes.
+    """
+    n = len(payload)
+    return tag + (_BYTE[n] if n < 128 else _varint(n)) + payload
+
+
+def _any(value: Any) -> bytes:
+    """
+    An C{AnyValue}'s body, as the official encoder types the value (a
+    bool before an int; a sequence is an array, a mapping a list of
+    key-values); ValueError for an int out of int64 or another type.
+    """
+    kind = type(value)
+    if kind is str:
+        return _field(b"\x0a", value.encode("utf-8"))
+    if kind is int:
+        if not -_INT64 <= value < _INT64:
+            raise ValueError(f"{value} is out of int64")
+        return b"\x18" + _varint(value & _MASK64)
+    if kind is bool:
+        return b"\x10\x01" if value else b"\x10\x00"
+    if kind is float:
+        return b"\x21" + _DOUBLE(value)
+    if value is None:
+        return b""
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, str):
+        return _field(b"\x0a", str(value).encode("utf-8"))
+    if isinstance(value, int):
+        return _any(int(value))
+    if isinstance(value, float):
+        return _any(float(value))
+    if isinstance(value, bytes):
+        return _field(b"\x3a", value)
+    if isinstance(value, Sequence):
+        return _field(b"\x2a", b"".join([_field(b"\x0a", _any(v)) for v in value]))
+    if isinstance(value, Mapping):
+        return _field(b"\x32", b"".join([_field(b"\x0a", _key_value(str(k), v)) for k, v in value.items()]))
+    raise ValueError(f"invalid type {kind.__name__} of an attribute value")
+
+
+def _key_value(key: str, value: Any) -> bytes:
+    return _field(b"\x0a", key.encode("utf-8")) + _field(b"\x12", _any(value))
+
+
+def _attributes_of(tag: bytes, attributes: Any) -> list[bytes]:
+    """
+    The fields (tag C{tag}) of C{attributes}' KeyValues; one that cannot be
+    encoded is left out, as the official encoder does.
+    """
+    out = []
+    cache = _caches.get(tag)
+    if cache is None:
+        cache = _caches[tag] = {}
+    for key, value in attributes.items():
+        try:
+            cached = (key, value, type(value))
+            field = cache.get(cached)
+        except TypeError:  # unhashable: a list
+            cached, field = None, None
+        if field is None:
+            try:
+                field = _field(tag, _key_value(key, value))
+            except (ValueError, UnicodeError, AttributeError):
+                continue
+            if cached is not None and len(field) < 256:  # (a long value is seldom seen twice)
+                if len(cache) >= _CACHE_SIZE:
+                    cache.clear()
+                cache[cached] = field
+        out.append(field)
+    return out
+
+
+def _trace_state(state: Any) -> bytes:
+    if not state:
+        return b""
+    value = ",".join([f"{key}={value}" for key, value in state.items()])
+    return _field(b"\x1a", value.encode("utf-8")) if value else b""
+
+
+def _status(status: Any) -> bytes:
+    if status is None:
+        return b""
+    description = status.description
+    if not description:
+        return _STATUS[status.status_code]
+    return _field(b"\x7a", _field(b"\x12", description.encode("utf-8")) + _STATUS[status.status_code][2:])
+
+
+def _event(event: Any) -> bytes:
+    parts = []
+    if event.timestamp:
+        parts.append(b"\x09" + _FIXED64(event.timestamp))
+    if event.name:
+        parts.append(_field(b"\x12", event.name.encode("utf-8")))
+    if event.attributes:
+        parts.extend(_attributes_of(b"\x1a", event.attributes))
+    if event.dropped_attributes:
+        parts.append(b"\x20" + _varint(event.dropped_attributes))
+    return _field(b"\x5a", b"".join(parts))
+
+
+def _link(link: Any) -> bytes:
+    context = link.context
+    parts = [b"\x0a\x10" + context.trace_id.to_bytes(16, "big"), b"\x12\x08" + context.span_id.to_bytes(8, "big")]
+    if link.attributes:
+        parts.extend(_attributes_of(b"\x22", link.attributes))
+    if link.dropped_attributes:
+        parts.append(b"\x28" + _varint(link.dropped_attributes))
+    parts.append(b"\x35" + _FIXED32(_HAS_IS_REMOTE | (_IS_REMOTE if context.is_remote else 0)))
+    return _field(b"\x6a", b"".join(parts))
+
+
+def _span(span: Any) -> bytes:
+    """
+    A C{Span} message's body.
+    """
+    context = span.context
+    parent = span.parent
+    parts = [b"\x0a\x10" + context.trace_id.to_bytes(16, "big"), b"\x12\x08" + context.span_id.to_bytes(8, "big")]
+    state = context.trace_state
+    if state:
+        parts.append(_trace_state(state))
+    if parent is not None:
+        parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
+    name = span.name
+    if name:
+        parts.append(_field(b"\x2a", name.encode("utf-8")))
+    parts.append(_KINDS[span.kind])
+    if span.start_time:
+        parts.append(b"\x39" + _FIXED64(span.start_time))
+    if span.end_time:
+        parts.append(b"\x41" + _FIXED64(span.end_time))
+    attributes = span.attributes
+    if attributes:
+        parts += _attributes_of(b"\x4a", attributes)
+    dropped = span.dropped_attributes
+    if dropped:
+        parts.append(b"\x50" + _varint(dropped))
+    events = span.events
+    if events:
+        parts.extend([_event(e) for e in events])
+    dropped = span.dropped_events
+    if dropped:
+        parts.append(b"\x60" + _varint(dropped))
+    links = span.links
+    if links:
+        parts.extend([_link(link) for link in links])
+    dropped = span.dropped_links
+    if dropped:
+        parts.append(b"\x70" + _varint(dropped))
+    parts.append(_status(span.status))
+    parts.append(b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)))
+    return b"".join(parts)
+
+
+def _resource(resource: Any) -> bytes:
+    """
+    The C{resource} field of a ResourceSpans.
+    """
+    attributes = resource.attributes if resource is not None else None
+    return _field(b"\x0a", b"".join(_attributes_of(b"\x0a", attributes)) if attributes else b"")
+
+
+def _scope(scope: Any) -> bytes:
+    """
+    The C{scope} field of a ScopeSpans.
+    """
+    if scope is None:
+        return b"\x0a\x00"
+    parts = []
+    if scope.name:
+        parts.append(_field(b"\x0a", scope.name.encode("utf-8")))
+    if scope.version:
+        parts.append(_field(b"\x12", scope.version.encode("utf-8")))
+    if scope.attributes:
+        parts.extend(_attributes_of(b"\x1a", scope.attributes))
+    return _field(b"\x0a", b"".join(parts))
+
+
+def encode_spans(spans: Sequence[Any]) -> bytes:
+    """
+    The serialized C{ExportTraceServiceRequest} of C{spans}: grouped by
+    resource, then by instrumentation scope, each in the order first seen.
+    """
+    groups: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+    last_resource = last_scope = out = None
+    for span in spans:
+        resource = span.resource
+        scope = span.instrumentation_scope
+        if resource is not last_resource or scope is not last_scope or out is None:
+            group = groups.get(id(resource))
+            if group is None:
+                group = groups[id(resource)] = (resource, {})
+            scopes = group[1]
+            encoded = scopes.get(id(scope))
+            if encoded is None:
+                encoded = scopes[id(scope)] = (scope, [])
+            out = encoded[1]
+            last_resource, last_scope = resource, scope
+        body = _span(span)
+        n = len(body)
+        out.append(b"\x12" + (_BYTE[n] if n < 128 else _varint(n)) + body)
+    request = []
+    for resource, scopes in groups.values():
+        parts = [_resource(resource)]
+        for scope, encoded in scopes.values():
+            schema = getattr(scope, "schema_url", None)
+            parts.append(_field(b"\x12", b"".join(
+                [_scope(scope), *encoded, _field(b"\x1a", schema.encode("utf-8")) if schema else b""])))
+        schema = getattr(resource, "schema_url", None)
+        if schema:
+            parts.append(_field(b"\x1a", schema.encode("utf-8")))
+        request.append(_field(b"\x0a", b"".join(parts)))
+    return b"".join(request)
