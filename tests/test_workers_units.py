@@ -15,7 +15,13 @@ from rproxy.config import ConfigError, parse_config
 from rproxy.pool import Pool
 from rproxy.workers import worker_count
 from rproxy.workers.channel import Channel
-from rproxy.workers.merge import merge_agents, merge_health, merge_pools, merge_tunnel_rows, sum_metrics
+from rproxy.workers.merge import (
+    merge_agents,
+    merge_health,
+    merge_pools,
+    merge_tunnel_rows,
+    sum_metrics,
+)
 from rproxy.workers.state import apply_ejection, apply_message, snapshot
 from rproxy.workers.supervise import RestartBackoff
 from rproxy.workers.views import (
