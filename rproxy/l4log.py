@@ -29,6 +29,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from rproxy.http.accesslog import AccessLogFile, LogLines
+
 __all__ = ["L4Log", "TERMINATIONS", "format_json", "format_tcplog"]
 
 TERMINATIONS = ("client-closed", "server-closed", "connect-failed", "no-server", "timeout", "refused-acl",
@@ -91,7 +93,7 @@ def format_json(conn: Any, now: float) -> str:
     return json.dumps(r, separators=(",", ":"))
 
 
-class L4Log:
+class L4Log(LogLines):
     """
     Where a TCP frontend's connection lines go.
     """
@@ -99,8 +101,6 @@ class L4Log:
     log = Logger()
 
     def __init__(self, frontend_name: str, format_: str, path: str | None, clock: Any) -> None:
-        from rproxy.http.accesslog import AccessLogFile
-
         self.format = format_json if format_ == "json" else format_tcplog
         self.path = path
         self.file: AccessLogFile | None = None
@@ -116,17 +116,4 @@ class L4Log:
         self.format = format_json if format_ == "json" else format_tcplog
 
     def write(self, conn: Any, now: float) -> None:
-        line = self.format(conn, now)
-        if self.file is not None:
-            self.file.write(line)
-        else:
-            self.log.info("{line}", line=line)
-
-    def reopen(self) -> None:
-        if self.file is not None:
-            self.file.reopen()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        self.write_line(self.format(conn, now))

@@ -36,6 +36,7 @@ from rproxy.config.values import brief, kind
 
 __all__ = [
     "AuthConfig",
+    "read_networks",
     "BasicAuthConfig",
     "RedirectConfig",
     "Policy",
@@ -141,7 +142,7 @@ def read_frontend_policy(section: Section, protocol: str) -> Policy | None:
     return Policy(
         auth=_read_auth(section, route=False),
         redirect=_read_redirect(section, route=False),
-        trusted_proxies=_read_networks(section, "trusted_proxies"),
+        trusted_proxies=read_networks(section, "trusted_proxies"),
     )
 
 
@@ -194,7 +195,11 @@ def _prefix(value: object) -> str:
     return path
 
 
-def _read_networks(section: Section, key: str) -> tuple[Any, ...] | None:
+def read_networks(section: Section, key: str) -> tuple[Any, ...] | None:
+    """
+    A list of networks under C{key} (C{10.0.0.0/8}, C{192.0.2.7},
+    C{::1}); None when the key is not given.  Errors name each item's path.
+    """
     from rproxy.cidr import parse_network
 
     raw = section.raw(key)

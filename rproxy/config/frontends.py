@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 
 from rproxy.config import values as v
-from rproxy.config.access import read_frontend_policy, read_route_policy
+from rproxy.config.access import read_frontend_policy, read_networks, read_route_policy
 from rproxy.config.endpoints import listen
 from rproxy.config.limits import read_rate_limits
 from rproxy.config.model import PROTOCOLS, FrontendConfig, GlobalConfig, HTTPOptions
@@ -25,28 +25,12 @@ def read_access(section: Section) -> Any:
     C{allow:} and C{deny:} lists of networks (C{10.0.0.0/8}, C{::1}):
     an L{rproxy.cidr.AccessList}, or None when neither is given.
     """
-    from rproxy.cidr import AccessList, CIDRSet, parse_network
+    from rproxy.cidr import AccessList, CIDRSet
 
-    lists: dict[str, list[Any]] = {"allow": [], "deny": []}
-    given = False
-    for key, nets in lists.items():
-        raw = section.raw(key)
-        if raw is MISSING or raw is None:
-            continue
-        given = True
-        if not isinstance(raw, list):
-            section.error(key, "expected a list of networks (10.0.0.0/8, 192.0.2.7, ::1)")
-            continue
-        for path, item in section.items(key):
-            try:
-                if not isinstance(item, str):
-                    raise ValueError(f"{brief(item)} is not a network")
-                nets.append(parse_network(item))
-            except ValueError as e:
-                section.errors.append(f"{path}: {e}")
-    if not given:
+    allow, deny = read_networks(section, "allow"), read_networks(section, "deny")
+    if allow is None and deny is None:
         return None
-    return AccessList(CIDRSet(lists["allow"]), CIDRSet(lists["deny"]))
+    return AccessList(CIDRSet(allow or ()), CIDRSet(deny or ()))
 
 
 def read_frontend_tls(section: Section) -> tuple[tuple[str, str], ...]:

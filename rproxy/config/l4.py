@@ -157,11 +157,11 @@ def _read_proxy_protocol(section: Section) -> ProxyProtocolOptions | None:
         section.error("proxy_protocol", f"expected true, false or {{from: [10.0.0.0/8], timeout: 5s}}, "
                                         f"got {brief(raw)}")
         return None
-    from rproxy.config.access import _read_networks
+    from rproxy.config.access import read_networks
 
     options = section.section("proxy_protocol")
     timeout = options.value("timeout", _positive_duration, 5.0)
-    sources = _read_networks(options, "from")
+    sources = read_networks(options, "from")
     options.finish()
     return ProxyProtocolOptions(timeout=timeout, sources=sources)
 

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-__all__ = ["AccessLogFile", "escape"]
+__all__ = ["AccessLogFile", "LogLines", "escape"]
 
 # what nginx escapes in its log lines: the quote that ends a field, the
 # backslash that starts an escape, control characters and non-ASCII bytes
@@ -116,3 +116,29 @@ class AccessLogFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class LogLines:
+    """
+    Where a log of lines goes: its own file (an L{AccessLogFile}, C{file})
+    or, when there is none, the process log through C{log} (a
+    L{twisted.logger.Logger}); the L4 and tunnel stream logs are made of it.
+    """
+
+    file: AccessLogFile | None = None
+    log: Any
+
+    def write_line(self, line: str) -> None:
+        if self.file is not None:
+            self.file.write(line)
+        else:
+            self.log.info("{line}", line=line)
+
+    def reopen(self) -> None:
+        if self.file is not None:
+            self.file.reopen()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None

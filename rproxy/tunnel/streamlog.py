@@ -26,12 +26,12 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from rproxy.http.accesslog import AccessLogFile
+from rproxy.http.accesslog import AccessLogFile, LogLines
 
 __all__ = ["StreamLog"]
 
 
-class StreamLog:
+class StreamLog(LogLines):
     """
     Where a tunnel's stream lines go, in which format.
     """
@@ -54,17 +54,4 @@ class StreamLog:
                 f"bytes_in={bytes_in} bytes_out={bytes_out} duration={duration:.6f} end={end}")
 
     def write(self, *args: Any) -> None:
-        text = self.line(*args)
-        if self.file is not None:
-            self.file.write(text)
-        else:
-            self.log.info("{line}", line=text)
-
-    def reopen(self) -> None:
-        if self.file is not None:
-            self.file.reopen()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        self.write_line(self.line(*args))
