@@ -255,6 +255,21 @@ class AdmittedFigures:
     admission: Admission
 
     @property
+    def config(self) -> Any:
+        """
+        The frontend's configuration (its admission's: one place).
+        """
+        return self.admission.config
+
+    @config.setter
+    def config(self, config: Any) -> None:
+        self.admission.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.name  # type: ignore[no-any-return]
+
+    @property
     def limit(self) -> ConnectionLimit:
         return self.admission.limit
 

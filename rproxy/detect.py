@@ -191,18 +191,6 @@ class DetectFrontend(AdmittedFigures):
         self.deadlines = Deadlines(clock)
         self._tls: dict[str, tuple[Any, Any, Any]] = {}
 
-    @property
-    def config(self) -> Any:
-        return self.admission.config
-
-    @config.setter
-    def config(self, config: Any) -> None:
-        self.admission.config = config
-
-    @property
-    def name(self) -> str:
-        return self.config.name  # type: ignore[no-any-return]
-
     def denied(self, conn: DetectProtocol) -> None:
         """
         C{conn}'s client is refused by the allow/deny lists: closed at

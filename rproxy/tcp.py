@@ -389,11 +389,7 @@ class TCPFrontend(AdmittedFigures, Factory):
         self.proxy_protocol: Any = None
         self._configure_log(config)
 
-    @property
-    def config(self) -> FrontendConfig:
-        return self.admission.config  # type: ignore[no-any-return]
-
-    @config.setter
+    @AdmittedFigures.config.setter  # type: ignore[attr-defined]
     def config(self, config: FrontendConfig) -> None:
         self.admission.config = config
         self._configure_log(config)
@@ -426,10 +422,6 @@ class TCPFrontend(AdmittedFigures, Factory):
         if self.l4_log is not None:
             self.l4_log.close()
         return result
-
-    @property
-    def name(self) -> str:
-        return self.config.name
 
     def shortage_failed(self, reason: Failure) -> None:
         """

@@ -243,18 +243,6 @@ class HTTPFrontend(AdmittedFigures, Factory):
         self._telemetry = telemetry
         self.chain = Chain(self._filters(self))
 
-    @property
-    def config(self) -> Any:
-        return self.admission.config
-
-    @config.setter
-    def config(self, config: Any) -> None:
-        self.admission.config = config
-
-    @property
-    def name(self) -> str:
-        return self.config.name  # type: ignore[no-any-return]
-
     # -- connections -------------------------------------------------------
 
     def buildProtocol(self, addr: object) -> HTTPConnection:  # type: ignore[override]
