@@ -29,7 +29,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
-__all__ = ["SpliceEnd", "EarlyDataEnd", "Relay", "splice", "splice_protocols", "shut_write", "EARLY_DATA_LIMIT"]
+__all__ = ["SpliceEnd", "EarlyDataEnd", "Relay", "Relayed", "splice", "splice_protocols", "shut_write", "EARLY_DATA_LIMIT"]
 
 # What an end may receive before it is spliced; past this its reading is
 # paused (the rest waits in the kernel).
@@ -215,6 +215,24 @@ class Relay(SpliceEnd):
 
     def __init__(self, transport: object) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+
+class Relayed:
+    """
+    The half-close events of a protocol that L{splice_protocols} may
+    splice: passed to its C{relay} once it has one (they only come then:
+    the protocol provides L{IHalfCloseableProtocol} from the splice on).
+    """
+
+    relay: SpliceEnd | None
+
+    def readConnectionLost(self) -> None:
+        if self.relay is not None:
+            self.relay.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        if self.relay is not None:
+            self.relay.writeConnectionLost()
 
 
 def splice_protocols(a: Protocol, b: Protocol) -> tuple[Relay, Relay]:

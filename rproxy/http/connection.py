@@ -25,7 +25,7 @@ from zope.interface import implementer
 from rproxy.http.exchange import Exchange
 from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader, Upgrade
 from rproxy.http.state import AWAITING, DONE, SENDING, UPGRADED
-from rproxy.splice import SpliceEnd
+from rproxy.splice import Relayed, SpliceEnd
 from rproxy.tcp import _nodelay, _peer
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ QUEUE_EVENTS = 64
 
 
 @implementer(IPushProducer)
-class HTTPConnection(Protocol):
+class HTTPConnection(Relayed, Protocol):
     """
     A client connection of an HTTP frontend.
     """
@@ -383,15 +383,6 @@ class HTTPConnection(Protocol):
     def abort(self) -> None:
         self.closing = True
         self.transport.abortConnection()  # type: ignore[union-attr]
-
-    def readConnectionLost(self) -> None:
-        # (provided once spliced after a 101, see Exchange.switch_protocols)
-        if self.relay is not None:
-            self.relay.readConnectionLost()
-
-    def writeConnectionLost(self) -> None:
-        if self.relay is not None:
-            self.relay.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True

@@ -31,7 +31,7 @@ from zope.interface import Attribute, Interface
 from rproxy.http.headers import finish_scanned_head, scan_response_head
 from rproxy.http.state import DUPLEX, RESPONDING, SWITCHING, UPGRADED
 from rproxy.pool import Pool, Server
-from rproxy.splice import SpliceEnd
+from rproxy.splice import Relayed, SpliceEnd
 from rproxy.tcp import _nodelay
 from rproxy.tls import client_tls_options
 from rproxy.transport import connect_tcp
@@ -88,7 +88,7 @@ class IUpstreamConnector(Interface):
         """
 
 
-class UpstreamConnection(Protocol):
+class UpstreamConnection(Relayed, Protocol):
     """
     One connection to a server; serves one exchange at a time.
     """
@@ -238,15 +238,6 @@ class UpstreamConnection(Protocol):
             client = exchange.client
             client.ungate()
             client.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
-
-    def readConnectionLost(self) -> None:
-        # (provided once spliced after a 101, see Exchange.switch_protocols)
-        if self.relay is not None:
-            self.relay.readConnectionLost()
-
-    def writeConnectionLost(self) -> None:
-        if self.relay is not None:
-            self.relay.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
