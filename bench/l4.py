@@ -107,12 +107,14 @@ http {{
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_haproxy(work: str, port: int, backend: int, mode: str = "tcp") -> subprocess.Popen[bytes]:
+def start_haproxy(work: str, port: int, backend: int, mode: str = "tcp", core: str = PROXY_CORE,
+                  name: str = "") -> subprocess.Popen[bytes]:
     """
-    HAProxy on the proxy core, one thread, C{mode} tcp or http (http keeps
-    server connections alive: http-reuse always).
+    HAProxy on C{core} (the proxy core), one thread, C{mode} tcp or http
+    (http keeps server connections alive: http-reuse always); C{name}
+    tells the configuration files of several HAProxies apart.
     """
-    conf = os.path.join(work, f"haproxy-{mode}.cfg")
+    conf = os.path.join(work, f"haproxy-{mode}{name}.cfg")
     reuse = "    http-reuse always\n" if mode == "http" else ""
     with open(conf, "w") as f:
         f.write(f"""
@@ -130,7 +132,7 @@ defaults
 backend be
     server s1 127.0.0.1:{backend}
 """)
-    return subprocess.Popen(["taskset", "-c", PROXY_CORE, "haproxy", "-f", conf, "-db"],
+    return subprocess.Popen(["taskset", "-c", core, "haproxy", "-f", conf, "-db"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -21,6 +21,13 @@ the load generators on core 1, as it would run on the service's machine.
 C{--rounds N} runs the C{mode: http} row N times and prints the medians;
 C{--mode-http-only} skips the first table (the row needs only a short run
 on a loaded machine).
+
+C{--haproxy} adds the same shape built from HAProxy, in the same rounds:
+one HAProxy in C{mode http} on the server's core whose server is a second
+HAProxy in C{mode tcp} on the agent's core (an HTTP-aware server relaying
+through a byte relay, as the tunnel does), against one HAProxy in C{mode
+tcp} on the server's core (the L4 frontend's place).  Its ratio says what
+the architecture costs when the program is not Python.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from l4 import (  # noqa: E402
     bulk,
     free_port,
     need,
+    start_haproxy,
     start_nginx,
     stop_all,
     wait_port,
@@ -139,7 +147,7 @@ http {{
 
 
 def mode_http_rows(args: argparse.Namespace, l4_port: int, http_port: int, public: int, before: int, server: int,
-                   agent: int) -> None:
+                   agent: int, haproxy: tuple[int, int, int, int, int] | None = None) -> None:
     """
     Keep-alive through a mode http tunnel: CPU per request (server +
     agent, and each) against the L4 frontend's, with the plain HTTP
@@ -147,11 +155,22 @@ def mode_http_rows(args: argparse.Namespace, l4_port: int, http_port: int, publi
     req/s against the former behaviour (a new connection on both legs per
     request).  Each figure
     is the median of C{args.rounds} rounds; in a round the L4 frontend
-    and the tunnel run one after the other.
+    and the tunnel run one after the other.  C{haproxy}: (the HAProxy
+    L4 port and pid, the HTTP server HAProxy's port and pid, the relay
+    HAProxy's pid), measured in the same rounds.
     """
     wrk(public, 2, args.connections, False)
     rounds: list[tuple[float, ...]] = []
+    reference: list[tuple[float, float, float, float]] = []
     for _ in range(args.rounds):
+        if haproxy is not None:
+            h_l4, h_l4_pid, h_http, h_http_pid, h_relay_pid = haproxy
+            _, h_l4_cpu = measured(h_l4, args.duration, args.connections, False, h_l4_pid)
+            h_before = (cpu_seconds(h_http_pid), cpu_seconds(h_relay_pid))
+            h_rate, _ = measured(h_http, args.duration, args.connections, False, h_http_pid, h_relay_pid)
+            h_server = (cpu_seconds(h_http_pid) - h_before[0]) / (h_rate * args.duration) * 1e6
+            h_agent = (cpu_seconds(h_relay_pid) - h_before[1]) / (h_rate * args.duration) * 1e6
+            reference.append((h_l4_cpu, h_server, h_agent, (h_server + h_agent) / h_l4_cpu))
         l4_rate, l4_cpu = measured(l4_port, args.duration, args.connections, False, server)
         http_rate, http_cpu = measured(http_port, args.duration, args.connections, False, server)
         ka_before = (cpu_seconds(server), cpu_seconds(agent))
@@ -182,6 +201,12 @@ def mode_http_rows(args: argparse.Namespace, l4_port: int, http_port: int, publi
           f"{'ok' if cpu_ratio <= 2.5 else 'ABOVE TARGET'}")
     print(f"  req/s, keep-alive / before:         {rate_ratio:5.2f}  (target >= 5) "
           f"{'ok' if rate_ratio >= 5 else 'BELOW TARGET'}")
+    if reference:
+        h_l4_cpu, h_server, h_agent, h_ratio = (sorted(r[i] for r in reference)[len(reference) // 2]
+                                                for i in range(4))
+        print("  the same shape from HAProxy (mode http -> mode tcp relay, against mode tcp), CPU us/request:")
+        print(f"    L4 {h_l4_cpu:.1f}; http server {h_server:.1f} + relay {h_agent:.1f}; "
+              f"ratio {h_ratio:.2f}  (rproxy's: {cpu_ratio:.2f})")
 
 
 def main() -> None:
@@ -191,8 +216,10 @@ def main() -> None:
     parser.add_argument("--opens", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--mode-http-only", action="store_true")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="also the mode http row's shape built from HAProxy, for reference")
     args = parser.parse_args()
-    need("nginx", "wrk", "curl", "taskset")
+    need("nginx", "wrk", "curl", "taskset", *(["haproxy"] if args.haproxy else []))
     work = tempfile.mkdtemp(prefix="rproxy-tunnel-bench-")
     os.chmod(work, 0o755)
     procs: list[subprocess.Popen[bytes]] = []
@@ -200,6 +227,13 @@ def main() -> None:
         nginx, l4_port, control, proxy, public, control2, proxy2, public2 = (free_port() for _ in range(8))
         control3, proxy3, public3, control4, proxy4, public4, closing = (free_port() for _ in range(7))
         http_port = free_port()
+        haproxy = None
+        if args.haproxy:
+            h_l4, h_http, h_relay = free_port(), free_port(), free_port()
+            procs.append(start_haproxy(work, h_l4, nginx, "tcp", PROXY_CORE, "-l4"))
+            procs.append(start_haproxy(work, h_http, h_relay, "http", PROXY_CORE, "-server"))
+            procs.append(start_haproxy(work, h_relay, nginx, "tcp", LOAD_CORE, "-relay"))
+            haproxy = (h_l4, procs[-3].pid, h_http, procs[-2].pid, procs[-1].pid)
         procs.append(start_closing_nginx(work, closing))
         procs.append(start_nginx(work, nginx))
         with open(os.path.join(work, "rproxy.yaml"), "w") as f:
@@ -231,7 +265,7 @@ pool_count: {pool}
 services: [{{name: web, local: "127.0.0.1:{service}"}}]
 """)
         procs.append(twistd(work, "rproxy", ["rproxy", "-c", os.path.join(work, "rproxy.yaml")]))
-        for port in (nginx, l4_port, control, public):
+        for port in (nginx, l4_port, control, public, *(haproxy[0:3:2] if haproxy else ())):
             wait_port(port)
         # The agent runs where the service runs (core 1, with nginx): in a
         # deployment it is on the service's machine, not the proxy's.
@@ -251,7 +285,7 @@ services: [{{name: web, local: "127.0.0.1:{service}"}}]
                         raise SystemExit("bench: an agent did not come up; see " + work) from None
                     time.sleep(0.2)
         if args.mode_http_only:
-            mode_http_rows(args, l4_port, http_port, public3, public4, server_pid, agent_pids["agent3"])
+            mode_http_rows(args, l4_port, http_port, public3, public4, server_pid, agent_pids["agent3"], haproxy)
             return
         targets = [("direct", nginx), ("l4", l4_port), ("tunnel", public)]
         results: dict[str, dict[str, float]] = {}
@@ -274,7 +308,7 @@ services: [{{name: web, local: "127.0.0.1:{service}"}}]
             print(f"  {label:12} {ratio:5.2f}  {'ok' if ratio >= 0.8 else 'BELOW TARGET'}")
         print("open times: the tunnel adds a control round trip, an agent-side connect to the")
         print("proxy port (saved by pool_count) and one to the local service")
-        mode_http_rows(args, l4_port, http_port, public3, public4, server_pid, agent_pids["agent3"])
+        mode_http_rows(args, l4_port, http_port, public3, public4, server_pid, agent_pids["agent3"], haproxy)
     finally:
         stop_all(procs, work)
 
