@@ -624,13 +624,22 @@ def parse_login_answer(config: TokenPoolConfig, status: int, body: bytes) -> Log
 
 @implementer(IPolicyForHTTPS)
 class _TLSPolicy:
+    """
+    The token pool's TLS to its login server: built once (the CA file read
+    and parsed once per configuration, not on the reactor at every login)
+    and used for every login connection.
+    """
+
     def __init__(self, config: TokenPoolConfig) -> None:
         self.config = config
+        self._options: Any = None
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        tls = self.config.tls
-        assert tls is not None
-        return client_tls_options(tls.server_name or self.config.host, tls.ca, tls.verify)
+        if self._options is None:
+            tls = self.config.tls
+            assert tls is not None
+            self._options = client_tls_options(tls.server_name or self.config.host, tls.ca, tls.verify)
+        return self._options
 
 
 class HTTPLogin:

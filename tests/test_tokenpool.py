@@ -5,6 +5,7 @@ login function the test answers by hand.
 
 from __future__ import annotations
 
+import os
 import random
 
 import attrs
@@ -13,6 +14,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.config import Credential, TokenPoolConfig
+from rproxy.config.model import UpstreamTLSConfig
+from rproxy.tls import self_signed
 from rproxy.tokenpool import (
     LoginRefused,
     LoginResult,
@@ -20,6 +23,7 @@ from rproxy.tokenpool import (
     TokenPool,
     TokenQueueFull,
     TokenQueueTimeout,
+    _TLSPolicy,
     clean_token,
     parse_login_answer,
 )
@@ -413,3 +417,26 @@ class LoginLoopTests(SynchronousTestCase):
         self.assertEqual(len(logins.pending), 1)
         logins.answer_all()
         self.assertTrue(pool.has_token())
+
+
+class TLSPolicyTests(SynchronousTestCase):
+    """
+    L{rproxy.tokenpool._TLSPolicy}: the login connections' TLS options.
+    """
+
+    def test_ca_read_once(self) -> None:
+        """
+        The CA file is read when the first login connects, and the options
+        built then serve every later login: a CA file removed afterwards
+        (or a slow disk) no longer touches a login.
+        """
+        cert, _ = self_signed("login.example")
+        ca = self.mktemp()
+        with open(ca, "wb") as f:
+            f.write(cert)
+        policy = _TLSPolicy(pool_config(tls=UpstreamTLSConfig(ca=ca, server_name="login.example")))
+        first = policy.creatorForNetloc(b"127.0.0.1", 443)
+        os.remove(ca)
+        second = policy.creatorForNetloc(b"127.0.0.1", 443)
+        self.assertIs(first, second)
+        self.assertEqual(first._hostnameASCII, "login.example")
