@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.config import ConfigError
-from rproxy.config.cluster import ClusterConfig
+from rproxy.config.cluster import ClusterConfig, worker_port_errors
 from rproxy.config.load import config_from_mapping
 
 TUNNEL = {"name": "gpu", "control": "tcp:0", "proxy": "tcp:0", "public": "tcp:0"}
@@ -72,3 +73,49 @@ class ClusterConfigTests(SynchronousTestCase):
         self.assertEqual(self.errors(data), [
             "cluster.advertise.proxy: 2 tunnels listen on different proxy ports: give port 0 (10.0.0.5:0) "
             "to advertise each one's own port"])
+
+
+class WorkerPortTests(SynchronousTestCase):
+    """
+    At C{workers: N} with a cluster each worker listens on and advertises
+    the tunnel's proxy port plus its slot: ports past 65535 are refused
+    with the key path, not met as a bind failure at start.
+    """
+
+    def errors(self, data: dict[str, Any]) -> list[str]:
+        with self.assertRaises(ConfigError) as caught:
+            config_from_mapping(data)
+        return list(caught.exception.errors)
+
+    def test_past_65535(self) -> None:
+        data = document(node_id="a", advertise={"proxy": "127.0.0.1:65535"})
+        data["tunnels"] = [dict(TUNNEL, proxy="127.0.0.1:65534")]
+        data["global"] = {"workers": 4}
+        self.assertEqual(self.errors(data), [
+            "cluster.advertise.proxy: port 65535 + 3 (global.workers: 4, one proxy port per worker) is past "
+            "65535: choose a port at most 65532, or 0",
+            "tunnels[0].proxy: port 65534 + 3 (global.workers: 4, one proxy port per worker) is past 65535: "
+            "choose a port at most 65532",
+        ])
+
+    def test_fits(self) -> None:
+        """The last port that fits, port 0, and one worker are all fine."""
+        data = document(node_id="a", advertise={"proxy": "127.0.0.1:65532"})
+        data["tunnels"] = [dict(TUNNEL, proxy="127.0.0.1:65532")]
+        data["global"] = {"workers": 4}
+        self.assertEqual(config_from_mapping(data).cluster.advertise_proxy, ("127.0.0.1", 65532))
+        data["global"] = {"workers": 1}
+        data["tunnels"] = [dict(TUNNEL, proxy="127.0.0.1:65535")]
+        config_from_mapping(data)
+
+    def test_auto(self) -> None:
+        """C{auto} counts the cores as the start does."""
+        cluster = ClusterConfig("a", ("127.0.0.1", 0))
+        data = document(node_id="a", advertise={"proxy": "127.0.0.1:0"})
+        tunnel = attrs.evolve(config_from_mapping(data).tunnels[0], proxy="tcp:65535")
+        self.assertEqual(worker_port_errors("auto", cluster, (tunnel,), lambda name: f"tunnels[{name}]",
+                                            cores=lambda: 1), [])
+        self.assertEqual(worker_port_errors("auto", cluster, (tunnel,), lambda name: f"tunnels[{name}]",
+                                            cores=lambda: 2), [
+            "tunnels[gpu].proxy: port 65535 + 1 (global.workers: auto, one proxy port per worker) is past "
+            "65535: choose a port at most 65534"])

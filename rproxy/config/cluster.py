@@ -13,15 +13,18 @@ Without the section nothing changes; with it, C{stores.redis} is required.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
 
 import attrs
 
 from rproxy.config import values as v
+from rproxy.config.endpoints import parse_endpoint
 from rproxy.config.reader import MISSING, Section
 from rproxy.config.values import brief, parse_hostport
 
-__all__ = ["ClusterConfig", "read_cluster"]
+__all__ = ["ClusterConfig", "read_cluster", "worker_port_errors"]
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
@@ -78,3 +81,36 @@ def read_cluster(top: Section, stores: object, tunnels: tuple[object, ...]) -> C
         return None
     return ClusterConfig(node_id=node_id, advertise_proxy=proxy, heartbeat_interval=interval or 1.0,
                          heartbeat_timeout=timeout or 5.0)
+
+
+def worker_port_errors(workers: int | str, cluster: ClusterConfig | None, tunnels: tuple[object, ...],
+                       path: Callable[[str], str], cores: Callable[[], int] | None = None) -> list[str]:
+    """
+    At C{workers: N} with a cluster, the workers run the tunnels and
+    worker I{k} listens on (and advertises) the tunnel's proxy port plus
+    I{k} (L{rproxy.workers.views.worker_proxy}): those ports must exist.
+    C{path(name)} is the key path of the tunnel named C{name}; C{auto}
+    counts the cores as the start does (C{cores}, default this process's
+    CPU affinity).
+    """
+    if cluster is None or not tunnels or workers == 1:
+        return []
+    if workers == "auto":
+        count = cores() if cores is not None else len(os.sched_getaffinity(0))
+    else:
+        assert isinstance(workers, int)
+        count = workers
+    if count <= 1:
+        return []
+    errors = []
+    last = count - 1
+    advertised = cluster.advertise_proxy[1]
+    if advertised and advertised + last > 65535:
+        errors.append(f"cluster.advertise.proxy: port {advertised} + {last} (global.workers: {workers}, one proxy "
+                      f"port per worker) is past 65535: choose a port at most {65535 - last}, or 0")
+    for tunnel in tunnels:
+        port = parse_endpoint(tunnel.proxy).port  # type: ignore[attr-defined]
+        if port and port + last > 65535:
+            errors.append(f"{path(tunnel.name)}.proxy: port {port} + {last} (global.workers: {workers}, "  # type: ignore[attr-defined]
+                          f"one proxy port per worker) is past 65535: choose a port at most {65535 - last}")
+    return errors

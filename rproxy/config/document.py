@@ -84,9 +84,10 @@ def validate(data: object, sources: Sources) -> Config:
     api_keys = read_api_keys(top)
     tunnels = read_tunnels(top)
     stores = read_stores(top)
-    from rproxy.config.cluster import read_cluster
+    from rproxy.config.cluster import read_cluster, worker_port_errors
 
     cluster = read_cluster(top, stores, tunnels)
+    errors += worker_port_errors(global_.workers, cluster, tunnels, lambda name: _item_path(top, "tunnels", name))
     telemetry = read_telemetry(top)
     if stores is None or stores.postgres_dsn is None:
         for backend in backends:
