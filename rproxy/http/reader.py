@@ -36,10 +36,12 @@ from typing import Any
 import attrs
 import httptools
 
+from rproxy.http.headers import HTTP11
+
 __all__ = ["HTTPError", "RequestHead", "Body", "EndOfMessage", "Upgrade", "RequestReader"]
 
 _FRAMING = (b"transfer-encoding", b"content-length")
-_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+_VERSIONS = {"1.1": HTTP11, "1.0": (1, 0)}
 # common fields with nothing to check, skipped at once
 _ORDINARY = frozenset({
     b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"connection", b"cookie",

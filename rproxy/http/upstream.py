@@ -229,7 +229,8 @@ class UpstreamConnection(Relayed, Protocol):
                 self.upstreams.discard(self)
                 self.transport.abortConnection()  # type: ignore[union-attr]
         finally:
-            exchange.flush()
+            if exchange.batch is not None:
+                exchange.flush()
         if DUPLEX <= exchange.state <= RESPONDING and not exchange.producing:
             # a body longer than this read: the client's transport pauses
             # this one while it cannot keep up (a response read whole
