@@ -427,7 +427,7 @@ class Exchange(ExchangeFailures):
             else:
                 upstream.exchange = None
                 upstream.transport.loseConnection()  # type: ignore[union-attr]
-        self.release_server(ok=self.status < 500)
+        self.release_server(self.status < 500)
         frontend.count(self, now)
         self.client.exchange_done(self, now)
 
@@ -460,9 +460,7 @@ class Exchange(ExchangeFailures):
                 self._attempt_over(server, outcome if outcome is not None else (self.status or "aborted"))
             if ok is False:
                 pool.record_failure(server, f"answered {self.status}")
-            elif ok:
-                pool.record_success(server)
-            pool.release(server)
+            pool.release(server, ok is True)
 
     def _attempt_over(self, server: Server, outcome: int | str) -> None:
         for f in self.chain.attempt_end:

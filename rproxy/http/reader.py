@@ -103,7 +103,7 @@ class RequestHead:
         self.content_length = content_length
         self.upgrade = upgrade
         self.suspicious_body = suspicious_body
-        self.has_body = chunked or bool(content_length)
+        self.has_body = chunked or (content_length is not None and content_length != 0)
         # the Host field's value (None without one)
         self.host = host if host is not None else self.header(b"host")
         # the traceparent field's value (None without one), for tracing
@@ -205,13 +205,11 @@ class RequestReader:
         self._head_fed = 0
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_size = 0
         self._body_size = 0
         self._in_body = False
 
     def on_url(self, url: bytes) -> None:
         target = self._target = self._target + url if self._target else url
-        self._head_size += len(url)
         if len(target) > self.max_target:
             self._fail(414, "URI Too Long")
 
@@ -233,7 +231,7 @@ class RequestReader:
         content_length: int | None = None
         host = traceparent = None
         hosts = 0
-        size = self._head_size
+        size = len(self._target)
         for name, value in headers:
             size += len(name) + len(value)
             lower = name.lower()
@@ -274,7 +272,8 @@ class RequestReader:
         self._events.append(
             RequestHead(
                 method, self._target, version, headers, parser.should_keep_alive(), chunked, content_length,
-                parser.should_upgrade(), (chunked or bool(content_length)) and method in (b"GET", b"HEAD"), host,
+                parser.should_upgrade(),
+                (chunked or (content_length is not None and content_length != 0)) and method in (b"GET", b"HEAD"), host,
                 traceparent,
             )
         )

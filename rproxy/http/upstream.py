@@ -44,7 +44,8 @@ __all__ = ["IUpstreamConnector", "PeerRefused", "UpstreamConnection", "UpstreamP
 # interim (1xx) responses a server may send before its final response
 MAX_INTERIM = 16
 MAX_RESPONSE_FIELDS = 200
-_EMPTY_LINE = (b"\r", b"\n")
+_EMPTY_LINE = (13, 10)  # CR, LF (bytes' items)
+_LONG_HEAD = 4 * MAX_RESPONSE_FIELDS
 
 
 class PeerRefused(error.ConnectionRefusedError):
@@ -148,13 +149,13 @@ class UpstreamConnection(Relayed, Protocol):
         # the head is in self.raw (llhttp has just read all of it, strict
         # about CRLF): cut it out at its blank line
         raw, start = self.raw, self.head_start
-        while raw.startswith(_EMPTY_LINE, start):
+        while raw[start] in _EMPTY_LINE:  # (raw holds the whole head: no IndexError)
             start += 1  # the empty lines llhttp skips before a message
         end = raw.find(b"\r\n\r\n", start)
         head = raw[start:end]
         self.head_start = end + 4
         # (a field takes at least 4 bytes: only a long head can have too many)
-        if len(head) > 4 * MAX_RESPONSE_FIELDS and head.count(b"\r\n") > MAX_RESPONSE_FIELDS:
+        if len(head) > _LONG_HEAD and head.count(b"\r\n") > MAX_RESPONSE_FIELDS:
             raise ValueError(f"more than {MAX_RESPONSE_FIELDS} header fields")
         status = self.parser.get_status_code()
         exchange = self.exchange

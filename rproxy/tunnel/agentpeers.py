@@ -110,7 +110,8 @@ class AgentChoice:
         if not candidates:
             return None
         if len(candidates) == 1:
-            return self.connector.peer(candidates[0])
+            peer = self.connector.peers.get(candidates[0])  # (peer(), without a call once known)
+            return peer if peer is not None else self.connector.peer(candidates[0])
         if self.model is not None or self.tunnel.config.algorithm != "round-robin":
             low = min(a.load for a in candidates)
             candidates = [a for a in candidates if a.load == low]
@@ -134,7 +135,7 @@ class AgentChoice:
     def any_up(self, tried: list[str]) -> bool:
         return bool(self._candidates(tried))
 
-    def release(self, peer: AgentPeer) -> None:
+    def release(self, peer: AgentPeer, succeeded: bool = False) -> None:
         pass
 
     def record_success(self, peer: AgentPeer) -> None:
@@ -226,14 +227,14 @@ class AgentConnector(UpstreamPool):
         return peer
 
     def take_idle(self, peer: Any) -> UpstreamConnection | None:
-        conn = super().take_idle(peer)
+        conn = UpstreamPool.take_idle(self, peer)  # (without a super() object a request)
         if conn is not None:
             peer.session.streams.add(conn.transport_owner)  # type: ignore[attr-defined]
         return conn
 
     def put(self, conn: UpstreamConnection, now: float | None = None) -> None:
         conn.server.session.streams.discard(conn.transport_owner)  # type: ignore[attr-defined]
-        super().put(conn, now)
+        UpstreamPool.put(self, conn, now)
 
     def get(self, peer: Any, pool: Any, timeout: float) -> defer.Deferred[UpstreamConnection]:
         conn = self.take_idle(peer)

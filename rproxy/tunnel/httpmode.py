@@ -137,10 +137,13 @@ class TunnelRouting(Filter):
         else:
             exchange.notes.update(notes)  # (what a policy filter before noted stays)
         model = head.header(b"x-model")
-        if model is None and head.has_body and looks_like_json(head):
-            d = exchange.client.read_ahead(self.tunnel.config.model_body_limit)
-            d.addCallback(self._body_read, exchange)
-            return d
+        if model is None:
+            if head.has_body and looks_like_json(head):
+                d = exchange.client.read_ahead(self.tunnel.config.model_body_limit)
+                d.addCallback(self._body_read, exchange)
+                return d
+            if head.header(b"authorization") is None:
+                return None  # (neither a model nor a key: nothing for _route to note or check)
         return self._route(exchange, model)
 
     def _body_read(self, body: bytes | None, exchange: Any) -> Any:
