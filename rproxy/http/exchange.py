@@ -456,8 +456,12 @@ class Exchange(ExchangeFailures):
         server, pool = self.server, self.pool
         self.server = None
         if server is not None and pool is not None:
-            if self.chain.attempt_end:
-                self._attempt_over(server, outcome if outcome is not None else (self.status or "aborted"))
+            attempt_end = self.chain.attempt_end
+            if attempt_end:
+                if outcome is None:
+                    outcome = self.status or "aborted"
+                for f in attempt_end:
+                    f.attempt_end(self, server, outcome)
             if ok is False:
                 pool.record_failure(server, f"answered {self.status}")
             pool.release(server, ok is True)

@@ -44,7 +44,7 @@ __all__ = ["IUpstreamConnector", "PeerRefused", "UpstreamConnection", "UpstreamP
 # interim (1xx) responses a server may send before its final response
 MAX_INTERIM = 16
 MAX_RESPONSE_FIELDS = 200
-_EMPTY_LINE = (13, 10)  # CR, LF (bytes' items)
+_EMPTY_LINE = (b"\r", b"\n")
 _LONG_HEAD = 4 * MAX_RESPONSE_FIELDS
 
 
@@ -149,7 +149,7 @@ class UpstreamConnection(Relayed, Protocol):
         # the head is in self.raw (llhttp has just read all of it, strict
         # about CRLF): cut it out at its blank line
         raw, start = self.raw, self.head_start
-        while raw[start] in _EMPTY_LINE:  # (raw holds the whole head: no IndexError)
+        while raw[start:start + 1] in _EMPTY_LINE:
             start += 1  # the empty lines llhttp skips before a message
         end = raw.find(b"\r\n\r\n", start)
         head = raw[start:end]

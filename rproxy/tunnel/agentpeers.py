@@ -100,7 +100,12 @@ class AgentChoice:
         if eligible is shared:
             # shared (level < 0): the common case, without a call per agent
             if model is None:
-                return [a for a in agents if a.level < 0 and a.agent_id not in tried]
+                # (a loop, not a comprehension: no function call for the few agents a tunnel has)
+                found = []
+                for a in agents:
+                    if a.level < 0 and a.agent_id not in tried:
+                        found.append(a)
+                return found
             return [a for a in agents if a.level < 0 and model in a.models and a.agent_id not in tried]
         return [a for a in agents
                 if a.agent_id not in tried and eligible(a) and (model is None or model in a.models)]
