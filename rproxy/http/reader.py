@@ -231,6 +231,7 @@ class RequestReader:
         content_length: int | None = None
         host = traceparent = None
         hosts = 0
+        upgrade = False
         size = len(self._target)
         for name, value in headers:
             size += len(name) + len(value)
@@ -247,6 +248,8 @@ class RequestReader:
             elif lower == b"traceparent":
                 if traceparent is None:  # (the first, as header() gives)
                     traceparent = value
+            elif lower == b"upgrade":
+                upgrade = True
             elif (
                 lower[:1] in (b"t", b"c")
                 and lower.replace(b"_", b"").replace(b"-", b"") in (b"transferencoding", b"contentlength")
@@ -269,10 +272,13 @@ class RequestReader:
         if content_length is not None and self.max_body is not None and content_length > self.max_body:
             self._fail(413, "Content Too Large")
         method = parser.get_method()
+        # (llhttp upgrades a CONNECT, or a request with an Upgrade field and
+        # Connection: upgrade: it is not asked about the others)
+        if upgrade or method == b"CONNECT":
+            upgrade = parser.should_upgrade()
         self._events.append(
             RequestHead(
-                method, self._target, version, headers, parser.should_keep_alive(), chunked, content_length,
-                parser.should_upgrade(),
+                method, self._target, version, headers, parser.should_keep_alive(), chunked, content_length, upgrade,
                 (chunked or (content_length is not None and content_length != 0)) and method in (b"GET", b"HEAD"), host,
                 traceparent,
             )
