@@ -56,9 +56,9 @@ class AgentPeer:
     An agent as the engine's peer: its name is the agent id.
     """
 
-    draining = False
-
     def __init__(self, session: AgentSession) -> None:
+        # (instance fields, read per request: the fast path of attribute access)
+        self.draining = False
         self.session = session
         self.name = session.agent_id
         self.config = self  # (the engine reads a server's config.name)
@@ -68,10 +68,15 @@ class AgentPeer:
 
 
 class _AgentsConfig:
-    name = "agents"
-    tls = None
-    algorithm = "least-connections"
-    send_proxy = None
+    def __init__(self) -> None:
+        # (instance fields, read per request: the fast path of attribute access)
+        self.name = "agents"
+        self.tls = None
+        self.algorithm = "least-connections"
+        self.send_proxy = None
+
+
+_AGENTS_CONFIG = _AgentsConfig()
 
 
 class AgentChoice:
@@ -82,11 +87,12 @@ class AgentChoice:
     turn.  An agent has no slots: release is a no-op.
     """
 
-    config = _AgentsConfig()
+    config = _AGENTS_CONFIG
     servers = ()
 
     def __init__(self, tunnel: TunnelServer, connector: AgentConnector, model: str | None,
                  eligible: Callable[[AgentSession], bool]) -> None:
+        self.config = _AGENTS_CONFIG  # (also on the instance: read per request)
         self.tunnel = tunnel
         self.connector = connector
         self.model = model
