@@ -316,7 +316,12 @@ class Pool:
         breaker = self.breaker
         if breaker is not None and breaker.refusal(self.in_use, bool(exclude)) is not None:
             return None  # acquire() says why
-        candidates = self.candidates(exclude)
+        cache = self._cache
+        if (cache is not None and not exclude and not self._limited and cache[0] == self._version
+                and cache[1] == _NEVER):
+            candidates = cache[2]  # (candidates(), without a call while no server is ejected)
+        else:
+            candidates = self.candidates(exclude)
         server: Server | None = self.balancer.pick(candidates, key)  # type: ignore[assignment]
         if self._ramping and server is not None:
             server = self._ramp(server, candidates, key)
@@ -407,10 +412,13 @@ class Pool:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def release(self, server: Server) -> None:
+    def release(self, server: Server, succeeded: bool = False) -> None:
         """
-        Give back the slot taken by L{acquire}.
+        Give back the slot taken by L{acquire}; C{succeeded}: after a
+        success, recorded first (L{record_success}).
         """
+        if succeeded and (server.consecutive_failures or server.ejections):
+            self.record_success(server)  # (nothing to record otherwise)
         server.active -= 1
         self.in_use -= 1
         if self._waiters:

@@ -213,55 +213,52 @@ class HTTPConnection(Relayed, Protocol):
             # the call that led here returns)
             return
         self.pumping = True
-        try:
-            self._pump()
-        finally:
-            self.pumping = False
-        if self.paused and self.queued < QUEUE_LIMIT // 2 and len(self.events) <= QUEUE_EVENTS // 2:
-            self.paused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
-
-    def _pump(self) -> None:
         events = self.events
-        while events and not self.closing:
-            event = events[0]
-            exchange = self.exchange
-            kind = type(event)
-            if kind is RequestHead:
-                if exchange is not None or self.closing_after_response or self.write_paused:
-                    break
-                events.popleft()
-                self.head_deadline = None
-                self.exchange = exchange = Exchange(self, event)
-                self.frontend.active_requests += 1
-                exchange.begin()
-            elif exchange is None:
-                events.popleft()  # the rest of a request already answered
-                if kind is Body:
-                    self.queued -= len(event.data)
-            elif kind is Body:
-                state = exchange.state
-                if state < SENDING:
-                    break  # not connected yet
-                events.popleft()
-                self.queued -= len(event.data)
-                if state < UPGRADED:
-                    exchange.send_body(event.data)
-            elif kind is EndOfMessage:
-                if exchange.state < SENDING:
-                    if exchange.head.has_body:
+        try:
+            while events and not self.closing:
+                event = events[0]
+                exchange = self.exchange
+                kind = type(event)
+                if kind is RequestHead:
+                    if exchange is not None or self.closing_after_response or self.write_paused:
                         break
                     events.popleft()
-                    continue
-                events.popleft()
-                exchange.end_request()
-            elif isinstance(event, Upgrade):
-                events.popleft()
-                exchange.upgrade_rest = event.rest
-                if exchange.upstream is not None:
-                    exchange.upstream.transport.write(event.rest)  # type: ignore[union-attr]
-            else:
-                events.popleft()
+                    self.head_deadline = None
+                    self.exchange = exchange = Exchange(self, event)
+                    self.frontend.active_requests += 1
+                    exchange.begin()
+                elif exchange is None:
+                    events.popleft()  # the rest of a request already answered
+                    if kind is Body:
+                        self.queued -= len(event.data)
+                elif kind is Body:
+                    state = exchange.state
+                    if state < SENDING:
+                        break  # not connected yet
+                    events.popleft()
+                    self.queued -= len(event.data)
+                    if state < UPGRADED:
+                        exchange.send_body(event.data)
+                elif kind is EndOfMessage:
+                    if exchange.state < SENDING:
+                        if exchange.head.has_body:
+                            break
+                        events.popleft()
+                        continue
+                    events.popleft()
+                    exchange.end_request()
+                elif isinstance(event, Upgrade):
+                    events.popleft()
+                    exchange.upgrade_rest = event.rest
+                    if exchange.upstream is not None:
+                        exchange.upstream.transport.write(event.rest)  # type: ignore[union-attr]
+                else:
+                    events.popleft()
+        finally:
+            self.pumping = False
+        if self.paused and self.queued < QUEUE_LIMIT // 2 and len(events) <= QUEUE_EVENTS // 2:
+            self.paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def read_ahead(self, limit: int) -> defer.Deferred[bytes | None]:
         """
@@ -308,15 +305,18 @@ class HTTPConnection(Relayed, Protocol):
         d.callback(None)
 
     def exchange_done(self, exchange: Exchange, now: float | None = None) -> None:
+        frontend = self.frontend
         if self.exchange is exchange:
             self.exchange = None
-            self.frontend.active_requests -= 1
+            frontend.active_requests -= 1
         if self.closing_after_response or not exchange.head.keep_alive:
             self.ungate()
             self.closing = True
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
-        self._arm_head_timer(now)
+        timeout = frontend.header_timeout  # (_arm_head_timer, without a call)
+        if timeout > 0 and self.head_deadline is None:
+            self.head_deadline = frontend.deadline(timeout, now)
         if self.events:
             self.pump()
 

@@ -121,23 +121,24 @@ class Exchange(ExchangeFailures):
 
     # -- the filters' phases -----------------------------------------------
 
-    def begin(self) -> None:
+    def begin(self, _: object = None) -> None:
         """
-        Run the request phase, then choose the upstream.
+        Run the request phase, then choose the upstream (and again from the
+        next request filter when the one that made it wait is done).
         """
-        if self.head.method == b"CONNECT":
-            self.fail(405, "CONNECT is not supported")
-            return
-        self._request_phase()
-
-    def _request_phase(self, _: object = None) -> None:
         self._pending = None
         if self.state is not ROUTING:
             return  # answered (or abandoned) while a filter waited
         chain = self.frontend.chain
-        filters = chain.request
         step = self._step
-        for f in filters[step:] if step else filters:
+        if step:
+            filters = chain.request[step:]
+        else:
+            if self.head.method == b"CONNECT":
+                self.fail(405, "CONNECT is not supported")
+                return
+            filters = chain.request
+        for f in filters:
             step += 1
             waiting = f.request(self)
             if self.state is not ROUTING:
@@ -145,7 +146,7 @@ class Exchange(ExchangeFailures):
             if waiting is not None:
                 self._step = step
                 self._pending = waiting
-                waiting.addCallback(self._request_phase)
+                waiting.addCallback(self.begin)
                 waiting.addErrback(self._callback_failed, f.doing)
                 return
         for f in chain.choose:
@@ -233,22 +234,23 @@ class Exchange(ExchangeFailures):
         upstream.start(self)
         head = self.head
         frontend = self.frontend
+        client = self.client
         set_headers: tuple[tuple[bytes, bytes], ...] = ()
         remove = _NO_REMOVE
         for f in self.chain.upstream_request:
             set_headers, remove = f.upstream_request(self, set_headers, remove)
         transport = upstream.transport
         transport.write(request_head(  # type: ignore[union-attr]
-            head.method, self.target, head.headers, self.client.peer_ip, frontend.scheme, head.chunked,
+            head.method, self.target, head.headers, client.peer_ip, frontend.scheme, head.chunked,
             head.content_length, head.upgrade,
             server_host(server, self.pool.config.tls is not None) if frontend.host_is_server else None,
             set_headers, remove,
         ))
-        if frontend.response_timeout > 0:
-            self.deadline = frontend.deadline(frontend.response_timeout)
+        timeout = frontend.response_timeout
+        if timeout > 0:
+            self.deadline = frontend.deadline(timeout)
         if head.has_body:
             self.state = SENDING
-            client = self.client
             if not self.continued and (head.header(b"expect") or b"").lower() == b"100-continue":
                 client.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
             transport.registerProducer(client.transport, True)  # type: ignore[union-attr]
@@ -256,9 +258,9 @@ class Exchange(ExchangeFailures):
             self.state = AWAITING
         if self.upgrade_rest:
             transport.write(self.upgrade_rest)  # type: ignore[union-attr]
-        if not self.client.pumping:
+        if not client.pumping:
             # (a pump up the stack, the common case, sees the body itself)
-            self.client.pump()
+            client.pump()
 
     # -- request body ------------------------------------------------------
 
@@ -328,7 +330,12 @@ class Exchange(ExchangeFailures):
         extra: list[tuple[bytes, bytes]] = []
         for f in self.frontend.chain.response:
             f.response(self, extra)
-        self.write(finish_scanned_head(status, line, block, head.version, framing, close, False, extra))
+        data = finish_scanned_head(status, line, block, head.version, framing, close, False, extra)
+        batch = self.batch
+        if batch is not None:
+            batch.append(data)
+        else:
+            client.transport.write(data)  # type: ignore[union-attr]
         if no_body:
             # llhttp does not know this response has no body (HEAD): it is
             # complete now; any byte that follows is an error
@@ -339,10 +346,15 @@ class Exchange(ExchangeFailures):
             return
         self.client.delivered += len(data)
         framing = self.framing
+        if framing == "none":
+            return
         if framing == "chunked":
-            self.write(chunk(data))
-        elif framing != "none":
-            self.write(data)
+            data = chunk(data)
+        batch = self.batch
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.client.transport.write(data)  # type: ignore[union-attr]
 
     def response_end(self) -> None:
         state = self.state
@@ -355,7 +367,12 @@ class Exchange(ExchangeFailures):
             self.client.gate()
         if self.framing == "chunked":
             self.write(_CHUNK_END)
-        self.flush()
+        batch = self.batch
+        if batch:
+            self.batch = None
+            self.client.transport.write(b"".join(batch))  # type: ignore[union-attr]
+        else:
+            self.batch = None
         if state is DUPLEX:
             # the server answered before the request body ended: do not
             # reuse that connection, and stop reading the client
@@ -410,7 +427,7 @@ class Exchange(ExchangeFailures):
             else:
                 upstream.exchange = None
                 upstream.transport.loseConnection()  # type: ignore[union-attr]
-        self.release_server(ok=self.status < 500)
+        self.release_server(self.status < 500)
         frontend.count(self, now)
         self.client.exchange_done(self, now)
 
@@ -439,13 +456,15 @@ class Exchange(ExchangeFailures):
         server, pool = self.server, self.pool
         self.server = None
         if server is not None and pool is not None:
-            if self.chain.attempt_end:
-                self._attempt_over(server, outcome if outcome is not None else (self.status or "aborted"))
+            attempt_end = self.chain.attempt_end
+            if attempt_end:
+                if outcome is None:
+                    outcome = self.status or "aborted"
+                for f in attempt_end:
+                    f.attempt_end(self, server, outcome)
             if ok is False:
                 pool.record_failure(server, f"answered {self.status}")
-            elif ok:
-                pool.record_success(server)
-            pool.release(server)
+            pool.release(server, ok is True)
 
     def _attempt_over(self, server: Server, outcome: int | str) -> None:
         for f in self.chain.attempt_end:

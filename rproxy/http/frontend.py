@@ -70,6 +70,7 @@ __all__ = ["HTTPFrontend", "DURATION_BUCKETS", "default_filters", "policy_filter
 # request duration histogram buckets (seconds); the last is +Inf
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     float("inf"))
+_FIRST_BUCKET = DURATION_BUCKETS[0]
 
 
 def default_filters(frontend: HTTPFrontend) -> list[Filter]:
@@ -374,7 +375,8 @@ class HTTPFrontend(AdmittedFigures, Factory):
         self.counted_requests += 1
         seconds = now - exchange.started
         self.duration_sum += seconds
-        self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        # (most requests take less than the first bucket: no search for them)
+        self.duration_buckets[0 if seconds <= _FIRST_BUCKET else bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
     def count_status(self, status: int) -> None:
         self.requests[("-", status)] += 1

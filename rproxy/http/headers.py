@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["HOP_BY_HOP", "request_head", "response_head", "response_fields", "scan_response_head",
+__all__ = ["HOP_BY_HOP", "HTTP11", "request_head", "response_head", "response_fields", "scan_response_head",
            "finish_scanned_head", "server_host", "chunk"]
 
 HOP_BY_HOP = frozenset(
@@ -80,6 +80,9 @@ def _drop_named(lines: list[bytes], named: set[bytes], first: int, upgrade: bool
 # as it is (unless a route removes it), lower-casing its name once.
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"host"})
 _REQUEST_SPECIAL = HOP_BY_HOP | _FORWARDED
+_PROTO_LINES = {b"http": b"X-Forwarded-Proto: http", b"https": b"X-Forwarded-Proto: https"}
+# the version of almost every message: compared by identity first
+HTTP11 = (1, 1)
 
 
 def request_head(
@@ -130,10 +133,11 @@ def request_head(
         lines.append(name + b": " + value)
     if named:
         lines = _drop_named(lines, named, 1, upgrade)
-    lines.append(
-        b"X-Forwarded-For: " + forwarded_for + client_ip + b"\r\nX-Forwarded-Proto: " + proto
-        + (b"\r\nX-Forwarded-Host: " + original_host if original_host else b"") + b"\r\nVia: 1.1 rproxy"
-    )
+    lines.append(b"X-Forwarded-For: " + forwarded_for + client_ip if forwarded_for else b"X-Forwarded-For: " + client_ip)
+    lines.append(_PROTO_LINES.get(proto) or b"X-Forwarded-Proto: " + proto)
+    if original_host:
+        lines.append(b"X-Forwarded-Host: " + original_host)
+    lines.append(b"Via: 1.1 rproxy")
     for name, value in set_headers:
         lines.append(name + b": " + value)
     if chunked:
@@ -285,7 +289,7 @@ def finish_scanned_head(
     the server's status line when it speaks the client's version, Via,
     C{extra} fields, rproxy's framing and Connection field.
     """
-    if version != (1, 1) or not line.startswith(b"HTTP/1.1 "):
+    if (version is not HTTP11 and version != HTTP11) or line[:9] != b"HTTP/1.1 ":
         phrase = line.split(b" ", 2)[2] if line.count(b" ") >= 2 else b""
         line = b"HTTP/%d.%d %d %s" % (version[0], version[1], status, phrase or reason(status))
     key = (framing, close, upgrade, version)

@@ -36,10 +36,12 @@ from typing import Any
 import attrs
 import httptools
 
+from rproxy.http.headers import HTTP11
+
 __all__ = ["HTTPError", "RequestHead", "Body", "EndOfMessage", "Upgrade", "RequestReader"]
 
 _FRAMING = (b"transfer-encoding", b"content-length")
-_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+_VERSIONS = {"1.1": HTTP11, "1.0": (1, 0)}
 # common fields with nothing to check, skipped at once
 _ORDINARY = frozenset({
     b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"connection", b"cookie",
@@ -101,7 +103,7 @@ class RequestHead:
         self.content_length = content_length
         self.upgrade = upgrade
         self.suspicious_body = suspicious_body
-        self.has_body = chunked or bool(content_length)
+        self.has_body = chunked or (content_length is not None and content_length != 0)
         # the Host field's value (None without one)
         self.host = host if host is not None else self.header(b"host")
         # the traceparent field's value (None without one), for tracing
@@ -203,13 +205,11 @@ class RequestReader:
         self._head_fed = 0
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_size = 0
         self._body_size = 0
         self._in_body = False
 
     def on_url(self, url: bytes) -> None:
         target = self._target = self._target + url if self._target else url
-        self._head_size += len(url)
         if len(target) > self.max_target:
             self._fail(414, "URI Too Long")
 
@@ -231,7 +231,8 @@ class RequestReader:
         content_length: int | None = None
         host = traceparent = None
         hosts = 0
-        size = self._head_size
+        upgrade = False
+        size = len(self._target)
         for name, value in headers:
             size += len(name) + len(value)
             lower = name.lower()
@@ -247,6 +248,8 @@ class RequestReader:
             elif lower == b"traceparent":
                 if traceparent is None:  # (the first, as header() gives)
                     traceparent = value
+            elif lower == b"upgrade":
+                upgrade = True
             elif (
                 lower[:1] in (b"t", b"c")
                 and lower.replace(b"_", b"").replace(b"-", b"") in (b"transferencoding", b"contentlength")
@@ -269,10 +272,14 @@ class RequestReader:
         if content_length is not None and self.max_body is not None and content_length > self.max_body:
             self._fail(413, "Content Too Large")
         method = parser.get_method()
+        # (llhttp upgrades a CONNECT, or a request with an Upgrade field and
+        # Connection: upgrade: it is not asked about the others)
+        if upgrade or method == b"CONNECT":
+            upgrade = parser.should_upgrade()
         self._events.append(
             RequestHead(
-                method, self._target, version, headers, parser.should_keep_alive(), chunked, content_length,
-                parser.should_upgrade(), (chunked or bool(content_length)) and method in (b"GET", b"HEAD"), host,
+                method, self._target, version, headers, parser.should_keep_alive(), chunked, content_length, upgrade,
+                (chunked or (content_length is not None and content_length != 0)) and method in (b"GET", b"HEAD"), host,
                 traceparent,
             )
         )

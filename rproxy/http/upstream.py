@@ -45,6 +45,7 @@ __all__ = ["IUpstreamConnector", "PeerRefused", "UpstreamConnection", "UpstreamP
 MAX_INTERIM = 16
 MAX_RESPONSE_FIELDS = 200
 _EMPTY_LINE = (b"\r", b"\n")
+_LONG_HEAD = 4 * MAX_RESPONSE_FIELDS
 
 
 class PeerRefused(error.ConnectionRefusedError):
@@ -148,13 +149,13 @@ class UpstreamConnection(Relayed, Protocol):
         # the head is in self.raw (llhttp has just read all of it, strict
         # about CRLF): cut it out at its blank line
         raw, start = self.raw, self.head_start
-        while raw.startswith(_EMPTY_LINE, start):
+        while raw[start:start + 1] in _EMPTY_LINE:
             start += 1  # the empty lines llhttp skips before a message
         end = raw.find(b"\r\n\r\n", start)
         head = raw[start:end]
         self.head_start = end + 4
         # (a field takes at least 4 bytes: only a long head can have too many)
-        if len(head) > 4 * MAX_RESPONSE_FIELDS and head.count(b"\r\n") > MAX_RESPONSE_FIELDS:
+        if len(head) > _LONG_HEAD and head.count(b"\r\n") > MAX_RESPONSE_FIELDS:
             raise ValueError(f"more than {MAX_RESPONSE_FIELDS} header fields")
         status = self.parser.get_status_code()
         exchange = self.exchange
@@ -229,7 +230,8 @@ class UpstreamConnection(Relayed, Protocol):
                 self.upstreams.discard(self)
                 self.transport.abortConnection()  # type: ignore[union-attr]
         finally:
-            exchange.flush()
+            if exchange.batch is not None:
+                exchange.flush()
         if DUPLEX <= exchange.state <= RESPONDING and not exchange.producing:
             # a body longer than this read: the client's transport pauses
             # this one while it cannot keep up (a response read whole

@@ -56,9 +56,9 @@ class AgentPeer:
     An agent as the engine's peer: its name is the agent id.
     """
 
-    draining = False
-
     def __init__(self, session: AgentSession) -> None:
+        # (instance fields, read per request: the fast path of attribute access)
+        self.draining = False
         self.session = session
         self.name = session.agent_id
         self.config = self  # (the engine reads a server's config.name)
@@ -68,10 +68,15 @@ class AgentPeer:
 
 
 class _AgentsConfig:
-    name = "agents"
-    tls = None
-    algorithm = "least-connections"
-    send_proxy = None
+    def __init__(self) -> None:
+        # (instance fields, read per request: the fast path of attribute access)
+        self.name = "agents"
+        self.tls = None
+        self.algorithm = "least-connections"
+        self.send_proxy = None
+
+
+_AGENTS_CONFIG = _AgentsConfig()
 
 
 class AgentChoice:
@@ -82,11 +87,12 @@ class AgentChoice:
     turn.  An agent has no slots: release is a no-op.
     """
 
-    config = _AgentsConfig()
+    config = _AGENTS_CONFIG
     servers = ()
 
     def __init__(self, tunnel: TunnelServer, connector: AgentConnector, model: str | None,
                  eligible: Callable[[AgentSession], bool]) -> None:
+        self.config = _AGENTS_CONFIG  # (also on the instance: read per request)
         self.tunnel = tunnel
         self.connector = connector
         self.model = model
@@ -100,7 +106,12 @@ class AgentChoice:
         if eligible is shared:
             # shared (level < 0): the common case, without a call per agent
             if model is None:
-                return [a for a in agents if a.level < 0 and a.agent_id not in tried]
+                # (a loop, not a comprehension: no function call for the few agents a tunnel has)
+                found = []
+                for a in agents:
+                    if a.level < 0 and a.agent_id not in tried:
+                        found.append(a)
+                return found
             return [a for a in agents if a.level < 0 and model in a.models and a.agent_id not in tried]
         return [a for a in agents
                 if a.agent_id not in tried and eligible(a) and (model is None or model in a.models)]
@@ -110,7 +121,8 @@ class AgentChoice:
         if not candidates:
             return None
         if len(candidates) == 1:
-            return self.connector.peer(candidates[0])
+            peer = self.connector.peers.get(candidates[0])  # (peer(), without a call once known)
+            return peer if peer is not None else self.connector.peer(candidates[0])
         if self.model is not None or self.tunnel.config.algorithm != "round-robin":
             low = min(a.load for a in candidates)
             candidates = [a for a in candidates if a.load == low]
@@ -134,7 +146,7 @@ class AgentChoice:
     def any_up(self, tried: list[str]) -> bool:
         return bool(self._candidates(tried))
 
-    def release(self, peer: AgentPeer) -> None:
+    def release(self, peer: AgentPeer, succeeded: bool = False) -> None:
         pass
 
     def record_success(self, peer: AgentPeer) -> None:
@@ -226,14 +238,14 @@ class AgentConnector(UpstreamPool):
         return peer
 
     def take_idle(self, peer: Any) -> UpstreamConnection | None:
-        conn = super().take_idle(peer)
+        conn = UpstreamPool.take_idle(self, peer)  # (without a super() object a request)
         if conn is not None:
             peer.session.streams.add(conn.transport_owner)  # type: ignore[attr-defined]
         return conn
 
     def put(self, conn: UpstreamConnection, now: float | None = None) -> None:
         conn.server.session.streams.discard(conn.transport_owner)  # type: ignore[attr-defined]
-        super().put(conn, now)
+        UpstreamPool.put(self, conn, now)
 
     def get(self, peer: Any, pool: Any, timeout: float) -> defer.Deferred[UpstreamConnection]:
         conn = self.take_idle(peer)

@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["openai_error", "model_of", "looks_like_json", "AgentRefused", "AgentChoice", "AgentConnector",
            "TunnelRouting", "tunnel_frontend"]
 
+# (TunnelRouting._route: the Authorization field not looked up yet)
+_LOOK: Any = object()
 # bodies that cannot hold a JSON "model" field: never read for one
 _NOT_JSON = (b"multipart/", b"audio/", b"image/", b"video/", b"application/octet-stream")
 _ERROR_TYPES = {
@@ -136,12 +138,23 @@ class TunnelRouting(Filter):
             exchange.notes = notes
         else:
             exchange.notes.update(notes)  # (what a policy filter before noted stays)
-        model = head.header(b"x-model")
-        if model is None and head.has_body and looks_like_json(head):
-            d = exchange.client.read_ahead(self.tunnel.config.model_body_limit)
-            d.addCallback(self._body_read, exchange)
-            return d
-        return self._route(exchange, model)
+        # (X-Model and Authorization in one pass: each the first of its name, as head.header() gives)
+        model = auth = None
+        for name, value in head.headers:
+            lower = name.lower()
+            if lower == b"x-model":
+                if model is None:
+                    model = value
+            elif lower == b"authorization" and auth is None:
+                auth = value
+        if model is None:
+            if head.has_body and looks_like_json(head):
+                d = exchange.client.read_ahead(self.tunnel.config.model_body_limit)
+                d.addCallback(self._body_read, exchange)
+                return d
+            if auth is None:
+                return None  # (neither a model nor a key: nothing for _route to note or check)
+        return self._route(exchange, model, auth)
 
     def _body_read(self, body: bytes | None, exchange: Any) -> Any:
         if body is None:
@@ -150,13 +163,18 @@ class TunnelRouting(Filter):
             return None
         return self._route(exchange, model_of(body))
 
-    def _route(self, exchange: Any, model: bytes | str | None) -> defer.Deferred[Any] | None:
+    def _route(self, exchange: Any, model: bytes | str | None, auth: Any = _LOOK) -> defer.Deferred[Any] | None:
+        """
+        @param auth: the Authorization field's value if the caller has
+            looked it up (None: there is none).
+        """
         if isinstance(model, bytes):
             model = model.decode("utf-8", "replace")
         notes = exchange.notes
         if model:
             notes["model"] = model.strip() or None
-        auth = exchange.head.header(b"authorization")
+        if auth is _LOOK:
+            auth = exchange.head.header(b"authorization")
         if auth is None or auth[:7].lower() != b"bearer " or not auth[7:].strip():
             if model:
                 self._check_model(exchange)

@@ -33,6 +33,7 @@ __all__ = ["AgentStats", "Series", "tunnel_http_metrics", "MAX_SERIES"]
 MAX_SERIES = 4096
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
 _NOBODY = ("-", "-")
+_FIRST_BUCKET = DURATION_BUCKETS[0]
 
 
 class Series:
@@ -96,7 +97,7 @@ class AgentStats(Filter):
         series.classes[status // 100 - 1 if 100 <= status < 600 else 5] += 1
         seconds = self.clock.seconds() - exchange.started
         series.seconds += seconds
-        series.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        series.buckets[0 if seconds <= _FIRST_BUCKET else bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
 
 def tunnel_http_metrics(tunnels: Iterable[Any]) -> Iterator[Metric]:

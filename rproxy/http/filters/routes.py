@@ -55,7 +55,9 @@ class RouteFilter(Filter):
     def choose(self, exchange: Any) -> None:
         if exchange.pool is not None:
             return
-        route = self.routes.match(exchange.head.host, exchange.target)
+        routes = self.routes
+        # (without routes, the default: no call to match)
+        route = routes.match(exchange.head.host, exchange.target) if routes.routes else routes.default
         if route is None:
             exchange.fail(404, "no route")
             return
