@@ -235,6 +235,34 @@ class ExchangeStateTests(SynchronousTestCase):
             "f0.request", "f0.choose", "connector.take_idle", "f0.upstream_request", "upstream.write",
         ])
 
+    def test_extra_response_is_not_the_next_requests(self) -> None:
+        """
+        A server that answers a request with two responses in one read,
+        while the client has pipelined a second request: the first
+        response ends, the connection goes back to the pool and the second
+        request takes it at once, in that same read.  The rest of the read
+        arrived before that request was sent, so it is not its response:
+        the connection is aborted and the second request goes out again on
+        a new one (it was given the extra response before).
+        """
+        e = Engine()
+        conn, client = e.client()
+        conn.dataReceived(GET + GET.replace(b"/x", b"/y"))
+        upstream = e.connector.connect()
+        e.take()
+        upstream.dataReceived(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")
+        record = e.take()
+        self.assertEqual([r for r in record if r[0] == "client.write"], [
+            ("client.write", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 rproxy\r\n\r\nok")])
+        self.assertIn(("upstream.abort",), record)
+        self.assertEqual(record[-1], ("connector.get", "s0"))
+        self.assertEqual(conn.exchange.head.target, b"/y")
+        retried = e.connector.connect()
+        retried.dataReceived(OK)
+        self.assertEqual([r for r in e.take() if r[0] == "client.write"], [
+            ("client.write", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 rproxy\r\n\r\nok")])
+        self.assertFalse(client.disconnecting)
+
     def test_filter_answers_and_stops_the_chain(self) -> None:
         """
         A filter that answers in the request phase ends the exchange: no

@@ -113,6 +113,10 @@ class UpstreamConnection(Relayed, Protocol):
         self.head_start = -1  # where the head being read begins in raw; -1: not reading one
         self.informational = False
         self.interim = 0  # interim responses to the current request
+        # a read is being parsed (feeding), and the connection was given
+        # the next request during it (see on_message_begin)
+        self.feeding = False
+        self.restarted = False
         self.head = b""
         self.transport = None
         self.upstreams = upstreams
@@ -130,6 +134,8 @@ class UpstreamConnection(Relayed, Protocol):
 
     def start(self, exchange: Exchange) -> None:
         self.exchange = exchange
+        if self.feeding:
+            self.restarted = True
         if not self.parser_clean:
             self.parser = httptools.HttpResponseParser(self)
         self.parser_clean = False
@@ -140,9 +146,12 @@ class UpstreamConnection(Relayed, Protocol):
 
     def on_message_begin(self) -> None:
         exchange = self.exchange
-        if exchange is None or exchange.state >= UPGRADED:
+        if exchange is None or exchange.state >= UPGRADED or self.restarted:
             # more after the response: this server cannot be trusted with
-            # another request
+            # another request.  (restarted: the response ended in this
+            # read, the connection went back to the pool and a pipelined
+            # request took it at once; bytes read before that request was
+            # sent cannot be its response)
             raise ValueError("data after the response")
 
     def on_headers_complete(self) -> None:
@@ -214,6 +223,7 @@ class UpstreamConnection(Relayed, Protocol):
                         raise ValueError("response head too large")
                 else:
                     self.raw = data
+            self.feeding = True
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0] if upgrade.args else len(data)
@@ -230,6 +240,7 @@ class UpstreamConnection(Relayed, Protocol):
                 self.upstreams.discard(self)
                 self.transport.abortConnection()  # type: ignore[union-attr]
         finally:
+            self.feeding = self.restarted = False
             if exchange.batch is not None:
                 exchange.flush()
         if DUPLEX <= exchange.state <= RESPONDING and not exchange.producing:
