@@ -118,7 +118,7 @@ class _Recorder:
 
     sample_ratio = 0.0
 
-    def finished(self, span: Any) -> None:
+    def finished(self, span: Any, n: int = 1) -> None:
         raise AssertionError("an unsampled request made a span")
 
 
@@ -160,11 +160,14 @@ class _Spans:
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
         self.spans: list[Any] = []
+        self.assertEqual = SynchronousTestCase().assertEqual
         self.resource = Resource.create({"service.name": "test"})
         self.http_scope = InstrumentationScope("rproxy.http")
 
-    def finished(self, span: Any) -> None:
-        self.spans.append(span)
+    def finished(self, request: Any, n: int = 1) -> None:
+        spans = request.spans()
+        self.assertEqual(len(spans), n)
+        self.spans += spans
 
 
 class _Server:

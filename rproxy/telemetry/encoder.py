@@ -30,12 +30,22 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind, StatusCode
 
+from rproxy.telemetry.request import (
+    ABORTED,
+    RequestTrace,
+    client_attributes,
+    ended_attributes,
+    outcome_status,
+    server_attributes,
+)
+
 __all__ = ["encode_spans"]
 
 _BYTE = [bytes((i,)) for i in range(128)]
 _DOUBLE = struct.Struct("<d").pack
 _FIXED64 = struct.Struct("<Q").pack
 _FIXED32 = struct.Struct("<I").pack
+_TIMES = struct.Struct("<BQBQ").pack  # a span's start (field 7) and end (8), fixed64 each
 _INT64 = 1 << 63
 _MASK64 = (1 << 64) - 1
 # Span.flags: SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, and _IS_REMOTE_MASK
@@ -247,6 +257,130 @@ def _scope(scope: Any) -> bytes:
     return _field(b"\x0a", b"".join(parts))
 
 
+def _pairs(tag: bytes, pairs: Any) -> bytes:
+    """
+    The fields (tag C{tag}) of the KeyValues of C{pairs}, (key, value)s.
+    """
+    return b"".join(_attributes_of(tag, dict(pairs)))
+
+
+def _store(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _template(*parts: bytes | int) -> tuple[bytes, int]:
+    """
+    A span body as a C{%} format (its constant bytes, and a C{%b} hole
+    of each int's size), with the body's size when filled.
+    """
+    size = sum(p if type(p) is int else len(p) for p in parts)  # type: ignore[misc]
+    return b"".join([b"%b" if type(p) is int else p.replace(b"%", b"%%") for p in parts]), size  # type: ignore[union-attr]
+
+
+def _length(n: int) -> bytes:
+    return _BYTE[n] if n < 128 else bytes(((n & 0x7F) | 0x80, n >> 7)) if n < 16384 else _varint(n)
+
+
+_SERVER_KIND = _KINDS[SpanKind.SERVER]
+_CLIENT_KIND = _KINDS[SpanKind.CLIENT]
+_LOCAL_PARENT = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)
+_REMOTE_PARENT = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)
+
+
+def _client_template(method: bytes, server: Any, backend: str | None, outcome: Any, resend: int) -> tuple[Any, ...]:
+    """
+    An attempt span's format (holes: the trace id, its span id, its
+    parent's, the times) and the same with its Span field's tag and size.
+    """
+    text = method.decode("latin-1")
+    attributes = client_attributes(text, server, backend)
+    if resend > 0:
+        attributes.append(("http.request.resend_count", resend))
+    pairs, status = outcome_status(outcome)
+    body, size = _template(b"\x0a\x10", 16, b"\x12\x08", 8, b"\x22\x08", 8, _field(b"\x2a", text.encode("utf-8")),
+                           _CLIENT_KIND, 18, _pairs(b"\x4a", attributes + pairs), _status(status), _LOCAL_PARENT)
+    return server, body, size, b"\x12" + _length(size) + body
+
+
+def _server_template(site: Any, key: tuple[Any, ...]) -> tuple[bytes, int]:
+    """
+    A request span's format, but its path, C{extra} and tracestate
+    (holes: the trace id, its span id, its parent's if remote, the
+    times), and its size filled; C{key} as L{_request} makes it.
+    """
+    method, version, peer, host, user_agent, status, route, backend, tries, remote, aborted = key
+    text = method.decode("latin-1")
+    attributes = server_attributes(site, method, version, peer, host, user_agent)
+    if aborted:
+        name, span_status = text, ABORTED
+        attributes.append(("error.type", "aborted"))
+    else:
+        name, ended, span_status = ended_attributes(text, status, route, backend, tries)
+        attributes += ended
+    return _template(b"\x0a\x10", 16, b"\x12\x08", 8, *((b"\x22\x08", 8) if remote else ()),
+                     _field(b"\x2a", name.encode("utf-8")), _SERVER_KIND, 18, _pairs(b"\x4a", attributes),
+                     _status(span_status), _REMOTE_PARENT if remote else _LOCAL_PARENT)
+
+
+def _request(trace: RequestTrace, out: list[bytes]) -> None:
+    """
+    Append the Span fields (of a ScopeSpans) of C{trace}'s spans to
+    C{out}: the spans of L{RequestTrace.spans}, each filled in from a
+    format of its constant parts (name, kind, status, most attributes),
+    cached by the values those are made of (recent ones: most repeat),
+    with the ids and times (and the request's path, its C{extra} and a
+    tracestate) of this request.  (A span's fields in another order than
+    their numbers' where that is cheaper: protobuf's readers take fields
+    in any order.)
+    """
+    site = trace.site
+    caches = site.caches
+    if not caches:
+        caches.update(client={}, server={}, path={})
+    trace_id = trace.trace_id.to_bytes(16, "big")
+    server_id = trace.span_id.to_bytes(8, "big")
+    state = trace.state
+    state = _trace_state(state) if state else b""
+    method = trace.method
+    if trace.attempts:
+        clients = caches["client"]
+        for attempt in trace.attempts:
+            server = attempt.server
+            key = (id(server), method, attempt.backend, attempt.outcome, attempt.resend)
+            template = clients.get(key)
+            if template is None or template[0] is not server:
+                template = _store(clients, key, _client_template(method, server, *key[2:]))
+            filled = (trace_id, attempt.span_id.to_bytes(8, "big"), server_id,
+                      _TIMES(0x39, int(attempt.start * 1e9), 0x41, int(attempt.end * 1e9)))
+            if state:
+                body = template[1] % filled + state
+                out.append(b"\x12" + _length(len(body)) + body)
+            else:
+                out.append(template[3] % filled)
+    parent = trace.parent
+    key = (method, trace.version, trace.peer, trace.host, trace.user_agent, trace.status, trace.route, trace.backend,
+           trace.tries, parent is not None, trace.aborted)
+    servers = caches["server"]
+    template = servers.get(key)
+    if template is None:
+        template = _store(servers, key, _server_template(site, key))
+    times = _TIMES(0x39, int(trace.start * 1e9), 0x41, int(trace.end * 1e9))
+    body = template[0] % ((trace_id, server_id, parent.span_id.to_bytes(8, "big"), times) if parent is not None else
+                          (trace_id, server_id, times))
+    paths = caches["path"]
+    target = trace.target
+    path = paths.get(target)
+    if path is None:
+        path = _store(paths, target, _pairs(b"\x4a", (("url.path", target.split(b"?", 1)[0].decode("latin-1")),)))
+    extra = trace.extra
+    if extra or state:
+        path = b"".join((_pairs(b"\x4a", extra) if extra else b"", path, state))
+    out.append(b"".join((b"\x12", _length(template[1] + len(path)), body, path)))
+
+
 def encode_spans(spans: Sequence[Any]) -> bytes:
     """
     The serialized C{ExportTraceServiceRequest} of C{spans}: grouped by
@@ -255,8 +389,12 @@ def encode_spans(spans: Sequence[Any]) -> bytes:
     groups: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
     last_resource = last_scope = out = None
     for span in spans:
-        resource = span.resource
-        scope = span.instrumentation_scope
+        request = type(span) is RequestTrace
+        if request:
+            resource, scope = span.site.resource, span.site.scope
+        else:
+            resource = span.resource
+            scope = span.instrumentation_scope
         if resource is not last_resource or scope is not last_scope or out is None:
             group = groups.get(id(resource))
             if group is None:
@@ -267,6 +405,9 @@ def encode_spans(spans: Sequence[Any]) -> bytes:
                 encoded = scopes[id(scope)] = (scope, [])
             out = encoded[1]
             last_resource, last_scope = resource, scope
+        if request:
+            _request(span, out)
+            continue
         body = _span(span)
         n = len(body)
         out.append(b"\x12" + (_BYTE[n] if n < 128 else _varint(n)) + body)

@@ -34,6 +34,9 @@ class CompactSpanExporter(OTLPSpanExporter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.compact = all(hasattr(self, name) for name in ("_client", "_metrics", "_shutdown", "_max_request_size"))
+        # the tracing filter's requests (RequestTrace) are encoded as they
+        # are, not first made into spans (rproxy.telemetry.request)
+        self.takes_requests = self.compact
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
         if not self.compact:

@@ -1,0 +1,239 @@
+"""
+A traced HTTP request as the tracing filter hands it to the batch
+processor once it has ended (L{RequestTrace}): its SERVER span and the
+CLIENT span of each upstream attempt, kept as the values they are made
+of (ids, times, the request head's fields, the outcome), not as SDK
+spans with attribute dictionaries.
+
+The reactor thread only records those values and hands the processor
+one object per request; what the spans are is worked out on the
+processor's thread, by whoever reads them:
+
+  - rproxy's encoder writes their OTLP bytes straight from these values
+    (L{rproxy.telemetry.encoder.encode_spans}, with caches of the
+    encoded attributes of recent values);
+  - any other exporter (the official OTLP exporter with C{encoder:
+    official}, the SDK's in-memory exporter of the tests) is handed the
+    spans of L{RequestTrace.spans}: L{rproxy.telemetry.record.SpanRecord}s,
+    the fields of the SDK's C{ReadableSpan}, attributes as dictionaries.
+
+Both describe the same spans, attribute for attribute and in the same
+order (C{tests.test_telemetry_encoder} compares the two encodings): the
+attributes of a span are set out once, in L{server_attributes} and
+L{client_attributes}, which the encoder follows part by part.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
+
+from rproxy.telemetry.record import Context, SpanRecord
+
+__all__ = ["RequestTrace", "Site", "Attempt", "ABORTED", "server_attributes", "ended_attributes", "client_attributes",
+           "outcome_status"]
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_UNSET = Status(StatusCode.UNSET)
+_ERROR = Status(StatusCode.ERROR)
+# a request span's status when its client went away before the response ended
+ABORTED = Status(StatusCode.ERROR, "the client closed the connection before the response ended")
+_VERSIONS = {(1, 1): "1.1", (1, 0): "1.0"}
+
+
+class Site:
+    """
+    What the spans of one frontend's requests share: the resource and
+    scope they are exported under, the frontend's name and scheme, and
+    the encoder's caches (used on the processor's thread only).
+    """
+
+    def __init__(self, resource: Any, scope: Any, frontend: str, scheme: str) -> None:
+        self.resource = resource
+        self.scope = scope
+        self.frontend = frontend
+        self.scheme = scheme
+        self.caches: dict[str, dict[Any, Any]] = {}
+
+
+class Attempt:
+    """
+    One upstream attempt (its CLIENT span).
+
+    @ivar outcome: the response's status (an int), or what went wrong (a
+        str, C{"connect: refused"}); None while in progress.
+    """
+
+    __slots__ = ("span_id", "start", "end", "server", "backend", "resend", "outcome")
+
+    def __init__(self, span_id: int, start: float, server: Any, backend: str | None, resend: int) -> None:
+        self.span_id = span_id
+        self.start = start
+        self.end = 0.0
+        self.server = server  # the server's config (immutable)
+        self.backend = backend
+        self.resend = resend
+        self.outcome: int | str | None = None
+
+
+class RequestTrace:
+    """
+    One sampled request's trace: made by the request phase, filled in
+    by later phases on the reactor thread, read on the processor's
+    thread once handed over (then no longer changed).
+
+    @ivar parent: the client's span (a remote L{Context}), or None.
+    @ivar state: the client's C{tracestate} (a C{TraceState}), or None.
+    @ivar attempts: the attempts that have ended, in order.
+    @ivar attempt: the attempt in progress, or None.
+    @ivar aborted: the client went away before the response ended.
+    @ivar extra: attributes of a few requests only (the token wait, a
+        tunnel's model, key and agent), in their order, or None.
+    @ivar spans_count: how many spans this is, once ended.
+    @ivar exchange: the request's exchange, until ended (the reactor
+        thread's, as the next three).
+    @ivar remove: the client's fields replaced upstream.
+    @ivar routed: when the token wait ended (the tracing filter's C{TokenWaitMark}), or 0.
+    """
+
+    __slots__ = ("site", "trace_id", "span_id", "parent", "state", "method", "target", "version", "host",
+                 "user_agent", "peer", "start", "end", "status", "route", "backend", "tries", "extra", "aborted",
+                 "attempts", "attempt", "spans_count", "exchange", "remove", "routed")
+
+    # what the SDK's BatchSpanProcessor.on_end reads (a sampled span)
+    context = Context(1, 1, False, None)
+    inject = None  # (the tracing filter's: sampled, its attempts' traceparent is sent)
+
+    def __init__(self, site: Site, trace_id: int, span_id: int, head: Any, peer: str, exchange: Any,
+                 remove: frozenset[bytes]) -> None:
+        self.site = site
+        self.exchange = exchange
+        self.remove = remove
+        self.routed = 0.0
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent: Context | None = None
+        self.state: Any = None
+        self.method = head.method
+        self.target = head.target
+        self.version = head.version
+        self.host = head.host
+        self.user_agent = head.header(b"user-agent")
+        self.peer = peer
+        self.start = self.end = 0.0
+        self.status = 0
+        self.route: bytes | None = None
+        self.backend = ""
+        self.tries = 0
+        self.extra: list[tuple[str, Any]] | None = None
+        self.aborted = False
+        self.attempts: list[Attempt] = []
+        self.attempt: Attempt | None = None
+        self.spans_count = 1
+
+    def spans(self) -> list[SpanRecord]:
+        """
+        The spans: each attempt's, then the request's.
+        """
+        site = self.site
+        trace_id, state = self.trace_id, self.state
+        server = Context(trace_id, self.span_id, False, state)
+        method = self.method.decode("latin-1")
+        out = []
+        for attempt in self.attempts:
+            attributes = dict(client_attributes(method, attempt.server, attempt.backend))
+            if attempt.resend > 0:
+                attributes["http.request.resend_count"] = attempt.resend
+            outcome, status = outcome_status(attempt.outcome)
+            attributes.update(outcome)
+            out.append(SpanRecord(method, Context(trace_id, attempt.span_id, False, state), server, site.resource,
+                                  attributes, SpanKind.CLIENT, status, int(attempt.start * 1e9),
+                                  int(attempt.end * 1e9), site.scope))
+        attributes = dict(server_attributes(site, self.method, self.version, self.peer, self.host, self.user_agent))
+        if self.aborted:
+            attributes["error.type"] = "aborted"
+            name, status = method, ABORTED
+        else:
+            name, ended, status = ended_attributes(method, self.status, self.route, self.backend, self.tries)
+            attributes.update(ended)
+            if self.extra:
+                attributes.update(self.extra)
+        attributes["url.path"] = self.target.split(b"?", 1)[0].decode("latin-1")
+        out.append(SpanRecord(name, server, self.parent, site.resource, attributes, SpanKind.SERVER, status,
+                              int(self.start * 1e9), int(self.end * 1e9), site.scope))
+        return out
+
+
+# The attributes of a span in parts, as the encoder caches them: each
+# part is a function of a few values (its cache key).
+
+def server_attributes(site: Site, method: bytes, version: tuple[int, int], peer: str, host: bytes | None,
+                      user_agent: bytes | None) -> list[tuple[str, Any]]:
+    """
+    A request span's attributes known when the request came.
+    """
+    out: list[tuple[str, Any]] = [
+        ("http.request.method", method.decode("latin-1")),
+        ("url.scheme", site.scheme),
+        ("network.protocol.version", _VERSIONS.get(version) or f"{version[0]}.{version[1]}"),
+        ("network.peer.address", peer),
+        ("client.address", peer),
+        ("rproxy.frontend", site.frontend),
+    ]
+    if host:
+        name, _, port = host.decode("latin-1").rpartition(":") if not host.endswith(b"]") else ("", "", "")
+        if name and port.isdigit():
+            out += [("server.address", name), ("server.port", int(port))]
+        else:
+            out.append(("server.address", host.decode("latin-1")))
+    if user_agent is not None:
+        out.append(("user_agent.original", user_agent.decode("latin-1")))
+    return out
+
+
+def ended_attributes(method: str, status: int, route: bytes | None, backend: str,
+                     tries: int) -> tuple[str, list[tuple[str, Any]], Status]:
+    """
+    A request span's name, the attributes known when it ended (but the
+    few of C{extra}), and its status.
+    """
+    name = method
+    out: list[tuple[str, Any]] = [("http.response.status_code", status)]
+    if route:
+        text = route.decode("latin-1")
+        out.append(("http.route", text))
+        name = f"{method} {text}"
+    out += [("rproxy.backend", backend), ("rproxy.attempts", tries)]
+    if status >= 500:
+        out.append(("error.type", str(status)))
+        return name, out, _ERROR
+    return name, out, _UNSET
+
+
+def client_attributes(method: str, server: Any, backend: str | None) -> list[tuple[str, Any]]:
+    """
+    An attempt span's attributes known when it started (but its resend
+    count).
+    """
+    out: list[tuple[str, Any]] = [("http.request.method", method), ("rproxy.server", server.name)]
+    host = getattr(server, "host", None)
+    if host is not None:
+        out += [("server.address", host), ("network.peer.address", host), ("server.port", server.port),
+                ("network.peer.port", server.port)]
+    else:
+        out.append(("rproxy.tunnel.agent", server.name))  # a tunnel's agent
+    if backend is not None:
+        out.append(("rproxy.backend", backend))
+    return out
+
+
+def outcome_status(outcome: int | str | None) -> tuple[list[tuple[str, Any]], Status]:
+    """
+    An attempt span's attributes of its outcome, and its status.
+    """
+    if type(outcome) is int:
+        if outcome >= 500:
+            return [("http.response.status_code", outcome), ("error.type", str(outcome))], _ERROR
+        return [("http.response.status_code", outcome)], _UNSET
+    return [("error.type", str(outcome).split(":", 1)[0])], Status(StatusCode.ERROR, str(outcome))
