@@ -30,7 +30,7 @@ from rproxy.http.reader import RequestHead
 from rproxy.telemetry.encoder import encode_spans
 from rproxy.telemetry.exporter import CompactSpanExporter
 from rproxy.telemetry.record import Context, SpanRecord
-from rproxy.telemetry.request import Attempt, RequestTrace, Site
+from rproxy.telemetry.request import RequestTrace, Site
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _RESOURCE = Resource.create({"service.name": "rproxy", "deployment.environment": "test"})
@@ -162,23 +162,23 @@ class _Server:
 
 
 def _request(site: Site, trace_id: int = 0x0AF7651916CD43DD8448EB211C80319C, headers: Any = (),
-             target: bytes = b"/api/x?q=1", attempts: Any = ((200,),), status: int = 200, **fields: Any) -> RequestTrace:
+             target: bytes = b"/api/x?q=1", attempts: Any = ((200,),), status: int = 200, route: bytes | None = None,
+             aborted: bool = False, **fields: Any) -> RequestTrace:
     """
     A request's trace as the tracing filter leaves it when it has ended:
     C{attempts}, (outcome, server, backend, resend count) each.
     """
     head = RequestHead(b"GET", target, (1, 1), [(b"host", b"example.com:8443"), *headers])
     trace = RequestTrace(site, trace_id, 0x1122334455667788, head, "10.1.2.3", None, frozenset())
-    trace.start, trace.end, trace.status, trace.backend, trace.tries = 1_700_000_000.25, 1_700_000_000.75, status, \
-        "web", len(attempts)
+    trace.start, trace.end = 1_700_000_000.25, 1_700_000_000.75
     for i, (outcome, *more) in enumerate(attempts):
         server, backend, resend = [*more, _Server("s1", "10.0.0.9", 80), "web", i][len(more):len(more) + 3] \
             if more else (_Server("s1", "10.0.0.9", 80), "web", i)
-        attempt = Attempt(0x100 + i, 1_700_000_000.3 + i / 10, server, backend, resend)
-        attempt.end, attempt.outcome = 1_700_000_000.35 + i / 10, outcome
-        trace.attempts.append(attempt)
+        trace.attempts.append((0x100 + i, 1_700_000_000.3 + i / 10, server, backend, resend,
+                               1_700_000_000.35 + i / 10, outcome))
     for name, value in fields.items():
         setattr(trace, name, value)
+    trace.ended = (status, route, "web", len(attempts), trace.parent is not None, aborted)
     trace.spans_count = len(trace.attempts) + 1
     return trace
 

@@ -305,21 +305,22 @@ def _client_template(method: bytes, server: Any, backend: str | None, outcome: A
     return server, body, size, b"\x12" + _length(size) + body
 
 
-def _server_template(site: Any, key: tuple[Any, ...]) -> tuple[bytes, int]:
+def _server_template(site: Any, shape: tuple[Any, ...], ended: tuple[Any, ...]) -> tuple[bytes, int]:
     """
     A request span's format, but its path, C{extra} and tracestate
     (holes: the trace id, its span id, its parent's if remote, the
-    times), and its size filled; C{key} as L{_request} makes it.
+    times), and its size filled: of a L{RequestTrace}'s C{shape} and
+    C{ended}.
     """
-    method, version, peer, host, user_agent, status, route, backend, tries, remote, aborted = key
-    text = method.decode("latin-1")
-    attributes = server_attributes(site, method, version, peer, host, user_agent)
+    status, route, backend, tries, remote, aborted = ended
+    text = shape[0].decode("latin-1")
+    attributes = server_attributes(site, *shape)
     if aborted:
         name, span_status = text, ABORTED
         attributes.append(("error.type", "aborted"))
     else:
-        name, ended, span_status = ended_attributes(text, status, route, backend, tries)
-        attributes += ended
+        name, more, span_status = ended_attributes(text, status, route, backend, tries)
+        attributes += more
     return _template(b"\x0a\x10", 16, b"\x12\x08", 8, *((b"\x22\x08", 8) if remote else ()),
                      _field(b"\x2a", name.encode("utf-8")), _SERVER_KIND, 18, _pairs(b"\x4a", attributes),
                      _status(span_status), _REMOTE_PARENT if remote else _LOCAL_PARENT)
@@ -344,29 +345,27 @@ def _request(trace: RequestTrace, out: list[bytes]) -> None:
     server_id = trace.span_id.to_bytes(8, "big")
     state = trace.state
     state = _trace_state(state) if state else b""
-    method = trace.method
     if trace.attempts:
+        method = trace.shape[0]
         clients = caches["client"]
-        for attempt in trace.attempts:
-            server = attempt.server
-            key = (id(server), method, attempt.backend, attempt.outcome, attempt.resend)
+        for span_id, start, server, backend, resend, end, outcome in trace.attempts:
+            key = (id(server), method, backend, outcome, resend)
             template = clients.get(key)
             if template is None or template[0] is not server:
-                template = _store(clients, key, _client_template(method, server, *key[2:]))
-            filled = (trace_id, attempt.span_id.to_bytes(8, "big"), server_id,
-                      _TIMES(0x39, int(attempt.start * 1e9), 0x41, int(attempt.end * 1e9)))
+                template = _store(clients, key, _client_template(method, server, backend, outcome, resend))
+            filled = (trace_id, span_id.to_bytes(8, "big"), server_id,
+                      _TIMES(0x39, int(start * 1e9), 0x41, int(end * 1e9)))
             if state:
                 body = template[1] % filled + state
                 out.append(b"\x12" + _length(len(body)) + body)
             else:
                 out.append(template[3] % filled)
     parent = trace.parent
-    key = (method, trace.version, trace.peer, trace.host, trace.user_agent, trace.status, trace.route, trace.backend,
-           trace.tries, parent is not None, trace.aborted)
+    shape, ended = key = (trace.shape, trace.ended)
     servers = caches["server"]
     template = servers.get(key)
     if template is None:
-        template = _store(servers, key, _server_template(site, key))
+        template = _store(servers, key, _server_template(site, shape, ended))
     times = _TIMES(0x39, int(trace.start * 1e9), 0x41, int(trace.end * 1e9))
     body = template[0] % ((trace_id, server_id, parent.span_id.to_bytes(8, "big"), times) if parent is not None else
                           (trace_id, server_id, times))

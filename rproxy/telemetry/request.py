@@ -31,7 +31,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
 
 from rproxy.telemetry.record import Context, SpanRecord
 
-__all__ = ["RequestTrace", "Site", "Attempt", "ABORTED", "server_attributes", "ended_attributes", "client_attributes",
+__all__ = ["RequestTrace", "Site", "ABORTED", "server_attributes", "ended_attributes", "client_attributes",
            "outcome_status"]
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -57,49 +57,44 @@ class Site:
         self.caches: dict[str, dict[Any, Any]] = {}
 
 
-class Attempt:
-    """
-    One upstream attempt (its CLIENT span).
-
-    @ivar outcome: the response's status (an int), or what went wrong (a
-        str, C{"connect: refused"}); None while in progress.
-    """
-
-    __slots__ = ("span_id", "start", "end", "server", "backend", "resend", "outcome")
-
-    def __init__(self, span_id: int, start: float, server: Any, backend: str | None, resend: int) -> None:
-        self.span_id = span_id
-        self.start = start
-        self.end = 0.0
-        self.server = server  # the server's config (immutable)
-        self.backend = backend
-        self.resend = resend
-        self.outcome: int | str | None = None
-
-
 class RequestTrace:
     """
     One sampled request's trace: made by the request phase, filled in
     by later phases on the reactor thread, read on the processor's
-    thread once handed over (then no longer changed).
+    thread once handed over (then no longer changed).  Its values are
+    kept in few fields (tuples made in one step), so that recording them
+    costs the reactor thread little; the encoder caches its formats by
+    two of those tuples (C{shape}, C{ended}) as they are.
 
+    @ivar shape: what the request came with: (method, HTTP version, the
+        client's address, C{Host} or None, C{User-Agent} or None).
+    @ivar target: the request's target (path and query).
     @ivar parent: the client's span (a remote L{Context}), or None.
     @ivar state: the client's C{tracestate} (a C{TraceState}), or None.
-    @ivar attempts: the attempts that have ended, in order.
-    @ivar attempt: the attempt in progress, or None.
-    @ivar aborted: the client went away before the response ended.
+    @ivar attempt: the attempt in progress (its CLIENT span), or None: a
+        tuple (span id, start, the server's config, the backend's name or
+        None, resend count).
+    @ivar attempts: the attempts that have ended, in order: each its
+        C{attempt} tuple with two more values, its end and outcome (the
+        response's status, an int; or what went wrong, a str such as
+        C{"connect: refused"}).
+    @ivar start: when the request came (the clock's seconds), set at its end.
+    @ivar end: when it ended.
+    @ivar ended: how it ended: (status, route prefix or None, backend,
+        attempts, whether C{parent} is set, whether the client went away
+        first).
     @ivar extra: attributes of a few requests only (the token wait, a
         tunnel's model, key and agent), in their order, or None.
     @ivar spans_count: how many spans this is, once ended.
     @ivar exchange: the request's exchange, until ended (the reactor
-        thread's, as the next three).
+        thread's, as the next two).
     @ivar remove: the client's fields replaced upstream.
-    @ivar routed: when the token wait ended (the tracing filter's C{TokenWaitMark}), or 0.
+    @ivar routed: when the token wait ended (the tracing filter's
+        C{TokenWaitMark}), or 0.
     """
 
-    __slots__ = ("site", "trace_id", "span_id", "parent", "state", "method", "target", "version", "host",
-                 "user_agent", "peer", "start", "end", "status", "route", "backend", "tries", "extra", "aborted",
-                 "attempts", "attempt", "spans_count", "exchange", "remove", "routed")
+    __slots__ = ("site", "trace_id", "span_id", "shape", "target", "parent", "state", "attempt", "attempts", "start",
+                 "end", "ended", "extra", "spans_count", "exchange", "remove", "routed")
 
     # what the SDK's BatchSpanProcessor.on_end reads (a sampled span)
     context = Context(1, 1, False, None)
@@ -108,29 +103,20 @@ class RequestTrace:
     def __init__(self, site: Site, trace_id: int, span_id: int, head: Any, peer: str, exchange: Any,
                  remove: frozenset[bytes]) -> None:
         self.site = site
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.shape = (head.method, head.version, peer, head.host, head.header(b"user-agent"))
+        self.target = head.target
+        self.parent: Context | None = None
+        self.state: Any = None
+        self.attempt: tuple[Any, ...] | None = None
+        self.attempts: list[tuple[Any, ...]] = []
+        self.extra: list[tuple[str, Any]] | None = None
         self.exchange = exchange
         self.remove = remove
         self.routed = 0.0
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.parent: Context | None = None
-        self.state: Any = None
-        self.method = head.method
-        self.target = head.target
-        self.version = head.version
-        self.host = head.host
-        self.user_agent = head.header(b"user-agent")
-        self.peer = peer
-        self.start = self.end = 0.0
-        self.status = 0
-        self.route: bytes | None = None
-        self.backend = ""
-        self.tries = 0
-        self.extra: list[tuple[str, Any]] | None = None
-        self.aborted = False
-        self.attempts: list[Attempt] = []
-        self.attempt: Attempt | None = None
-        self.spans_count = 1
+        # (start, end, ended and spans_count are set when the request
+        # ends, before anything reads them)
 
     def spans(self) -> list[SpanRecord]:
         """
@@ -139,23 +125,23 @@ class RequestTrace:
         site = self.site
         trace_id, state = self.trace_id, self.state
         server = Context(trace_id, self.span_id, False, state)
-        method = self.method.decode("latin-1")
+        method = self.shape[0].decode("latin-1")
         out = []
-        for attempt in self.attempts:
-            attributes = dict(client_attributes(method, attempt.server, attempt.backend))
-            if attempt.resend > 0:
-                attributes["http.request.resend_count"] = attempt.resend
-            outcome, status = outcome_status(attempt.outcome)
-            attributes.update(outcome)
-            out.append(SpanRecord(method, Context(trace_id, attempt.span_id, False, state), server, site.resource,
-                                  attributes, SpanKind.CLIENT, status, int(attempt.start * 1e9),
-                                  int(attempt.end * 1e9), site.scope))
-        attributes = dict(server_attributes(site, self.method, self.version, self.peer, self.host, self.user_agent))
-        if self.aborted:
+        for span_id, start, config, backend, resend, end, outcome in self.attempts:
+            attributes = dict(client_attributes(method, config, backend))
+            if resend > 0:
+                attributes["http.request.resend_count"] = resend
+            ended, status = outcome_status(outcome)
+            attributes.update(ended)
+            out.append(SpanRecord(method, Context(trace_id, span_id, False, state), server, site.resource,
+                                  attributes, SpanKind.CLIENT, status, int(start * 1e9), int(end * 1e9), site.scope))
+        attributes = dict(server_attributes(site, *self.shape))
+        status_code, route, backend, tries, _, aborted = self.ended
+        if aborted:
             attributes["error.type"] = "aborted"
             name, status = method, ABORTED
         else:
-            name, ended, status = ended_attributes(method, self.status, self.route, self.backend, self.tries)
+            name, ended, status = ended_attributes(method, status_code, route, backend, tries)
             attributes.update(ended)
             if self.extra:
                 attributes.update(self.extra)

@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import math
 import random
+from binascii import hexlify as _hex
 from typing import Any
 
 from opentelemetry.trace import TraceState
 
 from rproxy.http.filters import Chain, Filter
 from rproxy.telemetry.record import Context
-from rproxy.telemetry.request import Attempt, RequestTrace, Site
+from rproxy.telemetry.request import RequestTrace, Site
 from rproxy.telemetry.traceparent import format_traceparent, parse
 
 __all__ = ["TracingFilter", "TokenWaitMark"]
@@ -185,8 +186,8 @@ class TracingFilter(Filter):
         if trace is None or not trace.span_id:
             return
         pool = exchange.pool
-        trace.attempt = Attempt(self.bits(64) or 1, self.clock.seconds(), server.config,
-                                pool.config.name if pool is not None else None, exchange.attempts - 1)
+        trace.attempt = (self.bits(64) or 1, self.clock.seconds(), server.config,
+                         pool.config.name if pool is not None else None, exchange.attempts - 1)
 
     def upstream_request(self, exchange: Any, set_headers: Any, remove: Any) -> Any:
         trace = exchange.client.trace
@@ -194,12 +195,14 @@ class TracingFilter(Filter):
             return set_headers, remove
         attempt = trace.attempt
         if attempt is not None:
-            value = format_traceparent(trace.trace_id, attempt.span_id, True)
+            value = b"".join((b"00-", _hex(trace.trace_id.to_bytes(16, "big")), b"-", _hex(attempt[0].to_bytes(8, "big")),
+                              b"-01"))  # (format_traceparent's, sampled)
         elif trace.inject is not None:
             value = trace.inject
         else:
             return set_headers, remove
-        return (*set_headers, (b"traceparent", value)), (remove | trace.remove if remove else trace.remove)
+        return ((*set_headers, (b"traceparent", value)) if set_headers else ((b"traceparent", value),),
+                remove | trace.remove if remove else trace.remove)
 
     def attempt_end(self, exchange: Any, server: Any, outcome: int | str) -> None:
         trace = exchange.client.trace
@@ -208,9 +211,7 @@ class TracingFilter(Filter):
         attempt = trace.attempt
         if attempt is None or trace.exchange is not exchange:
             return
-        attempt.end = self.clock.seconds()
-        attempt.outcome = outcome
-        trace.attempts.append(attempt)
+        trace.attempts.append(attempt + (self.clock.seconds(), outcome))
         trace.attempt = None
 
     # -- the end -------------------------------------------------------------
@@ -230,15 +231,13 @@ class TracingFilter(Filter):
             return
         trace.end = now = self.clock.seconds()
         trace.start = exchange.started
-        status = trace.status = exchange.status
+        status = exchange.status
         attempt = trace.attempt
         if attempt is not None:  # (a protocol switch: the stream goes on, its span ends here)
-            attempt.end, attempt.outcome = now, status
-            trace.attempts.append(attempt)
+            trace.attempts.append(attempt + (now, status))
             trace.attempt = None
-        trace.route = getattr(exchange.route, "prefix", None)
-        trace.backend = backend
-        trace.tries = exchange.attempts
+        trace.ended = (status, getattr(exchange.route, "prefix", None), backend, exchange.attempts,
+                       trace.parent is not None, False)
         if notes:
             extra = []
             if "token" in notes and trace.routed:
@@ -252,9 +251,6 @@ class TracingFilter(Filter):
                     extra.append(("rproxy.tunnel.agent", exchange.tried[-1]))
             if extra:
                 trace.extra = extra
-        self._finished(trace)
-
-    def _finished(self, trace: RequestTrace) -> None:
         trace.exchange = None
         n = trace.spans_count = len(trace.attempts) + 1
         self.telemetry.finished(trace, n)
@@ -270,11 +266,12 @@ class TracingFilter(Filter):
         trace.start = trace.exchange.started
         attempt = trace.attempt
         if attempt is not None:
-            attempt.end, attempt.outcome = now, "aborted"
-            trace.attempts.append(attempt)
+            trace.attempts.append(attempt + (now, "aborted"))
             trace.attempt = None
-        trace.aborted = True
-        self._finished(trace)
+        trace.ended = (0, None, "", trace.exchange.attempts, trace.parent is not None, True)
+        trace.exchange = None
+        n = trace.spans_count = len(trace.attempts) + 1
+        self.telemetry.finished(trace, n)
 
 
 class TokenWaitMark(Filter):
