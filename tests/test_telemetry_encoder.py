@@ -217,6 +217,7 @@ class RequestTraceTests(SynchronousTestCase):
                      extra=[("rproxy.token.wait", 0.0125), ("gen_ai.request.model", "m")]),
             _request(site, attempts=(("aborted",),), aborted=True, status=0),
             _request(site, attempts=(), status=404, target=b"/" + b"x" * 200),
+            _request(site, target=b"/" + b"y" * 3000, extra=[("rproxy.tunnel.key", "k" * 100)]),  # (lengths past 2047)
             _span("token login", kind=SpanKind.CLIENT, span_id=2),
             _request(Site(_RESOURCE, _HTTP, "other", "http"), trace_id=9),
         ])

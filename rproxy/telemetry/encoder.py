@@ -280,8 +280,8 @@ def _template(*parts: bytes | int) -> tuple[bytes, int]:
     return b"".join([b"%b" if type(p) is int else p.replace(b"%", b"%%") for p in parts]), size  # type: ignore[union-attr]
 
 
-def _length(n: int) -> bytes:
-    return _BYTE[n] if n < 128 else bytes(((n & 0x7F) | 0x80, n >> 7)) if n < 16384 else _varint(n)
+# the varints of lengths under 2048 (most spans')
+_LENGTHS = _BYTE + [bytes(((n & 0x7F) | 0x80, n >> 7)) for n in range(128, 2048)]
 
 
 _SERVER_KIND = _KINDS[SpanKind.SERVER]
@@ -302,7 +302,7 @@ def _client_template(method: bytes, server: Any, backend: str | None, outcome: A
     pairs, status = outcome_status(outcome)
     body, size = _template(b"\x0a\x10", 16, b"\x12\x08", 8, b"\x22\x08", 8, _field(b"\x2a", text.encode("utf-8")),
                            _CLIENT_KIND, 18, _pairs(b"\x4a", attributes + pairs), _status(status), _LOCAL_PARENT)
-    return server, body, size, b"\x12" + _length(size) + body
+    return server, body, size, b"\x12" + _varint(size) + body
 
 
 def _server_template(site: Any, shape: tuple[Any, ...], ended: tuple[Any, ...]) -> tuple[bytes, int]:
@@ -326,58 +326,62 @@ def _server_template(site: Any, shape: tuple[Any, ...], ended: tuple[Any, ...]) 
                      _status(span_status), _REMOTE_PARENT if remote else _LOCAL_PARENT)
 
 
-def _request(trace: RequestTrace, out: list[bytes]) -> None:
+def _requests(spans: Sequence[Any], i: int, out: list[bytes]) -> int:
     """
-    Append the Span fields (of a ScopeSpans) of C{trace}'s spans to
-    C{out}: the spans of L{RequestTrace.spans}, each filled in from a
-    format of its constant parts (name, kind, status, most attributes),
-    cached by the values those are made of (recent ones: most repeat),
-    with the ids and times (and the request's path, its C{extra} and a
-    tracestate) of this request.  (A span's fields in another order than
-    their numbers' where that is cheaper: protobuf's readers take fields
-    in any order.)
+    Append to C{out} the Span fields (of a ScopeSpans) of the spans of
+    the traced requests from C{spans[i]} on (L{RequestTrace}s of the
+    site of C{spans[i]}: the same resource and scope) and return the
+    index of the first span after them.  A trace's spans are those of
+    L{RequestTrace.spans}, each filled in from a format of its constant
+    parts (name, kind, status, most attributes), cached by the values
+    those are made of (recent ones: most repeat), with the ids and times
+    (and the request's path, its C{extra} and a tracestate) of this
+    request.  (A span's fields in another order than their numbers'
+    where that is cheaper: protobuf's readers take fields in any order.)
     """
-    site = trace.site
-    caches = site.caches
-    if not caches:
-        caches.update(client={}, server={}, path={})
-    trace_id = trace.trace_id.to_bytes(16, "big")
-    server_id = trace.span_id.to_bytes(8, "big")
-    state = trace.state
-    state = _trace_state(state) if state else b""
-    if trace.attempts:
-        method = trace.shape[0]
-        clients = caches["client"]
-        for span_id, start, server, backend, resend, end, outcome in trace.attempts:
-            key = (id(server), method, backend, outcome, resend)
-            template = clients.get(key)
-            if template is None or template[0] is not server:
-                template = _store(clients, key, _client_template(method, server, backend, outcome, resend))
-            filled = (trace_id, span_id.to_bytes(8, "big"), server_id,
-                      _TIMES(0x39, int(start * 1e9), 0x41, int(end * 1e9)))
-            if state:
-                body = template[1] % filled + state
-                out.append(b"\x12" + _length(len(body)) + body)
-            else:
-                out.append(template[3] % filled)
-    parent = trace.parent
-    shape, ended = key = (trace.shape, trace.ended)
-    servers = caches["server"]
-    template = servers.get(key)
-    if template is None:
-        template = _store(servers, key, _server_template(site, shape, ended))
-    times = _TIMES(0x39, int(trace.start * 1e9), 0x41, int(trace.end * 1e9))
-    body = template[0] % ((trace_id, server_id, parent.span_id.to_bytes(8, "big"), times) if parent is not None else
-                          (trace_id, server_id, times))
-    paths = caches["path"]
-    target = trace.target
-    path = paths.get(target)
-    if path is None:
-        path = _store(paths, target, _pairs(b"\x4a", (("url.path", target.split(b"?", 1)[0].decode("latin-1")),)))
-    extra = trace.extra
-    if extra or state:
-        path = b"".join((_pairs(b"\x4a", extra) if extra else b"", path, state))
-    out.append(b"".join((b"\x12", _length(template[1] + len(path)), body, path)))
+    site = spans[i].site
+    clients, servers, paths = site.clients, site.servers, site.paths
+    for j in range(i, len(spans)):
+        trace = spans[j]
+        if type(trace) is not RequestTrace or trace.site is not site:
+            return j
+        trace_id = trace.trace_id.to_bytes(16, "big")
+        server_id = trace.span_id.to_bytes(8, "big")
+        state = trace.state
+        state = _trace_state(state) if state else b""
+        if trace.attempts:
+            method = trace.shape[0]
+            for span_id, start, server, backend, resend, end, outcome in trace.attempts:
+                key = (id(server), method, backend, outcome, resend)
+                template = clients.get(key)
+                if template is None or template[0] is not server:
+                    template = _store(clients, key, _client_template(method, server, backend, outcome, resend))
+                filled = (trace_id, span_id.to_bytes(8, "big"), server_id,
+                          _TIMES(0x39, int(start * 1e9), 0x41, int(end * 1e9)))
+                if state:
+                    body = template[1] % filled + state
+                    n = len(body)
+                    out.append(b"\x12" + (_LENGTHS[n] if n < 2048 else _varint(n)) + body)
+                else:
+                    out.append(template[3] % filled)
+        parent = trace.parent
+        shape, ended = key = (trace.shape, trace.ended)
+        template = servers.get(key)
+        if template is None:
+            template = _store(servers, key, _server_template(site, shape, ended))
+        times = _TIMES(0x39, int(trace.start * 1e9), 0x41, int(trace.end * 1e9))
+        body = template[0] % ((trace_id, server_id, parent.span_id.to_bytes(8, "big"), times) if parent is not None
+                              else (trace_id, server_id, times))
+        target = trace.target
+        path = paths.get(target)
+        if path is None:
+            path = _store(paths, target, _pairs(b"\x4a", (("url.path", target.split(b"?", 1)[0].decode("latin-1")),)))
+        extra = trace.extra
+        if extra or state:
+            path = b"".join((_pairs(b"\x4a", extra) if extra else b"", path, state))
+        n = template[1] + len(path)
+        out.append(b"".join((b"\x12", _LENGTHS[n] if n < 2048 else _varint(n), body, path)))
+    return len(spans)
 
 
 def encode_spans(spans: Sequence[Any]) -> bytes:
@@ -387,7 +391,9 @@ def encode_spans(spans: Sequence[Any]) -> bytes:
     """
     groups: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
     last_resource = last_scope = out = None
-    for span in spans:
+    i, count = 0, len(spans)
+    while i < count:
+        span = spans[i]
         request = type(span) is RequestTrace
         if request:
             resource, scope = span.site.resource, span.site.scope
@@ -405,11 +411,12 @@ def encode_spans(spans: Sequence[Any]) -> bytes:
             out = encoded[1]
             last_resource, last_scope = resource, scope
         if request:
-            _request(span, out)
+            i = _requests(spans, i, out)
             continue
         body = _span(span)
         n = len(body)
         out.append(b"\x12" + (_BYTE[n] if n < 128 else _varint(n)) + body)
+        i += 1
     request = []
     for resource, scopes in groups.values():
         parts = [_resource(resource)]

@@ -54,7 +54,11 @@ class Site:
         self.scope = scope
         self.frontend = frontend
         self.scheme = scheme
-        self.caches: dict[str, dict[Any, Any]] = {}
+        # the encoder's formats of recent attempt spans, request spans and
+        # path attributes, by what they are made of
+        self.clients: dict[Any, Any] = {}
+        self.servers: dict[Any, Any] = {}
+        self.paths: dict[bytes, bytes] = {}
 
 
 class RequestTrace:
