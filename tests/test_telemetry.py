@@ -229,6 +229,31 @@ class SampledTests(SynchronousTestCase):
         self.assertEqual(request.kind.name, "SERVER")
 
 
+class IdsTests(SynchronousTestCase):
+    def test_ids_are_never_zero(self) -> None:
+        """
+        A draw of the request's ids (trace, span, first attempt) with 8
+        zero bytes or more, which any id of zeros has, is drawn again.
+        """
+        valid = bytes(range(1, 33))
+        draws = [0, int.from_bytes(bytes(8) + valid[8:], "big"), int.from_bytes(valid, "big")]
+
+        class Rng:
+            def random(self) -> float:
+                return 0.5
+
+            def getrandbits(self, n: int) -> int:
+                self.asked = n
+                return draws.pop(0)
+
+        frontend = attrs.make_class("F", {"clock": attrs.field(), "name": attrs.field(), "scheme": attrs.field()})(
+            Clock(), "web", b"http")
+        tracing = TracingFilter(_Spans(), frontend, Rng())  # type: ignore[arg-type]
+        exchange = _Exchange([])
+        tracing.request(exchange)
+        self.assertEqual((exchange.client.trace.ids, draws), (valid, []))
+
+
 class UnsampledTests(SynchronousTestCase):
     """
     A request not sampled makes no span: a client's traceparent goes on

@@ -169,12 +169,13 @@ def _request(site: Site, trace_id: int = 0x0AF7651916CD43DD8448EB211C80319C, hea
     C{attempts}, (outcome, server, backend, resend count) each.
     """
     head = RequestHead(b"GET", target, (1, 1), [(b"host", b"example.com:8443"), *headers])
-    trace = RequestTrace(site, trace_id, 0x1122334455667788, head, "10.1.2.3", None, frozenset())
+    trace = RequestTrace(site, trace_id.to_bytes(16, "big") + (0x1122334455667788).to_bytes(8, "big") + bytes(8), head,
+                         "10.1.2.3", None, frozenset())
     trace.start, trace.end = 1_700_000_000.25, 1_700_000_000.75
     for i, (outcome, *more) in enumerate(attempts):
         server, backend, resend = [*more, _Server("s1", "10.0.0.9", 80), "web", i][len(more):len(more) + 3] \
             if more else (_Server("s1", "10.0.0.9", 80), "web", i)
-        trace.attempts.append((0x100 + i, 1_700_000_000.3 + i / 10, server, backend, resend,
+        trace.attempts.append(((0x100 + i).to_bytes(8, "big"), 1_700_000_000.3 + i / 10, server, backend, resend,
                                1_700_000_000.35 + i / 10, outcome))
     for name, value in fields.items():
         setattr(trace, name, value)

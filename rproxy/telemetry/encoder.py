@@ -345,8 +345,9 @@ def _requests(spans: Sequence[Any], i: int, out: list[bytes]) -> int:
         trace = spans[j]
         if type(trace) is not RequestTrace or trace.site is not site:
             return j
-        trace_id = trace.trace_id.to_bytes(16, "big")
-        server_id = trace.span_id.to_bytes(8, "big")
+        ids = trace.ids
+        trace_id = ids[:16]
+        server_id = ids[16:24]
         state = trace.state
         state = _trace_state(state) if state else b""
         if trace.attempts:
@@ -356,7 +357,7 @@ def _requests(spans: Sequence[Any], i: int, out: list[bytes]) -> int:
                 template = clients.get(key)
                 if template is None or template[0] is not server:
                     template = _store(clients, key, _client_template(method, server, backend, outcome, resend))
-                filled = (trace_id, span_id.to_bytes(8, "big"), server_id,
+                filled = (trace_id, span_id, server_id,
                           _TIMES(0x39, int(start * 1e9), 0x41, int(end * 1e9)))
                 if state:
                     body = template[1] % filled + state

@@ -25,6 +25,7 @@ L{client_attributes}, which the encoder follows part by part.
 
 from __future__ import annotations
 
+from binascii import hexlify
 from typing import Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
@@ -70,13 +71,16 @@ class RequestTrace:
     costs the reactor thread little; the encoder caches its formats by
     two of those tuples (C{shape}, C{ended}) as they are.
 
+    @ivar ids: the trace's id (16 bytes), the request span's (8) and its
+        first attempt's (8), as they are sent (big-endian).
+    @ivar hexed: C{ids} in hex (C{traceparent}'s, the access log's).
     @ivar shape: what the request came with: (method, HTTP version, the
         client's address, C{Host} or None, C{User-Agent} or None).
     @ivar target: the request's target (path and query).
     @ivar parent: the client's span (a remote L{Context}), or None.
     @ivar state: the client's C{tracestate} (a C{TraceState}), or None.
     @ivar attempt: the attempt in progress (its CLIENT span), or None: a
-        tuple (span id, start, the server's config, the backend's name or
+        tuple (span id: 8 bytes, start, the server's config, the backend's name or
         None, resend count).
     @ivar attempts: the attempts that have ended, in order: each its
         C{attempt} tuple with two more values, its end and outcome (the
@@ -97,18 +101,17 @@ class RequestTrace:
         C{TokenWaitMark}), or 0.
     """
 
-    __slots__ = ("site", "trace_id", "span_id", "shape", "target", "parent", "state", "attempt", "attempts", "start",
+    __slots__ = ("site", "ids", "hexed", "shape", "target", "parent", "state", "attempt", "attempts", "start",
                  "end", "ended", "extra", "spans_count", "exchange", "remove", "routed")
 
     # what the SDK's BatchSpanProcessor.on_end reads (a sampled span)
     context = Context(1, 1, False, None)
     inject = None  # (the tracing filter's: sampled, its attempts' traceparent is sent)
 
-    def __init__(self, site: Site, trace_id: int, span_id: int, head: Any, peer: str, exchange: Any,
-                 remove: frozenset[bytes]) -> None:
+    def __init__(self, site: Site, ids: bytes, head: Any, peer: str, exchange: Any, remove: frozenset[bytes]) -> None:
         self.site = site
-        self.trace_id = trace_id
-        self.span_id = span_id
+        self.ids = ids
+        self.hexed = hexlify(ids)
         self.shape = (head.method, head.version, peer, head.host, head.header(b"user-agent"))
         self.target = head.target
         self.parent: Context | None = None
@@ -121,6 +124,14 @@ class RequestTrace:
         self.routed = 0.0
         # (start, end, ended and spans_count are set when the request
         # ends, before anything reads them)
+
+    @property
+    def trace_id(self) -> int:
+        return int.from_bytes(self.ids[:16], "big")
+
+    @property
+    def span_id(self) -> int:
+        return int.from_bytes(self.ids[16:24], "big")
 
     def spans(self) -> list[SpanRecord]:
         """
@@ -137,7 +148,8 @@ class RequestTrace:
                 attributes["http.request.resend_count"] = resend
             ended, status = outcome_status(outcome)
             attributes.update(ended)
-            out.append(SpanRecord(method, Context(trace_id, span_id, False, state), server, site.resource,
+            out.append(SpanRecord(method, Context(trace_id, int.from_bytes(span_id, "big"), False, state), server,
+                                  site.resource,
                                   attributes, SpanKind.CLIENT, status, int(start * 1e9), int(end * 1e9), site.scope))
         attributes = dict(server_attributes(site, *self.shape))
         status_code, route, backend, tries, _, aborted = self.ended

@@ -68,7 +68,7 @@ class _Pass:
     """
 
     __slots__ = ("exchange", "trace_id", "inject", "remove")
-    span_id = 0
+    ids = None  # (a RequestTrace's: not sampled)
     attempt = None
 
     def __init__(self, exchange: Any, trace_id: int, inject: bytes | None, remove: frozenset[bytes]) -> None:
@@ -139,11 +139,23 @@ class TracingFilter(Filter):
             return None
         if self.ratio < 1:
             self.skip = self._gap()
-        bits = self.bits
+        # the trace id, the request span's id, its first attempt's id: one
+        # draw (an id of zeros is not valid: drawn again, about once in 10**12)
+        ids = self.bits(256).to_bytes(32, "big")
+        if ids.count(0) >= 8:
+            ids = self._fresh(32)
         client = exchange.client
-        client.trace = RequestTrace(self.site or self._site(), bits(128) or 1, bits(64) or 1, head, client.peer_host,
-                                    exchange, _REPLACE)
+        client.trace = RequestTrace(self.site or self._site(), ids, head, client.peer_host, exchange, _REPLACE)
         return None
+
+    def _fresh(self, size: int) -> bytes:
+        """
+        C{size} random bytes of which no 8 are 0 (ids in them are not 0).
+        """
+        while True:
+            ids = self.bits(size * 8).to_bytes(size, "big")
+            if ids.count(0) < 8:
+                return ids
 
     def _quiet(self, chain: Any) -> Any:
         """
@@ -162,17 +174,18 @@ class TracingFilter(Filter):
         head = exchange.head
         if parent is None:
             # malformed: ignored with its tracestate; a trace of our own
-            trace_id = self.bits(128) or 1
+            ids = self._fresh(32)
             if self.random() >= self.ratio:
-                return _Pass(exchange, trace_id, format_traceparent(trace_id, self.bits(64) or 1, False), _RESTART)
-            return RequestTrace(self.site or self._site(), trace_id, self.bits(64) or 1, head,
-                                exchange.client.peer_host, exchange, _RESTART)
+                trace_id = int.from_bytes(ids[:16], "big")
+                return _Pass(exchange, trace_id, format_traceparent(trace_id, int.from_bytes(ids[16:24], "big"), False),
+                             _RESTART)
+            return RequestTrace(self.site or self._site(), ids, head, exchange.client.peer_host, exchange, _RESTART)
         trace_id, parent_id, flags = parent
         if not flags & 1:
             # not sampled on the client's side: its traceparent goes on as it is
             return _Pass(exchange, trace_id, None, _REPLACE)
-        trace = RequestTrace(self.site or self._site(), trace_id, self.bits(64) or 1, head, exchange.client.peer_host,
-                             exchange, _REPLACE)
+        trace = RequestTrace(self.site or self._site(), trace_id.to_bytes(16, "big") + self._fresh(16), head,
+                             exchange.client.peer_host, exchange, _REPLACE)
         state = head.header(b"tracestate")
         if state:
             trace.state = _trace_state(state)
@@ -183,11 +196,13 @@ class TracingFilter(Filter):
 
     def attempt(self, exchange: Any, server: Any) -> None:
         trace = exchange.client.trace
-        if trace is None or not trace.span_id:
+        if trace is None or trace.ids is None:
             return
         pool = exchange.pool
-        trace.attempt = (self.bits(64) or 1, self.clock.seconds(), server.config,
-                         pool.config.name if pool is not None else None, exchange.attempts - 1)
+        # (the first attempt's id was drawn with the trace's)
+        span_id = trace.ids[24:] if not trace.attempts else self._fresh(8)
+        trace.attempt = (span_id, self.clock.seconds(), server.config, pool.config.name if pool is not None else None,
+                         exchange.attempts - 1)
 
     def upstream_request(self, exchange: Any, set_headers: Any, remove: Any) -> Any:
         trace = exchange.client.trace
@@ -195,8 +210,7 @@ class TracingFilter(Filter):
             return set_headers, remove
         attempt = trace.attempt
         if attempt is not None:
-            value = b"".join((b"00-", _hex(trace.trace_id.to_bytes(16, "big")), b"-", _hex(attempt[0].to_bytes(8, "big")),
-                              b"-01"))  # (format_traceparent's, sampled)
+            value = b"".join((b"00-", trace.hexed[:32], b"-", _hex(attempt[0]), b"-01"))  # (format_traceparent's)
         elif trace.inject is not None:
             value = trace.inject
         else:
@@ -223,11 +237,12 @@ class TracingFilter(Filter):
             return  # not traced (not sampled, or refused before its request phase)
         client.trace = None
         notes = exchange.notes
+        trace_id = format(trace.trace_id, "032x") if trace.ids is None else trace.hexed[:32].decode()
         if notes is None:
-            exchange.notes = {"trace_id": format(trace.trace_id, "032x")}
+            exchange.notes = {"trace_id": trace_id}
         else:
-            notes["trace_id"] = format(trace.trace_id, "032x")
-        if not trace.span_id:
+            notes["trace_id"] = trace_id
+        if trace.ids is None:
             return
         trace.end = now = self.clock.seconds()
         trace.start = exchange.started
@@ -260,7 +275,7 @@ class TracingFilter(Filter):
         if trace is None:
             return
         connection.trace = None
-        if not trace.span_id:
+        if trace.ids is None:
             return
         trace.end = now = self.clock.seconds()
         trace.start = trace.exchange.started
@@ -287,7 +302,7 @@ class TokenWaitMark(Filter):
 
     def request(self, exchange: Any) -> None:
         trace = exchange.client.trace
-        if trace is not None and trace.span_id:
+        if trace is not None and trace.ids is not None:
             trace.routed = self.clock.seconds()
         return None
 
