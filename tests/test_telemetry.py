@@ -413,6 +413,56 @@ class SpanTests(SynchronousTestCase):
         self.assertIs(start_span(never, "x"), NO_SPAN)
 
 
+class HandOffTests(SynchronousTestCase):
+    def test_through_the_processors_queue_or_on_end(self) -> None:
+        """
+        An ended span goes to the SDK processor's queue (or, without the
+        internals that takes, through its on_end) and is exported;
+        after a stop it is dropped and counted.
+        """
+        class Pool:
+            def callInThreadWithCallback(self, done: Any, f: Any) -> None:
+                done(True, f())
+
+        class Reactor(Clock):
+            def getThreadPool(self) -> Pool:
+                return Pool()
+
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                f(*args)
+
+        clock = Reactor()
+        for direct in (True, False):
+            telemetry, exporter = _telemetry(self, clock)
+            telemetry.reactor = clock
+            self.assertIsNotNone(telemetry.queue)
+            if not direct:
+                telemetry.queue = None
+            start_span(telemetry, "a").end()
+            telemetry.processor.force_flush()
+            self.assertEqual(([s.name for s in exporter.get_finished_spans()], telemetry.exported), (["a"], 1))
+        stopped: list[Any] = []
+        telemetry.stop().addCallback(stopped.append)
+        self.assertEqual(len(stopped), 1)
+        start_span(telemetry, "late").end()
+        self.assertEqual((telemetry.dropped, telemetry.waiting), (1, 0))
+
+    def test_the_queue_bound(self) -> None:
+        """
+        A request's spans are dropped together when they would put more
+        than C{queue_size} in the queue.
+        """
+        exporter = InMemorySpanExporter()
+        config = TelemetryConfig(otlp_endpoint="http://127.0.0.1:1", endpoint="http://127.0.0.1:1/v1/traces",
+                                 queue_size=3, batch_size=3, schedule_delay=1000.0)
+        telemetry = Telemetry(config, reactor=None, clock=Clock(), exporter=exporter)
+        self.addCleanup(telemetry.processor.shutdown)
+        telemetry.finished(object(), 2)
+        telemetry.finished(object(), 2)
+        telemetry.finished(object(), 1)
+        self.assertEqual((telemetry.queued, telemetry.dropped, telemetry.waiting), (3, 2, 3))
+
+
 class _Stores:
     def __init__(self, events: Any) -> None:
         self.events = events

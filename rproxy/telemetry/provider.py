@@ -31,6 +31,7 @@ probability C{sample_ratio}.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,11 +113,18 @@ class _BoundedProcessor(BatchSpanProcessor):
         super().__init__(exporter, max_queue_size=queue_size, max_export_batch_size=batch_size,
                          schedule_delay_millis=delay * 1000, export_timeout_millis=timeout * 1000)
         self.telemetry = telemetry
-        # what queues an ended span: the processor's own queue (the SDK's
-        # internals as of 1.45), or its on_end, which checks the span is
-        # sampled first (the filter's are)
-        batch = getattr(self, "_batch_processor", None)
-        self.emit = getattr(batch, "emit", None) or super().on_end
+        # where an ended span goes (L{Telemetry.finished}): the SDK's
+        # queue, as its emit appends to it (its internals as of 1.45: a
+        # deque, and the event that wakes its thread at a batch's size,
+        # which a fork makes anew), without emit's checks for a fork (the
+        # SDK's own hook sees to it) and a shutdown (after a stop,
+        # L{Telemetry} drops); or else its on_end, which checks the span
+        # is sampled first
+        self.batch = batch = getattr(self, "_batch_processor", None)
+        queue = getattr(batch, "_queue", None)
+        known = hasattr(batch, "_worker_awaken") and hasattr(batch, "_max_export_batch_size")
+        self.queue = queue if isinstance(queue, deque) and known else None
+        self.emit = super().on_end
 
     def on_end(self, span: ReadableSpan) -> None:
         self.telemetry.finished(span)
@@ -154,6 +162,7 @@ class Telemetry:
         self.queue_size = config.queue_size
         self.processor = _BoundedProcessor(_CountingExporter(exporter, self), self, config.queue_size,
                                            config.batch_size, config.schedule_delay, config.timeout)
+        self.queue, self.batch, self.batch_size = self.processor.queue, self.processor.batch, config.batch_size
         self.emit = self.processor.emit
         resource = Resource.create({"service.name": config.service_name})
         ratio = TraceIdRatioBased(config.sample_ratio)
@@ -175,7 +184,15 @@ class Telemetry:
             self.dropped += n
             return
         self.queued += n
-        self.emit(span)
+        queue = self.queue
+        if queue is None:
+            self.emit(span)
+            return
+        queue.appendleft(span)  # (the SDK's queue: its oldest at the right)
+        if len(queue) >= self.batch_size:
+            awaken = self.batch._worker_awaken
+            if not awaken.is_set():
+                awaken.set()
 
     def changed(self, up: bool) -> None:
         """
@@ -209,6 +226,7 @@ class Telemetry:
         holds up a stop by that long at most.
         """
         self.stopping = True
+        self.queue_size = -1  # (what ends after this is dropped: the processor's thread is stopping)
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.processor.shutdown)
         give_up = self.clock.callLater(grace, self.exporter.shutdown)
 
