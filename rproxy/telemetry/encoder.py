@@ -1,20 +1,25 @@
 """
 OTLP's protobuf encoding of spans, written by hand: the bytes of an
 C{ExportTraceServiceRequest} (OTLP/HTTP's body) for a batch of the SDK's
-ended spans (C{ReadableSpan}, or any object with the same attributes).
+ended spans (C{ReadableSpan}, or any object with the same attributes) and
+of the tracing filter's traced requests
+(L{rproxy.telemetry.request.RequestTrace}).
 
 The official exporter builds a message object per span, attribute and
 value (C{encode_spans} of C{opentelemetry-exporter-otlp-proto-common}) and
 hashes each span's C{Resource} (a JSON dump of its attributes) to group
-them: about 27 us of CPU a span, most of what tracing every request
-costs.  This writes the same fields straight to bytes (a varint and
-length-delimited writer; a span's fields in field-number order), groups
-spans by their resource and scope objects, encodes each resource and
-scope once, and keeps the encoding of recent (key, value) attributes:
-about 3 us a span (callgrind: ~35k instructions against ~300k).  What
-it writes decodes to the same message as the official encoder's
-(C{tests.test_telemetry_encoder} compares them field by field);
-C{telemetry: {encoder: official}} uses the official one.
+them: about 300k instructions a span, more than an HTTP request costs
+the proxy.  This writes the same fields straight to bytes (a varint and
+length-delimited writer), groups spans by their resource and scope
+objects, encodes each resource and scope once, and keeps the encoding of
+recent (key, value) attributes.  A traced request's spans are written
+from its values (L{_requests}): each span from a C{%} format of its
+constant parts (name, kind, status, most attributes), cached by the
+values those are made of, with its ids and times filled in (~8k
+instructions a span; README, "Tracing").  What it writes decodes to the
+same message as the official encoder's (C{tests.test_telemetry_encoder}
+compares them field by field); C{telemetry: {encoder: official}} uses
+the official one.
 
 The wire format (opentelemetry-proto, C{collector/trace/v1} and
 C{trace/v1}): ExportTraceServiceRequest{1: ResourceSpans*},

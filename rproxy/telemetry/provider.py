@@ -59,8 +59,8 @@ class _CountingExporter(SpanExporter):
     the processor's thread).  The processor's queue holds SDK spans and
     the tracing filter's requests (L{RequestTrace}, a span and one per
     attempt): an exporter that encodes those itself (C{takes_requests},
-    rproxy's compact one) is handed them as they are; any other gets
-    their spans (L{RequestTrace.spans}).
+    rproxy's compact one) is handed them as they are, with the number of
+    spans they are; any other gets their spans (L{RequestTrace.spans}).
     """
 
     def __init__(self, exporter: SpanExporter, telemetry: Telemetry) -> None:
@@ -83,7 +83,8 @@ class _CountingExporter(SpanExporter):
                     expanded.append(item)
         telemetry.taken += n
         try:
-            result = self.exporter.export(spans if self.takes_requests else expanded)
+            result = self.exporter.export(spans, spans_count=n) if self.takes_requests else \
+                self.exporter.export(expanded)
         except Exception:  # noqa: BLE001 - an exporter bug: counted as a failed batch
             result = SpanExportResult.FAILURE
         if result is SpanExportResult.SUCCESS:
