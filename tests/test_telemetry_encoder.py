@@ -91,7 +91,7 @@ class EncoderTests(SynchronousTestCase):
 
     def test_span_records(self) -> None:
         """
-        The tracing filter's records (L{SpanRecord}, L{Context}) encode
+        The records of a request's spans (L{SpanRecord}, L{Context}) encode
         the same through both encoders, and as the equivalent SDK spans.
         """
         remote = Context(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, True, TraceState([("v", "1")]))
