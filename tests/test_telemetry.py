@@ -118,7 +118,7 @@ class _Recorder:
 
     sample_ratio = 0.0
 
-    def finished(self, span: Any) -> None:
+    def finished(self, span: Any, n: int = 1) -> None:
         raise AssertionError("an unsampled request made a span")
 
 
@@ -160,11 +160,14 @@ class _Spans:
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
         self.spans: list[Any] = []
+        self.assertEqual = SynchronousTestCase().assertEqual
         self.resource = Resource.create({"service.name": "test"})
         self.http_scope = InstrumentationScope("rproxy.http")
 
-    def finished(self, span: Any) -> None:
-        self.spans.append(span)
+    def finished(self, request: Any, n: int = 1) -> None:
+        spans = request.spans()
+        self.assertEqual(len(spans), n)
+        self.spans += spans
 
 
 class _Server:
@@ -224,6 +227,31 @@ class SampledTests(SynchronousTestCase):
         self.assertEqual(exchange.notes["trace_id"], f"{request.context.trace_id:032x}")
         self.assertEqual((request.attributes["error.type"], request.attributes["rproxy.token.wait"]), ("502", 0.25))
         self.assertEqual(request.kind.name, "SERVER")
+
+
+class IdsTests(SynchronousTestCase):
+    def test_ids_are_never_zero(self) -> None:
+        """
+        A draw of the request's ids (trace, span, first attempt) with 8
+        zero bytes or more, which any id of zeros has, is drawn again.
+        """
+        valid = bytes(range(1, 33))
+        draws = [0, int.from_bytes(bytes(8) + valid[8:], "big"), int.from_bytes(valid, "big")]
+
+        class Rng:
+            def random(self) -> float:
+                return 0.5
+
+            def getrandbits(self, n: int) -> int:
+                self.asked = n
+                return draws.pop(0)
+
+        frontend = attrs.make_class("F", {"clock": attrs.field(), "name": attrs.field(), "scheme": attrs.field()})(
+            Clock(), "web", b"http")
+        tracing = TracingFilter(_Spans(), frontend, Rng())  # type: ignore[arg-type]
+        exchange = _Exchange([])
+        tracing.request(exchange)
+        self.assertEqual((exchange.client.trace.ids, draws), (valid, []))
 
 
 class UnsampledTests(SynchronousTestCase):
@@ -383,6 +411,56 @@ class SpanTests(SynchronousTestCase):
         self.assertEqual(parent.trace_id, f"{parent_span.context.trace_id:032x}")
         never, _ = _telemetry(self, clock, ratio=0.0)
         self.assertIs(start_span(never, "x"), NO_SPAN)
+
+
+class HandOffTests(SynchronousTestCase):
+    def test_through_the_processors_queue_or_on_end(self) -> None:
+        """
+        An ended span goes to the SDK processor's queue (or, without the
+        internals that takes, through its on_end) and is exported;
+        after a stop it is dropped and counted.
+        """
+        class Pool:
+            def callInThreadWithCallback(self, done: Any, f: Any) -> None:
+                done(True, f())
+
+        class Reactor(Clock):
+            def getThreadPool(self) -> Pool:
+                return Pool()
+
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                f(*args)
+
+        clock = Reactor()
+        for direct in (True, False):
+            telemetry, exporter = _telemetry(self, clock)
+            telemetry.reactor = clock
+            self.assertIsNotNone(telemetry.queue)
+            if not direct:
+                telemetry.queue = None
+            start_span(telemetry, "a").end()
+            telemetry.processor.force_flush()
+            self.assertEqual(([s.name for s in exporter.get_finished_spans()], telemetry.exported), (["a"], 1))
+        stopped: list[Any] = []
+        telemetry.stop().addCallback(stopped.append)
+        self.assertEqual(len(stopped), 1)
+        start_span(telemetry, "late").end()
+        self.assertEqual((telemetry.dropped, telemetry.waiting), (1, 0))
+
+    def test_the_queue_bound(self) -> None:
+        """
+        A request's spans are dropped together when they would put more
+        than C{queue_size} in the queue.
+        """
+        exporter = InMemorySpanExporter()
+        config = TelemetryConfig(otlp_endpoint="http://127.0.0.1:1", endpoint="http://127.0.0.1:1/v1/traces",
+                                 queue_size=3, batch_size=3, schedule_delay=1000.0)
+        telemetry = Telemetry(config, reactor=None, clock=Clock(), exporter=exporter)
+        self.addCleanup(telemetry.processor.shutdown)
+        telemetry.finished(object(), 2)
+        telemetry.finished(object(), 2)
+        telemetry.finished(object(), 1)
+        self.assertEqual((telemetry.queued, telemetry.dropped, telemetry.waiting), (3, 2, 3))
 
 
 class _Stores:

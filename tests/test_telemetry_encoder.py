@@ -26,9 +26,11 @@ from opentelemetry.trace import (
 from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.config import config_from_mapping
+from rproxy.http.reader import RequestHead
 from rproxy.telemetry.encoder import encode_spans
 from rproxy.telemetry.exporter import CompactSpanExporter
 from rproxy.telemetry.record import Context, SpanRecord
+from rproxy.telemetry.request import RequestTrace, Site
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _RESOURCE = Resource.create({"service.name": "rproxy", "deployment.environment": "test"})
@@ -89,7 +91,7 @@ class EncoderTests(SynchronousTestCase):
 
     def test_span_records(self) -> None:
         """
-        The tracing filter's records (L{SpanRecord}, L{Context}) encode
+        The records of a request's spans (L{SpanRecord}, L{Context}) encode
         the same through both encoders, and as the equivalent SDK spans.
         """
         remote = Context(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, True, TraceState([("v", "1")]))
@@ -150,6 +152,104 @@ class EncoderTests(SynchronousTestCase):
         spans = [_span(span_id=i + 1, attributes={"url.path": f"/item/{i % 7}", "n": i}) for i in range(300)]
         self.assertSame(spans)
         self.assertSame(spans)
+
+
+class _Server:
+    def __init__(self, name: str, host: str | None = None, port: int = 0) -> None:
+        self.name, self.port = name, port
+        if host is not None:
+            self.host = host
+
+
+def _request(site: Site, trace_id: int = 0x0AF7651916CD43DD8448EB211C80319C, headers: Any = (),
+             target: bytes = b"/api/x?q=1", attempts: Any = ((200,),), status: int = 200, route: bytes | None = None,
+             aborted: bool = False, **fields: Any) -> RequestTrace:
+    """
+    A request's trace as the tracing filter leaves it when it has ended:
+    C{attempts}, (outcome, server, backend, resend count) each.
+    """
+    head = RequestHead(b"GET", target, (1, 1), [(b"host", b"example.com:8443"), *headers])
+    trace = RequestTrace(site, trace_id.to_bytes(16, "big") + (0x1122334455667788).to_bytes(8, "big") + bytes(8), head,
+                         "10.1.2.3", None, frozenset())
+    trace.start, trace.end = 1_700_000_000.25, 1_700_000_000.75
+    for i, (outcome, *more) in enumerate(attempts):
+        server, backend, resend = [*more, _Server("s1", "10.0.0.9", 80), "web", i][len(more):len(more) + 3] \
+            if more else (_Server("s1", "10.0.0.9", 80), "web", i)
+        trace.attempts.append(((0x100 + i).to_bytes(8, "big"), 1_700_000_000.3 + i / 10, server, backend, resend,
+                               1_700_000_000.35 + i / 10, outcome))
+    for name, value in fields.items():
+        setattr(trace, name, value)
+    trace.ended = (status, route, "web", len(attempts), trace.parent is not None, aborted)
+    trace.spans_count = len(trace.attempts) + 1
+    return trace
+
+
+class RequestTraceTests(SynchronousTestCase):
+    """
+    A traced request (L{RequestTrace}) encoded from its values decodes
+    to what the official encoder makes of its spans
+    (L{RequestTrace.spans}), the formats' caches cold and warm.
+    """
+
+    def assertSameSpans(self, traces: list[Any]) -> ExportTraceServiceRequest:
+        spans = [span for trace in traces for span in
+                 (trace.spans() if isinstance(trace, RequestTrace) else [trace])]
+        for _ in range(2):
+            ours = ExportTraceServiceRequest.FromString(encode_spans(traces))
+            theirs = ExportTraceServiceRequest.FromString(official(spans).SerializePartialToString())
+            mine = [s for r in ours.resource_spans for x in r.scope_spans for s in x.spans]
+            official_spans = [s for r in theirs.resource_spans for x in r.scope_spans for s in x.spans]
+            self.assertEqual(len(mine), len(official_spans))
+            for a, b in zip(mine, official_spans, strict=True):
+                self.assertEqual(a.ListFields(), b.ListFields())
+            self.assertEqual(ours, theirs)
+        return ours
+
+    def test_kinds_of_requests(self) -> None:
+        site = Site(_RESOURCE, _HTTP, "web", "https")
+        remote = Context(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, True, None)
+        stated = TraceState([("vendor", "x1"), ("other", "y")])
+        request = self.assertSameSpans([
+            _request(site),
+            _request(site, trace_id=5, target=b"/v1/%20odd", headers=[(b"user-agent", b"curl/8 \xe9%s")],
+                     parent=remote, route=b"/v1"),
+            _request(site, parent=Context(remote.trace_id, remote.span_id, True, stated), state=stated,
+                     attempts=((502,), ("connect: refused", _Server("agent-1"), None), (200,)), status=502,
+                     extra=[("rproxy.token.wait", 0.0125), ("gen_ai.request.model", "m")]),
+            _request(site, attempts=(("aborted",),), aborted=True, status=0),
+            _request(site, attempts=(), status=404, target=b"/" + b"x" * 200),
+            _request(site, target=b"/" + b"y" * 3000, extra=[("rproxy.tunnel.key", "k" * 100)]),  # (lengths past 2047)
+            _span("token login", kind=SpanKind.CLIENT, span_id=2),
+            _request(Site(_RESOURCE, _HTTP, "other", "http"), trace_id=9),
+        ])
+        spans = request.resource_spans[0].scope_spans[0].spans
+        self.assertEqual([(s.name, s.kind) for s in spans[:4]], [("GET", 3), ("GET", 2), ("GET", 3), ("GET /v1", 2)])
+        self.assertEqual((spans[0].parent_span_id, spans[1].parent_span_id),
+                         ((0x1122334455667788).to_bytes(8, "big"), b""))
+        self.assertEqual(spans[3].parent_span_id, (0xB7AD6B7169203331).to_bytes(8, "big"))
+        self.assertEqual([s.trace_state for s in spans[4:8]], ["vendor=x1,other=y"] * 4)
+        self.assertEqual([s.status.message for s in spans[4:8]], ["", "connect: refused", "", ""])
+
+    def test_spans_fields(self) -> None:
+        """
+        What L{RequestTrace.spans} makes of a request: the attempt's span
+        a child of the request's, the attributes the filter's docstring
+        names, the times in nanoseconds.
+        """
+        attempt, request = _request(Site(_RESOURCE, _HTTP, "web", "http"), route=b"/api").spans()
+        self.assertEqual((attempt.parent.span_id, request.parent, request.name, attempt.name),
+                         (request.context.span_id, None, "GET /api", "GET"))
+        self.assertEqual(dict(request.attributes), {
+            "http.request.method": "GET", "url.scheme": "http", "network.protocol.version": "1.1",
+            "network.peer.address": "10.1.2.3", "client.address": "10.1.2.3", "rproxy.frontend": "web",
+            "server.address": "example.com", "server.port": 8443, "http.response.status_code": 200,
+            "http.route": "/api", "rproxy.backend": "web", "rproxy.attempts": 1, "url.path": "/api/x"})
+        self.assertEqual(dict(attempt.attributes), {
+            "http.request.method": "GET", "rproxy.server": "s1", "server.address": "10.0.0.9",
+            "network.peer.address": "10.0.0.9", "server.port": 80, "network.peer.port": 80, "rproxy.backend": "web",
+            "http.response.status_code": 200})
+        self.assertEqual((request.start_time, attempt.end_time),
+                         (int(1_700_000_000.25 * 1e9), int(1_700_000_000.35 * 1e9)))  # (the clock's seconds, a float)
 
 
 class ExporterTests(SynchronousTestCase):

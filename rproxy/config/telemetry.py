@@ -9,7 +9,7 @@ The C{telemetry} section: OpenTelemetry traces exported over OTLP.
       headers: {authorization: "Bearer ..."}  # sent with every export
       timeout: 10s                            # one export request
       queue_size: 2048                        # ended spans waiting for export; past it they are dropped
-      encoder: compact                        # or official: the SDK's protobuf encoder (about 8x the CPU a span)
+      encoder: compact                        # or official: the SDK's protobuf encoder (tens of times the CPU a span)
 """
 
 from __future__ import annotations

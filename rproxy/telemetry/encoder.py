@@ -1,20 +1,25 @@
 """
 OTLP's protobuf encoding of spans, written by hand: the bytes of an
 C{ExportTraceServiceRequest} (OTLP/HTTP's body) for a batch of the SDK's
-ended spans (C{ReadableSpan}, or any object with the same attributes).
+ended spans (C{ReadableSpan}, or any object with the same attributes) and
+of the tracing filter's traced requests
+(L{rproxy.telemetry.request.RequestTrace}).
 
 The official exporter builds a message object per span, attribute and
 value (C{encode_spans} of C{opentelemetry-exporter-otlp-proto-common}) and
 hashes each span's C{Resource} (a JSON dump of its attributes) to group
-them: about 27 us of CPU a span, most of what tracing every request
-costs.  This writes the same fields straight to bytes (a varint and
-length-delimited writer; a span's fields in field-number order), groups
-spans by their resource and scope objects, encodes each resource and
-scope once, and keeps the encoding of recent (key, value) attributes:
-about 3 us a span (callgrind: ~35k instructions against ~300k).  What
-it writes decodes to the same message as the official encoder's
-(C{tests.test_telemetry_encoder} compares them field by field);
-C{telemetry: {encoder: official}} uses the official one.
+them: about 300k instructions a span, more than an HTTP request costs
+the proxy.  This writes the same fields straight to bytes (a varint and
+length-delimited writer), groups spans by their resource and scope
+objects, encodes each resource and scope once, and keeps the encoding of
+recent (key, value) attributes.  A traced request's spans are written
+from its values (L{_requests}): each span from a C{%} format of its
+constant parts (name, kind, status, most attributes), cached by the
+values those are made of, with its ids and times filled in (~8k
+instructions a span; README, "Tracing").  What it writes decodes to the
+same message as the official encoder's (C{tests.test_telemetry_encoder}
+compares them field by field); C{telemetry: {encoder: official}} uses
+the official one.
 
 The wire format (opentelemetry-proto, C{collector/trace/v1} and
 C{trace/v1}): ExportTraceServiceRequest{1: ResourceSpans*},
@@ -30,12 +35,22 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind, StatusCode
 
+from rproxy.telemetry.request import (
+    ABORTED,
+    RequestTrace,
+    client_attributes,
+    ended_attributes,
+    outcome_status,
+    server_attributes,
+)
+
 __all__ = ["encode_spans"]
 
 _BYTE = [bytes((i,)) for i in range(128)]
 _DOUBLE = struct.Struct("<d").pack
 _FIXED64 = struct.Struct("<Q").pack
 _FIXED32 = struct.Struct("<I").pack
+_TIMES = struct.Struct("<BQBQ").pack  # a span's start (field 7) and end (8), fixed64 each
 _INT64 = 1 << 63
 _MASK64 = (1 << 64) - 1
 # Span.flags: SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, and _IS_REMOTE_MASK
@@ -247,6 +262,134 @@ def _scope(scope: Any) -> bytes:
     return _field(b"\x0a", b"".join(parts))
 
 
+def _pairs(tag: bytes, pairs: Any) -> bytes:
+    """
+    The fields (tag C{tag}) of the KeyValues of C{pairs}, (key, value)s.
+    """
+    return b"".join(_attributes_of(tag, dict(pairs)))
+
+
+def _store(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _template(*parts: bytes | int) -> tuple[bytes, int]:
+    """
+    A span body as a C{%} format (its constant bytes, and a C{%b} hole
+    of each int's size), with the body's size when filled.
+    """
+    size = sum(p if type(p) is int else len(p) for p in parts)  # type: ignore[misc]
+    return b"".join([b"%b" if type(p) is int else p.replace(b"%", b"%%") for p in parts]), size  # type: ignore[union-attr]
+
+
+# the varints of lengths under 2048 (most spans')
+_LENGTHS = _BYTE + [bytes(((n & 0x7F) | 0x80, n >> 7)) for n in range(128, 2048)]
+
+
+_SERVER_KIND = _KINDS[SpanKind.SERVER]
+_CLIENT_KIND = _KINDS[SpanKind.CLIENT]
+_LOCAL_PARENT = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)
+_REMOTE_PARENT = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)
+
+
+def _client_template(method: bytes, server: Any, backend: str | None, outcome: Any, resend: int) -> tuple[Any, ...]:
+    """
+    An attempt span's format (holes: the trace id, its span id, its
+    parent's, the times) and the same with its Span field's tag and size.
+    """
+    text = method.decode("latin-1")
+    attributes = client_attributes(text, server, backend)
+    if resend > 0:
+        attributes.append(("http.request.resend_count", resend))
+    pairs, status = outcome_status(outcome)
+    body, size = _template(b"\x0a\x10", 16, b"\x12\x08", 8, b"\x22\x08", 8, _field(b"\x2a", text.encode("utf-8")),
+                           _CLIENT_KIND, 18, _pairs(b"\x4a", attributes + pairs), _status(status), _LOCAL_PARENT)
+    return server, body, size, b"\x12" + _varint(size) + body
+
+
+def _server_template(site: Any, shape: tuple[Any, ...], ended: tuple[Any, ...]) -> tuple[bytes, int]:
+    """
+    A request span's format, but its path, C{extra} and tracestate
+    (holes: the trace id, its span id, its parent's if remote, the
+    times), and its size filled: of a L{RequestTrace}'s C{shape} and
+    C{ended}.
+    """
+    status, route, backend, tries, remote, aborted = ended
+    text = shape[0].decode("latin-1")
+    attributes = server_attributes(site, *shape)
+    if aborted:
+        name, span_status = text, ABORTED
+        attributes.append(("error.type", "aborted"))
+    else:
+        name, more, span_status = ended_attributes(text, status, route, backend, tries)
+        attributes += more
+    return _template(b"\x0a\x10", 16, b"\x12\x08", 8, *((b"\x22\x08", 8) if remote else ()),
+                     _field(b"\x2a", name.encode("utf-8")), _SERVER_KIND, 18, _pairs(b"\x4a", attributes),
+                     _status(span_status), _REMOTE_PARENT if remote else _LOCAL_PARENT)
+
+
+def _requests(spans: Sequence[Any], i: int, out: list[bytes]) -> int:
+    """
+    Append to C{out} the Span fields (of a ScopeSpans) of the spans of
+    the traced requests from C{spans[i]} on (L{RequestTrace}s of the
+    site of C{spans[i]}: the same resource and scope) and return the
+    index of the first span after them.  A trace's spans are those of
+    L{RequestTrace.spans}, each filled in from a format of its constant
+    parts (name, kind, status, most attributes), cached by the values
+    those are made of (recent ones: most repeat), with the ids and times
+    (and the request's path, its C{extra} and a tracestate) of this
+    request.  (A span's fields in another order than their numbers'
+    where that is cheaper: protobuf's readers take fields in any order.)
+    """
+    site = spans[i].site
+    clients, servers, paths = site.clients, site.servers, site.paths
+    for j in range(i, len(spans)):
+        trace = spans[j]
+        if type(trace) is not RequestTrace or trace.site is not site:
+            return j
+        ids = trace.ids
+        trace_id = ids[:16]
+        server_id = ids[16:24]
+        state = trace.state
+        state = _trace_state(state) if state else b""
+        if trace.attempts:
+            method = trace.shape[0]
+            for span_id, start, server, backend, resend, end, outcome in trace.attempts:
+                key = (id(server), method, backend, outcome, resend)
+                template = clients.get(key)
+                if template is None or template[0] is not server:
+                    template = _store(clients, key, _client_template(method, server, backend, outcome, resend))
+                filled = (trace_id, span_id, server_id,
+                          _TIMES(0x39, int(start * 1e9), 0x41, int(end * 1e9)))
+                if state:
+                    body = template[1] % filled + state
+                    n = len(body)
+                    out.append(b"\x12" + (_LENGTHS[n] if n < 2048 else _varint(n)) + body)
+                else:
+                    out.append(template[3] % filled)
+        parent = trace.parent
+        shape, ended = key = (trace.shape, trace.ended)
+        template = servers.get(key)
+        if template is None:
+            template = _store(servers, key, _server_template(site, shape, ended))
+        times = _TIMES(0x39, int(trace.start * 1e9), 0x41, int(trace.end * 1e9))
+        body = template[0] % ((trace_id, server_id, parent.span_id.to_bytes(8, "big"), times) if parent is not None
+                              else (trace_id, server_id, times))
+        target = trace.target
+        path = paths.get(target)
+        if path is None:
+            path = _store(paths, target, _pairs(b"\x4a", (("url.path", target.split(b"?", 1)[0].decode("latin-1")),)))
+        extra = trace.extra
+        if extra or state:
+            path = b"".join((_pairs(b"\x4a", extra) if extra else b"", path, state))
+        n = template[1] + len(path)
+        out.append(b"".join((b"\x12", _LENGTHS[n] if n < 2048 else _varint(n), body, path)))
+    return len(spans)
+
+
 def encode_spans(spans: Sequence[Any]) -> bytes:
     """
     The serialized C{ExportTraceServiceRequest} of C{spans}: grouped by
@@ -254,9 +397,15 @@ def encode_spans(spans: Sequence[Any]) -> bytes:
     """
     groups: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
     last_resource = last_scope = out = None
-    for span in spans:
-        resource = span.resource
-        scope = span.instrumentation_scope
+    i, count = 0, len(spans)
+    while i < count:
+        span = spans[i]
+        request = type(span) is RequestTrace
+        if request:
+            resource, scope = span.site.resource, span.site.scope
+        else:
+            resource = span.resource
+            scope = span.instrumentation_scope
         if resource is not last_resource or scope is not last_scope or out is None:
             group = groups.get(id(resource))
             if group is None:
@@ -267,9 +416,13 @@ def encode_spans(spans: Sequence[Any]) -> bytes:
                 encoded = scopes[id(scope)] = (scope, [])
             out = encoded[1]
             last_resource, last_scope = resource, scope
+        if request:
+            i = _requests(spans, i, out)
+            continue
         body = _span(span)
         n = len(body)
         out.append(b"\x12" + (_BYTE[n] if n < 128 else _varint(n)) + body)
+        i += 1
     request = []
     for resource, scopes in groups.values():
         parts = [_resource(resource)]

@@ -4,27 +4,34 @@ made from the C{telemetry} section.
 
 Spans are exported by the SDK's C{BatchSpanProcessor}, whose worker
 thread encodes them and POSTs them with the OTLP/HTTP exporter: nothing
-the reactor thread does waits for the collector.  Ending a span costs the
-reactor thread a bounded-deque append.  While the collector is down or
-slow the queue fills; past C{queue_size} ended spans are dropped (and
-counted) before they reach the SDK's queue, so a request never waits and
-memory stays bounded; a batch the exporter gave up on (after its own
-retries, within C{timeout}) is counted as failed.  The collector going
-down and coming back is logged once each.
+the reactor thread does waits for the collector.  Handing the processor
+a request's spans costs the reactor thread a count and the processor's
+deque append (L{finished}).  While the collector is down or slow the
+queue fills; past C{queue_size} ended spans are dropped (and counted)
+before they reach the SDK's queue, so a request never waits and memory
+stays bounded; a batch the exporter gave up on (after its own retries,
+within C{timeout}) is counted as failed.  The collector going down and
+coming back is logged once each.
 
 Sampling: the tracing filter decides for the requests it serves, without
 the SDK (L{rproxy.http.filters.tracing}), and hands the processor each
-span of a sampled request once it has ended, complete, as the SDK's
-C{ReadableSpan} (L{finished}): a span the SDK's tracer makes costs about
-ten times as much to start and end, and a request has two.  Other spans
-(token logins, tunnel streams: L{rproxy.telemetry.spans}) go through
-L{tracer}, sampled like the requests: a parent's decision is kept, and a
-new trace is kept with probability C{sample_ratio}.
+sampled request once it has ended, as one
+L{rproxy.telemetry.request.RequestTrace} (its span and its attempts'):
+the spans' attributes are worked out on the processor's thread, where
+rproxy's encoder writes them straight from the request's values, and any
+other exporter (C{encoder: official}'s, the SDK's in-memory one) is given
+the spans as C{ReadableSpan}-like records.  A span the SDK's tracer makes
+costs about ten times as much to start, fill and end, and a request has
+two.  Other spans (token logins, tunnel streams:
+L{rproxy.telemetry.spans}) go through L{tracer}, the SDK's, sampled like
+the requests: a parent's decision is kept, and a new trace is kept with
+probability C{sample_ratio}.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +42,8 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+
+from rproxy.telemetry.request import RequestTrace
 
 __all__ = ["Telemetry", "apply_telemetry"]
 
@@ -47,19 +56,35 @@ logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
 class _CountingExporter(SpanExporter):
     """
     The OTLP exporter, counting what it was handed and what it sent (on
-    the processor's thread).
+    the processor's thread).  The processor's queue holds SDK spans and
+    the tracing filter's requests (L{RequestTrace}, a span and one per
+    attempt): an exporter that encodes those itself (C{takes_requests},
+    rproxy's compact one) is handed them as they are, with the number of
+    spans they are; any other gets their spans (L{RequestTrace.spans}).
     """
 
     def __init__(self, exporter: SpanExporter, telemetry: Telemetry) -> None:
         self.exporter = exporter
         self.telemetry = telemetry
+        self.takes_requests = getattr(exporter, "takes_requests", False)
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
         telemetry = self.telemetry
-        n = len(spans)
+        n = 0
+        expanded: list[Any] = []
+        for item in spans:
+            if type(item) is RequestTrace:
+                n += item.spans_count
+                if not self.takes_requests:
+                    expanded += item.spans()
+            else:
+                n += 1
+                if not self.takes_requests:
+                    expanded.append(item)
         telemetry.taken += n
         try:
-            result = self.exporter.export(spans)
+            result = self.exporter.export(spans, spans_count=n) if self.takes_requests else \
+                self.exporter.export(expanded)
         except Exception:  # noqa: BLE001 - an exporter bug: counted as a failed batch
             result = SpanExportResult.FAILURE
         if result is SpanExportResult.SUCCESS:
@@ -80,8 +105,8 @@ class _CountingExporter(SpanExporter):
 class _BoundedProcessor(BatchSpanProcessor):
     """
     The SDK's batch processor, that drops (and counts) an ended span when
-    C{queue_size} are already waiting, instead of letting the SDK's deque
-    push out its oldest with a log line each.
+    C{queue_size} are already waiting (L{Telemetry.finished}), instead of
+    letting the SDK's deque push out its oldest with a log line each.
     """
 
     def __init__(self, exporter: _CountingExporter, telemetry: Telemetry, queue_size: int, batch_size: int,
@@ -89,15 +114,21 @@ class _BoundedProcessor(BatchSpanProcessor):
         super().__init__(exporter, max_queue_size=queue_size, max_export_batch_size=batch_size,
                          schedule_delay_millis=delay * 1000, export_timeout_millis=timeout * 1000)
         self.telemetry = telemetry
-        self.queue_size = queue_size
+        # where an ended span goes (L{Telemetry.finished}): the SDK's
+        # queue, as its emit appends to it (its internals as of 1.45: a
+        # deque, and the event that wakes its thread at a batch's size,
+        # which a fork makes anew), without emit's checks for a fork (the
+        # SDK's own hook sees to it) and a shutdown (after a stop,
+        # L{Telemetry} drops); or else its on_end, which checks the span
+        # is sampled first
+        self.batch = batch = getattr(self, "_batch_processor", None)
+        queue = getattr(batch, "_queue", None)
+        known = hasattr(batch, "_worker_awaken") and hasattr(batch, "_max_export_batch_size")
+        self.queue = queue if isinstance(queue, deque) and known else None
+        self.emit = super().on_end
 
     def on_end(self, span: ReadableSpan) -> None:
-        telemetry = self.telemetry
-        if telemetry.queued - telemetry.taken >= self.queue_size:
-            telemetry.dropped += 1
-            return
-        telemetry.queued += 1
-        super().on_end(span)
+        self.telemetry.finished(span)
 
 
 class Telemetry:
@@ -129,8 +160,11 @@ class Telemetry:
             exporter = kind(endpoint=config.endpoint, headers=dict(config.headers), timeout=config.timeout)
         self.exporter = exporter
         self.stopping = False
+        self.queue_size = config.queue_size
         self.processor = _BoundedProcessor(_CountingExporter(exporter, self), self, config.queue_size,
                                            config.batch_size, config.schedule_delay, config.timeout)
+        self.queue, self.batch, self.batch_size = self.processor.queue, self.processor.batch, config.batch_size
+        self.emit = self.processor.emit
         resource = Resource.create({"service.name": config.service_name})
         ratio = TraceIdRatioBased(config.sample_ratio)
         self.sample_ratio = config.sample_ratio
@@ -141,11 +175,25 @@ class Telemetry:
         self.resource = resource
         self.http_scope = InstrumentationScope("rproxy.http")
 
-    def finished(self, span: ReadableSpan) -> None:
+    def finished(self, span: Any, n: int = 1) -> None:
         """
-        A span that has ended, for export.
+        A span that has ended, or a request's C{n} (a L{RequestTrace}),
+        for export; dropped (and counted) when that would put more than
+        C{queue_size} spans in the queue.
         """
-        self.processor.on_end(span)
+        if self.queued - self.taken + n > self.queue_size:
+            self.dropped += n
+            return
+        self.queued += n
+        queue = self.queue
+        if queue is None:
+            self.emit(span)
+            return
+        queue.appendleft(span)  # (the SDK's queue: its oldest at the right)
+        if len(queue) >= self.batch_size:
+            awaken = self.batch._worker_awaken
+            if not awaken.is_set():
+                awaken.set()
 
     def changed(self, up: bool) -> None:
         """
@@ -179,6 +227,7 @@ class Telemetry:
         holds up a stop by that long at most.
         """
         self.stopping = True
+        self.queue_size = -1  # (what ends after this is dropped: the processor's thread is stopping)
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.processor.shutdown)
         give_up = self.clock.callLater(grace, self.exporter.shutdown)
 

@@ -1,13 +1,11 @@
 """
-An ended span as the tracing filter hands it to the batch processor:
-the fields of the SDK's C{ReadableSpan} that exporters read (the OTLP
-encoders, rproxy's and the official one; the in-memory exporter of the
-tests), as plain slots.
-
-A C{ReadableSpan} serves as well, but its fields are properties and its
-context (C{SpanContext}) validates its ids when made: a sampled request
-makes two spans and three contexts, and these cost about a third as
-much, to make and to encode.
+An ended span of a traced HTTP request as exporters other than rproxy's
+compact one are given it (L{rproxy.telemetry.request.RequestTrace.spans}:
+C{encoder: official}'s, the in-memory exporter of the tests): the fields
+of the SDK's C{ReadableSpan} that exporters read, as plain slots.  (A
+C{ReadableSpan} serves as well, but its fields are properties and its
+context, C{SpanContext}, validates its ids when made.)  L{Context} is
+also the client's span, the parent of a request's span.
 """
 
 from __future__ import annotations

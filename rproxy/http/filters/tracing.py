@@ -21,12 +21,14 @@ nothing either.  A sampled request's upstream head carries C{traceparent}
 naming the attempt's span as the parent (and the client's C{tracestate},
 unchanged).
 
-A sampled request's spans are records made once each has ended
-(L{rproxy.telemetry.record.SpanRecord}: a C{ReadableSpan}'s fields as
-plain slots, handed to the batch processor): their ids come
-from this filter's random generator and their times from the frontend's
-clock; the SDK's tracer is not used here, as starting and ending a span
-through it costs about ten times as much.
+A sampled request is one L{rproxy.telemetry.request.RequestTrace}: the
+values its spans are made of (ids from this filter's random generator,
+times from the frontend's clock, the head's fields, the attempts and the
+outcome), filled in by the phases and handed to the batch processor
+once, when the request has ended; its spans' attributes are worked out
+on the processor's thread.  Neither the SDK's tracer nor its C{Span}s
+are used here: starting and ending a span through it, and setting its
+attributes one call each, costs about ten times as much.
 
 Per-request state lives on the client connection (C{connection.trace}:
 one exchange at a time), not on C{exchange.notes}, which other filters
@@ -40,66 +42,59 @@ from __future__ import annotations
 
 import math
 import random
+from binascii import hexlify as _hex
 from typing import Any
 
-from opentelemetry.trace import SpanKind, Status, StatusCode, TraceState
+from opentelemetry.trace import TraceState
 
 from rproxy.http.filters import Chain, Filter
-from rproxy.telemetry.record import Context, SpanRecord
+from rproxy.telemetry.record import Context
+from rproxy.telemetry.request import RequestTrace, Site
 from rproxy.telemetry.traceparent import format_traceparent, parse
 
 __all__ = ["TracingFilter", "TokenWaitMark"]
 
-_TRACEPARENT = b"traceparent"
 _REPLACE = frozenset({b"traceparent"})
 _RESTART = frozenset({b"traceparent", b"tracestate"})  # a malformed traceparent: its tracestate goes too
-_SERVER = SpanKind.SERVER
-_CLIENT = SpanKind.CLIENT
-_UNSET = Status(StatusCode.UNSET)
-_ERROR = Status(StatusCode.ERROR)
 
 
-class _Trace:
+class _Pass:
     """
-    One request's tracing state.
+    The trace of a request not sampled that has a trace to pass on (its
+    client's C{traceparent}, or one of ours in place of a malformed one).
 
-    @ivar span_id: its SERVER span's id; 0 when the request is not sampled.
-    @ivar parent: the client's span (a remote L{Context}), or None.
-    @ivar attempt: the attempt in progress: (span id, start, attributes).
-    @ivar inject: the C{traceparent} an unsampled request sends on (None:
-        the client's goes on unchanged).
-    @ivar remove: the client's fields replaced upstream.
+    @ivar inject: the C{traceparent} sent on (None: the client's goes on
+        unchanged).
     """
 
-    __slots__ = ("exchange", "trace_id", "span_id", "parent", "state", "attributes", "attempt", "inject", "remove",
-                 "routed")
+    __slots__ = ("exchange", "trace_id", "inject", "remove")
+    ids = None  # (a RequestTrace's: not sampled)
+    attempt = None
 
-    def __init__(self, exchange: Any, trace_id: int, span_id: int, remove: frozenset[bytes]) -> None:
+    def __init__(self, exchange: Any, trace_id: int, inject: bytes | None, remove: frozenset[bytes]) -> None:
         self.exchange = exchange
         self.trace_id = trace_id
-        self.span_id = span_id
-        self.parent: Context | None = None
-        self.state: TraceState | None = None
-        self.attributes: dict[str, Any] = {}
-        self.attempt: tuple[int, float, dict[str, Any]] | None = None
-        self.inject: bytes | None = None
+        self.inject = inject
         self.remove = remove
-        self.routed = 0.0
 
 
 class TracingFilter(Filter):
     """
-    @ivar telemetry: the L{rproxy.telemetry.provider.Telemetry} the spans
-        go to (its C{finished}), with their resource and scope.
+    @ivar telemetry: the L{rproxy.telemetry.provider.Telemetry} the
+        requests' traces go to (its C{finished}), with the resource and
+        scope of their spans.
     """
 
     def __init__(self, telemetry: Any, frontend: Any, rng: random.Random | None = None) -> None:
         self.telemetry = telemetry
         self.frontend = frontend
+        self.clock = frontend.clock
         self.ratio = ratio = telemetry.sample_ratio
         rng = rng or random.Random()
         self.random = rng.random
         self.bits = rng.getrandbits
+        # what this frontend's spans share (made at the first sampled request)
+        self.site: Site | None = None
         # the chain this filter is in, without it: what an untraced
         # request's later phases run (L{_quiet})
         self.quiet: Any = None
@@ -120,10 +115,16 @@ class TracingFilter(Filter):
             return 1 << 62  # (an int: never 0 in a process's life, and cheaper to count down than inf)
         return math.floor(math.log(1.0 - self.random()) / self.log_miss)
 
+    def _site(self) -> Site:
+        telemetry, frontend = self.telemetry, self.frontend
+        self.site = Site(telemetry.resource, telemetry.http_scope, frontend.name, frontend.scheme.decode())
+        return self.site
+
     # -- request -----------------------------------------------------------
 
     def request(self, exchange: Any) -> None:
-        raw = exchange.head.traceparent
+        head = exchange.head
+        raw = head.traceparent
         if raw is not None:
             exchange.client.trace = self._continued(exchange, raw)
             return None
@@ -136,11 +137,25 @@ class TracingFilter(Filter):
             self.skip = skip - 1
             exchange.chain = self.quiet or self._quiet(exchange.chain)
             return None
-        self.skip = self._gap()
-        trace = _Trace(exchange, self.bits(128) or 1, self.bits(64) or 1, _REPLACE)
-        trace.attributes = self._request_attributes(exchange)
-        exchange.client.trace = trace
+        if self.ratio < 1:
+            self.skip = self._gap()
+        # the trace id, the request span's id, its first attempt's id: one
+        # draw (an id of zeros is not valid: drawn again, about once in 10**12)
+        ids = self.bits(256).to_bytes(32, "big")
+        if ids.count(0) >= 8:
+            ids = self._fresh(32)
+        client = exchange.client
+        client.trace = RequestTrace(self.site or self._site(), ids, head, client.peer_host, exchange, _REPLACE)
         return None
+
+    def _fresh(self, size: int) -> bytes:
+        """
+        C{size} random bytes of which no 8 are 0 (ids in them are not 0).
+        """
+        while True:
+            ids = self.bits(size * 8).to_bytes(size, "big")
+            if ids.count(0) < 8:
+                return ids
 
     def _quiet(self, chain: Any) -> Any:
         """
@@ -150,76 +165,44 @@ class TracingFilter(Filter):
         self.quiet = Chain([f for f in chain.filters if f is not self])
         return self.quiet
 
-    def _continued(self, exchange: Any, raw: bytes) -> _Trace:
+    def _continued(self, exchange: Any, raw: bytes) -> Any:
         """
         The trace of a request that came with a C{traceparent}: its own
         if sampled, else one that only passes the trace on.
         """
         parent = parse(raw)
+        head = exchange.head
         if parent is None:
             # malformed: ignored with its tracestate; a trace of our own
-            trace_id = self.bits(128) or 1
+            ids = self._fresh(32)
             if self.random() >= self.ratio:
-                trace = _Trace(exchange, trace_id, 0, _RESTART)
-                trace.inject = format_traceparent(trace_id, self.bits(64) or 1, False)
-                return trace
-            trace = _Trace(exchange, trace_id, self.bits(64) or 1, _RESTART)
-        else:
-            trace_id, parent_id, flags = parent
-            if not flags & 1:
-                # not sampled on the client's side: its traceparent goes on as it is
-                return _Trace(exchange, trace_id, 0, _REPLACE)
-            trace = _Trace(exchange, trace_id, self.bits(64) or 1, _REPLACE)
-            state = exchange.head.header(b"tracestate")
-            if state:
-                trace.state = _trace_state(state)
-            trace.parent = Context(trace_id, parent_id, True, trace.state)
-        trace.attributes = self._request_attributes(exchange)
+                trace_id = int.from_bytes(ids[:16], "big")
+                return _Pass(exchange, trace_id, format_traceparent(trace_id, int.from_bytes(ids[16:24], "big"), False),
+                             _RESTART)
+            return RequestTrace(self.site or self._site(), ids, head, exchange.client.peer_host, exchange, _RESTART)
+        trace_id, parent_id, flags = parent
+        if not flags & 1:
+            # not sampled on the client's side: its traceparent goes on as it is
+            return _Pass(exchange, trace_id, None, _REPLACE)
+        trace = RequestTrace(self.site or self._site(), trace_id.to_bytes(16, "big") + self._fresh(16), head,
+                             exchange.client.peer_host, exchange, _REPLACE)
+        state = head.header(b"tracestate")
+        if state:
+            trace.state = _trace_state(state)
+        trace.parent = Context(trace_id, parent_id, True, trace.state)
         return trace
-
-    def _request_attributes(self, exchange: Any) -> dict[str, Any]:
-        head, client = exchange.head, exchange.client
-        attributes: dict[str, Any] = {
-            "http.request.method": head.method.decode("latin-1"),
-            "url.path": head.target.split(b"?", 1)[0].decode("latin-1"),
-            "url.scheme": self.frontend.scheme.decode(),
-            "network.protocol.version": _VERSIONS.get(head.version) or f"{head.version[0]}.{head.version[1]}",
-            "network.peer.address": client.peer_host,
-            "client.address": client.peer_host,
-            "rproxy.frontend": self.frontend.name,
-        }
-        host = head.host
-        if host:
-            server = _hosts.get(host)
-            if server is None:
-                server = _server(host)
-            attributes.update(server)
-        agent = head.header(b"user-agent")
-        if agent is not None:
-            attributes["user_agent.original"] = agent.decode("latin-1")
-        return attributes
 
     # -- attempts ------------------------------------------------------------
 
     def attempt(self, exchange: Any, server: Any) -> None:
         trace = exchange.client.trace
-        if trace is None or not trace.span_id:
+        if trace is None or trace.ids is None:
             return
-        config = server.config
-        attributes: dict[str, Any] = {"http.request.method": trace.attributes["http.request.method"],
-                                      "rproxy.server": config.name}
-        host = getattr(config, "host", None)
-        if host is not None:
-            attributes["server.address"] = attributes["network.peer.address"] = host
-            attributes["server.port"] = attributes["network.peer.port"] = config.port
-        else:
-            attributes["rproxy.tunnel.agent"] = config.name  # a tunnel's agent
         pool = exchange.pool
-        if pool is not None:
-            attributes["rproxy.backend"] = pool.config.name
-        if exchange.attempts > 1:
-            attributes["http.request.resend_count"] = exchange.attempts - 1
-        trace.attempt = (self.bits(64) or 1, self.frontend.clock.seconds(), attributes)
+        # (the first attempt's id was drawn with the trace's)
+        span_id = trace.ids[24:] if not trace.attempts else self._fresh(8)
+        trace.attempt = (span_id, self.clock.seconds(), server.config, pool.config.name if pool is not None else None,
+                         exchange.attempts - 1)
 
     def upstream_request(self, exchange: Any, set_headers: Any, remove: Any) -> Any:
         trace = exchange.client.trace
@@ -227,40 +210,23 @@ class TracingFilter(Filter):
             return set_headers, remove
         attempt = trace.attempt
         if attempt is not None:
-            value = format_traceparent(trace.trace_id, attempt[0], True)
+            value = b"".join((b"00-", trace.hexed[:32], b"-", _hex(attempt[0]), b"-01"))  # (format_traceparent's)
         elif trace.inject is not None:
             value = trace.inject
         else:
             return set_headers, remove
-        return (*set_headers, (b"traceparent", value)), remove | trace.remove
+        return ((*set_headers, (b"traceparent", value)) if set_headers else ((b"traceparent", value),),
+                remove | trace.remove if remove else trace.remove)
 
     def attempt_end(self, exchange: Any, server: Any, outcome: int | str) -> None:
         trace = exchange.client.trace
-        if trace is None or trace.attempt is None or trace.exchange is not exchange:
+        if trace is None:
             return
-        self._end_attempt(trace, outcome, self.frontend.clock.seconds())
-
-    def _end_attempt(self, trace: _Trace, outcome: int | str, now: float) -> None:
-        span_id, start, attributes = trace.attempt  # type: ignore[misc]
+        attempt = trace.attempt
+        if attempt is None or trace.exchange is not exchange:
+            return
+        trace.attempts.append(attempt + (self.clock.seconds(), outcome))
         trace.attempt = None
-        status = _UNSET
-        if type(outcome) is int:
-            attributes["http.response.status_code"] = outcome
-            if outcome >= 500:
-                attributes["error.type"] = str(outcome)
-                status = _ERROR
-        else:
-            attributes["error.type"] = str(outcome).split(":", 1)[0]
-            status = Status(StatusCode.ERROR, str(outcome))
-        self._finished(trace, attributes["http.request.method"], span_id, _CLIENT, attributes, status, start, now,
-                       Context(trace.trace_id, trace.span_id, False, trace.state))
-
-    def _finished(self, trace: _Trace, name: str, span_id: int, kind: SpanKind, attributes: dict[str, Any],
-                  status: Status, start: float, end: float, parent: Context | None) -> None:
-        telemetry = self.telemetry
-        telemetry.finished(SpanRecord(
-            name, Context(trace.trace_id, span_id, False, trace.state), parent, telemetry.resource, attributes, kind,
-            status, int(start * 1e9), int(end * 1e9), telemetry.http_scope))
 
     # -- the end -------------------------------------------------------------
 
@@ -271,57 +237,56 @@ class TracingFilter(Filter):
             return  # not traced (not sampled, or refused before its request phase)
         client.trace = None
         notes = exchange.notes
+        trace_id = format(trace.trace_id, "032x") if trace.ids is None else trace.hexed[:32].decode()
         if notes is None:
-            exchange.notes = {"trace_id": format(trace.trace_id, "032x")}
+            exchange.notes = {"trace_id": trace_id}
         else:
-            notes["trace_id"] = format(trace.trace_id, "032x")
-        if not trace.span_id:
+            notes["trace_id"] = trace_id
+        if trace.ids is None:
             return
-        now = self.frontend.clock.seconds()
-        if trace.attempt is not None:  # (a protocol switch: the stream goes on, its span ends here)
-            self._end_attempt(trace, exchange.status, now)
+        trace.end = now = self.clock.seconds()
+        trace.start = exchange.started
         status = exchange.status
-        attributes = trace.attributes
-        attributes["http.response.status_code"] = status
-        name = attributes["http.request.method"]
-        prefix = getattr(exchange.route, "prefix", None)
-        if prefix:
-            route = attributes["http.route"] = prefix.decode("latin-1")
-            name = f"{name} {route}"
-        attributes["rproxy.backend"] = backend
-        attributes["rproxy.attempts"] = exchange.attempts
+        attempt = trace.attempt
+        if attempt is not None:  # (a protocol switch: the stream goes on, its span ends here)
+            trace.attempts.append(attempt + (now, status))
+            trace.attempt = None
+        trace.ended = (status, getattr(exchange.route, "prefix", None), backend, exchange.attempts,
+                       trace.parent is not None, False)
         if notes:
+            extra = []
             if "token" in notes and trace.routed:
-                attributes["rproxy.token.wait"] = round(trace.routed - exchange.started, 6)
+                extra.append(("rproxy.token.wait", round(trace.routed - exchange.started, 6)))
             if "model" in notes:  # a tunnel's request
                 if notes["model"]:
-                    attributes["gen_ai.request.model"] = notes["model"]
+                    extra.append(("gen_ai.request.model", notes["model"]))
                 if notes.get("key"):
-                    attributes["rproxy.tunnel.key"] = notes["key"]
+                    extra.append(("rproxy.tunnel.key", notes["key"]))
                 if exchange.tried:
-                    attributes["rproxy.tunnel.agent"] = exchange.tried[-1]
-        span_status = _UNSET
-        if status >= 500:
-            attributes["error.type"] = str(status)
-            span_status = _ERROR
-        self._finished(trace, name, trace.span_id, _SERVER, attributes, span_status, exchange.started, now,
-                       trace.parent)
+                    extra.append(("rproxy.tunnel.agent", exchange.tried[-1]))
+            if extra:
+                trace.extra = extra
+        trace.exchange = None
+        n = trace.spans_count = len(trace.attempts) + 1
+        self.telemetry.finished(trace, n)
 
     def closed(self, connection: Any) -> None:
         trace = connection.trace
         if trace is None:
             return
         connection.trace = None
-        if not trace.span_id:
+        if trace.ids is None:
             return
-        now = self.frontend.clock.seconds()
-        if trace.attempt is not None:
-            self._end_attempt(trace, "aborted", now)
-        attributes = trace.attributes
-        attributes["error.type"] = "aborted"
-        self._finished(trace, attributes["http.request.method"], trace.span_id, _SERVER, attributes,
-                       Status(StatusCode.ERROR, "the client closed the connection before the response ended"),
-                       trace.exchange.started, now, trace.parent)
+        trace.end = now = self.clock.seconds()
+        trace.start = trace.exchange.started
+        attempt = trace.attempt
+        if attempt is not None:
+            trace.attempts.append(attempt + (now, "aborted"))
+            trace.attempt = None
+        trace.ended = (0, None, "", trace.exchange.attempts, trace.parent is not None, True)
+        trace.exchange = None
+        n = trace.spans_count = len(trace.attempts) + 1
+        self.telemetry.finished(trace, n)
 
 
 class TokenWaitMark(Filter):
@@ -337,31 +302,9 @@ class TokenWaitMark(Filter):
 
     def request(self, exchange: Any) -> None:
         trace = exchange.client.trace
-        if trace is not None and trace.span_id:
+        if trace is not None and trace.ids is not None:
             trace.routed = self.clock.seconds()
         return None
-
-
-_VERSIONS = {(1, 1): "1.1", (1, 0): "1.0"}
-# the server.address and .port attributes of recent Host values (a few
-# per site; cleared when large)
-_hosts: dict[bytes, dict[str, Any]] = {}
-
-
-def _server(host: bytes) -> dict[str, Any]:
-    """
-    The attributes a Host value names: C{server.address}, and
-    C{server.port} if it has one.
-    """
-    name, _, port = host.decode("latin-1").rpartition(":") if not host.endswith(b"]") else ("", "", "")
-    if name and port.isdigit():
-        server: dict[str, Any] = {"server.address": name, "server.port": int(port)}
-    else:
-        server = {"server.address": host.decode("latin-1")}
-    if len(_hosts) >= 1024:
-        _hosts.clear()
-    _hosts[host] = server
-    return server
 
 
 def _trace_state(value: bytes) -> TraceState | None:
