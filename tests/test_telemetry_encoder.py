@@ -230,6 +230,34 @@ class RequestTraceTests(SynchronousTestCase):
         self.assertEqual([s.trace_state for s in spans[4:8]], ["vendor=x1,other=y"] * 4)
         self.assertEqual([s.status.message for s in spans[4:8]], ["", "connect: refused", "", ""])
 
+    def test_percent_in_a_length(self) -> None:
+        """
+        An attempt span of 4736 bytes (an outcome of 4446 characters, such
+        as an agent's refusal message): the second byte of its length's
+        varint is C{%}, which the cached format escapes, so the batch it is
+        in encodes (it failed whole, every request of it dropped).
+        """
+        site = Site(_RESOURCE, _HTTP, "web", "http")
+        outcome = "connect: " + "x" * 4437
+        request = self.assertSameSpans([_request(site, trace_id=1),
+                                        _request(site, trace_id=2, attempts=((outcome, _Server("agent-1"), None),),
+                                                 status=502)])
+        spans = request.resource_spans[0].scope_spans[0].spans
+        self.assertEqual([s.status.message for s in spans], ["", "", outcome, ""])
+
+    def test_large_values_not_cached(self) -> None:
+        """
+        The site's caches keep small formats and paths only: what a client
+        sends (a User-Agent, a path of any size) cannot pin memory on the
+        export thread; small ones are kept.
+        """
+        site = Site(_RESOURCE, _HTTP, "web", "http")
+        self.assertSameSpans([_request(site, trace_id=i + 1, headers=[(b"user-agent", b"%06d" % i + b"a" * 5000)],
+                                       target=b"/%06d" % i + b"p" * 5000) for i in range(20)])
+        self.assertEqual((len(site.servers), len(site.paths)), (0, 0))
+        self.assertSameSpans([_request(site, trace_id=i + 1, target=b"/%d" % i) for i in range(20)])
+        self.assertEqual((len(site.servers), len(site.paths)), (1, 20))
+
     def test_spans_fields(self) -> None:
         """
         What L{RequestTrace.spans} makes of a request: the attempt's span

@@ -57,9 +57,11 @@ _MASK64 = (1 << 64) - 1
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
 # recent attributes' encodings, by (key, value, type): most values repeat
-# (methods, addresses, statuses, names); fields under 256 bytes only, each
-# dict cleared at 8192 (a few MiB at most)
-_CACHE_SIZE = 8192
+# (methods, addresses, statuses, names); fields under 256 bytes only; a
+# site's span formats and paths under _CACHED_SIZE bytes only; each dict
+# cleared at _CACHE_SIZE entries (a few MiB at most)
+_CACHE_SIZE = 4096
+_CACHED_SIZE = 1024
 # a Span's kind field (OTLP counts from 1, the SDK from 0), and its status
 # field without a description, by the SDK's enums
 _KINDS = {kind: b"\x30" + bytes((kind.value + 1,)) for kind in SpanKind}
@@ -269,10 +271,18 @@ def _pairs(tag: bytes, pairs: Any) -> bytes:
     return b"".join(_attributes_of(tag, dict(pairs)))
 
 
-def _store(cache: dict[Any, Any], key: Any, value: Any) -> Any:
-    if len(cache) >= _CACHE_SIZE:
-        cache.clear()
-    cache[key] = value
+def _store(cache: dict[Any, Any], key: Any, value: Any, size: int) -> Any:
+    """
+    C{value} (for a format: C{size} bytes once filled), kept in C{cache}
+    under C{key} unless it is large: the keys are made of what clients,
+    agents and servers send (User-Agent, Host, paths, errors), and a
+    large value is seldom seen twice, so that only small ones are kept
+    (with their keys, which are smaller), a bounded few MiB a site.
+    """
+    if size < _CACHED_SIZE:
+        if len(cache) >= _CACHE_SIZE:
+            cache.clear()
+        cache[key] = value
     return value
 
 
@@ -307,7 +317,8 @@ def _client_template(method: bytes, server: Any, backend: str | None, outcome: A
     pairs, status = outcome_status(outcome)
     body, size = _template(b"\x0a\x10", 16, b"\x12\x08", 8, b"\x22\x08", 8, _field(b"\x2a", text.encode("utf-8")),
                            _CLIENT_KIND, 18, _pairs(b"\x4a", attributes + pairs), _status(status), _LOCAL_PARENT)
-    return server, body, size, b"\x12" + _varint(size) + body
+    # (the prefix is part of a format: a varint byte can be b"%")
+    return server, body, size, b"\x12" + _varint(size).replace(b"%", b"%%") + body
 
 
 def _server_template(site: Any, shape: tuple[Any, ...], ended: tuple[Any, ...]) -> tuple[bytes, int]:
@@ -361,7 +372,8 @@ def _requests(spans: Sequence[Any], i: int, out: list[bytes]) -> int:
                 key = (id(server), method, backend, outcome, resend)
                 template = clients.get(key)
                 if template is None or template[0] is not server:
-                    template = _store(clients, key, _client_template(method, server, backend, outcome, resend))
+                    template = _client_template(method, server, backend, outcome, resend)
+                    _store(clients, key, template, template[2])
                 filled = (trace_id, span_id, server_id,
                           _TIMES(0x39, int(start * 1e9), 0x41, int(end * 1e9)))
                 if state:
@@ -374,14 +386,16 @@ def _requests(spans: Sequence[Any], i: int, out: list[bytes]) -> int:
         shape, ended = key = (trace.shape, trace.ended)
         template = servers.get(key)
         if template is None:
-            template = _store(servers, key, _server_template(site, shape, ended))
+            template = _server_template(site, shape, ended)
+            _store(servers, key, template, template[1])
         times = _TIMES(0x39, int(trace.start * 1e9), 0x41, int(trace.end * 1e9))
         body = template[0] % ((trace_id, server_id, parent.span_id.to_bytes(8, "big"), times) if parent is not None
                               else (trace_id, server_id, times))
         target = trace.target
         path = paths.get(target)
         if path is None:
-            path = _store(paths, target, _pairs(b"\x4a", (("url.path", target.split(b"?", 1)[0].decode("latin-1")),)))
+            path = _pairs(b"\x4a", (("url.path", target.split(b"?", 1)[0].decode("latin-1")),))
+            _store(paths, target, path, len(path))
         extra = trace.extra
         if extra or state:
             path = b"".join((_pairs(b"\x4a", extra) if extra else b"", path, state))
