@@ -263,6 +263,57 @@ class ExchangeStateTests(SynchronousTestCase):
             ("client.write", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 rproxy\r\n\r\nok")])
         self.assertFalse(client.disconnecting)
 
+    def test_body_after_a_head_response_is_not_the_next_requests(self) -> None:
+        """
+        A HEAD answered with a Content-Length and (wrongly) that many body
+        bytes in the same read, while the client has pipelined a GET: the
+        HEAD's exchange ends at the head, the GET takes the connection with
+        a new parser, and the old parser's body and end are not the GET's
+        (they made it end with no response, and the client's next response
+        went to the wrong request): the connection is aborted and the GET
+        sent again on a new one.
+        """
+        e = Engine()
+        conn, client = e.client()
+        conn.dataReceived(GET.replace(b"GET", b"HEAD") + GET.replace(b"/x", b"/y"))
+        upstream = e.connector.connect()
+        e.take()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        record = e.take()
+        self.assertEqual([r for r in record if r[0] in ("client.write", "f0.log")], [
+            ("client.write", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nVia: 1.1 rproxy\r\n\r\n"),
+            ("f0.log", "DONE", "be", 200)])
+        self.assertIn(("upstream.abort",), record)
+        self.assertEqual(record[-1], ("connector.get", "s0"))
+        self.assertEqual(conn.exchange.head.target, b"/y")
+        e.connector.connect().dataReceived(OK)
+        self.assertEqual([r for r in e.take() if r[0] == "client.write"], [
+            ("client.write", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 rproxy\r\n\r\nok")])
+        self.assertFalse(client.disconnecting)
+
+    def test_pipelined_after_a_bodiless_response(self) -> None:
+        """
+        A 204 ends its exchange at its head and the pipelined next request
+        takes the connection during that read: the old parser's end of the
+        204 is not taken for the next response, and the connection serves
+        the next request (no abort, no new connection).
+        """
+        e = Engine()
+        conn, client = e.client()
+        conn.dataReceived(GET + GET.replace(b"/x", b"/y"))
+        upstream = e.connector.connect()
+        e.take()
+        upstream.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        record = e.take()
+        self.assertNotIn(("upstream.abort",), record)
+        self.assertEqual(record[-1], ("upstream.write", b"GET /y HTTP/1.1\r\nHost: example\r\n"
+                                      b"X-Forwarded-For: 10.0.0.7\r\nX-Forwarded-Proto: http\r\n"
+                                      b"X-Forwarded-Host: example\r\nVia: 1.1 rproxy\r\nX-f0: 1\r\n\r\n"))
+        upstream.dataReceived(OK)
+        self.assertEqual([r for r in e.take() if r[0] == "client.write"], [
+            ("client.write", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 rproxy\r\n\r\nok")])
+        self.assertFalse(client.disconnecting)
+
     def test_filter_answers_and_stops_the_chain(self) -> None:
         """
         A filter that answers in the request phase ends the exchange: no

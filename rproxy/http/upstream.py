@@ -117,6 +117,9 @@ class UpstreamConnection(Relayed, Protocol):
         # the next request during it (see on_message_begin)
         self.feeding = False
         self.restarted = False
+        # the parser was replaced during a read (see start): the old one
+        # may still call back with the end of the message it was reading
+        self.stale = False
         self.head = b""
         self.transport = None
         self.upstreams = upstreams
@@ -137,6 +140,10 @@ class UpstreamConnection(Relayed, Protocol):
         if self.feeding:
             self.restarted = True
         if not self.parser_clean:
+            # (during a read: the exchange ended at the head of a bodiless
+            # response, a HEAD's, a 204's, and the old parser, still
+            # reading, calls back this object for the rest of that read)
+            self.stale = self.feeding
             self.parser = httptools.HttpResponseParser(self)
         self.parser_clean = False
         self.raw = b""
@@ -189,10 +196,17 @@ class UpstreamConnection(Relayed, Protocol):
             exchange.response_head(self, status, head, self.parser.should_keep_alive())
 
     def on_body(self, data: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.response_body(data)
+        exchange = self.exchange
+        if exchange is None or self.stale:
+            # a body after a bodiless response's head (a HEAD's): not this
+            # exchange's, nor the next's
+            raise ValueError("data after the response")
+        exchange.response_body(data)
 
     def on_message_complete(self) -> None:
+        if self.stale:
+            self.stale = False  # the bodiless response's end, not the next one's
+            return
         if self.informational:
             self.informational = False
             return
@@ -240,7 +254,7 @@ class UpstreamConnection(Relayed, Protocol):
                 self.upstreams.discard(self)
                 self.transport.abortConnection()  # type: ignore[union-attr]
         finally:
-            self.feeding = self.restarted = False
+            self.feeding = self.restarted = self.stale = False
             if exchange.batch is not None:
                 exchange.flush()
         if DUPLEX <= exchange.state <= RESPONDING and not exchange.producing:
