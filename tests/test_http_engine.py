@@ -241,9 +241,10 @@ class ExchangeStateTests(SynchronousTestCase):
         while the client has pipelined a second request: the first
         response ends, the connection goes back to the pool and the second
         request takes it at once, in that same read.  The rest of the read
-        arrived before that request was sent, so it is not its response:
-        the connection is aborted and the second request goes out again on
-        a new one (it was given the extra response before).
+        arrived before that request was sent, so it is not its response
+        (it was given the extra response before): the connection is
+        aborted and the second request answered 502, not sent again (the
+        server may have acted on it; a retry would run it twice).
         """
         e = Engine()
         conn, client = e.client()
@@ -252,16 +253,12 @@ class ExchangeStateTests(SynchronousTestCase):
         e.take()
         upstream.dataReceived(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")
         record = e.take()
-        self.assertEqual([r for r in record if r[0] == "client.write"], [
-            ("client.write", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 rproxy\r\n\r\nok")])
+        writes = [r[1] for r in record if r[0] == "client.write"]
+        self.assertEqual(writes[0], b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 rproxy\r\n\r\nok")
+        self.assertEqual([w[:12] for w in writes[1:]], [b"HTTP/1.1 502"])
         self.assertIn(("upstream.abort",), record)
-        self.assertEqual(record[-1], ("connector.get", "s0"))
-        self.assertEqual(conn.exchange.head.target, b"/y")
-        retried = e.connector.connect()
-        retried.dataReceived(OK)
-        self.assertEqual([r for r in e.take() if r[0] == "client.write"], [
-            ("client.write", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 rproxy\r\n\r\nok")])
-        self.assertFalse(client.disconnecting)
+        self.assertNotIn(("connector.get", "s0"), record)
+        self.assertIsNone(conn.exchange)
 
     def test_body_after_a_head_response_is_not_the_next_requests(self) -> None:
         """
@@ -271,7 +268,7 @@ class ExchangeStateTests(SynchronousTestCase):
         a new parser, and the old parser's body and end are not the GET's
         (they made it end with no response, and the client's next response
         went to the wrong request): the connection is aborted and the GET
-        sent again on a new one.
+        answered 502 (sent already, not sent again).
         """
         e = Engine()
         conn, client = e.client()
@@ -280,16 +277,12 @@ class ExchangeStateTests(SynchronousTestCase):
         e.take()
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
         record = e.take()
-        self.assertEqual([r for r in record if r[0] in ("client.write", "f0.log")], [
-            ("client.write", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nVia: 1.1 rproxy\r\n\r\n"),
-            ("f0.log", "DONE", "be", 200)])
+        writes = [r[1] for r in record if r[0] == "client.write"]
+        self.assertEqual(writes[0], b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nVia: 1.1 rproxy\r\n\r\n")
+        self.assertEqual([w[:12] for w in writes[1:]], [b"HTTP/1.1 502"])
         self.assertIn(("upstream.abort",), record)
-        self.assertEqual(record[-1], ("connector.get", "s0"))
-        self.assertEqual(conn.exchange.head.target, b"/y")
-        e.connector.connect().dataReceived(OK)
-        self.assertEqual([r for r in e.take() if r[0] == "client.write"], [
-            ("client.write", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 rproxy\r\n\r\nok")])
-        self.assertFalse(client.disconnecting)
+        self.assertNotIn(("connector.get", "s0"), record)
+        self.assertEqual([r[1:] for r in record if r[0] == "f0.log"], [("DONE", "be", 200), ("DONE", "be", 502)])
 
     def test_pipelined_after_a_bodiless_response(self) -> None:
         """

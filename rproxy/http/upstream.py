@@ -246,6 +246,11 @@ class UpstreamConnection(Relayed, Protocol):
         except (httptools.HttpParserError, ValueError) as e:
             exchange.flush()
             if self.exchange is not None:
+                if self.restarted:
+                    # a request sent on this connection during this read,
+                    # whose server then sent what no request asked for: it
+                    # may have acted on the request; not sent again (502)
+                    self.exchange.got_bytes = True
                 self.exchange.upstream_failed(f"invalid response: {e}", invalid=True)
             elif not self.lost:
                 # the exchange had ended (the connection may be idle in
