@@ -627,7 +627,8 @@ class _TLSPolicy:
     """
     The token pool's TLS to its login server: built once (the CA file read
     and parsed once per configuration, not on the reactor at every login)
-    and used for every login connection.
+    and used for every login connection.  A CA file replaced on disk is
+    read at the next reload that changes the pool (as backends' TLS is).
     """
 
     def __init__(self, config: TokenPoolConfig) -> None:
