@@ -183,6 +183,7 @@ class EventSink:
             self._send_again()
             return
         self._run = run
+        forget = []
         for stream in {stream for stream, _, _ in self.unconfirmed}:
             try:
                 groups = await self.redis.execute_command("XINFO", "GROUPS", stream)
@@ -191,7 +192,21 @@ class EventSink:
                 continue
             done = [await self._written_upto(stream, dict(zip(g[::2], g[1::2], strict=False))) for g in groups or []]
             if done:
-                self._forget(stream, min(done))
+                forget.append((stream, min(done)))
+        if forget:
+            # the groups' positions may come from a Redis that restarted
+            # after the run_id above was read (a command waits for the
+            # reconnection): a new Redis's group, reading what was sent to
+            # it since, is past entries the old one lost unread.  Forget
+            # only on the word of the Redis whose run_id was checked.
+            after = _run_id(await self.redis.execute_command("INFO", "server"))
+            if after != run:
+                if after is not None and run is not None:
+                    self._run = after
+                    self._send_again()
+                return
+            for stream, upto in forget:
+                self._forget(stream, upto)
 
     async def _written_upto(self, stream: str, group: dict[Any, Any]) -> tuple[int, int]:
         """

@@ -240,6 +240,30 @@ class SinkDeliveryTests(SynchronousTestCase):
         self.assertEqual(again, list(range(100, 250)))
         self.assertEqual((sink.resent, sink.dropped, sink.sent), (150, 0, 400))
 
+    def test_restart_during_the_check(self) -> None:
+        """
+        Redis restarts between the check's run_id and its read of the
+        groups (a command waits for the reconnection, then asks the new
+        Redis, whose group has read what was sent to it since): the kept
+        entries are not forgotten on the new Redis's word but sent again.
+        (They were forgotten, and those the old Redis lost unread were lost
+        without a count: the Redis restart test caught it once.)
+        """
+        sink, redis, clock = self.sink()
+        original = redis.execute_command
+
+        def restarting(*args: Any) -> defer.Deferred[Any]:
+            if args[:2] == ("XINFO", "GROUPS"):
+                redis.run_id, redis.read = "r2", "9-0"
+            return original(*args)
+
+        redis.execute_command = restarting  # type: ignore[method-assign]
+        redis.added.clear()
+        clock.advance(1.0)
+        clock.advance(0)
+        self.assertEqual([e["at"] for entry in redis.added for e in entry], list(range(250)))
+        self.assertEqual((sink.resent, sink.dropped), (250, 0))
+
     def test_read_but_unacknowledged_entries_are_kept(self) -> None:
         """
         Entries the group read but did not acknowledge are kept (their
