@@ -91,6 +91,7 @@ class EventSink:
         self._run: str | None = None
         self._confirming: task.LoopingCall | None = None
         self._flushing = False
+        self._in_flight = 0  # events taken out of the buffer by the send under way
         self._stopped = False
         self._timer: IDelayedCall | None = None
         self._prefix = f"{os.getpid()}-{secrets.token_hex(4)}-"
@@ -100,7 +101,7 @@ class EventSink:
         """
         Queue C{event} for C{stream}; returns at once.
         """
-        if len(self.buffer) >= self.buffer_limit:
+        if len(self.buffer) + self._in_flight >= self.buffer_limit:
             self.dropped += 1
             return
         self._serial += 1
@@ -126,10 +127,14 @@ class EventSink:
         # JSON list (one XADD, one round trip), the entries pipelined
         buffer, maxlen = self.buffer, str(self.maxlen)
         while buffer:
-            taken = min(len(buffer), BATCH * 8)
+            # taken out of the buffer while they are sent (and put back in
+            # front if the send fails): the buffer may change meanwhile (a
+            # restarted Redis's entries go in front of it), so that the
+            # sent ones cannot be found again by their place in it
+            taken = [buffer.popleft() for _ in range(min(len(buffer), BATCH * 8))]
+            self._in_flight = len(taken)
             batches: dict[str, list[dict[str, Any]]] = {}
-            for i in range(taken):
-                stream, event = buffer[i]
+            for stream, event in taken:
                 batches.setdefault(stream, []).append(event)
             commands, entries = [], []
             for stream, items in batches.items():
@@ -141,10 +146,14 @@ class EventSink:
                     entries.append((stream, batch))
             d = defer.gatherResults(commands, consumeErrors=True)
             d.addTimeout(1.0, self.clock)
-            ids = await d
-            for _ in range(taken):
-                buffer.popleft()
-            self.sent += taken
+            try:
+                ids = await d
+            except BaseException:
+                buffer.extendleft(reversed(taken))
+                raise
+            finally:
+                self._in_flight = 0
+            self.sent += len(taken)
             for (stream, batch), entry_id in zip(entries, ids, strict=True):
                 self._keep(stream, entry_id, batch)
         self._flushing = False
@@ -244,7 +253,7 @@ class EventSink:
         again = [(stream, event) for stream, _, batch in self.unconfirmed for event in batch]
         self.unconfirmed.clear()
         self._kept = 0
-        room = max(0, self.buffer_limit - len(self.buffer))
+        room = max(0, self.buffer_limit - len(self.buffer) - self._in_flight)
         lost = max(0, len(again) - room)
         if lost:
             again = again[lost:]  # the newest are kept
@@ -258,8 +267,14 @@ class EventSink:
 
     def _failed(self, failure: Any) -> None:
         self._flushing = False
-        # (a send that fails after stop() tries no more: the service is gone)
-        if self._timer is None and not self._stopped:
+        # (a send that fails after stop() tries no more: the service is
+        # gone, and what it held is lost)
+        if self._stopped:
+            if self.buffer:
+                self.dropped += len(self.buffer)
+                self.buffer.clear()
+            return
+        if self._timer is None:
             log.warn("events: Redis unavailable ({why}); {n} events buffered",
                      why=failure.type.__name__, n=len(self.buffer))
             self._timer = self.clock.callLater(1.0, self._flush)
