@@ -21,6 +21,24 @@ from tests.support import ServiceMixin, async_test, listen, reactor, wait_for
 from tests.test_e2e_tunnel_http import LocalService
 
 
+async def curl_models(test: Any, curl: str, url: str, models: tuple[str, ...]) -> tuple[list[str], list[int]]:
+    """
+    One curl run (one client connection kept alive) posting a chat request
+    for each of C{models} to C{url}: the agent of each answer, and curl's
+    count of connections opened for each request.
+    """
+    args: list[str] = []
+    for i, model in enumerate(models):
+        if i:
+            args.append("--next")
+        args += ["-s", "-H", "content-type: application/json", "-d", json.dumps({"model": model}),
+                 "-w", "\n%{num_connects}\n", url]
+    out, err, code = await getProcessOutputAndValue(curl, args)
+    test.assertEqual(code, 0, err)
+    lines = out.decode().split("\n")
+    return [json.loads(line)["agent"] for line in lines[0::2] if line], [int(n) for n in lines[1::2] if n]
+
+
 class ClusterHTTPTests(ServiceMixin, TestCase):
     timeout = 90
     setUp = test_e2e_cluster.ClusterTests.setUp
@@ -71,17 +89,7 @@ class ClusterHTTPTests(ServiceMixin, TestCase):
         await self.start_agent("c1", "c", ["qwen"])
         await wait_for(lambda: set(self.tunnel("b").registry.remote) == {"a1", "c1"})
         url = f"http://127.0.0.1:{self.tunnel('b').port_of('public')}/v1/chat/completions"
-        args = []
-        for i, model in enumerate(("llama", "qwen", "llama")):
-            if i:
-                args.append("--next")
-            args += ["-s", "-H", "content-type: application/json", "-d", json.dumps({"model": model}),
-                     "-w", "\n%{num_connects}\n", url]
-        out, err, code = await getProcessOutputAndValue(curl, args)
-        self.assertEqual(code, 0, err)
-        lines = out.decode().split("\n")
-        answers = [json.loads(line)["agent"] for line in lines[0::2] if line]
-        connects = [int(n) for n in lines[1::2] if n]
+        answers, connects = await curl_models(self, curl, url, ("llama", "qwen", "llama"))
         self.assertEqual(answers, ["a1", "c1", "a1"])
         self.assertEqual(sum(connects), 1)  # one client connection for the three
         # an unknown model is still a 404 cluster-wide

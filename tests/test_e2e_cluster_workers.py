@@ -17,7 +17,6 @@ import socket
 from typing import Any
 
 from twisted.internet import task
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
 
@@ -25,6 +24,7 @@ from rproxy.tunnel.agent import AgentService
 from rproxy.tunnel.config import parse_agent_config
 from tests import test_e2e_cluster, test_workers_e2e
 from tests.support import Client, async_test, connect, listen, reactor
+from tests.test_e2e_cluster_http import curl_models
 from tests.test_e2e_tunnel_http import LocalService
 from tests.test_twistd import Child
 
@@ -265,17 +265,9 @@ class ClusterWorkersTests(test_workers_e2e.WorkersMixin, TestCase):
         await self.until_listed({"a1", "b1"})
         url = f"http://127.0.0.1:{self.public_port}/v1/chat/completions"
         for _ in range(4):
-            args: list[str] = []
-            for i, model in enumerate(("llama", "qwen", "llama", "qwen")):
-                if i:
-                    args.append("--next")
-                args += ["-s", "-H", "content-type: application/json", "-d", json.dumps({"model": model}),
-                         "-w", "\n%{num_connects}\n", url]
-            out, err, code = await getProcessOutputAndValue(curl, args)
-            self.assertEqual(code, 0, err)
-            lines = out.decode().split("\n")
-            self.assertEqual([json.loads(line)["agent"] for line in lines[0::2] if line], ["a1", "b1", "a1", "b1"])
-            self.assertEqual(sum(int(n) for n in lines[1::2] if n), 1)  # one client connection for the four
+            answers, connects = await curl_models(self, curl, url, ("llama", "qwen", "llama", "qwen"))
+            self.assertEqual(answers, ["a1", "b1", "a1", "b1"])
+            self.assertEqual(sum(connects), 1)  # one client connection for the four
 
 
 async def deferLater(seconds: float) -> None:
