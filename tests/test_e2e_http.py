@@ -683,6 +683,21 @@ class HTTPTests(HTTPHelpers, TestCase):
         self.assertEqual(await client.read_until(b"hello"), b"\x81\x05hello")
 
     @async_test
+    async def test_no_switch_smuggles_nothing(self) -> None:
+        """
+        A request hidden behind an upgrade request that the server does not
+        switch (it answers 200) never reaches the server: the answer says
+        Connection: close and the connection closes.
+        """
+        await self.start()
+        _, response = await self.request(
+            b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            b"POST /admin HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response[:60])
+        self.assertIn(b"\r\nConnection: close\r\n", response)
+        self.assertEqual([r["path"] for r in self.backends[0][0].requests], ["/echo"])
+
+    @async_test
     async def test_websocket_half_close(self) -> None:
         """
         After a 101, a client that shuts its writing down still reads what

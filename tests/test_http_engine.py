@@ -510,6 +510,57 @@ class UpgradeSpliceTests(SynchronousTestCase):
         self.assertEqual(e.pool.servers[0].active, 0)
         self.assertEqual(len(e.frontend.connections), 0)
 
+    def test_bytes_after_upgrade_request_wait_for_101(self) -> None:
+        """
+        What follows an upgrade request goes upstream only after the 101,
+        in order: a server that has not switched never reads it.
+        """
+        e = Engine()
+        conn, client = e.client()
+        conn.dataReceived(UPGRADE + b"early")
+        upstream = e.connector.connect()
+        conn.dataReceived(b" and later")
+        writes = [r[1] for r in e.take() if r[0] == "upstream.write"]
+        self.assertEqual(len(writes), 1)
+        self.assertTrue(writes[0].startswith(b"GET /chat HTTP/1.1\r\n"))
+        self.assertNotIn(b"early", writes[0])
+        upstream.dataReceived(SWITCH)
+        self.assertEqual([r for r in e.take() if r[0] == "upstream.write"],
+                         [("upstream.write", b"early"), ("upstream.write", b" and later")])
+
+    def test_no_switch_closes_and_holds_back(self) -> None:
+        """
+        An upgrade request answered without a 101: the bytes that followed
+        it (a smuggled request here) never reach the server, the answer
+        says Connection: close and the client connection closes after it;
+        the server's connection, which read nothing unchecked, is kept.
+        """
+        e = Engine()
+        conn, client = e.client()
+        conn.dataReceived(UPGRADE + b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n")
+        upstream = e.connector.connect()
+        upstream.dataReceived(OK)
+        record = e.take()
+        self.assertEqual([r for r in record if r[0] == "upstream.write" and b"/admin" in r[1]], [])
+        self.assertIn(b"Connection: close\r\n", client.value())
+        self.assertIn(("client.close",), record)
+        self.assertIn(("connector.put", "s0"), record)
+
+    def test_answered_upgrade_request_closes(self) -> None:
+        """
+        An upgrade request a filter answers itself (no server): the
+        connection closes after the answer, the bytes after it unread.
+        """
+        e = Engine()
+        e.filters[0].on_request = lambda exchange: exchange.answer(401, b"Unauthorized", [])
+        conn, client = e.client()
+        conn.dataReceived(UPGRADE + b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n")
+        record = e.take()
+        self.assertFalse([r for r in record if r[0].startswith("connector")])
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 401 "))
+        self.assertIn(b"Connection: close\r\n", client.value())
+        self.assertIn(("client.close",), record)
+
     def test_pre_upgrade_connection_is_not_half_closeable(self) -> None:
         """Before a 101 a FIN ends the connection (Twisted's default), as before."""
         e = Engine()

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import glob
 import os
+from typing import Any
 
 import yaml
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from rproxy.http.headers import request_head
 from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, RequestReader, Upgrade
 
 CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
@@ -19,6 +21,12 @@ CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 # Cases the corpus calls Compliant or Acceptable that rproxy refuses on
 # purpose (llhttp's strict mode; a 400 is the safe side of each).
 DELIBERATELY_STRICT = {
+    # 501, as nginx answers: rproxy re-frames a body as chunked and would drop the other codings
+    "Correct TE OK": "a transfer coding other than chunked (gzip, chunked)",
+    "Multiple transfer encoding headers in a single request OK": "a transfer coding other than chunked",
+    "Different Transfer-Encoding headers": "a transfer coding other than chunked (gzip, then chunked)",
+    "Different Transfer-Encoding headers combined": "transfer codings other than chunked",
+    "Transfer-Encoding: identity and chunked OK": "a transfer coding other than chunked (deflate, identity, chunked)",
     "TE with custom parameters OK": "Transfer-Encoding parameters on chunked",
     "Transfer-Encoding with a param: chunked;custom_param": "Transfer-Encoding parameters on chunked",
     "International in URI": "raw non-ASCII bytes in the request target",
@@ -117,6 +125,97 @@ class DesyncCorpusTests(SynchronousTestCase):
             if isinstance(result, HTTPError):
                 refused.append(name)
         self.assertEqual(sorted(refused), sorted(DELIBERATELY_STRICT))
+
+
+def _kinds(events: list[Any]) -> list[tuple[Any, ...]]:
+    return [(type(e).__name__, getattr(e, "target", getattr(e, "data", getattr(e, "rest", None))),
+             getattr(e, "upgrade", None)) for e in events]
+
+
+class UpgradeDeclinedTests(SynchronousTestCase):
+    """
+    Upgrades to h2c and upgrade requests with a body are read as plain
+    requests, and what follows them as the next requests.
+    """
+
+    def feed(self, data: bytes, cut: int | None = None) -> list[Any]:
+        reader = RequestReader(bodiless_end=False)
+        if cut is None:
+            return reader.feed(data)
+        return reader.feed(data[:cut]) + reader.feed(data[cut:])
+
+    def test_h2c_declined(self) -> None:
+        """curl --http2's request: no upgrade, and the next request is read."""
+        data = (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        for cut in (None, 40, len(data) - 5):
+            self.assertEqual(_kinds(self.feed(data, cut)), [
+                ("RequestHead", b"/", False), ("RequestHead", b"/next", False)], cut)
+
+    def test_h2c_with_body_declined(self) -> None:
+        """curl --http2 -d: the body is read as the body (length or chunked)."""
+        for framing, body in ((b"Content-Length: 3", b"abc"), (b"Transfer-Encoding: chunked", b"3\r\nabc\r\n0\r\n\r\n")):
+            data = (b"POST /p HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                    + framing + b"\r\n\r\n" + body + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+            for cut in (None, 90, len(data) - 30):
+                self.assertEqual(_kinds(self.feed(data, cut)), [
+                    ("RequestHead", b"/p", False), ("Body", b"abc", None), ("EndOfMessage", None, None),
+                    ("RequestHead", b"/next", False)], (framing, cut))
+
+    def test_upgrade_with_body_declined(self) -> None:
+        """Any upgrade request with a body; a bodiless upgrade after it is one."""
+        data = (b"POST /p HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                b"Content-Length: 3\r\n\r\nabc"
+                b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nframes")
+        self.assertEqual(_kinds(self.feed(data)), [
+            ("RequestHead", b"/p", False), ("Body", b"abc", None), ("EndOfMessage", None, None),
+            ("RequestHead", b"/ws", True), ("Upgrade", b"frames", None)])
+
+    def test_websocket_upgrade_kept(self) -> None:
+        """A bodiless WebSocket upgrade is one; the bytes after it are its rest."""
+        data = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nGET /x"
+        self.assertEqual(_kinds(self.feed(data)), [("RequestHead", b"/ws", True), ("Upgrade", b"GET /x", None)])
+
+    def test_later_bytes_after_upgrade(self) -> None:
+        """Bytes read after an upgrade request's are the new protocol's too, not a request."""
+        reader = RequestReader(bodiless_end=False)
+        reader.feed(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        self.assertEqual(reader.feed(b"not http"), [Upgrade(b"not http")])
+
+    def test_declined_upgrade_drops_its_fields_upstream(self) -> None:
+        """Upstream, a declined h2c request has no Upgrade, Connection or HTTP2-Settings."""
+        head = self.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                         b"Upgrade: h2c\r\nHTTP2-Settings: AA\r\n\r\n")[0]
+        sent = request_head(head.method, head.target, head.headers, b"10.0.0.1", b"http", head.chunked,
+                            head.content_length, head.upgrade).lower()
+        for field in (b"upgrade:", b"connection:", b"http2-settings:"):
+            self.assertNotIn(field, sent)
+
+
+class TransferCodingTests(SynchronousTestCase):
+    def status(self, *fields: bytes) -> int | None:
+        data = b"POST / HTTP/1.1\r\nHost: a\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n0\r\n\r\n"
+        try:
+            RequestReader().feed(data)
+        except HTTPError as e:
+            return e.status
+        return None
+
+    def test_other_codings_not_implemented(self) -> None:
+        """A coding before chunked gets 501 (as nginx): rproxy's re-framing would drop it."""
+        self.assertEqual(self.status(b"Transfer-Encoding: gzip, chunked"), 501)
+        self.assertEqual(self.status(b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked"), 501)
+
+    def test_chunked_accepted(self) -> None:
+        """chunked alone, in any case, or after the no-op identity, is read."""
+        self.assertIsNone(self.status(b"Transfer-Encoding: chunked"))
+        self.assertIsNone(self.status(b"Transfer-Encoding: Chunked"))
+        self.assertIsNone(self.status(b"Transfer-Encoding: identity, chunked"))
+
+    def test_no_final_chunked_bad_request(self) -> None:
+        """No final chunked: the body has no framing, 400."""
+        self.assertEqual(self.status(b"Transfer-Encoding: gzip"), 400)
+        self.assertEqual(self.status(b"Transfer-Encoding: chunked, gzip"), 400)
 
 
 class ReaderTests(SynchronousTestCase):

@@ -38,6 +38,16 @@ CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "s
 STRICTER: dict[tuple[str, str], str] = {
     ("sample.md", "No HTTP version"): "an HTTP/0.9 request (no version) gets 505: its answer could carry no "
                                       "status or headers, and no proxy should speak it",
+    ("transfer-encoding.md", "POST with `chunked` as last transfer-encoding"):
+        "501, as nginx answers: a transfer coding other than chunked, which rproxy's re-framing would drop",
+    ("transfer-encoding.md", "POST with `chunked` as last transfer-encoding (multiple headers)"):
+        "501, as nginx answers: a transfer coding other than chunked, which rproxy's re-framing would drop",
+    ("connection.md", "Upgrade POST request"):
+        "an upgrade request with a body is declined (read as a plain request: llhttp leaves its body unread, "
+        "so it would be forwarded unchecked); what follows its body is then read as HTTP, and is not",
+    ("connection.md", "Emitting part of body and pausing"):
+        "an upgrade request with a body is declined (read as a plain request: llhttp leaves its body unread, "
+        "so it would be forwarded unchecked); what follows its body is then read as HTTP, and is not",
 }
 
 

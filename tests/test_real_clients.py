@@ -316,6 +316,28 @@ class CurlTests(RealClientsMixin, TestCase):
         self.assertEqual(json.loads(body)["headers"]["x-forwarded-proto"], "https")
 
     @async_test
+    async def test_h2c_upgrade_declined(self) -> None:
+        """
+        curl --http2 on http:// asks for an h2c upgrade (with and without a
+        body): rproxy declines it (no h2c channel past its per-request
+        policies), so the server sees neither Upgrade nor HTTP2-Settings,
+        and curl gets its answers over HTTP/1.1.
+        """
+        await self.start()
+        code, out, err = await self.curl(
+            "-v", "--http2", "-w", _W, f"http://127.0.0.1:{self.http}/echo",
+            "--next", "--http2", "-d", "posted", "-w", _W, f"http://127.0.0.1:{self.http}/echo")
+        self.assertEqual(code, 0, err)
+        self.assertIn("Upgrade: h2c", err)  # (what curl asked for)
+        transfers = _transfers(out)
+        self.assertEqual([fields[0::2] for _, fields in transfers], [["200", "1.1"], ["200", "1.1"]])
+        for body, _ in transfers:
+            seen = json.loads(body)["headers"]
+            self.assertNotIn("upgrade", seen)
+            self.assertNotIn("http2-settings", seen)
+        self.assertEqual(json.loads(transfers[1][0])["length"], len("posted"))
+
+    @async_test
     async def test_sni_certificate_with_alpn(self) -> None:
         """
         curl asking for b.example (SNI) gets b.example's certificate, which

@@ -247,11 +247,12 @@ class HTTPConnection(Relayed, Protocol):
                         continue
                     events.popleft()
                     exchange.end_request()
-                elif isinstance(event, Upgrade):
-                    events.popleft()
-                    exchange.upgrade_rest = event.rest
-                    if exchange.upstream is not None:
-                        exchange.upstream.transport.write(event.rest)  # type: ignore[union-attr]
+                elif kind is Upgrade:
+                    # what follows an upgrade request waits for the server's
+                    # 101 (upgraded() sends it then): a server that does not
+                    # switch must not read it as requests nobody checked;
+                    # the connection closes after such an answer
+                    break
                 else:
                     events.popleft()
         finally:
@@ -309,7 +310,9 @@ class HTTPConnection(Relayed, Protocol):
         if self.exchange is exchange:
             self.exchange = None
             frontend.active_requests -= 1
-        if self.closing_after_response or not exchange.head.keep_alive:
+        if self.closing_after_response or not exchange.head.keep_alive or exchange.head.upgrade:
+            # (an upgrade request the server did not switch: the reader
+            # stopped after it, see pump)
             self.ungate()
             self.closing = True
             self.transport.loseConnection()  # type: ignore[union-attr]
@@ -343,6 +346,10 @@ class HTTPConnection(Relayed, Protocol):
         for event in rest:
             if exchange.upstream is not None and event.rest:
                 exchange.upstream.transport.write(event.rest)  # type: ignore[union-attr]
+        if self.paused:
+            # (paused for the bytes held until the 101: the splice takes over)
+            self.paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
 
     # -- answering ---------------------------------------------------------
 

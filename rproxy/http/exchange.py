@@ -77,7 +77,7 @@ class Exchange(ExchangeFailures):
     __slots__ = (
         "client", "frontend", "head", "target", "tried", "started", "upstream", "server", "pool", "route",
         "state", "close_delimited", "got_bytes", "producing", "batch", "deadline", "status", "notes",
-        "_pending", "_step", "attempts", "pinned", "prefer", "key", "framing", "keep_upstream", "upgrade_rest", "continued",
+        "_pending", "_step", "attempts", "pinned", "prefer", "key", "framing", "keep_upstream", "continued",
         "delivered_before", "client_host", "chain",
     )
 
@@ -110,7 +110,6 @@ class Exchange(ExchangeFailures):
         self.key: bytes | None = None
         self.framing = "none"
         self.keep_upstream = False
-        self.upgrade_rest = b""
         self.continued = False  # a 100 Continue went to the client (read_ahead)
         self.delivered_before = client.delivered  # the response's bytes are what is added
         self.client_host: str = client.peer_host
@@ -256,8 +255,6 @@ class Exchange(ExchangeFailures):
             transport.registerProducer(client.transport, True)  # type: ignore[union-attr]
         else:
             self.state = AWAITING
-        if self.upgrade_rest:
-            transport.write(self.upgrade_rest)  # type: ignore[union-attr]
         if not client.pumping:
             # (a pump up the stack, the common case, sees the body itself)
             client.pump()
@@ -325,7 +322,9 @@ class Exchange(ExchangeFailures):
         self.framing = framing
         self.keep_upstream = keep_alive and not self.close_delimited and not head.suspicious_body
         client = self.client
-        close = not head.keep_alive or framing == "close" or client.closing_after_response
+        # (after an upgrade request that gets no 101 the reader is stopped:
+        # what follows it is not read as requests, the connection closes)
+        close = not head.keep_alive or framing == "close" or client.closing_after_response or head.upgrade
         client.closing_after_response = close
         extra: list[tuple[bytes, bytes]] = []
         for f in self.frontend.chain.response:
@@ -437,7 +436,7 @@ class Exchange(ExchangeFailures):
         the connection stays open for the next (ROUTING -> DONE).
         """
         self.status = status
-        close = not self.head.keep_alive or self.client.closing_after_response
+        close = not self.head.keep_alive or self.client.closing_after_response or self.head.upgrade
         # (an empty body but for 204 and 304, which have none: without a
         # length the client would read one to the close)
         length = None if status in (204, 304) else 0

@@ -33,6 +33,7 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
         b"content-length",  # rproxy sets the framing itself
         b"expect",
+        b"http2-settings",  # (an h2c upgrade's, which rproxy declines)
     }
 )
 

@@ -16,12 +16,25 @@ ambiguous raises L{HTTPError} with the status to answer (then close):
        HTTP/1.0, a missing or repeated Host on HTTP/1.1, a Host that is
        not a host[:port], and header names that only differ from
        Transfer-Encoding or Content-Length by "_" or "-" (servers that
-       fold "_" into "-" would frame the body differently);
+       fold "_" into "-" would frame the body differently), and a
+       repeated Transfer-Encoding field;
   413  a body longer than C{max_body};
   414  a request target longer than C{max_target};
   431  more than C{max_headers} header fields, or a head larger than
        C{max_head} bytes;
+  501  a Transfer-Encoding other than chunked alone (C{gzip, chunked}:
+       rproxy re-frames bodies and would drop the other coding), as
+       nginx answers;
   505  an HTTP version other than 1.0 and 1.1.
+
+Upgrades: an upgrade request without a body becomes an L{Upgrade} event
+after its head, with the bytes that follow it.  Two kinds are declined,
+read as the plain requests they also are (their Upgrade field dropped
+upstream, as hop-by-hop fields are), and the bytes after them parsed as
+usual: an upgrade to C{h2c} (which would open an HTTP/2 channel behind
+the proxy's back, past every per-request policy: "h2c smuggling"; Envoy
+declines it too), and an upgrade request with a body (C{curl --http2 -d}:
+llhttp leaves such a body unparsed, so it would be forwarded unread).
 
 httptools (llhttp) does the byte-level parsing: it is strict by default
 and the issue's expected choice; this module adds limits and the checks
@@ -41,6 +54,7 @@ from rproxy.http.headers import HTTP11
 __all__ = ["HTTPError", "RequestHead", "Body", "EndOfMessage", "Upgrade", "RequestReader"]
 
 _FRAMING = (b"transfer-encoding", b"content-length")
+_CHUNKED = frozenset({b"chunked", b"Chunked", b"CHUNKED"})
 _VERSIONS = {"1.1": HTTP11, "1.0": (1, 0)}
 # common fields with nothing to check, skipped at once
 _ORDINARY = frozenset({
@@ -150,14 +164,46 @@ class EndOfMessage:
 @attrs.frozen
 class Upgrade:
     """
-    The head was an upgrade (or CONNECT) request; C{rest} are the bytes
-    after it, which belong to the upgraded protocol.
+    The head was an upgrade (or CONNECT) request; C{rest} are bytes that
+    follow it, which belong to the upgraded protocol if the server
+    switches (the engine holds them until it does).
     """
 
     rest: bytes
 
 
 _END = EndOfMessage()
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]+")
+
+
+def _codings_refused(headers: list[tuple[bytes, bytes]]) -> int:
+    """
+    The status refusing a request's transfer codings (all its
+    Transfer-Encoding fields), 0 for chunked alone: 501 for other codings
+    before a final chunked (rproxy re-frames a body and would drop them),
+    400 for a list llhttp lets through but that frames nothing.  The
+    obsolete C{identity} coding (no coding) is left out.
+    """
+    names = [coding.strip(b" \t").lower() for name, value in headers if name.lower() == b"transfer-encoding"
+             for coding in value.split(b",")]
+    names = [n for n in names if n != b"identity"] or names  # (the coding that does nothing)
+    if names == [b"chunked"]:
+        return 0
+    if names[-1] == b"chunked" and b"chunked" not in names[:-1] and all(_TOKEN.fullmatch(n) for n in names[:-1]):
+        return 501
+    return 400
+
+
+def _h2c(headers: list[tuple[bytes, bytes]]) -> bool:
+    """
+    Whether an Upgrade field offers h2c.
+    """
+    for name, value in headers:
+        if name.lower() == b"upgrade" and b"h2c" in value.lower():
+            return True
+    return False
 
 
 class RequestReader:
@@ -191,6 +237,14 @@ class RequestReader:
         # body bytes in the events of the last feed()
         self.body_fed = 0
         self._in_head = self._in_body = False
+        # the head of an upgrade request this reader declined (it is read
+        # as a plain request), until llhttp stops after it
+        self._declined: RequestHead | None = None
+        # llhttp reads a made-up head (the declined request's framing):
+        # its callbacks make no event
+        self._replaying = False
+        # an upgrade request was read: every later byte is an Upgrade's
+        self.upgraded = False
 
     def _fail(self, status: int, reason: str) -> None:
         # httptools wraps exceptions raised in callbacks; keep ours to
@@ -220,6 +274,11 @@ class RequestReader:
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._replaying:
+            self._replaying = False
+            self._in_head = False
+            self._in_body = True
+            return
         parser = self._parser
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
@@ -231,7 +290,7 @@ class RequestReader:
         content_length: int | None = None
         host = traceparent = None
         hosts = 0
-        upgrade = False
+        upgrade = odd_codings = False
         size = len(self._target)
         for name, value in headers:
             size += len(name) + len(value)
@@ -242,6 +301,8 @@ class RequestReader:
                 host = value
                 hosts += 1
             elif lower == b"transfer-encoding":
+                if chunked or value not in _CHUNKED:
+                    odd_codings = True
                 chunked = True
             elif lower == b"content-length":
                 content_length = int(value)
@@ -259,6 +320,11 @@ class RequestReader:
                 self._fail(400, f"suspicious header name {name[:40]!r}")
         if size + 4 * len(headers) > self.max_head:
             self._fail(431, "Request Header Fields Too Large")
+        if odd_codings:
+            status = _codings_refused(headers)
+            if status:
+                self._fail(status, "Transfer-Encoding other than chunked" if status == 501
+                           else "invalid Transfer-Encoding")
         if chunked and version == (1, 0):
             self._fail(400, "Transfer-Encoding on HTTP/1.0")
         if hosts != 1 and version == (1, 1) and (hosts or self.require_host):
@@ -274,15 +340,20 @@ class RequestReader:
         method = parser.get_method()
         # (llhttp upgrades a CONNECT, or a request with an Upgrade field and
         # Connection: upgrade: it is not asked about the others)
+        declined = False
         if upgrade or method == b"CONNECT":
             upgrade = parser.should_upgrade()
-        self._events.append(
-            RequestHead(
-                method, self._target, version, headers, parser.should_keep_alive(), chunked, content_length, upgrade,
-                (chunked or (content_length is not None and content_length != 0)) and method in (b"GET", b"HEAD"), host,
-                traceparent,
-            )
+            if upgrade and method != b"CONNECT" and (chunked or content_length or _h2c(headers)):
+                upgrade = False
+                declined = True
+        head = RequestHead(
+            method, self._target, version, headers, parser.should_keep_alive(), chunked, content_length, upgrade,
+            (chunked or (content_length is not None and content_length != 0)) and method in (b"GET", b"HEAD"), host,
+            traceparent,
         )
+        if declined:
+            self._declined = head
+        self._events.append(head)
         self._in_head = False
         self._in_body = True
 
@@ -307,17 +378,22 @@ class RequestReader:
 
         @raise HTTPError: the request must be refused.
         """
+        if self.upgraded:
+            # (llhttp would read on as HTTP; these bytes are the new protocol's)
+            return [Upgrade(data)]
         continuing = self._in_head
         self.body_fed = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0] if upgrade.args else len(data)
-            self._events.append(Upgrade(data[offset:]))
+            if self._declined is None:
+                self._events.append(Upgrade(data[offset:]))
+                self.upgraded = True
+            else:
+                self._read_on(data[offset:])
         except httptools.HttpParserError as e:
-            if self._error is not None:
-                raise self._error from None
-            raise HTTPError(400, f"Bad Request: {e}") from None
+            self._parse_error(e)
         if self._in_head:
             # httptools keeps a partial header line to itself: count what
             # a head that spans feeds has taken, so a head trickling in
@@ -330,6 +406,47 @@ class RequestReader:
                 raise self._error
         events, self._events = self._events, []
         return events
+
+    def _parse_error(self, e: Exception) -> None:
+        if self._error is not None:
+            raise self._error from None
+        raise HTTPError(400, f"Bad Request: {e}") from None
+
+    def _read_on(self, rest: bytes) -> None:
+        """
+        llhttp stopped after a declined upgrade request (it stops after any
+        upgrade request's head, leaving a body unread): read on with a new
+        parser, first through a made-up head with the declined request's
+        framing (which makes no event), so its body and what follows are
+        read as usual.
+        """
+        head = self._declined
+        assert head is not None
+        while head is not None:
+            self._declined = None
+            self._parser = httptools.HttpRequestParser(self)
+            if head.has_body:
+                # llhttp has already called it complete: its body is still to come
+                events = self._events
+                if events and events[-1] is _END:
+                    events.pop()
+                self._replaying = True
+                framing = (b"Transfer-Encoding: chunked" if head.chunked
+                           else b"Content-Length: %d" % head.content_length)  # type: ignore[str-bytes-safe]
+                self._parser.feed_data(b"POST / HTTP/1.1\r\n" + framing
+                                       + (b"\r\n\r\n" if head.keep_alive else b"\r\nConnection: close\r\n\r\n"))
+            try:
+                self._parser.feed_data(rest)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                offset = upgrade.args[0] if upgrade.args else len(rest)
+                rest = rest[offset:]
+                head = self._declined
+                if head is None:
+                    self._events.append(Upgrade(rest))
+                    self.upgraded = True
+            except httptools.HttpParserError as e:
+                self._parse_error(e)
 
     def refused_head(self) -> RequestHead:
         """
