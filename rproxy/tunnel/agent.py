@@ -53,6 +53,7 @@ from rproxy.tunnel.wire import (
     NewProxyConn,
     ProtocolError,
     RequestNewProxyConn,
+    StartResult,
     StartStream,
     encode,
 )
@@ -228,6 +229,8 @@ class Stream:
         self.proxy: ProxyEnd | None = None
         self.early: list[bytes] = []
         self.done = False
+        # pooled: the server asked for a start_result before the stream
+        self.ack = False
 
     def start(self) -> None:
         if self.request.pool:
@@ -238,13 +241,27 @@ class Stream:
 
     def start_pooled(self, start: StartStream) -> None:
         self.control.pooled.discard(self)
+        self.ack = start.ack
         service = self.control.agent.service_for(start.service)
         if service is None:
-            assert self.proxy is not None
-            self.proxy.transport.abortConnection()  # type: ignore[union-attr]
+            self._refuse_pooled(f"no local service named {start.service!r}")
             return
         self.service = service
         self._connect_local()
+
+    def _refuse_pooled(self, why: str) -> None:
+        """
+        A pooled stream cannot start: with C{ack} the server is told why on
+        its connection (it tries another agent); without, the connection is
+        cut.
+        """
+        assert self.proxy is not None
+        transport: Any = self.proxy.transport
+        if self.ack:
+            transport.write(encode(StartResult(ok=False, error=why)))
+            transport.loseConnection()
+        else:
+            transport.abortConnection()
 
     def _connect_local(self) -> None:
         agent = self.control.agent
@@ -255,16 +272,18 @@ class Stream:
 
     def local_failed(self, reason: Failure) -> None:
         self.done = True
-        if self.proxy is not None:
-            self.proxy.transport.abortConnection()  # type: ignore[union-attr]
         self.control.agent.log.warn(
             "agent: local service {service} unreachable: {why}",
             service=self.service.name, why=reason.getErrorMessage(),
         )
+        why = f"local service {self.service.name} unreachable"
+        if self.proxy is not None:  # pooled
+            self._refuse_pooled(why)
+            if self.ack:
+                return  # the server was told on the connection
         # the conn id lets the server fail this stream now (a pooled one
-        # is failed by closing its proxy connection above)
-        conn_id = None if self.request.pool else self.request.conn_id
-        self.control.send(Error(f"local service {self.service.name} unreachable", conn_id=conn_id))
+        # without ack is failed by closing its proxy connection above)
+        self.control.send(Error(why, conn_id=None if self.request.pool else self.request.conn_id))
 
     def local_connected(self, local: LocalEnd) -> None:
         self.local = local
@@ -272,6 +291,8 @@ class Stream:
             if self.proxy.lost:
                 local.transport.loseConnection()  # type: ignore[union-attr]
                 return
+            if self.ack:
+                self.proxy.transport.write(encode(StartResult(ok=True)))  # type: ignore[union-attr]
             if self.early:
                 local.transport.write(b"".join(self.early))  # type: ignore[union-attr]
                 self.early = []
@@ -352,7 +373,7 @@ class AgentControl(Protocol):
         self.send(Login(
             agent_id=agent.agent_id, api_key=agent.config.api_key,
             system_info=agent.stats.system_info(), models=agent.models,
-            pool_count=agent.config.pool_count,
+            pool_count=agent.config.pool_count, start_result=True,
         ))
 
     def send(self, message: Any) -> None:

@@ -54,6 +54,10 @@ class AgentSession:
     last_heartbeat: float | None = None
     streams: set[Any] = attrs.field(factory=set)
     pool_count: int = 0
+    # the agent answers start_stream {ack: true} with start_result
+    # (L{rproxy.tunnel.wire}): a pooled connection is handed to a request
+    # only once its local service accepted
+    start_result: bool = False
     idle: list[Any] = attrs.field(factory=list)
     pool_pending: int = 0
     opening: int = 0

@@ -168,6 +168,7 @@ class ControlProtocol(Protocol):
             agent_id=login.agent_id, peer=peer_address(self.transport), key_name=key.name, level=key.level,
             connected_at=now, last_seen=now, control=self, system_info=login.system_info,
             devices=login.devices, models=login.models, pool_count=login.pool_count,
+            start_result=login.start_result,
             key_digest=hashlib.sha256((login.api_key or login.token or "").encode("utf-8")).digest(),
         )
         self.session = session

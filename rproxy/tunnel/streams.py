@@ -29,6 +29,7 @@ from rproxy.tunnel.wire import (
     NewProxyConn,
     ProtocolError,
     RequestNewProxyConn,
+    StartResult,
     StartStream,
     encode,
 )
@@ -244,6 +245,10 @@ class ProxyProtocol(SpliceEnd):
     _timer: IDelayedCall | None = None
     # mode http: the engine's connection over this one
     upstream: UpstreamConnection | None = None
+    # a pooled connection sent start_stream {ack}, until its start_result:
+    # what waits for it (attach / stream_refused), and its agent
+    starting: Any = None
+    starting_agent: AgentSession | None = None
 
     def __init__(self, server: TunnelServer) -> None:
         self.server = server
@@ -262,6 +267,9 @@ class ProxyProtocol(SpliceEnd):
             return
         if self.peer is not None:
             SpliceEnd.dataReceived(self, data)
+            return
+        if self.starting is not None:
+            self._start_result(data)
             return
         if self.decoder is None:
             if self.pooled_by is not None:
@@ -298,6 +306,58 @@ class ProxyProtocol(SpliceEnd):
             pending.agent.idle.append(self)
             return
         pending.public.attach(self, pending.agent, rest)
+
+    def await_start(self, waiter: Any, agent: AgentSession) -> None:
+        """
+        Send this idle pooled connection's agent C{start_stream {ack}}; its
+        C{start_result} goes to C{waiter}: C{attach(proxy, agent, rest)}
+        once the local service accepted, C{stream_refused(agent, why)} if
+        it did not or the connection ends first.
+        """
+        self.pooled_by = None
+        self.starting, self.starting_agent = waiter, agent
+        self.decoder = FrameDecoder(1024)
+        self.transport.write(encode(StartStream(self.server.config.service, ack=True)))  # type: ignore[union-attr]
+
+    def _start_result(self, data: bytes) -> None:
+        assert self.decoder is not None and self.starting_agent is not None
+        agent = self.starting_agent
+        try:
+            messages = self.decoder.feed(data, limit=1)
+        except ProtocolError as e:
+            self._start_failed(f"malformed start_result: {e}")
+            self.refuse(f"malformed start_result: {e}")
+            return
+        if not messages:
+            return
+        result, rest = messages[0], self.decoder.rest()
+        if not isinstance(result, StartResult):
+            self._start_failed(f"expected start_result, got {result.type}")
+            self.refuse(f"expected start_result, got {result.type}")
+            return
+        waiter = self.starting
+        self.starting = self.starting_agent = None
+        self.decoder = None
+        if result.ok:
+            waiter.attach(self, agent, rest)
+            return
+        why = result.error or "no reason given"
+        self.server.log.info("tunnel {tunnel}: agent {agent} reports: {message}",
+                             tunnel=self.server.name, agent=agent.agent_id, message=why)
+        agent.failed_total += 1
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        waiter.stream_refused(agent, why)
+
+    def _start_failed(self, why: str) -> None:
+        """
+        The pooled connection will not start (bad answer, or it closed):
+        its waiter is told (nothing reached the agent's service).
+        """
+        waiter, agent = self.starting, self.starting_agent
+        self.starting = self.starting_agent = None
+        if waiter is not None and agent is not None:
+            agent.failed_total += 1
+            waiter.stream_refused(agent, why)
 
     def readConnectionLost(self) -> None:
         upstream = self.upstream
@@ -350,6 +410,8 @@ class ProxyProtocol(SpliceEnd):
         self._timer = None
         if self.public is not None:
             self.public.ended("agent_closed" if reason is None or reason.check(ConnectionDone) else "agent_reset")
+        if self.starting is not None:
+            self._start_failed("closed its pooled connection before the stream started")
         if self.pooled_by is not None:
             try:
                 self.pooled_by.idle.remove(self)

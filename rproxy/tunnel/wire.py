@@ -13,7 +13,7 @@ reason logged, and nothing else is affected.
 Control connection (agent -> server, port 17000)
 ================================================
   agent  -> login           {version, api_key | token, agent_id, system_info,
-                             devices, models, pool_count}
+                             devices, models, pool_count, start_result?}
   server -> login_result    {ok, agent_id, error, heartbeat_interval}
   agent  -> heartbeat       {cpu, memory, disk, load, active_streams}
   agent  -> models_update   {models}
@@ -30,6 +30,15 @@ and one more each time a pooled connection is used.  It opens each one and
 sends C{new_proxy_conn} as usual, then waits; when the server attaches a
 public connection it sends C{start_stream {service}} on that connection,
 and the agent connects the local service and splices.
+
+An agent that logs in with C{start_result: true} can also be sent
+C{start_stream {service, ack: true}}: it then answers on that connection,
+before any byte of the stream, with C{start_result {ok, error}}: C{ok} once
+its local service accepted, or the reason it did not (and closes).  The
+server hands the connection to a request only after C{ok}, so that a
+refusal is known to have sent the service nothing and the request goes to
+the next agent (mode http).  Agents without the field, and servers that
+never send C{ack}, keep the older exchange.
 
 Proxy connection (agent -> server, port 17001)
 ==============================================
@@ -61,6 +70,7 @@ __all__ = [
     "NewProxyConn",
     "ModelsUpdate",
     "StartStream",
+    "StartResult",
     "Error",
     "FrameDecoder",
     "encode",
@@ -119,6 +129,13 @@ def _models(data: dict[str, Any], key: str = "models") -> tuple[str, ...]:
     return tuple(models)
 
 
+def _flag(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{key}: expected true or false")
+    return value
+
+
 def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
     value = data.get(key, {})
     if not isinstance(value, dict):
@@ -143,6 +160,8 @@ class Login:
     devices: tuple[Any, ...] = ()
     models: tuple[str, ...] = ()
     pool_count: int = 0
+    # the agent answers start_stream {ack: true} with start_result
+    start_result: bool = False
     type = "login"
 
     @classmethod
@@ -158,6 +177,7 @@ class Login:
             devices=_items(d, "devices"),
             models=_models(d),
             pool_count=int(_number(d, "pool_count")),
+            start_result=_flag(d, "start_result"),
         )
         if not 0 <= login.pool_count <= MAX_POOL:
             raise ProtocolError(f"pool_count: must be from 0 to {MAX_POOL}")
@@ -171,7 +191,7 @@ class Login:
         return {
             "version": self.version, "agent_id": self.agent_id, "api_key": self.api_key,
             "token": self.token, "system_info": self.system_info, "devices": list(self.devices),
-            "models": list(self.models), "pool_count": self.pool_count,
+            "models": list(self.models), "pool_count": self.pool_count, "start_result": self.start_result,
         }
 
 
@@ -246,18 +266,46 @@ class RequestNewProxyConn:
 class StartStream:
     """
     Server -> agent, on an idle pooled proxy connection: a public
-    connection is now attached; connect the local service and splice.
+    connection is now attached; connect the local service and splice
+    (with C{ack}: answer L{StartResult} first).
     """
 
     service: str | None = None
+    ack: bool = False
     type = "start_stream"
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> StartStream:
-        return cls(service=_text(d, "service", required=False))
+        return cls(service=_text(d, "service", required=False), ack=_flag(d, "ack"))
 
     def body(self) -> dict[str, Any]:
-        return {"service": self.service}
+        if not self.ack:
+            return {"service": self.service}
+        return {"service": self.service, "ack": True}
+
+
+@attrs.frozen
+class StartResult:
+    """
+    Agent -> server, on a pooled proxy connection sent C{start_stream}
+    with C{ack}, before any byte of the stream: whether the local service
+    accepted (C{ok}), else why not (the agent closes the connection; the
+    service was sent nothing).
+    """
+
+    ok: bool
+    error: str | None = None
+    type = "start_result"
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> StartResult:
+        ok = d.get("ok")
+        if not isinstance(ok, bool):
+            raise ProtocolError("ok: expected true or false")
+        return cls(ok=ok, error=_text(d, "error", required=False, limit=1024))
+
+    def body(self) -> dict[str, Any]:
+        return {"ok": self.ok, "error": self.error}
 
 
 @attrs.frozen
@@ -311,11 +359,13 @@ class Error:
 
 
 Message = (
-    Login | LoginResult | Heartbeat | RequestNewProxyConn | NewProxyConn | StartStream | ModelsUpdate | Error
+    Login | LoginResult | Heartbeat | RequestNewProxyConn | NewProxyConn | StartStream | StartResult
+    | ModelsUpdate | Error
 )
 _TYPES: dict[str, Any] = {
     cls.type: cls
-    for cls in (Login, LoginResult, Heartbeat, RequestNewProxyConn, NewProxyConn, StartStream, ModelsUpdate, Error)
+    for cls in (Login, LoginResult, Heartbeat, RequestNewProxyConn, NewProxyConn, StartStream, StartResult,
+                ModelsUpdate, Error)
 }
 
 
