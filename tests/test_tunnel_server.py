@@ -134,12 +134,33 @@ class StreamRefusedTests(SynchronousTestCase):
         self.assertEqual([c for c in clock.getDelayedCalls() if "timed_out" in c.func.__name__], [])
 
     def test_tcp_closes_at_once(self) -> None:
-        """mode tcp: the public connection is closed at once."""
+        """mode tcp, no other agent: the public connection is closed at once."""
         tunnel, clock, control, transport, public = self.open("tcp")
         request = self.requested(control)
         control.dataReceived(encode(Error("local service web unreachable", conn_id=request.conn_id)))
         self.assertTrue(transport.disconnecting)
         self.assertEqual(tunnel.registry.pending, {})
+
+    def test_tcp_asks_the_next_agent(self) -> None:
+        """
+        mode tcp: a refusal (nothing was spliced yet) sends the client to
+        the next agent at once, as an open timeout does; when that one
+        refuses too the client is closed with its reason.
+        """
+        tunnel, clock, control, transport, public = self.open("tcp")
+        other = ControlProtocol(tunnel)
+        other.makeConnection(StringTransport())
+        other.session = session("b", clock, control=other)
+        tunnel.registry.add(other.session)
+        first = self.requested(control)
+        control.dataReceived(encode(Error("local service web unreachable", conn_id=first.conn_id)))
+        self.assertFalse(transport.disconnecting)
+        second = self.requested(other)
+        self.assertEqual(list(tunnel.registry.pending), [second.conn_id])
+        other.dataReceived(encode(Error("local service web unreachable", conn_id=second.conn_id)))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual((public.end, tunnel.streams_failed, tunnel.registry.pending), ("agent_refused", 1, {}))
+        self.assertEqual([c for c in clock.getDelayedCalls() if "timed_out" in c.func.__name__], [])
 
     def test_other_agents_conn_id_is_ignored(self) -> None:
         """An error naming a stream of another agent changes nothing."""

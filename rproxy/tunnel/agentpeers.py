@@ -210,6 +210,7 @@ class _Open:
             proxy.dataReceived(rest)
 
     def stream_refused(self, agent: AgentSession, why: str) -> None:
+        self.connector.tunnel.streams_failed += 1
         self.fail(f"agent {agent.agent_id}: {why}")
 
     def timed_out(self) -> None:

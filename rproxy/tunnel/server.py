@@ -484,7 +484,8 @@ class TunnelServer:
     def stream_refused(self, session: AgentSession, conn_id: str, why: str) -> None:
         """
         C{session}'s agent cannot open stream C{conn_id} (its local service
-        refused): fail the public connection now rather than after
+        refused): the public connection moves on to the next agent (mode
+        tcp; mode http: the engine decides) now rather than after
         C{open_timeout}.  A conn id of another agent, or one no longer
         pending, is ignored.
         """
@@ -503,7 +504,6 @@ class TunnelServer:
         if public is None:
             return  # a pooled connection that will not come
         session.failed_total += 1
-        self.streams_failed += 1
         public.stream_refused(session, why)
 
     def remote_gone(self, session: AgentSession) -> None:
@@ -534,7 +534,6 @@ class TunnelServer:
         if retry is not None:
             retry(pending, why)
         else:
-            self.streams_failed += 1
             public.stream_refused(pending.agent, why)
 
     def refill_pool(self, session: AgentSession) -> None:

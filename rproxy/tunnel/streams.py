@@ -5,8 +5,9 @@ port (L{ProxyProtocol}), spliced once the agent delivers.
 
   - L{PublicProtocol}: its early bytes are kept (bounded; reading pauses
     past the bound) while the server asks an agent for a data connection;
-    if the agent does not deliver one within C{open_timeout}, the next
-    agent is asked; with none left the user is closed (C{mode: tcp}).
+    if the agent does not deliver one within C{open_timeout}, or refuses
+    (its local service is down), the next agent is asked; with none left
+    the user is closed (C{mode: tcp}).
   - L{ProxyProtocol}: its first frame must claim a pending open with the
     right one-time secret; then it is spliced with the public connection
     (L{rproxy.splice}), or, in C{mode: http}, it is an upstream
@@ -61,6 +62,8 @@ class PublicProtocol(EarlyDataEnd):
     proxy: ProxyProtocol | None = None
     # why the stream ended, for its access log line (the first reason wins)
     end: str | None = None
+    # the last agent's refusal, until the next agent is asked
+    refused: str | None = None
     span: Any = NO_SPAN  # the stream's span, with telemetry (rproxy.telemetry.spans)
     # admission's (L{rproxy.admission.IAdmitted})
     counted = False
@@ -105,16 +108,25 @@ class PublicProtocol(EarlyDataEnd):
     def request_stream(self) -> None:
         server = self.server
         agent = server.registry.pick(self.tried)
+        refused, self.refused = self.refused, None
         if agent is None:
             server.streams_failed += 1
-            why = "no agent is connected" if not self.tried else "no agent answered"
-            self.ended("no_agent")
+            if refused is not None:
+                why = refused
+                self.ended("agent_refused")
+            else:
+                why = "no agent is connected" if not self.tried else "no agent answered"
+                self.ended("no_agent")
             server.log.info(
                 "tunnel {tunnel}: closing public {peer}: {why}",
                 tunnel=server.name, peer=peer_address(self.transport), why=why,
             )
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
+        if refused is not None:
+            server.log.info("tunnel {tunnel}: public {peer}: {why}; asking agent {agent}",
+                            tunnel=server.name, peer=peer_address(self.transport), why=refused,
+                            agent=agent.agent_id)
         self.tried.add(agent.agent_id)
         while agent.idle:
             proxy = agent.idle.pop()
@@ -142,13 +154,14 @@ class PublicProtocol(EarlyDataEnd):
 
     def stream_refused(self, agent: AgentSession, why: str) -> None:
         """
-        The agent could not open this stream: the connection is closed.
+        The agent could not open this stream (its local service refused):
+        nothing was spliced yet, so the next agent is asked, as after
+        C{open_timeout}; with none left the connection is closed with the
+        agent's reason.
         """
         self.pending = None
-        self.ended("agent_refused")
-        self.server.log.info("tunnel {tunnel}: closing public {peer}: agent {agent}: {why}",
-                             tunnel=self.server.name, peer=peer_address(self.transport), agent=agent.agent_id, why=why)
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.refused = f"agent {agent.agent_id}: {why}"
+        self.request_stream()
 
     def retry_elsewhere(self, pending: Pending, why: str) -> None:
         """
