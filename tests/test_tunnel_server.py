@@ -178,6 +178,32 @@ class StreamRefusedTests(SynchronousTestCase):
                               if isinstance(m, RequestNewProxyConn)]), 1)
 
 
+class RevokeKeyTests(SynchronousTestCase):
+    def test_sessions_of_the_key_end(self) -> None:
+        """
+        Revoking a key (by its store id, or by its digest) tells its
+        agents why and drops them; agents of other keys stay.
+        """
+        clock = Clock()
+        tunnel = server(clock)
+        controls = {}
+        for name, key_id, digest in (("a1", 7, b"d7"), ("a2", 7, b"d7"), ("b", 8, b"d8"), ("s", None, b"ds")):
+            control = controls[name] = ControlProtocol(tunnel)
+            control.makeConnection(StringTransport())
+            control.session = session(name, clock, control=control, key_id=key_id, key_digest=digest)
+            tunnel.registry.add(control.session)
+        self.assertEqual(tunnel.revoke_key(key_id=7), 2)
+        self.assertEqual(sorted(tunnel.registry.agents), ["b", "s"])
+        for name in ("a1", "a2"):
+            self.assertEqual(FrameDecoder().feed(controls[name].transport.value()),  # type: ignore[union-attr]
+                             [Error("logged out: its API key 'k' was revoked")])
+            self.assertTrue(controls[name].transport.disconnecting)  # type: ignore[union-attr]
+        self.assertEqual(tunnel.revoke_key(key_digest=b"ds"), 1)
+        self.assertEqual(tunnel.revoke_key(key_id=7), 0)
+        self.assertEqual(sorted(tunnel.registry.agents), ["b"])
+        self.assertFalse(controls["b"].transport.disconnecting)  # type: ignore[union-attr]
+
+
 class LargeBodyTests(SynchronousTestCase):
     """
     With model_body_limit of 1 MiB (beyond what an end-to-end

@@ -66,6 +66,9 @@ class AgentSession:
     # SHA-256 of the key the agent logged in with: public requests that
     # present a dedicated key (level >= 0) reach only its agents
     key_digest: bytes = b""
+    # the key's id in the key store (None: a static key of the
+    # configuration): revoking it there ends this session
+    key_id: int | None = None
     # in a cluster (L{rproxy.cluster}): the node the agent is logged in to
     # when it is another one (None: this node), the streams other nodes
     # have open through it, and what its node says of it

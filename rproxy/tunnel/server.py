@@ -170,6 +170,7 @@ class ControlProtocol(Protocol):
             devices=login.devices, models=login.models, pool_count=login.pool_count,
             start_result=login.start_result,
             key_digest=hashlib.sha256((login.api_key or login.token or "").encode("utf-8")).digest(),
+            key_id=getattr(key, "id", None),
         )
         self.session = session
         old = self.server.registry.add(session)
@@ -480,6 +481,22 @@ class TunnelServer:
                     pending.timer.cancel()
                 public.pending = None
                 public.request_stream()
+
+    def revoke_key(self, key_digest: bytes | None = None, key_id: int | None = None) -> int:
+        """
+        An API key was revoked, named by its SHA-256 digest (what
+        C{rproxy:revoked} publishes) or its id in the key store: the
+        agents logged in here with it are told why and dropped at once
+        (one line each); returns how many.
+        """
+        revoked = [s for s in self.registry.agents.values()
+                   if (key_digest is not None and s.key_digest == key_digest)
+                   or (key_id is not None and s.key_id == key_id)]
+        for session in revoked:
+            why = f"its API key {session.key_name!r} was revoked"
+            session.control.send(Error(f"logged out: {why}"))
+            self.drop_session(session, why)
+        return len(revoked)
 
     def stream_refused(self, session: AgentSession, conn_id: str, why: str) -> None:
         """
