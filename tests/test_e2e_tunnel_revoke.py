@@ -52,6 +52,6 @@ class RevokeTests(ServiceMixin, TestCase):
         self.assertEqual(await self.call("DELETE", f"/api/v1/keys/{doomed['id']}"), (200, {"id": doomed["id"],
                                                                                           "revoked": True}))
         await wait_for(lambda: first.lost and second.lost)
-        self.assertEqual(first.messages[1:], [Error("logged out: its API key 'doomed' was revoked")])
+        self.assertEqual(first.messages[1:], [Error("its API key 'doomed' was revoked")])
         self.assertEqual(sorted(self.service.tunnels["t"].registry.agents), ["b"])
         self.assertFalse(other.lost)

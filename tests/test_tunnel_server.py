@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from rproxy.tunnel.config import TunnelConfig
+from rproxy.tunnel.config import ApiKeyConfig, TunnelConfig
 from rproxy.tunnel.registry import AgentSession, StaticKeys
 from rproxy.tunnel.server import ControlProtocol, PublicProtocol, TunnelServer
-from rproxy.tunnel.wire import Error, FrameDecoder, RequestNewProxyConn, encode
+from rproxy.tunnel.wire import REPLACED, Error, FrameDecoder, Login, RequestNewProxyConn, encode
 
 
 class RecordingControl:
@@ -178,6 +179,29 @@ class StreamRefusedTests(SynchronousTestCase):
                               if isinstance(m, RequestNewProxyConn)]), 1)
 
 
+class ReplacedSessionTests(SynchronousTestCase):
+    def test_replaced_agent_is_told_why(self) -> None:
+        """
+        A login with the agent id of a live session replaces it at once,
+        and the old session's agent is told why (code replaced) before
+        its connection closes.
+        """
+        clock = Clock()
+        tunnel = server(clock)
+        controls = []
+        for address in ("10.0.0.1", "10.0.0.2"):
+            control = ControlProtocol(tunnel)
+            control.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", address, 5000)))
+            control.checked(ApiKeyConfig(key="k", name="k"), Login(agent_id="a", api_key="k"))
+            controls.append(control)
+        old, new = controls
+        self.assertIs(tunnel.registry.agents["a"].control, new)
+        self.assertEqual(FrameDecoder().feed(old.transport.value())[1:],  # type: ignore[union-attr]
+                         [Error("replaced by a new login of agent_id 'a' from 10.0.0.2:5000", code=REPLACED)])
+        self.assertTrue(old.transport.disconnecting)  # type: ignore[union-attr]
+        self.assertFalse(new.transport.disconnecting)  # type: ignore[union-attr]
+
+
 class RevokeKeyTests(SynchronousTestCase):
     def test_sessions_of_the_key_end(self) -> None:
         """
@@ -196,7 +220,7 @@ class RevokeKeyTests(SynchronousTestCase):
         self.assertEqual(sorted(tunnel.registry.agents), ["b", "s"])
         for name in ("a1", "a2"):
             self.assertEqual(FrameDecoder().feed(controls[name].transport.value()),  # type: ignore[union-attr]
-                             [Error("logged out: its API key 'k' was revoked")])
+                             [Error("its API key 'k' was revoked")])
             self.assertTrue(controls[name].transport.disconnecting)  # type: ignore[union-attr]
         self.assertEqual(tunnel.revoke_key(key_digest=b"ds"), 1)
         self.assertEqual(tunnel.revoke_key(key_id=7), 0)

@@ -41,6 +41,7 @@ from rproxy.tunnel.streamlog import StreamLog
 from rproxy.tunnel.streams import ProxyProtocol, PublicProtocol, peer_address
 from rproxy.tunnel.wire import (
     MAX_FRAME,
+    REPLACED,
     Error,
     FrameDecoder,
     Heartbeat,
@@ -179,7 +180,8 @@ class ControlProtocol(Protocol):
                 "tunnel {tunnel}: agent {agent} logged in again from {peer}; replacing its old session",
                 tunnel=self.server.name, agent=login.agent_id, peer=session.peer,
             )
-            self.server.drop_session(old, "replaced by a new login")
+            self.server.drop_session(
+                old, f"replaced by a new login of agent_id {login.agent_id!r} from {session.peer}", code=REPLACED)
         else:
             self.server.log.info(
                 "tunnel {tunnel}: agent {agent} logged in from {peer} (key {key}, models {models})",
@@ -451,9 +453,10 @@ class TunnelServer:
                 "system_info": session.system_info, "models": list(session.models),
             })
 
-    def drop_session(self, session: AgentSession, why: str) -> None:
+    def drop_session(self, session: AgentSession, why: str, code: str | None = None) -> None:
         """
-        Forget C{session}, close its control connection and its streams.
+        Forget C{session}, close its control connection (telling the agent
+        C{why}, with C{code} for it to act on) and its streams.
         """
         current = self.registry.remove(session)
         if current:
@@ -473,6 +476,8 @@ class TunnelServer:
         control = session.control
         if isinstance(control, ControlProtocol) and control.session is session:
             control.session = None
+            if not control.lost:
+                control.send(Error(why, code=code))
             control.transport.loseConnection()  # type: ignore[union-attr]
         for public in list(self.public_connections):
             pending = public.pending
@@ -493,9 +498,7 @@ class TunnelServer:
                    if (key_digest is not None and s.key_digest == key_digest)
                    or (key_id is not None and s.key_id == key_id)]
         for session in revoked:
-            why = f"its API key {session.key_name!r} was revoked"
-            session.control.send(Error(f"logged out: {why}"))
-            self.drop_session(session, why)
+            self.drop_session(session, f"its API key {session.key_name!r} was revoked")
         return len(revoked)
 
     def stream_refused(self, session: AgentSession, conn_id: str, why: str) -> None:

@@ -18,11 +18,17 @@ Control connection (agent -> server, port 17000)
   agent  -> heartbeat       {cpu, memory, disk, load, active_streams}
   agent  -> models_update   {models}
   server -> request_new_proxy_conn {conn_id, secret, service, pool}
-  either -> error           {message, conn_id?}  (conn_id: the stream the
-                            agent cannot open; the server fails it at once)
+  either -> error           {message, conn_id?, code?}  (conn_id: the stream
+                            the agent cannot open; the server fails it at
+                            once)
 
 The first frame must be C{login}, with C{version} equal to L{VERSION}; an
 agent that logs in again with the id of a live session replaces it at once.
+The server tells an agent whose session it ends why, in an C{error} before
+closing; C{code: "replaced"} says a new login with its agent id took its
+place (another agent with the same id, if it did not reconnect itself), and
+such an agent waits longer before it logs in again.  Agents that do not
+know C{code} ignore it.
 
 Pooled connections (frp's pool_count): an agent that logs in with
 C{pool_count} N gets N C{request_new_proxy_conn} with C{pool: true} at once,
@@ -72,6 +78,7 @@ __all__ = [
     "StartStream",
     "StartResult",
     "Error",
+    "REPLACED",
     "FrameDecoder",
     "encode",
 ]
@@ -341,21 +348,32 @@ class Error:
     A problem to report.  From an agent, C{conn_id} names the stream it
     cannot open (its local service refused, or is unknown), so that the
     server fails that stream at once instead of waiting for
-    C{open_timeout}.
+    C{open_timeout}.  From the server, before it closes a session: why
+    (C{code} L{REPLACED}: a new login with the agent's id took its place).
     """
 
     message: str
     conn_id: str | None = None
+    # from the server, ending a session: why, for the agent to act on
+    # (REPLACED: a new login with its agent id took its place)
+    code: str | None = None
     type = "error"
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> Error:
-        return cls(message=_text(d, "message", limit=1024) or "", conn_id=_text(d, "conn_id", required=False))
+        return cls(message=_text(d, "message", limit=1024) or "", conn_id=_text(d, "conn_id", required=False),
+                   code=_text(d, "code", required=False))
 
     def body(self) -> dict[str, Any]:
-        if self.conn_id is None:
-            return {"message": self.message}
-        return {"message": self.message, "conn_id": self.conn_id}
+        body: dict[str, Any] = {"message": self.message}
+        if self.conn_id is not None:
+            body["conn_id"] = self.conn_id
+        if self.code is not None:
+            body["code"] = self.code
+        return body
+
+
+REPLACED = "replaced"
 
 
 Message = (
