@@ -76,6 +76,7 @@ class ServerTests(SynchronousTestCase):
         [proxy] = t.fill()
         d = t.get()
         self.assertNoResult(d)
+        self.assertEqual(t.session.load, 1)
         self.assertEqual(frames(proxy), [StartStream(None, ack=True)])
         proxy.dataReceived(encode(StartResult(ok=False, error="local service web unreachable")))
         failure = self.failureResultOf(d, AgentRefused)
@@ -83,7 +84,7 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual(frames(proxy), [StartStream(None, ack=True)])  # no request byte followed
         self.assertTrue(proxy.transport.disconnecting)  # type: ignore[union-attr]
         self.assertEqual(len([r for r in t.requested("a") if r.pool]), 1)  # refilled
-        self.assertEqual((t.session.failed_total, t.connector.opening), (1, set()))
+        self.assertEqual((t.session.failed_total, t.connector.opening, t.session.load), (1, set(), 0))
         self.assertEqual([c for c in t.clock.getDelayedCalls() if c.func.__name__ == "timed_out"], [])
 
     def test_started_hands_the_connection_over(self) -> None:
@@ -97,7 +98,7 @@ class ServerTests(SynchronousTestCase):
         proxy.dataReceived(encode(StartResult(ok=True)) + b"HTTP/1.1 200 OK\r\n")
         conn = self.successResultOf(d)
         self.assertIs(proxy.upstream, conn)
-        self.assertEqual((t.server.streams_opened, t.server.streams_from_pool), (1, 1))
+        self.assertEqual((t.server.streams_opened, t.server.streams_from_pool, t.session.load), (1, 1, 1))
         self.assertEqual([c for c in t.clock.getDelayedCalls() if c.func.__name__ == "timed_out"], [])
 
     def test_closed_before_answering(self) -> None:
@@ -136,6 +137,7 @@ class ServerTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d)
         self.assertTrue(proxy.transport.disconnecting)  # type: ignore[union-attr]
+        self.assertEqual(t.session.load, 0)
         self.assertEqual([c for c in t.clock.getDelayedCalls() if c.func.__name__ == "timed_out"], [])
 
     def test_agent_without_start_result(self) -> None:

@@ -187,10 +187,12 @@ class _Open:
         if timer is not None and timer.active():
             timer.cancel()
         proxy, self.proxy = self.proxy, None
-        if proxy is not None and proxy.starting is self:
-            # given up before its agent answered: it cannot serve another
-            proxy.starting = proxy.starting_agent = None
-            proxy.abort()
+        if proxy is not None:
+            self.peer.session.opening -= 1
+            if proxy.starting is self:
+                # given up before its agent answered: it cannot serve another
+                proxy.starting = proxy.starting_agent = None
+                proxy.abort()
         self.connector.opening.discard(self)
 
     def attach(self, proxy: ProxyProtocol, agent: AgentSession, rest: bytes) -> None:
@@ -302,6 +304,7 @@ class AgentConnector(UpstreamPool):
         """
         opening = _Open(self, peer, pool)
         opening.proxy = proxy
+        peer.session.opening += 1  # (its load, until the agent answers)
         self.opening.add(opening)
         opening.timer = self.clock.callLater(timeout, opening.timed_out)
         proxy.await_start(opening, peer.session)
