@@ -211,6 +211,9 @@ class Keys(_StoreApi):
         elif method == b"DELETE" and path:
             key_id = _integer(path[0], "the key id", 1, _INT8)
             if await stores.keys.revoke(key_id):
+                # the agents logged in with it here are logged out at once
+                for tunnel in self.service.tunnels.values():
+                    tunnel.revoke_key(key_id=key_id)
                 _finish(request, 200, {"id": key_id, "revoked": True})
             else:
                 _finish(request, 404, {"error": "no live key with that id"})

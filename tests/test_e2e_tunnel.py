@@ -17,6 +17,8 @@ from twisted.trial.unittest import TestCase
 from rproxy.tunnel.agent import AgentService
 from rproxy.tunnel.config import parse_agent_config
 from rproxy.tunnel.wire import (
+    REPLACED,
+    Error,
     FrameDecoder,
     Heartbeat,
     Login,
@@ -262,6 +264,23 @@ class TunnelTests(ServiceMixin, TestCase):
         await wait_for(lambda: old.lost)
         server_side = self.tunnel.registry.agents["gpu-01"].control.transport
         self.assertEqual(server_side.getPeer().port, new.transport.getHost().port)
+
+    @async_test
+    async def test_replaced_agent_is_told_and_backs_off(self) -> None:
+        """
+        An agent replaced by another login with its agent_id (a cloned
+        image's) is told so, counts it for its reconnect delay, and,
+        logging in again, tells the other one the same way.
+        """
+        await self.start_tunnel()
+        agent, _ = await self.start_agent("gpu-01")
+        clone = await self.fake_agent("gpu-01")
+        await wait_for(lambda: agent.replaced == 1)
+        await wait_for(lambda: clone.lost)
+        [told] = [m for m in clone.messages if isinstance(m, Error)]
+        self.assertEqual(told.code, REPLACED)
+        self.assertTrue(told.message.startswith("replaced by a new login of agent_id 'gpu-01' from 127.0.0.1:"),
+                        told.message)
 
     @async_test
     async def test_invalid_key(self) -> None:

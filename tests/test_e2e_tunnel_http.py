@@ -300,6 +300,25 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         self.assertLess(reactor.seconds() - started, 5.0)
 
     @async_test
+    async def test_pooled_refusal_tries_the_next_agent(self) -> None:
+        """
+        With pool_count, an agent whose local service refuses says so on
+        the pooled connection before the request is sent, and the request
+        (a POST too) goes to the next agent: every one is answered.
+        """
+        await self.start_tunnel(open_timeout="20s")
+        dead, _ = await self.start_agent("a", ["llama3"], pool_count=2)
+        await self.start_agent("b", ["llama3"])
+        await wait_for(lambda: len(self.tunnel.registry.agents["a"].idle) == 2)
+        closed = await listen(Factory.forProtocol(Protocol))
+        dead_port = closed.getHost().port
+        await closed.stopListening()
+        dead.config = attrs.evolve(dead.config, services=(attrs.evolve(dead.config.services[0], port=dead_port),))
+        answers = [await self.chat("llama3", header=True) for _ in range(6)]
+        self.assertEqual([(status, answer.get("agent")) for status, answer in answers], [(200, "b")] * 6)
+        self.assertGreater(self.tunnel.streams_from_pool, 0)
+
+    @async_test
     async def test_lenient_models_and_no_agent(self) -> None:
         """
         strict_models: false sends an unknown model to any agent (the

@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from rproxy.tunnel.agent import AgentControl, AgentService
 from rproxy.tunnel.config import parse_agent_config
 from rproxy.tunnel.wire import (
+    REPLACED,
     Error,
     FrameDecoder,
     Login,
@@ -146,6 +147,55 @@ class BackoffTests(AgentTestMixin, SynchronousTestCase):
         endpoint.protocols[-1].connectionLost(Failure(ConnectionDone()))
         [call] = clock.getDelayedCalls()
         self.assertEqual(call.getTime() - clock.seconds(), 2.0)
+        agent.stopService()
+
+    def test_replaced_sessions_back_off(self) -> None:
+        """
+        A session the server says a new login with the same agent id
+        replaced is logged as a warning naming the likely cause, and each
+        such replacement soon after the login before waits longer (here
+        with the jitter at its ceiling); a session that ends otherwise
+        resets the delay.
+        """
+        agent, clock, _, endpoint = self.make_agent()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        agent.startService()
+        delays = []
+        why = "replaced by a new login of agent_id 'a' from 10.0.0.2:5000"
+        for _ in range(6):
+            control = endpoint.protocols[-1]
+            control.dataReceived(encode(LoginResult(ok=True, agent_id="a")))
+            clock.advance(1.0)
+            control.dataReceived(encode(Error(why, code=REPLACED)))
+            control.connectionLost(Failure(ConnectionDone()))
+            [call] = [c for c in clock.getDelayedCalls() if c.func.__name__ != "_beat"]
+            delays.append(call.getTime() - clock.seconds())
+            clock.advance(delays[-1])
+        self.assertEqual(delays, [4.0, 8.0, 16.0, 32.0, 60.0, 60.0])
+        warnings = [e["log_format"].format(**e) for e in events if "ended this session" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 6)
+        self.assertIn(why, warnings[0])
+        self.assertIn("same agent_id", warnings[0])
+        control = endpoint.protocols[-1]
+        control.dataReceived(encode(LoginResult(ok=True, agent_id="a")))
+        control.dataReceived(encode(Error("no heartbeat for 30s")))  # not a replacement
+        control.connectionLost(Failure(ConnectionDone()))
+        [call] = [c for c in clock.getDelayedCalls() if c.func.__name__ != "_beat"]
+        self.assertEqual(call.getTime() - clock.seconds(), 2.0)
+        agent.stopService()
+
+    def test_late_replacement_starts_again(self) -> None:
+        """A replacement long after the login counts as the first again."""
+        agent, clock, _, endpoint = self.make_agent()
+        agent.startService()
+        agent.replaced = 4
+        control = endpoint.protocols[-1]
+        control.dataReceived(encode(LoginResult(ok=True, agent_id="a")))
+        clock.advance(121.0)
+        control.dataReceived(encode(Error("replaced", code=REPLACED)))
+        control.connectionLost(Failure(ConnectionDone()))
+        [call] = [c for c in clock.getDelayedCalls() if c.func.__name__ != "_beat"]
+        self.assertEqual((agent.replaced, call.getTime() - clock.seconds()), (1, 4.0))
         agent.stopService()
 
     def test_tls_failure_is_logged(self) -> None:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from rproxy.tunnel.config import TunnelConfig
+from rproxy.tunnel.config import ApiKeyConfig, TunnelConfig
 from rproxy.tunnel.registry import AgentSession, StaticKeys
 from rproxy.tunnel.server import ControlProtocol, PublicProtocol, TunnelServer
-from rproxy.tunnel.wire import Error, FrameDecoder, RequestNewProxyConn, encode
+from rproxy.tunnel.wire import REPLACED, Error, FrameDecoder, Login, RequestNewProxyConn, encode
 
 
 class RecordingControl:
@@ -134,12 +135,33 @@ class StreamRefusedTests(SynchronousTestCase):
         self.assertEqual([c for c in clock.getDelayedCalls() if "timed_out" in c.func.__name__], [])
 
     def test_tcp_closes_at_once(self) -> None:
-        """mode tcp: the public connection is closed at once."""
+        """mode tcp, no other agent: the public connection is closed at once."""
         tunnel, clock, control, transport, public = self.open("tcp")
         request = self.requested(control)
         control.dataReceived(encode(Error("local service web unreachable", conn_id=request.conn_id)))
         self.assertTrue(transport.disconnecting)
         self.assertEqual(tunnel.registry.pending, {})
+
+    def test_tcp_asks_the_next_agent(self) -> None:
+        """
+        mode tcp: a refusal (nothing was spliced yet) sends the client to
+        the next agent at once, as an open timeout does; when that one
+        refuses too the client is closed with its reason.
+        """
+        tunnel, clock, control, transport, public = self.open("tcp")
+        other = ControlProtocol(tunnel)
+        other.makeConnection(StringTransport())
+        other.session = session("b", clock, control=other)
+        tunnel.registry.add(other.session)
+        first = self.requested(control)
+        control.dataReceived(encode(Error("local service web unreachable", conn_id=first.conn_id)))
+        self.assertFalse(transport.disconnecting)
+        second = self.requested(other)
+        self.assertEqual(list(tunnel.registry.pending), [second.conn_id])
+        other.dataReceived(encode(Error("local service web unreachable", conn_id=second.conn_id)))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual((public.end, tunnel.streams_failed, tunnel.registry.pending), ("agent_refused", 1, {}))
+        self.assertEqual([c for c in clock.getDelayedCalls() if "timed_out" in c.func.__name__], [])
 
     def test_other_agents_conn_id_is_ignored(self) -> None:
         """An error naming a stream of another agent changes nothing."""
@@ -155,6 +177,55 @@ class StreamRefusedTests(SynchronousTestCase):
         clock.advance(5.0)  # then the open times out as before: the next agent is asked
         self.assertEqual(len([m for m in FrameDecoder().feed(other.transport.value())
                               if isinstance(m, RequestNewProxyConn)]), 1)
+
+
+class ReplacedSessionTests(SynchronousTestCase):
+    def test_replaced_agent_is_told_why(self) -> None:
+        """
+        A login with the agent id of a live session replaces it at once,
+        and the old session's agent is told why (code replaced) before
+        its connection closes.
+        """
+        clock = Clock()
+        tunnel = server(clock)
+        controls = []
+        for address in ("10.0.0.1", "10.0.0.2"):
+            control = ControlProtocol(tunnel)
+            control.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", address, 5000)))
+            control.checked(ApiKeyConfig(key="k", name="k"), Login(agent_id="a", api_key="k"))
+            controls.append(control)
+        old, new = controls
+        self.assertIs(tunnel.registry.agents["a"].control, new)
+        self.assertEqual(FrameDecoder().feed(old.transport.value())[1:],  # type: ignore[union-attr]
+                         [Error("replaced by a new login of agent_id 'a' from 10.0.0.2:5000", code=REPLACED)])
+        self.assertTrue(old.transport.disconnecting)  # type: ignore[union-attr]
+        self.assertFalse(new.transport.disconnecting)  # type: ignore[union-attr]
+
+
+class RevokeKeyTests(SynchronousTestCase):
+    def test_sessions_of_the_key_end(self) -> None:
+        """
+        Revoking a key (by its store id, or by its digest) tells its
+        agents why and drops them; agents of other keys stay.
+        """
+        clock = Clock()
+        tunnel = server(clock)
+        controls = {}
+        for name, key_id, digest in (("a1", 7, b"d7"), ("a2", 7, b"d7"), ("b", 8, b"d8"), ("s", None, b"ds")):
+            control = controls[name] = ControlProtocol(tunnel)
+            control.makeConnection(StringTransport())
+            control.session = session(name, clock, control=control, key_id=key_id, key_digest=digest)
+            tunnel.registry.add(control.session)
+        self.assertEqual(tunnel.revoke_key(key_id=7), 2)
+        self.assertEqual(sorted(tunnel.registry.agents), ["b", "s"])
+        for name in ("a1", "a2"):
+            self.assertEqual(FrameDecoder().feed(controls[name].transport.value()),  # type: ignore[union-attr]
+                             [Error("its API key 'k' was revoked")])
+            self.assertTrue(controls[name].transport.disconnecting)  # type: ignore[union-attr]
+        self.assertEqual(tunnel.revoke_key(key_digest=b"ds"), 1)
+        self.assertEqual(tunnel.revoke_key(key_id=7), 0)
+        self.assertEqual(sorted(tunnel.registry.agents), ["b"])
+        self.assertFalse(controls["b"].transport.disconnecting)  # type: ignore[union-attr]
 
 
 class LargeBodyTests(SynchronousTestCase):

@@ -9,6 +9,9 @@ connections on request.
     as which agent and serving what; each failure says why (refused key,
     TLS verification, unreachable).  With C{exit_on_login_failure} an
     agent whose first login fails gives up (frpc's C{loginFailExit}).
+  - A session the server ends because a new login with the same agent id
+    took its place is logged as a warning (another agent with this id?);
+    replaced again soon after each login, the agent waits longer each time.
   - L{AgentControl} logs in, sends a heartbeat every
     C{heartbeat_interval} (CPU, memory and disk usage, load, streams), and
     answers C{request_new_proxy_conn} by connecting to the local service,
@@ -44,6 +47,7 @@ from rproxy.transport import connect_tcp
 from rproxy.tunnel.config import AgentConfig, ServiceConfig
 from rproxy.tunnel.wire import (
     MAX_FRAME,
+    REPLACED,
     Error,
     FrameDecoder,
     Heartbeat,
@@ -53,6 +57,7 @@ from rproxy.tunnel.wire import (
     NewProxyConn,
     ProtocolError,
     RequestNewProxyConn,
+    StartResult,
     StartStream,
     encode,
 )
@@ -228,6 +233,8 @@ class Stream:
         self.proxy: ProxyEnd | None = None
         self.early: list[bytes] = []
         self.done = False
+        # pooled: the server asked for a start_result before the stream
+        self.ack = False
 
     def start(self) -> None:
         if self.request.pool:
@@ -238,13 +245,27 @@ class Stream:
 
     def start_pooled(self, start: StartStream) -> None:
         self.control.pooled.discard(self)
+        self.ack = start.ack
         service = self.control.agent.service_for(start.service)
         if service is None:
-            assert self.proxy is not None
-            self.proxy.transport.abortConnection()  # type: ignore[union-attr]
+            self._refuse_pooled(f"no local service named {start.service!r}")
             return
         self.service = service
         self._connect_local()
+
+    def _refuse_pooled(self, why: str) -> None:
+        """
+        A pooled stream cannot start: with C{ack} the server is told why on
+        its connection (it tries another agent); without, the connection is
+        cut.
+        """
+        assert self.proxy is not None
+        transport: Any = self.proxy.transport
+        if self.ack:
+            transport.write(encode(StartResult(ok=False, error=why)))
+            transport.loseConnection()
+        else:
+            transport.abortConnection()
 
     def _connect_local(self) -> None:
         agent = self.control.agent
@@ -255,16 +276,18 @@ class Stream:
 
     def local_failed(self, reason: Failure) -> None:
         self.done = True
-        if self.proxy is not None:
-            self.proxy.transport.abortConnection()  # type: ignore[union-attr]
         self.control.agent.log.warn(
             "agent: local service {service} unreachable: {why}",
             service=self.service.name, why=reason.getErrorMessage(),
         )
+        why = f"local service {self.service.name} unreachable"
+        if self.proxy is not None:  # pooled
+            self._refuse_pooled(why)
+            if self.ack:
+                return  # the server was told on the connection
         # the conn id lets the server fail this stream now (a pooled one
-        # is failed by closing its proxy connection above)
-        conn_id = None if self.request.pool else self.request.conn_id
-        self.control.send(Error(f"local service {self.service.name} unreachable", conn_id=conn_id))
+        # without ack is failed by closing its proxy connection above)
+        self.control.send(Error(why, conn_id=None if self.request.pool else self.request.conn_id))
 
     def local_connected(self, local: LocalEnd) -> None:
         self.local = local
@@ -272,6 +295,8 @@ class Stream:
             if self.proxy.lost:
                 local.transport.loseConnection()  # type: ignore[union-attr]
                 return
+            if self.ack:
+                self.proxy.transport.write(encode(StartResult(ok=True)))  # type: ignore[union-attr]
             if self.early:
                 local.transport.write(b"".join(self.early))  # type: ignore[union-attr]
                 self.early = []
@@ -339,6 +364,10 @@ class AgentControl(Protocol):
     refused = False
     # why the session ended before a login (None: it logged in, or not yet)
     failure: str | None = None
+    # when the login was accepted, and whether the server then said a new
+    # login with this agent id replaced the session
+    logged_in_at = 0.0
+    replaced = False
 
     def __init__(self, agent: AgentService) -> None:
         self.agent = agent
@@ -352,7 +381,7 @@ class AgentControl(Protocol):
         self.send(Login(
             agent_id=agent.agent_id, api_key=agent.config.api_key,
             system_info=agent.stats.system_info(), models=agent.models,
-            pool_count=agent.config.pool_count,
+            pool_count=agent.config.pool_count, start_result=True,
         ))
 
     def send(self, message: Any) -> None:
@@ -377,6 +406,7 @@ class AgentControl(Protocol):
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
             self.logged_in = True
+            self.logged_in_at = agent.clock.seconds()
             agent.log.info("agent {agent}: logged in to {server} as {name}, serving {services}; models: {models}",
                            agent=agent.agent_id, server=agent.current_name,
                            name=message.agent_id or agent.agent_id,
@@ -394,6 +424,13 @@ class AgentControl(Protocol):
                 self.send(Error(f"no local service named {message.service!r}", conn_id=message.conn_id))
                 return
             Stream(self, message, service).start()
+        elif isinstance(message, Error) and message.code == REPLACED and self.logged_in:
+            self.replaced = True
+            self.agent.log.warn(
+                "agent {agent}: the server {server} ended this session: {why}; is another agent running "
+                "with the same agent_id (a copied state_dir)?  Each needs its own; logging in again after "
+                "a growing delay", agent=self.agent.agent_id, server=self.agent.current_name,
+                why=message.message)
         elif isinstance(message, Error):
             self.agent.log.warn("agent: server says: {message}", message=message.message)
         else:
@@ -419,7 +456,9 @@ class AgentControl(Protocol):
             if stream.proxy is not None:
                 stream.proxy.transport.abortConnection()  # type: ignore[union-attr]
         self.pooled.clear()
-        if self.logged_in:
+        if self.replaced:
+            pass  # logged when the server said so
+        elif self.logged_in:
             self.agent.log.info("agent {agent}: control connection to {server} lost; reconnecting",
                                 agent=self.agent.agent_id, server=self.agent.current_name)
         elif self.refused:
@@ -536,13 +575,18 @@ class AgentService(MultiService):
         # succeeds but whose login fails would retry at the first step of
         # the backoff for ever.
         self.failed_logins = 0
+        # Sessions replaced by a new login with this agent id (another
+        # agent with the same id, such as a cloned VM's), each soon after
+        # the one before: the reconnect delay grows with them, so that two
+        # such agents do not take each other's place every second.
+        self.replaced = 0
         self.ever_logged_in = False
         self.gave_up = False
         jitter = full_jitter(config.reconnect_initial, config.reconnect_max, rng)
         self.client = ClientService(
             _Announced(control_endpoint, self),
             _ControlFactory(self),
-            retryPolicy=lambda attempts: jitter(attempts + self.failed_logins),
+            retryPolicy=lambda attempts: jitter(attempts + self.failed_logins + self.replaced),
             clock=self.clock,
         )
         self.client.setServiceParent(self)
@@ -678,6 +722,12 @@ class AgentService(MultiService):
     def disconnected(self, control: AgentControl) -> None:
         if self.control is control:
             self.control = None
+        if control.replaced:
+            # within twice the longest delay: the same clash again
+            soon = self.clock.seconds() - control.logged_in_at < 2 * self.config.reconnect_max
+            self.replaced = self.replaced + 1 if soon else 1
+        elif control.logged_in:
+            self.replaced = 0
         if not control.logged_in:
             self.failed_logins += 1
             self.login_failed(control.failure or "closed before a login")

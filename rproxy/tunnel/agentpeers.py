@@ -167,6 +167,9 @@ class _Open:
         self.peer = peer
         self.pool = pool
         self.pending: Any = None
+        # a pooled connection told to start, until its agent answers
+        self.proxy: ProxyProtocol | None = None
+        self.timer: Any = None
         self.started = connector.tunnel.clock.seconds()
         self.d: defer.Deferred[UpstreamConnection] = defer.Deferred(self._cancel)
 
@@ -180,6 +183,16 @@ class _Open:
                 pending.timer.cancel()
             pending.timer = None
             self.connector.tunnel.registry.forget(pending)
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        proxy, self.proxy = self.proxy, None
+        if proxy is not None:
+            self.peer.session.opening -= 1
+            if proxy.starting is self:
+                # given up before its agent answered: it cannot serve another
+                proxy.starting = proxy.starting_agent = None
+                proxy.abort()
         self.connector.opening.discard(self)
 
     def attach(self, proxy: ProxyProtocol, agent: AgentSession, rest: bytes) -> None:
@@ -199,6 +212,7 @@ class _Open:
             proxy.dataReceived(rest)
 
     def stream_refused(self, agent: AgentSession, why: str) -> None:
+        self.connector.tunnel.streams_failed += 1
         self.fail(f"agent {agent.agent_id}: {why}")
 
     def timed_out(self) -> None:
@@ -257,10 +271,14 @@ class AgentConnector(UpstreamPool):
             proxy = session.idle.pop()
             if proxy.lost:
                 continue
-            # a pooled connection: no round trip to the agent
+            tunnel.streams_from_pool += 1
+            if session.start_result:
+                # handed over once the agent says its local service
+                # accepted: a refusal then goes to the next agent
+                return self._start_pooled(proxy, peer, pool, timeout)
+            # an agent that does not answer start_stream: no round trip
             proxy.pooled_by = None
             proxy.transport.write(encode(StartStream(tunnel.config.service)))
-            tunnel.streams_from_pool += 1
             tunnel.streams_opened += 1
             conn = self.attach(proxy, peer, pool)
             tunnel.refill_pool(session)
@@ -275,6 +293,22 @@ class AgentConnector(UpstreamPool):
         self.opening.add(opening)
         pending.timer = self.clock.callLater(timeout, opening.timed_out)
         session.control.send(RequestNewProxyConn(pending.conn_id, pending.secret, tunnel.config.service))
+        return opening.d
+
+    def _start_pooled(self, proxy: ProxyProtocol, peer: AgentPeer, pool: Any,
+                      timeout: float) -> defer.Deferred[UpstreamConnection]:
+        """
+        Tell an idle pooled connection of C{peer} to start; the open
+        succeeds on the agent's C{start_result ok}, fails (L{AgentRefused})
+        on its refusal, or after C{timeout}.
+        """
+        opening = _Open(self, peer, pool)
+        opening.proxy = proxy
+        peer.session.opening += 1  # (its load, until the agent answers)
+        self.opening.add(opening)
+        opening.timer = self.clock.callLater(timeout, opening.timed_out)
+        proxy.await_start(opening, peer.session)
+        self.tunnel.refill_pool(peer.session)
         return opening.d
 
     def attach(self, proxy: ProxyProtocol, peer: AgentPeer, pool: Any) -> UpstreamConnection:

@@ -54,6 +54,10 @@ class AgentSession:
     last_heartbeat: float | None = None
     streams: set[Any] = attrs.field(factory=set)
     pool_count: int = 0
+    # the agent answers start_stream {ack: true} with start_result
+    # (L{rproxy.tunnel.wire}): a pooled connection is handed to a request
+    # only once its local service accepted
+    start_result: bool = False
     idle: list[Any] = attrs.field(factory=list)
     pool_pending: int = 0
     opening: int = 0
@@ -62,6 +66,9 @@ class AgentSession:
     # SHA-256 of the key the agent logged in with: public requests that
     # present a dedicated key (level >= 0) reach only its agents
     key_digest: bytes = b""
+    # the key's id in the key store (None: a static key of the
+    # configuration): revoking it there ends this session
+    key_id: int | None = None
     # in a cluster (L{rproxy.cluster}): the node the agent is logged in to
     # when it is another one (None: this node), the streams other nodes
     # have open through it, and what its node says of it

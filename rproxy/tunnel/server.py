@@ -41,6 +41,7 @@ from rproxy.tunnel.streamlog import StreamLog
 from rproxy.tunnel.streams import ProxyProtocol, PublicProtocol, peer_address
 from rproxy.tunnel.wire import (
     MAX_FRAME,
+    REPLACED,
     Error,
     FrameDecoder,
     Heartbeat,
@@ -168,7 +169,9 @@ class ControlProtocol(Protocol):
             agent_id=login.agent_id, peer=peer_address(self.transport), key_name=key.name, level=key.level,
             connected_at=now, last_seen=now, control=self, system_info=login.system_info,
             devices=login.devices, models=login.models, pool_count=login.pool_count,
+            start_result=login.start_result,
             key_digest=hashlib.sha256((login.api_key or login.token or "").encode("utf-8")).digest(),
+            key_id=getattr(key, "id", None),
         )
         self.session = session
         old = self.server.registry.add(session)
@@ -177,7 +180,8 @@ class ControlProtocol(Protocol):
                 "tunnel {tunnel}: agent {agent} logged in again from {peer}; replacing its old session",
                 tunnel=self.server.name, agent=login.agent_id, peer=session.peer,
             )
-            self.server.drop_session(old, "replaced by a new login")
+            self.server.drop_session(
+                old, f"replaced by a new login of agent_id {login.agent_id!r} from {session.peer}", code=REPLACED)
         else:
             self.server.log.info(
                 "tunnel {tunnel}: agent {agent} logged in from {peer} (key {key}, models {models})",
@@ -449,9 +453,10 @@ class TunnelServer:
                 "system_info": session.system_info, "models": list(session.models),
             })
 
-    def drop_session(self, session: AgentSession, why: str) -> None:
+    def drop_session(self, session: AgentSession, why: str, code: str | None = None) -> None:
         """
-        Forget C{session}, close its control connection and its streams.
+        Forget C{session}, close its control connection (telling the agent
+        C{why}, with C{code} for it to act on) and its streams.
         """
         current = self.registry.remove(session)
         if current:
@@ -471,6 +476,8 @@ class TunnelServer:
         control = session.control
         if isinstance(control, ControlProtocol) and control.session is session:
             control.session = None
+            if not control.lost:
+                control.send(Error(why, code=code))
             control.transport.loseConnection()  # type: ignore[union-attr]
         for public in list(self.public_connections):
             pending = public.pending
@@ -480,10 +487,25 @@ class TunnelServer:
                 public.pending = None
                 public.request_stream()
 
+    def revoke_key(self, key_digest: bytes | None = None, key_id: int | None = None) -> int:
+        """
+        An API key was revoked, named by its SHA-256 digest (what
+        C{rproxy:revoked} publishes) or its id in the key store: the
+        agents logged in here with it are told why and dropped at once
+        (one line each); returns how many.
+        """
+        revoked = [s for s in self.registry.agents.values()
+                   if (key_digest is not None and s.key_digest == key_digest)
+                   or (key_id is not None and s.key_id == key_id)]
+        for session in revoked:
+            self.drop_session(session, f"its API key {session.key_name!r} was revoked")
+        return len(revoked)
+
     def stream_refused(self, session: AgentSession, conn_id: str, why: str) -> None:
         """
         C{session}'s agent cannot open stream C{conn_id} (its local service
-        refused): fail the public connection now rather than after
+        refused): the public connection moves on to the next agent (mode
+        tcp; mode http: the engine decides) now rather than after
         C{open_timeout}.  A conn id of another agent, or one no longer
         pending, is ignored.
         """
@@ -502,7 +524,6 @@ class TunnelServer:
         if public is None:
             return  # a pooled connection that will not come
         session.failed_total += 1
-        self.streams_failed += 1
         public.stream_refused(session, why)
 
     def remote_gone(self, session: AgentSession) -> None:
@@ -533,7 +554,6 @@ class TunnelServer:
         if retry is not None:
             retry(pending, why)
         else:
-            self.streams_failed += 1
             public.stream_refused(pending.agent, why)
 
     def refill_pool(self, session: AgentSession) -> None:

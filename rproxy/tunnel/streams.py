@@ -5,8 +5,9 @@ port (L{ProxyProtocol}), spliced once the agent delivers.
 
   - L{PublicProtocol}: its early bytes are kept (bounded; reading pauses
     past the bound) while the server asks an agent for a data connection;
-    if the agent does not deliver one within C{open_timeout}, the next
-    agent is asked; with none left the user is closed (C{mode: tcp}).
+    if the agent does not deliver one within C{open_timeout}, or refuses
+    (its local service is down), the next agent is asked; with none left
+    the user is closed (C{mode: tcp}).
   - L{ProxyProtocol}: its first frame must claim a pending open with the
     right one-time secret; then it is spliced with the public connection
     (L{rproxy.splice}), or, in C{mode: http}, it is an upstream
@@ -29,6 +30,7 @@ from rproxy.tunnel.wire import (
     NewProxyConn,
     ProtocolError,
     RequestNewProxyConn,
+    StartResult,
     StartStream,
     encode,
 )
@@ -60,6 +62,8 @@ class PublicProtocol(EarlyDataEnd):
     proxy: ProxyProtocol | None = None
     # why the stream ended, for its access log line (the first reason wins)
     end: str | None = None
+    # the last agent's refusal, until the next agent is asked
+    refused: str | None = None
     span: Any = NO_SPAN  # the stream's span, with telemetry (rproxy.telemetry.spans)
     # admission's (L{rproxy.admission.IAdmitted})
     counted = False
@@ -104,16 +108,25 @@ class PublicProtocol(EarlyDataEnd):
     def request_stream(self) -> None:
         server = self.server
         agent = server.registry.pick(self.tried)
+        refused, self.refused = self.refused, None
         if agent is None:
             server.streams_failed += 1
-            why = "no agent is connected" if not self.tried else "no agent answered"
-            self.ended("no_agent")
+            if refused is not None:
+                why = refused
+                self.ended("agent_refused")
+            else:
+                why = "no agent is connected" if not self.tried else "no agent answered"
+                self.ended("no_agent")
             server.log.info(
                 "tunnel {tunnel}: closing public {peer}: {why}",
                 tunnel=server.name, peer=peer_address(self.transport), why=why,
             )
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
+        if refused is not None:
+            server.log.info("tunnel {tunnel}: public {peer}: {why}; asking agent {agent}",
+                            tunnel=server.name, peer=peer_address(self.transport), why=refused,
+                            agent=agent.agent_id)
         self.tried.add(agent.agent_id)
         while agent.idle:
             proxy = agent.idle.pop()
@@ -141,13 +154,14 @@ class PublicProtocol(EarlyDataEnd):
 
     def stream_refused(self, agent: AgentSession, why: str) -> None:
         """
-        The agent could not open this stream: the connection is closed.
+        The agent could not open this stream (its local service refused):
+        nothing was spliced yet, so the next agent is asked, as after
+        C{open_timeout}; with none left the connection is closed with the
+        agent's reason.
         """
         self.pending = None
-        self.ended("agent_refused")
-        self.server.log.info("tunnel {tunnel}: closing public {peer}: agent {agent}: {why}",
-                             tunnel=self.server.name, peer=peer_address(self.transport), agent=agent.agent_id, why=why)
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.refused = f"agent {agent.agent_id}: {why}"
+        self.request_stream()
 
     def retry_elsewhere(self, pending: Pending, why: str) -> None:
         """
@@ -244,6 +258,10 @@ class ProxyProtocol(SpliceEnd):
     _timer: IDelayedCall | None = None
     # mode http: the engine's connection over this one
     upstream: UpstreamConnection | None = None
+    # a pooled connection sent start_stream {ack}, until its start_result:
+    # what waits for it (attach / stream_refused), and its agent
+    starting: Any = None
+    starting_agent: AgentSession | None = None
 
     def __init__(self, server: TunnelServer) -> None:
         self.server = server
@@ -262,6 +280,9 @@ class ProxyProtocol(SpliceEnd):
             return
         if self.peer is not None:
             SpliceEnd.dataReceived(self, data)
+            return
+        if self.starting is not None:
+            self._start_result(data)
             return
         if self.decoder is None:
             if self.pooled_by is not None:
@@ -298,6 +319,58 @@ class ProxyProtocol(SpliceEnd):
             pending.agent.idle.append(self)
             return
         pending.public.attach(self, pending.agent, rest)
+
+    def await_start(self, waiter: Any, agent: AgentSession) -> None:
+        """
+        Send this idle pooled connection's agent C{start_stream {ack}}; its
+        C{start_result} goes to C{waiter}: C{attach(proxy, agent, rest)}
+        once the local service accepted, C{stream_refused(agent, why)} if
+        it did not or the connection ends first.
+        """
+        self.pooled_by = None
+        self.starting, self.starting_agent = waiter, agent
+        self.decoder = FrameDecoder(1024)
+        self.transport.write(encode(StartStream(self.server.config.service, ack=True)))  # type: ignore[union-attr]
+
+    def _start_result(self, data: bytes) -> None:
+        assert self.decoder is not None and self.starting_agent is not None
+        agent = self.starting_agent
+        try:
+            messages = self.decoder.feed(data, limit=1)
+        except ProtocolError as e:
+            self._start_failed(f"malformed start_result: {e}")
+            self.refuse(f"malformed start_result: {e}")
+            return
+        if not messages:
+            return
+        result, rest = messages[0], self.decoder.rest()
+        if not isinstance(result, StartResult):
+            self._start_failed(f"expected start_result, got {result.type}")
+            self.refuse(f"expected start_result, got {result.type}")
+            return
+        waiter = self.starting
+        self.starting = self.starting_agent = None
+        self.decoder = None
+        if result.ok:
+            waiter.attach(self, agent, rest)
+            return
+        why = result.error or "no reason given"
+        self.server.log.info("tunnel {tunnel}: agent {agent} reports: {message}",
+                             tunnel=self.server.name, agent=agent.agent_id, message=why)
+        agent.failed_total += 1
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        waiter.stream_refused(agent, why)
+
+    def _start_failed(self, why: str) -> None:
+        """
+        The pooled connection will not start (bad answer, or it closed):
+        its waiter is told (nothing reached the agent's service).
+        """
+        waiter, agent = self.starting, self.starting_agent
+        self.starting = self.starting_agent = None
+        if waiter is not None and agent is not None:
+            agent.failed_total += 1
+            waiter.stream_refused(agent, why)
 
     def readConnectionLost(self) -> None:
         upstream = self.upstream
@@ -350,6 +423,8 @@ class ProxyProtocol(SpliceEnd):
         self._timer = None
         if self.public is not None:
             self.public.ended("agent_closed" if reason is None or reason.check(ConnectionDone) else "agent_reset")
+        if self.starting is not None:
+            self._start_failed("closed its pooled connection before the stream started")
         if self.pooled_by is not None:
             try:
                 self.pooled_by.idle.remove(self)

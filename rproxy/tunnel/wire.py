@@ -13,16 +13,22 @@ reason logged, and nothing else is affected.
 Control connection (agent -> server, port 17000)
 ================================================
   agent  -> login           {version, api_key | token, agent_id, system_info,
-                             devices, models, pool_count}
+                             devices, models, pool_count, start_result?}
   server -> login_result    {ok, agent_id, error, heartbeat_interval}
   agent  -> heartbeat       {cpu, memory, disk, load, active_streams}
   agent  -> models_update   {models}
   server -> request_new_proxy_conn {conn_id, secret, service, pool}
-  either -> error           {message, conn_id?}  (conn_id: the stream the
-                            agent cannot open; the server fails it at once)
+  either -> error           {message, conn_id?, code?}  (conn_id: the stream
+                            the agent cannot open; the server fails it at
+                            once)
 
 The first frame must be C{login}, with C{version} equal to L{VERSION}; an
 agent that logs in again with the id of a live session replaces it at once.
+The server tells an agent whose session it ends why, in an C{error} before
+closing; C{code: "replaced"} says a new login with its agent id took its
+place (another agent with the same id, if it did not reconnect itself), and
+such an agent waits longer before it logs in again.  Agents that do not
+know C{code} ignore it.
 
 Pooled connections (frp's pool_count): an agent that logs in with
 C{pool_count} N gets N C{request_new_proxy_conn} with C{pool: true} at once,
@@ -30,6 +36,15 @@ and one more each time a pooled connection is used.  It opens each one and
 sends C{new_proxy_conn} as usual, then waits; when the server attaches a
 public connection it sends C{start_stream {service}} on that connection,
 and the agent connects the local service and splices.
+
+An agent that logs in with C{start_result: true} can also be sent
+C{start_stream {service, ack: true}}: it then answers on that connection,
+before any byte of the stream, with C{start_result {ok, error}}: C{ok} once
+its local service accepted, or the reason it did not (and closes).  The
+server hands the connection to a request only after C{ok}, so that a
+refusal is known to have sent the service nothing and the request goes to
+the next agent (mode http).  Agents without the field, and servers that
+never send C{ack}, keep the older exchange.
 
 Proxy connection (agent -> server, port 17001)
 ==============================================
@@ -61,7 +76,9 @@ __all__ = [
     "NewProxyConn",
     "ModelsUpdate",
     "StartStream",
+    "StartResult",
     "Error",
+    "REPLACED",
     "FrameDecoder",
     "encode",
 ]
@@ -119,6 +136,13 @@ def _models(data: dict[str, Any], key: str = "models") -> tuple[str, ...]:
     return tuple(models)
 
 
+def _flag(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{key}: expected true or false")
+    return value
+
+
 def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
     value = data.get(key, {})
     if not isinstance(value, dict):
@@ -143,6 +167,8 @@ class Login:
     devices: tuple[Any, ...] = ()
     models: tuple[str, ...] = ()
     pool_count: int = 0
+    # the agent answers start_stream {ack: true} with start_result
+    start_result: bool = False
     type = "login"
 
     @classmethod
@@ -158,6 +184,7 @@ class Login:
             devices=_items(d, "devices"),
             models=_models(d),
             pool_count=int(_number(d, "pool_count")),
+            start_result=_flag(d, "start_result"),
         )
         if not 0 <= login.pool_count <= MAX_POOL:
             raise ProtocolError(f"pool_count: must be from 0 to {MAX_POOL}")
@@ -171,7 +198,7 @@ class Login:
         return {
             "version": self.version, "agent_id": self.agent_id, "api_key": self.api_key,
             "token": self.token, "system_info": self.system_info, "devices": list(self.devices),
-            "models": list(self.models), "pool_count": self.pool_count,
+            "models": list(self.models), "pool_count": self.pool_count, "start_result": self.start_result,
         }
 
 
@@ -246,18 +273,46 @@ class RequestNewProxyConn:
 class StartStream:
     """
     Server -> agent, on an idle pooled proxy connection: a public
-    connection is now attached; connect the local service and splice.
+    connection is now attached; connect the local service and splice
+    (with C{ack}: answer L{StartResult} first).
     """
 
     service: str | None = None
+    ack: bool = False
     type = "start_stream"
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> StartStream:
-        return cls(service=_text(d, "service", required=False))
+        return cls(service=_text(d, "service", required=False), ack=_flag(d, "ack"))
 
     def body(self) -> dict[str, Any]:
-        return {"service": self.service}
+        if not self.ack:
+            return {"service": self.service}
+        return {"service": self.service, "ack": True}
+
+
+@attrs.frozen
+class StartResult:
+    """
+    Agent -> server, on a pooled proxy connection sent C{start_stream}
+    with C{ack}, before any byte of the stream: whether the local service
+    accepted (C{ok}), else why not (the agent closes the connection; the
+    service was sent nothing).
+    """
+
+    ok: bool
+    error: str | None = None
+    type = "start_result"
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> StartResult:
+        ok = d.get("ok")
+        if not isinstance(ok, bool):
+            raise ProtocolError("ok: expected true or false")
+        return cls(ok=ok, error=_text(d, "error", required=False, limit=1024))
+
+    def body(self) -> dict[str, Any]:
+        return {"ok": self.ok, "error": self.error}
 
 
 @attrs.frozen
@@ -293,29 +348,42 @@ class Error:
     A problem to report.  From an agent, C{conn_id} names the stream it
     cannot open (its local service refused, or is unknown), so that the
     server fails that stream at once instead of waiting for
-    C{open_timeout}.
+    C{open_timeout}.  From the server, before it closes a session: why
+    (C{code} L{REPLACED}: a new login with the agent's id took its place).
     """
 
     message: str
     conn_id: str | None = None
+    # from the server, ending a session: why, for the agent to act on
+    # (REPLACED: a new login with its agent id took its place)
+    code: str | None = None
     type = "error"
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> Error:
-        return cls(message=_text(d, "message", limit=1024) or "", conn_id=_text(d, "conn_id", required=False))
+        return cls(message=_text(d, "message", limit=1024) or "", conn_id=_text(d, "conn_id", required=False),
+                   code=_text(d, "code", required=False))
 
     def body(self) -> dict[str, Any]:
-        if self.conn_id is None:
-            return {"message": self.message}
-        return {"message": self.message, "conn_id": self.conn_id}
+        body: dict[str, Any] = {"message": self.message}
+        if self.conn_id is not None:
+            body["conn_id"] = self.conn_id
+        if self.code is not None:
+            body["code"] = self.code
+        return body
+
+
+REPLACED = "replaced"
 
 
 Message = (
-    Login | LoginResult | Heartbeat | RequestNewProxyConn | NewProxyConn | StartStream | ModelsUpdate | Error
+    Login | LoginResult | Heartbeat | RequestNewProxyConn | NewProxyConn | StartStream | StartResult
+    | ModelsUpdate | Error
 )
 _TYPES: dict[str, Any] = {
     cls.type: cls
-    for cls in (Login, LoginResult, Heartbeat, RequestNewProxyConn, NewProxyConn, StartStream, ModelsUpdate, Error)
+    for cls in (Login, LoginResult, Heartbeat, RequestNewProxyConn, NewProxyConn, StartStream, StartResult,
+                ModelsUpdate, Error)
 }
 
 
