@@ -6,6 +6,7 @@ holding real L{Registry} objects.  No sockets, no sleeping.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from typing import Any
@@ -17,8 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from rproxy.cluster.node import KICK, PREFIX, ClusterNode
 from rproxy.cluster.registry import merge, parse_snapshot, snapshot
 from rproxy.config.cluster import ClusterConfig
+from rproxy.store.auth import REVOKED_CHANNEL
 from rproxy.tunnel.registry import AgentSession, Registry
-from rproxy.tunnel.wire import RequestNewProxyConn
+from rproxy.tunnel.wire import REPLACED, RequestNewProxyConn
 
 
 class FakeRedis:
@@ -104,6 +106,8 @@ class FakeTunnel:
         self.dropped: list[tuple[str, str]] = []
         self.refused: list[tuple[str, str]] = []
         self.gone: list[str] = []
+        self.codes: list[str | None] = []
+        self.revoked: list[bytes | None] = []
         self.config = type("C", (), {"open_timeout": 2.0})()
 
     def port_of(self, role: str) -> int:
@@ -115,9 +119,14 @@ class FakeTunnel:
         self.registry.add(session)
         return session
 
-    def drop_session(self, session: AgentSession, why: str) -> None:
+    def drop_session(self, session: AgentSession, why: str, code: str | None = None) -> None:
         self.registry.remove(session)
         self.dropped.append((session.agent_id, why))
+        self.codes.append(code)
+
+    def revoke_key(self, key_digest: bytes | None = None, key_id: int | None = None) -> int:
+        self.revoked.append(key_digest)
+        return 0
 
     def remote_gone(self, session: AgentSession) -> None:
         self.gone.append(session.agent_id)
@@ -284,6 +293,7 @@ class NodeTests(SynchronousTestCase):
         new = self.tb.login("x")
         self.b.logged_in(self.tb, new)
         self.assertEqual(self.ta.dropped, [("x", "logged in again on node b")])
+        self.assertEqual(self.ta.codes, [REPLACED])  # (so that the agent backs off)
         self.assertNotIn("x", self.ta.registry.agents)
         self.assertIs(self.tb.registry.agents["x"], new)
         self.assertIsNot(old, new)
@@ -310,6 +320,21 @@ class NodeTests(SynchronousTestCase):
         self.clock.pump([0.25] * 8)
         self.assertEqual(self.b.state, "up")
         self.assertEqual(list(self.tb.registry.remote), ["x"])
+
+    def test_revoked_key_reaches_every_tunnel(self) -> None:
+        """
+        A key revoked anywhere (the key store publishes its digest on
+        rproxy:revoked) logs its agents out of this node's tunnels; a
+        malformed digest is one logged line.
+        """
+        digest = hashlib.sha256(b"tenant-key").digest()
+        self.b.received(REVOKED_CHANNEL, digest.hex())
+        self.b.received(REVOKED_CHANNEL.encode(), digest.hex().encode())
+        self.assertEqual(self.tb.revoked, [digest, digest])
+        self.b.received(REVOKED_CHANNEL, "not hex")
+        self.assertEqual(self.tb.revoked, [digest, digest])
+        lines = [e for e in self.logged if "malformed message" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 1)
 
     def test_malformed_message(self) -> None:
         """A malformed message is one logged line; nothing else happens."""

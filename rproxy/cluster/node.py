@@ -39,8 +39,9 @@ from twisted.python.failure import Failure
 
 from rproxy.cluster.registry import forget_remote, merge, parse_snapshot, snapshot
 from rproxy.config.cluster import ClusterConfig
+from rproxy.store.auth import REVOKED_CHANNEL
 from rproxy.store.links import why
-from rproxy.tunnel.wire import RequestNewProxyConn
+from rproxy.tunnel.wire import REPLACED, RequestNewProxyConn
 
 __all__ = ["ClusterNode", "PREFIX"]
 
@@ -341,6 +342,9 @@ class ClusterNode:
         try:
             if not isinstance(data, (str, bytes)) or len(data) > MAX_MESSAGE:
                 raise ValueError("not a short string")
+            if channel in (REVOKED_CHANNEL, REVOKED_CHANNEL.encode()):
+                self._revoked(data)
+                return
             message = json.loads(data)
             if not isinstance(message, dict):
                 raise ValueError("not an object")
@@ -382,7 +386,24 @@ class ClusterNode:
         session = tunnel.registry.agents.get(agent_id)
         if session is not None:
             self.kicked += 1
-            tunnel.drop_session(session, f"logged in again on node {node}")
+            # (with the code a replaced agent backs off: two agents sharing
+            # an agent_id on two nodes would kick each other for ever)
+            tunnel.drop_session(session, f"logged in again on node {node}", code=REPLACED)
+
+    def _revoked(self, data: str | bytes) -> None:
+        """
+        An API key was revoked (C{rproxy:revoked}, published by the key
+        store with the key's SHA-256 digest): the agents logged in here
+        with it are logged out, as the revoking process does with its own.
+        """
+        try:
+            digest = bytes.fromhex(data.decode("ascii") if isinstance(data, bytes) else data)
+        except (UnicodeDecodeError, ValueError):
+            digest = b""
+        if len(digest) != 32:
+            raise ValueError("a revoked key's digest: expected 64 hex digits")
+        for tunnel in self.tunnels.values():
+            tunnel.revoke_key(key_digest=digest)
 
 
 def _reason(failure: Failure) -> str:
@@ -434,7 +455,7 @@ def _subscriber_class() -> Any:
         def connectionMade(self) -> Any:
             d = super().connectionMade()
             d = d if isinstance(d, defer.Deferred) else defer.succeed(None)
-            d.addCallback(lambda _: self.subscribe([self.node.channel, KICK]))
+            d.addCallback(lambda _: self.subscribe([self.node.channel, KICK, REVOKED_CHANNEL]))
             d.addCallbacks(self._subscribed, lambda f: self.transport.loseConnection())
             return d
 
