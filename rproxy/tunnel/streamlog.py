@@ -14,8 +14,9 @@ batched, reopened on SIGUSR1).
 
 Termination reasons: C{client_closed}, C{agent_closed} (who sent FIN
 first), C{client_reset}, C{agent_reset}, C{no_agent} (none connected, or
-none answered), C{too_many_pending}, C{agent_refused} (its local service
-refused), C{aborted} (the agent was dropped, or the tunnel stopped),
+none answered), C{too_many_pending}, C{agent_refused} (the local service
+of the last agent asked refused: each agent's refusal sends the stream to
+the next), C{aborted} (the agent was dropped, or the tunnel stopped),
 C{refused} (not admitted: the tunnel was draining).
 """
 
