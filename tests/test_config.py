@@ -96,6 +96,21 @@ class ConfigErrorTests(SynchronousTestCase):
             ],
         )
 
+    def test_connect_timeout_above_zero(self) -> None:
+        """
+        A connect timeout of zero (or written 0ms) is refused with its key
+        path, globally and per frontend: it failed every connect at once
+        (every HTTP request a 502 counted against a healthy server).
+        """
+        data = minimal(**{"global": {"connect_timeout": 0}})
+        data["frontends"][0]["connect_timeout"] = "0ms"  # type: ignore[index]
+        self.assertEqual(self.errors(data), [
+            "global.connect_timeout: expected a duration above zero, got 0",
+            "frontends[0].connect_timeout: expected a duration above zero, got '0ms'",
+        ])
+        config = parse_config(minimal(**{"global": {"connect_timeout": "250ms"}}))
+        self.assertEqual((config.global_.connect_timeout, config.frontends[0].connect_timeout), (0.25, 0.25))
+
     def test_duplicates(self) -> None:
         """
         Duplicate names of backends, frontends and servers are errors.

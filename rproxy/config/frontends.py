@@ -80,7 +80,7 @@ def read_frontend(parent: Section, path: str, raw: object, global_: GlobalConfig
         queue_size=section.value("queue_size", v.int_in(0), 128),
         queue_timeout=section.value("queue_timeout", v.duration, 5.0),
         retries=section.value("retries", v.int_in(0, 10), 2),
-        connect_timeout=section.value("connect_timeout", v.duration, global_.connect_timeout),
+        connect_timeout=section.value("connect_timeout", v.positive_duration, global_.connect_timeout),
         idle_timeout=section.value("idle_timeout", v.duration, global_.idle_timeout),
         token_pool=section.value("token_pool", v.name, None),
         access=access,

@@ -57,7 +57,7 @@ def read_global(section: Section) -> GlobalConfig:
         workers=section.value("workers", v.workers, d.workers),
         max_connections=section.value("max_connections", v.int_in(1), d.max_connections),
         backlog=section.value("backlog", v.int_in(1, 65535), d.backlog),
-        connect_timeout=section.value("connect_timeout", v.duration, d.connect_timeout),
+        connect_timeout=section.value("connect_timeout", v.positive_duration, d.connect_timeout),
         idle_timeout=section.value("idle_timeout", v.duration, d.idle_timeout),
         grace_period=section.value("grace_period", v.duration, d.grace_period),
     )

@@ -213,6 +213,18 @@ def duration(value: object) -> float:
     return parse_duration(value)
 
 
+def positive_duration(value: object) -> float:
+    """
+    A duration that must pass before something gives up or comes round
+    again (a connect timeout, a check interval): zero fails everything at
+    once, or spins.
+    """
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {brief(value)}")
+    return seconds
+
+
 def size(value: object) -> int:
     return parse_size(value)
 
