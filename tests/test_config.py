@@ -163,6 +163,66 @@ class ConfigErrorTests(SynchronousTestCase):
             ],
         )
 
+    def test_timeouts_and_intervals_above_zero(self) -> None:
+        """
+        Every timeout, interval and delay whose zero makes no sense is
+        refused with its key path: zero failed at once (a login timeout,
+        a health or Redis timeout), spun (a login retry of 0s doubling to
+        0s, a check every 0s), did nothing while saying it did (a 0s
+        ejection), or was quietly replaced by the default (resync,
+        retention, telemetry, cluster heartbeats).
+        """
+        data = minimal(
+            stores={"postgres": {"dsn": "host=127.0.0.1", "resync_interval": 0, "heartbeat_retention": "0s"},
+                    "redis": {"url": "redis://127.0.0.1:6379/0"}},
+            telemetry={"otlp_endpoint": "http://127.0.0.1:4318", "timeout": 0, "schedule_delay": "0ms"},
+            cluster={"node_id": "a", "advertise": {"proxy": "127.0.0.1:7000"},
+                     "heartbeat_interval": 0, "heartbeat_timeout": 0},
+            token_pools=[{"name": "p", "upstream": {"address": "127.0.0.1:8848"}, "ttl": 0,
+                          "login_timeout": 0, "retry": {"initial": 0, "max": 0},
+                          "credentials": [{"username": "u", "password": "p"}]}],
+        )
+        data["backends"][0].update({  # type: ignore[index]
+            "health_check": {"interval": 0, "timeout": "0s"},
+            "passive": {"ejection": 0},
+        })
+        data["frontends"][0].update({  # type: ignore[index]
+            "protocol": "http", "rate_limit": [{"key": "ip", "rate": "10/s", "redis_timeout": 0}],
+        })
+        above = "expected a duration above zero, got"
+        self.assertEqual(sorted(self.errors(data)), sorted([
+            f"backends[0].health_check.interval: {above} 0",
+            f"backends[0].health_check.timeout: {above} '0s'",
+            f"backends[0].passive.ejection: {above} 0 (consecutive_failures: 0 turns passive ejection off)",
+            f"frontends[0].rate_limit[0].redis_timeout: {above} 0",
+            f"stores.postgres.resync_interval: {above} 0",
+            f"stores.postgres.heartbeat_retention: {above} '0s'",
+            f"telemetry.timeout: {above} 0",
+            f"telemetry.schedule_delay: {above} '0ms'",
+            f"cluster.heartbeat_interval: {above} 0",
+            f"cluster.heartbeat_timeout: {above} 0",
+            f"token_pools[0].ttl: {above} 0",
+            f"token_pools[0].login_timeout: {above} 0",
+            f"token_pools[0].retry.initial: {above} 0",
+            f"token_pools[0].retry.max: {above} 0",
+        ]))
+
+    def test_zero_that_means_off(self) -> None:
+        """
+        The durations whose zero means none or at once stay valid: idle
+        and HTTP timeouts (never), the grace period and queue waits (at
+        once), slow start (none), a token refresh (at expiry).
+        """
+        data = minimal(**{"global": {"idle_timeout": 0, "grace_period": 0}})
+        data["backends"][0].update({"queue_timeout": 0, "slow_start": 0})  # type: ignore[index]
+        data["frontends"][0].update({"protocol": "http", "idle_timeout": 0, "queue_timeout": 0,  # type: ignore[index]
+                                     "http": {"header_timeout": 0, "response_timeout": 0}})
+        config = parse_config(data)
+        frontend = config.frontends[0]
+        self.assertEqual((config.global_.idle_timeout, config.global_.grace_period, frontend.idle_timeout,
+                          frontend.http.header_timeout, frontend.http.response_timeout),
+                         (0.0, 0.0, 0.0, 0.0, 0.0))
+
     def test_live_backend_needs_postgres(self) -> None:
         """
         source: postgres without stores.postgres is an error at its path;
