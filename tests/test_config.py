@@ -223,6 +223,31 @@ class ConfigErrorTests(SynchronousTestCase):
                           frontend.http.header_timeout, frontend.http.response_timeout),
                          (0.0, 0.0, 0.0, 0.0, 0.0))
 
+    def test_http_head_and_target_minimums(self) -> None:
+        """
+        http.max_head below 1 KiB and max_target below 1 byte are refused
+        with their key paths, as max_headers 0 is: they answered every
+        request 431 or 414.  The minimums themselves are valid.
+        """
+        data = minimal()
+        data["frontends"] = [  # type: ignore[assignment]
+            {"name": f"h{i}", "listen": f"tcp:{8080 + i}", "backend": "web", "protocol": "http", "http": http}
+            for i, http in enumerate([{"max_head": 0, "max_target": 0}, {"max_head": 1}, {"max_head": "1023b"},
+                                      {"max_headers": 0}])
+        ]
+        self.assertEqual(self.errors(data), [
+            "frontends[0].http.max_target: 0 is below the minimum 1 byte",
+            "frontends[0].http.max_head: 0 is below the minimum 1024 bytes",
+            "frontends[1].http.max_head: 1 is below the minimum 1024 bytes",
+            "frontends[2].http.max_head: '1023b' is below the minimum 1024 bytes",
+            "frontends[3].http.max_headers: 0 is below the minimum 1",
+        ])
+        data["frontends"] = [  # type: ignore[assignment]
+            {"name": "h", "listen": "tcp:8080", "backend": "web", "protocol": "http",
+             "http": {"max_head": "1k", "max_target": 1}}]
+        http = parse_config(data).frontends[0].http
+        self.assertEqual((http.max_head, http.max_target), (1024, 1))
+
     def test_live_backend_needs_postgres(self) -> None:
         """
         source: postgres without stores.postgres is an error at its path;

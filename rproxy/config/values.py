@@ -229,6 +229,21 @@ def size(value: object) -> int:
     return parse_size(value)
 
 
+def size_at_least(low: int) -> Callable[[object], int]:
+    """
+    A size of at least C{low} bytes: below it a limit refuses every
+    request it applies to.
+    """
+
+    def convert(value: object) -> int:
+        result = parse_size(value)
+        if result < low:
+            raise ValueError(f"{brief(value)} is below the minimum {low} byte{'s' if low != 1 else ''}")
+        return result
+
+    return convert
+
+
 def name(value: object) -> str:
     result = text(value)
     if not re.match(r"^[A-Za-z0-9_.-]+\Z", result):
