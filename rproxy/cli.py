@@ -37,19 +37,19 @@ from typing import Any
 
 import rproxy
 from rproxy.config import ConfigError, load_config
+from rproxy.config.load import load_yaml, read_file
 
 
 def _is_agent_file(path: str) -> bool:
     """
     Whether C{path} looks like an agent's configuration (server, services)
-    rather than rproxy's (frontends, backends, tunnels, ...).
+    rather than rproxy's (frontends, backends, tunnels, ...).  The file is
+    read within the limits every config read keeps (L{load_yaml}: a deep
+    or aliased document is refused, not a RecursionError).
     """
-    import yaml
-
     try:
-        with open(path, "rb") as f:
-            data = yaml.safe_load(f.read(1024 * 1024))
-    except (OSError, yaml.YAMLError):
+        data = load_yaml(read_file(path), path)
+    except (OSError, ConfigError):
         return False  # load_config reports it
     if not isinstance(data, dict):
         return False

@@ -80,6 +80,16 @@ class BackendConnection(SpliceEnd):
         self.client = None  # type: ignore[assignment]
 
 
+def _cancelled(reason: Failure) -> bool:
+    """
+    Whether a connect failed because we stopped it (C{stopConnecting}: a
+    C{UserError}), not because the server did not answer: a connect
+    timeout is a C{UserError} too (Twisted's C{TimeoutError} subclasses
+    it), and must count against the server and close or retry the client.
+    """
+    return reason.check(error.UserError) is not None and reason.check(error.TimeoutError) is None
+
+
 class _BackendFactory(ClientFactory):
     protocol = None  # type: ignore[assignment]
     noisy = False
@@ -232,7 +242,7 @@ class ClientConnection(SNIRouting, EarlyDataEnd):
         assert server is not None
         self.server = None
         pool = self.pool
-        if self.lost or reason.check(error.UserError):
+        if self.lost or _cancelled(reason):
             # we gave up (the client left), the server did nothing wrong
             pool.release(server)
             return

@@ -96,6 +96,21 @@ class ConfigErrorTests(SynchronousTestCase):
             ],
         )
 
+    def test_connect_timeout_above_zero(self) -> None:
+        """
+        A connect timeout of zero (or written 0ms) is refused with its key
+        path, globally and per frontend: it failed every connect at once
+        (every HTTP request a 502 counted against a healthy server).
+        """
+        data = minimal(**{"global": {"connect_timeout": 0}})
+        data["frontends"][0]["connect_timeout"] = "0ms"  # type: ignore[index]
+        self.assertEqual(self.errors(data), [
+            "global.connect_timeout: expected a duration above zero, got 0",
+            "frontends[0].connect_timeout: expected a duration above zero, got '0ms'",
+        ])
+        config = parse_config(minimal(**{"global": {"connect_timeout": "250ms"}}))
+        self.assertEqual((config.global_.connect_timeout, config.frontends[0].connect_timeout), (0.25, 0.25))
+
     def test_duplicates(self) -> None:
         """
         Duplicate names of backends, frontends and servers are errors.
@@ -147,6 +162,91 @@ class ConfigErrorTests(SynchronousTestCase):
                 "frontends[0].token_pool: no token pool named 'dolphn' (did you mean 'dolphin'?)",
             ],
         )
+
+    def test_timeouts_and_intervals_above_zero(self) -> None:
+        """
+        Every timeout, interval and delay whose zero makes no sense is
+        refused with its key path: zero failed at once (a login timeout,
+        a health or Redis timeout), spun (a login retry of 0s doubling to
+        0s, a check every 0s), did nothing while saying it did (a 0s
+        ejection), or was quietly replaced by the default (resync,
+        retention, telemetry, cluster heartbeats).
+        """
+        data = minimal(
+            stores={"postgres": {"dsn": "host=127.0.0.1", "resync_interval": 0, "heartbeat_retention": "0s"},
+                    "redis": {"url": "redis://127.0.0.1:6379/0"}},
+            telemetry={"otlp_endpoint": "http://127.0.0.1:4318", "timeout": 0, "schedule_delay": "0ms"},
+            cluster={"node_id": "a", "advertise": {"proxy": "127.0.0.1:7000"},
+                     "heartbeat_interval": 0, "heartbeat_timeout": 0},
+            token_pools=[{"name": "p", "upstream": {"address": "127.0.0.1:8848"}, "ttl": 0,
+                          "login_timeout": 0, "retry": {"initial": 0, "max": 0},
+                          "credentials": [{"username": "u", "password": "p"}]}],
+        )
+        data["backends"][0].update({  # type: ignore[index]
+            "health_check": {"interval": 0, "timeout": "0s"},
+            "passive": {"ejection": 0},
+        })
+        data["frontends"][0].update({  # type: ignore[index]
+            "protocol": "http", "rate_limit": [{"key": "ip", "rate": "10/s", "redis_timeout": 0}],
+        })
+        above = "expected a duration above zero, got"
+        self.assertEqual(sorted(self.errors(data)), sorted([
+            f"backends[0].health_check.interval: {above} 0",
+            f"backends[0].health_check.timeout: {above} '0s'",
+            f"backends[0].passive.ejection: {above} 0 (consecutive_failures: 0 turns passive ejection off)",
+            f"frontends[0].rate_limit[0].redis_timeout: {above} 0",
+            f"stores.postgres.resync_interval: {above} 0",
+            f"stores.postgres.heartbeat_retention: {above} '0s'",
+            f"telemetry.timeout: {above} 0",
+            f"telemetry.schedule_delay: {above} '0ms'",
+            f"cluster.heartbeat_interval: {above} 0",
+            f"cluster.heartbeat_timeout: {above} 0",
+            f"token_pools[0].ttl: {above} 0",
+            f"token_pools[0].login_timeout: {above} 0",
+            f"token_pools[0].retry.initial: {above} 0",
+            f"token_pools[0].retry.max: {above} 0",
+        ]))
+
+    def test_zero_that_means_off(self) -> None:
+        """
+        The durations whose zero means none or at once stay valid: idle
+        and HTTP timeouts (never), the grace period and queue waits (at
+        once), slow start (none), a token refresh (at expiry).
+        """
+        data = minimal(**{"global": {"idle_timeout": 0, "grace_period": 0}})
+        data["backends"][0].update({"queue_timeout": 0, "slow_start": 0})  # type: ignore[index]
+        data["frontends"][0].update({"protocol": "http", "idle_timeout": 0, "queue_timeout": 0,  # type: ignore[index]
+                                     "http": {"header_timeout": 0, "response_timeout": 0}})
+        config = parse_config(data)
+        frontend = config.frontends[0]
+        self.assertEqual((config.global_.idle_timeout, config.global_.grace_period, frontend.idle_timeout,
+                          frontend.http.header_timeout, frontend.http.response_timeout),
+                         (0.0, 0.0, 0.0, 0.0, 0.0))
+
+    def test_http_head_and_target_minimums(self) -> None:
+        """
+        http.max_head below 1 KiB and max_target below 1 byte are refused
+        with their key paths, as max_headers 0 is: they answered every
+        request 431 or 414.  The minimums themselves are valid.
+        """
+        data = minimal()
+        data["frontends"] = [  # type: ignore[assignment]
+            {"name": f"h{i}", "listen": f"tcp:{8080 + i}", "backend": "web", "protocol": "http", "http": http}
+            for i, http in enumerate([{"max_head": 0, "max_target": 0}, {"max_head": 1}, {"max_head": "1023b"},
+                                      {"max_headers": 0}])
+        ]
+        self.assertEqual(self.errors(data), [
+            "frontends[0].http.max_target: 0 is below the minimum 1 byte",
+            "frontends[0].http.max_head: 0 is below the minimum 1024 bytes",
+            "frontends[1].http.max_head: 1 is below the minimum 1024 bytes",
+            "frontends[2].http.max_head: '1023b' is below the minimum 1024 bytes",
+            "frontends[3].http.max_headers: 0 is below the minimum 1",
+        ])
+        data["frontends"] = [  # type: ignore[assignment]
+            {"name": "h", "listen": "tcp:8080", "backend": "web", "protocol": "http",
+             "http": {"max_head": "1k", "max_target": 1}}]
+        http = parse_config(data).frontends[0].http
+        self.assertEqual((http.max_head, http.max_target), (1024, 1))
 
     def test_live_backend_needs_postgres(self) -> None:
         """

@@ -154,6 +154,20 @@ class OfflineTests(SynchronousTestCase):
         self.assertTrue(err.startswith("server.control:"), err)
         self.assertTrue(err.endswith("invalid agent configuration (1 problem)\n"), err)
 
+    def test_check_config_deep_nesting(self) -> None:
+        """
+        check-config refuses a 30,000-deep document in one line, as a
+        reload does, for rproxy's file and an agent's look alike: telling
+        them apart read it without the limits (a RecursionError traceback).
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[" * 30000 + "]" * 30000)
+        code, out, err = run(["check-config", path])
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err.splitlines(), [f"{path}: invalid YAML at line 1, column 65: nested more than 64 deep",
+                                            f"{path}: invalid (1 problem)"])
+
     def test_monitor_lines(self) -> None:
         """The monitor's text keeps the agent table's columns and adds servers with their last check."""
         snapshot = {

@@ -9,6 +9,7 @@ detection (rproxy.detect).
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 from twisted.internet import address
@@ -327,6 +328,48 @@ class TCPFrontendTests(SynchronousTestCase):
             self.assertEqual([line.split()[0] for line in new], ["192.0.2.8:5000"])
         frontend.config = frontend.config  # a reload keeps the file (reopened)
         self.assertEqual(frontend.l4_log.path, path)
+
+    def test_connect_timeout_fails_over_then_closes(self) -> None:
+        """
+        A connect the server never answers times out on the clock (a
+        PendingConnect on a real socket to a listener that never accepts):
+        the failure counts against the server and the frontend, the next
+        server is tried, and once retries run out the client is closed with
+        one line (a timeout is a UserError to Twisted, and was taken for our
+        own cancel: the client hung until the idle timeout, uncounted).
+        """
+        from rproxy import transport
+        from tests.test_transport import FakeReactor
+
+        ports = []
+        for _ in range(2):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            self.addCleanup(listener.close)
+            ports.append(listener.getsockname()[1])
+        self.patch(transport, "supports_immediate_send", lambda reactor: True)
+        backend = _backend("b", ports[0])
+        backend["servers"].append({"address": f"127.0.0.1:{ports[1]}", "name": "b2"})
+        config = config_from_mapping({"backends": [backend],
+                                      "frontends": [_frontend(retries=1, connect_timeout="3s")]})
+        reactor = FakeReactor()
+        pool = Pool(config.backends[0], reactor)
+        frontend = self.frontend = TCPFrontend(config.frontends[0], pool, reactor, reactor)
+        logs = Logs(self)
+        conn, client = self.accept()
+        self.assertEqual(len(reactor.writers), 1)
+        reactor.advance(2.9)
+        self.assertEqual(frontend.connect_errors, 0)
+        reactor.advance(0.1)
+        self.assertEqual((frontend.connect_errors, len(reactor.writers), client.disconnecting), (1, 1, False))
+        reactor.advance(3)
+        self.assertEqual([s.connect_failures for s in pool.servers], [1, 1])
+        self.assertEqual((frontend.connect_errors, conn.termination), (2, "connect-failed"))
+        self.assertTrue(client.disconnecting or client.disconnected)
+        self.assertEqual(reactor.writers, set())
+        self.assertEqual(logs.lines(), ["frontend f: closing 192.0.2.7:5000: connecting to b2 failed: "
+                                        "User timeout caused connection failure."])
 
     def test_terminations(self) -> None:
         """Who ended it: the client's FIN, the server's, the idle sweep, a drain."""

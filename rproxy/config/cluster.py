@@ -65,12 +65,12 @@ def read_cluster(top: Section, stores: object, tunnels: tuple[object, ...]) -> C
     advertise = section.section("advertise")
     proxy = advertise.value("proxy", _address)
     advertise.finish()
-    interval = section.value("heartbeat_interval", v.duration, 1.0)
-    timeout = section.value("heartbeat_timeout", v.duration, 5.0)
+    interval = section.value("heartbeat_interval", v.positive_duration, 1.0)
+    timeout = section.value("heartbeat_timeout", v.positive_duration, 5.0)
     section.finish()
     # the record lives timeout - interval and is renewed every interval:
     # a margin of one interval for a slow renewal
-    if interval is not None and timeout is not None and timeout < 3 * interval - 1e-9:
+    if timeout < 3 * interval - 1e-9:
         section.error("heartbeat_timeout", f"must be at least 3 times heartbeat_interval ({interval:g}s)")
     if getattr(stores, "redis_url", None) is None:
         section.errors.append("cluster: needs stores.redis.url (or REDIS_URL): the nodes share state through Redis")
@@ -79,8 +79,8 @@ def read_cluster(top: Section, stores: object, tunnels: tuple[object, ...]) -> C
                                  f"({proxy[0]}:0) to advertise each one's own port")
     if node_id is None or proxy is None:
         return None
-    return ClusterConfig(node_id=node_id, advertise_proxy=proxy, heartbeat_interval=interval or 1.0,
-                         heartbeat_timeout=timeout or 5.0)
+    return ClusterConfig(node_id=node_id, advertise_proxy=proxy, heartbeat_interval=interval,
+                         heartbeat_timeout=timeout)
 
 
 def worker_port_errors(workers: int | str, cluster: ClusterConfig | None, tunnels: tuple[object, ...],

@@ -160,17 +160,10 @@ def _read_proxy_protocol(section: Section) -> ProxyProtocolOptions | None:
     from rproxy.config.access import read_networks
 
     options = section.section("proxy_protocol")
-    timeout = options.value("timeout", _positive_duration, 5.0)
+    timeout = options.value("timeout", v.positive_duration, 5.0)
     sources = read_networks(options, "from")
     options.finish()
     return ProxyProtocolOptions(timeout=timeout, sources=sources)
-
-
-def _positive_duration(value: object) -> float:
-    seconds = v.duration(value)
-    if seconds <= 0:
-        raise ValueError(f"expected a duration above zero, got {brief(value)}")
-    return seconds
 
 
 def _read_l4_log(section: Section) -> L4LogOptions | None:
@@ -206,7 +199,7 @@ def _read_detect(section: Section) -> DetectOptions | None:
         tls=detect.value("tls", v.name, None),
         http=detect.value("http", v.name, None),
         default=detect.value("default", v.name, None),
-        timeout=detect.value("timeout", _positive_duration, 3.0),
+        timeout=detect.value("timeout", v.positive_duration, 3.0),
         max_bytes=detect.value("max_bytes", v.int_in(8, 4096), 16),
     )
     if detect.ok and not options.targets():
@@ -235,7 +228,7 @@ def _read_passthrough(section: Section) -> PassthroughOptions | None:
     options = PassthroughOptions(
         sni=tuple(pairs),
         default=passthrough.value("default", v.name, None),
-        timeout=passthrough.value("timeout", _positive_duration, 5.0),
+        timeout=passthrough.value("timeout", v.positive_duration, 5.0),
     )
     if passthrough.ok and not pairs and options.default is None:
         passthrough.error("sni", "name at least one server name (or a default backend)")

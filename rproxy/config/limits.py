@@ -172,10 +172,8 @@ def _read_limit(section: Section) -> RateLimitConfig | None:
         headers=section.value("headers", v.boolean, False),
         max_keys=section.value("max_keys", v.int_in(1, 10_000_000), 100_000),
         shared=section.value("shared", v.boolean, True),
-        redis_timeout=section.value("redis_timeout", v.duration, 0.05),
+        redis_timeout=section.value("redis_timeout", v.positive_duration, 0.05),
     )
-    if limit.redis_timeout <= 0:
-        section.error("redis_timeout", "must be greater than zero")
     section.finish()
     return limit if len(section.errors) == errors else None
 

@@ -57,7 +57,7 @@ def read_global(section: Section) -> GlobalConfig:
         workers=section.value("workers", v.workers, d.workers),
         max_connections=section.value("max_connections", v.int_in(1), d.max_connections),
         backlog=section.value("backlog", v.int_in(1, 65535), d.backlog),
-        connect_timeout=section.value("connect_timeout", v.duration, d.connect_timeout),
+        connect_timeout=section.value("connect_timeout", v.positive_duration, d.connect_timeout),
         idle_timeout=section.value("idle_timeout", v.duration, d.idle_timeout),
         grace_period=section.value("grace_period", v.duration, d.grace_period),
     )
@@ -112,27 +112,34 @@ def _read_health(section: Section) -> HealthCheckConfig:
         type=section.value("type", v.choice(HEALTH_TYPES), d.type),
         path=section.value("path", v.url_path, d.path),
         expect_status=section.value("expect_status", v.int_in(100, 599), d.expect_status),
-        interval=section.value("interval", v.duration, d.interval),
-        timeout=section.value("timeout", v.duration, d.timeout),
+        interval=section.value("interval", v.positive_duration, d.interval),
+        timeout=section.value("timeout", v.positive_duration, d.timeout),
         rise=section.value("rise", v.int_in(1, 100), d.rise),
         fall=section.value("fall", v.int_in(1, 100), d.fall),
         headers=headers,
         host=section.value("host", v.text, None),
         jitter=section.value("jitter", v.fraction, d.jitter),
     )
-    if result.interval <= 0:
-        section.error("interval", "must be greater than zero")
-    if result.timeout <= 0:
-        section.error("timeout", "must be greater than zero")
     section.finish()
     return result
+
+
+def _ejection(value: object) -> float:
+    """
+    C{passive.ejection}: a cooldown of zero ejected nobody (while logging
+    that it did); C{consecutive_failures: 0} is the way to turn it off.
+    """
+    try:
+        return v.positive_duration(value)
+    except ValueError as e:
+        raise ValueError(f"{e} (consecutive_failures: 0 turns passive ejection off)") from None
 
 
 def _read_passive(section: Section) -> PassiveConfig:
     d = PassiveConfig()
     result = PassiveConfig(
         consecutive_failures=section.value("consecutive_failures", v.int_in(0), d.consecutive_failures),
-        ejection=section.value("ejection", v.duration, d.ejection),
+        ejection=section.value("ejection", _ejection, d.ejection),
         max_ejection=section.value("max_ejection", v.duration, d.max_ejection),
         max_ejection_percent=section.value("max_ejection_percent", v.int_in(0, 100), d.max_ejection_percent),
     )
@@ -216,8 +223,8 @@ def read_stores(top: Section) -> StoresConfig | None:
     postgres = section.section("postgres")
     dsn = postgres.value("dsn", v.text, None)
     pool_size = postgres.value("pool_size", v.int_in(1, 100), 4)
-    resync = postgres.value("resync_interval", v.duration, 30.0)
-    retention = postgres.value("heartbeat_retention", v.duration, 7 * 86400.0)
+    resync = postgres.value("resync_interval", v.positive_duration, 30.0)
+    retention = postgres.value("heartbeat_retention", v.positive_duration, 7 * 86400.0)
     postgres.finish()
     redis = section.section("redis")
     url = redis.value("url", v.text, None)
@@ -237,7 +244,7 @@ def read_stores(top: Section) -> StoresConfig | None:
     if "redis" in sinks and url is None and section.has("events"):
         section.error("events", f"{events} needs stores.redis.url (or REDIS_URL)")
     return StoresConfig(postgres_dsn=env_dsn or dsn, pool_size=pool_size, redis_url=url, auth_cache_ttl=ttl,
-                        resync_interval=resync or 30.0, heartbeat_retention=retention or 7 * 86400.0,
+                        resync_interval=resync, heartbeat_retention=retention,
                         kafka=kafka, events=sinks)
 
 

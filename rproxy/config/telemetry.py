@@ -115,10 +115,10 @@ def read_telemetry(top: Section) -> TelemetryConfig | None:
     service_name = section.value("service_name", v.text, "rproxy")
     ratio = section.value("sample_ratio", v.fraction, 1.0)
     headers = _headers(section)
-    timeout = section.value("timeout", v.duration, 10.0)
+    timeout = section.value("timeout", v.positive_duration, 10.0)
     queue_size = section.value("queue_size", v.int_in(1, 1_000_000), 2048)
     batch_size = section.value("batch_size", v.int_in(1, 100_000), 512)
-    delay = section.value("schedule_delay", v.duration, 1.0)
+    delay = section.value("schedule_delay", v.positive_duration, 1.0)
     encoder = section.value("encoder", v.choice(ENCODERS), "compact")
     section.finish()
     if base is None:
@@ -128,5 +128,5 @@ def read_telemetry(top: Section) -> TelemetryConfig | None:
         return None
     return TelemetryConfig(otlp_endpoint=base, endpoint=signal_url(base), protocol=protocol,
                            service_name=service_name or "rproxy", sample_ratio=ratio, headers=headers,
-                           timeout=timeout or 10.0, queue_size=queue_size, batch_size=batch_size,
-                           schedule_delay=delay or 1.0, encoder=encoder or "compact")
+                           timeout=timeout, queue_size=queue_size, batch_size=batch_size,
+                           schedule_delay=delay, encoder=encoder or "compact")

@@ -99,10 +99,10 @@ def read_token_pool(parent: Section, path: str, raw: object) -> TokenPoolConfig 
         seen.add(credential.username)
 
     retry = section.section("retry")
-    retry_initial = retry.value("initial", v.duration, d.retry_initial)
-    retry_max = retry.value("max", v.duration, d.retry_max)
+    retry_initial = retry.value("initial", v.positive_duration, d.retry_initial)
+    retry_max = retry.value("max", v.positive_duration, d.retry_max)
     retry.finish()
-    ttl = section.value("ttl", v.duration, d.ttl)
+    ttl = section.value("ttl", v.positive_duration, d.ttl)
     refresh_before = section.value("refresh_before", v.duration, d.refresh_before)
     config = TokenPoolConfig(
         name=name or "",
@@ -122,17 +122,15 @@ def read_token_pool(parent: Section, path: str, raw: object) -> TokenPoolConfig 
         refresh_before=refresh_before,
         queue_timeout=section.value("queue_timeout", v.duration, d.queue_timeout),
         max_waiters=section.value("max_waiters", v.int_in(0, 1_000_000), d.max_waiters),
-        login_timeout=section.value("login_timeout", v.duration, d.login_timeout),
+        login_timeout=section.value("login_timeout", v.positive_duration, d.login_timeout),
         login_concurrency=section.value("login_concurrency", v.int_in(1, 1000), d.login_concurrency),
         max_login_failures=section.value("max_login_failures", v.int_in(1, 1000), d.max_login_failures),
         retry_initial=retry_initial,
         retry_max=retry_max,
     )
-    if ttl is not None and ttl <= 0:
-        section.error("ttl", "must be more than 0s")
-    elif ttl is not None and refresh_before is not None and refresh_before >= ttl:
+    if refresh_before >= ttl:
         section.error("refresh_before", f"must be less than ttl ({ttl:g}s)")
-    if retry_initial is not None and retry_max is not None and retry_initial > retry_max:
+    if retry_initial > retry_max:
         retry.error("initial", f"is more than retry.max ({retry_max:g}s)")
     if not credentials and not section.has("credentials_file") and name:
         section.error("credentials", "required (or credentials_file): at least one username and password")

@@ -213,8 +213,35 @@ def duration(value: object) -> float:
     return parse_duration(value)
 
 
+def positive_duration(value: object) -> float:
+    """
+    A duration that must pass before something gives up or comes round
+    again (a connect timeout, a check interval): zero fails everything at
+    once, or spins.
+    """
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {brief(value)}")
+    return seconds
+
+
 def size(value: object) -> int:
     return parse_size(value)
+
+
+def size_at_least(low: int) -> Callable[[object], int]:
+    """
+    A size of at least C{low} bytes: below it a limit refuses every
+    request it applies to.
+    """
+
+    def convert(value: object) -> int:
+        result = parse_size(value)
+        if result < low:
+            raise ValueError(f"{brief(value)} is below the minimum {low} byte{'s' if low != 1 else ''}")
+        return result
+
+    return convert
 
 
 def name(value: object) -> str:
