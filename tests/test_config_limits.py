@@ -300,3 +300,31 @@ class LineEndTests(SynchronousTestCase):
                  "local": "127.0.0.1:3", "models": ["llama\n"]}
         errors = self.assertRaises(ConfigError, parse_agent_config, agent).errors
         self.assertIn("models[0]: 'llama\\n' is not a model name (printable ASCII, no spaces)", errors)
+
+
+class TunnelZeroDurationTests(SynchronousTestCase):
+    """
+    A tunnel's and an agent's timeouts and intervals that cannot work at
+    zero are refused with their key path.
+    """
+
+    def test_tunnel_timeouts_above_zero(self) -> None:
+        """heartbeat_timeout 0 would drop every agent, open_timeout 0 fail every stream."""
+        data = {"api_keys": [{"key": "k"}],
+                "tunnels": [{"name": "t", "control": "127.0.0.1:0", "proxy": "127.0.0.1:0", "public": "127.0.0.1:0",
+                             "heartbeat_timeout": 0, "open_timeout": "0s"}]}
+        errors = self.assertRaises(ConfigError, parse_config, data).errors
+        self.assertIn("tunnels[0].heartbeat_timeout: expected a duration above zero, got 0", errors)
+        self.assertIn("tunnels[0].open_timeout: expected a duration above zero, got '0s'", errors)
+
+    def test_agent_durations_above_zero(self) -> None:
+        """An agent's heartbeat loop, reconnect backoff and local connects need a time above zero."""
+        from rproxy.tunnel.config import parse_agent_config
+
+        agent = {"server": {"control": "127.0.0.1:1", "proxy": "127.0.0.1:2"}, "api_key": "k",
+                 "local": "127.0.0.1:3", "heartbeat_interval": 0, "connect_timeout": 0,
+                 "reconnect": {"initial": 0, "max": "0s"}}
+        errors = self.assertRaises(ConfigError, parse_agent_config, agent).errors
+        for key, got in (("heartbeat_interval", "0"), ("connect_timeout", "0"), ("reconnect.initial", "0"),
+                         ("reconnect.max", "'0s'")):
+            self.assertIn(f"{key}: expected a duration above zero, got {got}", errors)

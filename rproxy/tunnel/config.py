@@ -144,8 +144,8 @@ def read_tunnels(top: Section) -> tuple[TunnelConfig, ...]:
             mode=mode,
             algorithm=algorithm,
             tls=_read_tls(section.section("tls")),
-            heartbeat_timeout=section.value("heartbeat_timeout", v.duration, d.heartbeat_timeout),
-            open_timeout=section.value("open_timeout", v.duration, d.open_timeout),
+            heartbeat_timeout=section.value("heartbeat_timeout", v.positive_duration, d.heartbeat_timeout),
+            open_timeout=section.value("open_timeout", v.positive_duration, d.open_timeout),
             max_pending=section.value("max_pending", v.int_in(1), d.max_pending),
             service=section.value("service", v.name, None),
             strict_models=section.value("strict_models", v.boolean, True),
@@ -285,8 +285,8 @@ def parse_agent_config(data: object) -> AgentConfig:
         except ValueError as e:
             errors.append(f"{path}: {e}")
     reconnect = top.section("reconnect")
-    initial = reconnect.value("initial", v.duration, 1.0)
-    maximum = reconnect.value("max", v.duration, 60.0)
+    initial = reconnect.value("initial", v.positive_duration, 1.0)
+    maximum = reconnect.value("max", v.positive_duration, 60.0)
     reconnect.finish()
     config = AgentConfig(
         control=control,
@@ -299,11 +299,11 @@ def parse_agent_config(data: object) -> AgentConfig:
         server_name=server_name,
         models=tuple(models),
         models_from=top.value("models_from", v.text, None),
-        heartbeat_interval=top.value("heartbeat_interval", v.duration, 10.0),
+        heartbeat_interval=top.value("heartbeat_interval", v.positive_duration, 10.0),
         pool_count=top.value("pool_count", v.int_in(0, 64), 0),
         reconnect_initial=initial,
         reconnect_max=maximum,
-        connect_timeout=top.value("connect_timeout", v.duration, 5.0),
+        connect_timeout=top.value("connect_timeout", v.positive_duration, 5.0),
         exit_on_login_failure=top.value("exit_on_login_failure", v.boolean, False),
         servers=servers,
     )
