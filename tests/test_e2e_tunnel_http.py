@@ -518,23 +518,27 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
     # -- the policy filters of HTTP frontends on the public port: rate limits
     # per user key (shared and dedicated keys alike) and allow/deny
 
-    async def post(self, key: str) -> tuple[int, dict[str, str]]:
+    async def post(self, key: str) -> tuple[int, dict[str, str], bytes]:
         body = b'{"model": "llama3", "messages": []}'
-        status, headers, _ = await self.request(
+        return await self.request(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nContent-Type: application/json\r\n"
             b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        return status, headers
 
     @async_test
     async def test_rate_limit_per_key(self) -> None:
-        """Each key has its own bucket: the third request of one key is 429, another key goes on."""
+        """
+        Each key has its own bucket: the third request of one key is 429
+        (an OpenAI-shaped error, as rproxy's others there), another key
+        goes on.
+        """
         await self.start_tunnel(rate_limit={"key": "api_key", "rate": "2/m", "burst": 2})
         await self.start_agent("a", ["llama3"])
         await self.start_agent("t", ["llama3"], key="team-key")
         self.assertEqual([(await self.post("good-key"))[0] for _ in range(2)], [200, 200])
-        status, headers = await self.post("good-key")
-        self.assertEqual(status, 429)
-        self.assertIn("retry-after", headers)
+        status, headers, body = await self.post("good-key")
+        self.assertEqual((status, headers["retry-after"]), (429, "30"))
+        self.assertEqual(json.loads(body), {"error": {"message": "rate limit 'api_key' exceeded: retry after 30 s",
+                                                      "type": "requests", "code": "rate_limit_exceeded"}})
         self.assertEqual((await self.post("team-key"))[0], 200)
 
     @async_test
@@ -542,7 +546,7 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         """A denied client gets 403 before any agent is asked."""
         await self.start_tunnel(deny=["127.0.0.0/8"])
         await self.start_agent("a", ["llama3"])
-        status, _ = await self.post("good-key")
+        status, _, _ = await self.post("good-key")
         self.assertEqual(status, 403)
         self.assertEqual(self.tunnel.streams_opened, 0)
 

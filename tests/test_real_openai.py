@@ -67,12 +67,16 @@ class FakeOpenAI(Resource):
 class RealOpenAITests(ServiceMixin, TestCase):
     timeout = 60
 
-    async def start(self) -> openai.OpenAI:
+    async def start(self, **tunnel: Any) -> openai.OpenAI:
+        """
+        The tunnel (with the C{tunnel} keys besides), agents a (llama3) and
+        b (qwen2), and an SDK client of its public port.
+        """
         service = await self.start_service({
             "api_keys": [{"key": "agent-key", "level": -1, "name": "shared"}],
             "tunnels": [{"name": "gpu", "control": "tcp:0:interface=127.0.0.1", "proxy": "tcp:0:interface=127.0.0.1",
                          "public": "tcp:0:interface=127.0.0.1", "mode": "http", "open_timeout": "5s",
-                         "strict_models": True, "model_body_limit": "60k"}],
+                         "strict_models": True, "model_body_limit": "60k", **tunnel}],
         })
         self.tunnel = service.tunnels["gpu"]
         self.services = {}
@@ -167,3 +171,24 @@ class RealOpenAITests(ServiceMixin, TestCase):
             self.assertEqual((error.status_code, error.code), (404, "model_not_found"))  # type: ignore[attr-defined]
             self.assertIn("model 'gpt-9' is not served by any agent", error.message)  # type: ignore[attr-defined]
         self.assertEqual([len(s.requests) for s in self.services.values()], [0, 0])
+
+    @async_test
+    async def test_rate_limit_is_a_rate_limit_error(self) -> None:
+        """
+        Over the tunnel's rate_limit the SDK raises RateLimitError with
+        rproxy's message and OpenAI's code (not "429 None None").
+        """
+        client = await self.start(rate_limit={"key": "api_key", "rate": "1/m"})
+
+        def chat() -> Exception | str:
+            try:
+                answer = client.chat.completions.create(model="llama3", messages=[{"role": "user", "content": "hi"}])
+            except openai.APIStatusError as e:
+                return e
+            return answer.choices[0].message.content or ""
+
+        self.assertEqual(await deferToThread(chat), "a heard 2 characters")
+        error = await deferToThread(chat)
+        self.assertIsInstance(error, openai.RateLimitError)
+        self.assertEqual((error.status_code, error.code), (429, "rate_limit_exceeded"))  # type: ignore[union-attr]
+        self.assertIn("rate limit 'api_key' exceeded", error.message)  # type: ignore[union-attr]

@@ -44,7 +44,7 @@ from rproxy.config import FrontendConfig, HTTPOptions
 from rproxy.events import REQUESTS
 from rproxy.http.filters import Filter
 from rproxy.http.frontend import HTTPFrontend, policy_filters
-from rproxy.http.headers import reason
+from rproxy.http.headers import reason, response_head
 from rproxy.http.reader import RequestHead
 from rproxy.tunnel.agentpeers import AgentChoice, AgentConnector, AgentRefused, shared
 
@@ -66,6 +66,7 @@ _ERROR_TYPES = {
     408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "request_too_large"),
     414: ("invalid_request_error", "uri_too_long"),
+    429: ("requests", "rate_limit_exceeded"),  # (OpenAI's own, for too many requests)
     431: ("invalid_request_error", "headers_too_large"),
     502: ("server_error", "bad_gateway"),
     503: ("server_error", "service_unavailable"),
@@ -75,19 +76,21 @@ _ERROR_TYPES = {
 
 
 def openai_error(status: int, message: str, extra: Iterable[tuple[bytes, bytes]] = (),
-                 code: str | None = None) -> bytes:
+                 code: str | None = None, version: tuple[int, int] = (1, 1), close: bool = True) -> bytes:
     """
-    A complete response (then close) whose body is an OpenAI-style error,
+    A complete response whose body is an OpenAI-style error,
     C{{"error": {"message", "type", "code"}}}: the shape the OpenAI SDKs
     read the message from (they show only the status code otherwise).
+    The frontend's C{error_response} (L{rproxy.http.headers.error_response}'s
+    signature): then close, unless C{close} is false (a 429 on a kept
+    connection).
     """
     kind, default_code = _ERROR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error",
                                                    str(status)))
     body = json.dumps({"error": {"message": message, "type": kind, "code": code or default_code}}).encode() + b"\n"
-    lines = [b"HTTP/1.1 %d %s" % (status, reason(status)), b"Content-Type: application/json",
-             b"Cache-Control: no-store", b"Content-Length: %d" % len(body), b"Connection: close"]
-    lines += [name + b": " + value for name, value in extra]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+    headers = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store"), *extra]
+    return response_head(status, reason(status), headers, version=version, framing="length",
+                         content_length=len(body), close=close) + body
 
 
 def looks_like_json(head: RequestHead) -> bool:
