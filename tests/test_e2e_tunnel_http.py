@@ -465,7 +465,7 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
 
         self.tunnel.events = Sink()
         status, answer = await self.chat("llama3", key="team-key")
-        self.assertEqual(status, 404)  # nothing serves it for that key yet
+        self.assertEqual((status, answer["error"]["code"]), (503, "service_unavailable"))  # no agent of that key yet
         await self.start_agent("shared", ["llama3"])
         status, _, body = await self.request(b"GET / HTTP/1.1\r\nHost: gpu\r\nAuthorization: Bearer team-key\r\n\r\n")
         self.assertEqual(status, 503)

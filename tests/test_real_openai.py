@@ -80,25 +80,31 @@ class RealOpenAITests(ServiceMixin, TestCase):
         })
         self.tunnel = service.tunnels["gpu"]
         self.services = {}
+        self.agent_configs = {}
+        self.agents: dict[str, AgentService] = {}
         for name, model in (("a", "llama3"), ("b", "qwen2")):
             local = self.services[name] = FakeOpenAI(name)
             site = Site(local)
             site.noisy = False
             port = await listen(site)
             self.addCleanup(port.stopListening)
-            agent = AgentService(parse_agent_config({
+            self.agent_configs[name] = parse_agent_config({
                 "server": {"control": f"127.0.0.1:{self.tunnel.port_of('control')}",
                            "proxy": f"127.0.0.1:{self.tunnel.port_of('proxy')}"},
                 "api_key": "agent-key", "agent_id": name, "models": [model],
                 "services": [{"name": "web", "local": f"127.0.0.1:{port.getHost().port}"}],
-            }), reactor)
-            agent.startService()
-            self.addCleanup(agent.stopService)
+            })
+            self.start_agent(name)
         await wait_for(lambda: len(self.tunnel.registry.agents) == 2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.tunnel.port_of('public')}/v1",
                                api_key="sk-user", timeout=10.0, max_retries=0)
         self.addCleanup(client.close)
         return client
+
+    def start_agent(self, name: str) -> None:
+        agent = self.agents[name] = AgentService(self.agent_configs[name], reactor)
+        agent.startService()
+        self.addCleanup(agent.stopService)
 
     @async_test
     async def test_streaming_chat_routed_by_model(self) -> None:
@@ -192,3 +198,29 @@ class RealOpenAITests(ServiceMixin, TestCase):
         self.assertIsInstance(error, openai.RateLimitError)
         self.assertEqual((error.status_code, error.code), (429, "rate_limit_exceeded"))  # type: ignore[union-attr]
         self.assertIn("rate limit 'api_key' exceeded", error.message)  # type: ignore[union-attr]
+
+    @async_test
+    async def test_reconnecting_agent_is_a_retryable_error(self) -> None:
+        """
+        While the only agent serving a model is away (until it logs in
+        again), the SDK gets a 503, an InternalServerError it retries (not
+        NotFoundError, which it does not); back, the agent answers.
+        """
+        client = await self.start()
+
+        def chat() -> Exception | str:
+            try:
+                answer = client.chat.completions.create(model="llama3", messages=[{"role": "user", "content": "hi"}])
+            except openai.APIStatusError as e:
+                return e
+            return answer.choices[0].message.content or ""
+
+        await self.agents["a"].stopService()
+        await wait_for(lambda: "a" not in self.tunnel.registry.agents)
+        error = await deferToThread(chat)
+        self.assertIsInstance(error, openai.InternalServerError)
+        self.assertEqual((error.status_code, error.code), (503, "service_unavailable"))  # type: ignore[union-attr]
+        self.assertEqual(error.response.headers["retry-after"], "1")  # type: ignore[union-attr]
+        self.start_agent("a")
+        await wait_for(lambda: "a" in self.tunnel.registry.agents)
+        self.assertEqual(await deferToThread(chat), "a heard 2 characters")

@@ -6,6 +6,7 @@ tunnel's HTTP frontend (its access log and figures).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -20,8 +21,8 @@ from rproxy.config.values import ConfigError
 from rproxy.http.filters import Chain, Filter
 from rproxy.http.upstream import PeerRefused
 from rproxy.pool import NoServerAvailable
-from rproxy.tunnel.config import TunnelConfig
-from rproxy.tunnel.httpmode import AgentChoice, AgentRefused
+from rproxy.tunnel.config import ApiKeyConfig, TunnelConfig
+from rproxy.tunnel.httpmode import AgentChoice, AgentRefused, Departed
 from rproxy.tunnel.httpstats import MAX_SERIES, tunnel_http_metrics
 from rproxy.tunnel.registry import AgentSession, StaticKeys
 from rproxy.tunnel.server import ControlProtocol, TunnelServer
@@ -34,21 +35,49 @@ def anyone(agent: AgentSession) -> bool:
 
 
 class Tunnel:
-    def __init__(self, *agents: tuple[str, tuple[str, ...]], **config: Any) -> None:
+    def __init__(self, *agents: tuple[str, tuple[str, ...]], keys: tuple[ApiKeyConfig, ...] = (),
+                 **config: Any) -> None:
         self.clock = Clock()
-        self.server = TunnelServer(TunnelConfig(name="t", mode="http", **config), StaticKeys([]), None, self.clock)
+        self.server = TunnelServer(TunnelConfig(name="t", mode="http", **config), StaticKeys(keys), None, self.clock)
         self.controls: dict[str, ControlProtocol] = {}
         for name, models in agents:
-            control = ControlProtocol(self.server)
-            control.makeConnection(StringTransport())
-            control._login_timer.cancel()  # type: ignore[union-attr]
-            session = AgentSession(agent_id=name, peer="?", key_name="k", level=-1, connected_at=0.0,
-                                   last_seen=0.0, control=control, models=models)
-            control.session = session
-            self.controls[name] = control
-            self.server.registry.add(session)
+            self.login(name, models)
         assert self.server.connector is not None
         self.connector = self.server.connector
+
+    def login(self, name: str, models: tuple[str, ...], key: str | None = None) -> AgentSession:
+        """An agent logs in, with a shared key, or with the dedicated C{key}."""
+        control = ControlProtocol(self.server)
+        control.makeConnection(StringTransport())
+        control._login_timer.cancel()  # type: ignore[union-attr]
+        session = AgentSession(agent_id=name, peer="?", key_name="k", level=-1 if key is None else 0,
+                               connected_at=self.clock.seconds(), last_seen=self.clock.seconds(), control=control,
+                               models=models, key_digest=hashlib.sha256(key.encode()).digest() if key else b"")
+        control.session = session
+        self.controls[name] = control
+        self.server.registry.add(session)
+        return session
+
+    def leave(self, name: str) -> None:
+        """The agent's control connection drops."""
+        self.server.drop_session(self.server.registry.agents[name], "test")
+
+    def ask(self, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+        """
+        C{request} on a public connection of its own: the status, fields
+        (lowercase names) and body rproxy answered (none: 0).
+        """
+        assert self.server.http is not None
+        conn = self.server.http.buildProtocol(IPv4Address("TCP", "10.0.0.9", 4444))
+        transport = StringTransport()
+        conn.makeConnection(transport)
+        conn.dataReceived(request)
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        if not head:
+            return 0, {}, b""
+        status_line, *lines = head.split(b"\r\n")
+        fields = {name.lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines)}
+        return int(status_line.split()[1]), fields, body
 
     def choice(self, model: str | None = None) -> AgentChoice:
         return AgentChoice(self.server, self.connector, model, anyone)
@@ -276,6 +305,113 @@ class TunnelFrontendTests(SynchronousTestCase):
             stats.log(exchange, "agents")
         self.assertEqual(len(stats.series), MAX_SERIES + 1)
         self.assertEqual(stats.series[("other", "other")].classes, [0, 5, 0, 0, 0, 0])
+
+
+def chat(model: str, key: str | None = None) -> bytes:
+    """A request for C{model} (its X-Model header), with the bearer C{key}."""
+    auth = b"Authorization: Bearer %s\r\n" % key.encode() if key else b""
+    return b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Model: %s\r\n%sContent-Length: 0\r\n\r\n" % (
+        model.encode(), auth)
+
+
+def error_of(answer: tuple[int, dict[bytes, bytes], bytes]) -> tuple[int, bytes | None, str, str]:
+    """The status, Retry-After, code and message of an error rproxy answered."""
+    status, fields, body = answer
+    error = json.loads(body)["error"]
+    return status, fields.get(b"retry-after"), error["code"], error["message"]
+
+
+UNAVAILABLE = (503, b"1", "service_unavailable", "no agent serving 'llama3' is connected")
+NOT_SERVED = (404, None, "model_not_found", "model 'llama3' is not served by any agent")
+
+
+class ModelAvailabilityTests(SynchronousTestCase):
+    """
+    With strict models, a model none of the client's agents serves is a
+    404 only when those agents are online and none that served it left a
+    moment ago (heartbeat_timeout): else a 503 with Retry-After, which the
+    OpenAI SDKs retry, while the agent reconnects.
+    """
+
+    def test_reconnecting_agents_model_is_retryable(self) -> None:
+        """
+        The only agent serving a model drops: 503 with Retry-After for
+        heartbeat_timeout (another model still 404), then 404; back, it
+        serves again.
+        """
+        t = Tunnel(("a", ("llama3",)), ("b", ("qwen2",)), heartbeat_timeout=10.0)
+        t.leave("a")
+        t.clock.advance(9.5)
+        self.assertEqual(error_of(t.ask(chat("llama3"))), UNAVAILABLE)
+        self.assertEqual(error_of(t.ask(chat("gpt-9")))[:3], (404, None, "model_not_found"))
+        t.clock.advance(0.5)
+        self.assertEqual(error_of(t.ask(chat("llama3"))), NOT_SERVED)
+        t.leave("b")
+        t.login("a", ("llama3",))
+        t.ask(chat("llama3"))
+        self.assertEqual(len(t.requested("a")), 1)  # (routed to it: it is asked for a stream)
+
+    def test_agent_back_without_the_model(self) -> None:
+        """An agent that logs in again without the model it served: 404 at once."""
+        t = Tunnel(("a", ("llama3",)))
+        t.leave("a")
+        t.login("a", ("qwen2",))
+        self.assertEqual(error_of(t.ask(chat("llama3"))), NOT_SERVED)
+
+    def test_no_agent_of_the_client_online(self) -> None:
+        """
+        A dedicated key whose agents are all offline gets 503 (none has
+        logged in yet, or its agent dropped) though shared agents serve the
+        model; the shared scope with no agent online too.  Once one of its
+        agents is online, a model none serves is 404.
+        """
+        t = Tunnel(("shared", ("llama3",)), keys=(ApiKeyConfig(key="team-key", level=0, name="team"),))
+        self.assertEqual(error_of(t.ask(chat("llama3", key="team-key"))), UNAVAILABLE)
+        t.login("team", ("qwen2",), key="team-key")
+        self.assertEqual(error_of(t.ask(chat("llama3", key="team-key"))), NOT_SERVED)
+        t.leave("team")
+        t.clock.advance(60)
+        self.assertEqual(error_of(t.ask(chat("llama3", key="team-key"))), UNAVAILABLE)
+        t.leave("shared")
+        t.clock.advance(60)
+        self.assertEqual(error_of(t.ask(chat("llama3"))), UNAVAILABLE)
+
+    def test_scope_of_departed_agents(self) -> None:
+        """A dedicated agent that left makes its model retryable for its key only, not for shared clients."""
+        t = Tunnel(("shared", ("qwen2",)), keys=(ApiKeyConfig(key="team-key", level=0, name="team"),))
+        t.login("team", ("llama3",), key="team-key")
+        t.login("team2", ("qwen2",), key="team-key")
+        t.leave("team")
+        self.assertEqual(error_of(t.ask(chat("llama3", key="team-key"))), UNAVAILABLE)
+        self.assertEqual(error_of(t.ask(chat("llama3"))), NOT_SERVED)
+
+    def test_lenient_unchanged(self) -> None:
+        """strict_models: false sends a model no agent serves to any agent, departed or not."""
+        t = Tunnel(("a", ("llama3",)), ("b", ("qwen2",)), strict_models=False)
+        t.leave("a")
+        self.assertEqual(t.ask(chat("llama3"))[0], 0)  # (no answer yet: waiting for b's stream)
+        self.assertEqual(len(t.requested("b")), 1)
+
+    def test_departed_bounded(self) -> None:
+        """
+        At most C{limit} departed agents are remembered (ids come from
+        agents), a returning id counted once; those past the window are
+        forgotten.
+        """
+        clock = Clock()
+        departed = Departed(clock, limit=3)
+        sessions = [AgentSession(agent_id=f"a{i}", peer="?", key_name="k", level=-1, connected_at=0.0,
+                                 last_seen=0.0, control=None, models=("m",)) for i in range(5)]  # type: ignore[arg-type]
+        for session in sessions:
+            clock.advance(1)
+            departed.note(session)
+        departed.note(sessions[2])
+        self.assertEqual(list(departed.left), ["a3", "a4", "a2"])
+        self.assertEqual([s.agent_id for s in departed.recent(1.0, [sessions[4]])], ["a2"])  # (a4 is back)
+        self.assertEqual(list(departed.left), ["a4", "a2"])
+        departed.note(AgentSession(agent_id="none", peer="?", key_name="k", level=-1, connected_at=0.0,
+                                   last_seen=0.0, control=None))  # type: ignore[arg-type]
+        self.assertEqual(list(departed.left), ["a4", "a2"])  # (no model: nothing to remember)
 
 
 class NotingPolicy(Filter):

@@ -15,6 +15,9 @@ of L{rproxy.http}) whose upstream peers are the tunnel's agents.
     (L{AgentConnector}, a keep-alive pool per agent).
   - L{rproxy.tunnel.httpstats.AgentStats}: the figures per agent and model
     (C{/metrics}).
+  - L{Departed}: the agents that left a moment ago, so that a request for
+    a model only they served is told to retry (503), not that it does not
+    exist (404), while they reconnect.
 
 The frontend's filters are every HTTP frontend's policy
 (L{rproxy.http.frontend.policy_filters}: access log, and what other
@@ -47,12 +50,13 @@ from rproxy.http.frontend import HTTPFrontend, policy_filters
 from rproxy.http.headers import reason, response_head
 from rproxy.http.reader import RequestHead
 from rproxy.tunnel.agentpeers import AgentChoice, AgentConnector, AgentRefused, shared
+from rproxy.tunnel.registry import AgentSession
 
 if TYPE_CHECKING:
     from rproxy.tunnel.server import TunnelServer
 
 __all__ = ["openai_error", "model_of", "looks_like_json", "AgentRefused", "AgentChoice", "AgentConnector",
-           "TunnelRouting", "tunnel_frontend"]
+           "Departed", "TunnelConnector", "TunnelRouting", "tunnel_frontend"]
 
 # (TunnelRouting._route: the Authorization field not looked up yet)
 _LOOK: Any = object()
@@ -117,6 +121,66 @@ def model_of(body: bytes) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
+class Departed:
+    """
+    The agents that left less than a window ago (the tunnel's
+    C{heartbeat_timeout}: as long as a silent agent still counts as
+    there), by id, until they log in again: while an agent reconnects, a
+    request for a model only it served gets a 503 to retry, not a 404.
+    Agents choose their ids, so at most C{limit} are remembered, the
+    oldest forgotten first (each with at most the wire's bound of models).
+    """
+
+    def __init__(self, clock: Any, limit: int = 256) -> None:
+        self.clock = clock
+        self.limit = limit
+        # agent id -> (when it left, its session), the oldest first
+        self.left: dict[str, tuple[float, AgentSession]] = {}
+
+    def note(self, session: AgentSession) -> None:
+        """C{session}'s agent left (or its session was replaced)."""
+        if not session.models:
+            return
+        left = self.left
+        left.pop(session.agent_id, None)
+        left[session.agent_id] = (self.clock.seconds(), session)
+        if len(left) > self.limit:
+            del left[next(iter(left))]
+
+    def recent(self, window: float, online: Iterable[AgentSession]) -> list[AgentSession]:
+        """
+        The sessions that left less than C{window} seconds ago and whose
+        agent is not C{online} again (the expired ones are forgotten).
+        """
+        left = self.left
+        since = self.clock.seconds() - window
+        while left:
+            agent_id, (when, _) = next(iter(left.items()))
+            if when > since:
+                break
+            del left[agent_id]
+        if not left:
+            return []
+        back = {a.agent_id for a in online}
+        return [session for _, session in left.values() if session.agent_id not in back]
+
+
+class TunnelConnector(AgentConnector):
+    """
+    The agents' connector (L{AgentConnector}), which also notes the agents
+    that leave (L{Departed}): the server tells it of every agent it drops,
+    of this node or another.
+    """
+
+    def __init__(self, tunnel: TunnelServer, clock: Any) -> None:
+        super().__init__(tunnel, clock)
+        self.departed = Departed(clock)
+
+    def agent_gone(self, session: AgentSession) -> None:
+        self.departed.note(session)
+        super().agent_gone(session)
+
+
 class TunnelRouting(Filter):
     """
     The request phase reads the model and checks the bearer key; the
@@ -127,7 +191,7 @@ class TunnelRouting(Filter):
 
     doing = "routing to an agent"
 
-    def __init__(self, tunnel: TunnelServer, connector: AgentConnector) -> None:
+    def __init__(self, tunnel: TunnelServer, connector: TunnelConnector) -> None:
         self.tunnel = tunnel
         self.connector = connector
         # the choices of requests with a shared key (or none), by model:
@@ -204,14 +268,35 @@ class TunnelRouting(Filter):
         self._check_model(exchange)
 
     def _check_model(self, exchange: Any) -> None:
+        """
+        A model none of the client's agents serves: with C{strict_models},
+        404 if those agents are online and none that served it left a
+        moment ago; else the engine's 503 (with Retry-After: the SDKs
+        retry it) says that no agent serving it is connected.  Lenient:
+        any agent.
+        """
         notes = exchange.notes
-        model = notes["model"]
-        if model is not None and not self.tunnel.registry.serves(model, notes["eligible"]):
-            if self.tunnel.config.strict_models:
-                self.tunnel.streams_failed += 1
-                exchange.fail(404, f"model {model!r} is not served by any agent")
-                return
+        model, eligible = notes["model"], notes["eligible"]
+        if model is None or self.tunnel.registry.serves(model, eligible):
+            return
+        if not self.tunnel.config.strict_models:
             notes["model"] = None  # lenient: any agent
+        elif not self._may_come_back(model, eligible):
+            self.tunnel.streams_failed += 1
+            exchange.fail(404, f"model {model!r} is not served by any agent")
+
+    def _may_come_back(self, model: str, eligible: Any) -> bool:
+        """
+        Whether C{model}, which no agent C{eligible} accepts serves now,
+        may be served again soon: none of those agents is online (a
+        dedicated key's agent reconnecting, or not started yet), or one
+        that served it left less than C{heartbeat_timeout} ago.
+        """
+        online = self.tunnel.registry.candidates()
+        if not any(eligible(a) for a in online):
+            return True
+        departed = self.connector.departed.recent(self.tunnel.config.heartbeat_timeout, online)
+        return any(model in a.models and eligible(a) for a in departed)
 
     def choose(self, exchange: Any) -> None:
         notes = exchange.notes
@@ -271,11 +356,11 @@ def frontend_config(config: Any) -> FrontendConfig:
     )
 
 
-def tunnel_frontend(tunnel: TunnelServer) -> tuple[HTTPFrontend, AgentConnector]:
+def tunnel_frontend(tunnel: TunnelServer) -> tuple[HTTPFrontend, TunnelConnector]:
     """
     The HTTP frontend of C{tunnel}'s public port, and its connector.
     """
-    connector = AgentConnector(tunnel, tunnel.clock)
+    connector = TunnelConnector(tunnel, tunnel.clock)
     routing: list[Filter] = [TunnelRouting(tunnel, connector), connector.stats]
 
     def filters(frontend: HTTPFrontend) -> list[Filter]:
