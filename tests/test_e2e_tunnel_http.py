@@ -444,9 +444,10 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         factory = Factory.forProtocol(lambda: fresh)
         await TCP4ClientEndpoint(reactor, "127.0.0.2", self.tunnel.port_of("public")).connect(factory)
         self.client_cleanup(fresh)
-        fresh.transport.write(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")  # type: ignore[attr-defined]
+        # (X-Model: the agent's own list, not the tunnel's)
+        fresh.transport.write(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\nX-Model: llama3\r\n\r\n")  # type: ignore[attr-defined]
         await fresh.closed
-        self.assertIn(b'"id": "llama3"', bytes(fresh.data))
+        self.assertIn(b'"id": "llama3", "object": "model"}', bytes(fresh.data))
 
     @async_test
     async def test_access_levels(self) -> None:
@@ -682,7 +683,7 @@ class OneRequestTests(ServiceMixin, TestCase):
         await closed.stopListening()
         agent.config = attrs.evolve(agent.config, services=(attrs.evolve(agent.config.services[0], port=dead_port),))
         started = reactor.seconds()
-        status, _, answer = await self.request(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        status, _, answer = await self.request(b"GET /v1/files HTTP/1.1\r\nHost: gpu\r\n\r\n")
         self.assertEqual(status, 502)
         self.assertEqual(json.loads(answer)["error"]["message"], "agent a: local service web unreachable")
         self.assertLess(reactor.seconds() - started, 5.0)
@@ -701,7 +702,7 @@ class OneRequestTests(ServiceMixin, TestCase):
         dead_port = closed.getHost().port
         await closed.stopListening()
         agent.config = attrs.evolve(agent.config, services=(attrs.evolve(agent.config.services[0], port=dead_port),))
-        status, _, answer = await self.request(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        status, _, answer = await self.request(b"GET /v1/files HTTP/1.1\r\nHost: gpu\r\n\r\n")
         self.assertEqual(status, 502)
         self.assertEqual(json.loads(answer)["error"]["code"], "bad_gateway")
         self.assertEqual(self.tunnel.streams_from_pool, 1)

@@ -224,3 +224,19 @@ class RealOpenAITests(ServiceMixin, TestCase):
         self.start_agent("a")
         await wait_for(lambda: "a" in self.tunnel.registry.agents)
         self.assertEqual(await deferToThread(chat), "a heard 2 characters")
+
+    @async_test
+    async def test_models_list_is_the_gateways(self) -> None:
+        """
+        client.models.list() gives every agent's models, the same each
+        time (not one agent's in turn); models.retrieve() one of them.
+        """
+        client = await self.start()
+
+        def models() -> list[str]:
+            return [model.id for model in client.models.list()]
+
+        for _ in range(4):
+            self.assertEqual(await deferToThread(models), ["llama3", "qwen2"])
+        model = await deferToThread(client.models.retrieve, "qwen2")
+        self.assertEqual((model.id, model.object, model.owned_by), ("qwen2", "model", "rproxy"))

@@ -231,7 +231,7 @@ class TunnelFrontendTests(SynchronousTestCase):
         self.addCleanup(t.server.http._close_access_log, None)  # type: ignore[union-attr]
         answers = self.serve(t, [
             (b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 19\r\n\r\n{\"model\": \"llama3\"}", RESPONSE),
-            (b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", RESPONSE),
+            (b"GET /v1/files HTTP/1.1\r\nHost: x\r\n\r\n", RESPONSE),
             (b"GET / HTTP/1.1\r\n\r\n", None),
         ])
         self.assertEqual([a[:15] for a in answers], [b"HTTP/1.1 200 OK"] * 2 + [b"HTTP/1.1 400 Ba"])
@@ -239,7 +239,7 @@ class TunnelFrontendTests(SynchronousTestCase):
             self.assertEqual(f.read().splitlines(), [
                 '10.0.0.9 - - [01/Jan/1970:00:00:00 +0000] "POST /v1/chat HTTP/1.1" 200 2 "-" "-" agents/a '
                 "0.500000 agent=a model=llama3",
-                '10.0.0.9 - - [01/Jan/1970:00:00:01 +0000] "GET /v1/models HTTP/1.1" 200 2 "-" "-" agents/a '
+                '10.0.0.9 - - [01/Jan/1970:00:00:01 +0000] "GET /v1/files HTTP/1.1" 200 2 "-" "-" agents/a '
                 "0.500000 agent=a model=-",
                 '10.0.0.9 - - [01/Jan/1970:00:00:01 +0000] "GET / HTTP/1.1" 400 0 "-" "-" -/- 0.000000 '
                 "agent=- model=-",
@@ -412,6 +412,116 @@ class ModelAvailabilityTests(SynchronousTestCase):
         departed.note(AgentSession(agent_id="none", peer="?", key_name="k", level=-1, connected_at=0.0,
                                    last_seen=0.0, control=None))  # type: ignore[arg-type]
         self.assertEqual(list(departed.left), ["a4", "a2"])  # (no model: nothing to remember)
+
+
+def listed(answer: tuple[int, dict[bytes, bytes], bytes]) -> list[str]:
+    """The model ids of a /v1/models answer (200, OpenAI's list shape)."""
+    status, _, body = answer
+    document = json.loads(body)
+    assert status == 200 and document["object"] == "list", answer
+    return [model["id"] for model in document["data"]]
+
+
+LIST = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class ModelListTests(SynchronousTestCase):
+    """
+    GET /v1/models answered by the tunnel: every model the client may
+    route to, as an OpenAI-compatible gateway lists them, not one agent's.
+    """
+
+    def test_every_agents_models(self) -> None:
+        """
+        The models of every agent the client reaches, each once, sorted,
+        in OpenAI's shape ("created": when its first agent logged in);
+        no agent is asked.
+        """
+        t = Tunnel()
+        t.clock.advance(1700000000)
+        t.login("a1", ("llama3", "shared-m"))
+        t.clock.advance(5)
+        t.login("a2", ("qwen2", "shared-m"))
+        for _ in range(4):
+            status, fields, body = t.ask(LIST)
+            self.assertEqual((status, fields[b"content-type"]), (200, b"application/json"))
+            self.assertEqual(json.loads(body), {"object": "list", "data": [
+                {"id": "llama3", "object": "model", "created": 1700000000, "owned_by": "rproxy"},
+                {"id": "qwen2", "object": "model", "created": 1700000005, "owned_by": "rproxy"},
+                {"id": "shared-m", "object": "model", "created": 1700000000, "owned_by": "rproxy"},
+            ]})
+        self.assertEqual(t.requested("a1") + t.requested("a2"), [])
+
+    def test_access_levels(self) -> None:
+        """
+        A dedicated key lists its agents' models only; other clients the
+        shared agents' (an unknown key too); a departed agent's model is
+        listed for heartbeat_timeout (a request for it gets a 503 to retry).
+        """
+        t = Tunnel(("shared", ("llama3",)), keys=(ApiKeyConfig(key="team-key", level=0, name="team"),),
+                   heartbeat_timeout=10.0)
+        self.assertEqual(listed(t.ask(LIST.replace(b"\r\n\r\n", b"\r\nAuthorization: Bearer team-key\r\n\r\n"))),
+                         [])
+        t.login("team", ("qwen2",), key="team-key")
+        team = LIST.replace(b"\r\n\r\n", b"\r\nAuthorization: Bearer team-key\r\n\r\n")
+        self.assertEqual(listed(t.ask(team)), ["qwen2"])
+        self.assertEqual(listed(t.ask(LIST)), ["llama3"])
+        self.assertEqual(listed(t.ask(LIST.replace(b"\r\n\r\n", b"\r\nAuthorization: Bearer nope\r\n\r\n"))),
+                         ["llama3"])
+        t.login("other", ("gemma",))
+        t.leave("shared")
+        self.assertEqual(listed(t.ask(LIST)), ["gemma", "llama3"])
+        t.clock.advance(10)
+        self.assertEqual(listed(t.ask(LIST)), ["gemma"])
+
+    def test_one_model(self) -> None:
+        """
+        GET /v1/models/ID: the model if the client may route to it (its
+        agent reconnecting too), else 404 (503 while none of the client's
+        agents is online); ids may hold slashes.
+        """
+        t = Tunnel(("a", ("meta-llama/Llama-3", "llama3")), ("b", ("qwen2",)))
+        status, _, body = t.ask(b"GET /v1/models/meta-llama%2FLlama-3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual((status, json.loads(body)["id"]), (200, "meta-llama/Llama-3"))
+        status, _, body = t.ask(b"GET /v1/models/meta-llama/Llama-3?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual((status, json.loads(body)["object"]), (200, "model"))
+        t.leave("a")
+        self.assertEqual(t.ask(b"GET /v1/models/llama3 HTTP/1.1\r\nHost: x\r\n\r\n")[0], 200)  # (reconnecting)
+        unknown = b"GET /v1/models/gpt-9 HTTP/1.1\r\nHost: x\r\n\r\n"
+        self.assertEqual(error_of(t.ask(unknown)), (404, None, "model_not_found",
+                                                    "model 'gpt-9' is not served by any agent"))
+        t.leave("b")
+        t.clock.advance(60)
+        self.assertEqual(error_of(t.ask(unknown)), (503, b"1", "service_unavailable",
+                                                    "no agent serving 'gpt-9' is connected"))
+
+    def test_kept_connection_and_head(self) -> None:
+        """The list is answered on the kept connection; HEAD has its length and no body."""
+        t = Tunnel(("a", ("llama3",)))
+        assert t.server.http is not None
+        conn = t.server.http.buildProtocol(IPv4Address("TCP", "10.0.0.9", 4444))
+        transport = StringTransport()
+        conn.makeConnection(transport)
+        conn.dataReceived(LIST + b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n" + LIST)
+        answers = transport.value().split(b"HTTP/1.1 200 OK\r\n")
+        self.assertEqual(len(answers), 4, answers)
+        body = answers[1].partition(b"\r\n\r\n")[2]
+        self.assertEqual(answers[2][-4:], b"\r\n\r\n")
+        self.assertIn(b"Content-Length: %d\r\n" % len(body), answers[2])
+        self.assertEqual(answers[3].partition(b"\r\n\r\n")[2], body)
+        self.assertFalse(transport.disconnecting)
+
+    def test_passed_on(self) -> None:
+        """
+        A list request naming a model (X-Model) goes to an agent serving
+        it (its own answer); other paths and methods go to the agents.
+        """
+        t = Tunnel(("a", ("llama3",)))
+        for request in (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Model: llama3\r\n\r\n",
+                        b"GET /v1/modelsx HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"):
+            self.assertEqual(t.ask(request)[0], 0)  # (no answer yet: waiting for the agent's stream)
+        self.assertEqual(len(t.requested("a")), 3)
 
 
 class NotingPolicy(Filter):

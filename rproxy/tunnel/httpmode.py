@@ -18,6 +18,9 @@ of L{rproxy.http}) whose upstream peers are the tunnel's agents.
   - L{Departed}: the agents that left a moment ago, so that a request for
     a model only they served is told to retry (503), not that it does not
     exist (404), while they reconnect.
+  - L{ModelList}, a filter: C{GET /v1/models} answered by the tunnel, the
+    models of every agent the client may reach, as an OpenAI-compatible
+    gateway answers it (not one agent's list).
 
 The frontend's filters are every HTTP frontend's policy
 (L{rproxy.http.frontend.policy_filters}: access log, and what other
@@ -37,7 +40,8 @@ import hashlib
 import hmac
 import inspect
 import json
-from collections.abc import Iterable
+import urllib.parse
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -56,8 +60,10 @@ if TYPE_CHECKING:
     from rproxy.tunnel.server import TunnelServer
 
 __all__ = ["openai_error", "model_of", "looks_like_json", "AgentRefused", "AgentChoice", "AgentConnector",
-           "Departed", "TunnelConnector", "TunnelRouting", "tunnel_frontend"]
+           "Departed", "TunnelConnector", "TunnelRouting", "ModelList", "tunnel_frontend"]
 
+# the path of the models list (ModelList)
+_MODELS = b"/v1/models"
 # (TunnelRouting._route: the Authorization field not looked up yet)
 _LOOK: Any = object()
 # bodies that cannot hold a JSON "model" field: never read for one
@@ -180,6 +186,36 @@ class TunnelConnector(AgentConnector):
         self.departed.note(session)
         super().agent_gone(session)
 
+    def may_come_back(self, model: str, eligible: Callable[[AgentSession], bool]) -> bool:
+        """
+        Whether C{model}, which no agent C{eligible} accepts serves now,
+        may be served again soon: none of those agents is online (a
+        dedicated key's agent reconnecting, or not started yet), or one
+        that served it left less than C{heartbeat_timeout} ago.
+        """
+        online = self.tunnel.registry.candidates()
+        if not any(eligible(a) for a in online):
+            return True
+        departed = self.departed.recent(self.tunnel.config.heartbeat_timeout, online)
+        return any(model in a.models and eligible(a) for a in departed)
+
+    def models(self, eligible: Callable[[AgentSession], bool]) -> dict[str, float]:
+        """
+        The models a request that C{eligible} routes may ask for: those of
+        its agents online, and of those that left less than
+        C{heartbeat_timeout} ago (they get a 503 to retry, not a 404);
+        each with the time the first of its agents logged in.
+        """
+        online = self.tunnel.registry.candidates()
+        found: dict[str, float] = {}
+        for agent in [*online, *self.departed.recent(self.tunnel.config.heartbeat_timeout, online)]:
+            if eligible(agent):
+                for model in agent.models:
+                    since = found.get(model)
+                    if since is None or agent.connected_at < since:
+                        found[model] = agent.connected_at
+        return found
+
 
 class TunnelRouting(Filter):
     """
@@ -281,22 +317,9 @@ class TunnelRouting(Filter):
             return
         if not self.tunnel.config.strict_models:
             notes["model"] = None  # lenient: any agent
-        elif not self._may_come_back(model, eligible):
+        elif not self.connector.may_come_back(model, eligible):
             self.tunnel.streams_failed += 1
             exchange.fail(404, f"model {model!r} is not served by any agent")
-
-    def _may_come_back(self, model: str, eligible: Any) -> bool:
-        """
-        Whether C{model}, which no agent C{eligible} accepts serves now,
-        may be served again soon: none of those agents is online (a
-        dedicated key's agent reconnecting, or not started yet), or one
-        that served it left less than C{heartbeat_timeout} ago.
-        """
-        online = self.tunnel.registry.candidates()
-        if not any(eligible(a) for a in online):
-            return True
-        departed = self.connector.departed.recent(self.tunnel.config.heartbeat_timeout, online)
-        return any(model in a.models and eligible(a) for a in departed)
 
     def choose(self, exchange: Any) -> None:
         notes = exchange.notes
@@ -340,6 +363,70 @@ class TunnelRouting(Filter):
         })
 
 
+class ModelList(Filter):
+    """
+    C{GET /v1/models} answered by the tunnel, as an OpenAI-compatible
+    gateway answers it: every model the client may route to (the agents
+    its key reaches, as L{TunnelRouting} decided), in OpenAI's shape; and
+    C{GET /v1/models/ID}, one of them (404 if the client cannot route to
+    it).  A request that names a model (C{X-Model}) goes to an agent
+    serving it instead, which answers with its own list.  After
+    L{TunnelRouting} in the request phase: its notes say whom the client
+    reaches.
+    """
+
+    doing = "listing the models"
+
+    def __init__(self, connector: TunnelConnector) -> None:
+        self.connector = connector
+
+    def request(self, exchange: Any) -> None:
+        head = exchange.head
+        method = head.method
+        if (method != b"GET" and method != b"HEAD") or not head.target.startswith(_MODELS):
+            return
+        rest = head.target.partition(b"?")[0][len(_MODELS):]
+        notes = exchange.notes
+        if notes["model"] is not None or rest[:1] not in (b"", b"/"):
+            return  # a model named (its agent's own answer), or another path (/v1/modelsx)
+        found = self.connector.models(notes["eligible"])
+        model = urllib.parse.unquote(rest[1:].decode("latin-1"), errors="replace")
+        if not model:
+            document: dict[str, Any] = {"object": "list", "data": [_model(m, found[m]) for m in sorted(found)]}
+        elif model in found:
+            document = _model(model, found[model])
+        elif self.connector.may_come_back(model, notes["eligible"]):
+            exchange.fail(503, f"no agent serving {model!r} is connected", retry_after=True)
+            return
+        else:
+            exchange.fail(404, f"model {model!r} is not served by any agent")
+            return
+        _answer_json(exchange, document)
+
+
+def _model(model: str, since: float) -> dict[str, Any]:
+    """A model in OpenAI's shape."""
+    return {"id": model, "object": "model", "created": int(since), "owned_by": "rproxy"}
+
+
+def _answer_json(exchange: Any, document: dict[str, Any]) -> None:
+    """
+    A filter answers 200 with C{document} as JSON, on the kept
+    connection (C{Exchange.answer}, with a body).
+    """
+    body = json.dumps(document).encode() + b"\n"
+    client, head = exchange.client, exchange.head
+    if head.has_body:
+        client.closing_after_response = True  # (a body not read: no request can follow it)
+    exchange.status = 200
+    close = not head.keep_alive or client.closing_after_response
+    client.transport.write(response_head(
+        200, b"OK", [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")],
+        version=head.version, framing="length", content_length=len(body), close=close,
+    ) + (b"" if head.method == b"HEAD" else body))
+    exchange.complete()
+
+
 def frontend_config(config: Any) -> FrontendConfig:
     """
     The HTTP frontend configuration of a tunnel's public port: its
@@ -361,7 +448,7 @@ def tunnel_frontend(tunnel: TunnelServer) -> tuple[HTTPFrontend, TunnelConnector
     The HTTP frontend of C{tunnel}'s public port, and its connector.
     """
     connector = TunnelConnector(tunnel, tunnel.clock)
-    routing: list[Filter] = [TunnelRouting(tunnel, connector), connector.stats]
+    routing: list[Filter] = [TunnelRouting(tunnel, connector), ModelList(connector), connector.stats]
 
     def filters(frontend: HTTPFrontend) -> list[Filter]:
         return policy_filters(frontend, routing, log_notes=("agent", "model"))
