@@ -463,9 +463,10 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         factory = Factory.forProtocol(lambda: fresh)
         await TCP4ClientEndpoint(reactor, "127.0.0.2", self.tunnel.port_of("public")).connect(factory)
         self.client_cleanup(fresh)
-        fresh.transport.write(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")  # type: ignore[attr-defined]
+        # (X-Model: the agent's own list, not the tunnel's)
+        fresh.transport.write(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\nX-Model: llama3\r\n\r\n")  # type: ignore[attr-defined]
         await fresh.closed
-        self.assertIn(b'"id": "llama3"', bytes(fresh.data))
+        self.assertIn(b'"id": "llama3", "object": "model"}', bytes(fresh.data))
 
     @async_test
     async def test_access_levels(self) -> None:
@@ -484,7 +485,7 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
 
         self.tunnel.events = Sink()
         status, answer = await self.chat("llama3", key="team-key")
-        self.assertEqual(status, 404)  # nothing serves it for that key yet
+        self.assertEqual((status, answer["error"]["code"]), (503, "service_unavailable"))  # no agent of that key yet
         await self.start_agent("shared", ["llama3"])
         status, _, body = await self.request(b"GET / HTTP/1.1\r\nHost: gpu\r\nAuthorization: Bearer team-key\r\n\r\n")
         self.assertEqual(status, 503)
@@ -537,23 +538,27 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
     # -- the policy filters of HTTP frontends on the public port: rate limits
     # per user key (shared and dedicated keys alike) and allow/deny
 
-    async def post(self, key: str) -> tuple[int, dict[str, str]]:
+    async def post(self, key: str) -> tuple[int, dict[str, str], bytes]:
         body = b'{"model": "llama3", "messages": []}'
-        status, headers, _ = await self.request(
+        return await self.request(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: gpu\r\nContent-Type: application/json\r\n"
             b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        return status, headers
 
     @async_test
     async def test_rate_limit_per_key(self) -> None:
-        """Each key has its own bucket: the third request of one key is 429, another key goes on."""
+        """
+        Each key has its own bucket: the third request of one key is 429
+        (an OpenAI-shaped error, as rproxy's others there), another key
+        goes on.
+        """
         await self.start_tunnel(rate_limit={"key": "api_key", "rate": "2/m", "burst": 2})
         await self.start_agent("a", ["llama3"])
         await self.start_agent("t", ["llama3"], key="team-key")
         self.assertEqual([(await self.post("good-key"))[0] for _ in range(2)], [200, 200])
-        status, headers = await self.post("good-key")
-        self.assertEqual(status, 429)
-        self.assertIn("retry-after", headers)
+        status, headers, body = await self.post("good-key")
+        self.assertEqual((status, headers["retry-after"]), (429, "30"))
+        self.assertEqual(json.loads(body), {"error": {"message": "rate limit 'api_key' exceeded: retry after 30 s",
+                                                      "type": "requests", "code": "rate_limit_exceeded"}})
         self.assertEqual((await self.post("team-key"))[0], 200)
 
     @async_test
@@ -561,7 +566,7 @@ class TunnelHTTPTests(ServiceMixin, TestCase):
         """A denied client gets 403 before any agent is asked."""
         await self.start_tunnel(deny=["127.0.0.0/8"])
         await self.start_agent("a", ["llama3"])
-        status, _ = await self.post("good-key")
+        status, _, _ = await self.post("good-key")
         self.assertEqual(status, 403)
         self.assertEqual(self.tunnel.streams_opened, 0)
 
@@ -697,7 +702,7 @@ class OneRequestTests(ServiceMixin, TestCase):
         await closed.stopListening()
         agent.config = attrs.evolve(agent.config, services=(attrs.evolve(agent.config.services[0], port=dead_port),))
         started = reactor.seconds()
-        status, _, answer = await self.request(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        status, _, answer = await self.request(b"GET /v1/files HTTP/1.1\r\nHost: gpu\r\n\r\n")
         self.assertEqual(status, 502)
         self.assertEqual(json.loads(answer)["error"]["message"], "agent a: local service web unreachable")
         self.assertLess(reactor.seconds() - started, 5.0)
@@ -716,7 +721,7 @@ class OneRequestTests(ServiceMixin, TestCase):
         dead_port = closed.getHost().port
         await closed.stopListening()
         agent.config = attrs.evolve(agent.config, services=(attrs.evolve(agent.config.services[0], port=dead_port),))
-        status, _, answer = await self.request(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        status, _, answer = await self.request(b"GET /v1/files HTTP/1.1\r\nHost: gpu\r\n\r\n")
         self.assertEqual(status, 502)
         self.assertEqual(json.loads(answer)["error"]["code"], "bad_gateway")
         self.assertEqual(self.tunnel.streams_from_pool, 1)

@@ -6,6 +6,7 @@ it answers, the process's buckets decide when it fails or is known down.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet import defer
@@ -14,8 +15,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.config.limits import RateLimitConfig
 from rproxy.http.filters.ratelimit import RateLimitFilter, limits_of
+from rproxy.http.headers import error_response
 from rproxy.http.routes import RouteTable
 from rproxy.ratelimit import Decision
+from rproxy.tunnel.httpmode import openai_error
 
 
 class FakeTransport:
@@ -39,6 +42,7 @@ class FakeHead:
         self.headers = headers or {}
         self.host = b"example.com"
         self.target = b"/"
+        self.method = b"GET"
         self.has_body = False
         self.keep_alive = True
         self.version = (1, 1)
@@ -81,8 +85,9 @@ class FakeFrontendConfig:
 class FakeFrontend:
     name = "fe"
 
-    def __init__(self, clock: Clock, *limits: RateLimitConfig) -> None:
+    def __init__(self, clock: Clock, *limits: RateLimitConfig, errors: Any = error_response) -> None:
         self.clock = clock
+        self.error_response = errors
         self.config = FakeFrontendConfig(limits)
         self.routes = RouteTable((), "be")
 
@@ -141,11 +146,52 @@ class LocalTests(SynchronousTestCase):
         self.assertIn(b"\r\nRetry-After: 5\r\n", written)
         self.assertIn(b'\r\nRateLimit-Policy: "ip";q=2;w=10\r\n', written)
         self.assertIn(b'\r\nRateLimit: "ip";r=0;t=10\r\n', written)
-        self.assertIn(b"\r\nContent-Length: 0\r\n", written)
+        head, _, body = written.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nContent-Length: %d\r\n" % len(body), head + b"\r\n")
+        self.assertEqual(json.loads(body), {"error": "rate limit 'ip' exceeded: retry after 5 s"})
+        self.assertNotIn(b"Connection: close", head)
         self.clock.advance(5)
         self.assertEqual(self.run_requests(f, 2), [0, 429])
         [counted] = limits_of(frontend)
         self.assertEqual((counted.allowed, counted.limited), (3, 3))
+
+    def test_refusal_has_the_frontends_error_body(self) -> None:
+        """
+        A 429 has the body of the frontend's other errors, its fields and
+        headers kept: OpenAI's shape on a tunnel's mode http port (the
+        OpenAI SDKs show its message and code), rproxy's JSON elsewhere;
+        the connection stays open, and a HEAD's 429 has no body.
+        """
+        frontend = FakeFrontend(self.clock, limit(count=1, period=10.0, shared=False), errors=openai_error)
+        f = RateLimitFilter.make(frontend)
+        statuses = self.run_requests(f, 2)
+        exchange = FakeExchange()
+        f.request(exchange)
+        head, _, body = exchange.client.transport.written.partition(b"\r\n\r\n")
+        self.assertEqual((statuses, exchange.status, exchange.completed), ([0, 429], 429, True))
+        self.assertEqual(json.loads(body), {"error": {"message": "rate limit 'ip' exceeded: retry after 10 s",
+                                                      "type": "requests", "code": "rate_limit_exceeded"}})
+        fields = head.split(b"\r\n")
+        for field in (b"Retry-After: 10", b'RateLimit: "ip";r=0;t=10', b"Content-Type: application/json",
+                      b"Content-Length: %d" % len(body)):
+            self.assertIn(field, fields)
+        self.assertNotIn(b"Connection: close", fields)
+        exchange = FakeExchange()
+        exchange.head.method = b"HEAD"
+        f.request(exchange)
+        written = exchange.client.transport.written
+        self.assertEqual((exchange.status, written[-4:]), (429, b"\r\n\r\n"))
+        self.assertIn(b"\r\nContent-Length: %d\r\n" % len(body), written)
+
+    def test_concurrency_refusal_names_the_limit(self) -> None:
+        """Over a concurrent limit the 429's message says so."""
+        f = RateLimitFilter.make(FakeFrontend(self.clock, limit(name="inflight", concurrent=1, shared=False)))
+        held, refused = FakeExchange(), FakeExchange()
+        f.request(held)
+        f.request(refused)
+        body = refused.client.transport.written.partition(b"\r\n\r\n")[2]
+        self.assertEqual((held.status, refused.status), (0, 429))
+        self.assertEqual(json.loads(body), {"error": "too many requests in flight (limit 'inflight')"})
 
     def test_general_path_agrees(self) -> None:
         """

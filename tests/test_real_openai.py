@@ -67,34 +67,44 @@ class FakeOpenAI(Resource):
 class RealOpenAITests(ServiceMixin, TestCase):
     timeout = 60
 
-    async def start(self) -> openai.OpenAI:
+    async def start(self, **tunnel: Any) -> openai.OpenAI:
+        """
+        The tunnel (with the C{tunnel} keys besides), agents a (llama3) and
+        b (qwen2), and an SDK client of its public port.
+        """
         service = await self.start_service({
             "api_keys": [{"key": "agent-key", "level": -1, "name": "shared"}],
             "tunnels": [{"name": "gpu", "control": "tcp:0:interface=127.0.0.1", "proxy": "tcp:0:interface=127.0.0.1",
                          "public": "tcp:0:interface=127.0.0.1", "mode": "http", "open_timeout": "5s",
-                         "strict_models": True, "model_body_limit": "60k"}],
+                         "strict_models": True, "model_body_limit": "60k", **tunnel}],
         })
         self.tunnel = service.tunnels["gpu"]
         self.services = {}
+        self.agent_configs = {}
+        self.agents: dict[str, AgentService] = {}
         for name, model in (("a", "llama3"), ("b", "qwen2")):
             local = self.services[name] = FakeOpenAI(name)
             site = Site(local)
             site.noisy = False
             port = await listen(site)
             self.addCleanup(port.stopListening)
-            agent = AgentService(parse_agent_config({
+            self.agent_configs[name] = parse_agent_config({
                 "server": {"control": f"127.0.0.1:{self.tunnel.port_of('control')}",
                            "proxy": f"127.0.0.1:{self.tunnel.port_of('proxy')}"},
                 "api_key": "agent-key", "agent_id": name, "models": [model],
                 "services": [{"name": "web", "local": f"127.0.0.1:{port.getHost().port}"}],
-            }), reactor)
-            agent.startService()
-            self.addCleanup(agent.stopService)
+            })
+            self.start_agent(name)
         await wait_for(lambda: len(self.tunnel.registry.agents) == 2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.tunnel.port_of('public')}/v1",
                                api_key="sk-user", timeout=10.0, max_retries=0)
         self.addCleanup(client.close)
         return client
+
+    def start_agent(self, name: str) -> None:
+        agent = self.agents[name] = AgentService(self.agent_configs[name], reactor)
+        agent.startService()
+        self.addCleanup(agent.stopService)
 
     @async_test
     async def test_streaming_chat_routed_by_model(self) -> None:
@@ -167,3 +177,66 @@ class RealOpenAITests(ServiceMixin, TestCase):
             self.assertEqual((error.status_code, error.code), (404, "model_not_found"))  # type: ignore[attr-defined]
             self.assertIn("model 'gpt-9' is not served by any agent", error.message)  # type: ignore[attr-defined]
         self.assertEqual([len(s.requests) for s in self.services.values()], [0, 0])
+
+    @async_test
+    async def test_rate_limit_is_a_rate_limit_error(self) -> None:
+        """
+        Over the tunnel's rate_limit the SDK raises RateLimitError with
+        rproxy's message and OpenAI's code (not "429 None None").
+        """
+        client = await self.start(rate_limit={"key": "api_key", "rate": "1/m"})
+
+        def chat() -> Exception | str:
+            try:
+                answer = client.chat.completions.create(model="llama3", messages=[{"role": "user", "content": "hi"}])
+            except openai.APIStatusError as e:
+                return e
+            return answer.choices[0].message.content or ""
+
+        self.assertEqual(await deferToThread(chat), "a heard 2 characters")
+        error = await deferToThread(chat)
+        self.assertIsInstance(error, openai.RateLimitError)
+        self.assertEqual((error.status_code, error.code), (429, "rate_limit_exceeded"))  # type: ignore[union-attr]
+        self.assertIn("rate limit 'api_key' exceeded", error.message)  # type: ignore[union-attr]
+
+    @async_test
+    async def test_reconnecting_agent_is_a_retryable_error(self) -> None:
+        """
+        While the only agent serving a model is away (until it logs in
+        again), the SDK gets a 503, an InternalServerError it retries (not
+        NotFoundError, which it does not); back, the agent answers.
+        """
+        client = await self.start()
+
+        def chat() -> Exception | str:
+            try:
+                answer = client.chat.completions.create(model="llama3", messages=[{"role": "user", "content": "hi"}])
+            except openai.APIStatusError as e:
+                return e
+            return answer.choices[0].message.content or ""
+
+        await self.agents["a"].stopService()
+        await wait_for(lambda: "a" not in self.tunnel.registry.agents)
+        error = await deferToThread(chat)
+        self.assertIsInstance(error, openai.InternalServerError)
+        self.assertEqual((error.status_code, error.code), (503, "service_unavailable"))  # type: ignore[union-attr]
+        self.assertEqual(error.response.headers["retry-after"], "1")  # type: ignore[union-attr]
+        self.start_agent("a")
+        await wait_for(lambda: "a" in self.tunnel.registry.agents)
+        self.assertEqual(await deferToThread(chat), "a heard 2 characters")
+
+    @async_test
+    async def test_models_list_is_the_gateways(self) -> None:
+        """
+        client.models.list() gives every agent's models, the same each
+        time (not one agent's in turn); models.retrieve() one of them.
+        """
+        client = await self.start()
+
+        def models() -> list[str]:
+            return [model.id for model in client.models.list()]
+
+        for _ in range(4):
+            self.assertEqual(await deferToThread(models), ["llama3", "qwen2"])
+        model = await deferToThread(client.models.retrieve, "qwen2")
+        self.assertEqual((model.id, model.object, model.owned_by), ("qwen2", "model", "rproxy"))

@@ -124,7 +124,7 @@ class StreamRefusedTests(SynchronousTestCase):
     def test_http_gets_502_at_once(self) -> None:
         """mode http: the client gets 502 with the agent's reason, no waiting."""
         tunnel, clock, control, transport, public = self.open("http")
-        public.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        public.dataReceived(b"GET /v1/files HTTP/1.1\r\nHost: gpu\r\n\r\n")
         request = self.requested(control)
         control.dataReceived(encode(Error("local service web unreachable", conn_id=request.conn_id)))
         head, _, body = transport.value().partition(b"\r\n\r\n")

@@ -15,6 +15,12 @@ of L{rproxy.http}) whose upstream peers are the tunnel's agents.
     (L{AgentConnector}, a keep-alive pool per agent).
   - L{rproxy.tunnel.httpstats.AgentStats}: the figures per agent and model
     (C{/metrics}).
+  - L{Departed}: the agents that left a moment ago, so that a request for
+    a model only they served is told to retry (503), not that it does not
+    exist (404), while they reconnect.
+  - L{ModelList}, a filter: C{GET /v1/models} answered by the tunnel, the
+    models of every agent the client may reach, as an OpenAI-compatible
+    gateway answers it (not one agent's list).
 
 The frontend's filters are every HTTP frontend's policy
 (L{rproxy.http.frontend.policy_filters}: access log, and what other
@@ -34,7 +40,8 @@ import hashlib
 import hmac
 import inspect
 import json
-from collections.abc import Iterable
+import urllib.parse
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -44,16 +51,19 @@ from rproxy.config import FrontendConfig, HTTPOptions
 from rproxy.events import REQUESTS
 from rproxy.http.filters import Filter
 from rproxy.http.frontend import HTTPFrontend, policy_filters
-from rproxy.http.headers import reason
+from rproxy.http.headers import reason, response_head
 from rproxy.http.reader import RequestHead
 from rproxy.tunnel.agentpeers import AgentChoice, AgentConnector, AgentRefused, shared
+from rproxy.tunnel.registry import AgentSession
 
 if TYPE_CHECKING:
     from rproxy.tunnel.server import TunnelServer
 
 __all__ = ["openai_error", "model_of", "looks_like_json", "AgentRefused", "AgentChoice", "AgentConnector",
-           "TunnelRouting", "tunnel_frontend"]
+           "Departed", "TunnelConnector", "TunnelRouting", "ModelList", "tunnel_frontend"]
 
+# the path of the models list (ModelList)
+_MODELS = b"/v1/models"
 # (TunnelRouting._route: the Authorization field not looked up yet)
 _LOOK: Any = object()
 # bodies that cannot hold a JSON "model" field: never read for one
@@ -66,6 +76,7 @@ _ERROR_TYPES = {
     408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "request_too_large"),
     414: ("invalid_request_error", "uri_too_long"),
+    429: ("requests", "rate_limit_exceeded"),  # (OpenAI's own, for too many requests)
     431: ("invalid_request_error", "headers_too_large"),
     502: ("server_error", "bad_gateway"),
     503: ("server_error", "service_unavailable"),
@@ -75,19 +86,21 @@ _ERROR_TYPES = {
 
 
 def openai_error(status: int, message: str, extra: Iterable[tuple[bytes, bytes]] = (),
-                 code: str | None = None) -> bytes:
+                 code: str | None = None, version: tuple[int, int] = (1, 1), close: bool = True) -> bytes:
     """
-    A complete response (then close) whose body is an OpenAI-style error,
+    A complete response whose body is an OpenAI-style error,
     C{{"error": {"message", "type", "code"}}}: the shape the OpenAI SDKs
     read the message from (they show only the status code otherwise).
+    The frontend's C{error_response} (L{rproxy.http.headers.error_response}'s
+    signature): then close, unless C{close} is false (a 429 on a kept
+    connection).
     """
     kind, default_code = _ERROR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error",
                                                    str(status)))
     body = json.dumps({"error": {"message": message, "type": kind, "code": code or default_code}}).encode() + b"\n"
-    lines = [b"HTTP/1.1 %d %s" % (status, reason(status)), b"Content-Type: application/json",
-             b"Cache-Control: no-store", b"Content-Length: %d" % len(body), b"Connection: close"]
-    lines += [name + b": " + value for name, value in extra]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+    headers = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store"), *extra]
+    return response_head(status, reason(status), headers, version=version, framing="length",
+                         content_length=len(body), close=close) + body
 
 
 def looks_like_json(head: RequestHead) -> bool:
@@ -114,6 +127,96 @@ def model_of(body: bytes) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
+class Departed:
+    """
+    The agents that left less than a window ago (the tunnel's
+    C{heartbeat_timeout}: as long as a silent agent still counts as
+    there), by id, until they log in again: while an agent reconnects, a
+    request for a model only it served gets a 503 to retry, not a 404.
+    Agents choose their ids, so at most C{limit} are remembered, the
+    oldest forgotten first (each with at most the wire's bound of models).
+    """
+
+    def __init__(self, clock: Any, limit: int = 256) -> None:
+        self.clock = clock
+        self.limit = limit
+        # agent id -> (when it left, its session), the oldest first
+        self.left: dict[str, tuple[float, AgentSession]] = {}
+
+    def note(self, session: AgentSession) -> None:
+        """C{session}'s agent left (or its session was replaced)."""
+        if not session.models:
+            return
+        left = self.left
+        left.pop(session.agent_id, None)
+        left[session.agent_id] = (self.clock.seconds(), session)
+        if len(left) > self.limit:
+            del left[next(iter(left))]
+
+    def recent(self, window: float, online: Iterable[AgentSession]) -> list[AgentSession]:
+        """
+        The sessions that left less than C{window} seconds ago and whose
+        agent is not C{online} again (the expired ones are forgotten).
+        """
+        left = self.left
+        since = self.clock.seconds() - window
+        while left:
+            agent_id, (when, _) = next(iter(left.items()))
+            if when > since:
+                break
+            del left[agent_id]
+        if not left:
+            return []
+        back = {a.agent_id for a in online}
+        return [session for _, session in left.values() if session.agent_id not in back]
+
+
+class TunnelConnector(AgentConnector):
+    """
+    The agents' connector (L{AgentConnector}), which also notes the agents
+    that leave (L{Departed}): the server tells it of every agent it drops,
+    of this node or another.
+    """
+
+    def __init__(self, tunnel: TunnelServer, clock: Any) -> None:
+        super().__init__(tunnel, clock)
+        self.departed = Departed(clock)
+
+    def agent_gone(self, session: AgentSession) -> None:
+        self.departed.note(session)
+        super().agent_gone(session)
+
+    def may_come_back(self, model: str, eligible: Callable[[AgentSession], bool]) -> bool:
+        """
+        Whether C{model}, which no agent C{eligible} accepts serves now,
+        may be served again soon: none of those agents is online (a
+        dedicated key's agent reconnecting, or not started yet), or one
+        that served it left less than C{heartbeat_timeout} ago.
+        """
+        online = self.tunnel.registry.candidates()
+        if not any(eligible(a) for a in online):
+            return True
+        departed = self.departed.recent(self.tunnel.config.heartbeat_timeout, online)
+        return any(model in a.models and eligible(a) for a in departed)
+
+    def models(self, eligible: Callable[[AgentSession], bool]) -> dict[str, float]:
+        """
+        The models a request that C{eligible} routes may ask for: those of
+        its agents online, and of those that left less than
+        C{heartbeat_timeout} ago (they get a 503 to retry, not a 404);
+        each with the time the first of its agents logged in.
+        """
+        online = self.tunnel.registry.candidates()
+        found: dict[str, float] = {}
+        for agent in [*online, *self.departed.recent(self.tunnel.config.heartbeat_timeout, online)]:
+            if eligible(agent):
+                for model in agent.models:
+                    since = found.get(model)
+                    if since is None or agent.connected_at < since:
+                        found[model] = agent.connected_at
+        return found
+
+
 class TunnelRouting(Filter):
     """
     The request phase reads the model and checks the bearer key; the
@@ -124,7 +227,7 @@ class TunnelRouting(Filter):
 
     doing = "routing to an agent"
 
-    def __init__(self, tunnel: TunnelServer, connector: AgentConnector) -> None:
+    def __init__(self, tunnel: TunnelServer, connector: TunnelConnector) -> None:
         self.tunnel = tunnel
         self.connector = connector
         # the choices of requests with a shared key (or none), by model:
@@ -201,14 +304,22 @@ class TunnelRouting(Filter):
         self._check_model(exchange)
 
     def _check_model(self, exchange: Any) -> None:
+        """
+        A model none of the client's agents serves: with C{strict_models},
+        404 if those agents are online and none that served it left a
+        moment ago; else the engine's 503 (with Retry-After: the SDKs
+        retry it) says that no agent serving it is connected.  Lenient:
+        any agent.
+        """
         notes = exchange.notes
-        model = notes["model"]
-        if model is not None and not self.tunnel.registry.serves(model, notes["eligible"]):
-            if self.tunnel.config.strict_models:
-                self.tunnel.streams_failed += 1
-                exchange.fail(404, f"model {model!r} is not served by any agent")
-                return
+        model, eligible = notes["model"], notes["eligible"]
+        if model is None or self.tunnel.registry.serves(model, eligible):
+            return
+        if not self.tunnel.config.strict_models:
             notes["model"] = None  # lenient: any agent
+        elif not self.connector.may_come_back(model, eligible):
+            self.tunnel.streams_failed += 1
+            exchange.fail(404, f"model {model!r} is not served by any agent")
 
     def choose(self, exchange: Any) -> None:
         notes = exchange.notes
@@ -252,6 +363,70 @@ class TunnelRouting(Filter):
         })
 
 
+class ModelList(Filter):
+    """
+    C{GET /v1/models} answered by the tunnel, as an OpenAI-compatible
+    gateway answers it: every model the client may route to (the agents
+    its key reaches, as L{TunnelRouting} decided), in OpenAI's shape; and
+    C{GET /v1/models/ID}, one of them (404 if the client cannot route to
+    it).  A request that names a model (C{X-Model}) goes to an agent
+    serving it instead, which answers with its own list.  After
+    L{TunnelRouting} in the request phase: its notes say whom the client
+    reaches.
+    """
+
+    doing = "listing the models"
+
+    def __init__(self, connector: TunnelConnector) -> None:
+        self.connector = connector
+
+    def request(self, exchange: Any) -> None:
+        head = exchange.head
+        method = head.method
+        if (method != b"GET" and method != b"HEAD") or not head.target.startswith(_MODELS):
+            return
+        rest = head.target.partition(b"?")[0][len(_MODELS):]
+        notes = exchange.notes
+        if notes["model"] is not None or rest[:1] not in (b"", b"/"):
+            return  # a model named (its agent's own answer), or another path (/v1/modelsx)
+        found = self.connector.models(notes["eligible"])
+        model = urllib.parse.unquote(rest[1:].decode("latin-1"), errors="replace")
+        if not model:
+            document: dict[str, Any] = {"object": "list", "data": [_model(m, found[m]) for m in sorted(found)]}
+        elif model in found:
+            document = _model(model, found[model])
+        elif self.connector.may_come_back(model, notes["eligible"]):
+            exchange.fail(503, f"no agent serving {model!r} is connected", retry_after=True)
+            return
+        else:
+            exchange.fail(404, f"model {model!r} is not served by any agent")
+            return
+        _answer_json(exchange, document)
+
+
+def _model(model: str, since: float) -> dict[str, Any]:
+    """A model in OpenAI's shape."""
+    return {"id": model, "object": "model", "created": int(since), "owned_by": "rproxy"}
+
+
+def _answer_json(exchange: Any, document: dict[str, Any]) -> None:
+    """
+    A filter answers 200 with C{document} as JSON, on the kept
+    connection (C{Exchange.answer}, with a body).
+    """
+    body = json.dumps(document).encode() + b"\n"
+    client, head = exchange.client, exchange.head
+    if head.has_body:
+        client.closing_after_response = True  # (a body not read: no request can follow it)
+    exchange.status = 200
+    close = not head.keep_alive or client.closing_after_response
+    client.transport.write(response_head(
+        200, b"OK", [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")],
+        version=head.version, framing="length", content_length=len(body), close=close,
+    ) + (b"" if head.method == b"HEAD" else body))
+    exchange.complete()
+
+
 def frontend_config(config: Any) -> FrontendConfig:
     """
     The HTTP frontend configuration of a tunnel's public port: its
@@ -268,12 +443,12 @@ def frontend_config(config: Any) -> FrontendConfig:
     )
 
 
-def tunnel_frontend(tunnel: TunnelServer) -> tuple[HTTPFrontend, AgentConnector]:
+def tunnel_frontend(tunnel: TunnelServer) -> tuple[HTTPFrontend, TunnelConnector]:
     """
     The HTTP frontend of C{tunnel}'s public port, and its connector.
     """
-    connector = AgentConnector(tunnel, tunnel.clock)
-    routing: list[Filter] = [TunnelRouting(tunnel, connector), connector.stats]
+    connector = TunnelConnector(tunnel, tunnel.clock)
+    routing: list[Filter] = [TunnelRouting(tunnel, connector), ModelList(connector), connector.stats]
 
     def filters(frontend: HTTPFrontend) -> list[Filter]:
         return policy_filters(frontend, routing, log_notes=("agent", "model"))

@@ -5,8 +5,10 @@ per key (client address, API key, a header's value) by GCRA
 
 A request over a limit is answered 429 with C{Retry-After} and the
 C{RateLimit-Policy} / C{RateLimit} fields of
-draft-ietf-httpapi-ratelimit-headers; allowed responses carry the latter
-two as well (unless the limit says C{headers: false}).  With a Redis
+draft-ietf-httpapi-ratelimit-headers, on its kept connection, the body the
+frontend's error shape (OpenAI's on a tunnel's C{mode: http} port);
+allowed responses carry the latter two as well (unless the limit says
+C{headers: false}).  With a Redis
 registered (L{rproxy.ratelimit_redis}) the rates are shared by every
 process using it; when Redis is down or slower than C{redis_timeout} the
 process's own buckets decide, and that is counted.
@@ -33,7 +35,6 @@ from twisted.python.failure import Failure
 
 from rproxy import ratelimit_redis
 from rproxy.http.filters import Filter
-from rproxy.http.headers import response_head
 from rproxy.ratelimit import (
     Concurrency,
     Decision,
@@ -47,7 +48,6 @@ from rproxy.ratelimit import (
 __all__ = ["RateLimitFilter", "Limit", "limits_of"]
 
 _NOTE = "ratelimit"
-_TOO_MANY = b"Too Many Requests"
 
 # frontend -> {(scope, config): Limit}: buckets and counts outlive the
 # filter, which is rebuilt whenever the frontend is configured again
@@ -173,6 +173,8 @@ class RateLimitFilter(Filter):
     def __init__(self, frontend: Any, shared: Any = None) -> None:
         config = frontend.config
         self.clock = frontend.clock
+        # (the frontend's errors: the 429's body has their shape)
+        self.error_response = frontend.error_response
         self.limits = tuple(_limit(frontend, "frontend", c) for c in getattr(config, "rate_limits", ()))
         # (a frontend without a route table, as a tunnel's may be, has
         # only its own limits)
@@ -277,10 +279,7 @@ class RateLimitFilter(Filter):
     def _shared_answer(self, decision: Decision, exchange: Any, limit: Limit) -> None:
         if not decision.allowed:
             limit.limited += 1
-            self._refuse(exchange, retry_after(decision.retry_after), [
-                (b"RateLimit-Policy", limit.policy),
-                (b"RateLimit", state_header(limit.name, 0, decision.reset)),
-            ])
+            self._refuse_rate(exchange, limit, decision)
             return
         limit.allowed += 1
         if self.headers:
@@ -357,10 +356,7 @@ class RateLimitFilter(Filter):
         if refused is not None:
             limit, decision = refused
             limit.limited += 1
-            self._refuse(exchange, retry_after(decision.retry_after), [
-                (b"RateLimit-Policy", limit.policy),
-                (b"RateLimit", state_header(limit.name, 0, decision.reset)),
-            ])
+            self._refuse_rate(exchange, limit, decision)
             return
         held = None
         for limit, key in zip(limits, keys, strict=True):
@@ -371,7 +367,7 @@ class RateLimitFilter(Filter):
                 for taken, taken_key in held or ():
                     taken.release(taken_key)
                 limit.limited += 1
-                self._refuse(exchange, b"1", [])
+                self._refuse(exchange, b"1", [], f"too many requests in flight (limit {limit.name!r})")
                 return
             if held is None:
                 held = []
@@ -387,11 +383,19 @@ class RateLimitFilter(Filter):
                 notes = exchange.notes = {}
             notes[_NOTE] = (held, shown)
 
-    def _refuse(self, exchange: Any, after: bytes, fields: list[tuple[bytes, bytes]]) -> None:
+    def _refuse_rate(self, exchange: Any, limit: Limit, decision: Decision) -> None:
+        after = retry_after(decision.retry_after)
+        self._refuse(exchange, after, [
+            (b"RateLimit-Policy", limit.policy),
+            (b"RateLimit", state_header(limit.name, 0, decision.reset)),
+        ], f"rate limit {limit.name!r} exceeded: retry after {after.decode()} s")
+
+    def _refuse(self, exchange: Any, after: bytes, fields: list[tuple[bytes, bytes]], message: str) -> None:
         """
-        429 on the kept connection.  (C{Exchange.answer} as it is, plus the
-        C{Content-Length: 0} it leaves out, without which a 429 on a kept
-        connection would make the client read a body until the close.)
+        429 on the kept connection, its body the frontend's error (rproxy's
+        JSON error; an OpenAI-shaped one on a tunnel's C{mode: http}
+        port, which the OpenAI SDKs show): as any other error rproxy
+        answers there, but the connection stays open for the next request.
         """
         client = exchange.client
         head = exchange.head
@@ -400,8 +404,11 @@ class RateLimitFilter(Filter):
             client.closing_after_response = True
         exchange.status = 429
         close = not head.keep_alive or client.closing_after_response
-        client.transport.write(response_head(429, _TOO_MANY, [(b"Retry-After", after), *fields],
-                                             version=head.version, framing="none", content_length=0, close=close))
+        response = self.error_response(429, message, version=head.version, close=close,
+                                       extra=[(b"Retry-After", after), *fields])
+        if head.method == b"HEAD":
+            response = response[:response.index(b"\r\n\r\n") + 4]  # (a HEAD response has no body)
+        client.transport.write(response)
         exchange.complete()
 
 
