@@ -430,19 +430,22 @@ class Exchange(ExchangeFailures):
         frontend.count(self, now)
         self.client.exchange_done(self, now)
 
-    def answer(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def answer(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
         """
-        A filter answers the request itself with a bodiless response, and
-        the connection stays open for the next (ROUTING -> DONE).
+        A filter answers the request itself, with C{body} (none for HEAD),
+        and the connection stays open for the next (ROUTING -> DONE).
         """
         self.status = status
-        close = not self.head.keep_alive or self.client.closing_after_response or self.head.upgrade
+        head = self.head
+        close = not head.keep_alive or self.client.closing_after_response or head.upgrade
         # (an empty body but for 204 and 304, which have none: without a
         # length the client would read one to the close)
-        length = None if status in (204, 304) else 0
-        self.client.transport.write(response_head(  # type: ignore[union-attr]
-            status, reason, headers, version=self.head.version, framing="none", close=close,
-            content_length=length))
+        length = None if status in (204, 304) else len(body)
+        data = response_head(status, reason, headers, version=head.version, framing="none", close=close,
+                             content_length=length)
+        if body and head.method != b"HEAD":
+            data += body
+        self.client.transport.write(data)  # type: ignore[union-attr]
         self.complete()
 
     def release_server(self, ok: bool | None = None, outcome: int | str | None = None) -> None:

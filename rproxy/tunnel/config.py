@@ -52,7 +52,7 @@ class TunnelConfig:
     max_pending: int = 1024
     service: str | None = None
     # mode: http
-    strict_models: bool = True  # unknown model: 404 (false: any agent)
+    strict_models: bool = True  # unknown model: 404, 503 while its agent reconnects (false: any agent)
     model_body_limit: int = 1024 * 1024  # JSON bodies read for their "model" field
     header_timeout: float = 10.0
     # mode: tcp: one line per stream (rproxy.tunnel.streamlog), off | text

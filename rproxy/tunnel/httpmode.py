@@ -411,20 +411,10 @@ def _model(model: str, since: float) -> dict[str, Any]:
 
 def _answer_json(exchange: Any, document: dict[str, Any]) -> None:
     """
-    A filter answers 200 with C{document} as JSON, on the kept
-    connection (C{Exchange.answer}, with a body).
+    A filter answers 200 with C{document} as JSON, on the kept connection.
     """
-    body = json.dumps(document).encode() + b"\n"
-    client, head = exchange.client, exchange.head
-    if head.has_body:
-        client.closing_after_response = True  # (a body not read: no request can follow it)
-    exchange.status = 200
-    close = not head.keep_alive or client.closing_after_response
-    client.transport.write(response_head(
-        200, b"OK", [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")],
-        version=head.version, framing="length", content_length=len(body), close=close,
-    ) + (b"" if head.method == b"HEAD" else body))
-    exchange.complete()
+    exchange.answer(200, b"OK", [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")],
+                    json.dumps(document).encode() + b"\n")
 
 
 def frontend_config(config: Any) -> FrontendConfig:
