@@ -503,8 +503,11 @@ class KafkaSink:
 
     async def stop(self, grace: float = 2.0) -> None:
         """
-        Stop taking events; give what librdkafka holds C{grace} seconds
-        to be delivered; count the rest (and the unsent buffer) as dropped.
+        Stop taking events; hand what is buffered to librdkafka (unless
+        the broker is known to be down) and give what it holds C{grace}
+        seconds to be delivered; count the rest (and what could not be
+        handed over) as dropped.  (The buffer was dropped at once, broker
+        up or not: the last events of a clean stop were lost.)
         """
         self._stopped = True
         for loop in self._loops:
@@ -514,6 +517,8 @@ class KafkaSink:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self.state != "down" and (self.buffer or self._again):
+            self._flush()  # (what librdkafka's queue cannot take stays buffered)
         waiting = len(self.buffer) + sum(len(e) for _, e in self._again)
         if waiting:
             self.dropped += len(self.buffer)

@@ -256,14 +256,17 @@ class KafkaSinkTests(SynchronousTestCase):
                          [10, 11, 12, 2, 3, 4])  # the 3 waiting went out first
 
     def test_stop_drops_what_waits(self) -> None:
-        """Stopping counts the unsent buffer as dropped, gives in-flight records the grace, then purges them."""
+        """
+        Stopping hands the buffer to librdkafka, gives the records in
+        flight the grace, then purges them (counted as dropped).
+        """
         sink, producer, clock = self.make()
         for i in range(3):
             sink.emit(HEARTBEATS, beat(i))
         clock.advance(0.01)
         sink.emit(HEARTBEATS, beat(4))
         d = defer.Deferred.fromCoroutine(sink.stop(grace=1.0))
-        self.assertEqual(sink.dropped, 1)
+        self.assertEqual((sink.dropped, sink.in_flight, len(producer.queued)), (0, 4, 2))
         self.assertNoResult(d)
         clock.advance(1.1)
         self.successResultOf(d)
@@ -273,6 +276,37 @@ class KafkaSinkTests(SynchronousTestCase):
         sink.emit(HEARTBEATS, beat(5))
         self.assertEqual(sink.dropped, 5)
         self.balanced(sink)
+
+
+class KafkaStopTests(SynchronousTestCase):
+    def test_clean_stop_delivers_the_buffer(self) -> None:
+        """Events still buffered at a clean stop are sent, and delivered within the grace: none dropped."""
+        clock, producer = Clock(), FakeProducer()
+        sink = KafkaSink(producer, clock, TOPICS)
+        sink.start()
+        for i in range(3):
+            sink.emit(HEARTBEATS, beat(i))
+        clock.advance(0.01)
+        producer.ack()
+        sink.emit(HEARTBEATS, beat(4))
+        d = defer.Deferred.fromCoroutine(sink.stop(grace=1.0))
+        producer.ack()
+        clock.pump([0.02, 0.02])  # the stop's polls serve the report
+        self.successResultOf(d)
+        self.assertEqual((sink.sent, sink.dropped, producer.purged), (4, 0, False))
+
+    def test_stop_with_the_broker_down_drops_the_buffer(self) -> None:
+        """With the broker known to be down, the buffer is not handed over: it is dropped at once."""
+        from confluent_kafka import KafkaError
+
+        clock, producer = Clock(), FakeProducer()
+        sink = KafkaSink(producer, clock, TOPICS)
+        sink.start()
+        sink.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+        sink.emit(HEARTBEATS, beat(1))
+        sink.emit(HEARTBEATS, beat(2))
+        self.successResultOf(defer.Deferred.fromCoroutine(sink.stop(grace=1.0)))
+        self.assertEqual((sink.dropped, producer.queued), (2, []))
 
 
 class FanoutTests(SynchronousTestCase):

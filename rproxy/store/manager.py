@@ -267,7 +267,7 @@ class Stores:
         self._stopped = True
         for sink in getattr(self.events, "sinks", (self.events,)):
             if isinstance(sink, EventSink):
-                sink.stop()
+                await sink.stop()  # (sends what is buffered, for a second at most)
         if self.probe is not None:
             self.probe.stop()
             ratelimit_redis.stop(self._limits)
