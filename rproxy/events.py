@@ -208,6 +208,8 @@ class EventSink:
         for stream in {stream for stream, _, _ in self.unconfirmed}:
             try:
                 groups = await self.redis.execute_command("XINFO", "GROUPS", stream)
+            except defer.CancelledError:
+                raise  # the check timed out: it goes no further
             except Exception as e:  # noqa: BLE001 - no such stream (yet): nothing read
                 log.debug("events: XINFO GROUPS {stream}: {why}", stream=stream, why=e)
                 continue

@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from rproxy.events import HEARTBEATS, EventConsumer, EventSink, write_heartbeat
+from rproxy.events import HEARTBEATS, REQUESTS, EventConsumer, EventSink, write_heartbeat
 from rproxy.store.postgres import connection, migrate
 from tests.support import async_test, reactor, turn, wait_for
 from tests.test_servers import BothServers
@@ -343,6 +343,28 @@ class SinkDeliveryTests(SynchronousTestCase):
         """Entries no group reads are kept up to keep_limit events, the oldest forgotten first."""
         sink, redis, clock = self.sink(keep_limit=120)
         self.assertEqual([batch[0]["at"] for _, _, batch in sink.unconfirmed], [200])
+
+    def test_timed_out_check_goes_no_further(self) -> None:
+        """
+        A delivery check whose XINFO outlives the check's timeout stops
+        there: it asks Redis nothing more (it took the cancelling for "no
+        such stream" and went on to the next stream).
+        """
+        sink, redis, clock = self.sink()
+        sink.emit(REQUESTS, {"at": 1})
+        clock.advance(0.01)  # kept entries in two streams
+        asked: list[str] = []
+        original = redis.execute_command
+
+        def hanging(*args: Any) -> defer.Deferred[Any]:
+            asked.append(args[0])
+            return defer.Deferred() if args[0] == "XINFO" else original(*args)
+
+        redis.execute_command = hanging  # type: ignore[method-assign]
+        clock.advance(1.0)  # the next check: INFO, then the first XINFO hangs
+        self.assertEqual(asked, ["INFO", "XINFO"])
+        clock.advance(1.0)  # its timeout
+        self.assertEqual(asked, ["INFO", "XINFO"])
 
     def test_stop_sends_what_is_buffered(self) -> None:
         """
