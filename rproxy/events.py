@@ -91,6 +91,8 @@ class EventSink:
         self._run: str | None = None
         self._confirming: task.LoopingCall | None = None
         self._flushing = False
+        self._sending: defer.Deferred[None] | None = None  # the drain under way
+        self._retrying = False  # the last send failed: Redis is down until one succeeds
         self._in_flight = 0  # events taken out of the buffer by the send under way
         self._stopped = False
         self._timer: IDelayedCall | None = None
@@ -119,7 +121,7 @@ class EventSink:
     def _flush(self) -> None:
         self._timer = None
         self._flushing = True
-        defer.Deferred.fromCoroutine(self._drain()).addErrback(self._failed)
+        self._sending = defer.Deferred.fromCoroutine(self._drain()).addErrback(self._failed)
 
     async def _drain(self) -> None:
         # what is buffered goes out as few stream entries as possible: the
@@ -133,26 +135,14 @@ class EventSink:
             # sent ones cannot be found again by their place in it
             taken = [buffer.popleft() for _ in range(min(len(buffer), BATCH * 8))]
             self._in_flight = len(taken)
-            batches: dict[str, list[dict[str, Any]]] = {}
-            for stream, event in taken:
-                batches.setdefault(stream, []).append(event)
-            commands, entries = [], []
-            for stream, items in batches.items():
-                for start in range(0, len(items), BATCH):
-                    batch = items[start:start + BATCH]
-                    data = json.dumps(batch, separators=(",", ":"), default=str)
-                    commands.append(self.redis.execute_command(
-                        "XADD", stream, "MAXLEN", "~", maxlen, "*", "data", data))
-                    entries.append((stream, batch))
-            d = defer.gatherResults(commands, consumeErrors=True)
-            d.addTimeout(1.0, self.clock)
             try:
-                ids = await d
+                ids, entries = await self._send(taken, maxlen)
             except BaseException:
                 buffer.extendleft(reversed(taken))
                 raise
             finally:
                 self._in_flight = 0
+            self._retrying = False
             self.sent += len(taken)
             for (stream, batch), entry_id in zip(entries, ids, strict=True):
                 self._keep(stream, entry_id, batch)
@@ -162,6 +152,28 @@ class EventSink:
             self._confirming.clock = self.clock
             self._confirming.start(self.confirm_interval, now=True).addErrback(
                 lambda f: log.failure("events: the delivery check stopped", f))
+
+    async def _send(self, taken: list[tuple[str, dict[str, Any]]],
+                    maxlen: str) -> tuple[list[Any], list[tuple[str, list[dict[str, Any]]]]]:
+        """
+        C{taken} as pipelined XADDs: their entry ids, and (stream, events)
+        of each entry.  (A client that raises instead of answering fails
+        the send like one that answers with an error: the events go back
+        to the buffer.)
+        """
+        batches: dict[str, list[dict[str, Any]]] = {}
+        for stream, event in taken:
+            batches.setdefault(stream, []).append(event)
+        commands, entries = [], []
+        for stream, items in batches.items():
+            for start in range(0, len(items), BATCH):
+                batch = items[start:start + BATCH]
+                data = json.dumps(batch, separators=(",", ":"), default=str)
+                commands.append(self.redis.execute_command("XADD", stream, "MAXLEN", "~", maxlen, "*", "data", data))
+                entries.append((stream, batch))
+        d = defer.gatherResults(commands, consumeErrors=True)
+        d.addTimeout(1.0, self.clock)
+        return await d, entries
 
     def _keep(self, stream: str, entry_id: Any, batch: list[dict[str, Any]]) -> None:
         try:
@@ -196,6 +208,8 @@ class EventSink:
         for stream in {stream for stream, _, _ in self.unconfirmed}:
             try:
                 groups = await self.redis.execute_command("XINFO", "GROUPS", stream)
+            except defer.CancelledError:
+                raise  # the check timed out: it goes no further
             except Exception as e:  # noqa: BLE001 - no such stream (yet): nothing read
                 log.debug("events: XINFO GROUPS {stream}: {why}", stream=stream, why=e)
                 continue
@@ -267,6 +281,7 @@ class EventSink:
 
     def _failed(self, failure: Any) -> None:
         self._flushing = False
+        self._retrying = True
         # (a send that fails after stop() tries no more: the service is
         # gone, and what it held is lost)
         if self._stopped:
@@ -279,7 +294,14 @@ class EventSink:
                      why=failure.type.__name__, n=len(self.buffer))
             self._timer = self.clock.callLater(1.0, self._flush)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 1.0) -> defer.Deferred[None]:
+        """
+        Take no more events; send what is buffered, for up to C{grace}
+        seconds, then count what is left as dropped.  A Redis whose last
+        send failed gets no grace: the buffer is dropped at once.  Fires
+        when done.  (A clean stop dropped the buffer at once, Redis up or
+        not: an SSE stream's last events were lost at every SIGTERM.)
+        """
         self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -287,7 +309,27 @@ class EventSink:
         if self._confirming is not None and self._confirming.running:
             self._confirming.stop()
         self._confirming = None
-        if self.buffer and not self._flushing:
+        if self.buffer and not self._flushing and not self._retrying:
+            self._flush()  # what waited for the next flush goes now
+        done: defer.Deferred[None] = defer.Deferred()
+        if self._flushing and self._sending is not None:
+            def sent(result: Any) -> Any:
+                if not done.called:
+                    done.callback(None)
+                return result
+
+            self._sending.addBoth(sent)
+            done.addTimeout(grace, self.clock, onTimeoutCancel=lambda _result, _timeout: None)
+        else:
+            done.callback(None)
+        return done.addCallback(self._drop_unsent)
+
+    def _drop_unsent(self, _: Any = None) -> None:
+        """
+        What is still buffered at the end of L{stop} is lost (a send still
+        under way is counted when it fails).
+        """
+        if self.buffer:
             self.dropped += len(self.buffer)
             log.warn("events: stopping with {n} events not sent to Redis; they are lost", n=len(self.buffer))
             self.buffer.clear()

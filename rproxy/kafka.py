@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -46,7 +47,8 @@ from twisted.logger import Logger
 
 from rproxy.events import HEARTBEATS, REQUESTS
 
-__all__ = ["KafkaSink", "KafkaEventConsumer", "OffsetReader", "make_producer", "make_consumer", "topics_of"]
+__all__ = ["ClientErrors", "KafkaSink", "KafkaEventConsumer", "OffsetReader", "make_producer", "make_consumer",
+           "topics_of"]
 
 FLUSH_DELAY = 0.01
 log = Logger()
@@ -62,41 +64,98 @@ def topics_of(config: Any) -> dict[str, str]:
     return {HEARTBEATS: config.heartbeats_topic, REQUESTS: config.requests_topic}
 
 
-class _Log:
+class ClientErrors:
     """
-    librdkafka's log lines, served by C{poll()} on the reactor thread, at
-    debug level: what matters (the broker down, back, events lost) the
-    sink logs itself, once per change, where librdkafka would repeat a
-    refused connection every backoff.
+    What librdkafka's clients report about the broker (their log lines,
+    error callbacks, a consumer's error messages, the offsets check),
+    kept to about one log line a minute.  With the broker down librdkafka
+    repeats a refused connection at every reconnect backoff, for each
+    client: some 4,000 lines a minute, which twistd writes whatever their
+    level.  So an error is logged (warning) only when none was in the
+    last C{interval} seconds, saying how many came meanwhile; the others
+    are only counted.  The sink logs the broker's state changes itself
+    (down, up again with the count of errors not logged).
+
+    librdkafka's other lines (notices, info) and every error line are
+    logged at debug level only with C{detail}: the environment variable
+    C{RPROXY_KAFKA_DEBUG=1}.
+
+    Called on the reactor thread only (C{poll()} and C{consume()} serve
+    the callbacks there).
+
+    @ivar count: every error reported.
     """
+
+    def __init__(self, clock: Any, interval: float = 60.0, detail: bool | None = None) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.detail = os.environ.get("RPROXY_KAFKA_DEBUG") == "1" if detail is None else detail
+        self.count = 0
+        self._unlogged = 0
+        self._logged_at: float | None = None
 
     def log(self, level: int, fmt: str, *args: Any) -> None:
-        log.debug("librdkafka: {line}", line=fmt % args if args else fmt)
+        """
+        librdkafka's C{logger} (it passes C{logging} levels).
+        """
+        line = fmt % args if args else fmt
+        if level >= logging.ERROR:
+            self.error("librdkafka", line)
+        elif self.detail:
+            log.debug("librdkafka: {line}", line=line)
+
+    def callback(self, source: str) -> Callable[[Any], None]:
+        """
+        An C{error_cb} for the client C{source}.
+        """
+        return lambda err: self.error(source, str(err))
+
+    def error(self, source: str, why: str) -> None:
+        self.count += 1
+        if self.detail:
+            log.debug("kafka: {source}: {why}", source=source, why=why)
+        now = self.clock.seconds()
+        if self._logged_at is not None and now - self._logged_at < self.interval:
+            self._unlogged += 1
+            return
+        if self._unlogged:
+            log.warn("kafka: {source}: {why} ({n} more errors not logged in the last {secs:.0f}s)",
+                     source=source, why=why, n=self._unlogged, secs=now - self._logged_at)
+        else:
+            log.warn("kafka: {source}: {why} (the next errors are counted, logged at most once a minute)",
+                     source=source, why=why)
+        self._logged_at = now
+        self._unlogged = 0
+
+    def unlogged(self) -> int:
+        """
+        The errors not logged since the last one that was; they count as
+        logged from now on (the sink said the broker answers again).
+        """
+        n, self._unlogged = self._unlogged, 0
+        return n
 
 
-def _common(config: Any) -> dict[str, Any]:
-    return {"bootstrap.servers": ",".join(config.bootstrap_servers), "client.id": config.client_id,
-            # reconnect quickly once the broker is back, without hammering it meanwhile
-            "reconnect.backoff.ms": 100, "reconnect.backoff.max.ms": 2000, "log.connection.close": False,
-            "logger": _Log()}
+def _common(config: Any, errors: ClientErrors | None) -> dict[str, Any]:
+    common = {"bootstrap.servers": ",".join(config.bootstrap_servers), "client.id": config.client_id,
+              # reconnect quickly once the broker is back, without hammering it meanwhile
+              "reconnect.backoff.ms": 100, "reconnect.backoff.max.ms": 2000, "log.connection.close": False}
+    if errors is None:
+        common["log_level"] = 0  # (served by a poll on another thread, or by none)
+    else:
+        common["logger"] = errors
+    return common
 
 
-def _log_error(what: str) -> Callable[[Any], None]:
-    def error(err: Any) -> None:
-        log.debug("kafka {what}: {why}", what=what, why=str(err))
-
-    return error
-
-
-def make_producer(config: Any, on_error: Callable[[Any], None]) -> Any:
+def make_producer(config: Any, sink: KafkaSink) -> Any:
     """
-    A librdkafka producer for C{config} (a L{KafkaConfig}); C{on_error} is
-    called from C{poll()}, on the reactor thread.
+    A librdkafka producer for C{config} (a L{KafkaConfig}) reporting its
+    errors to C{sink}, from C{poll()}, on the reactor thread.
     """
     from confluent_kafka import Producer
 
     return Producer({
-        **_common(config),
+        **_common(config, sink.errors),
         "acks": config.acks,
         "linger.ms": 5,
         "compression.type": config.compression,
@@ -106,34 +165,35 @@ def make_producer(config: Any, on_error: Callable[[Any], None]) -> Any:
         # the event id makes a repeated record harmless; librdkafka's
         # idempotent mode would want a broker feature a test broker may lack
         "enable.idempotence": False,
-        "error_cb": on_error,
+        "error_cb": sink.on_error,
     })
 
 
-def make_consumer(config: Any, reader: bool = False) -> Any:
+def make_consumer(config: Any, errors: ClientErrors | None = None) -> Any:
     """
-    A member of the writers' group, or (C{reader}) a client of the group
-    that only reads its committed offsets, from a thread (its log is
-    silenced: it would be served by a poll nobody makes).
+    A member of the writers' group reporting its errors to C{errors}, or
+    (without) a client of the group that only reads its committed
+    offsets, from a thread: its log and errors are silenced (they would
+    be served on that thread; the failed reads are reported instead).
     """
     from confluent_kafka import Consumer
 
     session = int(config.session_timeout * 1000)
-    common = _common(config)
-    if reader:
-        del common["logger"]
-        common["log_level"] = 0
     return Consumer({
-        **common,
+        **_common(config, errors),
         "group.id": config.group,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": session,
         "heartbeat.interval.ms": max(100, min(3000, session // 3)),
         "fetch.wait.max.ms": 100,
-        "error_cb": _log_error("consumer"),
+        "error_cb": _ignore if errors is None else errors.callback("consumer"),
         "on_commit": _committed,
     })
+
+
+def _ignore(err: Any) -> None:
+    pass
 
 
 def _committed(err: Any, partitions: Any) -> None:
@@ -223,6 +283,8 @@ class KafkaSink:
         self.in_flight = 0
         self.emitted = self.sent = self.dropped = self.resent = self.lost = self.confirmed = 0
         self.state = "connecting"
+        #: librdkafka's errors, logged at most once a minute
+        self.errors = ClientErrors(clock)
         self._timer: IDelayedCall | None = None
         self._loops: list[task.LoopingCall] = []
         self._confirming: defer.Deferred[None] | None = None
@@ -323,7 +385,8 @@ class KafkaSink:
     def on_error(self, err: Any) -> None:
         """
         librdkafka's error callback (from C{poll()}): only a broker that
-        cannot be reached at all changes the state.
+        cannot be reached at all changes the state; the rest (and that
+        one repeated) goes to L{errors}.
         """
         from confluent_kafka import KafkaError
 
@@ -331,12 +394,13 @@ class KafkaSink:
             self.state = "down"
             log.warn("kafka: no broker reachable; {n} event(s) waiting", n=len(self.buffer) + self.in_flight)
         else:
-            log.debug("kafka producer: {why}", why=str(err))
+            self.errors.error("producer", str(err))
 
     def _set_up(self) -> None:
         if self.state != "up":
             if self.state == "down":
-                log.info("kafka: the broker answers again")
+                log.info("kafka: the broker answers again ({n} errors meanwhile not logged)",
+                         n=self.errors.unlogged())
             self.state = "up"
 
     # -- what the broker may lose ----------------------------------------------
@@ -353,8 +417,8 @@ class KafkaSink:
     def _confirm(self) -> defer.Deferred[None] | None:
         """
         The periodic check against the group's committed offsets; it is
-        also the broker's health probe.  Its failures are logged at debug
-        level and the next tick tries again.
+        also the broker's health probe.  Its failures go to L{errors} and
+        the next tick tries again.
         """
         if self.committed is None or self._confirming is not None or self._stopped:
             return None
@@ -364,7 +428,7 @@ class KafkaSink:
         d.addCallback(self._check)
 
         def failed(f: Any) -> None:
-            log.debug("kafka: reading the group's offsets failed: {why}", why=f.getErrorMessage())
+            self.errors.error("offsets", f.getErrorMessage())
 
         def done(_: Any) -> None:
             self._confirming = None
@@ -439,8 +503,11 @@ class KafkaSink:
 
     async def stop(self, grace: float = 2.0) -> None:
         """
-        Stop taking events; give what librdkafka holds C{grace} seconds
-        to be delivered; count the rest (and the unsent buffer) as dropped.
+        Stop taking events; hand what is buffered to librdkafka (unless
+        the broker is known to be down) and give what it holds C{grace}
+        seconds to be delivered; count the rest (and what could not be
+        handed over) as dropped.  (The buffer was dropped at once, broker
+        up or not: the last events of a clean stop were lost.)
         """
         self._stopped = True
         for loop in self._loops:
@@ -450,6 +517,8 @@ class KafkaSink:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self.state != "down" and (self.buffer or self._again):
+            self._flush()  # (what librdkafka's queue cannot take stays buffered)
         waiting = len(self.buffer) + sum(len(e) for _, e in self._again)
         if waiting:
             self.dropped += len(self.buffer)
@@ -480,9 +549,10 @@ class KafkaEventConsumer:
         owner, again whenever the PostgreSQL connection changes).
     """
 
-    def __init__(self, consumer: Any, topics: Iterable[str], batch: int = 500) -> None:
+    def __init__(self, consumer: Any, topics: Iterable[str], errors: ClientErrors, batch: int = 500) -> None:
         self.consumer = consumer
         self.topics = list(topics)
+        self.errors = errors
         self.batch = batch
         self.handlers: dict[str, Handle] = {}
         self.processed = 0
@@ -505,7 +575,7 @@ class KafkaEventConsumer:
         offsets: dict[tuple[str, int], int] = {}
         for msg in messages:
             if msg.error() is not None:
-                log.debug("kafka consumer: {why}", why=str(msg.error()))
+                self.errors.error("consumer", str(msg.error()))
                 continue
             handled += await self._handle(msg)
             offsets[(msg.topic(), msg.partition())] = msg.offset() + 1

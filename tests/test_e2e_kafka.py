@@ -174,3 +174,41 @@ class KafkaTests(ServiceMixin, TestCase):
                        timeout=60)
         rows = await self.conn.runQuery("SELECT event_id FROM heartbeats")
         self.assertEqual(sorted(r[0] for r in rows), sorted(ids))
+
+
+class BrokerDownTests(ServiceMixin, TestCase):
+    timeout = 60
+
+    @async_test
+    async def test_refused_connections_are_counted_not_logged(self) -> None:
+        """
+        With no broker at all, librdkafka's clients (producer, offsets
+        reader, group member) repeat the refused connection at every
+        backoff, 60-odd times a second: 4 s of it log one error line and
+        the state change, at any level, and count the rest.
+        """
+        import socket
+
+        from twisted.logger import globalLogPublisher
+
+        pg: Any = started(PostgresServer)
+        self.addCleanup(pg.close)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+        sock.close()
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        service = await self.start_service({
+            "stores": {"postgres": {"dsn": pg.dsn}, "kafka": {"bootstrap_servers": f"127.0.0.1:{closed}"}},
+        })
+        sink = service.stores.kafka
+        await wait_for(lambda: service.stores.postgres_state == "up", timeout=30)
+        sink.emit(HEARTBEATS, {"agent_id": "gpu-1", "at": reactor.seconds()})
+        await turn(delay=4.0)
+        lines = [e["log_format"] for e in logged if "kafka" in e.get("log_format", "")]
+        self.assertEqual(sorted(lines), ["kafka: no broker reachable; {n} event(s) waiting",
+                                         "kafka: {source}: {why} (the next errors are counted, logged at most "
+                                         "once a minute)"])
+        self.assertGreater(sink.errors.count, 10)

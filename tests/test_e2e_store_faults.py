@@ -175,3 +175,54 @@ class StoreFaultTests(BothServers, ServiceMixin, TestCase):
         slowest = max(seconds for _, seconds, _ in while_down)
         self.assertLess(slowest, 0.3, f"a login with Redis known down took {slowest:.2f} s")
         self.assertLess(noticed, 2.5)
+
+
+class AbortedRequestTests(BothServers, ServiceMixin, TestCase):
+    timeout = 60
+
+    @async_test
+    async def test_aborted_key_checks_leave_the_stores_up(self) -> None:
+        """
+        200 clients of a tunnel's HTTP port each send a request with a
+        random bearer key and reset while its check waits on Redis (held
+        still for the moment): Redis stays up, no fallback is counted,
+        nothing about the stores is logged.  (Each cancelled check marked
+        Redis down and counted as a Redis and a PostgreSQL failure.)
+        """
+        import secrets
+        import signal
+        import socket
+        import struct
+
+        from twisted.logger import globalLogPublisher
+
+        service = await self.start_service({
+            "stores": {"postgres": {"dsn": self.pg.dsn}, "redis": {"url": self.redis.url}},
+            "tunnels": [{"name": "t", "mode": "http", "control": "tcp:0:interface=127.0.0.1",
+                         "proxy": "tcp:0:interface=127.0.0.1", "public": "tcp:0:interface=127.0.0.1"}],
+        })
+        stores = service.stores
+        await wait_for(lambda: stores.status() == {"postgres": "up", "redis": "up"}, timeout=30)
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        port = service.tunnels["t"].port_of("public")
+        redis = self.redis.process
+        redis.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: redis.poll() is None and redis.send_signal(signal.SIGCONT))
+        clients = []
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(f"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer rnd-{secrets.token_hex(8)}"
+                         "\r\n\r\n".encode())
+            clients.append(sock)
+        await turn(delay=0.2)  # the checks wait on Redis
+        for sock in clients:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset
+        await turn(delay=0.2)
+        redis.send_signal(signal.SIGCONT)
+        await turn(delay=0.5)
+        self.assertEqual(stores.status(), {"postgres": "up", "redis": "up"})
+        self.assertEqual((stores.keys.redis_errors, stores.keys.postgres_errors), (0, 0))
+        self.assertEqual([e["log_format"] for e in logged if "unavailable" in e.get("log_format", "")], [])

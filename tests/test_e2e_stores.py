@@ -5,6 +5,7 @@ started by the harness, and what happens when PostgreSQL is down.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.trial.unittest import TestCase
@@ -248,3 +249,31 @@ class KeysAPITests(ServiceMixin, TestCase):
         again.send(Login(agent_id="a2", api_key=created["key"]))
         await wait_for(lambda: again.lost)
         self.assertFalse(again.messages[0].ok)
+
+
+class CleanStopTests(BothServers, ServiceMixin, TestCase):
+    timeout = 60
+
+    @async_test
+    async def test_clean_stop_sends_the_last_events(self) -> None:
+        """
+        Events emitted just before the service stops (an SSE stream's
+        last records, at a SIGTERM) reach Redis: the stop sends what is
+        buffered instead of dropping it.
+        """
+        import txredisapi
+
+        from rproxy.events import REQUESTS
+
+        service = await self.start_service({"stores": {"redis": {"url": self.redis.url}}})  # type: ignore[attr-defined]
+        await wait_for(lambda: service.stores.status()["redis"] == "up", timeout=30)
+        sink = service.stores.events
+        for i in range(2):
+            sink.emit(REQUESTS, {"at": 1_700_000_000 + i, "key": "k", "agent_id": "a"})
+        await service.stopService()
+        self.assertEqual((sink.sent, sink.dropped), (2, 0))
+        redis = txredisapi.lazyConnection("127.0.0.1", self.redis.port)  # type: ignore[attr-defined]
+        self.addCleanup(redis.disconnect)
+        entries = await redis.execute_command("XRANGE", REQUESTS, "-", "+")
+        self.assertEqual(sorted(e["at"] for _, fields in entries for e in json.loads(fields[1])),
+                         [1_700_000_000, 1_700_000_001])

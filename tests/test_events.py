@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from rproxy.events import HEARTBEATS, EventConsumer, EventSink, write_heartbeat
+from rproxy.events import HEARTBEATS, REQUESTS, EventConsumer, EventSink, write_heartbeat
 from rproxy.store.postgres import connection, migrate
 from tests.support import async_test, reactor, turn, wait_for
 from tests.test_servers import BothServers
@@ -106,6 +106,19 @@ class EventTests(BothServers, TestCase):
         events = [e for _, fields in entries for e in json.loads(dict(zip(fields[::2], fields[1::2], strict=True))["data"])]
         self.assertEqual(sorted(e["at"] for e in events), [1_700_000_200 + i for i in range(10)])
         self.assertLess(len(entries), 10)  # batched: fewer entries than events
+
+    @async_test
+    async def test_clean_stop_sends_the_buffer(self) -> None:
+        """Events emitted just before a clean stop reach Redis: none is dropped."""
+        conn, redis = await self.setup()
+        await redis.execute_command("PING")
+        sink = EventSink(redis, reactor)
+        for i in range(5):
+            sink.emit(HEARTBEATS, beat("gpu-05", 1_700_000_400 + i))
+        await sink.stop()
+        self.assertEqual((sink.sent, sink.dropped), (5, 0))
+        entries = await redis.execute_command("XRANGE", HEARTBEATS, "-", "+")
+        self.assertEqual(sum(len(json.loads(fields[1])) for _, fields in entries), 5)
 
     @async_test
     async def test_stop_ends_retries(self) -> None:
@@ -331,13 +344,97 @@ class SinkDeliveryTests(SynchronousTestCase):
         sink, redis, clock = self.sink(keep_limit=120)
         self.assertEqual([batch[0]["at"] for _, _, batch in sink.unconfirmed], [200])
 
-    def test_stop_counts_what_was_not_sent(self) -> None:
-        """Events still buffered when the sink stops are counted as dropped."""
+    def test_timed_out_check_goes_no_further(self) -> None:
+        """
+        A delivery check whose XINFO outlives the check's timeout stops
+        there: it asks Redis nothing more (it took the cancelling for "no
+        such stream" and went on to the next stream).
+        """
+        sink, redis, clock = self.sink()
+        sink.emit(REQUESTS, {"at": 1})
+        clock.advance(0.01)  # kept entries in two streams
+        asked: list[str] = []
+        original = redis.execute_command
+
+        def hanging(*args: Any) -> defer.Deferred[Any]:
+            asked.append(args[0])
+            return defer.Deferred() if args[0] == "XINFO" else original(*args)
+
+        redis.execute_command = hanging  # type: ignore[method-assign]
+        clock.advance(1.0)  # the next check: INFO, then the first XINFO hangs
+        self.assertEqual(asked, ["INFO", "XINFO"])
+        clock.advance(1.0)  # its timeout
+        self.assertEqual(asked, ["INFO", "XINFO"])
+
+    def test_stop_sends_what_is_buffered(self) -> None:
+        """
+        Events buffered when the sink stops (waiting for the next flush)
+        are sent, not dropped: a clean stop with Redis up loses nothing.
+        """
         sink, redis, clock = self.sink()
         for i in range(7):
             sink.emit(HEARTBEATS, beat("a", 1000 + i))
-        sink.stop()
+        self.successResultOf(sink.stop())
+        self.assertEqual([e["at"] for e in redis.added[-1]], list(range(1000, 1007)))
+        self.assertEqual((sink.sent, sink.dropped, len(sink.buffer), clock.getDelayedCalls()), (257, 0, 0, []))
+
+    def test_stop_waits_for_the_send_under_way(self) -> None:
+        """
+        Stopped while an XADD is under way, with more events behind it:
+        the stop waits for that send, then the rest go too.
+        """
+        sink, redis, clock = self.sink()
+        redis.hold_adds = True
+        sink.emit(HEARTBEATS, beat("a", 1000))
+        clock.advance(0.01)
+        for i in range(1, 4):
+            sink.emit(HEARTBEATS, beat("a", 1000 + i))
+        stopped = sink.stop(grace=1.0)
+        self.assertNoResult(stopped)
+        redis.held[0].callback(["6-0"])
+        self.assertNoResult(stopped)
+        redis.held[1].callback(["6-1"])
+        self.successResultOf(stopped)
+        self.assertEqual((sink.sent, sink.dropped, clock.getDelayedCalls()), (254, 0, []))
+
+    def test_stop_gives_up_after_the_grace(self) -> None:
+        """
+        A Redis that does not answer within the grace: the buffer is
+        dropped then, the events of the send under way when it fails.
+        """
+        sink, redis, clock = self.sink()
+        redis.hold_adds = True
+        sink.emit(HEARTBEATS, beat("a", 1000))
+        clock.advance(0.01)
+        for i in range(1, 4):
+            sink.emit(HEARTBEATS, beat("a", 1000 + i))
+        stopped = sink.stop(grace=0.5)
+        clock.advance(0.5)
+        self.successResultOf(stopped)
+        self.assertEqual((sink.dropped, len(sink.buffer)), (3, 0))
+        clock.advance(0.5)  # the XADD's own timeout
+        self.assertEqual((sink.sent, sink.dropped, clock.getDelayedCalls()), (250, 4, []))
+
+    def test_stop_with_redis_down_drops_at_once(self) -> None:
+        """When the last send failed (Redis down), stopping drops the buffer at once."""
+        sink, redis, clock = self.sink()
+        redis.refuse_adds = True
+        for i in range(7):
+            sink.emit(HEARTBEATS, beat("a", 1000 + i))
+        clock.advance(0.01)
+        self.assertEqual(len(sink.buffer), 7)
+        self.successResultOf(sink.stop())
         self.assertEqual((sink.dropped, len(sink.buffer), clock.getDelayedCalls()), (7, 0, []))
+
+    def test_client_that_raises(self) -> None:
+        """A client that raises instead of answering keeps the events buffered, as a failed send does."""
+        clock = Clock()
+        sink = EventSink(None, clock)
+        sink.emit(HEARTBEATS, beat("a", 1000))
+        clock.advance(0.01)
+        self.assertEqual((len(sink.buffer), sink._in_flight, sink.dropped), (1, 0, 0))
+        self.successResultOf(sink.stop())
+        self.assertEqual((len(sink.buffer), sink.dropped, clock.getDelayedCalls()), (0, 1, []))
 
 
 class FailingAcks:

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from rproxy.config import ConfigError, parse_config
 from rproxy.config.model import KafkaConfig
 from rproxy.events import HEARTBEATS, REQUESTS, EventFanout, EventSink
-from rproxy.kafka import KafkaEventConsumer, KafkaSink
+from rproxy.kafka import ClientErrors, KafkaEventConsumer, KafkaSink
 
 TOPICS = {HEARTBEATS: "hb", REQUESTS: "rq"}
 
@@ -256,14 +256,17 @@ class KafkaSinkTests(SynchronousTestCase):
                          [10, 11, 12, 2, 3, 4])  # the 3 waiting went out first
 
     def test_stop_drops_what_waits(self) -> None:
-        """Stopping counts the unsent buffer as dropped, gives in-flight records the grace, then purges them."""
+        """
+        Stopping hands the buffer to librdkafka, gives the records in
+        flight the grace, then purges them (counted as dropped).
+        """
         sink, producer, clock = self.make()
         for i in range(3):
             sink.emit(HEARTBEATS, beat(i))
         clock.advance(0.01)
         sink.emit(HEARTBEATS, beat(4))
         d = defer.Deferred.fromCoroutine(sink.stop(grace=1.0))
-        self.assertEqual(sink.dropped, 1)
+        self.assertEqual((sink.dropped, sink.in_flight, len(producer.queued)), (0, 4, 2))
         self.assertNoResult(d)
         clock.advance(1.1)
         self.successResultOf(d)
@@ -273,6 +276,37 @@ class KafkaSinkTests(SynchronousTestCase):
         sink.emit(HEARTBEATS, beat(5))
         self.assertEqual(sink.dropped, 5)
         self.balanced(sink)
+
+
+class KafkaStopTests(SynchronousTestCase):
+    def test_clean_stop_delivers_the_buffer(self) -> None:
+        """Events still buffered at a clean stop are sent, and delivered within the grace: none dropped."""
+        clock, producer = Clock(), FakeProducer()
+        sink = KafkaSink(producer, clock, TOPICS)
+        sink.start()
+        for i in range(3):
+            sink.emit(HEARTBEATS, beat(i))
+        clock.advance(0.01)
+        producer.ack()
+        sink.emit(HEARTBEATS, beat(4))
+        d = defer.Deferred.fromCoroutine(sink.stop(grace=1.0))
+        producer.ack()
+        clock.pump([0.02, 0.02])  # the stop's polls serve the report
+        self.successResultOf(d)
+        self.assertEqual((sink.sent, sink.dropped, producer.purged), (4, 0, False))
+
+    def test_stop_with_the_broker_down_drops_the_buffer(self) -> None:
+        """With the broker known to be down, the buffer is not handed over: it is dropped at once."""
+        from confluent_kafka import KafkaError
+
+        clock, producer = Clock(), FakeProducer()
+        sink = KafkaSink(producer, clock, TOPICS)
+        sink.start()
+        sink.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+        sink.emit(HEARTBEATS, beat(1))
+        sink.emit(HEARTBEATS, beat(2))
+        self.successResultOf(defer.Deferred.fromCoroutine(sink.stop(grace=1.0)))
+        self.assertEqual((sink.dropped, producer.queued), (2, []))
 
 
 class FanoutTests(SynchronousTestCase):
@@ -315,7 +349,7 @@ class KafkaConsumerTests(SynchronousTestCase):
         records = [Message("hb", 0, 7, json.dumps([beat(1), beat(2)]).encode()),
                    Message("hb", 1, 3, b"{not json"), Message("hb", 1, 4, json.dumps(beat(3)).encode())]
         fake = FakeConsumer([records])
-        consumer = KafkaEventConsumer(fake, ["hb"])
+        consumer = KafkaEventConsumer(fake, ["hb"], ClientErrors(Clock()))
         written: list[str] = []
         fail = [True]
 
@@ -331,6 +365,78 @@ class KafkaConsumerTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(defer.Deferred.fromCoroutine(consumer.poll())), 3)
         self.assertEqual(written, ["hb/0/7#0", "hb/0/7#0", "hb/0/7#1", "hb/1/4#0"])
         self.assertEqual(fake.calls[2:], [("commit", [("hb", 0, 8), ("hb", 1, 5)])])
+
+
+class BrokerDownLogTests(SynchronousTestCase):
+    """
+    librdkafka repeats a refused connection at every reconnect backoff,
+    per client (some 4,000 lines a minute with the broker down, which
+    twistd writes whatever their level): the log gets about a line a
+    minute of it, and the broker's state changes.
+    """
+
+    def setUp(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        self.logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def lines(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.logged if "kafka" in e.get("log_format", "")]
+
+    def test_four_minutes_down(self) -> None:
+        """
+        Four minutes of refused connections (producer and consumer errors,
+        15 ms apart): the first is logged with its reason, then at most
+        one line a minute with the count; the broker's return once.
+        """
+        from confluent_kafka import KafkaError
+
+        clock, producer = Clock(), FakeProducer()
+        sink = KafkaSink(producer, clock, TOPICS)
+        refused = KafkaError(KafkaError._TRANSPORT, "k1:9092/bootstrap: Connect to ipv4#k1:9092 failed: "
+                                                    "Connection refused")
+        down = KafkaError(KafkaError._ALL_BROKERS_DOWN)
+        consumer = KafkaEventConsumer(FakeConsumer([[Message("hb", 0, -1, error=refused)]] * 16000), ["hb"],
+                                      sink.errors)
+        sink.emit(HEARTBEATS, beat(1))
+        for i in range(16000):
+            sink.on_error(down if i % 100 == 0 else refused)
+            if i % 2:
+                self.successResultOf(defer.Deferred.fromCoroutine(consumer.poll()))
+            clock.advance(0.015)
+        lines = self.lines()
+        self.assertEqual(lines[:2], [
+            "kafka: no broker reachable; 1 event(s) waiting",
+            f"kafka: producer: {refused} (the next errors are counted, logged at most once a minute)",
+        ])
+        self.assertEqual(len(lines), 2 + 3)  # at 60, 120 and 180 s (the last error comes at 239.985 s)
+        self.assertIn("more errors not logged in the last 60s", lines[-1])
+        self.assertEqual(sink.errors.count, 16000 - 1 + 8000)
+        producer.ack()
+        producer.poll(0)
+        self.assertEqual(len(self.lines()), 6)
+        self.assertRegex(self.lines()[-1], r"^kafka: the broker answers again \(\d+ errors meanwhile not logged\)$")
+
+    def test_librdkafka_lines(self) -> None:
+        """librdkafka's errors go the same way; its other lines are not logged unless asked for."""
+        import logging
+
+        from rproxy.kafka import ClientErrors
+
+        clock = Clock()
+        quiet, detailed = ClientErrors(clock, detail=False), ClientErrors(clock, detail=True)
+        for errors in (quiet, detailed):
+            errors.log(logging.INFO, "CONFWARN [%s] %s", "rproxy#producer-1", "a notice")
+            errors.log(logging.ERROR, "FAIL [%s] %s", "rproxy#producer-1", "Connection refused")
+            errors.log(logging.ERROR, "FAIL [%s] %s", "rproxy#producer-1", "Connection refused")
+        self.assertEqual((quiet.count, detailed.count), (2, 2))
+        self.assertEqual([e["log_level"].name for e in self.logged], ["warn", "debug", "debug", "warn", "debug"])
+        self.assertEqual(self.lines()[0], "kafka: librdkafka: FAIL [rproxy#producer-1] Connection refused "
+                                          "(the next errors are counted, logged at most once a minute)")
 
 
 class KafkaConfigTests(SynchronousTestCase):

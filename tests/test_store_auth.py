@@ -5,13 +5,16 @@ including each of them going down and coming back.
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from rproxy.store.auth import KeyChain
 from rproxy.store.postgres import PostgresKeys, migrate
 from rproxy.tunnel.config import ApiKeyConfig
 from rproxy.tunnel.registry import StaticKeys
-from tests.support import async_test, reactor
+from tests.support import async_test, reactor, turn
 from tests.test_servers import BothServers
 
 
@@ -61,7 +64,6 @@ class KeyChainTests(BothServers, TestCase):
         self.assertEqual((await chain.check(plain)).name, "team-b")
         self.assertGreaterEqual(chain.redis_errors, 1)
         self.redis.start()  # type: ignore[attr-defined]
-        from tests.support import turn
 
         async def cached() -> bool:
             before = chain.cache_hits
@@ -101,3 +103,52 @@ class KeyChainTests(BothServers, TestCase):
         self.assertEqual(rows, [(0,)])
 
 
+
+
+class CancelledLookupTests(BothServers, TestCase):
+    """
+    Lookups cancelled while PostgreSQL runs their query, through the
+    connection set the stores use: the client went away, the database
+    did not.
+    """
+
+    timeout = 60
+
+    async def connections(self) -> Any:
+        from rproxy.store.postgres import ConnectionSet, connection
+
+        conn = connection(reactor)
+        await conn.connect(self.pg.dsn)  # type: ignore[attr-defined]
+        self.addCleanup(lambda: conn.close() if not conn.closed else None)
+        await migrate(conn)
+        return ConnectionSet([conn])
+
+    @async_test
+    async def test_cancelled_query_frees_its_connection(self) -> None:
+        """A query cancelled mid-run fails at once; its connection serves the next query when PostgreSQL confirms."""
+        conns = await self.connections()
+        slow = conns.runQuery("SELECT pg_sleep(30)")
+        await turn(delay=0.05)  # sent, running
+        slow.cancel()
+        self.failureResultOf(slow, defer.CancelledError)
+        self.assertEqual(await conns.runQuery("SELECT 1").addTimeout(5.0, reactor), [(1,)])
+
+    @async_test
+    async def test_cancelled_check_is_not_an_outage(self) -> None:
+        """A key check cancelled while PostgreSQL answers counts and logs nothing; the next check is answered."""
+        from twisted.logger import globalLogPublisher
+
+        conns = await self.connections()
+        keys = PostgresKeys(conns)
+        _, plain = await keys.create("team-d")
+        chain = KeyChain(StaticKeys([]), keys, clock=reactor, timeout=5.0)
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        for _ in range(20):
+            check = chain.lookup(plain)  # the query is sent at once
+            check.cancel()
+            self.failureResultOf(check, defer.CancelledError)
+        self.assertEqual(chain.postgres_errors, 0)
+        self.assertEqual([e["log_format"] for e in logged if "auth:" in e.get("log_format", "")], [])
+        self.assertEqual((await chain.lookup(plain)).name, "team-d")

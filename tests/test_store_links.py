@@ -270,6 +270,73 @@ class RedisProbeTests(SynchronousTestCase):
         self.assertEqual((self.probe.state, len(self.redis.asked)), ("down", 5))
 
 
+class PendingPostgresKeys:
+    """PostgreSQL lookups that answer when the test says."""
+
+    def __init__(self) -> None:
+        self.asked: list[defer.Deferred[Any]] = []
+
+    async def check(self, key: str) -> KeyRecord | None:
+        d: defer.Deferred[KeyRecord | None] = defer.Deferred()
+        self.asked.append(d)
+        return await d
+
+
+class CancelledCheckTests(SynchronousTestCase):
+    """
+    A key check cancelled because its client went away (a reset while
+    the check waited) is not a store failure.
+    """
+
+    def setUp(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        self.clock = Clock()
+        self.redis = FakeRedis()
+        self.probe = RedisProbe(self.redis, self.clock)
+        self.postgres = PendingPostgresKeys()
+        keys: Any = self.postgres
+        self.chain = KeyChain(NoStaticKeys(), keys, self.redis, clock=self.clock)
+        self.chain.redis_probe = self.probe
+        self.logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def assert_no_outage(self, check: defer.Deferred[Any]) -> None:
+        self.failureResultOf(check, defer.CancelledError)
+        self.assertTrue(self.probe.usable())
+        self.assertEqual((self.chain.redis_errors, self.chain.postgres_errors), (0, 0))
+        self.assertEqual([e["log_format"] for e in self.logged if "auth" in e.get("log_format", "")], [])
+        self.clock.advance(5.0)  # no timeout fires later for the cancelled check
+        self.assertEqual((self.chain.redis_errors, self.chain.postgres_errors), (0, 0))
+
+    def test_cancelled_redis_read(self) -> None:
+        """Cancelled while Redis is read: Redis stays usable, PostgreSQL is not asked, nothing counted or logged."""
+        check = self.chain.lookup("good")
+        self.assertEqual([name for name, _ in self.redis.asked], ["get"])
+        check.cancel()
+        self.assert_no_outage(check)
+        self.assertEqual(self.postgres.asked, [])
+
+    def test_cancelled_postgres_check(self) -> None:
+        """Cancelled while PostgreSQL is asked (Redis missed): nothing counted or logged, nothing cached."""
+        check = self.chain.lookup("good")
+        self.redis.asked[0][1].callback(None)  # not cached
+        self.assertEqual(len(self.postgres.asked), 1)
+        check.cancel()
+        self.assert_no_outage(check)
+        self.assertEqual([name for name, _ in self.redis.asked], ["get"])
+
+    def test_timeout_is_still_an_outage(self) -> None:
+        """A Redis read that times out (the chain's own cancelling) still marks Redis down."""
+        check = self.chain.lookup("good")
+        self.clock.advance(1.0)
+        self.assertFalse(self.probe.usable())
+        self.assertEqual(self.chain.redis_errors, 1)
+        self.postgres.asked[0].callback(None)
+        self.assertIsNone(self.successResultOf(check))
+
+
 class PeriodicJobTests(SynchronousTestCase):
     def test_failures_are_logged_and_the_job_goes_on(self) -> None:
         """

@@ -90,6 +90,13 @@ class KeyChain:
     async def check(self, key: str) -> Any:
         """
         The key's record (C{name}, C{level}), or None if it is not valid.
+
+        Cancelled (the client went away), it fails with C{CancelledError}
+        and counts, logs and tells the probe nothing: only a store's error
+        or its timeout (C{TimeoutError}, which C{addTimeout} makes of its
+        own cancelling) says the store is down.  Taking a cancelled Redis
+        read for an outage let any client keep Redis "down" with random
+        keys and resets.
         """
         key_digest = digest(key)
         if self.redis is not None and not self._redis_usable():
@@ -97,6 +104,8 @@ class KeyChain:
         elif self.redis is not None:
             try:
                 cached = await self._bounded(self.redis.get(_cache_key(key_digest)))
+            except defer.CancelledError:
+                raise  # the caller went away: Redis is not down
             except Exception as e:  # noqa: BLE001 - Redis down: go on to PostgreSQL
                 self._redis_failed(e)
                 log.warn("auth: Redis unavailable ({why}); asking PostgreSQL", why=type(e).__name__)
@@ -111,6 +120,8 @@ class KeyChain:
         if self.postgres is not None:
             try:
                 record = await self._bounded(defer.Deferred.fromCoroutine(self.postgres.check(key)))
+            except defer.CancelledError:
+                raise  # the caller went away: PostgreSQL is not down
             except Exception as e:  # noqa: BLE001 - PostgreSQL down: static keys
                 self.postgres_errors += 1
                 log.warn("auth: PostgreSQL unavailable ({why}); using static keys", why=type(e).__name__)
@@ -126,6 +137,8 @@ class KeyChain:
         ttl = self.negative_ttl if record is None else self.ttl
         try:
             await self._bounded(self.redis.set(_cache_key(key_digest), value, expire=max(1, int(ttl))))
+        except defer.CancelledError:
+            raise
         except Exception as e:  # noqa: BLE001 - a cache that cannot be written is only slower
             self._redis_failed(e)
 
@@ -145,6 +158,8 @@ class KeyChain:
             try:
                 await self._bounded(self.redis.delete(_cache_key(key_digest)))
                 await self._bounded(self.redis.publish(REVOKED_CHANNEL, key_digest.hex()))
+            except defer.CancelledError:
+                raise
             except Exception:  # noqa: BLE001 - the TTL bounds how long a stale entry lives
                 self.redis_errors += 1
                 log.error("auth: revoked key {id} may stay cached for up to {ttl}s: Redis unavailable",

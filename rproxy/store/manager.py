@@ -129,14 +129,14 @@ class Stores:
 
     def _start_kafka(self, config: Any) -> None:
         topics = topics_of(config)
-        self._offsets = OffsetReader(make_consumer(config, reader=True), self.reactor)
+        self._offsets = OffsetReader(make_consumer(config), self.reactor)
         self.kafka = sink = KafkaSink(None, self.clock, topics, batch=config.batch, buffer_limit=config.buffer_limit,
                                       committed=self._offsets)
-        sink.producer = make_producer(config, sink.on_error)
+        sink.producer = make_producer(config, sink)
         sink.start()
         self.events = sink if self.events is None else EventFanout(self.events, sink)
         if self.config.postgres_dsn is not None:
-            self._kafka_consumer = KafkaEventConsumer(make_consumer(config), topics.values())
+            self._kafka_consumer = KafkaEventConsumer(make_consumer(config, sink.errors), topics.values(), sink.errors)
             self._kafka_loop = self._periodic(self._consume_kafka, 0.1, now=False,
                                               what="writing Kafka events to PostgreSQL")
 
@@ -267,7 +267,7 @@ class Stores:
         self._stopped = True
         for sink in getattr(self.events, "sinks", (self.events,)):
             if isinstance(sink, EventSink):
-                sink.stop()
+                await sink.stop()  # (sends what is buffered, for a second at most)
         if self.probe is not None:
             self.probe.stop()
             ratelimit_redis.stop(self._limits)

@@ -17,7 +17,9 @@ import secrets
 from typing import Any
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 __all__ = ["migrations", "migrate", "PostgresKeys", "KeyRecord", "digest", "connection", "ConnectionSet"]
 
@@ -113,8 +115,6 @@ class ConnectionSet:
     def __init__(self, connections: list[Any]) -> None:
         import collections
 
-        from twisted.internet import defer
-
         self.connections = list(connections)
         self.first = self.connections[0]
         self._free = collections.deque(self.connections)
@@ -133,14 +133,40 @@ class ConnectionSet:
 
         return d.addBoth(back)
 
+    def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """
+        C{method} on a free connection, as a Deferred that cancelling fails
+        with C{CancelledError} at once.  txpostgres cannot fail a query it
+        is cancelling before PostgreSQL confirms: its canceller raises
+        C{_CancelInProgress}, out of C{cancel()} and into the coroutine
+        that awaited the query, which took it for a database error (a
+        client going away counted and logged as PostgreSQL down).  Its
+        C{Connection.cancel} swallows that; the connection and its slot
+        come back when the query has really ended, and what it answers
+        then is nobody's any more.
+        """
+        running = self._slots.run(self._on_free, method, *args, **kwargs)
+        result: Any = defer.Deferred(lambda _: self.first.cancel(running))
+
+        def settle(outcome: Any) -> None:
+            if result.called:
+                return  # cancelled: the caller is gone
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        running.addBoth(settle)
+        return result
+
     def runQuery(self, *args: Any, **kwargs: Any) -> Any:
-        return self._slots.run(self._on_free, "runQuery", *args, **kwargs)
+        return self._run("runQuery", *args, **kwargs)
 
     def runOperation(self, *args: Any, **kwargs: Any) -> Any:
-        return self._slots.run(self._on_free, "runOperation", *args, **kwargs)
+        return self._run("runOperation", *args, **kwargs)
 
     def runInteraction(self, *args: Any, **kwargs: Any) -> Any:
-        return self._slots.run(self._on_free, "runInteraction", *args, **kwargs)
+        return self._run("runInteraction", *args, **kwargs)
 
     def addNotifyObserver(self, observer: Any) -> None:
         self.first.addNotifyObserver(observer)
