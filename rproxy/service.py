@@ -6,7 +6,10 @@ site from a configuration, and applies a new configuration as a diff
 (L{RProxyService.reload}): new frontends start listening, removed ones stop
 accepting and drain, frontends whose listen address changed are replaced
 the same way, pools are updated in place (servers matched by name keep
-their state), and no connection in flight is cut.
+their state), and no connection in flight is cut.  A reload reads every
+frontend's certificates again (renewed in place or new files, TLS turned
+on or off: new connections get them, open ones keep theirs), and is
+refused, nothing changed, if one cannot be loaded.
 
 Stopping (SIGTERM under twistd) stops accepting everywhere, reports
 not-ready, lets open connections finish for up to C{grace_period}, then
@@ -42,7 +45,7 @@ from rproxy.store.backends import LiveBackends
 from rproxy.store.manager import Stores
 from rproxy.tcp import ConnectionLimit, TCPFrontend
 from rproxy.telemetry.provider import apply_telemetry
-from rproxy.tls import server_tls_factory
+from rproxy.tls import SNIServerCreator, tls_layer
 from rproxy.tokenpool import HTTPLogin, TokenPool
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.registry import StaticKeys
@@ -189,12 +192,17 @@ class RProxyService(MultiService):
     def _log_failure(self, failure: Failure, what: str) -> None:
         self.log.failure("rproxy: {what} failed", failure, what=what)
 
-    async def _apply(self, new: Config, starting: bool = False) -> None:
+    async def _apply(self, new: Config, starting: bool = False,
+                     certificates: dict[str, SNIServerCreator] | None = None) -> None:
         """
         Bring the running objects from whatever they are to C{new}.  A
         listener that cannot bind is recorded in L{listen_failures}; a
         frontend (or the admin port) whose new address cannot bind keeps
         its old listener.
+
+        @param certificates: the certificates of C{new}'s frontends with
+            C{tls:}, by frontend, loaded beforehand (a reload); without
+            them, each listener loads its own (the start).
         """
         self.listen_failures = {}
         self._starting = starting
@@ -222,7 +230,7 @@ class RProxyService(MultiService):
         for tokens in self.token_pools.values():
             tokens.telemetry = self.telemetry
 
-        await self._apply_frontends(new)
+        await self._apply_frontends(new, certificates if certificates is not None else {})
 
         keys: Any = StaticKeys(new.api_keys)
         if new.stores is not None:
@@ -296,12 +304,13 @@ class RProxyService(MultiService):
         for tunnel in self.tunnels.values():
             tunnel.cluster = self.cluster
 
-    async def _apply_frontends(self, new: Config) -> None:
+    async def _apply_frontends(self, new: Config, certificates: dict[str, SNIServerCreator]) -> None:
         """
         Frontends: new ones listen, removed ones retire (stop accepting and
-        drain), the others are updated in place.  One whose listen address
-        changed listens on the new address before its old listener retires,
-        and keeps the old one if the new address cannot bind.
+        drain), the others are updated in place (their TLS too:
+        L{_switch_tls}).  One whose listen address changed listens on the
+        new address before its old listener retires, and keeps the old one
+        if the new address cannot bind.
         """
         wanted = {f.name: f for f in new.frontends}
         stopping: list[defer.Deferred[Any]] = []
@@ -322,6 +331,7 @@ class RProxyService(MultiService):
                     and self._keeps_socket(frontend, config.listen)):
                 frontend.config = config
                 frontend.pool = pool
+                self._switch_tls(frontend, certificates.get(config.name))
                 if isinstance(frontend, HTTPFrontend):
                     frontend.telemetry = self.telemetry
                     frontend.configure(config)
@@ -336,7 +346,7 @@ class RProxyService(MultiService):
                 fresh = DetectFrontend(config, self.frontends, self.clock, self.limit)
             else:
                 fresh = TCPFrontend(config, pool, self.reactor, self.clock, self.limit, self.pools)
-            port = await self._listen(fresh, frontend)
+            port = await self._listen(fresh, frontend, certificates.get(config.name))
             if port is None:
                 continue
             if frontend is not None:
@@ -443,15 +453,19 @@ class RProxyService(MultiService):
         self.log.info("backend {backend}: {count} server(s) from PostgreSQL: {servers}", backend=name,
                       count=len(servers), servers=", ".join(f"{s.name}={s.address}" for s in servers) or "-")
 
-    async def _listen(self, frontend: TCPFrontend, old: TCPFrontend | None = None) -> IListeningPort | None:
+    async def _listen(self, frontend: TCPFrontend, old: TCPFrontend | None = None,
+                      certificates: SNIServerCreator | None = None) -> IListeningPort | None:
         """
-        Listen for C{frontend}; C{None} (logged, recorded) if it cannot.
+        Listen for C{frontend} (with C{tls:}, with C{certificates}, else
+        its files loaded here); C{None} (logged, recorded) if it cannot.
         """
         try:
             endpoint = self.listen_endpoint(frontend.config, self.config.global_.backlog)
             factory: Any = frontend
             if frontend.config.tls:
-                factory = server_tls_factory(frontend, list(frontend.config.tls))
+                if certificates is None:
+                    certificates = SNIServerCreator(list(frontend.config.tls))
+                factory = tls_layer(frontend, certificates)
             factory = listening_factory(frontend, factory)  # PROXY protocol header first, if configured
             port: IListeningPort = await endpoint.listen(factory)
         except Exception as e:  # noqa: BLE001 - reported as one line
@@ -463,6 +477,47 @@ class RProxyService(MultiService):
             frontend=frontend.name, address=_address(port), backend=frontend.config.backend,
         )
         return port
+
+    def _switch_tls(self, frontend: TCPFrontend, certificates: SNIServerCreator | None) -> None:
+        """
+        Give a frontend that keeps its listener the TLS its new
+        configuration asks for: its connections from now on are built by a
+        new TLS layer with C{certificates} (or by the frontend itself, TLS
+        turned off); open ones keep the layer they were made by.  The
+        listener calls the PROXY protocol layer, whose C{wrapped} is the
+        one to change; the new layer is started before the old is stopped
+        (the frontend's own start/stop count is unchanged).
+        """
+        layer = frontend.proxy_protocol
+        old = layer.wrapped
+        if certificates is None and old is frontend:
+            return
+        if certificates is None and frontend.config.tls:
+            certificates = SNIServerCreator(list(frontend.config.tls))  # (an apply without a reload's loading)
+        new = tls_layer(frontend, certificates) if certificates is not None else frontend
+        new.doStart()
+        layer.wrapped = new
+        old.doStop()
+
+    def _load_certificates(self, new: Config) -> dict[str, SNIServerCreator]:
+        """
+        The certificates of every frontend of C{new} with C{tls:}, read
+        from their files now (renewed in place, they are the new ones).
+
+        @raise ValueError: one line naming the frontend and the files
+            that cannot be loaded.
+        """
+        loaded = {}
+        for config in new.frontends:
+            if not config.tls:
+                continue
+            try:
+                loaded[config.name] = SNIServerCreator(list(config.tls))
+            except Exception as e:  # noqa: BLE001 - any file or PEM error refuses the reload
+                files = ", ".join(f"{cert} / {key}" for cert, key in config.tls)
+                raise ValueError(f"frontend {config.name}: cannot load its certificates ({files}): "
+                                 f"{str(e)[:200] or type(e).__name__}") from e
+        return loaded
 
     def _retire(self, frontend: TCPFrontend) -> defer.Deferred[Any]:
         """
@@ -504,9 +559,17 @@ class RProxyService(MultiService):
         Apply C{new} here.  A listener that cannot bind is reported (the
         reload counts as C{partial}); a reload that leaves nothing
         listening for traffic is applied, as asked, and logged as an error.
+        Certificates are loaded first: one that cannot be refuses the
+        reload (C{failed}, nothing changed; frontends keep the ones they
+        serve).
         """
+        try:
+            certificates = self._load_certificates(new)
+        except ValueError as e:
+            self.log.error("reload refused: {error}; keeping the running configuration", error=str(e))
+            return "failed", [str(e)]
         self._warn_if_nothing_listens(new)
-        await self._apply(new)
+        await self._apply(new, certificates=certificates)
         if self.listen_failures:
             problems = list(self.listen_failures.values())
             self.log.error("configuration reloaded, except {count} listener(s): {problems}",

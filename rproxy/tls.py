@@ -46,6 +46,7 @@ __all__ = [
     "TLSServerEndpoint",
     "load_pair",
     "server_tls_factory",
+    "tls_layer",
     "ssl_server_endpoint",
     "client_tls_options",
     "names_of",
@@ -103,11 +104,14 @@ class SNIServerCreator:
 
     Every certificate's context gets the same ALPN callback: OpenSSL asks
     the context the SNI callback switched to, not the one the connection
-    started with.
+    started with.  The files are read when it is made (a reload that must
+    serve renewed files makes a new one: L{tls_layer}).
+
+    @ivar protocols: what ALPN may select, best first.
     """
 
     def __init__(self, pairs: list[tuple[str, str]], protocols: Sequence[bytes] = ()) -> None:
-        self._protocols = tuple(protocols)
+        self.protocols = tuple(protocols)
         self._contexts: dict[str, SSL.Context] = {}
         self._wildcards: list[tuple[str, SSL.Context]] = []
         self._default: SSL.Context | None = None
@@ -144,7 +148,7 @@ class SNIServerCreator:
             connection.set_context(context)
 
     def _select_protocol(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
-        for protocol in self._protocols:
+        for protocol in self.protocols:
             if protocol in offered:
                 return protocol
         return SSL.NO_OVERLAPPING_PROTOCOLS
@@ -175,6 +179,16 @@ def server_tls_factory(
     if protocols is None:
         protocols = _protocols_of(factory)
     return TLSMemoryBIOFactory(SNIServerCreator(pairs, protocols), False, factory)
+
+
+def tls_layer(factory: Any, creator: SNIServerCreator) -> TLSMemoryBIOFactory:
+    """
+    Wrap a protocol factory so its connections speak TLS as a server with
+    the certificates C{creator} has loaded (a reload loads them all before
+    it changes anything); ALPN selects from what the factory speaks.
+    """
+    creator.protocols = _protocols_of(factory)
+    return TLSMemoryBIOFactory(creator, False, factory)
 
 
 @implementer(IStreamServerEndpoint)
