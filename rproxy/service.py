@@ -215,6 +215,7 @@ class RProxyService(MultiService):
             pool = self.pools.get(backend.name)
             if pool is None:
                 pool = Pool(backend, self.clock, self._rng)
+                pool.on_moved(self.upstreams.moved)  # (pooled connections to where a reload no longer sends)
                 self.pools[backend.name] = pool
                 if self.pool_made is not None:
                     self.pool_made(pool)
