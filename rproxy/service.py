@@ -8,8 +8,9 @@ accepting and drain, frontends whose listen address changed are replaced
 the same way, pools are updated in place (servers matched by name keep
 their state), and no connection in flight is cut.  A reload reads every
 frontend's certificates again (renewed in place or new files, TLS turned
-on or off: new connections get them, open ones keep theirs), and is
-refused, nothing changed, if one cannot be loaded.
+on or off: new connections get them, open ones keep theirs), those of an
+C{ssl:} listener it keeps (the admin port's too), and is refused, nothing
+changed, if one cannot be loaded.
 
 Stopping (SIGTERM under twistd) stops accepting everywhere, reports
 not-ready, lets open connections finish for up to C{grace_period}, then
@@ -45,7 +46,7 @@ from rproxy.store.backends import LiveBackends
 from rproxy.store.manager import Stores
 from rproxy.tcp import ConnectionLimit, TCPFrontend
 from rproxy.telemetry.provider import apply_telemetry
-from rproxy.tls import SNIServerCreator, tls_layer
+from rproxy.tls import ReloadableCreator, SNIServerCreator, ssl_pairs, tls_layer
 from rproxy.tokenpool import HTTPLogin, TokenPool
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.registry import StaticKeys
@@ -110,6 +111,10 @@ class RProxyService(MultiService):
         self.upstreams = UpstreamPool(reactor, self.clock)
         self.admin_port: IListeningPort | None = None
         self._admin_listen: str | None = None
+        # the certificates of listeners with an ssl: listen string (the
+        # admin port's apart), which a reload that keeps them renews
+        self._ssl_listeners: dict[IListeningPort, ReloadableCreator] = {}
+        self._admin_ssl: ReloadableCreator | None = None
         self.stopping = False
         self._config_loader = config_loader if config_loader is not None else self._load_in_thread
         # reloads (SIGHUP, the admin API) run here: validated off the
@@ -388,9 +393,11 @@ class RProxyService(MultiService):
             self._admin_listen = listen
             return
         port = None
+        endpoint = None
         if listen is not None:
             try:
-                port = await server_endpoint(self.reactor, listen).listen(self.make_admin_site(self))
+                endpoint = server_endpoint(self.reactor, listen)
+                port = await endpoint.listen(self.make_admin_site(self))
             except Exception as e:  # noqa: BLE001 - reported as one line, the old port stays
                 self._listen_failed("admin", "admin", listen, e, old is not None and self._admin_listen)
                 return
@@ -399,6 +406,7 @@ class RProxyService(MultiService):
             await old.stopListening()
         self.admin_port = port
         self._admin_listen = listen
+        self._admin_ssl = getattr(endpoint, "certificates", None)
 
     def _listen_failed(self, key: str, what: str, listen: str, why: Exception, kept: str | None | bool) -> None:
         """
@@ -469,6 +477,9 @@ class RProxyService(MultiService):
                 factory = tls_layer(frontend, certificates)
             factory = listening_factory(frontend, factory)  # PROXY protocol header first, if configured
             port: IListeningPort = await endpoint.listen(factory)
+            ssl = getattr(endpoint, "certificates", None)  # (an ssl: listen string)
+            if ssl is not None:
+                self._ssl_listeners[port] = ssl
         except Exception as e:  # noqa: BLE001 - reported as one line
             self._listen_failed(frontend.name, f"frontend {frontend.name}", frontend.config.listen, e,
                                 old.config.listen if old is not None else None)
@@ -500,24 +511,31 @@ class RProxyService(MultiService):
         layer.wrapped = new
         old.doStop()
 
-    def _load_certificates(self, new: Config) -> dict[str, SNIServerCreator]:
+    def _load_certificates(self, new: Config) -> _Certificates:
         """
-        The certificates of every frontend of C{new} with C{tls:}, read
-        from their files now (renewed in place, they are the new ones).
+        The certificates of C{new}, read from their files now (renewed in
+        place, they are the new ones): those of every frontend with
+        C{tls:}, and those of every C{ssl:} listener the reload keeps
+        (frontends' and the admin port's; the others read theirs when they
+        listen).
 
-        @raise ValueError: one line naming the frontend and the files
-            that cannot be loaded.
+        @raise ValueError: one line naming the listener and the files that
+            cannot be loaded.
         """
-        loaded = {}
+        loaded = _Certificates()
         for config in new.frontends:
-            if not config.tls:
-                continue
-            try:
-                loaded[config.name] = SNIServerCreator(list(config.tls))
-            except Exception as e:  # noqa: BLE001 - any file or PEM error refuses the reload
-                files = ", ".join(f"{cert} / {key}" for cert, key in config.tls)
-                raise ValueError(f"frontend {config.name}: cannot load its certificates ({files}): "
-                                 f"{str(e)[:200] or type(e).__name__}") from e
+            if config.tls:
+                loaded.frontends[config.name] = _load(f"frontend {config.name}", list(config.tls))
+            running, port = self.frontends.get(config.name), self.ports.get(config.name)
+            ssl = self._ssl_listeners.get(port) if port is not None else None
+            if ssl is not None and running is not None and running.config.protocol == config.protocol \
+                    and self._keeps_socket(running, config.listen):
+                pairs = ssl_pairs(parse_endpoint(config.listen))
+                loaded.listeners.append((ssl, _load(f"frontend {config.name}", pairs)))
+        listen = new.admin.listen
+        if self._admin_ssl is not None and listen is not None and self._admin_listen is not None \
+                and _same_socket(listen, self._admin_listen):
+            loaded.listeners.append((self._admin_ssl, _load("admin", ssl_pairs(parse_endpoint(listen)))))
         return loaded
 
     def _retire(self, frontend: TCPFrontend) -> defer.Deferred[Any]:
@@ -527,6 +545,8 @@ class RProxyService(MultiService):
         """
         del self.frontends[frontend.name]
         port = self.ports.pop(frontend.name, None)
+        if port is not None:
+            self._ssl_listeners.pop(port, None)
         self.retired.add(frontend)
         draining = frontend.drain(self.config.global_.grace_period)
         draining.addBoth(lambda _: self.retired.discard(frontend))
@@ -570,7 +590,9 @@ class RProxyService(MultiService):
             self.log.error("reload refused: {error}; keeping the running configuration", error=str(e))
             return "failed", [str(e)]
         self._warn_if_nothing_listens(new)
-        await self._apply(new, certificates=certificates)
+        for listener, renewed in certificates.listeners:
+            listener.replace(renewed)
+        await self._apply(new, certificates=certificates.frontends)
         if self.listen_failures:
             problems = list(self.listen_failures.values())
             self.log.error("configuration reloaded, except {count} listener(s): {problems}",
@@ -709,6 +731,32 @@ class RProxyService(MultiService):
 
     def stats(self) -> dict[str, Any]:
         return {"pools": [pool.stats() for pool in self.pools.values()]}
+
+
+@attrs.define
+class _Certificates:
+    """
+    What a reload loads before it changes anything (L{RProxyService._load_certificates}).
+
+    @ivar frontends: the C{tls:} certificates of frontends, by name.
+    @ivar listeners: the kept C{ssl:} listeners, each with its files read again.
+    """
+
+    frontends: dict[str, SNIServerCreator] = attrs.Factory(dict)
+    listeners: list[tuple[ReloadableCreator, SNIServerCreator]] = attrs.Factory(list)
+
+
+def _load(what: str, pairs: list[tuple[str, str]]) -> SNIServerCreator:
+    """
+    The certificates of C{pairs}, for the listener C{what} names.
+
+    @raise ValueError: one line naming it, the files, and why.
+    """
+    try:
+        return SNIServerCreator(pairs)
+    except Exception as e:  # noqa: BLE001 - any file or PEM error refuses the reload
+        files = ", ".join(f"{cert} / {key}" for cert, key in pairs)
+        raise ValueError(f"{what}: cannot load its certificates ({files}): {str(e)[:200] or type(e).__name__}") from e
 
 
 def _same_socket(a: str, b: str) -> bool:

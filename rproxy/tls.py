@@ -42,11 +42,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HTTP_ALPN",
+    "ReloadableCreator",
     "SNIServerCreator",
     "TLSServerEndpoint",
     "load_pair",
     "server_tls_factory",
     "tls_layer",
+    "ssl_pairs",
     "ssl_server_endpoint",
     "client_tls_options",
     "names_of",
@@ -191,23 +193,63 @@ def tls_layer(factory: Any, creator: SNIServerCreator) -> TLSMemoryBIOFactory:
     return TLSMemoryBIOFactory(creator, False, factory)
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableCreator:
+    """
+    The certificates of a listener that a reload keeps while it may give
+    it other ones (an C{ssl:} listen string, whose files a reload reads
+    again): each new connection uses those L{current} holds then; open
+    ones keep theirs.
+
+    @ivar current: an L{SNIServerCreator}.
+    """
+
+    def __init__(self, current: SNIServerCreator) -> None:
+        self.current = current
+
+    def replace(self, new: SNIServerCreator) -> None:
+        """
+        Serve new connections with C{new}'s certificates (ALPN unchanged).
+        """
+        new.protocols = self.current.protocols
+        self.current = new
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return self.current.serverConnectionForTLS(tlsProtocol)
+
+
 @implementer(IStreamServerEndpoint)
 class TLSServerEndpoint:
     """
     A server endpoint whose connections speak TLS over those of another
     (the certificate pairs as for L{SNIServerCreator}).
+
+    @ivar certificates: once it listens, what its connections' TLS comes
+        from (L{ReloadableCreator}: a reload that keeps the listener
+        gives it the files read again).
     """
 
     def __init__(self, inner: IStreamServerEndpoint, pairs: list[tuple[str, str]]) -> None:
         self._inner = inner
         self._pairs = pairs
+        self.certificates: ReloadableCreator | None = None
 
     def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
         try:
-            wrapped = server_tls_factory(factory, self._pairs)
+            self.certificates = ReloadableCreator(SNIServerCreator(self._pairs, _protocols_of(factory)))
         except Exception:  # noqa: BLE001 - an unreadable certificate fails the listen
             return defer.fail()
-        return self._inner.listen(wrapped)
+        return self._inner.listen(TLSMemoryBIOFactory(self.certificates, False, factory))
+
+
+def ssl_pairs(endpoint: Endpoint) -> list[tuple[str, str]]:
+    """
+    The certificate and key files of a parsed C{ssl:} listen string
+    (C{certKey} defaults to C{privateKey}).
+    """
+    key = endpoint.get("privateKey")
+    assert key is not None
+    return [(endpoint.get("certKey", key) or key, key)]
 
 
 
@@ -223,12 +265,9 @@ def ssl_server_endpoint(reactor: Any, endpoint: Endpoint, backlog: int = 511) ->
     """
     from rproxy.transport import TCPServerEndpoint
 
-    key = endpoint.get("privateKey")
-    assert key is not None
-    cert = endpoint.get("certKey", key)
     given = endpoint.backlog
     tcp = TCPServerEndpoint(reactor, endpoint.port or 0, given if given is not None else backlog, endpoint.interface)
-    return TLSServerEndpoint(tcp, [(cert, key)])
+    return TLSServerEndpoint(tcp, ssl_pairs(endpoint))
 
 
 def client_tls_options(server_name: str, ca: str | None, verify: bool) -> Any:

@@ -46,7 +46,11 @@ def write_pair(cert_path: str, key_path: str, hostname: str) -> bytes:
     return cert_pem
 
 
-class ReloadTLSTests(ServiceMixin, TestCase):
+class ReloadTLSMixin(ServiceMixin):
+    """
+    A service run from a file, and the clients that check what it serves.
+    """
+
     timeout = 60
 
     async def start(self, tls: dict[str, Any] | None) -> RProxyService:
@@ -105,6 +109,12 @@ class ReloadTLSTests(ServiceMixin, TestCase):
         await self.service.reload_from_file()
         assert self.service.last_reload is not None
         return self.service.last_reload
+
+
+class ReloadTLSTests(ReloadTLSMixin, TestCase):
+    """
+    Frontends with C{tls:}.
+    """
 
     @async_test
     async def test_renewed_in_place(self) -> None:
@@ -220,4 +230,59 @@ class ReloadTLSTests(ServiceMixin, TestCase):
         [error] = self.service.last_reload["errors"]
         self.assertTrue(error.startswith(f"frontend web: cannot load its certificates ({cert} / {key}): "), error)
         self.assertNotIn("extra", self.service.frontends)
+        self.assertEqual(await self.served_name(), "localhost")
+
+
+class ReloadSSLListenTests(ReloadTLSMixin, TestCase):
+    """
+    Listeners whose TLS comes from an C{ssl:} listen string (a frontend's,
+    the admin port's): a reload that keeps them reads their files again.
+    """
+
+    async def start_ssl(self, cert: str, key: str) -> None:
+        self.site = CountingSite(Backend("b0"))
+        server = await listen(self.site)
+        self.addCleanup(server.stopListening)
+        listen_ssl = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        self.data = {
+            "admin": {"listen": listen_ssl},
+            "backends": [{"name": "web", "servers": [f"127.0.0.1:{server.getHost().port}"],
+                          "health_check": {"type": "none"}}],
+            "frontends": [{"name": "web", "protocol": "http", "listen": listen_ssl, "backend": "web"}],
+        }
+        self.path = os.path.abspath(self.mktemp()) + ".yaml"
+        self.rewrite()
+        self.service = await self.start_service(self.data, config_path=self.path)
+        self.port = self.service.port_of("web")
+        assert self.service.admin_port is not None
+        self.admin = self.service.admin_port.getHost().port
+        self.data["frontends"][0]["listen"] = listen_ssl.replace("ssl:0:", f"ssl:{self.port}:")
+        # (the admin port's string as it was: the same socket)
+        self.rewrite()
+
+    @async_test
+    async def test_ssl_listeners_renewed_in_place(self) -> None:
+        """An ssl: frontend and admin port serve the certificate renewed over their files after a reload."""
+        cert, key = self.files("a")
+        write_pair(cert, key, "localhost")
+        await self.start_ssl(cert, key)
+        write_pair(cert, key, "rotated")
+        self.assertEqual((await self.reload())["result"], "ok")
+        self.assertEqual(await self.served_name(), "rotated")
+        self.assertEqual(await self.curl(f"https://127.0.0.1:{self.port}/echo"), (0, "200"))
+        self.port = self.admin
+        self.assertEqual(await self.served_name(), "rotated")
+
+    @async_test
+    async def test_ssl_listener_unloadable_refused(self) -> None:
+        """An ssl: listener's key that no longer loads refuses the reload; the old certificate stays."""
+        cert, key = self.files("a")
+        write_pair(cert, key, "localhost")
+        await self.start_ssl(cert, key)
+        with open(key, "wb") as f:
+            f.write(b"not a key\n")
+        reload = await self.reload()
+        self.assertEqual(reload["result"], "failed")
+        [error] = reload["errors"]
+        self.assertTrue(error.startswith(f"frontend web: cannot load its certificates ({cert} / {key}): "), error)
         self.assertEqual(await self.served_name(), "localhost")
