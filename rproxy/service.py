@@ -511,32 +511,29 @@ class RProxyService(MultiService):
         layer.wrapped = new
         old.doStop()
 
-    def _load_certificates(self, new: Config) -> _Certificates:
+    def _certificates_of(self, new: Config) -> _Certificates:
         """
-        The certificates of C{new}, read from their files now (renewed in
-        place, they are the new ones): those of every frontend with
+        The certificates a reload to C{new} must read again (renewed in
+        place, the files hold new ones): those of every frontend with
         C{tls:}, and those of every C{ssl:} listener the reload keeps
         (frontends' and the admin port's; the others read theirs when they
-        listen).
-
-        @raise ValueError: one line naming the listener and the files that
-            cannot be loaded.
+        listen).  Decided here, on the reactor; read by
+        L{_Certificates.load}, off it.
         """
-        loaded = _Certificates()
+        wanted = _Certificates()
         for config in new.frontends:
             if config.tls:
-                loaded.frontends[config.name] = _load(f"frontend {config.name}", list(config.tls))
+                wanted.files.append((f"frontend {config.name}", list(config.tls), config.name))
             running, port = self.frontends.get(config.name), self.ports.get(config.name)
             ssl = self._ssl_listeners.get(port) if port is not None else None
             if ssl is not None and running is not None and running.config.protocol == config.protocol \
                     and self._keeps_socket(running, config.listen):
-                pairs = ssl_pairs(parse_endpoint(config.listen))
-                loaded.listeners.append((ssl, _load(f"frontend {config.name}", pairs)))
+                wanted.files.append((f"frontend {config.name}", ssl_pairs(parse_endpoint(config.listen)), ssl))
         listen = new.admin.listen
         if self._admin_ssl is not None and listen is not None and self._admin_listen is not None \
                 and _same_socket(listen, self._admin_listen):
-            loaded.listeners.append((self._admin_ssl, _load("admin", ssl_pairs(parse_endpoint(listen)))))
-        return loaded
+            wanted.files.append(("admin", ssl_pairs(parse_endpoint(listen)), self._admin_ssl))
+        return wanted
 
     def _retire(self, frontend: TCPFrontend) -> defer.Deferred[Any]:
         """
@@ -584,11 +581,16 @@ class RProxyService(MultiService):
         reload (C{failed}, nothing changed; frontends keep the ones they
         serve).
         """
+        certificates = self._certificates_of(new)
         try:
-            certificates = self._load_certificates(new)
+            if certificates.files:  # (PEM files and key parsing: a few ms each, in the reactor's thread pool)
+                await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), certificates.load)
         except ValueError as e:
             self.log.error("reload refused: {error}; keeping the running configuration", error=str(e))
             return "failed", [str(e)]
+        if self.stopping:  # (a stop that began while the files were read: nothing may listen again)
+            self.log.warn("reload ignored: rproxy is stopping")
+            return "failed", ["rproxy is stopping"]
         self._warn_if_nothing_listens(new)
         for listener, renewed in certificates.listeners:
             listener.replace(renewed)
@@ -736,14 +738,35 @@ class RProxyService(MultiService):
 @attrs.define
 class _Certificates:
     """
-    What a reload loads before it changes anything (L{RProxyService._load_certificates}).
+    The certificates a reload loads before it changes anything
+    (L{RProxyService._certificates_of}).
 
-    @ivar frontends: the C{tls:} certificates of frontends, by name.
-    @ivar listeners: the kept C{ssl:} listeners, each with its files read again.
+    @ivar files: what to load: the listener (for errors), its pairs, and
+        what they are for: a frontend's name (C{tls:}) or a kept C{ssl:}
+        listener.
+    @ivar frontends: once loaded, the C{tls:} certificates by frontend.
+    @ivar listeners: once loaded, the kept C{ssl:} listeners, each with
+        its certificates.
     """
 
+    files: list[tuple[str, list[tuple[str, str]], str | ReloadableCreator]] = attrs.Factory(list)
     frontends: dict[str, SNIServerCreator] = attrs.Factory(dict)
     listeners: list[tuple[ReloadableCreator, SNIServerCreator]] = attrs.Factory(list)
+
+    def load(self) -> None:
+        """
+        Read every file (in a thread: this touches nothing the reactor
+        uses meanwhile).
+
+        @raise ValueError: one line naming the first listener whose files
+            cannot be loaded, the files, and why.
+        """
+        for what, pairs, target in self.files:
+            loaded = _load(what, pairs)
+            if isinstance(target, str):
+                self.frontends[target] = loaded
+            else:
+                self.listeners.append((target, loaded))
 
 
 def _load(what: str, pairs: list[tuple[str, str]]) -> SNIServerCreator:

@@ -286,3 +286,22 @@ class ReloadSSLListenTests(ReloadTLSMixin, TestCase):
         [error] = reload["errors"]
         self.assertTrue(error.startswith(f"frontend web: cannot load its certificates ({cert} / {key}): "), error)
         self.assertEqual(await self.served_name(), "localhost")
+
+
+class ReloadWhileStoppingTests(ReloadTLSMixin, TestCase):
+    @async_test
+    async def test_stop_while_certificates_load(self) -> None:
+        """
+        A stop that begins while a reload reads its certificates (in a
+        thread) wins: the reload changes nothing, nothing listens again.
+        """
+        cert, key = self.files("a")
+        write_pair(cert, key, "localhost")
+        await self.start({"cert": cert, "key": key})
+        reload = self.service.reload(config_from_mapping(self.data))
+        stopped = self.service.stopService()
+        await reload
+        await stopped
+        assert self.service.last_reload is not None
+        self.assertEqual(self.service.last_reload["errors"], ["rproxy is stopping"])
+        self.assertEqual((self.service.frontends, self.service.ports), ({}, {}))
