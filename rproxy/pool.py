@@ -242,6 +242,7 @@ class Pool:
         self.queue_timeout_total = 0
         self.no_server_total = 0
         self._listeners: list[Callable[[Server, bool, str], None]] = []
+        self._moved_listeners: list[Callable[[Server], None]] = []
         # candidates() without exclusions is cached while nothing that
         # decides it changes: _version moves on every up/down, ejection and
         # reload; the cache also ends when the next ejection does.  Pools
@@ -515,6 +516,17 @@ class Pool:
         """
         self._listeners.append(listener)
 
+    def on_moved(self, listener: Callable[[Server], None]) -> None:
+        """
+        Call C{listener(server)} for each server a reload leaves whose open
+        connections must not serve another request: one whose address
+        changed, every one when the backend's C{tls} or C{send_proxy}
+        changed (their connections lead to what the file no longer names,
+        or speak what it no longer asks for), removed ones, and every one
+        of a pool that closes (its backend removed).
+        """
+        self._moved_listeners.append(listener)
+
     def set_up(self, server: Server, up: bool, reason: str) -> None:
         """
         Record the verdict of the active health check.
@@ -644,17 +656,23 @@ class Pool:
         Servers are matched by name: kept ones keep their state and their
         open connections; new ones start up; removed ones are marked
         draining and returned, so their open connections finish untouched.
+        The L{on_moved} listeners hear of the servers whose connections
+        must not be kept for another request.
         """
         if config.algorithm != self.config.algorithm:
             self.balancer = make_balancer(config.algorithm, self._rng)
             self._ramp_balancer = None
+        reconnect_all = (config.tls, config.send_proxy) != (self.config.tls, self.config.send_proxy)
         old = {s.name: s for s in self.servers}
         servers = []
+        moved = []
         for server_config in config.servers:
             server = old.pop(server_config.name, None)
             if server is None:
                 server = Server(server_config, config.name)
-            elif server.config != server_config:
+            elif reconnect_all or server.config.address != server_config.address:
+                moved.append(server)
+            if server.config != server_config:
                 # the file changed this server: its values win over the
                 # operator's
                 if server.admin_state != "ready" or server.weight_set:
@@ -683,12 +701,14 @@ class Pool:
         else:
             self._ramping = [s for s in self._ramping if s in servers]
         self._version += 1
+        self._tell_moved(moved + list(old.values()))
         self._serve_waiters()
         return list(old.values())
 
     def close(self) -> None:
         """
-        Fail every waiter and cancel timers (the pool is going away).
+        Fail every waiter and cancel timers (the pool is going away); the
+        L{on_moved} listeners hear of every server.
         """
         if self._wake is not None and self._wake.active():
             self._wake.cancel()
@@ -697,6 +717,12 @@ class Pool:
             waiter = self._waiters[0]
             self._drop_waiter(waiter)
             waiter.deferred.errback(NoServerAvailable(f"backend {self.name!r} was removed"))
+        self._tell_moved(self.servers)
+
+    def _tell_moved(self, servers: list[Server]) -> None:
+        for server in servers:
+            for listener in self._moved_listeners:
+                listener(server)
 
     # -- reporting -------------------------------------------------------
 

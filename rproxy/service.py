@@ -6,7 +6,11 @@ site from a configuration, and applies a new configuration as a diff
 (L{RProxyService.reload}): new frontends start listening, removed ones stop
 accepting and drain, frontends whose listen address changed are replaced
 the same way, pools are updated in place (servers matched by name keep
-their state), and no connection in flight is cut.
+their state), and no connection in flight is cut.  A reload reads every
+frontend's certificates again (renewed in place or new files, TLS turned
+on or off: new connections get them, open ones keep theirs), those of an
+C{ssl:} listener it keeps (the admin port's too), and is refused, nothing
+changed, if one cannot be loaded.
 
 Stopping (SIGTERM under twistd) stops accepting everywhere, reports
 not-ready, lets open connections finish for up to C{grace_period}, then
@@ -42,7 +46,7 @@ from rproxy.store.backends import LiveBackends
 from rproxy.store.manager import Stores
 from rproxy.tcp import ConnectionLimit, TCPFrontend
 from rproxy.telemetry.provider import apply_telemetry
-from rproxy.tls import server_tls_factory
+from rproxy.tls import ReloadableCreator, SNIServerCreator, ssl_pairs, tls_layer
 from rproxy.tokenpool import HTTPLogin, TokenPool
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.registry import StaticKeys
@@ -107,6 +111,10 @@ class RProxyService(MultiService):
         self.upstreams = UpstreamPool(reactor, self.clock)
         self.admin_port: IListeningPort | None = None
         self._admin_listen: str | None = None
+        # the certificates of listeners with an ssl: listen string (the
+        # admin port's apart), which a reload that keeps them renews
+        self._ssl_listeners: dict[IListeningPort, ReloadableCreator] = {}
+        self._admin_ssl: ReloadableCreator | None = None
         self.stopping = False
         self._config_loader = config_loader if config_loader is not None else self._load_in_thread
         # reloads (SIGHUP, the admin API) run here: validated off the
@@ -189,12 +197,17 @@ class RProxyService(MultiService):
     def _log_failure(self, failure: Failure, what: str) -> None:
         self.log.failure("rproxy: {what} failed", failure, what=what)
 
-    async def _apply(self, new: Config, starting: bool = False) -> None:
+    async def _apply(self, new: Config, starting: bool = False,
+                     certificates: dict[str, SNIServerCreator] | None = None) -> None:
         """
         Bring the running objects from whatever they are to C{new}.  A
         listener that cannot bind is recorded in L{listen_failures}; a
         frontend (or the admin port) whose new address cannot bind keeps
         its old listener.
+
+        @param certificates: the certificates of C{new}'s frontends with
+            C{tls:}, by frontend, loaded beforehand (a reload); without
+            them, each listener loads its own (the start).
         """
         self.listen_failures = {}
         self._starting = starting
@@ -207,6 +220,7 @@ class RProxyService(MultiService):
             pool = self.pools.get(backend.name)
             if pool is None:
                 pool = Pool(backend, self.clock, self._rng)
+                pool.on_moved(self.upstreams.moved)  # (pooled connections to where a reload no longer sends)
                 self.pools[backend.name] = pool
                 if self.pool_made is not None:
                     self.pool_made(pool)
@@ -222,7 +236,7 @@ class RProxyService(MultiService):
         for tokens in self.token_pools.values():
             tokens.telemetry = self.telemetry
 
-        await self._apply_frontends(new)
+        await self._apply_frontends(new, certificates if certificates is not None else {})
 
         keys: Any = StaticKeys(new.api_keys)
         if new.stores is not None:
@@ -296,12 +310,13 @@ class RProxyService(MultiService):
         for tunnel in self.tunnels.values():
             tunnel.cluster = self.cluster
 
-    async def _apply_frontends(self, new: Config) -> None:
+    async def _apply_frontends(self, new: Config, certificates: dict[str, SNIServerCreator]) -> None:
         """
         Frontends: new ones listen, removed ones retire (stop accepting and
-        drain), the others are updated in place.  One whose listen address
-        changed listens on the new address before its old listener retires,
-        and keeps the old one if the new address cannot bind.
+        drain), the others are updated in place (their TLS too:
+        L{_switch_tls}).  One whose listen address changed listens on the
+        new address before its old listener retires, and keeps the old one
+        if the new address cannot bind.
         """
         wanted = {f.name: f for f in new.frontends}
         stopping: list[defer.Deferred[Any]] = []
@@ -322,6 +337,7 @@ class RProxyService(MultiService):
                     and self._keeps_socket(frontend, config.listen)):
                 frontend.config = config
                 frontend.pool = pool
+                self._switch_tls(frontend, certificates.get(config.name))
                 if isinstance(frontend, HTTPFrontend):
                     frontend.telemetry = self.telemetry
                     frontend.configure(config)
@@ -336,7 +352,7 @@ class RProxyService(MultiService):
                 fresh = DetectFrontend(config, self.frontends, self.clock, self.limit)
             else:
                 fresh = TCPFrontend(config, pool, self.reactor, self.clock, self.limit, self.pools)
-            port = await self._listen(fresh, frontend)
+            port = await self._listen(fresh, frontend, certificates.get(config.name))
             if port is None:
                 continue
             if frontend is not None:
@@ -377,9 +393,11 @@ class RProxyService(MultiService):
             self._admin_listen = listen
             return
         port = None
+        endpoint = None
         if listen is not None:
             try:
-                port = await server_endpoint(self.reactor, listen).listen(self.make_admin_site(self))
+                endpoint = server_endpoint(self.reactor, listen)
+                port = await endpoint.listen(self.make_admin_site(self))
             except Exception as e:  # noqa: BLE001 - reported as one line, the old port stays
                 self._listen_failed("admin", "admin", listen, e, old is not None and self._admin_listen)
                 return
@@ -388,6 +406,7 @@ class RProxyService(MultiService):
             await old.stopListening()
         self.admin_port = port
         self._admin_listen = listen
+        self._admin_ssl = getattr(endpoint, "certificates", None)
 
     def _listen_failed(self, key: str, what: str, listen: str, why: Exception, kept: str | None | bool) -> None:
         """
@@ -443,17 +462,24 @@ class RProxyService(MultiService):
         self.log.info("backend {backend}: {count} server(s) from PostgreSQL: {servers}", backend=name,
                       count=len(servers), servers=", ".join(f"{s.name}={s.address}" for s in servers) or "-")
 
-    async def _listen(self, frontend: TCPFrontend, old: TCPFrontend | None = None) -> IListeningPort | None:
+    async def _listen(self, frontend: TCPFrontend, old: TCPFrontend | None = None,
+                      certificates: SNIServerCreator | None = None) -> IListeningPort | None:
         """
-        Listen for C{frontend}; C{None} (logged, recorded) if it cannot.
+        Listen for C{frontend} (with C{tls:}, with C{certificates}, else
+        its files loaded here); C{None} (logged, recorded) if it cannot.
         """
         try:
             endpoint = self.listen_endpoint(frontend.config, self.config.global_.backlog)
             factory: Any = frontend
             if frontend.config.tls:
-                factory = server_tls_factory(frontend, list(frontend.config.tls))
+                if certificates is None:
+                    certificates = SNIServerCreator(list(frontend.config.tls))
+                factory = tls_layer(frontend, certificates)
             factory = listening_factory(frontend, factory)  # PROXY protocol header first, if configured
             port: IListeningPort = await endpoint.listen(factory)
+            ssl = getattr(endpoint, "certificates", None)  # (an ssl: listen string)
+            if ssl is not None:
+                self._ssl_listeners[port] = ssl
         except Exception as e:  # noqa: BLE001 - reported as one line
             self._listen_failed(frontend.name, f"frontend {frontend.name}", frontend.config.listen, e,
                                 old.config.listen if old is not None else None)
@@ -464,6 +490,51 @@ class RProxyService(MultiService):
         )
         return port
 
+    def _switch_tls(self, frontend: TCPFrontend, certificates: SNIServerCreator | None) -> None:
+        """
+        Give a frontend that keeps its listener the TLS its new
+        configuration asks for: its connections from now on are built by a
+        new TLS layer with C{certificates} (or by the frontend itself, TLS
+        turned off); open ones keep the layer they were made by.  The
+        listener calls the PROXY protocol layer, whose C{wrapped} is the
+        one to change; the new layer is started before the old is stopped
+        (the frontend's own start/stop count is unchanged).
+        """
+        layer = frontend.proxy_protocol
+        old = layer.wrapped
+        if certificates is None and old is frontend:
+            return
+        if certificates is None and frontend.config.tls:
+            certificates = SNIServerCreator(list(frontend.config.tls))  # (an apply without a reload's loading)
+        new = tls_layer(frontend, certificates) if certificates is not None else frontend
+        new.doStart()
+        layer.wrapped = new
+        old.doStop()
+
+    def _certificates_of(self, new: Config) -> _Certificates:
+        """
+        The certificates a reload to C{new} must read again (renewed in
+        place, the files hold new ones): those of every frontend with
+        C{tls:}, and those of every C{ssl:} listener the reload keeps
+        (frontends' and the admin port's; the others read theirs when they
+        listen).  Decided here, on the reactor; read by
+        L{_Certificates.load}, off it.
+        """
+        wanted = _Certificates()
+        for config in new.frontends:
+            if config.tls:
+                wanted.files.append((f"frontend {config.name}", list(config.tls), config.name))
+            running, port = self.frontends.get(config.name), self.ports.get(config.name)
+            ssl = self._ssl_listeners.get(port) if port is not None else None
+            if ssl is not None and running is not None and running.config.protocol == config.protocol \
+                    and self._keeps_socket(running, config.listen):
+                wanted.files.append((f"frontend {config.name}", ssl_pairs(parse_endpoint(config.listen)), ssl))
+        listen = new.admin.listen
+        if self._admin_ssl is not None and listen is not None and self._admin_listen is not None \
+                and _same_socket(listen, self._admin_listen):
+            wanted.files.append(("admin", ssl_pairs(parse_endpoint(listen)), self._admin_ssl))
+        return wanted
+
     def _retire(self, frontend: TCPFrontend) -> defer.Deferred[Any]:
         """
         Stop accepting on C{frontend} and let its connections drain in the
@@ -471,6 +542,8 @@ class RProxyService(MultiService):
         """
         del self.frontends[frontend.name]
         port = self.ports.pop(frontend.name, None)
+        if port is not None:
+            self._ssl_listeners.pop(port, None)
         self.retired.add(frontend)
         draining = frontend.drain(self.config.global_.grace_period)
         draining.addBoth(lambda _: self.retired.discard(frontend))
@@ -504,9 +577,24 @@ class RProxyService(MultiService):
         Apply C{new} here.  A listener that cannot bind is reported (the
         reload counts as C{partial}); a reload that leaves nothing
         listening for traffic is applied, as asked, and logged as an error.
+        Certificates are loaded first: one that cannot be refuses the
+        reload (C{failed}, nothing changed; frontends keep the ones they
+        serve).
         """
+        certificates = self._certificates_of(new)
+        try:
+            if certificates.files:  # (PEM files and key parsing: a few ms each, in the reactor's thread pool)
+                await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), certificates.load)
+        except ValueError as e:
+            self.log.error("reload refused: {error}; keeping the running configuration", error=str(e))
+            return "failed", [str(e)]
+        if self.stopping:  # (a stop that began while the files were read: nothing may listen again)
+            self.log.warn("reload ignored: rproxy is stopping")
+            return "failed", ["rproxy is stopping"]
         self._warn_if_nothing_listens(new)
-        await self._apply(new)
+        for listener, renewed in certificates.listeners:
+            listener.replace(renewed)
+        await self._apply(new, certificates=certificates.frontends)
         if self.listen_failures:
             problems = list(self.listen_failures.values())
             self.log.error("configuration reloaded, except {count} listener(s): {problems}",
@@ -645,6 +733,53 @@ class RProxyService(MultiService):
 
     def stats(self) -> dict[str, Any]:
         return {"pools": [pool.stats() for pool in self.pools.values()]}
+
+
+@attrs.define
+class _Certificates:
+    """
+    The certificates a reload loads before it changes anything
+    (L{RProxyService._certificates_of}).
+
+    @ivar files: what to load: the listener (for errors), its pairs, and
+        what they are for: a frontend's name (C{tls:}) or a kept C{ssl:}
+        listener.
+    @ivar frontends: once loaded, the C{tls:} certificates by frontend.
+    @ivar listeners: once loaded, the kept C{ssl:} listeners, each with
+        its certificates.
+    """
+
+    files: list[tuple[str, list[tuple[str, str]], str | ReloadableCreator]] = attrs.Factory(list)
+    frontends: dict[str, SNIServerCreator] = attrs.Factory(dict)
+    listeners: list[tuple[ReloadableCreator, SNIServerCreator]] = attrs.Factory(list)
+
+    def load(self) -> None:
+        """
+        Read every file (in a thread: this touches nothing the reactor
+        uses meanwhile).
+
+        @raise ValueError: one line naming the first listener whose files
+            cannot be loaded, the files, and why.
+        """
+        for what, pairs, target in self.files:
+            loaded = _load(what, pairs)
+            if isinstance(target, str):
+                self.frontends[target] = loaded
+            else:
+                self.listeners.append((target, loaded))
+
+
+def _load(what: str, pairs: list[tuple[str, str]]) -> SNIServerCreator:
+    """
+    The certificates of C{pairs}, for the listener C{what} names.
+
+    @raise ValueError: one line naming it, the files, and why.
+    """
+    try:
+        return SNIServerCreator(pairs)
+    except Exception as e:  # noqa: BLE001 - any file or PEM error refuses the reload
+        files = ", ".join(f"{cert} / {key}" for cert, key in pairs)
+        raise ValueError(f"{what}: cannot load its certificates ({files}): {str(e)[:200] or type(e).__name__}") from e
 
 
 def _same_socket(a: str, b: str) -> bool:

@@ -42,10 +42,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HTTP_ALPN",
+    "ReloadableCreator",
     "SNIServerCreator",
     "TLSServerEndpoint",
     "load_pair",
     "server_tls_factory",
+    "tls_layer",
+    "ssl_pairs",
     "ssl_server_endpoint",
     "client_tls_options",
     "names_of",
@@ -103,11 +106,14 @@ class SNIServerCreator:
 
     Every certificate's context gets the same ALPN callback: OpenSSL asks
     the context the SNI callback switched to, not the one the connection
-    started with.
+    started with.  The files are read when it is made (a reload that must
+    serve renewed files makes a new one: L{tls_layer}).
+
+    @ivar protocols: what ALPN may select, best first.
     """
 
     def __init__(self, pairs: list[tuple[str, str]], protocols: Sequence[bytes] = ()) -> None:
-        self._protocols = tuple(protocols)
+        self.protocols = tuple(protocols)
         self._contexts: dict[str, SSL.Context] = {}
         self._wildcards: list[tuple[str, SSL.Context]] = []
         self._default: SSL.Context | None = None
@@ -144,7 +150,7 @@ class SNIServerCreator:
             connection.set_context(context)
 
     def _select_protocol(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
-        for protocol in self._protocols:
+        for protocol in self.protocols:
             if protocol in offered:
                 return protocol
         return SSL.NO_OVERLAPPING_PROTOCOLS
@@ -177,23 +183,73 @@ def server_tls_factory(
     return TLSMemoryBIOFactory(SNIServerCreator(pairs, protocols), False, factory)
 
 
+def tls_layer(factory: Any, creator: SNIServerCreator) -> TLSMemoryBIOFactory:
+    """
+    Wrap a protocol factory so its connections speak TLS as a server with
+    the certificates C{creator} has loaded (a reload loads them all before
+    it changes anything); ALPN selects from what the factory speaks.
+    """
+    creator.protocols = _protocols_of(factory)
+    return TLSMemoryBIOFactory(creator, False, factory)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableCreator:
+    """
+    The certificates of a listener that a reload keeps while it may give
+    it other ones (an C{ssl:} listen string, whose files a reload reads
+    again): each new connection uses those L{current} holds then; open
+    ones keep theirs.
+
+    @ivar current: an L{SNIServerCreator}.
+    """
+
+    def __init__(self, current: SNIServerCreator) -> None:
+        self.current = current
+
+    def replace(self, new: SNIServerCreator) -> None:
+        """
+        Serve new connections with C{new}'s certificates (ALPN unchanged).
+        """
+        new.protocols = self.current.protocols
+        self.current = new
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return self.current.serverConnectionForTLS(tlsProtocol)
+
+
 @implementer(IStreamServerEndpoint)
 class TLSServerEndpoint:
     """
     A server endpoint whose connections speak TLS over those of another
     (the certificate pairs as for L{SNIServerCreator}).
+
+    @ivar certificates: once it listens, what its connections' TLS comes
+        from (L{ReloadableCreator}: a reload that keeps the listener
+        gives it the files read again).
     """
 
     def __init__(self, inner: IStreamServerEndpoint, pairs: list[tuple[str, str]]) -> None:
         self._inner = inner
         self._pairs = pairs
+        self.certificates: ReloadableCreator | None = None
 
     def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
         try:
-            wrapped = server_tls_factory(factory, self._pairs)
+            self.certificates = ReloadableCreator(SNIServerCreator(self._pairs, _protocols_of(factory)))
         except Exception:  # noqa: BLE001 - an unreadable certificate fails the listen
             return defer.fail()
-        return self._inner.listen(wrapped)
+        return self._inner.listen(TLSMemoryBIOFactory(self.certificates, False, factory))
+
+
+def ssl_pairs(endpoint: Endpoint) -> list[tuple[str, str]]:
+    """
+    The certificate and key files of a parsed C{ssl:} listen string
+    (C{certKey} defaults to C{privateKey}).
+    """
+    key = endpoint.get("privateKey")
+    assert key is not None
+    return [(endpoint.get("certKey", key) or key, key)]
 
 
 
@@ -209,12 +265,9 @@ def ssl_server_endpoint(reactor: Any, endpoint: Endpoint, backlog: int = 511) ->
     """
     from rproxy.transport import TCPServerEndpoint
 
-    key = endpoint.get("privateKey")
-    assert key is not None
-    cert = endpoint.get("certKey", key)
     given = endpoint.backlog
     tcp = TCPServerEndpoint(reactor, endpoint.port or 0, given if given is not None else backlog, endpoint.interface)
-    return TLSServerEndpoint(tcp, [(cert, key)])
+    return TLSServerEndpoint(tcp, ssl_pairs(endpoint))
 
 
 def client_tls_options(server_name: str, ca: str | None, verify: bool) -> Any:

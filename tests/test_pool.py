@@ -174,6 +174,29 @@ class PassiveEjectionTests(SynchronousTestCase):
 
 
 class ReloadTests(SynchronousTestCase):
+    def test_moved_servers_told(self) -> None:
+        """
+        on_moved hears of the servers whose connections must not be kept:
+        a changed address, all on a changed tls or send_proxy, removed
+        ones, all when the pool closes; not of a weight change.
+        """
+        from rproxy.config import UpstreamTLSConfig
+
+        pool = Pool(backend(server("a"), server("b"), server("c")), Clock())
+        a, b, c = pool.servers
+        told: list[str] = []
+        pool.on_moved(lambda s: told.append(s.name))
+        moved_b = ServerConfig(name="b", address="b2:80", host="b2", port=80)
+        pool.update(backend(server("a", weight=3), moved_b, server("c")))
+        self.assertEqual(told, ["b"])
+        pool.update(backend(server("a", weight=3), moved_b))
+        self.assertEqual(told, ["b", "c"])
+        pool.update(backend(server("a", weight=3), moved_b, send_proxy="v2"))
+        pool.update(backend(server("a", weight=3), moved_b, send_proxy="v2", tls=UpstreamTLSConfig()))
+        self.assertEqual(told, ["b", "c", "a", "b", "a", "b"])
+        pool.close()
+        self.assertEqual(told[6:], ["a", "b"])
+
     def test_update_keeps_state_by_name(self) -> None:
         """
         A reload keeps servers with the same name (and their counters),

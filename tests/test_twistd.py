@@ -216,6 +216,37 @@ class TwistdTests(ServiceMixin, TestCase):
         await client.read_until(b"untouched\n")
 
     @async_test
+    async def test_sighup_serves_renewed_certificate(self) -> None:
+        """
+        A certificate renewed over its files, then SIGHUP (certbot renew's
+        deploy hook): openssl s_client is shown the new one.
+        """
+        from tests.test_reload_tls import OPENSSL, write_pair
+
+        _, port = await self.backend("a")
+        base = os.path.abspath(self.mktemp())
+        cert, key = base + "-cert.pem", base + "-key.pem"
+        write_pair(cert, key, "localhost")
+        data = self.config(port.getHost().port)
+        data["frontends"][0]["tls"] = {"cert": cert, "key": key}
+        child, front = await self.start(data)
+
+        async def subject() -> str:
+            from twisted.internet.utils import getProcessOutputAndValue
+
+            out, _, _ = await getProcessOutputAndValue(
+                OPENSSL, ["s_client", "-connect", f"127.0.0.1:{front}", "-servername", "localhost"],
+                env={}, reactor=reactor, stdinBytes=b"")
+            match = re.search(r"subject=.*?CN ?= ?(\S+)", out.decode())
+            return match.group(1) if match else out.decode()[-300:]
+
+        self.assertEqual(await subject(), "localhost")
+        write_pair(cert, key, "rotated")
+        os.kill(self.process.pid, signal.SIGHUP)
+        await child.line("configuration reloaded")
+        self.assertEqual(await subject(), "rotated")
+
+    @async_test
     async def test_sigusr1_reopens_access_log(self) -> None:
         """
         After logrotate renames the access log, SIGUSR1 makes rproxy write

@@ -104,8 +104,9 @@ class UpstreamConnection(Relayed, Protocol):
         # (not after a HEAD answer, whose body llhttp would wait for)
         self.parser_clean = False
         self.reused = False
-        # opened with a PROXY protocol header for one client (send_proxy):
-        # never kept for another
+        # never kept for another request: opened with a PROXY protocol
+        # header for one client (send_proxy), or to what a reload changed
+        # (UpstreamPool.moved)
         self.private = False
         self.lost = False
         self.idle_since = 0.0
@@ -310,6 +311,7 @@ class _UpstreamFactory(ClientFactory):
         return self.conn
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        self.conn.upstreams.forget(self.conn)
         if not self.d.called:
             self.d.errback(reason)
 
@@ -317,7 +319,10 @@ class _UpstreamFactory(ClientFactory):
 class UpstreamPool:
     """
     The connector to servers: idle keep-alive connections per server,
-    shared by the HTTP frontends (an L{IUpstreamConnector}).
+    shared by the HTTP frontends (an L{IUpstreamConnector}).  It knows
+    every connection it opened, until it closes, so that a reload that
+    moves a server (L{moved}) reaches the busy ones too, at no cost per
+    request.
     """
 
     def __init__(self, reactor: Any, clock: Any, max_idle: int = 256, idle_timeout: float = 60.0) -> None:
@@ -326,6 +331,8 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.idle: dict[Server, list[UpstreamConnection]] = collections.defaultdict(list)
+        # every connection opened and not yet closed (connecting, busy, idle)
+        self.open: dict[Server, set[UpstreamConnection]] = {}
         self.opened = 0
         self.reused = 0
         self._sweep: IDelayedCall | None = None
@@ -347,13 +354,19 @@ class UpstreamPool:
 
     def get(self, server: Server, pool: Pool, timeout: float,
             proxy_header: bytes | None = None) -> defer.Deferred[UpstreamConnection]:
-        conn = self.take_idle(server)
-        if conn is not None:
-            return defer.succeed(conn)
+        """
+        An idle connection to C{server}, or a new one; with
+        C{proxy_header}, always a new one that starts with it.
+        """
+        if proxy_header is None:
+            idle = self.take_idle(server)
+            if idle is not None:
+                return defer.succeed(idle)
         self.opened += 1
         d: defer.Deferred[UpstreamConnection] = defer.Deferred()
         conn = UpstreamConnection(self, server, pool)
         conn._connected = d
+        self.open.setdefault(server, set()).add(conn)
         factory: Any = _UpstreamFactory(conn, d)
         tls = pool.config.tls
         if tls is not None:
@@ -398,6 +411,30 @@ class UpstreamPool:
         idle = self.idle.get(conn.server)
         if idle and conn in idle:
             idle.remove(conn)
+        self.forget(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """
+        C{conn} is closed, or never connected: no longer one of L{open}.
+        """
+        conns = self.open.get(conn.server)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self.open[conn.server]
+
+    def moved(self, server: Server) -> None:
+        """
+        A reload changed where or how C{server}'s connections go (its
+        address, the backend's TLS or PROXY header) or removed it: its idle
+        connections close now, and the others close when their exchange
+        ends instead of serving another request (nginx and HAProxy send
+        nothing to an old address after a reload).
+        """
+        for conn in self.open.get(server, ()):
+            conn.private = True
+        for conn in self.idle.pop(server, ()):
+            conn.transport.loseConnection()  # type: ignore[union-attr]
 
     def sweep(self) -> None:
         self._sweep = None
