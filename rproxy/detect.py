@@ -207,12 +207,18 @@ class DetectFrontend(AdmittedFigures):
     def factory_of(self, target: Any) -> Any:
         """
         What builds a target's protocol: the frontend itself, or its TLS
-        layer when it terminates TLS (made once per frontend object and
-        certificate list).
+        layer when it terminates TLS (its own listener's; for a target
+        without one, made once per frontend object and certificate list).
         """
         tls = target.config.tls
         if not tls:
             return target
+        layer = getattr(target, "proxy_protocol", None)
+        if layer is not None and layer.wrapped is not target:
+            # the TLS layer of the target's own listener, which a reload
+            # replaces with the certificates it read again (renewed in
+            # place too)
+            return layer.wrapped
         cached = self._tls.get(target.name)
         if cached is not None and cached[0] is target and cached[1] == tls:
             return cached[2]

@@ -132,6 +132,29 @@ class ReloadTLSTests(ReloadTLSMixin, TestCase):
         self.assertEqual(await self.curl(f"https://127.0.0.1:{self.port}/echo"), (0, "200"))
 
     @async_test
+    async def test_renewed_in_place_behind_detect(self) -> None:
+        """
+        A detect frontend hands TLS connections to the renewed certificate
+        too (the TLS layer of its target's listener, which the reload
+        replaced), not to one it made at start.
+        """
+        cert, key = self.files("a")
+        write_pair(cert, key, "localhost")
+        await self.start({"cert": cert, "key": key})
+        self.data["frontends"].append({"name": "one", "protocol": "detect", "listen": "tcp:0:interface=127.0.0.1",
+                                       "detect": {"tls": "web", "default": "web", "timeout": "0.3s"}})
+        self.rewrite()
+        self.assertEqual((await self.reload())["result"], "ok")
+        self.port = self.service.port_of("one")
+        self.assertEqual(await self.served_name(), "localhost")
+        self.data["frontends"][1]["listen"] = f"127.0.0.1:{self.port}"
+        write_pair(cert, key, "rotated")
+        self.rewrite()
+        self.assertEqual((await self.reload())["result"], "ok")
+        self.assertEqual(await self.served_name(), "rotated")
+        self.assertEqual(await self.curl(f"https://127.0.0.1:{self.port}/echo"), (0, "200"))
+
+    @async_test
     async def test_new_files(self) -> None:
         """tls: pointed at other files: the new certificate is served."""
         cert, key = self.files("a")
