@@ -15,7 +15,8 @@ Why a connection ended (C{termination}): C{client-closed}, C{server-closed},
 C{connect-failed}, C{no-server}, C{timeout} (idle), C{refused-acl}
 (allow/deny), C{queue} (full or timed out), C{drained} (reload or stop),
 C{bad-hello} (TLS passthrough could not read the ClientHello),
-C{no-route} (no backend for its SNI).
+C{no-route} (no backend for its SNI), C{tls-failed} (TLS termination:
+the client's handshake or TLS records failed, also logged in one line).
 
 Lines go to the frontend's file (L{rproxy.http.accesslog.AccessLogFile}:
 batched, O_APPEND, reopened for log rotation) or to the process log.

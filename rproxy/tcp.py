@@ -41,6 +41,7 @@ from rproxy.pool import NoServerAvailable, Pool, QueueFull, QueueTimeout, Server
 from rproxy.proxyproto import header_for
 from rproxy.shortage import ShortageLog, is_local
 from rproxy.splice import EarlyDataEnd, SpliceEnd
+from rproxy.tls import tls_failure
 from rproxy.transport import connect_tcp
 
 __all__ = ["TCPFrontend", "ClientConnection", "ConnectionLimit"]
@@ -329,7 +330,13 @@ class ClientConnection(SNIRouting, EarlyDataEnd):
         self._stop_hello_timer()
         self._early = None
         if self.termination is None:
-            self.termination = "client-closed"
+            failed = tls_failure(reason) if reason is not None and reason.value.__class__ is not error.ConnectionDone else None
+            if failed is not None:
+                self.termination = "tls-failed"
+                self.frontend.log.info("frontend {frontend}: TLS with {peer} failed: {why}",
+                                       frontend=self.frontend.name, peer=_peer(self.transport), why=failed)
+            else:
+                self.termination = "client-closed"
         if self.backend is not None:
             self.backend_received = self.backend.received
         self.frontend.forget(self)

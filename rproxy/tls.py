@@ -314,3 +314,20 @@ def self_signed(hostname: str, days: int = 365) -> tuple[bytes, bytes]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def tls_failure(reason: Any) -> str | None:
+    """
+    OpenSSL's reason for a failed TLS connection ("certificate verify
+    failed", "http request" for plain HTTP sent to a TLS port, "wrong
+    version number"), rather than the list of tuples its exception prints
+    as; None when C{reason} (a Failure) is no TLS error.
+    """
+    error = reason.value
+    if not isinstance(error, SSL.Error):
+        return None
+    reasons = []
+    for item in error.args[0] if error.args and isinstance(error.args[0], list) else ():
+        if isinstance(item, tuple) and item:
+            reasons.append(str(item[-1]))
+    return ", ".join(r for r in reasons if r) or reason.getErrorMessage()

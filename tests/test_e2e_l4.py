@@ -607,3 +607,47 @@ class DetectTests(ServiceMixin, TestCase):
         self.assertEqual(bad.data, b"")
         self.assertEqual(service.frontends["raw"].denied_total, 1)
         self.assertEqual(service.frontends["one"].detected["default"], 2)
+
+
+class TLSFailureLogTests(ServiceMixin, TestCase):
+    """
+    A client whose TLS fails on a terminating frontend (L4 or HTTP): one
+    log line naming the frontend, the peer and OpenSSL's reason; no
+    traceback; the L4 termination says tls-failed.
+    """
+
+    timeout = 60
+
+    @async_test
+    async def test_one_line_per_failed_client(self) -> None:
+        echo = EchoFactory("a")
+        port = await listen(echo)
+        self.addCleanup(port.stopListening)
+        pem, _ = _write_pair(tempfile.mkdtemp(), "localhost")
+        log = LogCapture(self)
+        service = await self.start_service({
+            "backends": [{"name": "echo", "servers": [f"127.0.0.1:{port.getHost().port}"],
+                          "health_check": {"type": "none"}}],
+            "frontends": [
+                {"name": "l4s", "listen": "tcp:0:interface=127.0.0.1", "backend": "echo",
+                 "tls": {"cert": pem, "key": pem}, "access_log": {"format": "json"}},
+                {"name": "webs", "protocol": "http", "listen": "tcp:0:interface=127.0.0.1", "backend": "echo",
+                 "tls": {"cert": pem, "key": pem}},
+            ],
+        })
+        for name in ("l4s", "webs"):
+            for garbage in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x00\x05hello"):
+                client = await connect(service.port_of(name))
+                client.transport.write(garbage)
+                await client.closed
+        await wait_for(lambda: len(log.lines("TLS with")) >= 4)
+        lines = log.lines("TLS with")
+        self.assertEqual(len(lines), 4, lines)
+        for line in lines[:2]:
+            self.assertTrue(line.startswith("frontend l4s: TLS with 127.0.0.1:"), line)
+        for line in lines[2:]:
+            self.assertTrue(line.startswith("frontend webs: TLS with 127.0.0.1:"), line)
+        self.assertIn("failed: http request", lines[0])
+        self.assertEqual([e for e in log.events if e.get("log_failure") is not None], [])
+        records = [json.loads(t) for t in log.lines("tls-failed")]
+        self.assertEqual([(r["frontend"], r["termination"]) for r in records], [("l4s", "tls-failed")] * 2)

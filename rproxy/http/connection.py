@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -27,11 +27,15 @@ from rproxy.http.reader import Body, EndOfMessage, HTTPError, RequestHead, Reque
 from rproxy.http.state import AWAITING, DONE, SENDING, UPGRADED
 from rproxy.splice import Relayed, SpliceEnd
 from rproxy.tcp import _nodelay, _peer
+from rproxy.tls import tls_failure
 
 if TYPE_CHECKING:
     from rproxy.http.frontend import HTTPFrontend
 
 __all__ = ["HTTPConnection", "QUEUE_LIMIT", "QUEUE_EVENTS"]
+
+# how connections usually end (not worth a look for a TLS failure)
+_ORDINARY_ENDS = frozenset({error.ConnectionDone, error.ConnectionLost})
 
 QUEUE_LIMIT = 256 * 1024
 # pipelined requests read ahead of the one being served: past this many
@@ -394,6 +398,12 @@ class HTTPConnection(Relayed, Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
         self.head_deadline = None
+        if reason is not None and reason.value.__class__ not in _ORDINARY_ENDS:
+            failed = tls_failure(reason)
+            if failed is not None:
+                # (no request to log it with: a handshake refused, plain HTTP on a TLS port)
+                self.frontend.log.info("frontend {frontend}: TLS with {peer} failed: {why}",
+                                       frontend=self.frontend.name, peer=_peer(self.transport), why=failed)
         relay, self.relay = self.relay, None
         if relay is not None:
             if relay.peer is not None:

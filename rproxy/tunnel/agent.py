@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from rproxy.config.values import parse_hostport
 from rproxy.splice import SpliceEnd, splice
+from rproxy.tls import tls_failure
 from rproxy.transport import connect_tcp
 from rproxy.tunnel.config import AgentConfig, ServiceConfig
 from rproxy.tunnel.wire import (
@@ -782,15 +783,7 @@ def _hostport(address: tuple[str, int]) -> str:
 
 
 def _tls_reason(failure: Failure) -> str:
-    """
-    OpenSSL's reason for a failed handshake ("certificate verify failed"),
-    rather than the list of tuples its exception prints as.
-    """
-    reasons = []
-    for item in failure.value.args[0] if failure.value.args else ():
-        if isinstance(item, tuple) and item:
-            reasons.append(str(item[-1]))
-    return ", ".join(r for r in reasons if r) or failure.getErrorMessage()
+    return tls_failure(failure) or failure.getErrorMessage()
 
 
 def _stored_agent_id(state_dir: str) -> str:
