@@ -221,6 +221,22 @@ class ExchangeStateTests(SynchronousTestCase):
         self.assertIsNone(conn.exchange)
         self.assertFalse(client.disconnecting)
 
+    def test_response_coding_other_than_chunked_is_502(self) -> None:
+        """
+        A response whose Transfer-Encoding is not chunked alone (gzip,
+        chunked) is a 502, as from nginx: re-chunked, its body would reach
+        the client without its gzip coding; that connection is not reused.
+        """
+        for coding in (b"gzip, chunked", b"chunked, chunked"):
+            e = Engine()
+            conn, client = e.client()
+            conn.dataReceived(GET)
+            upstream = e.connector.connect()
+            upstream.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
+                                  b"2\r\nok\r\n0\r\n\r\n")
+            self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "), (coding, client.value()[:40]))
+            self.assertNotIn(("connector.put", "s0"), e.take())
+
     def test_second_request_reuses_the_connection(self) -> None:
         """The next request takes the idle connection: no connect."""
         e = Engine()

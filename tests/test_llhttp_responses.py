@@ -39,6 +39,11 @@ STRICTER: dict[tuple[str, str], str] = {
         "a 101 to a request that asked for no upgrade is invalid (RFC 9110 15.2.2)",
     ("connection.md", "HTTP 101 response with Upgrade and Transfer-Encoding header"):
         "a 101 to a request that asked for no upgrade is invalid (RFC 9110 15.2.2)",
+    **{("transfer-encoding.md", title): "a transfer coding other than chunked alone: rproxy re-frames a body "
+       "and would drop the coding (nginx answers 502 too)" for title in (
+        "`chunked` before other transfer-encoding",
+        "multiple transfer-encoding where chunked is not the last one",
+        "`chunkedchunked` transfer-encoding does not enable chunked enconding")},
 }
 # (file, case title) -> what the client gets instead of llhttp's first message, and why
 DIFFERENT: dict[tuple[str, str], tuple[int, str]] = {

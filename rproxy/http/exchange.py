@@ -297,17 +297,23 @@ class Exchange(ExchangeFailures):
             self.client.transport.write(b"".join(batch))  # type: ignore[union-attr]
 
     def response_head(self, upstream: UpstreamConnection, status: int, raw_head: bytes, keep_alive: bool) -> None:
-        if status == 101 and not self.head.upgrade:
-            self.upstream_failed("101 Switching Protocols to a request that did not ask", invalid=True)
+        if status == 101:
+            if not self.head.upgrade:
+                self.upstream_failed("101 Switching Protocols to a request that did not ask", invalid=True)
+                return
+            self.deadline = None
+            self.status = status
+            self.state = SWITCHING  # the head goes out in switch_protocols
+            return
+        try:
+            line, block, has_length, encoded = scan_response_head(raw_head)
+        except ValueError as e:
+            self.upstream_failed(str(e), invalid=True)
             return
         self.deadline = None
         self.status = status
-        if status == 101:
-            self.state = SWITCHING  # the head goes out in switch_protocols
-            return
         self.state = RESPONDING if self.state is AWAITING else DUPLEX
         head = self.head
-        line, block, has_length, encoded = scan_response_head(raw_head)
         # (interim answers never get here: on_headers_complete passes them on)
         no_body = status == 204 or status == 304 or head.method == b"HEAD"
         if no_body:
@@ -390,9 +396,13 @@ class Exchange(ExchangeFailures):
         if self.state is not SWITCHING:
             self.upstream_failed("unexpected protocol switch", invalid=True)
             return
+        try:
+            line, block, _, _ = scan_response_head(upstream.head, upgrade=True)
+        except ValueError as e:
+            self.upstream_failed(str(e), invalid=True)
+            return
         self.deadline = None
         self.state = UPGRADED
-        line, block, _, _ = scan_response_head(upstream.head, upgrade=True)
         head = finish_scanned_head(101, line, block, version=(1, 1), framing="none", upgrade=True)
         client.transport.write(head)  # type: ignore[union-attr]
         if rest:

@@ -231,6 +231,8 @@ def scan_response_head(head: bytes, upgrade: bool = False) -> tuple[bytes, bytes
 
     One regular-expression pass over the lower-cased bytes finds the few
     fields to act on; the others are kept as the server wrote them.
+
+    @raise ValueError: a Transfer-Encoding other than chunked alone.
     """
     cut = head.find(b"\r\n")
     if cut == -1:
@@ -250,6 +252,9 @@ def scan_response_head(head: bytes, upgrade: bool = False) -> tuple[bytes, bytes
             if value not in _PLAIN_CONNECTION:
                 named = _named(value, named)
         elif name == b"transfer-encoding":
+            if encoded or match.group(2).strip(b" \t") != b"chunked":
+                # (re-chunked, the body would lose the other coding: nginx answers 502 too)
+                raise ValueError("a transfer coding other than chunked")
             encoded = True
         elif upgrade and name == b"upgrade":
             continue
