@@ -252,8 +252,6 @@ def ssl_pairs(endpoint: Endpoint) -> list[tuple[str, str]]:
     return [(endpoint.get("certKey", key) or key, key)]
 
 
-
-
 def ssl_server_endpoint(reactor: Any, endpoint: Endpoint, backlog: int = 511) -> IStreamServerEndpoint:
     """
     The endpoint for a parsed C{ssl:} listen string (Twisted's syntax:

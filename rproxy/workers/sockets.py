@@ -125,9 +125,7 @@ def endpoint_for(reactor: Any, listen: str, fd: int) -> Any:
     endpoint = parse_endpoint(listen)
     adopted = AdoptedEndpoint(reactor, fd, family_of(endpoint))
     if endpoint.kind == "ssl":
-        from rproxy.tls import TLSServerEndpoint
+        from rproxy.tls import TLSServerEndpoint, ssl_pairs
 
-        key = endpoint.get("privateKey")
-        assert key is not None
-        return TLSServerEndpoint(adopted, [(endpoint.get("certKey", key) or key, key)])
+        return TLSServerEndpoint(adopted, ssl_pairs(endpoint))
     return adopted
