@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.config.limits import RateLimitConfig
+from rproxy.http.exchange import Exchange
 from rproxy.http.filters.ratelimit import RateLimitFilter, limits_of
 from rproxy.http.headers import error_response
 from rproxy.http.routes import RouteTable
@@ -45,6 +46,7 @@ class FakeHead:
         self.method = b"GET"
         self.has_body = False
         self.keep_alive = True
+        self.upgrade = False
         self.version = (1, 1)
 
     def header(self, name: bytes) -> bytes | None:
@@ -62,6 +64,9 @@ class FakeExchange:
 
     def complete(self) -> None:
         self.completed = True
+
+    def answer_closes(self) -> bool:
+        return Exchange.answer_closes(self)  # type: ignore[arg-type]
 
 
 class ClientHostTests(SynchronousTestCase):

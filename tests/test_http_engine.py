@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rproxy.config import config_from_mapping
 from rproxy.http.filters import Chain, Filter
+from rproxy.http.filters.ratelimit import RateLimitFilter
 from rproxy.http.frontend import HTTPFrontend
 from rproxy.http.state import (
     AWAITING,
@@ -576,6 +577,55 @@ class UpgradeSpliceTests(SynchronousTestCase):
         self.assertTrue(client.value().startswith(b"HTTP/1.1 401 "))
         self.assertIn(b"Connection: close\r\n", client.value())
         self.assertIn(("client.close",), record)
+
+    def test_reading_stops_until_101(self) -> None:
+        """
+        Bytes after an upgrade request stop the reading until the server
+        answers (the kernel holds the rest, not the queue): one read is
+        held, and the 101 sends it on and reads again.
+        """
+        e = Engine()
+        conn, client = e.client()
+        conn.dataReceived(UPGRADE)
+        upstream = e.connector.connect()
+        conn.dataReceived(b"x" * 65536)
+        self.assertEqual(client.producerState, "paused")
+        self.assertEqual(sum(len(ev.rest) for ev in conn.events), 65536)
+        upstream.dataReceived(SWITCH)
+        self.assertEqual(client.producerState, "producing")
+        self.assertIn(("upstream.write", b"x" * 65536), e.take())
+
+    def test_no_body_bytes_counted_after_upgrade(self) -> None:
+        """The reads after an upgrade request count no body bytes (a pipelined body before it is not counted again)."""
+        e = Engine()
+        conn, _ = e.client()
+        conn.dataReceived(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello" + UPGRADE)
+        for _ in range(10):
+            conn.dataReceived(b"a")
+        self.assertEqual(conn.reader.body_fed, 0)
+        self.assertLessEqual(conn.queued, 5)
+
+    def test_rate_limited_upgrade_request_says_close(self) -> None:
+        """
+        A 429 to an upgrade request says Connection: close, as the
+        connection then closes (the reader stopped after that request).
+        """
+        e = Engine(filters=0)
+        limited = config_from_mapping({
+            "admin": {"listen": None},
+            "backends": [{"name": "be", "servers": ["127.0.0.1:8001"], "health_check": {"type": "none"}}],
+            "frontends": [{"name": "fe", "protocol": "http", "listen": "127.0.0.1:0", "backend": "be",
+                           "rate_limit": {"key": "ip", "rate": "1/m", "shared": False}}],
+        }).frontends[0]
+        e.frontend.config = limited
+        e.frontend.chain = Chain([RateLimitFilter.make(e.frontend), RecordingFilter(e.record, "f0", e.pool)])
+        conn, _ = e.client()
+        conn.dataReceived(GET)
+        conn, client = e.client()
+        conn.dataReceived(UPGRADE + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 429 "), client.value()[:40])
+        self.assertIn(b"\r\nConnection: close\r\n", client.value())
+        self.assertIn(("client.close",), e.take())
 
     def test_pre_upgrade_connection_is_not_half_closeable(self) -> None:
         """Before a 101 a FIN ends the connection (Twisted's default), as before."""

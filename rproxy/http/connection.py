@@ -255,13 +255,19 @@ class HTTPConnection(Relayed, Protocol):
                     # what follows an upgrade request waits for the server's
                     # 101 (upgraded() sends it then): a server that does not
                     # switch must not read it as requests nobody checked;
-                    # the connection closes after such an answer
+                    # the connection closes after such an answer.  Reading
+                    # stops meanwhile (the kernel holds the rest; the splice
+                    # reads on)
+                    if not self.paused:
+                        self.paused = True
+                        self.transport.pauseProducing()  # type: ignore[union-attr]
                     break
                 else:
                     events.popleft()
         finally:
             self.pumping = False
-        if self.paused and self.queued < QUEUE_LIMIT // 2 and len(events) <= QUEUE_EVENTS // 2:
+        if (self.paused and self.queued < QUEUE_LIMIT // 2 and len(events) <= QUEUE_EVENTS // 2
+                and not (events and events[0].__class__ is Upgrade)):
             self.paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
 

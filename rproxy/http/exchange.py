@@ -447,7 +447,7 @@ class Exchange(ExchangeFailures):
         """
         self.status = status
         head = self.head
-        close = not head.keep_alive or self.client.closing_after_response or head.upgrade
+        close = self.answer_closes()
         # (an empty body but for 204 and 304, which have none: without a
         # length the client would read one to the close)
         length = None if status in (204, 304) else len(body)
@@ -457,6 +457,14 @@ class Exchange(ExchangeFailures):
             data += body
         self.client.transport.write(data)  # type: ignore[union-attr]
         self.complete()
+
+    def answer_closes(self) -> bool:
+        """
+        Whether the connection closes after an answer a filter gives: the
+        client asked, the connection is closing, or it was an upgrade
+        request (after one the reader has stopped).
+        """
+        return not self.head.keep_alive or self.client.closing_after_response or self.head.upgrade
 
     def release_server(self, ok: bool | None = None, outcome: int | str | None = None) -> None:
         """

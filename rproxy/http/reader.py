@@ -16,8 +16,8 @@ ambiguous raises L{HTTPError} with the status to answer (then close):
        HTTP/1.0, a missing or repeated Host on HTTP/1.1, a Host that is
        not a host[:port], and header names that only differ from
        Transfer-Encoding or Content-Length by "_" or "-" (servers that
-       fold "_" into "-" would frame the body differently), and a
-       repeated Transfer-Encoding field;
+       fold "_" into "-" would frame the body differently), and
+       Transfer-Encoding fields that do not end in chunked;
   413  a body longer than C{max_body};
   414  a request target longer than C{max_target};
   431  more than C{max_headers} header fields, or a head larger than
@@ -380,6 +380,7 @@ class RequestReader:
         """
         if self.upgraded:
             # (llhttp would read on as HTTP; these bytes are the new protocol's)
+            self.body_fed = 0
             return [Upgrade(data)]
         continuing = self._in_head
         self.body_fed = 0

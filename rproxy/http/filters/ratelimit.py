@@ -403,7 +403,7 @@ class RateLimitFilter(Filter):
             # the body is not read: the connection cannot carry another request
             client.closing_after_response = True
         exchange.status = 429
-        close = not head.keep_alive or client.closing_after_response
+        close = exchange.answer_closes()
         response = self.error_response(429, message, version=head.version, close=close,
                                        extra=[(b"Retry-After", after), *fields])
         if head.method == b"HEAD":
