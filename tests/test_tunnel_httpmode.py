@@ -412,6 +412,13 @@ class ModelAvailabilityTests(SynchronousTestCase):
         departed.note(AgentSession(agent_id="none", peer="?", key_name="k", level=-1, connected_at=0.0,
                                    last_seen=0.0, control=None))  # type: ignore[arg-type]
         self.assertEqual(list(departed.left), ["a4", "a2"])  # (no model: nothing to remember)
+        revoked = AgentSession(agent_id="r", peer="?", key_name="k", level=-1, connected_at=0.0, last_seen=0.0,
+                               control=None, models=("m",), revoked=True)  # type: ignore[arg-type]
+        departed.note(revoked)
+        self.assertEqual(list(departed.left), ["a4", "a2"])  # (its key revoked: not coming back)
+        [(_, gone)] = [departed.left["a2"]]
+        self.assertNotIsInstance(gone, AgentSession)  # (not the session and its connections)
+        self.assertEqual((gone.agent_id, gone.models, gone.dedicated), ("a2", ("m",), False))
 
 
 def listed(answer: tuple[int, dict[bytes, bytes], bytes]) -> list[str]:

@@ -44,6 +44,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -127,6 +128,25 @@ def model_of(body: bytes) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
+@attrs.frozen
+class _Gone:
+    """
+    What routing reads of an agent that left: who it was, its models, and
+    which clients its key served (not its session, which holds its
+    connections and buffers).
+    """
+
+    agent_id: str
+    models: tuple[str, ...]
+    level: int
+    key_digest: bytes
+    connected_at: float
+
+    @property
+    def dedicated(self) -> bool:
+        return self.level >= 0
+
+
 class Departed:
     """
     The agents that left less than a window ago (the tunnel's
@@ -135,28 +155,30 @@ class Departed:
     request for a model only it served gets a 503 to retry, not a 404.
     Agents choose their ids, so at most C{limit} are remembered, the
     oldest forgotten first (each with at most the wire's bound of models).
+    An agent whose key was revoked is not coming back: not remembered.
     """
 
     def __init__(self, clock: Any, limit: int = 256) -> None:
         self.clock = clock
         self.limit = limit
-        # agent id -> (when it left, its session), the oldest first
-        self.left: dict[str, tuple[float, AgentSession]] = {}
+        # agent id -> (when it left, what routing reads of it), the oldest first
+        self.left: dict[str, tuple[float, _Gone]] = {}
 
     def note(self, session: AgentSession) -> None:
         """C{session}'s agent left (or its session was replaced)."""
-        if not session.models:
+        if not session.models or session.revoked:
             return
         left = self.left
         left.pop(session.agent_id, None)
-        left[session.agent_id] = (self.clock.seconds(), session)
+        left[session.agent_id] = (self.clock.seconds(), _Gone(
+            session.agent_id, session.models, session.level, session.key_digest, session.connected_at))
         if len(left) > self.limit:
             del left[next(iter(left))]
 
-    def recent(self, window: float, online: Iterable[AgentSession]) -> list[AgentSession]:
+    def recent(self, window: float, online: Iterable[AgentSession]) -> list[_Gone]:
         """
-        The sessions that left less than C{window} seconds ago and whose
-        agent is not C{online} again (the expired ones are forgotten).
+        The agents that left less than C{window} seconds ago and are not
+        C{online} again (the expired ones are forgotten).
         """
         left = self.left
         since = self.clock.seconds() - window
@@ -168,7 +190,7 @@ class Departed:
         if not left:
             return []
         back = {a.agent_id for a in online}
-        return [session for _, session in left.values() if session.agent_id not in back]
+        return [gone for _, gone in left.values() if gone.agent_id not in back]
 
 
 class TunnelConnector(AgentConnector):

@@ -69,6 +69,8 @@ class AgentSession:
     # the key's id in the key store (None: a static key of the
     # configuration): revoking it there ends this session
     key_id: int | None = None
+    # its key was revoked (the session is being dropped for it)
+    revoked: bool = False
     # in a cluster (L{rproxy.cluster}): the node the agent is logged in to
     # when it is another one (None: this node), the streams other nodes
     # have open through it, and what its node says of it

@@ -498,6 +498,7 @@ class TunnelServer:
                    if (key_digest is not None and s.key_digest == key_digest)
                    or (key_id is not None and s.key_id == key_id)]
         for session in revoked:
+            session.revoked = True
             self.drop_session(session, f"its API key {session.key_name!r} was revoked")
         return len(revoked)
 

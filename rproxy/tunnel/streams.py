@@ -7,7 +7,8 @@ port (L{ProxyProtocol}), spliced once the agent delivers.
     past the bound) while the server asks an agent for a data connection;
     if the agent does not deliver one within C{open_timeout}, or refuses
     (its local service is down), the next agent is asked; with none left
-    the user is closed (C{mode: tcp}).
+    the user is closed (C{mode: tcp}).  A pooled data connection is
+    spliced at once: its agent's refusal cuts the user.
   - L{ProxyProtocol}: its first frame must claim a pending open with the
     right one-time secret; then it is spliced with the public connection
     (L{rproxy.splice}), or, in C{mode: http}, it is an upstream
