@@ -260,7 +260,7 @@ class RProxyService(MultiService):
                 del self.tunnels[name]
                 await tunnel.stop()
                 continue
-            if wanted_tunnel != tunnel.config:
+            if wanted_tunnel != tunnel.config:  # (the certificates of the ports it keeps: apply_reload's)
                 await tunnel.reconfigure(wanted_tunnel)
             tunnel.keys = keys
             tunnel.events = self.stores.events if self.stores is not None else None
@@ -515,10 +515,11 @@ class RProxyService(MultiService):
         """
         The certificates a reload to C{new} must read again (renewed in
         place, the files hold new ones): those of every frontend with
-        C{tls:}, and those of every C{ssl:} listener the reload keeps
-        (frontends' and the admin port's; the others read theirs when they
-        listen).  Decided here, on the reactor; read by
-        L{_Certificates.load}, off it.
+        C{tls:}, those of every C{ssl:} listener the reload keeps
+        (frontends' and the admin port's), and those of every tunnel port
+        with TLS the reload keeps (L{TunnelServer.certificate_files}); the
+        others read theirs when they listen.  Decided here, on the
+        reactor; read by L{_Certificates.load}, off it.
         """
         wanted = _Certificates()
         for config in new.frontends:
@@ -533,6 +534,10 @@ class RProxyService(MultiService):
         if self._admin_ssl is not None and listen is not None and self._admin_listen is not None \
                 and _same_socket(listen, self._admin_listen):
             wanted.files.append(("admin", ssl_pairs(parse_endpoint(listen)), self._admin_ssl))
+        for config in new.tunnels:
+            tunnel = self.tunnels.get(config.name)
+            if tunnel is not None:
+                wanted.files.extend(tunnel.certificate_files(config))
         return wanted
 
     def _retire(self, frontend: TCPFrontend) -> defer.Deferred[Any]:
@@ -578,8 +583,10 @@ class RProxyService(MultiService):
         reload counts as C{partial}); a reload that leaves nothing
         listening for traffic is applied, as asked, and logged as an error.
         Certificates are loaded first: one that cannot be refuses the
-        reload (C{failed}, nothing changed; frontends keep the ones they
-        serve).
+        reload (C{failed}, nothing changed; frontends and tunnels keep the
+        ones they serve).  Then the listeners the reload keeps (C{ssl:}
+        listen strings, tunnel ports with TLS) get theirs, before anything
+        else changes.
         """
         certificates = self._certificates_of(new)
         try:
@@ -742,11 +749,12 @@ class _Certificates:
     (L{RProxyService._certificates_of}).
 
     @ivar files: what to load: the listener (for errors), its pairs, and
-        what they are for: a frontend's name (C{tls:}) or a kept C{ssl:}
-        listener.
+        what they are for: a frontend's name (C{tls:}) or the certificates
+        of a kept listener (an C{ssl:} listen string, a tunnel port with
+        TLS).
     @ivar frontends: once loaded, the C{tls:} certificates by frontend.
-    @ivar listeners: once loaded, the kept C{ssl:} listeners, each with
-        its certificates.
+    @ivar listeners: once loaded, the kept listeners' certificates, each
+        with those that replace them.
     """
 
     files: list[tuple[str, list[tuple[str, str]], str | ReloadableCreator]] = attrs.Factory(list)

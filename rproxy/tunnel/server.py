@@ -31,8 +31,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rproxy.admission import Admission
+from rproxy.config.endpoints import parse_endpoint
 from rproxy.events import HEARTBEATS
 from rproxy.http.frontend import HTTPFrontend
+from rproxy.tls import ReloadableCreator, ssl_pairs
 from rproxy.transport import server_endpoint
 from rproxy.tunnel.config import TunnelConfig
 from rproxy.tunnel.httpmode import AgentConnector, frontend_config, tunnel_frontend
@@ -249,6 +251,9 @@ class TunnelServer:
         self.heartbeat_interval = heartbeat_interval
         self.registry = Registry(config.algorithm, config.max_pending, rng)
         self.ports: dict[str, IListeningPort] = {}
+        # the certificates of the ports that speak TLS, by role, which a
+        # reload that keeps the port replaces (L{certificate_files})
+        self.certificates: dict[str, ReloadableCreator] = {}
         # mode tcp: the public port's admission (no limits of its own: the
         # drain and its grace period)
         self.admission = Admission(f"tunnel {config.name}", _PublicLimits(), clock)
@@ -310,18 +315,28 @@ class TunnelServer:
         """
         return self.admission.connections
 
-    def _endpoint(self, listen: str, tls: bool, role: str = "") -> Any:
-        configured = listen
-        if tls and self.config.tls is not None and listen.startswith("tcp:"):
-            def esc(path: str) -> str:
-                return path.replace("\\", "\\\\").replace(":", "\\:")
+    @staticmethod
+    def _serving(listen: str, tls: bool, config: TunnelConfig) -> str:
+        """
+        The listen string a port serves: its own, or for a control or
+        proxy port on C{tcp:} of a tunnel with C{tls:}, an C{ssl:} one
+        with those files.
+        """
+        if not (tls and config.tls is not None and listen.startswith("tcp:")):
+            return listen
 
-            listen = "ssl:" + listen[4:] + f":privateKey={esc(self.config.tls.key)}:certKey={esc(self.config.tls.cert)}"
+        def esc(path: str) -> str:
+            return path.replace("\\", "\\\\").replace(":", "\\:")
+
+        return "ssl:" + listen[4:] + f":privateKey={esc(config.tls.key)}:certKey={esc(config.tls.cert)}"
+
+    def _endpoint(self, listen: str, tls: bool, role: str = "") -> Any:
+        serving = self._serving(listen, tls, self.config)
         if self.adopt is not None:
-            adopted = self.adopt(role, configured, listen)
+            adopted = self.adopt(role, listen, serving)
             if adopted is not None:
                 return adopted
-        return server_endpoint(self.reactor, listen)
+        return server_endpoint(self.reactor, serving)
 
     def _roles(self, config: TunnelConfig) -> list[tuple[str, str, type, bool]]:
         return [
@@ -335,12 +350,18 @@ class TunnelServer:
         if role == "public" and self.http is not None:
             factory = self.http
         try:
-            port = await self._endpoint(listen, tls, role).listen(factory)
+            endpoint = self._endpoint(listen, tls, role)
+            port = await endpoint.listen(factory)
         except Exception as e:  # noqa: BLE001 - reported, the rest still starts
             self.log.error("tunnel {tunnel}: cannot listen on {role} {listen}: {why}",
                            tunnel=self.name, role=role, listen=listen, why=e)
             return False
         self.ports[role] = port
+        certificates = getattr(endpoint, "certificates", None)  # (TLS: rproxy.tls.TLSServerEndpoint)
+        if certificates is not None:
+            self.certificates[role] = certificates
+        else:
+            self.certificates.pop(role, None)
         host = port.getHost()
         self.log.info("tunnel {tunnel} {role} listening on {address}", tunnel=self.name, role=role,
                       address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', host)}")
@@ -351,13 +372,50 @@ class TunnelServer:
             await self._listen(role, listen, cls, tls)
         self.start_sweep()
 
+    def _keeps(self, role: str, old: TunnelConfig, new: TunnelConfig) -> bool:
+        """
+        Whether going from C{old} to C{new} keeps C{role}'s listener: it
+        listens, on the same socket, with TLS both times or neither (other
+        certificate files are no reason to listen anew: the reload gives
+        them to the kept port, L{certificate_files}), and a public port
+        keeps its mode.
+        """
+        if role not in self.ports or (role == "public" and old.mode != new.mode):
+            return False
+        tls = role != "public"
+        before = parse_endpoint(self._serving(getattr(old, role), tls, old))
+        after = parse_endpoint(self._serving(getattr(new, role), tls, new))
+        if before.kind != after.kind:
+            return False
+        return getattr(old, role) == getattr(new, role) or before.same_socket(after)
+
+    def certificate_files(self, config: TunnelConfig) -> list[tuple[str, list[tuple[str, str]], ReloadableCreator]]:
+        """
+        What a reload to C{config} reads again for this tunnel, before it
+        changes anything (L{rproxy.service.RProxyService._certificates_of}):
+        for each port with TLS that L{reconfigure} keeps, what it is (for
+        errors), the files C{config} names for it (renewed in place, or
+        others), and its certificates, which the reload replaces with
+        those (new connections get them, open ones keep theirs).  A port
+        listened anew reads its files when it listens.
+        """
+        files = []
+        for role, listen, _, tls in self._roles(config):
+            certificates = self.certificates.get(role)
+            if certificates is not None and self._keeps(role, self.config, config):
+                pairs = ssl_pairs(parse_endpoint(self._serving(listen, tls, config)))
+                files.append((f"tunnel {self.name} ({role} port)", pairs, certificates))
+        return files
+
     async def reconfigure(self, config: TunnelConfig) -> None:
         """
         Apply a changed configuration of this tunnel in place: agents stay
-        logged in and streams stay open; only a port whose address (or,
-        for the control and proxy ports, TLS) changed is listened anew,
-        new address first, the old one closed after (connections already
-        accepted on it go on).  Timeouts, limits, keys and modes apply to
+        logged in and streams stay open; only a port whose address changed
+        (or TLS, turned on or off, for the control and proxy ports) is
+        listened anew, new address first, the old one closed after
+        (connections already accepted on it go on).  The certificates of
+        a port kept are not this method's: the reload has given them
+        (L{certificate_files}).  Timeouts, limits, keys and modes apply to
         what comes next.
         """
         old, self.config = self.config, config
@@ -371,12 +429,13 @@ class TunnelServer:
         elif self.http is not None:
             self.http.configure(frontend_config(config))
         for role, listen, cls, tls in self._roles(config):
-            same_address = listen == getattr(old, role) and not (role == "public" and mode_changed)
-            if same_address and (not tls or old.tls == config.tls) and role in self.ports:
+            if self._keeps(role, old, config):
                 continue
+            same_address = listen == getattr(old, role) and not (role == "public" and mode_changed)
             previous = self.ports.pop(role, None)
             if previous is not None and same_address:
-                # a TLS change: the address must be free to listen again
+                # TLS turned on or off: the address must be free to listen again
+                self.certificates.pop(role, None)
                 await defer.maybeDeferred(previous.stopListening)
                 previous = None
             if not await self._listen(role, listen, cls, tls) and previous is not None:
@@ -397,6 +456,7 @@ class TunnelServer:
         Close the public port (first step of a drain); fires once closed.
         """
         port = self.ports.pop("public", None)
+        self.certificates.pop("public", None)
         if port is None:
             return defer.succeed(None)
         return defer.maybeDeferred(port.stopListening)
@@ -601,6 +661,7 @@ class TunnelServer:
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports.values()],
                                   consumeErrors=True)
         self.ports.clear()
+        self.certificates.clear()
         for session in list(self.registry.agents.values()):
             self.drop_session(session, "tunnel stopping")
         for public in list(self.public_connections):
