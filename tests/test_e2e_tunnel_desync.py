@@ -120,4 +120,4 @@ class TunnelDesyncTests(ServiceMixin, TestCase):
             if heads:
                 forwarded += 1
         self.assertEqual((smuggled, refused_seen), ([], []))
-        self.assertGreaterEqual(forwarded, 30)  # the cases the strict reader accepts
+        self.assertGreaterEqual(forwarded, 25)  # the cases the strict reader accepts (26: codings before chunked get 501)
