@@ -7,6 +7,7 @@ opentelemetry-proto, compared field by field.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as official
@@ -321,3 +322,23 @@ class ExporterTests(SynchronousTestCase):
         self.assertEqual(exporter.export(spans).name, "FAILURE")
         exporter.shutdown()
         self.assertEqual(exporter.export(spans).name, "FAILURE")
+
+    def test_transport(self) -> None:
+        """
+        The compact exporter POSTs through the official exporter's urllib3
+        transport, but with a proxy or an OTLP certificate in the
+        environment, which only its default (a requests session) honours.
+        """
+        from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
+        from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
+
+        def transport() -> Any:
+            exporter = CompactSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=1)
+            self.addCleanup(exporter.shutdown)
+            return exporter._client._transport
+
+        self.patch(os, "environ", {})
+        self.assertIsInstance(transport(), Urllib3HTTPTransport)
+        for name in ("HTTPS_PROXY", "http_proxy", "OTEL_EXPORTER_OTLP_CERTIFICATE"):
+            self.patch(os, "environ", {name: "x"})
+            self.assertIsInstance(transport(), RequestsHTTPTransport)
