@@ -3,23 +3,25 @@ Tracing (C{telemetry:}): a SERVER span per request and a CLIENT span per
 upstream attempt (a retry is a second child of the same request), W3C
 Trace Context read from the client and sent upstream.
 
-The sampling decision is made here, once per request, the SDK's
-parent-based way: a client's C{traceparent} decides (its sampled flag);
-without one (or with a malformed one, which is ignored with its
-C{tracestate}, as the specification says) a new trace is sampled with
-probability C{sample_ratio}.  A request not sampled makes no SDK object:
-a client's valid C{traceparent} goes on unchanged (its sampled flag off
-tells the services behind), and a request that came without one goes on
-without one (starting a trace is optional in W3C Trace Context; making
-one costs as much as the rest of this filter's unsampled path); a
+The sampling decision is made here, once per request, as the SDK's
+C{ParentBased(TraceIdRatioBased(sample_ratio))} makes it: a client's
+C{traceparent} decides (its sampled flag); without one (or with a
+malformed one, which is ignored with its C{tracestate}, as the
+specification says) a new trace is sampled when the low 64 bits of its
+id are below C{sample_ratio} * 2**64, so that every service of a trace
+with the same ratio decides alike.  A request not sampled makes no SDK
+object: a client's valid C{traceparent} goes on unchanged (its sampled
+flag off tells the services behind), and a request that came without one
+goes on without one (starting a trace is optional in W3C Trace Context;
+making one costs as much as the rest of this filter's unsampled path); a
 malformed one is replaced by one of ours, flag off.  A request without
 C{traceparent} (found by the reader: C{head.traceparent}) that is not
-sampled, most of them at a low ratio, costs a counter's decrement (the
-requests left before the next sampled one): its later phases run the chain
-without this filter (C{exchange.chain}, narrowed), so that they cost
-nothing either.  A sampled request's upstream head carries C{traceparent}
-naming the attempt's span as the parent (and the client's C{tracestate},
-unchanged).
+sampled, most of them at a low ratio, costs a draw of those 64 bits (the
+rest of the ids are drawn only for a sampled one): its later phases run
+the chain without this filter (C{exchange.chain}, narrowed), so that they
+cost nothing either.  A sampled request's upstream head carries
+C{traceparent} naming the attempt's span as the parent (and the client's
+C{tracestate}, unchanged).
 
 A sampled request is one L{rproxy.telemetry.request.RequestTrace}: the
 values its spans are made of (ids from this filter's random generator,
@@ -40,7 +42,6 @@ phase.
 
 from __future__ import annotations
 
-import math
 import random
 from binascii import hexlify as _hex
 from typing import Any
@@ -54,6 +55,8 @@ from rproxy.telemetry.traceparent import format_traceparent, parse
 
 __all__ = ["TracingFilter", "TokenWaitMark"]
 
+_IDS = 1 << 64  # (TraceIdRatioBased's: a trace id's low 64 bits decide)
+_ZEROS = bytes(16)
 _REPLACE = frozenset({b"traceparent"})
 _RESTART = frozenset({b"traceparent", b"tracestate"})  # a malformed traceparent: its tracestate goes too
 
@@ -89,31 +92,15 @@ class TracingFilter(Filter):
         self.telemetry = telemetry
         self.frontend = frontend
         self.clock = frontend.clock
-        self.ratio = ratio = telemetry.sample_ratio
-        rng = rng or random.Random()
-        self.random = rng.random
-        self.bits = rng.getrandbits
+        # a new trace is sampled when the low 64 bits of its id are below
+        # this (TraceIdRatioBased's bound; 2**64 at ratio 1: all are)
+        self.bound = round(telemetry.sample_ratio * _IDS)
+        self.bits = (rng or random.Random()).getrandbits
         # what this frontend's spans share (made at the first sampled request)
         self.site: Site | None = None
         # the chain this filter is in, without it: what an untraced
         # request's later phases run (L{_quiet})
         self.quiet: Any = None
-        # new traces: how many requests to pass over before the next
-        # sampled one, drawn from the geometric distribution: the same
-        # as a draw per request with probability C{ratio}, without one
-        self.log_miss = math.log1p(-ratio) if 0 < ratio < 1 else 0.0
-        self.skip = self._gap()
-
-    def _gap(self) -> int:
-        """
-        The number of requests not sampled before the next sampled one.
-        """
-        ratio = self.ratio
-        if ratio >= 1:
-            return 0
-        if ratio <= 0:
-            return 1 << 62  # (an int: never 0 in a process's life, and cheaper to count down than inf)
-        return math.floor(math.log(1.0 - self.random()) / self.log_miss)
 
     def _site(self) -> Site:
         telemetry, frontend = self.telemetry, self.frontend
@@ -128,22 +115,23 @@ class TracingFilter(Filter):
         if raw is not None:
             exchange.client.trace = self._continued(exchange, raw)
             return None
-        skip = self.skip
-        if skip:
-            # not sampled, and nothing to pass on: this filter's later
-            # phases are skipped for this request (its connection's
-            # trace is None: a trace is dropped by the log or closed
-            # phase of its own exchange)
-            self.skip = skip - 1
-            exchange.chain = self.quiet or self._quiet(exchange.chain)
-            return None
-        if self.ratio < 1:
-            self.skip = self._gap()
-        # the trace id, the request span's id, its first attempt's id: one
-        # draw (an id of zeros is not valid: drawn again, about once in 10**12)
-        ids = self.bits(256).to_bytes(32, "big")
-        if ids.count(0) >= 8:
-            ids = self._fresh(32)
+        bound = self.bound
+        if bound == _IDS:
+            # the trace id, the request span's id, its first attempt's id: one
+            # draw (an id of zeros is not valid: drawn again, about once in 10**12)
+            ids = self.bits(256).to_bytes(32, "big")
+            if ids.count(0) >= 8:
+                ids = self._fresh(32)
+        else:
+            low = self.bits(64) if bound else _IDS
+            if low >= bound:
+                # not sampled, and nothing to pass on: this filter's later
+                # phases are skipped for this request (its connection's
+                # trace is None: a trace is dropped by the log or closed
+                # phase of its own exchange)
+                exchange.chain = self.quiet or self._quiet(exchange.chain)
+                return None
+            ids = self._rooted(low)
         client = exchange.client
         client.trace = RequestTrace(self.site or self._site(), ids, head, client.peer_host, exchange, _REPLACE)
         return None
@@ -155,6 +143,16 @@ class TracingFilter(Filter):
         while True:
             ids = self.bits(size * 8).to_bytes(size, "big")
             if ids.count(0) < 8:
+                return ids
+
+    def _rooted(self, low: int) -> bytes:
+        """
+        The ids of a new trace whose id's low 64 bits are C{low} (what
+        sampled it), as L{request} draws them.
+        """
+        while True:
+            ids = b"".join((self.bits(64).to_bytes(8, "big"), low.to_bytes(8, "big"), self.bits(128).to_bytes(16, "big")))
+            if ids[:16] != _ZEROS[:16] and ids[16:24] != _ZEROS[:8] and ids[24:] != _ZEROS[:8]:
                 return ids
 
     def _quiet(self, chain: Any) -> Any:
@@ -175,7 +173,7 @@ class TracingFilter(Filter):
         if parent is None:
             # malformed: ignored with its tracestate; a trace of our own
             ids = self._fresh(32)
-            if self.random() >= self.ratio:
+            if int.from_bytes(ids[8:16], "big") >= self.bound:
                 trace_id = int.from_bytes(ids[:16], "big")
                 return _Pass(exchange, trace_id, format_traceparent(trace_id, int.from_bytes(ids[16:24], "big"), False),
                              _RESTART)
