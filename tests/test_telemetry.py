@@ -317,6 +317,9 @@ class _Draws:
     def getrandbits(self, n: int) -> int:
         return self.draws.pop(0)
 
+    def random(self) -> float:
+        return 0.5
+
 
 class SamplingTests(SynchronousTestCase):
     """
@@ -353,28 +356,36 @@ class SamplingTests(SynchronousTestCase):
         A new trace (no traceparent, or a malformed one) is sampled when
         the SDK's C{TraceIdRatioBased} at the same ratio samples its id
         (the low 64 bits below the ratio's share of 2**64), so that every
-        service of the trace decides alike.
+        service of the trace decides alike: a sampled request's id is one
+        it samples, and a malformed traceparent's replacement is sampled
+        as its id is.
         """
         from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 
         sdk = TraceIdRatioBased(0.25)
-        high, rest = 0x0AF7651916CD43DD, (0x1122334455667788 << 64) | 0x99AABBCCDDEEFF01
-        for low in (1, sdk.bound - 1, sdk.bound, (1 << 64) - 1):
-            trace_id = (high << 64) | low
-            expected = sdk.should_sample(None, trace_id, "GET").decision is Decision.RECORD_AND_SAMPLE
-            tracing = self.tracing(0.25, _Draws([low, high, rest]))
-            tracing.quiet = Chain([])
+
+        def sdk_samples(trace_id: int) -> bool:
+            return sdk.should_sample(None, trace_id, "GET").decision is Decision.RECORD_AND_SAMPLE
+
+        tracing = self.tracing(0.25, random.Random(18))
+        tracing.quiet = Chain([])
+        sampled = []
+        for _ in range(2000):
             exchange = _Exchange([])
             exchange.chain = Chain([tracing])
             tracing.request(exchange)
-            trace = exchange.client.trace
-            self.assertEqual(trace is not None, expected, low)
-            if trace is not None:
-                self.assertEqual(trace.trace_id, trace_id)
+            if exchange.client.trace is not None:
+                sampled.append(exchange.client.trace.trace_id)
+        self.assertTrue(440 < len(sampled) < 560)
+        self.assertEqual([t for t in sampled if not sdk_samples(t)], [])
+        self.assertGreater(len({t >> 64 for t in sampled}), 400)  # (the upper half drawn freely)
+        high, rest = 0x0AF7651916CD43DD, (0x1122334455667788 << 64) | 0x99AABBCCDDEEFF01
+        for low in (1, sdk.bound - 1, sdk.bound, (1 << 64) - 1):
+            trace_id = (high << 64) | low
             malformed = _Exchange([(b"traceparent", b"00-nonsense")])
             self.tracing(0.25, _Draws([(trace_id << 128) | rest])).request(malformed)
             trace = malformed.client.trace
-            self.assertEqual((trace.trace_id, trace.ids is not None), (trace_id, expected), low)
+            self.assertEqual((trace.trace_id, trace.ids is not None), (trace_id, sdk_samples(trace_id)), low)
 
     def test_reader_finds_traceparent(self) -> None:
         """
