@@ -9,8 +9,9 @@ Three rproxy processes (one per configuration) on core 0, wrk, nginx and
 the receiver on core 1.  Each round runs wrk (keep-alive) against each
 path in turn (each round starting with the next path); CPU per request is
 the process's user+sys time (/proc/PID/stat, every thread: the exporter's
-included) over the run, divided by the requests wrk counted.  Medians over
-the rounds, and the ratios to the untraced path.
+included) over the run, divided by the requests wrk counted; also shown
+alone, the time of its threads but the reactor's (the span processor's).
+Medians over the rounds, and the ratios to the untraced path.
 
     bench/otel.sh [--duration 3] [--connections 50] [--rounds 5] [--ratios 0.01,1.0]
 
@@ -46,10 +47,29 @@ reactor.run()
 """
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """
+    The user+sys CPU seconds of process C{pid}: of its main thread (the
+    reactor's) and of its other threads (the span processor's, the
+    reactor's thread pool).
+    """
+    main = others = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue  # (a thread that ended meanwhile: its time is the process's, below)
+        ticks = int(fields[11]) + int(fields[12])
+        if int(tid) == pid:
+            main = ticks
+        else:
+            others += ticks
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = int(fields[11]) + int(fields[12])
+    hz = os.sysconf("SC_CLK_TCK")
+    return main / hz, max(total - main, others) / hz
 
 
 def wrk(port: int, duration: int, connections: int) -> int:
@@ -113,23 +133,26 @@ def main() -> None:
         for name in names:
             wrk(ports[name], 1, args.connections)  # warm up
         runs: dict[str, list[float]] = {name: [] for name in names}
-        print(f"{'round':5} {'path':6} {'requests':>9} {'us CPU/request':>15}")
+        threads: dict[str, list[float]] = {name: [] for name in names}
+        print(f"{'round':5} {'path':6} {'requests':>9} {'us CPU/request':>15} {'other threads':>14}")
         for round_ in range(1, args.rounds + 1):
             shift = (round_ - 1) % len(names)
             for name in names[shift:] + names[:shift]:
                 pid = rproxies[name].pid
-                before = cpu_seconds(pid)
+                main, others = cpu_seconds(pid)
                 requests = wrk(ports[name], args.duration, args.connections)
-                used = cpu_seconds(pid) - before
-                runs[name].append(used / requests * 1e6)
-                print(f"{round_:5} {name:6} {requests:9} {runs[name][-1]:15.1f}", flush=True)
+                main_after, others_after = cpu_seconds(pid)
+                runs[name].append((main_after - main + others_after - others) / requests * 1e6)
+                threads[name].append((others_after - others) / requests * 1e6)
+                print(f"{round_:5} {name:6} {requests:9} {runs[name][-1]:15.1f} {threads[name][-1]:14.1f}", flush=True)
             off = runs["off"][-1]
             print("      this round: " + ", ".join(f"{r} {runs[r][-1] / off:.3f}x" for r in ratios) + " of off")
         median = {name: statistics.median(values) for name, values in runs.items()}
         print()
-        print(f"medians over {args.rounds} rounds (us of CPU per request, exporter thread included):")
+        print(f"medians over {args.rounds} rounds (us of CPU per request, exporter thread included; "
+              "of which the threads but the reactor's):")
         for name in names:
-            print(f"  {name:5} {median[name]:7.1f}")
+            print(f"  {name:5} {median[name]:7.1f}   {statistics.median(threads[name]):5.1f}")
         print("targets: sample_ratio 1.0 <= 1.15x, 0.01 <= 1.03x of telemetry off")
         for ratio in ratios:
             print(f"  sample_ratio {ratio:4} / off  {median[ratio] / median['off']:.3f}")

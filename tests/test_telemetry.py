@@ -306,19 +306,37 @@ class UnsampledTests(SynchronousTestCase):
         self.assertEqual(notes, {"trace_id": f"{trace_id:032x}"})
 
 
-class SamplingTests(SynchronousTestCase):
+class _Draws:
     """
-    New traces are sampled with probability C{sample_ratio} (a geometric
-    gap between sampled requests, the same distribution as a draw per
-    request); the head's C{traceparent} is the reader's.
+    A random generator whose C{getrandbits} gives C{draws} in turn.
     """
 
-    def sampled(self, ratio: float, requests: int) -> int:
+    def __init__(self, draws: list[int]) -> None:
+        self.draws = draws
+
+    def getrandbits(self, n: int) -> int:
+        return self.draws.pop(0)
+
+    def random(self) -> float:
+        return 0.5
+
+
+class SamplingTests(SynchronousTestCase):
+    """
+    New traces are sampled with probability C{sample_ratio}, as the SDK's
+    C{TraceIdRatioBased} samples them: by their id; the head's
+    C{traceparent} is the reader's.
+    """
+
+    def tracing(self, ratio: float, rng: Any) -> TracingFilter:
         frontend = attrs.make_class("F", {"clock": attrs.field(), "name": attrs.field(), "scheme": attrs.field()})(
             Clock(), "web", b"http")
         spans = _Spans()
         spans.sample_ratio = ratio
-        tracing = TracingFilter(spans, frontend, random.Random(18))
+        return TracingFilter(spans, frontend, rng)
+
+    def sampled(self, ratio: float, requests: int) -> int:
+        tracing = self.tracing(ratio, random.Random(18))
         chain = Chain([tracing])
         count = 0
         for _ in range(requests):
@@ -332,6 +350,42 @@ class SamplingTests(SynchronousTestCase):
         self.assertEqual((self.sampled(0, 1000), self.sampled(1, 1000)), (0, 1000))
         self.assertTrue(2300 < self.sampled(0.25, 10_000) < 2700)
         self.assertTrue(70 < self.sampled(0.01, 10_000) < 130)
+
+    def test_decided_by_the_trace_id(self) -> None:
+        """
+        A new trace (no traceparent, or a malformed one) is sampled when
+        the SDK's C{TraceIdRatioBased} at the same ratio samples its id
+        (the low 64 bits below the ratio's share of 2**64), so that every
+        service of the trace decides alike: a sampled request's id is one
+        it samples, and a malformed traceparent's replacement is sampled
+        as its id is.
+        """
+        from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
+
+        sdk = TraceIdRatioBased(0.25)
+
+        def sdk_samples(trace_id: int) -> bool:
+            return sdk.should_sample(None, trace_id, "GET").decision is Decision.RECORD_AND_SAMPLE
+
+        tracing = self.tracing(0.25, random.Random(18))
+        tracing.quiet = Chain([])
+        sampled = []
+        for _ in range(2000):
+            exchange = _Exchange([])
+            exchange.chain = Chain([tracing])
+            tracing.request(exchange)
+            if exchange.client.trace is not None:
+                sampled.append(exchange.client.trace.trace_id)
+        self.assertTrue(440 < len(sampled) < 560)
+        self.assertEqual([t for t in sampled if not sdk_samples(t)], [])
+        self.assertGreater(len({t >> 64 for t in sampled}), 400)  # (the upper half drawn freely)
+        high, rest = 0x0AF7651916CD43DD, (0x1122334455667788 << 64) | 0x99AABBCCDDEEFF01
+        for low in (1, sdk.bound - 1, sdk.bound, (1 << 64) - 1):
+            trace_id = (high << 64) | low
+            malformed = _Exchange([(b"traceparent", b"00-nonsense")])
+            self.tracing(0.25, _Draws([(trace_id << 128) | rest])).request(malformed)
+            trace = malformed.client.trace
+            self.assertEqual((trace.trace_id, trace.ids is not None), (trace_id, sdk_samples(trace_id)), low)
 
     def test_reader_finds_traceparent(self) -> None:
         """

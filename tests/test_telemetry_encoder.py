@@ -7,6 +7,7 @@ opentelemetry-proto, compared field by field.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as official
@@ -161,6 +162,9 @@ class _Server:
             self.host = host
 
 
+_SERVER = _Server("s1", "10.0.0.9", 80)
+
+
 def _request(site: Site, trace_id: int = 0x0AF7651916CD43DD8448EB211C80319C, headers: Any = (),
              target: bytes = b"/api/x?q=1", attempts: Any = ((200,),), status: int = 200, route: bytes | None = None,
              aborted: bool = False, **fields: Any) -> RequestTrace:
@@ -173,8 +177,7 @@ def _request(site: Site, trace_id: int = 0x0AF7651916CD43DD8448EB211C80319C, hea
                          "10.1.2.3", None, frozenset())
     trace.start, trace.end = 1_700_000_000.25, 1_700_000_000.75
     for i, (outcome, *more) in enumerate(attempts):
-        server, backend, resend = [*more, _Server("s1", "10.0.0.9", 80), "web", i][len(more):len(more) + 3] \
-            if more else (_Server("s1", "10.0.0.9", 80), "web", i)
+        server, backend, resend = (*more, *(_SERVER, "web", i)[len(more):])
         trace.attempts.append(((0x100 + i).to_bytes(8, "big"), 1_700_000_000.3 + i / 10, server, backend, resend,
                                1_700_000_000.35 + i / 10, outcome))
     for name, value in fields.items():
@@ -254,9 +257,9 @@ class RequestTraceTests(SynchronousTestCase):
         site = Site(_RESOURCE, _HTTP, "web", "http")
         self.assertSameSpans([_request(site, trace_id=i + 1, headers=[(b"user-agent", b"%06d" % i + b"a" * 5000)],
                                        target=b"/%06d" % i + b"p" * 5000) for i in range(20)])
-        self.assertEqual((len(site.servers), len(site.paths)), (0, 0))
+        self.assertEqual((len(site.pairs), len(site.paths)), (0, 0))
         self.assertSameSpans([_request(site, trace_id=i + 1, target=b"/%d" % i) for i in range(20)])
-        self.assertEqual((len(site.servers), len(site.paths)), (1, 20))
+        self.assertEqual((len(site.pairs), len(site.paths)), (1, 20))
 
     def test_spans_fields(self) -> None:
         """
@@ -319,3 +322,23 @@ class ExporterTests(SynchronousTestCase):
         self.assertEqual(exporter.export(spans).name, "FAILURE")
         exporter.shutdown()
         self.assertEqual(exporter.export(spans).name, "FAILURE")
+
+    def test_transport(self) -> None:
+        """
+        The compact exporter POSTs through the official exporter's urllib3
+        transport, but with a proxy or an OTLP certificate in the
+        environment, which only its default (a requests session) honours.
+        """
+        from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
+        from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
+
+        def transport() -> Any:
+            exporter = CompactSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=1)
+            self.addCleanup(exporter.shutdown)
+            return exporter._client._transport
+
+        self.patch(os, "environ", {})
+        self.assertIsInstance(transport(), Urllib3HTTPTransport)
+        for name in ("HTTPS_PROXY", "http_proxy", "OTEL_EXPORTER_OTLP_CERTIFICATE"):
+            self.patch(os, "environ", {name: "x"})
+            self.assertIsInstance(transport(), RequestsHTTPTransport)

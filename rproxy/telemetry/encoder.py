@@ -342,6 +342,19 @@ def _server_template(site: Any, shape: tuple[Any, ...], ended: tuple[Any, ...]) 
                      _status(span_status), _REMOTE_PARENT if remote else _LOCAL_PARENT)
 
 
+def _pair_template(site: Any, shape: tuple[Any, ...], ended: tuple[Any, ...], server: Any, backend: str | None,
+                   outcome: Any, resend: int) -> tuple[Any, bytes, int]:
+    """
+    The Span fields of a request of one attempt and no tracestate as one
+    format: the attempt's (L{_client_template}) and the request's
+    (L{_server_template}) with holes for its length and its path (and
+    C{extra}) at its end; and the request span's size but those.
+    """
+    client = _client_template(shape[0], server, backend, outcome, resend)
+    body, size = _server_template(site, shape, ended)
+    return server, client[3] + b"\x12%b" + body + b"%b", size
+
+
 def _requests(spans: Sequence[Any], i: int, out: list[bytes]) -> int:
     """
     Append to C{out} the Span fields (of a ScopeSpans) of the spans of
@@ -356,7 +369,7 @@ def _requests(spans: Sequence[Any], i: int, out: list[bytes]) -> int:
     where that is cheaper: protobuf's readers take fields in any order.)
     """
     site = spans[i].site
-    clients, servers, paths = site.clients, site.servers, site.paths
+    clients, servers, paths, pairs = site.clients, site.servers, site.paths, site.pairs
     for j in range(i, len(spans)):
         trace = spans[j]
         if type(trace) is not RequestTrace or trace.site is not site:
@@ -365,6 +378,34 @@ def _requests(spans: Sequence[Any], i: int, out: list[bytes]) -> int:
         trace_id = ids[:16]
         server_id = ids[16:24]
         state = trace.state
+        attempts = trace.attempts
+        if len(attempts) == 1 and not state:
+            # (most requests: both spans from one format)
+            span_id, start, server, backend, resend, end, outcome = attempts[0]
+            shape, ended = trace.shape, trace.ended
+            key = (shape, ended, id(server), backend, outcome, resend)
+            template = pairs.get(key)
+            if template is None or template[0] is not server:
+                template = _pair_template(site, shape, ended, server, backend, outcome, resend)
+                _store(pairs, key, template, len(template[1]))
+            target = trace.target
+            path = paths.get(target)
+            if path is None:
+                path = _pairs(b"\x4a", (("url.path", target.split(b"?", 1)[0].decode("latin-1")),))
+                _store(paths, target, path, len(path))
+            extra = trace.extra
+            if extra:
+                path = _pairs(b"\x4a", extra) + path
+            n = template[2] + len(path)
+            parent = trace.parent
+            ctimes = _TIMES(0x39, int(start * 1e9), 0x41, int(end * 1e9))
+            stimes = _TIMES(0x39, int(trace.start * 1e9), 0x41, int(trace.end * 1e9))
+            length = _LENGTHS[n] if n < 2048 else _varint(n)
+            out.append(template[1] % (
+                (trace_id, span_id, server_id, ctimes, length, trace_id, server_id, parent.span_id.to_bytes(8, "big"),
+                 stimes, path) if parent is not None else
+                (trace_id, span_id, server_id, ctimes, length, trace_id, server_id, stimes, path)))
+            continue
         state = _trace_state(state) if state else b""
         if trace.attempts:
             method = trace.shape[0]
@@ -437,15 +478,21 @@ def encode_spans(spans: Sequence[Any]) -> bytes:
         n = len(body)
         out.append(b"\x12" + (_BYTE[n] if n < 128 else _varint(n)) + body)
         i += 1
-    request = []
+    # (the message's parts in one list, joined once: a batch is hundreds
+    # of KiB, and each join of a nested field's bytes copied all of it)
+    request: list[bytes] = []
     for resource, scopes in groups.values():
         parts = [_resource(resource)]
         for scope, encoded in scopes.values():
+            head = _scope(scope)
             schema = getattr(scope, "schema_url", None)
-            parts.append(_field(b"\x12", b"".join(
-                [_scope(scope), *encoded, _field(b"\x1a", schema.encode("utf-8")) if schema else b""])))
+            tail = _field(b"\x1a", schema.encode("utf-8")) if schema else b""
+            parts += [b"\x12", _varint(len(head) + sum(map(len, encoded)) + len(tail)), head]
+            parts += encoded
+            parts.append(tail)
         schema = getattr(resource, "schema_url", None)
         if schema:
             parts.append(_field(b"\x1a", schema.encode("utf-8")))
-        request.append(_field(b"\x0a", b"".join(parts)))
+        request += [b"\x0a", _varint(sum(map(len, parts)))]
+        request += parts
     return b"".join(request)

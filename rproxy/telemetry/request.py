@@ -60,6 +60,8 @@ class Site:
         self.clients: dict[Any, Any] = {}
         self.servers: dict[Any, Any] = {}
         self.paths: dict[bytes, bytes] = {}
+        # ... and of both spans of a request of one attempt (most)
+        self.pairs: dict[Any, Any] = {}
 
 
 class RequestTrace:
