@@ -22,7 +22,7 @@ from rproxy.workers.merge import (
     merge_tunnel_rows,
     sum_metrics,
 )
-from rproxy.workers.state import apply_ejection, apply_message, snapshot
+from rproxy.workers.state import admin_message, apply_ejection, apply_message, snapshot
 from rproxy.workers.supervise import RestartBackoff
 from rproxy.workers.views import (
     master_view,
@@ -476,3 +476,77 @@ class MergeAgentsTests(SynchronousTestCase):
         self.assertEqual(merge_tunnel_rows(reports), [{
             "name": "gpu", "mode": "tcp", "streams_opened": 7, "streams_failed": 1,
             "agents": [{"id": "a", "node": "m-w0"}, {"id": "b", "node": "m-w1"}]}])
+
+
+class WorkerStartTests(SynchronousTestCase):
+    """
+    L{rproxy.workers.child.Worker} brought up as the master does it (the
+    snapshot, then the configuration) on a memory reactor.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.internet.testing import MemoryReactorClock
+
+        from rproxy.workers import child
+
+        self.patch(child, "_freeze", lambda: None)  # (no gc.freeze in the test process)
+        self.reactor = MemoryReactorClock()
+        self.config = parse_config(data(workers=2))
+        self.worker = child.Worker(self.reactor, 1, 2)
+        self.transport = StringTransport()
+        self.worker.channel.makeConnection(self.transport)
+        # the state of the server at the moment the frontend starts to serve
+        self.at_listen: list[tuple[str, int]] = []
+
+        def endpoint(frontend: object, backlog: int) -> TCP4ServerEndpoint:
+            assert self.worker.service is not None
+            server = self.worker.service.pools["web"].server("127.0.0.1:9002")
+            assert server is not None
+            self.at_listen.append((server.admin_state, server.weight))
+            return TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+
+        self.worker.endpoint = endpoint  # type: ignore[method-assign]
+
+    def start(self, master: Pool) -> Pool:
+        """
+        The master's messages to a new worker (its snapshot, then its
+        configuration); the worker's pool once it answered.
+        """
+        for message in snapshot({"web": master}, self.reactor.seconds()):
+            self.worker.handle(message)
+        self.worker.handle({"op": "configure", "id": 1, "config": pack_config(self.config)})
+        self.assertIn(b'"op":"configured"', self.transport.value().replace(b" ", b""))
+        assert self.worker.service is not None
+        return self.worker.service.pools["web"]
+
+    def assert_started_with(self, state: str) -> None:
+        """
+        A worker started (again) while server 9002 has C{state} and a
+        weight set in the master takes both from the master's snapshot
+        before its frontend serves, and never picks the server.
+        """
+        master = Pool(self.config.backends[0], Clock())
+        master.set_admin("127.0.0.1:9002", state, 7)
+        pool = self.start(master)
+        self.assertEqual(self.at_listen, [(state, 7)])
+        picked = {pool.pick().name for _ in range(6)}  # type: ignore[union-attr]
+        self.assertEqual(picked, {"127.0.0.1:9001"})
+
+    def test_maint_applied_before_serving(self) -> None:
+        """A server in maintenance stays out of a restarted worker's picks."""
+        self.assert_started_with("maint")
+
+    def test_drain_applied_before_serving(self) -> None:
+        """A drained server stays out of a restarted worker's picks."""
+        self.assert_started_with("drain")
+
+    def test_later_admin_change_applies_live(self) -> None:
+        """After the start, the master's admin messages apply at once, back to ready too."""
+        master = Pool(self.config.backends[0], Clock())
+        master.set_admin("127.0.0.1:9002", "maint")
+        pool = self.start(master)
+        server = master.set_admin("127.0.0.1:9002", "ready")
+        self.worker.handle(admin_message(master, server))
+        picked = {pool.pick().name for _ in range(6)}  # type: ignore[union-attr]
+        self.assertEqual(picked, {"127.0.0.1:9001", "127.0.0.1:9002"})
