@@ -16,6 +16,7 @@ from rproxy.pool import Pool
 from rproxy.workers import worker_count
 from rproxy.workers.channel import Channel
 from rproxy.workers.merge import (
+    carry_counters,
     merge_agents,
     merge_health,
     merge_pools,
@@ -299,6 +300,18 @@ class MergeTests(SynchronousTestCase):
             'rproxy_reloads_total{outcome="ok"} 1',
         ])
 
+    def test_carry_counters(self) -> None:
+        """
+        What dead processes counted: counters and histograms summed,
+        gauges (a dead process's state) and creation times left out.
+        """
+        carried = carry_counters(carry_counters("", METRICS_A), METRICS_B)
+        self.assertEqual(carried, sum_metrics([METRICS_A, METRICS_B], kinds=frozenset({"counter", "histogram"})))
+        self.assertNotIn("rproxy_server_up", carried)
+        self.assertIn('rproxy_frontend_connections_total{frontend="web"} 7\n', carried)
+        self.assertIn('rproxy_http_request_duration_seconds_bucket{le="+Inf"} 4\n', carried)
+        self.assertIn("rproxy_http_request_duration_seconds_sum 0.75\n", carried)
+
     def pool(self, state: str, active: int, total: int) -> dict[str, object]:
         return {"name": "web", "waiting": 1, "backends": [
             {"server_id": "a", "state": state, "active_connections": active, "total_connections": total,
@@ -443,6 +456,125 @@ class SupervisorTests(SynchronousTestCase):
         self.die(1, lived=5)
         self.successResultOf(ended)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+def worker_metrics(connections: int, active: int, requests: int) -> str:
+    """A worker's metrics text: a counter, a gauge and a histogram."""
+    return f"""\
+# HELP rproxy_frontend_connections_total Client connections accepted
+# TYPE rproxy_frontend_connections_total counter
+rproxy_frontend_connections_total{{frontend="h"}} {connections}.0
+rproxy_frontend_connections_created{{frontend="h"}} 1.7e+09
+# HELP rproxy_frontend_active_connections Open client connections
+# TYPE rproxy_frontend_active_connections gauge
+rproxy_frontend_active_connections{{frontend="h"}} {active}.0
+# HELP rproxy_http_request_duration_seconds Time
+# TYPE rproxy_http_request_duration_seconds histogram
+rproxy_http_request_duration_seconds_bucket{{le="+Inf"}} {requests}.0
+rproxy_http_request_duration_seconds_sum {requests / 4}
+rproxy_http_request_duration_seconds_count {requests}.0
+"""
+
+
+class _Answering:
+    """A worker's control channel that answers every request with C{answer()} (or fails, for None)."""
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+
+    def request(self, message: object, timeout: float, clock: object) -> object:
+        from twisted.internet import defer
+
+        answer = self.answer()  # type: ignore[operator]
+        return defer.succeed(answer) if answer is not None else defer.fail(defer.TimeoutError())
+
+
+class MachineCountersTests(SynchronousTestCase):
+    """
+    The master's /metrics (L{rproxy.workers.admin.MergedMetrics}) across
+    a worker's death and restart: its counters never go back.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from rproxy.workers.master import MasterService
+
+        self.reactor = MemoryReactorClock()
+        self.master = MasterService(parse_config(data(workers=2)), self.reactor)
+        self.master._spawn = lambda slot: None  # type: ignore[method-assign]
+        self.figures: dict[int, str | None] = {}
+
+    def run_worker(self, slot: int, pid: int, connections: int, active: int, requests: int) -> None:
+        worker = self.master.slots[slot]
+        worker.process, worker.pid, worker.configured = object(), pid, True
+        self.figures[slot] = worker_metrics(connections, active, requests)
+        worker.channel = _Answering(lambda: None if self.figures[slot] is None else  # type: ignore[assignment]
+                                    {"op": "report", "pid": pid, "metrics": self.figures[slot]})
+
+    def kill(self, slot: int) -> None:
+        from twisted.internet.error import ProcessTerminated
+        from twisted.python.failure import Failure
+
+        self.master.worker_ended(self.master.slots[slot], Failure(ProcessTerminated(signal=9)))
+
+    def scrape(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+        from twisted.internet import defer
+
+        from rproxy.workers.admin import MergedMetrics
+
+        status, _, body = self.successResultOf(defer.Deferred.fromCoroutine(MergedMetrics(self.master).answer()))
+        self.assertEqual(status, 200)
+        return {sample.name: sample.value for family in text_string_to_metric_families(body.decode("utf-8"))
+                for sample in family.samples if sample.labels.get("frontend", "h") == "h"}
+
+    def test_counters_kept_across_restart(self) -> None:
+        """
+        A worker killed and started again: its counters as last scraped
+        stay in the machine's, its gauges go; the new process adds to them.
+        """
+        self.run_worker(0, pid=100, connections=50, active=3, requests=40)
+        self.run_worker(1, pid=101, connections=6, active=1, requests=4)
+        before = self.scrape()
+        self.assertEqual((before["rproxy_frontend_connections_total"], before["rproxy_frontend_active_connections"],
+                          before["rproxy_http_request_duration_seconds_count"]), (56, 4, 44))
+        self.kill(0)
+        dead = self.scrape()
+        self.assertEqual((dead["rproxy_frontend_connections_total"], dead["rproxy_frontend_active_connections"],
+                          dead["rproxy_http_request_duration_seconds_count"],
+                          dead["rproxy_http_request_duration_seconds_sum"]), (56, 1, 44, 11))
+        self.run_worker(0, pid=102, connections=2, active=2, requests=1)
+        after = self.scrape()
+        self.assertEqual((after["rproxy_frontend_connections_total"], after["rproxy_frontend_active_connections"],
+                          after["rproxy_http_request_duration_seconds_bucket"]), (58, 3, 45))
+        self.kill(0)
+        self.run_worker(0, pid=103, connections=0, active=0, requests=0)
+        self.assertEqual(self.scrape()["rproxy_frontend_connections_total"], 58)
+
+    def test_worker_that_does_not_answer(self) -> None:
+        """A worker that does not answer a scrape in time counts as it last did; its gauges are left out."""
+        self.run_worker(0, pid=100, connections=50, active=3, requests=40)
+        self.run_worker(1, pid=101, connections=6, active=1, requests=4)
+        self.scrape()
+        self.figures[0] = None
+        slow = self.scrape()
+        self.assertEqual((slow["rproxy_frontend_connections_total"], slow["rproxy_frontend_active_connections"]),
+                         (56, 1))
+
+    def test_late_answer_of_a_dead_process_ignored(self) -> None:
+        """Figures from a process that has died (or been replaced) are not taken as the slot's."""
+        self.run_worker(0, pid=100, connections=50, active=3, requests=40)
+        self.run_worker(1, pid=101, connections=6, active=1, requests=4)
+        self.scrape()
+        self.kill(0)
+        slot = self.master.slots[0]
+        slot.saw({"op": "report", "pid": 100, "metrics": worker_metrics(60, 0, 0)})
+        self.run_worker(0, pid=102, connections=1, active=0, requests=0)
+        self.assertEqual(self.scrape()["rproxy_frontend_connections_total"], 56 + 1)
+        slot.saw({"op": "report", "pid": 100, "metrics": worker_metrics(60, 0, 0)})
+        self.kill(0)
+        self.assertEqual(self.scrape()["rproxy_frontend_connections_total"], 56 + 1)
 
 
 class MergeAgentsTests(SynchronousTestCase):
