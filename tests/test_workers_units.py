@@ -16,13 +16,14 @@ from rproxy.pool import Pool
 from rproxy.workers import worker_count
 from rproxy.workers.channel import Channel
 from rproxy.workers.merge import (
+    carry_counters,
     merge_agents,
     merge_health,
     merge_pools,
     merge_tunnel_rows,
     sum_metrics,
 )
-from rproxy.workers.state import apply_ejection, apply_message, snapshot
+from rproxy.workers.state import admin_message, apply_ejection, apply_message, snapshot
 from rproxy.workers.supervise import RestartBackoff
 from rproxy.workers.views import (
     master_view,
@@ -299,6 +300,18 @@ class MergeTests(SynchronousTestCase):
             'rproxy_reloads_total{outcome="ok"} 1',
         ])
 
+    def test_carry_counters(self) -> None:
+        """
+        What dead processes counted: counters and histograms summed,
+        gauges (a dead process's state) and creation times left out.
+        """
+        carried = carry_counters(carry_counters("", METRICS_A), METRICS_B)
+        self.assertEqual(carried, sum_metrics([METRICS_A, METRICS_B], kinds=frozenset({"counter", "histogram"})))
+        self.assertNotIn("rproxy_server_up", carried)
+        self.assertIn('rproxy_frontend_connections_total{frontend="web"} 7\n', carried)
+        self.assertIn('rproxy_http_request_duration_seconds_bucket{le="+Inf"} 4\n', carried)
+        self.assertIn("rproxy_http_request_duration_seconds_sum 0.75\n", carried)
+
     def pool(self, state: str, active: int, total: int) -> dict[str, object]:
         return {"name": "web", "waiting": 1, "backends": [
             {"server_id": "a", "state": state, "active_connections": active, "total_connections": total,
@@ -445,6 +458,125 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
+def worker_metrics(connections: int, active: int, requests: int) -> str:
+    """A worker's metrics text: a counter, a gauge and a histogram."""
+    return f"""\
+# HELP rproxy_frontend_connections_total Client connections accepted
+# TYPE rproxy_frontend_connections_total counter
+rproxy_frontend_connections_total{{frontend="h"}} {connections}.0
+rproxy_frontend_connections_created{{frontend="h"}} 1.7e+09
+# HELP rproxy_frontend_active_connections Open client connections
+# TYPE rproxy_frontend_active_connections gauge
+rproxy_frontend_active_connections{{frontend="h"}} {active}.0
+# HELP rproxy_http_request_duration_seconds Time
+# TYPE rproxy_http_request_duration_seconds histogram
+rproxy_http_request_duration_seconds_bucket{{le="+Inf"}} {requests}.0
+rproxy_http_request_duration_seconds_sum {requests / 4}
+rproxy_http_request_duration_seconds_count {requests}.0
+"""
+
+
+class _Answering:
+    """A worker's control channel that answers every request with C{answer()} (or fails, for None)."""
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+
+    def request(self, message: object, timeout: float, clock: object) -> object:
+        from twisted.internet import defer
+
+        answer = self.answer()  # type: ignore[operator]
+        return defer.succeed(answer) if answer is not None else defer.fail(defer.TimeoutError())
+
+
+class MachineCountersTests(SynchronousTestCase):
+    """
+    The master's /metrics (L{rproxy.workers.admin.MergedMetrics}) across
+    a worker's death and restart: its counters never go back.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from rproxy.workers.master import MasterService
+
+        self.reactor = MemoryReactorClock()
+        self.master = MasterService(parse_config(data(workers=2)), self.reactor)
+        self.master._spawn = lambda slot: None  # type: ignore[method-assign]
+        self.figures: dict[int, str | None] = {}
+
+    def run_worker(self, slot: int, pid: int, connections: int, active: int, requests: int) -> None:
+        worker = self.master.slots[slot]
+        worker.process, worker.pid, worker.configured = object(), pid, True
+        self.figures[slot] = worker_metrics(connections, active, requests)
+        worker.channel = _Answering(lambda: None if self.figures[slot] is None else  # type: ignore[assignment]
+                                    {"op": "report", "pid": pid, "metrics": self.figures[slot]})
+
+    def kill(self, slot: int) -> None:
+        from twisted.internet.error import ProcessTerminated
+        from twisted.python.failure import Failure
+
+        self.master.worker_ended(self.master.slots[slot], Failure(ProcessTerminated(signal=9)))
+
+    def scrape(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+        from twisted.internet import defer
+
+        from rproxy.workers.admin import MergedMetrics
+
+        status, _, body = self.successResultOf(defer.Deferred.fromCoroutine(MergedMetrics(self.master).answer()))
+        self.assertEqual(status, 200)
+        return {sample.name: sample.value for family in text_string_to_metric_families(body.decode("utf-8"))
+                for sample in family.samples if sample.labels.get("frontend", "h") == "h"}
+
+    def test_counters_kept_across_restart(self) -> None:
+        """
+        A worker killed and started again: its counters as last scraped
+        stay in the machine's, its gauges go; the new process adds to them.
+        """
+        self.run_worker(0, pid=100, connections=50, active=3, requests=40)
+        self.run_worker(1, pid=101, connections=6, active=1, requests=4)
+        before = self.scrape()
+        self.assertEqual((before["rproxy_frontend_connections_total"], before["rproxy_frontend_active_connections"],
+                          before["rproxy_http_request_duration_seconds_count"]), (56, 4, 44))
+        self.kill(0)
+        dead = self.scrape()
+        self.assertEqual((dead["rproxy_frontend_connections_total"], dead["rproxy_frontend_active_connections"],
+                          dead["rproxy_http_request_duration_seconds_count"],
+                          dead["rproxy_http_request_duration_seconds_sum"]), (56, 1, 44, 11))
+        self.run_worker(0, pid=102, connections=2, active=2, requests=1)
+        after = self.scrape()
+        self.assertEqual((after["rproxy_frontend_connections_total"], after["rproxy_frontend_active_connections"],
+                          after["rproxy_http_request_duration_seconds_bucket"]), (58, 3, 45))
+        self.kill(0)
+        self.run_worker(0, pid=103, connections=0, active=0, requests=0)
+        self.assertEqual(self.scrape()["rproxy_frontend_connections_total"], 58)
+
+    def test_worker_that_does_not_answer(self) -> None:
+        """A worker that does not answer a scrape in time counts as it last did; its gauges are left out."""
+        self.run_worker(0, pid=100, connections=50, active=3, requests=40)
+        self.run_worker(1, pid=101, connections=6, active=1, requests=4)
+        self.scrape()
+        self.figures[0] = None
+        slow = self.scrape()
+        self.assertEqual((slow["rproxy_frontend_connections_total"], slow["rproxy_frontend_active_connections"]),
+                         (56, 1))
+
+    def test_late_answer_of_a_dead_process_ignored(self) -> None:
+        """Figures from a process that has died (or been replaced) are not taken as the slot's."""
+        self.run_worker(0, pid=100, connections=50, active=3, requests=40)
+        self.run_worker(1, pid=101, connections=6, active=1, requests=4)
+        self.scrape()
+        self.kill(0)
+        slot = self.master.slots[0]
+        slot.saw({"op": "report", "pid": 100, "metrics": worker_metrics(60, 0, 0)})
+        self.run_worker(0, pid=102, connections=1, active=0, requests=0)
+        self.assertEqual(self.scrape()["rproxy_frontend_connections_total"], 56 + 1)
+        slot.saw({"op": "report", "pid": 100, "metrics": worker_metrics(60, 0, 0)})
+        self.kill(0)
+        self.assertEqual(self.scrape()["rproxy_frontend_connections_total"], 56 + 1)
+
+
 class MergeAgentsTests(SynchronousTestCase):
     def test_each_agent_once_as_its_worker_sees_it(self) -> None:
         """
@@ -476,3 +608,77 @@ class MergeAgentsTests(SynchronousTestCase):
         self.assertEqual(merge_tunnel_rows(reports), [{
             "name": "gpu", "mode": "tcp", "streams_opened": 7, "streams_failed": 1,
             "agents": [{"id": "a", "node": "m-w0"}, {"id": "b", "node": "m-w1"}]}])
+
+
+class WorkerStartTests(SynchronousTestCase):
+    """
+    L{rproxy.workers.child.Worker} brought up as the master does it (the
+    snapshot, then the configuration) on a memory reactor.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.internet.testing import MemoryReactorClock
+
+        from rproxy.workers import child
+
+        self.patch(child, "_freeze", lambda: None)  # (no gc.freeze in the test process)
+        self.reactor = MemoryReactorClock()
+        self.config = parse_config(data(workers=2))
+        self.worker = child.Worker(self.reactor, 1, 2)
+        self.transport = StringTransport()
+        self.worker.channel.makeConnection(self.transport)
+        # the state of the server at the moment the frontend starts to serve
+        self.at_listen: list[tuple[str, int]] = []
+
+        def endpoint(frontend: object, backlog: int) -> TCP4ServerEndpoint:
+            assert self.worker.service is not None
+            server = self.worker.service.pools["web"].server("127.0.0.1:9002")
+            assert server is not None
+            self.at_listen.append((server.admin_state, server.weight))
+            return TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+
+        self.worker.endpoint = endpoint  # type: ignore[method-assign]
+
+    def start(self, master: Pool) -> Pool:
+        """
+        The master's messages to a new worker (its snapshot, then its
+        configuration); the worker's pool once it answered.
+        """
+        for message in snapshot({"web": master}, self.reactor.seconds()):
+            self.worker.handle(message)
+        self.worker.handle({"op": "configure", "id": 1, "config": pack_config(self.config)})
+        self.assertIn(b'"op":"configured"', self.transport.value().replace(b" ", b""))
+        assert self.worker.service is not None
+        return self.worker.service.pools["web"]
+
+    def assert_started_with(self, state: str) -> None:
+        """
+        A worker started (again) while server 9002 has C{state} and a
+        weight set in the master takes both from the master's snapshot
+        before its frontend serves, and never picks the server.
+        """
+        master = Pool(self.config.backends[0], Clock())
+        master.set_admin("127.0.0.1:9002", state, 7)
+        pool = self.start(master)
+        self.assertEqual(self.at_listen, [(state, 7)])
+        picked = {pool.pick().name for _ in range(6)}  # type: ignore[union-attr]
+        self.assertEqual(picked, {"127.0.0.1:9001"})
+
+    def test_maint_applied_before_serving(self) -> None:
+        """A server in maintenance stays out of a restarted worker's picks."""
+        self.assert_started_with("maint")
+
+    def test_drain_applied_before_serving(self) -> None:
+        """A drained server stays out of a restarted worker's picks."""
+        self.assert_started_with("drain")
+
+    def test_later_admin_change_applies_live(self) -> None:
+        """After the start, the master's admin messages apply at once, back to ready too."""
+        master = Pool(self.config.backends[0], Clock())
+        master.set_admin("127.0.0.1:9002", "maint")
+        pool = self.start(master)
+        server = master.set_admin("127.0.0.1:9002", "ready")
+        self.worker.handle(admin_message(master, server))
+        picked = {pool.pick().name for _ in range(6)}  # type: ignore[union-attr]
+        self.assertEqual(picked, {"127.0.0.1:9001", "127.0.0.1:9002"})

@@ -161,9 +161,10 @@ class MergedStats(_Merged):
 
 class MergedMetrics(_Merged):
     async def answer(self) -> tuple[int, bytes, bytes]:
-        reports, _ = await self.workers()
+        by_slot = await self.master.reports()
         texts = [generate_latest(self.master.inner.registry).decode("utf-8")]
-        texts += [r["metrics"] for r in reports if "metrics" in r]
+        for slot, report in zip(self.master.slots, by_slot, strict=True):
+            texts += slot.metrics(report)
         return 200, CONTENT_TYPE_LATEST.encode("ascii"), sum_metrics(texts).encode("utf-8")
 
 

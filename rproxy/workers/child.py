@@ -68,6 +68,9 @@ class Worker:
         self.sockets: dict[str, tuple[str, int]] = {}
         self.health: dict[tuple[str, str], dict[str, Any]] = {}
         self.ejections: dict[tuple[str, str], tuple[float, int]] = {}
+        # an operator's state and weight in the master's snapshot, which
+        # arrives before the configuration: kept until the pools are made
+        self.admin: dict[tuple[str, str], dict[str, Any]] = {}
         self.channel = Channel(self.handle, self.master_gone)
         self.stopping: defer.Deferred[None] | None = None
         self._applying: defer.Deferred[Any] = defer.succeed(None)
@@ -85,9 +88,12 @@ class Worker:
         elif op == "configure":
             self._applying = self._applying.addBoth(lambda _: defer.Deferred.fromCoroutine(self.configure(message)))
         elif op == "admin":
-            # (not remembered: a reload treats the state alike everywhere,
-            # and a worker started later gets it in the master's snapshot)
-            if self.service is not None:
+            # kept only while there are no pools to apply it to (the
+            # snapshot a new worker gets first); afterwards a reload
+            # treats the state alike in every process
+            if self.service is None:
+                self.admin[(message["pool"], message["server"])] = message
+            else:
                 apply_message(self.service.pools, message, self.reactor.seconds())
         elif op in ("health", "eject"):
             self.remember(message)
@@ -117,7 +123,7 @@ class Worker:
         Bring C{pools} to the state the master has sent so far.
         """
         now = self.reactor.seconds()
-        for message in self.health.values():
+        for message in [*self.health.values(), *self.admin.values()]:
             apply_message(pools, message, now)
         for (pool, server), (until, ejections) in self.ejections.items():
             if until > now:
@@ -139,6 +145,10 @@ class Worker:
                 service.pool_made = self.watch_pool
                 service.tunnel_made = self.watch_tunnel
                 service.startService()
+                # (its pools are made, with the snapshot's operator state
+                # applied: L{watch_pool}; a backend a reload adds later
+                # starts as the master's does, ready)
+                self.admin.clear()
                 assert service.ready is not None
                 await service.ready
                 problems = service.start_problems([])

@@ -34,6 +34,7 @@ from rproxy.service import ListenError, RProxyService
 from rproxy.workers import worker_count
 from rproxy.workers.channel import Channel
 from rproxy.workers.child import CONTROL_FD
+from rproxy.workers.merge import carry_counters
 from rproxy.workers.sockets import bind
 from rproxy.workers.state import apply_ejection, snapshot
 from rproxy.workers.supervise import RestartBackoff
@@ -61,6 +62,42 @@ class WorkerSlot:
         self.configured = False
         self.restart: IDelayedCall | None = None
         self.ended: defer.Deferred[None] = defer.Deferred()
+        # the metrics text of the running process as the master last saw
+        # it, and the counters of the slot's processes that died
+        # (L{carry_counters}): the machine's counters never go back
+        self.last_metrics = ""
+        self.carried = ""
+
+    def saw(self, report: dict[str, Any]) -> None:
+        """
+        Keep the figures of C{report} if the running process sent it (not
+        one that has since died).
+        """
+        if self.process is not None and report.get("pid") == self.pid and "metrics" in report:
+            self.last_metrics = report["metrics"]
+
+    def died(self) -> None:
+        """
+        The running process is gone: what it counted, as last seen, is
+        carried.
+        """
+        if self.last_metrics:
+            self.carried = carry_counters(self.carried, self.last_metrics)
+        self.last_metrics = ""
+
+    def metrics(self, report: dict[str, Any] | None) -> list[str]:
+        """
+        This slot's part of the machine's metrics: the running process's
+        text as C{report} has it (if it answered; else the counters it
+        last showed, so that a slow answer is no reset either), and what
+        its dead processes counted.
+        """
+        texts = [self.carried] if self.carried else []
+        if report is not None and "metrics" in report:
+            texts.append(report["metrics"])
+        elif self.last_metrics:
+            texts.append(carry_counters("", self.last_metrics))
+        return texts
 
 
 class _WorkerProcess(protocol.ProcessProtocol):
@@ -254,6 +291,7 @@ class MasterService(MultiService):
     # -- workers ---------------------------------------------------------
 
     def worker_ended(self, slot: WorkerSlot, reason: Failure) -> None:
+        slot.died()
         slot.process = None
         slot.channel = None
         slot.configured = False
@@ -307,7 +345,12 @@ class MasterService(MultiService):
             slot.channel.request({"op": op}, timeout, self.reactor)
             if slot.channel is not None and slot.configured else defer.succeed(None) for slot in self.slots]
         results = await defer.DeferredList(asked, consumeErrors=True)
-        return [value if ok else None for ok, value in results]
+        answers = [value if ok else None for ok, value in results]
+        if op == "report":
+            for slot, answer in zip(self.slots, answers, strict=True):
+                if answer is not None:
+                    slot.saw(answer)
+        return answers
 
     # -- reload ----------------------------------------------------------
 

@@ -13,23 +13,30 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["sum_metrics", "merge_pools", "merge_health", "merge_token_pools", "merge_counters", "merge_token_rows"]
+__all__ = ["sum_metrics", "carry_counters", "merge_pools", "merge_health", "merge_token_pools", "merge_counters", "merge_token_rows"]
 
 # per-machine state, the same in every process: the lowest wins (a server
 # is up only where every process can use it), never a sum
 _STATE_GAUGES = frozenset({"rproxy_server_up", "rproxy_store_up", "rproxy_cluster_up"})
 
+# the kinds of family whose samples only ever grow in a process: counters,
+# and histograms' and summaries' buckets, sums and counts
+_COUNTED = frozenset({"counter", "histogram", "summary"})
 
-def sum_metrics(texts: list[str]) -> str:
+
+def sum_metrics(texts: list[str], kinds: frozenset[str] | None = None) -> str:
     """
     Prometheus text from several processes' texts: samples with the same
     name and labels are summed (counters, gauges, histogram buckets, sums
     and counts alike), except L{_STATE_GAUGES}, which take the lowest.
-    Families keep their first-seen order.
+    Families keep their first-seen order; with C{kinds}, only families of
+    those types are kept.
     """
     families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
     for text in texts:
         for family in text_string_to_metric_families(text):
+            if kinds is not None and family.type not in kinds:
+                continue
             entry = families.setdefault(family.name, (family.type, family.documentation, {}))
             samples = entry[2]
             for sample in family.samples:
@@ -53,6 +60,19 @@ def sum_metrics(texts: list[str]) -> str:
             rendered = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
             lines.append(f"{sample_name}{{{rendered}}} {_number(value)}" if labels else f"{sample_name} {_number(value)}")
     return "\n".join(lines) + "\n"
+
+
+def carry_counters(carried: str, last: str) -> str:
+    """
+    What a worker slot's dead processes counted: C{carried} (this text,
+    from earlier deaths) plus the counters of C{last}, the last figures
+    the master saw from the process that just died; gauges are dropped
+    (they describe a process that is gone).  Added to the machine's
+    figures, it keeps every counter from going back when a worker is
+    started again, as nginx and HAProxy keep their totals: Prometheus
+    would read a lower value as a reset, and rate() would jump.
+    """
+    return sum_metrics([carried, last], kinds=_COUNTED)
 
 
 def _escape_help(text: str) -> str:
