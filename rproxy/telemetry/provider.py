@@ -164,6 +164,9 @@ class Telemetry:
     @ivar previous: the telemetry this one replaced, while it stops; its
         counts and those of the ones replaced before (C{carried}) are
         part of this one's L{totals}.
+    @ivar in_thread: how L{stop} runs the processor's shutdown and then
+        its callback off the reactor thread (a daemon thread; tests: at
+        once).
     """
 
     log = Logger()
