@@ -297,9 +297,10 @@ class StateCollector:
         spans_waiting = GaugeMetricFamily("rproxy_telemetry_spans_waiting", "Ended spans waiting for export")
         telemetry = getattr(service, "telemetry", None)
         if telemetry is not None:
-            spans.add_metric(["exported"], telemetry.exported)
-            spans.add_metric(["failed"], telemetry.failed)
-            spans.add_metric(["dropped"], telemetry.dropped)
+            exported, failed, dropped = telemetry.totals()  # (with the telemetry's before reloads)
+            spans.add_metric(["exported"], exported)
+            spans.add_metric(["failed"], failed)
+            spans.add_metric(["dropped"], dropped)
             spans_waiting.add_metric([], telemetry.waiting)
         yield from (spans, spans_waiting)
         from rproxy.http.filters.ratelimit import limits_of

@@ -108,6 +108,46 @@ class WorkerPortTests(SynchronousTestCase):
         data["tunnels"] = [dict(TUNNEL, proxy="127.0.0.1:65535")]
         config_from_mapping(data)
 
+    def test_worker_port_taken(self) -> None:
+        """
+        A worker's proxy port (the tunnel's plus the worker's number) may
+        not be a port another listener takes: the tunnel's own public port,
+        the admin port on a wildcard interface, another tunnel's worker's.
+        """
+        data = document(node_id="a", advertise={"proxy": "127.0.0.1:0"})
+        data["global"] = {"workers": 3}
+        data["admin"] = {"listen": "tcp:27300"}
+        data["tunnels"] = [
+            {"name": "gpu", "control": "tcp:27210:interface=127.0.0.1", "proxy": "tcp:27211:interface=127.0.0.1",
+             "public": "tcp:27212:interface=127.0.0.1"},
+            {"name": "llm", "control": "tcp:27220:interface=127.0.0.1", "proxy": "tcp:27298:interface=127.0.0.1",
+             "public": "tcp:27230:interface=127.0.0.1"},
+            {"name": "tts", "control": "tcp:27240:interface=127.0.0.1", "proxy": "tcp:27297:interface=127.0.0.1",
+             "public": "tcp:27250:interface=127.0.0.1"},
+        ]
+        self.assertEqual(self.errors(data), [
+            "tunnels[0].proxy: worker 1 listens on port 27212 (27211 + 1), already used by tunnels[0].public "
+            "(global.workers: 3): ports 27211-27213 must be free for this tunnel's workers, one proxy port each",
+            "tunnels[1].proxy: worker 2 listens on port 27300 (27298 + 2), already used by admin.listen "
+            "(global.workers: 3): ports 27298-27300 must be free for this tunnel's workers, one proxy port each",
+            "tunnels[2].proxy: worker 1 listens on port 27298 (27297 + 1), already used by tunnels[1].proxy "
+            "(global.workers: 3): ports 27297-27299 must be free for this tunnel's workers, one proxy port each",
+        ])
+
+    def test_worker_port_other_interface(self) -> None:
+        """
+        The same port on another interface is free, and so is every worker
+        port with one worker (the case the start-up trial hit, at workers: 1).
+        """
+        data = document(node_id="a", advertise={"proxy": "127.0.0.1:0"})
+        data["global"] = {"workers": 2}
+        data["tunnels"] = [{"name": "gpu", "control": "tcp:27210:interface=127.0.0.1",
+                            "proxy": "tcp:27211:interface=127.0.0.1", "public": "tcp:27212:interface=127.0.0.2"}]
+        self.assertEqual(config_from_mapping(data).tunnels[0].proxy, "tcp:27211:interface=127.0.0.1")
+        data["global"] = {"workers": 1}
+        data["tunnels"][0]["public"] = "tcp:27212:interface=127.0.0.1"
+        config_from_mapping(data)
+
     def test_auto(self) -> None:
         """C{auto} counts the cores as the start does."""
         cluster = ClusterConfig("a", ("127.0.0.1", 0))

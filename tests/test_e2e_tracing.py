@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from prometheus_client import generate_latest
@@ -54,7 +55,7 @@ class TracingSetup(ServiceMixin):
     timeout = 60
 
     async def setup(self, ratio: float = 1.0, endpoint: str | None = None, dead_first: bool = False,
-                    queue_size: int = 2048) -> Any:
+                    queue_size: int = 2048, timeout: str = "1s") -> Any:
         self.receiver = OTLPReceiver()
         site = Site(self.receiver)
         site.noisy = False
@@ -74,7 +75,7 @@ class TracingSetup(ServiceMixin):
             servers.insert(0, {"address": f"127.0.0.1:{dead_port}", "name": "dead"})
         self.log_path = os.path.abspath(self.mktemp())
         telemetry = {"otlp_endpoint": endpoint or f"http://127.0.0.1:{collector.getHost().port}",
-                     "service_name": "edge", "sample_ratio": ratio, "schedule_delay": "20ms", "timeout": "1s",
+                     "service_name": "edge", "sample_ratio": ratio, "schedule_delay": "20ms", "timeout": timeout,
                      "queue_size": queue_size, "batch_size": min(queue_size, 512)}
         self.data = {
             "backends": [{"name": "web", "servers": servers, "health_check": {"type": "none"},
@@ -195,12 +196,7 @@ class TracingTests(TracingSetup, TestCase):
         that refuses at once frees the queue as fast as spans come: whether
         any is dropped would depend on the machine's speed.)
         """
-        silent = Factory.forProtocol(Protocol)
-        silent.noisy = False
-        hole = await listen(silent)
-        self.addCleanup(hole.stopListening)
-        endpoint = f"http://127.0.0.1:{hole.getHost().port}"
-        service = await self.setup(endpoint=endpoint, queue_size=4)
+        service = await self.setup(endpoint=await self.black_hole(), queue_size=4)
         for _ in range(10):
             self.assertEqual(await self.curl(), b"ok")
         telemetry = service.telemetry
@@ -211,6 +207,43 @@ class TracingTests(TracingSetup, TestCase):
         self.assertIn(f'rproxy_telemetry_spans_total{{outcome="dropped"}} {float(telemetry.dropped)}', text)
         self.assertIn('rproxy_telemetry_spans_total{outcome="failed"}', text)
         self.assertEqual(len(self.access_log()), 10)
+
+
+    async def black_hole(self) -> str:
+        """
+        The address of a collector that takes connections and never
+        answers (closed at the test's end, where an export may be waiting).
+        """
+        taken: list[Protocol] = []
+
+        class Silent(Protocol):
+            def connectionMade(self) -> None:
+                taken.append(self)
+
+        silent = Factory.forProtocol(Silent)
+        silent.noisy = False
+        hole = await listen(silent)
+        self.addCleanup(hole.stopListening)
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in taken if p.transport is not None])
+        return f"http://127.0.0.1:{hole.getHost().port}"
+
+    @async_test
+    async def test_stop_with_collector_silent(self) -> None:
+        """
+        A stop with an export under way to a collector that never answers
+        (its timeout 10s) waits about a second for it, not the timeout nor
+        the grace period (2s): the spans left are counted as dropped.
+        """
+        service = await self.setup(endpoint=await self.black_hole(), timeout="10s")
+        self.assertEqual(await self.curl(), b"ok")
+        telemetry = service.telemetry
+        await wait_for(lambda: telemetry.taken > 0)  # (the exporter's POST is under way)
+        began = time.monotonic()
+        await service.stopService()
+        took = time.monotonic() - began
+        self.assertTrue(0.9 < took < 1.8, took)
+        self.assertEqual((telemetry.exported, telemetry.failed, telemetry.dropped), (0, 0, telemetry.queued))
+        self.assertGreater(telemetry.queued, 0)
 
 
 class ReloadTests(TracingSetup, TestCase):

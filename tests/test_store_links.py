@@ -261,6 +261,29 @@ class RedisProbeTests(SynchronousTestCase):
                 d.callback("PONG")
         self.assertLessEqual(self.probe.pings - before, 2)
 
+    def test_down_logged_in_words(self) -> None:
+        """
+        A ping that times out is logged as no answer within the timeout,
+        and the keys' fallback named: PostgreSQL, or the static keys
+        without it.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        lines = []
+        for postgres in (True, False):
+            probe = RedisProbe(self.redis, self.clock, postgres=postgres)
+            probe.start()
+            self.clock.advance(1.0)  # the ping times out
+            probe.stop()
+            lines += [formatEvent(e) for e in logged if "Redis unavailable" in e.get("log_format", "")]
+            del logged[:]
+        self.assertEqual(lines, [
+            "stores: Redis unavailable (no answer within 1s); key checks go to PostgreSQL, events wait",
+            "stores: Redis unavailable (no answer within 1s); key checks go to the static keys, events wait"])
+
     def test_probe_survives_a_ping_that_raises(self) -> None:
         """A client that raises instead of answering marks Redis down and the loop keeps probing."""
         self.redis.broken = True

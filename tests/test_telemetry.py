@@ -7,6 +7,7 @@ sinks' metrics.  (Against an OTLP receiver: L{tests.test_e2e_tracing}.)
 from __future__ import annotations
 
 import random
+import threading
 from typing import Any
 
 import attrs
@@ -25,7 +26,7 @@ from rproxy.http.filters.tracing import TracingFilter
 from rproxy.http.reader import RequestHead, RequestReader
 from rproxy.kafka import KafkaSink
 from rproxy.service import RProxyService
-from rproxy.telemetry.provider import Telemetry
+from rproxy.telemetry.provider import Telemetry, apply_telemetry
 from rproxy.telemetry.spans import NO_SPAN, start_span
 from rproxy.telemetry.traceparent import format_traceparent, parse
 from rproxy.tokenpool import LoginRefused, LoginResult, TokenPool
@@ -496,6 +497,7 @@ class HandOffTests(SynchronousTestCase):
             telemetry.processor.force_flush()
             self.assertEqual(([s.name for s in exporter.get_finished_spans()], telemetry.exported), (["a"], 1))
         stopped: list[Any] = []
+        telemetry.in_thread = _at_once
         telemetry.stop().addCallback(stopped.append)
         self.assertEqual(len(stopped), 1)
         start_span(telemetry, "late").end()
@@ -515,6 +517,87 @@ class HandOffTests(SynchronousTestCase):
         telemetry.finished(object(), 2)
         telemetry.finished(object(), 1)
         self.assertEqual((telemetry.queued, telemetry.dropped, telemetry.waiting), (3, 2, 3))
+
+
+def _at_once(work: Any, then: Any) -> None:
+    """L{Telemetry.in_thread} in the test's thread."""
+    work()
+    then()
+
+
+class _Reactor(Clock):
+    """A clock that runs what a thread hands it (L{_at_once}: the test's own)."""
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        f(*args)
+
+
+class _Blocking(InMemorySpanExporter):
+    """An exporter whose exports wait for C{release}: a collector that never answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.gave_up = False
+
+    def export(self, spans: Any) -> Any:
+        self.release.wait(30)
+        return super().export(spans)
+
+    def shutdown(self) -> None:
+        self.gave_up = True
+
+
+class StopTests(SynchronousTestCase):
+    config = TelemetryConfig(otlp_endpoint="http://127.0.0.1:1", endpoint="http://127.0.0.1:1/v1/traces",
+                             queue_size=3, batch_size=3, schedule_delay=1000.0)
+
+    def spans_total(self, telemetry: Telemetry) -> dict[str, float]:
+        service = RProxyService(config_from_mapping({}), Clock(), registry=CollectorRegistry())
+        service.telemetry = telemetry
+        return {outcome: service.registry.get_sample_value("rproxy_telemetry_spans_total", {"outcome": outcome})
+                for outcome in ("exported", "failed", "dropped")}
+
+    def test_counts_go_on_across_a_reload(self) -> None:
+        """
+        A reload that changes the section makes a new telemetry: the
+        counters the metrics show go on from the old one's counts (what
+        it drops and exports while it stops included), never back to 0.
+        """
+        clock = _Reactor()
+        old = apply_telemetry(None, self.config, clock, clock, exporter=InMemorySpanExporter())
+        assert old is not None
+        old.in_thread = _at_once
+        for _ in range(5):
+            old.finished(object())  # (3 queued, then 2 dropped)
+        before = self.spans_total(old)
+        new = apply_telemetry(old, attrs.evolve(self.config, sample_ratio=0.5), clock, clock,
+                              exporter=InMemorySpanExporter())
+        assert new is not None
+        self.addCleanup(new.processor.shutdown)
+        new.finished(object(), 4)  # (over queue_size: dropped)
+        self.assertEqual((before, self.spans_total(new)),
+                         ({"exported": 0, "failed": 0, "dropped": 2}, {"exported": 3, "failed": 0, "dropped": 6}))
+
+    def test_a_stop_gives_up_after_its_deadline(self) -> None:
+        """
+        A collector that never answers holds a stop up for the deadline
+        only: then the exporter is told to give up, the stop is done and
+        the spans not sent are counted as dropped.
+        """
+        exporter = _Blocking()
+        self.addCleanup(exporter.release.set)
+        clock = _Reactor()
+        telemetry = Telemetry(self.config, reactor=clock, clock=clock, exporter=exporter)
+        telemetry.finished(object())
+        telemetry.finished(object())
+        stopped: list[Any] = []
+        telemetry.stop(deadline=1.0).addCallback(stopped.append)
+        clock.advance(0.99)
+        self.assertEqual((stopped, exporter.gave_up, telemetry.dropped), ([], False, 0))
+        clock.advance(0.01)
+        self.assertEqual((stopped, exporter.gave_up, self.spans_total(telemetry)),
+                         ([None], True, {"exported": 0, "failed": 0, "dropped": 2}))
 
 
 class _Stores:

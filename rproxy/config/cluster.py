@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 
 from rproxy.config import values as v
-from rproxy.config.endpoints import parse_endpoint
+from rproxy.config.document import overlap
+from rproxy.config.endpoints import Endpoint, parse_endpoint
 from rproxy.config.reader import MISSING, Section
 from rproxy.config.values import brief, parse_hostport
+from rproxy.workers.views import worker_proxy
 
 __all__ = ["ClusterConfig", "read_cluster", "worker_port_errors"]
 
@@ -84,14 +86,20 @@ def read_cluster(top: Section, stores: object, tunnels: tuple[object, ...]) -> C
 
 
 def worker_port_errors(workers: int | str, cluster: ClusterConfig | None, tunnels: tuple[object, ...],
-                       path: Callable[[str], str], cores: Callable[[], int] | None = None) -> list[str]:
+                       path: Callable[[str], str], cores: Callable[[], int] | None = None,
+                       listeners: Sequence[tuple[str, str]] = ()) -> list[str]:
     """
     At C{workers: N} with a cluster, the workers run the tunnels and
     worker I{k} listens on (and advertises) the tunnel's proxy port plus
-    I{k} (L{rproxy.workers.views.worker_proxy}): those ports must exist.
-    C{path(name)} is the key path of the tunnel named C{name}; C{auto}
-    counts the cores as the start does (C{cores}, default this process's
-    CPU affinity).
+    I{k} (L{rproxy.workers.views.worker_proxy}): those ports must exist,
+    and none may be a port another listener takes (C{listeners}: key path
+    and listen string of every listener configured,
+    L{rproxy.config.document.listeners}), or that worker could not listen
+    and its tunnel's streams would fail while /health says ok. (Two
+    tunnels' worker ranges cannot meet without one range holding the
+    other's configured port, so that check covers them.) C{path(name)}
+    is the key path of the tunnel named C{name}; C{auto} counts the cores
+    as the start does (C{cores}, default this process's CPU affinity).
     """
     if cluster is None or not tunnels or workers == 1:
         return []
@@ -108,9 +116,32 @@ def worker_port_errors(workers: int | str, cluster: ClusterConfig | None, tunnel
     if advertised and advertised + last > 65535:
         errors.append(f"cluster.advertise.proxy: port {advertised} + {last} (global.workers: {workers}, one proxy "
                       f"port per worker) is past 65535: choose a port at most {65535 - last}, or 0")
+    taken = [(where, parse_endpoint(listen)) for where, listen in listeners]
     for tunnel in tunnels:
+        key = f"{path(tunnel.name)}.proxy"  # type: ignore[attr-defined]
         port = parse_endpoint(tunnel.proxy).port  # type: ignore[attr-defined]
         if port and port + last > 65535:
-            errors.append(f"{path(tunnel.name)}.proxy: port {port} + {last} (global.workers: {workers}, "  # type: ignore[attr-defined]
+            errors.append(f"{key}: port {port} + {last} (global.workers: {workers}, "
                           f"one proxy port per worker) is past 65535: choose a port at most {65535 - last}")
+            continue
+        clash = _worker_clash(tunnel, key, last, taken)
+        if clash:
+            errors.append(f"{clash} (global.workers: {workers}): ports {port}-{port + last} must be free for this "
+                          f"tunnel's workers, one proxy port each")
     return errors
+
+
+def _worker_clash(tunnel: object, key: str, last: int, taken: list[tuple[str, Endpoint]]) -> str | None:
+    """
+    The first of the tunnel's worker proxy listeners (workers 1 to
+    C{last}) that would take the socket of one in C{taken} (other than
+    the tunnel's own proxy port), told as an error; None when none does.
+    """
+    for slot in range(1, last + 1):
+        listen = worker_proxy(tunnel.proxy, slot)  # type: ignore[attr-defined]
+        endpoint = parse_endpoint(listen)
+        for where, other in taken:
+            if where != key and overlap(endpoint, other):
+                return f"{key}: worker {slot} listens on port {endpoint.port} ({endpoint.port - slot} + {slot}), " \
+                       f"already used by {where}"
+    return None

@@ -17,7 +17,7 @@ from rproxy.config.telemetry import read_telemetry
 from rproxy.config.tokenpools import read_token_pool
 from rproxy.config.values import ConfigError, brief
 
-__all__ = ["validate"]
+__all__ = ["validate", "overlap", "listeners"]
 
 
 def _ephemeral(listen: str) -> bool:
@@ -87,7 +87,8 @@ def validate(data: object, sources: Sources) -> Config:
     from rproxy.config.cluster import read_cluster, worker_port_errors
 
     cluster = read_cluster(top, stores, tunnels)
-    errors += worker_port_errors(global_.workers, cluster, tunnels, lambda name: _item_path(top, "tunnels", name))
+    errors += worker_port_errors(global_.workers, cluster, tunnels, lambda name: _item_path(top, "tunnels", name),
+                                 listeners=listeners(top, admin.listen, frontends, tunnels))
     telemetry = read_telemetry(top)
     if stores is None or stores.postgres_dsn is None:
         for backend in backends:
@@ -143,7 +144,7 @@ _TCP_KINDS = ("tcp", "tcp6", "ssl")
 _WILDCARDS = ("", "0.0.0.0", "::")
 
 
-def _overlap(a: Endpoint, b: Endpoint) -> bool:
+def overlap(a: Endpoint, b: Endpoint) -> bool:
     """
     Whether two listeners cannot both bind: the same TCP port on the same
     interface or on a wildcard one, or the same UNIX socket path.
@@ -154,23 +155,33 @@ def _overlap(a: Endpoint, b: Endpoint) -> bool:
     return a.kind == b.kind == "unix" and a.get("address") == b.get("address")
 
 
+def listeners(top: Section, admin: str | None, frontends: list[FrontendConfig],
+              tunnels: tuple[Any, ...]) -> list[tuple[str, str]]:
+    """
+    Every listener the document configures, as (key path, listen string):
+    the admin port, the frontends, each tunnel's control, proxy and public
+    ports.
+    """
+    found: list[tuple[str, str]] = [("admin.listen", admin)] if admin else []
+    found += [(f"{_item_path(top, 'frontends', f.name)}.listen", f.listen) for f in frontends]
+    for i, tunnel in enumerate(tunnels):
+        found += [(f"tunnels[{i}].{role}", getattr(tunnel, role)) for role in ("control", "proxy", "public")]
+    return found
+
+
 def _shared_sockets(top: Section, admin: str | None, frontends: list[FrontendConfig],
                     tunnels: tuple[Any, ...]) -> list[str]:
     """
     Listeners of a valid document that would take the same socket (rproxy
     would not start): each reported at the later one's key path.
     """
-    listeners: list[tuple[str, str]] = [("admin.listen", admin)] if admin else []
-    listeners += [(f"{_item_path(top, 'frontends', f.name)}.listen", f.listen) for f in frontends]
-    for i, tunnel in enumerate(tunnels):
-        listeners += [(f"tunnels[{i}].{role}", getattr(tunnel, role)) for role in ("control", "proxy", "public")]
-    parsed = [(path, listen, parse_endpoint(listen)) for path, listen in listeners]
+    parsed = [(path, listen, parse_endpoint(listen)) for path, listen in listeners(top, admin, frontends, tunnels)]
     errors = []
     for j, (path, listen, endpoint) in enumerate(parsed):
         for other_path, other_listen, other in parsed[:j]:
             if listen == other_listen and path.startswith("frontends") and other_path.startswith("frontends"):
                 continue  # reported above, as a frontend listen used twice
-            if _overlap(endpoint, other):
+            if overlap(endpoint, other):
                 errors.append(f"{path}: {brief(listen)} is already used by {other_path}")
                 break
     return errors

@@ -212,12 +212,15 @@ class RedisProbe:
     the client's reconnect delay.
 
     @ivar state: "connecting", "up" or "down".
+    @ivar postgres: whether key checks go to PostgreSQL while Redis is
+        down (else to the static keys only): what the log says.
     """
 
     def __init__(self, redis: Any, clock: Any, up_interval: float = 2.0, down_interval: float = 0.5,
-                 timeout: float = 1.0) -> None:
+                 timeout: float = 1.0, postgres: bool = True) -> None:
         self.redis = redis
         self.clock = clock
+        self.postgres = postgres
         self.up_interval = up_interval
         self.down_interval = down_interval
         self.timeout = timeout
@@ -261,8 +264,17 @@ class RedisProbe:
             self._set("down", type(e).__name__)
             return None
         d.addTimeout(self.timeout, self.clock)
-        d.addCallbacks(lambda _: self._set("up", ""), lambda f: self._set("down", why(f)))
+        d.addCallbacks(lambda _: self._set("up", ""), lambda f: self._set("down", self._why(f)))
         return d  # the loop waits for it, so pings never overlap
+
+    def _why(self, failure: Failure) -> str:
+        """
+        Why a ping failed, in words: its timeout's (whose message is
+        the raw arguments of C{TimeoutError}) or its failure's (L{why}).
+        """
+        if failure.check(defer.TimeoutError):
+            return f"no answer within {self.timeout:g}s"
+        return why(failure)
 
     def _set(self, state: str, why: str) -> None:
         if state == self.state:
@@ -271,4 +283,5 @@ class RedisProbe:
         if state == "up":
             log.info("stores: Redis is up")
         else:
-            log.warn("stores: Redis unavailable ({why}); key checks go to PostgreSQL, events wait", why=why)
+            log.warn("stores: Redis unavailable ({why}); key checks go to {fallback}, events wait", why=why,
+                     fallback="PostgreSQL" if self.postgres else "the static keys")

@@ -31,8 +31,9 @@ probability C{sample_ratio}.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -51,6 +52,22 @@ __all__ = ["Telemetry", "apply_telemetry"]
 # thread, through the standard library): rproxy logs the collector going
 # down and coming back, once each, instead
 logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
+
+
+def _in_daemon_thread(work: Callable[[], object], then: Callable[[], object]) -> None:
+    """
+    Run C{work} on a daemon thread of its own, then C{then} (there): not
+    on the reactor's thread pool, which the reactor joins as it stops,
+    while a stop must not wait for a collector that never answers.
+    """
+    def run() -> None:
+        try:
+            work()
+        except Exception:  # noqa: BLE001 - logged; the stop is done all the same
+            Telemetry.log.failure("telemetry: stopping the exporter failed")
+        then()
+
+    threading.Thread(target=run, name="rproxy-telemetry-stop", daemon=True).start()
 
 
 class _CountingExporter(SpanExporter):
@@ -87,6 +104,8 @@ class _CountingExporter(SpanExporter):
                 self.exporter.export(expanded)
         except Exception:  # noqa: BLE001 - an exporter bug: counted as a failed batch
             result = SpanExportResult.FAILURE
+        if telemetry.abandoned:  # (its spans were counted as dropped: L{Telemetry.stop})
+            return result
         if result is SpanExportResult.SUCCESS:
             telemetry.exported += n
             telemetry.changed(up=True)
@@ -140,7 +159,14 @@ class Telemetry:
     @ivar taken: spans the processor handed to the exporter (its thread).
     @ivar exported: spans the collector accepted.
     @ivar failed: spans of batches the exporter gave up on.
-    @ivar dropped: spans dropped because C{queue_size} were waiting.
+    @ivar dropped: spans dropped because C{queue_size} were waiting, or
+        still unsent when a stop gave up on them.
+    @ivar previous: the telemetry this one replaced, while it stops; its
+        counts and those of the ones replaced before (C{carried}) are
+        part of this one's L{totals}.
+    @ivar in_thread: how L{stop} runs the processor's shutdown and then
+        its callback off the reactor thread (a daemon thread; tests: at
+        once).
     """
 
     log = Logger()
@@ -150,6 +176,10 @@ class Telemetry:
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.queued = self.taken = self.exported = self.failed = self.dropped = 0
+        self.previous: Telemetry | None = None
+        self.carried = (0, 0, 0)
+        self.abandoned = False
+        self.in_thread = _in_daemon_thread
         self.up: bool | None = None
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -219,24 +249,60 @@ class Telemetry:
     def waiting(self) -> int:
         return self.queued - self.taken
 
-    def stop(self, grace: float = 2.0) -> defer.Deferred[None]:
+    def totals(self) -> tuple[int, int, int]:
+        """
+        The spans exported, failed and dropped by this telemetry and by
+        those it replaced on reloads: what the metrics show, so that their
+        counters never go back.
+        """
+        exported, failed, dropped = self.carried
+        exported, failed, dropped = exported + self.exported, failed + self.failed, dropped + self.dropped
+        if self.previous is not None:
+            before = self.previous.totals()
+            exported, failed, dropped = exported + before[0], failed + before[1], dropped + before[2]
+        return exported, failed, dropped
+
+    def follow(self, previous: Telemetry) -> None:
+        """
+        Replace C{previous}: it stops, and its counts go on in this one's
+        L{totals} (read from it while it stops, then kept).
+        """
+        self.previous = previous
+
+        def stopped(_: object) -> None:
+            self.carried = previous.totals()
+            self.previous = None
+
+        previous.stop().addCallback(stopped).addErrback(
+            lambda f: self.log.failure("telemetry: stopping the old exporter failed", f))
+
+    def stop(self, deadline: float = 1.0) -> defer.Deferred[None]:
         """
         Export what is queued and stop the processor's thread, on a
-        thread (the reactor goes on); after C{grace} seconds the exporter
-        is told to give up its retries, so that a collector that is down
-        holds up a stop by that long at most.
+        daemon thread of its own (the reactor goes on, and the process
+        may exit without it).  After C{deadline} seconds the exporter is
+        told to give up and the stop is done: the spans not sent yet are
+        counted as dropped, so that a collector that is down or never
+        answers holds up a stop by that long at most.
         """
         self.stopping = True
         self.queue_size = -1  # (what ends after this is dropped: the processor's thread is stopping)
-        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.processor.shutdown)
-        give_up = self.clock.callLater(grace, self.exporter.shutdown)
+        d: defer.Deferred[None] = defer.Deferred()
 
-        def stopped(result: Any) -> Any:
-            if give_up.active():
+        def done() -> None:
+            if not d.called:
                 give_up.cancel()
-            return result
+                d.callback(None)
 
-        return d.addBoth(stopped)
+        def abandon() -> None:
+            self.abandoned = True
+            self.dropped += self.queued - self.exported - self.failed
+            self.exporter.shutdown()
+            d.callback(None)
+
+        give_up = self.clock.callLater(deadline, abandon)
+        self.in_thread(self.processor.shutdown, lambda: self.reactor.callFromThread(done))
+        return d
 
     def flush(self) -> defer.Deferred[bool]:
         """
@@ -245,18 +311,23 @@ class Telemetry:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.processor.force_flush)
 
 
-def apply_telemetry(current: Telemetry | None, config: Any, reactor: Any, clock: Any = None) -> Telemetry | None:
+def apply_telemetry(current: Telemetry | None, config: Any, reactor: Any, clock: Any = None,
+                    exporter: SpanExporter | None = None) -> Telemetry | None:
     """
     The telemetry of configuration C{config} (None: none), keeping
     C{current} when its configuration is the same; one replaced stops on
-    a thread, exporting what it holds first.
+    a thread, exporting what it holds first, and its counts go on in the
+    new one's (L{Telemetry.follow}).  C{exporter}: the new one's (tests).
     """
     if current is not None and current.config == config:
         return current
-    if current is not None:
-        current.stop().addErrback(lambda f: Telemetry.log.failure("telemetry: stopping the old exporter failed", f))
     if config is None:
+        if current is not None:
+            current.stop().addErrback(lambda f: Telemetry.log.failure("telemetry: stopping the exporter failed", f))
         return None
     Telemetry.log.info("telemetry: traces to {url} (sampling {ratio:g} of new traces)", url=config.endpoint,
                        ratio=config.sample_ratio)
-    return Telemetry(config, reactor, clock)
+    telemetry = Telemetry(config, reactor, clock, exporter)
+    if current is not None:
+        telemetry.follow(current)
+    return telemetry
