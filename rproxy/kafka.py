@@ -45,7 +45,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from rproxy.events import HEARTBEATS, REQUESTS
+from rproxy.events import HEARTBEATS, REQUESTS, rejected
 
 __all__ = ["ClientErrors", "KafkaSink", "KafkaEventConsumer", "OffsetReader", "make_producer", "make_consumer",
            "topics_of"]
@@ -556,38 +556,57 @@ class KafkaEventConsumer:
         self.batch = batch
         self.handlers: dict[str, Handle] = {}
         self.processed = 0
-        self._pending: list[Any] | None = None
+        #: events dropped because they can never be written (see L{rejected})
+        self.rejected = 0
+        self._pending: collections.deque[Any] = collections.deque()
+        self._next = 0  # the next event of the first pending record
         self._subscribed = False
 
     async def poll(self) -> int:
         """
         Write what was fetched (or what a failed write left pending) to
         PostgreSQL, then commit its offsets; return how many events were
-        written.  A failure leaves the records pending for the next call.
+        written.  A failure (PostgreSQL down) leaves the records from the
+        failed event on pending for the next call, and commits the ones
+        done before it.
+
+        An event that can never be written (L{rejected}: malformed, or
+        refused by PostgreSQL for its data) is logged once, counted in
+        C{rejected} and passed; one such event was retried at every call,
+        and nothing behind it was ever written, across restarts too (its
+        offset was never committed).
         """
         if not self._subscribed:
             self.consumer.subscribe(self.topics)
             self._subscribed = True
-        if self._pending is None:
-            self._pending = self.consumer.consume(self.batch, 0)
-        messages = self._pending
+        pending = self._pending
+        if not pending:
+            pending.extend(self.consumer.consume(self.batch, 0))
         handled = 0
         offsets: dict[tuple[str, int], int] = {}
-        for msg in messages:
-            if msg.error() is not None:
-                self.errors.error("consumer", str(msg.error()))
-                continue
-            handled += await self._handle(msg)
-            offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
-        self._pending = None
-        if offsets:
-            from confluent_kafka import TopicPartition
+        try:
+            while pending:
+                msg = pending[0]
+                if msg.error() is not None:
+                    self.errors.error("consumer", str(msg.error()))
+                else:
+                    handled += await self._handle(msg)
+                    offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
+                pending.popleft()
+                self._next = 0
+        finally:
+            if offsets:
+                from confluent_kafka import TopicPartition
 
-            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                                 asynchronous=True)
+                self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                     asynchronous=True)
         return handled
 
     async def _handle(self, msg: Any) -> int:
+        """
+        Write the events of C{msg} from event C{_next} on; a failure that is
+        not the event's fault leaves C{_next} at it.
+        """
         topic = msg.topic()
         where = f"{topic}/{msg.partition()}/{msg.offset()}"
         handle = self.handlers.get(topic)
@@ -598,14 +617,21 @@ class KafkaEventConsumer:
                 raise ValueError("not an event")
         except (TypeError, ValueError):
             log.warn("kafka: skipping a malformed record at {where}", where=where)
+            self.rejected += 1
             return 0
         count = 0
-        for i, event in enumerate(events):
+        while self._next < len(events):
+            i = self._next
             try:
-                await handle(f"{where}#{i}", event)
-            except (KeyError, TypeError, ValueError) as e:
-                log.warn("kafka: skipping a malformed event in {where}: {why}", where=where, why=repr(e))
-                continue
-            count += 1
-        self.processed += count
+                await handle(f"{where}#{i}", events[i])
+            except Exception as e:
+                if not rejected(e):
+                    raise
+                log.warn("kafka: skipping an event in {where} that cannot be written: {why}", where=where,
+                         why=repr(e))
+                self.rejected += 1
+            else:
+                count += 1
+                self.processed += 1
+            self._next = i + 1
         return count
