@@ -51,6 +51,7 @@ __all__ = ["ClientErrors", "KafkaSink", "KafkaEventConsumer", "OffsetReader", "m
            "topics_of"]
 
 FLUSH_DELAY = 0.01
+METADATA_REFRESH_MS = 10_000
 log = Logger()
 
 Handle = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -139,7 +140,11 @@ class ClientErrors:
 def _common(config: Any, errors: ClientErrors | None) -> dict[str, Any]:
     common = {"bootstrap.servers": ",".join(config.bootstrap_servers), "client.id": config.client_id,
               # reconnect quickly once the broker is back, without hammering it meanwhile
-              "reconnect.backoff.ms": 100, "reconnect.backoff.max.ms": 2000, "log.connection.close": False}
+              "reconnect.backoff.ms": 100, "reconnect.backoff.max.ms": 2000, "log.connection.close": False,
+              # a topic that did not exist yet (a fresh broker creates it at the
+              # first record) is seen within 10 s: librdkafka's default, 5 min,
+              # left the writers subscribed to nothing that long
+              "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS}
     if errors is None:
         common["log_level"] = 0  # (served by a poll on another thread, or by none)
     else:
@@ -463,14 +468,22 @@ class KafkaSink:
 
     def _send_again(self, key: tuple[str, int], why: str) -> None:
         """
-        The broker lost what it held of this partition: what it
-        acknowledged and the group did not commit is queued again, ahead
-        of the buffer, as far as there is room.
+        The broker lost what it held of partition C{key}: what it
+        acknowledged and the group did not commit, of every partition, is
+        queued again, ahead of the buffer, as far as there is room.  Every
+        partition: a broker that came back without one partition's data
+        lost the others it held too, and one that no record went to since
+        (or whose group never committed: nothing to see go back) would
+        never show it; what was not lost is written once all the same.
+        What the partitions' offsets and commits were is forgotten: they
+        were the old logs'.
         """
-        again = [entry for entry in self.unconfirmed if (entry[0], entry[1]) == key]
+        again = list(self.unconfirmed)
         if not again:
             return
-        self.unconfirmed = collections.deque(e for e in self.unconfirmed if (e[0], e[1]) != key)
+        self.unconfirmed = collections.deque()
+        self._acked.clear()
+        self._seen.clear()
         count = sum(len(e[3]) for e in again)
         self._kept -= count
         room = max(0, self.buffer_limit - len(self.buffer) - self.in_flight - sum(len(e) for _, e in self._again))
@@ -481,8 +494,9 @@ class KafkaSink:
                 queued += len(events)
             else:
                 self.lost += len(events)
-        log.warn("kafka: the broker lost {topic}[{partition}] ({why}); sending {n} event(s) again, {lost} lost",
-                 topic=key[0], partition=key[1], why=why, n=queued, lost=count - queued)
+        log.warn("kafka: the broker lost {topic}[{partition}] ({why}); sending {n} event(s) not yet committed "
+                 "again, of every partition, {lost} lost", topic=key[0], partition=key[1], why=why, n=queued,
+                 lost=count - queued)
         if self._timer is None and not self._stopped:
             self._timer = self.clock.callLater(0, self._flush)
 

@@ -238,6 +238,55 @@ class KafkaSinkTests(SynchronousTestCase):
         clock.advance(1.0)
         self.assertEqual((sink.sent, sink.resent, sink.lost, len(producer.queued)), (4, 3, 0, 0))
 
+    def test_a_lost_partition_sends_every_partition_again(self) -> None:
+        """
+        A broker seen to have lost one partition (its log started again)
+        lost the others too: what every partition holds uncommitted is sent
+        again, request records the group never committed included (no
+        commit to see go back, and no record sent to their partition since:
+        they were lost without a count).
+        """
+        sink, producer, clock = self.committed_sink({}, batch=1)
+        for i in range(2):
+            sink.emit(HEARTBEATS, beat(i))
+        sink.emit(REQUESTS, {"at": 1_700_000_010, "key": "team", "agent_id": "a"})
+        clock.advance(0.01)
+        producer.ack()
+        clock.advance(0.05)
+        producer.offsets.clear()  # a new, empty broker
+        sink.emit(HEARTBEATS, beat(3))
+        clock.advance(0.01)
+        producer.ack()
+        clock.advance(0.05)
+        self.assertEqual(sorted((topic, e["at"] - 1_700_000_000) for topic, events, _ in producer.queued
+                                for e in events), [("hb", 0), ("hb", 1), ("rq", 10)])
+        producer.ack()
+        clock.advance(1.0)
+        self.assertEqual((sink.sent, sink.resent, sink.lost, len(producer.queued)), (4, 3, 0, 0))
+
+    def test_topics_are_looked_for_every_10s(self) -> None:
+        """
+        The producer, the writers and the offsets reader look for new
+        topics (a fresh broker creates them at their first record) every
+        10 s at most: librdkafka's 5 min left the writers subscribed to
+        topics "not available" that long (request records reached
+        PostgreSQL 5 minutes late).
+        """
+        import confluent_kafka
+
+        from rproxy import kafka
+
+        made: list[dict[str, Any]] = []
+        self.patch(confluent_kafka, "Producer", made.append)
+        self.patch(confluent_kafka, "Consumer", made.append)
+        config = KafkaConfig(bootstrap_servers=("127.0.0.1:9092",))
+        kafka.make_producer(config, KafkaSink(None, Clock(), TOPICS))
+        kafka.make_consumer(config, ClientErrors(Clock()))
+        kafka.make_consumer(config)
+        self.assertEqual(len(made), 3)
+        for settings in made:
+            self.assertLessEqual(settings["topic.metadata.refresh.interval.ms"], 10_000)
+
     def test_resend_beyond_room_is_lost(self) -> None:
         """Events to send again that do not fit in the buffer are counted as lost; the newest are kept."""
         offsets: dict[tuple[str, int], int] = {("hb", 0): 0}
