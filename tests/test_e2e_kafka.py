@@ -110,6 +110,9 @@ class KafkaTests(ServiceMixin, TestCase):
         self.assertEqual(rows, 3)
         self.assertEqual(await self.conn.runQuery("SELECT cpu FROM heartbeats ORDER BY cpu"), [(1.0,), (2.0,)])
         self.assertEqual(service.stores.events_rejected(), {"kafka": 2})
+        from prometheus_client.exposition import generate_latest
+
+        self.assertIn('rproxy_events_rejected_total{sink="kafka"} 2.0', generate_latest(service.registry).decode())
 
     @async_test
     async def test_broker_killed_and_restarted_under_traffic(self) -> None:
