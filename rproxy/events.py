@@ -414,6 +414,8 @@ class EventConsumer:
         self.batch = batch
         self.claim_idle = claim_idle
         self.processed = 0
+        #: events dropped because they can never be written (see L{rejected})
+        self.rejected = 0
 
     async def ensure_group(self) -> None:
         try:
@@ -449,34 +451,146 @@ class EventConsumer:
         group had them delivered, and a restarted Redis forgot them; now
         only the acknowledgement can be missing, and an entry handled twice
         is written once (the inserts are keyed by the entry id).
+
+        An event that can never be written (L{rejected}: malformed, or
+        refused by PostgreSQL for its data) is logged, counted in
+        C{rejected} and acknowledged with the rest; it was left pending,
+        claimed again every C{claim_idle} seconds, forever.  Any other
+        failure (PostgreSQL down) stops the read: the entries done so far
+        are acknowledged, the others stay pending for a later claim.
         """
         count = 0
-        done = []
-        for entry_id, fields in entries:
-            done.append(entry_id)
-            values = dict(zip(fields[::2], fields[1::2], strict=False))
-            raw = values.get("data")
-            try:
-                decoded = json.loads(raw if isinstance(raw, str) else json.dumps(raw))
-                events = decoded if isinstance(decoded, list) else [decoded]
-                if not all(isinstance(e, dict) for e in events):
-                    raise ValueError("not an event")
-            except (TypeError, ValueError):
-                log.warn("events: dropping malformed entry {id} of {stream}", id=entry_id, stream=self.stream)
-                continue
-            for i, event in enumerate(events):
-                try:
-                    await self.handle(f"{entry_id}#{i}" if len(events) > 1 else entry_id, event)
-                except (KeyError, TypeError, ValueError) as e:
-                    # a malformed event is dropped; the others of the entry are written
-                    log.warn("events: dropping malformed event in {id} of {stream}: {why}",
-                             id=entry_id, stream=self.stream, why=repr(e))
-                    continue
-                count += 1
-                self.processed += 1
-        if done:
-            await self.redis.execute_command("XACK", self.stream, self.group, *done)  # after the commits
+        done: list[Any] = []
+        try:
+            for entry_id, fields in entries:
+                count += await self._handle_entry(entry_id, fields)
+                done.append(entry_id)
+        finally:
+            if done:
+                await self.redis.execute_command("XACK", self.stream, self.group, *done)  # after the commits
         return count
+
+    async def _handle_entry(self, entry_id: Any, fields: list[Any]) -> int:
+        values = dict(zip(fields[::2], fields[1::2], strict=False))
+        raw = values.get("data")
+        try:
+            decoded = json.loads(raw if isinstance(raw, str) else json.dumps(raw))
+            events = decoded if isinstance(decoded, list) else [decoded]
+            if not all(isinstance(e, dict) for e in events):
+                raise ValueError("not an event")
+        except (TypeError, ValueError):
+            log.warn("events: dropping malformed entry {id} of {stream}", id=entry_id, stream=self.stream)
+            self.rejected += 1
+            return 0
+        count = 0
+        for i, event in enumerate(events):
+            try:
+                await self.handle(f"{entry_id}#{i}" if len(events) > 1 else entry_id, event)
+            except Exception as e:
+                if not rejected(e):
+                    raise
+                # this event is dropped; the others of the entry are written
+                log.warn("events: dropping an event in {id} of {stream} that cannot be written: {why}",
+                         id=entry_id, stream=self.stream, why=repr(e))
+                self.rejected += 1
+                continue
+            count += 1
+            self.processed += 1
+        return count
+
+
+# what PostgreSQL's columns hold: real (float4), integer, bigint; and
+# timestamps up to the end of year 9999 (to_timestamp() takes infinity,
+# and years no clock of ours will show)
+_REAL = 3.4e38
+_INT = 2**31 - 1
+_BIGINT = 2**63 - 1
+_LAST_AT = 253402300799.0
+
+
+class Rejected(ValueError):
+    """
+    An event that can never be written: it does not validate, or
+    PostgreSQL refused it for its data.
+    """
+
+
+def rejected(error: BaseException) -> bool:
+    """
+    Whether C{error}, raised writing one event, is that event's fault (so
+    that writing it again would fail again) rather than an outage: a
+    record that does not validate, or PostgreSQL's SQLSTATE class 22
+    (data exception: a value out of range, bad input syntax) or 23
+    (integrity constraint violation).  A writer that retried those kept
+    failing on the one event, and every event behind it waited forever.
+    """
+    if isinstance(error, (KeyError, TypeError, ValueError)):
+        return True
+    code = getattr(error, "pgcode", None)
+    return isinstance(code, str) and code[:2] in ("22", "23")
+
+
+def _real(event: dict[str, Any], key: str, default: float | None = None, low: float = -_REAL,
+          high: float = _REAL) -> float:
+    """
+    C{event[key]}, a finite number from C{low} to C{high} (a missing one
+    is C{default}, if there is one).
+    """
+    value = event.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Rejected(f"{key}: expected a number, not {type(value).__name__}")
+    if not low <= value <= high:  # (NaN is in no range)
+        raise Rejected(f"{key}: {value!r} is out of range")
+    return float(value)
+
+
+def _whole(event: dict[str, Any], key: str, high: int) -> int:
+    value = _real(event, key, 0, 0, high)
+    if value != int(value):
+        raise Rejected(f"{key}: expected a whole number")
+    return int(value)
+
+
+def _at(event: dict[str, Any]) -> float:
+    return _real(event, "at", None, 0, _LAST_AT)
+
+
+def _name(event: dict[str, Any], key: str) -> str:
+    value = event.get(key)
+    if not isinstance(value, str):
+        raise Rejected(f"{key}: expected a string")
+    return value
+
+
+def _text(event: dict[str, Any], key: str, limit: int) -> str:
+    value = event.get(key, "")
+    if not isinstance(value, str):
+        raise Rejected(f"{key}: expected a string")
+    return value[:limit]
+
+
+def heartbeat_row(entry_id: str, event: dict[str, Any]) -> tuple[Any, ...]:
+    """
+    The heartbeats row of C{event}, checked to fit the table (else
+    L{Rejected}).
+    """
+    return (_name(event, "agent_id"), _at(event), _real(event, "cpu", 0), _real(event, "memory", 0),
+            _real(event, "disk", 0), _real(event, "load", 0), _whole(event, "active_streams", _INT),
+            str(event.get("_id", entry_id)))
+
+
+def request_row(entry_id: str, event: dict[str, Any]) -> tuple[Any, ...]:
+    """
+    The request_events row of C{event}, checked to fit the table (else
+    L{Rejected}).
+    """
+    model = event.get("model")
+    if model is not None and not isinstance(model, str):
+        raise Rejected("model: expected a string")
+    return (str(event.get("_id", entry_id)), _at(event), _text(event, "tunnel", 256), _name(event, "key"),
+            _name(event, "agent_id"), model, _text(event, "method", 16), _text(event, "target", 512),
+            _whole(event, "bytes_in", _BIGINT), _whole(event, "bytes_out", _BIGINT),
+            _real(event, "duration", 0, 0))
 
 
 def write_heartbeat(conn: Any) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
@@ -489,28 +603,29 @@ def write_heartbeat(conn: Any) -> Callable[[str, dict[str, Any]], Awaitable[None
     async def handle(entry_id: str, event: dict[str, Any]) -> None:
         if event.get("kind") == "agent":
             # a login or a models update: the agent's description
+            agent, at = _name(event, "agent_id"), _at(event)
             await conn.runOperation(
                 "INSERT INTO agents (id, first_seen, last_seen, system_info, models)"
                 " VALUES (%s, to_timestamp(%s), to_timestamp(%s), %s, %s)"
                 " ON CONFLICT (id) DO UPDATE SET last_seen = GREATEST(agents.last_seen, EXCLUDED.last_seen),"
                 " system_info = EXCLUDED.system_info, models = EXCLUDED.models",
-                (str(event["agent_id"]), float(event["at"]), float(event["at"]),
-                 json.dumps(event.get("system_info") or {}), json.dumps(list(event.get("models") or []))),
+                (agent, at, at, json.dumps(event.get("system_info") or {}),
+                 json.dumps(list(event.get("models") or []))),
             )
             return
+
+        row = heartbeat_row(entry_id, event)
 
         def work(cursor: Any) -> Any:
             d = cursor.execute(
                 "INSERT INTO heartbeats (agent_id, at, cpu, memory, disk, load, active_streams, event_id)"
                 " VALUES (%s, to_timestamp(%s), %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING",
-                (event["agent_id"], event["at"], event.get("cpu", 0), event.get("memory", 0),
-                 event.get("disk", 0), event.get("load", 0), event.get("active_streams", 0),
-                 event.get("_id", entry_id)),
+                row,
             )
             d.addCallback(lambda _: cursor.execute(
                 "INSERT INTO agents (id, first_seen, last_seen) VALUES (%s, to_timestamp(%s), to_timestamp(%s))"
                 " ON CONFLICT (id) DO UPDATE SET last_seen = GREATEST(agents.last_seen, EXCLUDED.last_seen)",
-                (event["agent_id"], event["at"], event["at"]),
+                (row[0], row[1], row[1]),
             ))
             return d
 
@@ -539,10 +654,7 @@ def write_request(conn: Any) -> Callable[[str, dict[str, Any]], Awaitable[None]]
             " ON CONFLICT (period_start, key_name, agent_id) DO UPDATE SET"
             "  requests = stats.requests + 1, bytes_in = stats.bytes_in + EXCLUDED.bytes_in,"
             "  bytes_out = stats.bytes_out + EXCLUDED.bytes_out",
-            (str(event.get("_id", entry_id)), float(event["at"]), str(event.get("tunnel", "")), str(event["key"]),
-             str(event["agent_id"]), event.get("model"), str(event.get("method", ""))[:16],
-             str(event.get("target", ""))[:512], int(event.get("bytes_in", 0)), int(event.get("bytes_out", 0)),
-             float(event.get("duration", 0))),
+            request_row(entry_id, event),
         )
 
     return handle

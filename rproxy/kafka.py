@@ -45,12 +45,13 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from rproxy.events import HEARTBEATS, REQUESTS
+from rproxy.events import HEARTBEATS, REQUESTS, rejected
 
 __all__ = ["ClientErrors", "KafkaSink", "KafkaEventConsumer", "OffsetReader", "make_producer", "make_consumer",
            "topics_of"]
 
 FLUSH_DELAY = 0.01
+METADATA_REFRESH_MS = 10_000
 log = Logger()
 
 Handle = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -139,7 +140,11 @@ class ClientErrors:
 def _common(config: Any, errors: ClientErrors | None) -> dict[str, Any]:
     common = {"bootstrap.servers": ",".join(config.bootstrap_servers), "client.id": config.client_id,
               # reconnect quickly once the broker is back, without hammering it meanwhile
-              "reconnect.backoff.ms": 100, "reconnect.backoff.max.ms": 2000, "log.connection.close": False}
+              "reconnect.backoff.ms": 100, "reconnect.backoff.max.ms": 2000, "log.connection.close": False,
+              # a topic that did not exist yet (a fresh broker creates it at the
+              # first record) is seen within 10 s: librdkafka's default, 5 min,
+              # left the writers subscribed to nothing that long
+              "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS}
     if errors is None:
         common["log_level"] = 0  # (served by a poll on another thread, or by none)
     else:
@@ -463,14 +468,22 @@ class KafkaSink:
 
     def _send_again(self, key: tuple[str, int], why: str) -> None:
         """
-        The broker lost what it held of this partition: what it
-        acknowledged and the group did not commit is queued again, ahead
-        of the buffer, as far as there is room.
+        The broker lost what it held of partition C{key}: what it
+        acknowledged and the group did not commit, of every partition, is
+        queued again, ahead of the buffer, as far as there is room.  Every
+        partition: a broker that came back without one partition's data
+        lost the others it held too, and one that no record went to since
+        (or whose group never committed: nothing to see go back) would
+        never show it; what was not lost is written once all the same.
+        What the partitions' offsets and commits were is forgotten: they
+        were the old logs'.
         """
-        again = [entry for entry in self.unconfirmed if (entry[0], entry[1]) == key]
+        again = list(self.unconfirmed)
         if not again:
             return
-        self.unconfirmed = collections.deque(e for e in self.unconfirmed if (e[0], e[1]) != key)
+        self.unconfirmed = collections.deque()
+        self._acked.clear()
+        self._seen.clear()
         count = sum(len(e[3]) for e in again)
         self._kept -= count
         room = max(0, self.buffer_limit - len(self.buffer) - self.in_flight - sum(len(e) for _, e in self._again))
@@ -481,8 +494,9 @@ class KafkaSink:
                 queued += len(events)
             else:
                 self.lost += len(events)
-        log.warn("kafka: the broker lost {topic}[{partition}] ({why}); sending {n} event(s) again, {lost} lost",
-                 topic=key[0], partition=key[1], why=why, n=queued, lost=count - queued)
+        log.warn("kafka: the broker lost {topic}[{partition}] ({why}); sending {n} event(s) not yet committed "
+                 "again, of every partition, {lost} lost", topic=key[0], partition=key[1], why=why, n=queued,
+                 lost=count - queued)
         if self._timer is None and not self._stopped:
             self._timer = self.clock.callLater(0, self._flush)
 
@@ -556,38 +570,57 @@ class KafkaEventConsumer:
         self.batch = batch
         self.handlers: dict[str, Handle] = {}
         self.processed = 0
-        self._pending: list[Any] | None = None
+        #: events dropped because they can never be written (see L{rejected})
+        self.rejected = 0
+        self._pending: collections.deque[Any] = collections.deque()
+        self._next = 0  # the next event of the first pending record
         self._subscribed = False
 
     async def poll(self) -> int:
         """
         Write what was fetched (or what a failed write left pending) to
         PostgreSQL, then commit its offsets; return how many events were
-        written.  A failure leaves the records pending for the next call.
+        written.  A failure (PostgreSQL down) leaves the records from the
+        failed event on pending for the next call, and commits the ones
+        done before it.
+
+        An event that can never be written (L{rejected}: malformed, or
+        refused by PostgreSQL for its data) is logged once, counted in
+        C{rejected} and passed; one such event was retried at every call,
+        and nothing behind it was ever written, across restarts too (its
+        offset was never committed).
         """
         if not self._subscribed:
             self.consumer.subscribe(self.topics)
             self._subscribed = True
-        if self._pending is None:
-            self._pending = self.consumer.consume(self.batch, 0)
-        messages = self._pending
+        pending = self._pending
+        if not pending:
+            pending.extend(self.consumer.consume(self.batch, 0))
         handled = 0
         offsets: dict[tuple[str, int], int] = {}
-        for msg in messages:
-            if msg.error() is not None:
-                self.errors.error("consumer", str(msg.error()))
-                continue
-            handled += await self._handle(msg)
-            offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
-        self._pending = None
-        if offsets:
-            from confluent_kafka import TopicPartition
+        try:
+            while pending:
+                msg = pending[0]
+                if msg.error() is not None:
+                    self.errors.error("consumer", str(msg.error()))
+                else:
+                    handled += await self._handle(msg)
+                    offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
+                pending.popleft()
+                self._next = 0
+        finally:
+            if offsets:
+                from confluent_kafka import TopicPartition
 
-            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                                 asynchronous=True)
+                self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                     asynchronous=True)
         return handled
 
     async def _handle(self, msg: Any) -> int:
+        """
+        Write the events of C{msg} from event C{_next} on; a failure that is
+        not the event's fault leaves C{_next} at it.
+        """
         topic = msg.topic()
         where = f"{topic}/{msg.partition()}/{msg.offset()}"
         handle = self.handlers.get(topic)
@@ -598,14 +631,21 @@ class KafkaEventConsumer:
                 raise ValueError("not an event")
         except (TypeError, ValueError):
             log.warn("kafka: skipping a malformed record at {where}", where=where)
+            self.rejected += 1
             return 0
         count = 0
-        for i, event in enumerate(events):
+        while self._next < len(events):
+            i = self._next
             try:
-                await handle(f"{where}#{i}", event)
-            except (KeyError, TypeError, ValueError) as e:
-                log.warn("kafka: skipping a malformed event in {where}: {why}", where=where, why=repr(e))
-                continue
-            count += 1
-        self.processed += count
+                await handle(f"{where}#{i}", events[i])
+            except Exception as e:
+                if not rejected(e):
+                    raise
+                log.warn("kafka: skipping an event in {where} that cannot be written: {why}", where=where,
+                         why=repr(e))
+                self.rejected += 1
+            else:
+                count += 1
+                self.processed += 1
+            self._next = i + 1
         return count

@@ -283,13 +283,19 @@ class StateCollector:
         sink_dropped = CounterMetricFamily("rproxy_events_sink_dropped",
                                            "Events never acknowledged (buffer full, delivery timed out, or stopping)",
                                            labels=["sink"])
+        rejected = CounterMetricFamily("rproxy_events_rejected",
+                                       "Events the PostgreSQL writers dropped because they can never be written "
+                                       "(malformed, or refused by PostgreSQL for their data)", labels=["sink"])
+        if service.stores is not None:
+            for kind, count in service.stores.events_rejected().items():
+                rejected.add_metric([kind], count)
         for kind, each in sinks_of(sink):
             sink_dropped.add_metric([kind], each.dropped)
             if hasattr(each, "lost"):
                 lost.add_metric([kind], each.lost)
                 emitted.add_metric([kind], each.emitted)
                 in_flight.add_metric([kind], each.in_flight)
-        yield from (lost, emitted, in_flight, sink_dropped)
+        yield from (lost, emitted, in_flight, sink_dropped, rejected)
 
         spans = CounterMetricFamily("rproxy_telemetry_spans",
                                     "Ended spans: exported, failed (the exporter gave up on their batch), "

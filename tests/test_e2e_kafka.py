@@ -91,6 +91,30 @@ class KafkaTests(ServiceMixin, TestCase):
         self.assertEqual((sink.dropped, sink.lost, sink.in_flight), (0, 0, 0))
 
     @async_test
+    async def test_events_that_cannot_be_written_are_passed(self) -> None:
+        """
+        Heartbeats that cannot be written (cpu 1e39, refused before
+        PostgreSQL; 1e-50, refused by its real column) are dropped and
+        counted, once each, and the events behind them written; the
+        writer jammed on the first for good (its offset never committed,
+        retried 10 times a second, across restarts too).
+        """
+        service = await self.start()
+        sink = service.stores.kafka
+        for i, cpu in enumerate((1e39, 1.0, 1e-50, 2.0)):
+            sink.emit(HEARTBEATS, {"agent_id": "gpu-1", "at": 1_700_000_000 + i, "cpu": cpu})
+            await wait_for(lambda: not sink.buffer)  # a record each
+        sink.emit(REQUESTS, {"at": 1_700_000_000, "key": "team", "agent_id": "gpu-1", "duration": 0.01})
+        rows = await self.settle("SELECT (SELECT count(*) FROM heartbeats) + (SELECT count(*) FROM request_events)",
+                                 lambda: 3)
+        self.assertEqual(rows, 3)
+        self.assertEqual(await self.conn.runQuery("SELECT cpu FROM heartbeats ORDER BY cpu"), [(1.0,), (2.0,)])
+        self.assertEqual(service.stores.events_rejected(), {"kafka": 2})
+        from prometheus_client.exposition import generate_latest
+
+        self.assertIn('rproxy_events_rejected_total{sink="kafka"} 2.0', generate_latest(service.registry).decode())
+
+    @async_test
     async def test_broker_killed_and_restarted_under_traffic(self) -> None:
         """
         With the broker killed for 3 s under 400 events a second (while

@@ -13,7 +13,17 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from rproxy.events import HEARTBEATS, REQUESTS, EventConsumer, EventSink, write_heartbeat
+from rproxy.events import (
+    HEARTBEATS,
+    REQUESTS,
+    EventConsumer,
+    EventSink,
+    Rejected,
+    heartbeat_row,
+    rejected,
+    request_row,
+    write_heartbeat,
+)
 from rproxy.store.postgres import connection, migrate
 from tests.support import async_test, reactor, turn, wait_for
 from tests.test_servers import BothServers
@@ -53,6 +63,28 @@ class EventTests(BothServers, TestCase):
         self.assertEqual(rows, [(25, 24.0)])
         seen = await conn.runQuery("SELECT extract(epoch FROM last_seen)::bigint FROM agents WHERE id = 'gpu-01'")
         self.assertEqual(seen, [(1_700_000_024,)])
+
+    @async_test
+    async def test_heartbeats_postgres_refuses_are_dropped(self) -> None:
+        """
+        Heartbeats that cannot be written (cpu 1e39, refused before
+        PostgreSQL; 1e-50, refused by its real column with SQLSTATE 22003)
+        are dropped and counted, the others written, every entry
+        acknowledged: nothing is left pending to be claimed again.  (The
+        refused one stayed pending, retried every 30 s, forever.)
+        """
+        conn, redis = await self.setup()
+        sink = EventSink(redis, reactor)
+        self.addCleanup(sink.stop)
+        for cpu in (1.0, 1e39, 2.0, 1e-50, 3.0):
+            sink.emit(HEARTBEATS, beat("gpu-01", 1_700_000_000 + cpu % 10, cpu=cpu))
+            await wait_for(lambda: not sink.buffer)  # one entry each
+        await wait_for(lambda: sink.sent == 5)
+        consumer = EventConsumer(redis, HEARTBEATS, "writers", "c1", write_heartbeat(conn), reactor)
+        self.assertEqual(await consumer.poll(), 3)
+        self.assertEqual(consumer.rejected, 2)
+        self.assertEqual(await conn.runQuery("SELECT cpu FROM heartbeats ORDER BY cpu"), [(1.0,), (2.0,), (3.0,)])
+        self.assertEqual((await redis.execute_command("XPENDING", HEARTBEATS, "writers"))[0], 0)
 
     @async_test
     async def test_crashed_consumer_is_redelivered_once(self) -> None:
@@ -435,6 +467,152 @@ class SinkDeliveryTests(SynchronousTestCase):
         self.assertEqual((len(sink.buffer), sink._in_flight, sink.dropped), (1, 0, 0))
         self.successResultOf(sink.stop())
         self.assertEqual((len(sink.buffer), sink.dropped, clock.getDelayedCalls()), (0, 1, []))
+
+
+class DataError(Exception):
+    """
+    What psycopg2 raises for a value PostgreSQL refuses (SQLSTATE 22003).
+    """
+
+    pgcode = "22003"
+
+
+class OneRead:
+    """
+    The Redis commands a consumer uses: one read of C{entries}, then
+    nothing; the XACKs are recorded.
+    """
+
+    def __init__(self, entries: list[tuple[str, list[Any]]]) -> None:
+        self.entries = entries
+        self.acks: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any) -> defer.Deferred[Any]:
+        if args[0] == "XGROUP":
+            return defer.succeed("OK")
+        if args[0] == "XAUTOCLAIM":
+            return defer.succeed(["0-0", []])
+        if args[0] == "XREADGROUP":
+            entries, self.entries = self.entries, []
+            return defer.succeed([[HEARTBEATS, entries]] if entries else None)
+        if args[0] == "XACK":
+            self.acks.append(args[3:])
+            return defer.succeed(len(args) - 3)
+        raise AssertionError(args)
+
+
+class RowTests(SynchronousTestCase):
+    """
+    An event's row is checked to fit its table before it is written.
+    """
+
+    def test_heartbeats_that_cannot_be_written(self) -> None:
+        """
+        Values the heartbeats table refuses (or would take as infinity)
+        are L{Rejected}, naming the field; a good one passes.
+        """
+        good = {**beat("a", 1_700_000_000.5), "_id": "e1"}
+        self.assertEqual(heartbeat_row("x", good), ("a", 1_700_000_000.5, 1.0, 2.0, 3.0, 0.5, 1, "e1"))
+        for change, why in (({"cpu": 1e39}, "cpu: 1e+39 is out of range"),
+                            ({"agent_id": 5}, "agent_id: expected a string"),
+                            ({"at": "x"}, "at: expected a number, not str"),
+                            ({"at": float("inf")}, "at: inf is out of range"),
+                            ({"at": -1}, "at: -1 is out of range"),
+                            ({"load": float("nan")}, "load: nan is out of range"),
+                            ({"active_streams": 2**31}, "active_streams: 2147483648 is out of range"),
+                            ({"memory": True}, "memory: expected a number, not bool")):
+            error = self.assertRaises(Rejected, heartbeat_row, "x", {**good, **change})
+            self.assertEqual(str(error), why)
+        self.assertRaises(Rejected, heartbeat_row, "x", {"cpu": 1.0})  # no agent, no time
+
+    def test_requests_that_cannot_be_written(self) -> None:
+        good = {"at": 1_700_000_000, "key": "team", "agent_id": "a", "tunnel": "t", "method": "POST",
+                "target": "/v1/x", "bytes_in": 10, "bytes_out": 20, "duration": 0.25, "model": "m", "_id": "e2"}
+        self.assertEqual(request_row("x", good),
+                         ("e2", 1_700_000_000.0, "t", "team", "a", "m", "POST", "/v1/x", 10, 20, 0.25))
+        for change, why in (({"bytes_in": 2**63}, "bytes_in: 9223372036854775808 is out of range"),
+                            ({"bytes_out": 1.5}, "bytes_out: expected a whole number"),
+                            ({"duration": 1e39}, "duration: 1e+39 is out of range"),
+                            ({"model": ["m"]}, "model: expected a string"),
+                            ({"key": None}, "key: expected a string"),
+                            ({"at": 1e300}, "at: 1e+300 is out of range")):
+            error = self.assertRaises(Rejected, request_row, "x", {**good, **change})
+            self.assertEqual(str(error), why)
+
+    def test_what_is_the_events_fault(self) -> None:
+        """
+        A malformed event and PostgreSQL's data (22) and integrity (23)
+        errors are the event's fault; an outage is not.
+        """
+        class Lost(Exception):
+            pgcode = "08006"
+
+        self.assertEqual([rejected(e) for e in (Rejected("x"), KeyError("at"), DataError(), ConnectionError(),
+                                                Lost(), defer.CancelledError())],
+                         [True, True, True, False, False, False])
+
+
+class ConsumerRejectTests(SynchronousTestCase):
+    """
+    The Redis Streams consumer drops an event that can never be written,
+    and keeps retrying one that failed for an outage.
+    """
+
+    def test_refused_event_is_acknowledged_once(self) -> None:
+        """
+        An event PostgreSQL refuses for its data is logged, counted and
+        acknowledged with its entry; the others are written.  (It was
+        left pending: claimed again every 30 s, forever.)
+        """
+        entries = [("7-0", ["data", json.dumps([{"n": 0}, {"n": 1}])]), ("7-1", ["data", json.dumps({"n": 2})]),
+                   ("7-2", ["data", "{not json"])]
+        redis = OneRead(entries)
+        written: list[int] = []
+
+        async def handle(entry_id: str, event: dict[str, Any]) -> None:
+            if event["n"] == 1:
+                raise DataError('"1e+39" is out of range for type real')
+            written.append(event["n"])
+
+        consumer = EventConsumer(redis, HEARTBEATS, "writers", "c1", handle, Clock())
+        logged = capture_warnings(self)
+        self.assertEqual(self.successResultOf(defer.Deferred.fromCoroutine(consumer.poll())), 2)
+        self.assertEqual((written, redis.acks, consumer.rejected), ([0, 2], [("7-0", "7-1", "7-2")], 2))
+        self.assertEqual(len(logged), 2)
+
+    def test_outage_leaves_the_rest_pending(self) -> None:
+        """
+        A write failing for an outage stops the read: the entries written
+        before it are acknowledged, it and the rest are not (claimed
+        again later).
+        """
+        entries = [(f"7-{i}", ["data", json.dumps({"n": i})]) for i in range(3)]
+        redis = OneRead(entries)
+
+        async def handle(entry_id: str, event: dict[str, Any]) -> None:
+            if event["n"] == 1:
+                raise ConnectionError("PostgreSQL went away")
+
+        consumer = EventConsumer(redis, HEARTBEATS, "writers", "c1", handle, Clock())
+        self.failureResultOf(defer.Deferred.fromCoroutine(consumer.poll()), ConnectionError)
+        self.assertEqual((redis.acks, consumer.rejected, consumer.processed), ([("7-0",)], 0, 1))
+
+
+def capture_warnings(case: SynchronousTestCase) -> list[dict[str, Any]]:
+    """
+    The warnings logged while C{case} runs.
+    """
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    logged: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            logged.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    case.addCleanup(globalLogPublisher.removeObserver, observe)
+    return logged
 
 
 class FailingAcks:

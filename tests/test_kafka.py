@@ -238,6 +238,55 @@ class KafkaSinkTests(SynchronousTestCase):
         clock.advance(1.0)
         self.assertEqual((sink.sent, sink.resent, sink.lost, len(producer.queued)), (4, 3, 0, 0))
 
+    def test_a_lost_partition_sends_every_partition_again(self) -> None:
+        """
+        A broker seen to have lost one partition (its log started again)
+        lost the others too: what every partition holds uncommitted is sent
+        again, request records the group never committed included (no
+        commit to see go back, and no record sent to their partition since:
+        they were lost without a count).
+        """
+        sink, producer, clock = self.committed_sink({}, batch=1)
+        for i in range(2):
+            sink.emit(HEARTBEATS, beat(i))
+        sink.emit(REQUESTS, {"at": 1_700_000_010, "key": "team", "agent_id": "a"})
+        clock.advance(0.01)
+        producer.ack()
+        clock.advance(0.05)
+        producer.offsets.clear()  # a new, empty broker
+        sink.emit(HEARTBEATS, beat(3))
+        clock.advance(0.01)
+        producer.ack()
+        clock.advance(0.05)
+        self.assertEqual(sorted((topic, e["at"] - 1_700_000_000) for topic, events, _ in producer.queued
+                                for e in events), [("hb", 0), ("hb", 1), ("rq", 10)])
+        producer.ack()
+        clock.advance(1.0)
+        self.assertEqual((sink.sent, sink.resent, sink.lost, len(producer.queued)), (4, 3, 0, 0))
+
+    def test_topics_are_looked_for_every_10s(self) -> None:
+        """
+        The producer, the writers and the offsets reader look for new
+        topics (a fresh broker creates them at their first record) every
+        10 s at most: librdkafka's 5 min left the writers subscribed to
+        topics "not available" that long (request records reached
+        PostgreSQL 5 minutes late).
+        """
+        import confluent_kafka
+
+        from rproxy import kafka
+
+        made: list[dict[str, Any]] = []
+        self.patch(confluent_kafka, "Producer", made.append)
+        self.patch(confluent_kafka, "Consumer", made.append)
+        config = KafkaConfig(bootstrap_servers=("127.0.0.1:9092",))
+        kafka.make_producer(config, KafkaSink(None, Clock(), TOPICS))
+        kafka.make_consumer(config, ClientErrors(Clock()))
+        kafka.make_consumer(config)
+        self.assertEqual(len(made), 3)
+        for settings in made:
+            self.assertLessEqual(settings["topic.metadata.refresh.interval.ms"], 10_000)
+
     def test_resend_beyond_room_is_lost(self) -> None:
         """Events to send again that do not fit in the buffer are counted as lost; the newest are kept."""
         offsets: dict[tuple[str, int], int] = {("hb", 0): 0}
@@ -362,9 +411,57 @@ class KafkaConsumerTests(SynchronousTestCase):
         self.failureResultOf(defer.Deferred.fromCoroutine(consumer.poll()), ConnectionError)
         self.assertEqual(fake.calls, [("subscribe", ["hb"]), ("consume", 0)])
         fail[0] = False
-        self.assertEqual(self.successResultOf(defer.Deferred.fromCoroutine(consumer.poll())), 3)
-        self.assertEqual(written, ["hb/0/7#0", "hb/0/7#0", "hb/0/7#1", "hb/1/4#0"])
+        self.assertEqual(self.successResultOf(defer.Deferred.fromCoroutine(consumer.poll())), 2)
+        # from the event that failed on: the one before it is not written again
+        self.assertEqual(written, ["hb/0/7#0", "hb/0/7#1", "hb/1/4#0"])
         self.assertEqual(fake.calls[2:], [("commit", [("hb", 0, 8), ("hb", 1, 5)])])
+        self.assertEqual((consumer.processed, consumer.rejected), (3, 1))
+
+    def test_an_event_that_cannot_be_written_is_passed(self) -> None:
+        """
+        An event PostgreSQL refuses for its data (SQLSTATE class 22) is
+        logged once, counted and passed; the records behind it are
+        written and the offsets committed past it.  It was retried at
+        every poll (120 times in 12 s), forever: nothing behind it was
+        written, across restarts too.  A failure for an outage is retried
+        from the event it failed on: the malformed record before it is
+        not logged again.
+        """
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+
+        class DataError(Exception):
+            pgcode = "22003"
+
+        records = [Message("hb", 0, 1, b"[1, 2]"), Message("hb", 0, 2, json.dumps(beat(1)).encode()),
+                   Message("hb", 0, 3, json.dumps(beat(2)).encode()), Message("hb", 0, 4, json.dumps(beat(3)).encode())]
+        fake = FakeConsumer([records])
+        consumer = KafkaEventConsumer(fake, ["hb"], ClientErrors(Clock()))
+        written: list[str] = []
+        down = [True]
+
+        async def handle(where: str, event: dict[str, Any]) -> None:
+            if event["at"] == 1_700_000_001:
+                raise DataError('"1e+39" is out of range for type real')
+            if event["at"] == 1_700_000_003 and down[0]:
+                raise ConnectionError("PostgreSQL went away")
+            written.append(where)
+
+        consumer.handlers = {"hb": handle}
+        self.failureResultOf(defer.Deferred.fromCoroutine(consumer.poll()), ConnectionError)
+        # what was done before the outage is committed
+        self.assertEqual(fake.calls[2:], [("commit", [("hb", 0, 4)])])
+        self.failureResultOf(defer.Deferred.fromCoroutine(consumer.poll()), ConnectionError)
+        down[0] = False
+        self.assertEqual(self.successResultOf(defer.Deferred.fromCoroutine(consumer.poll())), 1)
+        self.assertEqual(written, ["hb/0/3#0", "hb/0/4#0"])
+        self.assertEqual(fake.calls[3:], [("commit", [("hb", 0, 5)])])
+        self.assertEqual((consumer.processed, consumer.rejected), (2, 2))
+        warnings = [e for e in logged if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 2)  # the malformed record, the refused event: once each
 
 
 class BrokerDownLogTests(SynchronousTestCase):

@@ -609,12 +609,16 @@ class _Stores:
     def status(self) -> dict[str, str]:
         return {}
 
+    def events_rejected(self) -> dict[str, int]:
+        return {"kafka": 4}
+
 
 class EventMetricsTests(SynchronousTestCase):
     def test_sinks_counts(self) -> None:
         """
         rproxy_events_lost, _emitted, _in_flight and _sink_dropped per sink
-        kind, read from the sinks at scrape time.
+        kind, read from the sinks at scrape time; _rejected from the
+        writers.
         """
         clock = Clock()
         kafka = KafkaSink(FakeProducer(), clock, TOPICS, buffer_limit=3)
@@ -628,7 +632,8 @@ class EventMetricsTests(SynchronousTestCase):
         text = generate_latest(service.registry).decode()
         for line in ['rproxy_events_lost_total{sink="kafka"} 7.0', 'rproxy_events_emitted_total{sink="kafka"} 5.0',
                      'rproxy_events_in_flight{sink="kafka"} 3.0', 'rproxy_events_sink_dropped_total{sink="kafka"} 2.0',
-                     'rproxy_events_sink_dropped_total{sink="redis"} 0.0']:
+                     'rproxy_events_sink_dropped_total{sink="redis"} 0.0',
+                     'rproxy_events_rejected_total{sink="kafka"} 4.0']:
             self.assertIn(line, text)
         self.assertNotIn('rproxy_events_lost_total{sink="redis"}', text)
         redis_sink.stop()

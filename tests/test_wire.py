@@ -140,7 +140,30 @@ class OutOfRangeTests(SynchronousTestCase):
 
     def test_ordinary_numbers(self) -> None:
         """Floats, negative and 20-digit integers still parse."""
-        body = b'{"type": "heartbeat", "cpu": 1.5e2, "load": -3, "disk": 12345678901234567890}'
-        [beat] = FrameDecoder().feed(struct.pack(">I", len(body)) + body)
-        assert isinstance(beat, Heartbeat)
-        self.assertEqual((beat.cpu, beat.load, beat.disk), (150.0, -3.0, 12345678901234567890.0))
+        for text, value in ((b"1.5e2", 150.0), (b"-3", -3.0), (b"12345678901234567890", 12345678901234567890.0)):
+            body = b'{"type": "login_result", "ok": true, "heartbeat_interval": ' + text + b"}"
+            [result] = FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+            assert isinstance(result, LoginResult)
+            self.assertEqual(result.heartbeat_interval, value)
+
+    def test_heartbeat_ranges(self) -> None:
+        """
+        A heartbeat's percentages are 0 to 100, its load from 0 to a
+        million, its stream count a whole number a PostgreSQL integer
+        holds: past them it is refused (cpu 1e39, finite, jammed the
+        writers: the heartbeats table's real column refuses it).
+        """
+        for field, value, message in (
+            ("cpu", 1e39, "cpu: expected a number from 0 to 100"),
+            ("memory", 100.5, "memory: expected a number from 0 to 100"),
+            ("disk", -1, "disk: expected a number from 0 to 100"),
+            ("load", -0.5, "load: expected a number from 0 to 1e+06"),
+            ("load", 2e6, "load: expected a number from 0 to 1e+06"),
+            ("active_streams", 2**31, "active_streams: expected a number from 0 to 2.14748e+09"),
+            ("active_streams", -1, "active_streams: expected a number from 0 to 2.14748e+09"),
+            ("active_streams", 1.5, "active_streams: expected a whole number"),
+        ):
+            self.check(json.dumps({"type": "heartbeat", field: value}).encode(), message)
+        body = {"type": "heartbeat", "cpu": 100, "memory": 0, "disk": 99.5, "load": 1e6, "active_streams": 2**31 - 1}
+        self.assertEqual(FrameDecoder().feed(raw(body)),
+                         [Heartbeat(cpu=100.0, memory=0.0, disk=99.5, load=1e6, active_streams=2**31 - 1)])

@@ -214,13 +214,19 @@ class Stores:
         """
         if self._conn is None or self.postgres_state != "up" or self.redis_state != "up":
             return None
-        if self._consumer is None or self._consumer_conn is not self._conn:
-            self._consumer_conn = self._conn
+        if self._consumer is None:
             me = f"{socket.gethostname()}-{os.getpid()}"
             self._consumer = EventConsumer(self._redis, HEARTBEATS, "rproxy-writers", me,
                                            write_heartbeat(self._conn), self.clock)
             self._request_consumer = EventConsumer(self._redis, REQUESTS, "rproxy-writers", me,
                                                    write_request(self._conn), self.clock)
+            self._consumer_conn = self._conn
+        if self._consumer_conn is not self._conn:
+            # the same consumers (and counters), writing through the new connection
+            assert self._request_consumer is not None
+            self._consumer_conn = self._conn
+            self._consumer.handle = write_heartbeat(self._conn)
+            self._request_consumer.handle = write_request(self._conn)
         return defer.Deferred.fromCoroutine(self._poll_both())
 
     _consumer_conn: Any = None
@@ -248,6 +254,19 @@ class Stores:
         assert self._consumer is not None and self._request_consumer is not None
         await self._consumer.poll()
         await self._request_consumer.poll()
+
+    def events_rejected(self) -> dict[str, int]:
+        """
+        Events the writers dropped because they can never be written
+        (malformed, or refused by PostgreSQL for their data), per event
+        transport that has a writer here.
+        """
+        counts = {}
+        if self._consumer is not None and self._request_consumer is not None:
+            counts["redis"] = self._consumer.rejected + self._request_consumer.rejected
+        if self._kafka_consumer is not None:
+            counts["kafka"] = self._kafka_consumer.rejected
+        return counts
 
     # -- the service -----------------------------------------------------------
 

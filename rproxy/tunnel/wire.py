@@ -94,6 +94,10 @@ _MAX_ITEMS = 256
 MAX_DEPTH = 32
 # Integers of more digits than this are no count or size of ours.
 _MAX_INT_DIGITS = 20
+# a heartbeat's bounds: a count fits a PostgreSQL integer; a load average
+# (runnable tasks, averaged) of a million is no machine's
+_MAX_COUNT = 2**31 - 1
+_MAX_LOAD = 1e6
 # a string (to its end, or to the end of the data: never scanned twice) or a bracket
 _NESTING = re.compile(rb'"(?:[^"\\]|\\.)*+"?|[\[\]{}]', re.S)
 
@@ -115,11 +119,27 @@ def _text(data: dict[str, Any], key: str, required: bool = True, limit: int = _M
     return value
 
 
-def _number(data: dict[str, Any], key: str) -> float:
+def _number(data: dict[str, Any], key: str, low: float = -math.inf, high: float = math.inf) -> float:
     value = data.get(key, 0)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError(f"{key}: expected a number")
+    if not low <= value <= high:
+        raise ProtocolError(f"{key}: expected a number from {low:g} to {high:g}")
     return float(value)
+
+
+def _count(data: dict[str, Any], key: str) -> int:
+    """
+    A whole number from 0 to what a PostgreSQL C{integer} column holds.
+    """
+    value = _number(data, key, 0, _MAX_COUNT)
+    if value != int(value):
+        raise ProtocolError(f"{key}: expected a whole number")
+    return int(value)
+
+
+def _percent(data: dict[str, Any], key: str) -> float:
+    return _number(data, key, 0, 100)
 
 
 def _models(data: dict[str, Any], key: str = "models") -> tuple[str, ...]:
@@ -235,8 +255,11 @@ class Heartbeat:
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> Heartbeat:
-        return cls(cpu=_number(d, "cpu"), memory=_number(d, "memory"), disk=_number(d, "disk"),
-                   load=_number(d, "load"), active_streams=int(_number(d, "active_streams")))
+        # percentages (see the agent's stats), a load average and a count:
+        # values out of these ranges are no machine's, and a heartbeat
+        # carrying one would be refused by the heartbeats table
+        return cls(cpu=_percent(d, "cpu"), memory=_percent(d, "memory"), disk=_percent(d, "disk"),
+                   load=_number(d, "load", 0, _MAX_LOAD), active_streams=_count(d, "active_streams"))
 
     def body(self) -> dict[str, Any]:
         return attrs.asdict(self)
