@@ -6,6 +6,7 @@ the log, and a refused local service reported with its stream id.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from OpenSSL import SSL
@@ -245,3 +246,22 @@ class LocalRefusedTests(AgentTestMixin, SynchronousTestCase):
         control.dataReceived(encode(RequestNewProxyConn("c2", "s", service="db")))
         self.assertEqual(sent(transport), [Error("no local service named 'db'", conn_id="c2")])
         control.connectionLost(Failure(ConnectionDone()))
+
+
+class SystemStatsTests(SynchronousTestCase):
+    def test_cpu_within_bounds_when_a_counter_goes_back(self) -> None:
+        """
+        iowait may go back between two readings of /proc/stat: the CPU
+        figure stays within 0-100 (the server refuses a heartbeat far out
+        of it), here 100 where the raw sum says 200.
+        """
+        from rproxy.tunnel.agent import SystemStats
+
+        proc = self.mktemp()
+        os.makedirs(proc)
+        stats = SystemStats(proc=proc)
+        for line in ("cpu 100 0 0 100 50\n", "cpu 110 0 0 105 40\n"):
+            with open(os.path.join(proc, "stat"), "w") as f:
+                f.write(line)
+            value = stats.cpu()
+        self.assertEqual(value, 100.0)

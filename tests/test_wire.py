@@ -148,15 +148,17 @@ class OutOfRangeTests(SynchronousTestCase):
 
     def test_heartbeat_ranges(self) -> None:
         """
-        A heartbeat's percentages are 0 to 100, its load from 0 to a
-        million, its stream count a whole number a PostgreSQL integer
-        holds: past them it is refused (cpu 1e39, finite, jammed the
-        writers: the heartbeats table's real column refuses it).
+        A heartbeat's percentages are brought into 0 to 100 (an agent's
+        CPU figure may step past when a kernel counter goes back) and
+        refused far out; its load is from 0 to a million, its stream count
+        a whole number a PostgreSQL integer holds: past them it is refused
+        (cpu 1e39, finite, jammed the writers: the heartbeats table's real
+        column refuses it).
         """
         for field, value, message in (
-            ("cpu", 1e39, "cpu: expected a number from 0 to 100"),
-            ("memory", 100.5, "memory: expected a number from 0 to 100"),
-            ("disk", -1, "disk: expected a number from 0 to 100"),
+            ("cpu", 1e39, "cpu: expected a number from -1000 to 1000"),
+            ("memory", 1000.5, "memory: expected a number from -1000 to 1000"),
+            ("disk", -1001, "disk: expected a number from -1000 to 1000"),
             ("load", -0.5, "load: expected a number from 0 to 1e+06"),
             ("load", 2e6, "load: expected a number from 0 to 1e+06"),
             ("active_streams", 2**31, "active_streams: expected a number from 0 to 2.14748e+09"),
@@ -167,3 +169,5 @@ class OutOfRangeTests(SynchronousTestCase):
         body = {"type": "heartbeat", "cpu": 100, "memory": 0, "disk": 99.5, "load": 1e6, "active_streams": 2**31 - 1}
         self.assertEqual(FrameDecoder().feed(raw(body)),
                          [Heartbeat(cpu=100.0, memory=0.0, disk=99.5, load=1e6, active_streams=2**31 - 1)])
+        body = {"type": "heartbeat", "cpu": 100.4, "memory": -0.2}
+        self.assertEqual(FrameDecoder().feed(raw(body)), [Heartbeat(cpu=100.0, memory=0.0)])

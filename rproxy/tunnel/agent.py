@@ -104,7 +104,8 @@ class SystemStats:
         if now is None or last is None or now[0] == last[0]:
             return 0.0
         total, idle = now[0] - last[0], now[1] - last[1]
-        return round(100.0 * (total - idle) / total, 2)
+        # (within 0-100 even when a counter went back between the readings)
+        return min(100.0, max(0.0, round(100.0 * (total - idle) / total, 2)))
 
     def memory(self) -> float:
         values: dict[str, int] = {}

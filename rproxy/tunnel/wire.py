@@ -139,7 +139,13 @@ def _count(data: dict[str, Any], key: str) -> int:
 
 
 def _percent(data: dict[str, Any], key: str) -> float:
-    return _number(data, key, 0, 100)
+    """
+    A percentage, brought into 0-100: an agent's CPU figure can step a
+    little past either end when the kernel's counters go back between two
+    readings (iowait may), which is no reason to drop the agent; a value
+    far out (past +-1000) is a malformed frame.
+    """
+    return min(100.0, max(0.0, _number(data, key, -1000, 1000)))
 
 
 def _models(data: dict[str, Any], key: str = "models") -> tuple[str, ...]:
