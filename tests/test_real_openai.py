@@ -24,6 +24,18 @@ from rproxy.tunnel.config import parse_agent_config
 from tests.support import ServiceMixin, async_test, listen, reactor, wait_for
 
 
+def _chat(client: Any) -> Exception | str:
+    """
+    One chat completion for llama3 through the SDK (run in a thread): its
+    answer's text, or the API error it raised.
+    """
+    try:
+        answer = client.chat.completions.create(model="llama3", messages=[{"role": "user", "content": "hi"}])
+    except openai.APIStatusError as e:
+        return e
+    return answer.choices[0].message.content or ""
+
+
 class FakeOpenAI(Resource):
     """
     POST /v1/chat/completions answering "<agent> heard <n> characters"
@@ -186,15 +198,8 @@ class RealOpenAITests(ServiceMixin, TestCase):
         """
         client = await self.start(rate_limit={"key": "api_key", "rate": "1/m"})
 
-        def chat() -> Exception | str:
-            try:
-                answer = client.chat.completions.create(model="llama3", messages=[{"role": "user", "content": "hi"}])
-            except openai.APIStatusError as e:
-                return e
-            return answer.choices[0].message.content or ""
-
-        self.assertEqual(await deferToThread(chat), "a heard 2 characters")
-        error = await deferToThread(chat)
+        self.assertEqual(await deferToThread(_chat, client), "a heard 2 characters")
+        error = await deferToThread(_chat, client)
         self.assertIsInstance(error, openai.RateLimitError)
         self.assertEqual((error.status_code, error.code), (429, "rate_limit_exceeded"))  # type: ignore[union-attr]
         self.assertIn("rate limit 'api_key' exceeded", error.message)  # type: ignore[union-attr]
@@ -208,22 +213,15 @@ class RealOpenAITests(ServiceMixin, TestCase):
         """
         client = await self.start()
 
-        def chat() -> Exception | str:
-            try:
-                answer = client.chat.completions.create(model="llama3", messages=[{"role": "user", "content": "hi"}])
-            except openai.APIStatusError as e:
-                return e
-            return answer.choices[0].message.content or ""
-
         await self.agents["a"].stopService()
         await wait_for(lambda: "a" not in self.tunnel.registry.agents)
-        error = await deferToThread(chat)
+        error = await deferToThread(_chat, client)
         self.assertIsInstance(error, openai.InternalServerError)
         self.assertEqual((error.status_code, error.code), (503, "service_unavailable"))  # type: ignore[union-attr]
         self.assertEqual(error.response.headers["retry-after"], "1")  # type: ignore[union-attr]
         self.start_agent("a")
         await wait_for(lambda: "a" in self.tunnel.registry.agents)
-        self.assertEqual(await deferToThread(chat), "a heard 2 characters")
+        self.assertEqual(await deferToThread(_chat, client), "a heard 2 characters")
 
     @async_test
     async def test_models_list_is_the_gateways(self) -> None:
