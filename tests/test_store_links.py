@@ -264,8 +264,8 @@ class RedisProbeTests(SynchronousTestCase):
     def test_down_logged_in_words(self) -> None:
         """
         A ping that times out is logged as no answer within the timeout,
-        and the keys' fallback named: PostgreSQL, or the static keys
-        without it.
+        the keys' fallback named (PostgreSQL, or the static keys without
+        it), and the events' wait said only when events go to Redis.
         """
         from twisted.logger import formatEvent, globalLogPublisher
 
@@ -273,8 +273,8 @@ class RedisProbeTests(SynchronousTestCase):
         globalLogPublisher.addObserver(logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         lines = []
-        for postgres in (True, False):
-            probe = RedisProbe(self.redis, self.clock, postgres=postgres)
+        for postgres, events in ((True, True), (False, True), (True, False)):
+            probe = RedisProbe(self.redis, self.clock, postgres=postgres, events=events)
             probe.start()
             self.clock.advance(1.0)  # the ping times out
             probe.stop()
@@ -282,7 +282,8 @@ class RedisProbeTests(SynchronousTestCase):
             del logged[:]
         self.assertEqual(lines, [
             "stores: Redis unavailable (no answer within 1s); key checks go to PostgreSQL, events wait",
-            "stores: Redis unavailable (no answer within 1s); key checks go to the static keys, events wait"])
+            "stores: Redis unavailable (no answer within 1s); key checks go to the static keys, events wait",
+            "stores: Redis unavailable (no answer within 1s); key checks go to PostgreSQL"])  # (no events to Redis)
 
     def test_probe_survives_a_ping_that_raises(self) -> None:
         """A client that raises instead of answering marks Redis down and the loop keeps probing."""
@@ -358,6 +359,12 @@ class CancelledCheckTests(SynchronousTestCase):
         self.assertEqual(self.chain.redis_errors, 1)
         self.postgres.asked[0].callback(None)
         self.assertIsNone(self.successResultOf(check))
+        from twisted.logger import formatEvent
+
+        self.assertEqual([formatEvent(e) for e in self.logged if "Redis unavailable" in e.get("log_format", "")], [
+            "stores: Redis unavailable (a key check: no answer within 1s); key checks go to PostgreSQL, events wait",
+            "auth: Redis unavailable (no answer within 1s); asking PostgreSQL",
+        ])  # (in words, not TimeoutError's raw arguments)
 
 
 class PeriodicJobTests(SynchronousTestCase):

@@ -30,7 +30,9 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from rproxy.store.links import why
 from rproxy.store.postgres import KeyRecord, PostgresKeys, digest
 
 __all__ = ["KeyChain", "key_chain"]
@@ -70,10 +72,16 @@ class KeyChain:
     def _redis_usable(self) -> bool:
         return self.redis is not None and (self.redis_probe is None or self.redis_probe.usable())
 
-    def _redis_failed(self, e: Exception) -> None:
+    def _redis_failed(self, e: Exception) -> str:
+        """
+        Count a failed Redis command, tell the probe; why, in words (a
+        timeout's own message is the raw arguments of TimeoutError).
+        """
         self.redis_errors += 1
+        reason = f"no answer within {self.timeout:g}s" if isinstance(e, defer.TimeoutError) else why(Failure(e))
         if self.redis_probe is not None:
-            self.redis_probe.failed(type(e).__name__)
+            self.redis_probe.failed(f"a key check: {reason}")
+        return reason
 
     async def _bounded(self, d: defer.Deferred[Any]) -> Any:
         if self.clock is not None:
@@ -107,8 +115,7 @@ class KeyChain:
             except defer.CancelledError:
                 raise  # the caller went away: Redis is not down
             except Exception as e:  # noqa: BLE001 - Redis down: go on to PostgreSQL
-                self._redis_failed(e)
-                log.warn("auth: Redis unavailable ({why}); asking PostgreSQL", why=type(e).__name__)
+                log.warn("auth: Redis unavailable ({why}); asking PostgreSQL", why=self._redis_failed(e))
             else:
                 if cached == "-":
                     self.cache_hits += 1

@@ -214,13 +214,15 @@ class RedisProbe:
     @ivar state: "connecting", "up" or "down".
     @ivar postgres: whether key checks go to PostgreSQL while Redis is
         down (else to the static keys only): what the log says.
+    @ivar events: whether events go to Redis (they wait while it is down).
     """
 
     def __init__(self, redis: Any, clock: Any, up_interval: float = 2.0, down_interval: float = 0.5,
-                 timeout: float = 1.0, postgres: bool = True) -> None:
+                 timeout: float = 1.0, postgres: bool = True, events: bool = True) -> None:
         self.redis = redis
         self.clock = clock
         self.postgres = postgres
+        self.events = events
         self.up_interval = up_interval
         self.down_interval = down_interval
         self.timeout = timeout
@@ -283,5 +285,6 @@ class RedisProbe:
         if state == "up":
             log.info("stores: Redis is up")
         else:
-            log.warn("stores: Redis unavailable ({why}); key checks go to {fallback}, events wait", why=why,
-                     fallback="PostgreSQL" if self.postgres else "the static keys")
+            log.warn("stores: Redis unavailable ({why}); key checks go to {fallback}{events}", why=why,
+                     fallback="PostgreSQL" if self.postgres else "the static keys",
+                     events=", events wait" if self.events else "")

@@ -114,7 +114,8 @@ class Stores:
             # the client reconnects by itself; a short cap on its backoff is
             # what lets the probe notice Redis's return within a second or two
             self._redis._factory.maxDelay = 1.0
-            self.probe = RedisProbe(self._redis, self.clock, postgres=self.config.postgres_dsn is not None)
+            self.probe = RedisProbe(self._redis, self.clock, postgres=self.config.postgres_dsn is not None,
+                                    events="redis" in self.config.events)
             self._limits = ratelimit_redis.start(self.reactor, self.clock, self.config.redis_url, self.probe)
             self.keys.redis = self._redis
             self.keys.redis_probe = self.probe
