@@ -777,6 +777,43 @@ class _Certificates:
                 self.listeners.append((target, loaded))
 
 
+def named_certificates(config: Config) -> list[tuple[str, list[tuple[str, str]]]]:
+    """
+    Every certificate pair C{config} names, with what names it: frontends'
+    C{tls:} and C{ssl:} listen strings, the admin port's, tunnels' ports
+    (their C{tls:} on the control and proxy ports, C{ssl:} strings).  For
+    a process that applies a configuration through others (the workers'
+    master): it checks them all before anything changes.
+    """
+    named = []
+    for frontend in config.frontends:
+        if frontend.tls:
+            named.append((f"frontend {frontend.name}", list(frontend.tls)))
+        if frontend.listen.startswith("ssl:"):
+            named.append((f"frontend {frontend.name}", ssl_pairs(parse_endpoint(frontend.listen))))
+    if config.admin.listen is not None and config.admin.listen.startswith("ssl:"):
+        named.append(("admin", ssl_pairs(parse_endpoint(config.admin.listen))))
+    for tunnel in config.tunnels:
+        for role, listen, tls in (("control", tunnel.control, True), ("proxy", tunnel.proxy, True),
+                                  ("public", tunnel.public, False)):
+            if listen.startswith("ssl:"):
+                named.append((f"tunnel {tunnel.name} ({role} port)", ssl_pairs(parse_endpoint(listen))))
+            elif tls and tunnel.tls is not None:
+                named.append((f"tunnel {tunnel.name} ({role} port)", [(tunnel.tls.cert, tunnel.tls.key)]))
+    return named
+
+
+def check_certificates(named: list[tuple[str, list[tuple[str, str]]]]) -> None:
+    """
+    Load every pair of L{named_certificates} (in a thread: it touches
+    nothing the reactor uses).
+
+    @raise ValueError: one line naming the first that cannot be loaded.
+    """
+    for what, pairs in named:
+        _load(what, pairs)
+
+
 def _load(what: str, pairs: list[tuple[str, str]]) -> SNIServerCreator:
     """
     The certificates of C{pairs}, for the listener C{what} names.

@@ -6,10 +6,12 @@ configuration, the merge of figures and cross-process server state.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rproxy.config import ConfigError, parse_config
 from rproxy.pool import Pool
@@ -682,3 +684,81 @@ class WorkerStartTests(SynchronousTestCase):
         self.worker.handle(admin_message(master, server))
         picked = {pool.pick().name for _ in range(6)}  # type: ignore[union-attr]
         self.assertEqual(picked, {"127.0.0.1:9001", "127.0.0.1:9002"})
+
+
+
+def _bad_tls(test: Any) -> dict[str, Any]:
+    """
+    L{data} with a frontend on an C{ssl:} listen string whose file holds
+    no certificate (the configuration's own checks load C{tls:} files, not
+    these: a renewal can break them after the check).
+    """
+    path = test.mktemp()
+    with open(path, "w") as f:
+        f.write("not a certificate\n")
+    changed: dict[str, Any] = data(workers=2)
+    changed["frontends"] = [{"name": "web", "listen": f"ssl:8443:privateKey={path}", "backend": "web"}]
+    return changed
+
+
+class CertificateRefusalTests(SynchronousTestCase):
+    """
+    A reload naming a certificate that cannot be loaded changes nothing in
+    any process: a worker that refuses one replies so and keeps its
+    configuration (the master's refusal: L{MasterCertificateTests}).
+    """
+
+    def test_named_certificates_checked(self) -> None:
+        """Every pair a configuration names is loaded; the first that cannot be names itself."""
+        from rproxy.service import check_certificates, named_certificates
+
+        named = named_certificates(parse_config(_bad_tls(self)))
+        self.assertEqual([what for what, _ in named], ["frontend web"])
+        error = self.assertRaises(ValueError, check_certificates, named)
+        self.assertIn("frontend web: cannot load its certificates", str(error))
+
+    def test_worker_keeps_its_configuration(self) -> None:
+        """A worker whose service refuses the reload replies with why and keeps what it runs."""
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.internet.testing import MemoryReactorClock
+
+        from rproxy.workers import child
+
+        self.patch(child, "_freeze", lambda: None)
+        reactor = MemoryReactorClock()
+        worker = child.Worker(reactor, 1, 2)
+        transport = StringTransport()
+        worker.channel.makeConnection(transport)
+        worker.endpoint = lambda frontend, backlog: TCP4ServerEndpoint(reactor, 0)  # type: ignore[method-assign]
+        worker.handle({"op": "configure", "id": 1, "config": pack_config(parse_config(data(workers=2)))})
+        assert worker.service is not None
+        running = worker.service.config
+
+        async def refuse(new: object) -> tuple[str, list[str]]:
+            return "failed", ["frontend web: cannot load its certificates (x / x): bad"]
+
+        worker.service.apply_reload = refuse  # type: ignore[method-assign, assignment]
+        transport.clear()
+        worker.handle({"op": "configure", "id": 2, "config": pack_config(parse_config(_bad_tls(self)))})
+        self.assertIn(b"cannot load its certificates", transport.value())
+        self.assertIs(worker.service.config, running)
+
+
+class MasterCertificateTests(TestCase):
+    async def test_master_refuses_before_any_change(self) -> None:
+        """
+        The master's reload with a certificate that cannot be loaded is
+        failed before it changes anything (its own part has no frontends
+        to load them: it used to say ok while every worker refused).
+        """
+        from twisted.internet import reactor
+
+        from rproxy.workers.master import MasterService
+
+        master = MasterService(parse_config(data(workers=2)), reactor)
+        before = master.config
+        outcome, problems = await master.apply_reload(parse_config(_bad_tls(self)))
+        self.assertEqual(outcome, "failed")
+        self.assertIn("frontend web: cannot load its certificates", problems[0])
+        self.assertIs(master.config, before)
+        self.assertEqual(master.listeners, {})

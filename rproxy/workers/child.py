@@ -158,7 +158,11 @@ class Worker:
                 _freeze()
             else:
                 # applied, not recorded: the master records the reload, once
-                await self.service.apply_reload(config)
+                outcome, refused = await self.service.apply_reload(config)
+                if outcome == "failed":
+                    # (nothing changed here: the running configuration stays this worker's)
+                    self.channel.reply(message, {"op": "configured", "problems": refused, "pid": os.getpid()})
+                    return
                 problems = list(self.service.listen_failures.values())
                 self.replay(self.service.pools)
             self.service.config = config

@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import MultiService
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, threads
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,7 +30,7 @@ import rproxy
 from rproxy.config import Config, parse_endpoint
 from rproxy.pool import Pool, Server
 from rproxy.reloading import Outcome, ReloadRunner
-from rproxy.service import ListenError, RProxyService
+from rproxy.service import ListenError, RProxyService, check_certificates, named_certificates
 from rproxy.workers import worker_count
 from rproxy.workers.channel import Channel
 from rproxy.workers.child import CONTROL_FD
@@ -386,6 +386,15 @@ class MasterService(MultiService):
             # every worker as a node of the cluster)
             self.log.warn("cluster: changes to cluster: take effect after a restart")
             new = attrs.evolve(new, cluster=self.config.cluster)
+        named = named_certificates(new)
+        if named:
+            # (the workers load them too, each on its own: one that cannot
+            # refuses the whole reload here, before any process changes)
+            try:
+                await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), check_certificates, named)
+            except ValueError as e:
+                self.log.error("reload refused: {error}; keeping the running configuration", error=str(e))
+                return "failed", [str(e)]
         try:
             listeners = self._bind_all(new)
         except _BindError as e:
