@@ -245,6 +245,29 @@ class TunnelFrontendTests(SynchronousTestCase):
                 "agent=- model=-",
             ])
 
+    def test_request_event_duration_never_negative(self) -> None:
+        """
+        A request record's duration is never negative, though the wall
+        clock stepped back during the request (NTP): the event writers
+        refuse a negative one, which lost the record and its usage row.
+        """
+        emitted: list[tuple[str, dict[str, Any]]] = []
+        t = Tunnel(("a", ("llama3",)), keys=(ApiKeyConfig(key="shared-key"),))
+        t.server.events = type("Events", (), {"emit": lambda self, stream, event: emitted.append((stream, event))})()
+        t.clock.advance(100)
+        assert t.server.http is not None
+        conn = t.server.http.buildProtocol(IPv4Address("TCP", "10.0.0.9", 4444))
+        transport = StringTransport()
+        conn.makeConnection(transport)
+        conn.dataReceived(b"GET /v1/files HTTP/1.1\r\nHost: x\r\nX-Model: llama3\r\n"
+                          b"Authorization: Bearer shared-key\r\n\r\n")
+        [open_] = t.requested("a")
+        t.clock.rightNow -= 5  # (the clock stepped back)
+        t.deliver(open_).dataReceived(RESPONSE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value()[:40])
+        [(_, record)] = [(stream, event) for stream, event in emitted if "duration" in event]
+        self.assertEqual(record["duration"], 0.0)
+
     def test_json_access_log(self) -> None:
         """JSON records have agent and model keys."""
         t = Tunnel(("a", ("llama3",)), access_log="json", access_log_path=self.path)

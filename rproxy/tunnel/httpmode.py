@@ -378,7 +378,7 @@ class TunnelRouting(Filter):
         head = exchange.head
         tunnel.events.emit(REQUESTS, {
             "tunnel": tunnel.name, "agent_id": agent.agent_id, "key": notes["key"], "model": notes["model"],
-            "at": exchange.started, "duration": round(tunnel.clock.seconds() - exchange.started, 6),
+            "at": exchange.started, "duration": round(max(0.0, tunnel.clock.seconds() - exchange.started), 6),  # (a clock stepped back)
             "method": head.method.decode("latin-1"), "target": head.target.decode("latin-1")[:512],
             "bytes_in": head.content_length or 0,
             "bytes_out": notes.get("head_size", 0) + exchange.client.delivered - exchange.delivered_before,
