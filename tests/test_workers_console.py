@@ -61,6 +61,9 @@ class FakeMaster:
         self.asked += 1
         return list(self.answers)
 
+    def carried_totals(self, op: str, answers: list[dict[str, Any] | None]) -> dict[tuple[Any, ...], float]:
+        return {}  # (no worker died: MasterService's carry is tested in test_workers_units)
+
     def answer(self, slot: int, frontend: dict[str, Any], connections: int) -> None:
         server = {"name": "127.0.0.1:9001", "active_connections": connections, "total_connections": connections}
         self.answers[slot] = {"op": "console", "slot": slot, "frontends": [frontend],

@@ -216,7 +216,8 @@ class TCPWorkersTests(WorkersMixin, TestCase):
         """
         With 40 connections open over two workers, SIGKILL to one worker
         closes exactly the connections it held; the others go on; the
-        worker is started again and new connections all succeed.
+        worker is started again and new connections all succeed.  The
+        machine's totals (/health, /stats) keep the dead worker's.
         """
         factory, port = await self.backend("a")
         child = await self.start(config(port.getHost().port))
@@ -228,6 +229,7 @@ class TCPWorkersTests(WorkersMixin, TestCase):
             await client.read_until(b"a\n")
             clients.append(client)
         _, health = await self.admin("/health")
+        self.assertEqual(health["frontends"][0]["total_connections"], 40)
         victim = health["workers"][0]
         held = victim["active_connections"]
         self.assertEqual(held + health["workers"][1]["active_connections"], 40)
@@ -243,6 +245,7 @@ class TCPWorkersTests(WorkersMixin, TestCase):
         await wait_for(lambda: child.output.count(" serving (pid ") == 3, 30)
         _, health = await self.admin("/health")
         self.assertEqual([(w["running"], w["restarts"]) for w in health["workers"]], [(True, 1), (True, 0)])
+        self.assertEqual(health["frontends"][0]["total_connections"], 40)
         self.pids.append(health["workers"][0]["pid"])
         # every new connection is served, by both workers again
         for _ in range(40):
@@ -252,6 +255,9 @@ class TCPWorkersTests(WorkersMixin, TestCase):
         _, health = await self.admin("/health")
         self.assertGreater(health["workers"][0]["active_connections"], 0)
         self.assertEqual(sum(w["active_connections"] for w in health["workers"]), 40 - held + 40)
+        self.assertEqual(health["frontends"][0]["total_connections"], 80)
+        _, stats = await self.admin("/stats")
+        self.assertEqual(stats["pools"][0]["backends"][0]["total_connections"], 80)
 
     @async_test
     async def test_health_checked_once_state_reaches_every_worker(self) -> None:

@@ -18,12 +18,15 @@ from rproxy.pool import Pool
 from rproxy.workers import worker_count
 from rproxy.workers.channel import Channel
 from rproxy.workers.merge import (
+    add_totals,
     carry_counters,
+    carry_totals,
     merge_agents,
     merge_health,
     merge_pools,
     merge_tunnel_rows,
     sum_metrics,
+    totals,
 )
 from rproxy.workers.state import admin_message, apply_ejection, apply_message, snapshot
 from rproxy.workers.supervise import RestartBackoff
@@ -314,6 +317,35 @@ class MergeTests(SynchronousTestCase):
         self.assertIn('rproxy_http_request_duration_seconds_bucket{le="+Inf"} 4\n', carried)
         self.assertIn("rproxy_http_request_duration_seconds_sum 0.75\n", carried)
 
+    def test_totals_are_counters_only(self) -> None:
+        """
+        The JSON views' counters (connections, connect failures, bytes,
+        answers, durations, streams) are carried; gauges (open connections,
+        waiting, a token pool's sessions) are not.
+        """
+        report = worker_answer("report", 100, connections=5, active=2, requests=3)
+        report["health"]["token_pools"] = {"t": {"status": "healthy", "pool": {"total": 3, "waiting": 1}}}
+        sample = worker_answer("console", 100, connections=5, active=2, requests=3)
+        sample["token_pools"] = [{"name": "t", "total": 3, "in_use": 1, "available": 2, "waiting": 0}]
+        sample["tunnels"] = [{"name": "gpu", "agents": [], "streams_opened": 7, "streams_failed": 1}]
+        counted = carry_totals(totals(report), totals({"console": sample}))
+        self.assertEqual({k: v for k, v in counted.items() if v}, {
+            ("health", "frontends", "web", "total_connections"): 5,
+            ("health", "web", SERVER, "total_connections"): 5, ("health", "web", SERVER, "connect_failures"): 1,
+            ("stats", "web", SERVER, "total_connections"): 5, ("stats", "web", SERVER, "connect_failures"): 1,
+            ("stats", "web", SERVER, "bytes_in"): 50, ("stats", "web", SERVER, "bytes_out"): 100,
+            ("console", "frontends", "web", "total"): 5, ("console", "frontends", "web", "connect_errors"): 1,
+            ("console", "frontends", "web", "classes", 1): 3, ("console", "frontends", "web", "durations", 0): 3,
+            ("console", "web", SERVER, "total_connections"): 5, ("console", "web", SERVER, "connect_failures"): 1,
+            ("console", "tunnels", "gpu", "streams_opened"): 7, ("console", "tunnels", "gpu", "streams_failed"): 1,
+        })
+        view = {"console": worker_answer("console", 101, connections=1, active=1, requests=1)}
+        add_totals(view, counted)
+        [row] = view["console"]["frontends"]
+        self.assertEqual((row["total"], row["active"], row["classes"][1], row["durations"][0]), (6, 1, 4, 4))
+        self.assertEqual(view["console"]["backends"][0]["servers"][0]["active_connections"], 1)
+        self.assertEqual(view["console"]["backends"][0]["waiting"], 1)
+
     def pool(self, state: str, active: int, total: int) -> dict[str, object]:
         return {"name": "web", "waiting": 1, "backends": [
             {"server_id": "a", "state": state, "active_connections": active, "total_connections": total,
@@ -478,23 +510,68 @@ rproxy_http_request_duration_seconds_count {requests}.0
 """
 
 
+SERVER = "127.0.0.1:9001"
+
+
+def worker_answer(op: str, pid: int, connections: int, active: int, requests: int) -> dict[str, object]:
+    """
+    A worker's answer to C{op}: its report (metrics, /health, /stats) or
+    its dashboard sample, with C{connections} taken by frontend web and
+    server L{SERVER}, C{active} of them open, C{requests} answered and
+    one connect failure.
+    """
+    from rproxy.http.frontend import DURATION_BUCKETS
+
+    served = {"active_connections": active, "total_connections": connections, "connect_failures": 1}
+    if op == "console":
+        return {"op": "console", "pid": pid, "ready": [], "token_pools": [], "node": None, "tunnels": [],
+                "frontends": [{"name": "web", "protocol": "http", "listen": "tcp:0", "address": None,
+                               "backend": "web", "total": connections, "active": active, "connect_errors": 1,
+                               "classes": [0, requests, 0, 0, 0, 0],
+                               "durations": [requests] + [0] * (len(DURATION_BUCKETS) - 1)}],
+                "backends": [{"name": "web", "waiting": active, "servers": [dict(served, name=SERVER)]}]}
+    return {"op": "report", "pid": pid, "ready": [], "unusable": [],
+            "metrics": worker_metrics(connections, active, requests),
+            "health": {"status": "ok", "problems": [], "token_pools": {},
+                       "frontends": [{"name": "web", "listening": True, "active_connections": active, "waiting": 0,
+                                      "total_connections": connections}],
+                       "backends": [{"name": "web", "waiting": active, "servers": [dict(served, name=SERVER)]}]},
+            "stats": {"pools": [{"name": "web", "waiting": active, "backends": [
+                dict(served, server_id=SERVER, bytes_in=10 * connections, bytes_out=20 * connections)]}]}}
+
+
 class _Answering:
-    """A worker's control channel that answers every request with C{answer()} (or fails, for None)."""
+    """A worker's control channel that answers every request with C{answer(op)} (or fails, for None)."""
 
     def __init__(self, answer: object) -> None:
         self.answer = answer
 
+    def request(self, message: dict[str, object], timeout: float, clock: object) -> object:
+        from twisted.internet import defer
+
+        answer = self.answer(message["op"])  # type: ignore[operator]
+        return defer.succeed(answer) if answer is not None else defer.fail(defer.TimeoutError())
+
+
+class _Holding:
+    """A worker's control channel whose answers the test gives, when it wants: C{asked} holds the requests."""
+
+    def __init__(self) -> None:
+        self.asked: list[object] = []
+
     def request(self, message: object, timeout: float, clock: object) -> object:
         from twisted.internet import defer
 
-        answer = self.answer()  # type: ignore[operator]
-        return defer.succeed(answer) if answer is not None else defer.fail(defer.TimeoutError())
+        d: defer.Deferred[object] = defer.Deferred()
+        self.asked.append(d)
+        return d
 
 
 class MachineCountersTests(SynchronousTestCase):
     """
-    The master's /metrics (L{rproxy.workers.admin.MergedMetrics}) across
-    a worker's death and restart: its counters never go back.
+    The master's /metrics (L{rproxy.workers.admin.MergedMetrics}), its
+    /health and /stats and its dashboard across a worker's death and
+    restart: their counters never go back.
     """
 
     def setUp(self) -> None:
@@ -505,14 +582,20 @@ class MachineCountersTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.master = MasterService(parse_config(data(workers=2)), self.reactor)
         self.master._spawn = lambda slot: None  # type: ignore[method-assign]
-        self.figures: dict[int, str | None] = {}
+        self.figures: dict[int, tuple[int, int, int] | None] = {}
+        # (the master's pools, as its start would build them)
+        self.master.inner.pools["web"] = Pool(self.master.config.backends[0], self.reactor)
 
     def run_worker(self, slot: int, pid: int, connections: int, active: int, requests: int) -> None:
         worker = self.master.slots[slot]
         worker.process, worker.pid, worker.configured = object(), pid, True
-        self.figures[slot] = worker_metrics(connections, active, requests)
-        worker.channel = _Answering(lambda: None if self.figures[slot] is None else  # type: ignore[assignment]
-                                    {"op": "report", "pid": pid, "metrics": self.figures[slot]})
+        self.figures[slot] = (connections, active, requests)
+
+        def answer(op: str) -> dict[str, object] | None:
+            figures = self.figures[slot]
+            return None if figures is None else worker_answer(op, pid, *figures)
+
+        worker.channel = _Answering(answer)  # type: ignore[assignment]
 
     def kill(self, slot: int) -> None:
         from twisted.internet.error import ProcessTerminated
@@ -530,6 +613,132 @@ class MachineCountersTests(SynchronousTestCase):
         self.assertEqual(status, 200)
         return {sample.name: sample.value for family in text_string_to_metric_families(body.decode("utf-8"))
                 for sample in family.samples if sample.labels.get("frontend", "h") == "h"}
+
+    def json_totals(self) -> dict[str, float]:
+        """The machine's /health and /stats figures of frontend web and server L{SERVER}."""
+        import json
+
+        from twisted.internet import defer
+
+        from rproxy.workers.admin import MergedHealth, MergedStats
+
+        _, _, body = self.successResultOf(defer.Deferred.fromCoroutine(MergedHealth(self.master).answer()))
+        health = json.loads(body)
+        [frontend] = health["frontends"]
+        [server] = [s for s in health["backends"][0]["servers"] if s["name"] == SERVER]
+        _, _, body = self.successResultOf(defer.Deferred.fromCoroutine(MergedStats(self.master).answer()))
+        [stats] = [s for s in json.loads(body)["pools"][0]["backends"] if s["server_id"] == SERVER]
+        return {"frontend": frontend["total_connections"], "frontend_active": frontend["active_connections"],
+                "server": server["total_connections"], "failures": server["connect_failures"],
+                "server_active": server["active_connections"], "stats": stats["total_connections"],
+                "stats_failures": stats["connect_failures"], "bytes_in": stats["bytes_in"],
+                "bytes_out": stats["bytes_out"], "stats_active": stats["active_connections"]}
+
+    def expected(self, connections: int, active: int, failures: int) -> dict[str, float]:
+        return {"frontend": connections, "frontend_active": active, "server": connections, "failures": failures,
+                "server_active": active, "stats": connections, "stats_failures": failures,
+                "bytes_in": 10 * connections, "bytes_out": 20 * connections, "stats_active": active}
+
+    def test_json_totals_kept_across_restart(self) -> None:
+        """
+        /health and /stats: a dead worker's connections, connect failures
+        and bytes as last seen stay in the machine's; its open connections
+        go; the new process adds to them.
+        """
+        self.run_worker(0, pid=100, connections=50, active=3, requests=40)
+        self.run_worker(1, pid=101, connections=6, active=1, requests=4)
+        self.assertEqual(self.json_totals(), self.expected(56, 4, 2))
+        self.kill(0)
+        self.assertEqual(self.json_totals(), self.expected(56, 1, 2))
+        self.run_worker(0, pid=102, connections=2, active=2, requests=1)
+        self.assertEqual(self.json_totals(), self.expected(58, 3, 3))
+        self.kill(0)
+        self.run_worker(0, pid=103, connections=0, active=0, requests=0)
+        self.assertEqual(self.json_totals(), self.expected(58, 1, 4))
+
+    def test_json_worker_that_does_not_answer(self) -> None:
+        """/health and /stats count a worker that does not answer in time as it last did, without its gauges."""
+        self.run_worker(0, pid=100, connections=50, active=3, requests=40)
+        self.run_worker(1, pid=101, connections=6, active=1, requests=4)
+        self.json_totals()
+        self.figures[0] = None
+        self.assertEqual(self.json_totals(), self.expected(56, 1, 2))
+
+    def answered_then_died(self, page: type) -> bytes:
+        """
+        C{page} asked while worker 0 answers (60 connections, having shown
+        50), then dies before worker 1 (6) answers: its body.
+        """
+        from twisted.internet import defer
+
+        self.run_worker(0, pid=100, connections=50, active=3, requests=40)
+        self.run_worker(1, pid=101, connections=6, active=1, requests=4)
+        self.assertEqual((self.scrape()["rproxy_frontend_connections_total"], self.json_totals()["frontend"]), (56, 56))
+        held = [_Holding(), _Holding()]
+        for slot, channel in zip(self.master.slots, held, strict=True):
+            slot.channel = channel  # type: ignore[assignment]
+        answered = defer.Deferred.fromCoroutine(page(self.master).answer())
+        held[0].asked[0].callback(worker_answer("report", 100, 60, 0, 50))
+        self.kill(0)
+        held[1].asked[0].callback(worker_answer("report", 101, 6, 1, 4))
+        _, _, body = self.successResultOf(answered)
+        self.run_worker(1, pid=101, connections=6, active=1, requests=4)
+        return body
+
+    def test_answer_then_death_counted_once_metrics(self) -> None:
+        """
+        /metrics, a worker that answers then dies before the others do:
+        its answer is what it counted, carried once (not also merged as a
+        running worker's), and the counters do not go back afterwards.
+        """
+        from rproxy.workers.admin import MergedMetrics
+
+        body = self.answered_then_died(MergedMetrics)
+        self.assertIn(b'rproxy_frontend_connections_total{frontend="h"} 66\n', body)
+        self.assertEqual(self.scrape()["rproxy_frontend_connections_total"], 66)
+
+    def test_answer_then_death_counted_once_json(self) -> None:
+        """/health, a worker that answers then dies before the others do: as for /metrics."""
+        import json
+
+        from rproxy.workers.admin import MergedHealth
+
+        health = json.loads(self.answered_then_died(MergedHealth))
+        self.assertEqual(health["frontends"][0]["total_connections"], 66)
+        self.assertEqual(health["problems"], ["worker 0: not running"])
+        self.assertEqual(self.json_totals()["frontend"], 66)
+
+    def test_dashboard_totals_kept_across_restart(self) -> None:
+        """
+        The dashboard (L{rproxy.workers.console.MachineConsole}): a dead
+        worker's connections stay in its frontend's and server's totals,
+        and a worker that does not answer counts as it last did.
+        """
+        import json
+
+        from rproxy.workers.console import MachineConsole
+
+        console = MachineConsole(self.master, self.reactor)
+
+        def sample() -> tuple[int, int, int]:
+            self.successResultOf(console.collect())
+            snapshot = json.loads(console.snapshot_bytes())
+            [frontend] = snapshot["frontends"]
+            [server] = [s for s in snapshot["backends"][0]["servers"] if s["name"] == SERVER]
+            return frontend["total_connections"], frontend["open_connections"], server["total_connections"]
+
+        self.run_worker(0, pid=100, connections=50, active=3, requests=40)
+        self.run_worker(1, pid=101, connections=6, active=1, requests=4)
+        self.assertEqual(sample(), (56, 4, 56))
+        self.kill(0)
+        self.reactor.advance(1)
+        self.assertEqual(sample(), (56, 1, 56))
+        self.run_worker(0, pid=102, connections=2, active=2, requests=1)
+        self.reactor.advance(1)
+        self.assertEqual(sample(), (58, 3, 58))
+        self.figures[1] = None
+        self.reactor.advance(1)
+        self.assertEqual(sample(), (58, 2, 58))
 
     def test_counters_kept_across_restart(self) -> None:
         """
@@ -571,12 +780,14 @@ class MachineCountersTests(SynchronousTestCase):
         self.scrape()
         self.kill(0)
         slot = self.master.slots[0]
-        slot.saw({"op": "report", "pid": 100, "metrics": worker_metrics(60, 0, 0)})
+        slot.saw(worker_answer("report", 100, 60, 0, 0))
         self.run_worker(0, pid=102, connections=1, active=0, requests=0)
         self.assertEqual(self.scrape()["rproxy_frontend_connections_total"], 56 + 1)
-        slot.saw({"op": "report", "pid": 100, "metrics": worker_metrics(60, 0, 0)})
+        self.assertEqual(self.json_totals()["frontend"], 56 + 1)
+        slot.saw(worker_answer("report", 100, 60, 0, 0))
         self.kill(0)
         self.assertEqual(self.scrape()["rproxy_frontend_connections_total"], 56 + 1)
+        self.assertEqual(self.json_totals()["frontend"], 56 + 1)
 
 
 class MergeAgentsTests(SynchronousTestCase):

@@ -28,7 +28,7 @@ from rproxy.admin import AdminRoot, Agents, Models
 from rproxy.adminhttp import AdminSite, finish, refuse_unless_read
 from rproxy.adminops import Servers
 from rproxy.workers.console import MachineConsole
-from rproxy.workers.merge import merge_agents, merge_health, merge_pools, sum_metrics
+from rproxy.workers.merge import add_totals, merge_agents, merge_health, merge_pools, sum_metrics
 from rproxy.workers.state import admin_message
 
 if TYPE_CHECKING:
@@ -121,6 +121,7 @@ class MergedHealth(_Merged):
         reports, problems = _answered(master.slots, by_slot)
         detail = merge_health(master.inner.health_detail(), [r["health"] for r in reports if "health" in r],
                               problems)
+        add_totals({"health": detail}, master.carried_totals("report", by_slot))
         detail["workers"] = [_worker(slot, report) for slot, report in zip(master.slots, by_slot, strict=True)]
         if master.tunnels_in_workers:
             # each worker a node of the cluster: its status as /health of
@@ -154,9 +155,12 @@ def _worker(slot: Any, report: dict[str, Any] | None) -> dict[str, Any]:
 
 class MergedStats(_Merged):
     async def answer(self) -> tuple[int, bytes, bytes]:
-        reports, _ = await self.workers()
-        pools = merge_pools(self.master.inner.stats()["pools"], [r["stats"]["pools"] for r in reports if "stats" in r])
-        return _body(200, {"pools": pools})
+        by_slot = await self.master.reports()
+        reports, _ = _answered(self.master.slots, by_slot)
+        stats = {"pools": merge_pools(self.master.inner.stats()["pools"],
+                                      [r["stats"]["pools"] for r in reports if "stats" in r])}
+        add_totals({"stats": stats}, self.master.carried_totals("report", by_slot))
+        return _body(200, stats)
 
 
 class MergedMetrics(_Merged):

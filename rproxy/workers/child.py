@@ -211,6 +211,7 @@ class Worker:
         return {
             "op": "agents",
             "slot": self.slot,
+            "pid": os.getpid(),
             "node": cluster.node_id if cluster is not None else None,
             "tunnels": [{"name": t.name, "agents": t.agents()} for t in service.tunnels.values()]
             if service is not None else [],
@@ -260,11 +261,12 @@ class Worker:
         """
         service = self.service
         if service is None:
-            return {"op": "console", "slot": self.slot, "frontends": [], "backends": [], "token_pools": [],
-                    "ready": ["starting"]}
+            return {"op": "console", "slot": self.slot, "pid": os.getpid(), "frontends": [], "backends": [],
+                    "token_pools": [], "ready": ["starting"]}
         return {
             "op": "console",
             "slot": self.slot,
+            "pid": os.getpid(),
             "frontends": frontend_counters(service),
             "backends": [pool.describe() for pool in service.pools.values()],
             "token_pools": token_pool_rows(service),

@@ -12,7 +12,10 @@ checks, the ejections workers reported) with the workers' counts summed,
 token pools summed over the workers' shares, tunnels from the master (or,
 when the workers run them with a cluster, their agents merged and their
 streams summed over the workers) and the last reload from the master.  As in a single process, the JSON is built at most once
-per sample and served as the same bytes to every viewer.
+per sample and served as the same bytes to every viewer.  Its counters
+(connections, answers, durations, connect errors, streams) never go back
+when a worker is restarted or is slow to answer: each slot's carried
+counters are added (L{rproxy.workers.master.MasterService.carried_totals}).
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 
 from rproxy.console import Console
-from rproxy.workers.merge import merge_counters, merge_pools, merge_token_rows, merge_tunnel_rows
+from rproxy.workers.merge import (
+    add_totals,
+    merge_counters,
+    merge_pools,
+    merge_token_rows,
+    merge_tunnel_rows,
+)
 
 if TYPE_CHECKING:
     from rproxy.workers.master import MasterService
@@ -44,6 +53,7 @@ class MachineConsole(Console):
         self.master = master
         self.reports: list[dict[str, Any]] = []
         self.missing: list[str] = []
+        self.carried: dict[tuple[Any, ...], float] = {}
 
     def start(self) -> None:
         if self._loop is not None:
@@ -72,6 +82,7 @@ class MachineConsole(Console):
             else:
                 reports.append(answer)
         self.reports, self.missing = reports, missing
+        self.carried = self.master.carried_totals("console", answers)
         self.sample()
 
     def sample(self) -> None:
@@ -79,7 +90,9 @@ class MachineConsole(Console):
         One sample from the workers' last answers (without a running loop,
         as in a test's resource tree, from what L{collect} got last).
         """
-        self.take(merge_counters([r["frontends"] for r in self.reports]))
+        rows = merge_counters([r["frontends"] for r in self.reports])
+        add_totals({"console": {"frontends": rows}}, self.carried)
+        self.take(rows)
 
     def problems(self) -> list[str]:
         problems = self.missing + self.service.readiness_problems()
@@ -90,7 +103,9 @@ class MachineConsole(Console):
         return problems
 
     def backends(self) -> list[dict[str, Any]]:
-        return merge_pools(super().backends(), [r["backends"] for r in self.reports], servers="servers", key="name")
+        pools = merge_pools(super().backends(), [r["backends"] for r in self.reports], servers="servers", key="name")
+        add_totals({"console": {"backends": pools}}, self.carried)
+        return pools
 
     def token_pools(self) -> list[dict[str, Any]]:
         return merge_token_rows([r["token_pools"] for r in self.reports])
@@ -98,4 +113,6 @@ class MachineConsole(Console):
     def tunnels(self) -> list[dict[str, Any]]:
         if not self.master.tunnels_in_workers:
             return super().tunnels()
-        return merge_tunnel_rows(self.reports)
+        rows = merge_tunnel_rows(self.reports)
+        add_totals({"console": {"tunnels": rows}}, self.carried)
+        return rows

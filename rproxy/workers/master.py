@@ -34,7 +34,7 @@ from rproxy.service import ListenError, RProxyService, check_certificates, named
 from rproxy.workers import worker_count
 from rproxy.workers.channel import Channel
 from rproxy.workers.child import CONTROL_FD
-from rproxy.workers.merge import carry_counters
+from rproxy.workers.merge import carry_counters, carry_totals, totals
 from rproxy.workers.sockets import bind
 from rproxy.workers.state import apply_ejection, snapshot
 from rproxy.workers.supervise import RestartBackoff
@@ -64,17 +64,36 @@ class WorkerSlot:
         self.ended: defer.Deferred[None] = defer.Deferred()
         # the metrics text of the running process as the master last saw
         # it, and the counters of the slot's processes that died
-        # (L{carry_counters}): the machine's counters never go back
+        # (L{carry_counters}): the machine's counters never go back; the
+        # same for the counters of the JSON views (L{carry_totals}), the
+        # last seen by op (C{report}: /health and /stats; C{console})
         self.last_metrics = ""
         self.carried = ""
+        self.last_totals: dict[str, dict[tuple[Any, ...], float]] = {}
+        self.carried_totals: dict[tuple[Any, ...], float] = {}
 
-    def saw(self, report: dict[str, Any]) -> None:
+    def current(self, answer: dict[str, Any]) -> bool:
         """
-        Keep the figures of C{report} if the running process sent it (not
-        one that has since died).
+        Whether the running process sent C{answer} (not one that has
+        since died or been replaced).
         """
-        if self.process is not None and report.get("pid") == self.pid and "metrics" in report:
-            self.last_metrics = report["metrics"]
+        return self.process is not None and answer.get("pid") == self.pid
+
+    def saw(self, answer: dict[str, Any]) -> bool:
+        """
+        Keep the counters of C{answer} if the running process sent it;
+        whether it did.
+        """
+        if not self.current(answer):
+            return False
+        if "metrics" in answer:
+            self.last_metrics = answer["metrics"]
+        op = answer.get("op")
+        if op == "report":
+            self.last_totals[op] = totals(answer)
+        elif op == "console":
+            self.last_totals[op] = totals({"console": answer})
+        return True
 
     def died(self) -> None:
         """
@@ -84,6 +103,19 @@ class WorkerSlot:
         if self.last_metrics:
             self.carried = carry_counters(self.carried, self.last_metrics)
         self.last_metrics = ""
+        for last in self.last_totals.values():
+            self.carried_totals = carry_totals(self.carried_totals, last)
+        self.last_totals = {}
+
+    def totals(self, op: str, answered: bool) -> dict[tuple[Any, ...], float]:
+        """
+        The counters of this slot that the workers' answers to C{op} lack:
+        what its dead processes counted, and, if the running one did not
+        answer, what it last showed (a slow answer is no reset either).
+        """
+        if answered:
+            return self.carried_totals
+        return carry_totals(self.carried_totals, self.last_totals.get(op, {}))
 
     def metrics(self, report: dict[str, Any] | None) -> list[str]:
         """
@@ -339,18 +371,37 @@ class MasterService(MultiService):
         """
         Every worker's figures (L{rproxy.workers.child.Worker.report}, or
         with C{op="console"} its dashboard sample); None for a worker that
-        is not running or did not answer in time.
+        is not running, did not answer in time, or died since it answered
+        (what it counted is then in the slot's carried counters).  Each
+        answer is seen by its slot (L{WorkerSlot.saw}) as it comes.
         """
-        asked: list[defer.Deferred[Any]] = [
-            slot.channel.request({"op": op}, timeout, self.reactor)
-            if slot.channel is not None and slot.configured else defer.succeed(None) for slot in self.slots]
+        asked = [self._ask(slot, op, timeout) for slot in self.slots]
         results = await defer.DeferredList(asked, consumeErrors=True)
-        answers = [value if ok else None for ok, value in results]
-        if op == "report":
-            for slot, answer in zip(self.slots, answers, strict=True):
-                if answer is not None:
-                    slot.saw(answer)
-        return answers
+        return [value if ok and value is not None and slot.current(value) else None
+                for slot, (ok, value) in zip(self.slots, results, strict=True)]
+
+    def _ask(self, slot: WorkerSlot, op: str, timeout: float) -> defer.Deferred[Any]:
+        """
+        Ask C{slot}'s worker for C{op}; its answer, seen by the slot as it
+        comes (while the process that sent it still runs), or None.
+        """
+        if slot.channel is None or not slot.configured:
+            return defer.succeed(None)
+
+        def seen(answer: dict[str, Any]) -> dict[str, Any] | None:
+            return answer if slot.saw(answer) else None
+
+        return slot.channel.request({"op": op}, timeout, self.reactor).addCallback(seen)
+
+    def carried_totals(self, op: str, answers: list[dict[str, Any] | None]) -> dict[tuple[Any, ...], float]:
+        """
+        The counters the merge of C{answers} (L{reports} for C{op}) lacks:
+        every slot's (L{WorkerSlot.totals}), summed.
+        """
+        carried: dict[tuple[Any, ...], float] = {}
+        for slot, answer in zip(self.slots, answers, strict=True):
+            carried = carry_totals(carried, slot.totals(op, answer is not None))
+        return carried
 
     # -- reload ----------------------------------------------------------
 

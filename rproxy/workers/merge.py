@@ -9,11 +9,12 @@ what is counted and take state from the master.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["sum_metrics", "carry_counters", "merge_pools", "merge_health", "merge_token_pools", "merge_counters", "merge_token_rows"]
+__all__ = ["sum_metrics", "carry_counters", "totals", "carry_totals", "add_totals", "merge_pools", "merge_health", "merge_token_pools", "merge_counters", "merge_token_rows"]
 
 # per-machine state, the same in every process: the lowest wins (a server
 # is up only where every process can use it), never a sum
@@ -73,6 +74,78 @@ def carry_counters(carried: str, last: str) -> str:
     would read a lower value as a reset, and rate() would jump.
     """
     return sum_metrics([carried, last], kinds=_COUNTED)
+
+
+# a place where a JSON view keeps a counter: its key, and the list or
+# mapping that holds the number with the index or field to read it by
+_Counter = tuple[tuple[Any, ...], Any, Any]
+
+# the figures of the JSON views that only ever grow in a process; the
+# others (active connections, waiting, a token pool's sessions) are gauges
+_SERVER_COUNTERS = ("total_connections", "connect_failures", "bytes_in", "bytes_out")
+_CONSOLE_COUNTERS = ("total", "connect_errors", "classes", "durations")
+_TUNNEL_COUNTERS = ("streams_opened", "streams_failed")
+
+
+def _counters(view: dict[str, Any]) -> Iterator[_Counter]:
+    """
+    Every counter of C{view}: a worker's report (its C{health} and
+    C{stats}, L{rproxy.workers.child.Worker.report}), its dashboard sample
+    under C{console}, or the machine's merge of either in the same shape.
+    Keys name the view, the frontend (or pool and server) and the field,
+    so that a worker's counters find the machine's they add to.
+    """
+    health, console = view.get("health", {}), view.get("console", {})
+    yield from _rows(health.get("frontends", ()), ("total_connections",), ("health", "frontends"))
+    yield from _servers(health.get("backends", ()), "servers", "name", ("health",))
+    yield from _servers(view.get("stats", {}).get("pools", ()), "backends", "server_id", ("stats",))
+    yield from _rows(console.get("frontends", ()), _CONSOLE_COUNTERS, ("console", "frontends"))
+    yield from _servers(console.get("backends", ()), "servers", "name", ("console",))
+    yield from _rows(console.get("tunnels", ()), _TUNNEL_COUNTERS, ("console", "tunnels"))
+
+
+def _rows(rows: Iterable[dict[str, Any]], fields: tuple[str, ...], prefix: tuple[str, ...]) -> Iterator[_Counter]:
+    for row in rows:
+        for field in fields:
+            value = row.get(field)
+            if isinstance(value, list):  # (answers by class, the duration histogram)
+                yield from (((*prefix, row["name"], field, i), value, i) for i in range(len(value)))
+            elif value is not None:
+                yield (*prefix, row["name"], field), row, field
+
+
+def _servers(pools: Iterable[dict[str, Any]], servers: str, key: str, prefix: tuple[str, ...]) -> Iterator[_Counter]:
+    for pool in pools:
+        for server in pool.get(servers, ()):
+            for field in _SERVER_COUNTERS:
+                if field in server:
+                    yield (*prefix, pool["name"], server[key], field), server, field
+
+
+def totals(view: dict[str, Any]) -> dict[tuple[Any, ...], float]:
+    """
+    The counters of C{view} (see L{_counters}) by key.
+    """
+    return {key: holder[index] for key, holder, index in _counters(view)}
+
+
+def carry_totals(carried: dict[tuple[Any, ...], float], last: dict[tuple[Any, ...], float]) -> dict[tuple[Any, ...], float]:
+    """
+    L{carry_counters} for the JSON views: C{carried} plus C{last}, key by
+    key.
+    """
+    return {key: carried.get(key, 0) + last.get(key, 0) for key in carried.keys() | last.keys()}
+
+
+def add_totals(view: dict[str, Any], carried: dict[tuple[Any, ...], float]) -> None:
+    """
+    Add to C{view}'s counters, in place, those C{carried} has under the
+    same key: a machine's merged view then keeps what the workers that
+    died counted, as its C{/metrics} does.  A counter of a frontend or
+    server the view no longer shows is left out.
+    """
+    for key, holder, index in _counters(view):
+        holder[index] += carried.get(key, 0)
 
 
 def _escape_help(text: str) -> str:
