@@ -273,6 +273,19 @@ class SinkDeliveryTests(SynchronousTestCase):
         self.assertEqual([len(e) for e in redis.added], [100, 100, 50])
         return sink, redis, clock
 
+    def sending(self) -> tuple[EventSink, FakeStreams, Clock]:
+        """
+        L{sink}, then an XADD of one event held unanswered, with three
+        more events buffered behind it.
+        """
+        sink, redis, clock = self.sink()
+        redis.hold_adds = True
+        sink.emit(HEARTBEATS, beat("a", 1000))
+        clock.advance(0.01)
+        for i in range(1, 4):
+            sink.emit(HEARTBEATS, beat("a", 1000 + i))
+        return sink, redis, clock
+
     def test_restart_sends_unread_entries_again(self) -> None:
         """
         After the group read the first entry, a Redis with a new run_id gets
@@ -415,12 +428,7 @@ class SinkDeliveryTests(SynchronousTestCase):
         Stopped while an XADD is under way, with more events behind it:
         the stop waits for that send, then the rest go too.
         """
-        sink, redis, clock = self.sink()
-        redis.hold_adds = True
-        sink.emit(HEARTBEATS, beat("a", 1000))
-        clock.advance(0.01)
-        for i in range(1, 4):
-            sink.emit(HEARTBEATS, beat("a", 1000 + i))
+        sink, redis, clock = self.sending()
         stopped = sink.stop(grace=1.0)
         self.assertNoResult(stopped)
         redis.held[0].callback(["6-0"])
@@ -434,12 +442,7 @@ class SinkDeliveryTests(SynchronousTestCase):
         A Redis that does not answer within the grace: the buffer is
         dropped then, the events of the send under way when it fails.
         """
-        sink, redis, clock = self.sink()
-        redis.hold_adds = True
-        sink.emit(HEARTBEATS, beat("a", 1000))
-        clock.advance(0.01)
-        for i in range(1, 4):
-            sink.emit(HEARTBEATS, beat("a", 1000 + i))
+        sink, redis, clock = self.sending()
         stopped = sink.stop(grace=0.5)
         clock.advance(0.5)
         self.successResultOf(stopped)

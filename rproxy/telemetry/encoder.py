@@ -271,6 +271,15 @@ def _pairs(tag: bytes, pairs: Any) -> bytes:
     return b"".join(_attributes_of(tag, dict(pairs)))
 
 
+def _path(paths: dict[bytes, bytes], target: bytes) -> bytes:
+    """
+    The encoded url.path attribute of a request C{target} (its query left
+    out), kept in C{paths} (a cache miss: the hit is the caller's get).
+    """
+    path = _pairs(b"\x4a", (("url.path", target.split(b"?", 1)[0].decode("latin-1")),))
+    return _store(paths, target, path, len(path))
+
+
 def _store(cache: dict[Any, Any], key: Any, value: Any, size: int) -> Any:
     """
     C{value} (for a format: C{size} bytes once filled), kept in C{cache}
@@ -391,8 +400,7 @@ def _requests(spans: Sequence[Any], i: int, out: list[bytes]) -> int:
             target = trace.target
             path = paths.get(target)
             if path is None:
-                path = _pairs(b"\x4a", (("url.path", target.split(b"?", 1)[0].decode("latin-1")),))
-                _store(paths, target, path, len(path))
+                path = _path(paths, target)
             extra = trace.extra
             if extra:
                 path = _pairs(b"\x4a", extra) + path
@@ -435,8 +443,7 @@ def _requests(spans: Sequence[Any], i: int, out: list[bytes]) -> int:
         target = trace.target
         path = paths.get(target)
         if path is None:
-            path = _pairs(b"\x4a", (("url.path", target.split(b"?", 1)[0].decode("latin-1")),))
-            _store(paths, target, path, len(path))
+            path = _path(paths, target)
         extra = trace.extra
         if extra or state:
             path = b"".join((_pairs(b"\x4a", extra) if extra else b"", path, state))

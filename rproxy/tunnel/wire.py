@@ -162,8 +162,8 @@ def _models(data: dict[str, Any], key: str = "models") -> tuple[str, ...]:
     return tuple(models)
 
 
-def _flag(data: dict[str, Any], key: str) -> bool:
-    value = data.get(key, False)
+def _flag(data: dict[str, Any], key: str, required: bool = False) -> bool:
+    value = data.get(key) if required else data.get(key, False)
     if not isinstance(value, bool):
         raise ProtocolError(f"{key}: expected true or false")
     return value
@@ -238,10 +238,7 @@ class LoginResult:
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> LoginResult:
-        ok = d.get("ok")
-        if not isinstance(ok, bool):
-            raise ProtocolError("ok: expected true or false")
-        return cls(ok=ok, agent_id=_text(d, "agent_id", required=False) or "",
+        return cls(ok=_flag(d, "ok", required=True), agent_id=_text(d, "agent_id", required=False) or "",
                    error=_text(d, "error", required=False, limit=1024),
                    heartbeat_interval=_number(d, "heartbeat_interval") or 10.0)
 
@@ -284,11 +281,8 @@ class RequestNewProxyConn:
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> RequestNewProxyConn:
-        pool = d.get("pool", False)
-        if not isinstance(pool, bool):
-            raise ProtocolError("pool: expected true or false")
         return cls(conn_id=_text(d, "conn_id") or "", secret=_text(d, "secret") or "",
-                   service=_text(d, "service", required=False), pool=pool,
+                   service=_text(d, "service", required=False), pool=_flag(d, "pool"),
                    proxy=_text(d, "proxy", required=False))
 
     def body(self) -> dict[str, Any]:
@@ -335,10 +329,7 @@ class StartResult:
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> StartResult:
-        ok = d.get("ok")
-        if not isinstance(ok, bool):
-            raise ProtocolError("ok: expected true or false")
-        return cls(ok=ok, error=_text(d, "error", required=False, limit=1024))
+        return cls(ok=_flag(d, "ok", required=True), error=_text(d, "error", required=False, limit=1024))
 
     def body(self) -> dict[str, Any]:
         return {"ok": self.ok, "error": self.error}
